@@ -1,0 +1,76 @@
+"""Command line: ``python -m vaebench {run,data,bench}``. Argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from vaebench.config import ConfigError, VaebenchError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vaebench", description="Benchmark suite for VAEs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="train every variant of a grid file, tracked in MLflow")
+    run.add_argument("grid", help="grid YAML file (see experiments/)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                     "else sqlite:///mlflow.db)")
+    run.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
+    run.add_argument("--results-dir", default="results", help="where <grid>.csv goes (default: results)")
+    run.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
+
+    data = commands.add_parser("data", help="check (and download if missing) a dataset's files")
+    data.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "kmnist"])
+    data.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
+
+    bench = commands.add_parser("bench", help="time vaebench's trainer against a conventional loop")
+    bench.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
+    bench.add_argument("--epochs", type=int, default=3, help="timed epochs per loop (default: 3)")
+    bench.add_argument("--subset", type=int, default=None, help="first N training images (default: all)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from vaebench.runner import run_grid
+
+    outcome = run_grid(args.grid, args.tracking_uri, args.data_root, args.results_dir, args.dry_run)
+    if outcome.failed:
+        print(f"vaebench: {len(outcome.failed)} of {len(outcome.rows)} runs failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from vaebench.data import load_arrays, resolve_root
+
+    root = resolve_root(args.data_root)
+    arrays = load_arrays(args.dataset, root)
+    for split, (images, labels) in arrays.items():
+        print(f"{args.dataset} {split}: {images.shape[0]} images {images.shape[1]}x{images.shape[2]}, "
+              f"{len(set(labels.tolist()))} classes")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from vaebench.bench import main as bench_main
+
+    return bench_main(args.data_root, args.epochs, args.subset)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"run": _run, "data": _data, "bench": _bench}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"vaebench: error: {line}", file=sys.stderr)
+        return 2
+    except VaebenchError as exc:
+        print(f"vaebench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vaebench: interrupted", file=sys.stderr)
+        return 130

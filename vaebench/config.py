@@ -1,0 +1,317 @@
+"""Typed run configuration, grid files, and the errors users can cause.
+
+A run is described by :class:`RunConfig` (data, model, loss, optim, train
+sections plus a seed). Grid files are read into :class:`GridSpec`; every
+problem in a file is reported as one line naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class VaebenchError(Exception):
+    """An error the user can cause and fix (config, data, paths, URIs).
+
+    The command line prints it as one line and exits with status 2.
+    """
+
+
+class ConfigError(VaebenchError):
+    """One or more problems in a config file, one line each."""
+
+    def __init__(self, problems: Iterable[str]):
+        self.problems = list(dict.fromkeys(problems))  # keep order, drop repeats
+        super().__init__("\n".join(self.problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DATASETS = ("mnist", "fashion_mnist", "kmnist")
+RECON_LOSSES = ("bce", "mse")
+OPTIMIZERS = ("adam", "rmsprop")
+
+
+class DataConfig(_Section):
+    dataset: Literal["mnist", "fashion_mnist", "kmnist"] = "mnist"
+    binarize: Literal["none", "dynamic", "static"] = "none"
+    subset: int | None = Field(default=None, ge=1, description="first N training images")
+
+
+class ModelConfig(_Section):
+    arch: str = "mlp"
+    z_dim: int = Field(default=20, ge=1)
+    hidden: list[int] = Field(default_factory=lambda: [400], description="mlp hidden widths")
+    channels: list[int] = Field(default_factory=lambda: [32, 64], description="conv channels")
+    batch_norm: bool = False
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        # imported here because models depend on this module, not the reverse
+        from vaebench.models import MODEL_NAMES
+
+        if value not in MODEL_NAMES:
+            raise ValueError(f"unknown model {value!r}; valid: {', '.join(MODEL_NAMES)}")
+        return value
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive_widths(cls, value: list[int]) -> list[int]:
+        if not value or any(width < 1 for width in value):
+            raise ValueError("must be a non-empty list of integers >= 1")
+        return value
+
+
+class LossConfig(_Section):
+    recon: Literal["bce", "mse"] = "bce"
+    beta: float = Field(default=1.0, ge=0)
+
+
+class OptimConfig(_Section):
+    name: Literal["adam", "rmsprop"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments for the torch optimizer"
+    )
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    eval_batch_size: int = Field(default=1000, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RunConfig(_Section):
+    """Everything that determines one training run."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------
+# dotted keys
+
+
+def valid_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key a grid may set, e.g. ``model.z_dim``."""
+    keys: list[str] = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(valid_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def check_dotted_key(key: str) -> str | None:
+    """None if ``key`` names a setting, else the problem described."""
+    if key in valid_keys():
+        return None
+    head = key.split(".")[0]
+    sections = [name for name in RunConfig.model_fields if name != "seed"]
+    if head in sections:
+        options = [k for k in valid_keys() if k.startswith(head + ".")]
+        return f"unknown key; valid keys in {head}: {', '.join(options)}"
+    return f"unknown key; valid sections: {', '.join(sections)} (and seed)"
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``key='a.b'``, creating sections."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = copy.deepcopy(value)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}} -> {'a.b': 1}``; lists and empty dicts stay leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_config_problems(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Validate a run config tree; return ``(dotted.key, message)`` for each problem."""
+    try:
+        RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = []
+        for item in exc.errors():
+            key = ".".join(str(part) for part in item["loc"])
+            message = item["msg"]
+            if item["type"] == "extra_forbidden":
+                message = check_dotted_key(key) or "unknown key"
+            elif item["type"] == "value_error":
+                message = message.removeprefix("Value error, ")
+            problems.append((key, message))
+        return problems
+    return []
+
+
+def override_problems(
+    base: Mapping[str, Any], overrides: Mapping[str, Any], where: str, label: str
+) -> list[str]:
+    """Problems that ``overrides`` (dotted keys) cause on top of ``base``.
+
+    Each line names ``label`` plus the key; problems of the base itself are left
+    to the base's own check, so nothing is reported twice.
+    """
+    tree = copy.deepcopy(dict(base))
+    lines = []
+    for key, value in overrides.items():
+        bad_key = check_dotted_key(key)
+        if bad_key:
+            lines.append(f"{where}: {label}{key}: {bad_key}")
+        else:
+            set_dotted(tree, key, value)
+    for key, message in run_config_problems(tree):
+        owner = next((k for k in overrides if key == k or key.startswith(k + ".")), None)
+        if owner is not None:
+            lines.append(f"{where}: {label}{key}: {message}")
+    return lines
+
+
+# ---------------------------------------------------------------------------
+# grid files
+
+
+GRID_KEYS = ("name", "base", "matrix", "exclude", "include", "seeds")
+
+
+@dataclass
+class GridSpec:
+    """A grid file, checked: base config, matrix axes, exclusions, extra runs, seeds."""
+
+    name: str
+    base: dict[str, Any]
+    matrix: dict[str, list[Any]] = field(default_factory=dict)
+    exclude: list[dict[str, Any]] = field(default_factory=list)
+    include: list[dict[str, Any]] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    source: str = "<grid>"
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; syntax errors become one ConfigError line with the line number."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise VaebenchError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{path}: {line}YAML syntax error: {problem}"]) from None
+
+
+def _is_str_keyed(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    """Read and check a grid file; raise ConfigError listing every problem."""
+    where = str(path)
+    raw = read_yaml(path)
+    if not _is_str_keyed(raw):
+        raise ConfigError([f"{where}: a grid file is a mapping with keys {', '.join(GRID_KEYS)}"])
+    problems = [
+        f"{where}: {key}: unknown key; valid: {', '.join(GRID_KEYS)}"
+        for key in raw
+        if key not in GRID_KEYS
+    ]
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        problems.append(f"{where}: name: required, a non-empty string")
+    elif any(ch in name for ch in "/\\") or name.startswith("."):
+        problems.append(f"{where}: name: must not contain path separators or start with '.'")
+
+    base = raw.get("base") or {}
+    if not _is_str_keyed(base):
+        problems.append(f"{where}: base: must be a mapping of sections")
+        base = {}
+    else:
+        problems += [f"{where}: base.{key}: {msg}" for key, msg in run_config_problems(base)]
+
+    matrix = raw.get("matrix") or {}
+    if not _is_str_keyed(matrix):
+        problems.append(f"{where}: matrix: must map dotted keys to lists")
+        matrix = {}
+    for key, values in matrix.items():
+        if not isinstance(values, list):
+            problems.append(f"{where}: matrix.{key}: must be a list of values")
+        elif not values:
+            problems.append(f"{where}: matrix.{key}: empty axis (give at least one value)")
+        elif check_dotted_key(key):
+            problems.append(f"{where}: matrix.{key}: {check_dotted_key(key)}")
+        else:
+            for index, value in enumerate(values):
+                problems += [
+                    line.replace(f"matrix.{key}:", f"matrix.{key}[{index}]:", 1)
+                    for line in override_problems(base, {key: value}, where, "matrix.")
+                ]
+
+    exclude = _overrides_list(raw.get("exclude"), "exclude", where, base, problems)
+    include = _overrides_list(raw.get("include"), "include", where, base, problems)
+    for index, rule in enumerate(exclude):
+        for key in rule:
+            if key not in matrix:
+                problems.append(f"{where}: exclude[{index}].{key}: not a matrix axis")
+
+    seeds = raw.get("seeds", [0])
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        problems.append(f"{where}: seeds: must be a non-empty list of integers")
+        seeds = [0]
+    elif len(set(seeds)) != len(seeds):
+        problems.append(f"{where}: seeds: repeated seed")
+
+    if problems:
+        raise ConfigError(problems)
+    return GridSpec(
+        name=name, base=base, matrix=matrix, exclude=exclude, include=include,
+        seeds=seeds, source=where,
+    )
+
+
+def _overrides_list(
+    value: Any, section: str, where: str, base: dict[str, Any], problems: list[str]
+) -> list[dict[str, Any]]:
+    """Check an ``exclude``/``include`` list of ``{dotted.key: value}`` mappings."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(_is_str_keyed(item) for item in value):
+        problems.append(f"{where}: {section}: must be a list of mappings of dotted keys to values")
+        return []
+    for index, item in enumerate(value):
+        if not item:
+            problems.append(f"{where}: {section}[{index}]: empty mapping")
+        problems += override_problems(base, item, where, f"{section}[{index}].")
+    return value

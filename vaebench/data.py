@@ -1,0 +1,277 @@
+"""MNIST-family data: IDX files, data roots, checksummed downloads, device-resident splits.
+
+The layout is torchvision's (``<root>/MNIST/raw/train-images-idx3-ubyte.gz``),
+so existing torchvision downloads are reused. Files already present are read as
+they are and are never deleted or overwritten; only files vaebench downloads
+itself are checked against their md5.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vaebench.config import DataConfig, VaebenchError
+
+DATA_ENV = "VAEBENCH_DATA"
+STATIC_BINARIZE_SEED = 1234  # every run sees the same fixed binarization
+
+
+class DataError(VaebenchError):
+    """Missing, malformed or undownloadable data files."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Where one MNIST-family dataset lives and how to check it."""
+
+    folder: str
+    mirrors: tuple[str, ...]
+    md5: dict[str, str]  # file name -> md5 of the .gz
+
+    train_files = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+    test_files = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "mnist": DatasetInfo(
+        folder="MNIST",
+        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        md5={
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+    ),
+    "fashion_mnist": DatasetInfo(
+        folder="FashionMNIST",
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        md5={
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+    ),
+    "kmnist": DatasetInfo(
+        folder="KMNIST",
+        mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+        md5={
+            "train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
+            "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
+            "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
+            "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134",
+        },
+    ),
+}
+
+
+def resolve_root(cli_root: str | os.PathLike[str] | None = None) -> Path:
+    """``--data-root``, else ``$VAEBENCH_DATA``, else ``./data``."""
+    chosen = cli_root or os.environ.get(DATA_ENV) or "data"
+    return Path(chosen).expanduser().resolve()
+
+
+def raw_dir(dataset: str, root: Path) -> Path:
+    return root / DATASETS[dataset].folder / "raw"
+
+
+def find_file(folder: Path, name: str) -> Path | None:
+    """The ``.gz`` file, or the extracted file torchvision leaves beside it."""
+    for candidate in (folder / name, folder / name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------
+# downloading
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_file(url: str, target: Path, md5: str, timeout: float = 30.0) -> None:
+    """Fetch ``url`` into ``target`` through a temporary file, checking its md5.
+
+    Nothing is left behind on failure; ``target`` appears only when complete.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    temp = Path(temp_name)
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+        if digest.hexdigest() != md5:
+            raise DataError(f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}")
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def ensure_files(
+    dataset: str, root: Path, names: Sequence[str], mirrors: Sequence[str] | None = None
+) -> dict[str, Path]:
+    """Paths of ``names`` in the dataset's raw folder, downloading missing ones."""
+    info = DATASETS[dataset]
+    folder = raw_dir(dataset, root)
+    found = {name: find_file(folder, name) for name in names}
+    missing = [name for name, path in found.items() if path is None]
+    failures: list[str] = []
+    for name in missing:
+        for mirror in mirrors if mirrors is not None else info.mirrors:
+            try:
+                download_file(mirror + name, folder / name, info.md5[name])
+                found[name] = folder / name
+                break
+            except (DataError, OSError, urllib.error.URLError) as exc:
+                failures.append(f"{mirror + name}: {getattr(exc, 'reason', None) or exc}")
+    still_missing = [name for name, path in found.items() if path is None]
+    if still_missing:
+        raise DataError(
+            f"{dataset}: missing {', '.join(still_missing)} in {folder} and the download failed "
+            f"({'; '.join(failures[-len(info.mirrors):])}); copy the files there, or point "
+            f"--data-root or ${DATA_ENV} at a folder holding {info.folder}/raw/"
+        )
+    return {name: path for name, path in found.items() if path is not None}
+
+
+# ---------------------------------------------------------------------------
+# IDX files
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not) into a numpy array; DataError names the file."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: unreadable or truncated file ({exc})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path}: IDX header promises {expected} bytes of data for shape {shape}, "
+            f"found {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3:
+        raise DataError(f"{images_path}: expected images of shape (N, rows, cols), got {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: expected labels of shape (N,), got {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(
+            f"{images_path}: {len(images)} images but {labels_path.name} has {len(labels)} labels"
+        )
+    return images, labels
+
+
+@functools.lru_cache(maxsize=4)
+def load_arrays(dataset: str, root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """uint8 images and labels of both splits, read once per process."""
+    info = DATASETS[dataset]
+    paths = ensure_files(dataset, root, info.train_files + info.test_files)
+    return {
+        "train": read_pair(*(paths[name] for name in info.train_files)),
+        "test": read_pair(*(paths[name] for name in info.test_files)),
+    }
+
+
+# ---------------------------------------------------------------------------
+# device-resident splits
+
+
+@dataclass
+class Split:
+    """One split on the run's device: images ``(N, 1, H, W)`` float in [0, 1], labels ``(N,)``."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class Splits:
+    train: Split
+    test: Split
+    dynamic_binarize: bool = False
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+
+def to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> Split:
+    pixels = torch.from_numpy(np.array(images, copy=True)).to(device)  # IDX buffers are read-only
+    return Split(
+        images=pixels.unsqueeze(1).to(torch.float32).div_(255.0),
+        labels=torch.from_numpy(labels.astype(np.int64, copy=True)).to(device),
+    )
+
+
+def binarize_fixed(split: Split) -> Split:
+    """One fixed Bernoulli draw of every pixel (the same for every run)."""
+    generator = torch.Generator(device="cpu").manual_seed(STATIC_BINARIZE_SEED)
+    draw = torch.rand(split.images.shape, generator=generator).to(split.images.device)
+    return Split(images=(draw < split.images).to(split.images.dtype), labels=split.labels)
+
+
+def load_splits(config: DataConfig, root: Path, device: torch.device) -> Splits:
+    """Both splits of ``config.dataset`` on ``device``, subset and binarized as configured.
+
+    ``dynamic`` binarization redraws training pixels every batch (the trainer does
+    it); the test split gets the fixed draw so evaluations stay comparable.
+    """
+    arrays = load_arrays(config.dataset, root)
+    train_images, train_labels = arrays["train"]
+    if config.subset is not None:
+        if config.subset > len(train_images):
+            raise DataError(
+                f"data.subset: {config.subset} exceeds the {len(train_images)} training images "
+                f"of {config.dataset}"
+            )
+        train_images, train_labels = train_images[: config.subset], train_labels[: config.subset]
+    train = to_split(train_images, train_labels, device)
+    test = to_split(*arrays["test"], device)
+    if config.binarize == "static":
+        train = binarize_fixed(train)
+    if config.binarize in ("static", "dynamic"):
+        test = binarize_fixed(test)
+    return Splits(train=train, test=test, dynamic_binarize=config.binarize == "dynamic")

@@ -1,0 +1,47 @@
+"""Convolutional VAE: stride-2 convolutions down, transposed convolutions up.
+
+Each layer halves (encoder) or doubles (decoder) the spatial size with 4x4
+kernels; ``output_padding`` restores odd sizes (28 -> 14 -> 7 -> 3 and back).
+Optional batch norm follows every layer but the last decoder layer.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vaebench.config import ModelConfig
+from vaebench.models.base import GaussianVAE
+
+
+def _block(layer: nn.Module, channels: int, batch_norm: bool) -> list[nn.Module]:
+    return [layer, *([nn.BatchNorm2d(channels)] if batch_norm else []), nn.ReLU()]
+
+
+def build_conv(config: ModelConfig, image_shape: tuple[int, int, int]) -> GaussianVAE:
+    in_channels, height, width = image_shape
+    if height != width:
+        raise ValueError("the conv VAE expects square images")
+    sizes = [height]
+    for _ in config.channels:
+        sizes.append((sizes[-1] - 2) // 2 + 1)  # conv k=4, s=2, p=1
+    if sizes[-1] < 1:
+        raise ValueError(f"{len(config.channels)} conv layers shrink {height}x{width} images to nothing")
+
+    encoder: list[nn.Module] = []
+    for c_in, c_out in zip([in_channels, *config.channels], config.channels, strict=False):
+        encoder += _block(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), c_out, config.batch_norm)
+    last, side = config.channels[-1], sizes[-1]
+    feature_dim = last * side * side
+    encoder.append(nn.Flatten())
+
+    decoder: list[nn.Module] = [nn.Linear(config.z_dim, feature_dim), nn.ReLU(), nn.Unflatten(1, (last, side, side))]
+    ups = list(reversed(config.channels))
+    targets = list(reversed(sizes[:-1]))
+    for i, (c_in, size_in, size_out) in enumerate(zip(ups, reversed(sizes[1:]), targets, strict=True)):
+        final = i == len(ups) - 1
+        c_out = in_channels if final else ups[i + 1]
+        layer = nn.ConvTranspose2d(
+            c_in, c_out, 4, stride=2, padding=1, output_padding=size_out - 2 * size_in
+        )
+        decoder += [layer] if final else _block(layer, c_out, config.batch_norm)
+    return GaussianVAE(nn.Sequential(*encoder), feature_dim, nn.Sequential(*decoder), config.z_dim)

@@ -1,0 +1,37 @@
+"""Progress display: a tqdm bar per run on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from tqdm import tqdm
+
+
+class RunProgress:
+    """Shows "run k of N", the epoch and the latest losses of one run."""
+
+    def __init__(self, index: int, total: int, name: str, epochs: int, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        self.label = f"[{index}/{total}] {name}"
+        self.epochs = epochs
+        self.interactive = self.stream.isatty()
+        self.bar = (
+            tqdm(total=epochs, desc=self.label, unit="epoch", file=self.stream, leave=True)
+            if self.interactive
+            else None
+        )
+
+    def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        summary = f"loss={metrics['train_loss']:.2f} test_elbo={metrics['test_elbo']:.2f}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(summary, refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"{self.label} epoch {epoch}/{self.epochs} {summary}", file=self.stream, flush=True)
+
+    def close(self, status: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if status != "FINISHED" or not self.interactive:
+            print(f"{self.label} {status}", file=self.stream, flush=True)

@@ -1,0 +1,214 @@
+"""Run a grid: check it, train every variant, track each run, write the results table.
+
+User errors (config, data, devices, URIs) surface before any MLflow run is
+created, so a mistake never leaves a half-written run behind.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+
+from vaebench.config import DataConfig, VaebenchError, load_grid
+from vaebench.data import Splits, load_splits, resolve_root
+from vaebench.grid import RunSpec, expand
+from vaebench.models import build_model
+from vaebench.plots import save_grid, save_reconstructions
+from vaebench.progress import RunProgress
+from vaebench.tracking import MLflowTracker, Tracker, resolve_tracking_uri
+from vaebench.train import TrainResult, build_optimizer, fit, resolve_device
+
+SUMMARY_COLUMNS = ["name", "status", "test_elbo", "test_recon", "test_kl", "epoch_seconds", "seconds"]
+
+
+@dataclass
+class GridOutcome:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (run name, error line)
+    csv_path: Path | None = None
+
+
+def git_commit(folder: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def preflight(runs: Sequence[RunSpec], data_root: Path) -> dict[tuple[str, str], Splits]:
+    """Load every split the grid needs and build each model and optimizer once.
+
+    Anything a user can get wrong fails here, before tracking starts. Returns
+    the device-resident splits keyed by (data config, device), shared by runs.
+    """
+    splits: dict[tuple[str, str], Splits] = {}
+    checked: set[str] = set()
+    for run in runs:
+        device = resolve_device(run.config.train.device)
+        data_key = (run.config.data.model_dump_json(), str(device))
+        if data_key not in splits:
+            splits[data_key] = load_splits(run.config.data, data_root, device)
+        shape_key = run.config.model_dump_json(include={"model", "optim"})
+        if shape_key not in checked:
+            try:
+                model = build_model(run.config.model, splits[data_key].image_shape)
+            except ValueError as exc:
+                raise VaebenchError(f"{run.name}: model: {exc}") from None
+            build_optimizer(run.config.optim, model.parameters())
+            checked.add(shape_key)
+    return splits
+
+
+def splits_for(cache: dict[tuple[str, str], Splits], data: DataConfig, device: torch.device) -> Splits:
+    return cache[(data.model_dump_json(), str(device))]
+
+
+def write_artifacts(folder: Path, run: RunSpec, result: TrainResult, splits: Splits) -> None:
+    """Resolved config, reconstructions, prior samples and the state_dict of one run."""
+    model = result.model
+    (folder / "config.yaml").write_text(yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False))
+    torch.save(model.state_dict(), folder / "state_dict.pt")
+    model.eval()
+    with torch.no_grad():
+        originals = splits.test.images[:16]
+        mu, _ = model.encode(originals)
+        save_reconstructions(folder / "reconstructions.png", originals, torch.sigmoid(model.decode(mu)))
+        generator = torch.Generator(device=originals.device).manual_seed(0)
+        samples = torch.sigmoid(model.sample_prior(64, generator=generator))
+        save_grid(folder / "samples.png", samples, columns=8)
+
+
+def run_one(
+    run: RunSpec, index: int, total: int, tracker: Tracker, splits: Splits, base_tags: dict[str, str]
+) -> dict[str, Any]:
+    """Train and track one run; returns its results row. Raises what training raises."""
+    device = resolve_device(run.config.train.device)
+    tags = {
+        **base_tags,
+        "vaebench.run_key": run.key,
+        "vaebench.seed": str(run.config.seed),
+        "vaebench.device": str(device),
+    }
+    run_id = tracker.start_run(run.name, {**run.params}, tags)
+    progress = RunProgress(index, total, run.name, run.config.train.epochs)
+    status = "FAILED"
+    try:
+        def on_epoch(metrics) -> None:
+            values = metrics.as_dict()
+            tracker.log_metrics(run_id, values, step=metrics.epoch)
+            progress.epoch(metrics.epoch, values)
+
+        result = fit(run.config, splits, device, on_epoch=on_epoch)
+        final = result.final.as_dict()
+        mean_epoch = sum(m.epoch_seconds for m in result.history) / len(result.history)
+        summary = {
+            "seconds": result.seconds,
+            "mean_epoch_seconds": mean_epoch,
+            "parameters": float(sum(p.numel() for p in result.model.parameters())),
+        }
+        tracker.log_metrics(run_id, summary, step=run.config.train.epochs)
+        with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
+            write_artifacts(Path(folder), run, result, splits)
+            tracker.log_artifacts(run_id, Path(folder))
+        tracker.end_run(run_id, "FINISHED")
+        status = "FINISHED"
+        return {
+            "name": run.name, "key": run.key, "status": status, "run_id": run_id,
+            **run.params, **final, "epoch_seconds": mean_epoch, "seconds": result.seconds,
+        }
+    except BaseException as exc:
+        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", error)
+        raise
+    finally:
+        progress.close(status)
+
+
+def run_grid(
+    grid_path: str | Path,
+    tracking_uri: str | None = None,
+    data_root: str | Path | None = None,
+    results_dir: str | Path = "results",
+    dry_run: bool = False,
+    tracker: Tracker | None = None,
+) -> GridOutcome:
+    """Check, expand and train a grid file; record it and return what happened."""
+    grid_path = Path(grid_path)
+    grid = load_grid(grid_path)
+    runs = expand(grid)
+    if dry_run:
+        print_dry_run(runs)
+        return GridOutcome()
+
+    splits = preflight(runs, resolve_root(data_root))
+    tracker = tracker or MLflowTracker(resolve_tracking_uri(tracking_uri))
+    base_tags = {
+        "vaebench.grid": grid.name,
+        "vaebench.grid_file": str(grid_path),
+        "vaebench.torch": torch.__version__,
+        "vaebench.python": platform.python_version(),
+    }
+    commit = git_commit(Path.cwd())
+    if commit:
+        base_tags["mlflow.source.git.commit"] = commit
+    started = time.strftime("%Y%m%d-%H%M%S")
+    parent = tracker.start_grid(grid.name, f"{grid.name}-{started}", {**base_tags, "vaebench.runs": str(len(runs))})
+    outcome = GridOutcome()
+    try:
+        for index, run in enumerate(runs, start=1):
+            device = resolve_device(run.config.train.device)
+            try:
+                row = run_one(run, index, len(runs), tracker, splits_for(splits, run.config.data, device), base_tags)
+            except Exception as exc:  # one failing variant does not stop the grid
+                line = str(exc).splitlines()[0] if str(exc) else ""
+                outcome.failed.append((run.name, f"{type(exc).__name__}: {line}"))
+                row = {"name": run.name, "key": run.key, "status": "FAILED", **run.params}
+            outcome.rows.append(row)
+    except KeyboardInterrupt:
+        tracker.end_run(parent, "KILLED")
+        raise
+    tracker.end_run(parent, "FAILED" if outcome.failed else "FINISHED")
+    outcome.csv_path = write_results(outcome.rows, Path(results_dir), grid.name)
+    print_summary(outcome)
+    return outcome
+
+
+def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def print_dry_run(runs: Sequence[RunSpec], stream=None) -> None:
+    stream = stream or sys.stdout
+    print(f"{len(runs)} runs:", file=stream)
+    for index, run in enumerate(runs, start=1):
+        settings = " ".join(f"{k}={v}" for k, v in run.overrides)
+        print(f"{index:4d}  {run.name:<40s} {run.key}  {settings}", file=stream)
+
+
+def print_summary(outcome: GridOutcome, stream=None) -> None:
+    stream = stream or sys.stdout
+    table = pd.DataFrame(outcome.rows).reindex(columns=SUMMARY_COLUMNS)
+    with pd.option_context("display.width", 120, "display.max_rows", 500):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"), file=stream)
+    if outcome.csv_path:
+        print(f"results: {outcome.csv_path}", file=stream)
+    for name, error in outcome.failed:
+        print(f"FAILED {name}: {error}", file=stream)
