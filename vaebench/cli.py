@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,10 +16,14 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="train every variant of a grid file, tracked in MLflow")
     run.add_argument("grid", help="grid YAML file (see experiments/)")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
-                     "else sqlite:///mlflow.db)")
+    run.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
     run.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
-    run.add_argument("--results-dir", default="results", help="where <grid>.csv goes (default: results)")
+    run.add_argument(
+        "--results-dir", default="results", help="where <grid>.csv goes (default: results)"
+    )
     run.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
 
     data = commands.add_parser("data", help="check (and download if missing) a dataset's files")
@@ -28,7 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time vaebench's trainer against a conventional loop")
     bench.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
     bench.add_argument("--epochs", type=int, default=3, help="timed epochs per loop (default: 3)")
-    bench.add_argument("--subset", type=int, default=None, help="first N training images (default: all)")
+    bench.add_argument(
+        "--subset", type=int, default=None, help="first N training images (default: all)"
+    )
     return parser
 
 
@@ -37,7 +44,9 @@ def _run(args: argparse.Namespace) -> int:
 
     outcome = run_grid(args.grid, args.tracking_uri, args.data_root, args.results_dir, args.dry_run)
     if outcome.failed:
-        print(f"vaebench: {len(outcome.failed)} of {len(outcome.rows)} runs failed", file=sys.stderr)
+        print(
+            f"vaebench: {len(outcome.failed)} of {len(outcome.rows)} runs failed", file=sys.stderr
+        )
         return 1
     return 0
 
@@ -48,8 +57,10 @@ def _data(args: argparse.Namespace) -> int:
     root = resolve_root(args.data_root)
     arrays = load_arrays(args.dataset, root)
     for split, (images, labels) in arrays.items():
-        print(f"{args.dataset} {split}: {images.shape[0]} images {images.shape[1]}x{images.shape[2]}, "
-              f"{len(set(labels.tolist()))} classes")
+        print(
+            f"{args.dataset} {split}: {images.shape[0]} images of "
+            f"{images.shape[1]}x{images.shape[2]}, {len(set(labels.tolist()))} classes"
+        )
     return 0
 
 
@@ -71,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VaebenchError as exc:
         print(f"vaebench: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into a command that stopped reading (| head)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep Python's exit flush quiet
+        return 0
     except KeyboardInterrupt:
         print("vaebench: interrupted", file=sys.stderr)
         return 130

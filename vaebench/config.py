@@ -58,10 +58,10 @@ class ModelConfig(_Section):
     @classmethod
     def _known_arch(cls, value: str) -> str:
         # imported here because models depend on this module, not the reverse
-        from vaebench.models import MODEL_NAMES
+        from vaebench.models import MODELS
 
-        if value not in MODEL_NAMES:
-            raise ValueError(f"unknown model {value!r}; valid: {', '.join(MODEL_NAMES)}")
+        if value not in MODELS:
+            raise ValueError(f"unknown model {value!r}; valid: {', '.join(MODELS)}")
         return value
 
     @field_validator("hidden", "channels")
@@ -296,8 +296,13 @@ def load_grid(path: str | Path) -> GridSpec:
     if problems:
         raise ConfigError(problems)
     return GridSpec(
-        name=name, base=base, matrix=matrix, exclude=exclude, include=include,
-        seeds=seeds, source=where,
+        name=name,
+        base=base,
+        matrix=matrix,
+        exclude=exclude,
+        include=include,
+        seeds=seeds,
+        source=where,
     )
 
 

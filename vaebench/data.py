@@ -48,7 +48,10 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(
         folder="MNIST",
-        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ),
         md5={
             "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
             "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
@@ -115,16 +118,23 @@ def download_file(url: str, target: Path, md5: str, timeout: float = 30.0) -> No
     Nothing is left behind on failure; ``target`` appears only when complete.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    handle, temp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=".part", dir=target.parent
+    )
     temp = Path(temp_name)
     try:
         digest = hashlib.md5()
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with (
+            os.fdopen(handle, "wb") as out,
+            urllib.request.urlopen(url, timeout=timeout) as response,
+        ):
             for block in iter(lambda: response.read(1 << 20), b""):
                 digest.update(block)
                 out.write(block)
         if digest.hexdigest() != md5:
-            raise DataError(f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}")
+            raise DataError(
+                f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}"
+            )
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
@@ -151,7 +161,7 @@ def ensure_files(
     if still_missing:
         raise DataError(
             f"{dataset}: missing {', '.join(still_missing)} in {folder} and the download failed "
-            f"({'; '.join(failures[-len(info.mirrors):])}); copy the files there, or point "
+            f"({'; '.join(failures[-len(info.mirrors) :])}); copy the files there, or point "
             f"--data-root or ${DATA_ENV} at a folder holding {info.folder}/raw/"
         )
     return {name: path for name, path in found.items() if path is not None}
@@ -191,7 +201,9 @@ def read_idx(path: Path) -> np.ndarray:
 def read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3:
-        raise DataError(f"{images_path}: expected images of shape (N, rows, cols), got {images.shape}")
+        raise DataError(
+            f"{images_path}: expected images of shape (N, rows, cols), got {images.shape}"
+        )
     if labels.ndim != 1:
         raise DataError(f"{labels_path}: expected labels of shape (N,), got {labels.shape}")
     if len(images) != len(labels):

@@ -31,6 +31,7 @@ NAME_PREFIXES = {
     "train.epochs": "e",
     "train.batch_size": "bs",
     "data.subset": "n",
+    "model.batch_norm": "bn",
 }
 
 
@@ -56,11 +57,13 @@ def run_key(config: RunConfig) -> str:
 
 
 def _token(key: str, value: Any) -> str:
+    prefix = NAME_PREFIXES.get(key, key.rsplit(".", 1)[-1])
+    if isinstance(value, bool):
+        return prefix if value else f"no{prefix}"
     if isinstance(value, list):
         value = "x".join(str(v) for v in value)
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
-    prefix = NAME_PREFIXES.get(key, key.rsplit(".", 1)[-1])
     return f"{prefix}{value}".replace("/", "_").replace(" ", "")
 
 
@@ -70,8 +73,13 @@ def run_name(overrides: dict[str, Any], varied: list[str], seed: int) -> str:
 
 
 def _combinations(grid: GridSpec) -> list[dict[str, Any]]:
+    """Matrix product minus exclusions, plus includes; a grid of includes alone runs just those."""
+    if not grid.matrix and grid.include:
+        return [dict(extra) for extra in grid.include]
     axes = list(grid.matrix)
-    combos = [dict(zip(axes, values, strict=True)) for values in itertools.product(*grid.matrix.values())]
+    combos = [
+        dict(zip(axes, values, strict=True)) for values in itertools.product(*grid.matrix.values())
+    ]
     kept = [
         combo
         for combo in combos
@@ -83,7 +91,9 @@ def _combinations(grid: GridSpec) -> list[dict[str, Any]]:
 def expand(grid: GridSpec) -> list[RunSpec]:
     """Every run of the grid, in order; raises ConfigError on duplicate runs."""
     combos = _combinations(grid)
-    varied = list(grid.matrix) + [k for extra in grid.include for k in extra if k not in grid.matrix]
+    varied = list(grid.matrix) + [
+        k for extra in grid.include for k in extra if k not in grid.matrix
+    ]
     varied = list(dict.fromkeys(varied))
     runs: list[RunSpec] = []
     for combo in combos:

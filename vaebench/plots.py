@@ -33,6 +33,8 @@ def save_grid(path: Path, images: torch.Tensor, columns: int, scale: int = 3) ->
     return path
 
 
-def save_reconstructions(path: Path, originals: torch.Tensor, reconstructions: torch.Tensor) -> Path:
+def save_reconstructions(
+    path: Path, originals: torch.Tensor, reconstructions: torch.Tensor
+) -> Path:
     """Originals in the top row, their reconstructions in the row below."""
     return save_grid(path, torch.cat([originals, reconstructions]), columns=len(originals))

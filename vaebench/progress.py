@@ -11,7 +11,9 @@ from tqdm import tqdm
 class RunProgress:
     """Shows "run k of N", the epoch and the latest losses of one run."""
 
-    def __init__(self, index: int, total: int, name: str, epochs: int, stream: TextIO | None = None):
+    def __init__(
+        self, index: int, total: int, name: str, epochs: int, stream: TextIO | None = None
+    ):
         self.stream = stream or sys.stderr
         self.label = f"[{index}/{total}] {name}"
         self.epochs = epochs
@@ -28,7 +30,9 @@ class RunProgress:
             self.bar.set_postfix_str(summary, refresh=False)
             self.bar.update(1)
         else:
-            print(f"{self.label} epoch {epoch}/{self.epochs} {summary}", file=self.stream, flush=True)
+            print(
+                f"{self.label} epoch {epoch}/{self.epochs} {summary}", file=self.stream, flush=True
+            )
 
     def close(self, status: str) -> None:
         if self.bar is not None:

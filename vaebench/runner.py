@@ -30,7 +30,15 @@ from vaebench.progress import RunProgress
 from vaebench.tracking import MLflowTracker, Tracker, resolve_tracking_uri
 from vaebench.train import TrainResult, build_optimizer, fit, resolve_device
 
-SUMMARY_COLUMNS = ["name", "status", "test_elbo", "test_recon", "test_kl", "epoch_seconds", "seconds"]
+SUMMARY_COLUMNS = [
+    "name",
+    "status",
+    "test_elbo",
+    "test_recon",
+    "test_kl",
+    "epoch_seconds",
+    "seconds",
+]
 
 
 @dataclass
@@ -74,27 +82,38 @@ def preflight(runs: Sequence[RunSpec], data_root: Path) -> dict[tuple[str, str],
     return splits
 
 
-def splits_for(cache: dict[tuple[str, str], Splits], data: DataConfig, device: torch.device) -> Splits:
+def splits_for(
+    cache: dict[tuple[str, str], Splits], data: DataConfig, device: torch.device
+) -> Splits:
     return cache[(data.model_dump_json(), str(device))]
 
 
 def write_artifacts(folder: Path, run: RunSpec, result: TrainResult, splits: Splits) -> None:
     """Resolved config, reconstructions, prior samples and the state_dict of one run."""
     model = result.model
-    (folder / "config.yaml").write_text(yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False))
+    (folder / "config.yaml").write_text(
+        yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
+    )
     torch.save(model.state_dict(), folder / "state_dict.pt")
     model.eval()
     with torch.no_grad():
         originals = splits.test.images[:16]
         mu, _ = model.encode(originals)
-        save_reconstructions(folder / "reconstructions.png", originals, torch.sigmoid(model.decode(mu)))
+        save_reconstructions(
+            folder / "reconstructions.png", originals, torch.sigmoid(model.decode(mu))
+        )
         generator = torch.Generator(device=originals.device).manual_seed(0)
         samples = torch.sigmoid(model.sample_prior(64, generator=generator))
         save_grid(folder / "samples.png", samples, columns=8)
 
 
 def run_one(
-    run: RunSpec, index: int, total: int, tracker: Tracker, splits: Splits, base_tags: dict[str, str]
+    run: RunSpec,
+    index: int,
+    total: int,
+    tracker: Tracker,
+    splits: Splits,
+    base_tags: dict[str, str],
 ) -> dict[str, Any]:
     """Train and track one run; returns its results row. Raises what training raises."""
     device = resolve_device(run.config.train.device)
@@ -108,6 +127,7 @@ def run_one(
     progress = RunProgress(index, total, run.name, run.config.train.epochs)
     status = "FAILED"
     try:
+
         def on_epoch(metrics) -> None:
             values = metrics.as_dict()
             tracker.log_metrics(run_id, values, step=metrics.epoch)
@@ -128,8 +148,14 @@ def run_one(
         tracker.end_run(run_id, "FINISHED")
         status = "FINISHED"
         return {
-            "name": run.name, "key": run.key, "status": status, "run_id": run_id,
-            **run.params, **final, "epoch_seconds": mean_epoch, "seconds": result.seconds,
+            "name": run.name,
+            "key": run.key,
+            "status": status,
+            "run_id": run_id,
+            **run.params,
+            **final,
+            "epoch_seconds": mean_epoch,
+            "seconds": result.seconds,
         }
     except BaseException as exc:
         error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -167,13 +193,22 @@ def run_grid(
     if commit:
         base_tags["mlflow.source.git.commit"] = commit
     started = time.strftime("%Y%m%d-%H%M%S")
-    parent = tracker.start_grid(grid.name, f"{grid.name}-{started}", {**base_tags, "vaebench.runs": str(len(runs))})
+    parent = tracker.start_grid(
+        grid.name, f"{grid.name}-{started}", {**base_tags, "vaebench.runs": str(len(runs))}
+    )
     outcome = GridOutcome()
     try:
         for index, run in enumerate(runs, start=1):
             device = resolve_device(run.config.train.device)
             try:
-                row = run_one(run, index, len(runs), tracker, splits_for(splits, run.config.data, device), base_tags)
+                row = run_one(
+                    run,
+                    index,
+                    len(runs),
+                    tracker,
+                    splits_for(splits, run.config.data, device),
+                    base_tags,
+                )
             except Exception as exc:  # one failing variant does not stop the grid
                 line = str(exc).splitlines()[0] if str(exc) else ""
                 outcome.failed.append((run.name, f"{type(exc).__name__}: {line}"))

@@ -22,7 +22,9 @@ MAX_TAG_LENGTH = 5000
 class Tracker(Protocol):
     def start_grid(self, name: str, run_name: str, tags: Mapping[str, str]) -> str: ...
     def start_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str: ...
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int | None = None
+    ) -> None: ...
     def log_artifacts(self, run_id: str, folder: Path) -> None: ...
     def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None: ...
 
@@ -43,7 +45,9 @@ class NullTracker:
     def start_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         return self._new_id()
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int | None = None
+    ) -> None:
         pass
 
     def log_artifacts(self, run_id: str, folder: Path) -> None:
@@ -122,7 +126,9 @@ class MLflowTracker:
         self.client.log_batch(run_id, params=[Param(k, _param_text(v)) for k, v in params.items()])
         return run_id
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int | None = None
+    ) -> None:
         """All of an epoch's metrics in one call."""
         from mlflow.entities import Metric
 

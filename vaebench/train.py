@@ -11,13 +11,14 @@ change can run several same-shaped runs in one stacked step.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from vaebench.config import OptimConfig, RunConfig
+from vaebench.config import OptimConfig, RunConfig, VaebenchError
 from vaebench.data import Split, Splits
 from vaebench.losses import loss_terms
 from vaebench.models import build_model
@@ -26,6 +27,10 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "rmsprop": torch.optim.RMSprop,
 }
+
+
+class TrainingDiverged(RuntimeError):
+    """The objective became NaN or infinite; the run is marked FAILED."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,8 +47,6 @@ def build_optimizer(config: OptimConfig, params) -> torch.optim.Optimizer:
     try:
         return OPTIMIZERS[config.name](params, lr=config.lr, **config.kwargs)
     except TypeError as exc:
-        from vaebench.config import VaebenchError
-
         raise VaebenchError(f"optim.kwargs: {exc}") from None
 
 
@@ -106,13 +109,17 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate(
+    model: torch.nn.Module, split: Split, config: RunConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed reconstruction and KL over a whole split (one posterior sample per image)."""
     model.eval()
     recon = torch.zeros((), device=split.images.device)
     kl = torch.zeros((), device=split.images.device)
     for start in range(0, len(split), config.train.eval_batch_size):
-        terms = loss_terms(model, split.images[start : start + config.train.eval_batch_size], config.loss)
+        terms = loss_terms(
+            model, split.images[start : start + config.train.eval_batch_size], config.loss
+        )
         recon += terms.recon
         kl += terms.kl
     return recon, kl
@@ -139,6 +146,8 @@ def fit(
         t1 = time.perf_counter()
         recon, kl = evaluate(model, splits.test, config)
         train_sum, recon_sum, kl_sum = torch.stack([total, recon, kl]).tolist()  # one read-back
+        if not math.isfinite(train_sum):
+            raise TrainingDiverged(f"training loss is {train_sum} after epoch {epoch}")
         t2 = time.perf_counter()
         metrics = EpochMetrics(
             epoch=epoch,

@@ -19,7 +19,6 @@ from vaebench.models.mlp import build_mlp
 ModelBuilder = Callable[..., nn.Module]
 
 MODELS: dict[str, ModelBuilder] = {"mlp": build_mlp, "conv": build_conv}
-MODEL_NAMES = tuple(MODELS)
 
 
 def build_model(config: ModelConfig, image_shape: tuple[int, int, int]) -> nn.Module:

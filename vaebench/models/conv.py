@@ -25,7 +25,9 @@ def build_conv(config: ModelConfig, image_shape: tuple[int, int, int]) -> Gaussi
     for _ in config.channels:
         sizes.append((sizes[-1] - 2) // 2 + 1)  # conv k=4, s=2, p=1
     if sizes[-1] < 1:
-        raise ValueError(f"{len(config.channels)} conv layers shrink {height}x{width} images to nothing")
+        raise ValueError(
+            f"{len(config.channels)} conv layers shrink {height}x{width} images to nothing"
+        )
 
     encoder: list[nn.Module] = []
     for c_in, c_out in zip([in_channels, *config.channels], config.channels, strict=False):
@@ -34,10 +36,16 @@ def build_conv(config: ModelConfig, image_shape: tuple[int, int, int]) -> Gaussi
     feature_dim = last * side * side
     encoder.append(nn.Flatten())
 
-    decoder: list[nn.Module] = [nn.Linear(config.z_dim, feature_dim), nn.ReLU(), nn.Unflatten(1, (last, side, side))]
+    decoder: list[nn.Module] = [
+        nn.Linear(config.z_dim, feature_dim),
+        nn.ReLU(),
+        nn.Unflatten(1, (last, side, side)),
+    ]
     ups = list(reversed(config.channels))
     targets = list(reversed(sizes[:-1]))
-    for i, (c_in, size_in, size_out) in enumerate(zip(ups, reversed(sizes[1:]), targets, strict=True)):
+    for i, (c_in, size_in, size_out) in enumerate(
+        zip(ups, reversed(sizes[1:]), targets, strict=True)
+    ):
         final = i == len(ups) - 1
         c_out = in_channels if final else ups[i + 1]
         layer = nn.ConvTranspose2d(

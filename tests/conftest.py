@@ -1,0 +1,25 @@
+"""Shared fixtures: the real MNIST data root and a temporary MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """The data root holding real MNIST: $VAEBENCH_DATA, else ../shared/data beside the repo."""
+    root = Path(os.environ.get("VAEBENCH_DATA") or REPO.parent / "shared" / "data").resolve()
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.fail(f"no MNIST under {root}/MNIST/raw: set VAEBENCH_DATA to a data root")
+    return root
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    """A fresh SQLite MLflow store in the test's temporary folder."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

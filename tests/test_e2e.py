@@ -1,0 +1,221 @@
+"""End to end: tiny grids on a real MNIST subset, tracked into a temporary SQLite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from vaebench.cli import main
+from vaebench.config import ModelConfig
+from vaebench.models import MODELS, build_model
+from vaebench.models.base import GaussianVAE
+
+TINY_GRID = """
+name: tiny
+base:
+  data: {{subset: 512}}
+  model: {{hidden: [64], z_dim: 4, channels: [8, 16]}}
+  train: {{epochs: 2, batch_size: 64, eval_batch_size: 2500, device: cpu}}
+matrix:
+  model.arch: [{archs}]
+  loss.beta: [1, 4]
+seeds: [0]
+"""
+
+ARTIFACTS = {"config.yaml", "reconstructions.png", "samples.png", "state_dict.pt"}
+EPOCH_METRICS = {"train_loss", "test_elbo", "test_recon", "test_kl", "epoch_seconds"}
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def run_cli(tmp_path: Path, grid: Path, uri: str, mnist_root: Path) -> int:
+    return main([
+        "run", str(grid), "--tracking-uri", uri, "--data-root", str(mnist_root),
+        "--results-dir", str(tmp_path / "results"),
+    ])
+
+
+def runs_of(uri: str, experiment: str) -> pd.DataFrame:
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment])
+
+
+@pytest.fixture(scope="module")
+def tiny_grid_result(tmp_path_factory, mnist_root):
+    """One tiny grid (mlp and conv, beta 1 and 4) run once for the tests that read it."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp, conv"))
+    status = run_cli(tmp_path, grid, uri, mnist_root)
+    return tmp_path, uri, status
+
+
+def test_tiny_grid_tracks_parent_and_finished_children(tiny_grid_result):
+    tmp_path, uri, status = tiny_grid_result
+    assert status == 0
+    runs = runs_of(uri, "tiny")
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()]
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(parents) == 1 and len(children) == 4
+    assert set(children["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
+    assert set(runs["status"]) == {"FINISHED"}
+    assert set(children["tags.mlflow.runName"]) == {
+        "mlp-b1-s0", "mlp-b4-s0", "conv-b1-s0", "conv-b4-s0"
+    }
+    # flattened params: every varied setting is a column of the compare view
+    assert set(children["params.model.arch"]) == {"mlp", "conv"}
+    assert set(children["params.loss.beta"]) == {"1.0", "4.0"}
+    assert set(children["params.data.subset"]) == {"512"}
+    for tag in ("vaebench.run_key", "vaebench.seed", "vaebench.device", "vaebench.torch",
+                "vaebench.grid_file"):
+        assert children[f"tags.{tag}"].notna().all(), tag
+
+
+def test_tiny_grid_logs_every_epoch_and_artifacts(tiny_grid_result):
+    _, uri, _ = tiny_grid_result
+    client = MlflowClient(tracking_uri=uri)
+    runs = runs_of(uri, "tiny")
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    for run_id in children["run_id"]:
+        for metric in EPOCH_METRICS:
+            history = client.get_metric_history(run_id, metric)
+            assert [m.step for m in history] == [1, 2], metric
+        elbo = client.get_metric_history(run_id, "test_elbo")
+        recon = client.get_metric_history(run_id, "test_recon")
+        kl = client.get_metric_history(run_id, "test_kl")
+        for e, r, k in zip(elbo, recon, kl, strict=True):
+            assert e.value == pytest.approx(-(r.value + k.value), rel=1e-6)
+            assert k.value > 0 and r.value > 0
+        names = {a.path for a in client.list_artifacts(run_id)}
+        assert names == ARTIFACTS
+
+
+def test_tiny_grid_state_dict_loads_into_model(tiny_grid_result):
+    _, uri, _ = tiny_grid_result
+    client = MlflowClient(tracking_uri=uri)
+    runs = runs_of(uri, "tiny")
+    child = runs[runs["tags.mlflow.runName"] == "conv-b4-s0"].iloc[0]
+    folder = client.download_artifacts(child["run_id"], "")
+    state = torch.load(Path(folder) / "state_dict.pt", weights_only=True)
+    config = ModelConfig(arch="conv", hidden=[64], z_dim=4, channels=[8, 16])
+    model = build_model(config, (1, 28, 28))
+    model.load_state_dict(state)  # raises if shapes or names disagree
+
+
+def test_tiny_grid_results_csv_matches_mlflow(tiny_grid_result):
+    tmp_path, uri, _ = tiny_grid_result
+    table = pd.read_csv(tmp_path / "results" / "tiny.csv")
+    runs = runs_of(uri, "tiny")
+    children = runs[runs["tags.mlflow.parentRunId"].notna()].set_index("run_id")
+    assert len(table) == 4
+    assert set(table["status"]) == {"FINISHED"}
+    for row in table.itertuples():
+        run = children.loc[row.run_id]
+        assert run["tags.vaebench.run_key"] == row.key
+        assert run["metrics.test_elbo"] == pytest.approx(row.test_elbo)
+        assert row.seconds > 0 and row.epoch_seconds > 0
+
+
+def _exploding_builder(config: ModelConfig, image_shape):
+    """A model family plugged in through the registry whose training step raises."""
+
+    class Exploding(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("exploded on purpose")
+
+    model = build_model(config.model_copy(update={"arch": "mlp"}), image_shape)
+    assert isinstance(model, GaussianVAE)
+    model.decoder.append(Exploding())
+    return model
+
+
+def test_failing_variant_is_marked_failed_and_grid_goes_on(
+    tmp_path, mnist_root, tracking_uri, monkeypatch, capsys
+):
+    monkeypatch.setitem(MODELS, "exploding", _exploding_builder)
+    grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp, exploding"))
+    status = run_cli(tmp_path, grid, tracking_uri, mnist_root)
+    assert status == 1
+    err = capsys.readouterr()
+    assert "2 of 4 runs failed" in err.err
+    assert "FAILED exploding-b1-s0: RuntimeError: exploded on purpose" in err.out
+    runs = runs_of(tracking_uri, "tiny").set_index("tags.mlflow.runName")
+    assert runs.loc["mlp-b1-s0", "status"] == "FINISHED"
+    assert runs.loc["mlp-b4-s0", "status"] == "FINISHED"
+    for name in ("exploding-b1-s0", "exploding-b4-s0"):
+        assert runs.loc[name, "status"] == "FAILED"
+        assert "exploded on purpose" in runs.loc[name, "tags.vaebench.error"]
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()]
+    assert list(parent["status"]) == ["FAILED"]
+    table = pd.read_csv(tmp_path / "results" / "tiny.csv")
+    assert sorted(table["status"]) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+
+
+def test_rerun_adds_a_new_parent_with_the_same_run_keys(tmp_path, mnist_root, tracking_uri):
+    grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp").replace("[1, 4]", "[1]"))
+    assert run_cli(tmp_path, grid, tracking_uri, mnist_root) == 0
+    assert run_cli(tmp_path, grid, tracking_uri, mnist_root) == 0
+    runs = runs_of(tracking_uri, "tiny")
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert runs["tags.mlflow.parentRunId"].isna().sum() == 2
+    assert children["tags.vaebench.run_key"].nunique() == 1
+    # same config and seed on CPU: the same numbers in both invocations
+    assert children["metrics.test_elbo"].nunique() == 1
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("sqlite:////no/such/folder/mlflow.db", "does not exist"),
+        ("nosuchscheme://x", "tracking URI"),
+    ],
+)
+def test_bad_tracking_uri_is_one_line_and_exit_2(tmp_path, mnist_root, capsys, uri, message):
+    grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp"))
+    assert run_cli(tmp_path, grid, uri, mnist_root) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vaebench: error:") and message in err[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_data_fails_before_anything_is_tracked(tmp_path, tracking_uri, capsys, monkeypatch):
+    import dataclasses
+
+    from vaebench import data
+
+    closed = dataclasses.replace(data.DATASETS["mnist"], mirrors=("http://127.0.0.1:9/",))
+    monkeypatch.setitem(data.DATASETS, "mnist", closed)
+    data.load_arrays.cache_clear()
+    grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp"))
+    assert run_cli(tmp_path, grid, tracking_uri, tmp_path / "empty-root") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0] and "VAEBENCH_DATA" in err[0]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_reference_mlp_reaches_published_elbo_on_full_mnist(mnist_root):
+    """pytorch/examples' VAE, 10 epochs of full MNIST: test -ELBO <= 106.5 nats per image."""
+    from vaebench.config import RunConfig
+    from vaebench.data import load_splits
+    from vaebench.train import fit
+
+    config = RunConfig.model_validate({
+        "model": {"arch": "mlp", "hidden": [400], "z_dim": 20},
+        "loss": {"recon": "bce", "beta": 1.0},
+        "optim": {"name": "adam", "lr": 1e-3},
+        "train": {"epochs": 10, "batch_size": 128, "device": "cpu"},
+    })
+    splits = load_splits(config.data, mnist_root, torch.device("cpu"))
+    result = fit(config, splits, torch.device("cpu"))
+    print(f"test -ELBO after 10 epochs: {-result.final.test_elbo:.2f}")
+    assert -result.final.test_elbo <= 106.5
