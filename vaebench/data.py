@@ -11,9 +11,9 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import http.client
 import os
 import tempfile
-import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Sequence
@@ -145,23 +145,27 @@ def ensure_files(
 ) -> dict[str, Path]:
     """Paths of ``names`` in the dataset's raw folder, downloading missing ones."""
     info = DATASETS[dataset]
+    sources = list(mirrors if mirrors is not None else info.mirrors)
     folder = raw_dir(dataset, root)
     found = {name: find_file(folder, name) for name in names}
-    missing = [name for name, path in found.items() if path is None]
-    failures: list[str] = []
-    for name in missing:
-        for mirror in mirrors if mirrors is not None else info.mirrors:
+    last_failures: list[str] = []  # why each mirror failed for the last file that failed
+    for name in [name for name, path in found.items() if path is None]:
+        failures = []
+        for mirror in sources:
             try:
                 download_file(mirror + name, folder / name, info.md5[name])
                 found[name] = folder / name
                 break
-            except (DataError, OSError, urllib.error.URLError) as exc:
-                failures.append(f"{mirror + name}: {getattr(exc, 'reason', None) or exc}")
+            except (DataError, OSError, http.client.HTTPException) as exc:
+                # URLError is an OSError; HTTPException covers broken or cut-off replies
+                failures.append(f"{mirror + name}: {getattr(exc, 'reason', None) or exc or type(exc).__name__}")
+        else:
+            last_failures = failures
     still_missing = [name for name, path in found.items() if path is None]
     if still_missing:
         raise DataError(
             f"{dataset}: missing {', '.join(still_missing)} in {folder} and the download failed "
-            f"({'; '.join(failures[-len(info.mirrors) :])}); copy the files there, or point "
+            f"({'; '.join(last_failures)}); copy the files there, or point "
             f"--data-root or ${DATA_ENV} at a folder holding {info.folder}/raw/"
         )
     return {name: path for name, path in found.items() if path is not None}
