@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time vaebench's trainer against a conventional loop")
     bench.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
-    bench.add_argument("--epochs", type=int, default=3, help="timed epochs per loop (default: 3)")
+    bench.add_argument("--epochs", type=int, default=5, help="timed epochs per loop (default: 5)")
     bench.add_argument(
         "--subset", type=int, default=None, help="first N training images (default: all)"
     )

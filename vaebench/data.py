@@ -158,7 +158,8 @@ def ensure_files(
                 break
             except (DataError, OSError, http.client.HTTPException) as exc:
                 # URLError is an OSError; HTTPException covers broken or cut-off replies
-                failures.append(f"{mirror + name}: {getattr(exc, 'reason', None) or exc or type(exc).__name__}")
+                reason = getattr(exc, "reason", None) or exc or type(exc).__name__
+                failures.append(f"{mirror + name}: {reason}")
         else:
             last_failures = failures
     still_missing = [name for name, path in found.items() if path is None]
