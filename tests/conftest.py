@@ -23,3 +23,16 @@ def mnist_root() -> Path:
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh SQLite MLflow store in the test's temporary folder."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def classifier_cache(tmp_path_factory):
+    """Keep the digit classifier's cache out of the shared data folder (trained once a session)."""
+    folder = tmp_path_factory.mktemp("classifier-cache")
+    saved = os.environ.get("VAEBENCH_CACHE")
+    os.environ["VAEBENCH_CACHE"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("VAEBENCH_CACHE", None)
+    else:
+        os.environ["VAEBENCH_CACHE"] = saved

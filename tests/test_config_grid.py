@@ -247,8 +247,8 @@ BAD_GRIDS = {
         ("1",),
     ),
     "include-unknown-key": (
-        "name: g\ninclude:\n  - {loss.gamma: 1}\n",
-        "include[0].loss.gamma",
+        "name: g\ninclude:\n  - {loss.delta: 1}\n",
+        "include[0].loss.delta",
         ("unknown key", "loss.beta"),
     ),
     "repeated-seed": ("name: g\nseeds: [0, 1, 0]\n", "seeds", ("repeated seed",)),

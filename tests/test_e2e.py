@@ -28,7 +28,10 @@ matrix:
 seeds: [0]
 """
 
-ARTIFACTS = {"config.yaml", "reconstructions.png", "samples.png", "state_dict.pt"}
+ARTIFACTS = {
+    "config.yaml", "reconstructions.png", "samples.png", "state_dict.pt", "latent.png"
+}
+FINAL_SCORES = {"nmi", "ari", "accuracy", "active_units"}
 EPOCH_METRICS = {"train_loss", "test_elbo", "test_recon", "test_kl", "epoch_seconds"}
 
 
@@ -97,6 +100,11 @@ def test_tiny_grid_logs_every_epoch_and_artifacts(tiny_grid_result):
             assert k.value > 0 and r.value > 0
         names = {a.path for a in client.list_artifacts(run_id)}
         assert names == ARTIFACTS
+        final = client.get_run(run_id).data.metrics
+        for score in FINAL_SCORES:
+            assert score in final, score
+        assert 0 < final["nmi"] <= 1 and 0.1 <= final["accuracy"] <= 1
+        assert 1 <= final["active_units"] <= 4
 
 
 def test_tiny_grid_state_dict_loads_into_model(tiny_grid_result):

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vaebench.config import RunConfig
 from vaebench.data import Splits, load_arrays, load_splits, resolve_root
-from vaebench.losses import loss_terms
+from vaebench.losses import Objective, loss_terms
 from vaebench.models import build_model
 from vaebench.train import build_optimizer, resolve_device, train_epoch
 
@@ -59,11 +59,12 @@ class PerImageMNIST(Dataset):
 def conventional_epoch(model, optimizer, loader: DataLoader, config: RunConfig, device) -> float:
     """pytorch/examples' ``train(epoch)``: per-step device copy and ``loss.item()``."""
     model.train()
+    objective = Objective(config.loss)
     train_loss = 0.0
     for data, _ in loader:
         data = data.to(device)
         optimizer.zero_grad()
-        loss = loss_terms(model, data, config.loss).objective(config.loss.beta)
+        loss = objective(loss_terms(model, data, None, config.loss.recon), data.shape[0], 0)
         (loss / data.shape[0]).backward()
         train_loss += loss.item()
         optimizer.step()
@@ -117,7 +118,12 @@ def run_bench(
         model, optimizer = fresh(run_config)
         generator = torch.Generator().manual_seed(seed)
         # one host read per epoch
-        return lambda: train_epoch(model, optimizer, run_config, splits, generator).item()
+        objective = Objective(run_config.loss)
+
+        def step() -> float:
+            return train_epoch(model, optimizer, objective, run_config, splits, generator).item()
+
+        return step
 
     def conventional_loop():
         model, optimizer = fresh(unfused)

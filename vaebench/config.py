@@ -49,10 +49,19 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     arch: str = "mlp"
+    backbone: Literal["mlp", "conv"] = Field(
+        default="mlp", description="encoder/decoder nets of the gumbel and cvae families"
+    )
     z_dim: int = Field(default=20, ge=1)
     hidden: list[int] = Field(default_factory=lambda: [400], description="mlp hidden widths")
     channels: list[int] = Field(default_factory=lambda: [32, 64], description="conv channels")
     batch_norm: bool = False
+    categories: int = Field(default=10, ge=2, description="gumbel: size of the discrete latent")
+    tau: float | list[float] = Field(
+        default=0.67, description="gumbel: temperature, or [start, end] annealed exponentially"
+    )
+    hard: bool = Field(default=True, description="gumbel: straight-through one-hot samples")
+    condition_encoder: bool = Field(default=False, description="cvae: encoder sees the label too")
 
     @field_validator("arch")
     @classmethod
@@ -71,10 +80,30 @@ class ModelConfig(_Section):
             raise ValueError("must be a non-empty list of integers >= 1")
         return value
 
+    @field_validator("tau")
+    @classmethod
+    def _temperature(cls, value: float | list[float]) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        if not 1 <= len(values) <= 2 or any(v <= 0 for v in values):
+            raise ValueError("must be a temperature > 0 or [start, end] with both > 0")
+        if len(values) == 2 and values[1] > values[0]:
+            raise ValueError("an annealed temperature goes down: [start, end] with end <= start")
+        return value
+
 
 class LossConfig(_Section):
     recon: Literal["bce", "mse"] = "bce"
-    beta: float = Field(default=1.0, ge=0)
+    objective: Literal["elbo", "capacity"] = Field(
+        default="elbo", description="elbo: recon + beta*KL_z + beta_c*KL_c; capacity: JointVAE"
+    )
+    beta: float = Field(default=1.0, ge=0, description="weight of KL(q(z|x) || N(0, I))")
+    beta_c: float = Field(default=1.0, ge=0, description="weight of KL(q(c|x) || Uniform(K))")
+    gamma: float = Field(default=30.0, ge=0, description="capacity: weight of |KL - C(t)|")
+    capacity_z: float = Field(default=5.0, ge=0, description="capacity: final C_z, nats")
+    capacity_c: float | None = Field(
+        default=None, ge=0, description="capacity: final C_c, nats (default and cap: ln K)"
+    )
+    capacity_steps: int = Field(default=25000, ge=1, description="capacity: steps to reach max")
 
 
 class OptimConfig(_Section):

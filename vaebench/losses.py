@@ -1,4 +1,4 @@
-"""Reconstruction terms, the KL weight, and the ELBO.
+"""Reconstruction terms, KL terms, the beta-weighted and capacity objectives, and the ELBO.
 
 Conventions: every term is summed over pixels and latent dimensions and over
 the batch; callers divide by the number of images. Values are in nats (for
@@ -8,6 +8,7 @@ this suite replaces, so its ELBO is not a log-likelihood bound).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,21 +28,56 @@ def reconstruction(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Te
 
 @dataclass
 class LossTerms:
-    """Batch sums of the parts of the objective."""
+    """Batch sums of the parts of the objective: reconstruction and each KL term."""
 
     recon: torch.Tensor
-    kl: torch.Tensor
+    kl: dict[str, torch.Tensor]
 
-    def objective(self, beta: float) -> torch.Tensor:
-        """The training loss: reconstruction + beta * KL (a negative beta-ELBO)."""
-        return self.recon + beta * self.kl
+    @property
+    def kl_total(self) -> torch.Tensor:
+        return sum(self.kl.values(), torch.zeros((), device=self.recon.device))
 
     @property
     def negative_elbo(self) -> torch.Tensor:
-        """The beta = 1 bound, reported whatever beta a run trains with."""
-        return self.recon + self.kl
+        """The beta = 1 bound, reported whatever objective a run trains with."""
+        return self.recon + self.kl_total
 
 
-def loss_terms(model: torch.nn.Module, x: torch.Tensor, config: LossConfig) -> LossTerms:
-    out = model(x)
-    return LossTerms(recon=reconstruction(out.logits, x, config.recon), kl=model.kl(out))
+def loss_terms(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, recon: str
+) -> LossTerms:
+    out = model(x, y)
+    return LossTerms(recon=reconstruction(out.logits, x, recon), kl=model.kl_terms(out))
+
+
+def capacity(maximum: float, step: int, steps: int) -> float:
+    """JointVAE's capacity: rises linearly from 0 to ``maximum`` over ``steps`` steps."""
+    return maximum * min(step / steps, 1.0)
+
+
+class Objective:
+    """The training loss of one run (a batch sum; the trainer divides by the batch size).
+
+    ``elbo``: recon + beta * KL_z + beta_c * KL_c.
+    ``capacity`` (JointVAE): recon + gamma * |KL_z - C_z(t)| + gamma * |KL_c - C_c(t)|,
+    with KLs and capacities per image and each C rising linearly from 0. C_c is
+    capped at ln K, the largest KL a K-way categorical can have from uniform.
+    """
+
+    def __init__(self, config: LossConfig, categories: int | None = None):
+        self.config = config
+        max_c = math.log(categories) if categories else 0.0
+        wanted_c = config.capacity_c if config.capacity_c is not None else max_c
+        self.maximum = {"kl_z": config.capacity_z, "kl_c": min(wanted_c, max_c)}
+        self.weight = {"kl_z": config.beta, "kl_c": config.beta_c}
+
+    def __call__(self, terms: LossTerms, batch_size: int, step: int) -> torch.Tensor:
+        loss = terms.recon
+        if self.config.objective == "elbo":
+            for name, kl in terms.kl.items():
+                loss = loss + self.weight[name] * kl
+            return loss
+        for name, kl in terms.kl.items():
+            target = batch_size * capacity(self.maximum[name], step, self.config.capacity_steps)
+            loss = loss + self.config.gamma * (kl - target).abs()
+        return loss

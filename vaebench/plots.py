@@ -38,3 +38,33 @@ def save_reconstructions(
 ) -> Path:
     """Originals in the top row, their reconstructions in the row below."""
     return save_grid(path, torch.cat([originals, reconstructions]), columns=len(originals))
+
+
+def embed_2d(points: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D picture coordinates of latent means: PCA when there are at most 2 dims, else t-SNE."""
+    if points.shape[1] <= 2:
+        from sklearn.decomposition import PCA
+
+        if points.shape[1] == 1:
+            return np.column_stack([points[:, 0], np.zeros(len(points))]), "z"
+        return PCA(n_components=2, random_state=seed).fit_transform(points), "PCA"
+    from sklearn.manifold import TSNE
+
+    return TSNE(n_components=2, init="pca", random_state=seed).fit_transform(points), "t-SNE"
+
+
+def save_latent_scatter(path: Path, points: np.ndarray, labels: np.ndarray, title: str) -> Path:
+    """The latent means of test images in 2-D, one colour per label."""
+    coords, method = embed_2d(points)
+    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
+    scatter = ax.scatter(
+        coords[:, 0], coords[:, 1], c=labels, cmap="tab10", s=4, vmin=-0.5, vmax=9.5
+    )
+    fig.colorbar(scatter, ax=ax, ticks=range(10), label="label")
+    ax.set_title(f"{title}: {method} of E[z|x], {len(points)} test images")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -21,11 +21,13 @@ import pandas as pd
 import torch
 import yaml
 
+from vaebench.classifier import conditional_accuracy, load_classifier
 from vaebench.config import DataConfig, VaebenchError, load_grid
 from vaebench.data import Splits, load_splits, resolve_root
 from vaebench.grid import RunSpec, expand
 from vaebench.models import build_model
-from vaebench.plots import save_grid, save_reconstructions
+from vaebench.models.cvae import ConditionalVAE
+from vaebench.plots import save_grid, save_latent_scatter, save_reconstructions
 from vaebench.progress import RunProgress
 from vaebench.tracking import MLflowTracker, Tracker, resolve_tracking_uri
 from vaebench.train import TrainResult, build_optimizer, fit, resolve_device
@@ -36,6 +38,7 @@ SUMMARY_COLUMNS = [
     "test_elbo",
     "test_recon",
     "test_kl",
+    "nmi",
     "epoch_seconds",
     "seconds",
 ]
@@ -88,23 +91,65 @@ def splits_for(
     return cache[(data.model_dump_json(), str(device))]
 
 
+LATENT_SAMPLE = 2000  # test images in the latent picture
+LATENT_SAMPLE_SEED = 0
+
+
 def write_artifacts(folder: Path, run: RunSpec, result: TrainResult, splits: Splits) -> None:
-    """Resolved config, reconstructions, prior samples and the state_dict of one run."""
+    """Resolved config, state_dict, reconstructions, prior samples, latent picture; for a
+    conditional model also one row of samples per digit with the same z in every row."""
     model = result.model
-    (folder / "config.yaml").write_text(
-        yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
-    )
+    config_text = yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
+    (folder / "config.yaml").write_text(config_text)
     torch.save(model.state_dict(), folder / "state_dict.pt")
     model.eval()
+    test = splits.test
     with torch.no_grad():
-        originals = splits.test.images[:16]
-        mu, _ = model.encode(originals)
-        save_reconstructions(
-            folder / "reconstructions.png", originals, torch.sigmoid(model.decode(mu))
-        )
+        originals, labels = test.images[:16], test.labels[:16]
+        recon = torch.sigmoid(model.reconstruct(originals, labels))
+        save_reconstructions(folder / "reconstructions.png", originals, recon)
         generator = torch.Generator(device=originals.device).manual_seed(0)
         samples = torch.sigmoid(model.sample_prior(64, generator=generator))
         save_grid(folder / "samples.png", samples, columns=8)
+        chosen = torch.randperm(
+            len(test), generator=torch.Generator().manual_seed(LATENT_SAMPLE_SEED)
+        )
+        chosen = chosen[:LATENT_SAMPLE].to(test.images.device)
+        mu, _ = model.encode(test.images[chosen], test.labels[chosen])
+        save_latent_scatter(
+            folder / "latent.png", mu.cpu().numpy(), test.labels[chosen].cpu().numpy(), run.name
+        )
+        if isinstance(model, ConditionalVAE):
+            z = torch.randn(10, model.z_dim, generator=generator, device=model.device)
+            rows = [
+                torch.sigmoid(model.decode_label(z, torch.full((10,), d, device=model.device)))
+                for d in range(10)
+            ]
+            save_grid(folder / "digits.png", torch.cat(rows), columns=10)
+
+
+def extra_scores(
+    run: RunSpec, model: torch.nn.Module, classifiers: ClassifierCache
+) -> dict[str, float]:
+    """Scores that need more than the test split: conditional accuracy for cvae runs."""
+    if not isinstance(model, ConditionalVAE):
+        return {}
+    classifier = classifiers.get(run.config.data.dataset, model.device)
+    return {"conditional_accuracy": conditional_accuracy(model, classifier)}
+
+
+class ClassifierCache:
+    """The fixed digit classifier per dataset, loaded (or trained) once per grid."""
+
+    def __init__(self, data_root: Path):
+        self.data_root = data_root
+        self._loaded: dict[tuple[str, str], torch.nn.Module] = {}
+
+    def get(self, dataset: str, device: torch.device) -> torch.nn.Module:
+        key = (dataset, str(device))
+        if key not in self._loaded:
+            self._loaded[key] = load_classifier(dataset, self.data_root, device)
+        return self._loaded[key]
 
 
 def run_one(
@@ -114,6 +159,7 @@ def run_one(
     tracker: Tracker,
     splits: Splits,
     base_tags: dict[str, str],
+    classifiers: ClassifierCache,
 ) -> dict[str, Any]:
     """Train and track one run; returns its results row. Raises what training raises."""
     device = resolve_device(run.config.train.device)
@@ -134,9 +180,11 @@ def run_one(
             progress.epoch(metrics.epoch, values)
 
         result = fit(run.config, splits, device, on_epoch=on_epoch)
-        final = result.final.as_dict()
+        scores = {**result.scores, **extra_scores(run, result.model, classifiers)}
+        final = {**result.final.as_dict(), **scores}
         mean_epoch = sum(m.epoch_seconds for m in result.history) / len(result.history)
         summary = {
+            **scores,
             "seconds": result.seconds,
             "mean_epoch_seconds": mean_epoch,
             "parameters": float(sum(p.numel() for p in result.model.parameters())),
@@ -181,7 +229,9 @@ def run_grid(
         print_dry_run(runs)
         return GridOutcome()
 
-    splits = preflight(runs, resolve_root(data_root))
+    root = resolve_root(data_root)
+    splits = preflight(runs, root)
+    classifiers = ClassifierCache(root)
     tracker = tracker or MLflowTracker(resolve_tracking_uri(tracking_uri))
     base_tags = {
         "vaebench.grid": grid.name,
@@ -208,6 +258,7 @@ def run_grid(
                     tracker,
                     splits_for(splits, run.config.data, device),
                     base_tags,
+                    classifiers,
                 )
             except Exception as exc:  # one failing variant does not stop the grid
                 line = str(exc).splitlines()[0] if str(exc) else ""

@@ -1,9 +1,10 @@
 """Model families by name. A new family is one module with a builder, registered here.
 
 A builder takes the run's :class:`~vaebench.config.ModelConfig` and the image
-shape ``(C, H, W)`` and returns a module with ``forward(x) -> VAEOutput``,
-``kl(out)`` (summed over the batch) and ``sample_prior(n)``; the trainer needs
-nothing else.
+shape ``(C, H, W)`` and returns a module with ``forward(x, y) -> VAEOutput``,
+``kl_terms(out)`` (each KL summed over the batch), ``anneal(step, total)``,
+``reconstruct(x, y)`` and ``sample_prior(n)``; the trainer needs nothing else.
+Families are built from a backbone (``mlp`` or ``conv`` nets) and a latent.
 """
 
 from __future__ import annotations
@@ -13,13 +14,46 @@ from collections.abc import Callable
 from torch import nn
 
 from vaebench.config import ModelConfig
-from vaebench.models.conv import build_conv
-from vaebench.models.mlp import build_mlp
+from vaebench.models.base import Backbone, GaussianVAE
+from vaebench.models.conv import conv_backbone
+from vaebench.models.cvae import NUM_CLASSES, ConditionalVAE
+from vaebench.models.gumbel import JointVAE
+from vaebench.models.mlp import mlp_backbone
 
-ModelBuilder = Callable[..., nn.Module]
+Shape = tuple[int, int, int]
+ModelBuilder = Callable[[ModelConfig, Shape], nn.Module]
 
-MODELS: dict[str, ModelBuilder] = {"mlp": build_mlp, "conv": build_conv}
+BACKBONES: dict[str, Callable[[ModelConfig, Shape, int], Backbone]] = {
+    "mlp": mlp_backbone,
+    "conv": conv_backbone,
+}
 
 
-def build_model(config: ModelConfig, image_shape: tuple[int, int, int]) -> nn.Module:
+def build_mlp(config: ModelConfig, image_shape: Shape) -> GaussianVAE:
+    return GaussianVAE(mlp_backbone(config, image_shape, config.z_dim), config.z_dim)
+
+
+def build_conv(config: ModelConfig, image_shape: Shape) -> GaussianVAE:
+    return GaussianVAE(conv_backbone(config, image_shape, config.z_dim), config.z_dim)
+
+
+def build_gumbel(config: ModelConfig, image_shape: Shape) -> JointVAE:
+    backbone = BACKBONES[config.backbone](config, image_shape, config.z_dim + config.categories)
+    return JointVAE(backbone, config.z_dim, config.categories, config.tau, config.hard)
+
+
+def build_cvae(config: ModelConfig, image_shape: Shape) -> ConditionalVAE:
+    backbone = BACKBONES[config.backbone](config, image_shape, config.z_dim + NUM_CLASSES)
+    return ConditionalVAE(backbone, config.z_dim, config.condition_encoder)
+
+
+MODELS: dict[str, ModelBuilder] = {
+    "mlp": build_mlp,
+    "conv": build_conv,
+    "gumbel": build_gumbel,
+    "cvae": build_cvae,
+}
+
+
+def build_model(config: ModelConfig, image_shape: Shape) -> nn.Module:
     return MODELS[config.arch](config, image_shape)

@@ -1,4 +1,11 @@
-"""The Gaussian-latent VAE that every family builds from an encoder and a decoder."""
+"""What every model family shares: the forward output, the backbone nets, the Gaussian latent.
+
+A family combines a *backbone* (encoder to features, decoder from a latent
+vector to image logits: ``mlp.py`` or ``conv.py``) with a *latent*: Gaussian
+(this file), joint Gaussian and categorical (``gumbel.py``), or Gaussian with
+a label-conditioned decoder (``cvae.py``). The trainer relies only on
+``forward(x, y)``, ``kl_terms(out)`` and ``anneal(step, total_steps)``.
+"""
 
 from __future__ import annotations
 
@@ -10,47 +17,75 @@ from torch import nn
 
 @dataclass
 class VAEOutput:
-    """What a forward pass returns: decoder logits and the posterior's parameters."""
+    """A forward pass: decoder logits, the Gaussian posterior, and category logits if any."""
 
     logits: torch.Tensor
     mu: torch.Tensor
     logvar: torch.Tensor
     z: torch.Tensor
+    category_logits: torch.Tensor | None = None
+
+
+@dataclass
+class Backbone:
+    """Encoder (images -> ``feature_dim`` features) and decoder (latent vector -> logits)."""
+
+    encoder: nn.Module
+    feature_dim: int
+    decoder: nn.Module
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the batch and dimensions, in nats."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
 
 
 class GaussianVAE(nn.Module):
     """q(z|x) = N(mu, diag(exp(logvar))), p(z) = N(0, I), decoder gives Bernoulli logits.
 
-    ``encoder`` maps images to features of size ``feature_dim``; one linear head
-    gives mu and log-variance together. ``decoder`` maps z to logits shaped like
-    the images.
+    One linear head on the encoder's features gives mu and log-variance together.
     """
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, decoder: nn.Module, z_dim: int):
+    def __init__(self, backbone: Backbone, z_dim: int):
         super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(feature_dim, 2 * z_dim)
-        self.decoder = decoder
+        self.encoder = backbone.encoder
+        self.head = nn.Linear(backbone.feature_dim, 2 * z_dim)
+        self.decoder = backbone.decoder
         self.z_dim = z_dim
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
         mu, logvar = self.head(self.encoder(x)).chunk(2, dim=1)
         return mu, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor) -> VAEOutput:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        z = reparameterize(mu, logvar)
         return VAEOutput(logits=self.decode(z), mu=mu, logvar=logvar, z=z)
 
-    def kl(self, out: VAEOutput) -> torch.Tensor:
-        """KL(q(z|x) || N(0, I)) summed over the batch, in nats."""
-        return -0.5 * torch.sum(1 + out.logvar - out.mu.pow(2) - out.logvar.exp())
+    def kl_terms(self, out: VAEOutput) -> dict[str, torch.Tensor]:
+        """Each KL term summed over the batch, in nats."""
+        return {"kl_z": gaussian_kl(out.mu, out.logvar)}
+
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder logits at the posterior mean."""
+        mu, _ = self.encode(x, y)
+        return self.decode(mu)
+
+    def anneal(self, step: int, total_steps: int) -> None:
+        """Called before every training step; families with schedules override it."""
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Decoder logits for ``n`` draws from the prior."""
-        device = self.head.weight.device
-        z = torch.randn(n, self.z_dim, generator=generator, device=device)
+        z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
         return self.decode(z)

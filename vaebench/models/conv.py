@@ -10,14 +10,17 @@ from __future__ import annotations
 from torch import nn
 
 from vaebench.config import ModelConfig
-from vaebench.models.base import GaussianVAE
+from vaebench.models.base import Backbone
 
 
 def _block(layer: nn.Module, channels: int, batch_norm: bool) -> list[nn.Module]:
     return [layer, *([nn.BatchNorm2d(channels)] if batch_norm else []), nn.ReLU()]
 
 
-def build_conv(config: ModelConfig, image_shape: tuple[int, int, int]) -> GaussianVAE:
+def conv_backbone(
+    config: ModelConfig, image_shape: tuple[int, int, int], latent_dim: int
+) -> Backbone:
+    """Encoder images -> flattened conv features; decoder ``latent_dim`` -> image logits."""
     in_channels, height, width = image_shape
     if height != width:
         raise ValueError("the conv VAE expects square images")
@@ -37,7 +40,7 @@ def build_conv(config: ModelConfig, image_shape: tuple[int, int, int]) -> Gaussi
     encoder.append(nn.Flatten())
 
     decoder: list[nn.Module] = [
-        nn.Linear(config.z_dim, feature_dim),
+        nn.Linear(latent_dim, feature_dim),
         nn.ReLU(),
         nn.Unflatten(1, (last, side, side)),
     ]
@@ -52,4 +55,4 @@ def build_conv(config: ModelConfig, image_shape: tuple[int, int, int]) -> Gaussi
             c_in, c_out, 4, stride=2, padding=1, output_padding=size_out - 2 * size_in
         )
         decoder += [layer] if final else _block(layer, c_out, config.batch_norm)
-    return GaussianVAE(nn.Sequential(*encoder), feature_dim, nn.Sequential(*decoder), config.z_dim)
+    return Backbone(nn.Sequential(*encoder), feature_dim, nn.Sequential(*decoder))

@@ -1,4 +1,4 @@
-"""Fully connected VAE; defaults (784-400-20, ReLU) match pytorch/examples' VAE."""
+"""Fully connected backbone; defaults (784-400-20, ReLU) match pytorch/examples' VAE."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 from torch import nn
 
 from vaebench.config import ModelConfig
-from vaebench.models.base import GaussianVAE
+from vaebench.models.base import Backbone
 
 
 def _stack(widths: list[int]) -> list[nn.Module]:
@@ -17,12 +17,15 @@ def _stack(widths: list[int]) -> list[nn.Module]:
     return layers
 
 
-def build_mlp(config: ModelConfig, image_shape: tuple[int, int, int]) -> GaussianVAE:
+def mlp_backbone(
+    config: ModelConfig, image_shape: tuple[int, int, int], latent_dim: int
+) -> Backbone:
+    """Encoder pixels -> hidden widths; decoder ``latent_dim`` -> reversed widths -> pixels."""
     pixels = math.prod(image_shape)
     encoder = nn.Sequential(nn.Flatten(), *_stack([pixels, *config.hidden]))
     decoder = nn.Sequential(
-        *_stack([config.z_dim, *reversed(config.hidden)]),
+        *_stack([latent_dim, *reversed(config.hidden)]),
         nn.Linear(config.hidden[0], pixels),
         nn.Unflatten(1, image_shape),
     )
-    return GaussianVAE(encoder, config.hidden[-1], decoder, config.z_dim)
+    return Backbone(encoder, config.hidden[-1], decoder)

@@ -1,0 +1,56 @@
+"""Conditional VAE: the decoder sees one-hot(label) beside z; optionally the encoder too."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaebench.models.base import Backbone, GaussianVAE, VAEOutput, reparameterize
+
+NUM_CLASSES = 10  # every MNIST-family dataset has ten classes
+
+
+class ConditionalVAE(GaussianVAE):
+    def __init__(self, backbone: Backbone, z_dim: int, condition_encoder: bool):
+        super().__init__(backbone, z_dim)
+        self.condition_encoder = condition_encoder
+        if condition_encoder:  # the label joins the encoder's features before the head
+            self.head = nn.Linear(backbone.feature_dim + NUM_CLASSES, 2 * z_dim)
+
+    def _one_hot(self, y: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(y, NUM_CLASSES).to(self.head.weight.dtype)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        features = self.encoder(x)
+        if self.condition_encoder:
+            if y is None:
+                raise ValueError("this cvae's encoder needs labels")
+            features = torch.cat([features, self._one_hot(y)], dim=1)
+        mu, logvar = self.head(features).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode_label(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.cat([z, self._one_hot(y)], dim=1))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
+        if y is None:
+            raise ValueError("a conditional VAE needs labels")
+        mu, logvar = self.encode(x, y)
+        z = reparameterize(mu, logvar)
+        return VAEOutput(logits=self.decode_label(z, y), mu=mu, logvar=logvar, z=z)
+
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None:
+            raise ValueError("a conditional VAE needs labels")
+        mu, _ = self.encode(x, y)
+        return self.decode_label(mu, y)
+
+    def sample_prior(
+        self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decoder logits for ``n`` prior draws of z, labelled 0..9 in turn unless given."""
+        if labels is None:
+            labels = torch.arange(n, device=self.device) % NUM_CLASSES
+        z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
+        return self.decode_label(z, labels)

@@ -1,0 +1,91 @@
+"""Joint continuous and categorical latent (JointVAE, Dupont 2018) with Gumbel-softmax.
+
+The encoder's features feed two heads: mu/log-variance of z and logits over K
+categories. c is a Gumbel-softmax draw at temperature tau (straight-through
+one-hot when ``hard``); the decoder sees concat(z, c). The KL of the
+categorical term is to the uniform prior, per image:
+KL(q(c|x) || U(K)) = sum_k q_k log q_k + log K.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaebench.models.base import Backbone, GaussianVAE, VAEOutput, gaussian_kl, reparameterize
+
+
+def categorical_kl_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits) || Uniform(K)) summed over the batch, in nats."""
+    log_q = F.log_softmax(logits, dim=1)
+    return torch.sum(log_q.exp() * log_q) + logits.shape[0] * math.log(logits.shape[1])
+
+
+class TemperatureSchedule:
+    """A fixed temperature, or one annealed exponentially from start to end over training."""
+
+    def __init__(self, tau: float | list[float]):
+        values = tau if isinstance(tau, list) else [tau]
+        self.start, self.end = float(values[0]), float(values[-1])
+
+    def at(self, step: int, total_steps: int) -> float:
+        if self.start == self.end or total_steps <= 1:
+            return self.end if total_steps <= 1 else self.start
+        fraction = min(step / (total_steps - 1), 1.0)
+        return self.start * (self.end / self.start) ** fraction
+
+
+class JointVAE(GaussianVAE):
+    def __init__(self, backbone: Backbone, z_dim: int, categories: int, tau, hard: bool):
+        super().__init__(backbone, z_dim)
+        self.category_head = nn.Linear(backbone.feature_dim, categories)
+        self.categories = categories
+        self.schedule = TemperatureSchedule(tau)
+        self.tau = self.schedule.start
+        self.hard = hard
+
+    def encode_all(self, x: torch.Tensor):
+        features = self.encoder(x)
+        mu, logvar = self.head(features).chunk(2, dim=1)
+        return mu, logvar, self.category_head(features)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        mu, logvar, _ = self.encode_all(x)
+        return mu, logvar
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
+        mu, logvar, category_logits = self.encode_all(x)
+        z = reparameterize(mu, logvar)
+        c = F.gumbel_softmax(category_logits, tau=self.tau, hard=self.hard)
+        return VAEOutput(
+            logits=self.decoder(torch.cat([z, c], dim=1)),
+            mu=mu,
+            logvar=logvar,
+            z=z,
+            category_logits=category_logits,
+        )
+
+    def kl_terms(self, out: VAEOutput) -> dict[str, torch.Tensor]:
+        assert out.category_logits is not None
+        return {
+            "kl_z": gaussian_kl(out.mu, out.logvar),
+            "kl_c": categorical_kl_uniform(out.category_logits),
+        }
+
+    def anneal(self, step: int, total_steps: int) -> None:
+        self.tau = self.schedule.at(step, total_steps)
+
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder logits at the posterior mean and the most likely category."""
+        mu, _, category_logits = self.encode_all(x)
+        c = F.one_hot(category_logits.argmax(dim=1), self.categories).to(mu.dtype)
+        return self.decoder(torch.cat([mu, c], dim=1))
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
+        index = torch.randint(self.categories, (n,), generator=generator, device=self.device)
+        c = F.one_hot(index, self.categories).to(z.dtype)
+        return self.decoder(torch.cat([z, c], dim=1))
