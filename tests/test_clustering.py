@@ -22,7 +22,6 @@ from vaebench.models import build_model
 from vaebench.models.gumbel import TemperatureSchedule, categorical_kl_uniform
 from vaebench.train import fit
 
-
 # --- scores on hand-made label sets -------------------------------------------------
 
 
