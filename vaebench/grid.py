@@ -32,7 +32,17 @@ NAME_PREFIXES = {
     "train.batch_size": "bs",
     "data.subset": "n",
     "model.batch_norm": "bn",
+    "model.backbone": "",
+    "model.tau": "tau",
+    "model.categories": "k",
+    "model.hard": "hard",
+    "model.condition_encoder": "condenc",
+    "loss.objective": "",
+    "loss.beta_c": "bc",
+    "loss.gamma": "g",
 }
+# how a list value joins in a name: [1.0, 0.5] -> tau1to0.5 (an annealed temperature)
+LIST_JOINERS = {"model.tau": "to"}
 
 
 @dataclass(frozen=True)
@@ -56,19 +66,32 @@ def run_key(config: RunConfig) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+def _plain(value: Any) -> Any:
+    """1.0 reads as 1 in a name."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _token(key: str, value: Any) -> str:
     prefix = NAME_PREFIXES.get(key, key.rsplit(".", 1)[-1])
     if isinstance(value, bool):
         return prefix if value else f"no{prefix}"
     if isinstance(value, list):
-        value = "x".join(str(v) for v in value)
-    elif isinstance(value, float) and value.is_integer():
-        value = int(value)
+        value = LIST_JOINERS.get(key, "x").join(str(_plain(v)) for v in value)
+    value = _plain(value)
     return f"{prefix}{value}".replace("/", "_").replace(" ", "")
 
 
-def run_name(overrides: dict[str, Any], varied: list[str], seed: int) -> str:
-    tokens = [_token(key, overrides[key]) for key in varied if key in overrides]
+# named from the resolved config whenever any run of the grid varies them
+ALWAYS_NAMED = ("model.arch",)
+
+
+def run_name(overrides: dict[str, Any], varied: list[str], seed: int, config: RunConfig) -> str:
+    resolved = flatten(config.model_dump(mode="json"))
+    tokens = [
+        _token(key, overrides[key] if key in overrides else resolved[key])
+        for key in varied
+        if key in overrides or key in ALWAYS_NAMED
+    ]
     return "-".join([*tokens, f"s{seed}"])
 
 
@@ -94,7 +117,7 @@ def expand(grid: GridSpec) -> list[RunSpec]:
     varied = list(grid.matrix) + [
         k for extra in grid.include for k in extra if k not in grid.matrix
     ]
-    varied = list(dict.fromkeys(varied))
+    varied = sorted(dict.fromkeys(varied), key=lambda k: k not in ALWAYS_NAMED)
     runs: list[RunSpec] = []
     for combo in combos:
         for seed in grid.seeds:
@@ -105,7 +128,7 @@ def expand(grid: GridSpec) -> list[RunSpec]:
             config = RunConfig.model_validate(tree)
             runs.append(
                 RunSpec(
-                    name=run_name(combo, varied, seed),
+                    name=run_name(combo, varied, seed, config),
                     key=run_key(config),
                     config=config,
                     overrides=tuple(combo.items()),
