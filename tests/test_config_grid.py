@@ -416,3 +416,35 @@ def test_cli_dry_run_lists_runs_and_tracks_nothing(
     assert not db.exists()
     assert not (tmp_path / "mlruns").exists()
     assert not (tmp_path / "results").exists()
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_experiment_validates_and_expands(path: Path) -> None:
+    runs = expand(load_grid(path))
+    assert runs and len({r.key for r in runs}) == len(runs)
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_shipped_experiment_sizes() -> None:
+    sizes = {p.stem: len(expand(load_grid(p))) for p in SHIPPED}
+    assert sizes["quick"] == 16
+    assert sizes["reference"] == 3
+    assert sizes["grid"] == 48
+    assert sizes["clustering"] == 14
+
+
+def test_names_lead_with_the_family_when_the_grid_mixes_families(tmp_path: Path) -> None:
+    path = write_grid(
+        tmp_path,
+        "name: g\nbase: {model: {arch: gumbel}}\n"
+        "matrix:\n  model.backbone: [mlp, conv]\n  model.tau: [0.5, [1.0, 0.5]]\n"
+        "include:\n  - {model.arch: cvae}\n",
+    )
+    names = [run.name for run in expand(load_grid(path))]
+    assert names == [
+        "gumbel-mlp-tau0.5-s0", "gumbel-mlp-tau1to0.5-s0",
+        "gumbel-conv-tau0.5-s0", "gumbel-conv-tau1to0.5-s0", "cvae-s0",
+    ]
