@@ -205,7 +205,9 @@ def fit(
         train_sum, recon_sum, kl_sums = sums[0], sums[1], dict(zip(names, sums[2:], strict=True))
         if not math.isfinite(train_sum):
             raise TrainingDiverged(f"training loss is {train_sum} after epoch {epoch}")
-        extra = {f"test_{name}": value / n_test for name, value in kl_sums.items()}
+        extra = {}
+        if len(kl_sums) > 1:  # the parts of the KL, e.g. kl_z and kl_c
+            extra.update({f"test_{name}": value / n_test for name, value in kl_sums.items()})
         if hasattr(model, "tau"):
             extra["tau"] = model.tau
         if evaluation.categories is not None:  # argmax clusters cost nothing extra
