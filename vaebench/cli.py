@@ -1,4 +1,4 @@
-"""Command line: ``python -m vaebench {run,data,bench}``. Argument parsing only."""
+"""Command line: ``python -m vaebench {run,tune,data,bench}``. Argument parsing only."""
 
 from __future__ import annotations
 
@@ -26,6 +26,38 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
 
+    tune = commands.add_parser(
+        "tune", help="tune runs with Optuna (pruning, several objectives), every trial in MLflow"
+    )
+    tune.add_argument("study", help="study YAML file (see experiments/study.yaml)")
+    tune.add_argument(
+        "--n-trials",
+        type=int,
+        help="trials to add in this invocation (default: the file's n_trials)",
+    )
+    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    tune.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the study on this machine (default: 1)",
+    )
+    tune.add_argument(
+        "--storage",
+        help="Optuna storage: SQLAlchemy URL, journal file (*.log) or memory (default: the "
+        "file's storage, else optuna.db beside the MLflow SQLite file)",
+    )
+    tune.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    tune.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
+    tune.add_argument(
+        "--results-dir",
+        default="results",
+        help="where <study>/trials.csv and figures go (default: results)",
+    )
+
     data = commands.add_parser("data", help="check (and download if missing) a dataset's files")
     data.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "kmnist"])
     data.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
@@ -51,6 +83,27 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from vaebench.tune import run_study
+
+    outcome = run_study(
+        args.study,
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        workers=args.workers,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        data_root=args.data_root,
+        results_dir=args.results_dir,
+    )
+    if outcome.failed:
+        print(
+            f"vaebench: {len(outcome.failed)} of {len(outcome.trials)} trials failed",
+            file=sys.stderr,
+        )
+    return 1 if outcome.failed or outcome.worker_errors else 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from vaebench.data import load_arrays, resolve_root
 
@@ -72,7 +125,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"run": _run, "data": _data, "bench": _bench}[args.command]
+    handler = {"run": _run, "tune": _tune, "data": _data, "bench": _bench}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

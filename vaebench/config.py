@@ -61,7 +61,9 @@ class ModelConfig(_Section):
         default=0.67, description="gumbel: temperature, or [start, end] annealed exponentially"
     )
     hard: bool = Field(default=True, description="gumbel: straight-through one-hot samples")
-    condition_encoder: bool = Field(default=False, description="cvae: encoder sees the label too")
+    condition_encoder: bool = Field(
+        default=True, description="cvae: the encoder sees the label too (false: decoder only)"
+    )
 
     @field_validator("arch")
     @classmethod
@@ -257,6 +259,15 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError([f"{path}: {line}YAML syntax error: {problem}"]) from None
 
 
+def name_problems(name: Any, where: str) -> list[str]:
+    """A grid or study name names an MLflow experiment and a results file: check it."""
+    if not isinstance(name, str) or not name.strip():
+        return [f"{where}: name: required, a non-empty string"]
+    if any(ch in name for ch in "/\\") or name.startswith("."):
+        return [f"{where}: name: must not contain path separators or start with '.'"]
+    return []
+
+
 def _is_str_keyed(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) for k in value)
 
@@ -274,10 +285,7 @@ def load_grid(path: str | Path) -> GridSpec:
     ]
 
     name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
-        problems.append(f"{where}: name: required, a non-empty string")
-    elif any(ch in name for ch in "/\\") or name.startswith("."):
-        problems.append(f"{where}: name: must not contain path separators or start with '.'")
+    problems += name_problems(name, where)
 
     base = raw.get("base") or {}
     if not _is_str_keyed(base):

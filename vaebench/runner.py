@@ -152,19 +152,52 @@ class ClassifierCache:
         return self._loaded[key]
 
 
+def summarize(
+    run: RunSpec, result: TrainResult, classifiers: ClassifierCache
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(what is logged after the last epoch, every final value of the run).
+
+    The summary holds the scores (clustering, conditional accuracy), seconds,
+    mean epoch seconds and parameter count; the final values add the last
+    epoch's metrics, with ``epoch_seconds`` as the mean over epochs.
+    """
+    scores = {**result.scores, **extra_scores(run, result.model, classifiers)}
+    mean_epoch = sum(m.epoch_seconds for m in result.history) / len(result.history)
+    summary = {
+        **scores,
+        "seconds": result.seconds,
+        "mean_epoch_seconds": mean_epoch,
+        "parameters": float(sum(p.numel() for p in result.model.parameters())),
+    }
+    return summary, {**result.final.as_dict(), **summary, "epoch_seconds": mean_epoch}
+
+
+def base_tags(**extra: str) -> dict[str, str]:
+    """Tags every run of an invocation carries: versions and, in a git repo, the commit."""
+    tags = {
+        **extra,
+        "vaebench.torch": torch.__version__,
+        "vaebench.python": platform.python_version(),
+    }
+    commit = git_commit(Path.cwd())
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def run_one(
     run: RunSpec,
     index: int,
     total: int,
     tracker: Tracker,
     splits: Splits,
-    base_tags: dict[str, str],
+    grid_tags: dict[str, str],
     classifiers: ClassifierCache,
 ) -> dict[str, Any]:
     """Train and track one run; returns its results row. Raises what training raises."""
     device = resolve_device(run.config.train.device)
     tags = {
-        **base_tags,
+        **grid_tags,
         "vaebench.run_key": run.key,
         "vaebench.seed": str(run.config.seed),
         "vaebench.device": str(device),
@@ -180,15 +213,7 @@ def run_one(
             progress.epoch(metrics.epoch, values)
 
         result = fit(run.config, splits, device, on_epoch=on_epoch)
-        scores = {**result.scores, **extra_scores(run, result.model, classifiers)}
-        final = {**result.final.as_dict(), **scores}
-        mean_epoch = sum(m.epoch_seconds for m in result.history) / len(result.history)
-        summary = {
-            **scores,
-            "seconds": result.seconds,
-            "mean_epoch_seconds": mean_epoch,
-            "parameters": float(sum(p.numel() for p in result.model.parameters())),
-        }
+        summary, final = summarize(run, result, classifiers)
         tracker.log_metrics(run_id, summary, step=run.config.train.epochs)
         with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
             write_artifacts(Path(folder), run, result, splits)
@@ -202,8 +227,6 @@ def run_one(
             "run_id": run_id,
             **run.params,
             **final,
-            "epoch_seconds": mean_epoch,
-            "seconds": result.seconds,
         }
     except BaseException as exc:
         error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -233,18 +256,10 @@ def run_grid(
     splits = preflight(runs, root)
     classifiers = ClassifierCache(root)
     tracker = tracker or MLflowTracker(resolve_tracking_uri(tracking_uri))
-    base_tags = {
-        "vaebench.grid": grid.name,
-        "vaebench.grid_file": str(grid_path),
-        "vaebench.torch": torch.__version__,
-        "vaebench.python": platform.python_version(),
-    }
-    commit = git_commit(Path.cwd())
-    if commit:
-        base_tags["mlflow.source.git.commit"] = commit
+    tags = base_tags(**{"vaebench.grid": grid.name, "vaebench.grid_file": str(grid_path)})
     started = time.strftime("%Y%m%d-%H%M%S")
     parent = tracker.start_grid(
-        grid.name, f"{grid.name}-{started}", {**base_tags, "vaebench.runs": str(len(runs))}
+        grid.name, f"{grid.name}-{started}", {**tags, "vaebench.runs": str(len(runs))}
     )
     outcome = GridOutcome()
     try:
@@ -257,7 +272,7 @@ def run_grid(
                     len(runs),
                     tracker,
                     splits_for(splits, run.config.data, device),
-                    base_tags,
+                    tags,
                     classifiers,
                 )
             except Exception as exc:  # one failing variant does not stop the grid

@@ -62,7 +62,7 @@ def resolve_tracking_uri(cli_uri: str | None = None) -> str:
     return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri.removeprefix("sqlite:///")).expanduser()
@@ -82,7 +82,7 @@ class MLflowTracker:
 
         self.uri = uri
         self._mlflow = mlflow
-        db = _sqlite_path(uri)
+        db = sqlite_path(uri)
         if db is not None and db.parent and not db.parent.exists():
             raise VaebenchError(f"tracking URI {uri}: folder {db.parent} does not exist")
         try:
@@ -96,7 +96,7 @@ class MLflowTracker:
 
     def _artifact_location(self, name: str) -> str | None:
         """Beside a local SQLite file, artifacts go to ``mlartifacts/`` next to it."""
-        db = _sqlite_path(self.uri)
+        db = sqlite_path(self.uri)
         if db is None:
             return None  # a tracking server chooses
         return (db.resolve().parent / "mlartifacts" / name).as_uri()

@@ -1,0 +1,373 @@
+"""Optuna studies: study-file validation, trials tracked in MLflow, pruning, resumption,
+worker processes, Pareto fronts. Tiny runs on a real MNIST subset, temporary stores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from vaebench.cli import main
+from vaebench.config import ConfigError, ModelConfig
+from vaebench.models import MODELS, build_model
+from vaebench.study import load_study
+from vaebench.tune import JOURNAL, MEMORY, STATUS, open_storage, resolve_storage
+
+TINY_BASE = """\
+base:
+  data: {subset: 256}
+  model: {arch: mlp, hidden: [16], z_dim: 2}
+  train: {epochs: 2, batch_size: 64, eval_batch_size: 5000, device: cpu}
+"""
+
+# lr 1e-6 barely trains, so after the first complete trial the median pruner stops it
+PRUNING_STUDY = f"""\
+name: prune
+{TINY_BASE}
+space:
+  optim.lr: {{type: categorical, choices: [1.0e-3, 1.0e-6]}}
+  loss.beta: {{type: float, low: 0.5, high: 2.0}}
+objectives: [{{metric: test_elbo, direction: maximize}}]
+sampler: random
+pruner: {{name: median, n_startup_trials: 1, n_warmup_steps: 0}}
+n_trials: 4
+seed: 0
+"""
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One temporary folder for this module's MLflow store (mlflow.db), Optuna storage
+    (optuna.db beside it) and results; each test tunes a study of its own name."""
+    return tmp_path_factory.mktemp("tune")
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def tune(study: Path, folder: Path, mnist_root: Path, *extra: str) -> int:
+    return main([
+        "tune", str(study), "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}",
+        "--data-root", str(mnist_root), "--results-dir", str(folder / "results"), *extra,
+    ])
+
+
+def load(folder: Path, name: str, storage: str | None = None) -> optuna.Study:
+    ref = storage or f"sqlite:///{folder / 'optuna.db'}"
+    return optuna.load_study(study_name=name, storage=open_storage(ref))
+
+
+def mlflow_runs(folder: Path, experiment: str) -> tuple[list, list]:
+    """(parent runs, child runs) of an experiment in the folder's MLflow store."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def assert_trials_match_runs(study: optuna.Study, children: list) -> None:
+    """One MLflow child run per trial, the same number, state and run id on both sides."""
+    by_id = {run.info.run_id: run for run in children}
+    trials = study.get_trials()
+    assert len(children) == len(trials)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    for trial in trials:
+        run = by_id[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["optuna.trial_number"] == str(trial.number)
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert run.info.status == STATUS[trial.state.name]
+        assert run.info.run_name == f"trial-{trial.number:04d}"
+        assert run.data.tags["mlflow.parentRunId"] == trial.user_attrs["mlflow_parent_run_id"]
+
+
+# ---------------------------------------------------------------------------
+# study files
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_study(path)
+    return info.value.problems
+
+
+def test_every_problem_is_one_line_naming_file_and_key(tmp_path):
+    path = write(tmp_path / "study.yaml", f"""\
+        name: bad
+        {textwrap.indent(TINY_BASE, "        ").strip()}
+        space:
+          optim.lr: {{type: float, low: 0.0, high: 1.0e-2, log: true}}
+          loss.beta: {{type: float, low: 4, high: 1}}
+          train.epochs: {{type: int, low: 1, high: 4, step: 1, log: true}}
+          optim.name: {{type: categorical}}
+          model.hidden: {{type: normal}}
+          model.zdim: {{type: int, low: 2, high: 8}}
+          model.arch: [mlp, nosuchmodel]
+          model.z_dim: {{type: float, low: 2, high: 8}}
+        objectives:
+          - {{metric: test_elbow, direction: maximize}}
+          - {{metric: nmi, direction: upwards}}
+        sampler: annealing
+        pruner: median
+        n_trials: 0
+        colour: blue
+        """)
+    problems = problems_of(path)
+    expected = {
+        "space.optim.lr": "log needs low > 0",
+        "space.loss.beta": "low must be below high",
+        "space.train.epochs.step": "cannot be combined with log",
+        "space.optim.name.choices": "categorical needs a non-empty list",
+        "space.model.hidden.type": "must be one of float, int, categorical",
+        "space.model.zdim": "unknown key; valid keys in model:",
+        "space.model.arch.choices[1]": "unknown model 'nosuchmodel'",
+        "space.model.z_dim (a value between low and high)": "valid integer",
+        "objectives[0].metric": "unknown metric 'test_elbow'",
+        "objectives[1].direction": "must be one of maximize, minimize",
+        "sampler": "unknown sampler 'annealing'",
+        "pruner": "cannot prune a study with several objectives",
+        "n_trials": "must be an integer >= 1",
+        "colour": "unknown key",
+    }
+    for key, fragment in expected.items():
+        lines = [p for p in problems if p.startswith(f"{path}: {key}:") and fragment in p]
+        assert len(lines) == 1, (key, problems)
+    assert len(problems) == len(expected), problems
+    assert all("\n" not in line for line in problems)
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "fragment"),
+    [
+        ("space: {}\nobjectives: [{metric: test_elbo, direction: maximize}]",
+         "space", "empty search space"),
+        ("space: {loss.beta: {type: float, low: 1, high: 4}}\nsampler: grid\n"
+         "objectives: [{metric: test_elbo, direction: maximize}]",
+         "space.loss.beta", "grid sampler needs finite values"),
+        ("space: {loss.beta: [1, 4]}\npruner: median\n"
+         "objectives: [{metric: ari, direction: maximize}]",
+         "pruner", "known only after the last epoch"),
+        ("space: {loss.beta: [1, 4]}\n"
+         "objectives: [{metric: test_kl_z, direction: minimize}]",
+         "objectives[0].metric", "not reported by mlp models"),
+        ("space: {loss.recon: [bce, bce]}\nobjectives: [{metric: test_elbo, direction: maximize}]",
+         "space.loss.recon.choices", "repeated choice"),
+        ("space: {loss.beta: [1, 4]}\npruner: {name: median, patience: 2}\n"
+         "objectives: [{metric: test_elbo, direction: maximize}]",
+         "pruner.patience", "unknown option of median"),
+    ],
+)
+def test_study_file_problems(tmp_path, mnist_root, capsys, body, key, fragment):
+    path = write(tmp_path / "study.yaml", f"name: bad\n{TINY_BASE}{body}\n")
+    assert tune(path, tmp_path, mnist_root) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"vaebench: error: {path}: {key}:") and fragment in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]  # nothing created
+
+
+def test_workers_need_a_shared_storage(tmp_path, mnist_root, capsys):
+    path = write(tmp_path / "study.yaml", PRUNING_STUDY)
+    assert tune(path, tmp_path, mnist_root, "--workers", "2", "--storage", "memory") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--workers" in err[0] and "memory" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_shipped_studies_validate():
+    single, pareto = load_study(EXPERIMENTS / "study.yaml"), load_study(EXPERIMENTS / "pareto.yaml")
+    assert single.metrics == ["test_elbo"] and single.pruner == "median"
+    assert set(single.space) == {
+        "loss.beta", "optim.lr", "model.z_dim", "model.hidden", "optim.name"
+    }
+    assert single.space["optim.lr"].log and single.base["data"]["subset"] <= 20000
+    assert pareto.metrics == ["test_elbo", "nmi"] and pareto.pruner == "none"
+    assert pareto.base["model"]["arch"] == "gumbel"
+
+
+def test_storage_resolution():
+    assert resolve_storage(None, "sqlite:////data/runs/mlflow.db") == "sqlite:////data/runs/optuna.db"
+    assert resolve_storage(None, "sqlite:///mlflow.db") == "sqlite:///optuna.db"
+    assert resolve_storage(None, "http://mlflow:5000") == "sqlite:///optuna.db"
+    assert resolve_storage("studies.log", "sqlite:///mlflow.db") == JOURNAL + "studies.log"
+    assert resolve_storage("journal:/x/j", "sqlite:///mlflow.db") == "journal:/x/j"
+    assert resolve_storage("memory", "sqlite:///mlflow.db") == MEMORY
+    url = "postgresql://tuner:secret@db.lab/optuna"
+    assert resolve_storage(url, "sqlite:///mlflow.db") == url
+
+
+def test_train_imports_neither_optuna_nor_mlflow():
+    code = (
+        "import sys, vaebench.train, vaebench.study; "
+        "print(sorted(m for m in ('optuna', 'mlflow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------
+# a pruned study, then continued
+
+
+def snapshot(study: optuna.Study) -> list[tuple]:
+    return [(t.number, t.state, t.params, t.values, t.user_attrs) for t in study.trials]
+
+
+@pytest.fixture(scope="module")
+def pruned_then_resumed(store, mnist_root):
+    """4 trials, a snapshot of them, then 2 more trials of the same study."""
+    folder = store
+    path = write(folder / "prune.yaml", PRUNING_STUDY)
+    first = tune(path, folder, mnist_root)
+    before = snapshot(load(folder, "prune"))
+    _, children_before = mlflow_runs(folder, "prune")
+    second = tune(path, folder, mnist_root, "--n-trials", "2")
+    return folder, (first, second), before, len(children_before)
+
+
+def test_trials_and_mlflow_runs_agree(pruned_then_resumed):
+    folder, statuses, before, children_before = pruned_then_resumed
+    assert statuses == (0, 0)
+    assert len(before) == 4 and children_before == 4
+    study = load(folder, "prune")
+    parents, children = mlflow_runs(folder, "prune")
+    assert len(parents) == 2  # one per invocation
+    assert_trials_match_runs(study, children)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.COMPLETE in states
+    for trial in study.trials:
+        run = next(r for r in children if r.info.run_id == trial.user_attrs["mlflow_run_id"])
+        assert run.data.params["optim.lr"] == str(trial.params["optim.lr"])
+        assert run.data.params["loss.beta"] == str(trial.params["loss.beta"])
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert run.data.metrics["objective.test_elbo"] == pytest.approx(trial.value)
+            assert run.data.metrics["test_elbo"] == pytest.approx(trial.value)
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            assert max(trial.intermediate_values) < 2  # stopped before the last epoch
+
+
+def test_rerun_adds_trials_and_leaves_earlier_ones_alone(pruned_then_resumed):
+    folder, _, before, _ = pruned_then_resumed
+    study = load(folder, "prune")
+    assert len(study.trials) == 6
+    assert snapshot(study)[:4] == before
+    parents = {t.user_attrs["mlflow_parent_run_id"] for t in study.trials}
+    assert len(parents) == 2
+
+
+def test_trials_csv_and_figures(pruned_then_resumed, capsys):
+    folder, _, _, _ = pruned_then_resumed
+    study = load(folder, "prune")
+    results = folder / "results" / "prune"
+    table = pd.read_csv(results / "trials.csv")
+    assert list(table["number"]) == list(range(6))
+    assert list(table["mlflow_run_id"]) == [t.user_attrs["mlflow_run_id"] for t in study.trials]
+    assert list(table["state"]) == [t.state.name for t in study.trials]
+    assert list(table.loc[table["best"], "number"]) == [study.best_trial.number]
+    for figure in ("optimization_history.png", "intermediate_values.png"):
+        assert (results / figure).stat().st_size > 0
+    parents, _ = mlflow_runs(folder, "prune")
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
+    latest = max(parents, key=lambda r: r.info.start_time)
+    logged = {a.path for a in client.list_artifacts(latest.info.run_id)}
+    assert {"trials.csv", "optimization_history.png"} <= logged
+    assert latest.data.metrics["trials_complete"] + latest.data.metrics["trials_pruned"] == 2
+
+
+# ---------------------------------------------------------------------------
+# failing trials, worker processes, several objectives
+
+
+def _exploding_builder(config: ModelConfig, image_shape):
+    class Exploding(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("exploded on purpose")
+
+    model = build_model(config.model_copy(update={"arch": "mlp"}), image_shape)
+    model.decoder.append(Exploding())
+    return model
+
+
+def test_failing_trial_is_fail_and_failed_and_the_study_goes_on(
+    store, mnist_root, monkeypatch, capsys
+):
+    monkeypatch.setitem(MODELS, "exploding", _exploding_builder)
+    path = write(store / "boom.yaml", f"""\
+        name: boom
+        {textwrap.indent(TINY_BASE, "        ").strip()}
+        space:
+          model.arch: [exploding, mlp]
+        objectives: [{{metric: test_elbo, direction: maximize}}]
+        sampler: grid
+        n_trials: 2
+        """)
+    assert tune(path, store, mnist_root) == 1
+    assert "1 of 2 trials failed" in capsys.readouterr().err
+    study = load(store, "boom")
+    _, children = mlflow_runs(store, "boom")
+    assert_trials_match_runs(study, children)
+    by_arch = {t.params["model.arch"]: t for t in study.trials}
+    assert by_arch["exploding"].state == optuna.trial.TrialState.FAIL
+    assert by_arch["mlp"].state == optuna.trial.TrialState.COMPLETE
+    failed = next(r for r in children if r.info.status == "FAILED")
+    assert "exploded on purpose" in failed.data.tags["vaebench.error"]
+
+
+def test_two_workers_share_one_study(store, mnist_root):
+    path = write(store / "shared.yaml", PRUNING_STUDY.replace("name: prune", "name: shared"))
+    assert tune(path, store, mnist_root, "--workers", "2") == 0
+    study = load(store, "shared")
+    assert len(study.trials) == 4
+    parents, children = mlflow_runs(store, "shared")
+    assert len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert_trials_match_runs(study, children)
+    assert len({r.info.run_id for r in children}) == 4
+
+
+def test_two_objectives_print_and_save_a_pareto_front(store, mnist_root, capsys):
+    path = write(store / "front.yaml", """\
+        name: front
+        base:
+          data: {subset: 256}
+          model: {arch: gumbel, hidden: [16], z_dim: 2, categories: 10}
+          train: {epochs: 2, batch_size: 64, eval_batch_size: 5000, device: cpu}
+        space:
+          model.tau: [0.5, [1.0, 0.5]]
+          loss.beta: {type: float, low: 0.5, high: 4.0, log: true}
+        objectives:
+          - {metric: test_elbo, direction: maximize}
+          - {metric: nmi, direction: maximize}
+        sampler: {name: nsga2, population_size: 4}
+        n_trials: 3
+        """)
+    journal = store / "front.log"
+    assert tune(path, store, mnist_root, "--storage", str(journal)) == 0
+    out = capsys.readouterr().out
+    study = load(store, "front", JOURNAL + str(journal))
+    front = sorted(t.number for t in study.best_trials)
+    assert f"Pareto front ({len(front)} trials; maximize test_elbo, maximize nmi):" in out
+    for number in front:
+        assert f"  trial {number}: test_elbo=" in out
+    results = store / "results" / "front"
+    table = pd.read_csv(results / "trials.csv")
+    assert sorted(table.loc[table["best"], "number"]) == front
+    assert {"values_test_elbo", "values_nmi", "params_model.tau"} <= set(table.columns)
+    assert (results / "pareto_front.png").stat().st_size > 0
+    _, children = mlflow_runs(store, "front")
+    assert_trials_match_runs(study, children)
+    tau = {str(t.params["model.tau"]) for t in study.trials}
+    assert tau <= {"0.5", "[1.0, 0.5]"}
