@@ -168,7 +168,7 @@ def test_importing_the_trainer_does_not_import_mlflow_or_optuna():
     import subprocess
 
     code = (
-        "import sys, vaebench.train, vaebench.tracking, vaebench.runner;"
+        "import sys, vaebench.train, vaebench.tracking, vaebench.runner, vaebench.study;"
         "print('mlflow' in sys.modules, 'optuna' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
