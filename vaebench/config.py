@@ -8,7 +8,7 @@ problem in a file is reported as one line naming the file and the dotted key.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -268,34 +268,54 @@ def name_problems(name: Any, where: str) -> list[str]:
     return []
 
 
-def _is_str_keyed(value: Any) -> bool:
+def is_str_keyed(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) for k in value)
 
 
-def load_grid(path: str | Path) -> GridSpec:
-    """Read and check a grid file; raise ConfigError listing every problem."""
+@dataclass
+class SpecHeader:
+    """The parts grid and study files share, checked: the raw mapping, name and base."""
+
+    raw: dict[str, Any]
+    where: str
+    name: Any
+    base: dict[str, Any]
+    problems: list[str]
+
+
+def read_spec_header(path: str | Path, kind: str, keys: Sequence[str]) -> SpecHeader:
+    """Read a grid or study file and check its top-level keys, ``name`` and ``base``."""
     where = str(path)
     raw = read_yaml(path)
-    if not _is_str_keyed(raw):
-        raise ConfigError([f"{where}: a grid file is a mapping with keys {', '.join(GRID_KEYS)}"])
+    if not is_str_keyed(raw):
+        raise ConfigError([f"{where}: a {kind} file is a mapping with keys {', '.join(keys)}"])
     problems = [
-        f"{where}: {key}: unknown key; valid: {', '.join(GRID_KEYS)}"
-        for key in raw
-        if key not in GRID_KEYS
+        f"{where}: {key}: unknown key; valid: {', '.join(keys)}" for key in raw if key not in keys
     ]
-
     name = raw.get("name")
     problems += name_problems(name, where)
-
     base = raw.get("base") or {}
-    if not _is_str_keyed(base):
+    if not is_str_keyed(base):
         problems.append(f"{where}: base: must be a mapping of sections")
         base = {}
     else:
         problems += [f"{where}: base.{key}: {msg}" for key, msg in run_config_problems(base)]
+    return SpecHeader(raw, where, name, base, problems)
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    """Read and check a grid file; raise ConfigError listing every problem."""
+    header = read_spec_header(path, "grid", GRID_KEYS)
+    raw, where, name, base, problems = (
+        header.raw,
+        header.where,
+        header.name,
+        header.base,
+        header.problems,
+    )
 
     matrix = raw.get("matrix") or {}
-    if not _is_str_keyed(matrix):
+    if not is_str_keyed(matrix):
         problems.append(f"{where}: matrix: must map dotted keys to lists")
         matrix = {}
     for key, values in matrix.items():
@@ -349,7 +369,7 @@ def _overrides_list(
     """Check an ``exclude``/``include`` list of ``{dotted.key: value}`` mappings."""
     if value is None:
         return []
-    if not isinstance(value, list) or not all(_is_str_keyed(item) for item in value):
+    if not isinstance(value, list) or not all(is_str_keyed(item) for item in value):
         problems.append(f"{where}: {section}: must be a list of mappings of dotted keys to values")
         return []
     for index, item in enumerate(value):

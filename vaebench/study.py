@@ -19,10 +19,9 @@ from typing import Any
 from vaebench.config import (
     ConfigError,
     check_dotted_key,
-    name_problems,
+    is_str_keyed,
     override_problems,
-    read_yaml,
-    run_config_problems,
+    read_spec_header,
 )
 from vaebench.train import EpochMetrics
 
@@ -177,10 +176,6 @@ class StudySpec:
 # loading and checking
 
 
-def _is_str_keyed(value: Any) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -201,25 +196,14 @@ def _number(value: Any) -> float | None:
 
 def load_study(path: str | Path) -> StudySpec:
     """Read and check a study file; raise ConfigError listing every problem."""
-    where = str(path)
-    raw = read_yaml(path)
-    if not _is_str_keyed(raw):
-        raise ConfigError([f"{where}: a study file is a mapping with keys {', '.join(STUDY_KEYS)}"])
-    problems = [
-        f"{where}: {key}: unknown key; valid: {', '.join(STUDY_KEYS)}"
-        for key in raw
-        if key not in STUDY_KEYS
-    ]
-
-    name = raw.get("name")
-    problems += name_problems(name, where)
-
-    base = raw.get("base") or {}
-    if not _is_str_keyed(base):
-        problems.append(f"{where}: base: must be a mapping of sections")
-        base = {}
-    else:
-        problems += [f"{where}: base.{key}: {msg}" for key, msg in run_config_problems(base)]
+    header = read_spec_header(path, "study", STUDY_KEYS)
+    raw, where, name, base, problems = (
+        header.raw,
+        header.where,
+        header.name,
+        header.base,
+        header.problems,
+    )
 
     space = _space(raw.get("space"), where, base, problems)
     objectives = _objectives(raw.get("objectives"), where, problems)
@@ -316,7 +300,7 @@ def _space(raw: Any, where: str, base: dict[str, Any], problems: list[str]) -> d
     if not raw:
         problems.append(f"{where}: space: empty search space (give at least one dotted key)")
         return {}
-    if not _is_str_keyed(raw):
+    if not is_str_keyed(raw):
         problems.append(f"{where}: space: must map dotted keys to distributions")
         return {}
     space = {}
@@ -353,7 +337,7 @@ def _probes(param: Param) -> dict[str, Any]:
 def _param(raw: Any, label: str, problems: list[str]) -> Param | None:
     if isinstance(raw, list):  # shorthand: a list of values is a categorical dimension
         raw = {"type": "categorical", "choices": raw}
-    if not _is_str_keyed(raw):
+    if not is_str_keyed(raw):
         problems.append(
             f"{label}: must be {{type: float|int|categorical, low, high, log, step, choices}} "
             "or a list of choices"
@@ -422,7 +406,7 @@ def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
     objectives = []
     for index, item in enumerate(raw):
         label = f"{where}: objectives[{index}]"
-        if not _is_str_keyed(item):
+        if not is_str_keyed(item):
             problems.append(f"{label}: must be a mapping {{metric, direction}}")
             continue
         extra = [key for key in item if key not in ("metric", "direction")]
@@ -438,7 +422,7 @@ def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
             )
         if metric in METRICS and direction in DIRECTIONS:
             objectives.append(Objective(metric, direction))
-    metrics = [item.get("metric") for item in raw if _is_str_keyed(item)]
+    metrics = [item.get("metric") for item in raw if is_str_keyed(item)]
     for metric in dict.fromkeys(m for m in metrics if metrics.count(m) > 1):
         problems.append(f"{where}: objectives: {metric} is listed twice")
     return objectives
@@ -453,7 +437,7 @@ def _named(
 ) -> tuple[str | None, dict[str, Any]]:
     """``tpe`` or ``{name: tpe, n_startup_trials: 5}``: the name and its options."""
     options: dict[str, Any] = {}
-    if _is_str_keyed(raw):
+    if is_str_keyed(raw):
         options = {k: v for k, v in raw.items() if k != "name"}
         raw = raw.get("name")
     if raw not in table:

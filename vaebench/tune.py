@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -311,8 +312,6 @@ class TrialObjective:
         self.tracker.log_metrics(run_id, {**summary, **objectives}, step=run.config.train.epochs)
         self.tracker.client.log_dict(run_id, run.config.model_dump(mode="json"), "config.yaml")
         if self.spec.artifacts:
-            import tempfile
-
             with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
                 write_artifacts(Path(folder), run, result, splits)
                 self.tracker.log_artifacts(run_id, Path(folder))
