@@ -61,7 +61,7 @@ def save_latent_scatter(path: Path, points: np.ndarray, labels: np.ndarray, titl
         coords[:, 0], coords[:, 1], c=labels, cmap="tab10", s=4, vmin=-0.5, vmax=9.5
     )
     fig.colorbar(scatter, ax=ax, ticks=range(10), label="label")
-    ax.set_title(f"{title}: {method} of E[z|x], {len(points)} test images")
+    ax.set_title(f"{title}\n{method} of E[z|x], {len(points)} test images", fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
