@@ -11,7 +11,7 @@ import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -272,8 +272,7 @@ def is_str_keyed(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) for k in value)
 
 
-@dataclass
-class SpecHeader:
+class SpecHeader(NamedTuple):
     """The parts grid and study files share, checked: the raw mapping, name and base."""
 
     raw: dict[str, Any]
@@ -305,14 +304,7 @@ def read_spec_header(path: str | Path, kind: str, keys: Sequence[str]) -> SpecHe
 
 def load_grid(path: str | Path) -> GridSpec:
     """Read and check a grid file; raise ConfigError listing every problem."""
-    header = read_spec_header(path, "grid", GRID_KEYS)
-    raw, where, name, base, problems = (
-        header.raw,
-        header.where,
-        header.name,
-        header.base,
-        header.problems,
-    )
+    raw, where, name, base, problems = read_spec_header(path, "grid", GRID_KEYS)
 
     matrix = raw.get("matrix") or {}
     if not is_str_keyed(matrix):

@@ -196,14 +196,7 @@ def _number(value: Any) -> float | None:
 
 def load_study(path: str | Path) -> StudySpec:
     """Read and check a study file; raise ConfigError listing every problem."""
-    header = read_spec_header(path, "study", STUDY_KEYS)
-    raw, where, name, base, problems = (
-        header.raw,
-        header.where,
-        header.name,
-        header.base,
-        header.problems,
-    )
+    raw, where, name, base, problems = read_spec_header(path, "study", STUDY_KEYS)
 
     space = _space(raw.get("space"), where, base, problems)
     objectives = _objectives(raw.get("objectives"), where, problems)
