@@ -1,4 +1,4 @@
-"""Command line: ``python -m vaebench {run,tune,data,bench}``. Argument parsing only."""
+"""Command line: ``python -m vaebench {run,tune,report,data,bench}``. Argument parsing only."""
 
 from __future__ import annotations
 
@@ -9,6 +9,30 @@ from collections.abc import Sequence
 
 from vaebench.config import ConfigError, VaebenchError
 
+# kept here, not imported from vaebench.report, so that --help does not import mlflow
+DEFAULT_METRIC = "test_elbo"
+METRIC_NAMES = (
+    "test_elbo", "test_recon", "test_kl", "nmi", "accuracy", "ari", "conditional_accuracy",
+    "epoch_seconds",
+)
+
+
+def _tracking_uri(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+
+
+def _data_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
+
+
+def _results_dir(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--results-dir", default="results", help=f"where {what} go (default: results)"
+    )
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaebench", description="Benchmark suite for VAEs.")
@@ -16,15 +40,13 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="train every variant of a grid file, tracked in MLflow")
     run.add_argument("grid", help="grid YAML file (see experiments/)")
-    run.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
-    run.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
-    run.add_argument(
-        "--results-dir", default="results", help="where <grid>.csv goes (default: results)"
-    )
+    _tracking_uri(run)
+    _data_root(run)
+    _results_dir(run, "<grid>.csv and the report <grid>/")
     run.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
+    run.add_argument(
+        "--no-report", action="store_true", help="skip the report written after the grid"
+    )
 
     tune = commands.add_parser(
         "tune", help="tune runs with Optuna (pruning, several objectives), every trial in MLflow"
@@ -47,23 +69,36 @@ def _parser() -> argparse.ArgumentParser:
         help="Optuna storage: SQLAlchemy URL, journal file (*.log) or memory (default: the "
         "file's storage, else optuna.db beside the MLflow SQLite file)",
     )
-    tune.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    _tracking_uri(tune)
+    _data_root(tune)
+    _results_dir(tune, "<study>/trials.csv and figures")
+
+    report = commands.add_parser(
+        "report",
+        help="leaderboard over seeds, figures, report.md/html of a grid's or study's runs",
     )
-    tune.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
-    tune.add_argument(
-        "--results-dir",
-        default="results",
-        help="where <study>/trials.csv and figures go (default: results)",
+    report.add_argument("name", help="the grid's or study's name (its MLflow experiment)")
+    report.add_argument(
+        "--all",
+        action="store_true",
+        dest="all_invocations",
+        help="cover every invocation of the experiment (default: the latest)",
     )
+    report.add_argument(
+        "--metric",
+        default=DEFAULT_METRIC,
+        help=f"what decides the best variant (default: {DEFAULT_METRIC}); one of "
+        + ", ".join(METRIC_NAMES),
+    )
+    _tracking_uri(report)
+    _results_dir(report, "the report <name>/")
 
     data = commands.add_parser("data", help="check (and download if missing) a dataset's files")
     data.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "kmnist"])
-    data.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
+    _data_root(data)
 
     bench = commands.add_parser("bench", help="time vaebench's trainer against a conventional loop")
-    bench.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
+    _data_root(bench)
     bench.add_argument("--epochs", type=int, default=5, help="timed epochs per loop (default: 5)")
     bench.add_argument(
         "--subset", type=int, default=None, help="first N training images (default: all)"
@@ -74,7 +109,14 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from vaebench.runner import run_grid
 
-    outcome = run_grid(args.grid, args.tracking_uri, args.data_root, args.results_dir, args.dry_run)
+    outcome = run_grid(
+        args.grid,
+        args.tracking_uri,
+        args.data_root,
+        args.results_dir,
+        args.dry_run,
+        report=not args.no_report,
+    )
     if outcome.failed:
         print(
             f"vaebench: {len(outcome.failed)} of {len(outcome.rows)} runs failed", file=sys.stderr
@@ -104,6 +146,19 @@ def _tune(args: argparse.Namespace) -> int:
     return 1 if outcome.failed or outcome.worker_errors else 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from vaebench.report import make_report
+
+    make_report(
+        args.name,
+        tracking_uri=args.tracking_uri,
+        results_dir=args.results_dir,
+        metric=args.metric,
+        all_invocations=args.all_invocations,
+    )
+    return 0
+
+
 def _data(args: argparse.Namespace) -> int:
     from vaebench.data import load_arrays, resolve_root
 
@@ -125,7 +180,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"run": _run, "tune": _tune, "data": _data, "bench": _bench}[args.command]
+    handler = {
+        "run": _run, "tune": _tune, "report": _report, "data": _data, "bench": _bench
+    }[args.command]
     try:
         return handler(args)
     except ConfigError as exc:

@@ -1,7 +1,9 @@
-"""Pictures: image grids (reconstructions, prior samples). Matplotlib with the Agg backend."""
+"""Pictures: image grids, the latent scatter and the report's charts. Matplotlib, Agg backend."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def tile(images: torch.Tensor, columns: int, pad: int = 2) -> np.ndarray:
@@ -64,6 +67,98 @@ def save_latent_scatter(path: Path, points: np.ndarray, labels: np.ndarray, titl
     ax.set_title(f"{title}\n{method} of E[z|x], {len(points)} test images", fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One line of a chart; ``low``/``high`` draw a band around it when given."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    low: Sequence[float] | None = None
+    high: Sequence[float] | None = None
+    notes: Sequence[str] = ()  # text beside each point (e.g. the beta value)
+
+
+@dataclass(frozen=True)
+class Bars:
+    """Horizontal bars, one per label, with optional error whiskers (NaN: none)."""
+
+    labels: Sequence[str]
+    values: Sequence[float]
+    errors: Sequence[float]
+
+
+COLOURS = plt.get_cmap("tab10").colors
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def _legend_outside(ax, count: int) -> None:
+    ax.legend(
+        loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False,
+        ncol=1 if count <= 24 else 2,
+    )
+
+
+def save_curves(
+    path: Path,
+    panels: Mapping[str, Sequence[Curve]],
+    xlabel: str,
+    ylabel: str,
+    points: Mapping[str, Sequence[Curve]] | None = None,
+    integer_x: bool = False,
+) -> Path:
+    """Side-by-side panels of lines (with bands); ``points`` adds unjoined markers per panel,
+    drawn in the colour of the line with the same label."""
+    count = max(len(curves) for curves in panels.values())
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels) + 2.5, 4.5), dpi=100, squeeze=False
+    )
+    for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
+        for index, curve in enumerate(curves):
+            colour = COLOURS[index % len(COLOURS)]
+            style = LINE_STYLES[(index // len(COLOURS)) % len(LINE_STYLES)]
+            ax.plot(curve.x, curve.y, style, color=colour, marker="o", ms=3, label=curve.label)
+            if curve.low is not None and curve.high is not None:
+                ax.fill_between(curve.x, curve.low, curve.high, color=colour, alpha=0.2, lw=0)
+            for x, y, note in zip(curve.x, curve.y, curve.notes, strict=False):
+                ax.annotate(note, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            for extra in (points or {}).get(title, ()):
+                if extra.label == curve.label:
+                    ax.scatter(extra.x, extra.y, color=colour, s=10, alpha=0.5)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if integer_x:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend_outside(axes[0][-1], count)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_bars(path: Path, panels: Mapping[str, Bars]) -> Path:
+    """Panels of horizontal bars sharing the labels' order (best first, at the top)."""
+    count = max(len(bars.labels) for bars in panels.values())
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.5 * len(panels) + 2, 0.28 * count + 1.5), dpi=100,
+        squeeze=False, sharey=True,
+    )
+    for ax, (title, bars) in zip(axes[0], panels.items(), strict=True):
+        rows = np.arange(len(bars.labels))
+        errors = np.nan_to_num(np.asarray(bars.errors, dtype=float), nan=0.0)
+        ax.barh(rows, bars.values, xerr=errors, color=COLOURS[0], ecolor="black", capsize=2)
+        ax.set_yticks(rows, bars.labels, fontsize=7)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].invert_yaxis()  # the axes share y: inverting once puts the first label on top
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

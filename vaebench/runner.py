@@ -49,6 +49,7 @@ class GridOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run name, error line)
     csv_path: Path | None = None
+    report_folder: Path | None = None
 
 
 def git_commit(folder: Path) -> str | None:
@@ -243,8 +244,13 @@ def run_grid(
     results_dir: str | Path = "results",
     dry_run: bool = False,
     tracker: Tracker | None = None,
+    report: bool = True,
 ) -> GridOutcome:
-    """Check, expand and train a grid file; record it and return what happened."""
+    """Check, expand and train a grid file; record it and return what happened.
+
+    With ``report`` (and an MLflow tracker) the invocation's report follows:
+    ``results/<grid>/`` and artifacts of the parent run.
+    """
     grid_path = Path(grid_path)
     grid = load_grid(grid_path)
     runs = expand(grid)
@@ -286,7 +292,21 @@ def run_grid(
     tracker.end_run(parent, "FAILED" if outcome.failed else "FINISHED")
     outcome.csv_path = write_results(outcome.rows, Path(results_dir), grid.name)
     print_summary(outcome)
+    if report and isinstance(tracker, MLflowTracker):
+        outcome.report_folder = report_invocation(tracker.uri, grid.name, results_dir, parent)
     return outcome
+
+
+def report_invocation(uri: str, name: str, results_dir: str | Path, parent: str) -> Path | None:
+    """The report of the invocation just run; when there is nothing to report (every run
+    failed), say so instead of failing the grid."""
+    from vaebench.report import make_report
+
+    try:
+        return make_report(name, uri, results_dir, parent_id=parent).folder
+    except VaebenchError as exc:
+        print(f"vaebench: no report: {exc}", file=sys.stderr)
+        return None
 
 
 def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:

@@ -17,6 +17,8 @@ from vaebench.config import VaebenchError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_TAG_LENGTH = 5000
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
+MODEL_TRAINING_KIND = "custom_model_development"
 
 
 class Tracker(Protocol):
@@ -102,12 +104,22 @@ class MLflowTracker:
         return (db.resolve().parent / "mlartifacts" / name).as_uri()
 
     def _experiment(self, name: str) -> str:
+        """The experiment, made if missing, with MLflow 3's experiment kind set to model
+        training (what the UI's own kind selector would set), so the UI treats it as one."""
         existing = self.client.get_experiment_by_name(name)
-        if existing is not None:
-            if existing.lifecycle_stage == "deleted":
-                self.client.restore_experiment(existing.experiment_id)
-            return existing.experiment_id
-        return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
+        if existing is None:
+            return self.client.create_experiment(
+                name,
+                artifact_location=self._artifact_location(name),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+            )
+        if existing.lifecycle_stage == "deleted":
+            self.client.restore_experiment(existing.experiment_id)
+        if EXPERIMENT_KIND_TAG not in existing.tags:
+            self.client.set_experiment_tag(
+                existing.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+            )
+        return existing.experiment_id
 
     def start_grid(self, name: str, run_name: str, tags: Mapping[str, str]) -> str:
         self.experiment_id = self._experiment(name)

@@ -1,0 +1,271 @@
+"""Reports: leaderboards over seeds, figures, report.md/html, and the MLflow UI in Chromium.
+
+The end-to-end tests train one tiny 3-seed grid (and a second, 1-run invocation of the
+same experiment) into a temporary SQLite store and read everything back.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, mlflow_server
+from mlflow.tracking import MlflowClient
+
+from vaebench import cli
+from vaebench.cli import main
+from vaebench.config import VaebenchError
+from vaebench.report import (
+    METRICS,
+    leaderboard,
+    render_html,
+    render_markdown,
+    run_set_from_frame,
+)
+
+GRID = """
+name: seeds3
+base:
+  data: {{subset: 512}}
+  model: {{hidden: [64], z_dim: 4}}
+  train: {{epochs: 2, batch_size: 64, eval_batch_size: 2500, device: cpu}}
+matrix:
+  loss.beta: [{betas}]
+seeds: [{seeds}]
+"""
+FIGURES = {"rate_distortion.png", "elbo_by_epoch.png", "clustering.png", "epoch_seconds.png"}
+PICTURES = {"best_samples.png", "best_reconstructions.png", "best_latent.png"}
+REPORT_FILES = {"leaderboard.csv", "report.md", "report.html"} | FIGURES | PICTURES
+SCREENSHOTS = REPO / "results" / "browser"
+
+
+# --- unit: aggregation over a hand-made search_runs table ---------------------------------
+
+
+def search_frame(rows: list[dict]) -> pd.DataFrame:
+    """A table shaped like ``mlflow.search_runs``: one parent, the given children."""
+    base = pd.Timestamp("2026-01-01", tz="UTC")
+    parent = {"run_id": "p", "status": "FINISHED", "start_time": base,
+              "tags.mlflow.runName": "grid-1", "tags.mlflow.parentRunId": None}
+    children = [
+        {"run_id": f"r{i}", "status": "FINISHED", "start_time": base + pd.Timedelta(seconds=i + 1),
+         "tags.mlflow.parentRunId": "p", **row}
+        for i, row in enumerate(rows)
+    ]
+    return pd.DataFrame([parent, *children])
+
+
+def child(name: str, beta: float, seed: int, elbo: float, **metrics: float) -> dict:
+    return {"tags.mlflow.runName": name, "params.loss.beta": str(beta), "params.seed": str(seed),
+            "params.model.arch": "mlp", "metrics.test_elbo": elbo,
+            **{f"metrics.{k}": v for k, v in metrics.items()}}
+
+
+def board(rows: list[dict], metric: str = "test_elbo") -> pd.DataFrame:
+    run_set = run_set_from_frame(search_frame(rows), "grid", "1", "sqlite:///x.db")
+    return leaderboard(run_set, METRICS[metric]).set_index("variant")
+
+
+def test_one_seed_has_no_spread_and_its_ties_are_not_judged():
+    table = board([child("b1-s0", 1, 0, -100.0), child("b4-s0", 4, 0, -120.0)])
+    assert list(table.index) == ["b1", "b4"]
+    assert table["runs"].tolist() == [1, 1]
+    assert table["test_elbo_std"].isna().all()  # unknown, not 0
+    assert table["ties_best"].tolist() == ["best", ""]
+
+
+def test_ties_within_one_standard_deviation_are_marked():
+    rows = [child(f"a-s{s}", 1, s, v) for s, v in enumerate([-100.0, -102.0, -104.0])]
+    rows += [child(f"b-s{s}", 2, s, v) for s, v in enumerate([-103.0, -104.0, -105.0])]
+    rows += [child(f"c-s{s}", 3, s, v) for s, v in enumerate([-120.0, -121.0, -122.0])]
+    table = board(rows)
+    assert list(table.index) == ["a", "b", "c"]
+    assert table.loc["a", "test_elbo_std"] == pytest.approx(2.0)
+    assert table["ties_best"].tolist() == ["best", "yes", "no"]  # |-104+102| <= 2; 19 > 2
+
+
+def test_metric_direction_decides_the_best():
+    rows = [child("fast-s0", 1, 0, -100.0, mean_epoch_seconds=1.0, nmi=0.2),
+            child("slow-s0", 2, 0, -90.0, mean_epoch_seconds=3.0, nmi=0.5)]
+    assert board(rows).index[0] == "slow"  # higher ELBO
+    assert board(rows, "epoch_seconds").index[0] == "fast"  # fewer seconds
+    assert board(rows, "nmi").index[0] == "slow"
+
+
+def test_unfinished_runs_are_counted_but_not_aggregated():
+    rows = [child("a-s0", 1, 0, -100.0), child("a-s1", 1, 1, -110.0),
+            {**child("a-s2", 1, 2, -500.0), "status": "FAILED"}]
+    table = board(rows)
+    assert table.loc["a", "runs"] == 2 and table.loc["a", "not_finished"] == 1
+    assert table.loc["a", "test_elbo_mean"] == pytest.approx(-105.0)
+
+
+def test_a_metric_no_run_has_is_a_clear_error():
+    with pytest.raises(VaebenchError, match="no run has the metric 'nmi'; these do: test_elbo"):
+        board([child("a-s0", 1, 0, -100.0)], "nmi")
+
+
+def test_cli_metric_choices_are_the_reports():
+    assert tuple(METRICS) == cli.METRIC_NAMES and cli.DEFAULT_METRIC in METRICS
+
+
+def test_documents_escape_text_and_embed_images(tmp_path):
+    picture = tmp_path / "fig.png"
+    picture.write_bytes(b"\x89PNG fake bytes")
+    table = pd.DataFrame({"variant": ["a|b", "<i>"], "value": ["1 ± 2", "3"]})
+    blocks = [("h1", "R & D"), ("p", "best: **a|b**"), ("table", table),
+              ("img", (picture, "a caption"))]
+    markdown = render_markdown(blocks)
+    assert "| a\\|b | 1 ± 2 |" in markdown and "![fig](fig.png)" in markdown
+    page = render_html(blocks, "t")
+    assert "<h1>R &amp; D</h1>" in page and "<b>a|b</b>" in page and "&lt;i&gt;" in page
+    embedded = base64.b64encode(picture.read_bytes()).decode()
+    assert f'src="data:image/png;base64,{embedded}"' in page and "fig.png" not in page
+
+
+def test_report_errors_are_one_line_and_create_no_store(tmp_path, capsys):
+    db = tmp_path / "none.db"
+    assert main(["report", "x", "--tracking-uri", f"sqlite:///{db}"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err
+    assert not db.exists()
+    MlflowClient(f"sqlite:///{db}").create_experiment("other")
+    assert main(["report", "x", "--tracking-uri", f"sqlite:///{db}"]) == 2
+    assert "no experiment named 'x'" in capsys.readouterr().err
+    assert main(["report", "other", "--tracking-uri", f"sqlite:///{db}", "--metric", "x"]) == 2
+    assert "--metric 'x': choose one of test_elbo" in capsys.readouterr().err
+
+
+# --- end to end: a 3-seed grid in a real store ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, mnist_root):
+    """seeds3 run twice: 2 variants x 3 seeds (reported automatically into results1), then
+    one more run of beta 1 with --no-report (results2)."""
+    tmp = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    common = ["--tracking-uri", uri, "--data-root", str(mnist_root)]
+    first = tmp / "seeds3.yaml"
+    first.write_text(GRID.format(betas="1, 4", seeds="0, 1, 2"))
+    assert main(["run", str(first), *common, "--results-dir", str(tmp / "results1")]) == 0
+    second = tmp / "again.yaml"
+    second.write_text(GRID.format(betas="1", seeds="7"))
+    assert main(
+        ["run", str(second), *common, "--results-dir", str(tmp / "results2"), "--no-report"]
+    ) == 0
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["seeds3"])
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()].sort_values("start_time")
+    return tmp, uri, runs, list(parents["run_id"])
+
+
+def test_run_writes_the_report_and_logs_it_on_the_parent(store):
+    tmp, uri, runs, (first, second) = store
+    folder = tmp / "results1" / "seeds3"
+    assert {p.name for p in folder.iterdir()} == REPORT_FILES
+    for name in REPORT_FILES - {"leaderboard.csv", "report.md", "report.html"}:
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    logged = {Path(a.path).name for a in MlflowClient(uri).list_artifacts(first, "report")}
+    assert logged == REPORT_FILES
+    assert not (tmp / "results2" / "seeds3").exists()  # --no-report
+    markdown = (folder / "report.md").read_text()
+    for name in FIGURES | PICTURES:
+        assert f"]({name})" in markdown
+    assert "6 finished runs in 2 variants" in markdown
+
+
+def test_three_seeds_match_a_direct_pandas_computation(store):
+    tmp, _, runs, (first, _) = store
+    table = pd.read_csv(tmp / "results1" / "seeds3" / "leaderboard.csv").set_index("loss.beta")
+    children = runs[runs["tags.mlflow.parentRunId"] == first]
+    assert len(children) == 6
+    expected = children.groupby(children["params.loss.beta"].astype(float)).agg(
+        test_elbo_mean=("metrics.test_elbo", "mean"), test_elbo_std=("metrics.test_elbo", "std"),
+        test_recon_mean=("metrics.test_recon", "mean"),
+        test_recon_std=("metrics.test_recon", "std"),
+        test_kl_mean=("metrics.test_kl", "mean"), test_kl_std=("metrics.test_kl", "std"),
+        nmi_mean=("metrics.nmi", "mean"), nmi_std=("metrics.nmi", "std"),
+        accuracy_mean=("metrics.accuracy", "mean"), accuracy_std=("metrics.accuracy", "std"),
+        epoch_seconds_mean=("metrics.mean_epoch_seconds", "mean"),
+        epoch_seconds_std=("metrics.mean_epoch_seconds", "std"),
+        runs=("run_id", "count"),
+    )
+    assert sorted(table.index) == [1.0, 4.0]
+    for column in expected:
+        assert np.allclose(table.loc[expected.index, column], expected[column]), column
+    assert (table["runs"] == 3).all() and (table["test_elbo_std"] > 0).all()
+    best = expected["test_elbo_mean"].idxmax()
+    assert table.loc[best, "rank"] == 1 and table.loc[best, "ties_best"] == "best"
+    other = table.loc[[b for b in table.index if b != best][0]]
+    gap = abs(other["test_elbo_mean"] - table.loc[best, "test_elbo_mean"])
+    within = gap <= max(other["test_elbo_std"], table.loc[best, "test_elbo_std"])
+    assert other["ties_best"] == ("yes" if within else "no")
+    shown = (tmp / "results1" / "seeds3" / "report.md").read_text()
+    elbo = table.loc[best]
+    assert f"{elbo['test_elbo_mean']:.2f} ± {elbo['test_elbo_std']:.2f}" in shown
+
+
+def test_report_covers_the_latest_invocation_unless_all(store, capsys):
+    tmp, uri, _, _ = store
+    latest = tmp / "latest"
+    assert main(["report", "seeds3", "--tracking-uri", uri, "--results-dir", str(latest)]) == 0
+    table = pd.read_csv(latest / "seeds3" / "leaderboard.csv")
+    assert table["runs"].tolist() == [1] and table["test_elbo_std"].isna().all()
+    assert "single run show no spread" in (latest / "seeds3" / "report.md").read_text()
+    every = tmp / "every"
+    assert main(["report", "seeds3", "--tracking-uri", uri, "--results-dir", str(every),
+                 "--all", "--metric", "epoch_seconds"]) == 0
+    table = pd.read_csv(every / "seeds3" / "leaderboard.csv").set_index("loss.beta")
+    assert table.loc[1.0, "runs"] == 4 and table.loc[4.0, "runs"] == 3
+    assert table["epoch_seconds_mean"].idxmin() == table["rank"].idxmin()
+    assert "report:" in capsys.readouterr().out
+
+
+# --- real browser --------------------------------------------------------------------------
+
+
+def test_mlflow_ui_shows_the_runs_nested_under_their_grid(store, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    tmp, uri, runs, (first, _) = store
+    children = runs[runs["tags.mlflow.parentRunId"] == first]
+    parent_name = runs.loc[runs["run_id"] == first, "tags.mlflow.runName"].item()
+    experiment = runs["experiment_id"].iloc[0]
+    wait = WebDriverWait(browser, 60)
+
+    def link(name: str):
+        return browser.find_elements(By.XPATH, f"//a[normalize-space()='{name}']")
+
+    with mlflow_server(uri, tmp / "server.log") as url:
+        browser.get(f"{url}/#/experiments/{experiment}/runs")
+        wait.until(lambda _: link(parent_name))
+        assert not any(link(name) for name in children["tags.mlflow.runName"])  # collapsed
+        row = link(parent_name)[0].find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
+        row.find_element(By.XPATH, ".//button").click()  # the expander beside the name
+        wait.until(lambda _: all(link(name) for name in children["tags.mlflow.runName"]))
+        parent_x = link(parent_name)[0].location["x"]
+        for name in children["tags.mlflow.runName"]:
+            assert link(name)[0].location["x"] > parent_x, f"{name} is not indented"
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(SCREENSHOTS / "mlflow-ui.png"))
+
+
+def test_report_html_images_all_load_in_the_browser(store, browser):
+    tmp, _, _, _ = store
+    page = tmp / "results1" / "seeds3" / "report.html"
+    browser.get(page.as_uri())
+    images = browser.execute_script(
+        "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]);"
+    )
+    assert len(images) == len(FIGURES | PICTURES)
+    for alt, complete, width in images:
+        assert complete and width > 0, alt
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.set_window_size(1400, 4000)
+    assert browser.save_screenshot(str(SCREENSHOTS / "report.png"))
+    browser.set_window_size(1600, 1000)

@@ -1,0 +1,560 @@
+"""Reports: a grid's (or study's) runs in MLflow -> leaderboard over seeds, figures, report.md/html.
+
+Runs are read back with ``mlflow.search_runs``; a *variant* is every param but
+the seed, so a variant's runs are its seeds. Only FINISHED runs are
+aggregated. Statistics stay honest: the spread of one run is unknown, not
+zero, and a variant within one standard deviation of the best is marked as a tie.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vaebench.config import VaebenchError
+from vaebench.plots import Bars, Curve, save_bars, save_curves
+from vaebench.tracking import resolve_tracking_uri, sqlite_path
+
+
+@dataclass(frozen=True)
+class ReportMetric:
+    name: str  # column in the leaderboard and the name --metric takes
+    mlflow_key: str  # the MLflow metric it is read from
+    label: str
+    higher_is_better: bool
+    digits: int
+
+
+METRICS = {
+    m.name: m
+    for m in (
+        ReportMetric("test_elbo", "test_elbo", "test ELBO (nats)", True, 2),
+        ReportMetric("test_recon", "test_recon", "reconstruction (nats)", False, 2),
+        ReportMetric("test_kl", "test_kl", "KL (nats)", False, 2),
+        ReportMetric("nmi", "nmi", "NMI", True, 3),
+        ReportMetric("accuracy", "accuracy", "cluster accuracy", True, 3),
+        ReportMetric("ari", "ari", "ARI", True, 3),
+        ReportMetric(
+            "conditional_accuracy", "conditional_accuracy", "conditional accuracy", True, 3
+        ),
+        ReportMetric("epoch_seconds", "mean_epoch_seconds", "seconds per epoch", False, 2),
+    )
+}
+DEFAULT_METRIC = "test_elbo"
+BEST_PICTURES = ("samples.png", "reconstructions.png", "latent.png", "digits.png")
+REPORT_ARTIFACT_PATH = "report"
+SEED_SUFFIX = re.compile(r"-s-?\d+$")
+
+
+@dataclass
+class RunSet:
+    """The runs a report covers, one row each, with short metric names as columns."""
+
+    experiment: str
+    experiment_id: str
+    uri: str
+    parents: pd.DataFrame  # the invocations covered (parent runs)
+    runs: pd.DataFrame  # their child runs, every status
+    param_columns: list[str]  # "params.*" columns that define a variant (all but the seed)
+
+    @property
+    def finished(self) -> pd.DataFrame:
+        return self.runs[self.runs["status"] == "FINISHED"]
+
+    @property
+    def report_parent(self) -> str:
+        """The invocation the report files are logged to: the latest covered."""
+        return str(self.parents.iloc[-1]["run_id"])  # parents are sorted by start time
+
+
+@dataclass
+class Report:
+    folder: Path
+    leaderboard: pd.DataFrame
+    metric: ReportMetric
+    files: list[Path] = field(default_factory=list)
+    best_run: str | None = None
+
+
+def open_client(uri: str):
+    """An MlflowClient on an existing store; reading never creates an empty SQLite file."""
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise VaebenchError(f"no MLflow store at {db} (tracking URI {uri})")
+    return MlflowClient(tracking_uri=uri)
+
+
+def select_runs(
+    uri: str, name: str, all_invocations: bool = False, parent_id: str | None = None
+) -> RunSet:
+    """The child runs of one invocation (``parent_id``, else the latest) or of all of them."""
+    import mlflow
+
+    client = open_client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        known = ", ".join(names) if names else "none"
+        raise VaebenchError(f"no experiment named {name!r} in {uri}; experiments: {known}")
+    mlflow.set_tracking_uri(uri)
+    frame = mlflow.search_runs(experiment_ids=[experiment.experiment_id])
+    return run_set_from_frame(
+        frame, name, experiment.experiment_id, uri, all_invocations, parent_id
+    )
+
+
+def run_set_from_frame(
+    frame: pd.DataFrame,
+    name: str,
+    experiment_id: str,
+    uri: str,
+    all_invocations: bool = False,
+    parent_id: str | None = None,
+) -> RunSet:
+    """``mlflow.search_runs``' table -> the covered parents and their children, each child with
+    its short metric columns and its variant label."""
+    parent_column = "tags.mlflow.parentRunId"
+    if frame.empty or parent_column not in frame:
+        raise VaebenchError(f"experiment {name!r} has no runs of a vaebench invocation")
+    parents = frame[frame[parent_column].isna()].sort_values("start_time")
+    if parent_id is not None:
+        parents = parents[parents["run_id"] == parent_id]
+    elif not all_invocations:
+        parents = parents.tail(1)
+    runs = frame[frame[parent_column].isin(parents["run_id"])].copy()
+    if runs.empty:
+        raise VaebenchError(f"experiment {name!r}: the invocation has no runs")
+    runs["name"] = runs["tags.mlflow.runName"]
+    for metric in METRICS.values():
+        column = f"metrics.{metric.mlflow_key}"
+        runs[metric.name] = runs[column] if column in runs else np.nan
+    params = sorted(c for c in runs if c.startswith("params.") and c != "params.seed")
+    runs[params] = runs[params].fillna("")
+    runs = runs.sort_values("start_time").reset_index(drop=True)
+    runs["variant"] = variant_labels(runs, params)
+    return RunSet(name, experiment_id, uri, parents, runs, params)
+
+
+def variant_labels(runs: pd.DataFrame, params: list[str]) -> pd.Series:
+    """A readable label per run, equal for runs that differ only in their seed.
+
+    It is the run name without its ``-s<seed>`` ending; variants that would
+    share a label (runs of different grid versions under ``--all``) get ``#2``, ``#3``.
+    """
+    if params:
+        keys = runs[params].astype(str).agg("\x1f".join, axis=1)
+    else:
+        keys = pd.Series("", index=runs.index)
+    labels: dict[str, str] = {}
+    taken: set[str] = set()
+    for key, name in zip(keys, runs["name"], strict=True):
+        if key in labels:
+            continue
+        label = SEED_SUFFIX.sub("", str(name)) or str(name)
+        candidate, count = label, 1
+        while candidate in taken:
+            count += 1
+            candidate = f"{label} #{count}"
+        labels[key] = candidate
+        taken.add(candidate)
+    return keys.map(labels)
+
+
+def varied_params(runs: pd.DataFrame, params: list[str]) -> list[str]:
+    return [p for p in params if runs[p].nunique() > 1]
+
+
+def present_metrics(runs: pd.DataFrame) -> list[ReportMetric]:
+    return [m for m in METRICS.values() if runs[m.name].notna().any()]
+
+
+def leaderboard(run_set: RunSet, metric: ReportMetric) -> pd.DataFrame:
+    """One row per variant, best first: mean, standard deviation (NaN for one run) and run
+    count of every metric, and whether the variant ties with the best within one std."""
+    finished = run_set.finished
+    if finished.empty:
+        raise VaebenchError(f"experiment {run_set.experiment!r}: no FINISHED runs to report on")
+    if finished[metric.name].isna().all():
+        known = ", ".join(m.name for m in present_metrics(finished))
+        raise VaebenchError(f"no run has the metric {metric.name!r}; these do: {known}")
+    varied = varied_params(run_set.runs, run_set.param_columns)
+    metrics = [m.name for m in present_metrics(finished)]
+    groups = finished.groupby("variant", sort=False)
+    stats = groups[metrics].agg(["mean", "std"])
+    stats.columns = [f"{name}_{stat}" for name, stat in stats.columns]
+    table = pd.concat(
+        [
+            groups[varied].first().rename(columns=lambda c: c.removeprefix("params.")),
+            groups.size().rename("runs"),
+            run_set.runs[run_set.runs["status"] != "FINISHED"]
+            .groupby("variant")
+            .size()
+            .rename("not_finished"),
+            stats,
+        ],
+        axis=1,
+        join="outer",
+    )
+    table = table[table["runs"].notna()]
+    table["runs"] = table["runs"].astype(int)
+    table["not_finished"] = table["not_finished"].fillna(0).astype(int)
+    table = table.sort_values(
+        f"{metric.name}_mean", ascending=not metric.higher_is_better, na_position="last"
+    )
+    table["ties_best"] = ties_with_best(table, metric)
+    table = table.rename_axis("variant").reset_index()
+    table.insert(0, "rank", range(1, len(table) + 1))
+    return table
+
+
+def ties_with_best(table: pd.DataFrame, metric: ReportMetric) -> list[str]:
+    """"best" for the first row; "yes"/"no" for whether a variant's mean lies within one
+    standard deviation (the larger of the two) of the best's; "" when either has a
+    single run, whose spread is unknown."""
+    mean, std = table[f"{metric.name}_mean"], table[f"{metric.name}_std"]
+    best_mean, best_std = mean.iloc[0], std.iloc[0]
+    marks = ["best"]
+    for value, spread in zip(mean.iloc[1:], std.iloc[1:], strict=True):
+        if np.isnan(spread) or np.isnan(best_std) or np.isnan(value):
+            marks.append("")
+        else:
+            marks.append("yes" if abs(value - best_mean) <= max(spread, best_std) else "no")
+    return marks
+
+
+# --- figures -----------------------------------------------------------------------------
+
+
+def _line_label(row: pd.Series, columns: list[str]) -> str:
+    return "-".join(str(row[c]) for c in columns) or "runs"
+
+
+def rate_distortion_figure(run_set: RunSet, path: Path) -> Path:
+    """KL against reconstruction, a point per run; a line joins the per-beta means of one
+    architecture/loss/optimizer (every varied param but beta). A panel per reconstruction
+    loss when the grid varies it, as BCE and MSE are in different units."""
+    runs = run_set.finished.dropna(subset=["test_kl", "test_recon"])
+    varied = varied_params(run_set.runs, run_set.param_columns)
+    panel_key = "params.loss.recon" if "params.loss.recon" in varied else None
+    line_keys = [p for p in varied if p not in ("params.loss.beta", panel_key)]
+    beta = "params.loss.beta" if "params.loss.beta" in runs else None
+    panels: dict[str, list[Curve]] = {}
+    points: dict[str, list[Curve]] = {}
+    for panel, in_panel in runs.groupby(panel_key) if panel_key else [("", runs)]:
+        title = f"loss.recon = {panel}" if panel_key else run_set.experiment
+        lines, dots = [], []
+        for _, line in in_panel.groupby(line_keys, sort=False) if line_keys else [("", in_panel)]:
+            label = _line_label(line.iloc[0], line_keys)
+            by_beta = (
+                line.assign(_beta=line[beta].astype(float)).groupby("_beta")
+                if beta
+                else [(None, line)]
+            )
+            means = [(b, g["test_kl"].mean(), g["test_recon"].mean()) for b, g in by_beta]
+            notes = [f"β={b:g}" if b is not None else "" for b, _, _ in means]
+            lines.append(
+                Curve(label, [m[1] for m in means], [m[2] for m in means], notes=notes)
+            )
+            dots.append(Curve(label, list(line["test_kl"]), list(line["test_recon"])))
+        panels[title], points[title] = lines, dots
+    return save_curves(
+        path, panels, "KL (rate, nats)", "reconstruction (distortion, nats)", points
+    )
+
+
+def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path:
+    """Test ELBO against epoch per variant (MLflow metric history): the mean over seeds with a
+    band of one standard deviation when there are several."""
+    client = open_client(run_set.uri)
+    finished = run_set.finished
+    curves = []
+    for variant in order:
+        series = {}
+        for run_id in finished.loc[finished["variant"] == variant, "run_id"]:
+            history = client.get_metric_history(run_id, "test_elbo")
+            series[run_id] = pd.Series({m.step: m.value for m in history})
+        if not series:
+            continue
+        by_epoch = pd.DataFrame(series).sort_index()
+        mean, std = by_epoch.mean(axis=1), by_epoch.std(axis=1)
+        several = by_epoch.shape[1] > 1
+        curves.append(
+            Curve(
+                variant,
+                list(by_epoch.index),
+                list(mean),
+                list(mean - std) if several else None,
+                list(mean + std) if several else None,
+            )
+        )
+    return save_curves(
+        path, {"test ELBO by epoch": curves}, "epoch", "test ELBO (nats)", integer_x=True
+    )
+
+
+def bars_figure(table: pd.DataFrame, metrics: list[ReportMetric], path: Path) -> Path:
+    labels = list(table["variant"])
+    panels = {
+        m.label: Bars(labels, list(table[f"{m.name}_mean"]), list(table[f"{m.name}_std"]))
+        for m in metrics
+    }
+    return save_bars(path, panels)
+
+
+def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Path]:
+    present = {m.name for m in present_metrics(run_set.finished)}
+    figures = [
+        rate_distortion_figure(run_set, folder / "rate_distortion.png"),
+        elbo_curve_figure(run_set, list(table["variant"]), folder / "elbo_by_epoch.png"),
+    ]
+    clustering = [METRICS[n] for n in ("nmi", "accuracy") if n in present]
+    if clustering:
+        figures.append(bars_figure(table, clustering, folder / "clustering.png"))
+    figures.append(bars_figure(table, [METRICS["epoch_seconds"]], folder / "epoch_seconds.png"))
+    return figures
+
+
+def best_run(run_set: RunSet, table: pd.DataFrame, metric: ReportMetric) -> pd.Series:
+    """The best variant's run that scored best on the metric (its best seed)."""
+    runs = run_set.finished[run_set.finished["variant"] == table.iloc[0]["variant"]]
+    runs = runs.sort_values(metric.name, ascending=not metric.higher_is_better)
+    return runs.iloc[0]
+
+
+def fetch_best_pictures(run_set: RunSet, run_id: str, folder: Path) -> list[Path]:
+    """Copy the best run's pictures from its MLflow artifacts as ``best_<name>.png``."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client = open_client(run_set.uri)
+    available = {a.path for a in client.list_artifacts(run_id)}
+    copied = []
+    with tempfile.TemporaryDirectory(prefix="vaebench-report-") as scratch:
+        for name in BEST_PICTURES:
+            if name in available:
+                local = client.download_artifacts(run_id, name, scratch)
+                copied.append(Path(shutil.copyfile(local, folder / f"best_{name}")))
+    return copied
+
+
+# --- documents ---------------------------------------------------------------------------
+
+
+def display_table(table: pd.DataFrame, metric: ReportMetric) -> pd.DataFrame:
+    """The leaderboard as text: "mean ± std" (just the mean for one run)."""
+    shown = pd.DataFrame({"rank": table["rank"], "variant": table["variant"]})
+    shown["runs"] = table["runs"].astype(str)
+    for m in METRICS.values():
+        if f"{m.name}_mean" not in table:
+            continue
+        shown[m.label] = [
+            _mean_std(mean, std, m.digits)
+            for mean, std in zip(table[f"{m.name}_mean"], table[f"{m.name}_std"], strict=True)
+        ]
+    shown[f"ties best ({metric.name})"] = table["ties_best"]
+    if table["not_finished"].any():
+        shown["not finished"] = table["not_finished"].astype(str)
+    return shown
+
+
+def _mean_std(mean: float, std: float, digits: int) -> str:
+    if np.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def verdict(table: pd.DataFrame, metric: ReportMetric) -> str:
+    best = table.iloc[0]
+    direction = "higher" if metric.higher_is_better else "lower"
+    spread = best[f"{metric.name}_std"]
+    value = _mean_std(best[f"{metric.name}_mean"], spread, metric.digits)
+    runs = int(best["runs"])
+    text = (
+        f"Best on {metric.label} ({direction} is better): **{best['variant']}**, {value} "
+        f"over {runs} run{'s' if runs != 1 else ''}."
+    )
+    ties = list(table.loc[table["ties_best"] == "yes", "variant"])
+    if ties:
+        text += f" Within one standard deviation of it (a tie): {', '.join(ties)}."
+    elif (table["ties_best"] == "no").any():
+        text += " No other variant lies within one standard deviation of it."
+    if (table["runs"] == 1).any():
+        text += (
+            " Variants with a single run show no spread: one run cannot estimate it, so"
+            " ties with them cannot be judged."
+        )
+    return text
+
+
+Block = tuple[str, Any]  # ("h1"|"h2"|"p", text) | ("table", DataFrame) | ("img", (path, caption))
+
+
+def report_blocks(
+    run_set: RunSet, table: pd.DataFrame, metric: ReportMetric, figures: list[Path],
+    best: pd.Series, pictures: list[Path],
+) -> list[Block]:
+    invocations = (
+        f"invocation {run_set.parents.iloc[-1]['tags.mlflow.runName']}"
+        if len(run_set.parents) == 1
+        else f"all {len(run_set.parents)} invocations"
+    )
+    not_finished = int((run_set.runs["status"] != "FINISHED").sum())
+    source = (
+        f"Experiment {run_set.experiment} in {run_set.uri}, {invocations}: "
+        f"{len(run_set.finished)} finished runs in {len(table)} variants"
+        + (f" ({not_finished} runs not finished, left out)" if not_finished else "")
+        + f". Made {time.strftime('%Y-%m-%d %H:%M')}."
+    )
+    captions = {
+        "rate_distortion.png": "Rate and distortion: KL against reconstruction, a dot per run; "
+        "lines join the per-β means of one setting.",
+        "elbo_by_epoch.png": "Test ELBO by epoch: the mean over seeds, with a band of one "
+        "standard deviation where a variant has several.",
+        "clustering.png": "Clustering: NMI and accuracy of the clusters (whiskers: one std).",
+        "epoch_seconds.png": "Training seconds per epoch (whiskers: one std).",
+    }
+    blocks: list[Block] = [
+        ("h1", f"vaebench report: {run_set.experiment}"),
+        ("p", source),
+        ("h2", "Leaderboard"),
+        ("p", verdict(table, metric)),
+        ("table", display_table(table, metric)),
+    ]
+    for figure in figures:
+        blocks.append(("img", (figure, captions[figure.name])))
+    if pictures:
+        blocks.append(("h2", f"Best variant: {best['variant']} (run {best['name']})"))
+        for picture in pictures:
+            caption = picture.name.removeprefix("best_").removesuffix(".png")
+            blocks.append(("img", (picture, caption)))
+    return blocks
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    out = []
+    for kind, value in blocks:
+        if kind == "h1":
+            out.append(f"# {value}")
+        elif kind == "h2":
+            out.append(f"## {value}")
+        elif kind == "p":
+            out.append(str(value))
+        elif kind == "table":
+            out.append("| " + " | ".join(_md_cell(c) for c in value.columns) + " |")
+            out.append("|" + "---|" * len(value.columns))
+            out.extend(
+                "| " + " | ".join(_md_cell(v) for v in row) + " |"
+                for row in value.itertuples(index=False)
+            )
+        elif kind == "img":
+            path, caption = value
+            out.append(f"![{path.stem}]({path.name})\n\n*{caption}*")
+        out.append("")
+    return "\n".join(out)
+
+
+HTML_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}
+th{background:#f3f3f3}td{text-align:right;white-space:nowrap}td:nth-child(2){text-align:left}
+figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:13px}
+"""
+
+
+def _bold(text: str) -> str:
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    """One self-contained page: the images are embedded as base64 data URIs."""
+    out = [
+        "<!doctype html>",
+        f'<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
+        f"<style>{HTML_STYLE}</style></head><body>",
+    ]
+    for kind, value in blocks:
+        if kind in ("h1", "h2"):
+            out.append(f"<{kind}>{html.escape(str(value))}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{_bold(str(value))}</p>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in value.columns)
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+                for row in value.itertuples(index=False)
+            )
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img":
+            path, caption = value
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            out.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def make_report(
+    name: str,
+    tracking_uri: str | None = None,
+    results_dir: str | Path = "results",
+    metric: str = DEFAULT_METRIC,
+    all_invocations: bool = False,
+    parent_id: str | None = None,
+    stream=None,
+) -> Report:
+    """Write ``results/<name>/``: leaderboard.csv, report.md, report.html and the figures,
+    and log them as artifacts (under ``report/``) of the covered invocation's parent run."""
+    stream = stream or sys.stdout
+    if metric not in METRICS:
+        raise VaebenchError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    chosen = METRICS[metric]
+    uri = resolve_tracking_uri(tracking_uri)
+    run_set = select_runs(uri, name, all_invocations, parent_id)
+    table = leaderboard(run_set, chosen)
+    folder = Path(results_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "leaderboard.csv", index=False)
+    figures = write_figures(run_set, table, folder)
+    best = best_run(run_set, table, chosen)
+    pictures = fetch_best_pictures(run_set, best["run_id"], folder)
+    blocks = report_blocks(run_set, table, chosen, figures, best, pictures)
+    (folder / "report.md").write_text(render_markdown(blocks))
+    (folder / "report.html").write_text(render_html(blocks, f"vaebench report: {name}"))
+    files = [folder / "leaderboard.csv", folder / "report.md", folder / "report.html"]
+    files += figures + pictures
+    client = open_client(uri)
+    for path in files:
+        client.log_artifact(run_set.report_parent, str(path), REPORT_ARTIFACT_PATH)
+    report = Report(folder, table, chosen, files, str(best["run_id"]))
+    print_report(report, stream)
+    return report
+
+
+def print_report(report: Report, stream) -> None:
+    shown = display_table(report.leaderboard.head(10), report.metric)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(shown.to_string(index=False), file=stream)
+    if len(report.leaderboard) > 10:
+        print(f"... {len(report.leaderboard) - 10} more variants in leaderboard.csv", file=stream)
+    print(f"report: {report.folder / 'report.html'}", file=stream)
