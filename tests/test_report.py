@@ -104,6 +104,18 @@ def test_unfinished_runs_are_counted_but_not_aggregated():
     assert table.loc["a", "test_elbo_mean"] == pytest.approx(-105.0)
 
 
+def test_a_rerun_of_the_same_seed_is_not_a_second_sample():
+    rows = [{**child("a-s0", 1, 0, -100.0), "tags.vaebench.run_key": "k0"},
+            {**child("a-s1", 1, 1, -110.0), "tags.vaebench.run_key": "k1"},
+            {**child("a-s0", 1, 0, -100.0), "tags.vaebench.run_key": "k0"}]
+    run_set = run_set_from_frame(search_frame(rows), "grid", "1", "sqlite:///x.db")
+    assert run_set.repeats == 1 and list(run_set.runs["run_id"]) == ["r1", "r2"]
+    table = leaderboard(run_set, METRICS["test_elbo"])
+    assert table["runs"].tolist() == [2] and table["test_elbo_std"].item() == pytest.approx(
+        np.std([-100.0, -110.0], ddof=1)
+    )
+
+
 def test_a_metric_no_run_has_is_a_clear_error():
     with pytest.raises(VaebenchError, match="no run has the metric 'nmi'; these do: test_elbo"):
         board([child("a-s0", 1, 0, -100.0)], "nmi")

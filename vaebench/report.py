@@ -68,6 +68,7 @@ class RunSet:
     parents: pd.DataFrame  # the invocations covered (parent runs)
     runs: pd.DataFrame  # their child runs, every status
     param_columns: list[str]  # "params.*" columns that define a variant (all but the seed)
+    repeats: int = 0  # finished reruns of the same config and seed, left out
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -145,8 +146,24 @@ def run_set_from_frame(
     params = sorted(c for c in runs if c.startswith("params.") and c != "params.seed")
     runs[params] = runs[params].fillna("")
     runs = runs.sort_values("start_time").reset_index(drop=True)
+    runs, repeats = drop_repeats(runs)
     runs["variant"] = variant_labels(runs, params)
-    return RunSet(name, experiment_id, uri, parents, runs, params)
+    return RunSet(name, experiment_id, uri, parents, runs, params, repeats)
+
+
+def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Keep the latest finished run of each config and seed (tag ``vaebench.run_key``).
+
+    A deterministic rerun of the same seed is not a new sample: counted twice it
+    would shrink the spread (``--all`` over a grid run twice).
+    """
+    key = "tags.vaebench.run_key"
+    if key not in runs:
+        return runs, 0
+    finished = runs["status"] == "FINISHED"
+    earlier = runs.loc[finished, key].duplicated(keep="last")
+    repeated = earlier.reindex(runs.index, fill_value=False) & runs[key].notna()
+    return runs[~repeated].reset_index(drop=True), int(repeated.sum())
 
 
 def variant_labels(runs: pd.DataFrame, params: list[str]) -> pd.Series:
@@ -414,7 +431,12 @@ def report_blocks(
     source = (
         f"Experiment {run_set.experiment} in {run_set.uri}, {invocations}: "
         f"{len(run_set.finished)} finished runs in {len(table)} variants"
-        + (f" ({not_finished} runs not finished, left out)" if not_finished else "")
+        + (f"; {not_finished} runs not finished, left out" if not_finished else "")
+        + (
+            f"; {run_set.repeats} earlier reruns of the same config and seed, left out"
+            if run_set.repeats
+            else ""
+        )
         + f". Made {time.strftime('%Y-%m-%d %H:%M')}."
     )
     captions = {
