@@ -22,9 +22,11 @@ from vaebench.config import VaebenchError
 from vaebench.report import (
     METRICS,
     leaderboard,
+    picture_prefix,
     render_html,
     render_markdown,
     run_set_from_frame,
+    verdict,
 )
 
 GRID = """
@@ -94,6 +96,26 @@ def test_metric_direction_decides_the_best():
     assert board(rows).index[0] == "slow"  # higher ELBO
     assert board(rows, "epoch_seconds").index[0] == "fast"  # fewer seconds
     assert board(rows, "nmi").index[0] == "slow"
+
+
+def test_bce_and_mse_elbos_are_ranked_apart_but_kl_is_not():
+    rows = [{**child(f"{recon}-b{beta}-s0", beta, 0, elbo, test_kl=kl), "params.loss.recon": recon}
+            for recon, beta, elbo, kl in [("bce", 1, -100.0, 25.0), ("bce", 4, -120.0, 8.0),
+                                          ("mse", 1, -30.0, 11.0), ("mse", 4, -45.0, 2.0)]]
+    table = board(rows)
+    assert list(table.index) == ["bce-b1", "bce-b4", "mse-b1", "mse-b4"]
+    assert table["rank"].tolist() == [1, 2, 1, 2]
+    assert table["compared_within"].tolist() == ["loss.recon=bce"] * 2 + ["loss.recon=mse"] * 2
+    assert table["ties_best"].tolist() == ["best", "", "best", ""]
+    text = verdict(table.reset_index(), METRICS["test_elbo"])
+    assert "Runs with different loss.recon are ranked apart" in text
+    assert "Best among loss.recon=bce: **bce-b1**" in text
+    assert "Best among loss.recon=mse: **mse-b1**" in text
+    by_kl = board(rows, "test_kl")
+    assert list(by_kl.index) == ["mse-b4", "bce-b4", "mse-b1", "bce-b1"]
+    assert set(by_kl["compared_within"]) == {"all runs"}
+    assert picture_prefix("loss.recon=bce", 2) == "best_bce_"
+    assert picture_prefix("all runs", 1) == "best_"
 
 
 def test_unfinished_runs_are_counted_but_not_aggregated():

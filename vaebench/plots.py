@@ -98,10 +98,11 @@ COLOURS = plt.get_cmap("tab10").colors
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
-def _legend_outside(ax, count: int) -> None:
+def _legend_below(ax, count: int) -> None:
+    """Each panel's own legend under it (panels may hold different lines)."""
     ax.legend(
-        loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False,
-        ncol=1 if count <= 24 else 2,
+        loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, frameon=False,
+        ncol=1 if count <= 4 else 2 if count <= 16 else 3,
     )
 
 
@@ -115,9 +116,8 @@ def save_curves(
 ) -> Path:
     """Side-by-side panels of lines (with bands); ``points`` adds unjoined markers per panel,
     drawn in the colour of the line with the same label."""
-    count = max(len(curves) for curves in panels.values())
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(5.5 * len(panels) + 2.5, 4.5), dpi=100, squeeze=False
+        1, len(panels), figsize=(6.5 * len(panels), 4.5), dpi=100, squeeze=False
     )
     for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
         for index, curve in enumerate(curves):
@@ -137,9 +137,9 @@ def save_curves(
         ax.grid(alpha=0.3)
         if integer_x:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _legend_outside(axes[0][-1], count)
+        _legend_below(ax, len(curves))
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # keeps the legends below the panels
     plt.close(fig)
     return path
 
@@ -153,8 +153,14 @@ def save_bars(path: Path, panels: Mapping[str, Bars]) -> Path:
     )
     for ax, (title, bars) in zip(axes[0], panels.items(), strict=True):
         rows = np.arange(len(bars.labels))
-        errors = np.nan_to_num(np.asarray(bars.errors, dtype=float), nan=0.0)
-        ax.barh(rows, bars.values, xerr=errors, color=COLOURS[0], ecolor="black", capsize=2)
+        values, errors = np.asarray(bars.values, float), np.asarray(bars.errors, float)
+        ax.barh(rows, values, color=COLOURS[0])
+        known = ~np.isnan(errors)  # no whisker where the spread is unknown (one run)
+        if known.any():
+            ax.errorbar(
+                values[known], rows[known], xerr=errors[known], fmt="none", ecolor="black",
+                capsize=2,
+            )
         ax.set_yticks(rows, bars.labels, fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="x", alpha=0.3)

@@ -35,13 +35,14 @@ class ReportMetric:
     label: str
     higher_is_better: bool
     digits: int
+    loss_units: bool = False  # in the reconstruction loss's units: BCE and MSE runs differ
 
 
 METRICS = {
     m.name: m
     for m in (
-        ReportMetric("test_elbo", "test_elbo", "test ELBO (nats)", True, 2),
-        ReportMetric("test_recon", "test_recon", "reconstruction (nats)", False, 2),
+        ReportMetric("test_elbo", "test_elbo", "test ELBO", True, 2, loss_units=True),
+        ReportMetric("test_recon", "test_recon", "reconstruction", False, 2, True),
         ReportMetric("test_kl", "test_kl", "KL (nats)", False, 2),
         ReportMetric("nmi", "nmi", "NMI", True, 3),
         ReportMetric("accuracy", "accuracy", "cluster accuracy", True, 3),
@@ -55,6 +56,12 @@ METRICS = {
 DEFAULT_METRIC = "test_elbo"
 BEST_PICTURES = ("samples.png", "reconstructions.png", "latent.png", "digits.png")
 REPORT_ARTIFACT_PATH = "report"
+# Settings across which numbers mean different things, so runs differing in them are ranked
+# apart: the data (another test set), and for loss_units metrics the reconstruction loss
+# (a BCE ELBO and an MSE one, SSE + KL, are on different scales).
+DATA_PARAMS = ("params.data.dataset", "params.data.binarize")
+LOSS_UNIT_PARAM = "params.loss.recon"
+ALL_RUNS = "all runs"
 SEED_SUFFIX = re.compile(r"-s-?\d+$")
 
 
@@ -86,7 +93,7 @@ class Report:
     leaderboard: pd.DataFrame
     metric: ReportMetric
     files: list[Path] = field(default_factory=list)
-    best_run: str | None = None
+    best_runs: list[str] = field(default_factory=list)  # one per comparison group
 
 
 def open_client(uri: str):
@@ -195,13 +202,34 @@ def varied_params(runs: pd.DataFrame, params: list[str]) -> list[str]:
     return [p for p in params if runs[p].nunique() > 1]
 
 
+def comparison_params(run_set: RunSet, metric: ReportMetric) -> list[str]:
+    """The varied settings across which the metric's values are not comparable."""
+    varied = varied_params(run_set.runs, run_set.param_columns)
+    keys = [*DATA_PARAMS, LOSS_UNIT_PARAM] if metric.loss_units else list(DATA_PARAMS)
+    return [k for k in keys if k in varied]
+
+
+def comparison_groups(runs: pd.DataFrame, params: list[str]) -> pd.Series:
+    """Each run's comparison group as text ("loss.recon=bce"), or "all runs"."""
+    if not params:
+        return pd.Series(ALL_RUNS, index=runs.index)
+    return runs[params].astype(str).apply(
+        lambda row: ", ".join(f"{k.removeprefix('params.')}={v}" for k, v in row.items()),
+        axis=1,
+    )
+
+
 def present_metrics(runs: pd.DataFrame) -> list[ReportMetric]:
     return [m for m in METRICS.values() if runs[m.name].notna().any()]
 
 
 def leaderboard(run_set: RunSet, metric: ReportMetric) -> pd.DataFrame:
     """One row per variant, best first: mean, standard deviation (NaN for one run) and run
-    count of every metric, and whether the variant ties with the best within one std."""
+    count of every metric, and whether the variant ties with the best within one std.
+
+    Variants are ranked within their comparison group (``compared_within``): a BCE
+    ELBO is not ranked against an MSE one, nor MNIST against Fashion-MNIST.
+    """
     finished = run_set.finished
     if finished.empty:
         raise VaebenchError(f"experiment {run_set.experiment!r}: no FINISHED runs to report on")
@@ -210,12 +238,16 @@ def leaderboard(run_set: RunSet, metric: ReportMetric) -> pd.DataFrame:
         raise VaebenchError(f"no run has the metric {metric.name!r}; these do: {known}")
     varied = varied_params(run_set.runs, run_set.param_columns)
     metrics = [m.name for m in present_metrics(finished)]
+    finished = finished.assign(
+        compared_within=comparison_groups(finished, comparison_params(run_set, metric))
+    )
     groups = finished.groupby("variant", sort=False)
     stats = groups[metrics].agg(["mean", "std"])
     stats.columns = [f"{name}_{stat}" for name, stat in stats.columns]
     table = pd.concat(
         [
             groups[varied].first().rename(columns=lambda c: c.removeprefix("params.")),
+            groups["compared_within"].first(),
             groups.size().rename("runs"),
             run_set.runs[run_set.runs["status"] != "FINISHED"]
             .groupby("variant")
@@ -230,11 +262,16 @@ def leaderboard(run_set: RunSet, metric: ReportMetric) -> pd.DataFrame:
     table["runs"] = table["runs"].astype(int)
     table["not_finished"] = table["not_finished"].fillna(0).astype(int)
     table = table.sort_values(
-        f"{metric.name}_mean", ascending=not metric.higher_is_better, na_position="last"
+        ["compared_within", f"{metric.name}_mean"],
+        ascending=[True, not metric.higher_is_better],
+        na_position="last",
     )
-    table["ties_best"] = ties_with_best(table, metric)
     table = table.rename_axis("variant").reset_index()
-    table.insert(0, "rank", range(1, len(table) + 1))
+    in_group = table.groupby("compared_within", sort=False)
+    table.insert(0, "rank", in_group.cumcount() + 1)
+    table["ties_best"] = ""
+    for _, rows in in_group:
+        table.loc[rows.index, "ties_best"] = ties_with_best(rows, metric)
     return table
 
 
@@ -266,13 +303,12 @@ def rate_distortion_figure(run_set: RunSet, path: Path) -> Path:
     loss when the grid varies it, as BCE and MSE are in different units."""
     runs = run_set.finished.dropna(subset=["test_kl", "test_recon"])
     varied = varied_params(run_set.runs, run_set.param_columns)
-    panel_key = "params.loss.recon" if "params.loss.recon" in varied else None
-    line_keys = [p for p in varied if p not in ("params.loss.beta", panel_key)]
+    panel_keys = comparison_params(run_set, METRICS["test_recon"])
+    line_keys = [p for p in varied if p != "params.loss.beta" and p not in panel_keys]
     beta = "params.loss.beta" if "params.loss.beta" in runs else None
     panels: dict[str, list[Curve]] = {}
     points: dict[str, list[Curve]] = {}
-    for panel, in_panel in runs.groupby(panel_key) if panel_key else [("", runs)]:
-        title = f"loss.recon = {panel}" if panel_key else run_set.experiment
+    for title, in_panel in runs.groupby(comparison_groups(runs, panel_keys)):
         lines, dots = [], []
         for _, line in in_panel.groupby(line_keys, sort=False) if line_keys else [("", in_panel)]:
             label = _line_label(line.iloc[0], line_keys)
@@ -289,7 +325,7 @@ def rate_distortion_figure(run_set: RunSet, path: Path) -> Path:
             dots.append(Curve(label, list(line["test_kl"]), list(line["test_recon"])))
         panels[title], points[title] = lines, dots
     return save_curves(
-        path, panels, "KL (rate, nats)", "reconstruction (distortion, nats)", points
+        path, panels, "KL (rate, nats)", "reconstruction (distortion)", points
     )
 
 
@@ -298,7 +334,14 @@ def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path:
     band of one standard deviation when there are several."""
     client = open_client(run_set.uri)
     finished = run_set.finished
-    curves = []
+    group_of = dict(
+        zip(
+            finished["variant"],
+            comparison_groups(finished, comparison_params(run_set, METRICS["test_elbo"])),
+            strict=True,
+        )
+    )
+    panels: dict[str, list[Curve]] = {}
     for variant in order:
         series = {}
         for run_id in finished.loc[finished["variant"] == variant, "run_id"]:
@@ -309,7 +352,7 @@ def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path:
         by_epoch = pd.DataFrame(series).sort_index()
         mean, std = by_epoch.mean(axis=1), by_epoch.std(axis=1)
         several = by_epoch.shape[1] > 1
-        curves.append(
+        panels.setdefault(group_of[variant], []).append(
             Curve(
                 variant,
                 list(by_epoch.index),
@@ -318,9 +361,7 @@ def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path:
                 list(mean + std) if several else None,
             )
         )
-    return save_curves(
-        path, {"test ELBO by epoch": curves}, "epoch", "test ELBO (nats)", integer_x=True
-    )
+    return save_curves(path, panels, "epoch", "test ELBO", integer_x=True)
 
 
 def bars_figure(table: pd.DataFrame, metrics: list[ReportMetric], path: Path) -> Path:
@@ -345,15 +386,18 @@ def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Pa
     return figures
 
 
-def best_run(run_set: RunSet, table: pd.DataFrame, metric: ReportMetric) -> pd.Series:
-    """The best variant's run that scored best on the metric (its best seed)."""
-    runs = run_set.finished[run_set.finished["variant"] == table.iloc[0]["variant"]]
-    runs = runs.sort_values(metric.name, ascending=not metric.higher_is_better)
-    return runs.iloc[0]
+def best_runs(run_set: RunSet, table: pd.DataFrame, metric: ReportMetric) -> list[pd.Series]:
+    """Per comparison group, the best variant's run that scored best on the metric."""
+    chosen = []
+    for variant in table.loc[table["ties_best"] == "best", "variant"]:
+        runs = run_set.finished[run_set.finished["variant"] == variant]
+        runs = runs.sort_values(metric.name, ascending=not metric.higher_is_better)
+        chosen.append(runs.iloc[0])
+    return chosen
 
 
-def fetch_best_pictures(run_set: RunSet, run_id: str, folder: Path) -> list[Path]:
-    """Copy the best run's pictures from its MLflow artifacts as ``best_<name>.png``."""
+def fetch_best_pictures(run_set: RunSet, run_id: str, folder: Path, prefix: str) -> list[Path]:
+    """Copy a best run's pictures from its MLflow artifacts as ``<prefix><name>.png``."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = open_client(run_set.uri)
     available = {a.path for a in client.list_artifacts(run_id)}
@@ -362,8 +406,16 @@ def fetch_best_pictures(run_set: RunSet, run_id: str, folder: Path) -> list[Path
         for name in BEST_PICTURES:
             if name in available:
                 local = client.download_artifacts(run_id, name, scratch)
-                copied.append(Path(shutil.copyfile(local, folder / f"best_{name}")))
+                copied.append(Path(shutil.copyfile(local, folder / f"{prefix}{name}")))
     return copied
+
+
+def picture_prefix(group: str, groups: int) -> str:
+    """``best_`` for a single comparison group, else ``best_<values>_`` (``best_bce_``)."""
+    if groups == 1:
+        return "best_"
+    values = [part.split("=", 1)[-1] for part in group.split(", ")]
+    return "best_" + re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(values)) + "_"
 
 
 # --- documents ---------------------------------------------------------------------------
@@ -372,6 +424,8 @@ def fetch_best_pictures(run_set: RunSet, run_id: str, folder: Path) -> list[Path
 def display_table(table: pd.DataFrame, metric: ReportMetric) -> pd.DataFrame:
     """The leaderboard as text: "mean ± std" (just the mean for one run)."""
     shown = pd.DataFrame({"rank": table["rank"], "variant": table["variant"]})
+    if table["compared_within"].nunique() > 1:
+        shown["ranked within"] = table["compared_within"]
     shown["runs"] = table["runs"].astype(str)
     for m in METRICS.values():
         if f"{m.name}_mean" not in table:
@@ -393,26 +447,41 @@ def _mean_std(mean: float, std: float, digits: int) -> str:
 
 
 def verdict(table: pd.DataFrame, metric: ReportMetric) -> str:
-    best = table.iloc[0]
+    """Who is best (per comparison group), who ties, and what cannot be judged."""
     direction = "higher" if metric.higher_is_better else "lower"
-    spread = best[f"{metric.name}_std"]
-    value = _mean_std(best[f"{metric.name}_mean"], spread, metric.digits)
-    runs = int(best["runs"])
-    text = (
-        f"Best on {metric.label} ({direction} is better): **{best['variant']}**, {value} "
-        f"over {runs} run{'s' if runs != 1 else ''}."
-    )
-    ties = list(table.loc[table["ties_best"] == "yes", "variant"])
-    if ties:
-        text += f" Within one standard deviation of it (a tie): {', '.join(ties)}."
-    elif (table["ties_best"] == "no").any():
-        text += " No other variant lies within one standard deviation of it."
+    groups = list(table.groupby("compared_within", sort=False))
+    sentences = [f"Ranked on {metric.label}, {direction} is better."]
+    if len(groups) > 1:
+        settings = " and ".join(dict.fromkeys(comparison_name(g) for g, _ in groups))
+        sentences.append(
+            f"Runs with different {settings} are ranked apart: their values are not comparable."
+        )
+    for group, rows in groups:
+        best = rows.iloc[0]
+        value = _mean_std(best[f"{metric.name}_mean"], best[f"{metric.name}_std"], metric.digits)
+        runs = int(best["runs"])
+        among = f" among {group}" if len(groups) > 1 else ""
+        text = (
+            f"Best{among}: **{best['variant']}**, {value} over {runs} run"
+            f"{'s' if runs != 1 else ''}."
+        )
+        ties = list(rows.loc[rows["ties_best"] == "yes", "variant"])
+        if ties:
+            text += f" Within one standard deviation of it (a tie): {', '.join(ties)}."
+        elif (rows["ties_best"] == "no").any():
+            text += " No other variant lies within one standard deviation of it."
+        sentences.append(text)
     if (table["runs"] == 1).any():
-        text += (
-            " Variants with a single run show no spread: one run cannot estimate it, so"
+        sentences.append(
+            "Variants with a single run show no spread: one run cannot estimate it, so"
             " ties with them cannot be judged."
         )
-    return text
+    return " ".join(sentences)
+
+
+def comparison_name(group: str) -> str:
+    """"loss.recon=bce, data.dataset=mnist" -> "loss.recon/data.dataset"."""
+    return "/".join(part.split("=", 1)[0] for part in group.split(", "))
 
 
 Block = tuple[str, Any]  # ("h1"|"h2"|"p", text) | ("table", DataFrame) | ("img", (path, caption))
@@ -420,7 +489,7 @@ Block = tuple[str, Any]  # ("h1"|"h2"|"p", text) | ("table", DataFrame) | ("img"
 
 def report_blocks(
     run_set: RunSet, table: pd.DataFrame, metric: ReportMetric, figures: list[Path],
-    best: pd.Series, pictures: list[Path],
+    bests: list[tuple[pd.Series, list[Path]]],
 ) -> list[Block]:
     invocations = (
         f"invocation {run_set.parents.iloc[-1]['tags.mlflow.runName']}"
@@ -456,10 +525,11 @@ def report_blocks(
     ]
     for figure in figures:
         blocks.append(("img", (figure, captions[figure.name])))
-    if pictures:
-        blocks.append(("h2", f"Best variant: {best['variant']} (run {best['name']})"))
+    for best, pictures in bests:
+        among = f", among {best['compared_within']}" if len(bests) > 1 else ""
+        blocks.append(("h2", f"Best variant{among}: {best['variant']} (run {best['name']})"))
         for picture in pictures:
-            caption = picture.name.removeprefix("best_").removesuffix(".png")
+            caption = f"{best['name']}: {picture.stem.rsplit('_', 1)[-1]}"
             blocks.append(("img", (picture, caption)))
     return blocks
 
@@ -558,17 +628,22 @@ def make_report(
     folder.mkdir(parents=True, exist_ok=True)
     table.to_csv(folder / "leaderboard.csv", index=False)
     figures = write_figures(run_set, table, folder)
-    best = best_run(run_set, table, chosen)
-    pictures = fetch_best_pictures(run_set, best["run_id"], folder)
-    blocks = report_blocks(run_set, table, chosen, figures, best, pictures)
+    bests = []
+    for run in best_runs(run_set, table, chosen):
+        group = table.loc[table["variant"] == run["variant"], "compared_within"].item()
+        prefix = picture_prefix(group, table["compared_within"].nunique())
+        run = run.copy()
+        run["compared_within"] = group
+        bests.append((run, fetch_best_pictures(run_set, run["run_id"], folder, prefix)))
+    blocks = report_blocks(run_set, table, chosen, figures, bests)
     (folder / "report.md").write_text(render_markdown(blocks))
     (folder / "report.html").write_text(render_html(blocks, f"vaebench report: {name}"))
     files = [folder / "leaderboard.csv", folder / "report.md", folder / "report.html"]
-    files += figures + pictures
+    files += figures + [picture for _, pictures in bests for picture in pictures]
     client = open_client(uri)
     for path in files:
         client.log_artifact(run_set.report_parent, str(path), REPORT_ARTIFACT_PATH)
-    report = Report(folder, table, chosen, files, str(best["run_id"]))
+    report = Report(folder, table, chosen, files, [str(run["run_id"]) for run, _ in bests])
     print_report(report, stream)
     return report
 
