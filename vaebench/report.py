@@ -459,12 +459,8 @@ def verdict(table: pd.DataFrame, metric: ReportMetric) -> str:
     for group, rows in groups:
         best = rows.iloc[0]
         value = _mean_std(best[f"{metric.name}_mean"], best[f"{metric.name}_std"], metric.digits)
-        runs = int(best["runs"])
         among = f" among {group}" if len(groups) > 1 else ""
-        text = (
-            f"Best{among}: **{best['variant']}**, {value} over {runs} run"
-            f"{'s' if runs != 1 else ''}."
-        )
+        text = f"Best{among}: **{best['variant']}**, {value} over {count(best['runs'], 'run')}."
         ties = list(rows.loc[rows["ties_best"] == "yes", "variant"])
         if ties:
             text += f" Within one standard deviation of it (a tie): {', '.join(ties)}."
@@ -477,6 +473,10 @@ def verdict(table: pd.DataFrame, metric: ReportMetric) -> str:
             " ties with them cannot be judged."
         )
     return " ".join(sentences)
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def comparison_name(group: str) -> str:
@@ -499,10 +499,10 @@ def report_blocks(
     not_finished = int((run_set.runs["status"] != "FINISHED").sum())
     source = (
         f"Experiment {run_set.experiment} in {run_set.uri}, {invocations}: "
-        f"{len(run_set.finished)} finished runs in {len(table)} variants"
-        + (f"; {not_finished} runs not finished, left out" if not_finished else "")
+        f"{count(len(run_set.finished), 'finished run')} in {count(len(table), 'variant')}"
+        + (f"; {count(not_finished, 'run')} not finished, left out" if not_finished else "")
         + (
-            f"; {run_set.repeats} earlier reruns of the same config and seed, left out"
+            f"; {count(run_set.repeats, 'earlier rerun')} of the same config and seed, left out"
             if run_set.repeats
             else ""
         )
