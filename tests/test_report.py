@@ -21,6 +21,7 @@ from vaebench.cli import main
 from vaebench.config import VaebenchError
 from vaebench.report import (
     METRICS,
+    display_table,
     leaderboard,
     picture_prefix,
     render_html,
@@ -138,6 +139,43 @@ def test_a_rerun_of_the_same_seed_is_not_a_second_sample():
     )
 
 
+def test_a_metric_missing_on_some_runs_is_counted_per_metric():
+    rows = [child("a-s0", 1, 0, -100.0, nmi=0.5), child("a-s1", 1, 1, -110.0),
+            child("a-s2", 1, 2, -120.0)]
+    table = board(rows, "nmi")
+    assert table.loc["a", "runs"] == 3 and table.loc["a", "nmi_count"] == 1
+    assert np.isnan(table.loc["a", "nmi_std"]) and table.loc["a", "test_elbo_count"] == 3
+    shown = display_table(table.reset_index(), METRICS["nmi"]).set_index("variant")
+    assert shown.loc["a", "NMI"] == "0.500 (n=1)"
+    assert "single run show no spread" in verdict(table.reset_index(), METRICS["nmi"])
+
+
+def test_variants_without_the_metric_are_listed_unranked():
+    rows = [{**child("mn-s0", 1, 0, -100.0, nmi=0.5), "params.data.dataset": "mnist"},
+            {**child("fa-s0", 1, 0, -200.0), "params.data.dataset": "fashion_mnist"},
+            {**child("dead-s0", 4, 0, float("nan")), "params.data.dataset": "mnist",
+             "status": "FAILED"}]
+    table = board(rows, "nmi")
+    assert table.loc["mn", "ties_best"] == "best" and table.loc["mn", "rank"] == 1
+    assert pd.isna(table.loc["fa", "rank"]) and table.loc["fa", "ties_best"] == ""
+    assert table.loc["dead", "runs"] == 0 and table.loc["dead", "not_finished"] == 1
+    text = verdict(table.reset_index(), METRICS["nmi"])
+    assert "Best among data.dataset=mnist: **mn**" in text and "**fa**" not in text
+    assert "Unranked, without a value of nmi: " in text
+
+
+def test_labels_drop_the_seed_and_partial_params_do_not_count_as_varied():
+    rows = [{**child(f"s{seed}", 1, seed, -100.0 - seed), "params.data.subset": "512"}
+            for seed in range(2)]
+    rows.append({"tags.mlflow.runName": "trial-bad", "params.loss.beta": "2",
+                 "params.seed": "0", "status": "FAILED"})  # an invalid trial's few params
+    run_set = run_set_from_frame(search_frame(rows), "grid", "1", "sqlite:///x.db")
+    assert run_set.runs["variant"].tolist() == ["all seeds", "all seeds", "trial-bad"]
+    table = leaderboard(run_set, METRICS["test_elbo"])
+    assert "data.subset" not in table and "model.arch" not in table
+    assert table["runs"].tolist() == [2, 0]
+
+
 def test_a_metric_no_run_has_is_a_clear_error():
     with pytest.raises(VaebenchError, match="no run has the metric 'nmi'; these do: test_elbo"):
         board([child("a-s0", 1, 0, -100.0)], "nmi")
@@ -169,8 +207,10 @@ def test_report_errors_are_one_line_and_create_no_store(tmp_path, capsys):
     MlflowClient(f"sqlite:///{db}").create_experiment("other")
     assert main(["report", "x", "--tracking-uri", f"sqlite:///{db}"]) == 2
     assert "no experiment named 'x'" in capsys.readouterr().err
-    assert main(["report", "other", "--tracking-uri", f"sqlite:///{db}", "--metric", "x"]) == 2
-    assert "--metric 'x': choose one of test_elbo" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "other", "--tracking-uri", f"sqlite:///{db}", "--metric", "x"])
+    assert exit_info.value.code == 2
+    assert "argument --metric: invalid choice: 'x'" in capsys.readouterr().err
 
 
 # --- end to end: a 3-seed grid in a real store ---------------------------------------------

@@ -87,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--metric",
         default=DEFAULT_METRIC,
-        help=f"what decides the best variant (default: {DEFAULT_METRIC}); one of "
-        + ", ".join(METRIC_NAMES),
+        choices=METRIC_NAMES,
+        help=f"what decides the best variant (default: {DEFAULT_METRIC})",
     )
     _tracking_uri(report)
     _results_dir(report, "the report <name>/")

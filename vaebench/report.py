@@ -55,6 +55,8 @@ METRICS = {
 }
 DEFAULT_METRIC = "test_elbo"
 BEST_PICTURES = ("samples.png", "reconstructions.png", "latent.png", "digits.png")
+DOCUMENTS = ("leaderboard.csv", "report.md", "report.html")
+FIGURES = ("rate_distortion.png", "elbo_by_epoch.png", "clustering.png", "epoch_seconds.png")
 REPORT_ARTIFACT_PATH = "report"
 # Settings across which numbers mean different things, so runs differing in them are ranked
 # apart: the data (another test set), and for loss_units metrics the reconstruction loss
@@ -62,7 +64,8 @@ REPORT_ARTIFACT_PATH = "report"
 DATA_PARAMS = ("params.data.dataset", "params.data.binarize")
 LOSS_UNIT_PARAM = "params.loss.recon"
 ALL_RUNS = "all runs"
-SEED_SUFFIX = re.compile(r"-s-?\d+$")
+# a run name's seed token, with the "-<key>" a grid adds to names that would repeat
+SEED_SUFFIX = re.compile(r"(^|-)s-?\d+(-[0-9a-f]{6})?$")
 
 
 @dataclass
@@ -151,7 +154,7 @@ def run_set_from_frame(
         column = f"metrics.{metric.mlflow_key}"
         runs[metric.name] = runs[column] if column in runs else np.nan
     params = sorted(c for c in runs if c.startswith("params.") and c != "params.seed")
-    runs[params] = runs[params].fillna("")
+    runs[params] = runs[params].astype(object).fillna("")
     runs = runs.sort_values("start_time").reset_index(drop=True)
     runs, repeats = drop_repeats(runs)
     runs["variant"] = variant_labels(runs, params)
@@ -188,7 +191,7 @@ def variant_labels(runs: pd.DataFrame, params: list[str]) -> pd.Series:
     for key, name in zip(keys, runs["name"], strict=True):
         if key in labels:
             continue
-        label = SEED_SUFFIX.sub("", str(name)) or str(name)
+        label = SEED_SUFFIX.sub("", str(name)) or "all seeds"
         candidate, count = label, 1
         while candidate in taken:
             count += 1
@@ -204,7 +207,7 @@ def varied_params(runs: pd.DataFrame, params: list[str]) -> list[str]:
 
 def comparison_params(run_set: RunSet, metric: ReportMetric) -> list[str]:
     """The varied settings across which the metric's values are not comparable."""
-    varied = varied_params(run_set.runs, run_set.param_columns)
+    varied = varied_params(run_set.finished, run_set.param_columns)
     keys = [*DATA_PARAMS, LOSS_UNIT_PARAM] if metric.loss_units else list(DATA_PARAMS)
     return [k for k in keys if k in varied]
 
@@ -224,11 +227,13 @@ def present_metrics(runs: pd.DataFrame) -> list[ReportMetric]:
 
 
 def leaderboard(run_set: RunSet, metric: ReportMetric) -> pd.DataFrame:
-    """One row per variant, best first: mean, standard deviation (NaN for one run) and run
-    count of every metric, and whether the variant ties with the best within one std.
+    """One row per variant, best first: mean, standard deviation (NaN for one value) and
+    count of every metric over the variant's finished runs, and whether the variant ties
+    with the best within one std.
 
     Variants are ranked within their comparison group (``compared_within``): a BCE
-    ELBO is not ranked against an MSE one, nor MNIST against Fashion-MNIST.
+    ELBO is not ranked against an MSE one, nor MNIST against Fashion-MNIST. A
+    variant without a value of the metric (every run failed, say) is listed unranked.
     """
     finished = run_set.finished
     if finished.empty:
@@ -236,41 +241,39 @@ def leaderboard(run_set: RunSet, metric: ReportMetric) -> pd.DataFrame:
     if finished[metric.name].isna().all():
         known = ", ".join(m.name for m in present_metrics(finished))
         raise VaebenchError(f"no run has the metric {metric.name!r}; these do: {known}")
-    varied = varied_params(run_set.runs, run_set.param_columns)
+    varied = varied_params(finished, run_set.param_columns)
     metrics = [m.name for m in present_metrics(finished)]
-    finished = finished.assign(
-        compared_within=comparison_groups(finished, comparison_params(run_set, metric))
+    runs = run_set.runs.assign(
+        compared_within=comparison_groups(run_set.runs, comparison_params(run_set, metric)),
+        finished=run_set.runs["status"] == "FINISHED",
     )
-    groups = finished.groupby("variant", sort=False)
-    stats = groups[metrics].agg(["mean", "std"])
+    stats = runs[runs["finished"]].groupby("variant")[metrics].agg(["mean", "std", "count"])
     stats.columns = [f"{name}_{stat}" for name, stat in stats.columns]
+    every = runs.groupby("variant", sort=False)
     table = pd.concat(
         [
-            groups[varied].first().rename(columns=lambda c: c.removeprefix("params.")),
-            groups["compared_within"].first(),
-            groups.size().rename("runs"),
-            run_set.runs[run_set.runs["status"] != "FINISHED"]
-            .groupby("variant")
-            .size()
-            .rename("not_finished"),
+            every[[*varied, "compared_within"]]
+            .first()
+            .rename(columns=lambda c: c.removeprefix("params.")),
+            every["finished"].sum().rename("runs"),
+            (~runs["finished"]).groupby(runs["variant"]).sum().rename("not_finished"),
             stats,
         ],
         axis=1,
-        join="outer",
     )
-    table = table[table["runs"].notna()]
-    table["runs"] = table["runs"].astype(int)
-    table["not_finished"] = table["not_finished"].fillna(0).astype(int)
+    counts = [f"{name}_count" for name in metrics]
+    table[counts] = table[counts].fillna(0).astype(int)
     table = table.sort_values(
         ["compared_within", f"{metric.name}_mean"],
         ascending=[True, not metric.higher_is_better],
         na_position="last",
     )
     table = table.rename_axis("variant").reset_index()
-    in_group = table.groupby("compared_within", sort=False)
-    table.insert(0, "rank", in_group.cumcount() + 1)
+    ranked = table[f"{metric.name}_mean"].notna()
+    table.insert(0, "rank", pd.Series(pd.NA, index=table.index, dtype="Int64"))
+    table.loc[ranked, "rank"] = table[ranked].groupby("compared_within").cumcount() + 1
     table["ties_best"] = ""
-    for _, rows in in_group:
+    for _, rows in table[ranked].groupby("compared_within", sort=False):
         table.loc[rows.index, "ties_best"] = ties_with_best(rows, metric)
     return table
 
@@ -278,12 +281,12 @@ def leaderboard(run_set: RunSet, metric: ReportMetric) -> pd.DataFrame:
 def ties_with_best(table: pd.DataFrame, metric: ReportMetric) -> list[str]:
     """"best" for the first row; "yes"/"no" for whether a variant's mean lies within one
     standard deviation (the larger of the two) of the best's; "" when either has a
-    single run, whose spread is unknown."""
+    single value, whose spread is unknown."""
     mean, std = table[f"{metric.name}_mean"], table[f"{metric.name}_std"]
     best_mean, best_std = mean.iloc[0], std.iloc[0]
     marks = ["best"]
     for value, spread in zip(mean.iloc[1:], std.iloc[1:], strict=True):
-        if np.isnan(spread) or np.isnan(best_std) or np.isnan(value):
+        if np.isnan(spread) or np.isnan(best_std):
             marks.append("")
         else:
             marks.append("yes" if abs(value - best_mean) <= max(spread, best_std) else "no")
@@ -297,12 +300,14 @@ def _line_label(row: pd.Series, columns: list[str]) -> str:
     return "-".join(str(row[c]) for c in columns) or "runs"
 
 
-def rate_distortion_figure(run_set: RunSet, path: Path) -> Path:
+def rate_distortion_figure(run_set: RunSet, path: Path) -> Path | None:
     """KL against reconstruction, a point per run; a line joins the per-beta means of one
     architecture/loss/optimizer (every varied param but beta). A panel per reconstruction
     loss when the grid varies it, as BCE and MSE are in different units."""
     runs = run_set.finished.dropna(subset=["test_kl", "test_recon"])
-    varied = varied_params(run_set.runs, run_set.param_columns)
+    if runs.empty:
+        return None
+    varied = varied_params(run_set.finished, run_set.param_columns)
     panel_keys = comparison_params(run_set, METRICS["test_recon"])
     line_keys = [p for p in varied if p != "params.loss.beta" and p not in panel_keys]
     beta = "params.loss.beta" if "params.loss.beta" in runs else None
@@ -313,7 +318,7 @@ def rate_distortion_figure(run_set: RunSet, path: Path) -> Path:
         for _, line in in_panel.groupby(line_keys, sort=False) if line_keys else [("", in_panel)]:
             label = _line_label(line.iloc[0], line_keys)
             by_beta = (
-                line.assign(_beta=line[beta].astype(float)).groupby("_beta")
+                line.assign(_beta=pd.to_numeric(line[beta], errors="coerce")).groupby("_beta")
                 if beta
                 else [(None, line)]
             )
@@ -329,7 +334,7 @@ def rate_distortion_figure(run_set: RunSet, path: Path) -> Path:
     )
 
 
-def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path:
+def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path | None:
     """Test ELBO against epoch per variant (MLflow metric history): the mean over seeds with a
     band of one standard deviation when there are several."""
     client = open_client(run_set.uri)
@@ -361,6 +366,8 @@ def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path:
                 list(mean + std) if several else None,
             )
         )
+    if not panels:
+        return None
     return save_curves(path, panels, "epoch", "test ELBO", integer_x=True)
 
 
@@ -374,16 +381,21 @@ def bars_figure(table: pd.DataFrame, metrics: list[ReportMetric], path: Path) ->
 
 
 def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Path]:
+    """The figures the runs have data for (see FIGURES)."""
     present = {m.name for m in present_metrics(run_set.finished)}
+    shown = table[table["runs"] > 0]
     figures = [
         rate_distortion_figure(run_set, folder / "rate_distortion.png"),
-        elbo_curve_figure(run_set, list(table["variant"]), folder / "elbo_by_epoch.png"),
+        elbo_curve_figure(run_set, list(shown["variant"]), folder / "elbo_by_epoch.png"),
     ]
     clustering = [METRICS[n] for n in ("nmi", "accuracy") if n in present]
     if clustering:
-        figures.append(bars_figure(table, clustering, folder / "clustering.png"))
-    figures.append(bars_figure(table, [METRICS["epoch_seconds"]], folder / "epoch_seconds.png"))
-    return figures
+        figures.append(bars_figure(shown, clustering, folder / "clustering.png"))
+    if "epoch_seconds" in present:
+        figures.append(
+            bars_figure(shown, [METRICS["epoch_seconds"]], folder / "epoch_seconds.png")
+        )
+    return [f for f in figures if f is not None]
 
 
 def best_runs(run_set: RunSet, table: pd.DataFrame, metric: ReportMetric) -> list[pd.Series]:
@@ -423,7 +435,8 @@ def picture_prefix(group: str, groups: int) -> str:
 
 def display_table(table: pd.DataFrame, metric: ReportMetric) -> pd.DataFrame:
     """The leaderboard as text: "mean ± std" (just the mean for one run)."""
-    shown = pd.DataFrame({"rank": table["rank"], "variant": table["variant"]})
+    rank = table["rank"].map(lambda r: "" if pd.isna(r) else str(r))
+    shown = pd.DataFrame({"rank": rank, "variant": table["variant"]})
     if table["compared_within"].nunique() > 1:
         shown["ranked within"] = table["compared_within"]
     shown["runs"] = table["runs"].astype(str)
@@ -431,8 +444,11 @@ def display_table(table: pd.DataFrame, metric: ReportMetric) -> pd.DataFrame:
         if f"{m.name}_mean" not in table:
             continue
         shown[m.label] = [
-            _mean_std(mean, std, m.digits)
-            for mean, std in zip(table[f"{m.name}_mean"], table[f"{m.name}_std"], strict=True)
+            _mean_std(mean, std, m.digits) + (f" (n={n})" if 0 < n < runs else "")
+            for mean, std, n, runs in zip(
+                table[f"{m.name}_mean"], table[f"{m.name}_std"], table[f"{m.name}_count"],
+                table["runs"], strict=True,
+            )
         ]
     shown[f"ties best ({metric.name})"] = table["ties_best"]
     if table["not_finished"].any():
@@ -449,17 +465,20 @@ def _mean_std(mean: float, std: float, digits: int) -> str:
 def verdict(table: pd.DataFrame, metric: ReportMetric) -> str:
     """Who is best (per comparison group), who ties, and what cannot be judged."""
     direction = "higher" if metric.higher_is_better else "lower"
-    groups = list(table.groupby("compared_within", sort=False))
+    ranked = table[table["rank"].notna()]
+    groups = list(ranked.groupby("compared_within", sort=False))
+    several = table["compared_within"].nunique() > 1
     sentences = [f"Ranked on {metric.label}, {direction} is better."]
-    if len(groups) > 1:
-        settings = " and ".join(dict.fromkeys(comparison_name(g) for g, _ in groups))
+    if several:
+        names = table["compared_within"].unique()
+        settings = " and ".join(dict.fromkeys(comparison_name(g) for g in names))
         sentences.append(
             f"Runs with different {settings} are ranked apart: their values are not comparable."
         )
     for group, rows in groups:
         best = rows.iloc[0]
         value = _mean_std(best[f"{metric.name}_mean"], best[f"{metric.name}_std"], metric.digits)
-        among = f" among {group}" if len(groups) > 1 else ""
+        among = f" among {group}" if several else ""
         text = f"Best{among}: **{best['variant']}**, {value} over {count(best['runs'], 'run')}."
         ties = list(rows.loc[rows["ties_best"] == "yes", "variant"])
         if ties:
@@ -467,11 +486,14 @@ def verdict(table: pd.DataFrame, metric: ReportMetric) -> str:
         elif (rows["ties_best"] == "no").any():
             text += " No other variant lies within one standard deviation of it."
         sentences.append(text)
-    if (table["runs"] == 1).any():
+    if (ranked[f"{metric.name}_count"] == 1).any():
         sentences.append(
             "Variants with a single run show no spread: one run cannot estimate it, so"
             " ties with them cannot be judged."
         )
+    if (table["rank"].isna()).any():
+        unranked = ", ".join(table.loc[table["rank"].isna(), "variant"])
+        sentences.append(f"Unranked, without a value of {metric.name}: {unranked}.")
     return " ".join(sentences)
 
 
@@ -626,19 +648,21 @@ def make_report(
     table = leaderboard(run_set, chosen)
     folder = Path(results_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*DOCUMENTS, *FIGURES, *(p.name for p in folder.glob("best_*.png"))]:
+        (folder / stale).unlink(missing_ok=True)  # an earlier report's, e.g. another group's
     table.to_csv(folder / "leaderboard.csv", index=False)
     figures = write_figures(run_set, table, folder)
     bests = []
     for run in best_runs(run_set, table, chosen):
         group = table.loc[table["variant"] == run["variant"], "compared_within"].item()
-        prefix = picture_prefix(group, table["compared_within"].nunique())
+        prefix = picture_prefix(group, int((table["ties_best"] == "best").sum()))
         run = run.copy()
         run["compared_within"] = group
         bests.append((run, fetch_best_pictures(run_set, run["run_id"], folder, prefix)))
     blocks = report_blocks(run_set, table, chosen, figures, bests)
     (folder / "report.md").write_text(render_markdown(blocks))
     (folder / "report.html").write_text(render_html(blocks, f"vaebench report: {name}"))
-    files = [folder / "leaderboard.csv", folder / "report.md", folder / "report.html"]
+    files = [folder / document for document in DOCUMENTS]
     files += figures + [picture for _, pictures in bests for picture in pictures]
     client = open_client(uri)
     for path in files:

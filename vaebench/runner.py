@@ -298,14 +298,16 @@ def run_grid(
 
 
 def report_invocation(uri: str, name: str, results_dir: str | Path, parent: str) -> Path | None:
-    """The report of the invocation just run; when there is nothing to report (every run
-    failed), say so instead of failing the grid."""
+    """The report of the invocation just run. The grid's runs are tracked by now, so a
+    report that cannot be made (every run failed, say) is one line on stderr, and
+    ``vaebench report`` can be run again later; it does not turn a grid into a crash."""
     from vaebench.report import make_report
 
     try:
         return make_report(name, uri, results_dir, parent_id=parent).folder
-    except VaebenchError as exc:
-        print(f"vaebench: no report: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        kind = "" if isinstance(exc, VaebenchError) else f"{type(exc).__name__}: "
+        print(f"vaebench: no report: {kind}{exc}", file=sys.stderr)
         return None
 
 
