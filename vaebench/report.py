@@ -50,7 +50,7 @@ METRICS = {
         ReportMetric(
             "conditional_accuracy", "conditional_accuracy", "conditional accuracy", True, 3
         ),
-        ReportMetric("epoch_seconds", "mean_epoch_seconds", "seconds per epoch", False, 2),
+        ReportMetric("epoch_seconds", "mean_epoch_seconds", "seconds per epoch", False, 3),
     )
 }
 DEFAULT_METRIC = "test_elbo"
