@@ -79,6 +79,7 @@ class RunSet:
     runs: pd.DataFrame  # their child runs, every status
     param_columns: list[str]  # "params.*" columns that define a variant (all but the seed)
     repeats: int = 0  # finished reruns of the same config and seed, left out
+    client: Any = None  # the MlflowClient the runs were read with
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -123,9 +124,11 @@ def select_runs(
         raise VaebenchError(f"no experiment named {name!r} in {uri}; experiments: {known}")
     mlflow.set_tracking_uri(uri)
     frame = mlflow.search_runs(experiment_ids=[experiment.experiment_id])
-    return run_set_from_frame(
+    run_set = run_set_from_frame(
         frame, name, experiment.experiment_id, uri, all_invocations, parent_id
     )
+    run_set.client = client
+    return run_set
 
 
 def run_set_from_frame(
@@ -212,6 +215,11 @@ def comparison_params(run_set: RunSet, metric: ReportMetric) -> list[str]:
     return [k for k in keys if k in varied]
 
 
+def groups_for(run_set: RunSet, runs: pd.DataFrame, metric: ReportMetric) -> pd.Series:
+    """Each of ``runs``' comparison group for ``metric``."""
+    return comparison_groups(runs, comparison_params(run_set, metric))
+
+
 def comparison_groups(runs: pd.DataFrame, params: list[str]) -> pd.Series:
     """Each run's comparison group as text ("loss.recon=bce"), or "all runs"."""
     if not params:
@@ -244,7 +252,7 @@ def leaderboard(run_set: RunSet, metric: ReportMetric) -> pd.DataFrame:
     varied = varied_params(finished, run_set.param_columns)
     metrics = [m.name for m in present_metrics(finished)]
     runs = run_set.runs.assign(
-        compared_within=comparison_groups(run_set.runs, comparison_params(run_set, metric)),
+        compared_within=groups_for(run_set, run_set.runs, metric),
         finished=run_set.runs["status"] == "FINISHED",
     )
     stats = runs[runs["finished"]].groupby("variant")[metrics].agg(["mean", "std", "count"])
@@ -337,12 +345,12 @@ def rate_distortion_figure(run_set: RunSet, path: Path) -> Path | None:
 def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path | None:
     """Test ELBO against epoch per variant (MLflow metric history): the mean over seeds with a
     band of one standard deviation when there are several."""
-    client = open_client(run_set.uri)
+    client = run_set.client
     finished = run_set.finished
     group_of = dict(
         zip(
             finished["variant"],
-            comparison_groups(finished, comparison_params(run_set, METRICS["test_elbo"])),
+            groups_for(run_set, finished, METRICS["test_elbo"]),
             strict=True,
         )
     )
@@ -399,19 +407,22 @@ def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Pa
 
 
 def best_runs(run_set: RunSet, table: pd.DataFrame, metric: ReportMetric) -> list[pd.Series]:
-    """Per comparison group, the best variant's run that scored best on the metric."""
+    """Per comparison group, the best variant's run that scored best on the metric, with
+    its group as ``compared_within``."""
     chosen = []
-    for variant in table.loc[table["ties_best"] == "best", "variant"]:
+    for variant, group in table.loc[
+        table["ties_best"] == "best", ["variant", "compared_within"]
+    ].itertuples(index=False):
         runs = run_set.finished[run_set.finished["variant"] == variant]
         runs = runs.sort_values(metric.name, ascending=not metric.higher_is_better)
-        chosen.append(runs.iloc[0])
+        chosen.append(pd.concat([runs.iloc[0], pd.Series({"compared_within": group})]))
     return chosen
 
 
 def fetch_best_pictures(run_set: RunSet, run_id: str, folder: Path, prefix: str) -> list[Path]:
     """Copy a best run's pictures from its MLflow artifacts as ``<prefix><name>.png``."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    client = open_client(run_set.uri)
+    client = run_set.client
     available = {a.path for a in client.list_artifacts(run_id)}
     copied = []
     with tempfile.TemporaryDirectory(prefix="vaebench-report-") as scratch:
@@ -652,21 +663,23 @@ def make_report(
         (folder / stale).unlink(missing_ok=True)  # an earlier report's, e.g. another group's
     table.to_csv(folder / "leaderboard.csv", index=False)
     figures = write_figures(run_set, table, folder)
-    bests = []
-    for run in best_runs(run_set, table, chosen):
-        group = table.loc[table["variant"] == run["variant"], "compared_within"].item()
-        prefix = picture_prefix(group, int((table["ties_best"] == "best").sum()))
-        run = run.copy()
-        run["compared_within"] = group
-        bests.append((run, fetch_best_pictures(run_set, run["run_id"], folder, prefix)))
+    runs = best_runs(run_set, table, chosen)
+    bests = [
+        (
+            run,
+            fetch_best_pictures(
+                run_set, run["run_id"], folder, picture_prefix(run["compared_within"], len(runs))
+            ),
+        )
+        for run in runs
+    ]
     blocks = report_blocks(run_set, table, chosen, figures, bests)
     (folder / "report.md").write_text(render_markdown(blocks))
     (folder / "report.html").write_text(render_html(blocks, f"vaebench report: {name}"))
     files = [folder / document for document in DOCUMENTS]
     files += figures + [picture for _, pictures in bests for picture in pictures]
-    client = open_client(uri)
     for path in files:
-        client.log_artifact(run_set.report_parent, str(path), REPORT_ARTIFACT_PATH)
+        run_set.client.log_artifact(run_set.report_parent, str(path), REPORT_ARTIFACT_PATH)
     report = Report(folder, table, chosen, files, [str(run["run_id"]) for run, _ in bests])
     print_report(report, stream)
     return report
