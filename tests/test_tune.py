@@ -20,7 +20,7 @@ from vaebench.tune import JOURNAL, MEMORY, STATUS, open_storage, resolve_storage
 
 TINY_BASE = """\
 base:
-  data: {subset: 256}
+  data: {subset: 256, validation: 1000}
   model: {arch: mlp, hidden: [16], z_dim: 2}
   train: {epochs: 2, batch_size: 64, eval_batch_size: 5000, device: cpu}
 """
@@ -32,7 +32,7 @@ name: prune
 space:
   optim.lr: {{type: categorical, choices: [1.0e-3, 1.0e-6]}}
   loss.beta: {{type: float, low: 0.5, high: 2.0}}
-objectives: [{{metric: test_elbo, direction: maximize}}]
+objectives: [{{metric: val_elbo, direction: maximize}}]
 sampler: random
 pruner: {{name: median, n_startup_trials: 1, n_warmup_steps: 0}}
 n_trials: 4
@@ -114,7 +114,7 @@ def test_every_problem_is_one_line_naming_file_and_key(tmp_path):
           model.z_dim: {{type: float, low: 2, high: 8}}
         objectives:
           - {{metric: test_elbow, direction: maximize}}
-          - {{metric: nmi, direction: upwards}}
+          - {{metric: val_nmi, direction: upwards}}
         sampler: annealing
         pruner: median
         n_trials: 0
@@ -147,21 +147,29 @@ def test_every_problem_is_one_line_naming_file_and_key(tmp_path):
 @pytest.mark.parametrize(
     ("body", "key", "fragment"),
     [
-        ("space: {}\nobjectives: [{metric: test_elbo, direction: maximize}]",
+        ("space: {}\nobjectives: [{metric: val_elbo, direction: maximize}]",
          "space", "empty search space"),
         ("space: {loss.beta: {type: float, low: 1, high: 4}}\nsampler: grid\n"
-         "objectives: [{metric: test_elbo, direction: maximize}]",
+         "objectives: [{metric: val_elbo, direction: maximize}]",
          "space.loss.beta", "grid sampler needs finite values"),
         ("space: {loss.beta: [1, 4]}\npruner: median\n"
-         "objectives: [{metric: ari, direction: maximize}]",
+         "objectives: [{metric: val_ari, direction: maximize}]",
          "pruner", "known only after the last epoch"),
+        ("space: {loss.beta: [1, 4]}\nobjectives: [{metric: test_elbo, direction: maximize}]",
+         "objectives[0].metric", "scored on the test split, which must not choose what it "
+         "then reports (that is selecting on the test set); select on val_elbo"),
+        ("space: {loss.beta: [1, 4]}\nobjectives: [{metric: test_nmi, direction: maximize}]",
+         "objectives[0].metric", "select on val_nmi"),
+        ("space: {data.validation: [0, 100]}\n"
+         "objectives: [{metric: val_elbo, direction: maximize}]",
+         "objectives[0].metric", "needs a validation split, and data.validation can be 0"),
         ("space: {loss.beta: [1, 4]}\n"
-         "objectives: [{metric: test_kl_z, direction: minimize}]",
+         "objectives: [{metric: val_kl_z, direction: minimize}]",
          "objectives[0].metric", "not reported by mlp models"),
-        ("space: {loss.recon: [bce, bce]}\nobjectives: [{metric: test_elbo, direction: maximize}]",
+        ("space: {loss.recon: [bce, bce]}\nobjectives: [{metric: val_elbo, direction: maximize}]",
          "space.loss.recon.choices", "repeated choice"),
         ("space: {loss.beta: [1, 4]}\npruner: {name: median, patience: 2}\n"
-         "objectives: [{metric: test_elbo, direction: maximize}]",
+         "objectives: [{metric: val_elbo, direction: maximize}]",
          "pruner.patience", "unknown option of median"),
     ],
 )
@@ -187,12 +195,12 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 def test_shipped_studies_validate():
     single, pareto = load_study(EXPERIMENTS / "study.yaml"), load_study(EXPERIMENTS / "pareto.yaml")
-    assert single.metrics == ["test_elbo"] and single.pruner == "median"
+    assert single.metrics == ["val_elbo"] and single.pruner == "median"
     assert set(single.space) == {
         "loss.beta", "optim.lr", "model.z_dim", "model.hidden", "optim.name"
     }
     assert single.space["optim.lr"].log and single.base["data"]["subset"] <= 20000
-    assert pareto.metrics == ["test_elbo", "nmi"] and pareto.pruner == "none"
+    assert pareto.metrics == ["val_elbo", "val_nmi"] and pareto.pruner == "none"
     assert pareto.base["model"]["arch"] == "gumbel"
 
 
@@ -242,8 +250,9 @@ def test_trials_and_mlflow_runs_agree(pruned_then_resumed):
         assert run.data.params["optim.lr"] == str(trial.params["optim.lr"])
         assert run.data.params["loss.beta"] == str(trial.params["loss.beta"])
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            assert run.data.metrics["objective.test_elbo"] == pytest.approx(trial.value)
-            assert run.data.metrics["test_elbo"] == pytest.approx(trial.value)
+            assert run.data.metrics["objective.val_elbo"] == pytest.approx(trial.value)
+            assert run.data.metrics["val_elbo"] == pytest.approx(trial.value)
+            assert run.data.metrics["test_elbo"] == pytest.approx(trial.user_attrs["test_elbo"])
         if trial.state == optuna.trial.TrialState.PRUNED:
             assert max(trial.intermediate_values) < 2  # stopped before the last epoch
 
@@ -266,6 +275,10 @@ def test_trials_csv_and_figures(pruned_then_resumed, capsys):
     assert list(table["mlflow_run_id"]) == [t.user_attrs["mlflow_run_id"] for t in study.trials]
     assert list(table["state"]) == [t.state.name for t in study.trials]
     assert list(table.loc[table["best"], "number"]) == [study.best_trial.number]
+    # the best trial is the best on validation; its test score is beside it, not chosen on
+    complete = table[table["state"] == "COMPLETE"]
+    assert table.loc[table["best"], "value_val_elbo"].item() == complete["value_val_elbo"].max()
+    assert complete["test_elbo"].notna().all()
     for figure in ("optimization_history.png", "intermediate_values.png"):
         assert (results / figure).stat().st_size > 0
     parents, _ = mlflow_runs(folder, "prune")
@@ -299,7 +312,7 @@ def test_failing_trial_is_fail_and_failed_and_the_study_goes_on(
         {textwrap.indent(TINY_BASE, "        ").strip()}
         space:
           model.arch: [exploding, mlp]
-        objectives: [{{metric: test_elbo, direction: maximize}}]
+        objectives: [{{metric: val_elbo, direction: maximize}}]
         sampler: grid
         n_trials: 2
         """)
@@ -331,15 +344,15 @@ def test_two_objectives_print_and_save_a_pareto_front(store, mnist_root, capsys)
     path = write(store / "front.yaml", """\
         name: front
         base:
-          data: {subset: 256}
+          data: {subset: 256, validation: 1000}
           model: {arch: gumbel, hidden: [16], z_dim: 2, categories: 10}
           train: {epochs: 2, batch_size: 64, eval_batch_size: 5000, device: cpu}
         space:
           model.tau: [0.5, [1.0, 0.5]]
           loss.beta: {type: float, low: 0.5, high: 4.0, log: true}
         objectives:
-          - {metric: test_elbo, direction: maximize}
-          - {metric: nmi, direction: maximize}
+          - {metric: val_elbo, direction: maximize}
+          - {metric: val_nmi, direction: maximize}
         sampler: {name: nsga2, population_size: 4}
         n_trials: 3
         """)
@@ -348,13 +361,16 @@ def test_two_objectives_print_and_save_a_pareto_front(store, mnist_root, capsys)
     out = capsys.readouterr().out
     study = load(store, "front", JOURNAL + str(journal))
     front = sorted(t.number for t in study.best_trials)
-    assert f"Pareto front ({len(front)} trials; maximize test_elbo, maximize nmi):" in out
+    goals = "maximize val_elbo, maximize val_nmi"
+    assert f"Pareto front on validation ({len(front)} trials; {goals})" in out
     for number in front:
-        assert f"  trial {number}: test_elbo=" in out
+        assert f"  trial {number}: val_elbo=" in out
+    assert out.count("[test_elbo=") == len(front)  # each chosen trial's test score beside it
     results = store / "results" / "front"
     table = pd.read_csv(results / "trials.csv")
     assert sorted(table.loc[table["best"], "number"]) == front
-    assert {"values_test_elbo", "values_nmi", "params_model.tau"} <= set(table.columns)
+    columns = {"values_val_elbo", "values_val_nmi", "test_elbo", "test_nmi", "params_model.tau"}
+    assert columns <= set(table.columns)
     assert (results / "pareto_front.png").stat().st_size > 0
     _, children = mlflow_runs(store, "front")
     assert_trials_match_runs(study, children)

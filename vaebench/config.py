@@ -1,7 +1,7 @@
 """Typed run configuration, grid files, and the errors users can cause.
 
-A run is described by :class:`RunConfig` (data, model, loss, optim, train
-sections plus a seed). Grid files are read into :class:`GridSpec`; every
+A run is described by :class:`RunConfig` (data, model, loss, optim, train,
+eval sections plus a seed). Grid files are read into :class:`GridSpec`; every
 problem in a file is reported as one line naming the file and the dotted key.
 """
 
@@ -44,7 +44,14 @@ OPTIMIZERS = ("adam", "rmsprop")
 class DataConfig(_Section):
     dataset: Literal["mnist", "fashion_mnist", "kmnist"] = "mnist"
     binarize: Literal["none", "dynamic", "static"] = "none"
-    subset: int | None = Field(default=None, ge=1, description="first N training images")
+    validation: int = Field(
+        default=10000,
+        ge=0,
+        description="the last N training images held out as the validation split (0: none)",
+    )
+    subset: int | None = Field(
+        default=None, ge=1, description="first N training images of what validation leaves"
+    )
 
 
 class ModelConfig(_Section):
@@ -123,6 +130,19 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class EvalConfig(_Section):
+    """How the trained model is scored; every run of a split sees the same random draws."""
+
+    samples: int = Field(
+        default=1, ge=1, description="posterior samples averaged in each ELBO estimate"
+    )
+    iwae_samples: int = Field(
+        default=0,
+        ge=0,
+        description="test NLL by importance sampling with K samples after training (0: off)",
+    )
+
+
 class RunConfig(_Section):
     """Everything that determines one training run."""
 
@@ -131,6 +151,7 @@ class RunConfig(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     seed: int = 0
 
 
@@ -182,10 +203,25 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
+    """Problems of settings that are valid alone but not together."""
+    problems = []
+    if config.eval.iwae_samples and (config.data.binarize == "none" or config.loss.recon != "bce"):
+        problems.append(
+            (
+                "eval.iwae_samples",
+                "a log-likelihood needs binary pixels and a Bernoulli decoder (data.binarize: "
+                "dynamic or static, loss.recon: bce): BCE on grey-level pixels or MSE is not "
+                "a likelihood",
+            )
+        )
+    return problems
+
+
 def run_config_problems(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Validate a run config tree; return ``(dotted.key, message)`` for each problem."""
     try:
-        RunConfig.model_validate(tree)
+        return cross_section_problems(RunConfig.model_validate(tree))
     except ValidationError as exc:
         problems = []
         for item in exc.errors():
@@ -197,7 +233,6 @@ def run_config_problems(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
                 message = message.removeprefix("Value error, ")
             problems.append((key, message))
         return problems
-    return []
 
 
 def override_problems(

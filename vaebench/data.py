@@ -26,7 +26,9 @@ import torch
 from vaebench.config import DataConfig, VaebenchError
 
 DATA_ENV = "VAEBENCH_DATA"
-STATIC_BINARIZE_SEED = 1234  # every run sees the same fixed binarization
+# Fixed Bernoulli draws of binarized splits, one seed per split (the same for every run):
+# the test split's draw is independent of the training one, as the literature's protocol asks.
+BINARIZE_SEEDS = {"train": 1234, "validation": 2345, "test": 3456}
 
 
 class DataError(VaebenchError):
@@ -246,7 +248,10 @@ class Split:
 
 @dataclass
 class Splits:
+    """Train, validation (held out of the training images; None with ``validation: 0``), test."""
+
     train: Split
+    validation: Split | None
     test: Split
     dynamic_binarize: bool = False
 
@@ -263,32 +268,63 @@ def to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> Sp
     )
 
 
-def binarize_fixed(split: Split) -> Split:
+def binarize_fixed(split: Split, seed: int) -> Split:
     """One fixed Bernoulli draw of every pixel (the same for every run)."""
-    generator = torch.Generator(device="cpu").manual_seed(STATIC_BINARIZE_SEED)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     draw = torch.rand(split.images.shape, generator=generator).to(split.images.device)
     return Split(images=(draw < split.images).to(split.images.dtype), labels=split.labels)
 
 
+def split_training_images(
+    count: int, validation: int, subset: int | None, dataset: str = "mnist"
+) -> tuple[slice, slice]:
+    """(training slice, validation slice) of the ``count`` training images.
+
+    Validation is the last ``validation`` images; ``subset`` takes the first
+    images of what remains, so every run and seed sees the same validation split.
+    """
+    if validation >= count:
+        raise DataError(
+            f"data.validation: {validation} leaves none of the {count} training images of "
+            f"{dataset} to train on"
+        )
+    remaining = count - validation
+    if subset is not None and subset > remaining:
+        raise DataError(
+            f"data.subset: {subset} exceeds the {remaining} training images of {dataset} "
+            f"that data.validation ({validation}) leaves"
+        )
+    return slice(0, subset if subset is not None else remaining), slice(remaining, count)
+
+
 def load_splits(config: DataConfig, root: Path, device: torch.device) -> Splits:
-    """Both splits of ``config.dataset`` on ``device``, subset and binarized as configured.
+    """The splits of ``config.dataset`` on ``device``, held out, subset and binarized as
+    configured.
 
     ``dynamic`` binarization redraws training pixels every batch (the trainer does
-    it); the test split gets the fixed draw so evaluations stay comparable.
+    it); validation and test get one fixed draw each so evaluations stay comparable.
     """
     arrays = load_arrays(config.dataset, root)
-    train_images, train_labels = arrays["train"]
-    if config.subset is not None:
-        if config.subset > len(train_images):
-            raise DataError(
-                f"data.subset: {config.subset} exceeds the {len(train_images)} training images "
-                f"of {config.dataset}"
-            )
-        train_images, train_labels = train_images[: config.subset], train_labels[: config.subset]
-    train = to_split(train_images, train_labels, device)
+    images, labels = arrays["train"]
+    train_part, validation_part = split_training_images(
+        len(images), config.validation, config.subset, config.dataset
+    )
+    train = to_split(images[train_part], labels[train_part], device)
+    validation = (
+        to_split(images[validation_part], labels[validation_part], device)
+        if config.validation
+        else None
+    )
     test = to_split(*arrays["test"], device)
     if config.binarize == "static":
-        train = binarize_fixed(train)
+        train = binarize_fixed(train, BINARIZE_SEEDS["train"])
     if config.binarize in ("static", "dynamic"):
-        test = binarize_fixed(test)
-    return Splits(train=train, test=test, dynamic_binarize=config.binarize == "dynamic")
+        test = binarize_fixed(test, BINARIZE_SEEDS["test"])
+        if validation is not None:
+            validation = binarize_fixed(validation, BINARIZE_SEEDS["validation"])
+    return Splits(
+        train=train,
+        validation=validation,
+        test=test,
+        dynamic_binarize=config.binarize == "dynamic",
+    )

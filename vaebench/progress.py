@@ -25,7 +25,9 @@ class RunProgress:
         )
 
     def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        summary = f"loss={metrics['train_loss']:.2f} test_elbo={metrics['test_elbo']:.2f}"
+        summary = f"loss={metrics['train_loss']:.2f}"
+        if "val_elbo" in metrics:  # absent with data.validation: 0
+            summary += f" val_elbo={metrics['val_elbo']:.2f}"
         if self.bar is not None:
             self.bar.set_postfix_str(summary, refresh=False)
             self.bar.update(1)

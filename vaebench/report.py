@@ -23,37 +23,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vaebench.catalogue import CONDITIONAL, MetricInfo, selection_problem
+from vaebench.catalogue import METRICS as CATALOGUE
 from vaebench.config import VaebenchError
 from vaebench.plots import Bars, Curve, save_bars, save_curves
 from vaebench.tracking import resolve_tracking_uri, sqlite_path
 
-
-@dataclass(frozen=True)
-class ReportMetric:
-    name: str  # column in the leaderboard and the name --metric takes
-    mlflow_key: str  # the MLflow metric it is read from
-    label: str
-    higher_is_better: bool
-    digits: int
-    loss_units: bool = False  # in the reconstruction loss's units: BCE and MSE runs differ
-
-
-METRICS = {
-    m.name: m
-    for m in (
-        ReportMetric("test_elbo", "test_elbo", "test ELBO", True, 2, loss_units=True),
-        ReportMetric("test_recon", "test_recon", "reconstruction", False, 2, True),
-        ReportMetric("test_kl", "test_kl", "KL (nats)", False, 2),
-        ReportMetric("nmi", "nmi", "NMI", True, 3),
-        ReportMetric("accuracy", "accuracy", "cluster accuracy", True, 3),
-        ReportMetric("ari", "ari", "ARI", True, 3),
-        ReportMetric(
-            "conditional_accuracy", "conditional_accuracy", "conditional accuracy", True, 3
-        ),
-        ReportMetric("epoch_seconds", "mean_epoch_seconds", "seconds per epoch", False, 3),
-    )
-}
-DEFAULT_METRIC = "test_elbo"
+# the leaderboard's columns, in order: selection metrics on validation, test beside them
+REPORTED = (
+    "val_elbo", "test_elbo", "test_nll", "test_recon", "test_kl", "val_nmi", "test_nmi",
+    "test_accuracy", "test_ari", "conditional_accuracy", "mean_epoch_seconds",
+)
+METRICS = {name: CATALOGUE[name] for name in REPORTED}
+RANKABLE = tuple(name for name in REPORTED if selection_problem(name) is None)
+DEFAULT_METRIC = "val_elbo"
 BEST_PICTURES = ("samples.png", "reconstructions.png", "latent.png", "digits.png")
 DOCUMENTS = ("leaderboard.csv", "report.md", "report.html")
 FIGURES = ("rate_distortion.png", "elbo_by_epoch.png", "clustering.png", "epoch_seconds.png")
@@ -63,6 +46,9 @@ REPORT_ARTIFACT_PATH = "report"
 # (a BCE ELBO and an MSE one, SSE + KL, are on different scales).
 DATA_PARAMS = ("params.data.dataset", "params.data.binarize")
 LOSS_UNIT_PARAM = "params.loss.recon"
+# a cvae's ELBO bounds log p(x|y): the label is given, worth up to ln 10 nats, so it is
+# ranked apart from models that bound log p(x)
+BOUND_COLUMN = "likelihood_of"
 ALL_RUNS = "all runs"
 # a run name's seed token, with the "-<key>" a grid adds to names that would repeat
 SEED_SUFFIX = re.compile(r"(^|-)s-?\d+(-[0-9a-f]{6})?$")
@@ -95,7 +81,7 @@ class RunSet:
 class Report:
     folder: Path
     leaderboard: pd.DataFrame
-    metric: ReportMetric
+    metric: MetricInfo
     files: list[Path] = field(default_factory=list)
     best_runs: list[str] = field(default_factory=list)  # one per comparison group
 
@@ -154,8 +140,10 @@ def run_set_from_frame(
         raise VaebenchError(f"experiment {name!r}: the invocation has no runs")
     runs["name"] = runs["tags.mlflow.runName"]
     for metric in METRICS.values():
-        column = f"metrics.{metric.mlflow_key}"
+        column = f"metrics.{metric.name}"
         runs[metric.name] = runs[column] if column in runs else np.nan
+    arch = runs.get("params.model.arch", pd.Series("", index=runs.index))
+    runs[BOUND_COLUMN] = np.where(arch.isin(CONDITIONAL), "p(x|y)", "p(x)")
     params = sorted(c for c in runs if c.startswith("params.") and c != "params.seed")
     runs[params] = runs[params].astype(object).fillna("")
     runs = runs.sort_values("start_time").reset_index(drop=True)
@@ -164,18 +152,23 @@ def run_set_from_frame(
     return RunSet(name, experiment_id, uri, parents, runs, params, repeats)
 
 
-def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Keep the latest finished run of each config and seed (tag ``vaebench.run_key``).
+RERUN_TAGS = ("tags.vaebench.run_key", "tags.vaebench.device", "tags.vaebench.code")
 
-    A deterministic rerun of the same seed is not a new sample: counted twice it
-    would shrink the spread (``--all`` over a grid run twice).
+
+def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Keep the latest finished run of each config, seed, device and code version.
+
+    A deterministic rerun of the same seed on the same device and code is not a
+    new sample: counted twice it would shrink the spread (``--all`` over a grid
+    run twice). On another device or code version it is one: floating-point
+    paths differ.
     """
-    key = "tags.vaebench.run_key"
-    if key not in runs:
+    if RERUN_TAGS[0] not in runs:
         return runs, 0
+    keys = runs.reindex(columns=list(RERUN_TAGS)).astype(object).fillna("").agg("|".join, axis=1)
     finished = runs["status"] == "FINISHED"
-    earlier = runs.loc[finished, key].duplicated(keep="last")
-    repeated = earlier.reindex(runs.index, fill_value=False) & runs[key].notna()
+    earlier = keys[finished].duplicated(keep="last")
+    repeated = earlier.reindex(runs.index, fill_value=False) & runs[RERUN_TAGS[0]].notna()
     return runs[~repeated].reset_index(drop=True), int(repeated.sum())
 
 
@@ -208,14 +201,16 @@ def varied_params(runs: pd.DataFrame, params: list[str]) -> list[str]:
     return [p for p in params if runs[p].nunique() > 1]
 
 
-def comparison_params(run_set: RunSet, metric: ReportMetric) -> list[str]:
+def comparison_params(run_set: RunSet, metric: MetricInfo) -> list[str]:
     """The varied settings across which the metric's values are not comparable."""
-    varied = varied_params(run_set.finished, run_set.param_columns)
-    keys = [*DATA_PARAMS, LOSS_UNIT_PARAM] if metric.loss_units else list(DATA_PARAMS)
+    varied = varied_params(run_set.finished, [*run_set.param_columns, BOUND_COLUMN])
+    keys = list(DATA_PARAMS)
+    if metric.loss_units:
+        keys += [LOSS_UNIT_PARAM, BOUND_COLUMN]
     return [k for k in keys if k in varied]
 
 
-def groups_for(run_set: RunSet, runs: pd.DataFrame, metric: ReportMetric) -> pd.Series:
+def groups_for(run_set: RunSet, runs: pd.DataFrame, metric: MetricInfo) -> pd.Series:
     """Each of ``runs``' comparison group for ``metric``."""
     return comparison_groups(runs, comparison_params(run_set, metric))
 
@@ -230,11 +225,11 @@ def comparison_groups(runs: pd.DataFrame, params: list[str]) -> pd.Series:
     )
 
 
-def present_metrics(runs: pd.DataFrame) -> list[ReportMetric]:
+def present_metrics(runs: pd.DataFrame) -> list[MetricInfo]:
     return [m for m in METRICS.values() if runs[m.name].notna().any()]
 
 
-def leaderboard(run_set: RunSet, metric: ReportMetric) -> pd.DataFrame:
+def leaderboard(run_set: RunSet, metric: MetricInfo) -> pd.DataFrame:
     """One row per variant, best first: mean, standard deviation (NaN for one value) and
     count of every metric over the variant's finished runs, and whether the variant ties
     with the best within one std.
@@ -286,7 +281,7 @@ def leaderboard(run_set: RunSet, metric: ReportMetric) -> pd.DataFrame:
     return table
 
 
-def ties_with_best(table: pd.DataFrame, metric: ReportMetric) -> list[str]:
+def ties_with_best(table: pd.DataFrame, metric: MetricInfo) -> list[str]:
     """"best" for the first row; "yes"/"no" for whether a variant's mean lies within one
     standard deviation (the larger of the two) of the best's; "" when either has a
     single value, whose spread is unknown."""
@@ -343,14 +338,14 @@ def rate_distortion_figure(run_set: RunSet, path: Path) -> Path | None:
 
 
 def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path | None:
-    """Test ELBO against epoch per variant (MLflow metric history): the mean over seeds with a
-    band of one standard deviation when there are several."""
+    """Validation ELBO against epoch per variant (MLflow metric history): the mean over seeds
+    with a band of one standard deviation when there are several."""
     client = run_set.client
     finished = run_set.finished
     group_of = dict(
         zip(
             finished["variant"],
-            groups_for(run_set, finished, METRICS["test_elbo"]),
+            groups_for(run_set, finished, METRICS["val_elbo"]),
             strict=True,
         )
     )
@@ -358,7 +353,7 @@ def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path | N
     for variant in order:
         series = {}
         for run_id in finished.loc[finished["variant"] == variant, "run_id"]:
-            history = client.get_metric_history(run_id, "test_elbo")
+            history = client.get_metric_history(run_id, "val_elbo")
             series[run_id] = pd.Series({m.step: m.value for m in history})
         if not series:
             continue
@@ -376,10 +371,10 @@ def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path | N
         )
     if not panels:
         return None
-    return save_curves(path, panels, "epoch", "test ELBO", integer_x=True)
+    return save_curves(path, panels, "epoch", "validation ELBO", integer_x=True)
 
 
-def bars_figure(table: pd.DataFrame, metrics: list[ReportMetric], path: Path) -> Path:
+def bars_figure(table: pd.DataFrame, metrics: list[MetricInfo], path: Path) -> Path:
     labels = list(table["variant"])
     panels = {
         m.label: Bars(labels, list(table[f"{m.name}_mean"]), list(table[f"{m.name}_std"]))
@@ -396,17 +391,17 @@ def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Pa
         rate_distortion_figure(run_set, folder / "rate_distortion.png"),
         elbo_curve_figure(run_set, list(shown["variant"]), folder / "elbo_by_epoch.png"),
     ]
-    clustering = [METRICS[n] for n in ("nmi", "accuracy") if n in present]
+    clustering = [METRICS[n] for n in ("test_nmi", "test_accuracy") if n in present]
     if clustering:
         figures.append(bars_figure(shown, clustering, folder / "clustering.png"))
-    if "epoch_seconds" in present:
+    if "mean_epoch_seconds" in present:
         figures.append(
-            bars_figure(shown, [METRICS["epoch_seconds"]], folder / "epoch_seconds.png")
+            bars_figure(shown, [METRICS["mean_epoch_seconds"]], folder / "epoch_seconds.png")
         )
     return [f for f in figures if f is not None]
 
 
-def best_runs(run_set: RunSet, table: pd.DataFrame, metric: ReportMetric) -> list[pd.Series]:
+def best_runs(run_set: RunSet, table: pd.DataFrame, metric: MetricInfo) -> list[pd.Series]:
     """Per comparison group, the best variant's run that scored best on the metric, with
     its group as ``compared_within``."""
     chosen = []
@@ -444,7 +439,7 @@ def picture_prefix(group: str, groups: int) -> str:
 # --- documents ---------------------------------------------------------------------------
 
 
-def display_table(table: pd.DataFrame, metric: ReportMetric) -> pd.DataFrame:
+def display_table(table: pd.DataFrame, metric: MetricInfo) -> pd.DataFrame:
     """The leaderboard as text: "mean ± std" (just the mean for one run)."""
     rank = table["rank"].map(lambda r: "" if pd.isna(r) else str(r))
     shown = pd.DataFrame({"rank": rank, "variant": table["variant"]})
@@ -473,7 +468,7 @@ def _mean_std(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def verdict(table: pd.DataFrame, metric: ReportMetric) -> str:
+def verdict(table: pd.DataFrame, metric: MetricInfo) -> str:
     """Who is best (per comparison group), who ties, and what cannot be judged."""
     direction = "higher" if metric.higher_is_better else "lower"
     ranked = table[table["rank"].notna()]
@@ -508,6 +503,41 @@ def verdict(table: pd.DataFrame, metric: ReportMetric) -> str:
     return " ".join(sentences)
 
 
+def measurement_notes(run_set: RunSet, metric: MetricInfo) -> str:
+    """What the numbers are: which split selects, which are bounds, and on what."""
+    finished = run_set.finished
+    notes = [
+        f"Variants are ranked on {metric.name} (validation split, held out of the training "
+        "images); test columns score the same runs on the test split once, after training, "
+        "and are shown beside, never used to rank."
+        if metric.split == "validation"
+        else f"Variants are ranked on {metric.name}; test columns are shown beside."
+    ]
+    binarize = finished.get("params.data.binarize", pd.Series(dtype=object))
+    recon = finished.get("params.loss.recon", pd.Series(dtype=object))
+    if ((binarize == "none") & (recon == "bce")).any():
+        notes.append(
+            "ELBO and reconstruction of runs with data.binarize none are BCE on grey-level "
+            "pixels: not a likelihood bound (grey-level pixels); compare them with each "
+            "other, not with published log-likelihoods."
+        )
+    if (recon == "mse").any():
+        notes.append("With loss.recon mse the ELBO is squared error plus KL: not a bound.")
+    if (finished[BOUND_COLUMN] == "p(x|y)").any():
+        notes.append(
+            "cvae runs are given the label: their ELBO bounds log p(x|y), not log p(x), and "
+            "their clusters are not scored."
+        )
+    if "test_nll" in finished and finished["test_nll"].notna().any():
+        samples = sorted(set(finished.get("params.eval.iwae_samples", pd.Series(dtype=object))))
+        notes.append(
+            "test NLL: -log p(x) in nats per image, estimated by importance sampling (IWAE) with "
+            f"K = {', '.join(map(str, samples))} samples on binary pixels; the estimate is an "
+            "upper bound on the NLL in expectation."
+        )
+    return " ".join(notes)
+
+
 def count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -521,7 +551,7 @@ Block = tuple[str, Any]  # ("h1"|"h2"|"p", text) | ("table", DataFrame) | ("img"
 
 
 def report_blocks(
-    run_set: RunSet, table: pd.DataFrame, metric: ReportMetric, figures: list[Path],
+    run_set: RunSet, table: pd.DataFrame, metric: MetricInfo, figures: list[Path],
     bests: list[tuple[pd.Series, list[Path]]],
 ) -> list[Block]:
     invocations = (
@@ -535,7 +565,8 @@ def report_blocks(
         f"{count(len(run_set.finished), 'finished run')} in {count(len(table), 'variant')}"
         + (f"; {count(not_finished, 'run')} not finished, left out" if not_finished else "")
         + (
-            f"; {count(run_set.repeats, 'earlier rerun')} of the same config and seed, left out"
+            f"; {count(run_set.repeats, 'earlier rerun')} of the same config, seed, device and "
+            "code, left out"
             if run_set.repeats
             else ""
         )
@@ -544,16 +575,18 @@ def report_blocks(
     captions = {
         "rate_distortion.png": "Rate and distortion: KL against reconstruction, a dot per run; "
         "lines join the per-β means of one setting.",
-        "elbo_by_epoch.png": "Test ELBO by epoch: the mean over seeds, with a band of one "
+        "elbo_by_epoch.png": "Validation ELBO by epoch: the mean over seeds, with a band of one "
         "standard deviation where a variant has several.",
-        "clustering.png": "Clustering: NMI and accuracy of the clusters (whiskers: one std).",
-        "epoch_seconds.png": "Training seconds per epoch (whiskers: one std).",
+        "clustering.png": "Clustering on the test split: NMI and accuracy of the clusters "
+        "(whiskers: one std).",
+        "epoch_seconds.png": "Training seconds per epoch after the first (whiskers: one std).",
     }
     blocks: list[Block] = [
         ("h1", f"vaebench report: {run_set.experiment}"),
         ("p", source),
         ("h2", "Leaderboard"),
         ("p", verdict(table, metric)),
+        ("p", measurement_notes(run_set, metric)),
         ("table", display_table(table, metric)),
     ]
     for figure in figures:
@@ -651,8 +684,9 @@ def make_report(
     """Write ``results/<name>/``: leaderboard.csv, report.md, report.html and the figures,
     and log them as artifacts (under ``report/``) of the covered invocation's parent run."""
     stream = stream or sys.stdout
-    if metric not in METRICS:
-        raise VaebenchError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if metric not in RANKABLE:
+        why = selection_problem(metric) if metric in CATALOGUE else None
+        raise VaebenchError(f"--metric {metric!r}: {why or 'choose one of ' + ', '.join(RANKABLE)}")
     chosen = METRICS[metric]
     uri = resolve_tracking_uri(tracking_uri)
     run_set = select_runs(uri, name, all_invocations, parent_id)

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from vaebench.classifier import conditional_accuracy, load_classifier
-from vaebench.config import DataConfig, VaebenchError, load_grid
+from vaebench.config import DataConfig, VaebenchError, cross_section_problems, load_grid
 from vaebench.data import Splits, load_splits, resolve_root
 from vaebench.grid import RunSpec, expand
 from vaebench.models import build_model
@@ -35,11 +35,13 @@ from vaebench.train import TrainResult, build_optimizer, fit, resolve_device
 SUMMARY_COLUMNS = [
     "name",
     "status",
+    "val_elbo",
     "test_elbo",
-    "test_recon",
+    "test_nll",
     "test_kl",
-    "nmi",
-    "epoch_seconds",
+    "val_nmi",
+    "test_nmi",
+    "mean_epoch_seconds",
     "seconds",
 ]
 
@@ -71,6 +73,8 @@ def preflight(runs: Sequence[RunSpec], data_root: Path) -> dict[tuple[str, str],
     splits: dict[tuple[str, str], Splits] = {}
     checked: set[str] = set()
     for run in runs:
+        for key, message in cross_section_problems(run.config):
+            raise VaebenchError(f"{run.name}: {key}: {message}")
         device = resolve_device(run.config.train.device)
         data_key = (run.config.data.model_dump_json(), str(device))
         if data_key not in splits:
@@ -158,31 +162,41 @@ def summarize(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(what is logged after the last epoch, every final value of the run).
 
-    The summary holds the scores (clustering, conditional accuracy), seconds,
-    mean epoch seconds and parameter count; the final values add the last
-    epoch's metrics, with ``epoch_seconds`` as the mean over epochs.
+    The summary holds what training scored after the last epoch (test metrics,
+    clustering scores, likelihood, timing), the conditional accuracy, seconds
+    and parameter count; the final values add the last epoch's metrics.
     """
-    scores = {**result.scores, **extra_scores(run, result.model, classifiers)}
-    mean_epoch = sum(m.epoch_seconds for m in result.history) / len(result.history)
     summary = {
-        **scores,
+        **result.summary,
+        **extra_scores(run, result.model, classifiers),
         "seconds": result.seconds,
-        "mean_epoch_seconds": mean_epoch,
         "parameters": float(sum(p.numel() for p in result.model.parameters())),
     }
-    return summary, {**result.final.as_dict(), **summary, "epoch_seconds": mean_epoch}
+    return summary, {**result.final.as_dict(), **summary}
+
+
+def code_version() -> str:
+    """vaebench's git commit where its source is a checkout, else its package version."""
+    import vaebench
+
+    return git_commit(Path(vaebench.__file__).resolve().parent) or vaebench.__version__
 
 
 def base_tags(**extra: str) -> dict[str, str]:
-    """Tags every run of an invocation carries: versions and, in a git repo, the commit."""
+    """Tags every run of an invocation carries: versions and vaebench's code version.
+
+    A report treats runs of one config and seed as reruns (one sample) only when
+    their device and ``vaebench.code`` agree too.
+    """
+    code = code_version()
     tags = {
         **extra,
         "vaebench.torch": torch.__version__,
         "vaebench.python": platform.python_version(),
+        "vaebench.code": code,
     }
-    commit = git_commit(Path.cwd())
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+    if len(code) == 40:  # a git commit
+        tags["mlflow.source.git.commit"] = code
     return tags
 
 

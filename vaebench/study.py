@@ -5,17 +5,20 @@ line naming the file and the dotted key (``study.yaml: space.optim.lr: log
 needs low > 0``), exactly like grid files, before anything is created. This
 module knows Optuna's vocabulary (sampler, pruner, distribution names) but does
 not import optuna: :mod:`vaebench.tune` builds the Optuna objects from a spec.
+Objectives are validation metrics (or metrics of no split, such as seconds): a
+test metric is rejected, as selecting on it would leak the test split into the
+choice (see :mod:`vaebench.catalogue`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vaebench.catalogue import METRICS, SELECTABLE, selection_problem
 from vaebench.config import (
     ConfigError,
     check_dotted_key,
@@ -23,7 +26,6 @@ from vaebench.config import (
     override_problems,
     read_spec_header,
 )
-from vaebench.train import EpochMetrics
 
 STUDY_KEYS = (
     "name",
@@ -62,39 +64,6 @@ PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
     "hyperband": ("min_resource", "max_resource", "reduction_factor", "bootstrap_count"),
     "none": (),
 }
-
-# Metrics an objective may name, and which model families report them. ``None`` means every
-# family. Per-epoch metrics are EpochMetrics' fields plus its extras; final ones are the scores
-# after the last epoch (vaebench.train.final_scores, vaebench.runner.extra_scores) and the
-# run summary. Only a per-epoch metric can be reported to a pruner.
-_CATEGORICAL = ("gumbel",)  # families with a categorical latent: KL parts, tau and nmi per epoch
-EPOCH_METRICS: dict[str, tuple[str, ...] | None] = {
-    **{f.name: None for f in dataclasses.fields(EpochMetrics) if f.name not in ("epoch", "extra")},
-    "test_kl_z": _CATEGORICAL,
-    "test_kl_c": _CATEGORICAL,
-    "tau": _CATEGORICAL,
-    "nmi": _CATEGORICAL,
-}
-FINAL_METRICS: dict[str, tuple[str, ...] | None] = {
-    "nmi": None,
-    "ari": None,
-    "accuracy": None,
-    "active_units": None,
-    "conditional_accuracy": ("cvae",),
-    "seconds": None,
-    "mean_epoch_seconds": None,
-    "parameters": None,
-}
-METRICS = tuple(dict.fromkeys([*EPOCH_METRICS, *FINAL_METRICS]))
-
-
-def reported_by(table: dict[str, tuple[str, ...] | None], metric: str, arch: str) -> bool:
-    """Whether runs of model family ``arch`` report ``metric`` (per epoch or at the end)."""
-    if metric not in table:
-        return False
-    families = table[metric]
-    return families is None or arch in families
-
 
 @dataclass(frozen=True)
 class Param:
@@ -209,16 +178,17 @@ def load_study(path: str | Path) -> StudySpec:
 
     archs = _archs(base, space)
     for index, objective in enumerate(objectives):
-        missing = [
-            arch
-            for arch in archs
-            if not reported_by(EPOCH_METRICS, objective.metric, arch)
-            and not reported_by(FINAL_METRICS, objective.metric, arch)
-        ]
-        if objective.metric in METRICS and missing:
+        info = METRICS[objective.metric]
+        missing = [arch for arch in archs if not info.reported_by(arch)]
+        if missing:
             problems.append(
                 f"{where}: objectives[{index}].metric: {objective.metric} is not reported by "
                 f"{', '.join(missing)} models, and model.arch can be {', '.join(missing)}"
+            )
+        if info.needs_validation and _without_validation(base, space):
+            problems.append(
+                f"{where}: objectives[{index}].metric: {objective.metric} needs a validation "
+                "split, and data.validation can be 0"
             )
     listed = raw.get("objectives")
     if len(objectives) > 1 or (isinstance(listed, list) and len(listed) > 1):
@@ -231,7 +201,7 @@ def load_study(path: str | Path) -> StudySpec:
             problems.append(f"{where}: sampler: {sampler} handles a single objective only")
     elif len(objectives) == 1 and pruner not in (None, "none"):
         metric = objectives[0].metric
-        if metric in METRICS and not any(reported_by(EPOCH_METRICS, metric, a) for a in archs):
+        if not any(METRICS[metric].reported_by(a, per_epoch=True) for a in archs):
             problems.append(
                 f"{where}: pruner: {metric} is known only after the last epoch "
                 f"for {', '.join(archs)} models, so nothing can be pruned; use pruner: none"
@@ -278,6 +248,16 @@ def load_study(path: str | Path) -> StudySpec:
         artifacts=artifacts,
         source=where,
     )
+
+
+def _without_validation(base: dict[str, Any], space: dict[str, Param]) -> bool:
+    """Whether a trial can run with ``data.validation: 0`` (no validation metrics)."""
+    if "data.validation" in space:
+        param = space["data.validation"]
+        values = param.choices if param.type == "categorical" else (param.low,)
+        return any(value == 0 for value in values)
+    data = base.get("data")
+    return isinstance(data, dict) and data.get("validation") == 0
 
 
 def _archs(base: dict[str, Any], space: dict[str, Param]) -> list[str]:
@@ -405,15 +385,16 @@ def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
         extra = [key for key in item if key not in ("metric", "direction")]
         problems += [f"{label}.{key}: unknown key; valid: metric, direction" for key in extra]
         metric, direction = item.get("metric"), item.get("direction")
-        if metric not in METRICS:
-            problems.append(
-                f"{label}.metric: unknown metric {metric!r}; valid: {', '.join(METRICS)}"
-            )
+        bad_metric = selection_problem(metric) if isinstance(metric, str) else None
+        if not isinstance(metric, str):
+            problems.append(f"{label}.metric: required; valid: {', '.join(SELECTABLE)}")
+        elif bad_metric:
+            problems.append(f"{label}.metric: {bad_metric}")
         if direction not in DIRECTIONS:
             problems.append(
                 f"{label}.direction: must be one of {', '.join(DIRECTIONS)} (got {direction!r})"
             )
-        if metric in METRICS and direction in DIRECTIONS:
+        if isinstance(metric, str) and not bad_metric and direction in DIRECTIONS:
             objectives.append(Objective(metric, direction))
     metrics = [item.get("metric") for item in raw if is_str_keyed(item)]
     for metric in dict.fromkeys(m for m in metrics if metrics.count(m) > 1):

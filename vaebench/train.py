@@ -2,7 +2,8 @@
 
 The whole split is on the device; a batch is an index slice of a per-epoch
 permutation; losses accumulate in device tensors and are read back once per
-epoch. This module imports neither mlflow nor optuna: the caller passes an
+epoch, together with the validation split's sums. The test split is scored once,
+after the last epoch. This module imports neither mlflow nor optuna: the caller passes an
 ``on_epoch`` callback to receive metrics.
 
 The step is written as a function of (model, optimizer, batch) so that a later
@@ -19,9 +20,17 @@ from dataclasses import dataclass, field
 import torch
 
 from vaebench.config import OptimConfig, RunConfig, VaebenchError
-from vaebench.data import Split, Splits
-from vaebench.losses import Objective, loss_terms, reconstruction
-from vaebench.metrics import active_units, clustering_scores, kmeans_clusters, nmi
+from vaebench.data import Splits
+from vaebench.evaluation import (
+    active_unit_metric,
+    cluster_metrics,
+    clusters_of,
+    evaluate,
+    likelihood_metrics,
+    read_scalars,
+)
+from vaebench.losses import Objective, loss_terms
+from vaebench.metrics import nmi
 from vaebench.models import build_model
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -31,7 +40,8 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 
 class TrainingDiverged(RuntimeError):
-    """The objective became NaN or infinite; the run is marked FAILED."""
+    """The training loss or a validation or test metric became NaN or infinite; the run is
+    marked FAILED with the reason."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,41 +72,50 @@ def build_optimizer(config: OptimConfig, params) -> torch.optim.Optimizer:
 
 @dataclass
 class EpochMetrics:
+    """What one epoch measured: training loss and timing, validation metrics if there is a
+    validation split (``val_elbo``, ``val_recon``, ``val_kl``, KL parts, ``val_nmi``, ``tau``)."""
+
     epoch: int
     train_loss: float  # the training objective per image, averaged over the epoch
-    test_elbo: float  # beta = 1 ELBO per image on the whole test split (higher is better)
-    test_recon: float
-    test_kl: float
     epoch_seconds: float  # training time of the epoch
     eval_seconds: float
     images_per_second: float
-    extra: dict[str, float] = field(default_factory=dict)  # KL parts, tau, nmi, ...
+    values: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
-        values = {k: v for k, v in self.__dict__.items() if k not in ("epoch", "extra")}
-        return {**values, **self.extra}
-
-
-@dataclass
-class Evaluation:
-    """Sums over a split (device tensors) and per-image latents for the scores."""
-
-    recon: torch.Tensor
-    kl: dict[str, torch.Tensor]
-    mu: torch.Tensor
-    categories: torch.Tensor | None  # argmax q(c|x), for models with a categorical latent
+        values = {k: v for k, v in self.__dict__.items() if k not in ("epoch", "values")}
+        return {**values, **self.values}
 
 
 @dataclass
 class TrainResult:
     model: torch.nn.Module
     history: list[EpochMetrics] = field(default_factory=list)
-    scores: dict[str, float] = field(default_factory=dict)  # final clustering scores
+    summary: dict[str, float] = field(default_factory=dict)  # known after the last epoch
     seconds: float = 0.0
 
     @property
     def final(self) -> EpochMetrics:
         return self.history[-1]
+
+
+def timing_summary(history: list[EpochMetrics], images: int) -> dict[str, float]:
+    """The first epoch (warm-up: allocations, kernel choices) apart, and the mean over the
+    others, on one basis: ``mean_images_per_second`` is images / ``mean_epoch_seconds``.
+    A single epoch gives only ``first_epoch_seconds``."""
+    seconds = [m.epoch_seconds for m in history]
+    summary = {"first_epoch_seconds": seconds[0]}
+    if len(seconds) > 1:
+        mean = sum(seconds[1:]) / (len(seconds) - 1)
+        summary.update(mean_epoch_seconds=mean, mean_images_per_second=images / mean)
+    return summary
+
+
+def check_finite(values: dict[str, float], when: str) -> None:
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if bad:
+        listed = ", ".join(f"{name} is {value}" for name, value in bad.items())
+        raise TrainingDiverged(f"{listed} {when}")
 
 
 def _sync(device: torch.device) -> None:
@@ -139,59 +158,28 @@ def train_epoch(
     return total
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, config: RunConfig) -> Evaluation:
-    """Sums of reconstruction and KL terms over a split (one posterior sample per image)."""
-    model.eval()
-    recon = torch.zeros((), device=split.images.device)
-    kl: dict[str, torch.Tensor] = {}
-    mus, categories = [], []
-    size = config.train.eval_batch_size
-    for start in range(0, len(split), size):
-        x, y = split.images[start : start + size], split.labels[start : start + size]
-        out = model(x, y)
-        recon += reconstruction(out.logits, x, config.loss.recon)
-        for name, value in model.kl_terms(out).items():
-            kl[name] = kl.get(name, 0) + value
-        mus.append(out.mu)
-        if out.category_logits is not None:
-            categories.append(out.category_logits.argmax(dim=1))
-    return Evaluation(
-        recon=recon,
-        kl=kl,
-        mu=torch.cat(mus),
-        categories=torch.cat(categories) if categories else None,
-    )
-
-
-def final_scores(evaluation: Evaluation, labels: torch.Tensor) -> dict[str, float]:
-    """NMI, ARI, Hungarian accuracy of the clusters and the number of active units."""
-    mu = evaluation.mu.cpu().numpy()
-    if evaluation.categories is not None:
-        clusters = evaluation.categories.cpu().numpy()
-    else:
-        clusters = kmeans_clusters(mu)
-    return {**clustering_scores(labels.cpu().numpy(), clusters), "active_units": active_units(mu)}
-
-
 def fit(
     config: RunConfig,
     splits: Splits,
     device: torch.device,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> TrainResult:
-    """Train one run from its config; same config and seed on CPU give the same numbers."""
+    """Train one run from its config; same config and seed on CPU give the same numbers.
+
+    Every epoch scores the validation split; the test split is scored once, after
+    the last epoch, into ``result.summary`` (with the clustering scores, the
+    likelihood estimate where ``eval.iwae_samples`` asks for it, and the timing).
+    """
     torch.manual_seed(config.seed)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     model = build_model(config.model, splits.image_shape).to(device)
     optimizer = build_optimizer(config.optim, model.parameters())
     objective = Objective(config.loss, getattr(model, "categories", None))
     result = TrainResult(model=model)
-    n_train, n_test = len(splits.train), len(splits.test)
+    n_train = len(splits.train)
     per_epoch = steps_per_epoch(n_train, config.train.batch_size)
-    test_labels = splits.test.labels.cpu().numpy()
+    validation = splits.validation
     started = time.perf_counter()
-    evaluation = None
     for epoch in range(1, config.train.epochs + 1):
         t0 = time.perf_counter()
         total = train_epoch(
@@ -199,37 +187,51 @@ def fit(
         )
         _sync(device)
         t1 = time.perf_counter()
-        evaluation = evaluate(model, splits.test, config)
-        names = list(evaluation.kl)
-        sums = torch.stack([total, evaluation.recon, *evaluation.kl.values()]).tolist()
-        train_sum, recon_sum, kl_sums = sums[0], sums[1], dict(zip(names, sums[2:], strict=True))
-        if not math.isfinite(train_sum):
-            raise TrainingDiverged(f"training loss is {train_sum} after epoch {epoch}")
-        extra = {}
-        if len(kl_sums) > 1:  # the parts of the KL, e.g. kl_z and kl_c
-            extra.update({f"test_{name}": value / n_test for name, value in kl_sums.items()})
+        sums = {"train": total}
+        evaluation = None
+        if validation is not None:
+            evaluation = evaluate(model, validation, "validation", config)
+            sums.update(evaluation.sums())
+        read = read_scalars(sums)
+        check_finite({"training loss": read["train"]}, f"after epoch {epoch}")
+        values = evaluation.metrics(read) if evaluation is not None else {}
+        if evaluation is not None and evaluation.categories is not None:
+            values["val_nmi"] = nmi(validation.labels.cpu().numpy(), clusters_of(evaluation))
+        check_finite(values, f"after epoch {epoch}")
         if hasattr(model, "tau"):
-            extra["tau"] = model.tau
-        if evaluation.categories is not None:  # argmax clusters cost nothing extra
-            clusters = evaluation.categories.cpu().numpy()
-            extra["nmi"] = nmi(test_labels, clusters)
+            values["tau"] = model.tau
         t2 = time.perf_counter()
-        kl_sum = sum(kl_sums.values())
         metrics = EpochMetrics(
             epoch=epoch,
-            train_loss=train_sum / n_train,
-            test_elbo=-(recon_sum + kl_sum) / n_test,
-            test_recon=recon_sum / n_test,
-            test_kl=kl_sum / n_test,
+            train_loss=read["train"] / n_train,
             epoch_seconds=t1 - t0,
             eval_seconds=t2 - t1,
             images_per_second=n_train / (t1 - t0),
-            extra=extra,
+            values=values,
         )
         result.history.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)
-    assert evaluation is not None
-    result.scores = final_scores(evaluation, splits.test.labels)
+    result.summary = {
+        **final_scores(model, splits, config),
+        **timing_summary(result.history, n_train),
+    }
     result.seconds = time.perf_counter() - started
     return result
+
+
+def final_scores(model: torch.nn.Module, splits: Splits, config: RunConfig) -> dict[str, float]:
+    """The test split's metrics, scored once; the clustering scores of validation and test
+    (not for conditional models, whose encoder or decoder sees the label); the test NLL."""
+    test = evaluate(model, splits.test, "test", config)
+    values = test.metrics(read_scalars(test.sums()))
+    values.update(active_unit_metric(test))
+    if not getattr(model, "uses_labels", False):
+        values.update(cluster_metrics(test, splits.test.labels))
+        if splits.validation is not None:
+            validation = evaluate(model, splits.validation, "validation", config)
+            values.update(cluster_metrics(validation, splits.validation.labels))
+    if config.eval.iwae_samples:
+        values.update(likelihood_metrics(model, splits.test, "test", config))
+    check_finite(values, "after training")
+    return values

@@ -37,6 +37,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from vaebench.catalogue import METRICS
 from vaebench.config import ConfigError, RunConfig, VaebenchError, run_config_problems, set_dotted
 from vaebench.data import resolve_root
 from vaebench.grid import RunSpec, run_key
@@ -211,6 +212,13 @@ def trial_run(spec: StudySpec, name: str, sampled: dict[str, Any]) -> RunSpec:
     return RunSpec(name, run_key(config), config, tuple(sampled.items()))
 
 
+def reported_beside(spec: StudySpec, final: dict[str, float]) -> dict[str, float]:
+    """The test scores shown beside a trial's validation objectives: each objective's test
+    counterpart, the test ELBO and, where estimated, the test NLL."""
+    names = [METRICS[m].counterpart for m in spec.metrics] + ["test_elbo", "test_nll"]
+    return {name: float(final[name]) for name in dict.fromkeys(names) if name in final}
+
+
 def objective_values(spec: StudySpec, final: dict[str, float]) -> list[float]:
     values = []
     for metric in spec.metrics:
@@ -308,6 +316,8 @@ class TrialObjective:
         result = fit(run.config, splits, device, on_epoch=on_epoch)
         summary, final = summarize(run, result, self.classifiers)
         values = objective_values(self.spec, final)
+        for name, value in reported_beside(self.spec, final).items():
+            trial.set_user_attr(name, value)
         objectives = {f"objective.{m}": v for m, v in zip(self.spec.metrics, values, strict=True)}
         self.tracker.log_metrics(run_id, {**summary, **objectives}, step=run.config.train.epochs)
         self.tracker.client.log_dict(run_id, run.config.model_dump(mode="json"), "config.yaml")
@@ -570,7 +580,8 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def write_trials(study: optuna.Study, best: list[FrozenTrial], folder: Path) -> Path:
-    """``trials.csv``: Optuna's trials dataframe, the MLflow run ids and a ``best`` column."""
+    """``trials.csv``: Optuna's trials dataframe (objectives on validation), each trial's test
+    scores beside them, the MLflow run ids and a ``best`` column."""
     folder.mkdir(parents=True, exist_ok=True)
     table = study.trials_dataframe(
         attrs=(
@@ -584,9 +595,7 @@ def write_trials(study: optuna.Study, best: list[FrozenTrial], folder: Path) -> 
             "duration",
         )
     )
-    table = table.rename(
-        columns={f"user_attrs_{RUN_ID_ATTR}": RUN_ID_ATTR, f"user_attrs_{PARENT_ATTR}": PARENT_ATTR}
-    )
+    table = table.rename(columns=lambda c: c.removeprefix("user_attrs_"))
     if "number" in table:
         numbers = {t.number for t in best}
         table["best"] = table["number"].isin(numbers)
@@ -665,7 +674,11 @@ def invocation_metrics(spec: StudySpec, outcome: TuneOutcome) -> dict[str, float
         for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     }
     if len(outcome.best) == 1 and not spec.multi_objective:
-        counts[f"best_{spec.metrics[0]}"] = float(outcome.best[0].value)
+        best = outcome.best[0]
+        counts[f"best_{spec.metrics[0]}"] = float(best.value)
+        counts.update(
+            {f"best_{k}": float(v) for k, v in best.user_attrs.items() if k.startswith("test_")}
+        )
     return counts
 
 
@@ -690,13 +703,21 @@ def print_outcome(spec: StudySpec, outcome: TuneOutcome, stream: TextIO) -> None
     if not outcome.best:
         print(f"no complete trial yet ({goals})", file=stream)
     elif spec.multi_objective:
-        print(f"Pareto front ({len(outcome.best)} trials; {goals}):", file=stream)
+        print(
+            f"Pareto front on validation ({len(outcome.best)} trials; {goals}), "
+            "test scores beside:",
+            file=stream,
+        )
     else:
-        print(f"best trial ({goals}):", file=stream)
+        print(f"best trial, chosen on validation ({goals}), test scores beside:", file=stream)
     for trial in outcome.best:
         values = " ".join(
             f"{m}={_format(v)}" for m, v in zip(spec.metrics, trial.values, strict=True)
         )
+        tested = " ".join(
+            f"{k}={_format(v)}" for k, v in trial.user_attrs.items() if k.startswith("test_")
+        )
+        values = f"{values}  [{tested}]" if tested else values
         params = " ".join(f"{k}={_format(v)}" for k, v in trial.params.items())
         print(
             f"  trial {trial.number}: {values}  {params}  (mlflow run "

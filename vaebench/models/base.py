@@ -4,7 +4,9 @@ A family combines a *backbone* (encoder to features, decoder from a latent
 vector to image logits: ``mlp.py`` or ``conv.py``) with a *latent*: Gaussian
 (this file), joint Gaussian and categorical (``gumbel.py``), or Gaussian with
 a label-conditioned decoder (``cvae.py``). The trainer relies only on
-``forward(x, y)``, ``kl_terms(out)`` and ``anneal(step, total_steps)``.
+``forward(x, y)``, ``kl_terms(out)`` and ``anneal(step, total_steps)``; evaluation
+and likelihood estimates on ``posterior(x, y)`` and ``decode_sample(z, c, y)``,
+which let them draw the latents with their own generator.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ class VAEOutput:
     mu: torch.Tensor
     logvar: torch.Tensor
     z: torch.Tensor
+    category_logits: torch.Tensor | None = None
+
+
+@dataclass
+class Posterior:
+    """q(z|x) = N(mu, exp(logvar)), and q(c|x) = softmax(category_logits) where there is a c."""
+
+    mu: torch.Tensor
+    logvar: torch.Tensor
     category_logits: torch.Tensor | None = None
 
 
@@ -50,6 +61,8 @@ class GaussianVAE(nn.Module):
     One linear head on the encoder's features gives mu and log-variance together.
     """
 
+    uses_labels = False  # whether the model sees the label (then its clusters are not scored)
+
     def __init__(self, backbone: Backbone, z_dim: int):
         super().__init__()
         self.encoder = backbone.encoder
@@ -68,12 +81,23 @@ class GaussianVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
+    def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:
+        mu, logvar = self.encode(x, y)
+        return Posterior(mu, logvar)
+
+    def decode_sample(
+        self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decoder logits for latent draws: z, the one-hot category c and the label y where
+        the family uses them."""
+        return self.decode(z)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar)
         return VAEOutput(logits=self.decode(z), mu=mu, logvar=logvar, z=z)
 
-    def kl_terms(self, out: VAEOutput) -> dict[str, torch.Tensor]:
+    def kl_terms(self, out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
         """Each KL term summed over the batch, in nats."""
         return {"kl_z": gaussian_kl(out.mu, out.logvar)}
 

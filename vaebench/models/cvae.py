@@ -12,6 +12,7 @@ NUM_CLASSES = 10  # every MNIST-family dataset has ten classes
 
 
 class ConditionalVAE(GaussianVAE):
+    uses_labels = True
     def __init__(self, backbone: Backbone, z_dim: int, condition_encoder: bool):
         super().__init__(backbone, z_dim)
         self.condition_encoder = condition_encoder
@@ -32,6 +33,13 @@ class ConditionalVAE(GaussianVAE):
 
     def decode_label(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.decoder(torch.cat([z, self._one_hot(y)], dim=1))
+
+    def decode_sample(
+        self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if y is None:
+            raise ValueError("a conditional VAE needs labels")
+        return self.decode_label(z, y)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
         if y is None:

@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaebench.models.base import Backbone, GaussianVAE, VAEOutput, gaussian_kl, reparameterize
+from vaebench.models.base import (
+    Backbone,
+    GaussianVAE,
+    Posterior,
+    VAEOutput,
+    gaussian_kl,
+    reparameterize,
+)
 
 
 def categorical_kl_uniform(logits: torch.Tensor) -> torch.Tensor:
@@ -56,6 +63,16 @@ class JointVAE(GaussianVAE):
         mu, logvar, _ = self.encode_all(x)
         return mu, logvar
 
+    def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:
+        return Posterior(*self.encode_all(x))
+
+    def decode_sample(
+        self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if c is None:
+            raise ValueError("a joint VAE decodes z together with a one-hot category c")
+        return self.decoder(torch.cat([z, c], dim=1))
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
         mu, logvar, category_logits = self.encode_all(x)
         z = reparameterize(mu, logvar)
@@ -68,7 +85,7 @@ class JointVAE(GaussianVAE):
             category_logits=category_logits,
         )
 
-    def kl_terms(self, out: VAEOutput) -> dict[str, torch.Tensor]:
+    def kl_terms(self, out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
         assert out.category_logits is not None
         return {
             "kl_z": gaussian_kl(out.mu, out.logvar),

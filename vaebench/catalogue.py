@@ -1,0 +1,133 @@
+"""Every metric a run logs: its split, its direction, when it is known, which models report it.
+
+One catalogue, read by studies (what an objective or a pruner may name), the
+command line (``--metric`` choices) and reports (labels, digits, directions).
+A metric's name says its split: ``val_*`` is scored on the validation split
+(held out of the training images) every epoch or after the last one,
+``test_*`` on the test split once, after the last epoch. Selection (tuning,
+pruning, ranking, "best") reads validation metrics; test metrics are reported
+beside what was selected. This module imports nothing heavy (no torch, no mlflow).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRAIN, VALIDATION, TEST, NO_SPLIT = "train", "validation", "test", "none"
+CATEGORICAL = ("gumbel",)  # families with a categorical latent
+UNCONDITIONAL = ("mlp", "conv", "gumbel")  # families whose clusters are scored
+CONDITIONAL = ("cvae",)  # families whose bound is of log p(x|y): the label is given
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    name: str
+    split: str
+    higher_is_better: bool | None  # None: not something to optimize (counts, temperatures)
+    label: str
+    epoch_families: tuple[str, ...] | None = ()  # logged every epoch by these (None: every)
+    final_families: tuple[str, ...] | None = ()  # logged after the last epoch by these
+    digits: int = 2
+    loss_units: bool = False  # in the reconstruction loss's units: BCE and MSE differ
+    needs_validation: bool = False  # absent with data.validation: 0
+    needs_likelihood: bool = False  # only with eval.iwae_samples on binary pixels
+
+    @property
+    def per_epoch(self) -> bool:
+        return self.epoch_families != ()
+
+    def reported_by(self, arch: str, per_epoch: bool = False) -> bool:
+        """Whether runs of model family ``arch`` log it (every epoch, if ``per_epoch``)."""
+        tables = [self.epoch_families] if per_epoch else [self.epoch_families, self.final_families]
+        return any(t is None or arch in t for t in tables)
+
+    @property
+    def counterpart(self) -> str | None:
+        """The same quantity on the other of validation and test, if it exists."""
+        if self.split == VALIDATION:
+            other = "test_" + self.name.removeprefix("val_")
+        elif self.split == TEST:
+            other = "val_" + self.name.removeprefix("test_")
+        else:
+            return None
+        return other if other in METRICS else None
+
+
+def _bound_metrics(prefix: str, split: str, every_epoch: bool) -> list[MetricInfo]:
+    """ELBO (beta = 1), reconstruction and KL of a split, with the KL parts of joint models."""
+    where = "val" if prefix == "val" else "test"
+    kwargs = dict(needs_validation=prefix == "val")
+    epoch, final = (None, ()) if every_epoch else ((), None)
+    cat_epoch, cat_final = (CATEGORICAL, ()) if every_epoch else ((), CATEGORICAL)
+    return [
+        MetricInfo(f"{prefix}_elbo", split, True, f"{where} ELBO", epoch, final,
+                   loss_units=True, **kwargs),
+        MetricInfo(f"{prefix}_recon", split, False, f"{where} reconstruction", epoch, final,
+                   loss_units=True, **kwargs),
+        MetricInfo(f"{prefix}_kl", split, False, f"{where} KL (nats)", epoch, final, **kwargs),
+        MetricInfo(f"{prefix}_kl_z", split, False, f"{where} KL_z", cat_epoch, cat_final,
+                   **kwargs),
+        MetricInfo(f"{prefix}_kl_c", split, False, f"{where} KL_c", cat_epoch, cat_final,
+                   **kwargs),
+    ]
+
+
+def _cluster_metrics(prefix: str, split: str) -> list[MetricInfo]:
+    where = "val" if prefix == "val" else "test"
+    kwargs = dict(needs_validation=prefix == "val", digits=3)
+    nmi_epoch = CATEGORICAL if prefix == "val" else ()
+    return [
+        MetricInfo(f"{prefix}_nmi", split, True, f"{where} NMI", nmi_epoch, UNCONDITIONAL,
+                   **kwargs),
+        MetricInfo(f"{prefix}_ari", split, True, f"{where} ARI", (), UNCONDITIONAL, **kwargs),
+        MetricInfo(f"{prefix}_accuracy", split, True, f"{where} cluster accuracy", (),
+                   UNCONDITIONAL, **kwargs),
+    ]
+
+
+_ALL = [
+    MetricInfo("train_loss", TRAIN, False, "training loss", None),
+    *_bound_metrics("val", VALIDATION, every_epoch=True),
+    *_cluster_metrics("val", VALIDATION),
+    *_bound_metrics("test", TEST, every_epoch=False),
+    *_cluster_metrics("test", TEST),
+    MetricInfo("test_active_units", TEST, None, "active units", (), None, digits=1),
+    MetricInfo("test_nll", TEST, False, "test NLL (nats)", (), None, needs_likelihood=True),
+    MetricInfo("test_nll_se", TEST, None, "test NLL standard error", (), None,
+               needs_likelihood=True),
+    MetricInfo("conditional_accuracy", NO_SPLIT, True, "conditional accuracy", (),
+               CONDITIONAL, digits=3),
+    MetricInfo("tau", NO_SPLIT, None, "temperature", CATEGORICAL),
+    MetricInfo("epoch_seconds", NO_SPLIT, False, "seconds per epoch", None, digits=3),
+    MetricInfo("eval_seconds", NO_SPLIT, False, "evaluation seconds", None, digits=3),
+    MetricInfo("images_per_second", NO_SPLIT, True, "images per second", None, digits=0),
+    MetricInfo("first_epoch_seconds", NO_SPLIT, False, "first epoch seconds", (), None,
+               digits=3),
+    MetricInfo("mean_epoch_seconds", NO_SPLIT, False, "seconds per epoch (after the first)",
+               (), None, digits=3),
+    MetricInfo("mean_images_per_second", NO_SPLIT, True, "images per second (after the first)",
+               (), None, digits=0),
+    MetricInfo("seconds", NO_SPLIT, False, "run seconds", (), None, digits=1),
+    MetricInfo("parameters", NO_SPLIT, False, "parameters", (), None, digits=0),
+]
+METRICS: dict[str, MetricInfo] = {m.name: m for m in _ALL}
+SELECTABLE = tuple(
+    m.name for m in _ALL if m.split in (VALIDATION, NO_SPLIT) and m.higher_is_better is not None
+)
+
+
+def selection_problem(name: str) -> str | None:
+    """Why ``name`` cannot choose between runs (tune, prune, rank), or None if it can."""
+    info = METRICS.get(name)
+    if info is None:
+        return f"unknown metric {name!r}; valid: {', '.join(SELECTABLE)}"
+    if info.split == TEST:
+        instead = info.counterpart or "val_elbo"
+        return (
+            f"{name} is scored on the test split, which must not choose what it then "
+            f"reports (that is selecting on the test set); select on {instead}, and the test "
+            f"score of what was chosen is reported beside it"
+        )
+    if info.split == TRAIN or info.higher_is_better is None:
+        return f"{name} does not rank runs; valid: {', '.join(SELECTABLE)}"
+    return None
