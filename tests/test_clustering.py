@@ -153,19 +153,21 @@ def test_soft_gumbel_samples_are_on_the_simplex_not_one_hot():
 
 def test_gumbel_run_logs_nmi_per_epoch_and_anneals_tau(mnist_root):
     config = RunConfig.model_validate({
-        "data": {"subset": 512},
+        "data": {"subset": 512, "validation": 1000},
         "model": {"arch": "gumbel", "hidden": [64], "z_dim": 4, "tau": [1.0, 0.5]},
         "train": {"epochs": 3, "batch_size": 64, "device": "cpu"},
     })
     splits = load_splits(config.data, mnist_root, torch.device("cpu"))
     result = fit(config, splits, torch.device("cpu"))
-    taus = [m.extra["tau"] for m in result.history]
+    taus = [m.values["tau"] for m in result.history]
     assert taus[0] > taus[1] > taus[2] == pytest.approx(0.5)
     for m in result.history:
-        assert 0 <= m.extra["nmi"] <= 1
-        assert m.test_kl == pytest.approx(m.extra["test_kl_z"] + m.extra["test_kl_c"])
-        assert 0 <= m.extra["test_kl_c"] <= math.log(10) + 1e-6
-    assert result.scores["nmi"] == pytest.approx(result.final.extra["nmi"])
+        assert 0 <= m.values["val_nmi"] <= 1
+        assert m.values["val_kl"] == pytest.approx(m.values["val_kl_z"] + m.values["val_kl_c"])
+        assert 0 <= m.values["val_kl_c"] <= math.log(10) + 1e-6
+    # the final validation scores come from the same draws as the last epoch's
+    assert result.summary["val_nmi"] == pytest.approx(result.final.values["val_nmi"])
+    assert 0 <= result.summary["test_kl_c"] <= math.log(10) + 1e-6
 
 
 def test_cvae_decoder_depends_on_the_label():
@@ -185,7 +187,7 @@ def test_cvae_decoder_depends_on_the_label():
 CLUSTER_GRID = """
 name: clusters
 base:
-  data: {subset: 600}
+  data: {subset: 600, validation: 1000}
   model: {hidden: [64], z_dim: 4, channels: [8, 16]}
   train: {epochs: 2, batch_size: 64, device: cpu}
 include:
@@ -209,32 +211,45 @@ def test_tiny_clustering_grid_tracks_scores_and_pictures(tmp_path, mnist_root):
     assert len(children) == 4 and set(children["status"]) == {"FINISHED"}
     client = MlflowClient(tracking_uri=uri)
     for name, run in children.iterrows():
-        for score in ("nmi", "ari", "accuracy", "active_units"):
+        scores = ("test_active_units",) if name.startswith("cvae") else (
+            "test_nmi", "test_ari", "test_accuracy", "val_nmi", "test_active_units"
+        )
+        for score in scores:
             assert np.isfinite(run[f"metrics.{score}"]), (name, score)
         artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
         assert "latent.png" in artifacts, name
     gumbel = [name for name in children.index if name.startswith("gumbel")]
     assert len(gumbel) == 2
     for name in gumbel:
-        history = client.get_metric_history(children.loc[name, "run_id"], "nmi")
+        history = client.get_metric_history(children.loc[name, "run_id"], "val_nmi")
         assert [m.step for m in history[:2]] == [1, 2]  # per epoch, then the final value
         assert np.isfinite(children.loc[name, "metrics.test_kl_c"])
     cvae = children.loc[[n for n in children.index if n.startswith("cvae")][0]]
     assert 0 <= cvae["metrics.conditional_accuracy"] <= 1
+    # the cvae's encoder sees the label: its clusters are not scored as unsupervised ones
+    assert np.isnan(cvae["metrics.test_nmi"]) and np.isnan(cvae["metrics.val_nmi"])
     assert "digits.png" in {a.path for a in client.list_artifacts(cvae["run_id"])}
     table_columns = Path(tmp_path / "results" / "clusters.csv").read_text().splitlines()[0]
-    for column in ("nmi", "ari", "accuracy", "active_units", "conditional_accuracy"):
+    for column in ("test_nmi", "test_ari", "test_accuracy", "test_active_units",
+                   "conditional_accuracy"):
         assert column in table_columns.split(",")
+
+
+# NMI of the README's clustering config after 10 epochs, measured on this workplace's 2-core
+# CPUs. A 10-epoch outcome is chaotic in floating-point paths: another seed or another CPU is
+# another sample of the same spread. Measured spread: before the validation split (60,000
+# training images), seeds 0, 1, 2 gave 0.530, 0.468, 0.511 on one machine; seed 0 gave 0.530
+# on another, and 0.601 with an earlier version of the code. The bound sits well below every
+# measured value (about 4 standard deviations under the lowest), and well above what a
+# broken model reaches: NMI near 0 for an unused categorical, about 0.2 for a plain beta = 1
+# joint model (see experiments/clustering.yaml). It guards the model, the objective and the
+# scores; the README's clustering figures say how many seeds they come from.
+GUMBEL_NMI_FLOOR = 0.35
 
 
 @pytest.mark.slow
 def test_gumbel_clusters_full_mnist(mnist_root):
-    """The README's clustering config on full MNIST for 10 epochs.
-
-    Measured on the 2-core CI machine: NMI 0.6006 (ARI 0.456, accuracy 0.581).
-    The bound here leaves room for another CPU's floating-point path; it guards
-    against regressions in the model, the objective and the scores.
-    """
+    """The README's clustering config on MNIST (50,000 training images) for 10 epochs."""
     config = RunConfig.model_validate({
         "model": {"arch": "gumbel", "backbone": "mlp", "hidden": [512, 256], "z_dim": 10,
                   "categories": 10, "tau": 0.5, "hard": True},
@@ -245,6 +260,9 @@ def test_gumbel_clusters_full_mnist(mnist_root):
     })
     splits = load_splits(config.data, mnist_root, torch.device("cpu"))
     result = fit(config, splits, torch.device("cpu"))
-    print(f"gumbel NMI after 10 epochs: {result.scores['nmi']:.4f}")
-    assert result.scores["nmi"] >= 0.55
-    assert result.scores["nmi"] == pytest.approx(result.final.extra["nmi"])
+    summary = result.summary
+    print(f"gumbel NMI after 10 epochs: test {summary['test_nmi']:.4f}, "
+          f"validation {summary['val_nmi']:.4f}")
+    assert summary["test_nmi"] >= GUMBEL_NMI_FLOOR
+    assert summary["val_nmi"] >= GUMBEL_NMI_FLOOR
+    assert summary["val_nmi"] == pytest.approx(result.final.values["val_nmi"])

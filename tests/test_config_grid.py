@@ -438,6 +438,7 @@ def test_shipped_experiment_sizes() -> None:
     assert sizes["reference"] == 3
     assert sizes["grid"] == 48
     assert sizes["clustering"] == 14
+    assert sizes["likelihood"] == 2
 
 
 def test_names_lead_with_the_family_when_the_grid_mixes_families(tmp_path: Path) -> None:

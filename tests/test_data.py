@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vaebench import data
 from vaebench.cli import main
@@ -26,10 +28,12 @@ from vaebench.data import (
     DATA_ENV,
     DataError,
     ensure_files,
+    load_arrays,
     load_splits,
     read_idx,
     read_pair,
     resolve_root,
+    split_training_images,
 )
 
 IMAGES = "train-images-idx3-ubyte.gz"
@@ -487,18 +491,56 @@ def test_load_splits_subset(mnist_root: Path) -> None:
     assert splits.dynamic_binarize is False
     # greyscale: more than two distinct pixel values
     assert torch.unique(train.images).numel() > 2
-    # the subset is the first N images, in file order
+    # the subset is the first N images, in file order, of what validation leaves
     full = load_splits(DataConfig(), mnist_root, CPU)
-    assert len(full.train) == 60000
+    assert len(full.train) == 50000 and len(full.validation) == 10000
     assert torch.equal(full.train.images[:500], train.images)
     assert torch.equal(full.train.labels[:500], train.labels)
+    everything = load_splits(DataConfig(validation=0), mnist_root, CPU)
+    assert len(everything.train) == 60000 and everything.validation is None
+
+
+def test_validation_is_the_last_training_images_whatever_the_subset_and_seed(
+    mnist_root: Path,
+) -> None:
+    images, labels = load_arrays("mnist", mnist_root)["train"]
+    small = load_splits(DataConfig(subset=500, validation=2000), mnist_root, CPU)
+    large = load_splits(DataConfig(validation=2000), mnist_root, CPU)
+    expected = torch.from_numpy(images[-2000:].astype(np.float32) / 255).unsqueeze(1)
+    for splits in (small, large):
+        assert torch.equal(splits.validation.images, expected)
+        assert torch.equal(splits.validation.labels, torch.from_numpy(labels[-2000:].astype(int)))
+    assert len(large.train) == 58000  # train and validation together are the training file
+    assert torch.equal(torch.cat([large.train.images, large.validation.images]),
+                       torch.from_numpy(images.astype(np.float32) / 255).unsqueeze(1))
+
+
+@given(
+    count=st.integers(2, 1000),
+    validation=st.integers(0, 999),
+    subset=st.one_of(st.none(), st.integers(1, 1000)),
+)
+def test_training_and_validation_slices_are_disjoint_and_cover_what_they_say(
+    count: int, validation: int, subset: int | None
+) -> None:
+    if validation >= count or (subset is not None and subset > count - validation):
+        with pytest.raises(DataError):
+            split_training_images(count, validation, subset)
+        return
+    train, held_out = split_training_images(count, validation, subset)
+    indices = list(range(count))
+    train_ids, validation_ids = set(indices[train]), set(indices[held_out])
+    assert not train_ids & validation_ids
+    assert sorted(validation_ids) == indices[count - validation:]  # independent of subset
+    assert len(train_ids) == (subset if subset is not None else count - validation)
+    assert min(train_ids) == 0
 
 
 def test_load_splits_static_binarize(mnist_root: Path) -> None:
     config = DataConfig(subset=500, binarize="static")
     first = load_splits(config, mnist_root, CPU)
     second = load_splits(config, mnist_root, CPU)
-    for split in (first.train, first.test):
+    for split in (first.train, first.validation, first.test):
         assert set(torch.unique(split.images).tolist()) == {0.0, 1.0}
         assert split.images.dtype == torch.float32
     assert torch.equal(first.train.images, second.train.images)
@@ -521,9 +563,12 @@ def test_load_splits_dynamic_binarize(mnist_root: Path) -> None:
 
 def test_subset_larger_than_training_set(mnist_root: Path) -> None:
     with pytest.raises(DataError) as info:
-        load_splits(DataConfig(subset=60001), mnist_root, CPU)
+        load_splits(DataConfig(subset=50001), mnist_root, CPU)
     message = str(info.value)
-    assert "data.subset" in message and "60001" in message and "60000" in message
+    assert "data.subset" in message and "50001" in message and "50000" in message
+    assert "data.validation (10000)" in message
+    with pytest.raises(DataError, match="data.validation: 60000 leaves none"):
+        load_splits(DataConfig(validation=60000), mnist_root, CPU)
 
 
 def test_load_splits_reads_a_hand_made_root(tmp_path: Path) -> None:
@@ -536,12 +581,15 @@ def test_load_splits_reads_a_hand_made_root(tmp_path: Path) -> None:
     ):
         write_gz(folder / images_name, idx_bytes(rng.integers(0, 256, (count, 3, 2), np.uint8)))
         write_gz(folder / labels_name, idx_bytes(np.arange(count, dtype=np.uint8)))
-    splits = load_splits(DataConfig(subset=5), tmp_path, CPU)
+    splits = load_splits(DataConfig(subset=5, validation=0), tmp_path, CPU)
     assert splits.train.images.shape == (5, 1, 3, 2)
     assert splits.test.images.shape == (4, 1, 3, 2)
     assert splits.train.labels.tolist() == [0, 1, 2, 3, 4]
-    with pytest.raises(DataError, match="exceeds the 6 training images"):
-        load_splits(DataConfig(subset=7), tmp_path, CPU)
+    held_out = load_splits(DataConfig(validation=2), tmp_path, CPU)
+    assert held_out.train.labels.tolist() == [0, 1, 2, 3]
+    assert held_out.validation.labels.tolist() == [4, 5]
+    with pytest.raises(DataError, match="exceeds the 4 training images"):
+        load_splits(DataConfig(subset=5, validation=2), tmp_path, CPU)
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Reports: leaderboards over seeds, figures, report.md/html, and the MLflow UI in Chromium.
 
-The end-to-end tests train one tiny 3-seed grid (and a second, 1-run invocation of the
-same experiment) into a temporary SQLite store and read everything back.
+The end-to-end tests train one tiny 3-seed grid of grey-level BCE runs (and a second, 1-run
+invocation of the same experiment), and a tiny grid of an mlp beside a cvae, into temporary
+SQLite stores and read everything back. Reports rank on validation metrics and show the test
+split's beside.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ import pytest
 from conftest import REPO, mlflow_server
 from mlflow.tracking import MlflowClient
 
-from vaebench import cli
+from vaebench import cli, report
 from vaebench.cli import main
 from vaebench.config import VaebenchError
 from vaebench.report import (
     METRICS,
     display_table,
+    drop_repeats,
     leaderboard,
+    make_report,
+    measurement_notes,
     picture_prefix,
     render_html,
     render_markdown,
@@ -33,12 +38,23 @@ from vaebench.report import (
 GRID = """
 name: seeds3
 base:
-  data: {{subset: 512}}
-  model: {{hidden: [64], z_dim: 4}}
+  data: {{subset: 300, validation: 500, binarize: none}}
+  model: {{hidden: [64], z_dim: 2}}
   train: {{epochs: 2, batch_size: 64, eval_batch_size: 2500, device: cpu}}
 matrix:
   loss.beta: [{betas}]
 seeds: [{seeds}]
+"""
+CONDITIONAL_GRID = """
+name: bounds
+base:
+  data: {subset: 300, validation: 500}
+  model: {hidden: [64], z_dim: 2}
+  train: {epochs: 2, batch_size: 64, eval_batch_size: 2500, device: cpu}
+include:
+  - {model.arch: mlp}
+  - {model.arch: cvae}
+seeds: [0]
 """
 FIGURES = {"rate_distortion.png", "elbo_by_epoch.png", "clustering.png", "epoch_seconds.png"}
 PICTURES = {"best_samples.png", "best_reconstructions.png", "best_latent.png"}
@@ -63,12 +79,13 @@ def search_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def child(name: str, beta: float, seed: int, elbo: float, **metrics: float) -> dict:
+    """A finished mlp run with validation ELBO ``elbo`` and the given other metrics."""
     return {"tags.mlflow.runName": name, "params.loss.beta": str(beta), "params.seed": str(seed),
-            "params.model.arch": "mlp", "metrics.test_elbo": elbo,
+            "params.model.arch": "mlp", "metrics.val_elbo": elbo,
             **{f"metrics.{k}": v for k, v in metrics.items()}}
 
 
-def board(rows: list[dict], metric: str = "test_elbo") -> pd.DataFrame:
+def board(rows: list[dict], metric: str = "val_elbo") -> pd.DataFrame:
     run_set = run_set_from_frame(search_frame(rows), "grid", "1", "sqlite:///x.db")
     return leaderboard(run_set, METRICS[metric]).set_index("variant")
 
@@ -77,7 +94,7 @@ def test_one_seed_has_no_spread_and_its_ties_are_not_judged():
     table = board([child("b1-s0", 1, 0, -100.0), child("b4-s0", 4, 0, -120.0)])
     assert list(table.index) == ["b1", "b4"]
     assert table["runs"].tolist() == [1, 1]
-    assert table["test_elbo_std"].isna().all()  # unknown, not 0
+    assert table["val_elbo_std"].isna().all()  # unknown, not 0
     assert table["ties_best"].tolist() == ["best", ""]
 
 
@@ -87,36 +104,91 @@ def test_ties_within_one_standard_deviation_are_marked():
     rows += [child(f"c-s{s}", 3, s, v) for s, v in enumerate([-120.0, -121.0, -122.0])]
     table = board(rows)
     assert list(table.index) == ["a", "b", "c"]
-    assert table.loc["a", "test_elbo_std"] == pytest.approx(2.0)
+    assert table.loc["a", "val_elbo_std"] == pytest.approx(2.0)
     assert table["ties_best"].tolist() == ["best", "yes", "no"]  # |-104+102| <= 2; 19 > 2
 
 
+def test_ranking_reads_validation_and_shows_test_beside():
+    # slow is better on validation, fast on test: validation decides, test is only shown
+    rows = [child("fast-s0", 1, 0, -100.0, test_elbo=-80.0),
+            child("slow-s0", 2, 0, -90.0, test_elbo=-110.0)]
+    table = board(rows)
+    assert list(table.index) == ["slow", "fast"]
+    assert table["test_elbo_mean"].tolist() == [-110.0, -80.0]
+    shown = display_table(table.reset_index(), METRICS["val_elbo"])
+    columns = list(shown.columns)
+    assert columns.index("val ELBO") < columns.index("test ELBO")
+    assert shown["test ELBO"].tolist() == ["-110.00", "-80.00"]
+    assert "ties best (val_elbo)" in columns
+
+
 def test_metric_direction_decides_the_best():
-    rows = [child("fast-s0", 1, 0, -100.0, mean_epoch_seconds=1.0, nmi=0.2),
-            child("slow-s0", 2, 0, -90.0, mean_epoch_seconds=3.0, nmi=0.5)]
+    rows = [child("fast-s0", 1, 0, -100.0, mean_epoch_seconds=1.0, val_nmi=0.2),
+            child("slow-s0", 2, 0, -90.0, mean_epoch_seconds=3.0, val_nmi=0.5)]
     assert board(rows).index[0] == "slow"  # higher ELBO
-    assert board(rows, "epoch_seconds").index[0] == "fast"  # fewer seconds
-    assert board(rows, "nmi").index[0] == "slow"
+    assert board(rows, "mean_epoch_seconds").index[0] == "fast"  # fewer seconds
+    assert board(rows, "val_nmi").index[0] == "slow"
 
 
-def test_bce_and_mse_elbos_are_ranked_apart_but_kl_is_not():
-    rows = [{**child(f"{recon}-b{beta}-s0", beta, 0, elbo, test_kl=kl), "params.loss.recon": recon}
-            for recon, beta, elbo, kl in [("bce", 1, -100.0, 25.0), ("bce", 4, -120.0, 8.0),
-                                          ("mse", 1, -30.0, 11.0), ("mse", 4, -45.0, 2.0)]]
+def test_bce_and_mse_elbos_are_ranked_apart_but_nmi_is_not():
+    rows = [{**child(f"{recon}-b{beta}-s0", beta, 0, elbo, val_nmi=nmi, test_kl=kl),
+             "params.loss.recon": recon}
+            for recon, beta, elbo, nmi, kl in [("bce", 1, -100.0, 0.30, 25.0),
+                                               ("bce", 4, -120.0, 0.50, 8.0),
+                                               ("mse", 1, -30.0, 0.40, 11.0),
+                                               ("mse", 4, -45.0, 0.60, 2.0)]]
     table = board(rows)
     assert list(table.index) == ["bce-b1", "bce-b4", "mse-b1", "mse-b4"]
     assert table["rank"].tolist() == [1, 2, 1, 2]
     assert table["compared_within"].tolist() == ["loss.recon=bce"] * 2 + ["loss.recon=mse"] * 2
     assert table["ties_best"].tolist() == ["best", "", "best", ""]
-    text = verdict(table.reset_index(), METRICS["test_elbo"])
+    text = verdict(table.reset_index(), METRICS["val_elbo"])
     assert "Runs with different loss.recon are ranked apart" in text
     assert "Best among loss.recon=bce: **bce-b1**" in text
     assert "Best among loss.recon=mse: **mse-b1**" in text
-    by_kl = board(rows, "test_kl")
-    assert list(by_kl.index) == ["mse-b4", "bce-b4", "mse-b1", "bce-b1"]
-    assert set(by_kl["compared_within"]) == {"all runs"}
+    by_nmi = board(rows, "val_nmi")  # not in the loss's units: one group
+    assert list(by_nmi.index) == ["mse-b4", "bce-b4", "mse-b1", "bce-b1"]
+    assert set(by_nmi["compared_within"]) == {"all runs"}
+    assert by_nmi["rank"].tolist() == [1, 2, 3, 4]
     assert picture_prefix("loss.recon=bce", 2) == "best_bce_"
     assert picture_prefix("all runs", 1) == "best_"
+
+
+def test_a_cvae_bound_of_log_p_x_given_y_is_ranked_apart():
+    rows = [child("mlp-s0", 1, 0, -100.0, val_nmi=0.5),
+            {**child("cvae-s0", 1, 0, -90.0, conditional_accuracy=0.9),
+             "params.model.arch": "cvae"}]
+    run_set = run_set_from_frame(search_frame(rows), "grid", "1", "sqlite:///x.db")
+    assert run_set.runs.set_index("name")["likelihood_of"].to_dict() == {
+        "mlp-s0": "p(x)", "cvae-s0": "p(x|y)"}
+    table = leaderboard(run_set, METRICS["val_elbo"]).set_index("variant")
+    assert table.loc["mlp", "compared_within"] == "likelihood_of=p(x)"
+    assert table.loc["cvae", "compared_within"] == "likelihood_of=p(x|y)"
+    assert table["rank"].tolist() == [1, 1] and table["ties_best"].tolist() == ["best", "best"]
+    by_nmi = leaderboard(run_set, METRICS["val_nmi"]).set_index("variant")
+    assert set(by_nmi["compared_within"]) == {"all runs"}  # not a bound: no group of its own
+    assert by_nmi.loc["mlp", "rank"] == 1 and pd.isna(by_nmi.loc["cvae", "rank"])
+    notes = measurement_notes(run_set, METRICS["val_elbo"])
+    assert "cvae runs are given the label: their ELBO bounds log p(x|y)" in notes
+
+
+def test_notes_say_what_the_numbers_are():
+    def notes(**params: str) -> str:
+        rows = [{**child("a-s0", 1, 0, -100.0, test_nll=95.0),
+                 **{f"params.{k}": v for k, v in params.items()}}]
+        run_set = run_set_from_frame(search_frame(rows), "grid", "1", "sqlite:///x.db")
+        return measurement_notes(run_set, METRICS["val_elbo"])
+
+    grey = notes(**{"data.binarize": "none", "loss.recon": "bce"})
+    assert "ranked on val_elbo (validation split" in grey
+    assert "not a likelihood bound (grey-level pixels)" in grey
+    assert "not a bound." not in grey
+    mse = notes(**{"data.binarize": "none", "loss.recon": "mse"})
+    assert "squared error plus KL: not a bound" in mse and "grey-level" not in mse
+    binary = notes(**{"data.binarize": "dynamic", "loss.recon": "bce",
+                      "eval.iwae_samples": "100"})
+    assert "grey-level" not in binary and "not a bound" not in binary
+    assert "K = 100 samples" in binary
 
 
 def test_unfinished_runs_are_counted_but_not_aggregated():
@@ -124,44 +196,68 @@ def test_unfinished_runs_are_counted_but_not_aggregated():
             {**child("a-s2", 1, 2, -500.0), "status": "FAILED"}]
     table = board(rows)
     assert table.loc["a", "runs"] == 2 and table.loc["a", "not_finished"] == 1
-    assert table.loc["a", "test_elbo_mean"] == pytest.approx(-105.0)
+    assert table.loc["a", "val_elbo_mean"] == pytest.approx(-105.0)
+
+
+def rerun(name: str, seed: int, elbo: float, key: str, device: str = "cpu",
+          code: str = "c1") -> dict:
+    return {**child(name, 1, seed, elbo), "tags.vaebench.run_key": key,
+            "tags.vaebench.device": device, "tags.vaebench.code": code}
 
 
 def test_a_rerun_of_the_same_seed_is_not_a_second_sample():
-    rows = [{**child("a-s0", 1, 0, -100.0), "tags.vaebench.run_key": "k0"},
-            {**child("a-s1", 1, 1, -110.0), "tags.vaebench.run_key": "k1"},
-            {**child("a-s0", 1, 0, -100.0), "tags.vaebench.run_key": "k0"}]
+    rows = [rerun("a-s0", 0, -100.0, "k0"), rerun("a-s1", 1, -110.0, "k1"),
+            rerun("a-s0", 0, -100.0, "k0")]
     run_set = run_set_from_frame(search_frame(rows), "grid", "1", "sqlite:///x.db")
     assert run_set.repeats == 1 and list(run_set.runs["run_id"]) == ["r1", "r2"]
-    table = leaderboard(run_set, METRICS["test_elbo"])
-    assert table["runs"].tolist() == [2] and table["test_elbo_std"].item() == pytest.approx(
+    table = leaderboard(run_set, METRICS["val_elbo"])
+    assert table["runs"].tolist() == [2] and table["val_elbo_std"].item() == pytest.approx(
         np.std([-100.0, -110.0], ddof=1)
     )
 
 
+def test_a_rerun_on_another_device_or_code_version_is_a_new_sample():
+    rows = [rerun("a-s0", 0, -100.0, "k0"),
+            rerun("a-s0", 0, -101.0, "k0", device="cuda"),  # another floating-point path
+            rerun("a-s0", 0, -102.0, "k0", code="c2"),  # another version of vaebench
+            rerun("a-s0", 0, -103.0, "k0", device="cuda", code="c2"),
+            rerun("a-s0", 0, -104.0, "k0", code="c2"),  # a repeat of r3: counted once
+            {**rerun("a-s0", 0, -105.0, "k0"), "status": "FAILED"}]  # never a repeat
+    runs = search_frame(rows).iloc[1:].reset_index(drop=True)
+    kept, repeats = drop_repeats(runs)
+    assert repeats == 1
+    assert list(kept["run_id"]) == ["r0", "r1", "r3", "r4", "r5"]  # the later of r2, r4
+    run_set = run_set_from_frame(search_frame(rows), "grid", "1", "sqlite:///x.db")
+    assert run_set.repeats == 1
+    table = leaderboard(run_set, METRICS["val_elbo"])
+    assert table["runs"].tolist() == [4] and table["not_finished"].tolist() == [1]
+    assert table["val_elbo_mean"].item() == pytest.approx(np.mean([-100.0, -101.0, -103.0,
+                                                                   -104.0]))
+
+
 def test_a_metric_missing_on_some_runs_is_counted_per_metric():
-    rows = [child("a-s0", 1, 0, -100.0, nmi=0.5), child("a-s1", 1, 1, -110.0),
+    rows = [child("a-s0", 1, 0, -100.0, val_nmi=0.5), child("a-s1", 1, 1, -110.0),
             child("a-s2", 1, 2, -120.0)]
-    table = board(rows, "nmi")
-    assert table.loc["a", "runs"] == 3 and table.loc["a", "nmi_count"] == 1
-    assert np.isnan(table.loc["a", "nmi_std"]) and table.loc["a", "test_elbo_count"] == 3
-    shown = display_table(table.reset_index(), METRICS["nmi"]).set_index("variant")
-    assert shown.loc["a", "NMI"] == "0.500 (n=1)"
-    assert "single run show no spread" in verdict(table.reset_index(), METRICS["nmi"])
+    table = board(rows, "val_nmi")
+    assert table.loc["a", "runs"] == 3 and table.loc["a", "val_nmi_count"] == 1
+    assert np.isnan(table.loc["a", "val_nmi_std"]) and table.loc["a", "val_elbo_count"] == 3
+    shown = display_table(table.reset_index(), METRICS["val_nmi"]).set_index("variant")
+    assert shown.loc["a", "val NMI"] == "0.500 (n=1)"
+    assert "single run show no spread" in verdict(table.reset_index(), METRICS["val_nmi"])
 
 
 def test_variants_without_the_metric_are_listed_unranked():
-    rows = [{**child("mn-s0", 1, 0, -100.0, nmi=0.5), "params.data.dataset": "mnist"},
+    rows = [{**child("mn-s0", 1, 0, -100.0, val_nmi=0.5), "params.data.dataset": "mnist"},
             {**child("fa-s0", 1, 0, -200.0), "params.data.dataset": "fashion_mnist"},
             {**child("dead-s0", 4, 0, float("nan")), "params.data.dataset": "mnist",
              "status": "FAILED"}]
-    table = board(rows, "nmi")
+    table = board(rows, "val_nmi")
     assert table.loc["mn", "ties_best"] == "best" and table.loc["mn", "rank"] == 1
     assert pd.isna(table.loc["fa", "rank"]) and table.loc["fa", "ties_best"] == ""
     assert table.loc["dead", "runs"] == 0 and table.loc["dead", "not_finished"] == 1
-    text = verdict(table.reset_index(), METRICS["nmi"])
+    text = verdict(table.reset_index(), METRICS["val_nmi"])
     assert "Best among data.dataset=mnist: **mn**" in text and "**fa**" not in text
-    assert "Unranked, without a value of nmi: " in text
+    assert "Unranked, without a value of val_nmi: " in text
 
 
 def test_labels_drop_the_seed_and_partial_params_do_not_count_as_varied():
@@ -171,18 +267,44 @@ def test_labels_drop_the_seed_and_partial_params_do_not_count_as_varied():
                  "params.seed": "0", "status": "FAILED"})  # an invalid trial's few params
     run_set = run_set_from_frame(search_frame(rows), "grid", "1", "sqlite:///x.db")
     assert run_set.runs["variant"].tolist() == ["all seeds", "all seeds", "trial-bad"]
-    table = leaderboard(run_set, METRICS["test_elbo"])
+    table = leaderboard(run_set, METRICS["val_elbo"])
     assert "data.subset" not in table and "model.arch" not in table
     assert table["runs"].tolist() == [2, 0]
 
 
 def test_a_metric_no_run_has_is_a_clear_error():
-    with pytest.raises(VaebenchError, match="no run has the metric 'nmi'; these do: test_elbo"):
-        board([child("a-s0", 1, 0, -100.0)], "nmi")
+    message = r"no run has the metric 'val_nmi' \(absent with data.validation: 0\)"
+    with pytest.raises(VaebenchError, match=message + "; rank on one of these: val_elbo"):
+        board([child("a-s0", 1, 0, -100.0)], "val_nmi")
+
+
+def test_a_test_metric_is_refused_with_the_reason(tmp_path):
+    for metric, instead in [("test_elbo", "val_elbo"), ("test_nmi", "val_nmi")]:
+        with pytest.raises(VaebenchError) as refused:
+            make_report("grid", f"sqlite:///{tmp_path / 'none.db'}", tmp_path, metric=metric)
+        message = str(refused.value)
+        assert f"{metric} is scored on the test split" in message
+        assert f"select on {instead}" in message
+    with pytest.raises(VaebenchError, match="choose one of val_elbo"):
+        make_report("grid", f"sqlite:///{tmp_path / 'none.db'}", tmp_path, metric="nonsense")
+    assert not (tmp_path / "none.db").exists() and not (tmp_path / "grid").exists()
+
+
+def report_metric_option() -> tuple[tuple[str, ...], str]:
+    """(choices, default) of ``vaebench report --metric`` as the parser has them."""
+    parser = cli._parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    metric = next(a for a in commands.choices["report"]._actions if a.dest == "metric")
+    return tuple(metric.choices), metric.default
 
 
 def test_cli_metric_choices_are_the_reports():
-    assert tuple(METRICS) == cli.METRIC_NAMES and cli.DEFAULT_METRIC in METRICS
+    assert report.DEFAULT_METRIC == "val_elbo" == cli.DEFAULT_METRIC
+    assert cli.METRIC_NAMES == report.RANKABLE
+    assert report_metric_option() == (report.RANKABLE, report.DEFAULT_METRIC)
+    assert set(report.RANKABLE) <= set(METRICS)
+    assert not any(name.startswith("test_") for name in report.RANKABLE)
+    assert {"val_elbo", "val_nmi", "mean_epoch_seconds"} <= set(report.RANKABLE)
 
 
 def test_documents_escape_text_and_embed_images(tmp_path):
@@ -211,6 +333,10 @@ def test_report_errors_are_one_line_and_create_no_store(tmp_path, capsys):
         main(["report", "other", "--tracking-uri", f"sqlite:///{db}", "--metric", "x"])
     assert exit_info.value.code == 2
     assert "argument --metric: invalid choice: 'x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a test metric is not a choice
+        main(["report", "other", "--tracking-uri", f"sqlite:///{db}", "--metric", "test_elbo"])
+    assert exit_info.value.code == 2
+    assert "argument --metric: invalid choice: 'test_elbo'" in capsys.readouterr().err
 
 
 # --- end to end: a 3-seed grid in a real store ---------------------------------------------
@@ -218,8 +344,8 @@ def test_report_errors_are_one_line_and_create_no_store(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, mnist_root):
-    """seeds3 run twice: 2 variants x 3 seeds (reported automatically into results1), then
-    one more run of beta 1 with --no-report (results2)."""
+    """seeds3 (grey-level BCE) run twice: 2 variants x 3 seeds (reported automatically into
+    results1), then one more run of beta 1 with --no-report (results2)."""
     tmp = tmp_path_factory.mktemp("report")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     common = ["--tracking-uri", uri, "--data-root", str(mnist_root)]
@@ -252,35 +378,63 @@ def test_run_writes_the_report_and_logs_it_on_the_parent(store):
     assert "6 finished runs in 2 variants" in markdown
 
 
+# the leaderboard columns seeds3's runs have: <name>_mean/_std/_count from metrics.<name>
+SEEDS3_METRICS = ("val_elbo", "test_elbo", "test_recon", "test_kl", "val_nmi", "test_nmi",
+                  "test_accuracy", "test_ari", "mean_epoch_seconds")
+
+
 def test_three_seeds_match_a_direct_pandas_computation(store):
     tmp, _, runs, (first, _) = store
     table = pd.read_csv(tmp / "results1" / "seeds3" / "leaderboard.csv").set_index("loss.beta")
     children = runs[runs["tags.mlflow.parentRunId"] == first]
     assert len(children) == 6
     expected = children.groupby(children["params.loss.beta"].astype(float)).agg(
-        test_elbo_mean=("metrics.test_elbo", "mean"), test_elbo_std=("metrics.test_elbo", "std"),
-        test_recon_mean=("metrics.test_recon", "mean"),
-        test_recon_std=("metrics.test_recon", "std"),
-        test_kl_mean=("metrics.test_kl", "mean"), test_kl_std=("metrics.test_kl", "std"),
-        nmi_mean=("metrics.nmi", "mean"), nmi_std=("metrics.nmi", "std"),
-        accuracy_mean=("metrics.accuracy", "mean"), accuracy_std=("metrics.accuracy", "std"),
-        epoch_seconds_mean=("metrics.mean_epoch_seconds", "mean"),
-        epoch_seconds_std=("metrics.mean_epoch_seconds", "std"),
         runs=("run_id", "count"),
+        **{f"{name}_{stat}": (f"metrics.{name}", stat)
+           for name in SEEDS3_METRICS for stat in ("mean", "std", "count")},
     )
     assert sorted(table.index) == [1.0, 4.0]
     for column in expected:
         assert np.allclose(table.loc[expected.index, column], expected[column]), column
-    assert (table["runs"] == 3).all() and (table["test_elbo_std"] > 0).all()
-    best = expected["test_elbo_mean"].idxmax()
+    for name in SEEDS3_METRICS:
+        assert (table[f"{name}_count"] == 3).all(), name
+    assert not {"test_nll_mean", "conditional_accuracy_mean"} & set(table.columns)
+    assert (table["runs"] == 3).all() and (table["val_elbo_std"] > 0).all()
+    best = expected["val_elbo_mean"].idxmax()  # chosen on validation
     assert table.loc[best, "rank"] == 1 and table.loc[best, "ties_best"] == "best"
     other = table.loc[[b for b in table.index if b != best][0]]
-    gap = abs(other["test_elbo_mean"] - table.loc[best, "test_elbo_mean"])
-    within = gap <= max(other["test_elbo_std"], table.loc[best, "test_elbo_std"])
+    gap = abs(other["val_elbo_mean"] - table.loc[best, "val_elbo_mean"])
+    within = gap <= max(other["val_elbo_std"], table.loc[best, "val_elbo_std"])
     assert other["ties_best"] == ("yes" if within else "no")
     shown = (tmp / "results1" / "seeds3" / "report.md").read_text()
-    elbo = table.loc[best]
-    assert f"{elbo['test_elbo_mean']:.2f} ± {elbo['test_elbo_std']:.2f}" in shown
+    row = table.loc[best]
+    assert f"{row['val_elbo_mean']:.2f} ± {row['val_elbo_std']:.2f}" in shown
+    assert f"{row['test_elbo_mean']:.2f} ± {row['test_elbo_std']:.2f}" in shown  # beside
+    assert f"{row['test_nmi_mean']:.3f} ± {row['test_nmi_std']:.3f}" in shown
+
+
+def test_a_grey_level_bce_report_ranks_on_validation_with_test_beside(store):
+    tmp, _, runs, (first, _) = store
+    children = runs[runs["tags.mlflow.parentRunId"] == first]
+    assert set(children["params.data.binarize"]) == {"none"}
+    assert set(children["params.loss.recon"]) == {"bce"}
+    folder = tmp / "results1" / "seeds3"
+    markdown = (folder / "report.md").read_text()
+    assert "not a likelihood bound (grey-level pixels)" in markdown
+    assert "Ranked on val ELBO, higher is better." in markdown
+    assert "ranked on val_elbo (validation split" in markdown
+    header = next(line for line in markdown.splitlines() if line.startswith("| rank |"))
+    labels = [cell.strip() for cell in header.strip("|").split("|")]
+    for label in ("val ELBO", "test ELBO", "test reconstruction", "test KL (nats)",
+                  "val NMI", "test NMI", "ties best (val_elbo)"):
+        assert label in labels, label
+    assert labels.index("val ELBO") < labels.index("test ELBO")
+    assert "test NLL (nats)" not in labels  # no estimate on grey-level pixels
+    columns = list(pd.read_csv(folder / "leaderboard.csv").columns)
+    for name in ("val_elbo", "test_elbo", "test_recon", "test_kl", "test_nmi"):
+        assert {f"{name}_mean", f"{name}_std", f"{name}_count"} <= set(columns), name
+    assert columns.index("val_elbo_mean") < columns.index("test_elbo_mean")
+    assert "not a likelihood bound (grey-level pixels)" in (folder / "report.html").read_text()
 
 
 def test_report_covers_the_latest_invocation_unless_all(store, capsys):
@@ -288,15 +442,47 @@ def test_report_covers_the_latest_invocation_unless_all(store, capsys):
     latest = tmp / "latest"
     assert main(["report", "seeds3", "--tracking-uri", uri, "--results-dir", str(latest)]) == 0
     table = pd.read_csv(latest / "seeds3" / "leaderboard.csv")
-    assert table["runs"].tolist() == [1] and table["test_elbo_std"].isna().all()
+    assert table["runs"].tolist() == [1] and table["val_elbo_std"].isna().all()
+    assert table["test_elbo_std"].isna().all()
     assert "single run show no spread" in (latest / "seeds3" / "report.md").read_text()
     every = tmp / "every"
     assert main(["report", "seeds3", "--tracking-uri", uri, "--results-dir", str(every),
-                 "--all", "--metric", "epoch_seconds"]) == 0
+                 "--all", "--metric", "mean_epoch_seconds"]) == 0
     table = pd.read_csv(every / "seeds3" / "leaderboard.csv").set_index("loss.beta")
     assert table.loc[1.0, "runs"] == 4 and table.loc[4.0, "runs"] == 3
-    assert table["epoch_seconds_mean"].idxmin() == table["rank"].idxmin()
+    assert table["mean_epoch_seconds_mean"].idxmin() == table["rank"].idxmin()
+    assert "ties best (mean_epoch_seconds)" in (every / "seeds3" / "report.md").read_text()
     assert "report:" in capsys.readouterr().out
+
+
+# --- end to end: a cvae beside an mlp ------------------------------------------------------
+
+
+def test_a_cvae_and_an_mlp_are_ranked_in_different_groups(tmp_path, mnist_root):
+    grid = tmp_path / "bounds.yaml"
+    grid.write_text(CONDITIONAL_GRID)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    results = tmp_path / "results"
+    assert main(["run", str(grid), "--tracking-uri", uri, "--data-root", str(mnist_root),
+                 "--results-dir", str(results)]) == 0
+    folder = results / "bounds"
+    table = pd.read_csv(folder / "leaderboard.csv").set_index("model.arch")
+    assert sorted(table.index) == ["cvae", "mlp"]
+    assert table.loc["mlp", "compared_within"] == "likelihood_of=p(x)"
+    assert table.loc["cvae", "compared_within"] == "likelihood_of=p(x|y)"
+    assert table["rank"].tolist() == [1, 1]
+    assert table["ties_best"].tolist() == ["best", "best"]
+    assert table["val_elbo_count"].tolist() == [1, 1]
+    assert table["test_elbo_count"].tolist() == [1, 1]  # shown beside, each in its group
+    assert table.loc["cvae", "test_nmi_count"] == 0  # a cvae's clusters are not scored
+    assert table.loc["mlp", "test_nmi_count"] == 1
+    assert table.loc["cvae", "conditional_accuracy_count"] == 1
+    markdown = (folder / "report.md").read_text()
+    assert "Runs with different likelihood_of are ranked apart" in markdown
+    assert "cvae runs are given the label: their ELBO bounds log p(x|y)" in markdown
+    assert "## Best variant, among likelihood_of=p(x):" in markdown
+    assert "## Best variant, among likelihood_of=p(x|y):" in markdown
+    assert any(p.name.startswith("best_p-x-y-_") for p in folder.iterdir())
 
 
 # --- real browser --------------------------------------------------------------------------

@@ -9,17 +9,31 @@ import sys
 import pytest
 import torch
 
-from vaebench.config import LossConfig, ModelConfig, RunConfig, VaebenchError
+from vaebench.config import (
+    LossConfig,
+    ModelConfig,
+    RunConfig,
+    VaebenchError,
+    run_config_problems,
+)
 from vaebench.data import load_splits
+from vaebench.evaluation import evaluate
 from vaebench.losses import LossTerms, Objective, reconstruction
 from vaebench.models import build_model
 from vaebench.progress import RunProgress
-from vaebench.train import TrainingDiverged, build_optimizer, fit, resolve_device
+from vaebench.train import (
+    EpochMetrics,
+    TrainingDiverged,
+    build_optimizer,
+    fit,
+    resolve_device,
+    timing_summary,
+)
 
 
 def tiny_config(seed: int = 0, **sections) -> RunConfig:
     tree = {
-        "data": {"subset": 256},
+        "data": {"subset": 256, "validation": 500},
         "model": {"hidden": [32], "z_dim": 3, "channels": [4, 8]},
         "train": {"epochs": 2, "batch_size": 64, "device": "cpu"},
     }
@@ -85,19 +99,32 @@ def test_beta_weights_only_the_kl_in_the_objective():
     assert terms.negative_elbo.item() == 110.0
 
 
+TIMING = ("epoch_seconds", "eval_seconds", "images_per_second")
+
+
+def untimed(values: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in values.items() if not k.endswith(TIMING)}
+
+
 def test_same_config_and_seed_give_identical_metrics(small_splits):
     config = tiny_config()
     first = fit(config, small_splits, torch.device("cpu"))
+    torch.manual_seed(1234)  # evaluation draws from its own generator, not the global one
     second = fit(config, small_splits, torch.device("cpu"))
-    keys = ("train_loss", "test_elbo", "test_recon", "test_kl")
-    assert [[getattr(m, k) for k in keys] for m in first.history] == [
-        [getattr(m, k) for k in keys] for m in second.history
+    assert [untimed(m.as_dict()) for m in first.history] == [
+        untimed(m.as_dict()) for m in second.history
     ]
+    assert untimed(first.summary) == untimed(second.summary)
     for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
     other = fit(tiny_config(seed=1), small_splits, torch.device("cpu"))
-    assert other.final.test_elbo != first.final.test_elbo
+    assert other.summary["test_elbo"] != first.summary["test_elbo"]
+
+
+def assert_beta_one_bound(values: dict[str, float], prefix: str) -> None:
+    elbo, recon, kl = (values[f"{prefix}_{name}"] for name in ("elbo", "recon", "kl"))
+    assert elbo == pytest.approx(-(recon + kl))
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
@@ -110,25 +137,98 @@ def test_every_variant_trains_and_improves(small_splits, arch, recon, optim):
     result = fit(config, small_splits, torch.device("cpu"), on_epoch=epochs.append)
     assert [m.epoch for m in epochs] == [1, 2, 3]
     assert result.history[-1].train_loss < result.history[0].train_loss
-    final = result.final
-    assert final.test_elbo == pytest.approx(-(final.test_recon + final.test_kl))
-    assert final.images_per_second > 0 and final.epoch_seconds > 0
+    for m in result.history:  # validation every epoch; the test split only at the end
+        assert_beta_one_bound(m.values, "val")
+        assert not any(name.startswith("test_") for name in m.values)
+    assert_beta_one_bound(result.summary, "test")
+    assert result.final.images_per_second > 0 and result.final.epoch_seconds > 0
 
 
-def test_test_elbo_is_the_beta_one_bound(small_splits):
+def test_elbos_are_the_beta_one_bound(small_splits):
     result = fit(tiny_config(loss={"beta": 4.0}), small_splits, torch.device("cpu"))
-    m = result.final
-    assert m.test_elbo == pytest.approx(-(m.test_recon + m.test_kl))
+    assert_beta_one_bound(result.final.values, "val")
+    assert_beta_one_bound(result.summary, "test")
     # training loss carries beta: with beta = 4 it exceeds recon + KL on similar data
-    assert m.train_loss > m.test_recon + m.test_kl
+    assert result.final.train_loss > result.final.values["val_recon"] + result.final.values[
+        "val_kl"
+    ]
+
+
+def test_without_validation_split_only_the_test_split_is_scored(mnist_root):
+    config = tiny_config(data={"validation": 0}, model={"arch": "gumbel"})
+    splits = load_splits(config.data, mnist_root, torch.device("cpu"))
+    assert splits.validation is None and len(splits.train) == 256
+    result = fit(config, splits, torch.device("cpu"))
+    assert not any(name.startswith("val_") for m in result.history for name in m.values)
+    assert not any(name.startswith("val_") for name in result.summary)
+    assert {"test_elbo", "test_nmi", "test_kl_c"} <= set(result.summary)
 
 
 def test_dynamic_binarization_trains_on_fresh_bernoulli_draws(mnist_root):
-    config = tiny_config(data={"binarize": "dynamic"})
+    config = tiny_config(data={"binarize": "dynamic"}, eval={"iwae_samples": 20})
     splits = load_splits(config.data, mnist_root, torch.device("cpu"))
     assert splits.dynamic_binarize
+    for split in (splits.validation, splits.test):  # one fixed draw each
+        assert set(split.images.unique().tolist()) == {0.0, 1.0}
     result = fit(config, splits, torch.device("cpu"))
-    assert math.isfinite(result.final.test_elbo)
+    summary = result.summary
+    assert math.isfinite(summary["test_elbo"])
+    # the K = 20 importance-weighted bound is tighter than the ELBO (up to Monte Carlo error)
+    assert summary["test_nll"] <= -summary["test_elbo"] + 3 * summary["test_nll_se"]
+
+
+def test_timing_reports_the_first_epoch_apart():
+    history = [EpochMetrics(e, 1.0, s, 0.1, 100 / s) for e, s in enumerate([5.0, 2.0, 4.0], 1)]
+    assert timing_summary(history, 100) == {
+        "first_epoch_seconds": 5.0, "mean_epoch_seconds": 3.0, "mean_images_per_second": 100 / 3,
+    }
+    assert timing_summary(history[:1], 100) == {"first_epoch_seconds": 5.0}
+
+
+def test_a_non_finite_validation_metric_fails_the_run(small_splits, monkeypatch):
+    import vaebench.train as train
+
+    real = train.evaluate
+
+    def broken(*args, **kwargs):
+        evaluation = real(*args, **kwargs)
+        evaluation.recon = evaluation.recon * float("nan")
+        return evaluation
+
+    monkeypatch.setattr(train, "evaluate", broken)
+    with pytest.raises(TrainingDiverged, match="val_elbo is nan, val_recon is nan after epoch 1"):
+        fit(tiny_config(), small_splits, torch.device("cpu"))
+
+
+def test_soft_gumbel_is_evaluated_with_one_hot_categories(small_splits):
+    model = build_model(ModelConfig(arch="gumbel", hard=False, hidden=[16], z_dim=2), (1, 28, 28))
+    seen = []
+    model.decoder[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0][:, 2:]))
+    evaluate(model, small_splits.validation, "validation", tiny_config(model={"arch": "gumbel"}))
+    categories = torch.cat(seen)
+    assert set(categories.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(categories.sum(dim=1), torch.ones(len(categories)))
+
+
+def test_evaluation_draws_are_the_same_for_every_run_of_a_split(small_splits):
+    config = tiny_config()
+    model = build_model(config.model, small_splits.image_shape)
+    first = evaluate(model, small_splits.validation, "validation", config)
+    torch.randn(1000)  # the global stream moves; evaluation does not read it
+    second = evaluate(model, small_splits.validation, "validation", config)
+    assert torch.equal(first.recon, second.recon)
+    averaged = evaluate(model, small_splits.validation, "validation",
+                        tiny_config(eval={"samples": 8}))
+    assert not torch.equal(first.recon, averaged.recon)  # 8 draws per image, another estimate
+    assert averaged.recon.item() == pytest.approx(first.recon.item(), rel=0.01)
+
+
+def test_a_likelihood_needs_binary_pixels_and_bce():
+    problems = run_config_problems({"eval": {"iwae_samples": 100}})
+    assert [key for key, _ in problems] == ["eval.iwae_samples"]
+    assert "grey-level" in problems[0][1]
+    binary = {"eval": {"iwae_samples": 100}, "data": {"binarize": "dynamic"}}
+    assert run_config_problems(binary) == []
 
 
 def test_diverging_run_raises(small_splits):
@@ -155,11 +255,11 @@ def test_cuda_without_a_gpu_is_a_user_error(monkeypatch):
 def test_progress_prints_plain_lines_when_not_a_terminal():
     stream = io.StringIO()
     progress = RunProgress(2, 5, "mlp-b1-s0", epochs=3, stream=stream)
-    progress.epoch(1, {"train_loss": 150.123, "test_elbo": -140.5})
+    progress.epoch(1, {"train_loss": 150.123, "val_elbo": -140.5})
     progress.close("FINISHED")
     lines = stream.getvalue().splitlines()
     assert lines == [
-        "[2/5] mlp-b1-s0 epoch 1/3 loss=150.12 test_elbo=-140.50",
+        "[2/5] mlp-b1-s0 epoch 1/3 loss=150.12 val_elbo=-140.50",
         "[2/5] mlp-b1-s0 FINISHED",
     ]
 
@@ -168,7 +268,8 @@ def test_importing_the_trainer_does_not_import_mlflow_or_optuna():
     import subprocess
 
     code = (
-        "import sys, vaebench.train, vaebench.tracking, vaebench.runner, vaebench.study;"
+        "import sys, vaebench.train, vaebench.tracking, vaebench.runner, vaebench.study,"
+        " vaebench.evaluation, vaebench.likelihood, vaebench.catalogue;"
         "print('mlflow' in sys.modules, 'optuna' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

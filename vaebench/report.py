@@ -44,7 +44,7 @@ REPORT_ARTIFACT_PATH = "report"
 # Settings across which numbers mean different things, so runs differing in them are ranked
 # apart: the data (another test set), and for loss_units metrics the reconstruction loss
 # (a BCE ELBO and an MSE one, SSE + KL, are on different scales).
-DATA_PARAMS = ("params.data.dataset", "params.data.binarize")
+DATA_PARAMS = ("params.data.dataset", "params.data.binarize", "params.data.validation")
 LOSS_UNIT_PARAM = "params.loss.recon"
 # a cvae's ELBO bounds log p(x|y): the label is given, worth up to ln 10 nats, so it is
 # ranked apart from models that bound log p(x)
@@ -242,8 +242,10 @@ def leaderboard(run_set: RunSet, metric: MetricInfo) -> pd.DataFrame:
     if finished.empty:
         raise VaebenchError(f"experiment {run_set.experiment!r}: no FINISHED runs to report on")
     if finished[metric.name].isna().all():
-        known = ", ".join(m.name for m in present_metrics(finished))
-        raise VaebenchError(f"no run has the metric {metric.name!r}; these do: {known}")
+        known = [m.name for m in present_metrics(finished) if m.name in RANKABLE]
+        why = " (absent with data.validation: 0)" if metric.needs_validation else ""
+        others = f"rank on one of these: {', '.join(known)}" if known else "nothing to rank on"
+        raise VaebenchError(f"no run has the metric {metric.name!r}{why}; {others}")
     varied = varied_params(finished, run_set.param_columns)
     metrics = [m.name for m in present_metrics(finished)]
     runs = run_set.runs.assign(
@@ -528,8 +530,10 @@ def measurement_notes(run_set: RunSet, metric: MetricInfo) -> str:
             "cvae runs are given the label: their ELBO bounds log p(x|y), not log p(x), and "
             "their clusters are not scored."
         )
-    if "test_nll" in finished and finished["test_nll"].notna().any():
-        samples = sorted(set(finished.get("params.eval.iwae_samples", pd.Series(dtype=object))))
+    with_nll = finished[finished["test_nll"].notna()]
+    if not with_nll.empty:
+        column = with_nll.get("params.eval.iwae_samples", pd.Series(dtype=object))
+        samples = sorted({int(k) for k in column if str(k).isdigit()})
         notes.append(
             "test NLL: -log p(x) in nats per image, estimated by importance sampling (IWAE) with "
             f"K = {', '.join(map(str, samples))} samples on binary pixels; the estimate is an "
