@@ -141,6 +141,11 @@ class EvalConfig(_Section):
         ge=0,
         description="test NLL by importance sampling with K samples after training (0: off)",
     )
+    iwae_images: int | None = Field(
+        default=None,
+        ge=1,
+        description="the NLL over the first N test images (default: all); for slow models on CPU",
+    )
 
 
 class RunConfig(_Section):

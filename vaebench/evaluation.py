@@ -126,11 +126,13 @@ def active_unit_metric(evaluation: Evaluation) -> dict[str, float]:
 def likelihood_metrics(
     model: torch.nn.Module, split: Split, split_name: str, config: RunConfig
 ) -> dict[str, float]:
-    """``<prefix>_nll`` (nats per image, K = ``eval.iwae_samples``) and its standard error."""
+    """``<prefix>_nll`` (nats per image, K = ``eval.iwae_samples``, over the first
+    ``eval.iwae_images`` images or all) and its standard error over the images."""
+    count = config.eval.iwae_images or len(split)
     estimate: LikelihoodEstimate = estimate_nll(
         model,
-        split.images,
-        split.labels,
+        split.images[:count],
+        split.labels[:count],
         config.eval.iwae_samples,
         eval_generator(split_name, split.images.device),
         rows_per_pass=LIKELIHOOD_ROWS_PER_PASS,

@@ -40,6 +40,9 @@ NAME_PREFIXES = {
     "loss.objective": "",
     "loss.beta_c": "bc",
     "loss.gamma": "g",
+    "eval.iwae_samples": "k",
+    "eval.iwae_images": "nll-n",
+    "data.validation": "val",
 }
 # how a list value joins in a name: [1.0, 0.5] -> tau1to0.5 (an annealed temperature)
 LIST_JOINERS = {"model.tau": "to"}

@@ -534,10 +534,18 @@ def measurement_notes(run_set: RunSet, metric: MetricInfo) -> str:
     if not with_nll.empty:
         column = with_nll.get("params.eval.iwae_samples", pd.Series(dtype=object))
         samples = sorted({int(k) for k in column if str(k).isdigit()})
+        images = with_nll.get("params.eval.iwae_images", pd.Series(dtype=object))
+        subsets = sorted({int(n) for n in images if str(n).isdigit()})
+        over = (
+            f", over the first {' or '.join(map(str, subsets))} test images for runs that set "
+            "eval.iwae_images (the others: all)"
+            if subsets
+            else ", over the whole test split"
+        )
         notes.append(
             "test NLL: -log p(x) in nats per image, estimated by importance sampling (IWAE) with "
-            f"K = {', '.join(map(str, samples))} samples on binary pixels; the estimate is an "
-            "upper bound on the NLL in expectation."
+            f"K = {', '.join(map(str, samples))} samples on binary pixels{over}; the estimate "
+            "is an upper bound on the NLL in expectation."
         )
     return " ".join(notes)
 
