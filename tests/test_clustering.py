@@ -235,16 +235,18 @@ def test_tiny_clustering_grid_tracks_scores_and_pictures(tmp_path, mnist_root):
         assert column in table_columns.split(",")
 
 
-# NMI of the README's clustering config after 10 epochs, measured on this workplace's 2-core
-# CPUs. A 10-epoch outcome is chaotic in floating-point paths: another seed or another CPU is
-# another sample of the same spread. Measured spread: before the validation split (60,000
-# training images), seeds 0, 1, 2 gave 0.530, 0.468, 0.511 on one machine; seed 0 gave 0.530
-# on another, and 0.601 with an earlier version of the code. The bound sits well below every
-# measured value (about 4 standard deviations under the lowest), and well above what a
-# broken model reaches: NMI near 0 for an unused categorical, about 0.2 for a plain beta = 1
-# joint model (see experiments/clustering.yaml). It guards the model, the objective and the
-# scores; the README's clustering figures say how many seeds they come from.
-GUMBEL_NMI_FLOOR = 0.35
+# The README's clustering config after 10 epochs on 50,000 training images, measured on this
+# workplace's 2-core CPU with this test's fit() call over seeds 0-7 (8 runs, one torch
+# thread each): test NMI 0.373, 0.531, 0.382, 0.446, 0.414, 0.512, 0.513, 0.420 (mean 0.449, sample
+# std 0.062); test KL_c 2.248-2.269 nats in the 5 seeds where it was printed. A 10-epoch NMI
+# is chaotic in floating-point paths: another CPU is another sample of that spread (before
+# this change seed 0 gave 0.530 here and elsewhere, 0.601 with older code). The NMI floor sits
+# 3 standard deviations under the mean (0.26), rounded down, still above a joint model whose
+# c goes unused (NMI near 0) and the beta = 1 elbo model's 0.2 (experiments/clustering.yaml).
+# The objective itself is checked where it is not chaotic: the capacity term drives KL_c to
+# its target ln 10 = 2.303 nats; a model that ignores c stays near 0.
+GUMBEL_NMI_FLOOR = 0.25
+GUMBEL_KL_C_FLOOR = 2.0
 
 
 @pytest.mark.slow
@@ -263,6 +265,7 @@ def test_gumbel_clusters_full_mnist(mnist_root):
     summary = result.summary
     print(f"gumbel NMI after 10 epochs: test {summary['test_nmi']:.4f}, "
           f"validation {summary['val_nmi']:.4f}")
+    assert summary["test_kl_c"] >= GUMBEL_KL_C_FLOOR
     assert summary["test_nmi"] >= GUMBEL_NMI_FLOOR
     assert summary["val_nmi"] >= GUMBEL_NMI_FLOOR
     assert summary["val_nmi"] == pytest.approx(result.final.values["val_nmi"])

@@ -416,14 +416,16 @@ def test_estimate_nll_summarizes_per_image_log_likelihoods():
     exact = truth.log_px(images).numpy()
     model = ToyVAE(truth, dtype=torch.float64)
     result = estimate_nll(
-        model, images, None, 20, torch.Generator().manual_seed(0), 30, truth.log_likelihood
+        model, images, None, 20, torch.Generator().manual_seed(0), rows_per_pass=30,
+        log_likelihood=truth.log_likelihood,
     )
     assert (result.samples, result.images) == (20, 6)
     assert result.nll == pytest.approx(-exact.mean(), abs=1e-9)
     assert result.standard_error == pytest.approx(exact.std(ddof=1) / math.sqrt(6), abs=1e-9)
 
     single = estimate_nll(
-        model, images[:1], None, 20, torch.Generator().manual_seed(0), 30, truth.log_likelihood
+        model, images[:1], None, 20, torch.Generator().manual_seed(0), rows_per_pass=30,
+        log_likelihood=truth.log_likelihood,
     )
     assert single.nll == pytest.approx(-exact[0], abs=1e-9)
     assert math.isnan(single.standard_error)

@@ -276,6 +276,17 @@ def test_importing_the_trainer_does_not_import_mlflow_or_optuna():
     assert out.stdout.strip() == "False False"
 
 
+def test_the_metric_catalogue_imports_nothing_heavy():
+    import subprocess
+
+    code = (
+        "import sys, vaebench.catalogue;"
+        "print(*[m in sys.modules for m in ('torch', 'mlflow', 'optuna')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False False"
+
+
 def test_loss_config_rejects_unknown_reconstruction():
     with pytest.raises(ValueError):
         LossConfig(recon="l1")

@@ -145,13 +145,11 @@ def estimate_nll(
     labels: torch.Tensor | None,
     samples: int,
     generator: torch.Generator,
-    rows_per_pass: int = 10000,
-    log_likelihood: ObservationModel = bernoulli_log_likelihood,
+    **options,
 ) -> LikelihoodEstimate:
-    """The split's negative log-likelihood estimate -mean L_K(x), in nats per image."""
-    per_image = iwae_log_likelihood(
-        model, images, labels, samples, generator, rows_per_pass, log_likelihood
-    )
+    """The split's negative log-likelihood estimate -mean L_K(x), in nats per image;
+    ``options`` (``rows_per_pass``, ``log_likelihood``) go to :func:`iwae_log_likelihood`."""
+    per_image = iwae_log_likelihood(model, images, labels, samples, generator, **options)
     n = per_image.shape[0]
     spread = per_image.std().item() / math.sqrt(n) if n > 1 else float("nan")
     return LikelihoodEstimate(
