@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -83,8 +84,12 @@ def test_tiny_grid_tracks_parent_and_finished_children(tiny_grid_result):
     assert set(children["params.loss.beta"]) == {"1.0", "4.0"}
     assert set(children["params.data.subset"]) == {"512"}
     for tag in ("vaebench.run_key", "vaebench.seed", "vaebench.device", "vaebench.torch",
-                "vaebench.grid_file"):
+                "vaebench.grid_file", "vaebench.code"):
         assert children[f"tags.{tag}"].notna().all(), tag
+    # the code version is vaebench's own commit (this checkout's), marked when files differ
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert set(children["tags.vaebench.code"].str.removesuffix("+dirty")) == {head}
 
 
 def test_tiny_grid_logs_every_epoch_and_artifacts(tiny_grid_result):

@@ -176,10 +176,22 @@ def summarize(
 
 
 def code_version() -> str:
-    """vaebench's git commit where its source is a checkout, else its package version."""
+    """vaebench's git commit where its source is a checkout (``+dirty`` when the package's
+    files differ from it), else its package version."""
     import vaebench
 
-    return git_commit(Path(vaebench.__file__).resolve().parent) or vaebench.__version__
+    folder = Path(vaebench.__file__).resolve().parent
+    commit = git_commit(folder)
+    if commit is None:
+        return vaebench.__version__
+    try:
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."],
+            cwd=folder, capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        changed = ""
+    return f"{commit}+dirty" if changed else commit
 
 
 def base_tags(**extra: str) -> dict[str, str]:
@@ -195,8 +207,9 @@ def base_tags(**extra: str) -> dict[str, str]:
         "vaebench.python": platform.python_version(),
         "vaebench.code": code,
     }
-    if len(code) == 40:  # a git commit
-        tags["mlflow.source.git.commit"] = code
+    commit = code.removesuffix("+dirty")
+    if len(commit) == 40:  # a git commit
+        tags["mlflow.source.git.commit"] = commit
     return tags
 
 
