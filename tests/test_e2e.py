@@ -16,6 +16,7 @@ from vaebench.cli import main
 from vaebench.config import ModelConfig
 from vaebench.models import MODELS, build_model
 from vaebench.models.base import GaussianVAE
+from vaebench.runner import code_version
 
 TINY_GRID = """
 name: tiny
@@ -86,10 +87,12 @@ def test_tiny_grid_tracks_parent_and_finished_children(tiny_grid_result):
     for tag in ("vaebench.run_key", "vaebench.seed", "vaebench.device", "vaebench.torch",
                 "vaebench.grid_file", "vaebench.code"):
         assert children[f"tags.{tag}"].notna().all(), tag
-    # the code version is vaebench's own commit (this checkout's), marked when files differ
+    # the code version hashes vaebench's source; the commit is this checkout's
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
                           capture_output=True, text=True, check=True).stdout.strip()
-    assert set(children["tags.vaebench.code"].str.removesuffix("+dirty")) == {head}
+    assert set(children["tags.vaebench.code"]) == {code_version()}
+    assert set(children["tags.mlflow.source.git.commit"]) == {head}
+    assert children["tags.vaebench.device_name"].str.len().gt(0).all()
 
 
 def test_tiny_grid_logs_every_epoch_and_artifacts(tiny_grid_result):

@@ -177,6 +177,14 @@ def test_dynamic_binarization_trains_on_fresh_bernoulli_draws(mnist_root):
     assert summary["test_nll"] <= -summary["test_elbo"] + 3 * summary["test_nll_se"]
 
 
+def test_a_likelihood_over_one_image_has_no_spread_and_does_not_fail(small_splits, mnist_root):
+    config = tiny_config(data={"binarize": "static"}, train={"epochs": 1},
+                         eval={"iwae_samples": 10, "iwae_images": 1})
+    splits = load_splits(config.data, mnist_root, torch.device("cpu"))
+    summary = fit(config, splits, torch.device("cpu")).summary
+    assert math.isfinite(summary["test_nll"]) and math.isnan(summary["test_nll_se"])
+
+
 def test_timing_reports_the_first_epoch_apart():
     history = [EpochMetrics(e, 1.0, s, 0.1, 100 / s) for e, s in enumerate([5.0, 2.0, 4.0], 1)]
     assert timing_summary(history, 100) == {

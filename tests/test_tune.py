@@ -160,8 +160,16 @@ def test_every_problem_is_one_line_naming_file_and_key(tmp_path):
          "then reports (that is selecting on the test set); select on val_elbo"),
         ("space: {loss.beta: [1, 4]}\nobjectives: [{metric: test_nmi, direction: maximize}]",
          "objectives[0].metric", "select on val_nmi"),
-        ("space: {data.validation: [0, 100]}\n"
+        ("space: {model.arch: [mlp, cvae]}\n"
          "objectives: [{metric: val_elbo, direction: maximize}]",
+         "objectives[0].metric", "not comparable across model.arch (cvae and unconditional"),
+        ("space: {loss.recon: [bce, mse]}\nobjectives: [{metric: val_elbo, direction: maximize}]",
+         "objectives[0].metric", "not comparable across loss.recon"),
+        ("space: {train.epochs: {type: int, low: 1, high: 2}}\n"
+         "objectives: [{metric: mean_epoch_seconds, direction: minimize}]",
+         "objectives[0].metric", "train.epochs can be 1"),
+        ("space: {data.validation: [0, 100]}\n"
+         "objectives: [{metric: val_nmi, direction: maximize}]",
          "objectives[0].metric", "needs a validation split, and data.validation can be 0"),
         ("space: {loss.beta: [1, 4]}\n"
          "objectives: [{metric: val_kl_z, direction: minimize}]",

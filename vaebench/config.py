@@ -126,12 +126,15 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=128, ge=1)
-    eval_batch_size: int = Field(default=1000, ge=1)
+    eval_batch_size: int = Field(
+        default=1000, ge=1, description="decoder rows per evaluation pass (images x draws)"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class EvalConfig(_Section):
-    """How the trained model is scored; every run of a split sees the same random draws."""
+    """How the trained model is scored; every run of a split sees the same random draws (for
+    equal ``train.eval_batch_size`` and ``samples``)."""
 
     samples: int = Field(
         default=1, ge=1, description="posterior samples averaged in each ELBO estimate"

@@ -1,8 +1,9 @@
 """Scoring a model on a split: the ELBO estimate, clustering scores, the likelihood estimate.
 
 Every evaluation draws its latents from its own generator, seeded per split
-(``EVAL_SEEDS``), so every run and every epoch of a split sees the same draws,
-whatever random stream training left behind. Categorical latents are drawn as
+(``EVAL_SEEDS``), so every run and every epoch of a split sees the same draws
+(for equal ``train.eval_batch_size`` and ``eval.samples``, which set how they
+are chunked), whatever random stream training left behind. Categorical latents are drawn as
 exact one-hot samples from q(c|x), whatever ``model.hard`` says for training:
 a relaxed sample with the discrete KL would bound nothing. The ELBO estimate
 averages ``eval.samples`` draws of log p(x|z) per image; its KL terms are exact.
@@ -83,7 +84,7 @@ def evaluate(
     recon = torch.zeros((), device=device)
     kl: dict[str, torch.Tensor] = {}
     mus, categories = [], []
-    size = config.train.eval_batch_size
+    size = max(1, config.train.eval_batch_size // samples)  # decoder rows per pass, draws included
     for start in range(0, len(split), size):
         x, y = split.images[start : start + size], split.labels[start : start + size]
         posterior = model.posterior(x, y)

@@ -1,4 +1,4 @@
-"""Scores of a trained model on the test split: clustering (NMI, ARI, accuracy), active units.
+"""Scores of a trained model on a split: clustering (NMI, ARI, accuracy), active units.
 
 Clusters are argmax q(c|x) for models with a categorical latent and k-means
 (K = 10, fixed seed) on the posterior means otherwise.
@@ -44,6 +44,7 @@ def clustering_scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, flo
 def kmeans_clusters(points: np.ndarray, k: int = 10, seed: int = KMEANS_SEED) -> np.ndarray:
     from sklearn.cluster import KMeans
 
+    k = min(k, len(points))  # a split of fewer images than clusters
     return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(points)
 
 

@@ -152,11 +152,16 @@ def run_set_from_frame(
     return RunSet(name, experiment_id, uri, parents, runs, params, repeats)
 
 
-RERUN_TAGS = ("tags.vaebench.run_key", "tags.vaebench.device", "tags.vaebench.code")
+RERUN_TAGS = (
+    "tags.vaebench.run_key",
+    "tags.vaebench.device",
+    "tags.vaebench.device_name",
+    "tags.vaebench.code",
+)
 
 
 def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Keep the latest finished run of each config, seed, device and code version.
+    """Keep the latest finished run of each config, seed, device, processor and code version.
 
     A deterministic rerun of the same seed on the same device and code is not a
     new sample: counted twice it would shrink the spread (``--all`` over a grid
@@ -357,8 +362,8 @@ def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path | N
         for run_id in finished.loc[finished["variant"] == variant, "run_id"]:
             history = client.get_metric_history(run_id, "val_elbo")
             series[run_id] = pd.Series({m.step: m.value for m in history})
-        if not series:
-            continue
+        if not any(len(values) for values in series.values()):
+            continue  # no validation split (data.validation: 0): no history to draw
         by_epoch = pd.DataFrame(series).sort_index()
         mean, std = by_epoch.mean(axis=1), by_epoch.std(axis=1)
         several = by_epoch.shape[1] > 1
@@ -543,7 +548,8 @@ def measurement_notes(run_set: RunSet, metric: MetricInfo) -> str:
             else ", over the whole test split"
         )
         notes.append(
-            "test NLL: -log p(x) in nats per image, estimated by importance sampling (IWAE) with "
+            "test NLL: -log p(x) (-log p(x|y) for cvae runs) in nats per image, estimated by "
+            "importance sampling (IWAE) with "
             f"K = {', '.join(map(str, samples))} samples on binary pixels{over}; the estimate "
             "is an upper bound on the NLL in expectation."
         )

@@ -6,6 +6,7 @@ created, so a mistake never leaves a half-written run behind.
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
 import sys
@@ -176,41 +177,62 @@ def summarize(
 
 
 def code_version() -> str:
-    """vaebench's git commit where its source is a checkout (``+dirty`` when the package's
-    files differ from it), else its package version."""
+    """A hash of vaebench's own source files (``src-<12 hex>``): equal exactly when the code
+    that trains and scores is equal, whatever the repository's commit, working-tree edits
+    or install location."""
     import vaebench
 
     folder = Path(vaebench.__file__).resolve().parent
-    commit = git_commit(folder)
-    if commit is None:
-        return vaebench.__version__
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"src-{digest.hexdigest()[:12]}"
+
+
+def device_name(device: torch.device) -> str:
+    """The processor that computes: the GPU's name, or the CPU's model (floating-point paths,
+    and so the numbers of a chaotic training run, differ between them)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
     try:
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--", "."],
-            cwd=folder, capture_output=True, text=True, timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        changed = ""
-    return f"{commit}+dirty" if changed else commit
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def base_tags(**extra: str) -> dict[str, str]:
-    """Tags every run of an invocation carries: versions and vaebench's code version.
+    """Tags every run of an invocation carries: versions, vaebench's code version and, in a
+    git checkout, its commit.
 
     A report treats runs of one config and seed as reruns (one sample) only when
-    their device and ``vaebench.code`` agree too.
+    their device, processor and ``vaebench.code`` agree too.
     """
-    code = code_version()
     tags = {
         **extra,
         "vaebench.torch": torch.__version__,
         "vaebench.python": platform.python_version(),
-        "vaebench.code": code,
+        "vaebench.code": code_version(),
     }
-    commit = code.removesuffix("+dirty")
-    if len(commit) == 40:  # a git commit
+    import vaebench
+
+    commit = git_commit(Path(vaebench.__file__).resolve().parent)
+    if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def run_tags(run: RunSpec) -> dict[str, str]:
+    """What identifies one run's sample: its config key, seed, device and processor."""
+    device = resolve_device(run.config.train.device)
+    return {
+        "vaebench.run_key": run.key,
+        "vaebench.seed": str(run.config.seed),
+        "vaebench.device": str(device),
+        "vaebench.device_name": device_name(device),
+    }
 
 
 def run_one(
@@ -224,13 +246,7 @@ def run_one(
 ) -> dict[str, Any]:
     """Train and track one run; returns its results row. Raises what training raises."""
     device = resolve_device(run.config.train.device)
-    tags = {
-        **grid_tags,
-        "vaebench.run_key": run.key,
-        "vaebench.seed": str(run.config.seed),
-        "vaebench.device": str(device),
-    }
-    run_id = tracker.start_run(run.name, {**run.params}, tags)
+    run_id = tracker.start_run(run.name, {**run.params}, {**grid_tags, **run_tags(run)})
     progress = RunProgress(index, total, run.name, run.config.train.epochs)
     status = "FAILED"
     try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vaebench.catalogue import METRICS, SELECTABLE, selection_problem
+from vaebench.catalogue import CONDITIONAL, METRICS, SELECTABLE, selection_problem
 from vaebench.config import (
     ConfigError,
     check_dotted_key,
@@ -185,10 +185,19 @@ def load_study(path: str | Path) -> StudySpec:
                 f"{where}: objectives[{index}].metric: {objective.metric} is not reported by "
                 f"{', '.join(missing)} models, and model.arch can be {', '.join(missing)}"
             )
-        if info.needs_validation and _without_validation(base, space):
+        label = f"{where}: objectives[{index}].metric: {objective.metric}"
+        if info.needs_validation and _can_take(base, space, "data.validation", 0):
+            problems.append(f"{label} needs a validation split, and data.validation can be 0")
+        if objective.metric in AFTER_WARM_UP and _can_take(base, space, "train.epochs", 1):
             problems.append(
-                f"{where}: objectives[{index}].metric: {objective.metric} needs a validation "
-                "split, and data.validation can be 0"
+                f"{label} is the mean over the epochs after the first (the warm-up), and "
+                "train.epochs can be 1; use first_epoch_seconds or at least 2 epochs"
+            )
+        mixed = _incomparable(space, archs) if info.loss_units else []
+        if mixed:
+            problems.append(
+                f"{label} is not comparable across {', '.join(mixed)} (another scale, other "
+                "images or a bound of log p(x|y)); tune one value of them per study"
             )
     listed = raw.get("objectives")
     if len(objectives) > 1 or (isinstance(listed, list) and len(listed) > 1):
@@ -250,14 +259,29 @@ def load_study(path: str | Path) -> StudySpec:
     )
 
 
-def _without_validation(base: dict[str, Any], space: dict[str, Param]) -> bool:
-    """Whether a trial can run with ``data.validation: 0`` (no validation metrics)."""
-    if "data.validation" in space:
-        param = space["data.validation"]
+# metrics missing from one-epoch runs: the first epoch is reported apart
+AFTER_WARM_UP = ("mean_epoch_seconds", "mean_images_per_second")
+# settings across which a loss-unit metric (ELBO, reconstruction) means different things
+INCOMPARABLE = ("loss.recon", "data.dataset", "data.binarize", "data.validation")
+
+
+def _can_take(base: dict[str, Any], space: dict[str, Param], key: str, value: Any) -> bool:
+    """Whether a trial can run with ``key`` at ``value`` (the lowest end of a range)."""
+    if key in space:
+        param = space[key]
         values = param.choices if param.type == "categorical" else (param.low,)
-        return any(value == 0 for value in values)
-    data = base.get("data")
-    return isinstance(data, dict) and data.get("validation") == 0
+        return any(choice == value for choice in values)
+    section, leaf = key.split(".")
+    part = base.get(section)
+    return isinstance(part, dict) and part.get(leaf) == value
+
+
+def _incomparable(space: dict[str, Param], archs: list[str]) -> list[str]:
+    """The settings a study varies across which an ELBO is not comparable."""
+    keys = [key for key in INCOMPARABLE if key in space]
+    if any(a in CONDITIONAL for a in archs) and any(a not in CONDITIONAL for a in archs):
+        keys.append("model.arch (cvae and unconditional models)")
+    return keys
 
 
 def _archs(base: dict[str, Any], space: dict[str, Param]) -> list[str]:

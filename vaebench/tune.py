@@ -46,6 +46,7 @@ from vaebench.runner import (
     ClassifierCache,
     base_tags,
     preflight,
+    run_tags,
     splits_for,
     summarize,
     write_artifacts,
@@ -265,13 +266,7 @@ class TrialObjective:
         except VaebenchError as exc:
             run, invalid = None, exc
         if run is not None:
-            tags.update(
-                {
-                    "vaebench.run_key": run.key,
-                    "vaebench.seed": str(run.config.seed),
-                    "vaebench.device": str(resolve_device(run.config.train.device)),
-                }
-            )
+            tags.update(run_tags(run))
         run_id = self.tracker.start_run(name, run.params if run else sampled, tags)
         trial.set_user_attr(RUN_ID_ATTR, run_id)
         epochs = run.config.train.epochs if run else 0
@@ -301,7 +296,8 @@ class TrialObjective:
         device = resolve_device(run.config.train.device)
         splits = self._splits(run, device)
         # Optuna prunes single-objective studies only; a metric known only after the last
-        # epoch (e.g. ari, or nmi of a Gaussian model) is never reported, so never pruned
+        # epoch (e.g. val_ari, or val_nmi of a Gaussian model) is never reported, so never
+        # pruned (study files with such a pruner are rejected)
         pruned_on = None if self.spec.multi_objective else self.spec.metrics[0]
 
         def on_epoch(metrics) -> None:
