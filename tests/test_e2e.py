@@ -228,7 +228,11 @@ def test_missing_data_fails_before_anything_is_tracked(tmp_path, tracking_uri, c
 @pytest.mark.slow
 def test_reference_mlp_reaches_published_elbo_on_full_mnist(mnist_root):
     """pytorch/examples' VAE, 10 epochs of all 60,000 training images (validation: 0, as the
-    example trains): test -ELBO <= 106.5 (BCE on grey-level pixels, not a likelihood bound)."""
+    example trains): test -ELBO <= 106.5 (BCE on grey-level pixels, not a likelihood bound).
+
+    Measured here (2 threads): seeds 0-3 gave 105.54, 105.79, 105.72, 105.49 (mean 105.64,
+    sample std 0.14); the bound is about 6 standard deviations above the mean.
+    """
     from vaebench.config import RunConfig
     from vaebench.data import load_splits
     from vaebench.train import fit
