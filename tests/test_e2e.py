@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -248,3 +250,47 @@ def test_reference_mlp_reaches_published_elbo_on_full_mnist(mnist_root):
     result = fit(config, splits, torch.device("cpu"))
     print(f"test -ELBO after 10 epochs: {-result.summary['test_elbo']:.2f}")
     assert -result.summary["test_elbo"] <= 106.5
+
+
+# --- faults of the environment, caught before training ---------------------------------
+
+
+def test_results_folder_that_is_a_file_fails_before_training(tmp_path, mnist_root, capsys):
+    (tmp_path / "results").write_text("not a folder")
+    grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert run_cli(tmp_path, grid, uri, mnist_root) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--results-dir" in err[0] and "is a file, not a folder" in err[0]
+    assert not (tmp_path / "mlflow.db").exists()  # nothing tracked, nothing trained
+
+
+def test_an_astronomical_grid_is_refused_at_once_naming_its_size(tmp_path, capsys):
+    thirty = ", ".join(str(i) for i in range(1, 31))
+    grid = write(tmp_path / "huge.yaml", f"""
+name: huge
+matrix:
+  loss.beta: [{thirty}]
+  loss.beta_c: [{thirty}]
+  model.z_dim: [{", ".join(str(i) for i in range(1, 19))}]
+seeds: [0, 1, 2]
+""")
+    started = time.monotonic()
+    assert main(["run", str(grid), "--dry-run"]) == 2
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err.strip().splitlines()  # 30 x 30 x 18 x 3 seeds
+    assert len(err) == 1 and "48,600 runs exceed the 10,000" in err[0]
+
+
+def test_a_tracking_server_that_is_not_running_is_reported_within_seconds(
+    tmp_path, mnist_root, capsys
+):
+    with socket.socket() as probe:  # a loopback port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp"))
+    started = time.monotonic()
+    assert run_cli(tmp_path, grid, f"http://127.0.0.1:{port}", mnist_root) == 2
+    assert time.monotonic() - started < 30  # MLflow's own retries took minutes
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no MLflow server answers" in err[0]

@@ -8,6 +8,7 @@ problem in a file is reported as one line naming the file and the dotted key.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,6 +376,13 @@ def load_grid(path: str | Path) -> GridSpec:
                 problems.append(f"{where}: exclude[{index}].{key}: not a matrix axis")
 
     seeds = raw.get("seeds", [0])
+    count = grid_size(matrix, raw.get("include"), seeds)
+    if count > MAX_GRID_RUNS:
+        problems.append(
+            f"{where}: matrix: {count:,} runs exceed the {MAX_GRID_RUNS:,} a grid may have "
+            "(the product of the axes' lengths, plus includes, times the seeds); split the "
+            "grid, or search a large space with a study (python -m vaebench tune)"
+        )
     if (
         not isinstance(seeds, list)
         or not seeds
@@ -396,6 +404,17 @@ def load_grid(path: str | Path) -> GridSpec:
         seeds=seeds,
         source=where,
     )
+
+
+MAX_GRID_RUNS = 10_000
+
+
+def grid_size(matrix: Mapping[str, Any], include: Any, seeds: Any) -> int:
+    """How many runs a grid expands to at most, computed without expanding it."""
+    axes = [len(v) for v in matrix.values() if isinstance(v, list)]
+    extra = len(include) if isinstance(include, list) else 0
+    combos = (math.prod(axes) if axes else 0) + extra
+    return combos * (len(seeds) if isinstance(seeds, list) and seeds else 1)
 
 
 def _overrides_list(

@@ -7,6 +7,7 @@ created, so a mistake never leaves a half-written run behind.
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import subprocess
 import sys
@@ -301,6 +302,7 @@ def run_grid(
         print_dry_run(runs)
         return GridOutcome()
 
+    check_output_folder(Path(results_dir))
     root = resolve_root(data_root)
     splits = preflight(runs, root)
     classifiers = ClassifierCache(root)
@@ -352,6 +354,19 @@ def report_invocation(uri: str, name: str, results_dir: str | Path, parent: str)
         kind = "" if isinstance(exc, VaebenchError) else f"{type(exc).__name__}: "
         print(f"vaebench: no report: {kind}{exc}", file=sys.stderr)
         return None
+
+
+def check_output_folder(folder: Path, option: str = "--results-dir") -> None:
+    """Fail before training, without creating anything, if results could not be written to
+    ``folder``: a file where a folder should be, or no write permission."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == folder else f" (in {folder})"
+        raise VaebenchError(f"{option} {folder}: {existing} is a file, not a folder{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise VaebenchError(f"{option} {folder}: {existing} is not writable")
 
 
 def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:

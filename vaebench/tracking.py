@@ -87,6 +87,8 @@ class MLflowTracker:
         db = sqlite_path(uri)
         if db is not None and db.parent and not db.parent.exists():
             raise VaebenchError(f"tracking URI {uri}: folder {db.parent} does not exist")
+        if uri.startswith(("http://", "https://")):
+            check_server(uri)
         try:
             self.client = MlflowClient(tracking_uri=uri)
             self.client.search_experiments(max_results=1)  # creates the schema once
@@ -155,6 +157,30 @@ class MLflowTracker:
         if error is not None:
             self.client.set_tag(run_id, "vaebench.error", error[:MAX_TAG_LENGTH])
         self.client.set_terminated(run_id, status=status)
+
+
+SERVER_PROBE_SECONDS = 5.0
+
+
+def check_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
+    """A tracking server must answer its ``/health`` within seconds; MLflow's own client
+    retries for minutes before it reports one that is not running."""
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            if reply.status == 200:
+                return
+            reason = f"HTTP {reply.status}"
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:  # refused, unreachable, timed out, malformed
+        reason = str(getattr(exc, "reason", None) or exc)
+    raise VaebenchError(
+        f"tracking URI {uri}: no MLflow server answers at {url} within {timeout:g} s ({reason})"
+    )
 
 
 def _param_text(value: Any) -> str:

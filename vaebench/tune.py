@@ -45,6 +45,7 @@ from vaebench.progress import RunProgress
 from vaebench.runner import (
     ClassifierCache,
     base_tags,
+    check_output_folder,
     preflight,
     run_tags,
     splits_for,
@@ -474,6 +475,7 @@ def run_study(
     make_sampler(spec, spec.seed)
     make_pruner(spec)
     check_storage(ref)
+    check_output_folder(Path(results_dir))
     root = resolve_root(data_root)
     base = trial_run(spec, "base", {})
     splits = preflight([base], root)
