@@ -55,32 +55,30 @@ class MetricInfo:
 
 def _bound_metrics(prefix: str, split: str, every_epoch: bool) -> list[MetricInfo]:
     """ELBO (beta = 1), reconstruction and KL of a split, with the KL parts of joint models."""
-    where = "val" if prefix == "val" else "test"
     kwargs = dict(needs_validation=prefix == "val")
     epoch, final = (None, ()) if every_epoch else ((), None)
     cat_epoch, cat_final = (CATEGORICAL, ()) if every_epoch else ((), CATEGORICAL)
     return [
-        MetricInfo(f"{prefix}_elbo", split, True, f"{where} ELBO", epoch, final,
+        MetricInfo(f"{prefix}_elbo", split, True, f"{prefix} ELBO", epoch, final,
                    loss_units=True, **kwargs),
-        MetricInfo(f"{prefix}_recon", split, False, f"{where} reconstruction", epoch, final,
+        MetricInfo(f"{prefix}_recon", split, False, f"{prefix} reconstruction", epoch, final,
                    loss_units=True, **kwargs),
-        MetricInfo(f"{prefix}_kl", split, False, f"{where} KL (nats)", epoch, final, **kwargs),
-        MetricInfo(f"{prefix}_kl_z", split, False, f"{where} KL_z", cat_epoch, cat_final,
+        MetricInfo(f"{prefix}_kl", split, False, f"{prefix} KL (nats)", epoch, final, **kwargs),
+        MetricInfo(f"{prefix}_kl_z", split, False, f"{prefix} KL_z", cat_epoch, cat_final,
                    **kwargs),
-        MetricInfo(f"{prefix}_kl_c", split, False, f"{where} KL_c", cat_epoch, cat_final,
+        MetricInfo(f"{prefix}_kl_c", split, False, f"{prefix} KL_c", cat_epoch, cat_final,
                    **kwargs),
     ]
 
 
 def _cluster_metrics(prefix: str, split: str) -> list[MetricInfo]:
-    where = "val" if prefix == "val" else "test"
     kwargs = dict(needs_validation=prefix == "val", digits=3)
     nmi_epoch = CATEGORICAL if prefix == "val" else ()
     return [
-        MetricInfo(f"{prefix}_nmi", split, True, f"{where} NMI", nmi_epoch, UNCONDITIONAL,
+        MetricInfo(f"{prefix}_nmi", split, True, f"{prefix} NMI", nmi_epoch, UNCONDITIONAL,
                    **kwargs),
-        MetricInfo(f"{prefix}_ari", split, True, f"{where} ARI", (), UNCONDITIONAL, **kwargs),
-        MetricInfo(f"{prefix}_accuracy", split, True, f"{where} cluster accuracy", (),
+        MetricInfo(f"{prefix}_ari", split, True, f"{prefix} ARI", (), UNCONDITIONAL, **kwargs),
+        MetricInfo(f"{prefix}_accuracy", split, True, f"{prefix} cluster accuracy", (),
                    UNCONDITIONAL, **kwargs),
     ]
 
@@ -114,6 +112,14 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in _ALL}
 SELECTABLE = tuple(
     m.name for m in _ALL if m.split in (VALIDATION, NO_SPLIT) and m.higher_is_better is not None
 )
+# a report's leaderboard columns, in order (selection metrics on validation, test beside them),
+# the ones it may rank on, and the default
+REPORTED = (
+    "val_elbo", "test_elbo", "test_nll", "test_recon", "test_kl", "val_nmi", "test_nmi",
+    "test_accuracy", "test_ari", "conditional_accuracy", "mean_epoch_seconds",
+)
+RANKABLE = tuple(name for name in REPORTED if name in SELECTABLE)
+DEFAULT_RANKING = "val_elbo"
 
 
 def selection_problem(name: str) -> str | None:

@@ -23,20 +23,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vaebench.catalogue import CONDITIONAL, MetricInfo, selection_problem
+from vaebench.catalogue import (
+    CONDITIONAL,
+    DEFAULT_RANKING,
+    RANKABLE,
+    REPORTED,
+    MetricInfo,
+    selection_problem,
+)
 from vaebench.catalogue import METRICS as CATALOGUE
 from vaebench.config import VaebenchError
 from vaebench.plots import Bars, Curve, save_bars, save_curves
 from vaebench.tracking import resolve_tracking_uri, sqlite_path
 
-# the leaderboard's columns, in order: selection metrics on validation, test beside them
-REPORTED = (
-    "val_elbo", "test_elbo", "test_nll", "test_recon", "test_kl", "val_nmi", "test_nmi",
-    "test_accuracy", "test_ari", "conditional_accuracy", "mean_epoch_seconds",
-)
 METRICS = {name: CATALOGUE[name] for name in REPORTED}
-RANKABLE = tuple(name for name in REPORTED if selection_problem(name) is None)
-DEFAULT_METRIC = "val_elbo"
+DEFAULT_METRIC = DEFAULT_RANKING
 BEST_PICTURES = ("samples.png", "reconstructions.png", "latent.png", "digits.png")
 DOCUMENTS = ("leaderboard.csv", "report.md", "report.html")
 FIGURES = ("rate_distortion.png", "elbo_by_epoch.png", "clustering.png", "epoch_seconds.png")

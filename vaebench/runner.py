@@ -6,6 +6,7 @@ created, so a mistake never leaves a half-written run behind.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -34,6 +35,7 @@ from vaebench.progress import RunProgress
 from vaebench.tracking import MLflowTracker, Tracker, resolve_tracking_uri
 from vaebench.train import TrainResult, build_optimizer, fit, resolve_device
 
+PACKAGE = Path(__file__).resolve().parent  # vaebench's source folder
 SUMMARY_COLUMNS = [
     "name",
     "status",
@@ -75,8 +77,9 @@ def preflight(runs: Sequence[RunSpec], data_root: Path) -> dict[tuple[str, str],
     splits: dict[tuple[str, str], Splits] = {}
     checked: set[str] = set()
     for run in runs:
-        for key, message in cross_section_problems(run.config):
-            raise VaebenchError(f"{run.name}: {key}: {message}")
+        problems = cross_section_problems(run.config)
+        if problems:
+            raise VaebenchError("; ".join(f"{run.name}: {key}: {msg}" for key, msg in problems))
         device = resolve_device(run.config.train.device)
         data_key = (run.config.data.model_dump_json(), str(device))
         if data_key not in splits:
@@ -181,15 +184,13 @@ def code_version() -> str:
     """A hash of vaebench's own source files (``src-<12 hex>``): equal exactly when the code
     that trains and scores is equal, whatever the repository's commit, working-tree edits
     or install location."""
-    import vaebench
-
-    folder = Path(vaebench.__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*.py")):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes())
     return f"src-{digest.hexdigest()[:12]}"
 
 
+@functools.cache
 def device_name(device: torch.device) -> str:
     """The processor that computes: the GPU's name, or the CPU's model (floating-point paths,
     and so the numbers of a chaotic training run, differ between them)."""
@@ -217,9 +218,7 @@ def base_tags(**extra: str) -> dict[str, str]:
         "vaebench.python": platform.python_version(),
         "vaebench.code": code_version(),
     }
-    import vaebench
-
-    commit = git_commit(Path(vaebench.__file__).resolve().parent)
+    commit = git_commit(PACKAGE)
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags

@@ -22,6 +22,7 @@ import torch
 from vaebench.config import OptimConfig, RunConfig, VaebenchError
 from vaebench.data import Splits
 from vaebench.evaluation import (
+    Evaluation,
     active_unit_metric,
     cluster_metrics,
     clusters_of,
@@ -219,23 +220,28 @@ def fit(
         if on_epoch is not None:
             on_epoch(metrics)
     result.summary = {
-        **final_scores(model, splits, config),
+        **final_scores(model, splits, config, evaluation),
         **timing_summary(result.history, n_train),
     }
     result.seconds = time.perf_counter() - started
     return result
 
 
-def final_scores(model: torch.nn.Module, splits: Splits, config: RunConfig) -> dict[str, float]:
-    """The test split's metrics, scored once; the clustering scores of validation and test
-    (not for conditional models, whose encoder or decoder sees the label); the test NLL."""
+def final_scores(
+    model: torch.nn.Module,
+    splits: Splits,
+    config: RunConfig,
+    validation: Evaluation | None,
+) -> dict[str, float]:
+    """The test split's metrics, scored once; the clustering scores of validation (from the
+    last epoch's evaluation, ``validation``) and test (not for conditional models, whose
+    encoder or decoder sees the label); the test NLL."""
     test = evaluate(model, splits.test, "test", config)
     values = test.metrics(read_scalars(test.sums()))
     values.update(active_unit_metric(test))
     if not getattr(model, "uses_labels", False):
         values.update(cluster_metrics(test, splits.test.labels))
-        if splits.validation is not None:
-            validation = evaluate(model, splits.validation, "validation", config)
+        if validation is not None:
             values.update(cluster_metrics(validation, splits.validation.labels))
     if config.eval.iwae_samples:
         values.update(likelihood_metrics(model, splits.test, "test", config))
