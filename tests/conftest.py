@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,35 +86,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def mlflow_server(backend_uri: str, log: Path, timeout: float = 90.0):
-    """``mlflow server`` on a free loopback port; yields its base URL once /health answers."""
+def start_mlflow_server(
+    backend_uri: str, log: Path, cwd: Path | None = None, timeout: float = 90.0
+) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on a free loopback port, in a session of its own (so that
+    :func:`stop_server` ends its workers too); returns it and its base URL once /health
+    answers. Artifacts go under ``cwd`` (default: the working folder)."""
     port = free_port()
     command = [
         sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
     with log.open("w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited with {server.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return server, url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(server)
+            pytest.fail(f"mlflow server not up after {timeout} s:\n{log.read_text()}")
+        time.sleep(0.5)
+
+
+def stop_server(server: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to the server's whole process group and wait for it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, sig)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited with {server.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not up after {timeout} s:\n{log.read_text()}")
-            time.sleep(0.5)
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, log: Path, timeout: float = 90.0, cwd: Path | None = None):
+    """``mlflow server`` on a free loopback port; yields its base URL once /health answers."""
+    server, url = start_mlflow_server(backend_uri, log, cwd, timeout)
+    try:
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
+import vaebench.config
+import vaebench.models
 from vaebench.cli import main
-from vaebench.config import ConfigError, GridSpec, RunConfig, load_grid, read_yaml
-from vaebench.grid import expand, run_key
+from vaebench.config import ConfigError, RunConfig, read_yaml
+from vaebench.grid import GridSpec, expand, load_grid, run_key
 
 DESIGN_GRID = """\
 name: design
@@ -229,7 +233,7 @@ BAD_GRIDS = {
     "unknown-model": (
         "name: g\nbase:\n  model: {arch: resnet}\n",
         "base.model.arch",
-        ("unknown model 'resnet'", "mlp", "conv"),
+        ("unknown model 'resnet'; valid: mlp, conv, gumbel, cvae",),
     ),
     "unknown-optimizer": (
         "name: g\nbase:\n  optim: {name: sgd}\n",
@@ -453,3 +457,37 @@ def test_names_lead_with_the_family_when_the_grid_mixes_families(tmp_path: Path)
         "gumbel-mlp-tau0.5-s0", "gumbel-mlp-tau1to0.5-s0",
         "gumbel-conv-tau0.5-s0", "gumbel-conv-tau1to0.5-s0", "cvae-s0",
     ]
+
+
+# ---------------------------------------------------------------------------
+# module boundaries: reading config, grid and study files needs no torch
+
+
+def test_config_names_every_model_family() -> None:
+    """A family registered in vaebench.models must be named in vaebench.config.ARCHS."""
+    assert set(vaebench.models.MODELS) == set(vaebench.config.ARCHS)
+
+
+HEAVY = ("torch", "vaebench.models", "vaebench.train", "mlflow", "optuna")
+
+
+@pytest.mark.parametrize(
+    "module", ["vaebench.config", "vaebench.grid", "vaebench.study", "vaebench.catalogue"]
+)
+def test_light_modules_import_nothing_heavy(module: str) -> None:
+    # validating every family checks that model.arch needs no import of vaebench.models
+    code = (
+        f"import sys, {module}\n"
+        "from vaebench.config import ARCHS, RunConfig\n"
+        "for arch in ARCHS:\n"
+        "    RunConfig.model_validate({'model': {'arch': arch}})\n"
+        f"print(*[name for name in {HEAVY!r} if name in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "", f"importing {module} imports {out.stdout.strip()}"

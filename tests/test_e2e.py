@@ -14,11 +14,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+import vaebench.config
 from vaebench.cli import main
 from vaebench.config import ModelConfig
 from vaebench.models import MODELS, build_model
 from vaebench.models.base import GaussianVAE
-from vaebench.runner import code_version
+from vaebench.provenance import code_version
 
 TINY_GRID = """
 name: tiny
@@ -167,6 +168,7 @@ def test_failing_variant_is_marked_failed_and_grid_goes_on(
     tmp_path, mnist_root, tracking_uri, monkeypatch, capsys
 ):
     monkeypatch.setitem(MODELS, "exploding", _exploding_builder)
+    monkeypatch.setattr(vaebench.config, "ARCHS", (*vaebench.config.ARCHS, "exploding"))
     grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp, exploding"))
     status = run_cli(tmp_path, grid, tracking_uri, mnist_root)
     assert status == 1
@@ -185,16 +187,32 @@ def test_failing_variant_is_marked_failed_and_grid_goes_on(
     assert sorted(table["status"]) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
 
 
-def test_rerun_adds_a_new_parent_with_the_same_run_keys(tmp_path, mnist_root, tracking_uri):
-    grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp").replace("[1, 4]", "[1]"))
+def test_rerun_skips_finished_runs_and_rerun_flag_trains_them_again(
+    tmp_path, mnist_root, tracking_uri, capsys
+):
+    grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp"))
     assert run_cli(tmp_path, grid, tracking_uri, mnist_root) == 0
-    assert run_cli(tmp_path, grid, tracking_uri, mnist_root) == 0
+    capsys.readouterr()
+    assert run_cli(tmp_path, grid, tracking_uri, mnist_root) == 0  # nothing left to train
+    out, err = capsys.readouterr()
+    skipped = [line for line in err.splitlines() if "skipped: FINISHED already in run" in line]
+    assert len(skipped) == 2 and "epoch" not in err
+    assert "nothing to train" in out
+    runs = runs_of(tracking_uri, "tiny")
+    assert runs["tags.mlflow.parentRunId"].isna().sum() == 1  # no new invocation recorded
+    table = pd.read_csv(tmp_path / "results" / "tiny.csv")  # the table still covers the grid
+    assert list(table["status"]) == ["FINISHED", "FINISHED"] and table["test_elbo"].notna().all()
+
+    assert main([
+        "run", str(grid), "--tracking-uri", tracking_uri, "--data-root", str(mnist_root),
+        "--results-dir", str(tmp_path / "results"), "--rerun", "--no-report",
+    ]) == 0
     runs = runs_of(tracking_uri, "tiny")
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
     assert runs["tags.mlflow.parentRunId"].isna().sum() == 2
-    assert children["tags.vaebench.run_key"].nunique() == 1
+    assert len(children) == 4 and children["tags.vaebench.run_key"].nunique() == 2
     # same config and seed on CPU: the same numbers in both invocations
-    assert children["metrics.test_elbo"].nunique() == 1
+    assert children.groupby("tags.vaebench.run_key")["metrics.test_elbo"].nunique().eq(1).all()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+import vaebench.config
 from vaebench.cli import main
 from vaebench.config import ConfigError, ModelConfig
 from vaebench.models import MODELS, build_model
@@ -315,6 +316,7 @@ def test_failing_trial_is_fail_and_failed_and_the_study_goes_on(
     store, mnist_root, monkeypatch, capsys
 ):
     monkeypatch.setitem(MODELS, "exploding", _exploding_builder)
+    monkeypatch.setattr(vaebench.config, "ARCHS", (*vaebench.config.ARCHS, "exploding"))
     path = write(store / "boom.yaml", f"""\
         name: boom
         {textwrap.indent(TINY_BASE, "        ").strip()}

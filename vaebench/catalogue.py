@@ -30,7 +30,6 @@ class MetricInfo:
     digits: int = 2
     loss_units: bool = False  # in the reconstruction loss's units: BCE and MSE differ
     needs_validation: bool = False  # absent with data.validation: 0
-    needs_likelihood: bool = False  # only with eval.iwae_samples on binary pixels
 
     @property
     def per_epoch(self) -> bool:
@@ -90,9 +89,8 @@ _ALL = [
     *_bound_metrics("test", TEST, every_epoch=False),
     *_cluster_metrics("test", TEST),
     MetricInfo("test_active_units", TEST, None, "active units", (), None, digits=1),
-    MetricInfo("test_nll", TEST, False, "test NLL (nats)", (), None, needs_likelihood=True),
-    MetricInfo("test_nll_se", TEST, None, "test NLL standard error", (), None,
-               needs_likelihood=True),
+    MetricInfo("test_nll", TEST, False, "test NLL (nats)", (), None),
+    MetricInfo("test_nll_se", TEST, None, "test NLL standard error", (), None),
     MetricInfo("conditional_accuracy", NO_SPLIT, True, "conditional accuracy", (),
                CONDITIONAL, digits=3),
     MetricInfo("tau", NO_SPLIT, None, "temperature", CATEGORICAL),

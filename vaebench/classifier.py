@@ -91,11 +91,15 @@ def load_classifier(dataset: str, data_root: Path, device: torch.device) -> nn.M
     return model.to(device).eval()
 
 
-@torch.no_grad()
-def conditional_accuracy(vae: nn.Module, classifier: nn.Module, per_class: int = 100) -> float:
-    """Fraction of generated images (``per_class`` per digit) the classifier labels as asked."""
-    generator = torch.Generator(device=vae.device).manual_seed(0)
-    labels = torch.arange(10, device=vae.device).repeat_interleave(per_class)
-    images = torch.sigmoid(vae.sample_prior(len(labels), generator=generator, labels=labels))
-    predictions = classifier(images).argmax(dim=1)
-    return (predictions == labels).float().mean().item()
+class ClassifierCache:
+    """The fixed digit classifier per dataset and device, loaded (or trained) once."""
+
+    def __init__(self, data_root: Path):
+        self.data_root = data_root
+        self._loaded: dict[tuple[str, str], nn.Module] = {}
+
+    def get(self, dataset: str, device: torch.device) -> nn.Module:
+        key = (dataset, str(device))
+        if key not in self._loaded:
+            self._loaded[key] = load_classifier(dataset, self.data_root, device)
+        return self._loaded[key]

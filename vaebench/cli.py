@@ -45,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-report", action="store_true", help="skip the report written after the grid"
     )
+    run.add_argument(
+        "--rerun",
+        action="store_true",
+        help="train every run again as a new sample (default: runs that finished in an "
+        "earlier invocation are skipped, stopped ones continue from their checkpoint)",
+    )
+    run.add_argument(
+        "--checkpoint-dir",
+        help="where running runs keep their checkpoints (default: checkpoints/ beside the "
+        "SQLite store, else in the working folder)",
+    )
 
     tune = commands.add_parser(
         "tune", help="tune runs with Optuna (pruning, several objectives), every trial in MLflow"
@@ -53,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--n-trials",
         type=int,
-        help="trials to add in this invocation (default: the file's n_trials)",
+        help="trials to add in this invocation (default: those still to do of the file's "
+        "n_trials)",
     )
     tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     tune.add_argument(
@@ -115,6 +127,8 @@ def _run(args: argparse.Namespace) -> int:
         args.results_dir,
         args.dry_run,
         report=not args.no_report,
+        rerun=args.rerun,
+        checkpoint_dir=args.checkpoint_dir,
     )
     if outcome.failed:
         print(
@@ -190,10 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except VaebenchError as exc:
         print(f"vaebench: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except BrokenPipeError:  # output piped into a command that stopped reading (| head)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keep Python's exit flush quiet
         return 0
-    except KeyboardInterrupt:
-        print("vaebench: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as signals.Interrupted
+        what = str(exc) or "interrupted"
+        print(f"vaebench: {what}; rerun the same command to continue", file=sys.stderr)
+        return getattr(exc, "exit_status", 130)

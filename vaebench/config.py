@@ -1,16 +1,18 @@
-"""Typed run configuration, grid files, and the errors users can cause.
+"""Typed run configuration, dotted keys, and the errors users can cause.
 
 A run is described by :class:`RunConfig` (data, model, loss, optim, train,
-eval sections plus a seed). Grid files are read into :class:`GridSpec`; every
+eval sections plus a seed). Grid files (:mod:`vaebench.grid`) and study files
+(:mod:`vaebench.study`) share what is here: YAML reading, the name and ``base``
+checks (:func:`read_spec_header`) and the check of dotted-key overrides; every
 problem in a file is reported as one line naming the file and the dotted key.
+This module imports neither torch nor :mod:`vaebench.models`: the model families
+are named in :data:`ARCHS` (a test keeps it equal to ``vaebench.models.MODELS``).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -21,8 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 class VaebenchError(Exception):
     """An error the user can cause and fix (config, data, paths, URIs).
 
-    The command line prints it as one line and exits with status 2.
+    The command line prints it as one line and exits with ``exit_status`` (2).
     """
+
+    exit_status = 2
 
 
 class ConfigError(VaebenchError):
@@ -37,9 +41,8 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-DATASETS = ("mnist", "fashion_mnist", "kmnist")
-RECON_LOSSES = ("bce", "mse")
-OPTIMIZERS = ("adam", "rmsprop")
+# the model families of vaebench.models.MODELS, named here so this module need not import torch
+ARCHS = ("mlp", "conv", "gumbel", "cvae")
 
 
 class DataConfig(_Section):
@@ -76,11 +79,8 @@ class ModelConfig(_Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        # imported here because models depend on this module, not the reverse
-        from vaebench.models import MODELS
-
-        if value not in MODELS:
-            raise ValueError(f"unknown model {value!r}; valid: {', '.join(MODELS)}")
+        if value not in ARCHS:
+            raise ValueError(f"unknown model {value!r}; valid: {', '.join(ARCHS)}")
         return value
 
     @field_validator("hidden", "channels")
@@ -131,6 +131,11 @@ class TrainConfig(_Section):
         default=1000, ge=1, description="decoder rows per evaluation pass (images x draws)"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(
+        default=1,
+        ge=0,
+        description="epochs between checkpoints that let a stopped run continue (0: none)",
+    )
 
 
 class EvalConfig(_Section):
@@ -268,23 +273,7 @@ def override_problems(
 
 
 # ---------------------------------------------------------------------------
-# grid files
-
-
-GRID_KEYS = ("name", "base", "matrix", "exclude", "include", "seeds")
-
-
-@dataclass
-class GridSpec:
-    """A grid file, checked: base config, matrix axes, exclusions, extra runs, seeds."""
-
-    name: str
-    base: dict[str, Any]
-    matrix: dict[str, list[Any]] = field(default_factory=dict)
-    exclude: list[dict[str, Any]] = field(default_factory=list)
-    include: list[dict[str, Any]] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
-    source: str = "<grid>"
+# what grid and study files share
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -344,90 +333,3 @@ def read_spec_header(path: str | Path, kind: str, keys: Sequence[str]) -> SpecHe
     else:
         problems += [f"{where}: base.{key}: {msg}" for key, msg in run_config_problems(base)]
     return SpecHeader(raw, where, name, base, problems)
-
-
-def load_grid(path: str | Path) -> GridSpec:
-    """Read and check a grid file; raise ConfigError listing every problem."""
-    raw, where, name, base, problems = read_spec_header(path, "grid", GRID_KEYS)
-
-    matrix = raw.get("matrix") or {}
-    if not is_str_keyed(matrix):
-        problems.append(f"{where}: matrix: must map dotted keys to lists")
-        matrix = {}
-    for key, values in matrix.items():
-        if not isinstance(values, list):
-            problems.append(f"{where}: matrix.{key}: must be a list of values")
-        elif not values:
-            problems.append(f"{where}: matrix.{key}: empty axis (give at least one value)")
-        elif check_dotted_key(key):
-            problems.append(f"{where}: matrix.{key}: {check_dotted_key(key)}")
-        else:
-            for index, value in enumerate(values):
-                problems += [
-                    line.replace(f"matrix.{key}:", f"matrix.{key}[{index}]:", 1)
-                    for line in override_problems(base, {key: value}, where, "matrix.")
-                ]
-
-    exclude = _overrides_list(raw.get("exclude"), "exclude", where, base, problems)
-    include = _overrides_list(raw.get("include"), "include", where, base, problems)
-    for index, rule in enumerate(exclude):
-        for key in rule:
-            if key not in matrix:
-                problems.append(f"{where}: exclude[{index}].{key}: not a matrix axis")
-
-    seeds = raw.get("seeds", [0])
-    count = grid_size(matrix, raw.get("include"), seeds)
-    if count > MAX_GRID_RUNS:
-        problems.append(
-            f"{where}: matrix: {count:,} runs exceed the {MAX_GRID_RUNS:,} a grid may have "
-            "(the product of the axes' lengths, plus includes, times the seeds); split the "
-            "grid, or search a large space with a study (python -m vaebench tune)"
-        )
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        problems.append(f"{where}: seeds: must be a non-empty list of integers")
-        seeds = [0]
-    elif len(set(seeds)) != len(seeds):
-        problems.append(f"{where}: seeds: repeated seed")
-
-    if problems:
-        raise ConfigError(problems)
-    return GridSpec(
-        name=name,
-        base=base,
-        matrix=matrix,
-        exclude=exclude,
-        include=include,
-        seeds=seeds,
-        source=where,
-    )
-
-
-MAX_GRID_RUNS = 10_000
-
-
-def grid_size(matrix: Mapping[str, Any], include: Any, seeds: Any) -> int:
-    """How many runs a grid expands to at most, computed without expanding it."""
-    axes = [len(v) for v in matrix.values() if isinstance(v, list)]
-    extra = len(include) if isinstance(include, list) else 0
-    combos = (math.prod(axes) if axes else 0) + extra
-    return combos * (len(seeds) if isinstance(seeds, list) and seeds else 1)
-
-
-def _overrides_list(
-    value: Any, section: str, where: str, base: dict[str, Any], problems: list[str]
-) -> list[dict[str, Any]]:
-    """Check an ``exclude``/``include`` list of ``{dotted.key: value}`` mappings."""
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(is_str_keyed(item) for item in value):
-        problems.append(f"{where}: {section}: must be a list of mappings of dotted keys to values")
-        return []
-    for index, item in enumerate(value):
-        if not item:
-            problems.append(f"{where}: {section}[{index}]: empty mapping")
-        problems += override_problems(base, item, where, f"{section}[{index}].")
-    return value

@@ -106,14 +106,6 @@ def find_file(folder: Path, name: str) -> Path | None:
 # downloading
 
 
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_file(url: str, target: Path, md5: str, timeout: float = 30.0) -> None:
     """Fetch ``url`` into ``target`` through a temporary file, checking its md5.
 

@@ -1,8 +1,12 @@
-"""Matrix expansion: product of the axes, minus ``exclude``, plus ``include``, times seeds.
+"""Grid files: reading and checking them, and expanding them into runs.
 
-Each run gets a readable name built from the settings the grid varies
-(``mlp-bce-adam-b4-s0``) and a stable key: a hash of the resolved config and
-seed, stored as an MLflow tag so a rerun can recognise finished runs.
+A grid file is read into :class:`GridSpec` by :func:`load_grid` (every problem
+reported as one line naming the file and the dotted key, like study files in
+:mod:`vaebench.study`). :func:`expand` takes the product of the matrix axes,
+minus ``exclude``, plus ``include``, times seeds. Each run gets a readable name
+built from the settings the grid varies (``mlp-bce-adam-b4-s0``) and a stable
+key: a hash of the resolved config and seed, stored as an MLflow tag so a rerun
+can recognise finished runs.
 """
 
 from __future__ import annotations
@@ -11,10 +15,132 @@ import copy
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from vaebench.config import ConfigError, GridSpec, RunConfig, flatten, set_dotted
+from vaebench.config import (
+    ConfigError,
+    RunConfig,
+    check_dotted_key,
+    flatten,
+    is_str_keyed,
+    override_problems,
+    read_spec_header,
+    set_dotted,
+)
+
+GRID_KEYS = ("name", "base", "matrix", "exclude", "include", "seeds")
+
+
+@dataclass
+class GridSpec:
+    """A grid file, checked: base config, matrix axes, exclusions, extra runs, seeds."""
+
+    name: str
+    base: dict[str, Any]
+    matrix: dict[str, list[Any]] = field(default_factory=dict)
+    exclude: list[dict[str, Any]] = field(default_factory=list)
+    include: list[dict[str, Any]] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    source: str = "<grid>"
+
+
+MAX_GRID_RUNS = 10_000  # more: split the grid, or search the space with a study
+
+
+# ---------------------------------------------------------------------------
+# reading a grid file
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    """Read and check a grid file; raise ConfigError listing every problem."""
+    raw, where, name, base, problems = read_spec_header(path, "grid", GRID_KEYS)
+
+    matrix = raw.get("matrix") or {}
+    if not is_str_keyed(matrix):
+        problems.append(f"{where}: matrix: must map dotted keys to lists")
+        matrix = {}
+    for key, values in matrix.items():
+        if not isinstance(values, list):
+            problems.append(f"{where}: matrix.{key}: must be a list of values")
+        elif not values:
+            problems.append(f"{where}: matrix.{key}: empty axis (give at least one value)")
+        elif check_dotted_key(key):
+            problems.append(f"{where}: matrix.{key}: {check_dotted_key(key)}")
+        else:
+            for index, value in enumerate(values):
+                problems += [
+                    line.replace(f"matrix.{key}:", f"matrix.{key}[{index}]:", 1)
+                    for line in override_problems(base, {key: value}, where, "matrix.")
+                ]
+
+    exclude = _overrides_list(raw.get("exclude"), "exclude", where, base, problems)
+    include = _overrides_list(raw.get("include"), "include", where, base, problems)
+    for index, rule in enumerate(exclude):
+        for key in rule:
+            if key not in matrix:
+                problems.append(f"{where}: exclude[{index}].{key}: not a matrix axis")
+
+    seeds = raw.get("seeds", [0])
+    count = grid_size(matrix, raw.get("include"), seeds)
+    if count > MAX_GRID_RUNS:
+        problems.append(
+            f"{where}: matrix: {count:,} runs exceed the {MAX_GRID_RUNS:,} a grid may have "
+            "(the product of the axes' lengths, plus includes, times the seeds); split the "
+            "grid, or search a large space with a study (python -m vaebench tune)"
+        )
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        problems.append(f"{where}: seeds: must be a non-empty list of integers")
+        seeds = [0]
+    elif len(set(seeds)) != len(seeds):
+        problems.append(f"{where}: seeds: repeated seed")
+
+    if problems:
+        raise ConfigError(problems)
+    return GridSpec(
+        name=name,
+        base=base,
+        matrix=matrix,
+        exclude=exclude,
+        include=include,
+        seeds=seeds,
+        source=where,
+    )
+
+
+def grid_size(matrix: Mapping[str, Any], include: Any, seeds: Any) -> int:
+    """How many runs a grid expands to at most, computed without expanding it."""
+    axes = [len(v) for v in matrix.values() if isinstance(v, list)]
+    extra = len(include) if isinstance(include, list) else 0
+    combos = (math.prod(axes) if axes else 0) + extra
+    return combos * (len(seeds) if isinstance(seeds, list) and seeds else 1)
+
+
+def _overrides_list(
+    value: Any, section: str, where: str, base: dict[str, Any], problems: list[str]
+) -> list[dict[str, Any]]:
+    """Check an ``exclude``/``include`` list of ``{dotted.key: value}`` mappings."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(is_str_keyed(item) for item in value):
+        problems.append(f"{where}: {section}: must be a list of mappings of dotted keys to values")
+        return []
+    for index, item in enumerate(value):
+        if not item:
+            problems.append(f"{where}: {section}[{index}]: empty mapping")
+        problems += override_problems(base, item, where, f"{section}[{index}].")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# expansion
 
 # how a varied setting reads in a run name; keys not listed read as "<leaf><value>"
 NAME_PREFIXES = {
@@ -63,9 +189,16 @@ class RunSpec:
         return flatten(self.config.model_dump(mode="json"))
 
 
+# settings that change how a run is kept, not what it computes: outside the key, so that
+# a run checkpointed less often is still the same run
+NOT_IN_KEY = {"train": {"checkpoint_every"}}
+
+
 def run_key(config: RunConfig) -> str:
     """Hash of the resolved config (seed included); equal configs give equal keys."""
-    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        config.model_dump(mode="json", exclude=NOT_IN_KEY), sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

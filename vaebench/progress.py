@@ -12,17 +12,33 @@ class RunProgress:
     """Shows "run k of N", the epoch and the latest losses of one run."""
 
     def __init__(
-        self, index: int, total: int, name: str, epochs: int, stream: TextIO | None = None
+        self,
+        index: int,
+        total: int,
+        name: str,
+        epochs: int,
+        stream: TextIO | None = None,
+        start: int = 0,
     ):
+        """``start``: epochs already done (a run continued from its checkpoint)."""
         self.stream = stream or sys.stderr
         self.label = f"[{index}/{total}] {name}"
         self.epochs = epochs
         self.interactive = self.stream.isatty()
         self.bar = (
-            tqdm(total=epochs, desc=self.label, unit="epoch", file=self.stream, leave=True)
+            tqdm(
+                total=epochs,
+                initial=start,
+                desc=self.label,
+                unit="epoch",
+                file=self.stream,
+                leave=True,
+            )
             if self.interactive
             else None
         )
+        if start and not self.interactive:
+            print(f"{self.label} continues after epoch {start}", file=self.stream, flush=True)
 
     def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         summary = f"loss={metrics['train_loss']:.2f}"

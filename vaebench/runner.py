@@ -1,41 +1,42 @@
-"""Run a grid: check it, train every variant, track each run, write the results table.
+"""A grid invocation: check it, plan it against the store, run what is left, write results.
 
-User errors (config, data, devices, URIs) surface before any MLflow run is
-created, so a mistake never leaves a half-written run behind.
+Every run goes through :func:`vaebench.execute.execute`. Running a grid again
+continues it: runs whose key FINISHED in the experiment are skipped (``rerun``
+trains them again as new samples), runs a killed invocation left RUNNING are
+marked KILLED (see :mod:`vaebench.claims`), and KILLED runs continue from their
+checkpoint in their own MLflow run. Ctrl-C and SIGTERM stop the grid cleanly;
+a store that fails stops it with one line saying how to continue.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import platform
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
-import yaml
 
-from vaebench.classifier import conditional_accuracy, load_classifier
-from vaebench.config import DataConfig, VaebenchError, cross_section_problems, load_grid
-from vaebench.data import Splits, load_splits, resolve_root
-from vaebench.grid import RunSpec, expand
-from vaebench.models import build_model
-from vaebench.models.cvae import ConditionalVAE
-from vaebench.plots import save_grid, save_latent_scatter, save_reconstructions
-from vaebench.progress import RunProgress
-from vaebench.tracking import MLflowTracker, Tracker, resolve_tracking_uri
-from vaebench.train import TrainResult, build_optimizer, fit, resolve_device
+from vaebench.checkpoint import CheckpointStore, default_folder
+from vaebench.claims import OWNER_TAG, Planned, lease_tags, plan, recover_abandoned
+from vaebench.config import VaebenchError
+from vaebench.data import resolve_root
+from vaebench.execute import EpochHook, Workspace, execute
+from vaebench.grid import RunSpec, expand, load_grid
+from vaebench.preflight import check_output_folder
+from vaebench.provenance import base_tags
+from vaebench.signals import Interrupted, interruptible
+from vaebench.tracking import (
+    MLflowTracker,
+    Tracker,
+    TrackingError,
+    resolve_tracking_uri,
+    sqlite_path,
+)
+from vaebench.train import EpochMetrics
 
-PACKAGE = Path(__file__).resolve().parent  # vaebench's source folder
 SUMMARY_COLUMNS = [
     "name",
     "status",
@@ -48,236 +49,16 @@ SUMMARY_COLUMNS = [
     "mean_epoch_seconds",
     "seconds",
 ]
+GRID_TAG = "vaebench.grid"
 
 
 @dataclass
 class GridOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run name, error line)
+    skipped: int = 0  # FINISHED before this invocation
     csv_path: Path | None = None
     report_folder: Path | None = None
-
-
-def git_commit(folder: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def preflight(runs: Sequence[RunSpec], data_root: Path) -> dict[tuple[str, str], Splits]:
-    """Load every split the grid needs and build each model and optimizer once.
-
-    Anything a user can get wrong fails here, before tracking starts. Returns
-    the device-resident splits keyed by (data config, device), shared by runs.
-    """
-    splits: dict[tuple[str, str], Splits] = {}
-    checked: set[str] = set()
-    for run in runs:
-        problems = cross_section_problems(run.config)
-        if problems:
-            raise VaebenchError("; ".join(f"{run.name}: {key}: {msg}" for key, msg in problems))
-        device = resolve_device(run.config.train.device)
-        data_key = (run.config.data.model_dump_json(), str(device))
-        if data_key not in splits:
-            splits[data_key] = load_splits(run.config.data, data_root, device)
-        shape_key = run.config.model_dump_json(include={"model", "optim"})
-        if shape_key not in checked:
-            try:
-                model = build_model(run.config.model, splits[data_key].image_shape)
-            except ValueError as exc:
-                raise VaebenchError(f"{run.name}: model: {exc}") from None
-            build_optimizer(run.config.optim, model.parameters())
-            checked.add(shape_key)
-    return splits
-
-
-def splits_for(
-    cache: dict[tuple[str, str], Splits], data: DataConfig, device: torch.device
-) -> Splits:
-    return cache[(data.model_dump_json(), str(device))]
-
-
-LATENT_SAMPLE = 2000  # test images in the latent picture
-LATENT_SAMPLE_SEED = 0
-
-
-def write_artifacts(folder: Path, run: RunSpec, result: TrainResult, splits: Splits) -> None:
-    """Resolved config, state_dict, reconstructions, prior samples, latent picture; for a
-    conditional model also one row of samples per digit with the same z in every row."""
-    model = result.model
-    config_text = yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
-    (folder / "config.yaml").write_text(config_text)
-    torch.save(model.state_dict(), folder / "state_dict.pt")
-    model.eval()
-    test = splits.test
-    with torch.no_grad():
-        originals, labels = test.images[:16], test.labels[:16]
-        recon = torch.sigmoid(model.reconstruct(originals, labels))
-        save_reconstructions(folder / "reconstructions.png", originals, recon)
-        generator = torch.Generator(device=originals.device).manual_seed(0)
-        samples = torch.sigmoid(model.sample_prior(64, generator=generator))
-        save_grid(folder / "samples.png", samples, columns=8)
-        chosen = torch.randperm(
-            len(test), generator=torch.Generator().manual_seed(LATENT_SAMPLE_SEED)
-        )
-        chosen = chosen[:LATENT_SAMPLE].to(test.images.device)
-        mu, _ = model.encode(test.images[chosen], test.labels[chosen])
-        save_latent_scatter(
-            folder / "latent.png", mu.cpu().numpy(), test.labels[chosen].cpu().numpy(), run.name
-        )
-        if isinstance(model, ConditionalVAE):
-            z = torch.randn(10, model.z_dim, generator=generator, device=model.device)
-            rows = [
-                torch.sigmoid(model.decode_label(z, torch.full((10,), d, device=model.device)))
-                for d in range(10)
-            ]
-            save_grid(folder / "digits.png", torch.cat(rows), columns=10)
-
-
-def extra_scores(
-    run: RunSpec, model: torch.nn.Module, classifiers: ClassifierCache
-) -> dict[str, float]:
-    """Scores that need more than the test split: conditional accuracy for cvae runs."""
-    if not isinstance(model, ConditionalVAE):
-        return {}
-    classifier = classifiers.get(run.config.data.dataset, model.device)
-    return {"conditional_accuracy": conditional_accuracy(model, classifier)}
-
-
-class ClassifierCache:
-    """The fixed digit classifier per dataset, loaded (or trained) once per grid."""
-
-    def __init__(self, data_root: Path):
-        self.data_root = data_root
-        self._loaded: dict[tuple[str, str], torch.nn.Module] = {}
-
-    def get(self, dataset: str, device: torch.device) -> torch.nn.Module:
-        key = (dataset, str(device))
-        if key not in self._loaded:
-            self._loaded[key] = load_classifier(dataset, self.data_root, device)
-        return self._loaded[key]
-
-
-def summarize(
-    run: RunSpec, result: TrainResult, classifiers: ClassifierCache
-) -> tuple[dict[str, float], dict[str, float]]:
-    """(what is logged after the last epoch, every final value of the run).
-
-    The summary holds what training scored after the last epoch (test metrics,
-    clustering scores, likelihood, timing), the conditional accuracy, seconds
-    and parameter count; the final values add the last epoch's metrics.
-    """
-    summary = {
-        **result.summary,
-        **extra_scores(run, result.model, classifiers),
-        "seconds": result.seconds,
-        "parameters": float(sum(p.numel() for p in result.model.parameters())),
-    }
-    return summary, {**result.final.as_dict(), **summary}
-
-
-def code_version() -> str:
-    """A hash of vaebench's own source files (``src-<12 hex>``): equal exactly when the code
-    that trains and scores is equal, whatever the repository's commit, working-tree edits
-    or install location."""
-    digest = hashlib.sha256()
-    for path in sorted(PACKAGE.rglob("*.py")):
-        digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes())
-    return f"src-{digest.hexdigest()[:12]}"
-
-
-@functools.cache
-def device_name(device: torch.device) -> str:
-    """The processor that computes: the GPU's name, or the CPU's model (floating-point paths,
-    and so the numbers of a chaotic training run, differ between them)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def base_tags(**extra: str) -> dict[str, str]:
-    """Tags every run of an invocation carries: versions, vaebench's code version and, in a
-    git checkout, its commit.
-
-    A report treats runs of one config and seed as reruns (one sample) only when
-    their device, processor and ``vaebench.code`` agree too.
-    """
-    tags = {
-        **extra,
-        "vaebench.torch": torch.__version__,
-        "vaebench.python": platform.python_version(),
-        "vaebench.code": code_version(),
-    }
-    commit = git_commit(PACKAGE)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    return tags
-
-
-def run_tags(run: RunSpec) -> dict[str, str]:
-    """What identifies one run's sample: its config key, seed, device and processor."""
-    device = resolve_device(run.config.train.device)
-    return {
-        "vaebench.run_key": run.key,
-        "vaebench.seed": str(run.config.seed),
-        "vaebench.device": str(device),
-        "vaebench.device_name": device_name(device),
-    }
-
-
-def run_one(
-    run: RunSpec,
-    index: int,
-    total: int,
-    tracker: Tracker,
-    splits: Splits,
-    grid_tags: dict[str, str],
-    classifiers: ClassifierCache,
-) -> dict[str, Any]:
-    """Train and track one run; returns its results row. Raises what training raises."""
-    device = resolve_device(run.config.train.device)
-    run_id = tracker.start_run(run.name, {**run.params}, {**grid_tags, **run_tags(run)})
-    progress = RunProgress(index, total, run.name, run.config.train.epochs)
-    status = "FAILED"
-    try:
-
-        def on_epoch(metrics) -> None:
-            values = metrics.as_dict()
-            tracker.log_metrics(run_id, values, step=metrics.epoch)
-            progress.epoch(metrics.epoch, values)
-
-        result = fit(run.config, splits, device, on_epoch=on_epoch)
-        summary, final = summarize(run, result, classifiers)
-        tracker.log_metrics(run_id, summary, step=run.config.train.epochs)
-        with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
-            write_artifacts(Path(folder), run, result, splits)
-            tracker.log_artifacts(run_id, Path(folder))
-        tracker.end_run(run_id, "FINISHED")
-        status = "FINISHED"
-        return {
-            "name": run.name,
-            "key": run.key,
-            "status": status,
-            "run_id": run_id,
-            **run.params,
-            **final,
-        }
-    except BaseException as exc:
-        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        tracker.end_run(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", error)
-        raise
-    finally:
-        progress.close(status)
 
 
 def run_grid(
@@ -288,6 +69,8 @@ def run_grid(
     dry_run: bool = False,
     tracker: Tracker | None = None,
     report: bool = True,
+    rerun: bool = False,
+    checkpoint_dir: str | Path | None = None,
 ) -> GridOutcome:
     """Check, expand and train a grid file; record it and return what happened.
 
@@ -301,71 +84,142 @@ def run_grid(
         print_dry_run(runs)
         return GridOutcome()
 
-    check_output_folder(Path(results_dir))
-    root = resolve_root(data_root)
-    splits = preflight(runs, root)
-    classifiers = ClassifierCache(root)
-    tracker = tracker or MLflowTracker(resolve_tracking_uri(tracking_uri))
-    tags = base_tags(**{"vaebench.grid": grid.name, "vaebench.grid_file": str(grid_path)})
+    results = Path(results_dir)
+    check_output_folder(results)
+    uri = resolve_tracking_uri(tracking_uri)
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir else default_folder(sqlite_path(uri))
+    check_output_folder(checkpoints, "--checkpoint-dir")
+    workspace = Workspace(resolve_root(data_root), CheckpointStore(checkpoints))
+    workspace.prepare(runs)
+    tracker = tracker or MLflowTracker(uri)
+
+    previous = recover_abandoned(
+        tracker, tracker.previous_runs(grid.name, GRID_TAG, grid.name), sys.stderr
+    )
+    planned = plan(runs, previous, rerun)
+    outcome = GridOutcome()
+    for number, step in enumerate(planned, start=1):
+        if step.action in ("skip", "elsewhere"):
+            _print_skip(number, len(planned), step)
+            outcome.rows.append(_skipped_row(step))
+    outcome.skipped = sum(step.action == "skip" for step in planned)
+    todo = [(n, s) for n, s in enumerate(planned, start=1) if s.action in ("train", "continue")]
+    if not todo:
+        print(
+            f"grid {grid.name}: all {len(runs)} runs are done; nothing to train "
+            "(--rerun trains them again)"
+        )
+        _close(outcome, results, grid.name, runs)
+        return outcome
+
+    tags = base_tags(**{GRID_TAG: grid.name, "vaebench.grid_file": str(grid_path)})
     started = time.strftime("%Y%m%d-%H%M%S")
     parent = tracker.start_grid(
-        grid.name, f"{grid.name}-{started}", {**tags, "vaebench.runs": str(len(runs))}
+        grid.name,
+        f"{grid.name}-{started}",
+        {**tags, "vaebench.runs": str(len(runs)), **lease_tags()},
     )
-    outcome = GridOutcome()
-    try:
-        for index, run in enumerate(runs, start=1):
-            device = resolve_device(run.config.train.device)
-            try:
-                row = run_one(
-                    run,
-                    index,
-                    len(runs),
-                    tracker,
-                    splits_for(splits, run.config.data, device),
-                    tags,
-                    classifiers,
+
+    def renew_parent_lease(metrics: EpochMetrics) -> None:
+        tracker.set_tags(parent, lease_tags(metrics.epoch_seconds + metrics.eval_seconds))
+    with interruptible():
+        try:
+            for number, step in todo:
+                outcome.rows.append(
+                    _run_step(
+                        step, number, len(planned), tracker, workspace, tags, outcome,
+                        renew_parent_lease,
+                    )
                 )
-            except Exception as exc:  # one failing variant does not stop the grid
-                line = str(exc).splitlines()[0] if str(exc) else ""
-                outcome.failed.append((run.name, f"{type(exc).__name__}: {line}"))
-                row = {"name": run.name, "key": run.key, "status": "FAILED", **run.params}
-            outcome.rows.append(row)
-    except KeyboardInterrupt:
-        tracker.end_run(parent, "KILLED")
-        raise
-    tracker.end_run(parent, "FAILED" if outcome.failed else "FINISHED")
-    outcome.csv_path = write_results(outcome.rows, Path(results_dir), grid.name)
-    print_summary(outcome)
+        except Interrupted as exc:
+            tracker.end_run(parent, "KILLED", f"{exc}; rerun the same command to continue")
+            _close(outcome, results, grid.name, runs)
+            raise
+        except TrackingError as exc:
+            _close(outcome, results, grid.name, runs)
+            raise TrackingError(
+                f"{exc}; the grid stopped. Rerun the same command once the store answers: "
+                "finished runs are skipped, stopped ones continue from their checkpoint"
+            ) from None
+        tracker.end_run(parent, "FAILED" if outcome.failed else "FINISHED")
+    _close(outcome, results, grid.name, runs)
     if report and isinstance(tracker, MLflowTracker):
-        outcome.report_folder = report_invocation(tracker.uri, grid.name, results_dir, parent)
+        resumed = len(todo) < len(planned) or any(s.action == "continue" for _, s in todo)
+        outcome.report_folder = report_invocation(
+            tracker.uri, grid.name, results, parent, all_invocations=resumed
+        )
     return outcome
 
 
-def report_invocation(uri: str, name: str, results_dir: str | Path, parent: str) -> Path | None:
-    """The report of the invocation just run. The grid's runs are tracked by now, so a
-    report that cannot be made (every run failed, say) is one line on stderr, and
-    ``vaebench report`` can be run again later; it does not turn a grid into a crash."""
+def _run_step(
+    step: Planned,
+    number: int,
+    total: int,
+    tracker: Tracker,
+    workspace: Workspace,
+    tags: dict[str, str],
+    outcome: GridOutcome,
+    epoch_hook: EpochHook,
+) -> dict[str, Any]:
+    """One run's row of the results; a failing run does not stop the grid."""
+    run = step.run
+    stopped = step.previous.run_id if step.previous is not None else None
+    try:
+        done = execute(
+            run, tracker, workspace, tags, number, total, continue_id=stopped,
+            epoch_hook=epoch_hook,
+        )
+    except Exception as exc:
+        if isinstance(exc, TrackingError):
+            raise
+        line = str(exc).splitlines()[0] if str(exc) else ""
+        outcome.failed.append((run.name, f"{type(exc).__name__}: {line}"))
+        return {"name": run.name, "key": run.key, "status": "FAILED", **run.params}
+    row = {"name": run.name, "key": run.key, "status": "FINISHED", "run_id": done.run_id}
+    return {**row, **run.params, **done.final}
+
+
+def _print_skip(number: int, total: int, step: Planned) -> None:
+    run_id = step.previous.run_id
+    if step.action == "skip":
+        why = f"FINISHED already in run {run_id}"
+    else:
+        why = f"RUNNING in run {run_id}, held by {step.previous.tags.get(OWNER_TAG, '?')}"
+    print(f"[{number}/{total}] {step.run.name} skipped: {why}", file=sys.stderr, flush=True)
+
+
+def _skipped_row(step: Planned) -> dict[str, Any]:
+    record = step.previous
+    row = {"name": step.run.name, "key": step.run.key, "status": record.status}
+    return {**row, "run_id": record.run_id, **step.run.params, **record.metrics}
+
+
+def _close(outcome: GridOutcome, results: Path, name: str, runs: Sequence[RunSpec]) -> None:
+    """The results table of what is known so far, in the grid's order, and the summary."""
+    order = {run.key: index for index, run in enumerate(runs)}
+    outcome.rows.sort(key=lambda row: order[row["key"]])
+    outcome.csv_path = write_results(outcome.rows, results, name)
+    print_summary(outcome)
+
+
+def report_invocation(
+    uri: str, name: str, results_dir: str | Path, parent: str, all_invocations: bool = False
+) -> Path | None:
+    """The report of the invocation just run (of every invocation, when this one continued
+    a grid that earlier ones began). The grid's runs are tracked by now, so a report that
+    cannot be made (every run failed, say) is one line on stderr, and ``vaebench report``
+    can be run again later; it does not turn a grid into a crash."""
     from vaebench.report import make_report
 
     try:
-        return make_report(name, uri, results_dir, parent_id=parent).folder
+        chosen = None if all_invocations else parent
+        return make_report(
+            name, uri, results_dir, parent_id=chosen, all_invocations=all_invocations
+        ).folder
     except Exception as exc:  # noqa: BLE001 - see the docstring
         kind = "" if isinstance(exc, VaebenchError) else f"{type(exc).__name__}: "
         print(f"vaebench: no report: {kind}{exc}", file=sys.stderr)
         return None
-
-
-def check_output_folder(folder: Path, option: str = "--results-dir") -> None:
-    """Fail before training, without creating anything, if results could not be written to
-    ``folder``: a file where a folder should be, or no write permission."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "" if existing == folder else f" (in {folder})"
-        raise VaebenchError(f"{option} {folder}: {existing} is a file, not a folder{where}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise VaebenchError(f"{option} {folder}: {existing} is not writable")
 
 
 def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:

@@ -1,4 +1,4 @@
-"""Where runs are recorded: the Tracker interface, MLflow's implementation, a null tracker.
+"""Where runs are recorded: the Tracker interface and MLflow's implementation.
 
 Trackers take plain dicts and file paths, so the trainer and the grid code
 stay free of mlflow; ``import mlflow`` happens only when an MLflowTracker is
@@ -7,56 +7,78 @@ made (the GPU machines and the benchmarks do without it).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from vaebench.config import VaebenchError
+from vaebench.signals import deferred_signals
+
+T = TypeVar("T")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_TAG_LENGTH = 5000
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
 MODEL_TRAINING_KIND = "custom_model_development"
+RUN_KEY_TAG = "vaebench.run_key"
+ERROR_TAG = "vaebench.error"
+# a store that stopped answering: the grid stops, and its rerun continues it (sysexits'
+# EX_TEMPFAIL: a temporary failure, the user is invited to retry)
+TRACKING_EXIT_STATUS = 75
+
+
+class TrackingError(VaebenchError):
+    """The tracking store failed in the middle of the work (a server gone, a disk full)."""
+
+    exit_status = TRACKING_EXIT_STATUS
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run already in the store: what a rerun needs to skip, recover or continue it."""
+
+    run_id: str
+    name: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED, SCHEDULED
+    tags: dict[str, str]
+    start_time: int  # ms since the epoch
+    metrics: dict[str, float]  # each metric's latest value
+
+    @property
+    def key(self) -> str | None:
+        return self.tags.get(RUN_KEY_TAG)
 
 
 class Tracker(Protocol):
+    """How runs are recorded; the execution layer and the invocations use nothing else.
+
+    A store that fails (server gone, disk full, database locked for too long) raises
+    :class:`TrackingError` from any call.
+    """
+
+    experiment_id: str | None  # set by start_grid or join_grid
+    parent_id: str | None  # the invocation's parent run
+
     def start_grid(self, name: str, run_name: str, tags: Mapping[str, str]) -> str: ...
+    def join_grid(self, experiment_id: str, parent_id: str) -> None: ...
     def start_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str: ...
+    def reopen_run(self, run_id: str) -> None: ...
     def log_metrics(
-        self, run_id: str, metrics: Mapping[str, float], step: int | None = None
+        self,
+        run_id: str,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> None: ...
+    def logged_steps(self, run_id: str, metric: str) -> set[int]: ...
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
     def log_artifacts(self, run_id: str, folder: Path) -> None: ...
     def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None: ...
-
-
-class NullTracker:
-    """Records nothing; for benchmarks and machines without mlflow."""
-
-    def __init__(self) -> None:
-        self._count = 0
-
-    def _new_id(self) -> str:
-        self._count += 1
-        return f"null-{self._count}"
-
-    def start_grid(self, name: str, run_name: str, tags: Mapping[str, str]) -> str:
-        return self._new_id()
-
-    def start_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        return self._new_id()
-
-    def log_metrics(
-        self, run_id: str, metrics: Mapping[str, float], step: int | None = None
-    ) -> None:
-        pass
-
-    def log_artifacts(self, run_id: str, folder: Path) -> None:
-        pass
-
-    def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
-        pass
+    def previous_runs(self, name: str, tag: str, value: str) -> list[RunRecord]: ...
 
 
 def resolve_tracking_uri(cli_uri: str | None = None) -> str:
@@ -68,6 +90,36 @@ def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri.removeprefix("sqlite:///")).expanduser()
+
+
+# MLflow's HTTP client retries 7 times with a growing back-off (minutes) before it reports a
+# server that went away; these bound a dead server to seconds. Set in the environment, the
+# user's own values win.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+def _store_call(method: Callable[..., T]) -> Callable[..., T]:
+    """Turn a failing store (MLflow's errors, a refused connection, a full disk) into one
+    TrackingError naming the store; a signal that arrives during the call waits for its end,
+    so an interruption never cuts a store write in half."""
+
+    @functools.wraps(method)
+    def call(self: MLflowTracker, *args: Any, **kwargs: Any) -> T:
+        with deferred_signals():
+            try:
+                return method(self, *args, **kwargs)
+            except TrackingError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - MlflowException, requests, OSError, ...
+                raise TrackingError(
+                    f"tracking store {self.uri} failed ({_first_line(exc)})"
+                ) from exc
+
+    return call
 
 
 class MLflowTracker:
@@ -88,13 +140,14 @@ class MLflowTracker:
         if db is not None and db.parent and not db.parent.exists():
             raise VaebenchError(f"tracking URI {uri}: folder {db.parent} does not exist")
         if uri.startswith(("http://", "https://")):
+            for name, value in HTTP_LIMITS.items():
+                os.environ.setdefault(name, value)
             check_server(uri)
         try:
             self.client = MlflowClient(tracking_uri=uri)
             self.client.search_experiments(max_results=1)  # creates the schema once
         except (MlflowException, OSError, ValueError) as exc:
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise VaebenchError(f"tracking URI {uri}: {message}") from None
+            raise VaebenchError(f"tracking URI {uri}: {_first_line(exc)}") from None
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
 
@@ -123,12 +176,18 @@ class MLflowTracker:
             )
         return existing.experiment_id
 
+    @_store_call
     def start_grid(self, name: str, run_name: str, tags: Mapping[str, str]) -> str:
         self.experiment_id = self._experiment(name)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
         self.parent_id = run.info.run_id
         return self.parent_id
 
+    def join_grid(self, experiment_id: str, parent_id: str) -> None:
+        """Log under a parent run another process started (a ``--workers`` process)."""
+        self.experiment_id, self.parent_id = experiment_id, parent_id
+
+    @_store_call
     def start_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         from mlflow.entities import Param
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -140,23 +199,84 @@ class MLflowTracker:
         self.client.log_batch(run_id, params=[Param(k, _param_text(v)) for k, v in params.items()])
         return run_id
 
+    @_store_call
+    def reopen_run(self, run_id: str) -> None:
+        """A KILLED run continues: RUNNING again, under this invocation's parent run."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        self.client.update_run(run_id, status="RUNNING")
+        if self.parent_id:
+            self.client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, self.parent_id)
+        if ERROR_TAG in self.client.get_run(run_id).data.tags:  # the reason it was stopped
+            self.client.delete_tag(run_id, ERROR_TAG)
+
+    @_store_call
     def log_metrics(
-        self, run_id: str, metrics: Mapping[str, float], step: int | None = None
+        self,
+        run_id: str,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
-        """All of an epoch's metrics in one call."""
-        from mlflow.entities import Metric
+        """All of an epoch's metrics (and tags, such as the lease) in one call."""
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(run_id, metrics=batch)
+        self.client.log_batch(
+            run_id, metrics=batch, tags=[RunTag(k, v) for k, v in (tags or {}).items()]
+        )
 
+    @_store_call
+    def logged_steps(self, run_id: str, metric: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(run_id, metric)}
+
+    @_store_call
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    @_store_call
     def log_artifacts(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder))
 
+    @_store_call
     def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
         if error is not None:
-            self.client.set_tag(run_id, "vaebench.error", error[:MAX_TAG_LENGTH])
+            self.client.set_tag(run_id, ERROR_TAG, error[:MAX_TAG_LENGTH])
         self.client.set_terminated(run_id, status=status)
+
+    @_store_call
+    def previous_runs(self, name: str, tag: str, value: str) -> list[RunRecord]:
+        """Every run of experiment ``name`` whose tag ``tag`` is ``value``, oldest first."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            return []
+        records: list[RunRecord] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`{tag}` = '{value}'",
+                max_results=1000,
+                order_by=["attributes.start_time ASC"],
+                page_token=token,
+            )
+            records += [
+                RunRecord(
+                    run.info.run_id,
+                    run.info.run_name,
+                    run.info.status,
+                    dict(run.data.tags),
+                    run.info.start_time,
+                    dict(run.data.metrics),
+                )
+                for run in page
+            ]
+            token = page.token
+            if not token:
+                return records
 
 
 SERVER_PROBE_SECONDS = 5.0
@@ -185,3 +305,8 @@ def check_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
 
 def _param_text(value: Any) -> str:
     return "null" if value is None else str(value)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -49,8 +50,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from vaebench.config import VaebenchError
-
         raise VaebenchError("train.device: cuda was asked for but torch sees no CUDA device")
     return torch.device(name)
 
@@ -165,29 +164,81 @@ def train_epoch(
     return total
 
 
+def training_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    history: list[EpochMetrics],
+    seconds: float,
+) -> dict[str, Any]:
+    """Everything that continues a run from the end of its last epoch as if it never stopped:
+    weights, optimizer, the batch-order generator, torch's global random state (draws of z,
+    c and binarized pixels) and the metrics of the epochs so far."""
+    state: dict[str, Any] = {
+        "epoch": history[-1].epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "batch_order_rng": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "history": [asdict(m) for m in history],
+        "seconds": seconds,
+    }
+    if model.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(model.device)
+    return state
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> tuple[list[EpochMetrics], float]:
+    """Load a :func:`training_state` into a freshly built run; returns (history, seconds)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["batch_order_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and model.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], model.device)
+    return [EpochMetrics(**m) for m in state["history"]], float(state["seconds"])
+
+
 def fit(
     config: RunConfig,
     splits: Splits,
     device: torch.device,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train one run from its config; same config and seed on CPU give the same numbers.
 
     Every epoch scores the validation split; the test split is scored once, after
     the last epoch, into ``result.summary`` (with the clustering scores, the
     likelihood estimate where ``eval.iwae_samples`` asks for it, and the timing).
+    Every ``train.checkpoint_every`` epochs (and after the last), ``save_state``
+    receives a :func:`training_state`, before ``on_epoch`` sees the epoch; a run
+    started with ``resume`` (such a state) continues after its epoch and ends with
+    the numbers of a run that never stopped.
     """
     torch.manual_seed(config.seed)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     model = build_model(config.model, splits.image_shape).to(device)
     optimizer = build_optimizer(config.optim, model.parameters())
-    objective = Objective(config.loss, getattr(model, "categories", None))
+    objective = Objective(config.loss, model.categories)
     result = TrainResult(model=model)
     n_train = len(splits.train)
     per_epoch = steps_per_epoch(n_train, config.train.batch_size)
     validation = splits.validation
+    every = config.train.checkpoint_every
+    earlier = 0.0
+    if resume is not None:
+        result.history, earlier = restore_training_state(resume, model, optimizer, generator)
+        model.anneal(len(result.history) * per_epoch - 1, config.train.epochs * per_epoch)
     started = time.perf_counter()
-    for epoch in range(1, config.train.epochs + 1):
+    evaluation = None
+    for epoch in range(len(result.history) + 1, config.train.epochs + 1):
         t0 = time.perf_counter()
         total = train_epoch(
             model, optimizer, objective, config, splits, generator, (epoch - 1) * per_epoch
@@ -205,8 +256,7 @@ def fit(
         if evaluation is not None and evaluation.categories is not None:
             values["val_nmi"] = nmi(validation.labels.cpu().numpy(), clusters_of(evaluation))
         check_finite(values, f"after epoch {epoch}")
-        if hasattr(model, "tau"):
-            values["tau"] = model.tau
+        values.update(model.annealed_values())
         t2 = time.perf_counter()
         metrics = EpochMetrics(
             epoch=epoch,
@@ -217,13 +267,20 @@ def fit(
             values=values,
         )
         result.history.append(metrics)
+        if save_state is not None and every and (
+            epoch % every == 0 or epoch == config.train.epochs
+        ):
+            seconds = earlier + time.perf_counter() - started
+            save_state(training_state(model, optimizer, generator, result.history, seconds))
         if on_epoch is not None:
             on_epoch(metrics)
+    if evaluation is None and validation is not None:  # resumed after its last epoch
+        evaluation = evaluate(model, validation, "validation", config)
     result.summary = {
         **final_scores(model, splits, config, evaluation),
         **timing_summary(result.history, n_train),
     }
-    result.seconds = time.perf_counter() - started
+    result.seconds = earlier + time.perf_counter() - started
     return result
 
 
@@ -239,7 +296,7 @@ def final_scores(
     test = evaluate(model, splits.test, "test", config)
     values = test.metrics(read_scalars(test.sums()))
     values.update(active_unit_metric(test))
-    if not getattr(model, "uses_labels", False):
+    if not model.uses_labels:
         values.update(cluster_metrics(test, splits.test.labels))
         if validation is not None:
             values.update(cluster_metrics(validation, splits.validation.labels))

@@ -25,9 +25,7 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,27 +36,29 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from vaebench.catalogue import METRICS
+from vaebench.claims import abandoned, lease_tags, recover_abandoned
 from vaebench.config import ConfigError, RunConfig, VaebenchError, run_config_problems, set_dotted
 from vaebench.data import resolve_root
+from vaebench.execute import Workspace, execute, record_invalid
 from vaebench.grid import RunSpec, run_key
-from vaebench.progress import RunProgress
-from vaebench.runner import (
-    ClassifierCache,
-    base_tags,
-    check_output_folder,
-    preflight,
-    run_tags,
-    splits_for,
-    summarize,
-    write_artifacts,
-)
+from vaebench.preflight import check_output_folder
+from vaebench.provenance import base_tags
+from vaebench.signals import Interrupted, interruptible, register_child
 from vaebench.study import Param, StudySpec, load_study
-from vaebench.tracking import MLflowTracker, resolve_tracking_uri, sqlite_path
-from vaebench.train import fit, resolve_device
+from vaebench.tracking import (
+    MLflowTracker,
+    Tracker,
+    TrackingError,
+    resolve_tracking_uri,
+    sqlite_path,
+)
+from vaebench.train import EpochMetrics
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna -> MLflow
 RUN_ID_ATTR = "mlflow_run_id"
 PARENT_ATTR = "mlflow_parent_run_id"  # which `tune` invocation ran the trial
+STUDY_TAG = "vaebench.study"
+STOPPED_ATTR = "stopped"  # why a trial FAILED without being at fault: a signal, a lost owner
 MEMORY = "memory"
 JOURNAL = "journal:"
 SQLITE_TIMEOUT_S = 60  # several processes share one SQLite file; wait for the lock
@@ -234,103 +234,134 @@ def objective_values(spec: StudySpec, final: dict[str, float]) -> list[float]:
 
 
 class TrialObjective:
-    """Optuna's objective: sample a run, train it, track it; one MLflow child run per trial."""
+    """Optuna's objective: sample a run and hand it to the execution layer, one MLflow child
+    run per trial; pruning is its epoch hook, the objectives its extra metrics."""
 
     def __init__(
-        self,
-        spec: StudySpec,
-        tracker: MLflowTracker,
-        tags: dict[str, str],
-        data_root: Path,
+        self, spec: StudySpec, tracker: Tracker, tags: dict[str, str], workspace: Workspace,
         total: int,
     ):
         self.spec = spec
         self.tracker = tracker
         self.tags = tags
-        self.data_root = data_root
+        self.workspace = workspace
         self.total = total
-        self.classifiers = ClassifierCache(data_root)
-        self.splits: dict = {}
+        self.store_failure: TrackingError | None = None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)  # first: marks it ours
+        _renew_lease(trial)
         sampled = {key: suggest(trial, key, param) for key, param in self.spec.space.items()}
         name = f"trial-{trial.number:04d}"
-        tags = {
-            **self.tags,
-            "optuna.trial_number": str(trial.number),
-            "optuna.state": "RUNNING",
-        }
+        tags = {**self.tags, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
+        run_id: str | None = None
+
+        def on_start(started: str) -> None:
+            nonlocal run_id
+            run_id = started
+            trial.set_user_attr(RUN_ID_ATTR, started)
+
+        state = "FAIL"
         try:
-            run: RunSpec | None = trial_run(self.spec, name, sampled)
-            invalid = None
-        except VaebenchError as exc:
-            run, invalid = None, exc
-        if run is not None:
-            tags.update(run_tags(run))
-        run_id = self.tracker.start_run(name, run.params if run else sampled, tags)
-        trial.set_user_attr(RUN_ID_ATTR, run_id)
-        epochs = run.config.train.epochs if run else 0
-        progress = RunProgress(trial.number + 1, self.total, name, epochs)
-        state, status, error = "FAIL", None, None
-        try:
-            if run is None:
-                raise invalid
-            values = self._train(trial, run, run_id, progress)
+            try:
+                run = trial_run(self.spec, name, sampled)
+            except VaebenchError as exc:
+                on_start(record_invalid(self.tracker, name, sampled, tags, str(exc)))
+                print(f"[{trial.number + 1}/{self.total}] {name} FAIL: {exc}", file=sys.stderr)
+                raise
+            objectives: list[float] = []
+
+            def score(final: dict[str, float]) -> dict[str, float]:
+                objectives.extend(objective_values(self.spec, final))
+                for key, value in reported_beside(self.spec, final).items():
+                    trial.set_user_attr(key, value)
+                return {
+                    f"objective.{m}": v
+                    for m, v in zip(self.spec.metrics, objectives, strict=True)
+                }
+
+            execute(
+                run,
+                self.tracker,
+                self.workspace,
+                tags,
+                trial.number + 1,
+                self.total,
+                on_start=on_start,
+                epoch_hook=self._epoch_hook(trial),
+                extra_metrics=score,
+                stopped_early=(optuna.TrialPruned,),
+                pictures=self.spec.artifacts,
+            )
             state = "COMPLETE"
-            return values[0] if len(values) == 1 else tuple(values)
+            return objectives[0] if len(objectives) == 1 else tuple(objectives)
         except optuna.TrialPruned:
             state = "PRUNED"
             raise
-        except BaseException as exc:
-            error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else None
+        except KeyboardInterrupt as exc:
+            trial.set_user_attr(STOPPED_ATTR, str(exc) or "interrupted")
+            raise
+        except TrackingError as exc:  # no point in the next trial: stop the study
+            self.store_failure = exc
+            trial.study.stop()
             raise
         finally:
-            self.tracker.client.set_tag(run_id, "optuna.state", state)
-            self.tracker.end_run(run_id, status or STATUS[state], error)
-            progress.close("FINISHED" if state == "COMPLETE" else state)
+            if run_id is not None and self.store_failure is None:
+                self.tracker.set_tags(run_id, {"optuna.state": state})
 
-    def _train(
-        self, trial: optuna.Trial, run: RunSpec, run_id: str, progress: RunProgress
-    ) -> list[float]:
-        device = resolve_device(run.config.train.device)
-        splits = self._splits(run, device)
-        # Optuna prunes single-objective studies only; a metric known only after the last
-        # epoch (e.g. val_ari, or val_nmi of a Gaussian model) is never reported, so never
-        # pruned (study files with such a pruner are rejected)
+    def _epoch_hook(self, trial: optuna.Trial):
+        """Renew the trial's lease; report the objective to the pruner, which may stop the
+        trial. Optuna prunes single-objective studies only; a metric known only after the
+        last epoch (e.g. val_ari) is never reported, so never pruned (study files with such
+        a pruner are rejected)."""
         pruned_on = None if self.spec.multi_objective else self.spec.metrics[0]
 
-        def on_epoch(metrics) -> None:
+        def hook(metrics: EpochMetrics) -> None:
+            longest = metrics.epoch_seconds + metrics.eval_seconds
+            _renew_lease(trial, longest)
+            self.tracker.set_tags(self.tracker.parent_id, lease_tags(longest))
             values = metrics.as_dict()
-            self.tracker.log_metrics(run_id, values, step=metrics.epoch)
-            progress.epoch(metrics.epoch, values)
             if pruned_on in values:
                 trial.report(values[pruned_on], metrics.epoch)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch}")
 
-        result = fit(run.config, splits, device, on_epoch=on_epoch)
-        summary, final = summarize(run, result, self.classifiers)
-        values = objective_values(self.spec, final)
-        for name, value in reported_beside(self.spec, final).items():
-            trial.set_user_attr(name, value)
-        objectives = {f"objective.{m}": v for m, v in zip(self.spec.metrics, values, strict=True)}
-        self.tracker.log_metrics(run_id, {**summary, **objectives}, step=run.config.train.epochs)
-        self.tracker.client.log_dict(run_id, run.config.model_dump(mode="json"), "config.yaml")
-        if self.spec.artifacts:
-            with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
-                write_artifacts(Path(folder), run, result, splits)
-                self.tracker.log_artifacts(run_id, Path(folder))
-        return values
+        return hook
 
-    def _splits(self, run: RunSpec, device: torch.device):
-        """The run's device-resident splits, loaded once per data config in this process."""
-        try:
-            return splits_for(self.splits, run.config.data, device)
-        except KeyError:
-            self.splits.update(preflight([run], self.data_root))
-            return splits_for(self.splits, run.config.data, device)
+
+def _renew_lease(trial: optuna.Trial, longest_epoch_seconds: float = 0.0) -> None:
+    for key, value in lease_tags(longest_epoch_seconds).items():
+        trial.set_user_attr(key, value)
+
+
+def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO) -> int:
+    """Trials a killed invocation left RUNNING (their owner process is gone or its lease
+    expired): FAIL in Optuna, marked stopped, their MLflow runs KILLED. Returns how many."""
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        reason = abandoned(trial.user_attrs)
+        if reason is None:
+            continue
+        storage = study._storage  # noqa: SLF001 - Optuna has no public call for another's trial
+        storage.set_trial_user_attr(trial._trial_id, STOPPED_ATTR, f"abandoned: {reason}")
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            tracker.end_run(run_id, "KILLED", f"abandoned: {reason}")
+            tracker.set_tags(run_id, {"optuna.state": "FAIL"})
+        print(f"trial {trial.number} was left RUNNING ({reason}): marked FAIL", file=stream)
+        count += 1
+    return count
+
+
+def trials_done(study: optuna.Study) -> int:
+    """Trials that count toward the file's ``n_trials``: complete, pruned, or failed by their
+    own fault (not those stopped by a signal or a lost process)."""
+    return sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and STOPPED_ATTR not in t.user_attrs)
+        for t in study.get_trials(deepcopy=False)
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -358,7 +389,7 @@ class WorkerJob:
 class TuneOutcome:
     study: optuna.Study
     storage: str
-    parent_id: str
+    parent_id: str | None
     trials: list[FrozenTrial] = field(default_factory=list)  # the trials this invocation ran
     best: list[FrozenTrial] = field(default_factory=list)  # best trial, or the Pareto front
     csv_path: Path | None = None
@@ -371,7 +402,9 @@ class TuneOutcome:
 
 
 def _quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    """Optuna's own warnings off: a failed trial is listed by vaebench, with its MLflow run,
+    instead of a traceback in Optuna's log."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
@@ -379,11 +412,12 @@ def optimize(
     job: WorkerJob,
     n_trials: int,
     worker: int,
-    tracker: MLflowTracker,
+    tracker: Tracker,
     storage: optuna.storages.BaseStorage | None = None,
-    splits: dict | None = None,
+    workspace: Workspace | None = None,
 ) -> None:
-    """Run ``n_trials`` trials of the study in this process; a failing trial is FAIL, no more."""
+    """Run ``n_trials`` trials of the study in this process; a failing trial is FAIL, no more;
+    a failing store stops the study (TrackingError)."""
     _quiet_optuna()
     study = optuna.load_study(
         study_name=job.spec.name,
@@ -391,21 +425,32 @@ def optimize(
         sampler=make_sampler(job.spec, sampler_seed(job.spec, job.seed_offset + 1000 * worker)),
         pruner=make_pruner(job.spec),
     )
-    objective = TrialObjective(job.spec, tracker, job.tags, job.data_root, job.total)
-    objective.splits.update(splits or {})
+    workspace = workspace or Workspace(job.data_root, checkpoints=None)
+    objective = TrialObjective(job.spec, tracker, job.tags, workspace, job.total)
     study.optimize(objective, n_trials=n_trials, timeout=job.timeout, catch=(Exception,))
+    if objective.store_failure is not None:
+        raise objective.store_failure
 
 
 def worker_main(job: WorkerJob, n_trials: int, worker: int) -> None:
-    """Entry point of a ``--workers`` process: its own tracker on the one parent run."""
+    """Entry point of a ``--workers`` process: its own tracker on the one parent run.
+
+    In a process group of its own, so that a terminal's Ctrl-C reaches the parent alone,
+    which passes it on (a signal sent to the parent's pid reaches the workers the same way).
+    """
+    os.setpgrp()
     if job.threads:
         torch.set_num_threads(job.threads)
-    try:
-        tracker = MLflowTracker(job.tracking_uri)
-        tracker.experiment_id, tracker.parent_id = job.experiment_id, job.parent_id
-        optimize(job, n_trials, worker, tracker)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    with interruptible():
+        try:
+            tracker = MLflowTracker(job.tracking_uri)
+            tracker.join_grid(job.experiment_id, job.parent_id)
+            optimize(job, n_trials, worker, tracker)
+        except Interrupted as exc:
+            sys.exit(exc.exit_status)
+        except VaebenchError as exc:
+            print(f"vaebench: worker {worker}: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_status)
 
 
 def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
@@ -453,7 +498,12 @@ def run_study(
     results_dir: str | Path = "results",
     stream: TextIO | None = None,
 ) -> TuneOutcome:
-    """Check a study file, run ``n_trials`` more trials of it, record and report them."""
+    """Check a study file and run its trials still to do (the file's ``n_trials`` minus those
+    done), or ``n_trials`` more; record and report them.
+
+    Trials a killed invocation left RUNNING are failed first. Ctrl-C and SIGTERM stop
+    the study cleanly (trials FAIL in Optuna, KILLED in MLflow, the parent KILLED).
+    """
     stream = stream or sys.stdout
     study_path = Path(study_path)
     spec = load_study(study_path)
@@ -461,7 +511,6 @@ def run_study(
         raise VaebenchError("--n-trials: must be >= 1")
     if workers < 1:
         raise VaebenchError("--workers: must be >= 1")
-    n_trials = n_trials or spec.n_trials
     timeout = timeout if timeout is not None else spec.timeout
     uri = resolve_tracking_uri(tracking_uri)
     ref = resolve_storage(storage or spec.storage, uri)
@@ -470,23 +519,33 @@ def run_study(
             "--workers: several processes need a shared storage (an SQLite file, a SQLAlchemy "
             "URL or a journal file), not memory"
         )
-    workers = min(workers, n_trials)
     # everything a user can get wrong fails here, before either store is created
     make_sampler(spec, spec.seed)
     make_pruner(spec)
     check_storage(ref)
     check_output_folder(Path(results_dir))
-    root = resolve_root(data_root)
-    base = trial_run(spec, "base", {})
-    splits = preflight([base], root)
+    workspace = Workspace(resolve_root(data_root), checkpoints=None)
+    workspace.prepare([trial_run(spec, "base", {})])
 
     tracker = MLflowTracker(uri)
     shared = open_storage(ref)
     study = _shared_study(spec, ref, shared)
+    recover_abandoned(tracker, tracker.previous_runs(spec.name, STUDY_TAG, spec.name), sys.stderr)
+    fail_abandoned_trials(study, tracker, sys.stderr)
     existing = len(study.trials)
+    if n_trials is None:
+        n_trials = spec.n_trials - trials_done(study)
+        if n_trials <= 0:
+            print(
+                f"study {spec.name}: {spec.n_trials} of n_trials: {spec.n_trials} done; "
+                "nothing to do (--n-trials N adds N more)",
+                file=stream,
+            )
+            return TuneOutcome(study=study, storage=ref, parent_id=None)
+    workers = min(workers, n_trials)
     tags = base_tags(
         **{
-            "vaebench.study": spec.name,
+            STUDY_TAG: spec.name,
             "vaebench.study_file": str(study_path),
             "optuna.study": spec.name,
             "optuna.storage": display_storage(ref),
@@ -496,7 +555,12 @@ def run_study(
     parent = tracker.start_grid(
         spec.name,
         f"{spec.name}-{started}",
-        {**tags, "vaebench.trials": str(n_trials), "vaebench.workers": str(workers)},
+        {
+            **tags,
+            "vaebench.trials": str(n_trials),
+            "vaebench.workers": str(workers),
+            **lease_tags(),
+        },
     )
     job = WorkerJob(
         spec=spec,
@@ -505,33 +569,39 @@ def run_study(
         experiment_id=tracker.experiment_id,
         parent_id=parent,
         tags=tags,
-        data_root=root,
+        data_root=workspace.data_root,
         total=existing + n_trials,
         timeout=timeout,
         seed_offset=existing,
         threads=max(1, _cores() // workers),
     )
     outcome = TuneOutcome(study=study, storage=ref, parent_id=parent)
-    try:
-        if workers == 1:
-            optimize(job, n_trials, 0, tracker, shared, splits)
-        else:
-            outcome.worker_errors = fan_out(job, n_trials, workers)
-        trials = study.get_trials(deepcopy=False)
-        outcome.trials = [t for t in trials if t.user_attrs.get(PARENT_ATTR) == parent]
-        outcome.best = best_trials(study)
-        folder = Path(results_dir) / spec.name
-        outcome.csv_path = write_trials(study, outcome.best, folder)
-        outcome.figures = write_figures(study, spec, folder)
-        tracker.log_metrics(parent, invocation_metrics(spec, outcome))
-        tracker.log_artifacts(parent, folder)
-    except KeyboardInterrupt:
-        tracker.end_run(parent, "KILLED")
-        raise
-    except BaseException as exc:
-        tracker.end_run(parent, "FAILED", _first_line(exc))
-        raise
-    tracker.end_run(parent, "FINISHED")
+    with interruptible():
+        try:
+            if workers == 1:
+                optimize(job, n_trials, 0, tracker, shared, workspace)
+            else:
+                outcome.worker_errors = fan_out(job, n_trials, workers)
+            trials = study.get_trials(deepcopy=False)
+            outcome.trials = [t for t in trials if t.user_attrs.get(PARENT_ATTR) == parent]
+            outcome.best = best_trials(study)
+            folder = Path(results_dir) / spec.name
+            outcome.csv_path = write_trials(study, outcome.best, folder)
+            outcome.figures = write_figures(study, spec, folder)
+            tracker.log_metrics(parent, invocation_metrics(spec, outcome))
+            tracker.log_artifacts(parent, folder)
+        except Interrupted as exc:
+            tracker.end_run(parent, "KILLED", f"{exc}; rerun the same command to continue")
+            raise
+        except TrackingError as exc:
+            raise TrackingError(
+                f"{exc}; the study stopped. Rerun the same command once the store answers: "
+                "it fails the stopped trials and runs those still to do"
+            ) from None
+        except BaseException as exc:
+            tracker.end_run(parent, "FAILED", _first_line(exc))
+            raise
+        tracker.end_run(parent, "FINISHED")
     print_outcome(spec, outcome, stream)
     return outcome
 
@@ -539,7 +609,8 @@ def run_study(
 def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
     """``workers`` spawned processes share ``n_trials``; returns a line per worker that died.
 
-    Spawned, not forked: a forked child inherits torch's thread pools and locks.
+    Spawned, not forked: a forked child inherits torch's thread pools and locks. A signal
+    that stops this process is passed on to the workers, which end their trials cleanly.
     """
     context = multiprocessing.get_context("spawn")
     shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
@@ -550,12 +621,16 @@ def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
     ]
     for process in processes:
         process.start()
+        register_child(process.pid)
     try:
         for process in processes:
             process.join()
-    except KeyboardInterrupt:
-        for process in processes:  # they got the interrupt too: let them close their runs
-            process.join(timeout=30)
+    except Interrupted as exc:
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, exc.signum)
+        for process in processes:
+            process.join(timeout=60)
         raise
     return [
         f"worker {index} exited with status {process.exitcode}"

@@ -7,10 +7,17 @@ a label-conditioned decoder (``cvae.py``). The trainer relies only on
 ``forward(x, y)``, ``kl_terms(out)`` and ``anneal(step, total_steps)``; evaluation
 and likelihood estimates on ``posterior(x, y)`` and ``decode_sample(z, c, y)``,
 which let them draw the latents with their own generator.
+
+What differs between families beyond that is asked through the hooks of
+:class:`GaussianVAE`, never by testing a model's class: ``categories`` and
+``uses_labels`` (attributes), ``annealed_values()`` (logged each epoch),
+``extra_scores(classifier)`` (after training) and ``extra_pictures(generator)``
+(artifacts).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +69,7 @@ class GaussianVAE(nn.Module):
     """
 
     uses_labels = False  # whether the model sees the label (then its clusters are not scored)
+    categories: int | None = None  # size of a discrete latent, if the family has one
 
     def __init__(self, backbone: Backbone, z_dim: int):
         super().__init__()
@@ -113,3 +121,19 @@ class GaussianVAE(nn.Module):
         """Decoder logits for ``n`` draws from the prior."""
         z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
         return self.decode(z)
+
+    # hooks: what a family adds to the common record of a run
+
+    def annealed_values(self) -> dict[str, float]:
+        """Scheduled values to log with each epoch's metrics (e.g. a temperature)."""
+        return {}
+
+    def extra_scores(self, classifier: Callable[[], nn.Module]) -> dict[str, float]:
+        """Scores after training beyond the common ones; ``classifier()`` gives the fixed digit
+        classifier of the run's dataset (loaded only by the families that call it)."""
+        return {}
+
+    def extra_pictures(self, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, int]]:
+        """Pictures beyond reconstructions, samples and the latent map: file name ->
+        (decoder logits of the images, images per row)."""
+        return {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,7 @@ NUM_CLASSES = 10  # every MNIST-family dataset has ten classes
 
 class ConditionalVAE(GaussianVAE):
     uses_labels = True
+
     def __init__(self, backbone: Backbone, z_dim: int, condition_encoder: bool):
         super().__init__(backbone, z_dim)
         self.condition_encoder = condition_encoder
@@ -62,3 +65,27 @@ class ConditionalVAE(GaussianVAE):
             labels = torch.arange(n, device=self.device) % NUM_CLASSES
         z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
         return self.decode_label(z, labels)
+
+    def extra_scores(self, classifier: Callable[[], nn.Module]) -> dict[str, float]:
+        return {"conditional_accuracy": conditional_accuracy(self, classifier())}
+
+    def extra_pictures(self, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, int]]:
+        """``digits.png``: one row per digit, the same ten draws of z in every row."""
+        z = torch.randn(NUM_CLASSES, self.z_dim, generator=generator, device=self.device)
+        rows = [
+            self.decode_label(z, torch.full((NUM_CLASSES,), digit, device=self.device))
+            for digit in range(NUM_CLASSES)
+        ]
+        return {"digits.png": (torch.cat(rows), NUM_CLASSES)}
+
+
+@torch.no_grad()
+def conditional_accuracy(
+    vae: ConditionalVAE, classifier: nn.Module, per_class: int = 100
+) -> float:
+    """Fraction of generated images (``per_class`` per digit) the classifier labels as asked."""
+    generator = torch.Generator(device=vae.device).manual_seed(0)
+    labels = torch.arange(NUM_CLASSES, device=vae.device).repeat_interleave(per_class)
+    images = torch.sigmoid(vae.sample_prior(len(labels), generator=generator, labels=labels))
+    predictions = classifier(images).argmax(dim=1)
+    return (predictions == labels).float().mean().item()

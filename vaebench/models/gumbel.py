@@ -95,6 +95,9 @@ class JointVAE(GaussianVAE):
     def anneal(self, step: int, total_steps: int) -> None:
         self.tau = self.schedule.at(step, total_steps)
 
+    def annealed_values(self) -> dict[str, float]:
+        return {"tau": self.tau}
+
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder logits at the posterior mean and the most likely category."""
         mu, _, category_logits = self.encode_all(x)

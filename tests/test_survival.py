@@ -1,0 +1,313 @@
+"""Grids and studies that survive: SIGKILL and resume, SIGINT/SIGTERM, a tracking server that
+dies mid-grid. Each test drives the real command in a subprocess against a real store."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from conftest import REPO, start_mlflow_server, stop_server
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+GRID = """
+name: survive
+base:
+  data: {subset: 6000, validation: 1000}
+  model: {hidden: [64], z_dim: 4}
+  train: {epochs: 4, batch_size: 32, eval_batch_size: 1000, device: cpu}
+matrix:
+  loss.beta: [1, 4]
+seeds: [0]
+"""
+
+STUDY = """
+name: survive-study
+base:
+  data: {subset: 3000, validation: 1000}
+  model: {hidden: [64], z_dim: 4}
+  train: {epochs: 3, batch_size: 32, eval_batch_size: 1000, device: cpu}
+space:
+  loss.beta: {type: float, low: 0.5, high: 4.0}
+objectives:
+  - {metric: val_elbo, direction: maximize}
+sampler: random
+pruner: none
+seed: 0
+n_trials: 2
+"""
+
+
+class Command:
+    """``python -m vaebench ...`` in a subprocess; stderr read line by line as it comes."""
+
+    def __init__(self, args: list[str], cwd: Path):
+        self.out = cwd / f"stdout-{time.monotonic_ns()}.txt"
+        with self.out.open("w") as stdout:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "vaebench", *args],
+                cwd=cwd,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = 180.0) -> str:
+        """The first stderr line matching ``pattern``; fails if the command ends first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no line matching {pattern!r} in {timeout} s:\n" + self.stderr)
+            if line is None:
+                pytest.fail(f"ended before a line matching {pattern!r}:\n" + self.stderr)
+            self.lines.append(line)
+            if re.search(pattern, line):
+                return line
+
+    def finish(self, timeout: float = 300.0) -> int:
+        status = self.process.wait(timeout=timeout)
+        while (line := self._queue.get(timeout=30)) is not None:
+            self.lines.append(line)
+        return status
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def stdout(self) -> str:
+        return self.out.read_text()
+
+
+def grid_args(folder: Path, uri: str, mnist_root: Path, *extra: str) -> list[str]:
+    return [
+        "run", str(folder / "grid.yaml"), "--tracking-uri", uri, "--data-root", str(mnist_root),
+        "--results-dir", str(folder / "results"), "--no-report", *extra,
+    ]
+
+
+def study_args(folder: Path, uri: str, mnist_root: Path) -> list[str]:
+    return [
+        "tune", str(folder / "study.yaml"), "--tracking-uri", uri, "--data-root",
+        str(mnist_root), "--results-dir", str(folder / "results"),
+        "--storage", str(folder / "optuna.db"),
+    ]
+
+
+def all_runs(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id], max_results=1000)
+
+
+def children(runs: list) -> list:
+    return [r for r in runs if "vaebench.run_key" in r.data.tags]
+
+
+def assert_each_variant_finished_once(runs: list, variants: int) -> dict[str, object]:
+    """No run RUNNING, parents included; exactly one FINISHED run per run key."""
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    finished = [r for r in children(runs) if r.info.status == "FINISHED"]
+    keys = [r.data.tags["vaebench.run_key"] for r in finished]
+    assert len(keys) == len(set(keys)) == variants
+    return {r.data.tags["vaebench.run_key"]: r for r in finished}
+
+
+def steps(uri: str, run_id: str, metric: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, metric))
+
+
+def test_sigkill_mid_epoch_then_rerun_continues_the_run(tmp_path, mnist_root):
+    """Acceptance 1: a grid SIGKILLed inside an epoch of its second run, then rerun."""
+    (tmp_path / "grid.yaml").write_text(GRID)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed = Command(grid_args(tmp_path, uri, mnist_root), tmp_path)
+    started = time.monotonic()
+    killed.wait_for(r"^\[2/2\] \S+ epoch 2/4 ")  # epoch 3 of run 2 is now training
+    killed.process.send_signal(signal.SIGKILL)
+    assert killed.finish() == -signal.SIGKILL
+    killed_after = time.monotonic() - started
+
+    stranded = [r for r in children(all_runs(uri, "survive")) if r.info.status == "RUNNING"]
+    assert len(stranded) == 1, "the killed run is left RUNNING by SIGKILL"
+    stopped = stranded[0]
+    checkpoint = tmp_path / "checkpoints" / f"{stopped.info.run_id}.pt"
+    assert checkpoint.is_file()
+
+    started = time.monotonic()
+    rerun = Command(grid_args(tmp_path, uri, mnist_root), tmp_path)
+    assert rerun.finish() == 0, rerun.stderr
+    rerun_seconds = time.monotonic() - started
+    assert "Traceback" not in rerun.stderr
+    assert re.search(rf"{stopped.info.run_id}\) was left RUNNING \(its process \d+ .* is gone\)"
+                     r": marked KILLED", rerun.stderr)
+    assert re.search(r"^\[1/2\] \S+ skipped: FINISHED already in run", rerun.stderr, re.M)
+    assert re.search(r"^\[2/2\] \S+ continues after epoch 2$", rerun.stderr, re.M)
+    assert not re.search(r"^\[2/2\] \S+ epoch [12]/4", rerun.stderr, re.M)
+
+    finished = assert_each_variant_finished_once(all_runs(uri, "survive"), 2)
+    continued = finished[stopped.data.tags["vaebench.run_key"]]
+    assert continued.info.run_id == stopped.info.run_id  # the same MLflow run
+    for metric in ("train_loss", "val_elbo", "epoch_seconds"):
+        assert steps(uri, continued.info.run_id, metric) == [1, 2, 3, 4]
+    assert not checkpoint.exists(), "a finished run's checkpoint is removed"
+
+    # the same grid, never interrupted, in another store: the same numbers, to the last bit
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "grid.yaml").write_text(GRID)
+    reference_uri = f"sqlite:///{tmp_path / 'reference' / 'mlflow.db'}"
+    started = time.monotonic()
+    reference = Command(grid_args(tmp_path / "reference", reference_uri, mnist_root), tmp_path)
+    assert reference.finish() == 0, reference.stderr
+    reference_seconds = time.monotonic() - started
+    same = assert_each_variant_finished_once(all_runs(reference_uri, "survive"), 2)
+    twin = same[stopped.data.tags["vaebench.run_key"]]
+    assert continued.data.metrics["test_elbo"] == twin.data.metrics["test_elbo"]
+    for metric in ("val_elbo", "train_loss"):
+        ours = MlflowClient(uri).get_metric_history(continued.info.run_id, metric)
+        theirs = MlflowClient(reference_uri).get_metric_history(twin.info.run_id, metric)
+        assert sorted((m.step, m.value) for m in ours) == sorted((m.step, m.value) for m in theirs)
+    print(
+        f"\nkill/resume timings: killed after {killed_after:.1f} s, rerun {rerun_seconds:.1f} s, "
+        f"uninterrupted grid {reference_seconds:.1f} s"
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_a_grid_cleanly_and_the_rerun_completes_it(tmp_path, mnist_root, signum):
+    (tmp_path / "grid.yaml").write_text(GRID)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = Command(grid_args(tmp_path, uri, mnist_root), tmp_path)
+    command.wait_for(r"^\[1/2\] \S+ epoch 1/4 ")
+    sent = time.monotonic()
+    command.process.send_signal(signum)
+    assert command.finish(timeout=60) == 128 + signum
+    assert time.monotonic() - sent < 30
+    name = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}[signum]
+    assert "Traceback" not in command.stderr
+    assert f"interrupted by {name}" in command.stderr.splitlines()[-1]
+    assert "rerun the same command" in command.stderr.splitlines()[-1]
+
+    runs = all_runs(uri, "survive")
+    assert {r.info.status for r in runs} == {"KILLED"}  # the run and the parent
+    killed = children(runs)[0]
+    assert f"interrupted by {name}" in killed.data.tags["vaebench.error"]
+    assert "checkpoint after epoch 1" in killed.data.tags["vaebench.error"]
+    assert (tmp_path / "results" / "survive.csv").is_file()
+
+    rerun = Command(grid_args(tmp_path, uri, mnist_root), tmp_path)
+    assert rerun.finish() == 0, rerun.stderr
+    finished = assert_each_variant_finished_once(all_runs(uri, "survive"), 2)
+    assert killed.info.run_id in {r.info.run_id for r in finished.values()}
+    assert steps(uri, killed.info.run_id, "val_elbo") == [1, 2, 3, 4]
+    table = pd.read_csv(tmp_path / "results" / "survive.csv")
+    assert list(table["status"]) == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stops_a_study_cleanly_and_the_rerun_completes_it(tmp_path, mnist_root, signum):
+    (tmp_path / "study.yaml").write_text(STUDY)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = Command(study_args(tmp_path, uri, mnist_root), tmp_path)
+    command.wait_for(r"^\[1/2\] trial-0000 epoch 1/3 ")
+    command.process.send_signal(signum)
+    assert command.finish(timeout=60) == 128 + signum
+    assert "Traceback" not in command.stderr
+    runs = all_runs(uri, "survive-study")
+    assert {r.info.status for r in runs} == {"KILLED"}
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    trials = optuna.load_study(study_name="survive-study", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+    assert "interrupted by" in trials[0].user_attrs["stopped"]
+
+    rerun = Command(study_args(tmp_path, uri, mnist_root), tmp_path)
+    assert rerun.finish() == 0, rerun.stderr
+    trials = optuna.load_study(study_name="survive-study", storage=storage).trials
+    states = [t.state for t in trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2 and len(states) == 3
+    runs = all_runs(uri, "survive-study")
+    assert [r.info.status for r in runs].count("FINISHED") == 3  # 2 trials and the parent
+    assert "RUNNING" not in {r.info.status for r in runs}
+
+    again = Command(study_args(tmp_path, uri, mnist_root), tmp_path)  # nothing left to do
+    assert again.finish() == 0
+    assert "nothing to do" in again.stdout
+
+
+def test_sigkill_of_a_study_fails_its_trial_on_the_rerun(tmp_path, mnist_root):
+    (tmp_path / "study.yaml").write_text(STUDY)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = Command(study_args(tmp_path, uri, mnist_root), tmp_path)
+    command.wait_for(r"^\[1/2\] trial-0000 epoch 1/3 ")
+    command.process.send_signal(signal.SIGKILL)
+    command.finish()
+    rerun = Command(study_args(tmp_path, uri, mnist_root), tmp_path)
+    assert rerun.finish() == 0, rerun.stderr
+    assert "trial 0 was left RUNNING" in rerun.stderr
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    trials = optuna.load_study(study_name="survive-study", storage=storage).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    assert trials[0].user_attrs["stopped"].startswith("abandoned: its process")
+    assert [t.state for t in trials[1:]] == [optuna.trial.TrialState.COMPLETE] * 2
+    statuses = {r.info.run_name: r.info.status for r in all_runs(uri, "survive-study")}
+    assert statuses["trial-0000"] == "KILLED" and "RUNNING" not in statuses.values()
+
+
+def test_tracking_server_dying_mid_grid_stops_it_and_the_rerun_completes_it(
+    tmp_path, mnist_root
+):
+    """A real ``mlflow server`` killed while a grid logs to it."""
+    (tmp_path / "grid.yaml").write_text(GRID)
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    server, url = start_mlflow_server(backend, tmp_path / "server.log", cwd=tmp_path)
+    checkpoints = ["--checkpoint-dir", str(tmp_path / "checkpoints")]
+    try:
+        command = Command(grid_args(tmp_path, url, mnist_root, *checkpoints), tmp_path)
+        command.wait_for(r"^\[1/2\] \S+ epoch 2/4 ")
+    finally:
+        stop_server(server, signal.SIGKILL)
+    died = time.monotonic()
+    status = command.finish(timeout=120)
+    noticed = time.monotonic() - died
+    assert status == 75, command.stderr
+    assert noticed < 30, f"the grid took {noticed:.0f} s to notice"
+    assert "Traceback" not in command.stderr
+    last = command.stderr.splitlines()[-1]
+    assert last.startswith(f"vaebench: error: tracking store {url} failed")
+    assert "Rerun the same command once the store answers" in last
+
+    server, url = start_mlflow_server(backend, tmp_path / "server2.log", cwd=tmp_path)
+    try:
+        stranded = [r for r in children(all_runs(url, "survive")) if r.info.status == "RUNNING"]
+        assert len(stranded) == 1
+        rerun = Command(grid_args(tmp_path, url, mnist_root, *checkpoints), tmp_path)
+        assert rerun.finish() == 0, rerun.stderr
+        assert re.search(r"^\[1/2\] \S+ continues after epoch 2$", rerun.stderr, re.M)
+        finished = assert_each_variant_finished_once(all_runs(url, "survive"), 2)
+        assert stranded[0].info.run_id in {r.info.run_id for r in finished.values()}
+        assert steps(url, stranded[0].info.run_id, "val_elbo") == [1, 2, 3, 4]
+    finally:
+        stop_server(server)
+    print(f"\nserver killed: the grid ended {noticed:.1f} s later with status 75")

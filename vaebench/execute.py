@@ -1,0 +1,242 @@
+"""The life of one tracked run, shared by ``run`` and ``tune``.
+
+start (or continue a stopped run in its own MLflow run) -> ``fit`` with a
+checkpoint and the run's metrics and lease after every epoch -> scores the model
+family adds -> artifacts -> finish; or fail, or kill. Nothing else starts or
+ends a run, and nothing here knows whether a grid or an Optuna study asked for
+it: ``tune`` passes its pruning as an ``epoch_hook`` and its objectives as
+``extra_metrics``. MLflow is reached only through the :class:`Tracker`.
+
+How an ending is recorded:
+- finished: FINISHED, the checkpoint removed (the final state_dict is an artifact);
+- a signal (:class:`~vaebench.signals.Interrupted`, Ctrl-C): KILLED with the reason,
+  the checkpoint kept, so that the next invocation continues the run;
+- stopped on purpose (``stopped_early``, e.g. a pruned trial): KILLED, no checkpoint;
+- an error of the run (diverged, out of memory): FAILED with the error, no checkpoint;
+- the store failing (:class:`TrackingError`): nothing more is written; the run stays
+  RUNNING with a lease that the next invocation recognises as abandoned.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vaebench.artifacts import write_artifacts, write_config
+from vaebench.checkpoint import CheckpointStore
+from vaebench.claims import lease_tags
+from vaebench.classifier import ClassifierCache
+from vaebench.data import Splits
+from vaebench.grid import RunSpec
+from vaebench.preflight import preflight
+from vaebench.progress import RunProgress
+from vaebench.provenance import code_version, run_tags
+from vaebench.tracking import Tracker, TrackingError
+from vaebench.train import EpochMetrics, TrainResult, fit, resolve_device
+
+EpochHook = Callable[[EpochMetrics], None]
+
+
+class Workspace:
+    """What the runs of one invocation share in this process: the device-resident splits
+    (loaded once per data config and device), the classifiers, the checkpoint store (None:
+    runs are not checkpointed, as a study's trials, which are never continued)."""
+
+    def __init__(self, data_root: Path, checkpoints: CheckpointStore | None):
+        self.data_root = data_root
+        self.checkpoints = checkpoints
+        self.classifiers = ClassifierCache(data_root)
+        self._splits: dict[tuple[str, str], Splits] = {}
+
+    def prepare(self, runs: Sequence[RunSpec]) -> None:
+        """Preflight ``runs`` (errors before anything is tracked) and keep their splits."""
+        self._splits.update(preflight(runs, self.data_root, self._splits))
+
+    def splits_for(self, run: RunSpec) -> Splits:
+        key = (run.config.data.model_dump_json(), str(resolve_device(run.config.train.device)))
+        if key not in self._splits:
+            self.prepare([run])
+        return self._splits[key]
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    summary: dict[str, float]  # logged after the last epoch
+    final: dict[str, float]  # every final value: the last epoch's metrics and the summary
+    continued_after: int  # the epoch the run continued after (0: trained from the start)
+
+
+def record_invalid(
+    tracker: Tracker, name: str, params: Mapping[str, Any], tags: Mapping[str, str], error: str
+) -> str:
+    """A run whose settings make no valid config: recorded FAILED with the reason, untrained."""
+    run_id = tracker.start_run(name, params, tags)
+    tracker.end_run(run_id, "FAILED", error)
+    return run_id
+
+
+def _resumable(
+    workspace: Workspace, run: RunSpec, run_id: str | None
+) -> dict[str, Any] | None:
+    """The checkpoint of ``run_id`` if it continues exactly this run with this code."""
+    if run_id is None or workspace.checkpoints is None:
+        return None
+    state = workspace.checkpoints.load(run_id)
+    if state is None:
+        return None
+    if state.get("run_key") != run.key or state.get("code") != code_version():
+        workspace.checkpoints.remove(run_id)  # other settings or other code: start over
+        return None
+    return state
+
+
+def execute(
+    run: RunSpec,
+    tracker: Tracker,
+    workspace: Workspace,
+    tags: Mapping[str, str],
+    index: int,
+    total: int,
+    continue_id: str | None = None,
+    on_start: Callable[[str], None] | None = None,
+    epoch_hook: EpochHook | None = None,
+    extra_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    stopped_early: tuple[type[BaseException], ...] = (),
+    pictures: bool = True,
+) -> RunOutcome:
+    """Train and track one run; returns its outcome, or raises what stopped it.
+
+    ``continue_id`` names a stopped (KILLED) run of the same key: with a checkpoint
+    of this code, the run goes on in that MLflow run after its last saved epoch;
+    without one, a new run starts and the old one stays KILLED.
+    """
+    device = resolve_device(run.config.train.device)
+    splits = workspace.splits_for(run)
+    state = _resumable(workspace, run, continue_id)
+    if state is not None:
+        run_id = continue_id
+        tracker.reopen_run(run_id)
+    else:
+        run_id = tracker.start_run(run.name, run.params, {**tags, **run_tags(run), **lease_tags()})
+    if on_start is not None:
+        on_start(run_id)
+    saved = state["epoch"] if state else 0
+    progress = RunProgress(index, total, run.name, run.config.train.epochs, start=saved)
+    status = "FAILED"
+    try:
+        if state is not None:
+            _log_missing_epochs(tracker, run_id, state)
+        longest = 0.0
+
+        def save_state(snapshot: dict[str, Any]) -> None:
+            nonlocal saved
+            snapshot.update(run_key=run.key, code=code_version())
+            workspace.checkpoints.save(run_id, snapshot)
+            saved = snapshot["epoch"]
+
+        def on_epoch(metrics: EpochMetrics) -> None:
+            nonlocal longest
+            longest = max(longest, metrics.epoch_seconds + metrics.eval_seconds)
+            values = metrics.as_dict()
+            tracker.log_metrics(run_id, values, step=metrics.epoch, tags=lease_tags(longest))
+            progress.epoch(metrics.epoch, values)
+            if epoch_hook is not None:
+                epoch_hook(metrics)
+
+        keep = save_state if workspace.checkpoints is not None else None
+        result = fit(run.config, splits, device, on_epoch, resume=state, save_state=keep)
+        summary, final = _summarize(run, result, workspace.classifiers)
+        if extra_metrics is not None:
+            summary.update(extra_metrics(final))
+        tracker.log_metrics(run_id, summary, step=run.config.train.epochs)
+        with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
+            if pictures:
+                write_artifacts(Path(folder), run, result.model, splits)
+            else:
+                write_config(Path(folder), run)
+            tracker.log_artifacts(run_id, Path(folder))
+        tracker.end_run(run_id, "FINISHED")
+        _forget(workspace, run_id)
+        status = "FINISHED"
+        return RunOutcome(run_id, summary, final, state["epoch"] if state else 0)
+    except TrackingError:
+        status = "STOPPED (tracking store failed)"
+        raise
+    except KeyboardInterrupt as exc:
+        status = "KILLED"
+        where = f"; its checkpoint after epoch {saved} continues it" if saved else ""
+        _end_quietly(tracker, run_id, "KILLED", f"{_line(exc) or 'interrupted'}{where}")
+        raise
+    except stopped_early as exc:
+        status = "KILLED"
+        _forget(workspace, run_id)
+        _end_quietly(tracker, run_id, "KILLED", _line(exc))
+        raise
+    except BaseException as exc:
+        _forget(workspace, run_id)
+        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        _end_quietly(tracker, run_id, "FAILED", error)
+        raise
+    finally:
+        progress.close(status)
+
+
+def _forget(workspace: Workspace, run_id: str) -> None:
+    """The run ended for good: its checkpoint will never be continued."""
+    if workspace.checkpoints is not None:
+        workspace.checkpoints.remove(run_id)
+
+
+def _log_missing_epochs(tracker: Tracker, run_id: str, state: dict[str, Any]) -> None:
+    """Epochs the checkpoint holds that the store missed (the process stopped between
+    writing the checkpoint and logging the epoch): logged now, so the series has no gap."""
+    logged = tracker.logged_steps(run_id, "train_loss")
+    for record in state["history"]:
+        metrics = EpochMetrics(**record)
+        if metrics.epoch not in logged:
+            tracker.log_metrics(run_id, metrics.as_dict(), step=metrics.epoch)
+
+
+def _end_quietly(tracker: Tracker, run_id: str, status: str, reason: str) -> None:
+    """End the run; if the store cannot take it, the run's lease lets the next invocation
+    recover it, and the error that stopped the run is the one the user sees."""
+    try:
+        tracker.end_run(run_id, status, reason)
+    except TrackingError:
+        pass
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _summarize(
+    run: RunSpec, result: TrainResult, classifiers: ClassifierCache
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(what is logged after the last epoch, every final value of the run).
+
+    The summary holds what training scored after the last epoch (test metrics,
+    clustering scores, likelihood, timing), the scores the model family adds,
+    seconds and parameter count; the final values add the last epoch's metrics.
+    """
+    model = result.model
+
+    def classifier() -> torch.nn.Module:
+        return classifiers.get(run.config.data.dataset, model.device)
+
+    summary = {
+        **result.summary,
+        **model.extra_scores(classifier),
+        "seconds": result.seconds,
+        "parameters": float(sum(p.numel() for p in model.parameters())),
+    }
+    return summary, {**result.final.as_dict(), **summary}
+

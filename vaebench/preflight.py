@@ -1,0 +1,60 @@
+"""What is checked before anything is tracked: settings that clash, data, models, output paths.
+
+User errors surface here, before any MLflow run is created, so a mistake never
+leaves a half-written run behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from vaebench.config import VaebenchError, cross_section_problems
+from vaebench.data import Splits, load_splits
+from vaebench.grid import RunSpec
+from vaebench.models import build_model
+from vaebench.train import build_optimizer, resolve_device
+
+SplitsKey = tuple[str, str]  # (data config as JSON, device)
+
+
+def preflight(
+    runs: Sequence[RunSpec],
+    data_root: Path,
+    loaded: Mapping[SplitsKey, Splits] | None = None,
+) -> dict[SplitsKey, Splits]:
+    """Load every split the runs need (beyond those ``loaded``) and build each model and
+    optimizer once; returns the device-resident splits keyed by (data config, device)."""
+    splits: dict[SplitsKey, Splits] = dict(loaded or {})
+    checked: set[str] = set()
+    for run in runs:
+        problems = cross_section_problems(run.config)
+        if problems:
+            raise VaebenchError("; ".join(f"{run.name}: {key}: {msg}" for key, msg in problems))
+        device = resolve_device(run.config.train.device)
+        data_key = (run.config.data.model_dump_json(), str(device))
+        if data_key not in splits:
+            splits[data_key] = load_splits(run.config.data, data_root, device)
+        shape_key = run.config.model_dump_json(include={"model", "optim"})
+        if shape_key not in checked:
+            try:
+                model = build_model(run.config.model, splits[data_key].image_shape)
+            except ValueError as exc:
+                raise VaebenchError(f"{run.name}: model: {exc}") from None
+            build_optimizer(run.config.optim, model.parameters())
+            checked.add(shape_key)
+    return splits
+
+
+def check_output_folder(folder: Path, option: str = "--results-dir") -> None:
+    """Fail before training, without creating anything, if results could not be written to
+    ``folder``: a file where a folder should be, or no write permission."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == folder else f" (in {folder})"
+        raise VaebenchError(f"{option} {folder}: {existing} is a file, not a folder{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise VaebenchError(f"{option} {folder}: {existing} is not writable")

@@ -1,0 +1,93 @@
+"""Ctrl-C and SIGTERM: the first one stops the work cleanly, a second one exits at once.
+
+Inside :func:`interruptible`, SIGINT and SIGTERM raise :class:`Interrupted` (a
+KeyboardInterrupt, so Optuna and every ``except KeyboardInterrupt`` treat it as
+one) in the main thread; the caller marks its runs KILLED and exits with
+128 + the signal's number (130, 143). A signal that arrives inside
+:func:`deferred_signals` (a store write, a checkpoint being written) is raised
+when that block ends, so no write is cut in half. A second signal while the
+first is being handled ends the process (and the worker processes registered
+with :func:`register_child`) at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop by a signal."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_status = 128 + signum
+        super().__init__(f"interrupted by {NAMES.get(signum, signal.Signals(signum).name)}")
+
+
+class _State:
+    active = False  # inside interruptible()
+    received: int | None = None  # the first signal, once it came
+    deferring = 0  # depth of deferred_signals() blocks
+    pending: int | None = None  # a signal that came during a deferred block
+    children: set[int] = set()
+
+
+def _handle(signum: int, frame) -> None:
+    if _State.received is not None:  # the second one: no more cleaning up
+        print(f"vaebench: {NAMES.get(signum, signum)} again: exiting now", file=sys.stderr)
+        for pid in list(_State.children):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(128 + signum)
+    _State.received = signum
+    if _State.deferring:
+        _State.pending = signum
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Handle SIGINT and SIGTERM as above for the duration of the block (main thread only;
+    elsewhere the block runs with the handlers it has)."""
+    if threading.current_thread() is not threading.main_thread() or _State.active:
+        yield
+        return
+    previous = {signum: signal.signal(signum, _handle) for signum in HANDLED}
+    _State.active, _State.received, _State.pending = True, None, None
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _State.active = False
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold a first signal until the block ends, then raise it."""
+    _State.deferring += 1
+    try:
+        yield
+    finally:
+        _State.deferring -= 1
+        if not _State.deferring and _State.pending is not None:
+            signum, _State.pending = _State.pending, None
+            raise Interrupted(signum)
+
+
+def register_child(pid: int) -> None:
+    """A worker process that a second signal kills with this one."""
+    _State.children.add(pid)
+
+
+def forget_child(pid: int) -> None:
+    _State.children.discard(pid)
