@@ -281,6 +281,18 @@ def test_results_folder_that_is_a_file_fails_before_training(tmp_path, mnist_roo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--results-dir" in err[0] and "is a file, not a folder" in err[0]
     assert not (tmp_path / "mlflow.db").exists()  # nothing tracked, nothing trained
+    (tmp_path / "results").unlink()  # the user moves the file away: the rerun completes
+    assert run_cli(tmp_path, grid, uri, mnist_root) == 0
+    assert pd.read_csv(tmp_path / "results" / "tiny.csv")["status"].eq("FINISHED").all()
+
+
+def test_checkpoint_folder_that_is_a_file_fails_before_training(tmp_path, mnist_root, capsys):
+    (tmp_path / "checkpoints").write_text("not a folder")  # where checkpoints/ would go
+    grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp"))
+    assert run_cli(tmp_path, grid, f"sqlite:///{tmp_path / 'mlflow.db'}", mnist_root) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--checkpoint-dir" in err[0] and "is a file" in err[0]
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_an_astronomical_grid_is_refused_at_once_naming_its_size(tmp_path, capsys):
@@ -312,3 +324,6 @@ def test_a_tracking_server_that_is_not_running_is_reported_within_seconds(
     assert time.monotonic() - started < 30  # MLflow's own retries took minutes
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no MLflow server answers" in err[0]
+    assert not (tmp_path / "results").exists()
+    local = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the user points at a store that answers
+    assert run_cli(tmp_path, grid, local, mnist_root) == 0

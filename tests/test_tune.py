@@ -17,7 +17,8 @@ from vaebench.cli import main
 from vaebench.config import ConfigError, ModelConfig
 from vaebench.models import MODELS, build_model
 from vaebench.study import load_study
-from vaebench.tune import JOURNAL, MEMORY, STATUS, open_storage, resolve_storage
+from vaebench.study_storage import JOURNAL, MEMORY, open_storage, resolve_storage
+from vaebench.tune import STATUS
 
 TINY_BASE = """\
 base:

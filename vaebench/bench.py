@@ -10,21 +10,31 @@ same loss and optimizer; only the data path and the per-step sync differ.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from vaebench.checkpoint import CheckpointStore
 from vaebench.config import RunConfig
 from vaebench.data import Splits, load_arrays, load_splits, resolve_root
 from vaebench.losses import Objective, loss_terms
 from vaebench.models import build_model
-from vaebench.train import build_optimizer, resolve_device, train_epoch
+from vaebench.train import (
+    EpochMetrics,
+    build_optimizer,
+    resolve_device,
+    train_epoch,
+    training_state,
+)
 
+CHECKPOINT_WRITE = "checkpoint write"
 # pytorch/examples' VAE: 784-400-20, BCE, Adam 1e-3, batch 128
 REFERENCE = {
     "model": {"arch": "mlp", "hidden": [400], "z_dim": 20},
@@ -99,10 +109,16 @@ def time_interleaved(steps: dict[str, Callable[[], object]], epochs: int) -> lis
 
 
 def run_bench(
-    splits: Splits, conventional: PerImageMNIST, epochs: int, seed: int = 0
+    splits: Splits,
+    conventional: PerImageMNIST,
+    epochs: int,
+    seed: int = 0,
+    checkpoint_folder: Path | None = None,
 ) -> list[Timing]:
     """Time three loops on the same model: vaebench as shipped, vaebench's data path with
-    torch's default (unfused) Adam, and the conventional loop (default Adam)."""
+    torch's default (unfused) Adam, and the conventional loop (default Adam); with
+    ``checkpoint_folder``, also the shipped loop writing a checkpoint after every epoch, the
+    write timed on its own (a Timing named ``CHECKPOINT_WRITE``)."""
     config = RunConfig.model_validate({**REFERENCE, "seed": seed})
     unfused = config.model_copy(
         update={"optim": config.optim.model_copy(update={"kwargs": {"fused": False}})}
@@ -130,12 +146,37 @@ def run_bench(
         loader = DataLoader(conventional, batch_size=config.train.batch_size, shuffle=True)
         return lambda: conventional_epoch(model, optimizer, loader, config, device)
 
+    writes = Timing(CHECKPOINT_WRITE, [])
+
+    def checkpointed_loop(folder: Path):
+        model, optimizer = fresh(config)
+        generator = torch.Generator().manual_seed(seed)
+        objective = Objective(config.loss)
+        store = CheckpointStore(folder)
+        history: list[EpochMetrics] = []
+
+        def step() -> float:
+            loss = train_epoch(model, optimizer, objective, config, splits, generator).item()
+            history.append(EpochMetrics(len(history) + 1, loss, 0.0, 0.0, 0.0))
+            started = time.perf_counter()
+            store.save("bench", training_state(model, optimizer, generator, history, 0.0))
+            writes.seconds.append(time.perf_counter() - started)
+            return loss
+
+        return step
+
     steps = {
         "vaebench (as shipped: fused Adam)": vaebench_loop(config),
         "vaebench data path, default Adam": vaebench_loop(unfused),
         "conventional (DataLoader, per-image ToTensor)": conventional_loop(),
     }
-    return time_interleaved(steps, epochs)
+    if checkpoint_folder is not None:
+        steps["vaebench, checkpoint after every epoch"] = checkpointed_loop(checkpoint_folder)
+    timings = time_interleaved(steps, epochs)
+    if checkpoint_folder is not None:
+        writes.seconds = writes.seconds[1:]  # the warm-up epoch's write is not timed either
+        timings.append(writes)
+    return timings
 
 
 def main(data_root: str | None, epochs: int = 3, subset: int | None = None) -> int:
@@ -150,11 +191,18 @@ def main(data_root: str | None, epochs: int = 3, subset: int | None = None) -> i
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"{epochs} timed epochs each after 1 warm-up, interleaved"
     )
-    timings = run_bench(splits, conventional, epochs)
-    for timing in timings:
+    with tempfile.TemporaryDirectory(prefix="vaebench-bench-") as folder:
+        timings = run_bench(splits, conventional, epochs, checkpoint_folder=Path(folder))
+    *loops, writes = timings
+    for timing in loops:
         per_epoch = ", ".join(f"{s:.2f}" for s in timing.seconds)
         print(f"{timing.name:<48s} median {timing.median:6.2f} s/epoch  ({per_epoch})")
-    conventional_median = timings[-1].median
-    for timing in timings[:-1]:
+    shipped, conventional_median = loops[0].median, loops[2].median
+    for timing in loops[:2]:
         print(f"speed-up of {timing.name}: {conventional_median / timing.median:.2f}x")
+    print(
+        f"checkpoint write (model, Adam state, random states; atomic, fsync'd): median "
+        f"{writes.median * 1000:.1f} ms = {100 * writes.median / shipped:.1f}% of a shipped "
+        f"epoch ({', '.join(f'{s * 1000:.1f}' for s in writes.seconds)} ms)"
+    )
     return 0

@@ -29,6 +29,12 @@ class VaebenchError(Exception):
     exit_status = 2
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception as one line for a message: its text's first line, else its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ConfigError(VaebenchError):
     """One or more problems in a config file, one line each."""
 

@@ -32,11 +32,13 @@ from vaebench.artifacts import write_artifacts, write_config
 from vaebench.checkpoint import CheckpointStore
 from vaebench.claims import lease_tags
 from vaebench.classifier import ClassifierCache
+from vaebench.config import first_line
 from vaebench.data import Splits
 from vaebench.grid import RunSpec
 from vaebench.preflight import preflight
 from vaebench.progress import RunProgress
 from vaebench.provenance import code_version, run_tags
+from vaebench.signals import deferred_signals
 from vaebench.tracking import Tracker, TrackingError
 from vaebench.train import EpochMetrics, TrainResult, fit, resolve_device
 
@@ -120,17 +122,20 @@ def execute(
     device = resolve_device(run.config.train.device)
     splits = workspace.splits_for(run)
     state = _resumable(workspace, run, continue_id)
-    if state is not None:
-        run_id = continue_id
-        tracker.reopen_run(run_id)
-    else:
-        run_id = tracker.start_run(run.name, run.params, {**tags, **run_tags(run), **lease_tags()})
-    if on_start is not None:
-        on_start(run_id)
     saved = state["epoch"] if state else 0
     progress = RunProgress(index, total, run.name, run.config.train.epochs, start=saved)
     status = "FAILED"
+    run_id: str | None = None
     try:
+        with deferred_signals():  # a signal waits until the run's id is known and recorded
+            if state is not None:
+                run_id = continue_id
+                tracker.reopen_run(run_id)
+            else:
+                tags = {**tags, **run_tags(run), **lease_tags()}
+                run_id = tracker.start_run(run.name, run.params, tags)
+            if on_start is not None:
+                on_start(run_id)
         if state is not None:
             _log_missing_epochs(tracker, run_id, state)
         longest = 0.0
@@ -172,12 +177,12 @@ def execute(
     except KeyboardInterrupt as exc:
         status = "KILLED"
         where = f"; its checkpoint after epoch {saved} continues it" if saved else ""
-        _end_quietly(tracker, run_id, "KILLED", f"{_line(exc) or 'interrupted'}{where}")
+        _end_quietly(tracker, run_id, "KILLED", f"{first_line(exc)}{where}")
         raise
     except stopped_early as exc:
         status = "KILLED"
         _forget(workspace, run_id)
-        _end_quietly(tracker, run_id, "KILLED", _line(exc))
+        _end_quietly(tracker, run_id, "KILLED", first_line(exc))
         raise
     except BaseException as exc:
         _forget(workspace, run_id)
@@ -188,9 +193,9 @@ def execute(
         progress.close(status)
 
 
-def _forget(workspace: Workspace, run_id: str) -> None:
+def _forget(workspace: Workspace, run_id: str | None) -> None:
     """The run ended for good: its checkpoint will never be continued."""
-    if workspace.checkpoints is not None:
+    if workspace.checkpoints is not None and run_id is not None:
         workspace.checkpoints.remove(run_id)
 
 
@@ -204,18 +209,15 @@ def _log_missing_epochs(tracker: Tracker, run_id: str, state: dict[str, Any]) ->
             tracker.log_metrics(run_id, metrics.as_dict(), step=metrics.epoch)
 
 
-def _end_quietly(tracker: Tracker, run_id: str, status: str, reason: str) -> None:
-    """End the run; if the store cannot take it, the run's lease lets the next invocation
-    recover it, and the error that stopped the run is the one the user sees."""
+def _end_quietly(tracker: Tracker, run_id: str | None, status: str, reason: str) -> None:
+    """End the run (if it started); if the store cannot take it, the run's lease lets the
+    next invocation recover it, and the error that stopped the run is the one the user sees."""
+    if run_id is None:
+        return
     try:
         tracker.end_run(run_id, status, reason)
     except TrackingError:
         pass
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _summarize(

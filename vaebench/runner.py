@@ -27,7 +27,7 @@ from vaebench.execute import EpochHook, Workspace, execute
 from vaebench.grid import RunSpec, expand, load_grid
 from vaebench.preflight import check_output_folder
 from vaebench.provenance import base_tags
-from vaebench.signals import Interrupted, interruptible
+from vaebench.signals import Interrupted, deferred_signals, interruptible
 from vaebench.tracking import (
     MLflowTracker,
     Tracker,
@@ -93,46 +93,44 @@ def run_grid(
     workspace.prepare(runs)
     tracker = tracker or MLflowTracker(uri)
 
-    previous = recover_abandoned(
-        tracker, tracker.previous_runs(grid.name, GRID_TAG, grid.name), sys.stderr
-    )
-    planned = plan(runs, previous, rerun)
     outcome = GridOutcome()
-    for number, step in enumerate(planned, start=1):
-        if step.action in ("skip", "elsewhere"):
-            _print_skip(number, len(planned), step)
-            outcome.rows.append(_skipped_row(step))
-    outcome.skipped = sum(step.action == "skip" for step in planned)
+    planned = _plan(grid.name, runs, tracker, workspace, rerun, outcome)
     todo = [(n, s) for n, s in enumerate(planned, start=1) if s.action in ("train", "continue")]
     if not todo:
+        running = sum(step.action == "elsewhere" for step in planned)
         print(
-            f"grid {grid.name}: all {len(runs)} runs are done; nothing to train "
-            "(--rerun trains them again)"
+            f"grid {grid.name}: nothing to train: {outcome.skipped} of {len(runs)} runs "
+            f"finished" + (f", {running} running in another process" if running else "")
+            + " (--rerun trains them again)"
         )
         _close(outcome, results, grid.name, runs)
         return outcome
 
     tags = base_tags(**{GRID_TAG: grid.name, "vaebench.grid_file": str(grid_path)})
     started = time.strftime("%Y%m%d-%H%M%S")
-    parent = tracker.start_grid(
-        grid.name,
-        f"{grid.name}-{started}",
-        {**tags, "vaebench.runs": str(len(runs)), **lease_tags()},
-    )
-
-    def renew_parent_lease(metrics: EpochMetrics) -> None:
-        tracker.set_tags(parent, lease_tags(metrics.epoch_seconds + metrics.eval_seconds))
+    parent = None
     with interruptible():
         try:
-            for number, step in todo:
-                outcome.rows.append(
-                    _run_step(
-                        step, number, len(planned), tracker, workspace, tags, outcome,
-                        renew_parent_lease,
-                    )
+            with deferred_signals():  # a signal waits until the parent run is recorded
+                parent = tracker.start_grid(
+                    grid.name,
+                    f"{grid.name}-{started}",
+                    {**tags, "vaebench.runs": str(len(runs)), **lease_tags()},
                 )
+
+            def renew_parent_lease(metrics: EpochMetrics) -> None:
+                seconds = metrics.epoch_seconds + metrics.eval_seconds
+                tracker.set_tags(parent, lease_tags(seconds))
+
+            for number, step in todo:
+                row = _run_step(
+                    step, number, len(planned), tracker, workspace, tags, outcome,
+                    renew_parent_lease,
+                )
+                outcome.rows.append(row)
         except Interrupted as exc:
-            tracker.end_run(parent, "KILLED", f"{exc}; rerun the same command to continue")
+            if parent is not None:
+                tracker.end_run(parent, "KILLED", f"{exc}; rerun the same command to continue")
             _close(outcome, results, grid.name, runs)
             raise
         except TrackingError as exc:
@@ -149,6 +147,31 @@ def run_grid(
             tracker.uri, grid.name, results, parent, all_invocations=resumed
         )
     return outcome
+
+
+def _plan(
+    name: str,
+    runs: Sequence[RunSpec],
+    tracker: Tracker,
+    workspace: Workspace,
+    rerun: bool,
+    outcome: GridOutcome,
+) -> list[Planned]:
+    """Recover the grid's abandoned runs, plan each run against the store (one line per
+    skipped run, whose row joins the results) and drop checkpoints nothing will continue."""
+    previous = recover_abandoned(tracker, tracker.previous_runs(name, GRID_TAG, name), sys.stderr)
+    planned = plan(runs, previous, rerun)
+    for number, step in enumerate(planned, start=1):
+        if step.action in ("skip", "elsewhere"):
+            _print_skip(number, len(planned), step)
+            outcome.rows.append(_skipped_row(step))
+    outcome.skipped = sum(step.action == "skip" for step in planned)
+    continued = {step.previous.run_id for step in planned if step.action == "continue"}
+    keys = {run.key for run in runs}
+    for record in previous:
+        if record.status == "KILLED" and record.key in keys and record.run_id not in continued:
+            workspace.checkpoints.remove(record.run_id)  # superseded: finished or rerun
+    return planned
 
 
 def _run_step(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from vaebench.config import VaebenchError
+from vaebench.config import VaebenchError, first_line
 from vaebench.signals import deferred_signals
 
 T = TypeVar("T")
@@ -116,7 +116,7 @@ def _store_call(method: Callable[..., T]) -> Callable[..., T]:
                 raise
             except Exception as exc:  # noqa: BLE001 - MlflowException, requests, OSError, ...
                 raise TrackingError(
-                    f"tracking store {self.uri} failed ({_first_line(exc)})"
+                    f"tracking store {self.uri} failed ({first_line(exc)})"
                 ) from exc
 
     return call
@@ -147,7 +147,7 @@ class MLflowTracker:
             self.client = MlflowClient(tracking_uri=uri)
             self.client.search_experiments(max_results=1)  # creates the schema once
         except (MlflowException, OSError, ValueError) as exc:
-            raise VaebenchError(f"tracking URI {uri}: {_first_line(exc)}") from None
+            raise VaebenchError(f"tracking URI {uri}: {first_line(exc)}") from None
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
 
@@ -306,7 +306,3 @@ def check_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
 def _param_text(value: Any) -> str:
     return "null" if value is None else str(value)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

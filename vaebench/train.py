@@ -173,7 +173,8 @@ def training_state(
 ) -> dict[str, Any]:
     """Everything that continues a run from the end of its last epoch as if it never stopped:
     weights, optimizer, the batch-order generator, torch's global random state (draws of z,
-    c and binarized pixels) and the metrics of the epochs so far."""
+    c and binarized pixels) and the metrics of the epochs so far. The tensors are the live
+    ones, not copies: write the state out before training goes on."""
     state: dict[str, Any] = {
         "epoch": history[-1].epoch,
         "model": model.state_dict(),

@@ -16,130 +16,64 @@ tag ``optuna.state`` holds Optuna's name.
 Both stores are created once, in the calling process, before ``--workers``
 processes are started; each worker opens the same stores, logs its trials under
 the one parent run and asks the shared study for parameters.
+
+Where the study lives: :mod:`vaebench.study_storage`; what an invocation writes and
+prints: :mod:`vaebench.study_outputs`.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import multiprocessing
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
 
-from vaebench.catalogue import METRICS
-from vaebench.claims import abandoned, lease_tags, recover_abandoned
-from vaebench.config import ConfigError, RunConfig, VaebenchError, run_config_problems, set_dotted
+from vaebench.claims import lease_tags, recover_abandoned
+from vaebench.config import ConfigError, VaebenchError, first_line
 from vaebench.data import resolve_root
-from vaebench.execute import Workspace, execute, record_invalid
-from vaebench.grid import RunSpec, run_key
+from vaebench.execute import Workspace
 from vaebench.preflight import check_output_folder
 from vaebench.provenance import base_tags
 from vaebench.signals import Interrupted, interruptible, register_child
-from vaebench.study import Param, StudySpec, load_study
+from vaebench.study import StudySpec, load_study
+from vaebench.study_outputs import (
+    TuneOutcome,
+    best_trials,
+    invocation_metrics,
+    print_outcome,
+    write_figures,
+    write_trials,
+)
+from vaebench.study_storage import (
+    MEMORY,
+    check_storage,
+    display_storage,
+    open_storage,
+    resolve_storage,
+)
 from vaebench.tracking import (
     MLflowTracker,
     Tracker,
     TrackingError,
-    resolve_tracking_uri,
-    sqlite_path,
+        resolve_tracking_uri,
 )
-from vaebench.train import EpochMetrics
+from vaebench.trial import (
+    PARENT_ATTR,
+    TrialObjective,
+    fail_abandoned_trials,
+    trial_run,
+    trials_done,
+)
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna -> MLflow
-RUN_ID_ATTR = "mlflow_run_id"
-PARENT_ATTR = "mlflow_parent_run_id"  # which `tune` invocation ran the trial
 STUDY_TAG = "vaebench.study"
-STOPPED_ATTR = "stopped"  # why a trial FAILED without being at fault: a signal, a lost owner
-MEMORY = "memory"
-JOURNAL = "journal:"
-SQLITE_TIMEOUT_S = 60  # several processes share one SQLite file; wait for the lock
-
-
-# ---------------------------------------------------------------------------
-# storage
-
-
-def resolve_storage(chosen: str | None, tracking_uri: str) -> str:
-    """The study's storage as one string: a SQLAlchemy URL, ``journal:<file>`` or ``memory``.
-
-    Default: ``optuna.db`` beside the MLflow SQLite file, else (a tracking server)
-    in the working folder. A name ending in ``.log`` is an Optuna journal file; any
-    other bare file name is an SQLite file.
-    """
-    if not chosen:
-        db = sqlite_path(tracking_uri)
-        return f"sqlite:///{(db.parent if db is not None else Path('.')) / 'optuna.db'}"
-    chosen = chosen.strip()
-    if chosen in (MEMORY, ":memory:"):
-        return MEMORY
-    if chosen.startswith(JOURNAL) or "://" in chosen:
-        return chosen
-    if chosen.endswith(".log"):
-        return JOURNAL + chosen
-    return f"sqlite:///{chosen}"
-
-
-def display_storage(ref: str) -> str:
-    """The storage with any password hidden, for messages and tags."""
-    if "://" not in ref:
-        return ref
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(ref).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given
-        return ref
-
-
-def check_storage(ref: str) -> None:
-    """Problems with a storage that show before anything is created: folders, URL, driver."""
-    if ref == MEMORY:
-        return
-    path = Path(ref.removeprefix(JOURNAL)) if ref.startswith(JOURNAL) else sqlite_path(ref)
-    if path is not None:
-        if not path.expanduser().resolve().parent.is_dir():
-            raise VaebenchError(f"storage {ref}: folder {path.parent} does not exist")
-        return
-    from sqlalchemy.engine import make_url
-
-    try:
-        make_url(ref).get_dialect().import_dbapi()
-    except ImportError as exc:
-        raise VaebenchError(
-            f"storage {display_storage(ref)}: {_first_line(exc)} (install the database driver; "
-            'for postgresql+psycopg:// URLs: pip install "psycopg[binary]")'
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - unparsable URL, unknown dialect
-        raise VaebenchError(f"storage {display_storage(ref)}: {_first_line(exc)}") from None
-
-
-def open_storage(ref: str) -> optuna.storages.BaseStorage:
-    """The Optuna storage ``ref`` names (tables are created on first use)."""
-    if ref == MEMORY:
-        return optuna.storages.InMemoryStorage()
-    if ref.startswith(JOURNAL):
-        path = Path(ref.removeprefix(JOURNAL)).expanduser()
-        backend = optuna.storages.journal.JournalFileBackend(str(path))
-        return optuna.storages.journal.JournalStorage(backend)
-    engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if ref.startswith("sqlite") else None
-    try:
-        return optuna.storages.RDBStorage(ref, engine_kwargs=engine)
-    except Exception as exc:  # noqa: BLE001 - unreachable server, bad credentials, ...
-        raise VaebenchError(f"storage {display_storage(ref)}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -173,195 +107,19 @@ def make_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampl
     try:
         return SAMPLERS[spec.sampler](seed=seed, **spec.sampler_options)
     except (TypeError, ValueError) as exc:
-        raise ConfigError([f"{spec.source}: sampler: {_first_line(exc)}"]) from None
+        raise ConfigError([f"{spec.source}: sampler: {first_line(exc)}"]) from None
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     try:
         return PRUNERS[spec.pruner](**spec.pruner_options)
     except (TypeError, ValueError) as exc:
-        raise ConfigError([f"{spec.source}: pruner: {_first_line(exc)}"]) from None
+        raise ConfigError([f"{spec.source}: pruner: {first_line(exc)}"]) from None
 
 
 def sampler_seed(spec: StudySpec, offset: int) -> int | None:
     """A distinct stream per worker and per continuation, reproducible from the study seed."""
     return None if spec.seed is None else spec.seed + offset
-
-
-# ---------------------------------------------------------------------------
-# one trial
-
-
-def suggest(trial: optuna.Trial, key: str, param: Param) -> Any:
-    """The value of one dimension for this trial; Optuna's parameter name is the dotted key."""
-    if param.type == "float":
-        return trial.suggest_float(key, param.low, param.high, log=param.log, step=param.step)
-    if param.type == "int":
-        step = int(param.step or 1)
-        return trial.suggest_int(key, int(param.low), int(param.high), step=step, log=param.log)
-    return param.decode(trial.suggest_categorical(key, param.optuna_choices()))
-
-
-def trial_run(spec: StudySpec, name: str, sampled: dict[str, Any]) -> RunSpec:
-    """Base config plus sampled values as a run; VaebenchError if they make no valid config."""
-    tree = copy.deepcopy(spec.base)
-    for key, value in sampled.items():
-        set_dotted(tree, key, value)
-    problems = run_config_problems(tree)
-    if problems:
-        raise VaebenchError("; ".join(f"{key}: {message}" for key, message in problems))
-    config = RunConfig.model_validate(tree)
-    return RunSpec(name, run_key(config), config, tuple(sampled.items()))
-
-
-def reported_beside(spec: StudySpec, final: dict[str, float]) -> dict[str, float]:
-    """The test scores shown beside a trial's validation objectives: each objective's test
-    counterpart, the test ELBO and, where estimated, the test NLL."""
-    names = [METRICS[m].counterpart for m in spec.metrics] + ["test_elbo", "test_nll"]
-    return {name: float(final[name]) for name in dict.fromkeys(names) if name in final}
-
-
-def objective_values(spec: StudySpec, final: dict[str, float]) -> list[float]:
-    values = []
-    for metric in spec.metrics:
-        if metric not in final:
-            raise VaebenchError(f"objective {metric}: this run does not report it")
-        value = float(final[metric])
-        if not math.isfinite(value):
-            raise VaebenchError(f"objective {metric}: the run ended with {value}")
-        values.append(value)
-    return values
-
-
-class TrialObjective:
-    """Optuna's objective: sample a run and hand it to the execution layer, one MLflow child
-    run per trial; pruning is its epoch hook, the objectives its extra metrics."""
-
-    def __init__(
-        self, spec: StudySpec, tracker: Tracker, tags: dict[str, str], workspace: Workspace,
-        total: int,
-    ):
-        self.spec = spec
-        self.tracker = tracker
-        self.tags = tags
-        self.workspace = workspace
-        self.total = total
-        self.store_failure: TrackingError | None = None
-
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)  # first: marks it ours
-        _renew_lease(trial)
-        sampled = {key: suggest(trial, key, param) for key, param in self.spec.space.items()}
-        name = f"trial-{trial.number:04d}"
-        tags = {**self.tags, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
-        run_id: str | None = None
-
-        def on_start(started: str) -> None:
-            nonlocal run_id
-            run_id = started
-            trial.set_user_attr(RUN_ID_ATTR, started)
-
-        state = "FAIL"
-        try:
-            try:
-                run = trial_run(self.spec, name, sampled)
-            except VaebenchError as exc:
-                on_start(record_invalid(self.tracker, name, sampled, tags, str(exc)))
-                print(f"[{trial.number + 1}/{self.total}] {name} FAIL: {exc}", file=sys.stderr)
-                raise
-            objectives: list[float] = []
-
-            def score(final: dict[str, float]) -> dict[str, float]:
-                objectives.extend(objective_values(self.spec, final))
-                for key, value in reported_beside(self.spec, final).items():
-                    trial.set_user_attr(key, value)
-                return {
-                    f"objective.{m}": v
-                    for m, v in zip(self.spec.metrics, objectives, strict=True)
-                }
-
-            execute(
-                run,
-                self.tracker,
-                self.workspace,
-                tags,
-                trial.number + 1,
-                self.total,
-                on_start=on_start,
-                epoch_hook=self._epoch_hook(trial),
-                extra_metrics=score,
-                stopped_early=(optuna.TrialPruned,),
-                pictures=self.spec.artifacts,
-            )
-            state = "COMPLETE"
-            return objectives[0] if len(objectives) == 1 else tuple(objectives)
-        except optuna.TrialPruned:
-            state = "PRUNED"
-            raise
-        except KeyboardInterrupt as exc:
-            trial.set_user_attr(STOPPED_ATTR, str(exc) or "interrupted")
-            raise
-        except TrackingError as exc:  # no point in the next trial: stop the study
-            self.store_failure = exc
-            trial.study.stop()
-            raise
-        finally:
-            if run_id is not None and self.store_failure is None:
-                self.tracker.set_tags(run_id, {"optuna.state": state})
-
-    def _epoch_hook(self, trial: optuna.Trial):
-        """Renew the trial's lease; report the objective to the pruner, which may stop the
-        trial. Optuna prunes single-objective studies only; a metric known only after the
-        last epoch (e.g. val_ari) is never reported, so never pruned (study files with such
-        a pruner are rejected)."""
-        pruned_on = None if self.spec.multi_objective else self.spec.metrics[0]
-
-        def hook(metrics: EpochMetrics) -> None:
-            longest = metrics.epoch_seconds + metrics.eval_seconds
-            _renew_lease(trial, longest)
-            self.tracker.set_tags(self.tracker.parent_id, lease_tags(longest))
-            values = metrics.as_dict()
-            if pruned_on in values:
-                trial.report(values[pruned_on], metrics.epoch)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch}")
-
-        return hook
-
-
-def _renew_lease(trial: optuna.Trial, longest_epoch_seconds: float = 0.0) -> None:
-    for key, value in lease_tags(longest_epoch_seconds).items():
-        trial.set_user_attr(key, value)
-
-
-def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO) -> int:
-    """Trials a killed invocation left RUNNING (their owner process is gone or its lease
-    expired): FAIL in Optuna, marked stopped, their MLflow runs KILLED. Returns how many."""
-    count = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        reason = abandoned(trial.user_attrs)
-        if reason is None:
-            continue
-        storage = study._storage  # noqa: SLF001 - Optuna has no public call for another's trial
-        storage.set_trial_user_attr(trial._trial_id, STOPPED_ATTR, f"abandoned: {reason}")
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id:
-            tracker.end_run(run_id, "KILLED", f"abandoned: {reason}")
-            tracker.set_tags(run_id, {"optuna.state": "FAIL"})
-        print(f"trial {trial.number} was left RUNNING ({reason}): marked FAIL", file=stream)
-        count += 1
-    return count
-
-
-def trials_done(study: optuna.Study) -> int:
-    """Trials that count toward the file's ``n_trials``: complete, pruned, or failed by their
-    own fault (not those stopped by a signal or a lost process)."""
-    return sum(
-        t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        or (t.state == TrialState.FAIL and STOPPED_ATTR not in t.user_attrs)
-        for t in study.get_trials(deepcopy=False)
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -383,22 +141,6 @@ class WorkerJob:
     timeout: float | None
     seed_offset: int
     threads: int | None = None
-
-
-@dataclass
-class TuneOutcome:
-    study: optuna.Study
-    storage: str
-    parent_id: str | None
-    trials: list[FrozenTrial] = field(default_factory=list)  # the trials this invocation ran
-    best: list[FrozenTrial] = field(default_factory=list)  # best trial, or the Pareto front
-    csv_path: Path | None = None
-    figures: list[Path] = field(default_factory=list)
-    worker_errors: list[str] = field(default_factory=list)
-
-    @property
-    def failed(self) -> list[FrozenTrial]:
-        return [t for t in self.trials if t.state == TrialState.FAIL]
 
 
 def _quiet_optuna() -> None:
@@ -599,10 +341,10 @@ def run_study(
                 "it fails the stopped trials and runs those still to do"
             ) from None
         except BaseException as exc:
-            tracker.end_run(parent, "FAILED", _first_line(exc))
+            tracker.end_run(parent, "FAILED", first_line(exc))
             raise
         tracker.end_run(parent, "FINISHED")
-    print_outcome(spec, outcome, stream)
+    print_outcome(spec, outcome, display_storage(ref), stream)
     return outcome
 
 
@@ -637,177 +379,3 @@ def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
         for index, process in enumerate(processes)
         if process.exitcode != 0
     ]
-
-
-# ---------------------------------------------------------------------------
-# outputs
-
-
-def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best complete trial of a single-objective study, or the Pareto front."""
-    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        return []
-    if len(study.directions) > 1:
-        return sorted(study.best_trials, key=lambda t: t.number)
-    return [study.best_trial]
-
-
-def write_trials(study: optuna.Study, best: list[FrozenTrial], folder: Path) -> Path:
-    """``trials.csv``: Optuna's trials dataframe (objectives on validation), each trial's test
-    scores beside them, the MLflow run ids and a ``best`` column."""
-    folder.mkdir(parents=True, exist_ok=True)
-    table = study.trials_dataframe(
-        attrs=(
-            "number",
-            "value",
-            "state",
-            "params",
-            "user_attrs",
-            "datetime_start",
-            "datetime_complete",
-            "duration",
-        )
-    )
-    table = table.rename(columns=lambda c: c.removeprefix("user_attrs_"))
-    if "number" in table:
-        numbers = {t.number for t in best}
-        table["best"] = table["number"].isin(numbers)
-    path = folder / "trials.csv"
-    table.to_csv(path, index=False)
-    return path
-
-
-FIGURE_PATTERNS = (
-    "optimization_history*.png",
-    "param_importances*.png",
-    "intermediate_values.png",
-    "pareto_front.png",
-)
-
-
-def write_figures(study: optuna.Study, spec: StudySpec, folder: Path) -> list[Path]:
-    """Optuna's matplotlib figures of the study, as PNG files under ``folder``.
-
-    Optimization history (one per objective), parameter importances (at least two
-    complete trials and two parameters), intermediate values (single objective),
-    Pareto front (two objectives). A figure Optuna cannot draw is skipped.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as figures
-
-    for pattern in FIGURE_PATTERNS:  # drop the previous invocation's pictures
-        for old in folder.glob(pattern):
-            old.unlink()
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if not complete:
-        return []
-    makers: dict[str, Any] = {}
-    for index, metric in enumerate(spec.metrics):
-        suffix = "" if len(spec.metrics) == 1 else f"_{metric}"
-
-        def target(t: FrozenTrial, i: int = index) -> float:
-            return t.values[i]
-
-        makers[f"optimization_history{suffix}.png"] = lambda m=metric, f=target: (
-            figures.plot_optimization_history(study, target=f, target_name=m)
-        )
-        if len(complete) >= 2 and len(spec.space) >= 2:
-            makers[f"param_importances{suffix}.png"] = lambda m=metric, f=target: (
-                figures.plot_param_importances(study, target=f, target_name=m)
-            )
-    if len(spec.metrics) == 1 and any(t.intermediate_values for t in trials):
-        makers["intermediate_values.png"] = lambda: figures.plot_intermediate_values(study)
-    if len(spec.metrics) == 2:
-        makers["pareto_front.png"] = lambda: figures.plot_pareto_front(
-            study, target_names=spec.metrics
-        )
-    written = []
-    for name, make in makers.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = make()
-            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-            figure.savefig(folder / name, bbox_inches="tight", dpi=100)
-            plt.close(figure)
-            written.append(folder / name)
-        except Exception as exc:  # noqa: BLE001 - e.g. importances of parameters that never vary
-            print(f"vaebench: figure {name} skipped: {_first_line(exc)}", file=sys.stderr)
-            plt.close("all")
-    return written
-
-
-def invocation_metrics(spec: StudySpec, outcome: TuneOutcome) -> dict[str, float]:
-    counts = {
-        f"trials_{state.name.lower()}": float(sum(t.state == state for t in outcome.trials))
-        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    }
-    if len(outcome.best) == 1 and not spec.multi_objective:
-        best = outcome.best[0]
-        counts[f"best_{spec.metrics[0]}"] = float(best.value)
-        counts.update(
-            {f"best_{k}": float(v) for k, v in best.user_attrs.items() if k.startswith("test_")}
-        )
-    return counts
-
-
-def _format(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def print_outcome(spec: StudySpec, outcome: TuneOutcome, stream: TextIO) -> None:
-    ours = outcome.trials
-    states = {
-        s: sum(t.state == s for t in ours)
-        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    }
-    total = len(outcome.study.get_trials(deepcopy=False))
-    print(
-        f"study {spec.name}: {total} trials in {display_storage(outcome.storage)}; this run: "
-        f"{len(ours)} ({states[TrialState.COMPLETE]} complete, {states[TrialState.PRUNED]} "
-        f"pruned, {states[TrialState.FAIL]} failed)",
-        file=stream,
-    )
-    goals = ", ".join(f"{o.direction} {o.metric}" for o in spec.objectives)
-    if not outcome.best:
-        print(f"no complete trial yet ({goals})", file=stream)
-    elif spec.multi_objective:
-        print(
-            f"Pareto front on validation ({len(outcome.best)} trials; {goals}), "
-            "test scores beside:",
-            file=stream,
-        )
-    else:
-        print(f"best trial, chosen on validation ({goals}), test scores beside:", file=stream)
-    for trial in outcome.best:
-        values = " ".join(
-            f"{m}={_format(v)}" for m, v in zip(spec.metrics, trial.values, strict=True)
-        )
-        tested = " ".join(
-            f"{k}={_format(v)}" for k, v in trial.user_attrs.items() if k.startswith("test_")
-        )
-        values = f"{values}  [{tested}]" if tested else values
-        params = " ".join(f"{k}={_format(v)}" for k, v in trial.params.items())
-        print(
-            f"  trial {trial.number}: {values}  {params}  (mlflow run "
-            f"{trial.user_attrs.get(RUN_ID_ATTR, '-')})",
-            file=stream,
-        )
-    print(f"trials: {outcome.csv_path}", file=stream)
-    if outcome.figures:
-        print(
-            f"figures: {', '.join(p.name for p in outcome.figures)} in {outcome.csv_path.parent}",
-            file=stream,
-        )
-    for line in outcome.worker_errors:
-        print(f"vaebench: {line}", file=sys.stderr)
-    for trial in outcome.failed:
-        print(
-            f"FAILED trial {trial.number}: see its MLflow run "
-            f"{trial.user_attrs.get(RUN_ID_ATTR, '-')} (tag vaebench.error)",
-            file=stream,
-        )

@@ -1,0 +1,204 @@
+"""One trial of a study: sample a run, hand it to the execution layer, keep its lease.
+
+A trial is the study's base config plus the values Optuna samples, trained through
+:func:`vaebench.execute.execute` with pruning as the epoch hook and the objectives
+as extra metrics. Its MLflow run id, its invocation's parent run and (while it
+runs) its lease are Optuna user attributes; a trial whose owner is gone is failed
+by the next invocation (:func:`fail_abandoned_trials`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from typing import Any, TextIO
+
+import optuna
+from optuna.trial import TrialState
+
+from vaebench.catalogue import METRICS
+from vaebench.claims import abandoned, lease_tags
+from vaebench.config import RunConfig, VaebenchError, run_config_problems, set_dotted
+from vaebench.execute import Workspace, execute, record_invalid
+from vaebench.grid import RunSpec, run_key
+from vaebench.study import Param, StudySpec
+from vaebench.study_outputs import RUN_ID_ATTR
+from vaebench.tracking import Tracker, TrackingError
+from vaebench.train import EpochMetrics
+
+PARENT_ATTR = "mlflow_parent_run_id"  # which `tune` invocation ran the trial
+STOPPED_ATTR = "stopped"  # why a trial FAILED without being at fault: a signal, a lost owner
+
+
+def suggest(trial: optuna.Trial, key: str, param: Param) -> Any:
+    """The value of one dimension for this trial; Optuna's parameter name is the dotted key."""
+    if param.type == "float":
+        return trial.suggest_float(key, param.low, param.high, log=param.log, step=param.step)
+    if param.type == "int":
+        step = int(param.step or 1)
+        return trial.suggest_int(key, int(param.low), int(param.high), step=step, log=param.log)
+    return param.decode(trial.suggest_categorical(key, param.optuna_choices()))
+
+
+def trial_run(spec: StudySpec, name: str, sampled: dict[str, Any]) -> RunSpec:
+    """Base config plus sampled values as a run; VaebenchError if they make no valid config."""
+    tree = copy.deepcopy(spec.base)
+    for key, value in sampled.items():
+        set_dotted(tree, key, value)
+    problems = run_config_problems(tree)
+    if problems:
+        raise VaebenchError("; ".join(f"{key}: {message}" for key, message in problems))
+    config = RunConfig.model_validate(tree)
+    return RunSpec(name, run_key(config), config, tuple(sampled.items()))
+
+
+def reported_beside(spec: StudySpec, final: dict[str, float]) -> dict[str, float]:
+    """The test scores shown beside a trial's validation objectives: each objective's test
+    counterpart, the test ELBO and, where estimated, the test NLL."""
+    names = [METRICS[m].counterpart for m in spec.metrics] + ["test_elbo", "test_nll"]
+    return {name: float(final[name]) for name in dict.fromkeys(names) if name in final}
+
+
+def objective_values(spec: StudySpec, final: dict[str, float]) -> list[float]:
+    values = []
+    for metric in spec.metrics:
+        if metric not in final:
+            raise VaebenchError(f"objective {metric}: this run does not report it")
+        value = float(final[metric])
+        if not math.isfinite(value):
+            raise VaebenchError(f"objective {metric}: the run ended with {value}")
+        values.append(value)
+    return values
+
+
+class TrialObjective:
+    """Optuna's objective: sample a run and hand it to the execution layer, one MLflow child
+    run per trial; pruning is its epoch hook, the objectives its extra metrics."""
+
+    def __init__(
+        self, spec: StudySpec, tracker: Tracker, tags: dict[str, str], workspace: Workspace,
+        total: int,
+    ):
+        self.spec = spec
+        self.tracker = tracker
+        self.tags = tags
+        self.workspace = workspace
+        self.total = total
+        self.store_failure: TrackingError | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)  # first: marks it ours
+        _renew_lease(trial)
+        sampled = {key: suggest(trial, key, param) for key, param in self.spec.space.items()}
+        name = f"trial-{trial.number:04d}"
+        tags = {**self.tags, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
+        run_id: str | None = None
+
+        def on_start(started: str) -> None:
+            nonlocal run_id
+            run_id = started
+            trial.set_user_attr(RUN_ID_ATTR, started)
+
+        state = "FAIL"
+        try:
+            try:
+                run = trial_run(self.spec, name, sampled)
+            except VaebenchError as exc:
+                on_start(record_invalid(self.tracker, name, sampled, tags, str(exc)))
+                print(f"[{trial.number + 1}/{self.total}] {name} FAIL: {exc}", file=sys.stderr)
+                raise
+            objectives: list[float] = []
+
+            def score(final: dict[str, float]) -> dict[str, float]:
+                objectives.extend(objective_values(self.spec, final))
+                for key, value in reported_beside(self.spec, final).items():
+                    trial.set_user_attr(key, value)
+                return {
+                    f"objective.{m}": v
+                    for m, v in zip(self.spec.metrics, objectives, strict=True)
+                }
+
+            execute(
+                run,
+                self.tracker,
+                self.workspace,
+                tags,
+                trial.number + 1,
+                self.total,
+                on_start=on_start,
+                epoch_hook=self._epoch_hook(trial),
+                extra_metrics=score,
+                stopped_early=(optuna.TrialPruned,),
+                pictures=self.spec.artifacts,
+            )
+            state = "COMPLETE"
+            return objectives[0] if len(objectives) == 1 else tuple(objectives)
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        except KeyboardInterrupt as exc:
+            trial.set_user_attr(STOPPED_ATTR, str(exc) or "interrupted")
+            raise
+        except TrackingError as exc:  # no point in the next trial: stop the study
+            self.store_failure = exc
+            trial.set_user_attr(STOPPED_ATTR, f"tracking store failed: {exc}")
+            trial.study.stop()
+            raise
+        finally:
+            if run_id is not None and self.store_failure is None:
+                self.tracker.set_tags(run_id, {"optuna.state": state})
+
+    def _epoch_hook(self, trial: optuna.Trial):
+        """Renew the trial's lease; report the objective to the pruner, which may stop the
+        trial. Optuna prunes single-objective studies only; a metric known only after the
+        last epoch (e.g. val_ari) is never reported, so never pruned (study files with such
+        a pruner are rejected)."""
+        pruned_on = None if self.spec.multi_objective else self.spec.metrics[0]
+
+        def hook(metrics: EpochMetrics) -> None:
+            longest = metrics.epoch_seconds + metrics.eval_seconds
+            _renew_lease(trial, longest)
+            self.tracker.set_tags(self.tracker.parent_id, lease_tags(longest))
+            values = metrics.as_dict()
+            if pruned_on in values:
+                trial.report(values[pruned_on], metrics.epoch)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch}")
+
+        return hook
+
+
+def _renew_lease(trial: optuna.Trial, longest_epoch_seconds: float = 0.0) -> None:
+    for key, value in lease_tags(longest_epoch_seconds).items():
+        trial.set_user_attr(key, value)
+
+
+def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO) -> int:
+    """Trials a killed invocation left RUNNING (their owner process is gone or its lease
+    expired): FAIL in Optuna, marked stopped, their MLflow runs KILLED. Returns how many."""
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        reason = abandoned(trial.user_attrs)
+        if reason is None:
+            continue
+        storage = study._storage  # noqa: SLF001 - Optuna has no public call for another's trial
+        storage.set_trial_user_attr(trial._trial_id, STOPPED_ATTR, f"abandoned: {reason}")
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            tracker.end_run(run_id, "KILLED", f"abandoned: {reason}")
+            tracker.set_tags(run_id, {"optuna.state": "FAIL"})
+        print(f"trial {trial.number} was left RUNNING ({reason}): marked FAIL", file=stream)
+        count += 1
+    return count
+
+
+def trials_done(study: optuna.Study) -> int:
+    """Trials that count toward the file's ``n_trials``: complete, pruned, or failed by their
+    own fault (not those stopped by a signal or a lost process)."""
+    return sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and STOPPED_ATTR not in t.user_attrs)
+        for t in study.get_trials(deepcopy=False)
+    )
