@@ -264,6 +264,7 @@ BAD_GRIDS = {
     ),
     "missing-name": ("base:\n  train: {epochs: 1}\n", "name", ("required",)),
     "name-with-path-separator": ("name: a/b\n", "name", ("path separators",)),
+    "name-with-quote": ("name: it's\n", "name", ("must not contain quotes",)),
 }
 
 

@@ -214,7 +214,8 @@ def test_signal_stops_a_grid_cleanly_and_the_rerun_completes_it(tmp_path, mnist_
     assert {r.info.status for r in runs} == {"KILLED"}  # the run and the parent
     killed = children(runs)[0]
     assert f"interrupted by {name}" in killed.data.tags["vaebench.error"]
-    assert "checkpoint after epoch 1" in killed.data.tags["vaebench.error"]
+    reason = killed.data.tags["vaebench.error"]
+    assert re.search(r"checkpoint after epoch [12] continues it", reason)
     assert (tmp_path / "results" / "survive.csv").is_file()
 
     rerun = Command(grid_args(tmp_path, uri, mnist_root), tmp_path)
@@ -304,7 +305,8 @@ def test_tracking_server_dying_mid_grid_stops_it_and_the_rerun_completes_it(
         assert len(stranded) == 1
         rerun = Command(grid_args(tmp_path, url, mnist_root, *checkpoints), tmp_path)
         assert rerun.finish() == 0, rerun.stderr
-        assert re.search(r"^\[1/2\] \S+ continues after epoch 2$", rerun.stderr, re.M)
+        # epoch 2's line came after its log; epoch 3 may have been saved before the store died
+        assert re.search(r"^\[1/2\] \S+ continues after epoch [23]$", rerun.stderr, re.M)
         finished = assert_each_variant_finished_once(all_runs(url, "survive"), 2)
         assert stranded[0].info.run_id in {r.info.run_id for r in finished.values()}
         assert steps(url, stranded[0].info.run_id, "val_elbo") == [1, 2, 3, 4]

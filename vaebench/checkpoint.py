@@ -3,7 +3,7 @@
 A checkpoint holds what :func:`vaebench.train.fit` needs to continue a run from its
 last complete epoch as if it had never stopped (model, optimizer, every random
 state, the epochs' metrics), plus the run's key and vaebench's code version: a
-checkpoint of other settings or other code is not continued. Files live in
+checkpoint of other settings, code or device is not continued. Files live in
 ``checkpoints/`` beside the SQLite store (or under ``--checkpoint-dir``), named by
 the run id. Writes go to a temporary file that is renamed over the last one, so a
 process killed in the middle leaves the previous checkpoint whole.
@@ -39,9 +39,10 @@ class CheckpointStore:
     def path(self, run_id: str) -> Path:
         return self.folder / f"{run_id}.pt"
 
-    def save(self, run_id: str, state: dict[str, Any]) -> None:
-        """Write atomically; a checkpoint that cannot be written (disk full, permissions) is a
-        warning, once: the run goes on, it just cannot be continued if it stops."""
+    def save(self, run_id: str, state: dict[str, Any]) -> bool:
+        """Write atomically; whether it was written. A checkpoint that cannot be written (disk
+        full, permissions) is a warning, once: the run goes on, it just cannot be continued
+        from this epoch if it stops."""
         path = self.path(run_id)
         partial = path.with_suffix(".pt.partial")
         with deferred_signals():
@@ -52,6 +53,7 @@ class CheckpointStore:
                     file.flush()
                     os.fsync(file.fileno())
                 os.replace(partial, path)
+                return True
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     partial.unlink(missing_ok=True)
@@ -62,6 +64,7 @@ class CheckpointStore:
                         file=sys.stderr,
                     )
                     self._warned = True
+                return False
 
     def load(self, run_id: str) -> dict[str, Any] | None:
         """The run's checkpoint, or None if there is none or it cannot be read."""

@@ -210,5 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as signals.Interrupted
         what = str(exc) or "interrupted"
-        print(f"vaebench: {what}; rerun the same command to continue", file=sys.stderr)
+        hint = "; rerun the same command to continue" if args.command in ("run", "tune") else ""
+        print(f"vaebench: {what}{hint}", file=sys.stderr)
         return getattr(exc, "exit_status", 130)

@@ -304,6 +304,8 @@ def name_problems(name: Any, where: str) -> list[str]:
         return [f"{where}: name: required, a non-empty string"]
     if any(ch in name for ch in "/\\") or name.startswith("."):
         return [f"{where}: name: must not contain path separators or start with '.'"]
+    if any(ch in name for ch in "'\"`"):  # MLflow's search filters quote with them
+        return [f"{where}: name: must not contain quotes"]
     return []
 
 

@@ -72,7 +72,6 @@ class RunOutcome:
     run_id: str
     summary: dict[str, float]  # logged after the last epoch
     final: dict[str, float]  # every final value: the last epoch's metrics and the summary
-    continued_after: int  # the epoch the run continued after (0: trained from the start)
 
 
 def record_invalid(
@@ -93,8 +92,13 @@ def _resumable(
     state = workspace.checkpoints.load(run_id)
     if state is None:
         return None
-    if state.get("run_key") != run.key or state.get("code") != code_version():
-        workspace.checkpoints.remove(run_id)  # other settings or other code: start over
+    device = str(resolve_device(run.config.train.device))
+    if (state.get("run_key"), state.get("code"), state.get("device")) != (
+        run.key,
+        code_version(),
+        device,
+    ):  # other settings, other code or another device: start over
+        workspace.checkpoints.remove(run_id)
         return None
     return state
 
@@ -130,7 +134,7 @@ def execute(
         with deferred_signals():  # a signal waits until the run's id is known and recorded
             if state is not None:
                 run_id = continue_id
-                tracker.reopen_run(run_id)
+                tracker.reopen_run(run_id, lease_tags())
             else:
                 tags = {**tags, **run_tags(run), **lease_tags()}
                 run_id = tracker.start_run(run.name, run.params, tags)
@@ -142,9 +146,10 @@ def execute(
 
         def save_state(snapshot: dict[str, Any]) -> None:
             nonlocal saved
-            snapshot.update(run_key=run.key, code=code_version())
-            workspace.checkpoints.save(run_id, snapshot)
-            saved = snapshot["epoch"]
+            snapshot.update(run_key=run.key, code=code_version(), device=str(device))
+            with deferred_signals():  # the epoch on disk is known before a signal is raised
+                if workspace.checkpoints.save(run_id, snapshot):
+                    saved = snapshot["epoch"]
 
         def on_epoch(metrics: EpochMetrics) -> None:
             nonlocal longest
@@ -167,27 +172,30 @@ def execute(
             else:
                 write_config(Path(folder), run)
             tracker.log_artifacts(run_id, Path(folder))
-        tracker.end_run(run_id, "FINISHED")
-        _forget(workspace, run_id)
-        status = "FINISHED"
-        return RunOutcome(run_id, summary, final, state["epoch"] if state else 0)
+        with deferred_signals():  # finished is finished: a signal now stops what follows
+            tracker.end_run(run_id, "FINISHED")
+            _forget(workspace, run_id)
+            status = "FINISHED"
+        return RunOutcome(run_id, summary, final)
     except TrackingError:
         status = "STOPPED (tracking store failed)"
         raise
     except KeyboardInterrupt as exc:
+        if status == "FINISHED":
+            raise
         status = "KILLED"
         where = f"; its checkpoint after epoch {saved} continues it" if saved else ""
-        _end_quietly(tracker, run_id, "KILLED", f"{first_line(exc)}{where}")
+        end_quietly(tracker, run_id, "KILLED", f"{first_line(exc)}{where}")
         raise
     except stopped_early as exc:
         status = "KILLED"
         _forget(workspace, run_id)
-        _end_quietly(tracker, run_id, "KILLED", first_line(exc))
+        end_quietly(tracker, run_id, "KILLED", first_line(exc))
         raise
     except BaseException as exc:
         _forget(workspace, run_id)
         error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        _end_quietly(tracker, run_id, "FAILED", error)
+        end_quietly(tracker, run_id, "FAILED", error)
         raise
     finally:
         progress.close(status)
@@ -209,7 +217,7 @@ def _log_missing_epochs(tracker: Tracker, run_id: str, state: dict[str, Any]) ->
             tracker.log_metrics(run_id, metrics.as_dict(), step=metrics.epoch)
 
 
-def _end_quietly(tracker: Tracker, run_id: str | None, status: str, reason: str) -> None:
+def end_quietly(tracker: Tracker, run_id: str | None, status: str, reason: str) -> None:
     """End the run (if it started); if the store cannot take it, the run's lease lets the
     next invocation recover it, and the error that stopped the run is the one the user sees."""
     if run_id is None:

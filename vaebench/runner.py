@@ -23,12 +23,13 @@ from vaebench.checkpoint import CheckpointStore, default_folder
 from vaebench.claims import OWNER_TAG, Planned, lease_tags, plan, recover_abandoned
 from vaebench.config import VaebenchError
 from vaebench.data import resolve_root
-from vaebench.execute import EpochHook, Workspace, execute
+from vaebench.execute import EpochHook, Workspace, end_quietly, execute
 from vaebench.grid import RunSpec, expand, load_grid
 from vaebench.preflight import check_output_folder
 from vaebench.provenance import base_tags
 from vaebench.signals import Interrupted, deferred_signals, interruptible
 from vaebench.tracking import (
+    RUN_KEY_TAG,
     MLflowTracker,
     Tracker,
     TrackingError,
@@ -108,7 +109,7 @@ def run_grid(
 
     tags = base_tags(**{GRID_TAG: grid.name, "vaebench.grid_file": str(grid_path)})
     started = time.strftime("%Y%m%d-%H%M%S")
-    parent = None
+    parent, ended = None, False
     with interruptible():
         try:
             with deferred_signals():  # a signal waits until the parent run is recorded
@@ -123,30 +124,43 @@ def run_grid(
                 tracker.set_tags(parent, lease_tags(seconds))
 
             for number, step in todo:
+                step = step if rerun else _as_stored_now(step, grid.name, tracker)
+                if step.action in ("skip", "elsewhere"):  # another invocation took it
+                    _print_skip(number, len(planned), step)
+                    outcome.rows.append(_skipped_row(step))
+                    outcome.skipped += step.action == "skip"
+                    continue
                 row = _run_step(
                     step, number, len(planned), tracker, workspace, tags, outcome,
                     renew_parent_lease,
                 )
                 outcome.rows.append(row)
+            with deferred_signals():
+                tracker.end_run(parent, "FAILED" if outcome.failed else "FINISHED")
+                ended = True
         except Interrupted as exc:
-            if parent is not None:
-                tracker.end_run(parent, "KILLED", f"{exc}; rerun the same command to continue")
-            _close(outcome, results, grid.name, runs)
+            if not ended:
+                end_quietly(tracker, parent, "KILLED", f"{exc}; rerun the same command to continue")
             raise
         except TrackingError as exc:
-            _close(outcome, results, grid.name, runs)
             raise TrackingError(
                 f"{exc}; the grid stopped. Rerun the same command once the store answers: "
                 "finished runs are skipped, stopped ones continue from their checkpoint"
             ) from None
-        tracker.end_run(parent, "FAILED" if outcome.failed else "FINISHED")
-    _close(outcome, results, grid.name, runs)
+        finally:
+            _close(outcome, results, grid.name, runs)
     if report and isinstance(tracker, MLflowTracker):
         resumed = len(todo) < len(planned) or any(s.action == "continue" for _, s in todo)
         outcome.report_folder = report_invocation(
             tracker.uri, grid.name, results, parent, all_invocations=resumed
         )
     return outcome
+
+
+def _as_stored_now(step: Planned, name: str, tracker: Tracker) -> Planned:
+    """The step planned again from the store just before its run trains: an invocation of the
+    same grid started meanwhile may have finished or taken the run."""
+    return plan([step.run], tracker.previous_runs(name, RUN_KEY_TAG, step.run.key), False)[0]
 
 
 def _plan(

@@ -18,6 +18,9 @@ from vaebench.study import StudySpec
 RUN_ID_ATTR = "mlflow_run_id"  # the trial's user attribute holding its MLflow run id
 
 
+LEASE_PREFIX = "vaebench.lease_"  # a running trial's owner: not a result
+
+
 @dataclass
 class TuneOutcome:
     study: optuna.Study
@@ -60,6 +63,7 @@ def write_trials(study: optuna.Study, best: list[FrozenTrial], folder: Path) -> 
         )
     )
     table = table.rename(columns=lambda c: c.removeprefix("user_attrs_"))
+    table = table.drop(columns=[c for c in table if c.startswith(LEASE_PREFIX)])
     if "number" in table:
         numbers = {t.number for t in best}
         table["best"] = table["number"].isin(numbers)

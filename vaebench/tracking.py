@@ -66,7 +66,7 @@ class Tracker(Protocol):
     def start_grid(self, name: str, run_name: str, tags: Mapping[str, str]) -> str: ...
     def join_grid(self, experiment_id: str, parent_id: str) -> None: ...
     def start_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str: ...
-    def reopen_run(self, run_id: str) -> None: ...
+    def reopen_run(self, run_id: str, tags: Mapping[str, str]) -> None: ...
     def log_metrics(
         self,
         run_id: str,
@@ -200,10 +200,12 @@ class MLflowTracker:
         return run_id
 
     @_store_call
-    def reopen_run(self, run_id: str) -> None:
-        """A KILLED run continues: RUNNING again, under this invocation's parent run."""
+    def reopen_run(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """A KILLED run continues: its ``tags`` (this process's lease) first, then RUNNING
+        again, under this invocation's parent run."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+        self.set_tags(run_id, tags)
         self.client.update_run(run_id, status="RUNNING")
         if self.parent_id:
             self.client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, self.parent_id)

@@ -9,6 +9,7 @@ by the next invocation (:func:`fail_abandoned_trials`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -88,9 +89,6 @@ class TrialObjective:
         self.store_failure: TrackingError | None = None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)  # first: marks it ours
-        _renew_lease(trial)
-        sampled = {key: suggest(trial, key, param) for key, param in self.spec.space.items()}
         name = f"trial-{trial.number:04d}"
         tags = {**self.tags, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
         run_id: str | None = None
@@ -102,6 +100,9 @@ class TrialObjective:
 
         state = "FAIL"
         try:
+            _renew_lease(trial)  # first: the trial has an owner
+            trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)  # marks it this invocation's
+            sampled = {key: suggest(trial, key, p) for key, p in self.spec.space.items()}
             try:
                 run = trial_run(self.spec, name, sampled)
             except VaebenchError as exc:
@@ -147,7 +148,8 @@ class TrialObjective:
             raise
         finally:
             if run_id is not None and self.store_failure is None:
-                self.tracker.set_tags(run_id, {"optuna.state": state})
+                with contextlib.suppress(TrackingError):  # the error that stopped it is shown
+                    self.tracker.set_tags(run_id, {"optuna.state": state})
 
     def _epoch_hook(self, trial: optuna.Trial):
         """Renew the trial's lease; report the objective to the pruner, which may stop the
@@ -176,7 +178,9 @@ def _renew_lease(trial: optuna.Trial, longest_epoch_seconds: float = 0.0) -> Non
 
 def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO) -> int:
     """Trials a killed invocation left RUNNING (their owner process is gone or its lease
-    expired): FAIL in Optuna, marked stopped, their MLflow runs KILLED. Returns how many."""
+    expired): FAIL in Optuna, marked stopped; their MLflow runs, KILLED by
+    :func:`vaebench.claims.recover_abandoned` as the grid's are, get the tag. Returns how
+    many."""
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         reason = abandoned(trial.user_attrs)
@@ -187,7 +191,6 @@ def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO)
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
         if run_id:
-            tracker.end_run(run_id, "KILLED", f"abandoned: {reason}")
             tracker.set_tags(run_id, {"optuna.state": "FAIL"})
         print(f"trial {trial.number} was left RUNNING ({reason}): marked FAIL", file=stream)
         count += 1

@@ -38,10 +38,16 @@ import torch
 from vaebench.claims import lease_tags, recover_abandoned
 from vaebench.config import ConfigError, VaebenchError, first_line
 from vaebench.data import resolve_root
-from vaebench.execute import Workspace
+from vaebench.execute import Workspace, end_quietly
 from vaebench.preflight import check_output_folder
 from vaebench.provenance import base_tags
-from vaebench.signals import Interrupted, interruptible, register_child
+from vaebench.signals import (
+    Interrupted,
+    deferred_signals,
+    forget_child,
+    interruptible,
+    register_child,
+)
 from vaebench.study import StudySpec, load_study
 from vaebench.study_outputs import (
     TuneOutcome,
@@ -318,22 +324,24 @@ def run_study(
         threads=max(1, _cores() // workers),
     )
     outcome = TuneOutcome(study=study, storage=ref, parent_id=parent)
+    folder = Path(results_dir) / spec.name
+    ended = False
     with interruptible():
         try:
             if workers == 1:
                 optimize(job, n_trials, 0, tracker, shared, workspace)
             else:
                 outcome.worker_errors = fan_out(job, n_trials, workers)
-            trials = study.get_trials(deepcopy=False)
-            outcome.trials = [t for t in trials if t.user_attrs.get(PARENT_ATTR) == parent]
-            outcome.best = best_trials(study)
-            folder = Path(results_dir) / spec.name
-            outcome.csv_path = write_trials(study, outcome.best, folder)
-            outcome.figures = write_figures(study, spec, folder)
+            _write_outputs(spec, study, outcome, folder)
             tracker.log_metrics(parent, invocation_metrics(spec, outcome))
             tracker.log_artifacts(parent, folder)
+            with deferred_signals():
+                tracker.end_run(parent, "FINISHED")
+                ended = True
         except Interrupted as exc:
-            tracker.end_run(parent, "KILLED", f"{exc}; rerun the same command to continue")
+            if not ended:
+                end_quietly(tracker, parent, "KILLED", f"{exc}; rerun the same command to continue")
+                _write_outputs(spec, study, outcome, folder)  # what is known so far
             raise
         except TrackingError as exc:
             raise TrackingError(
@@ -341,11 +349,21 @@ def run_study(
                 "it fails the stopped trials and runs those still to do"
             ) from None
         except BaseException as exc:
-            tracker.end_run(parent, "FAILED", first_line(exc))
+            end_quietly(tracker, parent, "FAILED", first_line(exc))
             raise
-        tracker.end_run(parent, "FINISHED")
     print_outcome(spec, outcome, display_storage(ref), stream)
     return outcome
+
+
+def _write_outputs(
+    spec: StudySpec, study: optuna.Study, outcome: TuneOutcome, folder: Path
+) -> None:
+    """This invocation's trials, the best ones, trials.csv and the figures."""
+    trials = study.get_trials(deepcopy=False)
+    outcome.trials = [t for t in trials if t.user_attrs.get(PARENT_ATTR) == outcome.parent_id]
+    outcome.best = best_trials(study)
+    outcome.csv_path = write_trials(study, outcome.best, folder)
+    outcome.figures = write_figures(study, spec, folder)
 
 
 def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
@@ -361,10 +379,10 @@ def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
         for index, share in enumerate(shares)
         if share
     ]
-    for process in processes:
-        process.start()
-        register_child(process.pid)
     try:
+        for process in processes:
+            process.start()
+            register_child(process.pid)
         for process in processes:
             process.join()
     except Interrupted as exc:
@@ -372,8 +390,16 @@ def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
             if process.is_alive():
                 os.kill(process.pid, exc.signum)
         for process in processes:
-            process.join(timeout=60)
+            if process.pid is not None:
+                process.join(timeout=60)
+            if process.is_alive():  # did not stop in time: its trial is recovered later
+                process.kill()
+                process.join()
         raise
+    finally:
+        for process in processes:
+            if process.pid is not None:
+                forget_child(process.pid)
     return [
         f"worker {index} exited with status {process.exitcode}"
         for index, process in enumerate(processes)
