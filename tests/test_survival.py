@@ -139,6 +139,22 @@ def steps(uri: str, run_id: str, metric: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, metric))
 
 
+def stop_when(
+    path: Path, text: str, args: list[str], pattern: str, *signals: int
+) -> tuple[Command, float]:
+    """Write the grid or study file, start the command, send ``signals`` (50 ms apart) once a
+    stderr line matches ``pattern``; returns the command and when the first signal went."""
+    path.write_text(text)
+    command = Command(args, path.parent)
+    command.wait_for(pattern)
+    sent = time.monotonic()
+    for index, signum in enumerate(signals):
+        if index:
+            time.sleep(0.05)
+        command.process.send_signal(signum)
+    return command, sent
+
+
 def test_sigkill_mid_epoch_then_rerun_continues_the_run(tmp_path, mnist_root):
     """Acceptance 1: a grid SIGKILLed inside an epoch of its second run, then rerun."""
     (tmp_path / "grid.yaml").write_text(GRID)
@@ -197,14 +213,13 @@ def test_sigkill_mid_epoch_then_rerun_continues_the_run(tmp_path, mnist_root):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_a_grid_cleanly_and_the_rerun_completes_it(tmp_path, mnist_root, signum):
-    (tmp_path / "grid.yaml").write_text(GRID)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    command = Command(grid_args(tmp_path, uri, mnist_root), tmp_path)
-    command.wait_for(r"^\[1/2\] \S+ epoch 1/4 ")
-    sent = time.monotonic()
-    command.process.send_signal(signum)
+    command, seconds = stop_when(
+        tmp_path / "grid.yaml", GRID, grid_args(tmp_path, uri, mnist_root),
+        r"^\[1/2\] \S+ epoch 1/4 ", signum,
+    )
     assert command.finish(timeout=60) == 128 + signum
-    assert time.monotonic() - sent < 30
+    assert time.monotonic() - seconds < 30
     name = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}[signum]
     assert "Traceback" not in command.stderr
     assert f"interrupted by {name}" in command.stderr.splitlines()[-1]
@@ -229,11 +244,11 @@ def test_signal_stops_a_grid_cleanly_and_the_rerun_completes_it(tmp_path, mnist_
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_a_study_cleanly_and_the_rerun_completes_it(tmp_path, mnist_root, signum):
-    (tmp_path / "study.yaml").write_text(STUDY)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    command = Command(study_args(tmp_path, uri, mnist_root), tmp_path)
-    command.wait_for(r"^\[1/2\] trial-0000 epoch 1/3 ")
-    command.process.send_signal(signum)
+    command, _ = stop_when(
+        tmp_path / "study.yaml", STUDY, study_args(tmp_path, uri, mnist_root),
+        r"^\[1/2\] trial-0000 epoch 1/3 ", signum,
+    )
     assert command.finish(timeout=60) == 128 + signum
     assert "Traceback" not in command.stderr
     runs = all_runs(uri, "survive-study")
@@ -313,3 +328,17 @@ def test_tracking_server_dying_mid_grid_stops_it_and_the_rerun_completes_it(
     finally:
         stop_server(server)
     print(f"\nserver killed: the grid ended {noticed:.1f} s later with status 75")
+
+
+def test_a_second_ctrl_c_exits_at_once_and_the_rerun_completes_the_grid(tmp_path, mnist_root):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command, sent = stop_when(
+        tmp_path / "grid.yaml", GRID, grid_args(tmp_path, uri, mnist_root),
+        r"^\[1/2\] \S+ epoch 1/4 ", signal.SIGINT, signal.SIGINT,
+    )
+    assert command.finish(timeout=60) == 130, command.stderr
+    assert time.monotonic() - sent < 15
+    assert "Traceback" not in command.stderr
+    rerun = Command(grid_args(tmp_path, uri, mnist_root), tmp_path)
+    assert rerun.finish() == 0, rerun.stderr
+    assert_each_variant_finished_once(all_runs(uri, "survive"), 2)

@@ -1,5 +1,3 @@
-import sys
+from vaebench.cli import entry
 
-from vaebench.cli import main
-
-sys.exit(main())
+entry()

@@ -213,3 +213,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "; rerun the same command to continue" if args.command in ("run", "tune") else ""
         print(f"vaebench: {what}{hint}", file=sys.stderr)
         return getattr(exc, "exit_status", 130)
+
+
+SIGNAL_STATUSES = (130, 143)
+
+
+def entry() -> None:
+    """The program: :func:`main`, then exit with its status. After a signal the work is
+    recorded and the streams are flushed, so the process ends at once: the interpreter's
+    shutdown (seconds with torch and MLflow loaded) would otherwise give a second Ctrl-C a
+    default handler to die by."""
+    status = main()
+    if status in SIGNAL_STATUSES:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -66,8 +66,9 @@ def interruptible() -> Iterator[None]:
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        if _State.received is None:  # after a first signal, a second one still exits at once
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         _State.active = False
 
 
