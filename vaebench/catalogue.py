@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TRAIN, VALIDATION, TEST, NO_SPLIT = "train", "validation", "test", "none"
-CATEGORICAL = ("gumbel",)  # families with a categorical latent
-UNCONDITIONAL = ("mlp", "conv", "gumbel")  # families whose clusters are scored
+CATEGORICAL = ("gumbel", "gmvae")  # families with a categorical latent
+TEMPERED = ("gumbel",)  # families with an annealed temperature
+UNCONDITIONAL = ("mlp", "conv", "gumbel", "gmvae")  # families whose clusters are scored
 CONDITIONAL = ("cvae",)  # families whose bound is of log p(x|y): the label is given
 
 
@@ -93,7 +94,7 @@ _ALL = [
     MetricInfo("test_nll_se", TEST, None, "test NLL standard error", (), None),
     MetricInfo("conditional_accuracy", NO_SPLIT, True, "conditional accuracy", (),
                CONDITIONAL, digits=3),
-    MetricInfo("tau", NO_SPLIT, None, "temperature", CATEGORICAL),
+    MetricInfo("tau", NO_SPLIT, None, "temperature", TEMPERED),
     MetricInfo("epoch_seconds", NO_SPLIT, False, "seconds per epoch", None, digits=3),
     MetricInfo("eval_seconds", NO_SPLIT, False, "evaluation seconds", None, digits=3),
     MetricInfo("images_per_second", NO_SPLIT, True, "images per second", None, digits=0),

@@ -48,7 +48,7 @@ class _Section(BaseModel):
 
 
 # the model families of vaebench.models.MODELS, named here so this module need not import torch
-ARCHS = ("mlp", "conv", "gumbel", "cvae")
+ARCHS = ("mlp", "conv", "gumbel", "cvae", "gmvae")
 
 
 class DataConfig(_Section):
@@ -67,13 +67,16 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     arch: str = "mlp"
     backbone: Literal["mlp", "conv"] = Field(
-        default="mlp", description="encoder/decoder nets of the gumbel and cvae families"
+        default="mlp",
+        description="encoder/decoder nets of the gumbel, cvae and gmvae families",
     )
     z_dim: int = Field(default=20, ge=1)
     hidden: list[int] = Field(default_factory=lambda: [400], description="mlp hidden widths")
     channels: list[int] = Field(default_factory=lambda: [32, 64], description="conv channels")
     batch_norm: bool = False
-    categories: int = Field(default=10, ge=2, description="gumbel: size of the discrete latent")
+    categories: int = Field(
+        default=10, ge=2, description="gumbel, gmvae: size of the discrete latent"
+    )
     tau: float | list[float] = Field(
         default=0.67, description="gumbel: temperature, or [start, end] annealed exponentially"
     )

@@ -8,8 +8,10 @@ is a lower bound on log p(x) that rises with K towards it; L_1 is a one-sample
 ELBO estimate (its expectation is the ELBO). Models with a categorical latent
 (``gumbel``) draw the category too, as an exact one-hot c_k ~ q(c|x) with the
 weight p(c_k) / q(c_k|x) and p(c) uniform: the estimate samples the categorical,
-it does not sum over it. For a ``cvae`` every term is conditioned on the label,
-so the estimate bounds log p(x|y), not log p(x).
+it does not sum over it. A Gaussian-mixture VAE (``gmvae``) draws c_k ~ q(c|x), then
+z_k ~ q(z|x, c_k), weighted by p(c_k) p(z_k|c_k) / (q(c_k|x) q(z_k|x, c_k)). For a
+``cvae`` every term is conditioned on the label, so the estimate bounds log p(x|y),
+not log p(x).
 
 log p(x|z) is the Bernoulli log-likelihood of the decoder's logits, which is a
 likelihood only for binary pixels (``data.binarize: dynamic|static``).
@@ -47,6 +49,8 @@ class LatentDraws:
 
 def draw_latents(posterior: Posterior, samples: int, generator: torch.Generator) -> LatentDraws:
     """Draw z (and an exact one-hot c) from the posterior with ``generator``."""
+    if posterior.mixture is not None:
+        return _draw_from_mixture(posterior, samples, generator)
     mu = posterior.mu.repeat(samples, 1)
     logvar = posterior.logvar.repeat(samples, 1)
     noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
@@ -60,6 +64,31 @@ def draw_latents(posterior: Posterior, samples: int, generator: torch.Generator)
         c = F.one_hot(index.squeeze(1), log_probs.shape[1]).to(mu.dtype)
         log_q = log_q + log_probs.gather(1, index).squeeze(1)
         log_prior = log_prior - math.log(log_probs.shape[1])
+    return LatentDraws(z=z, c=c, log_q=log_q, log_prior=log_prior)
+
+
+def _gaussian_log_density(z, mu, logvar) -> torch.Tensor:
+    return -0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + LOG_2PI).sum(dim=1)
+
+
+def _draw_from_mixture(
+    posterior: Posterior, samples: int, generator: torch.Generator
+) -> LatentDraws:
+    """c ~ q(c|x), then z ~ q(z|x, c); the prior is p(c) p(z|c), p(c) uniform."""
+    mixture = posterior.mixture
+    log_probs = F.log_softmax(posterior.category_logits.repeat(samples, 1), dim=1)
+    index = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+    rows = torch.arange(index.shape[0], device=index.device)
+    mu = mixture.mu.repeat(samples, 1, 1)[rows, index]
+    logvar = mixture.logvar.repeat(samples, 1, 1)[rows, index]
+    noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    z = mu + noise * torch.exp(0.5 * logvar)
+    categories = log_probs.shape[1]
+    log_q = log_probs.gather(1, index[:, None]).squeeze(1) + _gaussian_log_density(z, mu, logvar)
+    log_prior = _gaussian_log_density(
+        z, mixture.prior_mu[index], mixture.prior_logvar[index]
+    ) - math.log(categories)
+    c = F.one_hot(index, categories).to(mu.dtype)
     return LatentDraws(z=z, c=c, log_q=log_q, log_prior=log_prior)
 
 

@@ -17,13 +17,17 @@ import torch.nn.functional as F
 from vaebench.config import LossConfig
 
 
+def _pixel_costs(logits: torch.Tensor, x: torch.Tensor, kind: str, reduction: str):
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, x, reduction=reduction)
+    if kind == "mse":
+        return F.mse_loss(torch.sigmoid(logits), x, reduction=reduction)
+    raise ValueError(f"unknown reconstruction loss {kind!r}")
+
+
 def reconstruction(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
     """Reconstruction cost summed over the batch: ``bce`` on logits or ``mse`` on sigmoid."""
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-    if kind == "mse":
-        return F.mse_loss(torch.sigmoid(logits), x, reduction="sum")
-    raise ValueError(f"unknown reconstruction loss {kind!r}")
+    return _pixel_costs(logits, x, kind, "sum")
 
 
 @dataclass
@@ -43,11 +47,28 @@ class LossTerms:
         return self.recon + self.kl_total
 
 
+def expected_reconstruction(
+    logits: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """The reconstruction cost averaged over a discrete latent, exactly: ``logits`` hold one
+    decoding per category (category-major, K * B rows), ``weights`` (B, K) are q(c|x)."""
+    categories = weights.shape[1]
+    repeated = x.repeat(categories, *([1] * (x.dim() - 1)))
+    terms = _pixel_costs(logits, repeated, kind, "none")
+    per_row = terms.flatten(1).sum(dim=1).view(categories, x.shape[0])
+    return (weights.t() * per_row).sum()
+
+
 def loss_terms(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, recon: str
 ) -> LossTerms:
     out = model(x, y)
-    return LossTerms(recon=reconstruction(out.logits, x, recon), kl=model.kl_terms(out))
+    if out.mixture is not None:
+        weights = F.softmax(out.category_logits, dim=1)
+        cost = expected_reconstruction(out.logits, x, weights, recon)
+    else:
+        cost = reconstruction(out.logits, x, recon)
+    return LossTerms(recon=cost, kl=model.kl_terms(out))
 
 
 def capacity(maximum: float, step: int, steps: int) -> float:

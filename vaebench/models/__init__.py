@@ -4,7 +4,9 @@ A builder takes the run's :class:`~vaebench.config.ModelConfig` and the image
 shape ``(C, H, W)`` and returns a module with ``forward(x, y) -> VAEOutput``,
 ``kl_terms(out)`` (each KL summed over the batch), ``anneal(step, total)``,
 ``reconstruct(x, y)`` and ``sample_prior(n)``; the trainer needs nothing else.
-Families are built from a backbone (``mlp`` or ``conv`` nets) and a latent.
+Families are built from a backbone (``mlp`` or ``conv`` nets) and a latent: Gaussian
+(``mlp``, ``conv``), joint Gaussian and categorical (``gumbel``), label-conditioned
+(``cvae``), Gaussian mixture (``gmvae``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from vaebench.config import ModelConfig
 from vaebench.models.base import Backbone, GaussianVAE
 from vaebench.models.conv import conv_backbone
 from vaebench.models.cvae import NUM_CLASSES, ConditionalVAE
+from vaebench.models.gmvae import GaussianMixtureVAE
 from vaebench.models.gumbel import JointVAE
 from vaebench.models.mlp import mlp_backbone
 
@@ -42,6 +45,11 @@ def build_gumbel(config: ModelConfig, image_shape: Shape) -> JointVAE:
     return JointVAE(backbone, config.z_dim, config.categories, config.tau, config.hard)
 
 
+def build_gmvae(config: ModelConfig, image_shape: Shape) -> GaussianMixtureVAE:
+    backbone = BACKBONES[config.backbone](config, image_shape, config.z_dim)
+    return GaussianMixtureVAE(backbone, config.z_dim, config.categories)
+
+
 def build_cvae(config: ModelConfig, image_shape: Shape) -> ConditionalVAE:
     backbone = BACKBONES[config.backbone](config, image_shape, config.z_dim + NUM_CLASSES)
     return ConditionalVAE(backbone, config.z_dim, config.condition_encoder)
@@ -52,6 +60,7 @@ MODELS: dict[str, ModelBuilder] = {
     "conv": build_conv,
     "gumbel": build_gumbel,
     "cvae": build_cvae,
+    "gmvae": build_gmvae,
 }
 
 

@@ -25,23 +25,44 @@ from torch import nn
 
 
 @dataclass
+class Mixture:
+    """A Gaussian per category (a Gaussian-mixture VAE): q(z|x, c) for each image and c, shape
+    (B, K, D), and the prior p(z|c), shape (K, D)."""
+
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    prior_mu: torch.Tensor
+    prior_logvar: torch.Tensor
+
+
+@dataclass
 class VAEOutput:
-    """A forward pass: decoder logits, the Gaussian posterior, and category logits if any."""
+    """A forward pass: decoder logits, the Gaussian posterior, and category logits if any.
+
+    With a ``mixture`` the logits are one decoding per category, category-major (row
+    ``k * B + i`` decodes image i's z drawn from q(z|x, c=k)), to be weighted by q(c|x): the
+    expectation over c is summed exactly, not sampled.
+    """
 
     logits: torch.Tensor
     mu: torch.Tensor
     logvar: torch.Tensor
     z: torch.Tensor
     category_logits: torch.Tensor | None = None
+    mixture: Mixture | None = None
 
 
 @dataclass
 class Posterior:
-    """q(z|x) = N(mu, exp(logvar)), and q(c|x) = softmax(category_logits) where there is a c."""
+    """q(z|x) = N(mu, exp(logvar)), and q(c|x) = softmax(category_logits) where there is a c.
+
+    With a ``mixture``, q(z|x) is the mixture of its components under q(c|x), and ``mu`` and
+    ``logvar`` are that mixture's mean and (log) variance per dimension."""
 
     mu: torch.Tensor
     logvar: torch.Tensor
     category_logits: torch.Tensor | None = None
+    mixture: Mixture | None = None
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""Gaussian-mixture VAE: a categorical c over K components, each with its own Gaussian prior.
+
+p(c) = Uniform(K), p(z|c) = N(m_c, diag(exp(s_c))) with m, s learned, p(x|z) the
+decoder. The encoder gives q(c|x) (a softmax head) and q(z|x, c) = N(mu_c(x),
+diag(exp(logvar_c(x)))): one linear head on [features, one-hot(c)], computed for
+every c at once as head(features) + offset_c. Training sums the expectation over c
+exactly (K decodings per image, weighted by q(c|x); c is never sampled):
+
+    ELBO = sum_c q(c|x) (E_q(z|x,c)[log p(x|z)] - KL(q(z|x,c) || p(z|c)))
+           - KL(q(c|x) || Uniform(K))
+
+``kl_z`` is the q(c|x)-weighted Gaussian KL, ``kl_c`` the categorical one. The
+clusters are argmax q(c|x). (Rui Shu's GMVAE, with a linear rather than MLP
+conditioning of q(z|x, c) on c.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaebench.models.base import Backbone, GaussianVAE, Mixture, Posterior, VAEOutput
+from vaebench.models.gumbel import categorical_kl_uniform
+
+PRIOR_SPREAD = 1.0  # sd of the random initial component means: apart from the start
+
+
+def gaussian_kl_between(
+    mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor, prior_logvar: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) summed over the last dim."""
+    ratio = (logvar - prior_logvar).exp()
+    return 0.5 * (
+        ratio + (mu - prior_mu).pow(2) / prior_logvar.exp() - 1 - logvar + prior_logvar
+    ).sum(dim=-1)
+
+
+class GaussianMixtureVAE(GaussianVAE):
+    def __init__(self, backbone: Backbone, z_dim: int, categories: int):
+        super().__init__(backbone, z_dim)
+        self.categories = categories
+        self.category_head = nn.Linear(backbone.feature_dim, categories)
+        self.component_offset = nn.Parameter(torch.zeros(categories, 2 * z_dim))
+        self.prior_mu = nn.Parameter(PRIOR_SPREAD * torch.randn(categories, z_dim))
+        self.prior_logvar = nn.Parameter(torch.zeros(categories, z_dim))
+
+    def encode_mixture(self, x: torch.Tensor) -> tuple[torch.Tensor, Mixture]:
+        """(category logits (B, K), the components q(z|x, c) and the priors p(z|c))."""
+        features = self.encoder(x)
+        both = self.head(features)[:, None, :] + self.component_offset[None]
+        mu, logvar = both.chunk(2, dim=2)
+        return self.category_head(features), Mixture(
+            mu, logvar, self.prior_mu, self.prior_logvar
+        )
+
+    def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:
+        logits, mixture = self.encode_mixture(x)
+        weights = F.softmax(logits, dim=1)[:, :, None]
+        mean = (weights * mixture.mu).sum(dim=1)
+        second = (weights * (mixture.logvar.exp() + mixture.mu.pow(2))).sum(dim=1)
+        variance = (second - mean.pow(2)).clamp_min(1e-12)  # the law of total variance
+        return Posterior(mean, variance.log(), logits, mixture)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        """The mean and log-variance of q(z|x), the mixture over c."""
+        posterior = self.posterior(x)
+        return posterior.mu, posterior.logvar
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
+        logits, mixture = self.encode_mixture(x)
+        z = mixture.mu + torch.randn_like(mixture.mu) * torch.exp(0.5 * mixture.logvar)
+        decoded = self.decoder(z.transpose(0, 1).reshape(-1, self.z_dim))  # category-major
+        weights = F.softmax(logits, dim=1)[:, :, None]
+        return VAEOutput(
+            logits=decoded,
+            mu=(weights * mixture.mu).sum(dim=1),
+            logvar=mixture.logvar.mean(dim=1),
+            z=z,
+            category_logits=logits,
+            mixture=mixture,
+        )
+
+    def kl_terms(self, out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
+        mixture = out.mixture
+        per_component = gaussian_kl_between(
+            mixture.mu, mixture.logvar, mixture.prior_mu[None], mixture.prior_logvar[None]
+        )
+        weights = F.softmax(out.category_logits, dim=1)
+        return {
+            "kl_z": (weights * per_component).sum(),
+            "kl_c": categorical_kl_uniform(out.category_logits),
+        }
+
+    def decode_sample(
+        self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The decoder sees z alone: c acts through the prior p(z|c)."""
+        return self.decode(z)
+
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder logits at the mean of the most likely component."""
+        logits, mixture = self.encode_mixture(x)
+        best = logits.argmax(dim=1)
+        return self.decode(mixture.mu[torch.arange(x.shape[0], device=x.device), best])
+
+    def _prior_draws(self, index: torch.Tensor, generator: torch.Generator | None):
+        noise = torch.randn(
+            index.shape[0], self.z_dim, generator=generator, device=self.device
+        )
+        return self.prior_mu[index] + noise * torch.exp(0.5 * self.prior_logvar[index])
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        index = torch.randint(self.categories, (n,), generator=generator, device=self.device)
+        return self.decode(self._prior_draws(index, generator))
+
+    def extra_pictures(self, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, int]]:
+        """``components.png``: one row per component c, ten draws of z ~ p(z|c)."""
+        index = torch.arange(self.categories, device=self.device).repeat_interleave(10)
+        return {"components.png": (self.decode(self._prior_draws(index, generator)), 10)}
