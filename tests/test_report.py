@@ -21,19 +21,16 @@ from mlflow.tracking import MlflowClient
 from vaebench import cli, report
 from vaebench.cli import main
 from vaebench.config import VaebenchError
-from vaebench.report import (
-    METRICS,
+from vaebench.report import make_report
+from vaebench.report_render import (
     display_table,
-    drop_repeats,
-    leaderboard,
-    make_report,
     measurement_notes,
-    picture_prefix,
     render_html,
     render_markdown,
-    run_set_from_frame,
     verdict,
 )
+from vaebench.report_runs import METRICS, drop_repeats, picture_prefix, run_set_from_frame
+from vaebench.report_table import leaderboard
 
 GRID = """
 name: seeds3
