@@ -165,8 +165,10 @@ def test_gumbel_run_logs_nmi_per_epoch_and_anneals_tau(mnist_root):
         assert 0 <= m.values["val_nmi"] <= 1
         assert m.values["val_kl"] == pytest.approx(m.values["val_kl_z"] + m.values["val_kl_c"])
         assert 0 <= m.values["val_kl_c"] <= math.log(10) + 1e-6
-    # the final validation scores come from the same draws as the last epoch's
-    assert result.summary["val_nmi"] == pytest.approx(result.final.values["val_nmi"])
+    # the last epoch's val_nmi is not scored again after training; the other validation
+    # clustering scores come from that epoch's evaluation
+    assert "val_nmi" not in result.summary
+    assert {"val_ari", "val_accuracy"} <= set(result.summary)
     assert 0 <= result.summary["test_kl_c"] <= math.log(10) + 1e-6
 
 
@@ -262,10 +264,9 @@ def test_gumbel_clusters_full_mnist(mnist_root):
     })
     splits = load_splits(config.data, mnist_root, torch.device("cpu"))
     result = fit(config, splits, torch.device("cpu"))
-    summary = result.summary
+    summary, validation_nmi = result.summary, result.final.values["val_nmi"]
     print(f"gumbel NMI after 10 epochs: test {summary['test_nmi']:.4f}, "
-          f"validation {summary['val_nmi']:.4f}")
+          f"validation {validation_nmi:.4f}")
     assert summary["test_kl_c"] >= GUMBEL_KL_C_FLOOR
     assert summary["test_nmi"] >= GUMBEL_NMI_FLOOR
-    assert summary["val_nmi"] >= GUMBEL_NMI_FLOOR
-    assert summary["val_nmi"] == pytest.approx(result.final.values["val_nmi"])
+    assert validation_nmi >= GUMBEL_NMI_FLOOR

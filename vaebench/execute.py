@@ -165,9 +165,7 @@ def execute(
         summary, final = _summarize(run, result, workspace.classifiers)
         if extra_metrics is not None:
             summary.update(extra_metrics(final))
-        logged = result.final.as_dict()  # the last epoch's values, logged at this step
-        fresh = {k: v for k, v in summary.items() if logged.get(k) != v}  # one point a step
-        tracker.log_metrics(run_id, fresh, step=run.config.train.epochs)
+        tracker.log_metrics(run_id, summary, step=run.config.train.epochs)
         with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
             if pictures:
                 write_artifacts(Path(folder), run, result.model, splits)

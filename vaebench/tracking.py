@@ -130,12 +130,10 @@ class MLflowTracker:
     """
 
     def __init__(self, uri: str):
-        import mlflow
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self._mlflow = mlflow
         db = sqlite_path(uri)
         if db is not None and db.parent and not db.parent.exists():
             raise VaebenchError(f"tracking URI {uri}: folder {db.parent} does not exist")

@@ -91,7 +91,7 @@ class EpochMetrics:
 class TrainResult:
     model: torch.nn.Module
     history: list[EpochMetrics] = field(default_factory=list)
-    summary: dict[str, float] = field(default_factory=dict)  # known after the last epoch
+    summary: dict[str, float] = field(default_factory=dict)  # new after the last epoch
     seconds: float = 0.0
 
     @property
@@ -277,8 +277,10 @@ def fit(
             on_epoch(metrics)
     if evaluation is None and validation is not None:  # resumed after its last epoch
         evaluation = evaluate(model, validation, "validation", config)
+    scores = final_scores(model, splits, config, evaluation)
+    last = result.final.values  # logged with the last epoch already (val_nmi): not again
     result.summary = {
-        **final_scores(model, splits, config, evaluation),
+        **{name: value for name, value in scores.items() if name not in last},
         **timing_summary(result.history, n_train),
     }
     result.seconds = earlier + time.perf_counter() - started
