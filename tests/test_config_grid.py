@@ -12,8 +12,9 @@ import pytest
 import vaebench.config
 import vaebench.models
 from vaebench.cli import main
-from vaebench.config import ConfigError, RunConfig, read_yaml
+from vaebench.config import ConfigError, RunConfig
 from vaebench.grid import GridSpec, expand, load_grid, run_key
+from vaebench.spec_file import read_yaml
 
 DESIGN_GRID = """\
 name: design
@@ -126,6 +127,18 @@ def test_keys_are_stable_and_depend_on_seed(design_grid: GridSpec, tmp_path: Pat
     reseeded = config.model_copy(update={"seed": config.seed + 1})
     assert run_key(reseeded) != run_key(config)
     assert run_key(config.model_copy()) == run_key(config)
+
+
+def test_settings_added_later_keep_the_keys_of_runs_stored_before_them() -> None:
+    # the keys vaebench 3aff946 (before model.dense and loss.kl_c) gave these configs
+    capacity = {"model": {"arch": "gumbel", "backbone": "conv"}, "loss": {"objective": "capacity"}}
+    assert run_key(RunConfig()) == "00f0e8baf9a926e3"
+    assert run_key(RunConfig.model_validate({**capacity, "seed": 3})) == "2053147b034b7c3b"
+    # away from the value that reproduces the old runs, a new setting is in the key
+    assert run_key(RunConfig.model_validate({"model": {"dense": [64]}})) != "00f0e8baf9a926e3"
+    assert run_key(RunConfig.model_validate({"loss": {"kl_c": "batch_marginal"}})) != (
+        "00f0e8baf9a926e3"
+    )
 
 
 def test_grid_without_matrix_is_one_run_per_seed(tmp_path: Path) -> None:
@@ -444,6 +457,7 @@ def test_shipped_experiment_sizes() -> None:
     assert sizes["grid"] == 48
     assert sizes["clustering"] == 14
     assert sizes["likelihood"] == 2
+    assert sizes["gumbel"] == sizes["jointvae"] == sizes["gmvae"] == 3
 
 
 def test_names_lead_with_the_family_when_the_grid_mixes_families(tmp_path: Path) -> None:

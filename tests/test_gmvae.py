@@ -196,8 +196,10 @@ def test_a_gmvae_grid_is_tracked_scored_and_pictured(tmp_path, mnist_root):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main([
         "run", str(tmp_path / "grid.yaml"), "--tracking-uri", uri, "--data-root",
-        str(mnist_root), "--results-dir", str(tmp_path / "results"), "--no-report",
+        str(mnist_root), "--results-dir", str(tmp_path / "results"),
     ]) == 0
+    report = (tmp_path / "results" / "gmvae-tiny" / "report.md").read_text()
+    assert "test NMI" in report and "components.png" in report
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("gmvae-tiny")
     run = next(r for r in client.search_runs([experiment.experiment_id])
@@ -210,3 +212,38 @@ def test_a_gmvae_grid_is_tracked_scored_and_pictured(tmp_path, mnist_root):
     assert sorted(m.step for m in history) == [1, 2]  # every epoch, once
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"components.png", "samples.png", "latent.png", "state_dict.pt"} <= files
+
+
+TINY_STUDY = """
+name: gmvae-study
+storage: sqlite:///{folder}/optuna.db
+base:
+  data: {subset: 500, validation: 500}
+  model: {arch: gmvae, hidden: [32], z_dim: 2, categories: 10}
+  train: {epochs: 1, batch_size: 100, device: cpu}
+space:
+  loss.kl_c: [per_image, batch_marginal]
+objectives:
+  - {metric: val_nmi, direction: maximize}
+sampler: {name: grid}
+n_trials: 2
+"""
+
+
+def test_a_gmvae_study_tunes_the_kl_of_c_and_reports_test_nmi(tmp_path, mnist_root, capsys):
+    import optuna
+
+    from vaebench.cli import main
+
+    (tmp_path / "study.yaml").write_text(TINY_STUDY.format(folder=tmp_path))
+    assert main([
+        "tune", str(tmp_path / "study.yaml"), "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}", "--data-root", str(mnist_root),
+        "--results-dir", str(tmp_path / "results"),
+    ]) == 0
+    study = optuna.load_study(study_name="gmvae-study", storage=f"sqlite:///{tmp_path}/optuna.db")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["loss.kl_c"] for t in complete) == ["batch_marginal", "per_image"]
+    for trial in complete:
+        assert 0 <= trial.values[0] <= 1 and 0 <= trial.user_attrs["test_nmi"] <= 1
+    assert "[test_nmi=" in capsys.readouterr().out

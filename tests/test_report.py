@@ -151,6 +151,27 @@ def test_bce_and_mse_elbos_are_ranked_apart_but_nmi_is_not():
     assert picture_prefix("all runs", 1) == "best_"
 
 
+def test_clustering_scores_of_another_cluster_count_are_ranked_apart():
+    # NMI rises with the number of clusters: a K = 30 run must not be ranked among K = 10 ones.
+    # Here it has the lowest NMI of all, and still ranks first in a group of its own.
+    rows = [{**child(f"k{k}-b{beta}-s{seed}", beta, seed, -100.0, val_nmi=nmi),
+             "params.model.categories": str(k)}
+            for k, beta, nmis in [(10, 1, (0.60, 0.62)), (10, 4, (0.50, 0.52)),
+                                  (30, 1, (0.40, 0.42))]
+            for seed, nmi in enumerate(nmis)]
+    by_nmi = board(rows, "val_nmi")
+    assert list(by_nmi.index) == ["k10-b1", "k10-b4", "k30-b1"]
+    assert by_nmi["compared_within"].tolist() == ["model.categories=10"] * 2 + [
+        "model.categories=30"]
+    assert by_nmi["rank"].tolist() == [1, 2, 1]
+    assert by_nmi["runs"].tolist() == [2, 2, 2]
+    text = verdict(by_nmi.reset_index(), METRICS["val_nmi"])
+    assert "Runs with different model.categories are ranked apart" in text
+    assert "Best among model.categories=30: **k30-b1**" in text
+    # a bound of log p(x) is in the same units whatever K is: one group
+    assert set(board(rows, "val_elbo")["compared_within"]) == {"all runs"}
+
+
 def test_a_cvae_bound_of_log_p_x_given_y_is_ranked_apart():
     rows = [child("mlp-s0", 1, 0, -100.0, val_nmi=0.5),
             {**child("cvae-s0", 1, 0, -90.0, conditional_accuracy=0.9),

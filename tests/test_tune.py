@@ -173,6 +173,9 @@ def test_every_problem_is_one_line_naming_file_and_key(tmp_path):
         ("space: {data.validation: [0, 100]}\n"
          "objectives: [{metric: val_nmi, direction: maximize}]",
          "objectives[0].metric", "needs a validation split, and data.validation can be 0"),
+        ("space: {model.categories: [10, 30]}\n"
+         "objectives: [{metric: val_nmi, direction: maximize}]",
+         "objectives[0].metric", "rises with the number of clusters"),
         ("space: {loss.beta: [1, 4]}\n"
          "objectives: [{metric: val_kl_z, direction: minimize}]",
          "objectives[0].metric", "not reported by mlp models"),

@@ -31,6 +31,7 @@ class MetricInfo:
     digits: int = 2
     loss_units: bool = False  # in the reconstruction loss's units: BCE and MSE differ
     needs_validation: bool = False  # absent with data.validation: 0
+    per_cluster_count: bool = False  # a clustering score: K clusters compare only with K
 
     @property
     def per_epoch(self) -> bool:
@@ -72,7 +73,7 @@ def _bound_metrics(prefix: str, split: str, every_epoch: bool) -> list[MetricInf
 
 
 def _cluster_metrics(prefix: str, split: str) -> list[MetricInfo]:
-    kwargs = dict(needs_validation=prefix == "val", digits=3)
+    kwargs = dict(needs_validation=prefix == "val", digits=3, per_cluster_count=True)
     nmi_epoch = CATEGORICAL if prefix == "val" else ()
     return [
         MetricInfo(f"{prefix}_nmi", split, True, f"{prefix} NMI", nmi_epoch, UNCONDITIONAL,

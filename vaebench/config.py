@@ -2,9 +2,9 @@
 
 A run is described by :class:`RunConfig` (data, model, loss, optim, train,
 eval sections plus a seed). Grid files (:mod:`vaebench.grid`) and study files
-(:mod:`vaebench.study`) share what is here: YAML reading, the name and ``base``
-checks (:func:`read_spec_header`) and the check of dotted-key overrides; every
-problem in a file is reported as one line naming the file and the dotted key.
+(:mod:`vaebench.study`) share the check of dotted-key overrides that is here (and
+:mod:`vaebench.spec_file`'s reading); every problem in a file is reported as one line
+naming the file and the dotted key.
 This module imports neither torch nor :mod:`vaebench.models`: the model families
 are named in :data:`ARCHS` (a test keeps it equal to ``vaebench.models.MODELS``).
 """
@@ -12,12 +12,17 @@ are named in :data:`ARCHS` (a test keeps it equal to ``vaebench.models.MODELS``)
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class VaebenchError(Exception):
@@ -73,6 +78,10 @@ class ModelConfig(_Section):
     z_dim: int = Field(default=20, ge=1)
     hidden: list[int] = Field(default_factory=lambda: [400], description="mlp hidden widths")
     channels: list[int] = Field(default_factory=lambda: [32, 64], description="conv channels")
+    dense: list[int] = Field(
+        default_factory=list,
+        description="conv: fully connected widths between the conv features and the latent",
+    )
     batch_norm: bool = False
     categories: int = Field(
         default=10, ge=2, description="gumbel, gmvae: size of the discrete latent"
@@ -99,6 +108,13 @@ class ModelConfig(_Section):
             raise ValueError("must be a non-empty list of integers >= 1")
         return value
 
+    @field_validator("dense")
+    @classmethod
+    def _dense_widths(cls, value: list[int]) -> list[int]:
+        if any(width < 1 for width in value):
+            raise ValueError("must be a list of integers >= 1 (empty: none)")
+        return value
+
     @field_validator("tau")
     @classmethod
     def _temperature(cls, value: float | list[float]) -> float | list[float]:
@@ -117,10 +133,17 @@ class LossConfig(_Section):
     )
     beta: float = Field(default=1.0, ge=0, description="weight of KL(q(z|x) || N(0, I))")
     beta_c: float = Field(default=1.0, ge=0, description="weight of KL(q(c|x) || Uniform(K))")
+    kl_c: Literal["per_image", "batch_marginal"] = Field(
+        default="per_image",
+        description="elbo objective: the KL of c it weighs: per image (the ELBO's), or of "
+        "the batch's mean q(c) (balanced categories; c's information is not charged)",
+    )
     gamma: float = Field(default=30.0, ge=0, description="capacity: weight of |KL - C(t)|")
     capacity_z: float = Field(default=5.0, ge=0, description="capacity: final C_z, nats")
     capacity_c: float | None = Field(
-        default=None, ge=0, description="capacity: final C_c, nats (default and cap: ln K)"
+        default=None,
+        ge=0,
+        description="capacity: C_c's ramp target, nats (default ln K); C_c stops at ln K",
     )
     capacity_steps: int = Field(default=25000, ge=1, description="capacity: steps to reach max")
 
@@ -166,8 +189,32 @@ class EvalConfig(_Section):
     )
 
 
+# The settings a model family trains with where a file leaves them unset: those that make
+# the family do its job, chosen on the validation split (README, "Clustering"). They are
+# settings of the ``elbo`` objective: a ``capacity`` run, and every other family, keeps the
+# section defaults above. A value the file sets always wins.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gumbel": {"loss.beta": 10.0, "loss.kl_c": "batch_marginal"},
+}
+
+
+def _unset_defaults(config: RunConfig) -> dict[str, Any]:
+    """The value each key of :data:`FAMILY_DEFAULTS` takes in ``config`` when left unset."""
+    family = FAMILY_DEFAULTS.get(config.model.arch, {}) if config.loss.objective == "elbo" else {}
+    values = {}
+    for key in sorted({key for defaults in FAMILY_DEFAULTS.values() for key in defaults}):
+        section, leaf = key.split(".")
+        field = type(getattr(config, section)).model_fields[leaf]
+        values[key] = family.get(key, field.get_default(call_default_factory=True))
+    return values
+
+
 class RunConfig(_Section):
-    """Everything that determines one training run."""
+    """Everything that determines one training run.
+
+    Keys a file leaves unset take their section's default, or the model family's
+    (:data:`FAMILY_DEFAULTS`) where it has one.
+    """
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -176,6 +223,23 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _family_defaults(self) -> RunConfig:
+        """Give the keys left unset their family's defaults; runs again on every assignment
+        (``validate_assignment``), so a section or family set later is filled the same way,
+        and a key filled for one family goes back to its section default for another.
+        Assigning a key inside a section (``config.model.arch = ...``) does not: build
+        configs from trees, or assign whole sections."""
+        for key, value in _unset_defaults(self).items():
+            section_name, leaf = key.split(".")
+            section = getattr(self, section_name)
+            if leaf in section.model_fields_set or getattr(section, leaf) == value:
+                continue
+            filled = section.model_copy(update={leaf: copy.deepcopy(value)})
+            filled.__pydantic_fields_set__.discard(leaf)  # still the file's to set
+            self.__dict__[section_name] = filled  # a new section: others may share the old
+        return self
 
 
 # ---------------------------------------------------------------------------
@@ -279,68 +343,3 @@ def override_problems(
         if owner is not None:
             lines.append(f"{where}: {label}{key}: {message}")
     return lines
-
-
-# ---------------------------------------------------------------------------
-# what grid and study files share
-
-
-def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; syntax errors become one ConfigError line with the line number."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise VaebenchError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"{path}: {line}YAML syntax error: {problem}"]) from None
-
-
-def name_problems(name: Any, where: str) -> list[str]:
-    """A grid or study name names an MLflow experiment and a results file: check it."""
-    if not isinstance(name, str) or not name.strip():
-        return [f"{where}: name: required, a non-empty string"]
-    if any(ch in name for ch in "/\\") or name.startswith("."):
-        return [f"{where}: name: must not contain path separators or start with '.'"]
-    if any(ch in name for ch in "'\"`"):  # MLflow's search filters quote with them
-        return [f"{where}: name: must not contain quotes"]
-    return []
-
-
-def is_str_keyed(value: Any) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
-
-
-class SpecHeader(NamedTuple):
-    """The parts grid and study files share, checked: the raw mapping, name and base."""
-
-    raw: dict[str, Any]
-    where: str
-    name: Any
-    base: dict[str, Any]
-    problems: list[str]
-
-
-def read_spec_header(path: str | Path, kind: str, keys: Sequence[str]) -> SpecHeader:
-    """Read a grid or study file and check its top-level keys, ``name`` and ``base``."""
-    where = str(path)
-    raw = read_yaml(path)
-    if not is_str_keyed(raw):
-        raise ConfigError([f"{where}: a {kind} file is a mapping with keys {', '.join(keys)}"])
-    problems = [
-        f"{where}: {key}: unknown key; valid: {', '.join(keys)}" for key in raw if key not in keys
-    ]
-    name = raw.get("name")
-    problems += name_problems(name, where)
-    base = raw.get("base") or {}
-    if not is_str_keyed(base):
-        problems.append(f"{where}: base: must be a mapping of sections")
-        base = {}
-    else:
-        problems += [f"{where}: base.{key}: {msg}" for key, msg in run_config_problems(base)]
-    return SpecHeader(raw, where, name, base, problems)

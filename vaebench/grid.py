@@ -26,11 +26,10 @@ from vaebench.config import (
     RunConfig,
     check_dotted_key,
     flatten,
-    is_str_keyed,
     override_problems,
-    read_spec_header,
     set_dotted,
 )
+from vaebench.spec_file import is_str_keyed, read_spec_header
 
 GRID_KEYS = ("name", "base", "matrix", "exclude", "include", "seeds")
 
@@ -166,6 +165,8 @@ NAME_PREFIXES = {
     "loss.objective": "",
     "loss.beta_c": "bc",
     "loss.gamma": "g",
+    "loss.kl_c": "",
+    "model.dense": "d",
     "eval.iwae_samples": "k",
     "eval.iwae_images": "nll-n",
     "data.validation": "val",
@@ -194,11 +195,20 @@ class RunSpec:
 NOT_IN_KEY = {"train": {"checkpoint_every"}}
 
 
+# settings added after runs were stored, each with the value that computes what runs did
+# before it existed: at that value they stay out of the key, so those runs keep their keys
+# (and are skipped or resumed, not trained again)
+KEY_SINCE = {"model.dense": [], "loss.kl_c": "per_image"}
+
+
 def run_key(config: RunConfig) -> str:
     """Hash of the resolved config (seed included); equal configs give equal keys."""
-    canonical = json.dumps(
-        config.model_dump(mode="json", exclude=NOT_IN_KEY), sort_keys=True, separators=(",", ":")
-    )
+    tree = config.model_dump(mode="json", exclude=NOT_IN_KEY)
+    for key, value in KEY_SINCE.items():
+        section, leaf = key.split(".")
+        if tree[section][leaf] == value:
+            del tree[section][leaf]
+    canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

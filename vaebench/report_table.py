@@ -16,10 +16,12 @@ from vaebench.config import VaebenchError
 from vaebench.report_runs import BOUND_COLUMN, METRICS, RunSet
 
 # Settings across which numbers mean different things, so runs differing in them are ranked
-# apart: the data (another test set), and for loss_units metrics the reconstruction loss
-# (a BCE ELBO and an MSE one, SSE + KL, are on different scales).
+# apart: the data (another test set), for loss_units metrics the reconstruction loss
+# (a BCE ELBO and an MSE one, SSE + KL, are on different scales), and for clustering scores
+# the number of clusters K (more clusters than digits score differently; the protocol's K is 10).
 DATA_PARAMS = ("params.data.dataset", "params.data.binarize", "params.data.validation")
 LOSS_UNIT_PARAM = "params.loss.recon"
+CLUSTER_COUNT_PARAM = "params.model.categories"
 ALL_RUNS = "all runs"
 
 
@@ -33,6 +35,8 @@ def comparison_params(run_set: RunSet, metric: MetricInfo) -> list[str]:
     keys = list(DATA_PARAMS)
     if metric.loss_units:
         keys += [LOSS_UNIT_PARAM, BOUND_COLUMN]
+    if metric.per_cluster_count:
+        keys.append(CLUSTER_COUNT_PARAM)
     return [k for k in keys if k in varied]
 
 

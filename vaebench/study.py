@@ -22,10 +22,9 @@ from vaebench.catalogue import CONDITIONAL, METRICS, SELECTABLE, selection_probl
 from vaebench.config import (
     ConfigError,
     check_dotted_key,
-    is_str_keyed,
     override_problems,
-    read_spec_header,
 )
+from vaebench.spec_file import is_str_keyed, read_spec_header
 
 STUDY_KEYS = (
     "name",
@@ -198,6 +197,11 @@ def load_study(path: str | Path) -> StudySpec:
             problems.append(
                 f"{label} is not comparable across {', '.join(mixed)} (another scale, other "
                 "images or a bound of log p(x|y)); tune one value of them per study"
+            )
+        if info.per_cluster_count and "model.categories" in space:
+            problems.append(
+                f"{label} rises with the number of clusters, and space.model.categories "
+                "varies it; tune one number of categories per study"
             )
     listed = raw.get("objectives")
     if len(objectives) > 1 or (isinstance(listed, list) and len(listed) > 1):

@@ -74,6 +74,14 @@ class Backbone:
     decoder: nn.Module
 
 
+def dense_stack(widths: list[int]) -> list[nn.Module]:
+    """Linear + ReLU layers from ``widths[0]`` through each following width."""
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip(widths, widths[1:], strict=False):
+        layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+    return layers
+
+
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) summed over the batch and dimensions, in nats."""
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())

@@ -2,7 +2,9 @@
 
 Each layer halves (encoder) or doubles (decoder) the spatial size with 4x4
 kernels; ``output_padding`` restores odd sizes (28 -> 14 -> 7 -> 3 and back).
-Optional batch norm follows every layer but the last decoder layer.
+Optional batch norm follows every layer but the last decoder layer. ``dense``
+widths put fully connected ReLU layers between the flattened conv features and
+the latent, mirrored in the decoder (JointVAE's MNIST net has one of 256).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from vaebench.config import ModelConfig
-from vaebench.models.base import Backbone
+from vaebench.models.base import Backbone, dense_stack
 
 
 def _block(layer: nn.Module, channels: int, batch_norm: bool) -> list[nn.Module]:
@@ -36,12 +38,12 @@ def conv_backbone(
     for c_in, c_out in zip([in_channels, *config.channels], config.channels, strict=False):
         encoder += _block(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), c_out, config.batch_norm)
     last, side = config.channels[-1], sizes[-1]
-    feature_dim = last * side * side
-    encoder.append(nn.Flatten())
+    conv_features = last * side * side
+    encoder += [nn.Flatten(), *dense_stack([conv_features, *config.dense])]
+    feature_dim = config.dense[-1] if config.dense else conv_features
 
     decoder: list[nn.Module] = [
-        nn.Linear(latent_dim, feature_dim),
-        nn.ReLU(),
+        *dense_stack([latent_dim, *reversed(config.dense), conv_features]),
         nn.Unflatten(1, (last, side, side)),
     ]
     ups = list(reversed(config.channels))

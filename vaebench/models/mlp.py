@@ -7,14 +7,7 @@ import math
 from torch import nn
 
 from vaebench.config import ModelConfig
-from vaebench.models.base import Backbone
-
-
-def _stack(widths: list[int]) -> list[nn.Module]:
-    layers: list[nn.Module] = []
-    for width_in, width_out in zip(widths, widths[1:], strict=False):
-        layers += [nn.Linear(width_in, width_out), nn.ReLU()]
-    return layers
+from vaebench.models.base import Backbone, dense_stack
 
 
 def mlp_backbone(
@@ -22,9 +15,9 @@ def mlp_backbone(
 ) -> Backbone:
     """Encoder pixels -> hidden widths; decoder ``latent_dim`` -> reversed widths -> pixels."""
     pixels = math.prod(image_shape)
-    encoder = nn.Sequential(nn.Flatten(), *_stack([pixels, *config.hidden]))
+    encoder = nn.Sequential(nn.Flatten(), *dense_stack([pixels, *config.hidden]))
     decoder = nn.Sequential(
-        *_stack([latent_dim, *reversed(config.hidden)]),
+        *dense_stack([latent_dim, *reversed(config.hidden)]),
         nn.Linear(config.hidden[0], pixels),
         nn.Unflatten(1, image_shape),
     )
