@@ -426,7 +426,7 @@ def test_cli_dry_run_lists_runs_and_tracks_nothing(
     assert status == 0
     assert err == ""
     lines = out.splitlines()
-    assert lines[0] == "26 runs:"
+    assert lines[0].startswith("26 runs, ") and "stacks" in lines[0]
     assert len(lines) == 27
     for run in expand(load_grid(path)):
         assert any(run.name in line and run.key in line for line in lines[1:]), run.name

@@ -15,6 +15,28 @@ DEFAULT_METRIC = DEFAULT_RANKING
 METRIC_NAMES = RANKABLE
 
 
+def _sizes(text: str) -> list[int]:
+    """``--stack 1,4,8`` as [1, 4, 8]; a wrong value is a one-line error."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise VaebenchError(f"--stack: comma-separated integers >= 1, not {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}")
+    return value
+
+
 def _tracking_uri(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tracking-uri",
@@ -50,6 +72,21 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train every run again as a new sample (default: runs that finished in an "
         "earlier invocation are skipped, stopped ones continue from their checkpoint)",
+    )
+    run.add_argument(
+        "--stack",
+        choices=("auto", "off"),
+        default="auto",
+        help="auto (default): runs of one shape that differ only in seed, loss.beta and "
+        "optim.lr train together as one stacked model (mlp and conv families, Adam or RMSprop, "
+        "elbo); "
+        "off: every run alone",
+    )
+    run.add_argument(
+        "--max-stack",
+        type=_positive,
+        default=None,
+        help="the most runs one stack trains (default: 8)",
     )
     run.add_argument(
         "--checkpoint-dir",
@@ -114,11 +151,16 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--subset", type=int, default=None, help="first N training images (default: all)"
     )
+    bench.add_argument(
+        "--stack",
+        help="comma-separated stack sizes K, e.g. 1,4,8,16: time K runs stacked against K runs "
+        "one after another, and count the operators a step dispatches (K = 1, 4, 16, 64)",
+    )
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vaebench.runner import run_grid
+    from vaebench.runner import DEFAULT_MAX_STACK, run_grid
 
     outcome = run_grid(
         args.grid,
@@ -129,6 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         report=not args.no_report,
         rerun=args.rerun,
         checkpoint_dir=args.checkpoint_dir,
+        max_stack=1 if args.stack == "off" else args.max_stack or DEFAULT_MAX_STACK,
     )
     if outcome.failed:
         print(
@@ -186,6 +229,10 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.stack:
+        from vaebench.bench_stack import main as bench_stack_main
+
+        return bench_stack_main(args.data_root, _sizes(args.stack), args.epochs, args.subset)
     from vaebench.bench import main as bench_main
 
     return bench_main(args.data_root, args.epochs, args.subset)

@@ -162,21 +162,12 @@ def execute(
 
         keep = save_state if workspace.checkpoints is not None else None
         result = fit(run.config, splits, device, on_epoch, resume=state, save_state=keep)
-        summary, final = _summarize(run, result, workspace.classifiers)
-        if extra_metrics is not None:
-            summary.update(extra_metrics(final))
-        tracker.log_metrics(run_id, summary, step=run.config.train.epochs)
-        with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
-            if pictures:
-                write_artifacts(Path(folder), run, result.model, splits)
-            else:
-                write_config(Path(folder), run)
-            tracker.log_artifacts(run_id, Path(folder))
+        outcome = record_results(run, run_id, result, tracker, workspace, extra_metrics, pictures)
         with deferred_signals():  # finished is finished: a signal now stops what follows
             tracker.end_run(run_id, "FINISHED")
-            _forget(workspace, run_id)
+            forget(workspace, run_id)
             status = "FINISHED"
-        return RunOutcome(run_id, summary, final)
+        return outcome
     except TrackingError:
         status = "STOPPED (tracking store failed)"
         raise
@@ -189,11 +180,11 @@ def execute(
         raise
     except stopped_early as exc:
         status = "KILLED"
-        _forget(workspace, run_id)
+        forget(workspace, run_id)
         end_quietly(tracker, run_id, "KILLED", first_line(exc))
         raise
     except BaseException as exc:
-        _forget(workspace, run_id)
+        forget(workspace, run_id)
         error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         end_quietly(tracker, run_id, "FAILED", error)
         raise
@@ -201,7 +192,30 @@ def execute(
         progress.close(status)
 
 
-def _forget(workspace: Workspace, run_id: str | None) -> None:
+def record_results(
+    run: RunSpec,
+    run_id: str,
+    result: TrainResult,
+    tracker: Tracker,
+    workspace: Workspace,
+    extra_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    pictures: bool = True,
+) -> RunOutcome:
+    """After training: the summary metrics and the artifacts of the run (not its ending)."""
+    summary, final = _summarize(run, result, workspace.classifiers)
+    if extra_metrics is not None:
+        summary.update(extra_metrics(final))
+    tracker.log_metrics(run_id, summary, step=run.config.train.epochs)
+    with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
+        if pictures:
+            write_artifacts(Path(folder), run, result.model, workspace.splits_for(run))
+        else:
+            write_config(Path(folder), run)
+        tracker.log_artifacts(run_id, Path(folder))
+    return RunOutcome(run_id, summary, final)
+
+
+def forget(workspace: Workspace, run_id: str | None) -> None:
     """The run ended for good: its checkpoint will never be continued."""
     if workspace.checkpoints is not None and run_id is not None:
         workspace.checkpoints.remove(run_id)

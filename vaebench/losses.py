@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from vaebench.config import LossConfig
 
 
-def _pixel_costs(logits: torch.Tensor, x: torch.Tensor, kind: str, reduction: str):
+def pixel_costs(logits: torch.Tensor, x: torch.Tensor, kind: str, reduction: str):
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, x, reduction=reduction)
     if kind == "mse":
@@ -27,7 +27,7 @@ def _pixel_costs(logits: torch.Tensor, x: torch.Tensor, kind: str, reduction: st
 
 def reconstruction(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
     """Reconstruction cost summed over the batch: ``bce`` on logits or ``mse`` on sigmoid."""
-    return _pixel_costs(logits, x, kind, "sum")
+    return pixel_costs(logits, x, kind, "sum")
 
 
 @dataclass
@@ -56,7 +56,7 @@ def expected_reconstruction(
     decoding per category (category-major, K * B rows), ``weights`` (B, K) are q(c|x)."""
     categories = weights.shape[1]
     repeated = x.repeat(categories, *([1] * (x.dim() - 1)))
-    terms = _pixel_costs(logits, repeated, kind, "none")
+    terms = pixel_costs(logits, repeated, kind, "none")
     per_row = terms.flatten(1).sum(dim=1).view(categories, x.shape[0])
     return (weights.t() * per_row).sum()
 

@@ -23,11 +23,13 @@ from vaebench.checkpoint import CheckpointStore, default_folder
 from vaebench.claims import OWNER_TAG, Planned, lease_tags, plan, recover_abandoned
 from vaebench.config import VaebenchError
 from vaebench.data import resolve_root
-from vaebench.execute import EpochHook, Workspace, end_quietly, execute
+from vaebench.execute import EpochHook, RunOutcome, Workspace, end_quietly, execute
+from vaebench.execute_stack import execute_stack
 from vaebench.grid import RunSpec, expand, load_grid
 from vaebench.preflight import check_output_folder
 from vaebench.provenance import base_tags
 from vaebench.signals import Interrupted, deferred_signals, interruptible
+from vaebench.stacked import plan_stacks
 from vaebench.tracking import (
     RUN_KEY_TAG,
     MLflowTracker,
@@ -51,6 +53,7 @@ SUMMARY_COLUMNS = [
     "seconds",
 ]
 GRID_TAG = "vaebench.grid"
+DEFAULT_MAX_STACK = 8
 
 
 @dataclass
@@ -72,17 +75,19 @@ def run_grid(
     report: bool = True,
     rerun: bool = False,
     checkpoint_dir: str | Path | None = None,
+    max_stack: int = DEFAULT_MAX_STACK,
 ) -> GridOutcome:
     """Check, expand and train a grid file; record it and return what happened.
 
-    With ``report`` (and an MLflow tracker) the invocation's report follows:
-    ``results/<grid>/`` and artifacts of the parent run.
+    Runs that can share a stack (:mod:`vaebench.stacked`) train together, at most
+    ``max_stack`` at a time (1: every run alone). With ``report`` (and an MLflow tracker)
+    the invocation's report follows: ``results/<grid>/`` and artifacts of the parent run.
     """
     grid_path = Path(grid_path)
     grid = load_grid(grid_path)
     runs = expand(grid)
     if dry_run:
-        print_dry_run(runs)
+        print_dry_run(runs, plan_stacks([run.config for run in runs], max_stack))
         return GridOutcome()
 
     results = Path(results_dir)
@@ -123,18 +128,29 @@ def run_grid(
                 seconds = metrics.epoch_seconds + metrics.eval_seconds
                 tracker.set_tags(parent, lease_tags(seconds))
 
-            for number, step in todo:
-                step = step if rerun else _as_stored_now(step, grid.name, tracker)
-                if step.action in ("skip", "elsewhere"):  # another invocation took it
-                    _print_skip(number, len(planned), step)
-                    outcome.rows.append(_skipped_row(step))
-                    outcome.skipped += step.action == "skip"
+            alone = [None if step.action == "continue" else step.run.config for _, step in todo]
+            for group in plan_stacks(alone, max_stack):
+                ready = []
+                for number, step in (todo[index] for index in group):
+                    step = step if rerun else _as_stored_now(step, grid.name, tracker)
+                    if step.action in ("skip", "elsewhere"):  # another invocation took it
+                        _print_skip(number, len(planned), step)
+                        outcome.rows.append(_skipped_row(step))
+                        outcome.skipped += step.action == "skip"
+                    else:
+                        ready.append((number, step))
+                if len(ready) > 1 and all(step.action == "train" for _, step in ready):
+                    outcome.rows += _run_stack(
+                        ready, len(planned), tracker, workspace, tags, outcome, renew_parent_lease
+                    )
                     continue
-                row = _run_step(
-                    step, number, len(planned), tracker, workspace, tags, outcome,
-                    renew_parent_lease,
-                )
-                outcome.rows.append(row)
+                for number, step in ready:
+                    outcome.rows.append(
+                        _run_step(
+                            step, number, len(planned), tracker, workspace, tags, outcome,
+                            renew_parent_lease,
+                        )
+                    )
             with deferred_signals():
                 tracker.end_run(parent, "FAILED" if outcome.failed else "FINISHED")
                 ended = True
@@ -209,8 +225,36 @@ def _run_step(
     except Exception as exc:
         if isinstance(exc, TrackingError):
             raise
-        line = str(exc).splitlines()[0] if str(exc) else ""
-        outcome.failed.append((run.name, f"{type(exc).__name__}: {line}"))
+        return _row(run, exc, outcome)
+    return _row(run, done, outcome)
+
+
+def _run_stack(
+    ready: Sequence[tuple[int, Planned]],
+    total: int,
+    tracker: Tracker,
+    workspace: Workspace,
+    tags: dict[str, str],
+    outcome: GridOutcome,
+    epoch_hook: EpochHook,
+) -> list[dict[str, Any]]:
+    """The rows of runs trained as one stack; a failing stack does not stop the grid."""
+    runs = [step.run for _, step in ready]
+    try:
+        done = execute_stack(runs, tracker, workspace, tags, ready[0][0], total, epoch_hook)
+    except Exception as exc:
+        if isinstance(exc, TrackingError):
+            raise
+        done = [exc] * len(runs)
+    return [_row(run, result, outcome) for run, result in zip(runs, done, strict=True)]
+
+
+def _row(run: RunSpec, done: RunOutcome | Exception, outcome: GridOutcome) -> dict[str, Any]:
+    """A run's row of the results: its final values, or FAILED (and the error, in
+    ``outcome.failed``)."""
+    if isinstance(done, Exception):
+        line = str(done).splitlines()[0] if str(done) else ""
+        outcome.failed.append((run.name, f"{type(done).__name__}: {line}"))
         return {"name": run.name, "key": run.key, "status": "FAILED", **run.params}
     row = {"name": run.name, "key": run.key, "status": "FINISHED", "run_id": done.run_id}
     return {**row, **run.params, **done.final}
@@ -266,12 +310,22 @@ def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:
     return path
 
 
-def print_dry_run(runs: Sequence[RunSpec], stream=None) -> None:
+def print_dry_run(runs: Sequence[RunSpec], stacks: Sequence[Sequence[int]], stream=None) -> None:
+    """The runs in the grid's order, each with its stack (``-``: trains alone)."""
     stream = stream or sys.stdout
-    print(f"{len(runs)} runs:", file=stream)
-    for index, run in enumerate(runs, start=1):
+    label = {}
+    numbered = [group for group in stacks if len(group) > 1]
+    for number, group in enumerate(numbered, start=1):
+        label.update({index: f"s{number}/{len(group)}" for index in group})
+    print(
+        f"{len(runs)} runs, {len(numbered)} stacks (column stack: stack number/its size; "
+        "-: trains alone):",
+        file=stream,
+    )
+    for index, run in enumerate(runs):
         settings = " ".join(f"{k}={v}" for k, v in run.overrides)
-        print(f"{index:4d}  {run.name:<40s} {run.key}  {settings}", file=stream)
+        stack = label.get(index, "-")
+        print(f"{index + 1:4d}  {stack:>6s}  {run.name:<40s} {run.key}  {settings}", file=stream)
 
 
 def print_summary(outcome: GridOutcome, stream=None) -> None:

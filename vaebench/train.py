@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from vaebench.config import OptimConfig, RunConfig, VaebenchError
-from vaebench.data import Splits
+from vaebench.data import Split, Splits
 from vaebench.evaluation import (
     Evaluation,
     active_unit_metric,
@@ -205,6 +205,20 @@ def restore_training_state(
     return [EpochMetrics(**m) for m in state["history"]], float(state["seconds"])
 
 
+def validation_values(
+    evaluation: Evaluation | None, read: dict[str, float], validation: Split | None
+) -> dict[str, float]:
+    """An epoch's validation metrics from its evaluation and the sums read back (``read``):
+    the ELBO and its parts, and ``val_nmi`` where the model has a categorical latent (k-means
+    for the others waits for the end: it is slow)."""
+    if evaluation is None or validation is None:
+        return {}
+    values = evaluation.metrics(read)
+    if evaluation.categories is not None:
+        values["val_nmi"] = nmi(validation.labels.cpu().numpy(), clusters_of(evaluation))
+    return values
+
+
 def fit(
     config: RunConfig,
     splits: Splits,
@@ -253,9 +267,7 @@ def fit(
             sums.update(evaluation.sums())
         read = read_scalars(sums)
         check_finite({"training loss": read["train"]}, f"after epoch {epoch}")
-        values = evaluation.metrics(read) if evaluation is not None else {}
-        if evaluation is not None and evaluation.categories is not None:
-            values["val_nmi"] = nmi(validation.labels.cpu().numpy(), clusters_of(evaluation))
+        values = validation_values(evaluation, read, validation)
         check_finite(values, f"after epoch {epoch}")
         values.update(model.annealed_values())
         t2 = time.perf_counter()

@@ -1,0 +1,94 @@
+"""Grids whose runs share a shape train as stacks, and record what the runs alone record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from vaebench.cli import main
+from vaebench.config import ModelConfig
+from vaebench.execute_stack import STACK_MEMBERS_TAG, STACK_SIZE_TAG
+from vaebench.models import build_model
+
+GRID = """
+name: stacks
+base:
+  data: {{subset: 600, validation: 500}}
+  model: {{arch: mlp, hidden: [64], z_dim: 4}}
+  train: {{epochs: 2, batch_size: 100, eval_batch_size: 2500, device: cpu}}
+matrix:
+  loss.beta: [1, 4]
+  optim.lr: [1.0e-3, {second_lr}]
+include:
+  - {{model.arch: gumbel}}
+seeds: [0]
+"""
+
+
+def run(tmp_path: Path, mnist_root: Path, store: str, *extra: str, second_lr: str = "3.0e-3"):
+    grid = tmp_path / "stacks.yaml"
+    grid.write_text(GRID.format(second_lr=second_lr))
+    uri = f"sqlite:///{tmp_path / store}"
+    status = main([
+        "run", str(grid), "--tracking-uri", uri, "--data-root", str(mnist_root),
+        "--results-dir", str(tmp_path / f"results-{store}"), "--no-report", *extra,
+    ])
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["stacks"])
+    return status, uri, runs[runs["tags.mlflow.parentRunId"].notna()].set_index(
+        "tags.mlflow.runName")
+
+
+def test_dry_run_shows_which_runs_stack(tmp_path, mnist_root, capsys):
+    (tmp_path / "stacks.yaml").write_text(GRID.format(second_lr="3.0e-3"))
+    assert main(["run", str(tmp_path / "stacks.yaml"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("5 runs, 1 stacks")
+    assert sum(" s1/4 " in line for line in lines) == 4
+    assert any(" - " in line and "gumbel" in line for line in lines)
+    assert main(["run", str(tmp_path / "stacks.yaml"), "--dry-run", "--max-stack", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("5 runs, 1 stacks")  # 3 stacked, the fourth alone
+    assert sum(" s1/3 " in line for line in lines) == 3
+
+
+def test_a_stacked_grid_records_what_the_runs_alone_record(tmp_path, mnist_root):
+    status, uri, stacked = run(tmp_path, mnist_root, "stacked.db")
+    assert status == 0
+    status_off, _, alone = run(tmp_path, mnist_root, "alone.db", "--stack", "off")
+    assert status_off == 0
+    assert sorted(stacked.index) == sorted(alone.index) and len(stacked) == 5
+    members = [name for name in stacked.index if not name.startswith("gumbel")]
+    assert (stacked.loc[members, f"tags.{STACK_SIZE_TAG}"] == "4").all()
+    assert set(stacked.loc[members[0], f"tags.{STACK_MEMBERS_TAG}"].split(",")) == set(members)
+    assert f"tags.{STACK_SIZE_TAG}" not in alone.columns or alone[
+        f"tags.{STACK_SIZE_TAG}"].isna().all()
+    for name in stacked.index:
+        mine, theirs = stacked.loc[name], alone.loc[name]
+        assert mine["status"] == "FINISHED"
+        assert mine["tags.vaebench.run_key"] == theirs["tags.vaebench.run_key"]
+        params = [c for c in stacked.columns if c.startswith("params.")]
+        assert mine[params].to_dict() == theirs[params].to_dict()
+        assert abs(mine["metrics.test_elbo"] - theirs["metrics.test_elbo"]) < 0.05, name
+        assert mine["metrics.val_nmi"] == pytest.approx(theirs["metrics.val_nmi"], abs=0.02)
+    # every epoch logged once, and the state_dict is the member's own model
+    client = MlflowClient(uri)
+    run_id = stacked.loc[members[1], "run_id"]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_elbo")) == [1, 2]
+    folder = client.download_artifacts(run_id, "state_dict.pt", str(tmp_path))
+    model = build_model(ModelConfig(arch="mlp", hidden=[64], z_dim=4), (1, 28, 28))
+    model.load_state_dict(torch.load(folder, weights_only=True))
+
+
+def test_a_diverging_member_fails_alone(tmp_path, mnist_root, capsys):
+    status, _, runs = run(tmp_path, mnist_root, "diverge.db", second_lr="1.0e12")
+    assert status == 1
+    failed = sorted(runs.index[runs["status"] == "FAILED"])
+    assert failed == ["mlp-b1-lr1.0e12-s0", "mlp-b4-lr1.0e12-s0"]
+    assert (runs["status"] == "FINISHED").sum() == 3  # their stack's other members, and gumbel
+    assert "training loss is nan" in runs.loc[failed[0], "tags.vaebench.error"]
+    assert "TrainingDiverged" in capsys.readouterr().out

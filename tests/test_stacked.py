@@ -1,0 +1,196 @@
+"""A stack of K runs trains each member exactly as the run alone (vaebench.train.fit) would."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vaebench.config import RunConfig
+from vaebench.data import Split, Splits, load_splits
+from vaebench.stacked import config_problem, fit_stack, stack_key
+from vaebench.stacked_model import StackedGaussianVAE
+from vaebench.stacked_optim import STACKED_OPTIMIZERS
+from vaebench.train import TrainingDiverged, TrainResult, fit
+
+CPU = torch.device("cpu")
+FAMILIES = {
+    "mlp": {"arch": "mlp", "hidden": [64, 32], "z_dim": 4},
+    "conv": {"arch": "conv", "channels": [8, 16], "dense": [32], "z_dim": 4},
+}
+# K = 4 members differing in seed, beta and learning rate
+MEMBERS = [(0, 1.0, 1e-3), (1, 4.0, 3e-3), (2, 0.5, 5e-4), (3, 1.0, 2e-3)]
+
+
+def member_configs(model: dict, images: int, batch_size: int, epochs: int, **data):
+    return [
+        RunConfig.model_validate({
+            "data": {"subset": images, "validation": 300, **data},
+            "model": model,
+            "loss": {"beta": beta},
+            "optim": {"lr": lr},
+            "train": {"epochs": epochs, "batch_size": batch_size, "device": "cpu"},
+            "seed": seed,
+        })
+        for seed, beta, lr in MEMBERS
+    ]
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture
+def float64():
+    """Models and data in float64, where the batched products' rounding is far below what a
+    wrong gradient, batch or random draw would change. (In float32 a grouped convolution
+    rounds differently from one model's, and Adam's first step, lr * g / (|g| + eps), turns a
+    gradient that is 0 in one and 1e-10 in the other into a visible share of lr: parameters
+    after one step then differ by up to 2e-4 of their scale, a difference of rounding only.)"""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def in_float64(splits: Splits) -> Splits:
+    def cast(split: Split | None) -> Split | None:
+        return None if split is None else Split(split.images.double(), split.labels)
+
+    return replace(splits, train=cast(splits.train), validation=cast(splits.validation),
+                   test=cast(splits.test))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("binarize", ["none", "dynamic"])
+def test_one_step_of_a_stack_is_each_members_own_step(family, binarize, mnist_root, float64):
+    # one epoch of one batch: one optimizer step
+    configs = member_configs(FAMILIES[family], 200, 200, 1, binarize=binarize)
+    splits = in_float64(load_splits(configs[0].data, mnist_root, CPU))
+    stacked = fit_stack(configs, splits, CPU)
+    for config, member in zip(configs, stacked, strict=True):
+        assert isinstance(member, TrainResult)
+        alone = fit(config, splits, CPU)
+        mine, theirs = member.model.state_dict(), alone.model.state_dict()
+        assert mine.keys() == theirs.keys()
+        for name in theirs:
+            assert mine[name].dtype == torch.float64
+            assert relative_difference(mine[name], theirs[name]) < 1e-12, (config.seed, name)
+        assert member.final.train_loss == pytest.approx(alone.final.train_loss, rel=1e-12)
+        assert member.final.values == pytest.approx(alone.final.values, rel=1e-12)
+
+
+def test_a_members_checkpoint_continues_alone_as_if_it_never_stopped(mnist_root, float64):
+    configs = [c.model_copy(update={"train": c.train.model_copy(update={"checkpoint_every": 1})})
+               for c in member_configs(FAMILIES["mlp"], 300, 100, 2, binarize="dynamic")]
+    splits = in_float64(load_splits(configs[0].data, mnist_root, CPU))
+    states: dict[tuple[int, int], dict] = {}
+    stacked = fit_stack(  # a state holds live tensors: copied, as a checkpoint writes them out
+        configs, splits, CPU,
+        save_state=lambda i, state: states.setdefault((i, state["epoch"]), copy.deepcopy(state)))
+    assert sorted(states) == [(i, e) for i in range(len(configs)) for e in (1, 2)]
+    for index in (1, 3):
+        state = states[(index, 1)]
+        continued = fit(configs[index], splits, CPU, resume=state)
+        mine = stacked[index].model.state_dict()
+        for name, value in continued.model.state_dict().items():
+            assert relative_difference(mine[name], value) < 1e-12, name
+        assert continued.summary["test_elbo"] == pytest.approx(
+            stacked[index].summary["test_elbo"], rel=1e-12)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_after_two_epochs_each_member_scores_what_its_run_alone_scores(family, mnist_root):
+    configs = member_configs(FAMILIES[family], 2000, 100, 2)
+    splits = load_splits(configs[0].data, mnist_root, CPU)
+    stacked = fit_stack(configs, splits, CPU)
+    for config, member in zip(configs, stacked, strict=True):
+        alone = fit(config, splits, CPU)
+        assert abs(member.summary["test_elbo"] - alone.summary["test_elbo"]) < 0.05
+        assert member.summary["test_nmi"] == pytest.approx(alone.summary["test_nmi"], abs=0.02)
+        assert [m.epoch for m in member.history] == [1, 2]
+
+
+def test_a_diverging_member_fails_and_the_others_finish(mnist_root):
+    configs = member_configs(FAMILIES["mlp"], 400, 100, 2)
+    configs[1] = configs[1].model_copy(
+        update={"optim": configs[1].optim.model_copy(update={"lr": 1e12})}
+    )
+    splits = load_splits(configs[0].data, mnist_root, CPU)
+    outcomes = fit_stack(configs, splits, CPU)
+    assert isinstance(outcomes[1], TrainingDiverged)
+    assert "nan" in str(outcomes[1]).lower() or "inf" in str(outcomes[1]).lower()
+    for index in (0, 2, 3):
+        result = outcomes[index]
+        assert isinstance(result, TrainResult) and len(result.history) == 2
+        assert math.isfinite(result.summary["test_elbo"])
+        alone = fit(configs[index], splits, CPU)  # the failed member changed nothing of theirs
+        assert result.summary["test_elbo"] == pytest.approx(alone.summary["test_elbo"], abs=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(STACKED_OPTIMIZERS))
+def test_a_stacked_optimizer_is_torchs_per_member(name):
+    torch_kind = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}[name]
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3, requires_grad=True) for _ in range(3)]
+    lrs = [1e-3, 1e-2, 3e-4]
+    stacked = torch.nn.Parameter(torch.stack([w.detach() for w in weights]))
+    optimizer = STACKED_OPTIMIZERS[name]([stacked], lrs)
+    singles = [torch_kind([w], lr=lr) for w, lr in zip(weights, lrs, strict=True)]
+    for step in range(5):
+        grads = torch.randn(3, 5, 3) * (step + 1)
+        stacked.grad = grads.clone()
+        optimizer.step()
+        for w, single, grad in zip(weights, singles, grads, strict=True):
+            w.grad = grad.clone()
+            single.step()
+    for k, (w, single) in enumerate(zip(weights, singles, strict=True)):
+        assert torch.allclose(stacked[k], w, rtol=1e-6, atol=1e-7)
+        # the member's state is the one its torch optimizer holds, and loads into a fresh one
+        fresh = torch_kind([torch.zeros(5, 3, requires_grad=True)], lr=lrs[k])
+        state = optimizer.member_state(k, fresh)
+        fresh.load_state_dict(state)
+        theirs = single.state_dict()["state"][0]
+        for key, value in theirs.items():
+            assert torch.allclose(state["state"][0][key], value, rtol=1e-6), key
+
+
+def test_a_stacked_model_computes_each_members_forward():
+    from vaebench.models import build_model
+
+    config = RunConfig.model_validate({"model": FAMILIES["conv"]})
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(build_model(config.model, (1, 28, 28)))
+    stack = StackedGaussianVAE(members)
+    x, noise = torch.rand(3, 5, 1, 28, 28), torch.randn(3, 5, 4)
+    logits, mu, logvar = stack(x, noise)
+    for k, member in enumerate(members):
+        member_mu, member_logvar = member.encode(x[k])
+        z = member_mu + noise[k] * torch.exp(0.5 * member_logvar)
+        assert torch.allclose(mu[k], member_mu, atol=1e-5)
+        assert torch.allclose(logits[k], member.decode(z), atol=1e-5)
+    assert stack.member_state(1).keys() == members[1].state_dict().keys()
+
+
+def test_which_runs_stack():
+    base = {"model": FAMILIES["mlp"]}
+    config = RunConfig.model_validate(base)
+    assert config_problem(config) is None
+    reseeded = RunConfig.model_validate({**base, "seed": 5, "loss": {"beta": 3.0},
+                                         "optim": {"lr": 0.01}})
+    assert stack_key(reseeded) == stack_key(config)
+    assert stack_key(RunConfig.model_validate({**base, "train": {"epochs": 3}})) != stack_key(
+        config
+    )
+    alone = [
+        {"model": {"arch": "gumbel"}},
+        {"model": {**FAMILIES["conv"], "batch_norm": True}},
+        {**base, "optim": {"kwargs": {"weight_decay": 0.1}}},
+        {**base, "loss": {"objective": "capacity"}},
+    ]
+    for other in alone:
+        assert config_problem(RunConfig.model_validate(other)), other

@@ -1,0 +1,131 @@
+"""The life of a stack: K tracked runs of one shape trained together (:mod:`vaebench.stacked`).
+
+Each member is its own MLflow run, recorded as :func:`vaebench.execute.execute` records a
+run alone (params, tags, every epoch's metrics, the summary, artifacts, the ending), plus the
+tags :data:`STACK_SIZE_TAG` and :data:`STACK_MEMBERS_TAG`. Each member's checkpoint is the one
+its run alone would write, so a stopped member continues alone (``execute``). A member that
+diverges ends FAILED and the others go on; a signal ends every unfinished member KILLED,
+keeping its checkpoint. MLflow is reached only through the :class:`Tracker`.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from vaebench.claims import lease_tags
+from vaebench.config import first_line
+from vaebench.execute import EpochHook, RunOutcome, Workspace, end_quietly, forget, record_results
+from vaebench.grid import RunSpec
+from vaebench.progress import RunProgress
+from vaebench.provenance import code_version, run_tags
+from vaebench.signals import deferred_signals
+from vaebench.stacked import fit_stack
+from vaebench.tracking import Tracker, TrackingError
+from vaebench.train import EpochMetrics, resolve_device
+
+STACK_SIZE_TAG = "vaebench.stack_size"
+STACK_MEMBERS_TAG = "vaebench.stack_members"  # the members' run names, comma-separated
+
+
+def stack_tags(runs: Sequence[RunSpec]) -> dict[str, str]:
+    return {
+        STACK_SIZE_TAG: str(len(runs)),
+        STACK_MEMBERS_TAG: ",".join(run.name for run in runs),
+    }
+
+
+def execute_stack(
+    runs: Sequence[RunSpec],
+    tracker: Tracker,
+    workspace: Workspace,
+    tags: Mapping[str, str],
+    number: int,
+    total: int,
+    epoch_hook: EpochHook | None = None,
+) -> list[RunOutcome | Exception]:
+    """Train and track ``runs`` (one stack key) as one stack; for each run, in order, its
+    outcome or the error that failed it. Raises what stops the stack as a whole (a signal,
+    the store failing)."""
+    epochs = runs[0].config.train.epochs
+    device = resolve_device(runs[0].config.train.device)
+    splits = workspace.splits_for(runs[0])
+    label = f"stack of {len(runs)} ({', '.join(run.name for run in runs)})"
+    progress = RunProgress(number, total, label, epochs)
+    run_ids: list[str] = []
+    ended: dict[int, RunOutcome | Exception] = {}
+    saved: dict[int, int] = {}
+    shown = 0
+    longest = 0.0
+    status = "FAILED"
+    try:
+        with deferred_signals():  # a signal waits until the runs' ids are known and recorded
+            for run in runs:
+                run_tag_set = {**tags, **run_tags(run), **lease_tags(), **stack_tags(runs)}
+                run_ids.append(tracker.start_run(run.name, run.params, run_tag_set))
+
+        def save_state(index: int, snapshot: dict[str, Any]) -> None:
+            snapshot.update(run_key=runs[index].key, code=code_version(), device=str(device))
+            with deferred_signals():
+                if workspace.checkpoints.save(run_ids[index], snapshot):
+                    saved[index] = snapshot["epoch"]
+
+        def on_epoch(index: int, metrics: EpochMetrics) -> None:
+            nonlocal shown, longest
+            longest = max(longest, metrics.epoch_seconds + metrics.eval_seconds)
+            values = metrics.as_dict()
+            lease = lease_tags(longest)
+            tracker.log_metrics(run_ids[index], values, step=metrics.epoch, tags=lease)
+            if metrics.epoch > shown:  # the stack's epoch, once: its first live member's
+                shown = metrics.epoch
+                progress.epoch(metrics.epoch, values)
+                if epoch_hook is not None:
+                    epoch_hook(metrics)
+
+        keep = save_state if workspace.checkpoints is not None else None
+        results = fit_stack([run.config for run in runs], splits, device, on_epoch, keep)
+        for index, result in enumerate(results):
+            run_id = run_ids[index]
+            if isinstance(result, Exception):
+                _fail(tracker, workspace, run_id, result)
+                ended[index] = result
+                continue
+            try:
+                outcome = record_results(runs[index], run_id, result, tracker, workspace)
+            except TrackingError:
+                raise
+            except Exception as exc:  # this member's scores or pictures: the others go on
+                _fail(tracker, workspace, run_id, exc)
+                ended[index] = exc
+                continue
+            with deferred_signals():  # finished is finished: a signal now stops what follows
+                tracker.end_run(run_id, "FINISHED")
+                forget(workspace, run_id)
+                ended[index] = outcome
+        status = f"{sum(isinstance(e, RunOutcome) for e in ended.values())} of {len(runs)} FINISHED"
+        return [ended[index] for index in range(len(runs))]
+    except TrackingError:
+        status = "STOPPED (tracking store failed)"
+        raise
+    except KeyboardInterrupt as exc:
+        status = "KILLED"
+        for index, run_id in enumerate(run_ids):
+            if index not in ended:
+                epoch = saved.get(index, 0)
+                where = f"; its checkpoint after epoch {epoch} continues it" if epoch else ""
+                end_quietly(tracker, run_id, "KILLED", f"{first_line(exc)}{where}")
+        raise
+    except BaseException as exc:
+        for index, run_id in enumerate(run_ids):
+            if index not in ended:
+                _fail(tracker, workspace, run_id, exc)
+        raise
+    finally:
+        progress.close(status)
+
+
+def _fail(tracker: Tracker, workspace: Workspace, run_id: str, error: BaseException) -> None:
+    forget(workspace, run_id)
+    text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    end_quietly(tracker, run_id, "FAILED", text)

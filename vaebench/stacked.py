@@ -1,0 +1,285 @@
+"""Train K runs of one shape as one stacked model, each member exactly as it would train alone.
+
+Members share the architecture, data, batch size, epochs and objective, and may differ in
+what :data:`MEMBER_KEYS` names (seed, KL weight, learning rate). Each keeps its own batch
+order (a permutation from its seed), its own random draws (noise and binarized pixels, from
+a generator in the state its run alone would have), its own Adam state and learning rate.
+The members' losses are summed before one backward pass; as no parameter is shared, each
+member's gradient is exactly its own. A member whose loss or metrics turn NaN or infinite
+is masked out of the sum (its run fails with the reason) and the others go on.
+
+Every epoch each member is copied into the model its run alone would have (same parameter
+names) for the validation pass and, after the last epoch, the test scores: what a member
+reports is what :func:`vaebench.train.fit` reports for its config, up to floating-point
+rounding of the batched products, and the timing, which is the stack's.
+
+This module imports neither mlflow nor optuna.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vaebench.config import RunConfig, flatten
+from vaebench.data import Splits
+from vaebench.evaluation import Evaluation, evaluate, read_scalars
+from vaebench.losses import pixel_costs
+from vaebench.models import build_model
+from vaebench.stacked_model import StackedGaussianVAE, stack_problem
+from vaebench.stacked_optim import STACKED_OPTIMIZERS, StackedOptimizer
+from vaebench.train import (
+    EpochMetrics,
+    TrainingDiverged,
+    TrainResult,
+    build_optimizer,
+    check_finite,
+    final_scores,
+    timing_summary,
+    training_state,
+    validation_values,
+)
+
+# the settings members of one stack may differ in; all others are the stack's
+MEMBER_KEYS = ("seed", "loss.beta", "optim.lr")
+# optimizer options a stack reproduces (the defaults; a fused or foreach kernel does the
+# same arithmetic)
+STACKED_KWARGS = {"fused", "foreach"}
+
+
+def config_problem(config: RunConfig) -> str | None:
+    """Why runs of ``config`` train one by one, or None if they can be stacked."""
+    if config.model.arch not in ("mlp", "conv"):
+        return f"model.arch {config.model.arch} is trained one by one"
+    if config.model.batch_norm:
+        return "batch norm (running statistics per member) is trained one by one"
+    if config.optim.name not in STACKED_OPTIMIZERS or set(config.optim.kwargs) - STACKED_KWARGS:
+        return "only Adam and RMSprop with their default options are stacked"
+    if config.loss.objective != "elbo":
+        return "only the elbo objective is stacked"
+    return None
+
+
+def stack_key(config: RunConfig) -> str:
+    """Equal for configs that can share a stack: all settings but :data:`MEMBER_KEYS`."""
+    shared = {
+        key: value
+        for key, value in flatten(config.model_dump(mode="json")).items()
+        if key not in MEMBER_KEYS and key not in ("train.checkpoint_every", "optim.kwargs")
+    }
+    canonical = json.dumps(shared, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def plan_stacks(configs: Sequence[RunConfig | None], max_stack: int) -> list[list[int]]:
+    """The indices of ``configs`` in groups that train together, in the order of each group's
+    first run: runs of one :func:`stack_key`, at most ``max_stack`` a group. A run given as
+    None (one that must train alone, e.g. continued from its checkpoint) or with a
+    :func:`config_problem` is a group of its own."""
+    groups: list[list[int]] = []
+    open_groups: dict[str, list[int]] = {}
+    for index, config in enumerate(configs):
+        if config is None or max_stack < 2 or config_problem(config) is not None:
+            groups.append([index])
+            continue
+        key = stack_key(config)
+        group = open_groups.get(key)
+        if group is None or len(group) >= max_stack:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append(index)
+    return groups
+
+
+@dataclass
+class Member:
+    """One run of the stack: its config, the model it would train alone (filled with its
+    slice for evaluation), its batch-order and random-draw generators."""
+
+    config: RunConfig
+    model: torch.nn.Module
+    order_rng: torch.Generator
+    draw_rng: torch.Generator
+
+
+def build_member(config: RunConfig, splits: Splits, device: torch.device) -> Member:
+    """The model, initialised as :func:`vaebench.train.fit` initialises it, and generators in
+    the states that run's batch order and global random stream would have after that."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, splits.image_shape)
+    problem = stack_problem(model)
+    if problem:
+        raise ValueError(problem)
+    draw_rng = torch.Generator(device=device)
+    if device.type == "cpu":
+        draw_rng.set_state(torch.get_rng_state())  # after the initialisation's draws
+    else:
+        draw_rng.manual_seed(config.seed)  # initialisation draws on the CPU, not here
+    order_rng = torch.Generator(device="cpu").manual_seed(config.seed)
+    return Member(config, model.to(device), order_rng, draw_rng)
+
+
+def stacked_epoch(
+    stack: StackedGaussianVAE,
+    optimizer: StackedOptimizer,
+    members: Sequence[Member],
+    splits: Splits,
+    live: torch.Tensor,
+) -> torch.Tensor:
+    """One pass over the training split for every member; the summed objective per member
+    (K,) as a device tensor. Members where ``live`` is False add nothing to the loss."""
+    config = members[0].config
+    images = splits.train.images
+    n, count = images.shape[0], len(members)
+    batch_size = config.train.batch_size
+    device = images.device
+    orders = torch.stack(
+        [torch.randperm(n, generator=m.order_rng, device="cpu") for m in members]
+    ).to(device)
+    kl_weights = torch.tensor([m.config.loss.beta for m in members], device=device)
+    total = torch.zeros(count, device=device)
+    stack.train()
+    for start in range(0, n, batch_size):
+        index = orders[:, start : start + batch_size]
+        batch = index.shape[1]
+        x = images.index_select(0, index.flatten()).view(count, batch, *images.shape[1:])
+        if splits.dynamic_binarize:
+            x = torch.stack(
+                [torch.bernoulli(x[k], generator=m.draw_rng) for k, m in enumerate(members)]
+            )
+        noise = torch.stack(
+            [torch.randn(batch, stack.z_dim, generator=m.draw_rng, device=device) for m in members]
+        )
+        logits, mu, logvar = stack(x, noise)
+        recon = pixel_costs(logits, x, config.loss.recon, "none").view(count, -1).sum(1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).view(count, -1).sum(1)
+        loss = torch.where(live, recon + kl_weights * kl, 0.0)
+        optimizer.zero_grad()
+        (loss.sum() / batch).backward()
+        optimizer.step()
+        total += loss.detach()
+    return total
+
+
+def stacked_optimizer(configs: Sequence[RunConfig], stack: torch.nn.Module) -> StackedOptimizer:
+    """The stack's optimizer (the members' kind), with each member's learning rate."""
+    kind = STACKED_OPTIMIZERS[configs[0].optim.name]
+    return kind(list(stack.parameters()), [config.optim.lr for config in configs])
+
+
+def member_training_state(
+    member: Member,
+    optimizer: StackedOptimizer,
+    index: int,
+    history: list[EpochMetrics],
+    seconds: float,
+) -> dict[str, Any]:
+    """:func:`vaebench.train.training_state` of member ``index`` (its model already holds its
+    slice): what its run alone would have saved after the same epoch, so it continues alone."""
+    config = member.config
+    like = build_optimizer(config.optim, member.model.parameters())
+    state = training_state(member.model, like, member.order_rng, history, seconds)
+    state["optimizer"] = optimizer.member_state(index, like)
+    if member.draw_rng.device.type == "cpu":
+        state["torch_rng"] = member.draw_rng.get_state()
+    else:
+        state["cuda_rng"] = member.draw_rng.get_state()
+    return state
+
+
+def fit_stack(
+    configs: Sequence[RunConfig],
+    splits: Splits,
+    device: torch.device,
+    on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+    save_state: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[TrainResult | TrainingDiverged]:
+    """Train ``configs`` (one :func:`stack_key`) as one stack; for each, in order, its
+    :class:`TrainResult` or the :class:`TrainingDiverged` that ended it. ``on_epoch(i,
+    metrics)`` sees each live member's epochs; every ``train.checkpoint_every`` epochs,
+    ``save_state(i, state)`` receives each live member's :func:`member_training_state`
+    (before ``on_epoch``), which :func:`vaebench.train.fit` continues alone."""
+    keys = {stack_key(c) for c in configs}
+    if len(keys) != 1:
+        raise ValueError("a stack's runs differ in more than " + ", ".join(MEMBER_KEYS))
+    members = [build_member(config, splits, device) for config in configs]
+    stack = StackedGaussianVAE([m.model for m in members]).to(device)
+    optimizer = stacked_optimizer(configs, stack)
+    outcomes: list[TrainResult | TrainingDiverged] = [TrainResult(model=m.model) for m in members]
+    live = torch.ones(len(members), dtype=torch.bool, device=device)
+    n_train = len(splits.train)
+    epochs = configs[0].train.epochs
+    started = time.perf_counter()
+    evaluations: dict[int, Evaluation | None] = {}
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        totals = stacked_epoch(stack, optimizer, members, splits, live)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t1 = time.perf_counter()
+        train_losses = totals.tolist()  # one host read for the stack
+        for index, member in enumerate(members):
+            result = outcomes[index]
+            if not isinstance(result, TrainResult):
+                continue
+            try:
+                check_finite({"training loss": train_losses[index]}, f"after epoch {epoch}")
+                member.model.load_state_dict(stack.member_state(index))
+                values, evaluations[index] = _validation_values(member, splits)
+                check_finite(values, f"after epoch {epoch}")
+                values.update(member.model.annealed_values())
+            except TrainingDiverged as exc:
+                outcomes[index] = exc
+                live[index] = False
+                continue
+            metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=train_losses[index] / n_train,
+                epoch_seconds=t1 - t0,
+                eval_seconds=time.perf_counter() - t1,
+                images_per_second=n_train / (t1 - t0),
+                values=values,
+            )
+            result.history.append(metrics)
+            every = member.config.train.checkpoint_every
+            if save_state is not None and every and (epoch % every == 0 or epoch == epochs):
+                seconds = time.perf_counter() - started
+                save_state(
+                    index, member_training_state(member, optimizer, index, result.history, seconds)
+                )
+            if on_epoch is not None:
+                on_epoch(index, metrics)
+    for index, member in enumerate(members):
+        result = outcomes[index]
+        if not isinstance(result, TrainResult):
+            continue
+        try:
+            scores = final_scores(member.model, splits, member.config, evaluations.get(index))
+        except TrainingDiverged as exc:
+            outcomes[index] = exc
+            continue
+        last = result.final.values
+        result.summary = {
+            **{name: value for name, value in scores.items() if name not in last},
+            **timing_summary(result.history, n_train),
+        }
+        result.seconds = time.perf_counter() - started
+    return outcomes
+
+
+def _validation_values(
+    member: Member, splits: Splits
+) -> tuple[dict[str, float], Evaluation | None]:
+    """What :func:`vaebench.train.fit` logs after an epoch, and the validation evaluation."""
+    if splits.validation is None:
+        return {}, None
+    evaluation = evaluate(member.model, splits.validation, "validation", member.config)
+    read = read_scalars(evaluation.sums())
+    values = validation_values(evaluation, read, splits.validation)
+    return values, evaluation

@@ -1,0 +1,174 @@
+"""K same-shape Gaussian VAEs (``mlp``, ``conv``) as one model whose every weight has a leading
+member axis: the K runs' matrix products become one batched product (``baddbmm``), their
+convolutions one grouped convolution (HFTA, MLSys 2021).
+
+A stacked parameter is ``(K, *the member's shape)`` and has the member's parameter name, so
+member k's ``state_dict`` is ``{name: p[k]}`` and loads into the model the run would have
+trained alone. Activations are member-major, ``(K, B, ...)``; a run of convolutions works on
+the grouped layout ``(B, K * C, H, W)`` and converts back where a linear layer follows.
+
+This module imports neither mlflow nor optuna.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaebench.models.base import GaussianVAE
+
+# member layers this module can stack; anything else (batch norm: running statistics per
+# member) keeps a run out of a stack
+STACKABLE_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.ReLU, nn.Flatten, nn.Unflatten)
+
+
+def _stacked(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
+    return nn.Parameter(torch.stack([t.detach() for t in tensors]).contiguous())
+
+
+class StackedLinear(nn.Module):
+    """K ``nn.Linear`` layers: ``(K, B, in) -> (K, B, out)`` in one ``baddbmm``."""
+
+    grouped = False
+
+    def __init__(self, members: Sequence[nn.Linear]):
+        super().__init__()
+        self.weight = _stacked([m.weight for m in members])  # (K, out, in)
+        self.bias = _stacked([m.bias for m in members])  # (K, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+class StackedConv(nn.Module):
+    """K ``Conv2d`` (or ``ConvTranspose2d``) layers as one grouped convolution on the grouped
+    layout ``(B, K * C, H, W)``."""
+
+    grouped = True
+
+    def __init__(self, members: Sequence[nn.Conv2d | nn.ConvTranspose2d]):
+        super().__init__()
+        first = members[0]
+        self.transposed = isinstance(first, nn.ConvTranspose2d)
+        self.stride, self.padding = first.stride, first.padding
+        self.output_padding = getattr(first, "output_padding", 0)
+        self.weight = _stacked([m.weight for m in members])  # (K, *member weight)
+        self.bias = _stacked([m.bias for m in members])  # (K, C_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        members = self.weight.shape[0]
+        weight = self.weight.flatten(0, 1)  # grouped: the members' weights one after another
+        bias = self.bias.flatten()
+        if self.transposed:
+            return F.conv_transpose2d(
+                x, weight, bias, self.stride, self.padding, self.output_padding, members
+            )
+        return F.conv2d(x, weight, bias, self.stride, self.padding, 1, members)
+
+
+class MemberShape(nn.Module):
+    """A member's ``Flatten(1)`` or ``Unflatten(1, shape)``, one axis later (after K)."""
+
+    grouped = False
+
+    def __init__(self, member: nn.Flatten | nn.Unflatten):
+        super().__init__()
+        unflatten = isinstance(member, nn.Unflatten)
+        self.unflatten = tuple(member.unflattened_size) if unflatten else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unflatten is None:
+            return x.flatten(2)
+        return x.unflatten(2, self.unflatten)
+
+
+def to_grouped(x: torch.Tensor) -> torch.Tensor:
+    """``(K, B, C, H, W) -> (B, K * C, H, W)``."""
+    members, batch, channels = x.shape[:3]
+    return x.transpose(0, 1).reshape(batch, members * channels, *x.shape[3:])
+
+
+def from_grouped(x: torch.Tensor, members: int) -> torch.Tensor:
+    """``(B, K * C, H, W) -> (K, B, C, H, W)``."""
+    batch, channels = x.shape[:2]
+    return x.view(batch, members, channels // members, *x.shape[2:]).transpose(0, 1)
+
+
+class StackedSequential(nn.Sequential):
+    """The members' ``nn.Sequential`` nets layer by layer (same indices, so the same parameter
+    names); converts between the member-major and grouped layouts where the layers ask."""
+
+    def __init__(self, members: Sequence[nn.Sequential]):
+        layers: list[nn.Module] = []
+        for parts in zip(*members, strict=True):
+            first = parts[0]
+            if isinstance(first, nn.Linear):
+                layers.append(StackedLinear(parts))
+            elif isinstance(first, nn.Conv2d | nn.ConvTranspose2d):
+                layers.append(StackedConv(parts))
+            elif isinstance(first, nn.Flatten | nn.Unflatten):
+                layers.append(MemberShape(first))
+            elif isinstance(first, nn.ReLU):
+                layers.append(nn.ReLU())
+            else:
+                raise ValueError(f"cannot stack {type(first).__name__} layers")
+        super().__init__(*layers)
+        self.members = len(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grouped = False
+        for layer in self:
+            wants = getattr(layer, "grouped", grouped)  # ReLU works in either layout
+            if wants and not grouped:
+                x = to_grouped(x)
+            elif grouped and not wants:
+                x = from_grouped(x, self.members)
+            grouped = wants
+            x = layer(x)
+        return from_grouped(x, self.members) if grouped else x
+
+
+def stack_problem(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be a member of a stack, or None if it can."""
+    if type(model) is not GaussianVAE:
+        return f"{type(model).__name__} models are trained one by one"
+    for net in (model.encoder, model.decoder):
+        for layer in net:
+            if not isinstance(layer, STACKABLE_LAYERS):
+                return f"{type(layer).__name__} layers are trained one by one"
+    return None
+
+
+class StackedGaussianVAE(nn.Module):
+    """K Gaussian VAEs of one shape; ``forward`` takes each member's batch and noise."""
+
+    def __init__(self, members: Sequence[GaussianVAE]):
+        super().__init__()
+        for member in members:
+            problem = stack_problem(member)
+            if problem:
+                raise ValueError(problem)
+        self.members = len(members)
+        self.z_dim = members[0].z_dim
+        self.encoder = StackedSequential([m.encoder for m in members])
+        self.head = StackedLinear([m.head for m in members])
+        self.decoder = StackedSequential([m.decoder for m in members])
+        names = [name for name, _ in members[0].named_parameters()]
+        if [name for name, _ in self.named_parameters()] != names:  # optimizer states align
+            raise ValueError("the stack's parameters are not the members' in their order")
+
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder logits, mu and logvar for images ``x`` (K, B, ...) and standard normal
+        ``noise`` (K, B, z_dim): z = mu + noise * sigma, as each member draws it alone."""
+        mu, logvar = self.head(self.encoder(x)).chunk(2, dim=-1)
+        z = mu + noise * torch.exp(0.5 * logvar)
+        return self.decoder(z), mu, logvar
+
+    def member_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Member ``index``'s ``state_dict``, as its run alone would hold it (copies)."""
+        return {name: p[index].detach().clone() for name, p in self.named_parameters()}
