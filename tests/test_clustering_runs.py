@@ -62,8 +62,8 @@ def test_gumbel_defaults_cluster(mnist_root):
 # JointVAE's setup (experiments/jointvae.yaml), after 3 epochs (2,346 steps of 64 images): the
 # capacity term holds each KL at its target, C_z = C_c = 5 nats * 2,346 / 25,000 = 0.469
 # (val KL_c and KL_z: 0.483 and 0.487, 0.506 and 0.582, 0.468 and 0.450 for seeds 0, 1, 2),
-# which does not move with floating-point paths the way a clustering does. Val NMI after 3 epochs: 0.291, 0.272, 0.278 for seeds 0, 1, 2
-# (the runs behind the README's JointVAE figures).
+# which does not move with floating-point paths the way a clustering does. Val NMI after 3
+# epochs: 0.291, 0.272, 0.278 for seeds 0, 1, 2 (the runs behind the README's JointVAE figures).
 JOINTVAE_EPOCHS, JOINTVAE_KL_TOLERANCE, JOINTVAE_NMI_FLOOR = 3, 0.15, 0.15
 
 

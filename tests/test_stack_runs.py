@@ -45,21 +45,22 @@ def run(tmp_path: Path, mnist_root: Path, store: str, *extra: str, second_lr: st
 
 def test_dry_run_shows_which_runs_stack(tmp_path, mnist_root, capsys):
     (tmp_path / "stacks.yaml").write_text(GRID.format(second_lr="3.0e-3"))
-    assert main(["run", str(tmp_path / "stacks.yaml"), "--dry-run"]) == 0
+    assert main(["run", str(tmp_path / "stacks.yaml"), "--dry-run", "--stack", "auto"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("5 runs, 1 stacks")
     assert sum(" s1/4 " in line for line in lines) == 4
     assert any(" - " in line and "gumbel" in line for line in lines)
-    assert main(["run", str(tmp_path / "stacks.yaml"), "--dry-run", "--max-stack", "3"]) == 0
+    assert main(["run", str(tmp_path / "stacks.yaml"), "--dry-run", "--stack", "auto",
+                 "--max-stack", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("5 runs, 1 stacks")  # 3 stacked, the fourth alone
     assert sum(" s1/3 " in line for line in lines) == 3
 
 
 def test_a_stacked_grid_records_what_the_runs_alone_record(tmp_path, mnist_root):
-    status, uri, stacked = run(tmp_path, mnist_root, "stacked.db")
+    status, uri, stacked = run(tmp_path, mnist_root, "stacked.db", "--stack", "auto")
     assert status == 0
-    status_off, _, alone = run(tmp_path, mnist_root, "alone.db", "--stack", "off")
+    status_off, _, alone = run(tmp_path, mnist_root, "alone.db")  # --stack off, the default
     assert status_off == 0
     assert sorted(stacked.index) == sorted(alone.index) and len(stacked) == 5
     members = [name for name in stacked.index if not name.startswith("gumbel")]
@@ -85,7 +86,9 @@ def test_a_stacked_grid_records_what_the_runs_alone_record(tmp_path, mnist_root)
 
 
 def test_a_diverging_member_fails_alone(tmp_path, mnist_root, capsys):
-    status, _, runs = run(tmp_path, mnist_root, "diverge.db", second_lr="1.0e12")
+    status, _, runs = run(
+        tmp_path, mnist_root, "diverge.db", "--stack", "auto", second_lr="1.0e12"
+    )
     assert status == 1
     failed = sorted(runs.index[runs["status"] == "FAILED"])
     assert failed == ["mlp-b1-lr1.0e12-s0", "mlp-b4-lr1.0e12-s0"]

@@ -83,21 +83,27 @@ def execute_stack(
                 if epoch_hook is not None:
                     epoch_hook(metrics)
 
+        def fail(index: int, error: Exception) -> None:
+            """A member's run ends FAILED when its error is known; the others go on."""
+            with deferred_signals():
+                forget(workspace, run_ids[index])
+                text = "".join(traceback.format_exception_only(type(error), error)).strip()
+                end_quietly(tracker, run_ids[index], "FAILED", text)
+                ended[index] = error
+
         keep = save_state if workspace.checkpoints is not None else None
-        results = fit_stack([run.config for run in runs], splits, device, on_epoch, keep)
+        configs = [run.config for run in runs]
+        results = fit_stack(configs, splits, device, on_epoch, keep, on_failed=fail)
         for index, result in enumerate(results):
             run_id = run_ids[index]
-            if isinstance(result, Exception):
-                _fail(tracker, workspace, run_id, result)
-                ended[index] = result
+            if index in ended:  # diverged: ended already
                 continue
             try:
                 outcome = record_results(runs[index], run_id, result, tracker, workspace)
             except TrackingError:
                 raise
             except Exception as exc:  # this member's scores or pictures: the others go on
-                _fail(tracker, workspace, run_id, exc)
-                ended[index] = exc
+                fail(index, exc)
                 continue
             with deferred_signals():  # finished is finished: a signal now stops what follows
                 tracker.end_run(run_id, "FINISHED")
@@ -117,15 +123,11 @@ def execute_stack(
                 end_quietly(tracker, run_id, "KILLED", f"{first_line(exc)}{where}")
         raise
     except BaseException as exc:
+        text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         for index, run_id in enumerate(run_ids):
             if index not in ended:
-                _fail(tracker, workspace, run_id, exc)
+                forget(workspace, run_id)
+                end_quietly(tracker, run_id, "FAILED", text)
         raise
     finally:
         progress.close(status)
-
-
-def _fail(tracker: Tracker, workspace: Workspace, run_id: str, error: BaseException) -> None:
-    forget(workspace, run_id)
-    text = "".join(traceback.format_exception_only(type(error), error)).strip()
-    end_quietly(tracker, run_id, "FAILED", text)

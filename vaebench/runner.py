@@ -75,13 +75,14 @@ def run_grid(
     report: bool = True,
     rerun: bool = False,
     checkpoint_dir: str | Path | None = None,
-    max_stack: int = DEFAULT_MAX_STACK,
+    max_stack: int = 1,
 ) -> GridOutcome:
     """Check, expand and train a grid file; record it and return what happened.
 
     Runs that can share a stack (:mod:`vaebench.stacked`) train together, at most
-    ``max_stack`` at a time (1: every run alone). With ``report`` (and an MLflow tracker)
-    the invocation's report follows: ``results/<grid>/`` and artifacts of the parent run.
+    ``max_stack`` at a time (1, the default: every run alone). With ``report`` (and an
+    MLflow tracker) the invocation's report follows: ``results/<grid>/`` and artifacts of
+    the parent run.
     """
     grid_path = Path(grid_path)
     grid = load_grid(grid_path)
@@ -139,11 +140,12 @@ def run_grid(
                         outcome.skipped += step.action == "skip"
                     else:
                         ready.append((number, step))
-                if len(ready) > 1 and all(step.action == "train" for _, step in ready):
+                fresh = [(number, step) for number, step in ready if step.action == "train"]
+                if len(fresh) > 1:  # those still new train as a stack; a continued run alone
                     outcome.rows += _run_stack(
-                        ready, len(planned), tracker, workspace, tags, outcome, renew_parent_lease
+                        fresh, len(planned), tracker, workspace, tags, outcome, renew_parent_lease
                     )
-                    continue
+                    ready = [item for item in ready if item not in fresh]
                 for number, step in ready:
                     outcome.rows.append(
                         _run_step(

@@ -40,8 +40,9 @@ from vaebench.train import (
     TrainResult,
     build_optimizer,
     check_finite,
+    checkpoint_due,
     final_scores,
-    timing_summary,
+    summary_of,
     training_state,
     validation_values,
 )
@@ -71,7 +72,9 @@ def stack_key(config: RunConfig) -> str:
     shared = {
         key: value
         for key, value in flatten(config.model_dump(mode="json")).items()
-        if key not in MEMBER_KEYS and key not in ("train.checkpoint_every", "optim.kwargs")
+        if key not in MEMBER_KEYS
+        and key != "train.checkpoint_every"
+        and not key.startswith("optim.kwargs")  # fused or not: the same arithmetic
     }
     canonical = json.dumps(shared, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -157,8 +160,8 @@ def stacked_epoch(
             [torch.randn(batch, stack.z_dim, generator=m.draw_rng, device=device) for m in members]
         )
         logits, mu, logvar = stack(x, noise)
-        recon = pixel_costs(logits, x, config.loss.recon, "none").view(count, -1).sum(1)
-        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).view(count, -1).sum(1)
+        recon = pixel_costs(logits, x, config.loss.recon, "none").reshape(count, -1).sum(1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).reshape(count, -1).sum(1)
         loss = torch.where(live, recon + kl_weights * kl, 0.0)
         optimizer.zero_grad()
         (loss.sum() / batch).backward()
@@ -199,12 +202,14 @@ def fit_stack(
     device: torch.device,
     on_epoch: Callable[[int, EpochMetrics], None] | None = None,
     save_state: Callable[[int, dict[str, Any]], None] | None = None,
+    on_failed: Callable[[int, TrainingDiverged], None] | None = None,
 ) -> list[TrainResult | TrainingDiverged]:
     """Train ``configs`` (one :func:`stack_key`) as one stack; for each, in order, its
     :class:`TrainResult` or the :class:`TrainingDiverged` that ended it. ``on_epoch(i,
     metrics)`` sees each live member's epochs; every ``train.checkpoint_every`` epochs,
     ``save_state(i, state)`` receives each live member's :func:`member_training_state`
-    (before ``on_epoch``), which :func:`vaebench.train.fit` continues alone."""
+    (before ``on_epoch``), which :func:`vaebench.train.fit` continues alone; ``on_failed(i,
+    error)`` hears of a member that diverged when it does, while the others go on."""
     keys = {stack_key(c) for c in configs}
     if len(keys) != 1:
         raise ValueError("a stack's runs differ in more than " + ", ".join(MEMBER_KEYS))
@@ -217,6 +222,12 @@ def fit_stack(
     epochs = configs[0].train.epochs
     started = time.perf_counter()
     evaluations: dict[int, Evaluation | None] = {}
+
+    def fail(index: int, error: TrainingDiverged) -> None:
+        outcomes[index] = error
+        live[index] = False
+        if on_failed is not None:
+            on_failed(index, error)
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         totals = stacked_epoch(stack, optimizer, members, splits, live)
@@ -228,6 +239,7 @@ def fit_stack(
             result = outcomes[index]
             if not isinstance(result, TrainResult):
                 continue
+            evaluated = time.perf_counter()
             try:
                 check_finite({"training loss": train_losses[index]}, f"after epoch {epoch}")
                 member.model.load_state_dict(stack.member_state(index))
@@ -235,20 +247,18 @@ def fit_stack(
                 check_finite(values, f"after epoch {epoch}")
                 values.update(member.model.annealed_values())
             except TrainingDiverged as exc:
-                outcomes[index] = exc
-                live[index] = False
+                fail(index, exc)
                 continue
             metrics = EpochMetrics(
                 epoch=epoch,
                 train_loss=train_losses[index] / n_train,
                 epoch_seconds=t1 - t0,
-                eval_seconds=time.perf_counter() - t1,
+                eval_seconds=time.perf_counter() - evaluated,  # this member's evaluation
                 images_per_second=n_train / (t1 - t0),
                 values=values,
             )
             result.history.append(metrics)
-            every = member.config.train.checkpoint_every
-            if save_state is not None and every and (epoch % every == 0 or epoch == epochs):
+            if save_state is not None and checkpoint_due(epoch, member.config.train):
                 seconds = time.perf_counter() - started
                 save_state(
                     index, member_training_state(member, optimizer, index, result.history, seconds)
@@ -259,17 +269,15 @@ def fit_stack(
         result = outcomes[index]
         if not isinstance(result, TrainResult):
             continue
+        scoring = time.perf_counter()
         try:
             scores = final_scores(member.model, splits, member.config, evaluations.get(index))
         except TrainingDiverged as exc:
-            outcomes[index] = exc
+            fail(index, exc)
             continue
-        last = result.final.values
-        result.summary = {
-            **{name: value for name, value in scores.items() if name not in last},
-            **timing_summary(result.history, n_train),
-        }
-        result.seconds = time.perf_counter() - started
+        result.summary = summary_of(scores, result.history, n_train)
+        # the stack's training and evaluations, and this member's own final scoring
+        result.seconds = scoring - started + time.perf_counter() - scoring
     return outcomes
 
 

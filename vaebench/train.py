@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vaebench.config import OptimConfig, RunConfig, VaebenchError
+from vaebench.config import OptimConfig, RunConfig, TrainConfig, VaebenchError
 from vaebench.data import Split, Splits
 from vaebench.evaluation import (
     Evaluation,
@@ -205,6 +205,25 @@ def restore_training_state(
     return [EpochMetrics(**m) for m in state["history"]], float(state["seconds"])
 
 
+def checkpoint_due(epoch: int, train: TrainConfig) -> bool:
+    """Whether a run saves its training state after ``epoch`` (``train.checkpoint_every``
+    epochs, and the last)."""
+    every = train.checkpoint_every
+    return bool(every) and (epoch % every == 0 or epoch == train.epochs)
+
+
+def summary_of(
+    scores: dict[str, float], history: list[EpochMetrics], images: int
+) -> dict[str, float]:
+    """What is logged after the last epoch: the final scores but those the last epoch logged
+    already (val_nmi), and the timing."""
+    last = history[-1].values
+    return {
+        **{name: value for name, value in scores.items() if name not in last},
+        **timing_summary(history, images),
+    }
+
+
 def validation_values(
     evaluation: Evaluation | None, read: dict[str, float], validation: Split | None
 ) -> dict[str, float]:
@@ -246,7 +265,6 @@ def fit(
     n_train = len(splits.train)
     per_epoch = steps_per_epoch(n_train, config.train.batch_size)
     validation = splits.validation
-    every = config.train.checkpoint_every
     earlier = 0.0
     if resume is not None:
         result.history, earlier = restore_training_state(resume, model, optimizer, generator)
@@ -280,9 +298,7 @@ def fit(
             values=values,
         )
         result.history.append(metrics)
-        if save_state is not None and every and (
-            epoch % every == 0 or epoch == config.train.epochs
-        ):
+        if save_state is not None and checkpoint_due(epoch, config.train):
             seconds = earlier + time.perf_counter() - started
             save_state(training_state(model, optimizer, generator, result.history, seconds))
         if on_epoch is not None:
@@ -290,11 +306,7 @@ def fit(
     if evaluation is None and validation is not None:  # resumed after its last epoch
         evaluation = evaluate(model, validation, "validation", config)
     scores = final_scores(model, splits, config, evaluation)
-    last = result.final.values  # logged with the last epoch already (val_nmi): not again
-    result.summary = {
-        **{name: value for name, value in scores.items() if name not in last},
-        **timing_summary(result.history, n_train),
-    }
+    result.summary = summary_of(scores, result.history, n_train)
     result.seconds = earlier + time.perf_counter() - started
     return result
 
