@@ -121,7 +121,8 @@ def test_after_two_epochs_each_member_scores_what_its_run_alone_scores(family, m
     for config, member in zip(configs, stacked, strict=True):
         alone = fit(config, splits, CPU)
         assert abs(member.summary["test_elbo"] - alone.summary["test_elbo"]) < 0.05
-        assert member.summary["test_nmi"] == pytest.approx(alone.summary["test_nmi"], abs=0.02)
+        # k-means on latents that differ by float32 rounding: near-ties may flip a point
+        assert member.summary["test_nmi"] == pytest.approx(alone.summary["test_nmi"], abs=0.05)
         assert [m.epoch for m in member.history] == [1, 2]
 
 
