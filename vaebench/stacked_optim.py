@@ -1,9 +1,14 @@
 """Adam and RMSprop over stacked parameters ``(K, ...)``, with a learning rate per member.
 
-Each does torch's arithmetic (``torch.optim.Adam``, ``torch.optim.RMSprop``, default options:
-no weight decay, AMSGrad, momentum or centering) on each member's slice, and gives a member's
-state as the ``state_dict`` of the torch optimizer its run alone would hold, so that the run
-can continue alone. This module imports neither mlflow nor optuna.
+Each runs torch's own kernel on each member's slice, the one its run alone would use
+(``torch._fused_adam_`` for vaebench's fused Adam; RMSprop's default per-parameter
+arithmetic), so a stacked member's update is the update its run would make alone. Members
+are updated a *learning-rate run* at a time: consecutive members with one learning rate
+share one call on the slice ``p[a:b]`` of every parameter (one call for the whole stack when
+the members differ only in seed or beta). A member's state converts to the ``state_dict`` of
+the torch optimizer its run alone would hold, so that the run can continue alone.
+
+This module imports neither mlflow nor optuna.
 """
 
 from __future__ import annotations
@@ -14,20 +19,39 @@ from typing import Any
 import torch
 
 
+def learning_rate_runs(lrs: Sequence[float]) -> list[tuple[float, slice]]:
+    """Maximal runs of consecutive members with one learning rate, as (lr, member slice)."""
+    runs: list[tuple[float, slice]] = []
+    start = 0
+    for index in range(1, len(lrs) + 1):
+        if index == len(lrs) or lrs[index] != lrs[start]:
+            runs.append((lrs[start], slice(start, index)))
+            start = index
+    return runs
+
+
 class StackedOptimizer:
-    """What the stacked optimizers share: parameters, learning rates, state, the step count."""
+    """What the stacked optimizers share: parameters, learning-rate runs, state, the step."""
 
     state_names: tuple[str, ...] = ()  # per-parameter state, as torch's optimizer names it
 
     def __init__(self, params: Sequence[torch.nn.Parameter], lrs: Sequence[float]):
         self.params = list(params)
-        self.lrs = torch.tensor(lrs, dtype=self.params[0].dtype, device=self.params[0].device)
+        self.runs = learning_rate_runs(list(lrs))
         self.steps = 0
         self.state = {name: [torch.zeros_like(p) for p in self.params] for name in self.state_names}
 
-    def per_member(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``values`` (K,) shaped to scale each member's slice of ``like``."""
-        return values.view(-1, *([1] * (like.dim() - 1)))
+    def run_slices(self, members: slice) -> dict[str, list[torch.Tensor]]:
+        """The parameters, gradients and state of the members in ``members``, as views."""
+        whole = members == slice(0, self.params[0].shape[0])
+
+        def part(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            return list(tensors) if whole else [t[members] for t in tensors]
+
+        grads: list[torch.Tensor] = [p.grad for p in self.params]  # type: ignore[misc]
+        slices = {"params": part(self.params), "grads": part(grads)}
+        slices.update({name: part(values) for name, values in self.state.items()})
+        return slices
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -46,6 +70,8 @@ class StackedOptimizer:
 
 
 class StackedAdam(StackedOptimizer):
+    """``torch.optim.Adam(fused=True)``'s kernel, one call per learning-rate run."""
+
     state_names = ("exp_avg", "exp_avg_sq")
 
     def __init__(
@@ -57,24 +83,35 @@ class StackedAdam(StackedOptimizer):
     ):
         super().__init__(params, lrs)
         self.betas, self.eps = betas, eps
+        # the kernel reads the step count from a float32 tensor on the parameters' device
+        self.step_count = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
 
     @torch.no_grad()
     def step(self) -> None:
-        beta1, beta2 = self.betas
         self.steps += 1
-        bias_correction1 = 1 - beta1**self.steps
-        bias_correction2_sqrt = (1 - beta2**self.steps) ** 0.5
-        negative_step = -self.lrs / bias_correction1
-        moments = zip(self.params, self.state["exp_avg"], self.state["exp_avg_sq"], strict=True)
-        for p, exp_avg, exp_avg_sq in moments:
-            grad = p.grad
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.eps)
-            p.add_(exp_avg / denom * self.per_member(negative_step, p))
+        self.step_count.add_(1)
+        for lr, members in self.runs:
+            part = self.run_slices(members)
+            torch._fused_adam_(
+                part["params"],
+                part["grads"],
+                part["exp_avg"],
+                part["exp_avg_sq"],
+                [],
+                [self.step_count] * len(self.params),
+                lr=lr,
+                beta1=self.betas[0],
+                beta2=self.betas[1],
+                weight_decay=0.0,
+                eps=self.eps,
+                amsgrad=False,
+                maximize=False,
+            )
 
 
 class StackedRMSprop(StackedOptimizer):
+    """``torch.optim.RMSprop``'s default arithmetic, in place, per learning-rate run."""
+
     state_names = ("square_avg",)
 
     def __init__(
@@ -90,11 +127,14 @@ class StackedRMSprop(StackedOptimizer):
     @torch.no_grad()
     def step(self) -> None:
         self.steps += 1
-        for p, square_avg in zip(self.params, self.state["square_avg"], strict=True):
-            grad = p.grad
-            square_avg.mul_(self.alpha).addcmul_(grad, grad, value=1 - self.alpha)
-            avg = square_avg.sqrt().add_(self.eps)
-            p.add_(grad / avg * self.per_member(-self.lrs, p))
+        grads = [p.grad for p in self.params]
+        torch._foreach_mul_(self.state["square_avg"], self.alpha)
+        torch._foreach_addcmul_(self.state["square_avg"], grads, grads, value=1 - self.alpha)
+        for lr, members in self.runs:
+            part = self.run_slices(members)
+            averages = torch._foreach_sqrt(part["square_avg"])
+            torch._foreach_add_(averages, self.eps)
+            torch._foreach_addcdiv_(part["params"], part["grads"], averages, value=-lr)
 
 
 STACKED_OPTIMIZERS: dict[str, type[StackedOptimizer]] = {
