@@ -436,6 +436,25 @@ def test_cli_dry_run_lists_runs_and_tracks_nothing(
     assert not (tmp_path / "results").exists()
 
 
+def test_dry_run_answers_without_importing_torch_or_mlflow(tmp_path: Path) -> None:
+    """What keeps ``--dry-run`` instant: it stops before the heavy libraries load."""
+    path = write_grid(tmp_path, DESIGN_GRID)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from vaebench.cli import main
+        assert main(["run", {str(path)!r}, "--dry-run", "--stack", "auto"]) == 0
+        heavy = sorted({{"torch", "mlflow", "optuna", "pandas", "matplotlib"}} & set(sys.modules))
+        print("heavy:", heavy)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert "s1/" in done.stdout  # the stacks were planned
+    assert done.stdout.strip().endswith("heavy: []")
+
+
 SHIPPED = sorted(
     path
     for path in (Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")

@@ -11,7 +11,8 @@ import torch
 
 from vaebench.config import RunConfig
 from vaebench.data import Split, Splits, load_splits
-from vaebench.stacked import config_problem, fit_stack, stack_key
+from vaebench.stack_plan import config_problem, stack_key
+from vaebench.stacked import fit_stack
 from vaebench.stacked_model import StackedGaussianVAE
 from vaebench.stacked_optim import STACKED_OPTIMIZERS
 from vaebench.train import TrainingDiverged, TrainResult, fit

@@ -159,18 +159,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vaebench.runner import DEFAULT_MAX_STACK, run_grid
+    from vaebench.stack_plan import DEFAULT_MAX_STACK
+
+    max_stack = 1 if args.stack == "off" else args.max_stack or DEFAULT_MAX_STACK
+    if args.dry_run:  # answered without importing torch or MLflow
+        from vaebench.dry_run import dry_run
+
+        dry_run(args.grid, max_stack)
+        return 0
+    from vaebench.runner import run_grid
 
     outcome = run_grid(
         args.grid,
         args.tracking_uri,
         args.data_root,
         args.results_dir,
-        args.dry_run,
         report=not args.no_report,
         rerun=args.rerun,
         checkpoint_dir=args.checkpoint_dir,
-        max_stack=1 if args.stack == "off" else args.max_stack or DEFAULT_MAX_STACK,
+        max_stack=max_stack,
     )
     if outcome.failed:
         print(

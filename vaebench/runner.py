@@ -29,7 +29,7 @@ from vaebench.grid import RunSpec, expand, load_grid
 from vaebench.preflight import check_output_folder
 from vaebench.provenance import base_tags
 from vaebench.signals import Interrupted, deferred_signals, interruptible
-from vaebench.stacked import plan_stacks
+from vaebench.stack_plan import plan_stacks
 from vaebench.tracking import (
     RUN_KEY_TAG,
     MLflowTracker,
@@ -53,7 +53,6 @@ SUMMARY_COLUMNS = [
     "seconds",
 ]
 GRID_TAG = "vaebench.grid"
-DEFAULT_MAX_STACK = 8
 
 
 @dataclass
@@ -70,7 +69,6 @@ def run_grid(
     tracking_uri: str | None = None,
     data_root: str | Path | None = None,
     results_dir: str | Path = "results",
-    dry_run: bool = False,
     tracker: Tracker | None = None,
     report: bool = True,
     rerun: bool = False,
@@ -87,10 +85,6 @@ def run_grid(
     grid_path = Path(grid_path)
     grid = load_grid(grid_path)
     runs = expand(grid)
-    if dry_run:
-        print_dry_run(runs, plan_stacks([run.config for run in runs], max_stack))
-        return GridOutcome()
-
     results = Path(results_dir)
     check_output_folder(results)
     uri = resolve_tracking_uri(tracking_uri)
@@ -310,24 +304,6 @@ def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:
     path = folder / f"{name}.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
-
-
-def print_dry_run(runs: Sequence[RunSpec], stacks: Sequence[Sequence[int]], stream=None) -> None:
-    """The runs in the grid's order, each with its stack (``-``: trains alone)."""
-    stream = stream or sys.stdout
-    label = {}
-    numbered = [group for group in stacks if len(group) > 1]
-    for number, group in enumerate(numbered, start=1):
-        label.update({index: f"s{number}/{len(group)}" for index in group})
-    print(
-        f"{len(runs)} runs, {len(numbered)} stacks (column stack: stack number/its size; "
-        "-: trains alone):",
-        file=stream,
-    )
-    for index, run in enumerate(runs):
-        settings = " ".join(f"{k}={v}" for k, v in run.overrides)
-        stack = label.get(index, "-")
-        print(f"{index + 1:4d}  {stack:>6s}  {run.name:<40s} {run.key}  {settings}", file=stream)
 
 
 def print_summary(outcome: GridOutcome, stream=None) -> None:

@@ -18,8 +18,6 @@ This module imports neither mlflow nor optuna.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,11 +25,12 @@ from typing import Any
 
 import torch
 
-from vaebench.config import RunConfig, flatten
+from vaebench.config import RunConfig
 from vaebench.data import Splits
 from vaebench.evaluation import Evaluation, evaluate, read_scalars
 from vaebench.losses import pixel_costs
 from vaebench.models import build_model
+from vaebench.stack_plan import MEMBER_KEYS, stack_key
 from vaebench.stacked_model import StackedGaussianVAE, stack_problem
 from vaebench.stacked_optim import STACKED_OPTIMIZERS, StackedOptimizer
 from vaebench.train import (
@@ -46,58 +45,6 @@ from vaebench.train import (
     training_state,
     validation_values,
 )
-
-# the settings members of one stack may differ in; all others are the stack's
-MEMBER_KEYS = ("seed", "loss.beta", "optim.lr")
-# optimizer options a stack reproduces (the defaults; a fused or foreach kernel does the
-# same arithmetic)
-STACKED_KWARGS = {"fused", "foreach"}
-
-
-def config_problem(config: RunConfig) -> str | None:
-    """Why runs of ``config`` train one by one, or None if they can be stacked."""
-    if config.model.arch not in ("mlp", "conv"):
-        return f"model.arch {config.model.arch} is trained one by one"
-    if config.model.batch_norm:
-        return "batch norm (running statistics per member) is trained one by one"
-    if config.optim.name not in STACKED_OPTIMIZERS or set(config.optim.kwargs) - STACKED_KWARGS:
-        return "only Adam and RMSprop with their default options are stacked"
-    if config.loss.objective != "elbo":
-        return "only the elbo objective is stacked"
-    return None
-
-
-def stack_key(config: RunConfig) -> str:
-    """Equal for configs that can share a stack: all settings but :data:`MEMBER_KEYS`."""
-    shared = {
-        key: value
-        for key, value in flatten(config.model_dump(mode="json")).items()
-        if key not in MEMBER_KEYS
-        and key != "train.checkpoint_every"
-        and not key.startswith("optim.kwargs")  # fused or not: the same arithmetic
-    }
-    canonical = json.dumps(shared, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def plan_stacks(configs: Sequence[RunConfig | None], max_stack: int) -> list[list[int]]:
-    """The indices of ``configs`` in groups that train together, in the order of each group's
-    first run: runs of one :func:`stack_key`, at most ``max_stack`` a group. A run given as
-    None (one that must train alone, e.g. continued from its checkpoint) or with a
-    :func:`config_problem` is a group of its own."""
-    groups: list[list[int]] = []
-    open_groups: dict[str, list[int]] = {}
-    for index, config in enumerate(configs):
-        if config is None or max_stack < 2 or config_problem(config) is not None:
-            groups.append([index])
-            continue
-        key = stack_key(config)
-        group = open_groups.get(key)
-        if group is None or len(group) >= max_stack:
-            group = open_groups[key] = []
-            groups.append(group)
-        group.append(index)
-    return groups
 
 
 @dataclass
