@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -34,7 +35,8 @@ seeds: [0]
 """
 
 ARTIFACTS = {
-    "config.yaml", "reconstructions.png", "samples.png", "state_dict.pt", "latent.png"
+    "config.yaml", "reconstructions.png", "samples.png", "state_dict.pt", "latent.png",
+    "latent.npz",
 }
 FINAL_SCORES = {
     "test_elbo", "test_recon", "test_kl", "test_nmi", "test_ari", "test_accuracy",
@@ -132,6 +134,9 @@ def test_tiny_grid_state_dict_loads_into_model(tiny_grid_result):
     child = runs[runs["tags.mlflow.runName"] == "conv-b4-s0"].iloc[0]
     folder = client.download_artifacts(child["run_id"], "")
     state = torch.load(Path(folder) / "state_dict.pt", weights_only=True)
+    with np.load(Path(folder) / "latent.npz") as latent:  # what the latent picture shows
+        means, labels = latent["means"], latent["labels"]
+    assert means.shape == (2000, 4) and labels.shape == (2000,)
     config = ModelConfig(arch="conv", hidden=[64], z_dim=4, channels=[8, 16])
     model = build_model(config, (1, 28, 28))
     model.load_state_dict(state)  # raises if shapes or names disagree

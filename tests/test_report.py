@@ -547,3 +547,29 @@ def test_report_html_images_all_load_in_the_browser(store, browser):
     browser.set_window_size(1400, 4000)
     assert browser.save_screenshot(str(SCREENSHOTS / "report.png"))
     browser.set_window_size(1600, 1000)
+
+
+def test_report_tsne_draws_the_best_runs_latent_means(store):
+    tmp, uri, _, _ = store
+    folder = tmp / "tsne"
+    assert main(["report", "seeds3", "--tracking-uri", uri, "--results-dir", str(folder),
+                 "--all", "--tsne"]) == 0
+    drawn = folder / "seeds3" / "best_latent_tsne.png"
+    assert drawn.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](best_latent_tsne.png)" in (folder / "seeds3" / "report.md").read_text()
+
+
+def test_latent_pictures_pca_matches_scikit_learn_and_tsne_is_on_request():
+    from sklearn.decomposition import PCA
+
+    from vaebench.plots import embed_2d
+
+    rng = np.random.default_rng(0)
+    points = rng.normal(size=(300, 6)) * np.array([5.0, 3.0, 1.0, 0.5, 0.2, 0.1])
+    coords, name = embed_2d(points)
+    assert name == "PCA"
+    assert np.allclose(coords, PCA(n_components=2).fit_transform(points), atol=1e-8)
+    coords, name = embed_2d(points, "tsne")
+    assert name == "t-SNE" and coords.shape == (300, 2)
+    line, name = embed_2d(points[:, :1], "tsne")  # one latent dimension: on a line
+    assert name == "PCA" and np.all(line[:, 1] == 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -13,6 +14,7 @@ from vaebench.plots import save_grid, save_latent_scatter, save_reconstructions
 
 LATENT_SAMPLE = 2000  # test images in the latent picture
 LATENT_SAMPLE_SEED = 0
+LATENT_FILE = "latent.npz"  # their E[z|x] and labels, from which `report --tsne` draws
 
 
 def write_config(folder: Path, run: RunSpec) -> None:
@@ -22,8 +24,10 @@ def write_config(folder: Path, run: RunSpec) -> None:
 
 
 def write_artifacts(folder: Path, run: RunSpec, model: torch.nn.Module, splits: Splits) -> None:
-    """Resolved config, state_dict, reconstructions, prior samples, latent picture, and the
-    pictures the model family adds (a conditional model's row of samples per digit)."""
+    """Resolved config, state_dict, reconstructions, prior samples, the latent means of a
+    fixed sample of test images (``latent.npz``) and their picture (PCA: a t-SNE of 2,000
+    points takes seconds, so ``report --tsne`` draws it for the runs a report shows), and
+    the pictures the model family adds (a conditional model's row of samples per digit)."""
     write_config(folder, run)
     torch.save(model.state_dict(), folder / "state_dict.pt")
     model.eval()
@@ -40,8 +44,8 @@ def write_artifacts(folder: Path, run: RunSpec, model: torch.nn.Module, splits: 
         )
         chosen = chosen[:LATENT_SAMPLE].to(test.images.device)
         mu, _ = model.encode(test.images[chosen], test.labels[chosen])
-        save_latent_scatter(
-            folder / "latent.png", mu.cpu().numpy(), test.labels[chosen].cpu().numpy(), run.name
-        )
+        means, labels = mu.cpu().numpy(), test.labels[chosen].cpu().numpy()
+        np.savez_compressed(folder / LATENT_FILE, means=means, labels=labels)
+        save_latent_scatter(folder / "latent.png", means, labels, run.name)
         for name, (logits, columns) in model.extra_pictures(generator).items():
             save_grid(folder / name, torch.sigmoid(logits), columns=columns)

@@ -137,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"what decides the best variant, a validation metric or seconds: test metrics are "
         f"shown beside, never ranked on (default: {DEFAULT_METRIC})",
     )
+    report.add_argument(
+        "--tsne",
+        action="store_true",
+        help="add a t-SNE picture of each best run's latent means (seconds per picture; the "
+        "runs' own latent pictures are PCA)",
+    )
     _tracking_uri(report)
     _results_dir(report, "the report <name>/")
 
@@ -154,6 +160,15 @@ def _parser() -> argparse.ArgumentParser:
         "--stack",
         help="comma-separated stack sizes K, e.g. 1,4,8,16: time K runs stacked against K runs "
         "one after another, and count the operators a step dispatches (K = 1, 4, 16, 64)",
+    )
+    bench.add_argument(
+        "--process",
+        action="store_true",
+        help="time whole processes from a fresh folder: `vaebench run` of a 2-epoch grid "
+        "against pytorch/examples' script, and `run --dry-run`",
+    )
+    bench.add_argument(
+        "--repeats", type=int, default=3, help="--process: runs of each command (default: 3)"
     )
     return parser
 
@@ -217,6 +232,7 @@ def _report(args: argparse.Namespace) -> int:
         results_dir=args.results_dir,
         metric=args.metric,
         all_invocations=args.all_invocations,
+        tsne=args.tsne,
     )
     return 0
 
@@ -235,6 +251,10 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.process:
+        from vaebench.bench_process import main as bench_process_main
+
+        return bench_process_main(args.data_root, repeats=args.repeats)
     if args.stack:
         from vaebench.bench_stack import main as bench_stack_main
 

@@ -44,9 +44,11 @@ def make_report(
     all_invocations: bool = False,
     parent_id: str | None = None,
     stream=None,
+    tsne: bool = False,
 ) -> Report:
     """Write ``results/<name>/``: leaderboard.csv, report.md, report.html and the figures,
-    and log them as artifacts (under ``report/``) of the covered invocation's parent run."""
+    and log them as artifacts (under ``report/``) of the covered invocation's parent run.
+    With ``tsne``, the best runs' pictures add a t-SNE of their latent means."""
     stream = stream or sys.stdout
     if metric not in RANKABLE:
         why = selection_problem(metric) if metric in CATALOGUE else None
@@ -66,7 +68,11 @@ def make_report(
         (
             run,
             fetch_best_pictures(
-                run_set, run["run_id"], folder, picture_prefix(run["compared_within"], len(runs))
+                run_set,
+                run["run_id"],
+                folder,
+                picture_prefix(run["compared_within"], len(runs)),
+                tsne,
             ),
         )
         for run in runs

@@ -19,13 +19,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vaebench.artifacts import LATENT_FILE
 from vaebench.catalogue import CONDITIONAL, REPORTED
 from vaebench.catalogue import METRICS as CATALOGUE
 from vaebench.config import VaebenchError
+from vaebench.plots import save_latent_scatter
 from vaebench.tracking import sqlite_path
 
 METRICS = {name: CATALOGUE[name] for name in REPORTED}
 BEST_PICTURES = ("samples.png", "reconstructions.png", "latent.png", "digits.png")
+TSNE_PICTURE = "latent_tsne.png"  # drawn by the report on request (--tsne)
 # a cvae's ELBO bounds log p(x|y): the label is given, worth up to ln 10 nats, so it is
 # ranked apart from models that bound log p(x)
 BOUND_COLUMN = "likelihood_of"
@@ -172,8 +175,11 @@ def variant_labels(runs: pd.DataFrame, params: list[str]) -> pd.Series:
     return keys.map(labels)
 
 
-def fetch_best_pictures(run_set: RunSet, run_id: str, folder: Path, prefix: str) -> list[Path]:
-    """Copy a best run's pictures from its MLflow artifacts as ``<prefix><name>.png``."""
+def fetch_best_pictures(
+    run_set: RunSet, run_id: str, folder: Path, prefix: str, tsne: bool = False
+) -> list[Path]:
+    """Copy a best run's pictures from its MLflow artifacts as ``<prefix><name>.png``; with
+    ``tsne``, draw ``<prefix>latent_tsne.png`` from the run's latent means (``latent.npz``)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = run_set.client
     available = {a.path for a in client.list_artifacts(run_id)}
@@ -183,6 +189,12 @@ def fetch_best_pictures(run_set: RunSet, run_id: str, folder: Path, prefix: str)
             if name in available:
                 local = client.download_artifacts(run_id, name, scratch)
                 copied.append(Path(shutil.copyfile(local, folder / f"{prefix}{name}")))
+        if tsne and LATENT_FILE in available:
+            with np.load(client.download_artifacts(run_id, LATENT_FILE, scratch)) as latent:
+                means, labels = latent["means"], latent["labels"]
+            path = folder / f"{prefix}{TSNE_PICTURE}"
+            title = client.get_run(run_id).info.run_name
+            copied.append(save_latent_scatter(path, means, labels, title, method="tsne"))
     return copied
 
 

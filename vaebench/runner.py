@@ -37,6 +37,7 @@ from vaebench.tracking import (
     TrackingError,
     resolve_tracking_uri,
     sqlite_path,
+    tracker_opened_during,
 )
 from vaebench.train import EpochMetrics
 
@@ -91,8 +92,10 @@ def run_grid(
     checkpoints = Path(checkpoint_dir) if checkpoint_dir else default_folder(sqlite_path(uri))
     check_output_folder(checkpoints, "--checkpoint-dir")
     workspace = Workspace(resolve_root(data_root), CheckpointStore(checkpoints))
-    workspace.prepare(runs)
-    tracker = tracker or MLflowTracker(uri)
+    if tracker is None:
+        tracker = tracker_opened_during(uri, lambda: workspace.prepare(runs))
+    else:
+        workspace.prepare(runs)
 
     outcome = GridOutcome()
     planned = _plan(grid.name, runs, tracker, workspace, rerun, outcome)

@@ -11,6 +11,7 @@ import functools
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -306,3 +307,13 @@ def check_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
 def _param_text(value: Any) -> str:
     return "null" if value is None else str(value)
 
+
+
+def tracker_opened_during(uri: str, work: Callable[[], None]) -> MLflowTracker:
+    """``MLflowTracker(uri)``, created in a thread while ``work`` (loading the data) runs:
+    importing MLflow and creating a new store's schema take seconds, as long as the data.
+    ``work``'s error is the one raised (the store may then exist, holding no run)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-store") as pool:
+        pending = pool.submit(MLflowTracker, uri)
+        work()
+        return pending.result()

@@ -68,7 +68,8 @@ from vaebench.tracking import (
     MLflowTracker,
     Tracker,
     TrackingError,
-        resolve_tracking_uri,
+    resolve_tracking_uri,
+    tracker_opened_during,
 )
 from vaebench.trial import (
     PARENT_ATTR,
@@ -273,9 +274,7 @@ def run_study(
     check_storage(ref)
     check_output_folder(Path(results_dir))
     workspace = Workspace(resolve_root(data_root), checkpoints=None)
-    workspace.prepare([trial_run(spec, "base", {})])
-
-    tracker = MLflowTracker(uri)
+    tracker = tracker_opened_during(uri, lambda: workspace.prepare([trial_run(spec, "base", {})]))
     shared = open_storage(ref)
     study = _shared_study(spec, ref, shared)
     recover_abandoned(tracker, tracker.previous_runs(spec.name, STUDY_TAG, spec.name), sys.stderr)
