@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from vaebench.cli import main
 from vaebench.config import ModelConfig
-from vaebench.execute_stack import STACK_MEMBERS_TAG, STACK_SIZE_TAG
+from vaebench.execute_stack import STACK_MEMBERS_TAG, STACK_SIZE_TAG, STACK_TIMING_TAG
 from vaebench.models import build_model
 
 GRID = """
@@ -66,6 +66,7 @@ def test_a_stacked_grid_records_what_the_runs_alone_record(tmp_path, mnist_root)
     members = [name for name in stacked.index if not name.startswith("gumbel")]
     assert (stacked.loc[members, f"tags.{STACK_SIZE_TAG}"] == "4").all()
     assert set(stacked.loc[members[0], f"tags.{STACK_MEMBERS_TAG}"].split(",")) == set(members)
+    assert stacked.loc[members[0], f"tags.{STACK_TIMING_TAG}"].startswith("epoch_seconds, ")
     assert f"tags.{STACK_SIZE_TAG}" not in alone.columns or alone[
         f"tags.{STACK_SIZE_TAG}"].isna().all()
     for name in stacked.index:

@@ -11,8 +11,10 @@ import torch
 
 from vaebench.config import RunConfig
 from vaebench.data import Split, Splits, load_splits
+from vaebench.evaluation import evaluate
 from vaebench.stack_plan import config_problem, stack_key
-from vaebench.stacked import fit_stack
+from vaebench.stacked import build_member, fit_stack
+from vaebench.stacked_evaluation import evaluate_stack
 from vaebench.stacked_model import StackedGaussianVAE
 from vaebench.stacked_optim import STACKED_OPTIMIZERS
 from vaebench.train import TrainingDiverged, TrainResult, fit
@@ -93,6 +95,29 @@ def test_a_stacks_steps_are_each_members_own_steps(
             assert mine_epoch.values == pytest.approx(their_epoch.values, rel=1e-10)
         scores = {k: v for k, v in alone.summary.items() if "second" not in k}  # not timing
         assert {k: member.summary[k] for k in scores} == pytest.approx(scores, rel=1e-9)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_stacked_evaluation_is_each_members_own(family, mnist_root, float64):
+    # three draws per image, in chunks of 40 images: the split's draws, repeated and chunked
+    # as evaluate() does, serve every member
+    configs = [
+        c.model_copy(update={
+            "eval": c.eval.model_copy(update={"samples": 3}),
+            "train": c.train.model_copy(update={"eval_batch_size": 120}),
+        })
+        for c in member_configs(FAMILIES[family], 100, 50, 1)
+    ]
+    splits = in_float64(load_splits(configs[0].data, mnist_root, CPU))
+    members = [build_member(config, splits, CPU) for config in configs]
+    stack = StackedGaussianVAE([m.model for m in members])
+    for split_name, split in (("validation", splits.validation), ("test", splits.test)):
+        stacked = evaluate_stack(stack, split, split_name, configs[0])
+        for member, mine in zip(members, stacked, strict=True):
+            alone = evaluate(member.model, split, split_name, member.config)
+            assert float(mine.recon) == pytest.approx(float(alone.recon), rel=1e-12)
+            assert float(mine.kl["kl_z"]) == pytest.approx(float(alone.kl["kl_z"]), rel=1e-12)
+            assert relative_difference(mine.mu, alone.mu) < 1e-12
 
 
 def test_a_members_checkpoint_continues_alone_as_if_it_never_stopped(mnist_root, float64):

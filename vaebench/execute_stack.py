@@ -2,8 +2,9 @@
 
 Each member is its own MLflow run, recorded as :func:`vaebench.execute.execute` records a
 run alone (params, tags, every epoch's metrics, the summary, artifacts, the ending), plus the
-tags :data:`STACK_SIZE_TAG` and :data:`STACK_MEMBERS_TAG`. Each member's checkpoint is the one
-its run alone would write, so a stopped member continues alone (``execute``). A member that
+tags :data:`STACK_SIZE_TAG`, :data:`STACK_MEMBERS_TAG` and :data:`STACK_TIMING_TAG` (its
+times are its share of the stack's). Each member's checkpoint is the one its run alone
+would write, so a stopped member continues alone (``execute``). A member that
 diverges ends FAILED and the others go on; a signal ends every unfinished member KILLED,
 keeping its checkpoint. MLflow is reached only through the :class:`Tracker`.
 """
@@ -27,12 +28,18 @@ from vaebench.train import EpochMetrics, resolve_device
 
 STACK_SIZE_TAG = "vaebench.stack_size"
 STACK_MEMBERS_TAG = "vaebench.stack_members"  # the members' run names, comma-separated
+STACK_TIMING_TAG = "vaebench.stack_timing"
+STACK_TIMING = (
+    "epoch_seconds, eval_seconds and seconds are this run's share of its stack: the stack's "
+    "seconds / stack_size, plus the scoring the run does alone"
+)
 
 
 def stack_tags(runs: Sequence[RunSpec]) -> dict[str, str]:
     return {
         STACK_SIZE_TAG: str(len(runs)),
         STACK_MEMBERS_TAG: ",".join(run.name for run in runs),
+        STACK_TIMING_TAG: STACK_TIMING,
     }
 
 

@@ -8,10 +8,12 @@ The members' losses are summed before one backward pass; as no parameter is shar
 member's gradient is exactly its own. A member whose loss or metrics turn NaN or infinite
 is masked out of the sum (its run fails with the reason) and the others go on.
 
-Every epoch each member is copied into the model its run alone would have (same parameter
-names) for the validation pass and, after the last epoch, the test scores: what a member
-reports is what :func:`vaebench.train.fit` reports for its config, up to floating-point
-rounding of the batched products, and the timing, which is the stack's.
+Validation and test passes are stacked as well (:mod:`vaebench.stacked_evaluation`); a
+member is copied into the model its run alone would have (same parameter names) for its
+checkpoints and, after the last epoch, for the scores it computes alone (clustering,
+likelihood). What a member reports is what :func:`vaebench.train.fit` reports for its
+config, up to floating-point rounding of the batched products, and the timing, which is
+its share of the stack's (the stack's seconds / K).
 
 This module imports neither mlflow nor optuna.
 """
@@ -27,10 +29,11 @@ import torch
 
 from vaebench.config import RunConfig
 from vaebench.data import Splits
-from vaebench.evaluation import Evaluation, evaluate, read_scalars
+from vaebench.evaluation import Evaluation, read_scalars
 from vaebench.losses import pixel_costs
 from vaebench.models import build_model
 from vaebench.stack_plan import MEMBER_KEYS, stack_key
+from vaebench.stacked_evaluation import evaluate_stack
 from vaebench.stacked_model import StackedGaussianVAE, stack_problem
 from vaebench.stacked_optim import STACKED_OPTIMIZERS, StackedOptimizer
 from vaebench.train import (
@@ -156,7 +159,11 @@ def fit_stack(
     metrics)`` sees each live member's epochs; every ``train.checkpoint_every`` epochs,
     ``save_state(i, state)`` receives each live member's :func:`member_training_state`
     (before ``on_epoch``), which :func:`vaebench.train.fit` continues alone; ``on_failed(i,
-    error)`` hears of a member that diverged when it does, while the others go on."""
+    error)`` hears of a member that diverged when it does, while the others go on.
+
+    Validation and test passes are stacked too (:func:`evaluate_stack`). A member's time
+    is its share: the stack's training and evaluation seconds divided by K, plus the
+    scoring it does alone (clustering, likelihood)."""
     keys = {stack_key(c) for c in configs}
     if len(keys) != 1:
         raise ValueError("a stack's runs differ in more than " + ", ".join(MEMBER_KEYS))
@@ -165,76 +172,102 @@ def fit_stack(
     optimizer = stacked_optimizer(configs, stack)
     outcomes: list[TrainResult | TrainingDiverged] = [TrainResult(model=m.model) for m in members]
     live = torch.ones(len(members), dtype=torch.bool, device=device)
-    n_train = len(splits.train)
-    epochs = configs[0].train.epochs
+    count, n_train = len(members), len(splits.train)
+    config = configs[0]
     started = time.perf_counter()
-    evaluations: dict[int, Evaluation | None] = {}
+    validations: list[Evaluation | None] = [None] * count
 
     def fail(index: int, error: TrainingDiverged) -> None:
         outcomes[index] = error
         live[index] = False
         if on_failed is not None:
             on_failed(index, error)
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        totals = stacked_epoch(stack, optimizer, members, splits, live)
+
+    def clock() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t1 = time.perf_counter()
+        return time.perf_counter()
+
+    for epoch in range(1, config.train.epochs + 1):
+        t0 = clock()
+        totals = stacked_epoch(stack, optimizer, members, splits, live)
+        t1 = clock()
         train_losses = totals.tolist()  # one host read for the stack
+        values = _validation_values(stack, splits, config)
+        validations = values.evaluations
+        t2 = clock()
         for index, member in enumerate(members):
             result = outcomes[index]
             if not isinstance(result, TrainResult):
                 continue
-            evaluated = time.perf_counter()
             try:
                 check_finite({"training loss": train_losses[index]}, f"after epoch {epoch}")
-                member.model.load_state_dict(stack.member_state(index))
-                values, evaluations[index] = _validation_values(member, splits)
-                check_finite(values, f"after epoch {epoch}")
-                values.update(member.model.annealed_values())
+                check_finite(values.per_member[index], f"after epoch {epoch}")
             except TrainingDiverged as exc:
                 fail(index, exc)
                 continue
             metrics = EpochMetrics(
                 epoch=epoch,
                 train_loss=train_losses[index] / n_train,
-                epoch_seconds=t1 - t0,
-                eval_seconds=time.perf_counter() - evaluated,  # this member's evaluation
-                images_per_second=n_train / (t1 - t0),
-                values=values,
+                epoch_seconds=(t1 - t0) / count,
+                eval_seconds=(t2 - t1) / count,
+                images_per_second=n_train * count / (t1 - t0),
+                values={**values.per_member[index], **member.model.annealed_values()},
             )
             result.history.append(metrics)
             if save_state is not None and checkpoint_due(epoch, member.config.train):
-                seconds = time.perf_counter() - started
+                member.model.load_state_dict(stack.member_state(index))
+                seconds = (time.perf_counter() - started) / count
                 save_state(
                     index, member_training_state(member, optimizer, index, result.history, seconds)
                 )
             if on_epoch is not None:
                 on_epoch(index, metrics)
+    tests = evaluate_stack(stack, splits.test, "test", config)
+    shared = (clock() - started) / count
     for index, member in enumerate(members):
         result = outcomes[index]
         if not isinstance(result, TrainResult):
             continue
         scoring = time.perf_counter()
+        member.model.load_state_dict(stack.member_state(index))
         try:
-            scores = final_scores(member.model, splits, member.config, evaluations.get(index))
+            scores = final_scores(
+                member.model, splits, member.config, validations[index], tests[index]
+            )
         except TrainingDiverged as exc:
             fail(index, exc)
             continue
         result.summary = summary_of(scores, result.history, n_train)
-        # the stack's training and evaluations, and this member's own final scoring
-        result.seconds = scoring - started + time.perf_counter() - scoring
+        result.seconds = shared + time.perf_counter() - scoring
     return outcomes
 
 
+@dataclass
+class StackValidation:
+    """An epoch's validation of every member: its metrics and its evaluation."""
+
+    per_member: list[dict[str, float]]
+    evaluations: list[Evaluation | None]
+
+
 def _validation_values(
-    member: Member, splits: Splits
-) -> tuple[dict[str, float], Evaluation | None]:
-    """What :func:`vaebench.train.fit` logs after an epoch, and the validation evaluation."""
+    stack: StackedGaussianVAE, splits: Splits, config: RunConfig
+) -> StackValidation:
+    """What :func:`vaebench.train.fit` logs after an epoch, for every member at once (the
+    sums read back in one transfer), and the evaluations."""
+    count = stack.members
     if splits.validation is None:
-        return {}, None
-    evaluation = evaluate(member.model, splits.validation, "validation", member.config)
-    read = read_scalars(evaluation.sums())
-    values = validation_values(evaluation, read, splits.validation)
-    return values, evaluation
+        return StackValidation([{} for _ in range(count)], [None] * count)
+    evaluations = evaluate_stack(stack, splits.validation, "validation", config)
+    sums = {f"{k}/{name}": t for k, e in enumerate(evaluations) for name, t in e.sums().items()}
+    read = read_scalars(sums)
+    per_member = [
+        validation_values(
+            evaluation,
+            {name: read[f"{k}/{name}"] for name in evaluation.sums()},
+            splits.validation,
+        )
+        for k, evaluation in enumerate(evaluations)
+    ]
+    return StackValidation(per_member, list(evaluations))

@@ -186,9 +186,14 @@ class StackedGaussianVAE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoder logits, mu and logvar for images ``x`` (K, B, ...) and standard normal
         ``noise`` (K, B, z_dim): z = mu + noise * sigma, as each member draws it alone."""
-        mu, logvar = self.head(self.encoder(x)).chunk(2, dim=-1)
+        mu, logvar = self.encode(x)
         z = mu + noise * torch.exp(0.5 * logvar)
         return self.decoder(z), mu, logvar
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's posterior mean and log-variance (K, B, z_dim) of images (K, B, ...)."""
+        mu, logvar = self.head(self.encoder(x)).chunk(2, dim=-1)
+        return mu, logvar
 
     def member_state(self, index: int) -> dict[str, torch.Tensor]:
         """Member ``index``'s ``state_dict``, as its run alone would hold it (copies)."""

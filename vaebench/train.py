@@ -316,11 +316,13 @@ def final_scores(
     splits: Splits,
     config: RunConfig,
     validation: Evaluation | None,
+    test: Evaluation | None = None,
 ) -> dict[str, float]:
-    """The test split's metrics, scored once; the clustering scores of validation (from the
-    last epoch's evaluation, ``validation``) and test (not for conditional models, whose
-    encoder or decoder sees the label); the test NLL."""
-    test = evaluate(model, splits.test, "test", config)
+    """The test split's metrics, scored once (from ``test`` where the caller evaluated it);
+    the clustering scores of validation (from the last epoch's evaluation, ``validation``)
+    and test (not for conditional models, whose encoder or decoder sees the label); the
+    test NLL."""
+    test = test or evaluate(model, splits.test, "test", config)
     values = test.metrics(read_scalars(test.sums()))
     values.update(active_unit_metric(test))
     if not model.uses_labels:

@@ -1,0 +1,50 @@
+"""The validation and test passes of a stack's members in one pass over the split.
+
+:func:`vaebench.evaluation.evaluate` of a Gaussian VAE draws its latents from the split's
+own generator, so every member alone would see the same images and the same standard
+normal draws: one draw serves all K members, which then match their runs alone up to the
+rounding of the batched products. This module imports neither mlflow nor optuna.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vaebench.config import RunConfig
+from vaebench.data import Split
+from vaebench.evaluation import Evaluation, eval_generator
+from vaebench.losses import pixel_costs
+from vaebench.stacked_model import StackedGaussianVAE
+
+
+@torch.no_grad()
+def evaluate_stack(
+    stack: StackedGaussianVAE, split: Split, split_name: str, config: RunConfig
+) -> list[Evaluation]:
+    """Each member's :class:`Evaluation` of ``split``, as ``evaluate`` gives it alone."""
+    stack.eval()
+    count, device = stack.members, split.images.device
+    generator = eval_generator(split_name, device)
+    samples = config.eval.samples
+    recon = torch.zeros(count, device=device)
+    kl = torch.zeros(count, device=device)
+    means = []
+    size = max(1, config.train.eval_batch_size // samples)  # as evaluate chunks the split
+    for start in range(0, len(split), size):
+        x = split.images[start : start + size]
+        mu, logvar = stack.encode(x.expand(count, *x.shape))
+        repeated_mu, repeated_logvar = mu.repeat(1, samples, 1), logvar.repeat(1, samples, 1)
+        noise = torch.randn(  # one member's draws, as each would make them alone
+            repeated_mu.shape[1:], generator=generator, device=device, dtype=mu.dtype
+        )
+        logits = stack.decoder(repeated_mu + noise * torch.exp(0.5 * repeated_logvar))
+        images = x.repeat(samples, *([1] * (x.dim() - 1)))
+        costs = pixel_costs(logits, images.expand(count, *images.shape), config.loss.recon, "none")
+        recon += costs.reshape(count, -1).sum(1) / samples
+        kl += -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).reshape(count, -1).sum(1)
+        means.append(mu)
+    mu_all = torch.cat(means, dim=1)
+    return [
+        Evaluation(split_name, len(split), recon[k], {"kl_z": kl[k]}, mu_all[k], None)
+        for k in range(count)
+    ]
