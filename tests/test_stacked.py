@@ -12,7 +12,7 @@ import torch
 from vaebench.config import RunConfig
 from vaebench.data import Split, Splits, load_splits
 from vaebench.evaluation import evaluate
-from vaebench.stack_plan import config_problem, stack_key
+from vaebench.stack_plan import STACKED_OPTIMIZER_NAMES, config_problem, stack_key
 from vaebench.stacked import build_member, fit_stack
 from vaebench.stacked_evaluation import evaluate_stack
 from vaebench.stacked_model import StackedGaussianVAE
@@ -28,12 +28,16 @@ FAMILIES = {
 MEMBERS = [(0, 1.0, 1e-3), (1, 4.0, 3e-3), (2, 0.5, 5e-4), (3, 1.0, 2e-3)]
 
 
-def member_configs(model: dict, images: int, batch_size: int, epochs: int, **data):
+def member_configs(
+    model: dict, images: int, batch_size: int, epochs: int, recon: str = "bce", **data
+):
+    """The K = 4 members; ``recon`` ``mixed``: bce and mse members alternate."""
+    kinds = ["bce", "mse"] if recon == "mixed" else [recon]
     return [
         RunConfig.model_validate({
             "data": {"subset": images, "validation": 300, **data},
             "model": model,
-            "loss": {"beta": beta},
+            "loss": {"beta": beta, "recon": kinds[seed % len(kinds)]},
             "optim": {"lr": lr},
             "train": {"epochs": epochs, "batch_size": batch_size, "device": "cpu"},
             "seed": seed,
@@ -68,17 +72,16 @@ def in_float64(splits: Splits) -> Splits:
 
 @pytest.mark.parametrize(
     ("family", "binarize", "recon", "optimizer"),
-    [("mlp", "none", "bce", "adam"), ("mlp", "dynamic", "bce", "rmsprop"),
-     ("conv", "none", "mse", "adam"), ("conv", "dynamic", "bce", "rmsprop")],
+    [("mlp", "none", "bce", "adam"), ("mlp", "dynamic", "mixed", "rmsprop"),
+     ("conv", "none", "mse", "adam"), ("conv", "dynamic", "mixed", "rmsprop")],
 )
 def test_a_stacks_steps_are_each_members_own_steps(
     family, binarize, recon, optimizer, mnist_root, float64
 ):
     # two epochs of two batches: four optimizer steps, two batch orders, every random draw
     configs = [
-        RunConfig.model_validate({**c.model_dump(), "loss": {"beta": c.loss.beta, "recon": recon},
-                                  "optim": {"name": optimizer, "lr": c.optim.lr}})
-        for c in member_configs(FAMILIES[family], 200, 100, 2, binarize=binarize)
+        RunConfig.model_validate({**c.model_dump(), "optim": {"name": optimizer, "lr": c.optim.lr}})
+        for c in member_configs(FAMILIES[family], 200, 100, 2, recon, binarize=binarize)
     ]
     splits = in_float64(load_splits(configs[0].data, mnist_root, CPU))
     stacked = fit_stack(configs, splits, CPU)
@@ -106,13 +109,13 @@ def test_a_stacked_evaluation_is_each_members_own(family, mnist_root, float64):
             "eval": c.eval.model_copy(update={"samples": 3}),
             "train": c.train.model_copy(update={"eval_batch_size": 120}),
         })
-        for c in member_configs(FAMILIES[family], 100, 50, 1)
+        for c in member_configs(FAMILIES[family], 100, 50, 1, recon="mixed")
     ]
     splits = in_float64(load_splits(configs[0].data, mnist_root, CPU))
     members = [build_member(config, splits, CPU) for config in configs]
     stack = StackedGaussianVAE([m.model for m in members])
     for split_name, split in (("validation", splits.validation), ("test", splits.test)):
-        stacked = evaluate_stack(stack, split, split_name, configs[0])
+        stacked = evaluate_stack(stack, split, split_name, configs)
         for member, mine in zip(members, stacked, strict=True):
             alone = evaluate(member.model, split, split_name, member.config)
             assert float(mine.recon) == pytest.approx(float(alone.recon), rel=1e-12)
@@ -215,13 +218,19 @@ def test_a_stacked_model_computes_each_members_forward():
     assert stack.member_state(1).keys() == members[1].state_dict().keys()
 
 
+def test_the_stackable_optimizers_are_the_stacked_ones():
+    assert set(STACKED_OPTIMIZER_NAMES) == set(STACKED_OPTIMIZERS)
+
+
 def test_which_runs_stack():
     base = {"model": FAMILIES["mlp"]}
     config = RunConfig.model_validate(base)
     assert config_problem(config) is None
-    reseeded = RunConfig.model_validate({**base, "seed": 5, "loss": {"beta": 3.0},
+    reseeded = RunConfig.model_validate({**base, "seed": 5, "loss": {"beta": 3.0, "recon": "mse"},
                                          "optim": {"lr": 0.01}})
     assert stack_key(reseeded) == stack_key(config)
+    other_optimizer = RunConfig.model_validate({**base, "optim": {"name": "rmsprop"}})
+    assert stack_key(other_optimizer) != stack_key(config)
     assert stack_key(RunConfig.model_validate({**base, "train": {"epochs": 3}})) != stack_key(
         config
     )

@@ -15,7 +15,7 @@ from vaebench.config import RunConfig, flatten
 # the largest stack --stack auto forms unless --max-stack says otherwise
 DEFAULT_MAX_STACK = 8
 # the settings members of one stack may differ in; all others are the stack's
-MEMBER_KEYS = ("seed", "loss.beta", "optim.lr")
+MEMBER_KEYS = ("seed", "loss.beta", "loss.recon", "optim.lr")
 # the optimizers vaebench.stacked_optim stacks (a test holds the two lists equal)
 STACKED_OPTIMIZER_NAMES = ("adam", "rmsprop")
 # optimizer options a stack reproduces (the defaults; a fused or foreach kernel does the

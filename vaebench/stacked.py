@@ -30,11 +30,10 @@ import torch
 from vaebench.config import RunConfig
 from vaebench.data import Splits
 from vaebench.evaluation import Evaluation, read_scalars
-from vaebench.losses import pixel_costs
 from vaebench.models import build_model
 from vaebench.stack_plan import MEMBER_KEYS, stack_key
 from vaebench.stacked_evaluation import evaluate_stack
-from vaebench.stacked_model import StackedGaussianVAE, stack_problem
+from vaebench.stacked_model import StackedGaussianVAE, member_reconstruction, stack_problem
 from vaebench.stacked_optim import STACKED_OPTIMIZERS, StackedOptimizer
 from vaebench.train import (
     EpochMetrics,
@@ -96,6 +95,7 @@ def stacked_epoch(
         [torch.randperm(n, generator=m.order_rng, device="cpu") for m in members]
     ).to(device)
     kl_weights = torch.tensor([m.config.loss.beta for m in members], device=device)
+    kinds = [m.config.loss.recon for m in members]
     total = torch.zeros(count, device=device)
     stack.train()
     for start in range(0, n, batch_size):
@@ -110,7 +110,7 @@ def stacked_epoch(
             [torch.randn(batch, stack.z_dim, generator=m.draw_rng, device=device) for m in members]
         )
         logits, mu, logvar = stack(x, noise)
-        recon = pixel_costs(logits, x, config.loss.recon, "none").reshape(count, -1).sum(1)
+        recon = member_reconstruction(logits, x, kinds)
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).reshape(count, -1).sum(1)
         loss = torch.where(live, recon + kl_weights * kl, 0.0)
         optimizer.zero_grad()
@@ -193,7 +193,7 @@ def fit_stack(
         totals = stacked_epoch(stack, optimizer, members, splits, live)
         t1 = clock()
         train_losses = totals.tolist()  # one host read for the stack
-        values = _validation_values(stack, splits, config)
+        values = _validation_values(stack, splits, configs)
         validations = values.evaluations
         t2 = clock()
         for index, member in enumerate(members):
@@ -223,7 +223,7 @@ def fit_stack(
                 )
             if on_epoch is not None:
                 on_epoch(index, metrics)
-    tests = evaluate_stack(stack, splits.test, "test", config)
+    tests = evaluate_stack(stack, splits.test, "test", configs)
     shared = (clock() - started) / count
     for index, member in enumerate(members):
         result = outcomes[index]
@@ -252,14 +252,14 @@ class StackValidation:
 
 
 def _validation_values(
-    stack: StackedGaussianVAE, splits: Splits, config: RunConfig
+    stack: StackedGaussianVAE, splits: Splits, configs: Sequence[RunConfig]
 ) -> StackValidation:
     """What :func:`vaebench.train.fit` logs after an epoch, for every member at once (the
     sums read back in one transfer), and the evaluations."""
     count = stack.members
     if splits.validation is None:
         return StackValidation([{} for _ in range(count)], [None] * count)
-    evaluations = evaluate_stack(stack, splits.validation, "validation", config)
+    evaluations = evaluate_stack(stack, splits.validation, "validation", configs)
     sums = {f"{k}/{name}": t for k, e in enumerate(evaluations) for name, t in e.sums().items()}
     read = read_scalars(sums)
     per_member = [

@@ -8,20 +8,24 @@ rounding of the batched products. This module imports neither mlflow nor optuna.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from vaebench.config import RunConfig
 from vaebench.data import Split
 from vaebench.evaluation import Evaluation, eval_generator
-from vaebench.losses import pixel_costs
-from vaebench.stacked_model import StackedGaussianVAE
+from vaebench.stacked_model import StackedGaussianVAE, member_reconstruction
 
 
 @torch.no_grad()
 def evaluate_stack(
-    stack: StackedGaussianVAE, split: Split, split_name: str, config: RunConfig
+    stack: StackedGaussianVAE, split: Split, split_name: str, configs: Sequence[RunConfig]
 ) -> list[Evaluation]:
-    """Each member's :class:`Evaluation` of ``split``, as ``evaluate`` gives it alone."""
+    """Each member's :class:`Evaluation` of ``split`` (member k's config ``configs[k]``), as
+    ``evaluate`` gives it alone."""
+    config = configs[0]  # the evaluation settings are the stack's
+    kinds = [c.loss.recon for c in configs]
     stack.eval()
     count, device = stack.members, split.images.device
     generator = eval_generator(split_name, device)
@@ -39,8 +43,7 @@ def evaluate_stack(
         )
         logits = stack.decoder(repeated_mu + noise * torch.exp(0.5 * repeated_logvar))
         images = x.repeat(samples, *([1] * (x.dim() - 1)))
-        costs = pixel_costs(logits, images.expand(count, *images.shape), config.loss.recon, "none")
-        recon += costs.reshape(count, -1).sum(1) / samples
+        recon += member_reconstruction(logits, images.expand(count, *images.shape), kinds) / samples
         kl += -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).reshape(count, -1).sum(1)
         means.append(mu)
     mu_all = torch.cat(means, dim=1)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaebench.losses import pixel_costs
 from vaebench.models.base import GaussianVAE
 
 # member layers this module can stack; anything else (batch norm: running statistics per
@@ -150,6 +151,25 @@ class StackedSequential(nn.Sequential):
             grouped = wants
             x = layer(x)
         return from_grouped(x, self.members) if grouped else x
+
+
+def member_reconstruction(
+    logits: torch.Tensor, x: torch.Tensor, kinds: Sequence[str]
+) -> torch.Tensor:
+    """Each member's reconstruction cost (K,) summed over its batch, member k's of the kind
+    ``kinds[k]`` (``bce`` or ``mse``). With members of both kinds both are computed and each
+    member takes its own (``torch.where``: no gradient from the other kind reaches it)."""
+    members = logits.shape[0]
+    costs = {
+        kind: pixel_costs(logits, x, kind, "none").reshape(members, -1).sum(1)
+        for kind in dict.fromkeys(kinds)
+    }
+    if len(costs) == 1:
+        return next(iter(costs.values()))
+    first = kinds[0]
+    mine = torch.tensor([kind == first for kind in kinds], device=logits.device)
+    other = next(cost for kind, cost in costs.items() if kind != first)
+    return torch.where(mine, costs[first], other)
 
 
 def stack_problem(model: nn.Module) -> str | None:
