@@ -60,7 +60,7 @@ def test_dry_run_shows_which_runs_stack(tmp_path, mnist_root, capsys):
 def test_a_stacked_grid_records_what_the_runs_alone_record(tmp_path, mnist_root):
     status, uri, stacked = run(tmp_path, mnist_root, "stacked.db", "--stack", "auto")
     assert status == 0
-    status_off, _, alone = run(tmp_path, mnist_root, "alone.db")  # --stack off, the default
+    status_off, _, alone = run(tmp_path, mnist_root, "alone.db", "--stack", "off")
     assert status_off == 0
     assert sorted(stacked.index) == sorted(alone.index) and len(stacked) == 5
     members = [name for name in stacked.index if not name.startswith("gumbel")]

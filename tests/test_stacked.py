@@ -84,7 +84,8 @@ def test_a_stacks_steps_are_each_members_own_steps(
         for c in member_configs(FAMILIES[family], 200, 100, 2, recon, binarize=binarize)
     ]
     splits = in_float64(load_splits(configs[0].data, mnist_root, CPU))
-    stacked = fit_stack(configs, splits, CPU)
+    # the stacked evaluation (the default on CUDA) here; the CPU's default in the tests below
+    stacked = fit_stack(configs, splits, CPU, stacked_evaluation=True)
     for config, member in zip(configs, stacked, strict=True):
         assert isinstance(member, TrainResult)
         alone = fit(config, splits, CPU)

@@ -101,10 +101,13 @@ class Command:
         return self.out.read_text()
 
 
-def grid_args(folder: Path, uri: str, mnist_root: Path, *extra: str) -> list[str]:
+def grid_args(
+    folder: Path, uri: str, mnist_root: Path, *extra: str, stack: str = "off"
+) -> list[str]:
+    """The grid's command line; its runs train alone unless ``stack`` is ``auto``."""
     return [
         "run", str(folder / "grid.yaml"), "--tracking-uri", uri, "--data-root", str(mnist_root),
-        "--results-dir", str(folder / "results"), "--no-report", *extra,
+        "--results-dir", str(folder / "results"), "--no-report", "--stack", stack, *extra,
     ]
 
 
@@ -153,6 +156,45 @@ def stop_when(
             time.sleep(0.05)
         command.process.send_signal(signum)
     return command, sent
+
+
+def test_a_sigkilled_stack_continues_each_member_alone(tmp_path, mnist_root):
+    """A stack of both runs SIGKILLed once its second epoch shows: the rerun marks both
+    KILLED and continues each alone from its last checkpoint, in its own MLflow run."""
+    (tmp_path / "grid.yaml").write_text(GRID)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed = Command(grid_args(tmp_path, uri, mnist_root, stack="auto"), tmp_path)
+    killed.wait_for(r"^\[1/2\] stack of 2 \(\S+, \S+\) epoch 2/4 ")
+    killed.process.send_signal(signal.SIGKILL)
+    assert killed.finish() == -signal.SIGKILL
+    stranded = [r for r in children(all_runs(uri, "survive")) if r.info.status == "RUNNING"]
+    assert len(stranded) == 2 and all(r.data.tags["vaebench.stack_size"] == "2" for r in stranded)
+    for run in stranded:
+        assert (tmp_path / "checkpoints" / f"{run.info.run_id}.pt").is_file()
+
+    rerun = Command(grid_args(tmp_path, uri, mnist_root, stack="auto"), tmp_path)
+    assert rerun.finish() == 0, rerun.stderr
+    assert "Traceback" not in rerun.stderr
+    # each after its last checkpoint: the kill may fall between the members' epoch-2 writes
+    continued = re.findall(r"^\[\d/2\] \S+ continues after epoch [12]$", rerun.stderr, re.M)
+    assert len(continued) == 2, rerun.stderr[-3000:]
+    finished = assert_each_variant_finished_once(all_runs(uri, "survive"), 2)
+    assert {r.info.run_id for r in finished.values()} == {r.info.run_id for r in stranded}
+    for run in finished.values():
+        for metric in ("train_loss", "val_elbo", "epoch_seconds"):
+            assert steps(uri, run.info.run_id, metric) == [1, 2, 3, 4]
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+
+    # the same grid stacked, never interrupted: each member ends where its continuation did
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "grid.yaml").write_text(GRID)
+    reference_uri = f"sqlite:///{tmp_path / 'reference' / 'mlflow.db'}"
+    args = grid_args(tmp_path / "reference", reference_uri, mnist_root, stack="auto")
+    assert Command(args, tmp_path).finish() == 0
+    reference = assert_each_variant_finished_once(all_runs(reference_uri, "survive"), 2)
+    for key, run in finished.items():
+        theirs = reference[key].data.metrics["test_elbo"]
+        assert abs(run.data.metrics["test_elbo"] - theirs) < 0.05, key
 
 
 def test_sigkill_mid_epoch_then_rerun_continues_the_run(tmp_path, mnist_root):

@@ -76,10 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stack",
         choices=("auto", "off"),
-        default="off",
-        help="auto: runs of one shape that differ only in seed, loss.beta and optim.lr train "
-        "together as one stacked model (mlp and conv families, Adam or RMSprop, elbo); off "
-        "(default for now): every run alone",
+        default="auto",
+        help="auto (default): runs of one shape that differ only in seed, loss.beta, "
+        "loss.recon and optim.lr train together as one stacked model (mlp and conv families, "
+        "Adam or RMSprop, elbo); off: every run alone",
     )
     run.add_argument(
         "--max-stack",
