@@ -12,7 +12,9 @@ from mlflow.tracking import MlflowClient
 from vaebench.cli import main
 from vaebench.config import ModelConfig
 from vaebench.execute_stack import STACK_MEMBERS_TAG, STACK_SIZE_TAG, STACK_TIMING_TAG
+from vaebench.grid import expand, load_grid
 from vaebench.models import build_model
+from vaebench.stack_plan import config_problem, plan_stacks
 
 GRID = """
 name: stacks
@@ -55,6 +57,20 @@ def test_dry_run_shows_which_runs_stack(tmp_path, mnist_root, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("5 runs, 1 stacks")  # 3 stacked, the fourth alone
     assert sum(" s1/3 " in line for line in lines) == 3
+
+
+def test_conv_runs_stack_on_cuda_only(tmp_path, capsys):
+    grid = tmp_path / "conv.yaml"
+    grid.write_text(
+        "name: conv\nbase:\n  model: {arch: conv, channels: [8, 16]}\n"
+        "  train: {epochs: 1, device: cpu}\nmatrix:\n  loss.beta: [1, 4]\nseeds: [0]\n"
+    )
+    assert main(["run", str(grid), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("2 runs, 0 stacks")  # on the CPU each conv run trains alone
+    configs = [run.config for run in expand(load_grid(grid))]
+    assert plan_stacks(configs, 8, lambda config: False) == [[0, 1]]  # on CUDA, one stack
+    assert "CUDA only" in config_problem(configs[0], on_cpu=True)
 
 
 def test_a_stacked_grid_records_what_the_runs_alone_record(tmp_path, mnist_root):

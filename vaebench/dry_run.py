@@ -1,15 +1,18 @@
 """``run --dry-run``: the runs a grid file expands to and the stacks they would train in,
-answered at once (no torch, no MLflow: a test holds this module's imports to that).
+answered at once: no MLflow, and torch only to resolve ``train.device: auto`` for conv runs
+(a test holds an mlp grid's dry run to no torch).
 
-This module imports neither torch, nor mlflow, nor optuna.
+This module imports neither mlflow nor optuna, and torch only in :func:`trains_on_cpu`.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vaebench.config import RunConfig
 from vaebench.grid import RunSpec, expand, load_grid
 from vaebench.stack_plan import plan_stacks
 
@@ -17,7 +20,21 @@ from vaebench.stack_plan import plan_stacks
 def dry_run(grid_path: str | Path, max_stack: int, stream=None) -> None:
     """Check and expand the grid file; print its runs and their stacks; create nothing."""
     runs = expand(load_grid(Path(grid_path)))
-    print_dry_run(runs, plan_stacks([run.config for run in runs], max_stack), stream)
+    configs = [run.config for run in runs]
+    print_dry_run(runs, plan_stacks(configs, max_stack, trains_on_cpu), stream)
+
+
+def trains_on_cpu(config: RunConfig) -> bool:
+    """Whether a run trains on the CPU (asked only of conv runs, whose stacking depends on
+    it). ``train.device: auto`` is the CPU with a CPU build of torch (read from its version,
+    without importing it); with another build, torch is asked."""
+    if config.train.device != "auto":
+        return config.train.device == "cpu"
+    if "+cpu" in importlib.metadata.version("torch"):
+        return True
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def print_dry_run(runs: Sequence[RunSpec], stacks: Sequence[Sequence[int]], stream=None) -> None:

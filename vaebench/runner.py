@@ -39,7 +39,7 @@ from vaebench.tracking import (
     sqlite_path,
     tracker_opened_during,
 )
-from vaebench.train import EpochMetrics
+from vaebench.train import EpochMetrics, resolve_device
 
 SUMMARY_COLUMNS = [
     "name",
@@ -127,7 +127,7 @@ def run_grid(
                 tracker.set_tags(parent, lease_tags(seconds))
 
             alone = [None if step.action == "continue" else step.run.config for _, step in todo]
-            for group in plan_stacks(alone, max_stack):
+            for group in plan_stacks(alone, max_stack, trains_on_cpu):
                 ready = []
                 for number, step in (todo[index] for index in group):
                     step = step if rerun else _as_stored_now(step, grid.name, tracker)
@@ -307,6 +307,10 @@ def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:
     path = folder / f"{name}.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+def trains_on_cpu(config) -> bool:
+    return resolve_device(config.train.device).type == "cpu"
 
 
 def print_summary(outcome: GridOutcome, stream=None) -> None:
