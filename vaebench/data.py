@@ -212,11 +212,17 @@ def read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndar
     return images, labels
 
 
+def ensure_dataset(dataset: str, root: Path) -> dict[str, Path]:
+    """The paths of all of ``dataset``'s files (both splits), downloading missing ones."""
+    info = DATASETS[dataset]
+    return ensure_files(dataset, root, info.train_files + info.test_files)
+
+
 @functools.lru_cache(maxsize=4)
 def load_arrays(dataset: str, root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """uint8 images and labels of both splits, read once per process."""
     info = DATASETS[dataset]
-    paths = ensure_files(dataset, root, info.train_files + info.test_files)
+    paths = ensure_dataset(dataset, root)
     return {
         "train": read_pair(*(paths[name] for name in info.train_files)),
         "test": read_pair(*(paths[name] for name in info.test_files)),

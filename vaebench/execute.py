@@ -35,7 +35,7 @@ from vaebench.classifier import ClassifierCache
 from vaebench.config import first_line
 from vaebench.data import Splits
 from vaebench.grid import RunSpec
-from vaebench.preflight import preflight
+from vaebench.preflight import check_before_tracking, preflight
 from vaebench.progress import RunProgress
 from vaebench.provenance import code_version, run_tags
 from vaebench.signals import deferred_signals
@@ -55,6 +55,11 @@ class Workspace:
         self.checkpoints = checkpoints
         self.classifiers = ClassifierCache(data_root)
         self._splits: dict[tuple[str, str], Splits] = {}
+
+    def check(self, runs: Sequence[RunSpec]) -> None:
+        """The quick part of the preflight (clashing settings, data files present): what
+        must fail before the tracking store is even opened."""
+        check_before_tracking(runs, self.data_root)
 
     def prepare(self, runs: Sequence[RunSpec]) -> None:
         """Preflight ``runs`` (errors before anything is tracked) and keep their splits."""

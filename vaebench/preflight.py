@@ -11,12 +11,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from vaebench.config import VaebenchError, cross_section_problems
-from vaebench.data import Splits, load_splits
+from vaebench.data import Splits, ensure_dataset, load_splits
 from vaebench.grid import RunSpec
 from vaebench.models import build_model
 from vaebench.train import build_optimizer, resolve_device
 
 SplitsKey = tuple[str, str]  # (data config as JSON, device)
+
+
+def check_before_tracking(runs: Sequence[RunSpec], data_root: Path) -> None:
+    """The quick checks: settings that clash, and every dataset's files present (downloaded
+    where missing). They run before the tracking store is opened, so that such an error
+    leaves no store behind; :func:`preflight` then loads the data while the store opens."""
+    for run in runs:
+        problems = cross_section_problems(run.config)
+        if problems:
+            raise VaebenchError("; ".join(f"{run.name}: {key}: {msg}" for key, msg in problems))
+    for dataset in sorted({run.config.data.dataset for run in runs}):
+        ensure_dataset(dataset, data_root)
 
 
 def preflight(
@@ -28,10 +40,8 @@ def preflight(
     optimizer once; returns the device-resident splits keyed by (data config, device)."""
     splits: dict[SplitsKey, Splits] = dict(loaded or {})
     checked: set[str] = set()
+    check_before_tracking(runs, data_root)
     for run in runs:
-        problems = cross_section_problems(run.config)
-        if problems:
-            raise VaebenchError("; ".join(f"{run.name}: {key}: {msg}" for key, msg in problems))
         device = resolve_device(run.config.train.device)
         data_key = (run.config.data.model_dump_json(), str(device))
         if data_key not in splits:

@@ -93,6 +93,7 @@ def run_grid(
     check_output_folder(checkpoints, "--checkpoint-dir")
     workspace = Workspace(resolve_root(data_root), CheckpointStore(checkpoints))
     if tracker is None:
+        workspace.check(runs)
         tracker = tracker_opened_during(uri, lambda: workspace.prepare(runs))
     else:
         workspace.prepare(runs)

@@ -274,7 +274,9 @@ def run_study(
     check_storage(ref)
     check_output_folder(Path(results_dir))
     workspace = Workspace(resolve_root(data_root), checkpoints=None)
-    tracker = tracker_opened_during(uri, lambda: workspace.prepare([trial_run(spec, "base", {})]))
+    base = [trial_run(spec, "base", {})]
+    workspace.check(base)
+    tracker = tracker_opened_during(uri, lambda: workspace.prepare(base))
     shared = open_storage(ref)
     study = _shared_study(spec, ref, shared)
     recover_abandoned(tracker, tracker.previous_runs(spec.name, STUDY_TAG, spec.name), sys.stderr)
