@@ -7,6 +7,16 @@ A RUNNING run is *abandoned* when its owner is on this host and that process is
 gone, or, for an owner on another host, when its lease expired. A rerun marks
 abandoned runs KILLED and continues them from their checkpoint.
 
+Claims (exactly once across processes and machines): before a run trains, its
+claimant creates a RUNNING MLflow run carrying the run key and its lease, waits
+:func:`settle_seconds`, then reads every run of the key; the claim stands unless a
+FINISHED run of the key exists or another live RUNNING one was created earlier
+(ordered by start time, then run id); a claim that loses deletes its run. Two
+claimants of one key: the later-created one sees the earlier (the store reads back
+what was written before), so at most the earliest trains. A run continued from its
+checkpoint is claimed the same way, with a claim run tagged :data:`CLAIM_TAG` that
+the winner deletes once the stopped run is RUNNING again under its lease.
+
 This module reads tags and the process table, and writes through the Tracker.
 """
 
@@ -21,12 +31,19 @@ from pathlib import Path
 from typing import TextIO
 
 from vaebench.grid import RunSpec
-from vaebench.tracking import RunRecord, Tracker
+from vaebench.tracking import RUN_KEY_TAG, RunRecord, Tracker, sqlite_path
 
 OWNER_TAG = "vaebench.lease_owner"
 EXPIRES_TAG = "vaebench.lease_expires"
 LEASE_SECONDS = 900.0  # at least; a lease covers three of the run's longest epochs
 LEASE_EPOCHS = 3
+CLAIM_TAG = "vaebench.claim_for"  # on a claim run: the id of the stopped run it continues
+SETTLE_ENV = "VAEBENCH_CLAIM_SETTLE"
+# between creating a claim and reading the others: longer than the clocks of two machines
+# may differ (NTP keeps them within milliseconds); on one machine, past the millisecond of
+# the start time, so that a later claimant's start time is later
+REMOTE_SETTLE_SECONDS = 0.5
+LOCAL_SETTLE_SECONDS = 0.01
 
 
 def _process_start(pid: int) -> str | None:
@@ -76,6 +93,9 @@ def recover_abandoned(
     now: list[RunRecord] = []
     for record in records:
         reason = abandoned(record.tags) if record.status == "RUNNING" else None
+        if reason is not None and CLAIM_TAG in record.tags:  # a claim its process left
+            tracker.delete_run(record.run_id)
+            continue
         if reason is not None:
             tracker.end_run(record.run_id, "KILLED", f"abandoned: {reason}")
             print(
@@ -107,7 +127,7 @@ def plan(runs: Sequence[RunSpec], records: Sequence[RunRecord], rerun: bool) -> 
     """
     by_key: dict[str, list[RunRecord]] = {}
     for record in records:
-        if record.key is not None:
+        if record.key is not None and (CLAIM_TAG not in record.tags or record.status == "RUNNING"):
             by_key.setdefault(record.key, []).append(record)
     planned = []
     for run in runs:
@@ -127,3 +147,64 @@ def plan(runs: Sequence[RunSpec], records: Sequence[RunRecord], rerun: bool) -> 
 
 
 STATUSES = ("FINISHED", "RUNNING", "KILLED")
+
+
+def settle_seconds(tracking_uri: str) -> float:
+    """How long a claimant waits between writing its claim and reading the others
+    (``$VAEBENCH_CLAIM_SETTLE`` overrides): a local SQLite store shares this machine's clock."""
+    if os.environ.get(SETTLE_ENV):
+        return float(os.environ[SETTLE_ENV])
+    return LOCAL_SETTLE_SECONDS if sqlite_path(tracking_uri) else REMOTE_SETTLE_SECONDS
+
+
+def _precedes(record: RunRecord, mine: RunRecord) -> bool:
+    return (record.start_time, record.run_id) < (mine.start_time, mine.run_id)
+
+
+def claim_holds(
+    tracker: Tracker, experiment: str, key: str, claim_id: str, settle: float, since_ms: int = 0
+) -> bool:
+    """Whether the claim ``claim_id`` (a RUNNING run of ``key`` this process created) wins.
+
+    It loses to a FINISHED run of the key that started at ``since_ms`` or later (0: any; a
+    ``--rerun`` invocation passes its own start) and to a live RUNNING run created earlier.
+    """
+    time.sleep(settle)
+    records = tracker.previous_runs(experiment, RUN_KEY_TAG, key)
+    mine = next((r for r in records if r.run_id == claim_id), None)
+    if mine is None:
+        raise RuntimeError(f"claim {claim_id} of {key} is not in the store it was written to")
+    for record in records:
+        if record.run_id == claim_id:
+            continue
+        if record.status == "FINISHED" and record.start_time >= since_ms:
+            return False
+        if record.status == "RUNNING" and abandoned(record.tags) is None and _precedes(
+            record, mine
+        ):
+            return False
+    return True
+
+
+def claim_run(
+    tracker: Tracker,
+    experiment: str,
+    run: RunSpec,
+    tags: Mapping[str, str],
+    settle: float,
+    since_ms: int = 0,
+    continues: str | None = None,
+) -> str | None:
+    """Claim ``run``: the id of the RUNNING run created for it, or None if another claimant
+    holds it (the claim run is then deleted). ``continues``: the stopped run this claim is
+    for (the claim run is only a claim; the caller deletes it once that run is reopened).
+    """
+    claim_tags = {**tags, RUN_KEY_TAG: run.key, **lease_tags()}
+    if continues is None:
+        claim_id = tracker.start_run(run.name, run.params, claim_tags)
+    else:
+        claim_id = tracker.start_run(run.name, {}, {**claim_tags, CLAIM_TAG: continues})
+    if claim_holds(tracker, experiment, run.key, claim_id, settle, since_ms):
+        return claim_id
+    tracker.delete_run(claim_id)
+    return None

@@ -88,6 +88,43 @@ def _parser() -> argparse.ArgumentParser:
         help="the most runs one stack trains (default: 8)",
     )
     run.add_argument(
+        "--workers",
+        default="1",
+        help="processes on this machine that share the grid's runs, each run trained by one "
+        "of them (default: 1); auto: one per visible GPU (one process without a GPU)",
+    )
+    run.add_argument(
+        "--per-gpu",
+        type=_positive,
+        default=None,
+        help="with --workers auto: this many workers on each GPU (default: 1)",
+    )
+    run.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default): this process, or --workers processes on this machine; ray: "
+        'each stack or run is a Ray task (pip install -e ".[ray]")',
+    )
+    run.add_argument(
+        "--address",
+        help="with --executor ray: the Ray cluster to join (default: $RAY_ADDRESS, else a "
+        "local Ray instance with this machine's cores)",
+    )
+    run.add_argument(
+        "--task-cpus",
+        type=float,
+        default=1.0,
+        help="with --executor ray: CPUs each task asks for, and its torch threads (default: 1)",
+    )
+    run.add_argument(
+        "--task-gpus",
+        type=float,
+        default=0.0,
+        help="with --executor ray: the share of a GPU each task asks for, e.g. 0.25 puts "
+        "four runs on one GPU (default: 0, CPU tasks)",
+    )
+    run.add_argument(
         "--checkpoint-dir",
         help="where running runs keep their checkpoints (default: checkpoints/ beside the "
         "SQLite store, else in the working folder)",
@@ -175,7 +212,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from vaebench.stack_plan import DEFAULT_MAX_STACK
+    from vaebench.workers import Execution, parse_workers
 
+    if args.executor == "ray" and (args.workers != "1" or args.per_gpu is not None):
+        raise VaebenchError("--workers and --per-gpu are for --executor local; Ray places tasks")
+    execution = Execution(
+        args.executor, parse_workers(args.workers), args.per_gpu, args.address,
+        args.task_cpus, args.task_gpus,
+    )
     max_stack = 1 if args.stack == "off" else args.max_stack or DEFAULT_MAX_STACK
     if args.dry_run:  # answered without importing torch or MLflow
         from vaebench.dry_run import dry_run
@@ -193,8 +237,11 @@ def _run(args: argparse.Namespace) -> int:
         rerun=args.rerun,
         checkpoint_dir=args.checkpoint_dir,
         max_stack=max_stack,
+        execution=execution,
     )
-    if outcome.failed:
+    for line in outcome.worker_errors:
+        print(f"vaebench: {line}", file=sys.stderr)
+    if outcome.failed or outcome.worker_errors:
         print(
             f"vaebench: {len(outcome.failed)} of {len(outcome.rows)} runs failed", file=sys.stderr
         )

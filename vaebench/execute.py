@@ -116,6 +116,7 @@ def execute(
     index: int,
     total: int,
     continue_id: str | None = None,
+    claimed_id: str | None = None,
     on_start: Callable[[str], None] | None = None,
     epoch_hook: EpochHook | None = None,
     extra_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
@@ -126,7 +127,9 @@ def execute(
 
     ``continue_id`` names a stopped (KILLED) run of the same key: with a checkpoint
     of this code, the run goes on in that MLflow run after its last saved epoch;
-    without one, a new run starts and the old one stays KILLED.
+    without one, a new run starts and the old one stays KILLED. ``claimed_id``: the
+    RUNNING run a claim created for this run (:func:`vaebench.claims.claim_run`, with the
+    tags this function would give it), trained in instead of starting one.
     """
     device = resolve_device(run.config.train.device)
     splits = workspace.splits_for(run)
@@ -140,6 +143,8 @@ def execute(
             if state is not None:
                 run_id = continue_id
                 tracker.reopen_run(run_id, lease_tags())
+            elif claimed_id is not None:
+                run_id = claimed_id
             else:
                 tags = {**tags, **run_tags(run), **lease_tags()}
                 run_id = tracker.start_run(run.name, run.params, tags)

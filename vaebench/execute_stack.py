@@ -51,10 +51,12 @@ def execute_stack(
     number: int,
     total: int,
     epoch_hook: EpochHook | None = None,
+    claimed_ids: Sequence[str] | None = None,
 ) -> list[RunOutcome | Exception]:
     """Train and track ``runs`` (one stack key) as one stack; for each run, in order, its
     outcome or the error that failed it. Raises what stops the stack as a whole (a signal,
-    the store failing)."""
+    the store failing). ``claimed_ids``: the RUNNING runs claims created for ``runs``
+    (:func:`vaebench.claims.claim_run`), trained in instead of starting new ones."""
     epochs = runs[0].config.train.epochs
     device = resolve_device(runs[0].config.train.device)
     splits = workspace.splits_for(runs[0])
@@ -68,7 +70,11 @@ def execute_stack(
     status = "FAILED"
     try:
         with deferred_signals():  # a signal waits until the runs' ids are known and recorded
-            for run in runs:
+            if claimed_ids is not None:
+                run_ids += claimed_ids
+                for run_id in run_ids:
+                    tracker.set_tags(run_id, stack_tags(runs))
+            for run in runs if claimed_ids is None else ():
                 run_tag_set = {**tags, **run_tags(run), **lease_tags(), **stack_tags(runs)}
                 run_ids.append(tracker.start_run(run.name, run.params, run_tag_set))
 

@@ -7,6 +7,19 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+_prefix = ""  # set in a worker process: its lines say which worker they come from
+
+
+def set_line_prefix(prefix: str) -> None:
+    """Plain lines from now on in this process (no bars: several processes share one
+    terminal), each starting with ``prefix``."""
+    global _prefix
+    _prefix = prefix
+
+
+def line_prefix() -> str:
+    return _prefix
+
 
 class RunProgress:
     """Shows "run k of N", the epoch and the latest losses of one run."""
@@ -22,9 +35,9 @@ class RunProgress:
     ):
         """``start``: epochs already done (a run continued from its checkpoint)."""
         self.stream = stream or sys.stderr
-        self.label = f"[{index}/{total}] {name}"
+        self.label = f"{_prefix}[{index}/{total}] {name}"
         self.epochs = epochs
-        self.interactive = self.stream.isatty()
+        self.interactive = self.stream.isatty() and not _prefix
         self.bar = (
             tqdm(
                 total=epochs,

@@ -20,18 +20,19 @@ from typing import Any
 import pandas as pd
 
 from vaebench.checkpoint import CheckpointStore, default_folder
-from vaebench.claims import OWNER_TAG, Planned, lease_tags, plan, recover_abandoned
+from vaebench.claims import Planned, lease_tags, plan, recover_abandoned, settle_seconds
 from vaebench.config import VaebenchError
 from vaebench.data import resolve_root
-from vaebench.execute import EpochHook, RunOutcome, Workspace, end_quietly, execute
-from vaebench.execute_stack import execute_stack
+from vaebench.execute import Workspace, end_quietly
 from vaebench.grid import RunSpec, expand, load_grid
+from vaebench.grid_work import GridWork, WorkRecord, print_skip, stored_row, work_through
+from vaebench.grid_workers import GridJob, rows_from_store, run_workers
 from vaebench.preflight import check_output_folder
 from vaebench.provenance import base_tags
+from vaebench.ray_executor import import_ray, run_on_ray
 from vaebench.signals import Interrupted, deferred_signals, interruptible
 from vaebench.stack_plan import plan_stacks
 from vaebench.tracking import (
-    RUN_KEY_TAG,
     MLflowTracker,
     Tracker,
     TrackingError,
@@ -40,6 +41,7 @@ from vaebench.tracking import (
     tracker_opened_during,
 )
 from vaebench.train import EpochMetrics, resolve_device
+from vaebench.workers import Execution, WorkerSlot, cores, plan_workers, visible_gpus
 
 SUMMARY_COLUMNS = [
     "name",
@@ -61,6 +63,7 @@ class GridOutcome:
     rows: list[dict[str, Any]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run name, error line)
     skipped: int = 0  # FINISHED before this invocation
+    worker_errors: list[str] = field(default_factory=list)  # a line per worker that died
     csv_path: Path | None = None
     report_folder: Path | None = None
 
@@ -75,17 +78,23 @@ def run_grid(
     rerun: bool = False,
     checkpoint_dir: str | Path | None = None,
     max_stack: int = 1,
+    execution: Execution | None = None,
 ) -> GridOutcome:
     """Check, expand and train a grid file; record it and return what happened.
 
     Runs that can share a stack (:mod:`vaebench.stacked`) train together, at most
-    ``max_stack`` at a time (1, the default: every run alone). With ``report`` (and an
+    ``max_stack`` at a time (1, the default: every run alone). ``execution`` says who
+    trains them: this process, local worker processes (:mod:`vaebench.grid_workers`) or
+    Ray tasks (:mod:`vaebench.ray_executor`), each run claimed by one of them
+    (:mod:`vaebench.claims`). With ``report`` (and an
     MLflow tracker) the invocation's report follows: ``results/<grid>/`` and artifacts of
     the parent run.
     """
     grid_path = Path(grid_path)
     grid = load_grid(grid_path)
     runs = expand(grid)
+    execution = execution or Execution()
+    slots = _worker_slots(execution, runs)
     results = Path(results_dir)
     check_output_folder(results)
     uri = resolve_tracking_uri(tracking_uri)
@@ -113,46 +122,59 @@ def run_grid(
 
     tags = base_tags(**{GRID_TAG: grid.name, "vaebench.grid_file": str(grid_path)})
     started = time.strftime("%Y%m%d-%H%M%S")
+    alone = [None if step.action == "continue" else step.run.config for _, step in todo]
+    stacks = plan_stacks(alone, max_stack, trains_on_cpu)
+    groups = [[todo[i][0] - 1 for i in group] for group in stacks]
     parent, ended = None, False
     with interruptible():
         try:
+            since_ms = int(time.time() * 1000)
             with deferred_signals():  # a signal waits until the parent run is recorded
                 parent = tracker.start_grid(
                     grid.name,
                     f"{grid.name}-{started}",
-                    {**tags, "vaebench.runs": str(len(runs)), **lease_tags()},
+                    {
+                        **tags,
+                        "vaebench.runs": str(len(runs)),
+                        "vaebench.executor": execution.executor,
+                        "vaebench.workers": str(len(slots)) if slots else "ray tasks",
+                        **lease_tags(),
+                    },
                 )
+            work = GridWork(grid.name, groups, tags, rerun, since_ms, settle_seconds(uri))
 
-            def renew_parent_lease(metrics: EpochMetrics) -> None:
-                seconds = metrics.epoch_seconds + metrics.eval_seconds
+            def renew_parent_lease(metrics: EpochMetrics | None = None) -> None:
+                seconds = metrics.epoch_seconds + metrics.eval_seconds if metrics else 0.0
                 tracker.set_tags(parent, lease_tags(seconds))
 
-            alone = [None if step.action == "continue" else step.run.config for _, step in todo]
-            for group in plan_stacks(alone, max_stack, trains_on_cpu):
-                ready = []
-                for number, step in (todo[index] for index in group):
-                    step = step if rerun else _as_stored_now(step, grid.name, tracker)
-                    if step.action in ("skip", "elsewhere"):  # another invocation took it
-                        _print_skip(number, len(planned), step)
-                        outcome.rows.append(_skipped_row(step))
-                        outcome.skipped += step.action == "skip"
-                    else:
-                        ready.append((number, step))
-                fresh = [(number, step) for number, step in ready if step.action == "train"]
-                if len(fresh) > 1:  # those still new train as a stack; a continued run alone
-                    outcome.rows += _run_stack(
-                        fresh, len(planned), tracker, workspace, tags, outcome, renew_parent_lease
-                    )
-                    ready = [item for item in ready if item not in fresh]
-                for number, step in ready:
-                    outcome.rows.append(
-                        _run_step(
-                            step, number, len(planned), tracker, workspace, tags, outcome,
-                            renew_parent_lease,
+            if execution.executor == "local" and len(slots) == 1 and slots[0].gpu is None:
+                record = WorkRecord()
+                try:
+                    renew = renew_parent_lease
+                    work_through(work, runs, planned, tracker, workspace, record, renew)
+                finally:
+                    _take(outcome, record)
+            else:
+                job = GridJob(
+                    str(grid_path), work, uri, tracker.experiment_id, parent,
+                    workspace.data_root, workspace.checkpoints.folder, GRID_TAG,
+                )
+                try:
+                    outcome.worker_errors = (
+                        run_on_ray(
+                            job, execution.address, execution.task_cpus, execution.task_gpus,
+                            len(todo), renew_parent_lease,
                         )
+                        if execution.executor == "ray"
+                        else run_workers(job, slots, len(todo), renew_parent_lease)
                     )
+                finally:
+                    trained = [step.run for _, step in todo]
+                    stored = rows_from_store(trained, tracker, grid.name, GRID_TAG, sys.stderr)
+                    _take(outcome, stored)
             with deferred_signals():
-                tracker.end_run(parent, "FAILED" if outcome.failed else "FINISHED")
+                failed = outcome.failed or outcome.worker_errors
+                tracker.end_run(parent, "FAILED" if failed else "FINISHED")
                 ended = True
         except Interrupted as exc:
             if not ended:
@@ -173,10 +195,25 @@ def run_grid(
     return outcome
 
 
-def _as_stored_now(step: Planned, name: str, tracker: Tracker) -> Planned:
-    """The step planned again from the store just before its run trains: an invocation of the
-    same grid started meanwhile may have finished or taken the run."""
-    return plan([step.run], tracker.previous_runs(name, RUN_KEY_TAG, step.run.key), False)[0]
+def _take(outcome: GridOutcome, record: WorkRecord) -> None:
+    """The rows, failures and skips of work done (here or in the workers) into the outcome."""
+    outcome.rows += record.rows
+    outcome.failed += record.failed
+    outcome.skipped += record.skipped
+
+
+def _worker_slots(execution: Execution, runs: Sequence[RunSpec]) -> list[WorkerSlot]:
+    """The local worker processes to start (pinned to the visible GPUs where runs train on
+    CUDA); Ray places its tasks itself."""
+    if execution.executor == "ray":
+        import_ray()  # a missing extra is a one-line error before anything is tracked
+        return []
+    gpus: list[str] = []
+    if any(resolve_device(run.config.train.device).type == "cuda" for run in runs):
+        import torch
+
+        gpus = visible_gpus(torch.cuda.device_count())
+    return plan_workers(execution.workers, execution.per_gpu, gpus, cores())
 
 
 def _plan(
@@ -193,8 +230,8 @@ def _plan(
     planned = plan(runs, previous, rerun)
     for number, step in enumerate(planned, start=1):
         if step.action in ("skip", "elsewhere"):
-            _print_skip(number, len(planned), step)
-            outcome.rows.append(_skipped_row(step))
+            print_skip(number, len(planned), step)
+            outcome.rows.append(stored_row(step.run, step.previous))
     outcome.skipped = sum(step.action == "skip" for step in planned)
     continued = {step.previous.run_id for step in planned if step.action == "continue"}
     keys = {run.key for run in runs}
@@ -202,77 +239,6 @@ def _plan(
         if record.status == "KILLED" and record.key in keys and record.run_id not in continued:
             workspace.checkpoints.remove(record.run_id)  # superseded: finished or rerun
     return planned
-
-
-def _run_step(
-    step: Planned,
-    number: int,
-    total: int,
-    tracker: Tracker,
-    workspace: Workspace,
-    tags: dict[str, str],
-    outcome: GridOutcome,
-    epoch_hook: EpochHook,
-) -> dict[str, Any]:
-    """One run's row of the results; a failing run does not stop the grid."""
-    run = step.run
-    stopped = step.previous.run_id if step.previous is not None else None
-    try:
-        done = execute(
-            run, tracker, workspace, tags, number, total, continue_id=stopped,
-            epoch_hook=epoch_hook,
-        )
-    except Exception as exc:
-        if isinstance(exc, TrackingError):
-            raise
-        return _row(run, exc, outcome)
-    return _row(run, done, outcome)
-
-
-def _run_stack(
-    ready: Sequence[tuple[int, Planned]],
-    total: int,
-    tracker: Tracker,
-    workspace: Workspace,
-    tags: dict[str, str],
-    outcome: GridOutcome,
-    epoch_hook: EpochHook,
-) -> list[dict[str, Any]]:
-    """The rows of runs trained as one stack; a failing stack does not stop the grid."""
-    runs = [step.run for _, step in ready]
-    try:
-        done = execute_stack(runs, tracker, workspace, tags, ready[0][0], total, epoch_hook)
-    except Exception as exc:
-        if isinstance(exc, TrackingError):
-            raise
-        done = [exc] * len(runs)
-    return [_row(run, result, outcome) for run, result in zip(runs, done, strict=True)]
-
-
-def _row(run: RunSpec, done: RunOutcome | Exception, outcome: GridOutcome) -> dict[str, Any]:
-    """A run's row of the results: its final values, or FAILED (and the error, in
-    ``outcome.failed``)."""
-    if isinstance(done, Exception):
-        line = str(done).splitlines()[0] if str(done) else ""
-        outcome.failed.append((run.name, f"{type(done).__name__}: {line}"))
-        return {"name": run.name, "key": run.key, "status": "FAILED", **run.params}
-    row = {"name": run.name, "key": run.key, "status": "FINISHED", "run_id": done.run_id}
-    return {**row, **run.params, **done.final}
-
-
-def _print_skip(number: int, total: int, step: Planned) -> None:
-    run_id = step.previous.run_id
-    if step.action == "skip":
-        why = f"FINISHED already in run {run_id}"
-    else:
-        why = f"RUNNING in run {run_id}, held by {step.previous.tags.get(OWNER_TAG, '?')}"
-    print(f"[{number}/{total}] {step.run.name} skipped: {why}", file=sys.stderr, flush=True)
-
-
-def _skipped_row(step: Planned) -> dict[str, Any]:
-    record = step.previous
-    row = {"name": step.run.name, "key": step.run.key, "status": record.status}
-    return {**row, "run_id": record.run_id, **step.run.params, **record.metrics}
 
 
 def _close(outcome: GridOutcome, results: Path, name: str, runs: Sequence[RunSpec]) -> None:

@@ -7,6 +7,7 @@ opened by every process of a study (:func:`open_storage`).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import optuna
@@ -67,7 +68,7 @@ def check_storage(ref: str) -> None:
     except ImportError as exc:
         raise VaebenchError(
             f"storage {display_storage(ref)}: {first_line(exc)} (install the database driver; "
-            'for postgresql+psycopg:// URLs: pip install "psycopg[binary]")'
+            'for postgresql+psycopg:// URLs: pip install -e ".[postgres]")'
         ) from None
     except Exception as exc:  # noqa: BLE001 - unparsable URL, unknown dialect
         raise VaebenchError(f"storage {display_storage(ref)}: {first_line(exc)}") from None
@@ -81,8 +82,14 @@ def open_storage(ref: str) -> optuna.storages.BaseStorage:
         path = Path(ref.removeprefix(JOURNAL)).expanduser()
         backend = optuna.storages.journal.JournalFileBackend(str(path))
         return optuna.storages.journal.JournalStorage(backend)
-    engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if ref.startswith("sqlite") else None
-    try:
-        return optuna.storages.RDBStorage(ref, engine_kwargs=engine)
-    except Exception as exc:  # noqa: BLE001 - unreachable server, bad credentials, ...
-        raise VaebenchError(f"storage {display_storage(ref)}: {first_line(exc)}") from None
+    local = ref.startswith("sqlite")
+    engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if local else None
+    for attempt in range(2):
+        try:
+            return optuna.storages.RDBStorage(ref, engine_kwargs=engine)
+        except Exception as exc:  # noqa: BLE001 - unreachable server, bad credentials, ...
+            if attempt == 0 and not local:  # another process creating the tables just now
+                time.sleep(1.0)
+                continue
+            raise VaebenchError(f"storage {display_storage(ref)}: {first_line(exc)}") from None
+    raise AssertionError("unreachable")

@@ -7,6 +7,8 @@ made (the GPU machines and the benchmarks do without it).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 import time
@@ -79,6 +81,7 @@ class Tracker(Protocol):
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
     def log_artifacts(self, run_id: str, folder: Path) -> None: ...
     def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None: ...
+    def delete_run(self, run_id: str) -> None: ...
     def previous_runs(self, name: str, tag: str, value: str) -> list[RunRecord]: ...
 
 
@@ -123,6 +126,21 @@ def _store_call(method: Callable[..., T]) -> Callable[..., T]:
     return call
 
 
+@contextlib.contextmanager
+def _creation_lock(db: Path | None):
+    """For an SQLite store, an exclusive lock on ``<file>.lock`` while the store is opened:
+    processes that create one SQLite schema at once corrupt it, so they take turns."""
+    if db is None:
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class MLflowTracker:
     """One experiment per grid, a parent run per invocation, a nested child run per variant.
 
@@ -143,8 +161,9 @@ class MLflowTracker:
                 os.environ.setdefault(name, value)
             check_server(uri)
         try:
-            self.client = MlflowClient(tracking_uri=uri)
-            self.client.search_experiments(max_results=1)  # creates the schema once
+            with _creation_lock(db):
+                self.client = MlflowClient(tracking_uri=uri)
+                self.client.search_experiments(max_results=1)  # creates the schema once
         except (MlflowException, OSError, ValueError) as exc:
             raise VaebenchError(f"tracking URI {uri}: {first_line(exc)}") from None
         self.experiment_id: str | None = None
@@ -160,13 +179,20 @@ class MLflowTracker:
     def _experiment(self, name: str) -> str:
         """The experiment, made if missing, with MLflow 3's experiment kind set to model
         training (what the UI's own kind selector would set), so the UI treats it as one."""
+        from mlflow.exceptions import MlflowException
+
         existing = self.client.get_experiment_by_name(name)
         if existing is None:
-            return self.client.create_experiment(
-                name,
-                artifact_location=self._artifact_location(name),
-                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
-            )
+            try:
+                return self.client.create_experiment(
+                    name,
+                    artifact_location=self._artifact_location(name),
+                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+                )
+            except MlflowException:  # another process created it meanwhile
+                existing = self.client.get_experiment_by_name(name)
+                if existing is None:
+                    raise
         if existing.lifecycle_stage == "deleted":
             self.client.restore_experiment(existing.experiment_id)
         if EXPERIMENT_KIND_TAG not in existing.tags:
@@ -247,6 +273,11 @@ class MLflowTracker:
         if error is not None:
             self.client.set_tag(run_id, ERROR_TAG, error[:MAX_TAG_LENGTH])
         self.client.set_terminated(run_id, status=status)
+
+    @_store_call
+    def delete_run(self, run_id: str) -> None:
+        """Soft-delete the run (a claim that lost): searches no longer return it."""
+        self.client.delete_run(run_id)
 
     @_store_call
     def previous_runs(self, name: str, tag: str, value: str) -> list[RunRecord]:

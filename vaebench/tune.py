@@ -23,7 +23,6 @@ prints: :mod:`vaebench.study_outputs`.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import time
@@ -44,9 +43,7 @@ from vaebench.provenance import base_tags
 from vaebench.signals import (
     Interrupted,
     deferred_signals,
-    forget_child,
     interruptible,
-    register_child,
 )
 from vaebench.study import StudySpec, load_study
 from vaebench.study_outputs import (
@@ -78,6 +75,7 @@ from vaebench.trial import (
     trial_run,
     trials_done,
 )
+from vaebench.workers import cores, run_processes
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna -> MLflow
 STUDY_TAG = "vaebench.study"
@@ -229,13 +227,6 @@ def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
     return study
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def run_study(
     study_path: str | Path,
     n_trials: int | None = None,
@@ -322,7 +313,7 @@ def run_study(
         total=existing + n_trials,
         timeout=timeout,
         seed_offset=existing,
-        threads=max(1, _cores() // workers),
+        threads=max(1, cores() // workers),
     )
     outcome = TuneOutcome(study=study, storage=ref, parent_id=parent)
     folder = Path(results_dir) / spec.name
@@ -368,41 +359,12 @@ def _write_outputs(
 
 
 def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
-    """``workers`` spawned processes share ``n_trials``; returns a line per worker that died.
-
-    Spawned, not forked: a forked child inherits torch's thread pools and locks. A signal
-    that stops this process is passed on to the workers, which end their trials cleanly.
-    """
-    context = multiprocessing.get_context("spawn")
+    """``workers`` spawned processes share ``n_trials``; returns a line per worker that died."""
     shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
-    processes = [
-        context.Process(target=worker_main, args=(job, share, index), name=f"tune-{index}")
-        for index, share in enumerate(shares)
-        if share
-    ]
-    try:
-        for process in processes:
-            process.start()
-            register_child(process.pid)
-        for process in processes:
-            process.join()
-    except Interrupted as exc:
-        for process in processes:
-            if process.is_alive():
-                os.kill(process.pid, exc.signum)
-        for process in processes:
-            if process.pid is not None:
-                process.join(timeout=60)
-            if process.is_alive():  # did not stop in time: its trial is recovered later
-                process.kill()
-                process.join()
-        raise
-    finally:
-        for process in processes:
-            if process.pid is not None:
-                forget_child(process.pid)
+    arguments = [(job, share, index) for index, share in enumerate(shares) if share]
+    codes = run_processes(worker_main, arguments, [f"tune-{args[2]}" for args in arguments])
     return [
-        f"worker {index} exited with status {process.exitcode}"
-        for index, process in enumerate(processes)
-        if process.exitcode != 0
+        f"worker {index} exited with status {code}"
+        for index, code in enumerate(codes)
+        if code != 0
     ]

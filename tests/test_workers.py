@@ -1,0 +1,314 @@
+"""Beyond one process: worker slots and devices, claims among real processes, ``run
+--workers`` and simultaneous invocations on SQLite, and a real PostgreSQL server behind an
+MLflow server (grid workers, two ``tune`` processes on one Optuna study)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from commands import Command, all_runs, assert_each_variant_finished_once, children, grid_args
+from conftest import mlflow_server
+from hypothesis import given
+from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
+from postgres import addresses_on, postgres_server
+
+from vaebench.claims import CLAIM_TAG, claim_run
+from vaebench.config import VaebenchError
+from vaebench.grid import expand, load_grid
+from vaebench.grid_workers import start_group
+from vaebench.tracking import MLflowTracker
+from vaebench.workers import WorkerSlot, parse_workers, plan_workers, visible_gpus
+
+GRID = """
+name: spread
+base:
+  data: {subset: 3000, validation: 1000}
+  model: {hidden: [64], z_dim: 4}
+  train: {epochs: 2, batch_size: 64, eval_batch_size: 1000, device: cpu}
+matrix:
+  loss.beta: [1, 4]
+seeds: [0, 1]
+"""
+VARIANTS = 4
+
+STUDY = """
+name: shared-pg
+base:
+  data: {subset: 3000, validation: 1000}
+  model: {hidden: [64], z_dim: 4}
+  train: {epochs: 2, batch_size: 64, eval_batch_size: 1000, device: cpu}
+space:
+  loss.beta: {type: float, low: 0.5, high: 4.0}
+objectives:
+  - {metric: val_elbo, direction: maximize}
+sampler: random
+pruner: none
+seed: 0
+n_trials: 2
+"""
+
+
+# ---------------------------------------------------------------------------
+# which worker runs where (the GPU paths CI cannot run)
+
+
+def test_auto_puts_per_gpu_workers_on_each_visible_gpu():
+    slots = plan_workers("auto", 4, ["0", "1"], cpu_cores=16)
+    assert [slot.gpu for slot in slots] == ["0"] * 4 + ["1"] * 4
+    assert [slot.index for slot in slots] == list(range(8))
+    assert {slot.threads for slot in slots} == {2}
+
+
+def test_auto_without_a_gpu_is_one_worker_with_every_core():
+    assert plan_workers("auto", None, [], cpu_cores=2) == [WorkerSlot(0, None, 2)]
+
+
+def test_a_number_of_workers_takes_the_gpus_in_turn():
+    slots = plan_workers(3, None, ["4", "6"], cpu_cores=2)
+    assert [slot.gpu for slot in slots] == ["4", "6", "4"]
+    assert {slot.threads for slot in slots} == {1}  # at least one thread each
+    assert [slot.gpu for slot in plan_workers(2, None, [], cpu_cores=8)] == [None, None]
+
+
+def test_visible_gpus_are_named_as_cuda_visible_devices_names_them():
+    assert visible_gpus(2, {}) == ["0", "1"]
+    assert visible_gpus(2, {"CUDA_VISIBLE_DEVICES": "4,6"}) == ["4", "6"]
+    assert visible_gpus(1, {"CUDA_VISIBLE_DEVICES": "GPU-3f2a, GPU-9b1c"}) == ["GPU-3f2a"]
+    assert visible_gpus(0, {"CUDA_VISIBLE_DEVICES": ""}) == []
+
+
+@given(
+    gpus=st.lists(st.sampled_from("0123456789"), min_size=1, max_size=8, unique=True),
+    per_gpu=st.integers(1, 8),
+    cpu_cores=st.integers(1, 64),
+)
+def test_auto_gives_every_gpu_exactly_per_gpu_workers(gpus, per_gpu, cpu_cores):
+    slots = plan_workers("auto", per_gpu, gpus, cpu_cores)
+    assert len(slots) == len(gpus) * per_gpu
+    assert all([slot.gpu for slot in slots].count(gpu) == per_gpu for gpu in gpus)
+    assert all(slot.threads == max(1, cpu_cores // len(slots)) for slot in slots)
+
+
+@pytest.mark.parametrize(
+    ("workers", "per_gpu", "fragment"),
+    [(2, 4, "--per-gpu goes with --workers auto"), (0, None, ">= 1"), ("auto", 0, "--per-gpu")],
+)
+def test_worker_options_that_make_no_sense_are_one_line_errors(workers, per_gpu, fragment):
+    with pytest.raises(VaebenchError, match=fragment):
+        plan_workers(workers, per_gpu, ["0"], cpu_cores=2)
+
+
+def test_workers_option_text():
+    assert parse_workers("auto") == "auto" and parse_workers("3") == 3
+    for wrong in ("0", "-1", "two", ""):
+        with pytest.raises(VaebenchError, match="--workers"):
+            parse_workers(wrong)
+
+
+@given(workers=st.integers(1, 16), groups=st.integers(0, 64))
+def test_workers_start_spread_over_the_stacks(workers, groups):
+    starts = [start_group(worker, workers, groups) for worker in range(workers)]
+    assert starts == sorted(starts) and all(0 <= s < max(groups, 1) for s in starts)
+    if groups >= workers:
+        assert len(set(starts)) == workers  # no two workers begin on the same stack
+
+
+# ---------------------------------------------------------------------------
+# claims among real processes
+
+
+def _claim_in_process(uri: str, experiment_id: str, parent: str, grid: str, out) -> None:
+    tracker = MLflowTracker(uri)
+    tracker.join_grid(experiment_id, parent)
+    run = expand(load_grid(grid))[0]
+    won = claim_run(tracker, "spread", run, {"vaebench.grid": "spread"}, settle=0.01)
+    out.put(won)
+
+
+def _store_with_parent(tmp_path: Path) -> tuple[str, MLflowTracker, str]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MLflowTracker(uri)  # the schema is created once, before the processes start
+    parent = tracker.start_grid("spread", "spread-parent", {})
+    return uri, tracker, parent
+
+
+def test_of_six_processes_claiming_one_run_at_once_exactly_one_wins(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID)
+    uri, tracker, parent = _store_with_parent(tmp_path)
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    processes = [
+        context.Process(target=_claim_in_process, args=(uri, tracker.experiment_id, parent,
+                                                        str(grid), out))
+        for _ in range(6)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0] * 6
+    claims = [out.get(timeout=5) for _ in processes]
+    winners = [claim for claim in claims if claim is not None]
+    assert len(winners) == 1
+    key = expand(load_grid(grid))[0].key
+    live = tracker.previous_runs("spread", "vaebench.run_key", key)  # deleted runs left out
+    assert [record.run_id for record in live] == winners
+    assert live[0].status == "RUNNING"
+
+
+def test_a_claim_loses_to_a_finished_run_and_to_an_earlier_live_claim(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID)
+    _, tracker, _ = _store_with_parent(tmp_path)
+    run = expand(load_grid(grid))[0]
+    tags = {"vaebench.grid": "spread", "vaebench.run_key": run.key}
+    first = claim_run(tracker, "spread", run, tags, settle=0.01)
+    assert first is not None
+    assert claim_run(tracker, "spread", run, tags, settle=0.01) is None  # the live one holds
+    tracker.end_run(first, "FINISHED")
+    assert claim_run(tracker, "spread", run, tags, settle=0.01) is None  # finished already
+    since = int(time.time() * 1000) + 5
+    time.sleep(0.02)  # a --rerun invocation that started after that run finished
+    again = claim_run(tracker, "spread", run, tags, settle=0.01, since_ms=since)
+    assert again is not None and again != first
+    # a continuation's claim is a run of its own, tagged with the run it continues; a
+    # second continuation of the same stopped run loses to it
+    other = expand(load_grid(grid))[1]
+    stopped = claim_run(tracker, "spread", other, tags, settle=0.01)
+    tracker.end_run(stopped, "KILLED")
+    claim = claim_run(tracker, "spread", other, tags, settle=0.01, continues=stopped)
+    assert claim not in (None, stopped)
+    assert claim_run(tracker, "spread", other, tags, settle=0.01, continues=stopped) is None
+    record = next(r for r in tracker.previous_runs("spread", "vaebench.run_key", other.key)
+                  if r.run_id == claim)
+    assert record.tags[CLAIM_TAG] == stopped
+
+
+# ---------------------------------------------------------------------------
+# whole grids, real processes
+
+
+def assert_one_parent_holds_every_run(runs: list) -> None:
+    parents = [r for r in runs if "vaebench.run_key" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    nested = {r.data.tags.get("mlflow.parentRunId") for r in children(runs)}
+    assert nested == {parents[0].info.run_id}
+
+
+@pytest.mark.slow
+def test_two_workers_train_every_run_once_under_one_parent(tmp_path, mnist_root):
+    (tmp_path / "grid.yaml").write_text(GRID)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = Command(grid_args(tmp_path, uri, mnist_root, "--workers", "2"), tmp_path)
+    assert command.finish() == 0, command.stderr
+    runs = all_runs(uri, "spread")
+    assert_each_variant_finished_once(runs, VARIANTS)
+    assert_one_parent_holds_every_run(runs)
+    assert len(children(runs)) == VARIANTS  # no leftover claim
+    for worker in ("w0", "w1"):  # each worker trained, and said which run
+        assert any(line.startswith(f"{worker} [") and " epoch 2/2 " in line
+                   for line in command.lines), command.stderr
+    assert f"grid spread: {VARIANTS} of {VARIANTS} runs done" in command.stderr
+    table = pd.read_csv(tmp_path / "results" / "spread.csv")
+    assert list(table["status"]) == ["FINISHED"] * VARIANTS
+    assert table["test_elbo"].notna().all()
+
+
+@pytest.mark.slow
+def test_two_invocations_of_one_grid_at_once_train_every_run_once(tmp_path, mnist_root):
+    (tmp_path / "grid.yaml").write_text(GRID)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # both on a fresh SQLite file: they take turns creating its schema (a lock file)
+    first, second = (
+        Command(grid_args(tmp_path, uri, mnist_root, "--results-dir", str(tmp_path / name)),
+                tmp_path)
+        for name in ("first", "second")
+    )
+    assert first.finish() == 0, first.stderr
+    assert second.finish() == 0, second.stderr
+    runs = all_runs(uri, "spread")
+    finished = assert_each_variant_finished_once(runs, VARIANTS)
+    assert len(children(runs)) == VARIANTS
+    trained_by = [
+        {r.info.run_id for r in finished.values()
+         if r.data.tags["mlflow.parentRunId"] == parent.info.run_id}
+        for parent in runs if "vaebench.run_key" not in parent.data.tags
+    ]
+    assert sum(len(ids) for ids in trained_by) == VARIANTS
+    skipped = first.stderr.count(" skipped: ") + second.stderr.count(" skipped: ")
+    assert skipped == VARIANTS  # each run trained by one, skipped by the other
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL behind an MLflow server, and an Optuna study on PostgreSQL
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    """A PostgreSQL server with a database for MLflow and one for Optuna, and an MLflow
+    server whose backend store is the first; all on 127.0.0.1."""
+    folder = tmp_path_factory.mktemp("pg-mlflow")
+    with postgres_server(("mlflow", "optuna")) as urls:
+        with mlflow_server(urls["mlflow"], folder / "server.log", cwd=folder) as server_url:
+            yield {**urls, "server": server_url, "folder": folder}
+
+
+def assert_loopback_only(postgres) -> None:
+    ports = {int(postgres["port"]), int(postgres["server"].rsplit(":", 1)[1])}
+    addresses = addresses_on(ports)
+    assert addresses and all(a.startswith("127.0.0.1:") for a in addresses), addresses
+
+
+@pytest.mark.slow
+def test_two_workers_on_a_postgresql_backed_server_train_every_run_once(
+    tmp_path, mnist_root, postgres
+):
+    (tmp_path / "grid.yaml").write_text(GRID)
+    uri = postgres["server"]
+    command = Command(grid_args(tmp_path, uri, mnist_root, "--workers", "2"), tmp_path)
+    assert_loopback_only(postgres)
+    assert command.finish() == 0, command.stderr
+    runs = all_runs(uri, "spread")
+    assert_each_variant_finished_once(runs, VARIANTS)
+    assert_one_parent_holds_every_run(runs)
+    assert len(children(runs)) == VARIANTS
+    for run in children(runs):  # the artifacts went through the server
+        names = {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+        assert "config.yaml" in names
+
+
+@pytest.mark.slow
+def test_two_tune_processes_share_one_study_on_postgresql(tmp_path, mnist_root, postgres):
+    (tmp_path / "study.yaml").write_text(STUDY)
+    args = [
+        "tune", str(tmp_path / "study.yaml"), "--tracking-uri", postgres["server"],
+        "--data-root", str(mnist_root), "--storage", postgres["optuna"], "--n-trials", "2",
+    ]
+    # the study is created by the first; the second joins it (create_study load_if_exists)
+    commands = [
+        Command([*args, "--results-dir", str(tmp_path / name)], tmp_path) for name in "ab"
+    ]
+    assert_loopback_only(postgres)
+    for command in commands:
+        assert command.finish() == 0, command.stderr
+    study = optuna.load_study(study_name="shared-pg", storage=postgres["optuna"])
+    assert len(study.trials) == 4
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    runs = all_runs(postgres["server"], "shared-pg")
+    parents = [r for r in runs if r.data.tags.get("vaebench.run_key") is None
+               and "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 2
+    trial_runs = {r.info.run_id: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(trial_runs) == 4
+    for trial in study.trials:  # each trial is exactly one FINISHED MLflow run, and agrees
+        run = trial_runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["val_elbo"] == pytest.approx(trial.value)

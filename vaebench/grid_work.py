@@ -1,0 +1,246 @@
+"""The work one process does on a grid: for each planned stack or run, claim it, train it
+(stacked or alone, through :mod:`vaebench.execute`), and keep its row of the results.
+
+Every executor runs this loop: the invocation's own process (one worker), each local
+worker process, each Ray task. Claims (:func:`vaebench.claims.claim_run`) make every run
+train exactly once however many of them work on one grid at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vaebench.claims import CLAIM_TAG, OWNER_TAG, Planned, claim_run, plan, recover_abandoned
+from vaebench.execute import EpochHook, RunOutcome, Workspace, end_quietly, execute
+from vaebench.execute_stack import execute_stack
+from vaebench.grid import RunSpec
+from vaebench.progress import line_prefix
+from vaebench.provenance import run_tags
+from vaebench.signals import deferred_signals
+from vaebench.tracking import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker, TrackingError
+
+# (run name, status) of each run this process ended or skipped, as it happens
+RunEnded = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A planned step this process holds: ``claim_id`` is the run to train in (a new run),
+    or the claim run to delete once the stopped run is reopened (a continued run)."""
+
+    number: int
+    step: Planned
+    claim_id: str
+
+
+@dataclass
+class WorkRecord:
+    """What one process did: rows of the results (in the order they ended) and failures."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (run name, error line)
+    skipped: int = 0  # FINISHED already when this process came to them
+
+
+@dataclass(frozen=True)
+class GridWork:
+    """What a process needs to work on a grid (plain data: it crosses a spawn)."""
+
+    experiment: str  # the grid's name, its MLflow experiment
+    groups: list[list[int]]  # indices into the grid's runs, each a stack (or a run alone)
+    tags: dict[str, str]  # the invocation's tags, on every run
+    rerun: bool
+    since_ms: int  # the invocation's start: with rerun, runs FINISHED earlier do not count
+    settle: float  # claims' settle time (claims.settle_seconds)
+
+
+def work_through(
+    work: GridWork,
+    runs: Sequence[RunSpec],
+    planned: Sequence[Planned],
+    tracker: Tracker,
+    workspace: Workspace,
+    record: WorkRecord,
+    epoch_hook: EpochHook | None = None,
+    on_ended: RunEnded | None = None,
+    start_group: int = 0,
+) -> None:
+    """Each group of ``work`` (from ``start_group`` on, wrapping around): what is still
+    new trains as one stack, a run continued from its checkpoint alone. A failing run does
+    not stop the work; a failing store or a signal does."""
+    total = len(runs)
+    ended = on_ended or (lambda name, status: None)
+    order = work.groups[start_group:] + work.groups[:start_group]
+    for group in order:
+        held: list[Claimed] = []
+        try:
+            for index in group:
+                step = planned[index]
+                step = step if work.rerun else _as_stored_now(step, work, tracker)
+                claim_id = None
+                if step.action in ("train", "continue"):
+                    claim_id = _claim(step, work, tracker)
+                    if claim_id is None:  # another process claimed it first
+                        step = _as_stored_now(step, work, tracker)
+                if claim_id is None:
+                    _skip(index + 1, total, step, record)
+                    ended(step.run.name, "skipped")
+                else:
+                    held.append(Claimed(index + 1, step, claim_id))
+            fresh = [c for c in held if c.step.action == "train"]
+            if len(fresh) > 1:  # those still new train as a stack; a continued run alone
+                held = [c for c in held if c not in fresh]  # execute_stack ends them now
+                rows = _run_stack(fresh, work, total, tracker, workspace, record, epoch_hook)
+                record.rows += rows
+                for row in rows:
+                    ended(row["name"], row["status"])
+            while held:
+                claimed = held.pop(0)
+                row = _run_alone(claimed, work, total, tracker, workspace, record, epoch_hook)
+                record.rows.append(row)
+                ended(claimed.step.run.name, row["status"])
+        except BaseException as exc:  # a signal or the store: release what is not started
+            for claimed in held:
+                _release(claimed, tracker, exc)
+            raise
+
+
+def _claim(step: Planned, work: GridWork, tracker: Tracker) -> str | None:
+    continues = step.previous.run_id if step.action == "continue" else None
+    with deferred_signals():  # a claim is written whole, and known, before a signal acts
+        return claim_run(
+            tracker,
+            work.experiment,
+            step.run,
+            {**work.tags, **run_tags(step.run)},
+            work.settle,
+            work.since_ms if work.rerun else 0,
+            continues=continues,
+        )
+
+
+def _release(claimed: Claimed, tracker: Tracker, exc: BaseException) -> None:
+    """A claim held but not yet trained when the work stopped: a new run ends KILLED (its
+    rerun trains it), a continuation's claim run is deleted (the stopped run stays KILLED)."""
+    try:
+        if claimed.step.action == "continue":
+            tracker.delete_run(claimed.claim_id)
+        else:
+            end_quietly(tracker, claimed.claim_id, "KILLED", f"stopped before it trained ({exc})")
+    except TrackingError:
+        pass  # its lease lets the next invocation recover it
+
+
+def _as_stored_now(step: Planned, work: GridWork, tracker: Tracker) -> Planned:
+    """The step planned again from the store just before its run trains: another process
+    working on the same grid may have finished or taken the run."""
+    records = tracker.previous_runs(work.experiment, RUN_KEY_TAG, step.run.key)
+    records = recover_abandoned(tracker, records, sys.stderr)  # a worker that died meanwhile
+    return plan([step.run], records, False)[0]
+
+
+def _run_alone(
+    claimed: Claimed,
+    work: GridWork,
+    total: int,
+    tracker: Tracker,
+    workspace: Workspace,
+    record: WorkRecord,
+    epoch_hook: EpochHook | None,
+) -> dict[str, Any]:
+    """One run's row of the results; a failing run does not stop the grid."""
+    step = claimed.step
+    continuing = step.action == "continue"
+
+    def drop_claim(run_id: str) -> None:  # the stopped run is RUNNING again under our lease
+        tracker.delete_run(claimed.claim_id)
+
+    try:
+        done = execute(
+            step.run, tracker, workspace, work.tags, claimed.number, total,
+            continue_id=step.previous.run_id if continuing else None,
+            claimed_id=None if continuing else claimed.claim_id,
+            on_start=drop_claim if continuing else None,
+            epoch_hook=epoch_hook,
+        )
+    except Exception as exc:
+        if isinstance(exc, TrackingError):
+            raise
+        return row_of(step.run, exc, record)
+    return row_of(step.run, done, record)
+
+
+def _run_stack(
+    fresh: Sequence[Claimed],
+    work: GridWork,
+    total: int,
+    tracker: Tracker,
+    workspace: Workspace,
+    record: WorkRecord,
+    epoch_hook: EpochHook | None,
+) -> list[dict[str, Any]]:
+    """The rows of runs trained as one stack; a failing stack does not stop the grid."""
+    runs = [claimed.step.run for claimed in fresh]
+    run_ids = [claimed.claim_id for claimed in fresh]
+    try:
+        done = execute_stack(
+            runs, tracker, workspace, work.tags, fresh[0].number, total, epoch_hook, run_ids
+        )
+    except Exception as exc:
+        if isinstance(exc, TrackingError):
+            raise
+        done = [exc] * len(runs)
+    return [row_of(run, result, record) for run, result in zip(runs, done, strict=True)]
+
+
+def row_of(run: RunSpec, done: RunOutcome | Exception, record: WorkRecord) -> dict[str, Any]:
+    """A run's row of the results: its final values, or FAILED (and the error, in
+    ``record.failed``)."""
+    if isinstance(done, Exception):
+        line = str(done).splitlines()[0] if str(done) else ""
+        record.failed.append((run.name, f"{type(done).__name__}: {line}"))
+        return {"name": run.name, "key": run.key, "status": "FAILED", **run.params}
+    row = {"name": run.name, "key": run.key, "status": "FINISHED", "run_id": done.run_id}
+    return {**row, **run.params, **done.final}
+
+
+def stored_row(run: RunSpec, stored: RunRecord) -> dict[str, Any]:
+    """A run's row from its record in the store (skipped, or trained by another process)."""
+    row = {"name": run.name, "key": run.key, "status": stored.status, "run_id": stored.run_id}
+    return {**row, **run.params, **stored.metrics}
+
+
+def _skip(number: int, total: int, step: Planned, record: WorkRecord) -> None:
+    print_skip(number, total, step)
+    record.rows.append(stored_row(step.run, step.previous))
+    record.skipped += step.action == "skip"
+
+
+def print_skip(number: int, total: int, step: Planned) -> None:
+    run_id = step.previous.run_id
+    if step.action == "skip":
+        why = f"FINISHED already in run {run_id}"
+    else:
+        holder = step.previous.tags.get(OWNER_TAG, "?")
+        what = "claimed" if CLAIM_TAG in step.previous.tags else "RUNNING"
+        why = f"{what} in run {run_id}, held by {holder}"
+    line = f"{line_prefix()}[{number}/{total}] {step.run.name} skipped: {why}"
+    print(line, file=sys.stderr, flush=True)
+
+
+def failure_of(stored: RunRecord) -> str:
+    """The error line a FAILED run's record carries."""
+    text = stored.tags.get(ERROR_TAG, "")
+    return text.strip().splitlines()[-1] if text.strip() else "FAILED"
+
+
+def latest_by_key(records: Sequence[RunRecord]) -> Mapping[str, RunRecord]:
+    """Each key's most recent run (records oldest first), claim runs left out."""
+    latest: dict[str, RunRecord] = {}
+    for stored in records:
+        if stored.key is not None and CLAIM_TAG not in stored.tags:
+            latest[stored.key] = stored
+    return latest
