@@ -38,9 +38,10 @@ def test_ray_tasks_train_every_run_once_though_a_worker_dies(tmp_path, mnist_roo
     assert command.finish(timeout=600) == 0, command.stderr
     runs = all_runs(uri, "ray-grid")
     finished = assert_each_variant_finished_once(runs, 4)
-    # the retried task found the run RUNNING with its process gone, and continued it
-    assert re.search(r"was left RUNNING \(its process \d+ on .* is gone\): marked KILLED",
-                     command.stderr), command.stderr[-3000:]
+    # the retried task (same arguments, same task name) found the run RUNNING, left by its
+    # own dead attempt, marked it KILLED and continued it
+    assert re.search(r"was left RUNNING \(an earlier attempt of task \S+ \(\S+:\d+\) ended\): "
+                     r"marked KILLED", command.stderr), command.stderr[-3000:]
     continued = re.findall(r"\[\d/4\] \S+ continues after epoch (\d+)", command.stderr)
     assert len(continued) == 1 and int(continued[0]) >= 2, command.stderr[-3000:]
     for run in finished.values():  # no epoch missing or logged twice

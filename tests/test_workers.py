@@ -5,6 +5,8 @@ MLflow server (grid workers, two ``tune`` processes on one Optuna study)."""
 from __future__ import annotations
 
 import multiprocessing
+import re
+import threading
 import time
 from pathlib import Path
 
@@ -18,8 +20,16 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 from postgres import addresses_on, postgres_server
 
-from vaebench.claims import CLAIM_TAG, claim_run
+from vaebench.claims import (
+    CLAIM_TAG,
+    EXPIRES_TAG,
+    OWNER_TAG,
+    abandoned,
+    lease_tags,
+    set_task,
+)
 from vaebench.config import VaebenchError
+from vaebench.exactly_once import CLAIMED_AT_TAG, claim_holds, claim_run, stamp
 from vaebench.grid import expand, load_grid
 from vaebench.grid_workers import start_group
 from vaebench.tracking import MLflowTracker
@@ -123,17 +133,18 @@ def test_workers_start_spread_over_the_stacks(workers, groups):
 # claims among real processes
 
 
-def _claim_in_process(uri: str, experiment_id: str, parent: str, grid: str, out) -> None:
+def _claim_in_process(uri: str, experiment_id: str, parent: str, grid: str, ready, out) -> None:
     tracker = MLflowTracker(uri)
     tracker.join_grid(experiment_id, parent)
     run = expand(load_grid(grid))[0]
+    ready.wait()  # all six claim at the same moment
     won = claim_run(tracker, "spread", run, {"vaebench.grid": "spread"}, settle=0.01)
-    out.put(won)
+    out.put(won.run_id if won else None)
 
 
 def _store_with_parent(tmp_path: Path) -> tuple[str, MLflowTracker, str]:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = MLflowTracker(uri)  # the schema is created once, before the processes start
+    tracker = MLflowTracker(uri)
     parent = tracker.start_grid("spread", "spread-parent", {})
     return uri, tracker, parent
 
@@ -143,10 +154,10 @@ def test_of_six_processes_claiming_one_run_at_once_exactly_one_wins(tmp_path):
     grid.write_text(GRID)
     uri, tracker, parent = _store_with_parent(tmp_path)
     context = multiprocessing.get_context("spawn")
-    out = context.Queue()
+    out, ready = context.Queue(), context.Barrier(6)
     processes = [
-        context.Process(target=_claim_in_process, args=(uri, tracker.experiment_id, parent,
-                                                        str(grid), out))
+        context.Process(target=_claim_in_process,
+                        args=(uri, tracker.experiment_id, parent, str(grid), ready, out))
         for _ in range(6)
     ]
     for process in processes:
@@ -160,7 +171,26 @@ def test_of_six_processes_claiming_one_run_at_once_exactly_one_wins(tmp_path):
     key = expand(load_grid(grid))[0].key
     live = tracker.previous_runs("spread", "vaebench.run_key", key)  # deleted runs left out
     assert [record.run_id for record in live] == winners
-    assert live[0].status == "RUNNING"
+    assert live[0].status == "RUNNING" and CLAIMED_AT_TAG in live[0].tags
+
+
+def test_a_claim_waits_for_an_unstamped_claim_and_the_earlier_stamp_wins(tmp_path):
+    """B's claim run is in the store but not yet stamped when A reads: A waits. B stamps
+    after A (as it must: B stamps only once its run is stored), so A wins and B loses."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID)
+    _, tracker, _ = _store_with_parent(tmp_path)
+    run = expand(load_grid(grid))[0]
+    tags = {"vaebench.grid": "spread", "vaebench.run_key": run.key, **lease_tags()}
+    b = tracker.start_run(run.name, run.params, tags)  # B, between creating and stamping
+    a = tracker.start_run(run.name, run.params, tags)
+    tracker.set_tags(a, stamp())
+    timer = threading.Timer(0.5, lambda: tracker.set_tags(b, stamp()))
+    started = time.monotonic()
+    timer.start()
+    assert claim_holds(tracker, "spread", run.key, a, settle=0.01)
+    assert time.monotonic() - started >= 0.45  # it waited for B's stamp
+    assert not claim_holds(tracker, "spread", run.key, b, settle=0.01)
 
 
 def test_a_claim_loses_to_a_finished_run_and_to_an_earlier_live_claim(tmp_path):
@@ -168,27 +198,51 @@ def test_a_claim_loses_to_a_finished_run_and_to_an_earlier_live_claim(tmp_path):
     grid.write_text(GRID)
     _, tracker, _ = _store_with_parent(tmp_path)
     run = expand(load_grid(grid))[0]
-    tags = {"vaebench.grid": "spread", "vaebench.run_key": run.key}
+    tags = {"vaebench.grid": "spread"}
     first = claim_run(tracker, "spread", run, tags, settle=0.01)
     assert first is not None
     assert claim_run(tracker, "spread", run, tags, settle=0.01) is None  # the live one holds
-    tracker.end_run(first, "FINISHED")
+    tracker.end_run(first.run_id, "FINISHED")
     assert claim_run(tracker, "spread", run, tags, settle=0.01) is None  # finished already
     since = int(time.time() * 1000) + 5
     time.sleep(0.02)  # a --rerun invocation that started after that run finished
-    again = claim_run(tracker, "spread", run, tags, settle=0.01, since_ms=since)
-    assert again is not None and again != first
+    again = claim_run(tracker, "spread", run, tags, settle=0.01, since_ms=since, rerun=True)
+    assert again is not None and again.run_id != first.run_id
+    tracker.end_run(again.run_id, "FAILED")  # failed during the invocation: not again
+    assert claim_run(tracker, "spread", run, tags, settle=0.01, since_ms=since, rerun=True) is None
     # a continuation's claim is a run of its own, tagged with the run it continues; a
     # second continuation of the same stopped run loses to it
     other = expand(load_grid(grid))[1]
-    stopped = claim_run(tracker, "spread", other, tags, settle=0.01)
+    stopped = claim_run(tracker, "spread", other, tags, settle=0.01).run_id
     tracker.end_run(stopped, "KILLED")
     claim = claim_run(tracker, "spread", other, tags, settle=0.01, continues=stopped)
-    assert claim not in (None, stopped)
+    assert claim is not None and claim.run_id != stopped
     assert claim_run(tracker, "spread", other, tags, settle=0.01, continues=stopped) is None
     record = next(r for r in tracker.previous_runs("spread", "vaebench.run_key", other.key)
-                  if r.run_id == claim)
+                  if r.run_id == claim.run_id)
     assert record.tags[CLAIM_TAG] == stopped
+
+
+def test_a_retried_task_takes_over_the_runs_its_dead_attempt_left():
+    """A Ray task run again gets the same name: a run held by another process under that
+    name is abandoned at once, whatever host held it; another task's run is not."""
+    far = str(time.time() + 3600)
+    set_task("parent-3")
+    try:
+        assert abandoned(lease_tags()) is None  # this attempt's own lease
+        attempt = {OWNER_TAG: "node-b:1234:99:parent-3", EXPIRES_TAG: far}
+        assert "earlier attempt of task parent-3 (node-b:1234) ended" in abandoned(attempt)
+        assert abandoned({OWNER_TAG: "node-b:1234:99:parent-4", EXPIRES_TAG: far}) is None
+    finally:
+        set_task(None)
+    assert abandoned({OWNER_TAG: "node-b:1234:99:parent-3", EXPIRES_TAG: far}) is None
+
+
+def test_a_live_process_whose_lease_expired_has_abandoned_its_run():
+    """A process that stopped renewing (a Ray worker reused after its task raised) does not
+    hold its runs for ever."""
+    tags = {**lease_tags(), EXPIRES_TAG: str(time.time() - 1)}
+    assert "lease from" in abandoned(tags) and "expired" in abandoned(tags)
 
 
 # ---------------------------------------------------------------------------
@@ -215,10 +269,30 @@ def test_two_workers_train_every_run_once_under_one_parent(tmp_path, mnist_root)
     for worker in ("w0", "w1"):  # each worker trained, and said which run
         assert any(line.startswith(f"{worker} [") and " epoch 2/2 " in line
                    for line in command.lines), command.stderr
-    assert f"grid spread: {VARIANTS} of {VARIANTS} runs done" in command.stderr
+    counts = re.findall(r"^grid spread: (\d+) of (\d+) runs done", command.stderr, re.M)
+    assert counts == [(str(n), str(VARIANTS)) for n in range(1, VARIANTS + 1)]
     table = pd.read_csv(tmp_path / "results" / "spread.csv")
     assert list(table["status"]) == ["FINISHED"] * VARIANTS
     assert table["test_elbo"].notna().all()
+
+
+@pytest.mark.slow
+def test_a_failing_run_fails_once_and_no_other_worker_trains_it(tmp_path, mnist_root):
+    """Two of four runs diverge (lr 1e12): each is FAILED once, in one run; the workers that
+    come to it later skip it as failed during this invocation; exit status 1."""
+    grid = GRID.replace("  loss.beta: [1, 4]", "  optim.lr: [1.0e-3, 1.0e12]")
+    (tmp_path / "grid.yaml").write_text(grid)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = Command(grid_args(tmp_path, uri, mnist_root, "--workers", "2"), tmp_path)
+    assert command.finish() == 1, command.stderr
+    runs = all_runs(uri, "spread")
+    keys = [r.data.tags["vaebench.run_key"] for r in children(runs)]
+    assert len(keys) == len(set(keys)) == VARIANTS  # one run per key, claims deleted
+    statuses = sorted(r.info.status for r in children(runs))
+    assert statuses == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    table = pd.read_csv(tmp_path / "results" / "spread.csv")
+    assert sorted(table["status"]) == statuses
+    assert command.stdout.count("FAILED ") >= 2
 
 
 @pytest.mark.slow

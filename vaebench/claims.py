@@ -7,15 +7,8 @@ A RUNNING run is *abandoned* when its owner is on this host and that process is
 gone, or, for an owner on another host, when its lease expired. A rerun marks
 abandoned runs KILLED and continues them from their checkpoint.
 
-Claims (exactly once across processes and machines): before a run trains, its
-claimant creates a RUNNING MLflow run carrying the run key and its lease, waits
-:func:`settle_seconds`, then reads every run of the key; the claim stands unless a
-FINISHED run of the key exists or another live RUNNING one was created earlier
-(ordered by start time, then run id); a claim that loses deletes its run. Two
-claimants of one key: the later-created one sees the earlier (the store reads back
-what was written before), so at most the earliest trains. A run continued from its
-checkpoint is claimed the same way, with a claim run tagged :data:`CLAIM_TAG` that
-the winner deletes once the stopped run is RUNNING again under its lease.
+Before a run trains it is claimed (:mod:`vaebench.exactly_once`); a claim made to
+continue a stopped run is a run of its own, tagged :data:`CLAIM_TAG`.
 
 This module reads tags and the process table, and writes through the Tracker.
 """
@@ -31,19 +24,13 @@ from pathlib import Path
 from typing import TextIO
 
 from vaebench.grid import RunSpec
-from vaebench.tracking import RUN_KEY_TAG, RunRecord, Tracker, sqlite_path
+from vaebench.tracking import RunRecord, Tracker
 
 OWNER_TAG = "vaebench.lease_owner"
 EXPIRES_TAG = "vaebench.lease_expires"
 LEASE_SECONDS = 900.0  # at least; a lease covers three of the run's longest epochs
 LEASE_EPOCHS = 3
 CLAIM_TAG = "vaebench.claim_for"  # on a claim run: the id of the stopped run it continues
-SETTLE_ENV = "VAEBENCH_CLAIM_SETTLE"
-# between creating a claim and reading the others: longer than the clocks of two machines
-# may differ (NTP keeps them within milliseconds); on one machine, past the millisecond of
-# the start time, so that a later claimant's start time is later
-REMOTE_SETTLE_SECONDS = 0.5
-LOCAL_SETTLE_SECONDS = 0.01
 
 
 def _process_start(pid: int) -> str | None:
@@ -55,10 +42,21 @@ def _process_start(pid: int) -> str | None:
     return fields[19]  # field 22 of stat; the first two fields are before the split
 
 
+_task: list[str] = []  # the unit of work this process runs now, if an executor names one
+
+
+def set_task(task: str | None) -> None:
+    """Name the unit of work (a Ray task's id) that this process's leases belong to; an
+    executor that runs a unit again after its process died sets the same name, and the
+    runs left RUNNING by the dead attempt are abandoned at once, on any host."""
+    _task[:] = [task] if task else []
+
+
 def owner() -> str:
-    """This process as a lease owner: ``host:pid:start``."""
+    """This process as a lease owner: ``host:pid:start``, then ``:task`` if one is set."""
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid) or '?'}"
+    base = f"{socket.gethostname()}:{pid}:{_process_start(pid) or '?'}"
+    return ":".join([base, *_task])
 
 
 def lease_tags(longest_epoch_seconds: float = 0.0) -> dict[str, str]:
@@ -73,12 +71,14 @@ def abandoned(tags: Mapping[str, str], now: float | None = None) -> str | None:
     if held_by is None:
         return "no lease (left by an earlier vaebench)"
     host, _, rest = held_by.partition(":")
-    pid_text, _, started = rest.partition(":")
+    pid_text, _, rest = rest.partition(":")
+    started, _, task = rest.partition(":")
+    if task and _task == [task] and held_by.rsplit(":", 1)[0] != owner().rsplit(":", 1)[0]:
+        return f"an earlier attempt of task {task} ({host}:{pid_text}) ended"
     if host == socket.gethostname() and pid_text.isdigit():
         alive = _process_start(int(pid_text))
         if alive is None or (started != "?" and alive != started):
             return f"its process {pid_text} on {host} is gone"
-        return None
     expires = float(tags.get(EXPIRES_TAG, "0") or 0)
     if (now or time.time()) > expires:
         return f"its lease from {host} expired"
@@ -113,32 +113,48 @@ class Planned:
     """What this invocation does with one run of the grid."""
 
     run: RunSpec
-    action: str  # "train", "continue" (a KILLED run of this key), "skip", "elsewhere"
+    # "train", "continue" (a KILLED run of this key), "skip" (FINISHED), "elsewhere" (RUNNING
+    # in another process), "failed" (FAILED during this invocation: not trained again by it)
+    action: str
     previous: RunRecord | None = None  # the run skipped or continued
 
 
-def plan(runs: Sequence[RunSpec], records: Sequence[RunRecord], rerun: bool) -> list[Planned]:
+def plan(
+    runs: Sequence[RunSpec],
+    records: Sequence[RunRecord],
+    rerun: bool,
+    since_ms: int | None = None,
+) -> list[Planned]:
     """What to do with each run, given the grid's runs in the store (after
     :func:`recover_abandoned`), oldest first.
 
-    A FINISHED run of the key is skipped (``rerun`` trains a new sample instead); a
-    RUNNING one (its owner is alive) is left to its owner; a KILLED one is continued
-    (from its checkpoint, if it has one).
+    A FINISHED run of the key is skipped; a RUNNING one (its owner is alive) is left to its
+    owner; a KILLED one is continued (from its checkpoint, if it has one). ``since_ms``: when
+    the invocation began (None: it is being planned now). ``rerun`` counts only runs begun
+    since then (none, when planned now): every run trains again as a new sample, once. A
+    run that FAILED since then is not trained again by the same invocation.
     """
     by_key: dict[str, list[RunRecord]] = {}
     for record in records:
-        if record.key is not None and (CLAIM_TAG not in record.tags or record.status == "RUNNING"):
-            by_key.setdefault(record.key, []).append(record)
+        if record.key is None or (CLAIM_TAG in record.tags and record.status != "RUNNING"):
+            continue
+        if rerun and (since_ms is None or record.start_time < since_ms):
+            continue
+        by_key.setdefault(record.key, []).append(record)
     planned = []
     for run in runs:
         mine = by_key.get(run.key, [])
         latest = {status: [r for r in mine if r.status == status] for status in STATUSES}
-        if rerun:
-            planned.append(Planned(run, "train"))
-        elif latest["FINISHED"]:
+        failed_now = [
+            r for r in latest["FAILED"]
+            if since_ms is not None and (r.end_time or r.start_time) >= since_ms
+        ]
+        if latest["FINISHED"]:
             planned.append(Planned(run, "skip", latest["FINISHED"][-1]))
         elif latest["RUNNING"]:
             planned.append(Planned(run, "elsewhere", latest["RUNNING"][-1]))
+        elif failed_now:
+            planned.append(Planned(run, "failed", failed_now[-1]))
         elif latest["KILLED"]:
             planned.append(Planned(run, "continue", latest["KILLED"][-1]))
         else:
@@ -146,65 +162,4 @@ def plan(runs: Sequence[RunSpec], records: Sequence[RunRecord], rerun: bool) -> 
     return planned
 
 
-STATUSES = ("FINISHED", "RUNNING", "KILLED")
-
-
-def settle_seconds(tracking_uri: str) -> float:
-    """How long a claimant waits between writing its claim and reading the others
-    (``$VAEBENCH_CLAIM_SETTLE`` overrides): a local SQLite store shares this machine's clock."""
-    if os.environ.get(SETTLE_ENV):
-        return float(os.environ[SETTLE_ENV])
-    return LOCAL_SETTLE_SECONDS if sqlite_path(tracking_uri) else REMOTE_SETTLE_SECONDS
-
-
-def _precedes(record: RunRecord, mine: RunRecord) -> bool:
-    return (record.start_time, record.run_id) < (mine.start_time, mine.run_id)
-
-
-def claim_holds(
-    tracker: Tracker, experiment: str, key: str, claim_id: str, settle: float, since_ms: int = 0
-) -> bool:
-    """Whether the claim ``claim_id`` (a RUNNING run of ``key`` this process created) wins.
-
-    It loses to a FINISHED run of the key that started at ``since_ms`` or later (0: any; a
-    ``--rerun`` invocation passes its own start) and to a live RUNNING run created earlier.
-    """
-    time.sleep(settle)
-    records = tracker.previous_runs(experiment, RUN_KEY_TAG, key)
-    mine = next((r for r in records if r.run_id == claim_id), None)
-    if mine is None:
-        raise RuntimeError(f"claim {claim_id} of {key} is not in the store it was written to")
-    for record in records:
-        if record.run_id == claim_id:
-            continue
-        if record.status == "FINISHED" and record.start_time >= since_ms:
-            return False
-        if record.status == "RUNNING" and abandoned(record.tags) is None and _precedes(
-            record, mine
-        ):
-            return False
-    return True
-
-
-def claim_run(
-    tracker: Tracker,
-    experiment: str,
-    run: RunSpec,
-    tags: Mapping[str, str],
-    settle: float,
-    since_ms: int = 0,
-    continues: str | None = None,
-) -> str | None:
-    """Claim ``run``: the id of the RUNNING run created for it, or None if another claimant
-    holds it (the claim run is then deleted). ``continues``: the stopped run this claim is
-    for (the claim run is only a claim; the caller deletes it once that run is reopened).
-    """
-    claim_tags = {**tags, RUN_KEY_TAG: run.key, **lease_tags()}
-    if continues is None:
-        claim_id = tracker.start_run(run.name, run.params, claim_tags)
-    else:
-        claim_id = tracker.start_run(run.name, {}, {**claim_tags, CLAIM_TAG: continues})
-    if claim_holds(tracker, experiment, run.key, claim_id, settle, since_ms):
-        return claim_id
-    tracker.delete_run(claim_id)
-    return None
+STATUSES = ("FINISHED", "RUNNING", "KILLED", "FAILED")

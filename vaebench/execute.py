@@ -128,24 +128,24 @@ def execute(
     ``continue_id`` names a stopped (KILLED) run of the same key: with a checkpoint
     of this code, the run goes on in that MLflow run after its last saved epoch;
     without one, a new run starts and the old one stays KILLED. ``claimed_id``: the
-    RUNNING run a claim created for this run (:func:`vaebench.claims.claim_run`, with the
+    RUNNING run a claim created for this run (:func:`vaebench.exactly_once.claim_run`, with the
     tags this function would give it), trained in instead of starting one.
     """
     device = resolve_device(run.config.train.device)
-    splits = workspace.splits_for(run)
-    state = _resumable(workspace, run, continue_id)
-    saved = state["epoch"] if state else 0
-    progress = RunProgress(index, total, run.name, run.config.train.epochs, start=saved)
     status = "FAILED"
-    run_id: str | None = None
+    run_id: str | None = claimed_id  # from here on, this function ends the claimed run
+    saved = 0
+    progress: RunProgress | None = None
     try:
+        splits = workspace.splits_for(run)
+        state = _resumable(workspace, run, continue_id)
+        saved = state["epoch"] if state else 0
+        progress = RunProgress(index, total, run.name, run.config.train.epochs, start=saved)
         with deferred_signals():  # a signal waits until the run's id is known and recorded
             if state is not None:
                 run_id = continue_id
                 tracker.reopen_run(run_id, lease_tags())
-            elif claimed_id is not None:
-                run_id = claimed_id
-            else:
+            elif claimed_id is None:
                 tags = {**tags, **run_tags(run), **lease_tags()}
                 run_id = tracker.start_run(run.name, run.params, tags)
             if on_start is not None:
@@ -199,7 +199,8 @@ def execute(
         end_quietly(tracker, run_id, "FAILED", error)
         raise
     finally:
-        progress.close(status)
+        if progress is not None:
+            progress.close(status)
 
 
 def record_results(

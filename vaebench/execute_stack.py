@@ -56,24 +56,23 @@ def execute_stack(
     """Train and track ``runs`` (one stack key) as one stack; for each run, in order, its
     outcome or the error that failed it. Raises what stops the stack as a whole (a signal,
     the store failing). ``claimed_ids``: the RUNNING runs claims created for ``runs``
-    (:func:`vaebench.claims.claim_run`), trained in instead of starting new ones."""
+    (:func:`vaebench.exactly_once.claim_run`), trained in instead of starting new ones."""
     epochs = runs[0].config.train.epochs
     device = resolve_device(runs[0].config.train.device)
-    splits = workspace.splits_for(runs[0])
     label = f"stack of {len(runs)} ({', '.join(run.name for run in runs)})"
-    progress = RunProgress(number, total, label, epochs)
-    run_ids: list[str] = []
+    progress: RunProgress | None = None
+    run_ids: list[str] = list(claimed_ids or [])  # from here on, this function ends them
     ended: dict[int, RunOutcome | Exception] = {}
     saved: dict[int, int] = {}
     shown = 0
     longest = 0.0
     status = "FAILED"
     try:
+        splits = workspace.splits_for(runs[0])
+        progress = RunProgress(number, total, label, epochs)
         with deferred_signals():  # a signal waits until the runs' ids are known and recorded
-            if claimed_ids is not None:
-                run_ids += claimed_ids
-                for run_id in run_ids:
-                    tracker.set_tags(run_id, stack_tags(runs))
+            for run_id in run_ids:  # claimed
+                tracker.set_tags(run_id, stack_tags(runs))
             for run in runs if claimed_ids is None else ():
                 run_tag_set = {**tags, **run_tags(run), **lease_tags(), **stack_tags(runs)}
                 run_ids.append(tracker.start_run(run.name, run.params, run_tag_set))
@@ -143,4 +142,5 @@ def execute_stack(
                 end_quietly(tracker, run_id, "FAILED", text)
         raise
     finally:
-        progress.close(status)
+        if progress is not None:
+            progress.close(status)

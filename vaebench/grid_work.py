@@ -2,7 +2,7 @@
 (stacked or alone, through :mod:`vaebench.execute`), and keep its row of the results.
 
 Every executor runs this loop: the invocation's own process (one worker), each local
-worker process, each Ray task. Claims (:func:`vaebench.claims.claim_run`) make every run
+worker process, each Ray task. Claims (:func:`vaebench.exactly_once.claim_run`) make every run
 train exactly once however many of them work on one grid at once.
 """
 
@@ -13,27 +13,30 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vaebench.claims import CLAIM_TAG, OWNER_TAG, Planned, claim_run, plan, recover_abandoned
+from vaebench.claims import CLAIM_TAG, OWNER_TAG, Planned, plan, recover_abandoned
+from vaebench.exactly_once import claim_run
 from vaebench.execute import EpochHook, RunOutcome, Workspace, end_quietly, execute
 from vaebench.execute_stack import execute_stack
 from vaebench.grid import RunSpec
 from vaebench.progress import line_prefix
 from vaebench.provenance import run_tags
-from vaebench.signals import deferred_signals
 from vaebench.tracking import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker, TrackingError
 
-# (run name, status) of each run this process ended or skipped, as it happens
+PARENT_TAG = "mlflow.parentRunId"
+# (run name, status) of each run this process trained, as it ends
 RunEnded = Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
 class Claimed:
     """A planned step this process holds: ``claim_id`` is the run to train in (a new run),
-    or the claim run to delete once the stopped run is reopened (a continued run)."""
+    or the claim run to delete once the stopped run is reopened (a continued run), which
+    takes over the claim's ``stamp``."""
 
     number: int
     step: Planned
     claim_id: str
+    stamp: dict[str, str]
 
 
 @dataclass
@@ -68,58 +71,71 @@ def work_through(
     on_ended: RunEnded | None = None,
     start_group: int = 0,
 ) -> None:
-    """Each group of ``work`` (from ``start_group`` on, wrapping around): what is still
-    new trains as one stack, a run continued from its checkpoint alone. A failing run does
-    not stop the work; a failing store or a signal does."""
+    """Each group of ``work`` (from ``start_group`` on, wrapping around): each run planned
+    again from the store and claimed; what is still new trains as one stack, a run
+    continued from its checkpoint alone. ``on_ended`` hears of each run this process
+    trained. A failing run does not stop the work; a failing store or a signal does."""
     total = len(runs)
     ended = on_ended or (lambda name, status: None)
     order = work.groups[start_group:] + work.groups[:start_group]
     for group in order:
-        held: list[Claimed] = []
+        held: list[Claimed] = []  # claims of this group not yet handed over for training
         try:
             for index in group:
-                step = planned[index]
-                step = step if work.rerun else _as_stored_now(step, work, tracker)
-                claim_id = None
-                if step.action in ("train", "continue"):
-                    claim_id = _claim(step, work, tracker)
-                    if claim_id is None:  # another process claimed it first
-                        step = _as_stored_now(step, work, tracker)
-                if claim_id is None:
-                    _skip(index + 1, total, step, record)
-                    ended(step.run.name, "skipped")
-                else:
-                    held.append(Claimed(index + 1, step, claim_id))
+                _claim_or_skip(index, planned[index], work, tracker, held, record, total)
             fresh = [c for c in held if c.step.action == "train"]
             if len(fresh) > 1:  # those still new train as a stack; a continued run alone
-                held = [c for c in held if c not in fresh]  # execute_stack ends them now
-                rows = _run_stack(fresh, work, total, tracker, workspace, record, epoch_hook)
+                rows = _run_stack(fresh, work, total, tracker, workspace, record, epoch_hook, held)
                 record.rows += rows
                 for row in rows:
                     ended(row["name"], row["status"])
             while held:
-                claimed = held.pop(0)
-                row = _run_alone(claimed, work, total, tracker, workspace, record, epoch_hook)
+                row = _run_alone(held[0], work, total, tracker, workspace, record, epoch_hook, held)
                 record.rows.append(row)
-                ended(claimed.step.run.name, row["status"])
+                ended(row["name"], row["status"])
         except BaseException as exc:  # a signal or the store: release what is not started
             for claimed in held:
                 _release(claimed, tracker, exc)
             raise
 
 
-def _claim(step: Planned, work: GridWork, tracker: Tracker) -> str | None:
-    continues = step.previous.run_id if step.action == "continue" else None
-    with deferred_signals():  # a claim is written whole, and known, before a signal acts
-        return claim_run(
-            tracker,
-            work.experiment,
-            step.run,
-            {**work.tags, **run_tags(step.run)},
-            work.settle,
-            work.since_ms if work.rerun else 0,
-            continues=continues,
-        )
+CLAIM_ATTEMPTS = 3  # a claim lost to one that then vanished (its process stopped) is retried
+
+
+def _claim_or_skip(
+    index: int,
+    step: Planned,
+    work: GridWork,
+    tracker: Tracker,
+    held: list[Claimed],
+    record: WorkRecord,
+    total: int,
+) -> None:
+    """Claim the run of ``step`` into ``held``, or give it its row of the results (skipped,
+    held elsewhere, failed already)."""
+    number = index + 1
+    for _ in range(CLAIM_ATTEMPTS):
+        step = _as_stored_now(step, work, tracker)
+        if step.action not in ("train", "continue"):
+            _skip(number, total, step, record)
+            return
+        continues = step.previous.run_id if step.action == "continue" else None
+        pending: list[str] = []
+        try:
+            claim = claim_run(
+                tracker, work.experiment, step.run, {**work.tags, **run_tags(step.run)},
+                work.settle, work.since_ms, work.rerun, continues, on_created=pending.append,
+            )
+        except BaseException as exc:
+            for claim_id in pending:  # created, never decided
+                _release(Claimed(number, step, claim_id, {}), tracker, exc)
+            raise
+        if claim is not None:
+            held.append(Claimed(number, step, claim.run_id, claim.stamp))
+            return
+    print(f"{line_prefix()}[{number}/{total}] {step.run.name} not run: its claim was lost "
+          f"{CLAIM_ATTEMPTS} times; rerun the grid to train it", file=sys.stderr, flush=True)
+    record.rows.append({"name": step.run.name, "key": step.run.key, "status": "NOT RUN"})
 
 
 def _release(claimed: Claimed, tracker: Tracker, exc: BaseException) -> None:
@@ -136,10 +152,10 @@ def _release(claimed: Claimed, tracker: Tracker, exc: BaseException) -> None:
 
 def _as_stored_now(step: Planned, work: GridWork, tracker: Tracker) -> Planned:
     """The step planned again from the store just before its run trains: another process
-    working on the same grid may have finished or taken the run."""
+    working on the same grid may have finished, failed or taken the run."""
     records = tracker.previous_runs(work.experiment, RUN_KEY_TAG, step.run.key)
     records = recover_abandoned(tracker, records, sys.stderr)  # a worker that died meanwhile
-    return plan([step.run], records, False)[0]
+    return plan([step.run], records, work.rerun, work.since_ms)[0]
 
 
 def _run_alone(
@@ -150,25 +166,36 @@ def _run_alone(
     workspace: Workspace,
     record: WorkRecord,
     epoch_hook: EpochHook | None,
+    held: list[Claimed],
 ) -> dict[str, Any]:
-    """One run's row of the results; a failing run does not stop the grid."""
+    """One run's row of the results; a failing run does not stop the grid. The claim
+    leaves ``held`` once ``execute`` answers for it: a new run at once (execute ends it
+    whatever happens), a continuation's claim run once the run it continues (or a new run,
+    without a checkpoint) is RUNNING under this process's lease and stamp."""
     step = claimed.step
     continuing = step.action == "continue"
 
-    def drop_claim(run_id: str) -> None:  # the stopped run is RUNNING again under our lease
+    def take_over(run_id: str) -> None:
+        tracker.set_tags(run_id, claimed.stamp)
         tracker.delete_run(claimed.claim_id)
+        held.remove(claimed)
 
+    if not continuing:
+        held.remove(claimed)
     try:
         done = execute(
             step.run, tracker, workspace, work.tags, claimed.number, total,
             continue_id=step.previous.run_id if continuing else None,
             claimed_id=None if continuing else claimed.claim_id,
-            on_start=drop_claim if continuing else None,
+            on_start=take_over if continuing else None,
             epoch_hook=epoch_hook,
         )
     except Exception as exc:
         if isinstance(exc, TrackingError):
             raise
+        if claimed in held:  # stopped before the run was reopened: the claim goes
+            held.remove(claimed)
+            _release(claimed, tracker, exc)
         return row_of(step.run, exc, record)
     return row_of(step.run, done, record)
 
@@ -181,10 +208,14 @@ def _run_stack(
     workspace: Workspace,
     record: WorkRecord,
     epoch_hook: EpochHook | None,
+    held: list[Claimed],
 ) -> list[dict[str, Any]]:
-    """The rows of runs trained as one stack; a failing stack does not stop the grid."""
+    """The rows of runs trained as one stack; a failing stack does not stop the grid.
+    ``execute_stack`` ends every run it is given, so their claims leave ``held`` first."""
     runs = [claimed.step.run for claimed in fresh]
     run_ids = [claimed.claim_id for claimed in fresh]
+    for claimed in fresh:
+        held.remove(claimed)
     try:
         done = execute_stack(
             runs, tracker, workspace, work.tags, fresh[0].number, total, epoch_hook, run_ids
@@ -223,6 +254,8 @@ def print_skip(number: int, total: int, step: Planned) -> None:
     run_id = step.previous.run_id
     if step.action == "skip":
         why = f"FINISHED already in run {run_id}"
+    elif step.action == "failed":
+        why = f"FAILED in run {run_id} during this invocation"
     else:
         holder = step.previous.tags.get(OWNER_TAG, "?")
         what = "claimed" if CLAIM_TAG in step.previous.tags else "RUNNING"
@@ -237,10 +270,18 @@ def failure_of(stored: RunRecord) -> str:
     return text.strip().splitlines()[-1] if text.strip() else "FAILED"
 
 
-def latest_by_key(records: Sequence[RunRecord]) -> Mapping[str, RunRecord]:
-    """Each key's most recent run (records oldest first), claim runs left out."""
+def latest_by_key(
+    records: Sequence[RunRecord], parent_id: str, only_under_parent: bool
+) -> Mapping[str, RunRecord]:
+    """Each key's run to report (records oldest first, claim runs left out): the latest
+    under the invocation's parent run ``parent_id`` if there is one, else (unless
+    ``only_under_parent``, as for a rerun) the latest of the key."""
     latest: dict[str, RunRecord] = {}
+    mine: dict[str, RunRecord] = {}
     for stored in records:
-        if stored.key is not None and CLAIM_TAG not in stored.tags:
-            latest[stored.key] = stored
-    return latest
+        if stored.key is None or CLAIM_TAG in stored.tags:
+            continue
+        latest[stored.key] = stored
+        if stored.tags.get(PARENT_TAG) == parent_id:
+            mine[stored.key] = stored
+    return mine if only_under_parent else {**latest, **mine}

@@ -2,7 +2,7 @@
 
 Each worker opens its own tracker on the invocation's parent run and runs
 :func:`vaebench.grid_work.work_through` over the grid's stacks, starting at its own
-place in the list; claims (:mod:`vaebench.claims`) give every run to exactly one of
+place in the list; claims (:mod:`vaebench.exactly_once`) give every run to exactly one of
 them. Workers print plain progress lines prefixed with their number; the invocation's
 process prints the grid's count as runs end. The results table is read back from the
 store once all workers are done.
@@ -131,13 +131,19 @@ def run_workers(job: GridJob, slots: Sequence[WorkerSlot], todo: int, renew: Any
 
 
 def rows_from_store(
-    runs: Sequence[RunSpec], tracker: Tracker, experiment: str, grid_tag: str, stream: Any
+    runs: Sequence[RunSpec],
+    tracker: Tracker,
+    work: GridWork,
+    parent_id: str,
+    grid_tag: str,
+    stream: Any,
 ) -> WorkRecord:
-    """The rows of ``runs`` as the store holds them now (each key's latest run), after
-    marking runs that a dead worker left RUNNING as KILLED."""
-    records = recover_abandoned(tracker, tracker.previous_runs(experiment, grid_tag, experiment),
-                                stream)
-    latest = latest_by_key(records)
+    """The rows of ``runs`` as the store holds them now (each key's run under the
+    invocation's parent, else its latest), after marking runs that a dead worker left
+    RUNNING as KILLED."""
+    stored_runs = tracker.previous_runs(work.experiment, grid_tag, work.experiment)
+    records = recover_abandoned(tracker, stored_runs, stream)
+    latest = latest_by_key(records, parent_id, only_under_parent=work.rerun)
     record = WorkRecord()
     for run in runs:
         stored = latest.get(run.key)

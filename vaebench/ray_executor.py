@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from vaebench.checkpoint import CheckpointStore
-from vaebench.claims import Planned
+from vaebench.claims import Planned, set_task
 from vaebench.config import VaebenchError
 from vaebench.execute import Workspace
 from vaebench.grid import expand, load_grid
@@ -54,6 +54,9 @@ def grid_task(job: GridJob, group: int, threads: int) -> list[tuple[str, str]]:
 
     torch.set_num_threads(max(1, threads))
     set_line_prefix(f"task {group} ")
+    # a retry gets the same arguments, so the same name: the runs a dead attempt of this
+    # task left RUNNING are abandoned for the next attempt, on whichever node it runs
+    set_task(f"{job.parent_id}-{group}")
     tracker = MLflowTracker(job.tracking_uri)
     tracker.join_grid(job.experiment_id, job.parent_id)
     runs = expand(load_grid(job.grid_path))

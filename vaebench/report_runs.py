@@ -109,6 +109,8 @@ def run_set_from_frame(
     elif not all_invocations:
         parents = parents.tail(1)
     runs = frame[frame[parent_column].isin(parents["run_id"])].copy()
+    if CLAIM_COLUMN in runs:  # a claim left by a stopped process is no run of a variant
+        runs = runs[runs[CLAIM_COLUMN].isna()]
     if runs.empty:
         raise VaebenchError(f"experiment {name!r}: the invocation has no runs")
     runs["name"] = runs["tags.mlflow.runName"]
@@ -124,6 +126,8 @@ def run_set_from_frame(
     runs["variant"] = variant_labels(runs, params)
     return RunSet(name, experiment_id, uri, parents, runs, params, repeats)
 
+
+CLAIM_COLUMN = "tags.vaebench.claim_for"  # vaebench.claims.CLAIM_TAG
 
 RERUN_TAGS = (
     "tags.vaebench.run_key",

@@ -20,9 +20,10 @@ from typing import Any
 import pandas as pd
 
 from vaebench.checkpoint import CheckpointStore, default_folder
-from vaebench.claims import Planned, lease_tags, plan, recover_abandoned, settle_seconds
+from vaebench.claims import Planned, lease_tags, plan, recover_abandoned
 from vaebench.config import VaebenchError
 from vaebench.data import resolve_root
+from vaebench.exactly_once import settle_seconds
 from vaebench.execute import Workspace, end_quietly
 from vaebench.grid import RunSpec, expand, load_grid
 from vaebench.grid_work import GridWork, WorkRecord, print_skip, stored_row, work_through
@@ -86,7 +87,7 @@ def run_grid(
     ``max_stack`` at a time (1, the default: every run alone). ``execution`` says who
     trains them: this process, local worker processes (:mod:`vaebench.grid_workers`) or
     Ray tasks (:mod:`vaebench.ray_executor`), each run claimed by one of them
-    (:mod:`vaebench.claims`). With ``report`` (and an
+    (:mod:`vaebench.exactly_once`). With ``report`` (and an
     MLflow tracker) the invocation's report follows: ``results/<grid>/`` and artifacts of
     the parent run.
     """
@@ -170,7 +171,7 @@ def run_grid(
                     )
                 finally:
                     trained = [step.run for _, step in todo]
-                    stored = rows_from_store(trained, tracker, grid.name, GRID_TAG, sys.stderr)
+                    stored = rows_from_store(trained, tracker, work, parent, GRID_TAG, sys.stderr)
                     _take(outcome, stored)
             with deferred_signals():
                 failed = outcome.failed or outcome.worker_errors

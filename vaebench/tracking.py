@@ -50,6 +50,7 @@ class RunRecord:
     tags: dict[str, str]
     start_time: int  # ms since the epoch
     metrics: dict[str, float]  # each metric's latest value
+    end_time: int | None = None  # ms since the epoch; None while it runs
 
     @property
     def key(self) -> str | None:
@@ -303,6 +304,7 @@ class MLflowTracker:
                     dict(run.data.tags),
                     run.info.start_time,
                     dict(run.data.metrics),
+                    run.info.end_time,
                 )
                 for run in page
             ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -113,8 +114,9 @@ def run_processes(
     codes. ``watch`` is called every ``every`` seconds while they run (to show progress).
 
     Spawned, not forked: a forked child inherits torch's thread pools and locks. A signal
-    that stops this process is passed on to the workers, which end their runs cleanly;
-    one that does not stop within a minute is killed (its run is recovered later).
+    that stops this process is passed on to the workers (SIGTERM when something else stops
+    it), which end their runs cleanly; one that does not stop within a minute is killed
+    (its run is recovered later).
     """
     context = multiprocessing.get_context("spawn")
     processes = [
@@ -133,10 +135,11 @@ def run_processes(
             process.join()
         if watch is not None:
             watch()
-    except Interrupted as exc:
+    except BaseException as exc:  # a signal, or the caller's watch failing (the store)
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGTERM
         for process in processes:
             if process.is_alive():
-                os.kill(process.pid, exc.signum)
+                os.kill(process.pid, signum)
         for process in processes:
             if process.pid is not None:
                 process.join(timeout=60)
