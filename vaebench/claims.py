@@ -79,6 +79,7 @@ def abandoned(tags: Mapping[str, str], now: float | None = None) -> str | None:
         alive = _process_start(int(pid_text))
         if alive is None or (started != "?" and alive != started):
             return f"its process {pid_text} on {host} is gone"
+        return None  # alive on this host: its own (a lease renewed per epoch may be late)
     expires = float(tags.get(EXPIRES_TAG, "0") or 0)
     if (now or time.time()) > expires:
         return f"its lease from {host} expired"
@@ -93,6 +94,11 @@ def recover_abandoned(
     now: list[RunRecord] = []
     for record in records:
         reason = abandoned(record.tags) if record.status == "RUNNING" else None
+        if reason is not None:  # read again: another process may have taken it since
+            record = tracker.run_record(record.run_id) or replace(record, status="DELETED")
+            reason = abandoned(record.tags) if record.status == "RUNNING" else None
+            if record.status == "DELETED":
+                continue
         if reason is not None and CLAIM_TAG in record.tags:  # a claim its process left
             tracker.delete_run(record.run_id)
             continue
@@ -136,8 +142,9 @@ def plan(
     """
     by_key: dict[str, list[RunRecord]] = {}
     for record in records:
-        if record.key is None or (CLAIM_TAG in record.tags and record.status != "RUNNING"):
-            continue
+        if record.key is None or (CLAIM_TAG in record.tags and record.status == "KILLED"):
+            continue  # a claim counts while it runs, and when it FAILED (its run could not
+            # be continued: planned again, it is not tried again by the same invocation)
         if rerun and (since_ms is None or record.start_time < since_ms):
             continue
         by_key.setdefault(record.key, []).append(record)

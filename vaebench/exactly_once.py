@@ -60,15 +60,16 @@ def stamp() -> dict[str, str]:
 
 
 def _order(record: RunRecord) -> tuple[int, str]:
-    return int(record.tags[CLAIMED_AT_TAG]), record.run_id
+    text = record.tags[CLAIMED_AT_TAG]
+    return (int(text) if text.isdigit() else 0), record.run_id  # a malformed stamp: first
 
 
 def _verdict(records: list[RunRecord], mine: RunRecord, since_ms: int, rerun: bool) -> str:
     """"wins", "loses" or "wait" (an unstamped live claim may turn out earlier)."""
     waiting = False
     for record in records:
-        if record.run_id == mine.run_id:
-            continue
+        if record.run_id == mine.run_id or (rerun and record.start_time < since_ms):
+            continue  # a rerun counts only what was begun during the invocation
         ended = record.end_time or record.start_time
         if record.status == "FINISHED" and (not rerun or record.start_time >= since_ms):
             return "loses"

@@ -9,6 +9,7 @@ train exactly once however many of them work on one grid at once.
 from __future__ import annotations
 
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,13 +127,14 @@ def _claim_or_skip(
                 tracker, work.experiment, step.run, {**work.tags, **run_tags(step.run)},
                 work.settle, work.since_ms, work.rerun, continues, on_created=pending.append,
             )
+            if claim is not None:
+                held.append(Claimed(number, step, claim.run_id, claim.stamp))
+                return
         except BaseException as exc:
-            for claim_id in pending:  # created, never decided
-                _release(Claimed(number, step, claim_id, {}), tracker, exc)
+            if not any(c.claim_id in pending for c in held):  # created, never handed on
+                for claim_id in pending:
+                    _release(Claimed(number, step, claim_id, {}), tracker, exc)
             raise
-        if claim is not None:
-            held.append(Claimed(number, step, claim.run_id, claim.stamp))
-            return
     print(f"{line_prefix()}[{number}/{total}] {step.run.name} not run: its claim was lost "
           f"{CLAIM_ATTEMPTS} times; rerun the grid to train it", file=sys.stderr, flush=True)
     record.rows.append({"name": step.run.name, "key": step.run.key, "status": "NOT RUN"})
@@ -193,9 +195,10 @@ def _run_alone(
     except Exception as exc:
         if isinstance(exc, TrackingError):
             raise
-        if claimed in held:  # stopped before the run was reopened: the claim goes
-            held.remove(claimed)
-            _release(claimed, tracker, exc)
+        if claimed in held:  # failed before the run it continues was reopened: the claim
+            held.remove(claimed)  # ends FAILED, so no other worker of the invocation retries
+            error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            end_quietly(tracker, claimed.claim_id, "FAILED", error)
         return row_of(step.run, exc, record)
     return row_of(step.run, done, record)
 
@@ -273,14 +276,14 @@ def failure_of(stored: RunRecord) -> str:
 def latest_by_key(
     records: Sequence[RunRecord], parent_id: str, only_under_parent: bool
 ) -> Mapping[str, RunRecord]:
-    """Each key's run to report (records oldest first, claim runs left out): the latest
+    """Each key's run to report (records oldest first, claims left out unless FAILED): the latest
     under the invocation's parent run ``parent_id`` if there is one, else (unless
     ``only_under_parent``, as for a rerun) the latest of the key."""
     latest: dict[str, RunRecord] = {}
     mine: dict[str, RunRecord] = {}
     for stored in records:
-        if stored.key is None or CLAIM_TAG in stored.tags:
-            continue
+        if stored.key is None or (CLAIM_TAG in stored.tags and stored.status != "FAILED"):
+            continue  # a FAILED claim: the continuation that could not start
         latest[stored.key] = stored
         if stored.tags.get(PARENT_TAG) == parent_id:
             mine[stored.key] = stored

@@ -27,7 +27,7 @@ from vaebench.grid import expand, load_grid
 from vaebench.grid_work import WorkRecord, work_through
 from vaebench.grid_workers import GridJob
 from vaebench.progress import set_line_prefix
-from vaebench.signals import Interrupted
+from vaebench.signals import interruptible
 from vaebench.tracking import MLflowTracker
 from vaebench.workers import cores
 
@@ -63,10 +63,11 @@ def grid_task(job: GridJob, group: int, threads: int) -> list[tuple[str, str]]:
     workspace = Workspace(job.data_root, CheckpointStore(job.checkpoint_dir))
     ended: list[tuple[str, str]] = []
     work = dataclasses.replace(job.work, groups=[job.work.groups[group]])
-    work_through(
-        work, runs, [Planned(run, "train") for run in runs], tracker, workspace, WorkRecord(),
-        on_ended=lambda name, status: ended.append((name, status)),
-    )
+    with interruptible():  # ray.cancel's interrupt waits for store writes, as a signal does
+        work_through(
+            work, runs, [Planned(run, "train") for run in runs], tracker, workspace,
+            WorkRecord(), on_ended=lambda name, status: ended.append((name, status)),
+        )
     return ended
 
 
@@ -114,8 +115,8 @@ def run_on_ray(
                         file=sys.stderr,
                         flush=True,
                     )
-    except Interrupted:
-        for ref in pending:  # a KeyboardInterrupt in each task: its runs end KILLED
+    except BaseException:  # a signal, or the store failing: each task ends its runs KILLED
+        for ref in pending:
             ray.cancel(ref)
         ray.wait(list(pending), num_returns=len(pending), timeout=60)
         raise

@@ -84,6 +84,7 @@ class Tracker(Protocol):
     def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None: ...
     def delete_run(self, run_id: str) -> None: ...
     def previous_runs(self, name: str, tag: str, value: str) -> list[RunRecord]: ...
+    def run_record(self, run_id: str) -> RunRecord | None: ...
 
 
 def resolve_tracking_uri(cli_uri: str | None = None) -> str:
@@ -281,6 +282,14 @@ class MLflowTracker:
         self.client.delete_run(run_id)
 
     @_store_call
+    def run_record(self, run_id: str) -> RunRecord | None:
+        """The run as the store holds it now (None if deleted)."""
+        run = self.client.get_run(run_id)
+        if run.info.lifecycle_stage == "deleted":
+            return None
+        return _record(run)
+
+    @_store_call
     def previous_runs(self, name: str, tag: str, value: str) -> list[RunRecord]:
         """Every run of experiment ``name`` whose tag ``tag`` is ``value``, oldest first."""
         experiment = self.client.get_experiment_by_name(name)
@@ -296,18 +305,7 @@ class MLflowTracker:
                 order_by=["attributes.start_time ASC"],
                 page_token=token,
             )
-            records += [
-                RunRecord(
-                    run.info.run_id,
-                    run.info.run_name,
-                    run.info.status,
-                    dict(run.data.tags),
-                    run.info.start_time,
-                    dict(run.data.metrics),
-                    run.info.end_time,
-                )
-                for run in page
-            ]
+            records += [_record(run) for run in page]
             token = page.token
             if not token:
                 return records
@@ -334,6 +332,15 @@ def check_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
         reason = str(getattr(exc, "reason", None) or exc)
     raise VaebenchError(
         f"tracking URI {uri}: no MLflow server answers at {url} within {timeout:g} s ({reason})"
+    )
+
+
+def _record(run: Any) -> RunRecord:
+    """An MLflow run as a RunRecord."""
+    info = run.info
+    return RunRecord(
+        info.run_id, info.run_name, info.status, dict(run.data.tags), info.start_time,
+        dict(run.data.metrics), info.end_time,
     )
 
 
