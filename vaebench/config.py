@@ -168,6 +168,14 @@ class TrainConfig(_Section):
         ge=0,
         description="epochs between checkpoints that let a stopped run continue (0: none)",
     )
+    backend: Literal["torch", "pyro"] = Field(
+        default="torch",
+        description="torch: vaebench's loss; pyro: the model and guide in Pyro, its ELBO",
+    )
+    pyro_elbo: Literal["meanfield", "trace"] = Field(
+        default="meanfield",
+        description="backend pyro: TraceMeanField_ELBO (analytic KL) or Trace_ELBO (sampled KL)",
+    )
 
 
 class EvalConfig(_Section):
@@ -290,9 +298,33 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+PYRO_ARCHS = ("mlp", "conv")  # the Gaussian families the pyro backend expresses
+
+
+def pyro_problems(config: RunConfig) -> list[tuple[str, str]]:
+    """What the pyro backend does not do (the model it builds: a Gaussian prior and
+    posterior, a Bernoulli decoder, beta on the latent site)."""
+    train = config.train
+    if train.backend != "pyro":
+        if train.pyro_elbo != "meanfield":
+            return [("train.pyro_elbo", "applies to train.backend: pyro only")]
+        return []
+    problems = []
+    if config.model.arch not in PYRO_ARCHS:
+        problems.append(("train.backend", f"pyro trains model.arch {' or '.join(PYRO_ARCHS)}, "
+                         f"not {config.model.arch}"))
+    if config.loss.recon != "bce":
+        problems.append(("train.backend", "pyro's decoder is a Bernoulli likelihood: "
+                         "loss.recon must be bce"))
+    if config.loss.objective != "elbo":
+        problems.append(("train.backend", "pyro trains the elbo objective (loss.beta on the "
+                         "latent site), not capacity"))
+    return problems
+
+
 def cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
     """Problems of settings that are valid alone but not together."""
-    problems = []
+    problems = pyro_problems(config)
     if config.eval.iwae_samples and (config.data.binarize == "none" or config.loss.recon != "bce"):
         problems.append(
             (

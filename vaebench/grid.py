@@ -144,6 +144,8 @@ def _overrides_list(
 # how a varied setting reads in a run name; keys not listed read as "<leaf><value>"
 NAME_PREFIXES = {
     "model.arch": "",
+    "train.backend": "",
+    "train.pyro_elbo": "",
     "loss.recon": "",
     "optim.name": "",
     "data.dataset": "",
@@ -198,7 +200,12 @@ NOT_IN_KEY = {"train": {"checkpoint_every"}}
 # settings added after runs were stored, each with the value that computes what runs did
 # before it existed: at that value they stay out of the key, so those runs keep their keys
 # (and are skipped or resumed, not trained again)
-KEY_SINCE = {"model.dense": [], "loss.kl_c": "per_image"}
+KEY_SINCE = {
+    "model.dense": [],
+    "loss.kl_c": "per_image",
+    "train.backend": "torch",
+    "train.pyro_elbo": "meanfield",
+}
 
 
 def run_key(config: RunConfig) -> str:

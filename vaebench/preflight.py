@@ -29,6 +29,10 @@ def check_before_tracking(runs: Sequence[RunSpec], data_root: Path) -> None:
             raise VaebenchError("; ".join(f"{run.name}: {key}: {msg}" for key, msg in problems))
     for dataset in sorted({run.config.data.dataset for run in runs}):
         ensure_dataset(dataset, data_root)
+    if any(run.config.train.backend == "pyro" for run in runs):
+        from vaebench.pyro_backend import import_pyro
+
+        import_pyro()  # a missing extra is one line, before anything is tracked
 
 
 def preflight(

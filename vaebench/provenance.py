@@ -79,6 +79,7 @@ def run_tags(run: RunSpec) -> dict[str, str]:
     return {
         "vaebench.run_key": run.key,
         "vaebench.seed": str(run.config.seed),
+        "vaebench.backend": run.config.train.backend,
         "vaebench.device": str(device),
         "vaebench.device_name": device_name(device),
     }

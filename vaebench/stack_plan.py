@@ -35,6 +35,8 @@ def config_problem(config: RunConfig, on_cpu: bool = False) -> str | None:
     the runs train on the CPU."""
     if config.model.arch not in ("mlp", "conv"):
         return f"model.arch {config.model.arch} is trained one by one"
+    if config.train.backend != "torch":
+        return f"train.backend {config.train.backend} is trained one by one"
     if on_cpu and config.model.arch == "conv":
         return CONV_ON_CPU
     if config.model.batch_norm:

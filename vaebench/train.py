@@ -141,8 +141,11 @@ def train_epoch(
     splits: Splits,
     generator: torch.Generator,
     first_step: int = 0,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One pass over the training split; returns the summed objective as a device tensor."""
+    """One pass over the training split; returns the summed objective as a device tensor.
+    ``batch_loss``: another backend's loss of a batch (summed over it), instead of the
+    objective's."""
     images, labels = splits.train.images, splits.train.labels
     n = images.shape[0]
     batch_size = config.train.batch_size
@@ -156,7 +159,10 @@ def train_epoch(
         if splits.dynamic_binarize:
             x = torch.bernoulli(x)
         model.anneal(step, total_steps)
-        loss = objective(loss_terms(model, x, y, config.loss.recon), x.shape[0], step)
+        if batch_loss is not None:
+            loss = batch_loss(x)
+        else:
+            loss = objective(loss_terms(model, x, y, config.loss.recon), x.shape[0], step)
         optimizer.zero_grad(set_to_none=True)
         (loss / x.shape[0]).backward()
         optimizer.step()
@@ -261,6 +267,11 @@ def fit(
     model = build_model(config.model, splits.image_shape).to(device)
     optimizer = build_optimizer(config.optim, model.parameters())
     objective = Objective(config.loss, model.categories)
+    batch_loss = None
+    if config.train.backend == "pyro":
+        from vaebench.pyro_backend import pyro_loss
+
+        batch_loss = pyro_loss(model, config)
     result = TrainResult(model=model)
     n_train = len(splits.train)
     per_epoch = steps_per_epoch(n_train, config.train.batch_size)
@@ -274,7 +285,8 @@ def fit(
     for epoch in range(len(result.history) + 1, config.train.epochs + 1):
         t0 = time.perf_counter()
         total = train_epoch(
-            model, optimizer, objective, config, splits, generator, (epoch - 1) * per_epoch
+            model, optimizer, objective, config, splits, generator, (epoch - 1) * per_epoch,
+            batch_loss,
         )
         _sync(device)
         t1 = time.perf_counter()
