@@ -73,6 +73,39 @@ def tiny_grid_result(tmp_path_factory, mnist_root):
     return tmp_path, uri, status
 
 
+def test_every_run_names_its_data_and_its_source(tiny_grid_result, mnist_root):
+    """The runs table's Dataset and Source columns: each run's splits as dataset inputs
+    (digest of the exact images, context, source folder), and vaebench as the source."""
+    from mlflow.tracking import MlflowClient
+
+    from vaebench.config import DataConfig
+    from vaebench.data import load_splits, split_digest
+
+    _, uri, _ = tiny_grid_result
+    client = MlflowClient(uri)
+    children = runs_of(uri, "tiny")
+    children = children[children["tags.mlflow.parentRunId"].notna()]
+    splits = load_splits(DataConfig(subset=512, validation=1000), mnist_root,
+                         torch.device("cpu"))
+    expected = {
+        ("mnist-train", "training", split_digest(splits.train)),
+        ("mnist-validation", "validation", split_digest(splits.validation)),
+        ("mnist-test", "test", split_digest(splits.test)),
+    }
+    for run_id in children["run_id"]:
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        seen = {(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"],
+                 i.dataset.digest) for i in inputs}
+        assert seen == expected
+        assert all(str(mnist_root / "MNIST" / "raw") in i.dataset.source for i in inputs)
+    assert set(children["tags.mlflow.source.name"]) == {"vaebench"}
+    # other data, other digests: a larger subset, or static binarization
+    for other in (DataConfig(subset=600, validation=1000),
+                  DataConfig(subset=512, validation=1000, binarize="static")):
+        train = load_splits(other, mnist_root, torch.device("cpu")).train
+        assert split_digest(train) != split_digest(splits.train)
+
+
 def test_tiny_grid_tracks_parent_and_finished_children(tiny_grid_result):
     tmp_path, uri, status = tiny_grid_result
     assert status == 0

@@ -258,6 +258,39 @@ class Splits:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class SplitRecord:
+    """What a run says about one split it used, for MLflow's dataset inputs: ``digest`` is a
+    hash of the exact images and labels (after subset, hold-out and binarization)."""
+
+    name: str  # e.g. mnist-train
+    context: str  # training, validation or test
+    digest: str
+    source: str  # the raw folder the images came from
+    rows: int
+
+
+def split_digest(split: Split) -> str:
+    """SHA-256 (first 16 hex digits) of a split's images and labels as stored."""
+    digest = hashlib.sha256()
+    digest.update(split.images.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(split.labels.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def split_records(splits: Splits, config: DataConfig, root: Path) -> list[SplitRecord]:
+    """The splits a run uses, for MLflow (the training split's draws, with dynamic
+    binarization, are new every batch: its digest is of the grey levels they are drawn from)."""
+    source = str(raw_dir(config.dataset, root))
+    named = [("train", "training", splits.train), ("validation", "validation", splits.validation),
+             ("test", "test", splits.test)]
+    return [
+        SplitRecord(f"{config.dataset}-{name}", context, split_digest(split), source, len(split))
+        for name, context, split in named
+        if split is not None
+    ]
+
+
 def to_split(images: np.ndarray, labels: np.ndarray, device: torch.device) -> Split:
     pixels = torch.from_numpy(np.array(images, copy=True)).to(device)  # IDX buffers are read-only
     return Split(

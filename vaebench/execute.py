@@ -33,7 +33,7 @@ from vaebench.checkpoint import CheckpointStore
 from vaebench.claims import lease_tags
 from vaebench.classifier import ClassifierCache
 from vaebench.config import first_line
-from vaebench.data import Splits
+from vaebench.data import SplitRecord, Splits, split_records
 from vaebench.grid import RunSpec
 from vaebench.preflight import check_before_tracking, preflight
 from vaebench.progress import RunProgress
@@ -55,6 +55,7 @@ class Workspace:
         self.checkpoints = checkpoints
         self.classifiers = ClassifierCache(data_root)
         self._splits: dict[tuple[str, str], Splits] = {}
+        self._records: dict[tuple[str, str], list[SplitRecord]] = {}
 
     def check(self, runs: Sequence[RunSpec]) -> None:
         """The quick part of the preflight (clashing settings, data files present): what
@@ -64,6 +65,14 @@ class Workspace:
     def prepare(self, runs: Sequence[RunSpec]) -> None:
         """Preflight ``runs`` (errors before anything is tracked) and keep their splits."""
         self._splits.update(preflight(runs, self.data_root, self._splits))
+
+    def split_records_for(self, run: RunSpec) -> list[SplitRecord]:
+        """The run's splits as MLflow dataset inputs (their digests computed once)."""
+        key = (run.config.data.model_dump_json(), str(resolve_device(run.config.train.device)))
+        if key not in self._records:
+            self._records[key] = split_records(self.splits_for(run), run.config.data,
+                                               self.data_root)
+        return self._records[key]
 
     def splits_for(self, run: RunSpec) -> Splits:
         key = (run.config.data.model_dump_json(), str(resolve_device(run.config.train.device)))
@@ -150,6 +159,8 @@ def execute(
                 run_id = tracker.start_run(run.name, run.params, tags)
             if on_start is not None:
                 on_start(run_id)
+        if state is None:  # a new run: the data it sees (a continued one has them already)
+            tracker.log_inputs(run_id, workspace.split_records_for(run))
         if state is not None:
             _log_missing_epochs(tracker, run_id, state)
         longest = 0.0

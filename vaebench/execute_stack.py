@@ -76,6 +76,8 @@ def execute_stack(
             for run in runs if claimed_ids is None else ():
                 run_tag_set = {**tags, **run_tags(run), **lease_tags(), **stack_tags(runs)}
                 run_ids.append(tracker.start_run(run.name, run.params, run_tag_set))
+        for run, run_id in zip(runs, run_ids, strict=True):
+            tracker.log_inputs(run_id, workspace.split_records_for(run))
 
         def save_state(index: int, snapshot: dict[str, Any]) -> None:
             snapshot.update(run_key=runs[index].key, code=code_version(), device=str(device))

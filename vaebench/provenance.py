@@ -59,10 +59,12 @@ def device_name(device: torch.device) -> str:
 
 
 def base_tags(**extra: str) -> dict[str, str]:
-    """Tags every run of an invocation carries: versions, vaebench's code version and, in a
-    git checkout, its commit."""
+    """Tags every run of an invocation carries: MLflow's source (vaebench and, in a git
+    checkout, its commit), versions and vaebench's code version."""
     tags = {
         **extra,
+        "mlflow.source.name": "vaebench",  # the runs table's Source column
+        "mlflow.source.type": "LOCAL",
         "vaebench.torch": torch.__version__,
         "vaebench.python": platform.python_version(),
         CODE_TAG: code_version(),

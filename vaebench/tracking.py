@@ -12,14 +12,17 @@ import fcntl
 import functools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from vaebench.config import VaebenchError, first_line
 from vaebench.signals import deferred_signals
+
+if TYPE_CHECKING:  # the record's type only: tracking imports no torch
+    from vaebench.data import SplitRecord
 
 T = TypeVar("T")
 
@@ -83,6 +86,7 @@ class Tracker(Protocol):
     def log_artifacts(self, run_id: str, folder: Path) -> None: ...
     def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None: ...
     def delete_run(self, run_id: str) -> None: ...
+    def log_inputs(self, run_id: str, splits: Sequence[SplitRecord]) -> None: ...
     def previous_runs(self, name: str, tag: str, value: str) -> list[RunRecord]: ...
     def run_record(self, run_id: str) -> RunRecord | None: ...
 
@@ -275,6 +279,30 @@ class MLflowTracker:
         if error is not None:
             self.client.set_tag(run_id, ERROR_TAG, error[:MAX_TAG_LENGTH])
         self.client.set_terminated(run_id, status=status)
+
+    @_store_call
+    def log_inputs(self, run_id: str, splits: Sequence[SplitRecord]) -> None:
+        """The splits as MLflow dataset inputs (the runs table's Dataset column), each with
+        its digest, source folder and context (training, validation, test)."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=split.name,
+                    digest=split.digest,
+                    source_type="local",
+                    source=json.dumps({"uri": split.source}),
+                    profile=json.dumps({"num_rows": split.rows}),
+                ),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, split.context)],
+            )
+            for split in splits
+        ]
+        self.client.log_inputs(run_id, datasets=inputs)
 
     @_store_call
     def delete_run(self, run_id: str) -> None:
