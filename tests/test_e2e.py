@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -69,13 +70,18 @@ def tiny_grid_result(tmp_path_factory, mnist_root):
     tmp_path = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp, conv"))
-    status = run_cli(tmp_path, grid, uri, mnist_root)
+    os.environ["VAEBENCH_SYSTEM_METRICS_SECONDS"] = "0.2"  # samples within a short run
+    try:
+        status = run_cli(tmp_path, grid, uri, mnist_root)
+    finally:
+        del os.environ["VAEBENCH_SYSTEM_METRICS_SECONDS"]
     return tmp_path, uri, status
 
 
-def test_every_run_names_its_data_and_its_source(tiny_grid_result, mnist_root):
+def test_every_run_names_its_data_its_source_and_its_machine(tiny_grid_result, mnist_root):
     """The runs table's Dataset and Source columns: each run's splits as dataset inputs
-    (digest of the exact images, context, source folder), and vaebench as the source."""
+    (digest of the exact images, context, source folder), vaebench as the source; and the
+    system metrics of the machine while it trained."""
     from mlflow.tracking import MlflowClient
 
     from vaebench.config import DataConfig
@@ -99,6 +105,9 @@ def test_every_run_names_its_data_and_its_source(tiny_grid_result, mnist_root):
         assert seen == expected
         assert all(str(mnist_root / "MNIST" / "raw") in i.dataset.source for i in inputs)
     assert set(children["tags.mlflow.source.name"]) == {"vaebench"}
+    # MLflow's system metrics, sampled while each run trained
+    for metric in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert children[f"metrics.{metric}"].notna().all(), metric
     # other data, other digests: a larger subset, or static binarization
     for other in (DataConfig(subset=600, validation=1000),
                   DataConfig(subset=512, validation=1000, binarize="static")):

@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="with --workers auto: this many workers on each GPU (default: 1)",
     )
+    _no_system_metrics(run)
     run.add_argument(
         "--executor",
         choices=("local", "ray"),
@@ -140,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
         help="trials to add in this invocation (default: those still to do of the file's "
         "n_trials)",
     )
+    _no_system_metrics(tune)
     tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     tune.add_argument(
         "--workers",
@@ -210,10 +212,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_system_metrics(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--no-system-metrics",
+        action="store_true",
+        help="do not record CPU, memory, disk, network and GPU use in each run (MLflow's "
+        "system metrics, sampled every 10 s)",
+    )
+
+
+def _system_metrics(args: argparse.Namespace) -> None:
+    if args.no_system_metrics:  # read by every tracker, in workers and local Ray tasks too
+        os.environ["VAEBENCH_SYSTEM_METRICS"] = "0"
+
+
 def _run(args: argparse.Namespace) -> int:
     from vaebench.stack_plan import DEFAULT_MAX_STACK
     from vaebench.workers import Execution, parse_workers
 
+    _system_metrics(args)
     if args.executor == "ray" and (args.workers != "1" or args.per_gpu is not None):
         raise VaebenchError("--workers and --per-gpu are for --executor local; Ray places tasks")
     execution = Execution(
@@ -250,6 +267,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    _system_metrics(args)
     from vaebench.tune import run_study
 
     outcome = run_study(

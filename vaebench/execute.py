@@ -182,7 +182,8 @@ def execute(
                 epoch_hook(metrics)
 
         keep = save_state if workspace.checkpoints is not None else None
-        result = fit(run.config, splits, device, on_epoch, resume=state, save_state=keep)
+        with tracker.system_metrics(run_id):
+            result = fit(run.config, splits, device, on_epoch, resume=state, save_state=keep)
         outcome = record_results(run, run_id, result, tracker, workspace, extra_metrics, pictures)
         with deferred_signals():  # finished is finished: a signal now stops what follows
             tracker.end_run(run_id, "FINISHED")

@@ -11,6 +11,7 @@ keeping its checkpoint. MLflow is reached only through the :class:`Tracker`.
 
 from __future__ import annotations
 
+import contextlib
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -107,7 +108,10 @@ def execute_stack(
 
         keep = save_state if workspace.checkpoints is not None else None
         configs = [run.config for run in runs]
-        results = fit_stack(configs, splits, device, on_epoch, keep, on_failed=fail)
+        with contextlib.ExitStack() as monitors:  # each member's run records the machine
+            for run_id in run_ids:
+                monitors.enter_context(tracker.system_metrics(run_id))
+            results = fit_stack(configs, splits, device, on_epoch, keep, on_failed=fail)
         for index, result in enumerate(results):
             run_id = run_ids[index]
             if index in ended:  # diverged: ended already
