@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -52,10 +53,10 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def run_cli(tmp_path: Path, grid: Path, uri: str, mnist_root: Path) -> int:
+def run_cli(tmp_path: Path, grid: Path, uri: str, mnist_root: Path, *extra: str) -> int:
     return main([
         "run", str(grid), "--tracking-uri", uri, "--data-root", str(mnist_root),
-        "--results-dir", str(tmp_path / "results"),
+        "--results-dir", str(tmp_path / "results"), *extra,
     ])
 
 
@@ -113,6 +114,58 @@ def test_every_run_names_its_data_its_source_and_its_machine(tiny_grid_result, m
                   DataConfig(subset=512, validation=1000, binarize="static")):
         train = load_splits(other, mnist_root, torch.device("cpu")).train
         assert split_digest(train) != split_digest(splits.train)
+
+
+def test_the_best_run_is_a_registered_model_that_reconstructs_like_the_run(
+    tiny_grid_result, mnist_root
+):
+    """The grid's best run (one group: all four runs, chosen on val_elbo) is version 1 of the
+    registered model ``tiny``; loaded with mlflow.pytorch.load_model it reconstructs, encodes
+    and decodes test images as the run's own weights do, rebuilt here from its artifacts."""
+    from vaebench.config import DataConfig, RunConfig
+    from vaebench.data import load_splits
+
+    _, uri, _ = tiny_grid_result
+    client = MlflowClient(tracking_uri=uri)
+    runs = runs_of(uri, "tiny")
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    best = children.sort_values("metrics.val_elbo", ascending=False).iloc[0]
+    (version,) = client.search_model_versions("name='tiny'")
+    assert int(version.version) == 1 and version.run_id == best["run_id"]
+    assert version.tags["vaebench.run_id"] == best["run_id"]
+    assert version.tags["vaebench.run_name"] == best["tags.mlflow.runName"]
+    assert version.tags["vaebench.selected_on"] == "val_elbo"
+    assert version.tags["vaebench.invocation"] == best["tags.mlflow.parentRunId"]
+    (output,) = client.get_run(best["run_id"]).outputs.model_outputs  # the Models column
+    assert version.source == f"models:/{output.model_id}"
+    mlflow.set_tracking_uri(uri)
+    loaded = mlflow.pytorch.load_model(f"models:/tiny/{version.version}")
+
+    folder = Path(client.download_artifacts(best["run_id"], ""))
+    config = RunConfig.model_validate(yaml.safe_load((folder / "config.yaml").read_text()))
+    model = build_model(config.model, (1, 28, 28))
+    model.load_state_dict(torch.load(folder / "state_dict.pt", weights_only=True))
+    model.eval()
+    test = load_splits(DataConfig(subset=512, validation=1000), mnist_root,
+                       torch.device("cpu")).test
+    images = test.images[:64]
+    rows = images.reshape(64, -1)
+    z = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch.sigmoid(model.reconstruct(images)).reshape(64, -1)
+        assert (loaded(rows) - expected).abs().max().item() <= 1e-6
+        assert (loaded.encode(rows) - model.encode(images)[0]).abs().max().item() <= 1e-6
+        decoded = torch.sigmoid(model.decode(z)).reshape(8, -1)
+        assert (loaded.decode(z) - decoded).abs().max().item() <= 1e-6
+    # as MLflow serves it: the pyfunc flavor, its signature and input example
+    served = mlflow.pyfunc.load_model(f"models:/tiny/{version.version}")
+    (spec,) = served.metadata.get_input_schema().inputs
+    assert spec.shape == (-1, 784)
+    assert np.abs(served.predict(rows.numpy()) - expected.numpy()).max() <= 1e-6
+    example = served.metadata.load_input_example(
+        mlflow.artifacts.download_artifacts(version.source)
+    )
+    assert np.array_equal(example, rows[:4].numpy())
 
 
 def test_tiny_grid_tracks_parent_and_finished_children(tiny_grid_result):
@@ -217,8 +270,9 @@ def test_failing_variant_is_marked_failed_and_grid_goes_on(
     monkeypatch.setitem(MODELS, "exploding", _exploding_builder)
     monkeypatch.setattr(vaebench.config, "ARCHS", (*vaebench.config.ARCHS, "exploding"))
     grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp, exploding"))
-    status = run_cli(tmp_path, grid, tracking_uri, mnist_root)
+    status = run_cli(tmp_path, grid, tracking_uri, mnist_root, "--no-register")
     assert status == 1
+    assert MlflowClient(tracking_uri=tracking_uri).search_registered_models() == []
     err = capsys.readouterr()
     assert "2 of 4 runs failed" in err.err
     assert "FAILED exploding-b1-s0: RuntimeError: exploded on purpose" in err.out
@@ -260,6 +314,15 @@ def test_rerun_skips_finished_runs_and_rerun_flag_trains_them_again(
     assert len(children) == 4 and children["tags.vaebench.run_key"].nunique() == 2
     # same config and seed on CPU: the same numbers in both invocations
     assert children.groupby("tags.vaebench.run_key")["metrics.test_elbo"].nunique().eq(1).all()
+    # each invocation that trained registered its best run (without a report too)
+    versions = MlflowClient(tracking_uri=tracking_uri).search_model_versions("name='tiny'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    parents = runs[runs["tags.mlflow.parentRunId"].isna()].sort_values("start_time")
+    for version, parent in zip(sorted(versions, key=lambda v: int(v.version)),
+                               parents["run_id"], strict=True):
+        assert version.tags["vaebench.invocation"] == parent
+        trained = children[children["tags.mlflow.parentRunId"] == parent]
+        assert version.run_id == trained.loc[trained["metrics.val_elbo"].idxmax(), "run_id"]
 
 
 @pytest.mark.parametrize(

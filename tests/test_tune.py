@@ -300,6 +300,14 @@ def test_trials_csv_and_figures(pruned_then_resumed, capsys):
     logged = {a.path for a in client.list_artifacts(latest.info.run_id)}
     assert {"trials.csv", "optimization_history.png"} <= logged
     assert latest.data.metrics["trials_complete"] + latest.data.metrics["trials_pruned"] == 2
+    # each invocation registered the study's best trial (over both) as a new version
+    versions = client.search_model_versions("name='prune'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    newest = max(versions, key=lambda v: int(v.version))
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    assert newest.run_id == best_run and newest.tags["vaebench.run_id"] == best_run
+    assert newest.tags["vaebench.selected_on"] == "val_elbo"
+    assert newest.tags["vaebench.invocation"] == latest.info.run_id
 
 
 # ---------------------------------------------------------------------------
@@ -390,3 +398,10 @@ def test_two_objectives_print_and_save_a_pareto_front(store, mnist_root, capsys)
     assert_trials_match_runs(study, children)
     tau = {str(t.params["model.tau"]) for t in study.trials}
     assert tau <= {"0.5", "[1.0, 0.5]"}
+    # each trial of the front is a version of the study's registered model
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    versions = client.search_model_versions("name='front'")
+    fronts = {t.user_attrs["mlflow_run_id"] for t in study.best_trials}
+    assert {v.run_id for v in versions} == fronts and len(versions) == len(front)
+    assert {v.tags["vaebench.selected_on"] for v in versions} == {"the Pareto front"}
+    assert out.count("registered model front version ") == len(front)

@@ -23,13 +23,19 @@ def write_config(folder: Path, run: RunSpec) -> None:
     (folder / "config.yaml").write_text(text)
 
 
+def write_weights(folder: Path, run: RunSpec, model: torch.nn.Module) -> None:
+    """``config.yaml`` and ``state_dict.pt``: what rebuilds the trained model (a registered
+    model is made from them)."""
+    write_config(folder, run)
+    torch.save(model.state_dict(), folder / "state_dict.pt")
+
+
 def write_artifacts(folder: Path, run: RunSpec, model: torch.nn.Module, splits: Splits) -> None:
     """Resolved config, state_dict, reconstructions, prior samples, the latent means of a
     fixed sample of test images (``latent.npz``) and their picture (PCA: a t-SNE of 2,000
     points takes seconds, so ``report --tsne`` draws it for the runs a report shows), and
     the pictures the model family adds (a conditional model's row of samples per digit)."""
-    write_config(folder, run)
-    torch.save(model.state_dict(), folder / "state_dict.pt")
+    write_weights(folder, run, model)
     model.eval()
     test = splits.test
     with torch.no_grad():

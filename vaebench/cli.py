@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         help="with --workers auto: this many workers on each GPU (default: 1)",
     )
     _no_system_metrics(run)
+    _no_register(run, "each comparison group's best run")
     run.add_argument(
         "--executor",
         choices=("local", "ray"),
@@ -142,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
         "n_trials)",
     )
     _no_system_metrics(tune)
+    _no_register(tune, "the best trial's run (each run of a Pareto front)")
     tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     tune.add_argument(
         "--workers",
@@ -221,6 +223,15 @@ def _no_system_metrics(command: argparse.ArgumentParser) -> None:
     )
 
 
+def _no_register(command: argparse.ArgumentParser, best: str) -> None:
+    command.add_argument(
+        "--no-register",
+        action="store_true",
+        help=f"do not log {best} as an MLflow model and register it (default: a new version "
+        "of a registered model named after the grid or study, seconds per model)",
+    )
+
+
 def _system_metrics(args: argparse.Namespace) -> None:
     if args.no_system_metrics:  # read by every tracker, in workers and local Ray tasks too
         os.environ["VAEBENCH_SYSTEM_METRICS"] = "0"
@@ -255,6 +266,7 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         max_stack=max_stack,
         execution=execution,
+        register=not args.no_register,
     )
     for line in outcome.worker_errors:
         print(f"vaebench: {line}", file=sys.stderr)
@@ -279,6 +291,7 @@ def _tune(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         data_root=args.data_root,
         results_dir=args.results_dir,
+        register=not args.no_register,
     )
     if outcome.failed:
         print(

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from vaebench.artifacts import write_artifacts, write_config
+from vaebench.artifacts import write_artifacts, write_weights
 from vaebench.checkpoint import CheckpointStore
 from vaebench.claims import lease_tags
 from vaebench.classifier import ClassifierCache
-from vaebench.config import first_line
+from vaebench.config import RunConfig, first_line
 from vaebench.data import SplitRecord, Splits, split_records
 from vaebench.grid import RunSpec
 from vaebench.preflight import check_before_tracking, preflight
@@ -79,6 +79,12 @@ class Workspace:
         if key not in self._splits:
             self.prepare([run])
         return self._splits[key]
+
+    def test_images(self, config: RunConfig, count: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``count`` test images and labels of a run's data, on the CPU (a
+        registered model's input example)."""
+        test = self.splits_for(RunSpec("example", "", config, ())).test
+        return test.images[:count].cpu(), test.labels[:count].cpu()
 
 
 @dataclass
@@ -233,7 +239,7 @@ def record_results(
         if pictures:
             write_artifacts(Path(folder), run, result.model, workspace.splits_for(run))
         else:
-            write_config(Path(folder), run)
+            write_weights(Path(folder), run, result.model)
         tracker.log_artifacts(run_id, Path(folder))
     return RunOutcome(run_id, summary, final)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vaebench.best_models import BestRun
 from vaebench.catalogue import DEFAULT_RANKING, RANKABLE, MetricInfo, selection_problem
 from vaebench.catalogue import METRICS as CATALOGUE
 from vaebench.config import VaebenchError
@@ -33,7 +34,7 @@ class Report:
     leaderboard: pd.DataFrame
     metric: MetricInfo
     files: list[Path] = field(default_factory=list)
-    best_runs: list[str] = field(default_factory=list)  # one per comparison group
+    best_runs: list[BestRun] = field(default_factory=list)  # one per comparison group
 
 
 def make_report(
@@ -84,9 +85,27 @@ def make_report(
     files += figures + [picture for _, pictures in bests for picture in pictures]
     for path in files:
         run_set.client.log_artifact(run_set.report_parent, str(path), REPORT_ARTIFACT_PATH)
-    report = Report(folder, table, chosen, files, [str(run["run_id"]) for run, _ in bests])
+    report = Report(folder, table, chosen, files, [as_best_run(run, chosen) for run, _ in bests])
     print_report(report, stream)
     return report
+
+
+def as_best_run(run: pd.Series, metric: MetricInfo) -> BestRun:
+    """A group's best run (a row of :func:`best_runs`) as the record registration takes."""
+    return BestRun(
+        str(run["run_id"]), str(run["name"]), str(run["compared_within"]), metric.name,
+        f"{run[metric.name]:.4g}",
+    )
+
+
+def best_of_invocation(uri: str, name: str, parent_id: str | None) -> list[BestRun]:
+    """Each comparison group's best run, as a report would choose it (on
+    :data:`DEFAULT_METRIC`), without writing the report; ``parent_id`` None: of every
+    invocation."""
+    run_set = select_runs(uri, name, parent_id is None, parent_id)
+    metric = METRICS[DEFAULT_METRIC]
+    table = leaderboard(run_set, metric)
+    return [as_best_run(run, metric) for run in best_runs(run_set, table, metric)]
 
 
 def print_report(report: Report, stream) -> None:

@@ -15,10 +15,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from vaebench.best_models import BestRun, Registered, register_best
 from vaebench.checkpoint import CheckpointStore, default_folder
 from vaebench.claims import Planned, lease_tags, plan, recover_abandoned
 from vaebench.config import VaebenchError
@@ -44,6 +45,9 @@ from vaebench.tracking import (
 from vaebench.train import EpochMetrics, resolve_device
 from vaebench.workers import Execution, WorkerSlot, cores, plan_workers, visible_gpus
 
+if TYPE_CHECKING:
+    from vaebench.report import Report
+
 SUMMARY_COLUMNS = [
     "name",
     "status",
@@ -67,6 +71,7 @@ class GridOutcome:
     worker_errors: list[str] = field(default_factory=list)  # a line per worker that died
     csv_path: Path | None = None
     report_folder: Path | None = None
+    registered: list[Registered] = field(default_factory=list)  # the best runs' models
 
 
 def run_grid(
@@ -80,6 +85,7 @@ def run_grid(
     checkpoint_dir: str | Path | None = None,
     max_stack: int = 1,
     execution: Execution | None = None,
+    register: bool = True,
 ) -> GridOutcome:
     """Check, expand and train a grid file; record it and return what happened.
 
@@ -89,7 +95,8 @@ def run_grid(
     Ray tasks (:mod:`vaebench.ray_executor`), each run claimed by one of them
     (:mod:`vaebench.exactly_once`). With ``report`` (and an
     MLflow tracker) the invocation's report follows: ``results/<grid>/`` and artifacts of
-    the parent run.
+    the parent run, and with ``register`` each comparison group's best run becomes a new
+    version of a registered MLflow model (:mod:`vaebench.best_models`).
     """
     grid_path = Path(grid_path)
     grid = load_grid(grid_path)
@@ -188,11 +195,19 @@ def run_grid(
             ) from None
         finally:
             _close(outcome, results, grid.name, runs)
-    if report and isinstance(tracker, MLflowTracker):
+    if isinstance(tracker, MLflowTracker):
         resumed = len(todo) < len(planned) or any(s.action == "continue" for _, s in todo)
-        outcome.report_folder = report_invocation(
-            tracker.uri, grid.name, results, parent, all_invocations=resumed
-        )
+        best = []
+        if report:
+            made = report_invocation(tracker.uri, grid.name, results, parent, resumed)
+            outcome.report_folder = made.folder if made else None
+            best = made.best_runs if made else []
+        elif register:
+            best = _best_runs(tracker.uri, grid.name, None if resumed else parent)
+        if register:
+            outcome.registered = register_best(
+                tracker, grid.name, best, workspace.test_images, parent
+            )
     return outcome
 
 
@@ -252,22 +267,34 @@ def _close(outcome: GridOutcome, results: Path, name: str, runs: Sequence[RunSpe
 
 def report_invocation(
     uri: str, name: str, results_dir: str | Path, parent: str, all_invocations: bool = False
-) -> Path | None:
+) -> Report | None:
     """The report of the invocation just run (of every invocation, when this one continued
     a grid that earlier ones began). The grid's runs are tracked by now, so a report that
     cannot be made (every run failed, say) is one line on stderr, and ``vaebench report``
     can be run again later; it does not turn a grid into a crash."""
-    from vaebench.report import make_report
+    from vaebench.report import make_report  # matplotlib and pandas' styling: when needed
 
     try:
         chosen = None if all_invocations else parent
         return make_report(
             name, uri, results_dir, parent_id=chosen, all_invocations=all_invocations
-        ).folder
+        )
     except Exception as exc:  # noqa: BLE001 - see the docstring
         kind = "" if isinstance(exc, VaebenchError) else f"{type(exc).__name__}: "
         print(f"vaebench: no report: {kind}{exc}", file=sys.stderr)
         return None
+
+
+def _best_runs(uri: str, name: str, parent: str | None) -> list[BestRun]:
+    """Each group's best run without a report; a grid whose runs all failed has none (one
+    line, as for the report)."""
+    from vaebench.report import best_of_invocation
+
+    try:
+        return best_of_invocation(uri, name, parent)
+    except VaebenchError as exc:
+        print(f"vaebench: nothing registered: {exc}", file=sys.stderr)
+        return []
 
 
 def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:

@@ -121,7 +121,7 @@ class StudySpec:
     timeout: float | None = None
     seed: int | None = 0
     storage: str | None = None
-    artifacts: bool = False  # also write each complete trial's images and state_dict
+    artifacts: bool = False  # also write each complete trial's pictures (state_dict: always)
     source: str = "<study>"
 
     @property

@@ -12,8 +12,11 @@ from typing import Any, TextIO
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from vaebench.best_models import BestRun, Registered
 from vaebench.config import first_line
+from vaebench.report_table import ALL_RUNS
 from vaebench.study import StudySpec
+from vaebench.tracking import Tracker
 
 RUN_ID_ATTR = "mlflow_run_id"  # the trial's user attribute holding its MLflow run id
 
@@ -31,6 +34,7 @@ class TuneOutcome:
     csv_path: Path | None = None
     figures: list[Path] = field(default_factory=list)
     worker_errors: list[str] = field(default_factory=list)
+    registered: list[Registered] = field(default_factory=list)  # the best runs' models
 
     @property
     def failed(self) -> list[FrozenTrial]:
@@ -44,6 +48,24 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
     if len(study.directions) > 1:
         return sorted(study.best_trials, key=lambda t: t.number)
     return [study.best_trial]
+
+
+def best_runs(spec: StudySpec, best: list[FrozenTrial], tracker: Tracker) -> list[BestRun]:
+    """The best trials' MLflow runs, to register (a trial without a stored run is left out)."""
+    chosen = []
+    for trial in best:
+        record = tracker.run_record(trial.user_attrs.get(RUN_ID_ATTR, ""))
+        if record is None or record.status != "FINISHED":
+            continue
+        if spec.multi_objective:
+            values = ", ".join(
+                f"{m} {_format(v)}" for m, v in zip(spec.metrics, trial.values, strict=True)
+            )
+            how, value = "the Pareto front", f"{values}, trial {trial.number}"
+        else:
+            how, value = spec.metrics[0], f"{_format(trial.value)}, trial {trial.number}"
+        chosen.append(BestRun(record.run_id, record.name, ALL_RUNS, how, value))
+    return chosen
 
 
 def write_trials(study: optuna.Study, best: list[FrozenTrial], folder: Path) -> Path:

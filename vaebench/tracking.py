@@ -93,6 +93,11 @@ class Tracker(Protocol):
     def system_metrics(self, run_id: str) -> contextlib.AbstractContextManager[None]: ...
     def previous_runs(self, name: str, tag: str, value: str) -> list[RunRecord]: ...
     def run_record(self, run_id: str) -> RunRecord | None: ...
+    def artifact_bytes(self, run_id: str, path: str) -> bytes: ...
+    def register_model(
+        self, run_id: str, module: Any, example: Any, name: str, tags: Mapping[str, str],
+        description: str,
+    ) -> tuple[int, bool]: ...
 
 
 def resolve_tracking_uri(cli_uri: str | None = None) -> str:
@@ -163,6 +168,8 @@ class MLflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        # MLflow's download bars would interleave with vaebench's own lines
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         db = sqlite_path(uri)
         if db is not None and db.parent and not db.parent.exists():
             raise VaebenchError(f"tracking URI {uri}: folder {db.parent} does not exist")
@@ -342,6 +349,32 @@ class MLflowTracker:
         if run.info.lifecycle_stage == "deleted":
             return None
         return _record(run)
+
+    @_store_call
+    def artifact_bytes(self, run_id: str, path: str) -> bytes:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="vaebench-artifact-") as scratch:
+            return Path(self.client.download_artifacts(run_id, path, scratch)).read_bytes()
+
+    @_store_call
+    def register_model(
+        self, run_id: str, module: Any, example: Any, name: str, tags: Mapping[str, str],
+        description: str,
+    ) -> tuple[int, bool]:
+        """A new version of registered model ``name`` from the run's logged model (see
+        :mod:`vaebench.model_registry`), logging ``module`` first unless an earlier
+        invocation did; (the version, whether the logged model was reused)."""
+        from vaebench import model_registry
+
+        model_id = model_registry.logged_model_of(self.client, run_id)
+        reused = model_id is not None
+        if model_id is None:
+            model_id = model_registry.log_model(self.client, self.uri, run_id, module, example)
+        version = model_registry.register(
+            self.client, name, model_id, run_id, dict(tags), description
+        )
+        return version, reused
 
     @_store_call
     def previous_runs(self, name: str, tag: str, value: str) -> list[RunRecord]:

@@ -34,6 +34,7 @@ from typing import TextIO
 import optuna
 import torch
 
+from vaebench.best_models import register_best
 from vaebench.claims import lease_tags, recover_abandoned
 from vaebench.config import ConfigError, VaebenchError, first_line
 from vaebench.data import resolve_root
@@ -48,6 +49,7 @@ from vaebench.signals import (
 from vaebench.study import StudySpec, load_study
 from vaebench.study_outputs import (
     TuneOutcome,
+    best_runs,
     best_trials,
     invocation_metrics,
     print_outcome,
@@ -237,12 +239,15 @@ def run_study(
     data_root: str | Path | None = None,
     results_dir: str | Path = "results",
     stream: TextIO | None = None,
+    register: bool = True,
 ) -> TuneOutcome:
     """Check a study file and run its trials still to do (the file's ``n_trials`` minus those
     done), or ``n_trials`` more; record and report them.
 
     Trials a killed invocation left RUNNING are failed first. Ctrl-C and SIGTERM stop
-    the study cleanly (trials FAIL in Optuna, KILLED in MLflow, the parent KILLED).
+    the study cleanly (trials FAIL in Optuna, KILLED in MLflow, the parent KILLED). With
+    ``register``, the best trial's run (each of a Pareto front's) becomes a new version of
+    the registered MLflow model named after the study.
     """
     stream = stream or sys.stdout
     study_path = Path(study_path)
@@ -344,6 +349,11 @@ def run_study(
             end_quietly(tracker, parent, "FAILED", first_line(exc))
             raise
     print_outcome(spec, outcome, display_storage(ref), stream)
+    if register and outcome.best:
+        best = best_runs(spec, outcome.best, tracker)
+        outcome.registered = register_best(
+            tracker, spec.name, best, workspace.test_images, parent, stream
+        )
     return outcome
 
 

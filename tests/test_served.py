@@ -1,0 +1,62 @@
+"""The served model (one tensor in, one out) of every family, and registered models' names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vaebench.best_models import registry_name
+from vaebench.config import ModelConfig
+from vaebench.models import MODELS, build_model
+from vaebench.served import IMAGE_SHAPE, ServedVAE
+
+
+def family(arch: str) -> ServedVAE:
+    torch.manual_seed(0)
+    config = ModelConfig(arch=arch, hidden=[32], z_dim=3, channels=[4, 8], categories=5)
+    return ServedVAE(build_model(config, IMAGE_SHAPE)).eval()
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_every_family_reconstructs_encodes_and_decodes_as_its_module(arch):
+    served = family(arch)
+    images = torch.rand(6, *IMAGE_SHAPE)
+    labels = torch.arange(6) % 10
+    rows = served.rows(images, labels)
+    assert rows.shape == (6, 784 + served.conditional) and rows.dtype == torch.float32
+    conditional = labels if served.conditional else None
+    assert served.conditional == (arch == "cvae")
+    with torch.no_grad():
+        expected = torch.sigmoid(served.model.reconstruct(images, conditional)).flatten(1)
+        assert torch.equal(served(rows), expected)
+        assert torch.equal(served.encode(rows), served.model.encode(images, conditional)[0])
+        z = torch.randn(6, 3)
+        c = torch.eye(5)[torch.arange(6) % 5] if arch == "gumbel" else None
+        decoded = torch.sigmoid(served.model.decode_sample(z, c, conditional)).flatten(1)
+        assert torch.equal(served.decode(z, c, conditional), decoded)
+        assert served.sample(4, seed=1).shape == (4, 784)
+        assert torch.equal(served.sample(4, seed=1), served.sample(4, seed=1))
+
+
+def test_rows_of_the_wrong_width_are_one_clear_error():
+    with pytest.raises(ValueError, match=r"expected rows of 785 values \(pixels and a label\)"):
+        family("cvae")(torch.rand(2, 784))
+    with pytest.raises(ValueError, match=r"expected rows of 784 values \(pixels\)"):
+        family("mlp")(torch.rand(2, 1, 28, 28))
+
+
+def test_registered_names():
+    assert registry_name("quick", "all runs") == "quick"
+    assert registry_name("quick", "loss.recon=mse") == "quick.mse"
+    assert registry_name("bounds", "likelihood_of=p(x|y)") == "bounds.p-x-y"
+    assert registry_name("g", "data.dataset=mnist, loss.recon=bce") == "g.mnist-bce"
+
+
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=4))
+def test_a_registered_name_is_uri_safe(values):
+    group = ", ".join(f"key{i}={v}" for i, v in enumerate(values))
+    name = registry_name("grid", group)
+    assert name.startswith("grid")
+    assert all(ch.isascii() and (ch.isalnum() or ch in "._-") for ch in name)
