@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from vaebench.claims import CLAIM_TAG, abandoned, lease_tags
 from vaebench.grid import RunSpec
 from vaebench.signals import deferred_signals
-from vaebench.tracking import RUN_KEY_TAG, RunRecord, Tracker, sqlite_path
+from vaebench.tracking import RUN_KEY_TAG, RunRecord, Tracker
+from vaebench.tracking_store import sqlite_path
 
 CLAIMED_AT_TAG = "vaebench.claimed_at"
 SETTLE_ENV = "VAEBENCH_CLAIM_SETTLE"

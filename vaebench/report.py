@@ -21,7 +21,7 @@ from vaebench.report_figures import FIGURES, write_figures
 from vaebench.report_render import display_table, render_html, render_markdown, report_blocks
 from vaebench.report_runs import METRICS, fetch_best_pictures, picture_prefix, select_runs
 from vaebench.report_table import best_runs, leaderboard
-from vaebench.tracking import resolve_tracking_uri
+from vaebench.tracking_store import resolve_tracking_uri
 
 DEFAULT_METRIC = DEFAULT_RANKING
 DOCUMENTS = ("leaderboard.csv", "report.md", "report.html")

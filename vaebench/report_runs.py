@@ -24,7 +24,7 @@ from vaebench.catalogue import CONDITIONAL, REPORTED
 from vaebench.catalogue import METRICS as CATALOGUE
 from vaebench.config import VaebenchError
 from vaebench.plots import save_latent_scatter
-from vaebench.tracking import sqlite_path
+from vaebench.tracking_store import sqlite_path
 
 METRICS = {name: CATALOGUE[name] for name in REPORTED}
 BEST_PICTURES = ("samples.png", "reconstructions.png", "latent.png", "digits.png")

@@ -38,10 +38,9 @@ from vaebench.tracking import (
     MLflowTracker,
     Tracker,
     TrackingError,
-    resolve_tracking_uri,
-    sqlite_path,
     tracker_opened_during,
 )
+from vaebench.tracking_store import resolve_tracking_uri, sqlite_path
 from vaebench.train import EpochMetrics, resolve_device
 from vaebench.workers import Execution, WorkerSlot, cores, plan_workers, visible_gpus
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 
 from vaebench.config import VaebenchError, first_line
-from vaebench.tracking import sqlite_path
+from vaebench.tracking_store import sqlite_path
 
 MEMORY = "memory"
 JOURNAL = "journal:"

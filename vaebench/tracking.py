@@ -8,7 +8,6 @@ made (the GPU machines and the benchmarks do without it).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import os
 import time
@@ -20,13 +19,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from vaebench.config import VaebenchError, first_line
 from vaebench.signals import deferred_signals
+from vaebench.tracking_store import HTTP_LIMITS, check_server, creation_lock, sqlite_path
 
 if TYPE_CHECKING:  # the record's type only: tracking imports no torch
     from vaebench.data import SplitRecord
 
 T = TypeVar("T")
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_TAG_LENGTH = 5000
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
 MODEL_TRAINING_KIND = "custom_model_development"
@@ -100,27 +99,6 @@ class Tracker(Protocol):
     ) -> tuple[int, bool]: ...
 
 
-def resolve_tracking_uri(cli_uri: str | None = None) -> str:
-    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` here."""
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///")).expanduser()
-
-
-# MLflow's HTTP client retries 7 times with a growing back-off (minutes) before it reports a
-# server that went away; these bound a dead server to seconds. Set in the environment, the
-# user's own values win.
-HTTP_LIMITS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-}
-
-
 def _store_call(method: Callable[..., T]) -> Callable[..., T]:
     """Turn a failing store (MLflow's errors, a refused connection, a full disk) into one
     TrackingError naming the store; a signal that arrives during the call waits for its end,
@@ -139,21 +117,6 @@ def _store_call(method: Callable[..., T]) -> Callable[..., T]:
                 ) from exc
 
     return call
-
-
-@contextlib.contextmanager
-def _creation_lock(db: Path | None):
-    """For an SQLite store, an exclusive lock on ``<file>.lock`` while the store is opened:
-    processes that create one SQLite schema at once corrupt it, so they take turns."""
-    if db is None:
-        yield
-        return
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class MLflowTracker:
@@ -178,7 +141,7 @@ class MLflowTracker:
                 os.environ.setdefault(name, value)
             check_server(uri)
         try:
-            with _creation_lock(db):
+            with creation_lock(db):
                 self.client = MlflowClient(tracking_uri=uri)
                 self.client.search_experiments(max_results=1)  # creates the schema once
         except (MlflowException, OSError, ValueError) as exc:
@@ -396,30 +359,6 @@ class MLflowTracker:
             token = page.token
             if not token:
                 return records
-
-
-SERVER_PROBE_SECONDS = 5.0
-
-
-def check_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
-    """A tracking server must answer its ``/health`` within seconds; MLflow's own client
-    retries for minutes before it reports one that is not running."""
-    import urllib.error
-    import urllib.request
-
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:
-            if reply.status == 200:
-                return
-            reason = f"HTTP {reply.status}"
-    except urllib.error.HTTPError as exc:
-        reason = f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:  # refused, unreachable, timed out, malformed
-        reason = str(getattr(exc, "reason", None) or exc)
-    raise VaebenchError(
-        f"tracking URI {uri}: no MLflow server answers at {url} within {timeout:g} s ({reason})"
-    )
 
 
 def _record(run: Any) -> RunRecord:

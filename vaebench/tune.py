@@ -67,9 +67,9 @@ from vaebench.tracking import (
     MLflowTracker,
     Tracker,
     TrackingError,
-    resolve_tracking_uri,
     tracker_opened_during,
 )
+from vaebench.tracking_store import resolve_tracking_uri
 from vaebench.trial import (
     PARENT_ATTR,
     TrialObjective,
