@@ -58,12 +58,12 @@ CHROMIUM_FLAGS = (
 @pytest.fixture(scope="session")
 def browser(tmp_path_factory):
     """Headless Debian Chromium driven by selenium. A machine without it fails the test with
-    the reason (.ci/run installs it); it never skips."""
+    the reason (tests/run.sh installs it); it never skips."""
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).is_file()]
     if missing:
         pytest.fail(
             f"no {' or '.join(missing)}: install Debian's chromium and chromium-driver "
-            "(.ci/run does)"
+            "(bash tests/run.sh does)"
         )
     try:
         from selenium import webdriver
