@@ -506,11 +506,19 @@ def test_a_cvae_and_an_mlp_are_ranked_in_different_groups(tmp_path, mnist_root):
 # --- real browser --------------------------------------------------------------------------
 
 
-def test_mlflow_ui_shows_the_runs_nested_under_their_grid(store, browser):
+@pytest.fixture(scope="module")
+def ui(store):
+    """One ``mlflow server`` on the store for the browser tests; its base URL."""
+    tmp, uri, _, _ = store
+    with mlflow_server(uri, tmp / "server.log") as url:
+        yield url
+
+
+def test_mlflow_ui_shows_the_runs_nested_under_their_grid(store, ui, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    tmp, uri, runs, (first, _) = store
+    _, uri, runs, (first, _) = store
     children = runs[runs["tags.mlflow.parentRunId"] == first]
     parent_name = runs.loc[runs["run_id"] == first, "tags.mlflow.runName"].item()
     experiment = runs["experiment_id"].iloc[0]
@@ -520,48 +528,47 @@ def test_mlflow_ui_shows_the_runs_nested_under_their_grid(store, browser):
         return browser.find_elements(By.XPATH, f"//a[normalize-space()='{name}']")
 
     browser.set_window_size(2200, 1000)  # the Models column beside MLflow's assistant panel
-    with mlflow_server(uri, tmp / "server.log") as url:
-        browser.get(f"{url}/#/experiments/{experiment}/runs")
-        wait.until(lambda _: link(parent_name))
-        assert not any(link(name) for name in children["tags.mlflow.runName"])  # collapsed
-        row = link(parent_name)[0].find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
-        row.find_element(By.XPATH, ".//button").click()  # the expander beside the name
-        wait.until(lambda _: all(link(name) for name in children["tags.mlflow.runName"]))
-        parent_x = link(parent_name)[0].location["x"]
-        for name in children["tags.mlflow.runName"]:
-            assert link(name)[0].location["x"] > parent_x, f"{name} is not indented"
-        # the Dataset, Source and Models columns of each child's row
-        client = MlflowClient(uri)
-        (version,) = [v for v in client.search_model_versions("name='seeds3'")
-                      if v.tags["vaebench.invocation"] == first]
-        for run_id, name in zip(children["run_id"], children["tags.mlflow.runName"],
-                                strict=True):
-            row = link(name)[0].find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
-            cells = {
-                column: browser.find_element(
-                    By.CSS_SELECTOR,
-                    f"[role='row'][row-index='{row.get_attribute('row-index')}'] "
-                    f"[col-id='attributes.`{column}`']",
-                ).text
-                for column in ("Dataset", "Source", "Models")
-            }
-            inputs = client.get_run(run_id).inputs.dataset_inputs
-            train = next(i.dataset for i in inputs if i.dataset.name == "mnist-train")
-            assert cells["Dataset"].startswith(f"mnist-train ({train.digest})"), cells
-            assert cells["Source"] == "vaebench"
-            assert cells["Models"] == ("model" if run_id == version.run_id else "-"), cells
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        assert browser.save_screenshot(str(SCREENSHOTS / "mlflow-ui.png"))
+    browser.get(f"{ui}/#/experiments/{experiment}/runs")
+    wait.until(lambda _: link(parent_name))
+    assert not any(link(name) for name in children["tags.mlflow.runName"])  # collapsed
+    row = link(parent_name)[0].find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
+    row.find_element(By.XPATH, ".//button").click()  # the expander beside the name
+    wait.until(lambda _: all(link(name) for name in children["tags.mlflow.runName"]))
+    parent_x = link(parent_name)[0].location["x"]
+    for name in children["tags.mlflow.runName"]:
+        assert link(name)[0].location["x"] > parent_x, f"{name} is not indented"
+    # the Dataset, Source and Models columns of each child's row
+    client = MlflowClient(uri)
+    (version,) = [v for v in client.search_model_versions("name='seeds3'")
+                  if v.tags["vaebench.invocation"] == first]
+    for run_id, name in zip(children["run_id"], children["tags.mlflow.runName"],
+                            strict=True):
+        row = link(name)[0].find_element(By.XPATH, "./ancestor::*[@role='row'][1]")
+        cells = {
+            column: browser.find_element(
+                By.CSS_SELECTOR,
+                f"[role='row'][row-index='{row.get_attribute('row-index')}'] "
+                f"[col-id='attributes.`{column}`']",
+            ).text
+            for column in ("Dataset", "Source", "Models")
+        }
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+        train = next(i.dataset for i in inputs if i.dataset.name == "mnist-train")
+        assert cells["Dataset"].startswith(f"mnist-train ({train.digest})"), cells
+        assert cells["Source"] == "vaebench"
+        assert cells["Models"] == ("model" if run_id == version.run_id else "-"), cells
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(SCREENSHOTS / "mlflow-ui.png"))
     browser.set_window_size(1600, 1000)
 
 
-def test_mlflow_ui_lists_the_registered_models_versions(store, browser):
+def test_mlflow_ui_lists_the_registered_models_versions(store, ui, browser):
     """Each invocation registered the grid's best run: the registered model's page lists
     both versions, and a version's page links back to its run."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    tmp, uri, runs, _ = store
+    _, uri, runs, _ = store
     versions = MlflowClient(uri).search_model_versions("name='seeds3'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     wait = WebDriverWait(browser, 60)
@@ -569,15 +576,14 @@ def test_mlflow_ui_lists_the_registered_models_versions(store, browser):
     def links(text: str):
         return browser.find_elements(By.XPATH, f"//a[normalize-space()='{text}']")
 
-    with mlflow_server(uri, tmp / "server-models.log") as url:
-        browser.get(f"{url}/#/models/seeds3")
-        wait.until(lambda _: links("Version 1") and links("Version 2"))
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        assert browser.save_screenshot(str(SCREENSHOTS / "mlflow-registered-model.png"))
-        newest = max(versions, key=lambda v: int(v.version))
-        name = runs.loc[runs["run_id"] == newest.run_id, "tags.mlflow.runName"].item()
-        links("Version 2")[0].click()
-        wait.until(lambda _: links(name))  # the version's source run
+    browser.get(f"{ui}/#/models/seeds3")
+    wait.until(lambda _: links("Version 1") and links("Version 2"))
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(SCREENSHOTS / "mlflow-registered-model.png"))
+    newest = max(versions, key=lambda v: int(v.version))
+    name = runs.loc[runs["run_id"] == newest.run_id, "tags.mlflow.runName"].item()
+    links("Version 2")[0].click()
+    wait.until(lambda _: links(name))  # the version's source run
 
 
 def test_report_html_images_all_load_in_the_browser(store, browser):

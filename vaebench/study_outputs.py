@@ -54,7 +54,8 @@ def best_runs(spec: StudySpec, best: list[FrozenTrial], tracker: Tracker) -> lis
     """The best trials' MLflow runs, to register (a trial without a stored run is left out)."""
     chosen = []
     for trial in best:
-        record = tracker.run_record(trial.user_attrs.get(RUN_ID_ATTR, ""))
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        record = tracker.run_record(run_id) if run_id else None
         if record is None or record.status != "FINISHED":
             continue
         if spec.multi_objective:
