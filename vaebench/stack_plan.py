@@ -21,6 +21,8 @@ CONV_ON_CPU = (
     "conv runs stack on CUDA only: on the CPU their grouped convolutions were measured "
     "slower than the runs one after another"
 )
+# the model families vaebench.stacked_model stacks
+STACKED_ARCHS = ("mlp", "conv", "cvae")
 # the settings members of one stack may differ in; all others are the stack's
 MEMBER_KEYS = ("seed", "loss.beta", "loss.recon", "optim.lr")
 # the optimizers vaebench.stacked_optim stacks (a test holds the two lists equal)
@@ -33,11 +35,11 @@ STACKED_KWARGS = {"fused", "foreach"}
 def config_problem(config: RunConfig, on_cpu: bool = False) -> str | None:
     """Why runs of ``config`` train one by one, or None if they can be stacked; ``on_cpu``:
     the runs train on the CPU."""
-    if config.model.arch not in ("mlp", "conv"):
+    if config.model.arch not in STACKED_ARCHS:
         return f"model.arch {config.model.arch} is trained one by one"
     if config.train.backend != "torch":
         return f"train.backend {config.train.backend} is trained one by one"
-    if on_cpu and config.model.arch == "conv":
+    if on_cpu and convolutional(config):
         return CONV_ON_CPU
     if config.model.batch_norm:
         return "batch norm (running statistics per member) is trained one by one"
@@ -88,4 +90,11 @@ def plan_stacks(
 
 
 def _problem(config: RunConfig, on_cpu: Callable[[RunConfig], bool]) -> str | None:
-    return config_problem(config, config.model.arch == "conv" and on_cpu(config))
+    return config_problem(config, convolutional(config) and on_cpu(config))
+
+
+def convolutional(config: RunConfig) -> bool:
+    """Whether the run's nets are convolutions (``conv``, or a family on the conv backbone)."""
+    return config.model.arch == "conv" or (
+        config.model.arch != "mlp" and config.model.backbone == "conv"
+    )

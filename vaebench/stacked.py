@@ -87,7 +87,7 @@ def stacked_epoch(
     """One pass over the training split for every member; the summed objective per member
     (K,) as a device tensor. Members where ``live`` is False add nothing to the loss."""
     config = members[0].config
-    images = splits.train.images
+    images, labels = splits.train.images, splits.train.labels
     n, count = images.shape[0], len(members)
     batch_size = config.train.batch_size
     device = images.device
@@ -109,7 +109,10 @@ def stacked_epoch(
         noise = torch.stack(
             [torch.randn(batch, stack.z_dim, generator=m.draw_rng, device=device) for m in members]
         )
-        logits, mu, logvar = stack(x, noise)
+        y = None
+        if stack.conditional:
+            y = labels.index_select(0, index.flatten()).view(count, batch)
+        logits, mu, logvar = stack(x, noise, y)
         recon = member_reconstruction(logits, x, kinds)
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).reshape(count, -1).sum(1)
         loss = torch.where(live, recon + kl_weights * kl, 0.0)

@@ -35,13 +35,17 @@ def evaluate_stack(
     means = []
     size = max(1, config.train.eval_batch_size // samples)  # as evaluate chunks the split
     for start in range(0, len(split), size):
-        x = split.images[start : start + size]
-        mu, logvar = stack.encode(x.expand(count, *x.shape))
+        x, y = split.images[start : start + size], split.labels[start : start + size]
+        labels = y.expand(count, *y.shape) if stack.conditional else None
+        mu, logvar = stack.encode(x.expand(count, *x.shape), labels)
         repeated_mu, repeated_logvar = mu.repeat(1, samples, 1), logvar.repeat(1, samples, 1)
         noise = torch.randn(  # one member's draws, as each would make them alone
             repeated_mu.shape[1:], generator=generator, device=device, dtype=mu.dtype
         )
-        logits = stack.decoder(repeated_mu + noise * torch.exp(0.5 * repeated_logvar))
+        repeated_labels = labels.repeat(1, samples) if labels is not None else None
+        logits = stack.decode(
+            repeated_mu + noise * torch.exp(0.5 * repeated_logvar), repeated_labels
+        )
         images = x.repeat(samples, *([1] * (x.dim() - 1)))
         recon += member_reconstruction(logits, images.expand(count, *images.shape), kinds) / samples
         kl += -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).reshape(count, -1).sum(1)

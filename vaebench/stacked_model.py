@@ -1,5 +1,5 @@
-"""K same-shape Gaussian VAEs (``mlp``, ``conv``) as one model whose every weight has a leading
-member axis: the K runs' matrix products become one batched product (``baddbmm``), their
+"""K same-shape Gaussian VAEs (``mlp``, ``conv``, ``cvae``) as one model whose every weight has a
+leading member axis: the K runs' matrix products become one batched product (``baddbmm``), their
 convolutions one grouped convolution (HFTA, MLSys 2021).
 
 A stacked parameter is ``(K, *the member's shape)`` and has the member's parameter name, so
@@ -20,6 +20,7 @@ from torch import nn
 
 from vaebench.losses import pixel_costs
 from vaebench.models.base import GaussianVAE
+from vaebench.models.cvae import NUM_CLASSES, ConditionalVAE
 
 # member layers this module can stack; anything else (batch norm: running statistics per
 # member) keeps a run out of a stack
@@ -174,7 +175,7 @@ def member_reconstruction(
 
 def stack_problem(model: nn.Module) -> str | None:
     """Why ``model`` cannot be a member of a stack, or None if it can."""
-    if type(model) is not GaussianVAE:
+    if type(model) not in (GaussianVAE, ConditionalVAE):
         return f"{type(model).__name__} models are trained one by one"
     for net in (model.encoder, model.decoder):
         for layer in net:
@@ -184,7 +185,10 @@ def stack_problem(model: nn.Module) -> str | None:
 
 
 class StackedGaussianVAE(nn.Module):
-    """K Gaussian VAEs of one shape; ``forward`` takes each member's batch and noise."""
+    """K Gaussian VAEs of one shape; ``forward`` takes each member's batch and noise (and, for
+    conditional members, ``cvae``, each member's labels: their one-hot code joins the decoder's
+    input and, with ``model.condition_encoder``, the encoder's features, as in
+    :class:`~vaebench.models.cvae.ConditionalVAE`)."""
 
     def __init__(self, members: Sequence[GaussianVAE]):
         super().__init__()
@@ -194,6 +198,8 @@ class StackedGaussianVAE(nn.Module):
                 raise ValueError(problem)
         self.members = len(members)
         self.z_dim = members[0].z_dim
+        self.conditional = isinstance(members[0], ConditionalVAE)
+        self.condition_encoder = bool(getattr(members[0], "condition_encoder", False))
         self.encoder = StackedSequential([m.encoder for m in members])
         self.head = StackedLinear([m.head for m in members])
         self.decoder = StackedSequential([m.decoder for m in members])
@@ -202,18 +208,34 @@ class StackedGaussianVAE(nn.Module):
             raise ValueError("the stack's parameters are not the members' in their order")
 
     def forward(
-        self, x: torch.Tensor, noise: torch.Tensor
+        self, x: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decoder logits, mu and logvar for images ``x`` (K, B, ...) and standard normal
-        ``noise`` (K, B, z_dim): z = mu + noise * sigma, as each member draws it alone."""
-        mu, logvar = self.encode(x)
-        z = mu + noise * torch.exp(0.5 * logvar)
-        return self.decoder(z), mu, logvar
+        """Decoder logits, mu and logvar for images ``x`` (K, B, ...), standard normal
+        ``noise`` (K, B, z_dim) and labels ``y`` (K, B) of conditional members: z = mu +
+        noise * sigma, as each member draws it alone."""
+        mu, logvar = self.encode(x, y)
+        return self.decode(mu + noise * torch.exp(0.5 * logvar), y), mu, logvar
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each member's posterior mean and log-variance (K, B, z_dim) of images (K, B, ...)."""
-        mu, logvar = self.head(self.encoder(x)).chunk(2, dim=-1)
+        features = self.encoder(x)
+        if self.condition_encoder:
+            features = torch.cat([features, self._one_hot(y, features.dtype)], dim=-1)
+        mu, logvar = self.head(features).chunk(2, dim=-1)
         return mu, logvar
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder logits of latents z (K, B, z_dim), with labels (K, B) if conditional."""
+        if self.conditional:
+            z = torch.cat([z, self._one_hot(y, z.dtype)], dim=-1)
+        return self.decoder(z)
+
+    def _one_hot(self, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        if y is None:
+            raise ValueError("a conditional VAE needs labels")
+        return F.one_hot(y, NUM_CLASSES).to(dtype)
 
     def member_state(self, index: int) -> dict[str, torch.Tensor]:
         """Member ``index``'s ``state_dict``, as its run alone would hold it (copies)."""
