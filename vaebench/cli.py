@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "off"),
         default="auto",
         help="auto (default): runs of one shape that differ only in seed, loss.beta, "
-        "loss.recon and optim.lr train together as one stacked model (mlp, conv and cvae, "
+        "loss.recon and optim.lr train together as one stacked model (mlp, conv, cvae, gumbel; "
         "Adam or RMSprop, elbo); off: every run alone",
     )
     run.add_argument(

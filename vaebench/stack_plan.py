@@ -22,7 +22,7 @@ CONV_ON_CPU = (
     "slower than the runs one after another"
 )
 # the model families vaebench.stacked_model stacks
-STACKED_ARCHS = ("mlp", "conv", "cvae")
+STACKED_ARCHS = ("mlp", "conv", "cvae", "gumbel")
 # the settings members of one stack may differ in; all others are the stack's
 MEMBER_KEYS = ("seed", "loss.beta", "loss.recon", "optim.lr")
 # the optimizers vaebench.stacked_optim stacks (a test holds the two lists equal)

@@ -8,7 +8,8 @@ The members' losses are summed before one backward pass; as no parameter is shar
 member's gradient is exactly its own. A member whose loss or metrics turn NaN or infinite
 is masked out of the sum (its run fails with the reason) and the others go on.
 
-Validation and test passes are stacked as well (:mod:`vaebench.stacked_evaluation`); a
+Validation and test passes are stacked as well (:mod:`vaebench.stacked_evaluation`; a
+joint member, ``gumbel``, is evaluated in its own model, its categories drawn exactly); a
 member is copied into the model its run alone would have (same parameter names) for its
 checkpoints and, after the last epoch, for the scores it computes alone (clustering,
 likelihood). What a member reports is what :func:`vaebench.train.fit` reports for its
@@ -33,7 +34,13 @@ from vaebench.evaluation import Evaluation, evaluate, read_scalars
 from vaebench.models import build_model
 from vaebench.stack_plan import MEMBER_KEYS, stack_key
 from vaebench.stacked_evaluation import evaluate_stack
-from vaebench.stacked_model import StackedGaussianVAE, member_reconstruction, stack_problem
+from vaebench.stacked_model import (
+    StackedGaussianVAE,
+    member_kl_c,
+    member_kl_z,
+    member_reconstruction,
+    stack_problem,
+)
 from vaebench.stacked_optim import STACKED_OPTIMIZERS, StackedOptimizer
 from vaebench.train import (
     EpochMetrics,
@@ -43,6 +50,7 @@ from vaebench.train import (
     check_finite,
     checkpoint_due,
     final_scores,
+    steps_per_epoch,
     summary_of,
     training_state,
     validation_values,
@@ -83,13 +91,16 @@ def stacked_epoch(
     members: Sequence[Member],
     splits: Splits,
     live: torch.Tensor,
+    first_step: int = 0,
 ) -> torch.Tensor:
-    """One pass over the training split for every member; the summed objective per member
-    (K,) as a device tensor. Members where ``live`` is False add nothing to the loss."""
+    """One pass over the training split for every member, its steps numbered from
+    ``first_step`` (a schedule, such as a temperature, follows them); the summed objective per
+    member (K,) as a device tensor. Members where ``live`` is False add nothing to the loss."""
     config = members[0].config
     images, labels = splits.train.images, splits.train.labels
     n, count = images.shape[0], len(members)
     batch_size = config.train.batch_size
+    total_steps = config.train.epochs * steps_per_epoch(n, batch_size)
     device = images.device
     orders = torch.stack(
         [torch.randperm(n, generator=m.order_rng, device="cpu") for m in members]
@@ -98,7 +109,7 @@ def stacked_epoch(
     kinds = [m.config.loss.recon for m in members]
     total = torch.zeros(count, device=device)
     stack.train()
-    for start in range(0, n, batch_size):
+    for step, start in enumerate(range(0, n, batch_size), start=first_step):
         index = orders[:, start : start + batch_size]
         batch = index.shape[1]
         x = images.index_select(0, index.flatten()).view(count, batch, *images.shape[1:])
@@ -112,15 +123,40 @@ def stacked_epoch(
         y = None
         if stack.conditional:
             y = labels.index_select(0, index.flatten()).view(count, batch)
-        logits, mu, logvar = stack(x, noise, y)
-        recon = member_reconstruction(logits, x, kinds)
-        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).reshape(count, -1).sum(1)
-        loss = torch.where(live, recon + kl_weights * kl, 0.0)
+        for member in members:
+            member.model.anneal(step, total_steps)  # the member's schedule, e.g. its tau
+        out = stack(x, noise, y, _gumbel_noise(stack, members, batch), _tau(members))
+        loss = member_reconstruction(out.logits, x, kinds) + kl_weights * member_kl_z(out)
+        if out.category_logits is not None:
+            kl_c = member_kl_c(out.category_logits, config.loss.kl_c)
+            loss = loss + config.loss.beta_c * kl_c
+        loss = torch.where(live, loss, 0.0)
         optimizer.zero_grad()
         (loss.sum() / batch).backward()
         optimizer.step()
         total += loss.detach()
     return total
+
+
+def _gumbel_noise(
+    stack: StackedGaussianVAE, members: Sequence[Member], batch: int
+) -> torch.Tensor | None:
+    """Each joint member's Gumbel noise (K, B, categories), drawn from its generator as
+    ``F.gumbel_softmax`` draws it alone (after the step's z noise)."""
+    if not stack.categories:
+        return None
+    weight = stack.head.weight
+    return torch.stack([
+        -torch.empty(batch, stack.categories, dtype=weight.dtype, device=weight.device)
+        .exponential_(generator=m.draw_rng)
+        .log()
+        for m in members
+    ])
+
+
+def _tau(members: Sequence[Member]) -> float:
+    """The members' temperature now (one schedule: a stack's members share model.tau)."""
+    return float(getattr(members[0].model, "tau", 1.0))
 
 
 def stacked_optimizer(configs: Sequence[RunConfig], stack: torch.nn.Module) -> StackedOptimizer:
@@ -185,6 +221,8 @@ def fit_stack(
     validations: list[Evaluation | None] = [None] * count
     if stacked_evaluation is None:
         stacked_evaluation = device.type == "cuda"
+    # a joint member's evaluation draws its category: each is evaluated in its own model
+    stacked_evaluation = stacked_evaluation and not stack.categories
 
     def evaluations(split: Split, split_name: str) -> list[Evaluation | None]:
         if stacked_evaluation:
@@ -205,7 +243,8 @@ def fit_stack(
 
     for epoch in range(1, config.train.epochs + 1):
         t0 = clock()
-        totals = stacked_epoch(stack, optimizer, members, splits, live)
+        first_step = (epoch - 1) * steps_per_epoch(n_train, config.train.batch_size)
+        totals = stacked_epoch(stack, optimizer, members, splits, live, first_step)
         t1 = clock()
         train_losses = totals.tolist()  # one host read for the stack
         values = _validation_values(splits, count, evaluations)

@@ -1,6 +1,6 @@
-"""K same-shape Gaussian VAEs (``mlp``, ``conv``, ``cvae``) as one model whose every weight has a
-leading member axis: the K runs' matrix products become one batched product (``baddbmm``), their
-convolutions one grouped convolution (HFTA, MLSys 2021).
+"""K same-shape VAEs (``mlp``, ``conv``, ``cvae``, ``gumbel``) as one model whose every weight
+has a leading member axis: the K runs' matrix products become one batched product
+(``baddbmm``), their convolutions one grouped convolution (HFTA, MLSys 2021).
 
 A stacked parameter is ``(K, *the member's shape)`` and has the member's parameter name, so
 member k's ``state_dict`` is ``{name: p[k]}`` and loads into the model the run would have
@@ -12,7 +12,9 @@ This module imports neither mlflow nor optuna.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,7 @@ from torch import nn
 from vaebench.losses import pixel_costs
 from vaebench.models.base import GaussianVAE
 from vaebench.models.cvae import NUM_CLASSES, ConditionalVAE
+from vaebench.models.gumbel import JointVAE
 
 # member layers this module can stack; anything else (batch norm: running statistics per
 # member) keeps a run out of a stack
@@ -175,7 +178,7 @@ def member_reconstruction(
 
 def stack_problem(model: nn.Module) -> str | None:
     """Why ``model`` cannot be a member of a stack, or None if it can."""
-    if type(model) not in (GaussianVAE, ConditionalVAE):
+    if type(model) not in (GaussianVAE, ConditionalVAE, JointVAE):
         return f"{type(model).__name__} models are trained one by one"
     for net in (model.encoder, model.decoder):
         for layer in net:
@@ -184,11 +187,41 @@ def stack_problem(model: nn.Module) -> str | None:
     return None
 
 
+class StackOutput(NamedTuple):
+    """A stack's forward: each member's decoder logits, posterior mean and log-variance, and
+    category logits for joint members (each with the member axis first)."""
+
+    logits: torch.Tensor
+    mu: torch.Tensor
+    logvar: torch.Tensor
+    category_logits: torch.Tensor | None = None
+
+
+def member_kl_z(out: StackOutput) -> torch.Tensor:
+    """Each member's KL(q(z|x) || N(0, I)) summed over its batch (K,)."""
+    kl = -0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp())
+    return kl.reshape(kl.shape[0], -1).sum(1)
+
+
+def member_kl_c(category_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Each member's KL of its categorical latent from uniform (K,), over its batch: per image
+    (``loss.kl_c: per_image``, summed) or of the batch's mean q(c) (``batch_marginal``, times
+    the batch size), as :class:`vaebench.losses.Objective` weighs it for one run."""
+    batch, categories = category_logits.shape[1:]
+    log_q = F.log_softmax(category_logits, dim=-1)
+    if kind == "per_image":
+        return (log_q.exp() * log_q).sum((1, 2)) + batch * math.log(categories)
+    log_mean = torch.logsumexp(log_q, dim=1) - math.log(batch)
+    return batch * ((log_mean.exp() * log_mean).sum(-1) + math.log(categories))
+
+
 class StackedGaussianVAE(nn.Module):
     """K Gaussian VAEs of one shape; ``forward`` takes each member's batch and noise (and, for
     conditional members, ``cvae``, each member's labels: their one-hot code joins the decoder's
     input and, with ``model.condition_encoder``, the encoder's features, as in
-    :class:`~vaebench.models.cvae.ConditionalVAE`)."""
+    :class:`~vaebench.models.cvae.ConditionalVAE`; for joint members, ``gumbel``, each
+    member's Gumbel noise for its relaxed category, as in
+    :class:`~vaebench.models.gumbel.JointVAE`)."""
 
     def __init__(self, members: Sequence[GaussianVAE]):
         super().__init__()
@@ -203,28 +236,55 @@ class StackedGaussianVAE(nn.Module):
         self.encoder = StackedSequential([m.encoder for m in members])
         self.head = StackedLinear([m.head for m in members])
         self.decoder = StackedSequential([m.decoder for m in members])
+        self.categories = 0  # a joint VAE's (gumbel) categorical latent: its size
+        if isinstance(members[0], JointVAE):
+            self.category_head = StackedLinear([m.category_head for m in members])
+            self.categories = members[0].categories
+            self.hard = members[0].hard
         names = [name for name, _ in members[0].named_parameters()]
         if [name for name, _ in self.named_parameters()] != names:  # optimizer states align
             raise ValueError("the stack's parameters are not the members' in their order")
 
     def forward(
-        self, x: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decoder logits, mu and logvar for images ``x`` (K, B, ...), standard normal
-        ``noise`` (K, B, z_dim) and labels ``y`` (K, B) of conditional members: z = mu +
-        noise * sigma, as each member draws it alone."""
-        mu, logvar = self.encode(x, y)
-        return self.decode(mu + noise * torch.exp(0.5 * logvar), y), mu, logvar
+        self,
+        x: torch.Tensor,
+        noise: torch.Tensor,
+        y: torch.Tensor | None = None,
+        gumbel: torch.Tensor | None = None,
+        tau: float = 1.0,
+    ) -> StackOutput:
+        """What each member's own forward gives for images ``x`` (K, B, ...), standard normal
+        ``noise`` (K, B, z_dim), labels ``y`` (K, B) of conditional members and, for joint
+        members, Gumbel noise ``gumbel`` (K, B, categories) at temperature ``tau``: z = mu +
+        noise * sigma and c = softmax((logits + gumbel) / tau) (one-hot forward, soft
+        backward with ``model.hard``), as ``F.gumbel_softmax`` draws it alone."""
+        features = self._features(x, y)
+        mu, logvar = self.head(features).chunk(2, dim=-1)
+        z = mu + noise * torch.exp(0.5 * logvar)
+        if not self.categories:
+            return StackOutput(self.decode(z, y), mu, logvar)
+        if gumbel is None:
+            raise ValueError("a joint VAE's stack needs Gumbel noise")
+        category_logits = self.category_head(features)
+        c = ((category_logits + gumbel) / tau).softmax(dim=-1)
+        if self.hard:
+            index = c.max(dim=-1, keepdim=True)[1]
+            c = torch.zeros_like(c).scatter_(-1, index, 1.0) - c.detach() + c
+        logits = self.decoder(torch.cat([z, c], dim=-1))
+        return StackOutput(logits, mu, logvar, category_logits)
 
     def encode(
         self, x: torch.Tensor, y: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each member's posterior mean and log-variance (K, B, z_dim) of images (K, B, ...)."""
+        mu, logvar = self.head(self._features(x, y)).chunk(2, dim=-1)
+        return mu, logvar
+
+    def _features(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         features = self.encoder(x)
         if self.condition_encoder:
             features = torch.cat([features, self._one_hot(y, features.dtype)], dim=-1)
-        mu, logvar = self.head(features).chunk(2, dim=-1)
-        return mu, logvar
+        return features
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder logits of latents z (K, B, z_dim), with labels (K, B) if conditional."""
