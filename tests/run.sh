@@ -40,7 +40,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # --- the Python side: the set-up line's packages -------------------------------------------
-if ! python -c "import vaebench, selenium, hypothesis, importlinter, psycopg, ray, pyro" 2>/dev/null
+if ! python -c "import vaebench, selenium, hypothesis, importlinter, psycopg, ray, pyro" 2>/dev/null \
+    || ! command -v ruff >/dev/null || ! command -v lint-imports >/dev/null
 then
     echo "tests/run.sh: run the set-up line first:" >&2
     echo '    pip install torch==2.13.0 && pip install -e ".[dev,postgres,ray,pyro]"' >&2

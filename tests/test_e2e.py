@@ -168,6 +168,32 @@ def test_the_best_run_is_a_registered_model_that_reconstructs_like_the_run(
     assert np.array_equal(example, rows[:4].numpy())
 
 
+def test_a_model_that_cannot_be_registered_is_one_line_and_changes_no_exit_status(
+    tmp_path, mnist_root, tracking_uri, monkeypatch, capsys
+):
+    """Registering comes after the grid's runs are tracked: a model it cannot make (here its
+    rebuilding fails) is one line, the grid still exits 0; a grid named with characters
+    MLflow refuses in model names (":") is registered under a name without them."""
+    import vaebench.best_models
+
+    def broken(*_):
+        raise RuntimeError("no weights on purpose")
+
+    grid = write(tmp_path / "tiny.yaml",
+                 TINY_GRID.format(archs="mlp").replace("name: tiny", "name: mnist:tiny"))
+    monkeypatch.setattr(vaebench.best_models, "served_model", broken)
+    assert run_cli(tmp_path, grid, tracking_uri, mnist_root) == 0
+    err = capsys.readouterr().err
+    assert "vaebench: mnist-tiny: not registered: RuntimeError: no weights on purpose" in err
+    client = MlflowClient(tracking_uri=tracking_uri)
+    assert client.search_registered_models() == []
+    monkeypatch.undo()
+    assert run_cli(tmp_path, grid, tracking_uri, mnist_root, "--rerun", "--no-report") == 0
+    (version,) = client.search_model_versions("name='mnist-tiny'")
+    assert int(version.version) == 1
+    assert mlflow.get_tracking_uri() != tracking_uri or "MLFLOW_TRACKING_URI" not in os.environ
+
+
 def test_tiny_grid_tracks_parent_and_finished_children(tiny_grid_result):
     tmp_path, uri, status = tiny_grid_result
     assert status == 0

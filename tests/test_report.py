@@ -515,19 +515,28 @@ def ui(store):
 
 
 def test_mlflow_ui_shows_the_runs_nested_under_their_grid(store, ui, browser):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     _, uri, runs, (first, _) = store
     children = runs[runs["tags.mlflow.parentRunId"] == first]
     parent_name = runs.loc[runs["run_id"] == first, "tags.mlflow.runName"].item()
     experiment = runs["experiment_id"].iloc[0]
+    browser.set_window_size(2200, 1000)  # the Models column beside MLflow's assistant panel
+    try:
+        _check_runs_table(browser, ui, uri, first, children, parent_name, experiment)
+    finally:
+        browser.set_window_size(1600, 1000)
+
+
+def _check_runs_table(browser, ui, uri, first, children, parent_name, experiment):
+    """The grid's runs nested under their parent, each child's Dataset, Source and Models
+    cells; then the screenshot."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     wait = WebDriverWait(browser, 60)
 
     def link(name: str):
         return browser.find_elements(By.XPATH, f"//a[normalize-space()='{name}']")
 
-    browser.set_window_size(2200, 1000)  # the Models column beside MLflow's assistant panel
     browser.get(f"{ui}/#/experiments/{experiment}/runs")
     wait.until(lambda _: link(parent_name))
     assert not any(link(name) for name in children["tags.mlflow.runName"])  # collapsed
@@ -559,7 +568,6 @@ def test_mlflow_ui_shows_the_runs_nested_under_their_grid(store, ui, browser):
         assert cells["Models"] == ("model" if run_id == version.run_id else "-"), cells
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(SCREENSHOTS / "mlflow-ui.png"))
-    browser.set_window_size(1600, 1000)
 
 
 def test_mlflow_ui_lists_the_registered_models_versions(store, ui, browser):

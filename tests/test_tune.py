@@ -405,3 +405,31 @@ def test_two_objectives_print_and_save_a_pareto_front(store, mnist_root, capsys)
     assert {v.run_id for v in versions} == fronts and len(versions) == len(front)
     assert {v.tags["vaebench.selected_on"] for v in versions} == {"the Pareto front"}
     assert out.count("registered model front version ") == len(front)
+
+
+def test_a_best_trial_whose_run_cannot_be_read_is_one_line_and_the_study_exits_0(
+    store, mnist_root, monkeypatch, capsys
+):
+    """The study is done before its best trial is registered: a store that fails to give
+    the trial's run back then is one line, not a tracking error's exit status."""
+    from vaebench.tracking import MLflowTracker
+
+    path = write(store / "unread.yaml", f"""\
+        name: unread
+        {textwrap.indent(TINY_BASE, "        ").strip()}
+        space:
+          loss.beta: {{type: float, low: 0.5, high: 2.0}}
+        objectives: [{{metric: val_elbo, direction: maximize}}]
+        sampler: random
+        n_trials: 1
+        """)
+
+    def unreadable(self, run_id):
+        raise RuntimeError("store gone on purpose")
+
+    monkeypatch.setattr(MLflowTracker, "run_record", unreadable)
+    assert tune(path, store, mnist_root) == 0
+    err = capsys.readouterr().err
+    assert "vaebench: trial 0 not registered: store gone on purpose" in err
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    assert client.search_model_versions("name='unread'") == []

@@ -54,11 +54,17 @@ class Registered:
 
 def registry_name(base: str, group: str) -> str:
     """``<grid>`` for a single group, ``<grid>.<values>`` otherwise (``quick.mse``);
-    letters, digits, ``.``, ``_`` and ``-`` only, so it reads well in a models:/ URI."""
+    letters, digits, ``.``, ``_`` and ``-`` only (MLflow refuses ``/`` and ``:``), so it
+    reads well in a models:/ URI."""
+    name = _uri_safe(base, ".") or "vaebench"
     if group == ALL_RUNS:
-        return base
+        return name
     values = "-".join(part.split("=", 1)[-1] for part in group.split(", "))
-    return f"{base}.{re.sub(r'[^A-Za-z0-9_-]+', '-', values).strip('-')}"
+    return f"{name}.{_uri_safe(values) or 'group'}"
+
+
+def _uri_safe(text: str, keep: str = "") -> str:
+    return re.sub(rf"[^A-Za-z0-9_{re.escape(keep)}-]+", "-", text).strip("-")
 
 
 def register_best(
@@ -94,7 +100,7 @@ def register_best(
                 f"({run.value}), from invocation {invocation}"
             )
             version, reused = tracker.register_model(
-                run.run_id, module, example, name, tags, description
+                run.run_id, module, example, config.train.epochs, name, tags, description
             )
         except Exception as exc:  # noqa: BLE001 - see the docstring
             kind = "" if isinstance(exc, VaebenchError) else f"{type(exc).__name__}: "

@@ -94,7 +94,7 @@ def as_best_run(run: pd.Series, metric: MetricInfo) -> BestRun:
     """A group's best run (a row of :func:`best_runs`) as the record registration takes."""
     return BestRun(
         str(run["run_id"]), str(run["name"]), str(run["compared_within"]), metric.name,
-        f"{run[metric.name]:.4g}",
+        f"{run[metric.name]:.6g}",
     )
 
 

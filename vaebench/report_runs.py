@@ -23,6 +23,7 @@ from vaebench.artifacts import LATENT_FILE
 from vaebench.catalogue import CONDITIONAL, REPORTED
 from vaebench.catalogue import METRICS as CATALOGUE
 from vaebench.config import VaebenchError
+from vaebench.model_registry import fluent_api_on
 from vaebench.plots import save_latent_scatter
 from vaebench.tracking_store import sqlite_path
 
@@ -81,8 +82,8 @@ def select_runs(
         names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
         known = ", ".join(names) if names else "none"
         raise VaebenchError(f"no experiment named {name!r} in {uri}; experiments: {known}")
-    mlflow.set_tracking_uri(uri)
-    frame = mlflow.search_runs(experiment_ids=[experiment.experiment_id])
+    with fluent_api_on(uri):
+        frame = mlflow.search_runs(experiment_ids=[experiment.experiment_id])
     run_set = run_set_from_frame(
         frame, name, experiment.experiment_id, uri, all_invocations, parent_id
     )

@@ -196,14 +196,15 @@ def run_grid(
             _close(outcome, results, grid.name, runs)
     if isinstance(tracker, MLflowTracker):
         resumed = len(todo) < len(planned) or any(s.action == "continue" for _, s in todo)
-        best = []
+        made = None
         if report:
             made = report_invocation(tracker.uri, grid.name, results, parent, resumed)
             outcome.report_folder = made.folder if made else None
-            best = made.best_runs if made else []
-        elif register:
-            best = _best_runs(tracker.uri, grid.name, None if resumed else parent)
         if register:
+            best = (
+                made.best_runs if made
+                else _best_runs(tracker.uri, grid.name, None if resumed else parent)
+            )
             outcome.registered = register_best(
                 tracker, grid.name, best, workspace.test_images, parent
             )
@@ -285,14 +286,16 @@ def report_invocation(
 
 
 def _best_runs(uri: str, name: str, parent: str | None) -> list[BestRun]:
-    """Each group's best run without a report; a grid whose runs all failed has none (one
-    line, as for the report)."""
+    """Each group's best run without a report (skipped, or failed); none, and one line, where
+    none can be chosen (every run failed, no validation split, the store failing): the grid's
+    runs are tracked by now, as for the report."""
     from vaebench.report import best_of_invocation
 
     try:
         return best_of_invocation(uri, name, parent)
-    except VaebenchError as exc:
-        print(f"vaebench: nothing registered: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        kind = "" if isinstance(exc, VaebenchError) else f"{type(exc).__name__}: "
+        print(f"vaebench: nothing registered: {kind}{exc}", file=sys.stderr)
         return []
 
 

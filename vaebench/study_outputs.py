@@ -51,12 +51,20 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def best_runs(spec: StudySpec, best: list[FrozenTrial], tracker: Tracker) -> list[BestRun]:
-    """The best trials' MLflow runs, to register (a trial without a stored run is left out)."""
+    """The best trials' MLflow runs, to register. A trial whose run is not FINISHED in this
+    store (another store's trial, a run deleted, the store failing) is left out with one line:
+    the study is done by now."""
     chosen = []
     for trial in best:
         run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        record = tracker.run_record(run_id) if run_id else None
+        try:
+            record = tracker.run_record(run_id) if run_id else None
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            record, why = None, first_line(exc)
+        else:
+            why = "no FINISHED MLflow run in this store"
         if record is None or record.status != "FINISHED":
+            print(f"vaebench: trial {trial.number} not registered: {why}", file=sys.stderr)
             continue
         if spec.multi_objective:
             values = ", ".join(

@@ -94,8 +94,8 @@ class Tracker(Protocol):
     def run_record(self, run_id: str) -> RunRecord | None: ...
     def artifact_bytes(self, run_id: str, path: str) -> bytes: ...
     def register_model(
-        self, run_id: str, module: Any, example: Any, name: str, tags: Mapping[str, str],
-        description: str,
+        self, run_id: str, module: Any, example: Any, step: int, name: str,
+        tags: Mapping[str, str], description: str,
     ) -> tuple[int, bool]: ...
 
 
@@ -313,29 +313,32 @@ class MLflowTracker:
             return None
         return _record(run)
 
-    @_store_call
+    # artifact_bytes and register_model run after the runs are tracked, and their callers
+    # report what fails in one line (a missing artifact, an invalid name): not TrackingErrors
     def artifact_bytes(self, run_id: str, path: str) -> bytes:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="vaebench-artifact-") as scratch:
             return Path(self.client.download_artifacts(run_id, path, scratch)).read_bytes()
 
-    @_store_call
     def register_model(
-        self, run_id: str, module: Any, example: Any, name: str, tags: Mapping[str, str],
-        description: str,
+        self, run_id: str, module: Any, example: Any, step: int, name: str,
+        tags: Mapping[str, str], description: str,
     ) -> tuple[int, bool]:
         """A new version of registered model ``name`` from the run's logged model (see
-        :mod:`vaebench.model_registry`), logging ``module`` first unless an earlier
-        invocation did; (the version, whether the logged model was reused)."""
+        :mod:`vaebench.model_registry`), logging ``module`` first (with the run's metrics at
+        ``step``) unless an earlier invocation did; (the version, whether the logged model
+        was reused)."""
         from vaebench import model_registry
 
         model_id = model_registry.logged_model_of(self.client, run_id)
         reused = model_id is not None
         if model_id is None:
-            model_id = model_registry.log_model(self.client, self.uri, run_id, module, example)
+            model_id = model_registry.log_model(
+                self.client, self.uri, run_id, module, example, step
+            )
         version = model_registry.register(
-            self.client, name, model_id, run_id, dict(tags), description
+            self.client, self.uri, name, model_id, run_id, dict(tags), description
         )
         return version, reused
 
