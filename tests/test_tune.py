@@ -352,9 +352,11 @@ def test_failing_trial_is_fail_and_failed_and_the_study_goes_on(
 
 def test_two_workers_share_one_study(store, mnist_root):
     path = write(store / "shared.yaml", PRUNING_STUDY.replace("name: prune", "name: shared"))
-    assert tune(path, store, mnist_root, "--workers", "2") == 0
+    assert tune(path, store, mnist_root, "--workers", "2", "--no-register") == 0
     study = load(store, "shared")
     assert len(study.trials) == 4
+    client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
+    assert client.search_model_versions("name='shared'") == []  # --no-register
     parents, children = mlflow_runs(store, "shared")
     assert len(parents) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
