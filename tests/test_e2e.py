@@ -194,6 +194,26 @@ def test_a_model_that_cannot_be_registered_is_one_line_and_changes_no_exit_statu
     assert mlflow.get_tracking_uri() != tracking_uri or "MLFLOW_TRACKING_URI" not in os.environ
 
 
+def test_ctrl_c_while_registering_says_the_runs_are_tracked(
+    tmp_path, mnist_root, tracking_uri, monkeypatch, capsys
+):
+    """Ctrl-C after the grid's runs are tracked, while its best run is registered: exit 130,
+    no invitation to rerun (there is nothing to continue), and the grid's runs FINISHED."""
+    import vaebench.best_models
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vaebench.best_models, "served_model", interrupted)
+    grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp"))
+    assert run_cli(tmp_path, grid, tracking_uri, mnist_root) == 130
+    err = capsys.readouterr().err
+    assert "vaebench: registering stopped: tiny and the models after it are not registered" in err
+    assert "rerun the same command" not in err
+    runs = runs_of(tracking_uri, "tiny")
+    assert set(runs["status"]) == {"FINISHED"}
+
+
 def test_tiny_grid_tracks_parent_and_finished_children(tiny_grid_result):
     tmp_path, uri, status = tiny_grid_result
     assert status == 0

@@ -102,6 +102,14 @@ def register_best(
             version, reused = tracker.register_model(
                 run.run_id, module, example, config.train.epochs, name, tags, description
             )
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: stop, after saying what is not
+            print(
+                f"vaebench: registering stopped: {name} and the models after it are not "
+                "registered; the runs are all tracked",
+                file=sys.stderr,
+            )
+            exc.nothing_to_continue = True  # type: ignore[attr-defined]  # read by the cli
+            raise
         except Exception as exc:  # noqa: BLE001 - see the docstring
             kind = "" if isinstance(exc, VaebenchError) else f"{type(exc).__name__}: "
             print(f"vaebench: {name}: not registered: {kind}{first_line(exc)}", file=sys.stderr)

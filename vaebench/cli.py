@@ -361,7 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as signals.Interrupted
         what = str(exc) or "interrupted"
-        hint = "; rerun the same command to continue" if args.command in ("run", "tune") else ""
+        resumable = args.command in ("run", "tune") and not getattr(
+            exc, "nothing_to_continue", False  # stopped after the work, while registering
+        )
+        hint = "; rerun the same command to continue" if resumable else ""
         print(f"vaebench: {what}{hint}", file=sys.stderr)
         return getattr(exc, "exit_status", 130)
 
