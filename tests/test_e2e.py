@@ -214,6 +214,43 @@ def test_ctrl_c_while_registering_says_the_runs_are_tracked(
     assert set(runs["status"]) == {"FINISHED"}
 
 
+def test_a_dataset_another_process_created_meanwhile_is_logged_on_the_next_try(tmp_path):
+    """MLflow looks a dataset up, then inserts it: a worker that loses that race to another
+    (PostgreSQL: 'duplicate key value violates unique constraint "dataset_pk"') tries again
+    and finds it; another error of the store is not retried."""
+    from mlflow.exceptions import MlflowException
+
+    from vaebench.data import SplitRecord
+    from vaebench.tracking import MLflowTracker, TrackingError
+
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.start_grid("race", "race-1", {})
+    run_id = tracker.start_run("r", {}, {})
+    split = SplitRecord("mnist-train", "training", "ab" * 8, "/data/MNIST/raw", 512)
+    real = tracker.client.log_inputs
+    calls = []
+
+    def losing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException('duplicate key value violates unique constraint "dataset_pk"'
+                                  " DETAIL: Key (experiment_id, name, digest) in datasets")
+        return real(*args, **kwargs)
+
+    tracker.client.log_inputs = losing_once
+    tracker.log_inputs(run_id, [split])
+    assert len(calls) == 2
+    (logged,) = MlflowClient(tracker.uri).get_run(run_id).inputs.dataset_inputs
+    assert (logged.dataset.name, logged.dataset.digest) == ("mnist-train", "ab" * 8)
+
+    def failing(*args, **kwargs):
+        raise MlflowException("the store is read-only")
+
+    tracker.client.log_inputs = failing
+    with pytest.raises(TrackingError, match="read-only"):
+        tracker.log_inputs(run_id, [split])
+
+
 def test_tiny_grid_tracks_parent_and_finished_children(tiny_grid_result):
     tmp_path, uri, status = tiny_grid_result
     assert status == 0

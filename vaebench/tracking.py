@@ -298,7 +298,14 @@ class MLflowTracker:
             )
             for split in splits
         ]
-        self.client.log_inputs(run_id, datasets=inputs)
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except Exception as exc:
+                if attempt == DATASET_ATTEMPTS - 1 or not _dataset_created_meanwhile(exc):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     @_store_call
     def delete_run(self, run_id: str) -> None:
@@ -362,6 +369,17 @@ class MLflowTracker:
             token = page.token
             if not token:
                 return records
+
+
+# MLflow's SQL store looks a dataset up, then inserts it: two processes logging the same
+# split into one experiment at once (workers of a grid) can both miss it, and the second
+# insert breaks the table's key (seen on PostgreSQL). Its next try finds the dataset.
+DATASET_ATTEMPTS = 3
+
+
+def _dataset_created_meanwhile(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "unique" in text and "dataset" in text
 
 
 def _record(run: Any) -> RunRecord:
