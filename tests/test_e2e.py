@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -520,3 +522,39 @@ def test_a_tracking_server_that_is_not_running_is_reported_within_seconds(
     assert not (tmp_path / "results").exists()
     local = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the user points at a store that answers
     assert run_cli(tmp_path, grid, local, mnist_root) == 0
+
+
+EXIT_PROBE = """
+import atexit, pathlib, sys, threading, time
+from vaebench.cli import entry
+
+def late_write():
+    time.sleep(0.3)
+    pathlib.Path("thread-finished").write_text("joined")
+
+atexit.register(lambda: pathlib.Path("handler-ran").write_text("ran"))
+threading.Thread(target=late_write).start()
+sys.stdout.write("buffered, not yet flushed")
+sys.argv = ["vaebench", *sys.argv[1:]]
+entry()
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "status"), [(["run", "missing.yaml"], 2), (["run", "tiny.yaml", "--dry-run"], 0)]
+)
+def test_the_program_exits_with_its_status_after_threads_and_exit_handlers(
+    tmp_path, args, status
+):
+    """entry() skips the interpreter's module teardown, not what an exit must do."""
+    write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp"))
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, *args], cwd=tmp_path, capture_output=True,
+        text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == status, done.stderr
+    assert (tmp_path / "thread-finished").read_text() == "joined"
+    assert (tmp_path / "handler-ran").read_text() == "ran"
+    assert done.stdout.startswith("buffered, not yet flushed")
+    if status:
+        assert "missing.yaml" in done.stderr.strip().splitlines()[-1]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
+import threading
 from collections.abc import Sequence
 
 from vaebench.catalogue import DEFAULT_RANKING, RANKABLE
@@ -373,13 +375,20 @@ SIGNAL_STATUSES = (130, 143)
 
 
 def entry() -> None:
-    """The program: :func:`main`, then exit with its status. After a signal the work is
-    recorded and the streams are flushed, so the process ends at once: the interpreter's
-    shutdown (seconds with torch and MLflow loaded) would otherwise give a second Ctrl-C a
-    default handler to die by."""
+    """The program: :func:`main`, then exit with its status, without the interpreter's
+    teardown of every module (1.2 to 1.7 s with torch, MLflow and scikit-learn loaded,
+    measured: a tenth of a 2-epoch run's process). What an exit must do still happens:
+    other threads are joined (MLflow's artifact uploads) and the ``atexit`` handlers run
+    (MLflow's async logging, Ray, temporary folders), as the interpreter itself does them;
+    then the streams are flushed. After a signal the work is recorded and the process ends
+    at once: a second Ctrl-C during joins and handlers would find Python's default handler."""
     status = main()
-    if status in SIGNAL_STATUSES:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+    if status not in SIGNAL_STATUSES:
+        threading._shutdown()  # the interpreter's own join of non-daemon threads
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):  # a reader that stopped reading; a closed stream
+            pass
+    os._exit(status)
