@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from vaebench.config import VaebenchError, first_line
 from vaebench.signals import deferred_signals
+from vaebench.store_schema import seed_store
 from vaebench.tracking_store import HTTP_LIMITS, check_server, creation_lock, sqlite_path
 
 if TYPE_CHECKING:  # the record's type only: tracking imports no torch
@@ -142,6 +143,8 @@ class MLflowTracker:
             check_server(uri)
         try:
             with creation_lock(db):
+                if db is not None:
+                    seed_store(db)
                 self.client = MlflowClient(tracking_uri=uri)
                 self.client.search_experiments(max_results=1)  # creates the schema once
         except (MlflowException, OSError, ValueError) as exc:
