@@ -35,13 +35,11 @@ def cache_folder() -> Path:
 
 
 def template_name() -> str:
-    import alembic
-    import mlflow
-    import sqlalchemy
+    from importlib.metadata import version
 
     return (
-        f"mlflow-schema-{mlflow.__version__}-sqlalchemy-{sqlalchemy.__version__}"
-        f"-alembic-{alembic.__version__}.db"
+        f"mlflow-schema-{version('mlflow')}-sqlalchemy-{version('sqlalchemy')}"
+        f"-alembic-{version('alembic')}.db"
     )
 
 
