@@ -25,7 +25,7 @@ from vaebench.checkpoint import CheckpointStore
 from vaebench.config import RunConfig
 from vaebench.data import Splits, load_arrays, load_splits, resolve_root
 from vaebench.losses import Objective, loss_terms
-from vaebench.models import build_model
+from vaebench.models import build_model, place_model
 from vaebench.train import (
     EpochMetrics,
     build_optimizer,
@@ -127,7 +127,7 @@ def run_bench(
 
     def fresh(run_config: RunConfig):
         torch.manual_seed(seed)
-        model = build_model(run_config.model, splits.image_shape).to(device)
+        model = place_model(build_model(run_config.model, splits.image_shape), device)
         return model, build_optimizer(run_config.optim, model.parameters())
 
     def vaebench_loop(run_config: RunConfig):

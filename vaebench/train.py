@@ -33,7 +33,7 @@ from vaebench.evaluation import (
 )
 from vaebench.losses import Objective, loss_terms
 from vaebench.metrics import nmi
-from vaebench.models import build_model
+from vaebench.models import build_model, place_model
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -264,7 +264,7 @@ def fit(
     """
     torch.manual_seed(config.seed)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    model = build_model(config.model, splits.image_shape).to(device)
+    model = place_model(build_model(config.model, splits.image_shape), device)
     optimizer = build_optimizer(config.optim, model.parameters())
     objective = Objective(config.loss, model.categories)
     batch_loss = None
