@@ -12,19 +12,14 @@ choice (see :mod:`vaebench.catalogue`).
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vaebench.catalogue import CONDITIONAL, METRICS, SELECTABLE, selection_problem
-from vaebench.config import (
-    ConfigError,
-    check_dotted_key,
-    override_problems,
-)
+from vaebench.config import ConfigError
 from vaebench.spec_file import is_str_keyed, read_spec_header
+from vaebench.study_space import Param, is_int, read_space, yaml_number
 
 STUDY_KEYS = (
     "name",
@@ -39,12 +34,6 @@ STUDY_KEYS = (
     "storage",
     "artifacts",
 )
-PARAM_TYPES = ("float", "int", "categorical")
-PARAM_KEYS = {
-    "float": ("type", "low", "high", "log", "step"),
-    "int": ("type", "low", "high", "log", "step"),
-    "categorical": ("type", "choices"),
-}
 DIRECTIONS = ("maximize", "minimize")
 
 # options each sampler and pruner accepts in the mapping form ``{name: tpe, n_startup_trials: 5}``;
@@ -63,41 +52,6 @@ PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
     "hyperband": ("min_resource", "max_resource", "reduction_factor", "bootstrap_count"),
     "none": (),
 }
-
-@dataclass(frozen=True)
-class Param:
-    """One dimension of the search space, as Optuna's ``suggest_*`` takes it."""
-
-    type: str
-    low: float | int | None = None
-    high: float | int | None = None
-    log: bool = False
-    step: float | int | None = None
-    choices: tuple[Any, ...] = ()
-
-    def optuna_choices(self) -> tuple[Any, ...]:
-        """Categorical choices as Optuna stores them: lists and mappings become JSON text."""
-        return tuple(encode_choice(choice) for choice in self.choices)
-
-    def decode(self, stored: Any) -> Any:
-        """The config value of a stored categorical choice."""
-        return dict(zip(self.optuna_choices(), self.choices, strict=True))[stored]
-
-    def grid_values(self) -> list[Any]:
-        """Every value this dimension can take (for the grid sampler): finite spaces only."""
-        if self.type == "categorical":
-            return list(self.optuna_choices())
-        step = self.step if self.step is not None else 1
-        count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
-        values = [self.low + index * step for index in range(count)]
-        return [int(v) for v in values] if self.type == "int" else values
-
-
-def encode_choice(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return json.dumps(value)
-
 
 @dataclass(frozen=True)
 class Objective:
@@ -144,29 +98,11 @@ class StudySpec:
 # loading and checking
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> float | None:
-    """A YAML number; also text such as ``1e-4`` (YAML 1.1 reads it as a string)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
 def load_study(path: str | Path) -> StudySpec:
     """Read and check a study file; raise ConfigError listing every problem."""
     raw, where, name, base, problems = read_spec_header(path, "study", STUDY_KEYS)
 
-    space = _space(raw.get("space"), where, base, problems)
+    space = read_space(raw.get("space"), where, base, problems)
     objectives = _objectives(raw.get("objectives"), where, problems)
     sampler, sampler_options = _named(
         raw.get("sampler") or "tpe", "sampler", SAMPLER_OPTIONS, where, problems
@@ -228,13 +164,13 @@ def load_study(path: str | Path) -> StudySpec:
                 )
 
     n_trials = raw.get("n_trials", 10)
-    if not _is_int(n_trials) or n_trials < 1:
+    if not is_int(n_trials) or n_trials < 1:
         problems.append(f"{where}: n_trials: must be an integer >= 1")
     timeout = raw.get("timeout")
-    if timeout is not None and (_number(timeout) is None or _number(timeout) <= 0):
+    if timeout is not None and (yaml_number(timeout) is None or yaml_number(timeout) <= 0):
         problems.append(f"{where}: timeout: must be a number of seconds > 0, or null")
     seed = raw.get("seed", 0)
-    if seed is not None and not _is_int(seed):
+    if seed is not None and not is_int(seed):
         problems.append(f"{where}: seed: must be an integer or null")
     storage = raw.get("storage")
     if storage is not None and (not isinstance(storage, str) or not storage.strip()):
@@ -255,7 +191,7 @@ def load_study(path: str | Path) -> StudySpec:
         pruner=pruner,
         pruner_options=pruner_options,
         n_trials=n_trials,
-        timeout=_number(timeout) if timeout is not None else None,
+        timeout=yaml_number(timeout) if timeout is not None else None,
         seed=seed,
         storage=storage,
         artifacts=artifacts,
@@ -295,108 +231,6 @@ def _archs(base: dict[str, Any], space: dict[str, Param]) -> list[str]:
     model = base.get("model")
     arch = model.get("arch", "mlp") if isinstance(model, dict) else "mlp"
     return [str(arch)]
-
-
-def _space(raw: Any, where: str, base: dict[str, Any], problems: list[str]) -> dict[str, Param]:
-    if not raw:
-        problems.append(f"{where}: space: empty search space (give at least one dotted key)")
-        return {}
-    if not is_str_keyed(raw):
-        problems.append(f"{where}: space: must map dotted keys to distributions")
-        return {}
-    space = {}
-    for key, value in raw.items():
-        label = f"{where}: space.{key}"
-        bad_key = check_dotted_key(key)
-        if bad_key:
-            problems.append(f"{label}: {bad_key}")
-            continue
-        param = _param(value, label, problems)
-        if param is None:
-            continue
-        # every value a trial can get must make a valid run config on top of base
-        bad = False
-        for part, value in _probes(param).items():
-            for line in override_problems(base, {key: value}, where, "space."):
-                problems.append(line.replace(f"space.{key}:", f"space.{key}{part}:", 1))
-                bad = True
-        if not bad:
-            space[key] = param
-    return space
-
-
-def _probes(param: Param) -> dict[str, Any]:
-    """Values to try on the base config, keyed by how a problem line names them."""
-    if param.type == "categorical":
-        return {f".choices[{i}]": choice for i, choice in enumerate(param.choices)}
-    probes = {".low": param.low, ".high": param.high}
-    if param.type == "float" and param.step is None:  # e.g. a float range on an int setting
-        probes[" (a value between low and high)"] = param.low + 0.37 * (param.high - param.low)
-    return probes
-
-
-def _param(raw: Any, label: str, problems: list[str]) -> Param | None:
-    if isinstance(raw, list):  # shorthand: a list of values is a categorical dimension
-        raw = {"type": "categorical", "choices": raw}
-    if not is_str_keyed(raw):
-        problems.append(
-            f"{label}: must be {{type: float|int|categorical, low, high, log, step, choices}} "
-            "or a list of choices"
-        )
-        return None
-    kind = raw.get("type")
-    if kind not in PARAM_TYPES:
-        problems.append(f"{label}.type: must be one of {', '.join(PARAM_TYPES)} (got {kind!r})")
-        return None
-    count = len(problems)
-    for key in raw:
-        if key not in PARAM_KEYS[kind]:
-            valid = ", ".join(PARAM_KEYS[kind])
-            problems.append(f"{label}.{key}: not used by {kind}; valid: {valid}")
-    if kind == "categorical":
-        choices = raw.get("choices")
-        if not isinstance(choices, list) or not choices:
-            problems.append(f"{label}.choices: categorical needs a non-empty list of choices")
-        elif len({json.dumps(encode_choice(c)) for c in choices}) != len(choices):
-            problems.append(f"{label}.choices: repeated choice")
-        if len(problems) > count:
-            return None
-        return Param(type=kind, choices=tuple(choices))
-
-    log = raw.get("log", False)
-    if not isinstance(log, bool):
-        problems.append(f"{label}.log: must be true or false")
-    numbers: dict[str, float | int | None] = {}
-    for part in ("low", "high", "step"):
-        value = raw.get(part)
-        if value is None:
-            if part != "step":
-                problems.append(f"{label}.{part}: required for {kind}")
-            numbers[part] = None
-        elif kind == "int":
-            if not _is_int(value):
-                problems.append(f"{label}.{part}: must be an integer")
-            numbers[part] = value
-        else:
-            number = _number(value)
-            if number is None:
-                problems.append(f"{label}.{part}: must be a number (got {value!r})")
-            numbers[part] = number
-    if len(problems) > count:
-        return None
-    low, high, step = numbers["low"], numbers["high"], numbers["step"]
-    if low >= high:
-        problems.append(f"{label}: low must be below high (low {low}, high {high})")
-    if log and low <= 0:
-        problems.append(f"{label}: log needs low > 0 (low {low})")
-    if step is not None:
-        if step <= 0:
-            problems.append(f"{label}.step: must be > 0")
-        if log:
-            problems.append(f"{label}.step: cannot be combined with log (Optuna forbids it)")
-    if len(problems) > count:
-        return None
-    return Param(type=kind, low=low, high=high, log=log, step=step)
 
 
 def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:

@@ -23,8 +23,9 @@ from vaebench.claims import abandoned, lease_tags
 from vaebench.config import RunConfig, VaebenchError, run_config_problems, set_dotted
 from vaebench.execute import Workspace, execute, record_invalid
 from vaebench.grid import RunSpec, run_key
-from vaebench.study import Param, StudySpec
+from vaebench.study import StudySpec
 from vaebench.study_outputs import RUN_ID_ATTR
+from vaebench.study_space import Param
 from vaebench.tracking import Tracker, TrackingError
 from vaebench.train import EpochMetrics
 
