@@ -80,9 +80,9 @@ def batch_marginal_kl(logits: torch.Tensor) -> torch.Tensor:
     keeps the second part alone: the categories are kept in balanced use, and c is not
     charged for the information it carries about x.
     """
-    batch, categories = logits.shape
-    log_mean = torch.logsumexp(F.log_softmax(logits, dim=1), dim=0) - math.log(batch)
-    return batch * (torch.sum(log_mean.exp() * log_mean) + math.log(categories))
+    batch, categories = logits.shape[-2:]  # (B, K), or a stack's (members, B, K): per member
+    log_mean = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=-2) - math.log(batch)
+    return batch * ((log_mean.exp() * log_mean).sum(-1) + math.log(categories))
 
 
 def capacity(maximum: float, step: int, steps: int) -> float:

@@ -12,7 +12,6 @@ This module imports neither mlflow nor optuna.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -20,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaebench.losses import pixel_costs
-from vaebench.models.base import GaussianVAE
+from vaebench.losses import batch_marginal_kl, pixel_costs
+from vaebench.models.base import GaussianVAE, gaussian_kl_terms
 from vaebench.models.cvae import NUM_CLASSES, ConditionalVAE
-from vaebench.models.gumbel import JointVAE
+from vaebench.models.gumbel import JointVAE, categorical_kl_uniform
 
 # member layers this module can stack; anything else (batch norm: running statistics per
 # member) keeps a run out of a stack
@@ -199,7 +198,7 @@ class StackOutput(NamedTuple):
 
 def member_kl_z(out: StackOutput) -> torch.Tensor:
     """Each member's KL(q(z|x) || N(0, I)) summed over its batch (K,)."""
-    kl = -0.5 * (1 + out.logvar - out.mu.pow(2) - out.logvar.exp())
+    kl = gaussian_kl_terms(out.mu, out.logvar)
     return kl.reshape(kl.shape[0], -1).sum(1)
 
 
@@ -207,12 +206,9 @@ def member_kl_c(category_logits: torch.Tensor, kind: str) -> torch.Tensor:
     """Each member's KL of its categorical latent from uniform (K,), over its batch: per image
     (``loss.kl_c: per_image``, summed) or of the batch's mean q(c) (``batch_marginal``, times
     the batch size), as :class:`vaebench.losses.Objective` weighs it for one run."""
-    batch, categories = category_logits.shape[1:]
-    log_q = F.log_softmax(category_logits, dim=-1)
     if kind == "per_image":
-        return (log_q.exp() * log_q).sum((1, 2)) + batch * math.log(categories)
-    log_mean = torch.logsumexp(log_q, dim=1) - math.log(batch)
-    return batch * ((log_mean.exp() * log_mean).sum(-1) + math.log(categories))
+        return categorical_kl_uniform(category_logits)
+    return batch_marginal_kl(category_logits)
 
 
 class StackedGaussianVAE(nn.Module):

@@ -82,9 +82,14 @@ def dense_stack(widths: list[int]) -> list[nn.Module]:
     return layers
 
 
+def gaussian_kl_terms(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) of each image's each dimension, in nats."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) summed over the batch and dimensions, in nats."""
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return gaussian_kl_terms(mu, logvar).sum()
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,11 @@ from vaebench.models.base import (
 
 
 def categorical_kl_uniform(logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(logits) || Uniform(K)) summed over the batch, in nats."""
-    log_q = F.log_softmax(logits, dim=1)
-    return torch.sum(log_q.exp() * log_q) + logits.shape[0] * math.log(logits.shape[1])
+    """KL(softmax(logits) || Uniform(K)) summed over the batch, in nats: of logits (B, K) a
+    number, of a stack's (members, B, K) one per member."""
+    batch, categories = logits.shape[-2:]
+    log_q = F.log_softmax(logits, dim=-1)
+    return (log_q.exp() * log_q).sum((-2, -1)) + batch * math.log(categories)
 
 
 class TemperatureSchedule:
