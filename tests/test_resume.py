@@ -20,8 +20,15 @@ from vaebench.claims import EXPIRES_TAG, OWNER_TAG, abandoned, lease_tags, owner
 from vaebench.config import RunConfig
 from vaebench.data import load_splits
 from vaebench.grid import RunSpec, run_key
+from vaebench.models import build_model, place_model
 from vaebench.tracking import RUN_KEY_TAG, RunRecord
-from vaebench.train import fit
+from vaebench.train import (
+    EpochMetrics,
+    build_optimizer,
+    fit,
+    restore_training_state,
+    training_state,
+)
 
 DEVICE = torch.device("cpu")
 
@@ -166,3 +173,38 @@ def test_bench_times_the_checkpoint_write_beside_the_epoch(mnist_root, capsys):
     line = next(line for line in out.splitlines() if line.startswith("checkpoint write"))
     assert re.search(r"median \d+\.\d ms = \d+\.\d% of a shipped epoch \(\S+, \S+ ms\)", line)
     assert "vaebench, checkpoint after every epoch" in out
+
+
+def test_a_contiguous_optimizer_state_continues_a_channels_last_model_exactly():
+    """A state saved contiguous (by a stack, or before models were placed channels-last)
+    restores into a conv model placed channels-last on the CPU and steps as the live one."""
+    config = RunConfig.model_validate({"model": {"arch": "conv", "channels": [8, 16]}})
+
+    def fresh():
+        torch.manual_seed(0)
+        model = place_model(build_model(config.model, (1, 28, 28)), DEVICE)
+        return model, build_optimizer(config.optim, model.parameters())
+
+    def step(model, optimizer, x):
+        torch.manual_seed(2)  # the same draw of z for both
+        optimizer.zero_grad()
+        model(x).logits.sub(x).pow(2).sum().backward()
+        optimizer.step()
+
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    live, live_optimizer = fresh()
+    assert live.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+    step(live, live_optimizer, x)
+    history = [EpochMetrics(epoch=1, train_loss=0.0, epoch_seconds=1.0, eval_seconds=0.0,
+                            images_per_second=1.0)]
+    state = copy.deepcopy(training_state(live, live_optimizer, torch.Generator(), history, 1.0))
+    for values in state["optimizer"]["state"].values():  # as a stack saves it
+        for name, value in values.items():
+            if value.dim() == 4:
+                values[name] = value.contiguous()
+    restored, restored_optimizer = fresh()
+    restore_training_state(state, restored, restored_optimizer, torch.Generator())
+    step(live, live_optimizer, x)
+    step(restored, restored_optimizer, x)
+    for (name, a), b in zip(live.named_parameters(), restored.parameters(), strict=True):
+        assert torch.equal(a, b), name

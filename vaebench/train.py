@@ -204,11 +204,30 @@ def restore_training_state(
     """Load a :func:`training_state` into a freshly built run; returns (history, seconds)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    match_parameter_layouts(optimizer)
     generator.set_state(state["batch_order_rng"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and model.device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], model.device)
     return [EpochMetrics(**m) for m in state["history"]], float(state["seconds"])
+
+
+def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded optimizer state tensor its parameter's memory layout.
+
+    ``load_state_dict`` keeps the layout a tensor was saved in, and torch's fused Adam steps
+    state and parameter as if they shared one: a contiguous ``exp_avg`` beside a
+    channels-last weight (:func:`vaebench.models.place_model`) corrupts the step. A state
+    saved contiguous (by a stack, or on another device) is copied into the parameter's."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for name, value in optimizer.state.get(parameter, {}).items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.shape == parameter.shape
+                    and value.stride() != parameter.stride()
+                ):
+                    optimizer.state[parameter][name] = torch.empty_like(parameter).copy_(value)
 
 
 def checkpoint_due(epoch: int, train: TrainConfig) -> bool:
