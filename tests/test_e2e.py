@@ -526,17 +526,22 @@ def test_a_tracking_server_that_is_not_running_is_reported_within_seconds(
 
 EXIT_PROBE = """
 import atexit, pathlib, sys, threading, time
-from vaebench.cli import entry
+import vaebench.cli
 
 def late_write():
     time.sleep(0.3)
     pathlib.Path("thread-finished").write_text("joined")
 
+def main_then_a_thread(argv=None):
+    status = program(argv)
+    threading.Thread(target=late_write).start()  # still running when main returns
+    return status
+
+program, vaebench.cli.main = vaebench.cli.main, main_then_a_thread
 atexit.register(lambda: pathlib.Path("handler-ran").write_text("ran"))
-threading.Thread(target=late_write).start()
 sys.stdout.write("buffered, not yet flushed")
 sys.argv = ["vaebench", *sys.argv[1:]]
-entry()
+vaebench.cli.entry()
 """
 
 
@@ -558,3 +563,13 @@ def test_the_program_exits_with_its_status_after_threads_and_exit_handlers(
     assert done.stdout.startswith("buffered, not yet flushed")
     if status:
         assert "missing.yaml" in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_profiler_around_the_program_still_writes_its_profile(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", "profile.out", "-m", "vaebench", "run",
+         "missing.yaml"],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 2, done.stderr
+    assert (tmp_path / "profile.out").stat().st_size > 0

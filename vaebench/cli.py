@@ -381,14 +381,19 @@ def entry() -> None:
     other threads are joined (MLflow's artifact uploads) and the ``atexit`` handlers run
     (MLflow's async logging, Ray, temporary folders), as the interpreter itself does them;
     then the streams are flushed. After a signal the work is recorded and the process ends
-    at once: a second Ctrl-C during joins and handlers would find Python's default handler."""
+    at once: a second Ctrl-C during joins and handlers would find Python's default handler.
+    Under a profiler, a tracer or ``python -i`` the interpreter exits as usual, so that they
+    see the end (a profile written at exit)."""
     status = main()
+    if sys.getprofile() or sys.gettrace() or sys.flags.inspect:
+        sys.exit(status)
     if status not in SIGNAL_STATUSES:
         threading._shutdown()  # the interpreter's own join of non-daemon threads
         atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
-        except (BrokenPipeError, ValueError):  # a reader that stopped reading; a closed stream
+            if stream is not None:  # None: the descriptor was closed (``>&-``)
+                stream.flush()
+        except (OSError, ValueError):  # a reader that stopped reading; a closed stream
             pass
     os._exit(status)
