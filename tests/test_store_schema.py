@@ -6,6 +6,9 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
+import pytest
+
+from vaebench.config import VaebenchError
 from vaebench.store_schema import seed_store, template
 from vaebench.tracking import MLflowTracker
 
@@ -60,10 +63,17 @@ def test_a_seeded_store_is_the_store_mlflow_makes_itself(tmp_path, monkeypatch):
 
 
 def test_the_tracker_seeds_a_new_store_and_leaves_an_existing_one(tmp_path, monkeypatch):
+    import mlflow.store.db.utils
+
     monkeypatch.setenv("VAEBENCH_CACHE", str(tmp_path / "cache"))
+    template()  # made first: from here on MLflow must not create a schema
+
+    def refuse(engine):
+        raise AssertionError("MLflow created the schema: the store was not seeded")
+
+    monkeypatch.setattr(mlflow.store.db.utils, "_initialize_tables", refuse)
     db = tmp_path / "mlflow.db"
     tracker = MLflowTracker(f"sqlite:///{db}")
-    assert (tmp_path / "cache").is_dir() and template().is_file()
     parent = tracker.start_grid("seeded", "invocation", {})
     run = tracker.start_run("s0", {"loss.beta": 1.0}, {})
     tracker.log_metrics(run, {"val_elbo": -100.0}, step=1)
@@ -84,3 +94,29 @@ def test_an_unusable_cache_leaves_the_store_to_mlflow(tmp_path, monkeypatch):
     assert not db.exists() and not list(tmp_path.glob(".mlflow.db.*"))
     MLflowTracker(f"sqlite:///{db}")  # MLflow creates the schema itself
     assert schema_of(db)[1]
+
+
+def test_a_damaged_template_is_made_again_and_the_store_created_meanwhile(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAEBENCH_CACHE", str(tmp_path / "cache"))
+    damaged = template()
+    damaged.write_bytes(damaged.read_bytes()[:5000])  # truncated
+    first = tmp_path / "first" / "mlflow.db"
+    first.parent.mkdir()
+    MLflowTracker(f"sqlite:///{first}")  # MLflow creates this one itself
+    assert schema_of(first)[1] and not damaged.exists()
+    second = tmp_path / "second" / "mlflow.db"
+    second.parent.mkdir()
+    assert seed_store(second) and damaged.exists()  # made again, and used
+
+
+def test_a_copy_mlflow_refuses_is_removed_with_its_template(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAEBENCH_CACHE", str(tmp_path / "cache"))
+    stale = template()
+    with contextlib.closing(sqlite3.connect(stale)) as connection, connection:
+        connection.execute("UPDATE alembic_version SET version_num = 'an-older-revision'")
+    db = tmp_path / "mlflow.db"
+    with pytest.raises(VaebenchError, match="schema template, did not open .*run again"):
+        MLflowTracker(f"sqlite:///{db}")
+    assert not db.exists() and not stale.exists()
+    MLflowTracker(f"sqlite:///{tmp_path / 'again.db'}")  # a new template, a sound store
+    assert schema_of(tmp_path / "again.db")[1] == schema_of(stale)[1]

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from vaebench.config import VaebenchError, first_line
 from vaebench.signals import deferred_signals
-from vaebench.store_schema import seed_store
-from vaebench.tracking_store import HTTP_LIMITS, check_server, creation_lock, sqlite_path
+from vaebench.store_schema import open_store
+from vaebench.tracking_store import HTTP_LIMITS, check_server, sqlite_path
 
 if TYPE_CHECKING:  # the record's type only: tracking imports no torch
     from vaebench.data import SplitRecord
@@ -129,7 +129,6 @@ class MLflowTracker:
 
     def __init__(self, uri: str):
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
         self.uri = uri
         # MLflow's download bars would interleave with vaebench's own lines
@@ -142,11 +141,7 @@ class MLflowTracker:
                 os.environ.setdefault(name, value)
             check_server(uri)
         try:
-            with creation_lock(db):
-                if db is not None:
-                    seed_store(db)
-                self.client = MlflowClient(tracking_uri=uri)
-                self.client.search_experiments(max_results=1)  # creates the schema once
+            self.client = open_store(uri, db)
         except (MlflowException, OSError, ValueError) as exc:
             raise VaebenchError(f"tracking URI {uri}: {first_line(exc)}") from None
         self.experiment_id: str | None = None
