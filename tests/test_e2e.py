@@ -571,5 +571,5 @@ def test_a_profiler_around_the_program_still_writes_its_profile(tmp_path):
          "missing.yaml"],
         cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    assert done.returncode == 2, done.stderr
+    assert "missing.yaml: cannot read" in done.stderr  # (cProfile swallows the exit status)
     assert (tmp_path / "profile.out").stat().st_size > 0
