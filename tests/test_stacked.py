@@ -29,6 +29,7 @@ FAMILIES = {
     "gumbel": {"arch": "gumbel", "hidden": [64, 32], "z_dim": 4, "categories": 10,
                "tau": [1.0, 0.5], "hard": False},
 }
+FAMILIES["gmvae"] = {"arch": "gmvae", "hidden": [64, 32], "z_dim": 4, "categories": 5}
 # straight-through one-hot categories at a fixed temperature
 GUMBEL_HARD = {**FAMILIES["gumbel"], "tau": 0.67, "hard": True}
 # K = 4 members differing in seed, beta and learning rate
@@ -87,8 +88,11 @@ def in_float64(splits: Splits) -> Splits:
      (FAMILIES["conv"], "dynamic", "mixed", "rmsprop", {}),
      (FAMILIES["cvae"], "dynamic", "mixed", "adam", {}),
      (FAMILIES["gumbel"], "dynamic", "mixed", "adam", {"beta_c": 2.0}),  # batch-marginal KL_c
-     (GUMBEL_HARD, "none", "bce", "rmsprop", {"kl_c": "per_image"})],
-    ids=["mlp", "mlp-dynamic", "conv", "conv-dynamic", "cvae", "gumbel", "gumbel-hard"],
+     (GUMBEL_HARD, "none", "bce", "rmsprop", {"kl_c": "per_image"}),
+     (FAMILIES["gmvae"], "dynamic", "mixed", "adam", {"beta_c": 2.0}),  # batch-marginal KL_c
+     (FAMILIES["gmvae"], "none", "bce", "rmsprop", {"kl_c": "per_image"})],
+    ids=["mlp", "mlp-dynamic", "conv", "conv-dynamic", "cvae", "gumbel", "gumbel-hard", "gmvae",
+         "gmvae-per-image"],
 )
 def test_a_stacks_steps_are_each_members_own_steps(
     model, binarize, recon, optimizer, loss, mnist_root, float64
@@ -116,7 +120,7 @@ def test_a_stacks_steps_are_each_members_own_steps(
         assert {k: member.summary[k] for k in scores} == pytest.approx(scores, rel=1e-9)
 
 
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gumbel"}))  # gumbel: alone
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gumbel", "gmvae"}))  # alone
 def test_a_stacked_evaluation_is_each_members_own(family, mnist_root, float64):
     # three draws per image, in chunks of 40 images: the split's draws, repeated and chunked
     # as evaluate() does, serve every member
@@ -231,7 +235,8 @@ def test_a_stacked_model_computes_each_members_forward():
         members.append(build_model(config.model, (1, 28, 28)))
     stack = StackedGaussianVAE(members)
     x, noise = torch.rand(3, 5, 1, 28, 28), torch.randn(3, 5, 4)
-    logits, mu, _, _ = stack(x, noise)
+    out = stack(x, noise)
+    logits, mu = out.logits, out.mu
     for k, member in enumerate(members):
         member_mu, member_logvar = member.encode(x[k])
         z = member_mu + noise[k] * torch.exp(0.5 * member_logvar)
@@ -261,8 +266,10 @@ def test_which_runs_stack():
     assert config_problem(conv_cvae) is None
     assert "CUDA only" in config_problem(conv_cvae, on_cpu=True)
     assert config_problem(RunConfig.model_validate({"model": FAMILIES["gumbel"]})) is None
+    gmvae = RunConfig.model_validate({"model": FAMILIES["gmvae"]})
+    assert config_problem(gmvae) is None
+    assert "CUDA only" in config_problem(gmvae, on_cpu=True)
     alone = [
-        {"model": {"arch": "gmvae"}},
         {"model": {"arch": "gumbel"}, "loss": {"objective": "capacity"}},
         {"model": {**FAMILIES["conv"], "batch_norm": True}},
         {**base, "optim": {"kwargs": {"weight_decay": 0.1}}},

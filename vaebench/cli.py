@@ -80,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "off"),
         default="auto",
         help="auto (default): runs of one shape that differ only in seed, loss.beta, "
-        "loss.recon and optim.lr train together as one stacked model (mlp, conv, cvae, gumbel; "
-        "Adam or RMSprop, elbo); off: every run alone",
+        "loss.recon and optim.lr train together as one stacked model (mlp, cvae, gumbel; conv "
+        "and gmvae on CUDA; Adam or RMSprop, elbo); off: every run alone",
     )
     run.add_argument(
         "--max-stack",

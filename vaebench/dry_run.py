@@ -25,8 +25,8 @@ def dry_run(grid_path: str | Path, max_stack: int, stream=None) -> None:
 
 
 def trains_on_cpu(config: RunConfig) -> bool:
-    """Whether a run trains on the CPU (asked only of conv runs, whose stacking depends on
-    it). ``train.device: auto`` is the CPU with a CPU build of torch (read from its version,
+    """Whether a run trains on the CPU (asked only of runs whose stacking depends on it: conv
+    and gmvae). ``train.device: auto`` is the CPU with a CPU build of torch (read from its version,
     without importing it); with another build, torch is asked."""
     if config.train.device != "auto":
         return config.train.device == "cpu"

@@ -53,12 +53,15 @@ def expected_reconstruction(
     logits: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, kind: str
 ) -> torch.Tensor:
     """The reconstruction cost averaged over a discrete latent, exactly: ``logits`` hold one
-    decoding per category (category-major, K * B rows), ``weights`` (B, K) are q(c|x)."""
-    categories = weights.shape[1]
-    repeated = x.repeat(categories, *([1] * (x.dim() - 1)))
-    terms = pixel_costs(logits, repeated, kind, "none")
-    per_row = terms.flatten(1).sum(dim=1).view(categories, x.shape[0])
-    return (weights.t() * per_row).sum()
+    decoding per category (category-major, K * B rows), ``weights`` (B, K) are q(c|x). With
+    a leading member axis (a stack's logits (members, K * B, ...), images (members, B, ...),
+    weights (members, B, K)) it is one cost per member."""
+    lead = weights.dim() - 2  # 1 for a stack's member axis
+    batch, categories = weights.shape[-2:]
+    repeated = x.unsqueeze(lead).expand(*x.shape[:lead], categories, *x.shape[lead:])
+    terms = pixel_costs(logits, repeated.reshape(logits.shape), kind, "none")
+    per_row = terms.flatten(lead + 1).sum(dim=-1).view(*x.shape[:lead], categories, batch)
+    return (weights.transpose(-2, -1) * per_row).sum((-2, -1))
 
 
 def loss_terms(

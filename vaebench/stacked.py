@@ -9,7 +9,8 @@ member's gradient is exactly its own. A member whose loss or metrics turn NaN or
 is masked out of the sum (its run fails with the reason) and the others go on.
 
 Validation and test passes are stacked as well (:mod:`vaebench.stacked_evaluation`; a
-joint member, ``gumbel``, is evaluated in its own model, its categories drawn exactly); a
+joint member, ``gumbel``, or a mixture member, ``gmvae``, is evaluated in its own model, its
+categories drawn exactly); a
 member is copied into the model its run alone would have (same parameter names) for its
 checkpoints and, after the last epoch, for the scores it computes alone (clustering,
 likelihood). What a member reports is what :func:`vaebench.train.fit` reports for its
@@ -39,6 +40,7 @@ from vaebench.stacked_model import (
     member_kl_c,
     member_kl_z,
     member_reconstruction,
+    mixture_weights,
     stack_problem,
 )
 from vaebench.stacked_optim import STACKED_OPTIMIZERS, StackedOptimizer
@@ -117,16 +119,18 @@ def stacked_epoch(
             x = torch.stack(
                 [torch.bernoulli(x[k], generator=m.draw_rng) for k, m in enumerate(members)]
             )
-        noise = torch.stack(
-            [torch.randn(batch, stack.z_dim, generator=m.draw_rng, device=device) for m in members]
-        )
+        noise = torch.stack([
+            torch.randn(stack.noise_shape(batch), generator=m.draw_rng, device=device)
+            for m in members
+        ])
         y = None
         if stack.conditional:
             y = labels.index_select(0, index.flatten()).view(count, batch)
         for member in members:
             member.model.anneal(step, total_steps)  # the member's schedule, e.g. its tau
         out = stack(x, noise, y, _gumbel_noise(stack, members, batch), _tau(members))
-        loss = member_reconstruction(out.logits, x, kinds) + kl_weights * member_kl_z(out)
+        weights = mixture_weights(out) if stack.mixture else None
+        loss = member_reconstruction(out.logits, x, kinds, weights) + kl_weights * member_kl_z(out)
         if out.category_logits is not None:
             kl_c = member_kl_c(out.category_logits, config.loss.kl_c)
             loss = loss + config.loss.beta_c * kl_c
@@ -143,7 +147,7 @@ def _gumbel_noise(
 ) -> torch.Tensor | None:
     """Each joint member's Gumbel noise (K, B, categories), drawn from its generator as
     ``F.gumbel_softmax`` draws it alone (after the step's z noise)."""
-    if not stack.categories:
+    if not stack.joint:
         return None
     weight = stack.head.weight
     return torch.stack([
@@ -221,7 +225,7 @@ def fit_stack(
     validations: list[Evaluation | None] = [None] * count
     if stacked_evaluation is None:
         stacked_evaluation = device.type == "cuda"
-    # a joint member's evaluation draws its category: each is evaluated in its own model
+    # a joint or mixture member's evaluation draws its category: each is evaluated alone
     stacked_evaluation = stacked_evaluation and not stack.categories
 
     def evaluations(split: Split, split_name: str) -> list[Evaluation | None]:

@@ -25,7 +25,9 @@ def evaluate_stack(
     """Each member's :class:`Evaluation` of ``split`` (member k's config ``configs[k]``), as
     ``evaluate`` gives it alone."""
     if stack.categories:
-        raise ValueError("a joint VAE's members draw their categories: evaluate each alone")
+        raise ValueError(
+            "joint and mixture VAEs' members draw their categories: evaluate each alone"
+        )
     config = configs[0]  # the evaluation settings are the stack's
     kinds = [c.loss.recon for c in configs]
     stack.eval()

@@ -1,5 +1,5 @@
-"""K same-shape VAEs (``mlp``, ``conv``, ``cvae``, ``gumbel``) as one model whose every weight
-has a leading member axis: the K runs' matrix products become one batched product
+"""K same-shape VAEs (``mlp``, ``conv``, ``cvae``, ``gumbel``, ``gmvae``) as one model whose
+every weight has a leading member axis: the K runs' matrix products become one batched product
 (``baddbmm``), their convolutions one grouped convolution (HFTA, MLSys 2021).
 
 A stacked parameter is ``(K, *the member's shape)`` and has the member's parameter name, so
@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaebench.losses import batch_marginal_kl, pixel_costs
+from vaebench.losses import batch_marginal_kl, expected_reconstruction, pixel_costs
 from vaebench.models.base import GaussianVAE, gaussian_kl_terms
 from vaebench.models.cvae import NUM_CLASSES, ConditionalVAE
+from vaebench.models.gmvae import GaussianMixtureVAE, gaussian_kl_between
 from vaebench.models.gumbel import JointVAE, categorical_kl_uniform
 
 # member layers this module can stack; anything else (batch norm: running statistics per
@@ -157,16 +158,21 @@ class StackedSequential(nn.Sequential):
 
 
 def member_reconstruction(
-    logits: torch.Tensor, x: torch.Tensor, kinds: Sequence[str]
+    logits: torch.Tensor, x: torch.Tensor, kinds: Sequence[str], weights: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Each member's reconstruction cost (K,) summed over its batch, member k's of the kind
-    ``kinds[k]`` (``bce`` or ``mse``). With members of both kinds both are computed and each
-    member takes its own (``torch.where``: no gradient from the other kind reaches it)."""
+    ``kinds[k]`` (``bce`` or ``mse``); for mixture members (``gmvae``), ``weights`` (K, B, C)
+    are q(c|x) and ``logits`` hold each member's decoding per component, the cost averaged
+    over them exactly. With members of both kinds both are computed and each member takes
+    its own (``torch.where``: no gradient from the other kind reaches it)."""
     members = logits.shape[0]
-    costs = {
-        kind: pixel_costs(logits, x, kind, "none").reshape(members, -1).sum(1)
-        for kind in dict.fromkeys(kinds)
-    }
+
+    def cost(kind: str) -> torch.Tensor:
+        if weights is not None:
+            return expected_reconstruction(logits, x, weights, kind)
+        return pixel_costs(logits, x, kind, "none").reshape(members, -1).sum(1)
+
+    costs = {kind: cost(kind) for kind in dict.fromkeys(kinds)}
     if len(costs) == 1:
         return next(iter(costs.values()))
     first = kinds[0]
@@ -177,7 +183,7 @@ def member_reconstruction(
 
 def stack_problem(model: nn.Module) -> str | None:
     """Why ``model`` cannot be a member of a stack, or None if it can."""
-    if type(model) not in (GaussianVAE, ConditionalVAE, JointVAE):
+    if type(model) not in (GaussianVAE, ConditionalVAE, JointVAE, GaussianMixtureVAE):
         return f"{type(model).__name__} models are trained one by one"
     for net in (model.encoder, model.decoder):
         for layer in net:
@@ -188,18 +194,33 @@ def stack_problem(model: nn.Module) -> str | None:
 
 class StackOutput(NamedTuple):
     """A stack's forward: each member's decoder logits, posterior mean and log-variance, and
-    category logits for joint members (each with the member axis first)."""
+    category logits for joint and mixture members (each with the member axis first); for
+    mixture members, mean and log-variance are each component's (K, B, C, z_dim) and the
+    components' priors come along."""
 
     logits: torch.Tensor
     mu: torch.Tensor
     logvar: torch.Tensor
     category_logits: torch.Tensor | None = None
+    prior_mu: torch.Tensor | None = None
+    prior_logvar: torch.Tensor | None = None
 
 
 def member_kl_z(out: StackOutput) -> torch.Tensor:
-    """Each member's KL(q(z|x) || N(0, I)) summed over its batch (K,)."""
+    """Each member's KL of z summed over its batch (K,): from N(0, I), or for mixture members
+    each component's KL from its prior p(z|c), weighed by q(c|x)."""
+    if out.prior_mu is not None:
+        per_component = gaussian_kl_between(
+            out.mu, out.logvar, out.prior_mu[:, None], out.prior_logvar[:, None]
+        )
+        return (mixture_weights(out) * per_component).sum((1, 2))
     kl = gaussian_kl_terms(out.mu, out.logvar)
     return kl.reshape(kl.shape[0], -1).sum(1)
+
+
+def mixture_weights(out: StackOutput) -> torch.Tensor:
+    """q(c|x) of mixture members (K, B, C)."""
+    return F.softmax(out.category_logits, dim=-1)
 
 
 def member_kl_c(category_logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -232,11 +253,18 @@ class StackedGaussianVAE(nn.Module):
         self.encoder = StackedSequential([m.encoder for m in members])
         self.head = StackedLinear([m.head for m in members])
         self.decoder = StackedSequential([m.decoder for m in members])
-        self.categories = 0  # a joint VAE's (gumbel) categorical latent: its size
-        if isinstance(members[0], JointVAE):
+        self.categories = 0  # a joint (gumbel) or mixture (gmvae) VAE's categorical latent
+        self.joint = isinstance(members[0], JointVAE)
+        self.mixture = isinstance(members[0], GaussianMixtureVAE)
+        if self.joint or self.mixture:
             self.category_head = StackedLinear([m.category_head for m in members])
             self.categories = members[0].categories
+        if self.joint:
             self.hard = members[0].hard
+        if self.mixture:  # each component's offset of q(z|x, c) and its prior p(z|c)
+            self.component_offset = _stacked([m.component_offset for m in members])
+            self.prior_mu = _stacked([m.prior_mu for m in members])
+            self.prior_logvar = _stacked([m.prior_logvar for m in members])
         names = [name for name, _ in members[0].named_parameters()]
         if [name for name, _ in self.named_parameters()] != names:  # optimizer states align
             raise ValueError("the stack's parameters are not the members' in their order")
@@ -255,6 +283,8 @@ class StackedGaussianVAE(nn.Module):
         noise * sigma and c = softmax((logits + gumbel) / tau) (one-hot forward, soft
         backward with ``model.hard``), as ``F.gumbel_softmax`` draws it alone."""
         features = self._features(x, y)
+        if self.mixture:
+            return self._mixture_forward(features, noise)
         mu, logvar = self.head(features).chunk(2, dim=-1)
         z = mu + noise * torch.exp(0.5 * logvar)
         if not self.categories:
@@ -268,6 +298,22 @@ class StackedGaussianVAE(nn.Module):
             c = torch.zeros_like(c).scatter_(-1, index, 1.0) - c.detach() + c
         logits = self.decoder(torch.cat([z, c], dim=-1))
         return StackOutput(logits, mu, logvar, category_logits)
+
+    def noise_shape(self, batch: int) -> tuple[int, ...]:
+        """The shape of one member's standard normal draws for a batch: a z per image, or for
+        mixture members a z per image and component."""
+        return (batch, self.categories, self.z_dim) if self.mixture else (batch, self.z_dim)
+
+    def _mixture_forward(self, features: torch.Tensor, noise: torch.Tensor) -> StackOutput:
+        """As :meth:`GaussianMixtureVAE.forward`: q(z|x, c) for every component c, a draw of
+        z for each (``noise`` (K, B, C, z_dim)), every draw decoded (component-major)."""
+        both = self.head(features)[:, :, None, :] + self.component_offset[:, None]
+        mu, logvar = both.chunk(2, dim=-1)
+        z = mu + noise * torch.exp(0.5 * logvar)
+        decoded = self.decoder(z.transpose(1, 2).reshape(self.members, -1, self.z_dim))
+        return StackOutput(
+            decoded, mu, logvar, self.category_head(features), self.prior_mu, self.prior_logvar
+        )
 
     def encode(
         self, x: torch.Tensor, y: torch.Tensor | None = None
