@@ -59,15 +59,18 @@ def test_dry_run_shows_which_runs_stack(tmp_path, mnist_root, capsys):
     assert sum(" s1/3 " in line for line in lines) == 3
 
 
-def test_conv_runs_stack_on_cuda_only(tmp_path, capsys):
-    grid = tmp_path / "conv.yaml"
+@pytest.mark.parametrize(
+    "model", ["{arch: conv, channels: [8, 16]}", "{arch: gmvae, hidden: [32], categories: 3}"]
+)
+def test_conv_and_gmvae_runs_stack_on_cuda_only(model, tmp_path, capsys):
+    grid = tmp_path / "cuda-only.yaml"
     grid.write_text(
-        "name: conv\nbase:\n  model: {arch: conv, channels: [8, 16]}\n"
+        f"name: cuda-only\nbase:\n  model: {model}\n"
         "  train: {epochs: 1, device: cpu}\nmatrix:\n  loss.beta: [1, 4]\nseeds: [0]\n"
     )
     assert main(["run", str(grid), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("2 runs, 0 stacks")  # on the CPU each conv run trains alone
+    assert lines[0].startswith("2 runs, 0 stacks")  # on the CPU each run trains alone
     configs = [run.config for run in expand(load_grid(grid))]
     assert plan_stacks(configs, 8, lambda config: False) == [[0, 1]]  # on CUDA, one stack
     assert "CUDA only" in config_problem(configs[0], on_cpu=True)

@@ -12,10 +12,16 @@ import torch
 from vaebench.config import RunConfig
 from vaebench.data import Split, Splits, load_splits
 from vaebench.evaluation import evaluate
+from vaebench.losses import expected_reconstruction
 from vaebench.stack_plan import STACKED_OPTIMIZER_NAMES, config_problem, stack_key
 from vaebench.stacked import build_member, fit_stack
 from vaebench.stacked_evaluation import evaluate_stack
-from vaebench.stacked_model import StackedGaussianVAE
+from vaebench.stacked_model import (
+    StackedGaussianVAE,
+    member_kl_z,
+    member_reconstruction,
+    mixture_weights,
+)
 from vaebench.stacked_optim import STACKED_OPTIMIZERS
 from vaebench.train import TrainingDiverged, TrainResult, fit
 
@@ -103,7 +109,8 @@ def test_a_stacks_steps_are_each_members_own_steps(
         for c in member_configs(model, 200, 100, 2, recon, loss, binarize=binarize)
     ]
     splits = in_float64(load_splits(configs[0].data, mnist_root, CPU))
-    # the stacked evaluation (the default on CUDA) here; the CPU's default in the tests below
+    # the stacked evaluation (the default on CUDA) here, for the families that have one (gumbel
+    # and gmvae members are evaluated alone on every device); the CPU's default below
     stacked = fit_stack(configs, splits, CPU, stacked_evaluation=True)
     for config, member in zip(configs, stacked, strict=True):
         assert isinstance(member, TrainResult)
@@ -225,15 +232,19 @@ def test_a_stacked_optimizer_is_torchs_per_member(name):
             assert torch.allclose(state["state"][0][key], value, rtol=1e-6), key
 
 
-def test_a_stacked_model_computes_each_members_forward():
+def stacked_members(model: dict) -> tuple[StackedGaussianVAE, list[torch.nn.Module]]:
     from vaebench.models import build_model
 
-    config = RunConfig.model_validate({"model": FAMILIES["conv"]})
+    config = RunConfig.model_validate({"model": model})
     members = []
     for seed in range(3):
         torch.manual_seed(seed)
         members.append(build_model(config.model, (1, 28, 28)))
-    stack = StackedGaussianVAE(members)
+    return StackedGaussianVAE(members), members
+
+
+def test_a_stacked_model_computes_each_members_forward():
+    stack, members = stacked_members(FAMILIES["conv"])
     x, noise = torch.rand(3, 5, 1, 28, 28), torch.randn(3, 5, 4)
     out = stack(x, noise)
     logits, mu = out.logits, out.mu
@@ -243,6 +254,28 @@ def test_a_stacked_model_computes_each_members_forward():
         assert torch.allclose(mu[k], member_mu, atol=1e-5)
         assert torch.allclose(logits[k], member.decode(z), atol=1e-5)
     assert stack.member_state(1).keys() == members[1].state_dict().keys()
+
+
+def test_a_stacked_conv_gmvae_computes_each_members_forward_and_loss():
+    model = {**FAMILIES["conv"], "arch": "gmvae", "categories": 3}
+    stack, members = stacked_members(model)
+    x = torch.rand(3, 5, 1, 28, 28)
+    noise = torch.randn(3, *stack.noise_shape(5))
+    out = stack(x, noise)
+    weights = mixture_weights(out)
+    costs = member_reconstruction(out.logits, x, ["bce", "mse", "bce"], weights)
+    kl_z = member_kl_z(out)
+    for k, member in enumerate(members):
+        posterior = member.posterior(x[k])  # q(c|x) and every component's q(z|x, c)
+        mixture = posterior.mixture
+        z = mixture.mu + noise[k] * torch.exp(0.5 * mixture.logvar)  # as forward() draws it
+        decoded = member.decoder(z.transpose(0, 1).reshape(-1, 4))
+        assert torch.allclose(out.logits[k], decoded, atol=1e-5)
+        assert torch.allclose(out.mu[k], mixture.mu, atol=1e-5)
+        assert torch.allclose(kl_z[k], member.kl_terms(posterior)["kl_z"], rtol=1e-5)
+        kind = ["bce", "mse", "bce"][k]
+        expected = expected_reconstruction(decoded, x[k], weights[k], kind)
+        assert torch.allclose(costs[k], expected, rtol=1e-5)
 
 
 def test_the_stackable_optimizers_are_the_stacked_ones():

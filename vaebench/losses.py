@@ -58,6 +58,10 @@ def expected_reconstruction(
     weights (members, B, K)) it is one cost per member."""
     lead = weights.dim() - 2  # 1 for a stack's member axis
     batch, categories = weights.shape[-2:]
+    if logits.shape[lead:] != (categories * batch, *x.shape[lead + 1 :]):
+        raise ValueError(
+            f"decodings {tuple(logits.shape)} are not {categories} per image of {tuple(x.shape)}"
+        )
     repeated = x.unsqueeze(lead).expand(*x.shape[:lead], categories, *x.shape[lead:])
     terms = pixel_costs(logits, repeated.reshape(logits.shape), kind, "none")
     per_row = terms.flatten(lead + 1).sum(dim=-1).view(*x.shape[:lead], categories, batch)

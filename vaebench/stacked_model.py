@@ -278,9 +278,9 @@ class StackedGaussianVAE(nn.Module):
         tau: float = 1.0,
     ) -> StackOutput:
         """What each member's own forward gives for images ``x`` (K, B, ...), standard normal
-        ``noise`` (K, B, z_dim), labels ``y`` (K, B) of conditional members and, for joint
-        members, Gumbel noise ``gumbel`` (K, B, categories) at temperature ``tau``: z = mu +
-        noise * sigma and c = softmax((logits + gumbel) / tau) (one-hot forward, soft
+        ``noise`` (K, *:meth:`noise_shape`), labels ``y`` (K, B) of conditional members and,
+        for joint members, Gumbel noise ``gumbel`` (K, B, categories) at temperature ``tau``:
+        z = mu + noise * sigma and c = softmax((logits + gumbel) / tau) (one-hot forward, soft
         backward with ``model.hard``), as ``F.gumbel_softmax`` draws it alone."""
         features = self._features(x, y)
         if self.mixture:
@@ -319,6 +319,8 @@ class StackedGaussianVAE(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each member's posterior mean and log-variance (K, B, z_dim) of images (K, B, ...)."""
+        if self.categories:
+            raise ValueError("joint and mixture members' posteriors are evaluated alone")
         mu, logvar = self.head(self._features(x, y)).chunk(2, dim=-1)
         return mu, logvar
 
