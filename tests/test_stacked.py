@@ -36,6 +36,8 @@ FAMILIES = {
                "tau": [1.0, 0.5], "hard": False},
 }
 FAMILIES["gmvae"] = {"arch": "gmvae", "hidden": [64, 32], "z_dim": 4, "categories": 5}
+# batch norm after each convolution: per-member batch statistics and running statistics
+FAMILIES["conv-bn"] = {**FAMILIES["conv"], "batch_norm": True}
 # straight-through one-hot categories at a fixed temperature
 GUMBEL_HARD = {**FAMILIES["gumbel"], "tau": 0.67, "hard": True}
 # K = 4 members differing in seed, beta and learning rate
@@ -127,6 +129,52 @@ def test_a_stacks_steps_are_each_members_own_steps(
         assert {k: member.summary[k] for k in scores} == pytest.approx(scores, rel=1e-9)
 
 
+def test_a_stacks_batch_norm_steps_are_each_members_own(mnist_root, float64):
+    """With batch norm after each convolution, every member's tensors equal its run alone's to
+    1e-10 after four steps, but the biases of those convolutions and the running means that
+    carry them: the batch norm removes any constant, so those biases' gradient is zero up to
+    rounding (checked below), and Adam makes a step of lr * g / (|g| + eps) out of that
+    rounding, which differs between the stack and the run alone. (The same happens between two
+    runs alone with another thread count: in float32, 2 epochs on 2,000 images, a run's test
+    ELBO moved by up to 1.45 nats from 2 threads to 1, and its stacked twin stayed within that
+    spread; without batch norm all three agreed to 0.015 nats.)"""
+    configs = member_configs(FAMILIES["conv-bn"], 200, 100, 2, "mixed", binarize="dynamic")
+    splits = in_float64(load_splits(configs[0].data, mnist_root, CPU))
+    stacked = fit_stack(configs, splits, CPU)
+    alone_models = []
+    for config, member in zip(configs, stacked, strict=True):
+        alone = fit(config, splits, CPU)
+        alone_models.append(alone.model)
+        net = alone.model
+        followed = {  # convolutions a batch norm follows, and those batch norms
+            f"{part}.{index}": f"{part}.{index + 1}"
+            for part in ("encoder", "decoder")
+            for index, layer in enumerate(getattr(net, part)[:-1])
+            if isinstance(getattr(net, part)[index + 1], torch.nn.BatchNorm2d)
+        }
+        rounding_driven = {f"{conv}.bias" for conv in followed} | {
+            f"{norm}.running_mean" for norm in followed.values()
+        }
+        assert len(rounding_driven) == 6  # 2 encoder and 1 decoder batch norms
+        mine, theirs = member.model.state_dict(), alone.model.state_dict()
+        for name in theirs.keys() - rounding_driven:
+            if theirs[name].dtype.is_floating_point:
+                assert relative_difference(mine[name], theirs[name]) < 1e-10, (config.seed, name)
+            else:
+                assert torch.equal(mine[name], theirs[name]), name  # batches tracked
+        for mine_epoch, their_epoch in zip(member.history, alone.history, strict=True):
+            assert mine_epoch.train_loss == pytest.approx(their_epoch.train_loss, rel=1e-10)
+    net, config = alone_models[0], configs[0]
+    net.train()
+    x = splits.train.images[:100]
+    out = net(x)
+    (out.logits.sigmoid() - x).pow(2).sum().add(out.mu.pow(2).sum()).backward()
+    scale = max(p.grad.abs().max() for p in net.parameters())
+    for name, parameter in net.named_parameters():
+        if name in rounding_driven:
+            assert parameter.grad.abs().max() < 1e-12 * scale, name
+
+
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gumbel", "gmvae"}))  # alone
 def test_a_stacked_evaluation_is_each_members_own(family, mnist_root, float64):
     # three draws per image, in chunks of 40 images: the split's draws, repeated and chunked
@@ -169,7 +217,8 @@ def test_a_members_checkpoint_continues_alone_as_if_it_never_stopped(mnist_root,
             stacked[index].summary["test_elbo"], rel=1e-12)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# conv-bn: a run alone moves by more than 0.05 nats with the thread count (see above)
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"conv-bn"}))
 def test_after_two_epochs_each_member_scores_what_its_run_alone_scores(family, mnist_root):
     configs = member_configs(FAMILIES[family], 2000, 100, 2)
     splits = load_splits(configs[0].data, mnist_root, CPU)
@@ -299,12 +348,12 @@ def test_which_runs_stack():
     assert config_problem(conv_cvae) is None
     assert "CUDA only" in config_problem(conv_cvae, on_cpu=True)
     assert config_problem(RunConfig.model_validate({"model": FAMILIES["gumbel"]})) is None
+    assert config_problem(RunConfig.model_validate({"model": FAMILIES["conv-bn"]})) is None
     gmvae = RunConfig.model_validate({"model": FAMILIES["gmvae"]})
     assert config_problem(gmvae) is None
     assert "CUDA only" in config_problem(gmvae, on_cpu=True)
     alone = [
         {"model": {"arch": "gumbel"}, "loss": {"objective": "capacity"}},
-        {"model": {**FAMILIES["conv"], "batch_norm": True}},
         {**base, "optim": {"kwargs": {"weight_decay": 0.1}}},
         {**base, "loss": {"objective": "capacity"}},
     ]

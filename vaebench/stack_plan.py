@@ -49,8 +49,6 @@ def config_problem(config: RunConfig, on_cpu: bool = False) -> str | None:
         return CONV_ON_CPU
     if on_cpu and config.model.arch == "gmvae":
         return GMVAE_ON_CPU
-    if config.model.batch_norm:
-        return "batch norm (running statistics per member) is trained one by one"
     optim = config.optim
     if optim.name not in STACKED_OPTIMIZER_NAMES or set(optim.kwargs) - STACKED_KWARGS:
         return "only Adam and RMSprop with their default options are stacked"

@@ -25,9 +25,10 @@ from vaebench.models.cvae import NUM_CLASSES, ConditionalVAE
 from vaebench.models.gmvae import GaussianMixtureVAE, gaussian_kl_between
 from vaebench.models.gumbel import JointVAE, categorical_kl_uniform
 
-# member layers this module can stack; anything else (batch norm: running statistics per
-# member) keeps a run out of a stack
-STACKABLE_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.ReLU, nn.Flatten, nn.Unflatten)
+# member layers this module can stack; anything else keeps a run out of a stack
+STACKABLE_LAYERS = (
+    nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, nn.Unflatten
+)
 
 
 def _stacked(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
@@ -95,6 +96,33 @@ class StackedConv(nn.Module):
         return F.conv2d(x, weight, bias, self.stride, self.padding, 1, members)
 
 
+class StackedBatchNorm(nn.Module):
+    """K ``BatchNorm2d`` layers (after convolutions) as one on the grouped layout ``(B, K * C,
+    H, W)``: there channel ``k * C + c`` is member k's channel c over the same batch and
+    pixels, so one batch norm over the K * C channels normalises each member's channels by
+    its own batch statistics and updates its own running statistics (``(K, C)`` buffers,
+    flattened views of which are updated in place)."""
+
+    grouped = True
+
+    def __init__(self, members: Sequence[nn.BatchNorm2d]):
+        super().__init__()
+        first = members[0]
+        self.momentum, self.eps = first.momentum, first.eps
+        self.weight = _stacked([m.weight for m in members])  # (K, C)
+        self.bias = _stacked([m.bias for m in members])
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(name, torch.stack([getattr(m, name) for m in members]).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(
+            x, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
+            self.bias.view(-1), self.training, self.momentum, self.eps,
+        )
+
+
 class MemberShape(nn.Module):
     """A member's ``Flatten(1)`` or ``Unflatten(1, shape)``, one axis later (after K)."""
 
@@ -135,6 +163,8 @@ class StackedSequential(nn.Sequential):
                 layers.append(StackedLinear(parts))
             elif isinstance(first, nn.Conv2d | nn.ConvTranspose2d):
                 layers.append(StackedConv(parts))
+            elif isinstance(first, nn.BatchNorm2d):
+                layers.append(StackedBatchNorm(parts))
             elif isinstance(first, nn.Flatten | nn.Unflatten):
                 layers.append(MemberShape(first))
             elif isinstance(first, nn.ReLU):
@@ -342,5 +372,7 @@ class StackedGaussianVAE(nn.Module):
         return F.one_hot(y, NUM_CLASSES).to(dtype)
 
     def member_state(self, index: int) -> dict[str, torch.Tensor]:
-        """Member ``index``'s ``state_dict``, as its run alone would hold it (copies)."""
-        return {name: p[index].detach().clone() for name, p in self.named_parameters()}
+        """Member ``index``'s ``state_dict``, as its run alone would hold it (copies):
+        parameters and buffers (batch norm's running statistics)."""
+        tensors = [*self.named_parameters(), *self.named_buffers()]
+        return {name: t[index].detach().clone() for name, t in tensors}
