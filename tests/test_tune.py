@@ -435,3 +435,27 @@ def test_a_best_trial_whose_run_cannot_be_read_is_one_line_and_the_study_exits_0
     assert "vaebench: trial 0 not registered: store gone on purpose" in err
     client = MlflowClient(tracking_uri=f"sqlite:///{store / 'mlflow.db'}")
     assert client.search_model_versions("name='unread'") == []
+
+
+def test_a_trial_created_moments_ago_without_its_lease_yet_is_not_abandoned():
+    """Between Optuna creating a trial and its process setting the lease (its first user
+    attribute) another process must not fail it; an old trial without a lease is failed."""
+    import datetime
+    import io
+
+    from vaebench.trial import LEASELESS_GRACE_SECONDS, fail_abandoned_trials
+
+    study = optuna.create_study()
+    fresh = study.ask()  # RUNNING, no user attributes yet
+    old_start = datetime.datetime.now() - datetime.timedelta(seconds=LEASELESS_GRACE_SECONDS + 5)
+    study.add_trial(optuna.trial.FrozenTrial(
+        number=1, state=optuna.trial.TrialState.RUNNING, value=None, values=None,
+        datetime_start=old_start, datetime_complete=None, params={}, distributions={},
+        user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=1,
+    ))
+    stream = io.StringIO()
+    assert fail_abandoned_trials(study, tracker=None, stream=stream) == 1
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states == {fresh.number: optuna.trial.TrialState.RUNNING,
+                      1: optuna.trial.TrialState.FAIL}
+    assert "no lease" in stream.getvalue()

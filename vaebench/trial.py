@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import math
 import sys
 from typing import Any, TextIO
@@ -19,7 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from vaebench.catalogue import METRICS
-from vaebench.claims import abandoned, lease_tags
+from vaebench.claims import OWNER_TAG, abandoned, lease_tags
 from vaebench.config import RunConfig, VaebenchError, run_config_problems, set_dotted
 from vaebench.execute import Workspace, execute, record_invalid
 from vaebench.grid import RunSpec, run_key
@@ -185,7 +186,7 @@ def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO)
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         reason = abandoned(trial.user_attrs)
-        if reason is None:
+        if reason is None or _leaseless_for_now(trial):
             continue
         storage = study._storage  # noqa: SLF001 - Optuna has no public call for another's trial
         storage.set_trial_user_attr(trial._trial_id, STOPPED_ATTR, f"abandoned: {reason}")
@@ -196,6 +197,21 @@ def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO)
         print(f"trial {trial.number} was left RUNNING ({reason}): marked FAIL", file=stream)
         count += 1
     return count
+
+
+# how long a new trial may have no lease: Optuna creates it, then its process sets the lease as
+# its first user attribute, milliseconds later (a process starting meanwhile saw such a trial
+# as abandoned and failed it under its owner, in CI with two tune processes on PostgreSQL)
+LEASELESS_GRACE_SECONDS = 60.0
+
+
+def _leaseless_for_now(trial: optuna.trial.FrozenTrial) -> bool:
+    """A RUNNING trial without a lease that Optuna created moments ago: its owner is about to
+    give it one."""
+    if OWNER_TAG in trial.user_attrs or trial.datetime_start is None:
+        return False
+    age = datetime.datetime.now() - trial.datetime_start  # Optuna's naive local time
+    return age.total_seconds() < LEASELESS_GRACE_SECONDS
 
 
 def trials_done(study: optuna.Study) -> int:
