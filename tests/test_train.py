@@ -298,3 +298,15 @@ def test_the_metric_catalogue_imports_nothing_heavy():
 def test_loss_config_rejects_unknown_reconstruction():
     with pytest.raises(ValueError):
         LossConfig(recon="l1")
+
+
+def test_bench_layout_times_both_layouts_of_a_conv_run(mnist_root, capsys):
+    from vaebench.cli import main as cli
+
+    assert cli(["bench", "--layout", "--epochs", "1", "--subset", "256",
+                "--data-root", str(mnist_root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    timed = [line for line in lines if line.startswith(("training epoch,", "validation pass,"))]
+    assert len(timed) == 4 and all(float(line.split()[-2]) > 0 for line in timed)
+    ratios = [line for line in lines if "channels-last / contiguous" in line]
+    assert len(ratios) == 2

@@ -213,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--repeats", type=int, default=3, help="--process: runs of each command (default: 3)"
     )
+    bench.add_argument(
+        "--layout",
+        action="store_true",
+        help="time a conv run's training epoch and validation pass with contiguous against "
+        "channels-last weights (the CPU's choice)",
+    )
     return parser
 
 
@@ -335,6 +341,10 @@ def _bench(args: argparse.Namespace) -> int:
         from vaebench.bench_process import main as bench_process_main
 
         return bench_process_main(args.data_root, repeats=args.repeats)
+    if args.layout:
+        from vaebench.bench_layout import main as bench_layout_main
+
+        return bench_layout_main(args.data_root, args.epochs, args.subset)
     if args.stack:
         from vaebench.bench_stack import main as bench_stack_main
 
