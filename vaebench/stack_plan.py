@@ -45,10 +45,8 @@ def config_problem(config: RunConfig, on_cpu: bool = False) -> str | None:
         return f"model.arch {config.model.arch} is trained one by one"
     if config.train.backend != "torch":
         return f"train.backend {config.train.backend} is trained one by one"
-    if on_cpu and convolutional(config):
-        return CONV_ON_CPU
-    if on_cpu and config.model.arch == "gmvae":
-        return GMVAE_ON_CPU
+    if on_cpu and (slower := cpu_problem(config)):
+        return slower
     optim = config.optim
     if optim.name not in STACKED_OPTIMIZER_NAMES or set(optim.kwargs) - STACKED_KWARGS:
         return "only Adam and RMSprop with their default options are stacked"
@@ -96,12 +94,17 @@ def plan_stacks(
 
 
 def _problem(config: RunConfig, on_cpu: Callable[[RunConfig], bool]) -> str | None:
-    return config_problem(config, cuda_only(config) and on_cpu(config))
+    return config_problem(config, cpu_problem(config) is not None and on_cpu(config))
 
 
-def cuda_only(config: RunConfig) -> bool:
-    """Whether the run's family stacks on CUDA only (measured slower stacked on the CPU)."""
-    return convolutional(config) or config.model.arch == "gmvae"
+def cpu_problem(config: RunConfig) -> str | None:
+    """Why runs of ``config`` stack on CUDA only (measured slower stacked on the CPU), or
+    None if they stack on any device."""
+    if convolutional(config):
+        return CONV_ON_CPU
+    if config.model.arch == "gmvae":
+        return GMVAE_ON_CPU
+    return None
 
 
 def convolutional(config: RunConfig) -> bool:

@@ -71,10 +71,9 @@ def build_model(config: ModelConfig, image_shape: Shape) -> nn.Module:
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` on ``device``; on the CPU a model with convolutions keeps its weights
-    channels-last, the layout oneDNN's convolutions run fastest in. Measured for the ``conv``
-    VAE (channels 32, 64) on a 2-core CPU, alternating layouts, after a warm-up round: an
-    evaluation pass over 10,000 images took 0.62 to 0.67 s against 1.09 to 1.13 s; a training
-    epoch of 40 batches of 128 about the same (median 0.816 s against 0.834 s). The arithmetic
+    channels-last, the layout oneDNN's convolutions run fastest in: ``python -m vaebench bench
+    --layout`` measured the ``conv`` VAE's validation pass at 0.63 of its time with contiguous
+    weights and a training epoch at 0.99 (2-core CPU). The arithmetic
     is the same either way up to float rounding: the sums inside a convolution run in
     another order."""
     convolutional = any(isinstance(m, nn.Conv2d | nn.ConvTranspose2d) for m in model.modules())
