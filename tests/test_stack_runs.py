@@ -60,20 +60,26 @@ def test_dry_run_shows_which_runs_stack(tmp_path, mnist_root, capsys):
 
 
 @pytest.mark.parametrize(
-    "model", ["{arch: conv, channels: [8, 16]}", "{arch: gmvae, hidden: [32], categories: 3}"]
+    ("model", "stacks_on_cpu"),
+    [("{arch: conv, channels: [8, 16]}", True),
+     ("{arch: gmvae, hidden: [32], categories: 3}", False)],
 )
-def test_conv_and_gmvae_runs_stack_on_cuda_only(model, tmp_path, capsys):
-    grid = tmp_path / "cuda-only.yaml"
+def test_conv_runs_stack_everywhere_and_gmvae_runs_on_cuda_only(
+    model, stacks_on_cpu, tmp_path, capsys
+):
+    grid = tmp_path / "families.yaml"
     grid.write_text(
-        f"name: cuda-only\nbase:\n  model: {model}\n"
+        f"name: families\nbase:\n  model: {model}\n"
         "  train: {epochs: 1, device: cpu}\nmatrix:\n  loss.beta: [1, 4]\nseeds: [0]\n"
     )
     assert main(["run", str(grid), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("2 runs, 0 stacks")  # on the CPU each run trains alone
+    # on this CPU
+    assert lines[0].startswith("2 runs, 1 stack" if stacks_on_cpu else "2 runs, 0 stacks")
     configs = [run.config for run in expand(load_grid(grid))]
     assert plan_stacks(configs, 8, lambda config: False) == [[0, 1]]  # on CUDA, one stack
-    assert "CUDA only" in config_problem(configs[0], on_cpu=True)
+    problem = config_problem(configs[0], on_cpu=True)
+    assert problem is None if stacks_on_cpu else "CUDA only" in problem
 
 
 def test_a_stacked_grid_records_what_the_runs_alone_record(tmp_path, mnist_root):

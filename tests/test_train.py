@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import sys
 
 import pytest
@@ -310,3 +311,24 @@ def test_bench_layout_times_both_layouts_of_a_conv_run(mnist_root, capsys):
     assert len(timed) == 4 and all(float(line.split()[-2]) > 0 for line in timed)
     ratios = [line for line in lines if "channels-last / contiguous" in line]
     assert len(ratios) == 2
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_bench_stack_times_stacks_against_runs_alone(arch, mnist_root, capsys):
+    from vaebench.bench_stack import main as bench_stack
+
+    assert bench_stack(str(mnist_root), [2], epochs=1, subset=256, arch=arch,
+                       launch_sizes=(1, 4)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    timed = [line for line in lines if line.startswith("K = ") and "one after another" in line]
+    assert [line.split(":")[0] for line in timed] == ["K =   1", "K =   2"]
+    ways = ["stacked", *(["stacked grouped"] if arch == "conv" else []), "one after another"]
+    for line in timed:
+        figures = re.findall(r"([a-z ]+) (\d+\.\d+) s", line.split(": ", 1)[1].split("; ")[0])
+        assert [name.strip() for name, _ in figures] == ways
+        assert all(float(seconds) > 0 for _, seconds in figures)
+        assert float(line.rsplit("= ", 1)[1]) > 0
+    assert ("floor:" in "\n".join(lines)) == (arch == "mlp")
+    counts = [line for line in lines if line.startswith("K = ") and "per model-step" in line]
+    per_model_step = [float(line.split("per step, ")[1].split()[0]) for line in counts]
+    assert len(per_model_step) == 2 and per_model_step[1] < per_model_step[0]  # K = 4 < K = 1

@@ -44,6 +44,13 @@ REFERENCE = {
 }
 
 
+# experiments/quick.yaml's conv variant (BCE, Adam 1e-3, batch 128)
+CONV = {
+    "model": {"arch": "conv", "channels": [32, 64], "z_dim": 20},
+    "train": {"batch_size": 128, "device": "cpu"},
+}
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """What torchvision's ``ToTensor`` does with a greyscale PIL image."""
     array = torch.from_numpy(np.array(image, np.uint8, copy=True))

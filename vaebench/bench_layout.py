@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from vaebench.bench import time_interleaved
+from vaebench.bench import CONV, time_interleaved
 from vaebench.config import RunConfig
 from vaebench.data import Splits, load_splits, resolve_root
 from vaebench.evaluation import evaluate
@@ -19,11 +19,6 @@ from vaebench.losses import Objective
 from vaebench.models import build_model
 from vaebench.train import build_optimizer, train_epoch
 
-# experiments/quick.yaml's conv variant (BCE, Adam 1e-3, batch 128)
-CONV = {
-    "model": {"arch": "conv", "channels": [32, 64], "z_dim": 20},
-    "train": {"batch_size": 128, "device": "cpu"},
-}
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
 
 

@@ -9,23 +9,13 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from vaebench import bench_cli
 from vaebench.catalogue import DEFAULT_RANKING, RANKABLE
 from vaebench.config import ConfigError, VaebenchError
 
 # from the catalogue, which imports nothing heavy: --help does not import mlflow
 DEFAULT_METRIC = DEFAULT_RANKING
 METRIC_NAMES = RANKABLE
-
-
-def _sizes(text: str) -> list[int]:
-    """``--stack 1,4,8`` as [1, 4, 8]; a wrong value is a one-line error."""
-    try:
-        sizes = [int(part) for part in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise VaebenchError(f"--stack: comma-separated integers >= 1, not {text!r}")
-    return sizes
 
 
 def _positive(text: str) -> int:
@@ -80,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "off"),
         default="auto",
         help="auto (default): runs of one shape that differ only in seed, loss.beta, "
-        "loss.recon and optim.lr train together as one stacked model (mlp, cvae, gumbel; conv "
-        "and gmvae on CUDA; Adam or RMSprop, elbo); off: every run alone",
+        "loss.recon and optim.lr train together as one stacked model (mlp, conv, cvae, gumbel; "
+        "gmvae on CUDA; Adam or RMSprop, elbo); off: every run alone",
     )
     run.add_argument(
         "--max-stack",
@@ -195,30 +185,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="time vaebench's trainer against a conventional loop")
     _data_root(bench)
-    bench.add_argument("--epochs", type=int, default=5, help="timed epochs per loop (default: 5)")
-    bench.add_argument(
-        "--subset", type=int, default=None, help="first N training images (default: all)"
-    )
-    bench.add_argument(
-        "--stack",
-        help="comma-separated stack sizes K, e.g. 1,4,8,16: time K runs stacked against K runs "
-        "one after another, and count the operators a step dispatches (K = 1, 4, 16, 64)",
-    )
-    bench.add_argument(
-        "--process",
-        action="store_true",
-        help="time whole processes from a fresh folder: `vaebench run` of a 2-epoch grid "
-        "against pytorch/examples' script, and `run --dry-run`",
-    )
-    bench.add_argument(
-        "--repeats", type=int, default=3, help="--process: runs of each command (default: 3)"
-    )
-    bench.add_argument(
-        "--layout",
-        action="store_true",
-        help="time a conv run's training epoch and validation pass with contiguous against "
-        "channels-last weights (the CPU's choice)",
-    )
+    bench_cli.add_arguments(bench)
     return parser
 
 
@@ -336,28 +303,10 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    if args.process:
-        from vaebench.bench_process import main as bench_process_main
-
-        return bench_process_main(args.data_root, repeats=args.repeats)
-    if args.layout:
-        from vaebench.bench_layout import main as bench_layout_main
-
-        return bench_layout_main(args.data_root, args.epochs, args.subset)
-    if args.stack:
-        from vaebench.bench_stack import main as bench_stack_main
-
-        return bench_stack_main(args.data_root, _sizes(args.stack), args.epochs, args.subset)
-    from vaebench.bench import main as bench_main
-
-    return bench_main(args.data_root, args.epochs, args.subset)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {
-        "run": _run, "tune": _tune, "report": _report, "data": _data, "bench": _bench
+        "run": _run, "tune": _tune, "report": _report, "data": _data, "bench": bench_cli.run
     }[args.command]
     try:
         return handler(args)

@@ -14,13 +14,6 @@ from vaebench.config import RunConfig, flatten
 
 # the largest stack --stack auto forms unless --max-stack says otherwise
 DEFAULT_MAX_STACK = 8
-# measured with experiments/quick.yaml on a 2-core CPU: its conv stacks of 4 trained in 93 s
-# and 90 s where the same runs one after another took 79 s and 79 s (the mlp's: 11.0 s and
-# 12.7 s against 12.8 s and 15.0 s)
-CONV_ON_CPU = (
-    "conv runs stack on CUDA only: on the CPU their grouped convolutions were measured "
-    "slower than the runs one after another"
-)
 # measured with experiments/gmvae.yaml cut to 3 epochs on a 2-core CPU: 6.85 s per member-epoch
 # stacked against 6.02 to 6.77 s alone (71.5 s against 65.7 s for the grid)
 GMVAE_ON_CPU = (
@@ -100,15 +93,6 @@ def _problem(config: RunConfig, on_cpu: Callable[[RunConfig], bool]) -> str | No
 def cpu_problem(config: RunConfig) -> str | None:
     """Why runs of ``config`` stack on CUDA only (measured slower stacked on the CPU), or
     None if they stack on any device."""
-    if convolutional(config):
-        return CONV_ON_CPU
     if config.model.arch == "gmvae":
         return GMVAE_ON_CPU
     return None
-
-
-def convolutional(config: RunConfig) -> bool:
-    """Whether the run's nets are convolutions (``conv``, or a family on the conv backbone)."""
-    return config.model.arch == "conv" or (
-        config.model.arch != "mlp" and config.model.backbone == "conv"
-    )

@@ -32,7 +32,7 @@ import torch
 from vaebench.config import RunConfig
 from vaebench.data import Split, Splits
 from vaebench.evaluation import Evaluation, evaluate, read_scalars
-from vaebench.models import build_model
+from vaebench.models import build_model, place_model
 from vaebench.stack_plan import MEMBER_KEYS, stack_key
 from vaebench.stacked_evaluation import evaluate_stack
 from vaebench.stacked_model import (
@@ -84,7 +84,8 @@ def build_member(config: RunConfig, splits: Splits, device: torch.device) -> Mem
     else:
         draw_rng.manual_seed(config.seed)  # initialisation draws on the CPU, not here
     order_rng = torch.Generator(device="cpu").manual_seed(config.seed)
-    return Member(config, model.to(device), order_rng, draw_rng)
+    # placed as fit() places it: where a member is evaluated alone, it runs as fast as alone
+    return Member(config, place_model(model, device), order_rng, draw_rng)
 
 
 def stacked_epoch(
@@ -207,8 +208,9 @@ def fit_stack(
 
     Validation and test passes are stacked too (:func:`evaluate_stack`) where
     ``stacked_evaluation`` says, by default on CUDA: on the CPU, where a pass is not
-    launch-bound, each member alone was as fast for the mlp and faster for conv (grouped
-    convolutions are slow there), so each member is evaluated in its own model. A member's time
+    launch-bound, each member alone was as fast for the mlp and faster for conv (its own model
+    keeps its weights channels-last, :func:`vaebench.models.place_model`), so each member is
+    evaluated in its own model. A member's time
     is its share: the stack's training and evaluation seconds divided by K, plus the
     scoring it does alone (clustering, likelihood)."""
     keys = {stack_key(c) for c in configs}

@@ -1,11 +1,10 @@
 """K same-shape VAEs (``mlp``, ``conv``, ``cvae``, ``gumbel``, ``gmvae``) as one model whose
-every weight has a leading member axis: the K runs' matrix products become one batched product
-(``baddbmm``), their convolutions one grouped convolution (HFTA, MLSys 2021).
+every weight has a leading member axis (its layers: :mod:`vaebench.stacked_layers`), and each
+member's loss terms.
 
 A stacked parameter is ``(K, *the member's shape)`` and has the member's parameter name, so
 member k's ``state_dict`` is ``{name: p[k]}`` and loads into the model the run would have
-trained alone. Activations are member-major, ``(K, B, ...)``; a run of convolutions works on
-the grouped layout ``(B, K * C, H, W)`` and converts back where a linear layer follows.
+trained alone. Activations are member-major, ``(K, B, ...)``.
 
 This module imports neither mlflow nor optuna.
 """
@@ -24,167 +23,12 @@ from vaebench.models.base import GaussianVAE, gaussian_kl_terms
 from vaebench.models.cvae import NUM_CLASSES, ConditionalVAE
 from vaebench.models.gmvae import GaussianMixtureVAE, gaussian_kl_between
 from vaebench.models.gumbel import JointVAE, categorical_kl_uniform
-
-# member layers this module can stack; anything else keeps a run out of a stack
-STACKABLE_LAYERS = (
-    nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, nn.Unflatten
+from vaebench.stacked_layers import (
+    STACKABLE_LAYERS,
+    StackedLinear,
+    StackedSequential,
+    stacked_parameter,
 )
-
-
-def _stacked(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
-    return nn.Parameter(torch.stack([t.detach() for t in tensors]).contiguous())
-
-
-class BatchedLinear(torch.autograd.Function):
-    """``x @ weight^T + bias`` per member, whose backward gives the weight's gradient in the
-    weight's own layout ``(K, out, in)``: autograd's default forms it as ``(K, in, out)`` and
-    copies it across, a strided copy that cost about as much as the products on the CPU."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, weight, _ = inputs
-        ctx.save_for_backward(x, weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
-        return grad_x, torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
-
-
-class StackedLinear(nn.Module):
-    """K ``nn.Linear`` layers: ``(K, B, in) -> (K, B, out)`` in one ``baddbmm``."""
-
-    grouped = False
-
-    def __init__(self, members: Sequence[nn.Linear]):
-        super().__init__()
-        self.weight = _stacked([m.weight for m in members])  # (K, out, in)
-        self.bias = _stacked([m.bias for m in members])  # (K, out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return BatchedLinear.apply(x, self.weight, self.bias)
-
-
-class StackedConv(nn.Module):
-    """K ``Conv2d`` (or ``ConvTranspose2d``) layers as one grouped convolution on the grouped
-    layout ``(B, K * C, H, W)``."""
-
-    grouped = True
-
-    def __init__(self, members: Sequence[nn.Conv2d | nn.ConvTranspose2d]):
-        super().__init__()
-        first = members[0]
-        self.transposed = isinstance(first, nn.ConvTranspose2d)
-        self.stride, self.padding = first.stride, first.padding
-        self.output_padding = getattr(first, "output_padding", 0)
-        self.weight = _stacked([m.weight for m in members])  # (K, *member weight)
-        self.bias = _stacked([m.bias for m in members])  # (K, C_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        members = self.weight.shape[0]
-        weight = self.weight.flatten(0, 1)  # grouped: the members' weights one after another
-        bias = self.bias.flatten()
-        if self.transposed:
-            return F.conv_transpose2d(
-                x, weight, bias, self.stride, self.padding, self.output_padding, members
-            )
-        return F.conv2d(x, weight, bias, self.stride, self.padding, 1, members)
-
-
-class StackedBatchNorm(nn.Module):
-    """K ``BatchNorm2d`` layers (after convolutions) as one on the grouped layout ``(B, K * C,
-    H, W)``: there channel ``k * C + c`` is member k's channel c over the same batch and
-    pixels, so one batch norm over the K * C channels normalises each member's channels by
-    its own batch statistics and updates its own running statistics (``(K, C)`` buffers,
-    flattened views of which are updated in place)."""
-
-    grouped = True
-
-    def __init__(self, members: Sequence[nn.BatchNorm2d]):
-        super().__init__()
-        first = members[0]
-        self.momentum, self.eps = first.momentum, first.eps
-        self.weight = _stacked([m.weight for m in members])  # (K, C)
-        self.bias = _stacked([m.bias for m in members])
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            self.register_buffer(name, torch.stack([getattr(m, name) for m in members]).clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        return F.batch_norm(
-            x, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
-            self.bias.view(-1), self.training, self.momentum, self.eps,
-        )
-
-
-class MemberShape(nn.Module):
-    """A member's ``Flatten(1)`` or ``Unflatten(1, shape)``, one axis later (after K)."""
-
-    grouped = False
-
-    def __init__(self, member: nn.Flatten | nn.Unflatten):
-        super().__init__()
-        unflatten = isinstance(member, nn.Unflatten)
-        self.unflatten = tuple(member.unflattened_size) if unflatten else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.unflatten is None:
-            return x.flatten(2)
-        return x.unflatten(2, self.unflatten)
-
-
-def to_grouped(x: torch.Tensor) -> torch.Tensor:
-    """``(K, B, C, H, W) -> (B, K * C, H, W)``."""
-    members, batch, channels = x.shape[:3]
-    return x.transpose(0, 1).reshape(batch, members * channels, *x.shape[3:])
-
-
-def from_grouped(x: torch.Tensor, members: int) -> torch.Tensor:
-    """``(B, K * C, H, W) -> (K, B, C, H, W)``."""
-    batch, channels = x.shape[:2]
-    return x.view(batch, members, channels // members, *x.shape[2:]).transpose(0, 1)
-
-
-class StackedSequential(nn.Sequential):
-    """The members' ``nn.Sequential`` nets layer by layer (same indices, so the same parameter
-    names); converts between the member-major and grouped layouts where the layers ask."""
-
-    def __init__(self, members: Sequence[nn.Sequential]):
-        layers: list[nn.Module] = []
-        for parts in zip(*members, strict=True):
-            first = parts[0]
-            if isinstance(first, nn.Linear):
-                layers.append(StackedLinear(parts))
-            elif isinstance(first, nn.Conv2d | nn.ConvTranspose2d):
-                layers.append(StackedConv(parts))
-            elif isinstance(first, nn.BatchNorm2d):
-                layers.append(StackedBatchNorm(parts))
-            elif isinstance(first, nn.Flatten | nn.Unflatten):
-                layers.append(MemberShape(first))
-            elif isinstance(first, nn.ReLU):
-                layers.append(nn.ReLU())
-            else:
-                raise ValueError(f"cannot stack {type(first).__name__} layers")
-        super().__init__(*layers)
-        self.members = len(members)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        grouped = False
-        for layer in self:
-            wants = getattr(layer, "grouped", grouped)  # ReLU works in either layout
-            if wants and not grouped:
-                x = to_grouped(x)
-            elif grouped and not wants:
-                x = from_grouped(x, self.members)
-            grouped = wants
-            x = layer(x)
-        return from_grouped(x, self.members) if grouped else x
 
 
 def member_reconstruction(
@@ -292,9 +136,9 @@ class StackedGaussianVAE(nn.Module):
         if self.joint:
             self.hard = members[0].hard
         if self.mixture:  # each component's offset of q(z|x, c) and its prior p(z|c)
-            self.component_offset = _stacked([m.component_offset for m in members])
-            self.prior_mu = _stacked([m.prior_mu for m in members])
-            self.prior_logvar = _stacked([m.prior_logvar for m in members])
+            self.component_offset = stacked_parameter([m.component_offset for m in members])
+            self.prior_mu = stacked_parameter([m.prior_mu for m in members])
+            self.prior_logvar = stacked_parameter([m.prior_logvar for m in members])
         names = [name for name, _ in members[0].named_parameters()]
         if [name for name, _ in self.named_parameters()] != names:  # optimizer states align
             raise ValueError("the stack's parameters are not the members' in their order")
