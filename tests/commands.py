@@ -84,11 +84,12 @@ def grid_args(
     ]
 
 
-def study_args(folder: Path, uri: str, mnist_root: Path) -> list[str]:
+def study_args(folder: Path, uri: str, mnist_root: Path, stack: str = "off") -> list[str]:
+    """The study's command line; its trials train one by one unless ``stack`` is ``auto``."""
     return [
         "tune", str(folder / "study.yaml"), "--tracking-uri", uri, "--data-root",
         str(mnist_root), "--results-dir", str(folder / "results"),
-        "--storage", str(folder / "optuna.db"),
+        "--storage", str(folder / "optuna.db"), "--stack", stack,
     ]
 
 

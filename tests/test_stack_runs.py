@@ -76,6 +76,8 @@ def test_conv_runs_stack_everywhere_and_gmvae_runs_on_cuda_only(
     lines = capsys.readouterr().out.splitlines()
     # on this CPU
     assert lines[0].startswith("2 runs, 1 stack" if stacks_on_cpu else "2 runs, 0 stacks")
+    assert main(["run", str(grid), "--dry-run", "--stack", "on"]) == 0  # on any device
+    assert capsys.readouterr().out.startswith("2 runs, 1 stack")
     configs = [run.config for run in expand(load_grid(grid))]
     assert plan_stacks(configs, 8, lambda config: False) == [[0, 1]]  # on CUDA, one stack
     problem = config_problem(configs[0], on_cpu=True)

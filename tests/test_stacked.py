@@ -14,7 +14,7 @@ from vaebench.data import Split, Splits, load_splits
 from vaebench.evaluation import evaluate
 from vaebench.losses import expected_reconstruction
 from vaebench.stack_plan import STACKED_OPTIMIZER_NAMES, config_problem, stack_key
-from vaebench.stacked import build_member, fit_stack
+from vaebench.stacked import MemberStopped, build_member, fit_stack
 from vaebench.stacked_evaluation import evaluate_stack
 from vaebench.stacked_layers import StackedSequential
 from vaebench.stacked_model import (
@@ -144,6 +144,20 @@ def test_a_stacks_steps_are_each_members_own_steps(
         assert {k: member.summary[k] for k in scores} == pytest.approx(scores, rel=1e-9)
 
 
+def rounding_driven_tensors(net: torch.nn.Module) -> set[str]:
+    """The biases of the convolutions a batch norm follows, and the running means that carry
+    them: their gradient is zero up to rounding (see below)."""
+    followed = {  # convolutions a batch norm follows, and those batch norms
+        f"{part}.{index}": f"{part}.{index + 1}"
+        for part in ("encoder", "decoder")
+        for index, layer in enumerate(getattr(net, part)[:-1])
+        if isinstance(getattr(net, part)[index + 1], torch.nn.BatchNorm2d)
+    }
+    return {f"{conv}.bias" for conv in followed} | {
+        f"{norm}.running_mean" for norm in followed.values()
+    }
+
+
 def test_a_stacks_batch_norm_steps_are_each_members_own(conv_layout, mnist_root, float64):
     """With batch norm after each convolution, every member's tensors equal its run alone's to
     1e-10 after four steps, but the biases of those convolutions and the running means that
@@ -160,16 +174,7 @@ def test_a_stacks_batch_norm_steps_are_each_members_own(conv_layout, mnist_root,
     for config, member in zip(configs, stacked, strict=True):
         alone = fit(config, splits, CPU)
         alone_models.append(alone.model)
-        net = alone.model
-        followed = {  # convolutions a batch norm follows, and those batch norms
-            f"{part}.{index}": f"{part}.{index + 1}"
-            for part in ("encoder", "decoder")
-            for index, layer in enumerate(getattr(net, part)[:-1])
-            if isinstance(getattr(net, part)[index + 1], torch.nn.BatchNorm2d)
-        }
-        rounding_driven = {f"{conv}.bias" for conv in followed} | {
-            f"{norm}.running_mean" for norm in followed.values()
-        }
+        rounding_driven = rounding_driven_tensors(alone.model)
         assert len(rounding_driven) == 6  # 2 encoder and 1 decoder batch norms
         mine, theirs = member.model.state_dict(), alone.model.state_dict()
         for name in theirs.keys() - rounding_driven:
@@ -267,6 +272,39 @@ def test_a_diverging_member_fails_and_the_others_finish(mnist_root):
         assert math.isfinite(result.summary["test_elbo"])
         alone = fit(configs[index], splits, CPU)  # the failed member changed nothing of theirs
         assert result.summary["test_elbo"] == pytest.approx(alone.summary["test_elbo"], abs=0.05)
+
+
+@pytest.mark.parametrize("family", ["mlp", "conv-bn"])
+def test_a_stopped_member_leaves_the_stack_and_the_others_train_on_exactly(
+    family, mnist_root, float64
+):
+    """Member 1 stopped after epoch 1 (as a pruned trial is): the stack goes on without it
+    (smaller, its learning-rate runs regrouped: members 0 and 2 and 3 differ in lr), and the
+    others' epochs, parameters, running statistics and scores equal their runs alone."""
+    configs = member_configs(FAMILIES[family], 200, 100, 3, "mixed", binarize="dynamic")
+    splits = in_float64(load_splits(configs[0].data, mnist_root, CPU))
+    seen: list[tuple[int, int]] = []
+    reason = RuntimeError("pruned after epoch 1")
+
+    def on_epoch(index: int, metrics) -> None:
+        seen.append((index, metrics.epoch))
+        if index == 1:
+            raise MemberStopped(reason)
+
+    stacked = fit_stack(configs, splits, CPU, on_epoch)
+    assert stacked[1] is reason
+    assert seen == [(0, 1), (1, 1), (2, 1), (3, 1), (0, 2), (2, 2), (3, 2), (0, 3), (2, 3), (3, 3)]
+    for index in (0, 2, 3):
+        member, alone = stacked[index], fit(configs[index], splits, CPU)
+        assert isinstance(member, TrainResult)
+        losses = [m.train_loss for m in alone.history]
+        assert [m.train_loss for m in member.history] == pytest.approx(losses, rel=1e-10)
+        mine, theirs = member.model.state_dict(), alone.model.state_dict()
+        for name in theirs.keys() - rounding_driven_tensors(alone.model):  # (batch norm)
+            if theirs[name].dtype.is_floating_point:
+                assert relative_difference(mine[name], theirs[name]) < 1e-10, (index, name)
+            else:
+                assert torch.equal(mine[name], theirs[name]), name  # batches tracked
 
 
 @pytest.mark.parametrize("name", sorted(STACKED_OPTIMIZERS))

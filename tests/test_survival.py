@@ -244,6 +244,39 @@ def test_sigkill_of_a_study_fails_its_trial_on_the_rerun(tmp_path, mnist_root):
     assert statuses["trial-0000"] == "KILLED" and "RUNNING" not in statuses.values()
 
 
+def test_a_signal_stops_a_stack_of_trials_and_a_sigkill_leaves_them_to_the_rerun(
+    tmp_path, mnist_root
+):
+    """Both trials of a stack: SIGTERM fails both (stopped, runs KILLED); SIGKILL leaves both
+    RUNNING, and the rerun fails them as abandoned; each time the rerun completes 2 trials."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    stacked = study_args(tmp_path, uri, mnist_root, stack="auto")
+    stack_epoch = r"^\[\d/\d\] stack of 2 \(trial-\d+, trial-\d+\) epoch 1/3 "
+    command, _ = stop_when(tmp_path / "study.yaml", STUDY, stacked, stack_epoch, signal.SIGTERM)
+    assert command.finish(timeout=60) == 128 + signal.SIGTERM
+    assert "Traceback" not in command.stderr
+    trials = optuna.load_study(study_name="survive-study", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert all("interrupted by SIGTERM" in t.user_attrs["stopped"] for t in trials)
+    assert {r.info.status for r in all_runs(uri, "survive-study")} == {"KILLED"}
+
+    killed = Command(stacked, tmp_path)  # 2 trials still to do: one stack of 2 again
+    killed.wait_for(stack_epoch)
+    killed.process.send_signal(signal.SIGKILL)
+    killed.finish()
+    rerun = Command(stacked, tmp_path)
+    assert rerun.finish() == 0, rerun.stderr
+    assert "trial 2 was left RUNNING" in rerun.stderr
+    assert "trial 3 was left RUNNING" in rerun.stderr
+    trials = optuna.load_study(study_name="survive-study", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL"] * 4 + ["COMPLETE"] * 2
+    assert all(t.user_attrs["stopped"].startswith("abandoned") for t in trials[2:4])
+    statuses = {r.info.run_name: r.info.status for r in all_runs(uri, "survive-study")}
+    assert "RUNNING" not in statuses.values()
+    assert [statuses[f"trial-{n:04d}"] for n in range(6)] == ["KILLED"] * 4 + ["FINISHED"] * 2
+
+
 def test_tracking_server_dying_mid_grid_stops_it_and_the_rerun_completes_it(
     tmp_path, mnist_root
 ):

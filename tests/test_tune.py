@@ -11,21 +11,15 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from torch import nn
+from tuning import TINY_BASE, assert_trials_match_runs, load, mlflow_runs, tune, write
 
 import vaebench.config
-from vaebench.cli import main
 from vaebench.config import ConfigError, ModelConfig
 from vaebench.models import MODELS, build_model
+from vaebench.stack_plan import DEFAULT_MAX_STACK
 from vaebench.study import load_study
-from vaebench.study_storage import JOURNAL, MEMORY, open_storage, resolve_storage
-from vaebench.tune import STATUS
-
-TINY_BASE = """\
-base:
-  data: {subset: 256, validation: 1000}
-  model: {arch: mlp, hidden: [16], z_dim: 2}
-  train: {epochs: 2, batch_size: 64, eval_batch_size: 5000, device: cpu}
-"""
+from vaebench.study_storage import JOURNAL, MEMORY, resolve_storage
+from vaebench.trial_stack import PRUNED_ON_CPU, stack_problem
 
 # lr 1e-6 barely trains, so after the first complete trial the median pruner stops it
 PRUNING_STUDY = f"""\
@@ -47,48 +41,6 @@ def store(tmp_path_factory) -> Path:
     """One temporary folder for this module's MLflow store (mlflow.db), Optuna storage
     (optuna.db beside it) and results; each test tunes a study of its own name."""
     return tmp_path_factory.mktemp("tune")
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def tune(study: Path, folder: Path, mnist_root: Path, *extra: str) -> int:
-    return main([
-        "tune", str(study), "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}",
-        "--data-root", str(mnist_root), "--results-dir", str(folder / "results"), *extra,
-    ])
-
-
-def load(folder: Path, name: str, storage: str | None = None) -> optuna.Study:
-    ref = storage or f"sqlite:///{folder / 'optuna.db'}"
-    return optuna.load_study(study_name=name, storage=open_storage(ref))
-
-
-def mlflow_runs(folder: Path, experiment: str) -> tuple[list, list]:
-    """(parent runs, child runs) of an experiment in the folder's MLflow store."""
-    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
-
-
-def assert_trials_match_runs(study: optuna.Study, children: list) -> None:
-    """One MLflow child run per trial, the same number, state and run id on both sides."""
-    by_id = {run.info.run_id: run for run in children}
-    trials = study.get_trials()
-    assert len(children) == len(trials)
-    assert sorted(t.number for t in trials) == list(range(len(trials)))
-    for trial in trials:
-        run = by_id[trial.user_attrs["mlflow_run_id"]]
-        assert run.data.tags["optuna.trial_number"] == str(trial.number)
-        assert run.data.tags["optuna.state"] == trial.state.name
-        assert run.info.status == STATUS[trial.state.name]
-        assert run.info.run_name == f"trial-{trial.number:04d}"
-        assert run.data.tags["mlflow.parentRunId"] == trial.user_attrs["mlflow_parent_run_id"]
 
 
 # ---------------------------------------------------------------------------
@@ -215,6 +167,9 @@ def test_shipped_studies_validate():
     assert single.space["optim.lr"].log and single.base["data"]["subset"] <= 20000
     assert pareto.metrics == ["val_elbo", "val_nmi"] and pareto.pruner == "none"
     assert pareto.base["model"]["arch"] == "gumbel"
+    stacked = load_study(EXPERIMENTS / "lr-beta.yaml")  # README: trials that stack
+    assert stack_problem(stacked, DEFAULT_MAX_STACK, everywhere=True) is None
+    assert stack_problem(stacked, DEFAULT_MAX_STACK) == PRUNED_ON_CPU
 
 
 def test_storage_resolution():
@@ -238,13 +193,13 @@ def snapshot(study: optuna.Study) -> list[tuple]:
 
 @pytest.fixture(scope="module")
 def pruned_then_resumed(store, mnist_root):
-    """4 trials, a snapshot of them, then 2 more trials of the same study."""
+    """4 trials, a snapshot of them, then 2 more trials of the same study, each trial alone."""
     folder = store
     path = write(folder / "prune.yaml", PRUNING_STUDY)
-    first = tune(path, folder, mnist_root)
+    first = tune(path, folder, mnist_root, "--stack", "off")  # tests/test_trial_stack.py
     before = snapshot(load(folder, "prune"))
     _, children_before = mlflow_runs(folder, "prune")
-    second = tune(path, folder, mnist_root, "--n-trials", "2")
+    second = tune(path, folder, mnist_root, "--n-trials", "2", "--stack", "off")
     return folder, (first, second), before, len(children_before)
 
 

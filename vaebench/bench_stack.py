@@ -47,8 +47,7 @@ def stacked_loop(
     members = [build_member(config, splits, device) for config in configs]
     stack = use_layout(StackedGaussianVAE([m.model for m in members]), per_member)
     optimizer = stacked_optimizer(configs, stack)
-    live = torch.ones(len(members), dtype=torch.bool)
-    return lambda: stacked_epoch(stack, optimizer, members, splits, live).tolist()
+    return lambda: stacked_epoch(stack, optimizer, members, splits).tolist()
 
 
 def sequential_loop(configs: Sequence[RunConfig], splits: Splits) -> Callable[[], object]:

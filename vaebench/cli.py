@@ -40,6 +40,31 @@ def _data_root(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
 
 
+def _stack_options(parser: argparse.ArgumentParser, which: str, cuda_only: str) -> None:
+    parser.add_argument(
+        "--stack",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=f"auto (default): {which} seed, loss.beta, loss.recon and optim.lr train "
+        f"together as one stacked model (mlp, conv, cvae, gumbel; {cuda_only} on CUDA only; "
+        "Adam or RMSprop, elbo); on: also where auto trains them alone on the CPU; off: "
+        "each alone",
+    )
+    parser.add_argument(
+        "--max-stack",
+        type=_positive,
+        default=None,
+        help="the most runs one stack trains (default: 8)",
+    )
+
+
+def _max_stack(args: argparse.Namespace) -> int:
+    """The most runs one stack trains: 1 with --stack off."""
+    from vaebench.stack_plan import DEFAULT_MAX_STACK
+
+    return 1 if args.stack == "off" else args.max_stack or DEFAULT_MAX_STACK
+
+
 def _results_dir(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--results-dir", default="results", help=f"where {what} go (default: results)"
@@ -65,20 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         help="train every run again as a new sample (default: runs that finished in an "
         "earlier invocation are skipped, stopped ones continue from their checkpoint)",
     )
-    run.add_argument(
-        "--stack",
-        choices=("auto", "off"),
-        default="auto",
-        help="auto (default): runs of one shape that differ only in seed, loss.beta, "
-        "loss.recon and optim.lr train together as one stacked model (mlp, conv, cvae, gumbel; "
-        "gmvae on CUDA; Adam or RMSprop, elbo); off: every run alone",
-    )
-    run.add_argument(
-        "--max-stack",
-        type=_positive,
-        default=None,
-        help="the most runs one stack trains (default: 8)",
-    )
+    _stack_options(run, "runs of one shape that differ only in", "gmvae")
     run.add_argument(
         "--workers",
         default="1",
@@ -148,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
         help="Optuna storage: SQLAlchemy URL, journal file (*.log) or memory (default: the "
         "file's storage, else optuna.db beside the MLflow SQLite file)",
     )
+    _stack_options(
+        tune, "trials of a study whose space varies only", "gmvae and studies with a pruner"
+    )
     _tracking_uri(tune)
     _data_root(tune)
     _results_dir(tune, "<study>/trials.csv and figures")
@@ -213,7 +228,6 @@ def _system_metrics(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vaebench.stack_plan import DEFAULT_MAX_STACK
     from vaebench.workers import Execution, parse_workers
 
     _system_metrics(args)
@@ -223,11 +237,11 @@ def _run(args: argparse.Namespace) -> int:
         args.executor, parse_workers(args.workers), args.per_gpu, args.address,
         args.task_cpus, args.task_gpus,
     )
-    max_stack = 1 if args.stack == "off" else args.max_stack or DEFAULT_MAX_STACK
+    max_stack = _max_stack(args)
     if args.dry_run:  # answered without importing torch or MLflow
         from vaebench.dry_run import dry_run
 
-        dry_run(args.grid, max_stack)
+        dry_run(args.grid, max_stack, stack_everywhere=args.stack == "on")
         return 0
     from vaebench.runner import run_grid
 
@@ -242,6 +256,7 @@ def _run(args: argparse.Namespace) -> int:
         max_stack=max_stack,
         execution=execution,
         register=not args.no_register,
+        stack_everywhere=args.stack == "on",
     )
     for line in outcome.worker_errors:
         print(f"vaebench: {line}", file=sys.stderr)
@@ -267,6 +282,8 @@ def _tune(args: argparse.Namespace) -> int:
         data_root=args.data_root,
         results_dir=args.results_dir,
         register=not args.no_register,
+        max_stack=_max_stack(args),
+        stack_everywhere=args.stack == "on",
     )
     if outcome.failed:
         print(

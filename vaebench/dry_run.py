@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vaebench.config import RunConfig
@@ -17,11 +17,20 @@ from vaebench.grid import RunSpec, expand, load_grid
 from vaebench.stack_plan import plan_stacks
 
 
-def dry_run(grid_path: str | Path, max_stack: int, stream=None) -> None:
+def dry_run(
+    grid_path: str | Path, max_stack: int, stream=None, stack_everywhere: bool = False
+) -> None:
     """Check and expand the grid file; print its runs and their stacks; create nothing."""
     runs = expand(load_grid(Path(grid_path)))
     configs = [run.config for run in runs]
-    print_dry_run(runs, plan_stacks(configs, max_stack, trains_on_cpu), stream)
+    print_dry_run(runs, plan_stacks(configs, max_stack, cpu_rule(stack_everywhere)), stream)
+
+
+def cpu_rule(stack_everywhere: bool) -> Callable[[RunConfig], bool]:
+    """What :func:`vaebench.stack_plan.plan_stacks` asks of a run that stacks on CUDA only:
+    whether it trains on the CPU; with ``stack_everywhere`` (``--stack on``) never, so that
+    it stacks on any device."""
+    return (lambda config: False) if stack_everywhere else trains_on_cpu
 
 
 def trains_on_cpu(config: RunConfig) -> bool:

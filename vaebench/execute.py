@@ -22,7 +22,7 @@ from __future__ import annotations
 import tempfile
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,20 @@ from vaebench.tracking import Tracker, TrackingError
 from vaebench.train import EpochMetrics, TrainResult, fit, resolve_device
 
 EpochHook = Callable[[EpochMetrics], None]
+ExtraMetrics = Callable[[dict[str, float]], dict[str, float]]
+
+
+@dataclass
+class RunHooks:
+    """What a caller adds to a run's life (``tune``: its trial): ``tags`` of its own,
+    ``on_start(run_id)`` once the run is tracked, ``epoch_hook`` after each epoch is logged
+    (it may raise one of ``stopped_early`` to stop the run on purpose, as a pruner does),
+    ``extra_metrics`` of the run's final values, logged with its summary."""
+
+    tags: Mapping[str, str] = field(default_factory=dict)
+    on_start: Callable[[str], None] | None = None
+    epoch_hook: EpochHook | None = None
+    extra_metrics: ExtraMetrics | None = None
 
 
 class Workspace:
@@ -134,7 +148,7 @@ def execute(
     claimed_id: str | None = None,
     on_start: Callable[[str], None] | None = None,
     epoch_hook: EpochHook | None = None,
-    extra_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    extra_metrics: ExtraMetrics | None = None,
     stopped_early: tuple[type[BaseException], ...] = (),
     pictures: bool = True,
 ) -> RunOutcome:
@@ -227,7 +241,7 @@ def record_results(
     result: TrainResult,
     tracker: Tracker,
     workspace: Workspace,
-    extra_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    extra_metrics: ExtraMetrics | None = None,
     pictures: bool = True,
 ) -> RunOutcome:
     """After training: the summary metrics and the artifacts of the run (not its ending)."""

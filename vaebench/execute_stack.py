@@ -18,12 +18,20 @@ from typing import Any
 
 from vaebench.claims import lease_tags
 from vaebench.config import first_line
-from vaebench.execute import EpochHook, RunOutcome, Workspace, end_quietly, forget, record_results
+from vaebench.execute import (
+    EpochHook,
+    RunHooks,
+    RunOutcome,
+    Workspace,
+    end_quietly,
+    forget,
+    record_results,
+)
 from vaebench.grid import RunSpec
 from vaebench.progress import RunProgress
 from vaebench.provenance import code_version, run_tags
 from vaebench.signals import deferred_signals
-from vaebench.stacked import fit_stack
+from vaebench.stacked import MemberStopped, fit_stack
 from vaebench.tracking import Tracker, TrackingError
 from vaebench.train import EpochMetrics, resolve_device
 
@@ -53,11 +61,18 @@ def execute_stack(
     total: int,
     epoch_hook: EpochHook | None = None,
     claimed_ids: Sequence[str] | None = None,
-) -> list[RunOutcome | Exception]:
+    member_hooks: Sequence[RunHooks] | None = None,
+    stopped_early: tuple[type[BaseException], ...] = (),
+    pictures: bool = True,
+) -> list[RunOutcome | BaseException]:
     """Train and track ``runs`` (one stack key) as one stack; for each run, in order, its
-    outcome or the error that failed it. Raises what stops the stack as a whole (a signal,
-    the store failing). ``claimed_ids``: the RUNNING runs claims created for ``runs``
-    (:func:`vaebench.exactly_once.claim_run`), trained in instead of starting new ones."""
+    outcome, the error that failed it, or the ``stopped_early`` exception its hook raised to
+    stop it (its run KILLED, as :func:`vaebench.execute.execute` ends it; the others go on).
+    Raises what stops the stack as a whole (a signal, the store failing). ``epoch_hook``
+    sees the stack's epochs once, ``member_hooks[i]`` run i's life; ``claimed_ids``: the
+    RUNNING runs claims created for ``runs`` (:func:`vaebench.exactly_once.claim_run`),
+    trained in instead of starting new ones."""
+    hooks = list(member_hooks or [RunHooks() for _ in runs])
     epochs = runs[0].config.train.epochs
     device = resolve_device(runs[0].config.train.device)
     label = f"stack of {len(runs)} ({', '.join(run.name for run in runs)})"
@@ -74,9 +89,14 @@ def execute_stack(
         with deferred_signals():  # a signal waits until the runs' ids are known and recorded
             for run_id in run_ids:  # claimed
                 tracker.set_tags(run_id, stack_tags(runs))
-            for run in runs if claimed_ids is None else ():
-                run_tag_set = {**tags, **run_tags(run), **lease_tags(), **stack_tags(runs)}
+            for run, run_hooks in zip(runs, hooks, strict=True) if claimed_ids is None else ():
+                run_tag_set = {
+                    **tags, **run_hooks.tags, **run_tags(run), **lease_tags(), **stack_tags(runs)
+                }
                 run_ids.append(tracker.start_run(run.name, run.params, run_tag_set))
+            for run_hooks, run_id in zip(hooks, run_ids, strict=True):
+                if run_hooks.on_start is not None:
+                    run_hooks.on_start(run_id)
         for run, run_id in zip(runs, run_ids, strict=True):
             tracker.log_inputs(run_id, workspace.split_records_for(run))
 
@@ -97,6 +117,17 @@ def execute_stack(
                 progress.epoch(metrics.epoch, values)
                 if epoch_hook is not None:
                     epoch_hook(metrics)
+            member_hook = hooks[index].epoch_hook
+            if member_hook is None:
+                return
+            try:
+                member_hook(metrics)
+            except stopped_early as exc:  # this member only, on purpose: KILLED
+                with deferred_signals():
+                    forget(workspace, run_ids[index])
+                    end_quietly(tracker, run_ids[index], "KILLED", first_line(exc))
+                    ended[index] = exc
+                raise MemberStopped(exc) from exc
 
         def fail(index: int, error: Exception) -> None:
             """A member's run ends FAILED when its error is known; the others go on."""
@@ -114,10 +145,13 @@ def execute_stack(
             results = fit_stack(configs, splits, device, on_epoch, keep, on_failed=fail)
         for index, result in enumerate(results):
             run_id = run_ids[index]
-            if index in ended:  # diverged: ended already
+            if index in ended:  # diverged or stopped: ended already
                 continue
             try:
-                outcome = record_results(runs[index], run_id, result, tracker, workspace)
+                outcome = record_results(
+                    runs[index], run_id, result, tracker, workspace, hooks[index].extra_metrics,
+                    pictures,
+                )
             except TrackingError:
                 raise
             except Exception as exc:  # this member's scores or pictures: the others go on
@@ -127,7 +161,9 @@ def execute_stack(
                 tracker.end_run(run_id, "FINISHED")
                 forget(workspace, run_id)
                 ended[index] = outcome
-        status = f"{sum(isinstance(e, RunOutcome) for e in ended.values())} of {len(runs)} FINISHED"
+        finished = sum(isinstance(e, RunOutcome) for e in ended.values())
+        stopped = sum(isinstance(e, stopped_early) for e in ended.values())
+        status = f"{finished} of {len(runs)} FINISHED" + (f", {stopped} stopped" if stopped else "")
         return [ended[index] for index in range(len(runs))]
     except TrackingError:
         status = "STOPPED (tracking store failed)"

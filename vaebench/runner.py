@@ -24,6 +24,7 @@ from vaebench.checkpoint import CheckpointStore, default_folder
 from vaebench.claims import Planned, lease_tags, plan, recover_abandoned
 from vaebench.config import VaebenchError
 from vaebench.data import resolve_root
+from vaebench.dry_run import cpu_rule
 from vaebench.exactly_once import settle_seconds
 from vaebench.execute import Workspace, end_quietly
 from vaebench.grid import RunSpec, expand, load_grid
@@ -85,11 +86,14 @@ def run_grid(
     max_stack: int = 1,
     execution: Execution | None = None,
     register: bool = True,
+    stack_everywhere: bool = False,
 ) -> GridOutcome:
     """Check, expand and train a grid file; record it and return what happened.
 
     Runs that can share a stack (:mod:`vaebench.stacked`) train together, at most
-    ``max_stack`` at a time (1, the default: every run alone). ``execution`` says who
+    ``max_stack`` at a time (1, the default: every run alone), with ``stack_everywhere``
+    also those that stack on CUDA only (:func:`vaebench.stack_plan.cpu_problem`) on the
+    CPU. ``execution`` says who
     trains them: this process, local worker processes (:mod:`vaebench.grid_workers`) or
     Ray tasks (:mod:`vaebench.ray_executor`), each run claimed by one of them
     (:mod:`vaebench.exactly_once`). With ``report`` (and an
@@ -130,7 +134,7 @@ def run_grid(
     tags = base_tags(**{GRID_TAG: grid.name, "vaebench.grid_file": str(grid_path)})
     started = time.strftime("%Y%m%d-%H%M%S")
     alone = [None if step.action == "continue" else step.run.config for _, step in todo]
-    stacks = plan_stacks(alone, max_stack, trains_on_cpu)
+    stacks = plan_stacks(alone, max_stack, cpu_rule(stack_everywhere))
     groups = [[todo[i][0] - 1 for i in group] for group in stacks]
     parent, ended = None, False
     with interruptible():
@@ -304,10 +308,6 @@ def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:
     path = folder / f"{name}.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
-
-
-def trains_on_cpu(config) -> bool:
-    return resolve_device(config.train.device).type == "cpu"
 
 
 def print_summary(outcome: GridOutcome, stream=None) -> None:

@@ -6,7 +6,9 @@ order (a permutation from its seed), its own random draws (noise and binarized p
 a generator in the state its run alone would have), its own Adam state and learning rate.
 The members' losses are summed before one backward pass; as no parameter is shared, each
 member's gradient is exactly its own. A member whose loss or metrics turn NaN or infinite
-is masked out of the sum (its run fails with the reason) and the others go on.
+(its run fails with the reason), or that its caller stops (a pruned trial), leaves the stack
+after that epoch: the others go on as a smaller stack, their tensors and optimizer state
+carried over exactly, so a stopped member costs nothing more.
 
 Validation and test passes are stacked as well (:mod:`vaebench.stacked_evaluation`; a
 joint member, ``gumbel``, or a mixture member, ``gmvae``, is evaluated in its own model, its
@@ -59,6 +61,16 @@ from vaebench.train import (
 )
 
 
+class MemberStopped(Exception):
+    """Raised by ``on_epoch`` of :func:`fit_stack` to stop that member on purpose (a pruned
+    trial): it is masked out like a diverged member, and the others go on. ``reason``: what
+    stopped it, its outcome."""
+
+    def __init__(self, reason: BaseException):
+        super().__init__(str(reason))
+        self.reason = reason
+
+
 @dataclass
 class Member:
     """One run of the stack: its config, the model it would train alone (filled with its
@@ -93,12 +105,11 @@ def stacked_epoch(
     optimizer: StackedOptimizer,
     members: Sequence[Member],
     splits: Splits,
-    live: torch.Tensor,
     first_step: int = 0,
 ) -> torch.Tensor:
     """One pass over the training split for every member, its steps numbered from
     ``first_step`` (a schedule, such as a temperature, follows them); the summed objective per
-    member (K,) as a device tensor. Members where ``live`` is False add nothing to the loss."""
+    member (K,) as a device tensor."""
     config = members[0].config
     images, labels = splits.train.images, splits.train.labels
     n, count = images.shape[0], len(members)
@@ -135,7 +146,6 @@ def stacked_epoch(
         if out.category_logits is not None:
             kl_c = member_kl_c(out.category_logits, config.loss.kl_c)
             loss = loss + config.loss.beta_c * kl_c
-        loss = torch.where(live, loss, 0.0)
         optimizer.zero_grad()
         (loss.sum() / batch).backward()
         optimizer.step()
@@ -198,30 +208,32 @@ def fit_stack(
     save_state: Callable[[int, dict[str, Any]], None] | None = None,
     on_failed: Callable[[int, TrainingDiverged], None] | None = None,
     stacked_evaluation: bool | None = None,
-) -> list[TrainResult | TrainingDiverged]:
+) -> list[TrainResult | BaseException]:
     """Train ``configs`` (one :func:`stack_key`) as one stack; for each, in order, its
-    :class:`TrainResult` or the :class:`TrainingDiverged` that ended it. ``on_epoch(i,
-    metrics)`` sees each live member's epochs; every ``train.checkpoint_every`` epochs,
-    ``save_state(i, state)`` receives each live member's :func:`member_training_state`
-    (before ``on_epoch``), which :func:`vaebench.train.fit` continues alone; ``on_failed(i,
-    error)`` hears of a member that diverged when it does, while the others go on.
+    :class:`TrainResult`, the :class:`TrainingDiverged` that ended it, or the reason of a
+    :class:`MemberStopped` that ``on_epoch`` raised for it. ``on_epoch(i, metrics)`` sees
+    each live member's epochs; every ``train.checkpoint_every`` epochs, ``save_state(i,
+    state)`` receives each live member's :func:`member_training_state` (before
+    ``on_epoch``), which :func:`vaebench.train.fit` continues alone; ``on_failed(i, error)``
+    hears of a member that diverged when it does, while the others go on.
 
     Validation and test passes are stacked too (:func:`evaluate_stack`) where
     ``stacked_evaluation`` says, by default on CUDA: on the CPU, where a pass is not
     launch-bound, each member alone was as fast for the mlp and faster for conv (its own model
     keeps its weights channels-last, :func:`vaebench.models.place_model`), so each member is
-    evaluated in its own model. A member's time
-    is its share: the stack's training and evaluation seconds divided by K, plus the
-    scoring it does alone (clustering, likelihood)."""
+    evaluated in its own model. A member's time is its share: an epoch's training and
+    evaluation seconds divided by the members the stack held in it; its ``seconds``, the
+    stack's whole time divided by K, plus the scoring it does alone (clustering,
+    likelihood)."""
     keys = {stack_key(c) for c in configs}
     if len(keys) != 1:
         raise ValueError("a stack's runs differ in more than " + ", ".join(MEMBER_KEYS))
     members = [build_member(config, splits, device) for config in configs]
     stack = StackedGaussianVAE([m.model for m in members]).to(device)
     optimizer = stacked_optimizer(configs, stack)
-    outcomes: list[TrainResult | TrainingDiverged] = [TrainResult(model=m.model) for m in members]
-    live = torch.ones(len(members), dtype=torch.bool, device=device)
+    outcomes: list[TrainResult | BaseException] = [TrainResult(model=m.model) for m in members]
     count, n_train = len(members), len(splits.train)
+    active = list(range(count))  # the members the stack holds, in its order
     config = configs[0]
     started = time.perf_counter()
     validations: list[Evaluation | None] = [None] * count
@@ -230,15 +242,15 @@ def fit_stack(
     # a joint or mixture member's evaluation draws its category: each is evaluated alone
     stacked_evaluation = stacked_evaluation and not stack.categories
 
-    def evaluations(split: Split, split_name: str) -> list[Evaluation | None]:
+    def evaluations(split: Split, split_name: str) -> list[Evaluation]:
+        """Each active member's evaluation, in the stack's order."""
         if stacked_evaluation:
-            return list(evaluate_stack(stack, split, split_name, configs))
-        return [_evaluate_alone(stack, index, member, split, split_name, live)
-                for index, member in enumerate(members)]
+            return list(evaluate_stack(stack, split, split_name, [configs[i] for i in active]))
+        return [_evaluate_alone(stack, position, members[index], split, split_name)
+                for position, index in enumerate(active)]
 
     def fail(index: int, error: TrainingDiverged) -> None:
         outcomes[index] = error
-        live[index] = False
         if on_failed is not None:
             on_failed(index, error)
 
@@ -248,52 +260,60 @@ def fit_stack(
         return time.perf_counter()
 
     for epoch in range(1, config.train.epochs + 1):
+        size = len(active)
+        in_stack = [members[index] for index in active]
         t0 = clock()
         first_step = (epoch - 1) * steps_per_epoch(n_train, config.train.batch_size)
-        totals = stacked_epoch(stack, optimizer, members, splits, live, first_step)
+        totals = stacked_epoch(stack, optimizer, in_stack, splits, first_step)
         t1 = clock()
         train_losses = totals.tolist()  # one host read for the stack
-        values = _validation_values(splits, count, evaluations)
-        validations = values.evaluations
+        values = _validation_values(splits, size, evaluations)
         t2 = clock()
-        for index, member in enumerate(members):
-            result = outcomes[index]
-            if not isinstance(result, TrainResult):
-                continue
+        for position, index in enumerate(active):
+            member, result = members[index], outcomes[index]
+            validations[index] = values.evaluations[position]
             try:
-                check_finite({"training loss": train_losses[index]}, f"after epoch {epoch}")
-                check_finite(values.per_member[index], f"after epoch {epoch}")
+                check_finite({"training loss": train_losses[position]}, f"after epoch {epoch}")
+                check_finite(values.per_member[position], f"after epoch {epoch}")
             except TrainingDiverged as exc:
                 fail(index, exc)
                 continue
             metrics = EpochMetrics(
                 epoch=epoch,
-                train_loss=train_losses[index] / n_train,
-                epoch_seconds=(t1 - t0) / count,
-                eval_seconds=(t2 - t1) / count,
-                images_per_second=n_train * count / (t1 - t0),
-                values={**values.per_member[index], **member.model.annealed_values()},
+                train_loss=train_losses[position] / n_train,
+                epoch_seconds=(t1 - t0) / size,
+                eval_seconds=(t2 - t1) / size,
+                images_per_second=n_train * size / (t1 - t0),
+                values={**values.per_member[position], **member.model.annealed_values()},
             )
             result.history.append(metrics)
             if save_state is not None and checkpoint_due(epoch, member.config.train):
-                member.model.load_state_dict(stack.member_state(index))
+                member.model.load_state_dict(stack.member_state(position))
                 seconds = (time.perf_counter() - started) / count
-                save_state(
-                    index, member_training_state(member, optimizer, index, result.history, seconds)
-                )
+                save_state(index, member_training_state(
+                    member, optimizer, position, result.history, seconds
+                ))
             if on_epoch is not None:
-                on_epoch(index, metrics)
-    tests = evaluations(splits.test, "test")
+                try:
+                    on_epoch(index, metrics)
+                except MemberStopped as stopped:
+                    outcomes[index] = stopped.reason
+        kept = [p for p, index in enumerate(active) if isinstance(outcomes[index], TrainResult)]
+        if len(kept) < size:  # failed or stopped members leave the stack: no more work for them
+            active = [active[p] for p in kept]
+            if not active:
+                break
+            in_stack = [members[index] for index in active]
+            stack, optimizer = _without_members(stack, optimizer, kept, in_stack)
+    tests = evaluations(splits.test, "test") if active else []
     shared = (clock() - started) / count
-    for index, member in enumerate(members):
-        result = outcomes[index]
-        if not isinstance(result, TrainResult):
-            continue
+    for position, index in enumerate(active):
+        member, result = members[index], outcomes[index]
         scoring = time.perf_counter()
-        member.model.load_state_dict(stack.member_state(index))
+        member.model.load_state_dict(stack.member_state(position))
         try:
             scores = final_scores(
-                member.model, splits, member.config, validations[index], tests[index]
+                member.model, splits, member.config, validations[index], tests[position]
             )
         except TrainingDiverged as exc:
             fail(index, exc)
@@ -312,18 +332,27 @@ class StackValidation:
 
 
 def _evaluate_alone(
-    stack: StackedGaussianVAE,
-    index: int,
-    member: Member,
-    split: Split,
-    split_name: str,
-    live: torch.Tensor,
-) -> Evaluation | None:
-    """Member ``index`` evaluated in its own model (None for a member that failed)."""
-    if not live[index]:
-        return None
-    member.model.load_state_dict(stack.member_state(index))
+    stack: StackedGaussianVAE, position: int, member: Member, split: Split, split_name: str
+) -> Evaluation:
+    """The stack's member at ``position`` evaluated in its own model."""
+    member.model.load_state_dict(stack.member_state(position))
     return evaluate(member.model, split, split_name, member.config)
+
+
+def _without_members(
+    stack: StackedGaussianVAE,
+    optimizer: StackedOptimizer,
+    kept: Sequence[int],
+    kept_members: Sequence[Member],
+) -> tuple[StackedGaussianVAE, StackedOptimizer]:
+    """The stack and its optimizer holding only the members at positions ``kept`` (those
+    are ``kept_members``), each with its parameters, buffers and optimizer state as they
+    were: a smaller stack built from their own models, filled from this one."""
+    device = next(stack.parameters()).device
+    for position, member in zip(kept, kept_members, strict=True):
+        member.model.load_state_dict(stack.member_state(position))
+    smaller = StackedGaussianVAE([member.model for member in kept_members]).to(device)
+    return smaller, optimizer.keeping(kept, list(smaller.parameters()))
 
 
 def _validation_values(

@@ -13,6 +13,7 @@ This module imports neither mlflow nor optuna.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +53,24 @@ class StackedOptimizer:
         slices = {"params": part(self.params), "grads": part(grads)}
         slices.update({name: part(values) for name, values in self.state.items()})
         return slices
+
+    def learning_rates(self) -> list[float]:
+        """Each member's learning rate, in the stack's order."""
+        return [lr for lr, members in self.runs for _ in range(members.start, members.stop)]
+
+    def keeping(self, kept: Sequence[int], params: Sequence[torch.nn.Parameter]):
+        """This optimizer over the members at positions ``kept`` only (``params``: a stack
+        of those members, its parameters in this one's order): their learning rates, their
+        state and the step count as they were."""
+        smaller = copy.copy(self)
+        rows = list(kept)
+        smaller.params = list(params)
+        smaller.runs = learning_rate_runs([self.learning_rates()[k] for k in rows])
+        smaller.state = {
+            name: [tensor[rows].clone() for tensor in tensors]
+            for name, tensors in self.state.items()
+        }
+        return smaller
 
     def zero_grad(self) -> None:
         for p in self.params:

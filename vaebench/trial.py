@@ -14,6 +14,7 @@ import copy
 import datetime
 import math
 import sys
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import optuna
@@ -22,7 +23,7 @@ from optuna.trial import TrialState
 from vaebench.catalogue import METRICS
 from vaebench.claims import OWNER_TAG, abandoned, lease_tags
 from vaebench.config import RunConfig, VaebenchError, run_config_problems, set_dotted
-from vaebench.execute import Workspace, execute, record_invalid
+from vaebench.execute import RunHooks, Workspace, execute, record_invalid
 from vaebench.grid import RunSpec, run_key
 from vaebench.study import StudySpec
 from vaebench.study_outputs import RUN_ID_ATTR
@@ -75,9 +76,34 @@ def objective_values(spec: StudySpec, final: dict[str, float]) -> list[float]:
     return values
 
 
+@dataclass
+class TrialWork:
+    """One trial's run as it goes: the run sampled for it (None until sampled, or if its
+    values made no valid config), its MLflow run id once tracked, its objective values once
+    scored, and the hooks that tie the run's life to the trial."""
+
+    trial: optuna.Trial
+    name: str
+    own_tags: dict[str, str]  # beside the invocation's: the trial's number and state
+    run: RunSpec | None = None
+    run_id: str | None = None
+    objectives: list[float] = field(default_factory=list)
+    hooks: RunHooks = field(default_factory=RunHooks)
+
+    def on_start(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.trial.set_user_attr(RUN_ID_ATTR, run_id)
+
+    def values(self) -> float | tuple[float, ...]:
+        """What Optuna is told: the objective, or the objectives of a multi-objective study."""
+        return self.objectives[0] if len(self.objectives) == 1 else tuple(self.objectives)
+
+
 class TrialObjective:
     """Optuna's objective: sample a run and hand it to the execution layer, one MLflow child
-    run per trial; pruning is its epoch hook, the objectives its extra metrics."""
+    run per trial; pruning is its epoch hook, the objectives its extra metrics. Its parts
+    (:meth:`start`, :meth:`settle`) serve trials trained as a stack as well
+    (:mod:`vaebench.trial_stack`)."""
 
     def __init__(
         self, spec: StudySpec, tracker: Tracker, tags: dict[str, str], workspace: Workspace,
@@ -91,67 +117,83 @@ class TrialObjective:
         self.store_failure: TrackingError | None = None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        name = f"trial-{trial.number:04d}"
-        tags = {**self.tags, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
-        run_id: str | None = None
-
-        def on_start(started: str) -> None:
-            nonlocal run_id
-            run_id = started
-            trial.set_user_attr(RUN_ID_ATTR, started)
-
-        state = "FAIL"
+        work = self.start(trial)
         try:
-            _renew_lease(trial)  # first: the trial has an owner
-            trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)  # marks it this invocation's
-            sampled = {key: suggest(trial, key, p) for key, p in self.spec.space.items()}
-            try:
-                run = trial_run(self.spec, name, sampled)
-            except VaebenchError as exc:
-                on_start(record_invalid(self.tracker, name, sampled, tags, str(exc)))
-                print(f"[{trial.number + 1}/{self.total}] {name} FAIL: {exc}", file=sys.stderr)
-                raise
-            objectives: list[float] = []
+            self.sample(work)
+            self.train(work)
+        except BaseException as exc:
+            self.settle(work, exc)
+            if isinstance(exc, TrackingError):  # no point in the next trial: stop the study
+                trial.study.stop()
+            raise
+        self.settle(work, None)
+        return work.values()
 
-            def score(final: dict[str, float]) -> dict[str, float]:
-                objectives.extend(objective_values(self.spec, final))
-                for key, value in reported_beside(self.spec, final).items():
-                    trial.set_user_attr(key, value)
-                return {
-                    f"objective.{m}": v
-                    for m, v in zip(self.spec.metrics, objectives, strict=True)
-                }
+    def start(self, trial: optuna.Trial) -> TrialWork:
+        """The trial owned (its lease, first) and marked this invocation's."""
+        _renew_lease(trial)
+        trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)
+        own_tags = {"optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
+        return TrialWork(trial, f"trial-{trial.number:04d}", own_tags)
 
-            execute(
-                run,
-                self.tracker,
-                self.workspace,
-                tags,
-                trial.number + 1,
-                self.total,
-                on_start=on_start,
-                epoch_hook=self._epoch_hook(trial),
-                extra_metrics=score,
-                stopped_early=(optuna.TrialPruned,),
-                pictures=self.spec.artifacts,
-            )
-            state = "COMPLETE"
-            return objectives[0] if len(objectives) == 1 else tuple(objectives)
-        except optuna.TrialPruned:
-            state = "PRUNED"
+    def sample(self, work: TrialWork) -> None:
+        """The trial's values as its run, and the hooks of its life; values that make no
+        valid config are recorded as a FAILED run and raised (VaebenchError)."""
+        trial = work.trial
+        sampled = {key: suggest(trial, key, p) for key, p in self.spec.space.items()}
+        try:
+            work.run = trial_run(self.spec, work.name, sampled)
+        except VaebenchError as exc:
+            tags = {**self.tags, **work.own_tags}
+            work.on_start(record_invalid(self.tracker, work.name, sampled, tags, str(exc)))
+            print(f"[{trial.number + 1}/{self.total}] {work.name} FAIL: {exc}", file=sys.stderr)
             raise
-        except KeyboardInterrupt as exc:
-            trial.set_user_attr(STOPPED_ATTR, str(exc) or "interrupted")
-            raise
-        except TrackingError as exc:  # no point in the next trial: stop the study
-            self.store_failure = exc
-            trial.set_user_attr(STOPPED_ATTR, f"tracking store failed: {exc}")
-            trial.study.stop()
-            raise
-        finally:
-            if run_id is not None and self.store_failure is None:
-                with contextlib.suppress(TrackingError):  # the error that stopped it is shown
-                    self.tracker.set_tags(run_id, {"optuna.state": state})
+
+        def score(final: dict[str, float]) -> dict[str, float]:
+            work.objectives.extend(objective_values(self.spec, final))
+            for key, value in reported_beside(self.spec, final).items():
+                trial.set_user_attr(key, value)
+            return {
+                f"objective.{m}": v
+                for m, v in zip(self.spec.metrics, work.objectives, strict=True)
+            }
+
+        work.hooks = RunHooks(work.own_tags, work.on_start, self._epoch_hook(trial), score)
+
+    def train(self, work: TrialWork) -> None:
+        """Train and track the sampled trial's run alone; raises what ended it early."""
+        hooks = work.hooks
+        execute(
+            work.run,
+            self.tracker,
+            self.workspace,
+            {**self.tags, **work.own_tags},
+            work.trial.number + 1,
+            self.total,
+            on_start=hooks.on_start,
+            epoch_hook=hooks.epoch_hook,
+            extra_metrics=hooks.extra_metrics,
+            stopped_early=(optuna.TrialPruned,),
+            pictures=self.spec.artifacts,
+        )
+
+    def settle(self, work: TrialWork, error: BaseException | None) -> TrialState:
+        """The trial's state after its run ended with ``error`` (None: finished), tagged on
+        its run; a signal or a failing store marks it stopped (not the trial's fault)."""
+        state = TrialState.COMPLETE
+        if isinstance(error, optuna.TrialPruned):
+            state = TrialState.PRUNED
+        elif error is not None:
+            state = TrialState.FAIL
+            if isinstance(error, KeyboardInterrupt):
+                work.trial.set_user_attr(STOPPED_ATTR, str(error) or "interrupted")
+            elif isinstance(error, TrackingError):
+                self.store_failure = error
+                work.trial.set_user_attr(STOPPED_ATTR, f"tracking store failed: {error}")
+        if work.run_id is not None and self.store_failure is None:
+            with contextlib.suppress(TrackingError):  # the error that stopped it is shown
+                self.tracker.set_tags(work.run_id, {"optuna.state": state.name})
+        return state
 
     def _epoch_hook(self, trial: optuna.Trial):
         """Renew the trial's lease; report the objective to the pruner, which may stop the

@@ -4,7 +4,9 @@ A trial is one run: the study's base config plus the values Optuna samples,
 trained by the grid's trainer (:func:`vaebench.train.fit`). Every epoch the
 trial logs its metrics to its own MLflow child run and, in a single-objective
 study, reports the objective to the pruner (``trial.report`` /
-``should_prune``). The MLflow side mirrors a grid: the study is an experiment,
+``should_prune``). Where the study's space varies only what members of a stack may differ
+in, up to ``max_stack`` trials at a time train as one stack (:mod:`vaebench.trial_stack`).
+The MLflow side mirrors a grid: the study is an experiment,
 each ``tune`` invocation a parent run, each trial a nested child run tagged
 with its Optuna trial number and final state; the child's run id is stored on
 the trial as the user attribute ``mlflow_run_id``.
@@ -46,6 +48,7 @@ from vaebench.signals import (
     deferred_signals,
     interruptible,
 )
+from vaebench.stack_plan import DEFAULT_MAX_STACK
 from vaebench.study import StudySpec, load_study
 from vaebench.study_outputs import (
     TuneOutcome,
@@ -77,6 +80,7 @@ from vaebench.trial import (
     trial_run,
     trials_done,
 )
+from vaebench.trial_stack import optimize_in_stacks, stack_problem
 from vaebench.workers import cores, run_processes
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna -> MLflow
@@ -148,6 +152,8 @@ class WorkerJob:
     timeout: float | None
     seed_offset: int
     threads: int | None = None
+    max_stack: int = 1  # the most trials one stack trains (1: each alone)
+    stack_everywhere: bool = False  # --stack on: stack where auto trains alone on the CPU
 
 
 def _quiet_optuna() -> None:
@@ -176,6 +182,9 @@ def optimize(
     )
     workspace = workspace or Workspace(job.data_root, checkpoints=None)
     objective = TrialObjective(job.spec, tracker, job.tags, workspace, job.total)
+    if stack_problem(job.spec, job.max_stack, job.stack_everywhere) is None:
+        optimize_in_stacks(study, objective, n_trials, job.timeout, job.max_stack)
+        return
     study.optimize(objective, n_trials=n_trials, timeout=job.timeout, catch=(Exception,))
     if objective.store_failure is not None:
         raise objective.store_failure
@@ -240,6 +249,8 @@ def run_study(
     results_dir: str | Path = "results",
     stream: TextIO | None = None,
     register: bool = True,
+    max_stack: int = DEFAULT_MAX_STACK,
+    stack_everywhere: bool = False,
 ) -> TuneOutcome:
     """Check a study file and run its trials still to do (the file's ``n_trials`` minus those
     done), or ``n_trials`` more; record and report them.
@@ -319,7 +330,12 @@ def run_study(
         timeout=timeout,
         seed_offset=existing,
         threads=max(1, cores() // workers),
+        max_stack=max_stack,
+        stack_everywhere=stack_everywhere,
     )
+    if stack_problem(spec, max_stack, stack_everywhere) is None:
+        print(f"study {spec.name}: up to {max_stack} trials at a time train as one stack "
+              "(--stack off: one by one)", file=sys.stderr)
     outcome = TuneOutcome(study=study, storage=ref, parent_id=parent)
     folder = Path(results_dir) / spec.name
     ended = False
