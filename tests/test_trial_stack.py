@@ -58,6 +58,7 @@ def test_a_pruned_member_is_masked_and_the_others_of_its_stack_finish(
     again, slow = study.get_trials()[2:]
     assert again.state == TrialState.COMPLETE and slow.state == TrialState.PRUNED
     assert list(slow.intermediate_values) == [1]  # stopped after epoch 1 of 2
+    assert slow.datetime_complete < again.datetime_complete  # told then, not at the stack's end
     assert list(again.intermediate_values) == [1, 2]
     assert again.value == pytest.approx(best.value, rel=1e-5)  # its own numbers, not its stack's
     _, children = mlflow_runs(tmp_path, "stacked")

@@ -51,12 +51,15 @@ class RunHooks:
     """What a caller adds to a run's life (``tune``: its trial): ``tags`` of its own,
     ``on_start(run_id)`` once the run is tracked, ``epoch_hook`` after each epoch is logged
     (it may raise one of ``stopped_early`` to stop the run on purpose, as a pruner does),
-    ``extra_metrics`` of the run's final values, logged with its summary."""
+    ``extra_metrics`` of the run's final values, logged with its summary, and, for a member
+    of a stack, ``on_end(error)`` as soon as its run's ending is recorded (None: FINISHED),
+    while the others may still train."""
 
     tags: Mapping[str, str] = field(default_factory=dict)
     on_start: Callable[[str], None] | None = None
     epoch_hook: EpochHook | None = None
     extra_metrics: ExtraMetrics | None = None
+    on_end: Callable[[BaseException | None], None] | None = None
 
 
 class Workspace:

@@ -40,7 +40,8 @@ STACK_MEMBERS_TAG = "vaebench.stack_members"  # the members' run names, comma-se
 STACK_TIMING_TAG = "vaebench.stack_timing"
 STACK_TIMING = (
     "epoch_seconds, eval_seconds and seconds are this run's share of its stack: the stack's "
-    "seconds / stack_size, plus the scoring the run does alone"
+    "seconds divided by the members it held then (stack_size until one leaves), plus the "
+    "scoring the run does alone"
 )
 
 
@@ -106,9 +107,26 @@ def execute_stack(
                 if workspace.checkpoints.save(run_ids[index], snapshot):
                     saved[index] = snapshot["epoch"]
 
+        def end(index: int, status: str, outcome: RunOutcome | BaseException) -> None:
+            """Member ``index``'s run ends now (its caller hears of it at once)."""
+            with deferred_signals():
+                if isinstance(outcome, RunOutcome):
+                    tracker.end_run(run_ids[index], status)  # then the checkpoint goes
+                    forget(workspace, run_ids[index])
+                else:
+                    forget(workspace, run_ids[index])
+                    reason = first_line(outcome) if status == "KILLED" else "".join(
+                        traceback.format_exception_only(type(outcome), outcome)
+                    ).strip()
+                    end_quietly(tracker, run_ids[index], status, reason)
+                ended[index] = outcome
+                if hooks[index].on_end is not None:
+                    hooks[index].on_end(None if isinstance(outcome, RunOutcome) else outcome)
+
         def on_epoch(index: int, metrics: EpochMetrics) -> None:
             nonlocal shown, longest
-            longest = max(longest, metrics.epoch_seconds + metrics.eval_seconds)
+            # a member's times are its share: the stack's epoch is up to K times longer
+            longest = max(longest, (metrics.epoch_seconds + metrics.eval_seconds) * len(runs))
             values = metrics.as_dict()
             lease = lease_tags(longest)
             tracker.log_metrics(run_ids[index], values, step=metrics.epoch, tags=lease)
@@ -123,19 +141,12 @@ def execute_stack(
             try:
                 member_hook(metrics)
             except stopped_early as exc:  # this member only, on purpose: KILLED
-                with deferred_signals():
-                    forget(workspace, run_ids[index])
-                    end_quietly(tracker, run_ids[index], "KILLED", first_line(exc))
-                    ended[index] = exc
+                end(index, "KILLED", exc)
                 raise MemberStopped(exc) from exc
 
         def fail(index: int, error: Exception) -> None:
             """A member's run ends FAILED when its error is known; the others go on."""
-            with deferred_signals():
-                forget(workspace, run_ids[index])
-                text = "".join(traceback.format_exception_only(type(error), error)).strip()
-                end_quietly(tracker, run_ids[index], "FAILED", text)
-                ended[index] = error
+            end(index, "FAILED", error)
 
         keep = save_state if workspace.checkpoints is not None else None
         configs = [run.config for run in runs]
@@ -157,10 +168,7 @@ def execute_stack(
             except Exception as exc:  # this member's scores or pictures: the others go on
                 fail(index, exc)
                 continue
-            with deferred_signals():  # finished is finished: a signal now stops what follows
-                tracker.end_run(run_id, "FINISHED")
-                forget(workspace, run_id)
-                ended[index] = outcome
+            end(index, "FINISHED", outcome)  # finished is finished: a signal stops what follows
         finished = sum(isinstance(e, RunOutcome) for e in ended.values())
         stopped = sum(isinstance(e, stopped_early) for e in ended.values())
         status = f"{finished} of {len(runs)} FINISHED" + (f", {stopped} stopped" if stopped else "")

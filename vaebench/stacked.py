@@ -222,9 +222,9 @@ def fit_stack(
     launch-bound, each member alone was as fast for the mlp and faster for conv (its own model
     keeps its weights channels-last, :func:`vaebench.models.place_model`), so each member is
     evaluated in its own model. A member's time is its share: an epoch's training and
-    evaluation seconds divided by the members the stack held in it; its ``seconds``, the
-    stack's whole time divided by K, plus the scoring it does alone (clustering,
-    likelihood)."""
+    evaluation seconds divided by the members the stack held in it, and its ``seconds`` the
+    sum of such shares of everything the stack did while it was a member, plus the scoring
+    it does alone (clustering, likelihood)."""
     keys = {stack_key(c) for c in configs}
     if len(keys) != 1:
         raise ValueError("a stack's runs differ in more than " + ", ".join(MEMBER_KEYS))
@@ -236,6 +236,8 @@ def fit_stack(
     active = list(range(count))  # the members the stack holds, in its order
     config = configs[0]
     started = time.perf_counter()
+    # each member's share of the stack's time: what it shared, divided by those sharing it
+    shares = [0.0] * count
     validations: list[Evaluation | None] = [None] * count
     if stacked_evaluation is None:
         stacked_evaluation = device.type == "cuda"
@@ -259,6 +261,11 @@ def fit_stack(
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
+    def share_since(since: float) -> None:
+        for index in active:
+            shares[index] += (clock() - since) / len(active)
+
+    share_since(started)  # building the stack
     for epoch in range(1, config.train.epochs + 1):
         size = len(active)
         in_stack = [members[index] for index in active]
@@ -289,7 +296,7 @@ def fit_stack(
             result.history.append(metrics)
             if save_state is not None and checkpoint_due(epoch, member.config.train):
                 member.model.load_state_dict(stack.member_state(position))
-                seconds = (time.perf_counter() - started) / count
+                seconds = shares[index] + (time.perf_counter() - t0) / size
                 save_state(index, member_training_state(
                     member, optimizer, position, result.history, seconds
                 ))
@@ -298,6 +305,7 @@ def fit_stack(
                     on_epoch(index, metrics)
                 except MemberStopped as stopped:
                     outcomes[index] = stopped.reason
+        share_since(t0)
         kept = [p for p, index in enumerate(active) if isinstance(outcomes[index], TrainResult)]
         if len(kept) < size:  # failed or stopped members leave the stack: no more work for them
             active = [active[p] for p in kept]
@@ -305,8 +313,9 @@ def fit_stack(
                 break
             in_stack = [members[index] for index in active]
             stack, optimizer = _without_members(stack, optimizer, kept, in_stack)
+    tested = clock()
     tests = evaluations(splits.test, "test") if active else []
-    shared = (clock() - started) / count
+    share_since(tested)
     for position, index in enumerate(active):
         member, result = members[index], outcomes[index]
         scoring = time.perf_counter()
@@ -319,7 +328,7 @@ def fit_stack(
             fail(index, exc)
             continue
         result.summary = summary_of(scores, result.history, n_train)
-        result.seconds = shared + time.perf_counter() - scoring
+        result.seconds = shares[index] + time.perf_counter() - scoring
     return outcomes
 
 

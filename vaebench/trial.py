@@ -89,6 +89,7 @@ class TrialWork:
     run_id: str | None = None
     objectives: list[float] = field(default_factory=list)
     hooks: RunHooks = field(default_factory=RunHooks)
+    told: bool = False  # Optuna has its result (trials of a stack: vaebench.trial_stack)
 
     def on_start(self, run_id: str) -> None:
         self.run_id = run_id
@@ -102,7 +103,7 @@ class TrialWork:
 class TrialObjective:
     """Optuna's objective: sample a run and hand it to the execution layer, one MLflow child
     run per trial; pruning is its epoch hook, the objectives its extra metrics. Its parts
-    (:meth:`start`, :meth:`settle`) serve trials trained as a stack as well
+    (:meth:`own`, :meth:`sample`, :meth:`settle`) serve trials trained as a stack as well
     (:mod:`vaebench.trial_stack`)."""
 
     def __init__(
@@ -117,8 +118,9 @@ class TrialObjective:
         self.store_failure: TrackingError | None = None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        work = self.start(trial)
+        work = self.work_for(trial)
         try:
+            self.own(work)
             self.sample(work)
             self.train(work)
         except BaseException as exc:
@@ -129,12 +131,15 @@ class TrialObjective:
         self.settle(work, None)
         return work.values()
 
-    def start(self, trial: optuna.Trial) -> TrialWork:
-        """The trial owned (its lease, first) and marked this invocation's."""
-        _renew_lease(trial)
-        trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)
+    @staticmethod
+    def work_for(trial: optuna.Trial) -> TrialWork:
         own_tags = {"optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
         return TrialWork(trial, f"trial-{trial.number:04d}", own_tags)
+
+    def own(self, work: TrialWork) -> None:
+        """The trial owned (its lease, first) and marked this invocation's."""
+        _renew_lease(work.trial)
+        work.trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)
 
     def sample(self, work: TrialWork) -> None:
         """The trial's values as its run, and the hooks of its life; values that make no
@@ -158,7 +163,7 @@ class TrialObjective:
                 for m, v in zip(self.spec.metrics, work.objectives, strict=True)
             }
 
-        work.hooks = RunHooks(work.own_tags, work.on_start, self._epoch_hook(trial), score)
+        work.hooks = RunHooks(work.own_tags, work.on_start, self.epoch_hook(trial), score)
 
     def train(self, work: TrialWork) -> None:
         """Train and track the sampled trial's run alone; raises what ended it early."""
@@ -195,15 +200,16 @@ class TrialObjective:
                 self.tracker.set_tags(work.run_id, {"optuna.state": state.name})
         return state
 
-    def _epoch_hook(self, trial: optuna.Trial):
+    def epoch_hook(self, trial: optuna.Trial, stack_size: int = 1):
         """Renew the trial's lease; report the objective to the pruner, which may stop the
         trial. Optuna prunes single-objective studies only; a metric known only after the
         last epoch (e.g. val_ari) is never reported, so never pruned (study files with such
-        a pruner are rejected)."""
+        a pruner are rejected). In a stack of ``stack_size`` an epoch takes up to that many
+        times a member's share of it, and the lease lasts accordingly."""
         pruned_on = None if self.spec.multi_objective else self.spec.metrics[0]
 
         def hook(metrics: EpochMetrics) -> None:
-            longest = metrics.epoch_seconds + metrics.eval_seconds
+            longest = (metrics.epoch_seconds + metrics.eval_seconds) * stack_size
             _renew_lease(trial, longest)
             self.tracker.set_tags(self.tracker.parent_id, lease_tags(longest))
             values = metrics.as_dict()

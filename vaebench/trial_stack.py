@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import optuna
 from optuna.trial import TrialState
 
+from vaebench.config import VaebenchError
 from vaebench.execute_stack import execute_stack
+from vaebench.signals import deferred_signals
 from vaebench.stack_plan import MEMBER_KEYS, config_problem, plan_stacks
 from vaebench.study import StudySpec
 from vaebench.tracking import TrackingError
@@ -48,7 +51,10 @@ def stack_problem(spec: StudySpec, max_stack: int, everywhere: bool = False) -> 
     varied = sorted(set(spec.space) - set(MEMBER_KEYS))
     if varied:
         return f"its space varies {', '.join(varied)} (stacks vary only {', '.join(MEMBER_KEYS)})"
-    config = trial_run(spec, "base", {}).config
+    try:
+        config = trial_run(spec, "base", {}).config
+    except VaebenchError as exc:  # the base is valid only with sampled values
+        return f"its base config alone is no valid run ({exc})"
     on_cpu = not everywhere and resolve_device(config.train.device).type == "cpu"
     if on_cpu and spec.pruner != "none":
         return PRUNED_ON_CPU
@@ -64,32 +70,33 @@ def optimize_in_stacks(
 ) -> None:
     """Run ``n_trials`` trials, up to ``max_stack`` at a time as one stack; start no batch
     after ``timeout`` seconds. A failing trial is FAIL, no more; a signal or a failing store
-    stops the study (every trial asked and not yet told is FAIL, marked stopped)."""
+    stops the study (every trial asked and not yet told is FAIL, marked stopped). Each trial
+    is told as soon as its run ends, while the rest of its stack may still train."""
     started = time.monotonic()
     done = 0
-    told: set[int] = set()
 
     def tell(work: TrialWork, error: BaseException | None) -> None:
-        state = objective.settle(work, error)
-        values = work.values() if state == TrialState.COMPLETE else None
-        study.tell(work.trial, values, state=state)
-        told.add(work.trial.number)
+        with deferred_signals():  # told once: a signal waits until the tell is recorded
+            state = objective.settle(work, error)
+            values = work.values() if state == TrialState.COMPLETE else None
+            study.tell(work.trial, values, state=state)
+            work.told = True
 
     while done < n_trials:
         if timeout is not None and time.monotonic() - started >= timeout:
             return
-        batch = [study.ask() for _ in range(min(max_stack, n_trials - done))]
-        done += len(batch)
         works: list[TrialWork] = []
         try:
-            works.extend(objective.start(trial) for trial in batch)
+            for _ in range(min(max_stack, n_trials - done)):
+                works.append(objective.work_for(study.ask()))
+                done += 1
+            for work in works:
+                objective.own(work)
             _train_batch(objective, works, max_stack, tell)
         except BaseException as exc:  # a signal, the store: no trial may stay RUNNING
             for work in works:
-                if work.trial.number not in told:
+                if not work.told:
                     tell(work, exc)
-            for trial in batch[len(works):]:  # asked, not yet owned
-                study.tell(trial, state=TrialState.FAIL)
             raise
 
 
@@ -99,11 +106,14 @@ def _train_batch(
     max_stack: int,
     tell: Callable[[TrialWork, BaseException | None], None],
 ) -> None:
-    """Sample each trial of the batch, train those of one stack key together, tell each."""
+    """Sample each trial of the batch, train those of one stack key together; each trial is
+    told when its run ends."""
     sampled: list[TrialWork] = []
     for work in works:
         try:
             objective.sample(work)
+        except TrackingError:
+            raise
         except Exception as exc:  # values that make no valid config: that trial fails
             tell(work, exc)
             continue
@@ -114,8 +124,11 @@ def _train_batch(
         if len(members) == 1:  # alone, as Optuna's optimize would train it
             tell(members[0], _ended_alone(objective, members[0]))
             continue
+        for member in members:  # told as its run ends; its lease spans the stack's epoch
+            member.hooks.on_end = partial(tell, member)
+            member.hooks.epoch_hook = objective.epoch_hook(member.trial, len(members))
         try:
-            results = execute_stack(
+            execute_stack(
                 [runs[index] for index in group],
                 objective.tracker,
                 objective.workspace,
@@ -129,9 +142,9 @@ def _train_batch(
         except TrackingError:
             raise
         except Exception as exc:  # the stack as a whole failed (e.g. out of memory)
-            results = [exc] * len(members)
-        for member, result in zip(members, results, strict=True):
-            tell(member, result if isinstance(result, BaseException) else None)
+            for member in members:
+                if not member.told:
+                    tell(member, exc)
 
 
 def _ended_alone(objective: TrialObjective, work: TrialWork) -> Exception | None:
