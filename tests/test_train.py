@@ -330,5 +330,14 @@ def test_bench_stack_times_stacks_against_runs_alone(arch, mnist_root, capsys):
         assert float(line.rsplit("= ", 1)[1]) > 0
     assert ("floor:" in "\n".join(lines)) == (arch == "mlp")
     counts = [line for line in lines if line.startswith("K = ") and "per model-step" in line]
-    per_model_step = [float(line.split("per step, ")[1].split()[0]) for line in counts]
+    per_model_step = [float(re.search(r"per model-step (\d+\.\d+)", line)[1]) for line in counts]
     assert len(per_model_step) == 2 and per_model_step[1] < per_model_step[0]  # K = 4 < K = 1
+    assert all("CUDA kernels" not in line for line in counts)  # counted on a GPU only
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where torch sees no GPU")
+def test_bench_stack_on_cuda_without_a_gpu_is_a_one_line_error(mnist_root, capsys):
+    from vaebench.cli import main
+
+    assert main(["bench", "--stack", "1", "--device", "cuda", "--data-root", str(mnist_root)]) == 2
+    assert "cuda was asked for but torch sees no CUDA device" in capsys.readouterr().err

@@ -41,6 +41,13 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         "VAE, timed in both stacked layouts (per member, the CPU's; grouped, CUDA's)",
     )
     bench.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="--stack: where to train (default: cpu; auto: CUDA when torch sees it); on CUDA "
+        "the step's kernels are counted too",
+    )
+    bench.add_argument(
         "--process",
         action="store_true",
         help="time whole processes from a fresh folder: `vaebench run` of a 2-epoch grid "
@@ -71,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         from vaebench.bench_stack import main as bench_stack_main
 
         sizes = stack_sizes(args.stack)
-        return bench_stack_main(args.data_root, sizes, args.epochs, args.subset, args.arch)
+        return bench_stack_main(
+            args.data_root, sizes, args.epochs, args.subset, args.arch, device_name=args.device
+        )
     from vaebench.bench import main as bench_main
 
     return bench_main(args.data_root, args.epochs, args.subset)

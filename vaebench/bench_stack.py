@@ -15,25 +15,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+from torch.autograd import DeviceType
 
 from vaebench.bench import CONV, REFERENCE, time_interleaved
 from vaebench.config import RunConfig
 from vaebench.data import Split, Splits, load_splits, resolve_root
 from vaebench.losses import Objective
-from vaebench.models import build_model
+from vaebench.models import build_model, place_model
 from vaebench.stacked import build_member, stacked_epoch, stacked_optimizer
 from vaebench.stacked_layers import use_layout
 from vaebench.stacked_model import StackedGaussianVAE
-from vaebench.train import build_optimizer, train_epoch
+from vaebench.train import build_optimizer, resolve_device, train_epoch
 
 
-def reference_configs(count: int, subset: int | None = None, arch: str = "mlp") -> list[RunConfig]:
+def reference_configs(
+    count: int, subset: int | None = None, arch: str = "mlp", device: str = "cpu"
+) -> list[RunConfig]:
     data = {"subset": subset} if subset else {}
     model = CONV["model"] if arch == "conv" else REFERENCE["model"]
+    train = {**REFERENCE["train"], "device": device}
     return [
-        RunConfig.model_validate({**REFERENCE, "model": model, "data": data, "seed": seed})
+        RunConfig.model_validate(
+            {**REFERENCE, "model": model, "data": data, "train": train, "seed": seed}
+        )
         for seed in range(count)
     ]
 
@@ -41,9 +48,9 @@ def reference_configs(count: int, subset: int | None = None, arch: str = "mlp") 
 def stacked_loop(
     configs: Sequence[RunConfig], splits: Splits, per_member: bool | None = None
 ) -> Callable[[], object]:
-    """An epoch of ``configs`` as one stack, its layers ``per_member`` (None: the device's
-    choice)."""
-    device = torch.device("cpu")
+    """An epoch of ``configs`` as one stack, on the device that holds ``splits``, its layers
+    ``per_member`` (None: the device's choice)."""
+    device = splits.train.images.device
     members = [build_member(config, splits, device) for config in configs]
     stack = use_layout(StackedGaussianVAE([m.model for m in members]), per_member)
     optimizer = stacked_optimizer(configs, stack)
@@ -55,7 +62,9 @@ def sequential_loop(configs: Sequence[RunConfig], splits: Splits) -> Callable[[]
     runs = []
     for config in configs:
         torch.manual_seed(config.seed)
-        model = build_model(config.model, splits.image_shape)
+        model = place_model(
+            build_model(config.model, splits.image_shape), splits.train.images.device
+        )
         generator = torch.Generator().manual_seed(config.seed)
         runs.append((model, build_optimizer(config.optim, model.parameters()), generator, config))
 
@@ -79,16 +88,26 @@ def epoch_matmul_flops(config: RunConfig, images: int) -> float:
     return 2.0 * images * products
 
 
-def matmul_throughput(size: int = 1024, repeats: int = 20) -> float:
-    """FLOP/s of a large float32 matrix product on this machine (the best of ``repeats``)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_throughput(device: torch.device, size: int = 1024, repeats: int = 20) -> float:
+    """FLOP/s of a large float32 matrix product on ``device`` (the best of ``repeats``)."""
+    if device.type == "cuda":
+        size *= 8  # a GPU needs a larger product to reach its rate
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         started = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2.0 * size**3 / best
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def first_batches(splits: Splits, batches: int, batch_size: int) -> Splits:
@@ -98,35 +117,55 @@ def first_batches(splits: Splits, batches: int, batch_size: int) -> Splits:
     return Splits(train=train, validation=None, test=splits.test)
 
 
-def leaf_operators(epoch: Callable[[], object], steps: int) -> float:
-    """Operators with no operator below them (on a GPU, each at least one kernel launch) that
-    ``epoch``, a training epoch of ``steps`` steps, dispatches per step (``torch.profiler``)."""
+@dataclass
+class Dispatched:
+    """What a training step dispatches: leaf operators (on a GPU each at least one kernel
+    launch), and, profiled on a GPU, the kernels it ran."""
+
+    operators: float
+    kernels: float | None
+
+
+def dispatched(epoch: Callable[[], object], steps: int, device: torch.device) -> Dispatched:
+    """Operators with no operator below them, and on CUDA the kernels, that ``epoch``, a
+    training epoch of ``steps`` steps, dispatches per step (``torch.profiler``)."""
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
     epoch()  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=activities) as prof:
         epoch()
-    leaves = [e for e in prof.events() if e.name.startswith("aten::") and not e.cpu_children]
-    return len(leaves) / steps
+    events = prof.events()
+    leaves = [e for e in events if e.name.startswith("aten::") and not e.cpu_children]
+    kernels = None
+    if device.type == "cuda":
+        kernels = sum(e.device_type == DeviceType.CUDA for e in events) / steps
+    return Dispatched(len(leaves) / steps, kernels)
 
 
-def dispatched_per_step(configs: Sequence[RunConfig], splits: Splits, steps: int = 3) -> float:
-    """Leaf operators per step of ``configs`` as one stack in the layout CUDA runs (batched,
+def dispatched_per_step(configs: Sequence[RunConfig], splits: Splits, steps: int = 3) -> Dispatched:
+    """What a step of ``configs`` as one stack dispatches, in the layout CUDA runs (batched,
     convolutions grouped)."""
     few = first_batches(splits, steps, configs[0].train.batch_size)
-    return leaf_operators(stacked_loop(configs, few, per_member=False), steps)
+    return dispatched(stacked_loop(configs, few, per_member=False), steps, _device(splits))
 
 
-def dispatched_per_step_alone(config: RunConfig, splits: Splits, steps: int = 3) -> float:
+def dispatched_per_step_alone(config: RunConfig, splits: Splits, steps: int = 3) -> Dispatched:
     """The same count for vaebench's unstacked step (one run)."""
     few = first_batches(splits, steps, config.train.batch_size)
-    return leaf_operators(sequential_loop([config], few), steps)
+    return dispatched(sequential_loop([config], few), steps, _device(splits))
+
+
+def _device(splits: Splits) -> torch.device:
+    return splits.train.images.device
 
 
 def timed_loops(configs: Sequence[RunConfig], splits: Splits) -> dict[str, Callable[[], object]]:
     """The ways to train ``configs`` that the benchmark times against each other."""
     loops = {"stacked": stacked_loop(configs, splits)}
-    if configs[0].model.arch == "conv":  # "stacked" is per member on the CPU
+    if configs[0].model.arch == "conv" and _device(splits).type == "cpu":  # per member there
         loops["stacked grouped"] = stacked_loop(configs, splits, per_member=False)
     loops["one after another"] = sequential_loop(configs, splits)
     return loops
@@ -145,23 +184,27 @@ def main(
     subset: int | None = None,
     arch: str = "mlp",
     launch_sizes: Sequence[int] = (1, 4, 16, 64),
+    device_name: str = "cpu",
 ) -> int:
     root = resolve_root(data_root)
-    largest = reference_configs(max(sizes), subset, arch)
-    splits = load_splits(largest[0].data, root, torch.device("cpu"))
+    device = resolve_device(device_name)
+    largest = reference_configs(max(sizes), subset, arch, device_name)
+    splits = load_splits(largest[0].data, root, device)
     images = len(splits.train)
     print(
-        f"{MODELS[arch]}, BCE, Adam 1e-3, batch 128, {images} training images, CPU, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}; K runs differing in "
+        f"{MODELS[arch]}, BCE, Adam 1e-3, batch 128, {images} training images, "
+        f"{describe(device)}, torch {torch.__version__}; K runs differing in "
         f"seed, stacked against one after another; {epochs} timed epochs each after 1 warm-up, "
         "interleaved; seconds per model-epoch (median)"
     )
-    if arch == "conv":
-        print("stacked: each member through its layers in turn (the CPU's way); stacked "
-              "grouped: the members' convolutions as one grouped convolution (CUDA's way)")
+    if arch == "conv" and device.type == "cpu":
+        print(
+            "stacked: each member through its layers in turn (the CPU's way); stacked "
+            "grouped: the members' convolutions as one grouped convolution (CUDA's way)"
+        )
     floor = None
     if arch == "mlp":
-        floor = epoch_matmul_flops(largest[0], images) / matmul_throughput()
+        floor = epoch_matmul_flops(largest[0], images) / matmul_throughput(device)
         print(f"floor: matrix-product FLOPs of a model-epoch / measured GEMM rate = {floor:.3f} s")
     alone = None
     for size in sorted({1, *sizes}):
@@ -174,12 +217,27 @@ def main(
         )
         print(f"K = {size:3d}: {line}; stacked / one run alone = {timings['stacked'] / alone:.2f}")
     one = dispatched_per_step_alone(largest[0], splits)
-    print(f"operators dispatched per training step, one run unstacked: {one:.0f}; stacked "
-          "as on CUDA (batched, convolutions grouped):")
+    where = "CUDA's layout" if device.type == "cpu" else "on this GPU"
+    print(
+        f"per training step, one run unstacked: {counted(one)}; stacked ({where}: batched, "
+        "convolutions grouped):"
+    )
     for size in launch_sizes:
-        count = dispatched_per_step(reference_configs(size, subset, arch), splits)
-        print(
-            f"K = {size:3d} stacked: {count:.0f} per step, {count / size:.1f} per model-step "
-            f"({count / size / one:.3f} of one run's)"
-        )
+        count = dispatched_per_step(reference_configs(size, subset, arch, device_name), splits)
+        line = f"K = {size:3d} stacked: {counted(count)}; per model-step "
+        line += f"{count.operators / size / one.operators:.3f} of one run's operators"
+        if count.kernels is not None and one.kernels:
+            line += f", {count.kernels / size / one.kernels:.3f} of its kernels"
+        print(line)
     return 0
+
+
+def counted(step: Dispatched) -> str:
+    text = f"{step.operators:.0f} operators"
+    return text + (f", {step.kernels:.0f} CUDA kernels" if step.kernels is not None else "")
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
