@@ -97,3 +97,15 @@ def test_which_studies_stack_their_trials(tmp_path):
         "arch: mlp", "arch: gmvae, categories: 3"
     ))
     assert "CUDA only" in stack_problem(load_study(gmvae), DEFAULT_MAX_STACK)
+
+
+def test_tune_says_whether_its_trials_stack_and_why_not(tmp_path, capsys):
+    from vaebench.tune import _trials_per_stack
+
+    spec = load_study(write(tmp_path / "stacked.yaml", STACKED_STUDY))
+    assert _trials_per_stack(spec, DEFAULT_MAX_STACK, stack_everywhere=False) == 1
+    assert capsys.readouterr().err == f"study stacked: trials train one by one: {PRUNED_ON_CPU}\n"
+    assert _trials_per_stack(spec, 4, stack_everywhere=True) == 4
+    assert "up to 4 trials at a time train as one stack" in capsys.readouterr().err
+    assert _trials_per_stack(spec, 1, stack_everywhere=True) == 1  # --stack off: nothing to say
+    assert capsys.readouterr().err == ""

@@ -24,12 +24,12 @@ import optuna
 from optuna.trial import TrialState
 
 from vaebench.config import VaebenchError
+from vaebench.dry_run import trains_on_cpu
 from vaebench.execute_stack import execute_stack
 from vaebench.signals import deferred_signals
 from vaebench.stack_plan import MEMBER_KEYS, config_problem, plan_stacks
 from vaebench.study import StudySpec
 from vaebench.tracking import TrackingError
-from vaebench.train import resolve_device
 from vaebench.trial import TrialObjective, TrialWork, trial_run
 
 # measured on a 2-core CPU with experiments/lr-beta.yaml (16 trials of an MLP over optim.lr and
@@ -55,7 +55,7 @@ def stack_problem(spec: StudySpec, max_stack: int, everywhere: bool = False) -> 
         config = trial_run(spec, "base", {}).config
     except VaebenchError as exc:  # the base is valid only with sampled values
         return f"its base config alone is no valid run ({exc})"
-    on_cpu = not everywhere and resolve_device(config.train.device).type == "cpu"
+    on_cpu = not everywhere and trains_on_cpu(config)
     if on_cpu and spec.pruner != "none":
         return PRUNED_ON_CPU
     return config_problem(config, on_cpu)

@@ -48,7 +48,6 @@ from vaebench.signals import (
     deferred_signals,
     interruptible,
 )
-from vaebench.stack_plan import DEFAULT_MAX_STACK
 from vaebench.study import StudySpec, load_study
 from vaebench.study_outputs import (
     TuneOutcome,
@@ -153,7 +152,6 @@ class WorkerJob:
     seed_offset: int
     threads: int | None = None
     max_stack: int = 1  # the most trials one stack trains (1: each alone)
-    stack_everywhere: bool = False  # --stack on: stack where auto trains alone on the CPU
 
 
 def _quiet_optuna() -> None:
@@ -182,7 +180,7 @@ def optimize(
     )
     workspace = workspace or Workspace(job.data_root, checkpoints=None)
     objective = TrialObjective(job.spec, tracker, job.tags, workspace, job.total)
-    if stack_problem(job.spec, job.max_stack, job.stack_everywhere) is None:
+    if job.max_stack > 1:  # run_study checked that the study's trials stack
         optimize_in_stacks(study, objective, n_trials, job.timeout, job.max_stack)
         return
     study.optimize(objective, n_trials=n_trials, timeout=job.timeout, catch=(Exception,))
@@ -238,6 +236,22 @@ def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
     return study
 
 
+def _trials_per_stack(spec: StudySpec, max_stack: int, stack_everywhere: bool) -> int:
+    """The most trials one stack trains (1: each alone), and a line saying so."""
+    if max_stack < 2:
+        return 1
+    problem = stack_problem(spec, max_stack, stack_everywhere)
+    if problem is not None:
+        print(f"study {spec.name}: trials train one by one: {problem}", file=sys.stderr)
+        return 1
+    print(
+        f"study {spec.name}: up to {max_stack} trials at a time train as one stack "
+        "(--stack off: one by one)",
+        file=sys.stderr,
+    )
+    return max_stack
+
+
 def run_study(
     study_path: str | Path,
     n_trials: int | None = None,
@@ -249,7 +263,7 @@ def run_study(
     results_dir: str | Path = "results",
     stream: TextIO | None = None,
     register: bool = True,
-    max_stack: int = DEFAULT_MAX_STACK,
+    max_stack: int = 1,
     stack_everywhere: bool = False,
 ) -> TuneOutcome:
     """Check a study file and run its trials still to do (the file's ``n_trials`` minus those
@@ -258,7 +272,9 @@ def run_study(
     Trials a killed invocation left RUNNING are failed first. Ctrl-C and SIGTERM stop
     the study cleanly (trials FAIL in Optuna, KILLED in MLflow, the parent KILLED). With
     ``register``, the best trial's run (each of a Pareto front's) becomes a new version of
-    the registered MLflow model named after the study.
+    the registered MLflow model named after the study. Up to ``max_stack`` trials train as
+    one stack where the study's trials stack (1, the default: each alone), with
+    ``stack_everywhere`` (``--stack on``) also where the CPU's measurements say one by one.
     """
     stream = stream or sys.stdout
     study_path = Path(study_path)
@@ -330,12 +346,8 @@ def run_study(
         timeout=timeout,
         seed_offset=existing,
         threads=max(1, cores() // workers),
-        max_stack=max_stack,
-        stack_everywhere=stack_everywhere,
+        max_stack=_trials_per_stack(spec, max_stack, stack_everywhere),
     )
-    if stack_problem(spec, max_stack, stack_everywhere) is None:
-        print(f"study {spec.name}: up to {max_stack} trials at a time train as one stack "
-              "(--stack off: one by one)", file=sys.stderr)
     outcome = TuneOutcome(study=study, storage=ref, parent_id=parent)
     folder = Path(results_dir) / spec.name
     ended = False
