@@ -279,8 +279,8 @@ class SplitRecord:
 def split_digest(split: Split) -> str:
     """SHA-256 (first 16 hex digits) of a split's images and labels as stored."""
     digest = hashlib.sha256()
-    digest.update(split.images.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(split.labels.detach().cpu().contiguous().numpy().tobytes())
+    for tensor in (split.images, split.labels):  # their bytes, hashed without a copy
+        digest.update(tensor.detach().cpu().contiguous().numpy().reshape(-1).view(np.uint8))
     return digest.hexdigest()[:16]
 
 
