@@ -107,6 +107,13 @@ def test_this_process_holds_its_lease():
     assert float(tags[EXPIRES_TAG]) >= time.time() + 899
 
 
+def test_a_stack_of_k_runs_is_leased_k_times_as_long_until_its_first_epoch_is_timed():
+    stacked = float(lease_tags(runs_at_once=4)[EXPIRES_TAG]) - time.time()
+    assert 4 * 900 - 5 <= stacked <= 4 * 900 + 5  # a CPU stack's epoch: up to K runs' epochs
+    timed = float(lease_tags(2000.0, runs_at_once=4)[EXPIRES_TAG]) - time.time()
+    assert 3 * 2000 - 5 <= timed <= 3 * 2000 + 5  # then three of its longest epochs
+
+
 def test_a_finished_process_has_abandoned_its_lease():
     child = subprocess.run(
         [sys.executable, "-c", "from vaebench.claims import owner; print(owner())"],

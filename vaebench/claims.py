@@ -59,9 +59,11 @@ def owner() -> str:
     return ":".join([base, *_task])
 
 
-def lease_tags(longest_epoch_seconds: float = 0.0) -> dict[str, str]:
-    """The lease to write now: this process, for the next few epochs."""
-    seconds = max(LEASE_SECONDS, LEASE_EPOCHS * longest_epoch_seconds)
+def lease_tags(longest_epoch_seconds: float = 0.0, runs_at_once: int = 1) -> dict[str, str]:
+    """The lease to write now: this process, for the next few epochs; before an epoch is
+    timed, :data:`LEASE_SECONDS` per run trained at once (a stack of K on the CPU takes up to
+    K times one run's epoch)."""
+    seconds = max(LEASE_SECONDS * runs_at_once, LEASE_EPOCHS * longest_epoch_seconds)
     return {OWNER_TAG: owner(), EXPIRES_TAG: f"{time.time() + seconds:.0f}"}
 
 

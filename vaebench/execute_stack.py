@@ -88,11 +88,12 @@ def execute_stack(
         splits = workspace.splits_for(runs[0])
         progress = RunProgress(number, total, label, epochs)
         with deferred_signals():  # a signal waits until the runs' ids are known and recorded
+            first_lease = lease_tags(runs_at_once=len(runs))  # until the first epoch is timed
             for run_id in run_ids:  # claimed
-                tracker.set_tags(run_id, stack_tags(runs))
+                tracker.set_tags(run_id, {**first_lease, **stack_tags(runs)})
             for run, run_hooks in zip(runs, hooks, strict=True) if claimed_ids is None else ():
                 run_tag_set = {
-                    **tags, **run_hooks.tags, **run_tags(run), **lease_tags(), **stack_tags(runs)
+                    **tags, **run_hooks.tags, **run_tags(run), **first_lease, **stack_tags(runs)
                 }
                 run_ids.append(tracker.start_run(run.name, run.params, run_tag_set))
             for run_hooks, run_id in zip(hooks, run_ids, strict=True):

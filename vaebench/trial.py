@@ -136,9 +136,10 @@ class TrialObjective:
         own_tags = {"optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
         return TrialWork(trial, f"trial-{trial.number:04d}", own_tags)
 
-    def own(self, work: TrialWork) -> None:
-        """The trial owned (its lease, first) and marked this invocation's."""
-        _renew_lease(work.trial)
+    def own(self, work: TrialWork, runs_at_once: int = 1) -> None:
+        """The trial owned (its lease, first, for ``runs_at_once`` trials trained together)
+        and marked this invocation's."""
+        _renew_lease(work.trial, runs_at_once=runs_at_once)
         work.trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)
 
     def sample(self, work: TrialWork) -> None:
@@ -221,8 +222,10 @@ class TrialObjective:
         return hook
 
 
-def _renew_lease(trial: optuna.Trial, longest_epoch_seconds: float = 0.0) -> None:
-    for key, value in lease_tags(longest_epoch_seconds).items():
+def _renew_lease(
+    trial: optuna.Trial, longest_epoch_seconds: float = 0.0, runs_at_once: int = 1
+) -> None:
+    for key, value in lease_tags(longest_epoch_seconds, runs_at_once).items():
         trial.set_user_attr(key, value)
 
 

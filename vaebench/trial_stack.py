@@ -91,7 +91,7 @@ def optimize_in_stacks(
                 works.append(objective.work_for(study.ask()))
                 done += 1
             for work in works:
-                objective.own(work)
+                objective.own(work, runs_at_once=len(works))
             _train_batch(objective, works, max_stack, tell)
         except BaseException as exc:  # a signal, the store: no trial may stay RUNNING
             for work in works:
