@@ -132,6 +132,9 @@ def test_a_stacks_steps_are_each_members_own_steps(
     for config, member in zip(configs, stacked, strict=True):
         assert isinstance(member, TrainResult)
         alone = fit(config, splits, CPU)
+        # each ends in eval mode, as its last evaluation leaves a run alone: the scores and
+        # pictures after training then use batch norm's running statistics, not a batch's
+        assert not member.model.training and not alone.model.training
         mine, theirs = member.model.state_dict(), alone.model.state_dict()
         assert mine.keys() == theirs.keys()
         for name in theirs:

@@ -28,6 +28,7 @@ from vaebench.models import build_model, place_model
 from vaebench.stacked import build_member, stacked_epoch, stacked_optimizer
 from vaebench.stacked_layers import use_layout
 from vaebench.stacked_model import StackedGaussianVAE
+from vaebench.stacked_step import StackSteps, cuda_graph_for
 from vaebench.train import build_optimizer, resolve_device, train_epoch
 
 
@@ -46,15 +47,21 @@ def reference_configs(
 
 
 def stacked_loop(
-    configs: Sequence[RunConfig], splits: Splits, per_member: bool | None = None
+    configs: Sequence[RunConfig],
+    splits: Splits,
+    per_member: bool | None = None,
+    graphs: bool = True,
 ) -> Callable[[], object]:
     """An epoch of ``configs`` as one stack, on the device that holds ``splits``, its layers
-    ``per_member`` (None: the device's choice)."""
+    ``per_member`` (None: the device's choice), its step a CUDA graph where ``graphs`` and
+    the stack allows (:func:`vaebench.stacked_step.graphable`)."""
     device = splits.train.images.device
     members = [build_member(config, splits, device) for config in configs]
     stack = use_layout(StackedGaussianVAE([m.model for m in members]), per_member)
     optimizer = stacked_optimizer(configs, stack)
-    return lambda: stacked_epoch(stack, optimizer, members, splits).tolist()
+    graph = cuda_graph_for(stack, splits) if graphs else None
+    steps = StackSteps(stack, optimizer, members, splits, graph)
+    return lambda: stacked_epoch(steps, splits).tolist()
 
 
 def sequential_loop(configs: Sequence[RunConfig], splits: Splits) -> Callable[[], object]:
@@ -147,9 +154,11 @@ def dispatched(epoch: Callable[[], object], steps: int, device: torch.device) ->
 
 def dispatched_per_step(configs: Sequence[RunConfig], splits: Splits, steps: int = 3) -> Dispatched:
     """What a step of ``configs`` as one stack dispatches, in the layout CUDA runs (batched,
-    convolutions grouped)."""
+    convolutions grouped), without a CUDA graph (with one, a step launches the graph, the
+    batch's gather and each member's noise)."""
     few = first_batches(splits, steps, configs[0].train.batch_size)
-    return dispatched(stacked_loop(configs, few, per_member=False), steps, _device(splits))
+    loop = stacked_loop(configs, few, per_member=False, graphs=False)
+    return dispatched(loop, steps, _device(splits))
 
 
 def dispatched_per_step_alone(config: RunConfig, splits: Splits, steps: int = 3) -> Dispatched:
@@ -167,6 +176,8 @@ def timed_loops(configs: Sequence[RunConfig], splits: Splits) -> dict[str, Calla
     loops = {"stacked": stacked_loop(configs, splits)}
     if configs[0].model.arch == "conv" and _device(splits).type == "cpu":  # per member there
         loops["stacked grouped"] = stacked_loop(configs, splits, per_member=False)
+    if _device(splits).type == "cuda":
+        loops["stacked without graph"] = stacked_loop(configs, splits, graphs=False)
     loops["one after another"] = sequential_loop(configs, splits)
     return loops
 

@@ -37,15 +37,9 @@ from vaebench.evaluation import Evaluation, evaluate, read_scalars
 from vaebench.models import build_model, place_model
 from vaebench.stack_plan import MEMBER_KEYS, stack_key
 from vaebench.stacked_evaluation import evaluate_stack
-from vaebench.stacked_model import (
-    StackedGaussianVAE,
-    member_kl_c,
-    member_kl_z,
-    member_reconstruction,
-    mixture_weights,
-    stack_problem,
-)
+from vaebench.stacked_model import StackedGaussianVAE, stack_problem
 from vaebench.stacked_optim import STACKED_OPTIMIZERS, StackedOptimizer
+from vaebench.stacked_step import StackSteps, cuda_graph_for
 from vaebench.train import (
     EpochMetrics,
     TrainingDiverged,
@@ -100,16 +94,11 @@ def build_member(config: RunConfig, splits: Splits, device: torch.device) -> Mem
     return Member(config, place_model(model, device), order_rng, draw_rng)
 
 
-def stacked_epoch(
-    stack: StackedGaussianVAE,
-    optimizer: StackedOptimizer,
-    members: Sequence[Member],
-    splits: Splits,
-    first_step: int = 0,
-) -> torch.Tensor:
-    """One pass over the training split for every member, its steps numbered from
-    ``first_step`` (a schedule, such as a temperature, follows them); the summed objective per
-    member (K,) as a device tensor."""
+def stacked_epoch(steps: StackSteps, splits: Splits, first_step: int = 0) -> torch.Tensor:
+    """One pass over the training split for every member of ``steps``' stack, its steps
+    numbered from ``first_step`` (a schedule, such as a temperature, follows them); the
+    summed objective per member (K,) as a device tensor."""
+    members = steps.members
     config = members[0].config
     images, labels = splits.train.images, splits.train.labels
     n, count = images.shape[0], len(members)
@@ -119,59 +108,12 @@ def stacked_epoch(
     orders = torch.stack(
         [torch.randperm(n, generator=m.order_rng, device="cpu") for m in members]
     ).to(device)
-    kl_weights = torch.tensor([m.config.loss.beta for m in members], device=device)
-    kinds = [m.config.loss.recon for m in members]
     total = torch.zeros(count, device=device)
-    stack.train()
+    steps.stack.train()
     for step, start in enumerate(range(0, n, batch_size), start=first_step):
         index = orders[:, start : start + batch_size]
-        batch = index.shape[1]
-        x = images.index_select(0, index.flatten()).view(count, batch, *images.shape[1:])
-        if splits.dynamic_binarize:
-            x = torch.stack(
-                [torch.bernoulli(x[k], generator=m.draw_rng) for k, m in enumerate(members)]
-            )
-        noise = torch.stack([
-            torch.randn(stack.noise_shape(batch), generator=m.draw_rng, device=device)
-            for m in members
-        ])
-        y = None
-        if stack.conditional:
-            y = labels.index_select(0, index.flatten()).view(count, batch)
-        for member in members:
-            member.model.anneal(step, total_steps)  # the member's schedule, e.g. its tau
-        out = stack(x, noise, y, _gumbel_noise(stack, members, batch), _tau(members))
-        weights = mixture_weights(out) if stack.mixture else None
-        loss = member_reconstruction(out.logits, x, kinds, weights) + kl_weights * member_kl_z(out)
-        if out.category_logits is not None:
-            kl_c = member_kl_c(out.category_logits, config.loss.kl_c)
-            loss = loss + config.loss.beta_c * kl_c
-        optimizer.zero_grad()
-        (loss.sum() / batch).backward()
-        optimizer.step()
-        total += loss.detach()
+        total += steps(images, labels, index, step, total_steps, splits.dynamic_binarize)
     return total
-
-
-def _gumbel_noise(
-    stack: StackedGaussianVAE, members: Sequence[Member], batch: int
-) -> torch.Tensor | None:
-    """Each joint member's Gumbel noise (K, B, categories), drawn from its generator as
-    ``F.gumbel_softmax`` draws it alone (after the step's z noise)."""
-    if not stack.joint:
-        return None
-    weight = stack.head.weight
-    return torch.stack([
-        -torch.empty(batch, stack.categories, dtype=weight.dtype, device=weight.device)
-        .exponential_(generator=m.draw_rng)
-        .log()
-        for m in members
-    ])
-
-
-def _tau(members: Sequence[Member]) -> float:
-    """The members' temperature now (one schedule: a stack's members share model.tau)."""
-    return float(getattr(members[0].model, "tau", 1.0))
 
 
 def stacked_optimizer(configs: Sequence[RunConfig], stack: torch.nn.Module) -> StackedOptimizer:
@@ -231,6 +173,7 @@ def fit_stack(
     members = [build_member(config, splits, device) for config in configs]
     stack = StackedGaussianVAE([m.model for m in members]).to(device)
     optimizer = stacked_optimizer(configs, stack)
+    steps = StackSteps(stack, optimizer, members, splits, cuda_graph_for(stack, splits))
     outcomes: list[TrainResult | BaseException] = [TrainResult(model=m.model) for m in members]
     count, n_train = len(members), len(splits.train)
     active = list(range(count))  # the members the stack holds, in its order
@@ -268,10 +211,9 @@ def fit_stack(
     share_since(started)  # building the stack
     for epoch in range(1, config.train.epochs + 1):
         size = len(active)
-        in_stack = [members[index] for index in active]
         t0 = clock()
         first_step = (epoch - 1) * steps_per_epoch(n_train, config.train.batch_size)
-        totals = stacked_epoch(stack, optimizer, in_stack, splits, first_step)
+        totals = stacked_epoch(steps, splits, first_step)
         t1 = clock()
         train_losses = totals.tolist()  # one host read for the stack
         values = _validation_values(splits, size, evaluations)
@@ -313,6 +255,7 @@ def fit_stack(
                 break
             in_stack = [members[index] for index in active]
             stack, optimizer = _without_members(stack, optimizer, kept, in_stack)
+            steps = StackSteps(stack, optimizer, in_stack, splits, cuda_graph_for(stack, splits))
     tested = clock()
     tests = evaluations(splits.test, "test") if active else []
     share_since(tested)
@@ -320,6 +263,7 @@ def fit_stack(
         member, result = members[index], outcomes[index]
         scoring = time.perf_counter()
         member.model.load_state_dict(stack.member_state(position))
+        member.model.eval()  # as a run alone ends: its last evaluation left it so
         try:
             scores = final_scores(
                 member.model, splits, member.config, validations[index], tests[position]

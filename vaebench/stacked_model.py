@@ -31,14 +31,24 @@ from vaebench.stacked_layers import (
 )
 
 
+def first_kind_members(kinds: Sequence[str], device: torch.device) -> torch.Tensor:
+    """Which members' reconstruction is of the first member's kind (K,), on ``device``."""
+    return torch.tensor([kind == kinds[0] for kind in kinds], device=device)
+
+
 def member_reconstruction(
-    logits: torch.Tensor, x: torch.Tensor, kinds: Sequence[str], weights: torch.Tensor | None = None
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    kinds: Sequence[str],
+    weights: torch.Tensor | None = None,
+    first_kind: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each member's reconstruction cost (K,) summed over its batch, member k's of the kind
     ``kinds[k]`` (``bce`` or ``mse``); for mixture members (``gmvae``), ``weights`` (K, B, C)
     are q(c|x) and ``logits`` hold each member's decoding per component, the cost averaged
     over them exactly. With members of both kinds both are computed and each member takes
-    its own (``torch.where``: no gradient from the other kind reaches it)."""
+    its own (``torch.where``: no gradient from the other kind reaches it), ``first_kind``
+    (:func:`first_kind_members`, made once by a caller that steps many times) saying which."""
     members = logits.shape[0]
 
     def cost(kind: str) -> torch.Tensor:
@@ -50,9 +60,10 @@ def member_reconstruction(
     if len(costs) == 1:
         return next(iter(costs.values()))
     first = kinds[0]
-    mine = torch.tensor([kind == first for kind in kinds], device=logits.device)
+    if first_kind is None:
+        first_kind = first_kind_members(kinds, logits.device)
     other = next(cost for kind, cost in costs.items() if kind != first)
-    return torch.where(mine, costs[first], other)
+    return torch.where(first_kind, costs[first], other)
 
 
 def stack_problem(model: nn.Module) -> str | None:
