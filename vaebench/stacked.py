@@ -39,7 +39,7 @@ from vaebench.stack_plan import MEMBER_KEYS, stack_key
 from vaebench.stacked_evaluation import evaluate_stack
 from vaebench.stacked_model import StackedGaussianVAE, stack_problem
 from vaebench.stacked_optim import STACKED_OPTIMIZERS, StackedOptimizer
-from vaebench.stacked_step import StackSteps, cuda_graph_for
+from vaebench.stacked_step import StackSteps, StepBatch, cuda_graph_for
 from vaebench.train import (
     EpochMetrics,
     TrainingDiverged,
@@ -112,7 +112,9 @@ def stacked_epoch(steps: StackSteps, splits: Splits, first_step: int = 0) -> tor
     steps.stack.train()
     for step, start in enumerate(range(0, n, batch_size), start=first_step):
         index = orders[:, start : start + batch_size]
-        total += steps(images, labels, index, step, total_steps, splits.dynamic_binarize)
+        total += steps(
+            StepBatch(images, labels, index, step, total_steps, splits.dynamic_binarize)
+        )
     return total
 
 

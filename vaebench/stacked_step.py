@@ -57,6 +57,20 @@ class StepInputs:
     tau: float = 1.0
 
 
+@dataclass
+class StepBatch:
+    """Which images a step takes: member k's are rows ``index[k]`` (K, B) of the training
+    split's ``images`` and ``labels``; the step's number and the run's total (a schedule
+    follows them); whether its pixels are drawn (dynamic binarization)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    step: int
+    total_steps: int
+    dynamic_binarize: bool = False
+
+
 class Graph(Protocol):
     """A recorded step: :class:`CudaGraph`, or in tests a stand-in that replays eagerly."""
 
@@ -111,23 +125,15 @@ class StackSteps:
         self.steps_taken = 0
         self.captured: CapturedStep | None = None
 
-    def __call__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        index: torch.Tensor,
-        step: int,
-        total_steps: int,
-        dynamic_binarize: bool,
-    ) -> torch.Tensor:
-        """The step on the members' batches ``index`` (K, B): each member's summed objective
-        (K,), on the device."""
+    def __call__(self, batch: StepBatch) -> torch.Tensor:
+        """The step on the members' batches: each member's summed objective (K,), on the
+        device."""
         self.steps_taken += 1
-        full = index.shape[1] == self.config.train.batch_size
+        full = batch.index.shape[1] == self.config.train.batch_size
         if self.graph is not None and full and self.steps_taken > WARMUP_STEPS:
             if self.captured is None:
                 self.captured = CapturedStep(self, self.graph(self.stream))
-                loss = self.captured.first(images, labels, index, step, total_steps)
+                loss = self.captured.first(batch)
                 if self.captured.failed is not None:
                     warnings.warn(
                         f"vaebench: this stack trains without a CUDA graph: {self.captured.failed}",
@@ -136,30 +142,21 @@ class StackSteps:
                     )
                     self.graph = self.captured = None  # its memory goes back too
                 return loss
-            return self.captured.replay(images, labels, index, step, total_steps)
+            return self.captured.replay(batch)
         with self._side_stream(full):
-            inputs = self.inputs(images, labels, index, step, total_steps, dynamic_binarize)
-            return self.train(inputs, index.shape[1])
+            return self.train(self.inputs(batch), batch.index.shape[1])
 
-    def inputs(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        index: torch.Tensor,
-        step: int,
-        total_steps: int,
-        dynamic_binarize: bool,
-        out: StepInputs | None = None,
-    ) -> StepInputs:
-        """Each member's batch and random draws for ``step``, from its own generator, into
+    def inputs(self, step_batch: StepBatch, out: StepInputs | None = None) -> StepInputs:
+        """Each member's batch and random draws for the step, from its own generator, into
         ``out``'s buffers if given."""
-        count, batch = index.shape
-        flat = index.flatten()
+        images, labels = step_batch.images, step_batch.labels
+        count, batch = step_batch.index.shape
+        flat = step_batch.index.flatten()
         x = out.x if out is not None else images.new_empty((count * batch, *images.shape[1:]))
         torch.index_select(images, 0, flat, out=x.view(count * batch, *images.shape[1:]))
         x = x.view(count, batch, *images.shape[1:])
         members = self.members
-        if dynamic_binarize:
+        if step_batch.dynamic_binarize:
             x = torch.stack(
                 [torch.bernoulli(x[k], generator=m.draw_rng) for k, m in enumerate(members)]
             )
@@ -171,7 +168,7 @@ class StackSteps:
         if self.stack.conditional:
             y = labels.index_select(0, flat).view(count, batch)
         for member in members:
-            member.model.anneal(step, total_steps)  # the member's schedule, e.g. its tau
+            member.model.anneal(step_batch.step, step_batch.total_steps)  # e.g. its tau
         return StepInputs(x, noise, y, _gumbel_noise(self.stack, members, batch), _tau(members))
 
     def train(self, inputs: StepInputs, batch: int) -> torch.Tensor:
@@ -222,13 +219,10 @@ class CapturedStep:
         )
         self.loss = torch.zeros(count, device=steps.device)
 
-    def _fill(self, images, labels, index, step: int, total_steps: int) -> None:
-        self.steps.inputs(images, labels, index, step, total_steps, False, out=self.static)
-
-    def first(self, images, labels, index, step: int, total_steps: int) -> torch.Tensor:
+    def first(self, step_batch: StepBatch) -> torch.Tensor:
         """Capture the step, then take this step both ways: eagerly on a copy of the state,
         and by replay; keep the replay where the two agree, else the eager step."""
-        self._fill(images, labels, index, step, total_steps)
+        self.steps.inputs(step_batch, out=self.static)
         steps, optimizer = self.steps, self.steps.optimizer
         before = _snapshot(steps)
         batch = steps.config.train.batch_size
@@ -249,8 +243,8 @@ class CapturedStep:
             return eager
         return self.loss
 
-    def replay(self, images, labels, index, step: int, total_steps: int) -> torch.Tensor:
-        self._fill(images, labels, index, step, total_steps)
+    def replay(self, step_batch: StepBatch) -> torch.Tensor:
+        self.steps.inputs(step_batch, out=self.static)
         self._replay()
         return self.loss
 
