@@ -573,3 +573,21 @@ def test_a_profiler_around_the_program_still_writes_its_profile(tmp_path):
     )
     assert "missing.yaml: cannot read" in done.stderr  # (cProfile swallows the exit status)
     assert (tmp_path / "profile.out").stat().st_size > 0
+
+
+def test_a_run_shorter_than_the_sampling_interval_has_its_system_metrics(tmp_path, monkeypatch):
+    """MLflow's monitor publishes only after its interval (10 s) if the run still runs: a
+    quicker run gets what it sampled when it ends, once."""
+    from vaebench.tracking import MLflowTracker
+
+    monkeypatch.delenv("VAEBENCH_SYSTEM_METRICS", raising=False)
+    monkeypatch.delenv("VAEBENCH_SYSTEM_METRICS_SECONDS", raising=False)
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.start_grid("quick", "quick-1", {})
+    run_id = tracker.start_run("r", {}, {})
+    with tracker.system_metrics(run_id):
+        pass  # far shorter than 10 s
+    tracker.end_run(run_id)
+    history = tracker.client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert [m.step for m in history] == [0]
+    assert tracker.client.get_metric_history(run_id, "system/system_memory_usage_megabytes")

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from vaebench.config import VaebenchError, first_line
 from vaebench.signals import deferred_signals
 from vaebench.store_schema import open_store
+from vaebench.system_metrics import monitored
 from vaebench.tracking_store import HTTP_LIMITS, check_server, sqlite_path
 
 if TYPE_CHECKING:  # the record's type only: tracking imports no torch
@@ -32,9 +33,6 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
 MODEL_TRAINING_KIND = "custom_model_development"
 RUN_KEY_TAG = "vaebench.run_key"
 ERROR_TAG = "vaebench.error"
-SYSTEM_METRICS_ENV = "VAEBENCH_SYSTEM_METRICS"  # "0": no system metrics
-SYSTEM_METRICS_SECONDS_ENV = "VAEBENCH_SYSTEM_METRICS_SECONDS"
-SYSTEM_METRICS_SECONDS = 10.0  # MLflow's default interval: a sample costs milliseconds
 # a store that stopped answering: the grid stops, and its rerun continues it (sysexits'
 # EX_TEMPFAIL: a temporary failure, the user is invited to retry)
 TRACKING_EXIT_STATUS = 75
@@ -252,27 +250,10 @@ class MLflowTracker:
             self.client.set_tag(run_id, ERROR_TAG, error[:MAX_TAG_LENGTH])
         self.client.set_terminated(run_id, status=status)
 
-    @contextlib.contextmanager
-    def system_metrics(self, run_id: str) -> Iterator[None]:
-        """MLflow's system metrics monitor (``system/cpu_utilization_percentage``, memory,
-        disk, network and, with ``nvidia-ml-py``, GPU) on ``run_id`` while the block runs:
-        a thread that samples every :data:`SYSTEM_METRICS_SECONDS` and logs each sample.
-        Off with ``$VAEBENCH_SYSTEM_METRICS=0`` (``--no-system-metrics``)."""
-        if os.environ.get(SYSTEM_METRICS_ENV, "1") == "0":
-            yield
-            return
-        import logging
-
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start lines
-        seconds = float(os.environ.get(SYSTEM_METRICS_SECONDS_ENV, SYSTEM_METRICS_SECONDS))
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=seconds, tracking_uri=self.uri)
-        monitor.start()
-        try:
-            yield
-        finally:
-            monitor.finish()
+    def system_metrics(self, run_id: str) -> contextlib.AbstractContextManager[None]:
+        """MLflow's system metrics on ``run_id`` while the block runs
+        (:func:`vaebench.system_metrics.monitored`)."""
+        return monitored(run_id, self.uri)
 
     @_store_call
     def log_inputs(self, run_id: str, splits: Sequence[SplitRecord]) -> None:
