@@ -39,6 +39,9 @@ def monitored(run_id: str, tracking_uri: str) -> Iterator[None]:
         yield
     finally:
         monitor.finish()
+    # the block ended well (a run whose store failed is left as it is): best effort, as
+    # MLflow's own samples are, never the run's error
+    with contextlib.suppress(Exception):
         publish_if_none(monitor)
 
 
