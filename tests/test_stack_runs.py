@@ -124,3 +124,15 @@ def test_a_diverging_member_fails_alone(tmp_path, mnist_root, capsys):
     assert (runs["status"] == "FINISHED").sum() == 3  # their stack's other members, and gumbel
     assert "training loss is nan" in runs.loc[failed[0], "tags.vaebench.error"]
     assert "TrainingDiverged" in capsys.readouterr().out
+
+
+def test_the_stacks_epoch_that_renews_a_grids_lease_is_k_members_shares():
+    from vaebench.execute_stack import stack_epoch
+    from vaebench.train import EpochMetrics
+
+    share = EpochMetrics(3, 100.0, epoch_seconds=2.5, eval_seconds=0.5, images_per_second=8.0,
+                         values={"val_elbo": -100.0})
+    whole = stack_epoch(share, 8)
+    assert (whole.epoch_seconds, whole.eval_seconds) == (20.0, 4.0)
+    assert (whole.epoch, whole.train_loss, whole.values) == (3, 100.0, {"val_elbo": -100.0})
+    assert share.epoch_seconds == 2.5  # the member's own record is left as it is

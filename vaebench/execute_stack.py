@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import traceback
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from vaebench.claims import lease_tags
@@ -70,7 +71,8 @@ def execute_stack(
     outcome, the error that failed it, or the ``stopped_early`` exception its hook raised to
     stop it (its run KILLED, as :func:`vaebench.execute.execute` ends it; the others go on).
     Raises what stops the stack as a whole (a signal, the store failing). ``epoch_hook``
-    sees the stack's epochs once, ``member_hooks[i]`` run i's life; ``claimed_ids``: the
+    sees the stack's epochs once (:func:`stack_epoch`: its seconds the stack's, as a grid's
+    lease needs them), ``member_hooks[i]`` run i's life; ``claimed_ids``: the
     RUNNING runs claims created for ``runs`` (:func:`vaebench.exactly_once.claim_run`),
     trained in instead of starting new ones."""
     hooks = list(member_hooks or [RunHooks() for _ in runs])
@@ -127,7 +129,8 @@ def execute_stack(
         def on_epoch(index: int, metrics: EpochMetrics) -> None:
             nonlocal shown, longest
             # a member's times are its share: the stack's epoch is up to K times longer
-            longest = max(longest, (metrics.epoch_seconds + metrics.eval_seconds) * len(runs))
+            whole = stack_epoch(metrics, len(runs))
+            longest = max(longest, whole.epoch_seconds + whole.eval_seconds)
             values = metrics.as_dict()
             lease = lease_tags(longest)
             tracker.log_metrics(run_ids[index], values, step=metrics.epoch, tags=lease)
@@ -135,7 +138,7 @@ def execute_stack(
                 shown = metrics.epoch
                 progress.epoch(metrics.epoch, values)
                 if epoch_hook is not None:
-                    epoch_hook(metrics)
+                    epoch_hook(whole)
             member_hook = hooks[index].epoch_hook
             if member_hook is None:
                 return
@@ -195,3 +198,13 @@ def execute_stack(
     finally:
         if progress is not None:
             progress.close(status)
+
+
+def stack_epoch(metrics: EpochMetrics, members: int) -> EpochMetrics:
+    """A member's epoch as the stack's: its training and evaluation seconds (a share of the
+    stack's) times the ``members`` the stack started with, at most the stack's own."""
+    return replace(
+        metrics,
+        epoch_seconds=metrics.epoch_seconds * members,
+        eval_seconds=metrics.eval_seconds * members,
+    )
