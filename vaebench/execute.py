@@ -19,6 +19,8 @@ How an ending is recorded:
 
 from __future__ import annotations
 
+import functools
+import os
 import tempfile
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +47,16 @@ from vaebench.train import EpochMetrics, TrainResult, fit, resolve_device
 
 EpochHook = Callable[[EpochMetrics], None]
 ExtraMetrics = Callable[[dict[str, float]], dict[str, float]]
+
+
+@functools.cache
+def _digest_thread() -> ThreadPoolExecutor:
+    """The process's one thread that hashes splits (every Workspace's), made when first
+    needed."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-digest")
+
+
+os.register_at_fork(after_in_child=_digest_thread.cache_clear)  # a child has no such thread
 
 
 @dataclass
@@ -76,7 +88,6 @@ class Workspace:
         # the splits' digests, hashed in a thread (hashlib lets go of the GIL) while the
         # store opens and the first run starts: 0.5 s for MNIST's on the CPU
         self._records: dict[tuple[str, str], Future[list[SplitRecord]]] = {}
-        self._digests = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-digest")
 
     def check(self, runs: Sequence[RunSpec]) -> None:
         """The quick part of the preflight (clashing settings, data files present): what
@@ -90,7 +101,7 @@ class Workspace:
         for run in runs:
             key = self._key(run)
             if key not in self._records:
-                self._records[key] = self._digests.submit(
+                self._records[key] = _digest_thread().submit(
                     split_records, self._splits[key], run.config.data, self.data_root
                 )
 

@@ -99,7 +99,7 @@ class CudaGraph:
 
 class StackSteps:
     """The training steps of one stack (made anew when members leave it): the step as
-    :func:`train_step`, and on CUDA its graph, captured at the first full batch after the
+    :meth:`train`, and on CUDA its graph, captured at the first full batch after the
     warm-up. ``graph`` makes the graph (None: always eager; :func:`cuda_graph_for` chooses)."""
 
     def __init__(
@@ -172,9 +172,20 @@ class StackSteps:
         return StepInputs(x, noise, y, _gumbel_noise(self.stack, members, batch), _tau(members))
 
     def train(self, inputs: StepInputs, batch: int) -> torch.Tensor:
-        """Forward, the members' summed loss, backward and the update: each member's summed
+        """Forward, the members' losses summed before one backward pass (each member's
+        gradient is its own: no parameter is shared), then the optimizer's step; each member's
         objective (K,)."""
-        return train_step(self, inputs, batch)
+        stack, config = self.stack, self.config
+        out = stack(inputs.x, inputs.noise, inputs.y, inputs.gumbel, inputs.tau)
+        weights = mixture_weights(out) if stack.mixture else None
+        loss = member_reconstruction(out.logits, inputs.x, self.kinds, weights, self.first_kind)
+        loss = loss + self.kl_weights * member_kl_z(out)
+        if out.category_logits is not None:
+            loss = loss + config.loss.beta_c * member_kl_c(out.category_logits, config.loss.kl_c)
+        self.optimizer.zero_grad()
+        (loss.sum() / batch).backward()
+        self.optimizer.step()
+        return loss.detach()
 
     @contextlib.contextmanager
     def _side_stream(self, full: bool) -> Iterator[None]:
@@ -188,22 +199,6 @@ class StackSteps:
         with torch.cuda.stream(side):
             yield
         current.wait_stream(side)
-
-
-def train_step(steps: StackSteps, inputs: StepInputs, batch: int) -> torch.Tensor:
-    """The members' losses summed before one backward pass (each member's gradient is its
-    own: no parameter is shared), then the optimizer's step; each member's objective (K,)."""
-    stack, config = steps.stack, steps.config
-    out = stack(inputs.x, inputs.noise, inputs.y, inputs.gumbel, inputs.tau)
-    weights = mixture_weights(out) if stack.mixture else None
-    loss = member_reconstruction(out.logits, inputs.x, steps.kinds, weights, steps.first_kind)
-    loss = loss + steps.kl_weights * member_kl_z(out)
-    if out.category_logits is not None:
-        loss = loss + config.loss.beta_c * member_kl_c(out.category_logits, config.loss.kl_c)
-    steps.optimizer.zero_grad()
-    (loss.sum() / batch).backward()
-    steps.optimizer.step()
-    return loss.detach()
 
 
 class CapturedStep:
