@@ -1,7 +1,15 @@
-"""The files a finished run leaves in MLflow: its config, weights and pictures."""
+"""The files a finished run leaves in MLflow: its config, weights and pictures.
+
+Made in two steps, so that the second can run in a background process while the next run
+trains (:mod:`vaebench.post_run`): what needs the model (:func:`weights_bytes`,
+:func:`picture_arrays`: on its device, at once) and what does not (:func:`write_weights`,
+:func:`draw_pictures`: files from those bytes and arrays).
+"""
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,41 +25,85 @@ LATENT_SAMPLE_SEED = 0
 LATENT_FILE = "latent.npz"  # their E[z|x] and labels, from which `report --tsne` draws
 
 
+@dataclass
+class RunPictures:
+    """A run's pictures as host arrays of images in [0, 1] (``(N, 1, H, W)``): 16 test images
+    and their reconstructions, 64 prior samples, the latent means of a fixed sample of test
+    images with their labels, and the pictures the model family adds (name: images, columns)."""
+
+    originals: np.ndarray
+    reconstructions: np.ndarray
+    samples: np.ndarray
+    latent_means: np.ndarray
+    latent_labels: np.ndarray
+    extra: dict[str, tuple[np.ndarray, int]]
+
+
 def write_config(folder: Path, run: RunSpec) -> None:
     """``config.yaml``: the resolved config, enough to train the run again."""
     text = yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
     (folder / "config.yaml").write_text(text)
 
 
-def write_weights(folder: Path, run: RunSpec, model: torch.nn.Module) -> None:
-    """``config.yaml`` and ``state_dict.pt``: what rebuilds the trained model (a registered
-    model is made from them)."""
+def weights_bytes(model: torch.nn.Module) -> bytes:
+    """The model's state_dict as ``torch.save`` writes it."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def write_weights(folder: Path, run: RunSpec, weights: bytes) -> None:
+    """``config.yaml`` and ``state_dict.pt`` (:func:`weights_bytes`): what rebuilds the trained
+    model (a registered model is made from them)."""
     write_config(folder, run)
-    torch.save(model.state_dict(), folder / "state_dict.pt")
+    (folder / "state_dict.pt").write_bytes(weights)
 
 
-def write_artifacts(folder: Path, run: RunSpec, model: torch.nn.Module, splits: Splits) -> None:
-    """Resolved config, state_dict, reconstructions, prior samples, the latent means of a
-    fixed sample of test images (``latent.npz``) and their picture (PCA: a t-SNE of 2,000
-    points takes seconds, so ``report --tsne`` draws it for the runs a report shows), and
+def picture_arrays(model: torch.nn.Module, splits: Splits) -> RunPictures:
+    """Reconstructions, prior samples, the latent means of a fixed sample of test images and
     the pictures the model family adds (a conditional model's row of samples per digit)."""
-    write_weights(folder, run, model)
     model.eval()
     test = splits.test
+
+    def host(images: torch.Tensor) -> np.ndarray:
+        return images.detach().float().cpu().numpy()
+
     with torch.no_grad():
         originals, labels = test.images[:16], test.labels[:16]
         recon = torch.sigmoid(model.reconstruct(originals, labels))
-        save_reconstructions(folder / "reconstructions.png", originals, recon)
         generator = torch.Generator(device=originals.device).manual_seed(0)
         samples = torch.sigmoid(model.sample_prior(64, generator=generator))
-        save_grid(folder / "samples.png", samples, columns=8)
         chosen = torch.randperm(
             len(test), generator=torch.Generator().manual_seed(LATENT_SAMPLE_SEED)
         )
         chosen = chosen[:LATENT_SAMPLE].to(test.images.device)
         mu, _ = model.encode(test.images[chosen], test.labels[chosen])
-        means, labels = mu.cpu().numpy(), test.labels[chosen].cpu().numpy()
-        np.savez_compressed(folder / LATENT_FILE, means=means, labels=labels)
-        save_latent_scatter(folder / "latent.png", means, labels, run.name)
-        for name, (logits, columns) in model.extra_pictures(generator).items():
-            save_grid(folder / name, torch.sigmoid(logits), columns=columns)
+        extra = {
+            name: (host(torch.sigmoid(logits)), columns)
+            for name, (logits, columns) in model.extra_pictures(generator).items()
+        }
+    return RunPictures(
+        originals=host(originals),
+        reconstructions=host(recon),
+        samples=host(samples),
+        latent_means=mu.cpu().numpy(),
+        latent_labels=test.labels[chosen].cpu().numpy(),
+        extra=extra,
+    )
+
+
+def draw_pictures(folder: Path, pictures: RunPictures, title: str) -> None:
+    """``reconstructions.png``, ``samples.png``, ``latent.npz`` and its picture
+    ``latent.png`` (PCA: a t-SNE of 2,000 points takes seconds, so ``report --tsne`` draws it
+    for the runs a report shows), and the model family's own pictures."""
+    save_reconstructions(
+        folder / "reconstructions.png",
+        torch.from_numpy(pictures.originals),
+        torch.from_numpy(pictures.reconstructions),
+    )
+    save_grid(folder / "samples.png", torch.from_numpy(pictures.samples), columns=8)
+    means, labels = pictures.latent_means, pictures.latent_labels
+    np.savez_compressed(folder / LATENT_FILE, means=means, labels=labels)
+    save_latent_scatter(folder / "latent.png", means, labels, title)
+    for name, (images, columns) in pictures.extra.items():
+        save_grid(folder / name, torch.from_numpy(images), columns=columns)

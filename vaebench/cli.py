@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from vaebench import bench_cli
 from vaebench.catalogue import DEFAULT_RANKING, RANKABLE
 from vaebench.config import ConfigError, VaebenchError
+from vaebench.workers import AUTO, POST_RUN_CHOICES
 
 # from the catalogue, which imports nothing heavy: --help does not import mlflow
 DEFAULT_METRIC = DEFAULT_RANKING
@@ -105,6 +106,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     _no_system_metrics(run)
     _no_register(run, "each comparison group's best run")
+    run.add_argument(
+        "--post-run",
+        choices=POST_RUN_CHOICES,
+        default=AUTO,
+        help="where a trained run's clustering scores, pictures, artifacts and ending are done: "
+        "background: in one background process while the next run or stack trains; inline: "
+        "here, before the next starts; auto (default): background where runs train on CUDA, "
+        "inline on the CPU (one process, --executor local)",
+    )
     run.add_argument(
         "--executor",
         choices=("local", "ray"),
@@ -235,7 +245,7 @@ def _run(args: argparse.Namespace) -> int:
         raise VaebenchError("--workers and --per-gpu are for --executor local; Ray places tasks")
     execution = Execution(
         args.executor, parse_workers(args.workers), args.per_gpu, args.address,
-        args.task_cpus, args.task_gpus,
+        args.task_cpus, args.task_gpus, args.post_run,
     )
     max_stack = _max_stack(args)
     if args.dry_run:  # answered without importing torch or MLflow

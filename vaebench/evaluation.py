@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vaebench.config import RunConfig
@@ -107,6 +108,28 @@ def evaluate(
     )
 
 
+@dataclass(frozen=True)
+class ClusterInput:
+    """What a split's clustering scores are computed from, on the host: the categories
+    (argmax q(c|x)) where the model has a categorical latent, else the latent means, which
+    k-means clusters (slow: done after training, in a background process where asked)."""
+
+    prefix: str
+    labels: np.ndarray
+    means: np.ndarray | None
+    categories: np.ndarray | None
+
+
+def cluster_input(evaluation: Evaluation, labels: torch.Tensor) -> ClusterInput:
+    categories = evaluation.categories
+    return ClusterInput(
+        prefix=evaluation.prefix,
+        labels=labels.cpu().numpy(),
+        means=evaluation.mu.cpu().numpy() if categories is None else None,
+        categories=categories.cpu().numpy() if categories is not None else None,
+    )
+
+
 def clusters_of(evaluation: Evaluation):
     """argmax q(c|x) for models with a categorical latent, else k-means on E[z|x]."""
     if evaluation.categories is not None:
@@ -114,10 +137,16 @@ def clusters_of(evaluation: Evaluation):
     return kmeans_clusters(evaluation.mu.cpu().numpy())
 
 
-def cluster_metrics(evaluation: Evaluation, labels: torch.Tensor) -> dict[str, float]:
+def scored_clusters(clusters: ClusterInput) -> dict[str, float]:
     """``<prefix>_nmi``, ``_ari``, ``_accuracy`` (Hungarian) of the split's clusters."""
-    scores = clustering_scores(labels.cpu().numpy(), clusters_of(evaluation))
-    return {f"{evaluation.prefix}_{name}": value for name, value in scores.items()}
+    found = clusters.categories if clusters.means is None else kmeans_clusters(clusters.means)
+    scores = clustering_scores(clusters.labels, found)
+    return {f"{clusters.prefix}_{name}": value for name, value in scores.items()}
+
+
+def cluster_metrics(evaluation: Evaluation, labels: torch.Tensor) -> dict[str, float]:
+    """The split's clustering scores (:func:`scored_clusters`), computed now."""
+    return scored_clusters(cluster_input(evaluation, labels))
 
 
 def active_unit_metric(evaluation: Evaluation) -> dict[str, float]:

@@ -21,23 +21,33 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
-import traceback
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vaebench.artifacts import write_artifacts, write_weights
+from vaebench.artifacts import picture_arrays, weights_bytes
 from vaebench.checkpoint import CheckpointStore
 from vaebench.claims import lease_tags
 from vaebench.classifier import ClassifierCache
 from vaebench.config import RunConfig, first_line
 from vaebench.data import SplitRecord, Splits, split_records
 from vaebench.grid import RunSpec
+from vaebench.post_run import (
+    ExtraMetrics,
+    Finisher,
+    FinishJob,
+    InlineFinisher,
+    RunOutcome,
+    end_quietly,
+    fail_run,
+    forget,
+)
 from vaebench.preflight import check_before_tracking, preflight
 from vaebench.progress import RunProgress
 from vaebench.provenance import code_version, run_tags
@@ -46,7 +56,6 @@ from vaebench.tracking import Tracker, TrackingError
 from vaebench.train import EpochMetrics, TrainResult, fit, resolve_device
 
 EpochHook = Callable[[EpochMetrics], None]
-ExtraMetrics = Callable[[dict[str, float]], dict[str, float]]
 
 
 @functools.cache
@@ -78,11 +87,14 @@ class RunHooks:
 class Workspace:
     """What the runs of one invocation share in this process: the device-resident splits
     (loaded once per data config and device), the classifiers, the checkpoint store (None:
-    runs are not checkpointed, as a study's trials, which are never continued)."""
+    runs are not checkpointed, as a study's trials, which are never continued), and who
+    finishes the trained runs (:mod:`vaebench.post_run`: here, unless the caller hands them to
+    a background process)."""
 
     def __init__(self, data_root: Path, checkpoints: CheckpointStore | None):
         self.data_root = data_root
         self.checkpoints = checkpoints
+        self.finisher: Finisher = InlineFinisher()
         self.classifiers = ClassifierCache(data_root)
         self._splits: dict[tuple[str, str], Splits] = {}
         # the splits' digests, hashed in a thread (hashlib lets go of the GIL) while the
@@ -125,13 +137,6 @@ class Workspace:
         registered model's input example)."""
         test = self.splits_for(RunSpec("example", "", config, ())).test
         return test.images[:count].cpu(), test.labels[:count].cpu()
-
-
-@dataclass
-class RunOutcome:
-    run_id: str
-    summary: dict[str, float]  # logged after the last epoch
-    final: dict[str, float]  # every final value: the last epoch's metrics and the summary
 
 
 def record_invalid(
@@ -177,8 +182,9 @@ def execute(
     extra_metrics: ExtraMetrics | None = None,
     stopped_early: tuple[type[BaseException], ...] = (),
     pictures: bool = True,
-) -> RunOutcome:
-    """Train and track one run; returns its outcome, or raises what stopped it.
+) -> Future[RunOutcome]:
+    """Train and track one run; returns its outcome (to come, where the workspace's finisher
+    finishes it in the background: :mod:`vaebench.post_run`), or raises what stopped it.
 
     ``continue_id`` names a stopped (KILLED) run of the same key: with a checkpoint
     of this code, the run goes on in that MLflow run after its last saved epoch;
@@ -191,6 +197,7 @@ def execute(
     run_id: str | None = claimed_id  # from here on, this function ends the claimed run
     saved = 0
     progress: RunProgress | None = None
+    job: FinishJob | None = None
     try:
         splits = workspace.splits_for(run)
         state = _resumable(workspace, run, continue_id)
@@ -229,18 +236,22 @@ def execute(
 
         keep = save_state if workspace.checkpoints is not None else None
         with tracker.system_metrics(run_id):
-            result = fit(run.config, splits, device, on_epoch, resume=state, save_state=keep)
-        outcome = record_results(run, run_id, result, tracker, workspace, extra_metrics, pictures)
-        with deferred_signals():  # finished is finished: a signal now stops what follows
-            tracker.end_run(run_id, "FINISHED")
-            forget(workspace, run_id)
-            status = "FINISHED"
-        return outcome
+            result = fit(
+                run.config, splits, device, on_epoch, resume=state, save_state=keep,
+                score_clusters=False,
+            )
+        job = finish_job(run, run_id, result, workspace, pictures)
+        finishing = workspace.finisher.finish(job, tracker, extra_metrics)
+        status = "FINISHED" if finishing.done() else FINISHING
+        if not finishing.done():
+            finishing.add_done_callback(partial(say_finished, progress.label))
+        return finishing
     except TrackingError:
         status = "STOPPED (tracking store failed)"
         raise
     except KeyboardInterrupt as exc:
-        if status == "FINISHED":
+        if job is not None and job.ended:  # FINISHED just before the signal was raised
+            status = "FINISHED"
             raise
         status = "KILLED"
         where = f"; its checkpoint after epoch {saved} continues it" if saved else ""
@@ -248,46 +259,54 @@ def execute(
         raise
     except stopped_early as exc:
         status = "KILLED"
-        forget(workspace, run_id)
+        forget(workspace.checkpoints, run_id)
         end_quietly(tracker, run_id, "KILLED", first_line(exc))
         raise
     except BaseException as exc:
-        forget(workspace, run_id)
-        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        end_quietly(tracker, run_id, "FAILED", error)
+        fail_run(tracker, workspace.checkpoints, run_id, exc)
         raise
     finally:
         if progress is not None:
             progress.close(status)
 
 
-def record_results(
-    run: RunSpec,
-    run_id: str,
-    result: TrainResult,
-    tracker: Tracker,
-    workspace: Workspace,
-    extra_metrics: ExtraMetrics | None = None,
-    pictures: bool = True,
-) -> RunOutcome:
-    """After training: the summary metrics and the artifacts of the run (not its ending)."""
-    summary, final = _summarize(run, result, workspace.classifiers)
-    if extra_metrics is not None:
-        summary.update(extra_metrics(final))
-    tracker.log_metrics(run_id, summary, step=run.config.train.epochs)
-    with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
-        if pictures:
-            write_artifacts(Path(folder), run, result.model, workspace.splits_for(run))
-        else:
-            write_weights(Path(folder), run, result.model)
-        tracker.log_artifacts(run_id, Path(folder))
-    return RunOutcome(run_id, summary, final)
+FINISHING = "trained: its scores, pictures and artifacts follow in the background"
 
 
-def forget(workspace: Workspace, run_id: str | None) -> None:
-    """The run ended for good: its checkpoint will never be continued."""
-    if workspace.checkpoints is not None and run_id is not None:
-        workspace.checkpoints.remove(run_id)
+def finish_job(
+    run: RunSpec, run_id: str, result: TrainResult, workspace: Workspace, pictures: bool = True
+) -> FinishJob:
+    """What finishing a trained run (:mod:`vaebench.post_run`) needs of its model, taken now
+    on its device: the scores the model family adds, the parameter count, its weights and,
+    with ``pictures``, its pictures' arrays."""
+    model = result.model
+
+    def classifier() -> torch.nn.Module:
+        return workspace.classifiers.get(run.config.data.dataset, model.device)
+
+    summary = {
+        **result.summary,
+        **model.extra_scores(classifier),
+        "parameters": float(sum(p.numel() for p in model.parameters())),
+    }
+    return FinishJob(
+        run=run,
+        run_id=run_id,
+        summary=summary,
+        last=result.final.as_dict(),
+        seconds=result.seconds,
+        clusters=result.clusters,
+        weights=weights_bytes(model),
+        pictures=picture_arrays(model, workspace.splits_for(run)) if pictures else None,
+        checkpoints=workspace.checkpoints,
+    )
+
+
+def say_finished(label: str, finishing: Future[RunOutcome]) -> None:
+    """The line of a run finished in the background, once it is."""
+    error = finishing.exception()
+    status = "FINISHED" if error is None else f"FAILED after training: {first_line(error)}"
+    print(f"{label} {status}", file=sys.stderr, flush=True)
 
 
 def _log_missing_epochs(tracker: Tracker, run_id: str, state: dict[str, Any]) -> None:
@@ -298,38 +317,3 @@ def _log_missing_epochs(tracker: Tracker, run_id: str, state: dict[str, Any]) ->
         metrics = EpochMetrics(**record)
         if metrics.epoch not in logged:
             tracker.log_metrics(run_id, metrics.as_dict(), step=metrics.epoch)
-
-
-def end_quietly(tracker: Tracker, run_id: str | None, status: str, reason: str) -> None:
-    """End the run (if it started); if the store cannot take it, the run's lease lets the
-    next invocation recover it, and the error that stopped the run is the one the user sees."""
-    if run_id is None:
-        return
-    try:
-        tracker.end_run(run_id, status, reason)
-    except TrackingError:
-        pass
-
-
-def _summarize(
-    run: RunSpec, result: TrainResult, classifiers: ClassifierCache
-) -> tuple[dict[str, float], dict[str, float]]:
-    """(what is logged after the last epoch, every final value of the run).
-
-    The summary holds what training scored after the last epoch (test metrics,
-    clustering scores, likelihood, timing), the scores the model family adds,
-    seconds and parameter count; the final values add the last epoch's metrics.
-    """
-    model = result.model
-
-    def classifier() -> torch.nn.Module:
-        return classifiers.get(run.config.data.dataset, model.device)
-
-    summary = {
-        **result.summary,
-        **model.extra_scores(classifier),
-        "seconds": result.seconds,
-        "parameters": float(sum(p.numel() for p in model.parameters())),
-    }
-    return summary, {**result.final.as_dict(), **summary}
-

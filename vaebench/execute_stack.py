@@ -12,24 +12,25 @@ keeping its checkpoint. MLflow is reached only through the :class:`Tracker`.
 from __future__ import annotations
 
 import contextlib
-import traceback
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from vaebench.claims import lease_tags
 from vaebench.config import first_line
 from vaebench.execute import (
+    FINISHING,
     EpochHook,
     RunHooks,
-    RunOutcome,
     Workspace,
-    end_quietly,
-    forget,
-    record_results,
+    finish_job,
+    say_finished,
 )
 from vaebench.grid import RunSpec
-from vaebench.progress import RunProgress
+from vaebench.post_run import FinishJob, RunOutcome, end_quietly, error_text, forget
+from vaebench.progress import RunProgress, line_prefix
 from vaebench.provenance import code_version, run_tags
 from vaebench.signals import deferred_signals
 from vaebench.stacked import MemberStopped, fit_stack
@@ -66,22 +67,24 @@ def execute_stack(
     member_hooks: Sequence[RunHooks] | None = None,
     stopped_early: tuple[type[BaseException], ...] = (),
     pictures: bool = True,
-) -> list[RunOutcome | BaseException]:
+) -> list[Future[RunOutcome] | BaseException]:
     """Train and track ``runs`` (one stack key) as one stack; for each run, in order, its
-    outcome, the error that failed it, or the ``stopped_early`` exception its hook raised to
-    stop it (its run KILLED, as :func:`vaebench.execute.execute` ends it; the others go on).
-    Raises what stops the stack as a whole (a signal, the store failing). ``epoch_hook``
-    sees the stack's epochs once (:func:`stack_epoch`: its seconds the stack's, as a grid's
-    lease needs them), ``member_hooks[i]`` run i's life; ``claimed_ids``: the
-    RUNNING runs claims created for ``runs`` (:func:`vaebench.exactly_once.claim_run`),
-    trained in instead of starting new ones."""
+    outcome (to come, where the workspace's finisher finishes runs in the background:
+    :mod:`vaebench.post_run`), the error that failed it, or the ``stopped_early`` exception
+    its hook raised to stop it (its run KILLED, as :func:`vaebench.execute.execute` ends it;
+    the others go on). Raises what stops the stack as a whole (a signal, the store failing).
+    ``epoch_hook`` sees the stack's epochs once (:func:`stack_epoch`: its seconds the
+    stack's, as a grid's lease needs them), ``member_hooks[i]`` run i's life;
+    ``claimed_ids``: the RUNNING runs claims created for ``runs``
+    (:func:`vaebench.exactly_once.claim_run`), trained in instead of starting new ones."""
     hooks = list(member_hooks or [RunHooks() for _ in runs])
     epochs = runs[0].config.train.epochs
     device = resolve_device(runs[0].config.train.device)
     label = f"stack of {len(runs)} ({', '.join(run.name for run in runs)})"
     progress: RunProgress | None = None
     run_ids: list[str] = list(claimed_ids or [])  # from here on, this function ends them
-    ended: dict[int, RunOutcome | Exception] = {}
+    ended: dict[int, Future[RunOutcome] | BaseException] = {}
+    jobs: dict[int, FinishJob] = {}  # the trained members' finishing
     saved: dict[int, int] = {}
     shown = 0
     longest = 0.0
@@ -110,21 +113,17 @@ def execute_stack(
                 if workspace.checkpoints.save(run_ids[index], snapshot):
                     saved[index] = snapshot["epoch"]
 
-        def end(index: int, status: str, outcome: RunOutcome | BaseException) -> None:
-            """Member ``index``'s run ends now (its caller hears of it at once)."""
+        def end(index: int, status: str, outcome: Future[RunOutcome] | BaseException) -> None:
+            """Member ``index``'s run ends now (its caller hears of it at once), or, trained,
+            has been handed to the finisher (``outcome``, FINISHED once it is done)."""
             with deferred_signals():
-                if isinstance(outcome, RunOutcome):
-                    tracker.end_run(run_ids[index], status)  # then the checkpoint goes
-                    forget(workspace, run_ids[index])
-                else:
-                    forget(workspace, run_ids[index])
-                    reason = first_line(outcome) if status == "KILLED" else "".join(
-                        traceback.format_exception_only(type(outcome), outcome)
-                    ).strip()
+                if not isinstance(outcome, Future):
+                    forget(workspace.checkpoints, run_ids[index])
+                    reason = first_line(outcome) if status == "KILLED" else error_text(outcome)
                     end_quietly(tracker, run_ids[index], status, reason)
                 ended[index] = outcome
                 if hooks[index].on_end is not None:
-                    hooks[index].on_end(None if isinstance(outcome, RunOutcome) else outcome)
+                    hooks[index].on_end(None if isinstance(outcome, Future) else outcome)
 
         def on_epoch(index: int, metrics: EpochMetrics) -> None:
             nonlocal shown, longest
@@ -157,25 +156,32 @@ def execute_stack(
         with contextlib.ExitStack() as monitors:  # each member's run records the machine
             for run_id in run_ids:
                 monitors.enter_context(tracker.system_metrics(run_id))
-            results = fit_stack(configs, splits, device, on_epoch, keep, on_failed=fail)
+            results = fit_stack(
+                configs, splits, device, on_epoch, keep, on_failed=fail, score_clusters=False
+            )
         for index, result in enumerate(results):
-            run_id = run_ids[index]
             if index in ended:  # diverged or stopped: ended already
                 continue
             try:
-                outcome = record_results(
-                    runs[index], run_id, result, tracker, workspace, hooks[index].extra_metrics,
-                    pictures,
+                jobs[index] = finish_job(runs[index], run_ids[index], result, workspace, pictures)
+                finishing = workspace.finisher.finish(
+                    jobs[index], tracker, hooks[index].extra_metrics
                 )
             except TrackingError:
                 raise
             except Exception as exc:  # this member's scores or pictures: the others go on
                 fail(index, exc)
                 continue
-            end(index, "FINISHED", outcome)  # finished is finished: a signal stops what follows
-        finished = sum(isinstance(e, RunOutcome) for e in ended.values())
+            if not finishing.done():
+                member = f"{line_prefix()}{runs[index].name}"
+                finishing.add_done_callback(partial(say_finished, member))
+            end(index, "FINISHED", finishing)
+        finished = sum(isinstance(e, Future) and e.done() for e in ended.values())
+        finishing_now = sum(isinstance(e, Future) and not e.done() for e in ended.values())
         stopped = sum(isinstance(e, stopped_early) for e in ended.values())
         status = f"{finished} of {len(runs)} FINISHED" + (f", {stopped} stopped" if stopped else "")
+        if finishing_now:
+            status = f"{finishing_now} of {len(runs)} {FINISHING}"
         return [ended[index] for index in range(len(runs))]
     except TrackingError:
         status = "STOPPED (tracking store failed)"
@@ -183,16 +189,16 @@ def execute_stack(
     except KeyboardInterrupt as exc:
         status = "KILLED"
         for index, run_id in enumerate(run_ids):
-            if index not in ended:
+            if index not in ended and not (index in jobs and jobs[index].ended):
                 epoch = saved.get(index, 0)
                 where = f"; its checkpoint after epoch {epoch} continues it" if epoch else ""
                 end_quietly(tracker, run_id, "KILLED", f"{first_line(exc)}{where}")
         raise
     except BaseException as exc:
-        text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        text = error_text(exc)
         for index, run_id in enumerate(run_ids):
-            if index not in ended:
-                forget(workspace, run_id)
+            if index not in ended and not (index in jobs and jobs[index].ended):
+                forget(workspace.checkpoints, run_id)
                 end_quietly(tracker, run_id, "FAILED", text)
         raise
     finally:

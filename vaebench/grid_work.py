@@ -9,16 +9,17 @@ train exactly once however many of them work on one grid at once.
 from __future__ import annotations
 
 import sys
-import traceback
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from vaebench.claims import CLAIM_TAG, OWNER_TAG, Planned, plan, recover_abandoned
 from vaebench.exactly_once import claim_run
-from vaebench.execute import EpochHook, RunOutcome, Workspace, end_quietly, execute
+from vaebench.execute import EpochHook, Workspace, execute
 from vaebench.execute_stack import execute_stack
 from vaebench.grid import RunSpec
+from vaebench.post_run import RunOutcome, end_quietly, error_text
 from vaebench.progress import line_prefix
 from vaebench.provenance import run_tags
 from vaebench.tracking import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker, TrackingError
@@ -47,6 +48,43 @@ class WorkRecord:
     rows: list[dict[str, Any]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run name, error line)
     skipped: int = 0  # FINISHED already when this process came to them
+    # trained runs a background process is finishing (:mod:`vaebench.post_run`): their rows
+    # join ``rows`` once they are done
+    finishing: list[tuple[RunSpec, Future[RunOutcome]]] = field(default_factory=list)
+
+    def take(self, run: RunSpec, done: Future[RunOutcome] | Exception, ended: RunEnded) -> None:
+        """A run this process trained: its row now, or once a background process finished
+        it (:meth:`settle`)."""
+        if isinstance(done, Future) and not done.done():
+            self.finishing.append((run, done))
+            return
+        row = row_of(run, _outcome(done), self)
+        self.rows.append(row)
+        ended(row["name"], row["status"])
+
+    def settle(self, ended: RunEnded, wait: bool) -> None:
+        """The rows of the runs finished in the background by now (with ``wait``: of all of
+        them, once they are); raises the store's failure if one of them met it."""
+        waiting, store_failed = [], None
+        for run, finishing in self.finishing:
+            if not wait and not finishing.done():
+                waiting.append((run, finishing))
+            elif isinstance(finishing.exception(), TrackingError):
+                store_failed = store_failed or finishing.exception()
+            else:
+                self.take(run, finishing, ended)
+        self.finishing = waiting
+        if store_failed is not None:
+            raise store_failed
+
+
+def _outcome(done: Future[RunOutcome] | Exception) -> RunOutcome | Exception:
+    if isinstance(done, Exception):
+        return done
+    error = done.exception()
+    if error is not None and not isinstance(error, Exception):  # not a run's own failure
+        raise error
+    return error or done.result()
 
 
 @dataclass(frozen=True)
@@ -82,22 +120,33 @@ def work_through(
     for group in order:
         held: list[Claimed] = []  # claims of this group not yet handed over for training
         try:
+            record.settle(ended, wait=False)
             for index in group:
                 _claim_or_skip(index, planned[index], work, tracker, held, record, total)
             fresh = [c for c in held if c.step.action == "train"]
             if len(fresh) > 1:  # those still new train as a stack; a continued run alone
-                rows = _run_stack(fresh, work, total, tracker, workspace, record, epoch_hook, held)
-                record.rows += rows
-                for row in rows:
-                    ended(row["name"], row["status"])
+                runs_done = _run_stack(fresh, work, total, tracker, workspace, epoch_hook, held)
+                for run, done in runs_done:
+                    record.take(run, done, ended)
             while held:
-                row = _run_alone(held[0], work, total, tracker, workspace, record, epoch_hook, held)
-                record.rows.append(row)
-                ended(row["name"], row["status"])
+                run = held[0].step.run
+                done = _run_alone(held[0], work, total, tracker, workspace, epoch_hook, held)
+                record.take(run, done, ended)
         except BaseException as exc:  # a signal or the store: release what is not started
             for claimed in held:
                 _release(claimed, tracker, exc)
+            _settle_quietly(record, ended)
             raise
+    record.settle(ended, wait=True)
+
+
+def _settle_quietly(record: WorkRecord, ended: RunEnded) -> None:
+    """Wait for the runs finishing in the background while the work stops (they end
+    FINISHED: their training is over); the error that stops the work is the one raised."""
+    try:
+        record.settle(ended, wait=True)
+    except TrackingError:
+        pass
 
 
 CLAIM_ATTEMPTS = 3  # a claim lost to one that then vanished (its process stopped) is retried
@@ -166,12 +215,11 @@ def _run_alone(
     total: int,
     tracker: Tracker,
     workspace: Workspace,
-    record: WorkRecord,
     epoch_hook: EpochHook | None,
     held: list[Claimed],
-) -> dict[str, Any]:
-    """One run's row of the results; a failing run does not stop the grid. The claim
-    leaves ``held`` once ``execute`` answers for it: a new run at once (execute ends it
+) -> Future[RunOutcome] | Exception:
+    """One run's outcome, or the error that failed it: a failing run does not stop the grid.
+    The claim leaves ``held`` once ``execute`` answers for it: a new run at once (execute ends it
     whatever happens), a continuation's claim run once the run it continues (or a new run,
     without a checkpoint) is RUNNING under this process's lease and stamp."""
     step = claimed.step
@@ -197,10 +245,9 @@ def _run_alone(
             raise
         if claimed in held:  # failed before the run it continues was reopened: the claim
             held.remove(claimed)  # ends FAILED, so no other worker of the invocation retries
-            error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            end_quietly(tracker, claimed.claim_id, "FAILED", error)
-        return row_of(step.run, exc, record)
-    return row_of(step.run, done, record)
+            end_quietly(tracker, claimed.claim_id, "FAILED", error_text(exc))
+        return exc
+    return done
 
 
 def _run_stack(
@@ -209,11 +256,10 @@ def _run_stack(
     total: int,
     tracker: Tracker,
     workspace: Workspace,
-    record: WorkRecord,
     epoch_hook: EpochHook | None,
     held: list[Claimed],
-) -> list[dict[str, Any]]:
-    """The rows of runs trained as one stack; a failing stack does not stop the grid.
+) -> list[tuple[RunSpec, Future[RunOutcome] | Exception]]:
+    """Each run of a stack and its outcome or error; a failing stack does not stop the grid.
     ``execute_stack`` ends every run it is given, so their claims leave ``held`` first."""
     runs = [claimed.step.run for claimed in fresh]
     run_ids = [claimed.claim_id for claimed in fresh]
@@ -227,7 +273,7 @@ def _run_stack(
         if isinstance(exc, TrackingError):
             raise
         done = [exc] * len(runs)
-    return [row_of(run, result, record) for run, result in zip(runs, done, strict=True)]
+    return list(zip(runs, done, strict=True))
 
 
 def row_of(run: RunSpec, done: RunOutcome | Exception, record: WorkRecord) -> dict[str, Any]:

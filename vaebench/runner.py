@@ -30,6 +30,7 @@ from vaebench.execute import Workspace, end_quietly
 from vaebench.grid import RunSpec, expand, load_grid
 from vaebench.grid_work import GridWork, WorkRecord, print_skip, stored_row, work_through
 from vaebench.grid_workers import GridJob, rows_from_store, run_workers
+from vaebench.post_run import BackgroundFinisher
 from vaebench.preflight import check_output_folder
 from vaebench.provenance import base_tags
 from vaebench.ray_executor import import_ray, run_on_ray
@@ -43,7 +44,15 @@ from vaebench.tracking import (
 )
 from vaebench.tracking_store import resolve_tracking_uri, sqlite_path
 from vaebench.train import EpochMetrics, resolve_device
-from vaebench.workers import Execution, WorkerSlot, cores, plan_workers, visible_gpus
+from vaebench.workers import (
+    AUTO,
+    POST_RUN_CHOICES,
+    Execution,
+    WorkerSlot,
+    cores,
+    plan_workers,
+    visible_gpus,
+)
 
 if TYPE_CHECKING:
     from vaebench.report import Report
@@ -160,10 +169,14 @@ def run_grid(
 
             if execution.executor == "local" and len(slots) == 1 and slots[0].gpu is None:
                 record = WorkRecord()
+                background = background_finishing(execution.post_run, runs)
+                if background and isinstance(tracker, MLflowTracker):
+                    workspace.finisher = BackgroundFinisher(tracker.uri)
                 try:
                     renew = renew_parent_lease
                     work_through(work, runs, planned, tracker, workspace, record, renew)
                 finally:
+                    workspace.finisher.close()
                     _take(outcome, record)
             else:
                 job = GridJob(
@@ -213,6 +226,18 @@ def run_grid(
                 tracker, grid.name, best, workspace.test_images, parent
             )
     return outcome
+
+
+def background_finishing(post_run: str, runs: Sequence[RunSpec]) -> bool:
+    """Whether a background process finishes the trained runs (:mod:`vaebench.post_run`) while
+    this one trains the next: ``background``, ``inline``, or ``auto``: where some run trains
+    on CUDA (the GPU would wait for the host's scoring and drawing otherwise; on the CPU
+    the background process would take the cores the next run trains on)."""
+    if post_run not in POST_RUN_CHOICES:
+        raise VaebenchError(f"--post-run: one of {', '.join(POST_RUN_CHOICES)}, not {post_run!r}")
+    if post_run == AUTO:
+        return any(resolve_device(run.config.train.device).type == "cuda" for run in runs)
+    return post_run == "background"
 
 
 def _take(outcome: GridOutcome, record: WorkRecord) -> None:

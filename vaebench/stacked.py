@@ -152,6 +152,7 @@ def fit_stack(
     save_state: Callable[[int, dict[str, Any]], None] | None = None,
     on_failed: Callable[[int, TrainingDiverged], None] | None = None,
     stacked_evaluation: bool | None = None,
+    score_clusters: bool = True,
 ) -> list[TrainResult | BaseException]:
     """Train ``configs`` (one :func:`stack_key`) as one stack; for each, in order, its
     :class:`TrainResult`, the :class:`TrainingDiverged` that ended it, or the reason of a
@@ -168,7 +169,8 @@ def fit_stack(
     evaluated in its own model. A member's time is its share: an epoch's training and
     evaluation seconds divided by the members the stack held in it, and its ``seconds`` the
     sum of such shares of everything the stack did while it was a member, plus the scoring
-    it does alone (clustering, likelihood)."""
+    it does alone (clustering, likelihood). ``score_clusters`` as for
+    :func:`vaebench.train.fit`."""
     keys = {stack_key(c) for c in configs}
     if len(keys) != 1:
         raise ValueError("a stack's runs differ in more than " + ", ".join(MEMBER_KEYS))
@@ -267,8 +269,10 @@ def fit_stack(
         member.model.load_state_dict(stack.member_state(position))
         member.model.eval()  # as a run alone ends: its last evaluation left it so
         try:
+            pending = None if score_clusters else result.clusters
             scores = final_scores(
-                member.model, splits, member.config, validations[index], tests[position]
+                member.model, splits, member.config, validations[index], tests[position],
+                pending,
             )
         except TrainingDiverged as exc:
             fail(index, exc)

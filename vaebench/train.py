@@ -23,8 +23,10 @@ import torch
 from vaebench.config import OptimConfig, RunConfig, TrainConfig, VaebenchError
 from vaebench.data import Split, Splits
 from vaebench.evaluation import (
+    ClusterInput,
     Evaluation,
     active_unit_metric,
+    cluster_input,
     cluster_metrics,
     clusters_of,
     evaluate,
@@ -93,6 +95,8 @@ class TrainResult:
     history: list[EpochMetrics] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)  # new after the last epoch
     seconds: float = 0.0
+    # what the clustering scores are computed from, where ``fit`` was asked to leave them
+    clusters: list[ClusterInput] = field(default_factory=list)
 
     @property
     def final(self) -> EpochMetrics:
@@ -242,11 +246,12 @@ def summary_of(
 ) -> dict[str, float]:
     """What is logged after the last epoch: the final scores but those the last epoch logged
     already (val_nmi), and the timing."""
-    last = history[-1].values
-    return {
-        **{name: value for name, value in scores.items() if name not in last},
-        **timing_summary(history, images),
-    }
+    return {**not_logged(scores, history[-1].values), **timing_summary(history, images)}
+
+
+def not_logged(scores: dict[str, float], last: dict[str, float]) -> dict[str, float]:
+    """``scores`` but those the last epoch logged already (``last``: its values)."""
+    return {name: value for name, value in scores.items() if name not in last}
 
 
 def validation_values(
@@ -270,6 +275,7 @@ def fit(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     resume: dict[str, Any] | None = None,
     save_state: Callable[[dict[str, Any]], None] | None = None,
+    score_clusters: bool = True,
 ) -> TrainResult:
     """Train one run from its config; same config and seed on CPU give the same numbers.
 
@@ -279,7 +285,10 @@ def fit(
     Every ``train.checkpoint_every`` epochs (and after the last), ``save_state``
     receives a :func:`training_state`, before ``on_epoch`` sees the epoch; a run
     started with ``resume`` (such a state) continues after its epoch and ends with
-    the numbers of a run that never stopped.
+    the numbers of a run that never stopped. Without ``score_clusters`` the final clustering
+    scores are left out of the summary, and what they are computed from is in
+    ``result.clusters`` (:func:`vaebench.evaluation.scored_clusters` scores it later, on the
+    host; k-means is the slow part of scoring).
     """
     torch.manual_seed(config.seed)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -336,7 +345,8 @@ def fit(
             on_epoch(metrics)
     if evaluation is None and validation is not None:  # resumed after its last epoch
         evaluation = evaluate(model, validation, "validation", config)
-    scores = final_scores(model, splits, config, evaluation)
+    pending = None if score_clusters else result.clusters
+    scores = final_scores(model, splits, config, evaluation, clusters=pending)
     result.summary = summary_of(scores, result.history, n_train)
     result.seconds = earlier + time.perf_counter() - started
     return result
@@ -348,18 +358,24 @@ def final_scores(
     config: RunConfig,
     validation: Evaluation | None,
     test: Evaluation | None = None,
+    clusters: list[ClusterInput] | None = None,
 ) -> dict[str, float]:
     """The test split's metrics, scored once (from ``test`` where the caller evaluated it);
     the clustering scores of validation (from the last epoch's evaluation, ``validation``)
-    and test (not for conditional models, whose encoder or decoder sees the label); the
-    test NLL."""
+    and test (not for conditional models, whose encoder or decoder sees the label), or,
+    given a ``clusters`` list, what they are computed from, appended to it; the test NLL."""
     test = test or evaluate(model, splits.test, "test", config)
     values = test.metrics(read_scalars(test.sums()))
     values.update(active_unit_metric(test))
     if not model.uses_labels:
-        values.update(cluster_metrics(test, splits.test.labels))
+        scored = [(test, splits.test)]
         if validation is not None:
-            values.update(cluster_metrics(validation, splits.validation.labels))
+            scored.append((validation, splits.validation))
+        for evaluation, split in scored:
+            if clusters is None:
+                values.update(cluster_metrics(evaluation, split.labels))
+            else:
+                clusters.append(cluster_input(evaluation, split.labels))
     if config.eval.iwae_samples:
         values.update(likelihood_metrics(model, splits.test, "test", config))
     check_finite(values, "after training")

@@ -21,13 +21,17 @@ from vaebench.signals import Interrupted, forget_child, register_child
 
 CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 AUTO = "auto"
+# where the invocation's process finishes its trained runs (vaebench.post_run)
+POST_RUN_CHOICES = (AUTO, "background", "inline")
 
 
 @dataclass(frozen=True)
 class Execution:
     """How an invocation spreads its runs: ``local`` worker processes (``workers``, a
     number or ``auto``, with ``per_gpu`` on each GPU), or ``ray`` tasks on the cluster at
-    ``address`` (None: a local instance), each asking for ``task_cpus`` and ``task_gpus``."""
+    ``address`` (None: a local instance), each asking for ``task_cpus`` and ``task_gpus``;
+    ``post_run``: where one local process finishes its trained runs (one of
+    :data:`POST_RUN_CHOICES`, :func:`vaebench.runner.background_finishing`)."""
 
     executor: str = "local"  # "local" or "ray"
     workers: str | int = 1
@@ -35,6 +39,7 @@ class Execution:
     address: str | None = None
     task_cpus: float = 1.0
     task_gpus: float = 0.0
+    post_run: str = AUTO
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,169 @@
+"""Finishing trained runs in a background process (``run --post-run background``) records what
+finishing them in the invocation's own process records; a run it cannot finish ends FAILED,
+a run it dies with ends KILLED with its checkpoint, and a signal waits for it."""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from commands import Command, all_runs, children, grid_args
+from mlflow.tracking import MlflowClient
+
+from vaebench.artifacts import RunPictures
+from vaebench.checkpoint import CheckpointStore
+from vaebench.cli import main
+from vaebench.config import RunConfig
+from vaebench.grid import RunSpec
+from vaebench.post_run import LOST, BackgroundFinisher, FinishJob
+from vaebench.tracking import ERROR_TAG, MLflowTracker
+
+GRID = """
+name: finishing
+base:
+  data: {subset: 600, validation: 500}
+  model: {arch: mlp, hidden: [64], z_dim: 4}
+  train: {epochs: 2, batch_size: 100, eval_batch_size: 2500, device: cpu}
+matrix:
+  loss.beta: [1, 4]
+include:
+  - {model.arch: gumbel}
+seeds: [0]
+"""
+TIMING = ("seconds", "images_per_second")
+
+
+def _grid_run(tmp_path: Path, mnist_root: Path, post_run: str):
+    folder = tmp_path / post_run
+    folder.mkdir()
+    (folder / "grid.yaml").write_text(GRID)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    status = main([*grid_args(folder, uri, mnist_root, stack="auto"), "--post-run", post_run])
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in children(all_runs(uri, "finishing"))}
+    table = pd.read_csv(folder / "results" / "finishing.csv").set_index("name")
+    return status, client, runs, table
+
+
+def test_background_finishing_records_what_finishing_here_records(tmp_path, mnist_root, capfd):
+    """Two mlp runs stacked and a gumbel run alone (its val_nmi logged every epoch): every
+    metric but the timing, every artifact's bytes and every results row are the same."""
+    status, here_client, here, here_table = _grid_run(tmp_path, mnist_root, "inline")
+    assert status == 0
+    assert "follow in the background" not in capfd.readouterr().err
+    status, there_client, there, there_table = _grid_run(tmp_path, mnist_root, "background")
+    err = capfd.readouterr().err
+    assert status == 0
+    assert "2 of 2 trained: its scores, pictures and artifacts follow in the background" in err
+    assert len(here) == len(there) == 3
+    for name, run in here.items():
+        other = there[name]
+        assert run.info.status == other.info.status == "FINISHED"
+        assert f"{name} FINISHED" in err
+        untimed = {k: v for k, v in run.data.metrics.items() if not k.endswith(TIMING)
+                   and not k.startswith("system/")}
+        assert {"test_nmi", "val_nmi", "test_accuracy", "test_elbo"} <= set(untimed)
+        assert untimed == {k: other.data.metrics[k] for k in untimed}
+        assert set(other.data.metrics) == set(run.data.metrics)
+        assert other.data.metrics["seconds"] > 0
+        files = sorted(a.path for a in here_client.list_artifacts(run.info.run_id))
+        assert files == sorted(a.path for a in there_client.list_artifacts(other.info.run_id))
+        assert {"state_dict.pt", "latent.npz", "latent.png", "samples.png"} <= set(files)
+        for path in files:
+            ours = here_client.download_artifacts(run.info.run_id, path, str(tmp_path / "a"))
+            theirs = there_client.download_artifacts(other.info.run_id, path, str(tmp_path / "b"))
+            assert Path(ours).read_bytes() == Path(theirs).read_bytes(), (name, path)
+    columns = [c for c in here_table.columns if not c.endswith(TIMING) and c != "run_id"]
+    pd.testing.assert_frame_equal(here_table[columns], there_table.loc[here_table.index, columns])
+    assert not list((tmp_path / "background" / "checkpoints").glob("*.pt"))
+
+
+def _job(tracker: MLflowTracker, checkpoints: CheckpointStore, name: str, pictures=None):
+    """A trained run's finishing job, its run RUNNING with a checkpoint on disk."""
+    run = RunSpec(name, f"key-{name}", RunConfig(), ())
+    run_id = tracker.start_run(name, {}, {})
+    checkpoints.folder.mkdir(exist_ok=True)
+    checkpoints.path(run_id).write_bytes(b"a checkpoint")
+    return FinishJob(
+        run=run, run_id=run_id, summary={"test_elbo": -100.0}, last={"val_elbo": -101.0},
+        seconds=1.0, clusters=[], weights=b"weights", pictures=pictures, checkpoints=checkpoints,
+    )
+
+
+def test_a_run_the_background_cannot_finish_fails_and_the_next_one_finishes(tmp_path):
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.start_grid("finishing", "parent", {})
+    checkpoints = CheckpointStore(tmp_path / "checkpoints")
+    flat = np.zeros(3, dtype=np.float32)  # not images: drawing them fails
+    broken = RunPictures(flat, flat, flat, np.zeros((2, 2)), np.zeros(2), {})
+    bad, good = _job(tracker, checkpoints, "bad", broken), _job(tracker, checkpoints, "good")
+    finisher = BackgroundFinisher(tracker.uri)
+    try:
+        failing, finishing = finisher.finish(bad, tracker), finisher.finish(good, tracker)
+        error = failing.exception(timeout=120)
+        outcome = finishing.result(timeout=120)
+    finally:
+        finisher.close()
+    assert isinstance(error, ValueError)
+    failed = tracker.run_record(bad.run_id)
+    assert failed.status == "FAILED"
+    assert "ValueError" in failed.tags[ERROR_TAG]
+    assert not checkpoints.path(bad.run_id).exists()
+    assert tracker.run_record(good.run_id).status == "FINISHED"
+    assert not checkpoints.path(good.run_id).exists()
+    assert outcome.summary["test_elbo"] == -100.0 and outcome.summary["seconds"] >= 1.0
+    assert outcome.final["val_elbo"] == -101.0
+    client = MlflowClient(tracker.uri)
+    assert sorted(a.path for a in client.list_artifacts(good.run_id)) == [
+        "config.yaml", "state_dict.pt"]
+
+
+def test_a_run_the_background_process_dies_with_is_killed_and_keeps_its_checkpoint(tmp_path):
+    """Its rerun continues it after its last epoch; the runs after it are finished here."""
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.start_grid("finishing", "parent", {})
+    checkpoints = CheckpointStore(tmp_path / "checkpoints")
+    lost, later = _job(tracker, checkpoints, "lost"), _job(tracker, checkpoints, "later")
+    finisher = BackgroundFinisher(tracker.uri)
+    try:
+        finishing = finisher.finish(lost, tracker)
+        for process in multiprocessing.active_children():  # while it still starts up
+            process.kill()
+        assert finishing.exception(timeout=120) is not None
+        with pytest.warns(RuntimeWarning, match="finished in this process from now on"):
+            assert finisher.finish(later, tracker).result().run_id == later.run_id
+    finally:
+        finisher.close()
+    killed = tracker.run_record(lost.run_id)
+    assert killed.status == "KILLED" and killed.tags[ERROR_TAG] == LOST
+    assert checkpoints.path(lost.run_id).read_bytes() == b"a checkpoint"
+    assert tracker.run_record(later.run_id).status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_signal_waits_for_the_runs_the_background_is_finishing(tmp_path, mnist_root):
+    """SIGINT once the first stack has trained: its runs still end FINISHED (the background
+    process ignores the signal and the command waits for it), the second stack's KILLED."""
+    (tmp_path / "grid.yaml").write_text(GRID.replace(
+        "include:\n  - {model.arch: gumbel}", "  optim.name: [adam, rmsprop]"
+    ).replace("epochs: 2", "epochs: 30"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*grid_args(tmp_path, uri, mnist_root, stack="auto"), "--post-run", "background"]
+    command = Command(args, tmp_path)
+    command.wait_for(r"^\[1/4\] stack of 2 .* 2 of 2 trained: its scores")
+    command.process.send_signal(signal.SIGINT)
+    assert command.finish(timeout=120) == 130, command.stderr
+    assert "Traceback" not in command.stderr
+    runs = children(all_runs(uri, "finishing"))
+    status = {r.info.run_name: r.info.status for r in runs}
+    first = {"b1-adam-s0", "b4-adam-s0"}
+    assert {status[name] for name in first} == {"FINISHED"}, status
+    assert {s for name, s in status.items() if name not in first} <= {"KILLED"}
+    assert not any(
+        (tmp_path / "checkpoints" / f"{r.info.run_id}.pt").exists()
+        for r in runs if r.info.run_name in first
+    )
