@@ -167,3 +167,7 @@ def test_a_signal_waits_for_the_runs_the_background_is_finishing(tmp_path, mnist
         (tmp_path / "checkpoints" / f"{r.info.run_id}.pt").exists()
         for r in runs if r.info.run_name in first
     )
+    # the results table after the signal is the store's: the finished runs are in it
+    table = pd.read_csv(tmp_path / "results" / "finishing.csv").set_index("name")
+    assert set(table.loc[sorted(first), "status"]) == {"FINISHED"}
+    assert table.loc[sorted(first), "test_nmi"].notna().all()

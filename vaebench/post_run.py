@@ -136,7 +136,7 @@ class Finisher(Protocol):
         ...
 
     def close(self) -> None:
-        """Wait for every job handed over, then stop."""
+        """Wait for every job handed over, then stop (again: nothing more)."""
         ...
 
 

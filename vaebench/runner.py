@@ -10,6 +10,7 @@ a store that fails stops it with one line saying how to continue.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -115,6 +116,7 @@ def run_grid(
     runs = expand(grid)
     execution = execution or Execution()
     slots = _worker_slots(execution, runs)
+    background = background_finishing(execution.post_run, runs)
     results = Path(results_dir)
     check_output_folder(results)
     uri = resolve_tracking_uri(tracking_uri)
@@ -167,14 +169,21 @@ def run_grid(
                 seconds = metrics.epoch_seconds + metrics.eval_seconds if metrics else 0.0
                 tracker.set_tags(parent, lease_tags(seconds))
 
+            trained = [step.run for _, step in todo]
             if execution.executor == "local" and len(slots) == 1 and slots[0].gpu is None:
                 record = WorkRecord()
-                background = background_finishing(execution.post_run, runs)
                 if background and isinstance(tracker, MLflowTracker):
                     workspace.finisher = BackgroundFinisher(tracker.uri)
                 try:
                     renew = renew_parent_lease
                     work_through(work, runs, planned, tracker, workspace, record, renew)
+                except Interrupted:  # the table as stored, once the runs handed over ended
+                    workspace.finisher.close()
+                    with contextlib.suppress(TrackingError):
+                        record = rows_from_store(
+                            trained, tracker, work, parent, GRID_TAG, sys.stderr
+                        )
+                    raise
                 finally:
                     workspace.finisher.close()
                     _take(outcome, record)
@@ -193,7 +202,6 @@ def run_grid(
                         else run_workers(job, slots, len(todo), renew_parent_lease)
                     )
                 finally:
-                    trained = [step.run for _, step in todo]
                     stored = rows_from_store(trained, tracker, work, parent, GRID_TAG, sys.stderr)
                     _take(outcome, stored)
             with deferred_signals():
