@@ -1,11 +1,14 @@
 """The life of one tracked run, shared by ``run`` and ``tune``.
 
 start (or continue a stopped run in its own MLflow run) -> ``fit`` with a
-checkpoint and the run's metrics and lease after every epoch -> scores the model
-family adds -> artifacts -> finish; or fail, or kill. Nothing else starts or
-ends a run, and nothing here knows whether a grid or an Optuna study asked for
-it: ``tune`` passes its pruning as an ``epoch_hook`` and its objectives as
-``extra_metrics``. MLflow is reached only through the :class:`Tracker`.
+checkpoint and the run's metrics and lease after every epoch -> what finishing it
+needs of its model (:func:`finish_job`) -> the workspace's finisher scores its
+clusters, writes its artifacts and ends it FINISHED, here or in a background process
+(:mod:`vaebench.post_run`); or fail, or kill. Nothing else starts or ends a run
+(the finisher ends it FINISHED on this module's behalf), and nothing here knows
+whether a grid or an Optuna study asked for it: ``tune`` passes its pruning as an
+``epoch_hook`` and its objectives as ``extra_metrics``. MLflow is reached only
+through the :class:`Tracker`.
 
 How an ending is recorded:
 - finished: FINISHED, the checkpoint removed (the final state_dict is an artifact);
