@@ -6,6 +6,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import matplotlib
 import optuna
 import pandas as pd
 import pytest
@@ -249,6 +250,9 @@ def test_trials_csv_and_figures(pruned_then_resumed, capsys):
     assert complete["test_elbo"].notna().all()
     for figure in ("optimization_history.png", "intermediate_values.png"):
         assert (results / figure).stat().st_size > 0
+    # Optuna's figures use the ggplot style; the pictures drawn after them in the same
+    # process (a trial's latent.png, a report) keep matplotlib's default look
+    assert matplotlib.rcParams["axes.facecolor"] == "white"
     parents, _ = mlflow_runs(folder, "prune")
     client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}")
     latest = max(parents, key=lambda r: r.info.start_time)

@@ -154,11 +154,13 @@ def write_figures(study: optuna.Study, spec: StudySpec, folder: Path) -> list[Pa
     written = []
     for name, make in makers.items():
         try:
-            with warnings.catch_warnings():
+            # Optuna's figures set the ggplot style for the whole process (plt.style.use):
+            # undone after each, so that the pictures drawn later are drawn as always
+            with warnings.catch_warnings(), matplotlib.rc_context():
                 warnings.simplefilter("ignore")
                 axes = make()
-            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-            figure.savefig(folder / name, bbox_inches="tight", dpi=100)
+                figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+                figure.savefig(folder / name, bbox_inches="tight", dpi=100)
             plt.close(figure)
             written.append(folder / name)
         except Exception as exc:  # noqa: BLE001 - e.g. importances of parameters that never vary
