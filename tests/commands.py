@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -19,9 +20,13 @@ from mlflow.tracking import MlflowClient
 class Command:
     """``python -m vaebench ...`` in a subprocess; stderr read line by line as it comes."""
 
-    def __init__(self, args: list[str], cwd: Path, loopback_only: bool = False):
+    def __init__(
+        self, args: list[str], cwd: Path, loopback_only: bool = False, own_group: bool = False
+    ):
         """``loopback_only``: in a network namespace of its own that has only loopback
-        (``unshare -n``), for servers that listen beyond 127.0.0.1 whatever they are told."""
+        (``unshare -n``), for servers that listen beyond 127.0.0.1 whatever they are told.
+        ``own_group``: in a session (and process group) of its own, which :meth:`ctrl_c`
+        signals as a terminal's Ctrl-C does."""
         self.out = cwd / f"stdout-{time.monotonic_ns()}.txt"
         command = [sys.executable, "-m", "vaebench", *args]
         if loopback_only:
@@ -35,6 +40,7 @@ class Command:
                 stderr=subprocess.PIPE,
                 text=True,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
+                start_new_session=own_group,
             )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -58,6 +64,10 @@ class Command:
             self.lines.append(line)
             if re.search(pattern, line):
                 return line
+
+    def ctrl_c(self) -> None:
+        """SIGINT to the command's whole process group, as a terminal's Ctrl-C sends it."""
+        os.killpg(self.process.pid, signal.SIGINT)
 
     def finish(self, timeout: float = 300.0) -> int:
         status = self.process.wait(timeout=timeout)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import signal
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,10 @@ from mlflow.tracking import MlflowClient
 from vaebench.artifacts import RunPictures
 from vaebench.checkpoint import CheckpointStore
 from vaebench.cli import main
-from vaebench.config import RunConfig
-from vaebench.grid import RunSpec
+from vaebench.config import RunConfig, VaebenchError
+from vaebench.grid import RunSpec, expand, load_grid
 from vaebench.post_run import LOST, BackgroundFinisher, FinishJob
+from vaebench.runner import background_finishing
 from vaebench.tracking import ERROR_TAG, MLflowTracker
 
 GRID = """
@@ -35,6 +36,9 @@ include:
   - {model.arch: gumbel}
 seeds: [0]
 """
+TWO_STACKS = GRID.replace(
+    "include:\n  - {model.arch: gumbel}", "  optim.name: [adam, rmsprop]"
+).replace("epochs: 2", "epochs: 30")
 TIMING = ("seconds", "images_per_second")
 
 
@@ -142,7 +146,7 @@ def test_a_run_the_background_process_dies_with_is_killed_and_keeps_its_checkpoi
         finishing = finisher.finish(lost, tracker)
         for process in multiprocessing.active_children():  # while it still starts up
             process.kill()
-        assert finishing.exception(timeout=120) is not None
+        assert isinstance(finishing.exception(timeout=120), BrokenProcessPool)
         with pytest.warns(RuntimeWarning, match="finished in this process from now on"):
             assert finisher.finish(later, tracker).result().run_id == later.run_id
     finally:
@@ -154,23 +158,25 @@ def test_a_run_the_background_process_dies_with_is_killed_and_keeps_its_checkpoi
 
 
 @pytest.mark.slow
-def test_a_signal_waits_for_the_runs_the_background_is_finishing(tmp_path, mnist_root):
-    """SIGINT once the first stack has trained: its runs still end FINISHED (the background
-    process ignores the signal and the command waits for it), the second stack's KILLED."""
-    (tmp_path / "grid.yaml").write_text(GRID.replace(
-        "include:\n  - {model.arch: gumbel}", "  optim.name: [adam, rmsprop]"
-    ).replace("epochs: 2", "epochs: 30"))
+def test_a_ctrl_c_waits_for_the_runs_the_background_is_finishing(tmp_path, mnist_root):
+    """Ctrl-C (SIGINT to the command's process group) once the first stack has trained: its
+    runs end FINISHED after the signal (the background process ignores it, and the command
+    waits for it), with their rows in the results table; the second stack's end KILLED."""
+    (tmp_path / "grid.yaml").write_text(TWO_STACKS)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [*grid_args(tmp_path, uri, mnist_root, stack="auto"), "--post-run", "background"]
-    command = Command(args, tmp_path)
+    command = Command(args, tmp_path, own_group=True)
     command.wait_for(r"^\[1/4\] stack of 2 .* 2 of 2 trained: its scores")
-    command.process.send_signal(signal.SIGINT)
+    command.ctrl_c()
+    before = list(command.lines)
     assert command.finish(timeout=120) == 130, command.stderr
     assert "Traceback" not in command.stderr
+    first = ["b1-adam-s0", "b4-adam-s0"]
+    for name in first:  # finished, and said so, after the signal
+        assert f"{name} FINISHED" in command.lines[len(before):], command.stderr
     runs = children(all_runs(uri, "finishing"))
     status = {r.info.run_name: r.info.status for r in runs}
-    first = {"b1-adam-s0", "b4-adam-s0"}
-    assert {status[name] for name in first} == {"FINISHED"}, status
+    assert [status[name] for name in first] == ["FINISHED", "FINISHED"], status
     assert {s for name, s in status.items() if name not in first} <= {"KILLED"}
     assert not any(
         (tmp_path / "checkpoints" / f"{r.info.run_id}.pt").exists()
@@ -178,5 +184,35 @@ def test_a_signal_waits_for_the_runs_the_background_is_finishing(tmp_path, mnist
     )
     # the results table after the signal is the store's: the finished runs are in it
     table = pd.read_csv(tmp_path / "results" / "finishing.csv").set_index("name")
-    assert set(table.loc[sorted(first), "status"]) == {"FINISHED"}
-    assert table.loc[sorted(first), "test_nmi"].notna().all()
+    assert list(table.loc[first, "status"]) == ["FINISHED", "FINISHED"]
+    assert table.loc[first, "test_nmi"].notna().all()
+
+
+@pytest.mark.slow
+def test_each_worker_process_finishes_its_runs_in_the_background(tmp_path, mnist_root):
+    """With --workers (as on a GPU, where each worker is pinned to one) each worker hands its
+    trained runs to a background process of its own."""
+    (tmp_path / "grid.yaml").write_text(TWO_STACKS.replace("epochs: 30", "epochs: 2"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*grid_args(tmp_path, uri, mnist_root, stack="auto"), "--post-run", "background",
+            "--workers", "2"]
+    command = Command(args, tmp_path)
+    assert command.finish(timeout=300) == 0, command.stderr
+    assert command.stderr.count("2 of 2 trained: its scores, pictures and artifacts follow") == 2
+    runs = children(all_runs(uri, "finishing"))
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4
+    assert all("test_nmi" in r.data.metrics for r in runs)
+    table = pd.read_csv(tmp_path / "results" / "finishing.csv")
+    assert list(table["status"]) == ["FINISHED"] * 4
+
+
+def test_where_runs_are_finished(tmp_path):
+    """``auto`` finishes inline on the CPU (measured faster there); a wrong choice is one
+    line."""
+    (tmp_path / "grid.yaml").write_text(GRID)
+    cpu = expand(load_grid(tmp_path / "grid.yaml"))
+    assert background_finishing("auto", cpu) is False
+    assert background_finishing("background", cpu) is True
+    assert background_finishing("inline", cpu) is False
+    with pytest.raises(VaebenchError, match="--post-run: one of auto, background, inline"):
+        background_finishing("elsewhere", cpu)

@@ -50,6 +50,7 @@ from vaebench.post_run import (
     end_quietly,
     fail_run,
     forget,
+    handing_over,
 )
 from vaebench.preflight import check_before_tracking, preflight
 from vaebench.progress import RunProgress
@@ -244,8 +245,9 @@ def execute(
                 score_clusters=False,
             )
         job = finish_job(run, run_id, result, workspace, pictures)
-        finishing = workspace.finisher.finish(job, tracker, extra_metrics)
-        status = "FINISHED" if finishing.done() else FINISHING
+        with handing_over(workspace.finisher):
+            finishing = workspace.finisher.finish(job, tracker, extra_metrics)
+            status = "FINISHED" if finishing.done() else FINISHING
         if not finishing.done():
             finishing.add_done_callback(partial(say_finished, progress.label))
         return finishing
@@ -255,6 +257,8 @@ def execute(
     except KeyboardInterrupt as exc:
         if job is not None and job.ended:  # FINISHED just before the signal was raised
             status = "FINISHED"
+            raise
+        if status == FINISHING:  # the background's: it ends the run
             raise
         status = "KILLED"
         where = f"; its checkpoint after epoch {saved} continues it" if saved else ""
@@ -309,6 +313,8 @@ def say_finished(label: str, finishing: Future[RunOutcome]) -> None:
     """The line of a run finished in the background, once it is."""
     error = finishing.exception()
     status = "FINISHED" if error is None else f"FAILED after training: {first_line(error)}"
+    if isinstance(error, TrackingError):  # the run keeps its lease: a rerun finishes it
+        status = f"STOPPED (tracking store failed: {first_line(error)})"
     print(f"{label} {status}", file=sys.stderr, flush=True)
 
 

@@ -29,7 +29,15 @@ from vaebench.execute import (
     say_finished,
 )
 from vaebench.grid import RunSpec
-from vaebench.post_run import FinishJob, RunOutcome, end_quietly, error_text, forget
+from vaebench.post_run import (
+    FinishJob,
+    RunOutcome,
+    end_quietly,
+    error_text,
+    finished,
+    forget,
+    handing_over,
+)
 from vaebench.progress import RunProgress, line_prefix
 from vaebench.provenance import code_version, run_tags
 from vaebench.signals import deferred_signals
@@ -164,10 +172,17 @@ def execute_stack(
                 continue
             try:
                 jobs[index] = finish_job(runs[index], run_ids[index], result, workspace, pictures)
-                finishing = workspace.finisher.finish(
-                    jobs[index], tracker, hooks[index].extra_metrics
-                )
+                with handing_over(workspace.finisher):
+                    finishing = workspace.finisher.finish(
+                        jobs[index], tracker, hooks[index].extra_metrics
+                    )
+                    end(index, "FINISHED", finishing)
             except TrackingError:
+                raise
+            except KeyboardInterrupt:
+                outcome = jobs[index].outcome if index in jobs else None
+                if outcome is not None and index not in ended:  # FINISHED just before it
+                    end(index, "FINISHED", finished(outcome))
                 raise
             except Exception as exc:  # this member's scores or pictures: the others go on
                 fail(index, exc)
@@ -175,13 +190,7 @@ def execute_stack(
             if not finishing.done():
                 member = f"{line_prefix()}{runs[index].name}"
                 finishing.add_done_callback(partial(say_finished, member))
-            end(index, "FINISHED", finishing)
-        finished = sum(isinstance(e, Future) and e.done() for e in ended.values())
-        finishing_now = sum(isinstance(e, Future) and not e.done() for e in ended.values())
-        stopped = sum(isinstance(e, stopped_early) for e in ended.values())
-        status = f"{finished} of {len(runs)} FINISHED" + (f", {stopped} stopped" if stopped else "")
-        if finishing_now:
-            status = f"{finishing_now} of {len(runs)} {FINISHING}"
+        status = _stack_status(list(ended.values()), len(runs), stopped_early)
         return [ended[index] for index in range(len(runs))]
     except TrackingError:
         status = "STOPPED (tracking store failed)"
@@ -204,6 +213,24 @@ def execute_stack(
     finally:
         if progress is not None:
             progress.close(status)
+
+
+def _stack_status(
+    ended: Sequence[Future[RunOutcome] | BaseException],
+    members: int,
+    stopped_early: tuple[type[BaseException], ...],
+) -> str:
+    """The stack's closing line: how many of its runs finished, are being finished in the
+    background and were stopped (the others failed, each with its own line)."""
+    finished = sum(isinstance(e, Future) and e.done() and not e.exception() for e in ended)
+    finishing = sum(isinstance(e, Future) and not e.done() for e in ended)
+    stopped = sum(isinstance(e, stopped_early) for e in ended)
+    parts = [f"{finished} of {members} FINISHED"] if finished or not finishing else []
+    if finishing:
+        parts.append(f"{finishing} of {members} {FINISHING}")
+    if stopped:
+        parts.append(f"{stopped} stopped")
+    return ", ".join(parts)
 
 
 def stack_epoch(metrics: EpochMetrics, members: int) -> EpochMetrics:

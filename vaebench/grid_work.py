@@ -71,7 +71,7 @@ class WorkRecord:
                 waiting.append((run, finishing))
             elif isinstance(finishing.exception(), TrackingError):
                 store_failed = store_failed or finishing.exception()
-            else:
+            else:  # the others' rows first: the store's failure is raised at the end
                 self.take(run, finishing, ended)
         self.finishing = waiting
         if store_failed is not None:
@@ -82,8 +82,8 @@ def _outcome(done: Future[RunOutcome] | Exception) -> RunOutcome | Exception:
     if isinstance(done, Exception):
         return done
     error = done.exception()
-    if error is not None and not isinstance(error, Exception):  # not a run's own failure
-        raise error
+    if error is not None and (not isinstance(error, Exception) or isinstance(error, TrackingError)):
+        raise error  # not a run's own failure: a signal, the store failing
     return error or done.result()
 
 

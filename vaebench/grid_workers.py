@@ -31,6 +31,7 @@ from vaebench.grid_work import (
     stored_row,
     work_through,
 )
+from vaebench.post_run import BackgroundFinisher
 from vaebench.progress import set_line_prefix
 from vaebench.signals import Interrupted, interruptible
 from vaebench.tracking import MLflowTracker, Tracker
@@ -49,6 +50,9 @@ class GridJob:
     data_root: Path
     checkpoint_dir: Path
     grid_tag: str  # the tag naming a grid's runs (runner.GRID_TAG)
+    # each worker process finishes its trained runs in a background process of its own
+    # (vaebench.post_run; Ray tasks finish theirs themselves)
+    background: bool = False
 
 
 def start_group(worker: int, workers: int, groups: int) -> int:
@@ -76,13 +80,18 @@ def grid_worker_main(job: GridJob, slot: WorkerSlot, workers: int, events: Any) 
             tracker.join_grid(job.experiment_id, job.parent_id)
             runs = expand(load_grid(job.grid_path))
             workspace = Workspace(job.data_root, CheckpointStore(job.checkpoint_dir))
+            if job.background:
+                workspace.finisher = BackgroundFinisher(job.tracking_uri)
             planned = [Planned(run, "train") for run in runs]  # each re-planned from the store
             begin = start_group(slot.index, workers, len(job.work.groups))
-            work_through(
-                job.work, runs, planned, tracker, workspace, WorkRecord(),
-                on_ended=lambda name, status: events.put((slot.index, name, status)),
-                start_group=begin,
-            )
+            try:
+                work_through(
+                    job.work, runs, planned, tracker, workspace, WorkRecord(),
+                    on_ended=lambda name, status: events.put((slot.index, name, status)),
+                    start_group=begin,
+                )
+            finally:
+                workspace.finisher.close()  # the runs handed over end first
         except Interrupted as exc:
             sys.exit(exc.exit_status)
         except VaebenchError as exc:

@@ -63,7 +63,11 @@ class FinishJob:
     checkpoints: CheckpointStore | None
     # set once the run is ended FINISHED (in the process that ended it): a signal raised as
     # that ending's deferred block closes must not mark the run KILLED
-    ended: bool = False
+    outcome: RunOutcome | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.outcome is not None
 
 
 def finish_run(
@@ -94,8 +98,8 @@ def finish_run(
     with deferred_signals():  # finished is finished: a signal now stops what follows
         tracker.end_run(job.run_id, "FINISHED")
         forget(job.checkpoints, job.run_id)
-        job.ended = True
-    return RunOutcome(job.run_id, summary, final)
+        job.outcome = RunOutcome(job.run_id, summary, final)
+    return job.outcome
 
 
 def forget(checkpoints: CheckpointStore | None, run_id: str | None) -> None:
@@ -129,6 +133,8 @@ def fail_run(
 
 
 class Finisher(Protocol):
+    background: bool  # whether the runs it is given are finished by another process
+
     def finish(
         self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
     ) -> Future[RunOutcome]:
@@ -140,16 +146,31 @@ class Finisher(Protocol):
         ...
 
 
+def handing_over(finisher: Finisher) -> contextlib.AbstractContextManager[None]:
+    """Around handing a run to ``finisher`` and noting it: where it goes to a background
+    process, a signal waits until the caller has noted it (the run is the background's from
+    then on, not to be marked KILLED); inline, the finishing is the caller's own,
+    interruptible as a run's recording always was."""
+    return deferred_signals() if finisher.background else contextlib.nullcontext()
+
+
+def finished(outcome: RunOutcome) -> Future[RunOutcome]:
+    """An outcome that is already there, as a finisher's answer."""
+    future: Future[RunOutcome] = Future()
+    future.set_result(outcome)
+    return future
+
+
 class InlineFinisher:
     """Finishes each run in this process, before the next one starts; what goes wrong is
     raised at once, to the caller that ends the run."""
 
+    background = False
+
     def finish(
         self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
     ) -> Future[RunOutcome]:
-        future: Future[RunOutcome] = Future()
-        future.set_result(finish_run(job, tracker, extra_metrics))
-        return future
+        return finished(finish_run(job, tracker, extra_metrics))
 
     def close(self) -> None:
         pass
@@ -167,6 +188,8 @@ class BackgroundFinisher:
     checkpoint kept: it continues them). A run it cannot finish ends FAILED with the error, as
     it would here. If the process dies, its runs end KILLED (their checkpoints continue them)
     and the runs that follow are finished here (with a warning)."""
+
+    background = True
 
     def __init__(self, uri: str):
         context = multiprocessing.get_context("spawn")

@@ -191,6 +191,7 @@ def run_grid(
                 job = GridJob(
                     str(grid_path), work, uri, tracker.experiment_id, parent,
                     workspace.data_root, workspace.checkpoints.folder, GRID_TAG,
+                    background=background and isinstance(tracker, MLflowTracker),
                 )
                 try:
                     outcome.worker_errors = (

@@ -74,7 +74,12 @@ def interruptible() -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Hold a first signal until the block ends, then raise it."""
+    """Hold a first signal until the block ends, then raise it. Signals reach the main thread
+    only: elsewhere (a system-metrics thread, a future's callback) the block holds nothing,
+    and must not raise the main thread's signal in a thread that cannot handle it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _State.deferring += 1
     try:
         yield
