@@ -180,9 +180,11 @@ def run_grid(
                 except Interrupted:  # the table as stored, once the runs handed over ended
                     workspace.finisher.close()
                     with contextlib.suppress(TrackingError):
+                        skipped = record.skipped
                         record = rows_from_store(
                             trained, tracker, work, parent, GRID_TAG, sys.stderr
                         )
+                        record.skipped = skipped
                     raise
                 finally:
                     workspace.finisher.close()
