@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,10 +71,28 @@ class Command:
         os.killpg(self.process.pid, signal.SIGINT)
 
     def finish(self, timeout: float = 300.0) -> int:
-        status = self.process.wait(timeout=timeout)
+        try:
+            status = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._dump_stacks()
+            raise
+
         while (line := self._queue.get(timeout=30)) is not None:
             self.lines.append(line)
         return status
+
+    def _dump_stacks(self) -> None:
+        """Where a command that did not end is stuck: its threads' stacks (``py-spy``, where
+        installed) and what it printed, on the test's output."""
+        spy = shutil.which("py-spy")
+        if spy is not None:
+            dump = subprocess.run([spy, "dump", "--pid", str(self.process.pid)],
+                                  capture_output=True, text=True, timeout=60)
+            print(f"py-spy dump of {self.process.pid}:\n{dump.stdout}{dump.stderr}")
+        while not self._queue.empty():
+            if (line := self._queue.get()) is not None:
+                self.lines.append(line)
+        print("stderr so far:\n" + self.stderr)
 
     @property
     def stderr(self) -> str:

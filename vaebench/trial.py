@@ -25,6 +25,7 @@ from vaebench.claims import OWNER_TAG, abandoned, lease_tags
 from vaebench.config import RunConfig, VaebenchError, run_config_problems, set_dotted
 from vaebench.execute import RunHooks, Workspace, execute, record_invalid
 from vaebench.grid import RunSpec, run_key
+from vaebench.signals import deferred_signals
 from vaebench.study import StudySpec
 from vaebench.study_outputs import RUN_ID_ATTR
 from vaebench.study_space import Param
@@ -93,7 +94,8 @@ class TrialWork:
 
     def on_start(self, run_id: str) -> None:
         self.run_id = run_id
-        self.trial.set_user_attr(RUN_ID_ATTR, run_id)
+        with deferred_signals():  # see _renew_lease
+            self.trial.set_user_attr(RUN_ID_ATTR, run_id)
 
     def values(self) -> float | tuple[float, ...]:
         """What Optuna is told: the objective, or the objectives of a multi-objective study."""
@@ -140,7 +142,8 @@ class TrialObjective:
         """The trial owned (its lease, first, for ``runs_at_once`` trials trained together)
         and marked this invocation's."""
         _renew_lease(work.trial, runs_at_once=runs_at_once)
-        work.trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)
+        with deferred_signals():  # see _renew_lease
+            work.trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)
 
     def sample(self, work: TrialWork) -> None:
         """The trial's values as its run, and the hooks of its life; values that make no
@@ -157,8 +160,9 @@ class TrialObjective:
 
         def score(final: dict[str, float]) -> dict[str, float]:
             work.objectives.extend(objective_values(self.spec, final))
-            for key, value in reported_beside(self.spec, final).items():
-                trial.set_user_attr(key, value)
+            with deferred_signals():  # see _renew_lease
+                for key, value in reported_beside(self.spec, final).items():
+                    trial.set_user_attr(key, value)
             return {
                 f"objective.{m}": v
                 for m, v in zip(self.spec.metrics, work.objectives, strict=True)
@@ -215,8 +219,10 @@ class TrialObjective:
             self.tracker.set_tags(self.tracker.parent_id, lease_tags(longest))
             values = metrics.as_dict()
             if pruned_on in values:
-                trial.report(values[pruned_on], metrics.epoch)
-                if trial.should_prune():
+                with deferred_signals():  # see _renew_lease
+                    trial.report(values[pruned_on], metrics.epoch)
+                    prune = trial.should_prune()
+                if prune:
                     raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch}")
 
         return hook
@@ -225,8 +231,13 @@ class TrialObjective:
 def _renew_lease(
     trial: optuna.Trial, longest_epoch_seconds: float = 0.0, runs_at_once: int = 1
 ) -> None:
-    for key, value in lease_tags(longest_epoch_seconds, runs_at_once).items():
-        trial.set_user_attr(key, value)
+    """The trial's lease, written with signals held: a signal that cuts an Optuna write in
+    half leaves a SQLite storage locked by this process's interrupted connection, and the
+    writes that mark the stopped trial then wait out the lock's timeout (a Ctrl-C took over a
+    minute to stop a study, measured)."""
+    with deferred_signals():
+        for key, value in lease_tags(longest_epoch_seconds, runs_at_once).items():
+            trial.set_user_attr(key, value)
 
 
 def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO) -> int:
