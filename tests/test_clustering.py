@@ -19,14 +19,14 @@ from mlflow.tracking import MlflowClient
 from pydantic import ValidationError
 
 from vaebench.cli import main
-from vaebench.config import FAMILY_DEFAULTS, LossConfig, ModelConfig, RunConfig, flatten
 from vaebench.data import load_splits
-from vaebench.grid import GridSpec, expand
-from vaebench.losses import LossTerms, Objective, batch_marginal_kl, capacity
-from vaebench.metrics import active_units, cluster_accuracy, clustering_scores
 from vaebench.models import build_model
 from vaebench.models.gumbel import TemperatureSchedule, categorical_kl_uniform
-from vaebench.train import fit
+from vaebench.models.losses import LossTerms, Objective, batch_marginal_kl, capacity
+from vaebench.scoring.clustering import active_units, cluster_accuracy, clustering_scores
+from vaebench.spec.config import FAMILY_DEFAULTS, LossConfig, ModelConfig, RunConfig, flatten
+from vaebench.spec.grid import GridSpec, expand
+from vaebench.training.trainer import fit
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

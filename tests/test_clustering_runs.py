@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaebench.config import RunConfig
 from vaebench.data import load_splits
-from vaebench.grid import expand, load_grid
-from vaebench.train import fit
+from vaebench.spec.config import RunConfig
+from vaebench.spec.grid import expand, load_grid
+from vaebench.training.trainer import fit
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

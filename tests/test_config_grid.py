@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import vaebench.config
 import vaebench.models
+import vaebench.spec.config
 from vaebench.cli import main
-from vaebench.config import ConfigError, RunConfig
-from vaebench.grid import GridSpec, expand, load_grid, run_key
-from vaebench.spec_file import read_yaml
+from vaebench.spec.config import ConfigError, RunConfig
+from vaebench.spec.grid import GridSpec, expand, load_grid, run_key
+from vaebench.spec.yaml_file import read_yaml
 
 DESIGN_GRID = """\
 name: design
@@ -306,7 +306,7 @@ def test_grid_that_is_not_a_mapping(tmp_path: Path) -> None:
 
 
 def test_missing_grid_file_is_a_user_error(tmp_path: Path) -> None:
-    from vaebench.config import VaebenchError
+    from vaebench.spec.config import VaebenchError
 
     path = tmp_path / "nope.yaml"
     with pytest.raises(VaebenchError, match="nope.yaml: cannot read"):
@@ -499,21 +499,22 @@ def test_names_lead_with_the_family_when_the_grid_mixes_families(tmp_path: Path)
 
 
 def test_config_names_every_model_family() -> None:
-    """A family registered in vaebench.models must be named in vaebench.config.ARCHS."""
-    assert set(vaebench.models.MODELS) == set(vaebench.config.ARCHS)
+    """A family registered in vaebench.models must be named in vaebench.spec.config.ARCHS."""
+    assert set(vaebench.models.MODELS) == set(vaebench.spec.config.ARCHS)
 
 
-HEAVY = ("torch", "vaebench.models", "vaebench.train", "mlflow", "optuna")
+HEAVY = ("torch", "vaebench.models", "vaebench.training", "mlflow", "optuna")
 
 
 @pytest.mark.parametrize(
-    "module", ["vaebench.config", "vaebench.grid", "vaebench.study", "vaebench.catalogue"]
+    "module",
+    [f"vaebench.spec.{name}" for name in ("config", "grid", "study", "catalogue")],
 )
 def test_light_modules_import_nothing_heavy(module: str) -> None:
     # validating every family checks that model.arch needs no import of vaebench.models
     code = (
         f"import sys, {module}\n"
-        "from vaebench.config import ARCHS, RunConfig\n"
+        "from vaebench.spec.config import ARCHS, RunConfig\n"
         "for arch in ARCHS:\n"
         "    RunConfig.model_validate({'model': {'arch': arch}})\n"
         f"print(*[name for name in {HEAVY!r} if name in sys.modules])"

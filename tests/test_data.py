@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 
 from vaebench import data
 from vaebench.cli import main
-from vaebench.config import DataConfig
 from vaebench.data import (
     DATA_ENV,
     DataError,
@@ -35,6 +34,7 @@ from vaebench.data import (
     resolve_root,
     split_training_images,
 )
+from vaebench.spec.config import DataConfig
 
 IMAGES = "train-images-idx3-ubyte.gz"
 LABELS = "train-labels-idx1-ubyte.gz"

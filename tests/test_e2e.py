@@ -19,12 +19,12 @@ from conftest import REPO
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-import vaebench.config
+import vaebench.spec.config
 from vaebench.cli import main
-from vaebench.config import ModelConfig
+from vaebench.lifecycle.provenance import code_version
 from vaebench.models import MODELS, build_model
 from vaebench.models.base import GaussianVAE
-from vaebench.provenance import code_version
+from vaebench.spec.config import ModelConfig
 
 TINY_GRID = """
 name: tiny
@@ -87,8 +87,8 @@ def test_every_run_names_its_data_its_source_and_its_machine(tiny_grid_result, m
     system metrics of the machine while it trained."""
     from mlflow.tracking import MlflowClient
 
-    from vaebench.config import DataConfig
     from vaebench.data import load_splits, split_digest
+    from vaebench.spec.config import DataConfig
 
     _, uri, _ = tiny_grid_result
     client = MlflowClient(uri)
@@ -124,8 +124,8 @@ def test_the_best_run_is_a_registered_model_that_reconstructs_like_the_run(
     """The grid's best run (one group: all four runs, chosen on val_elbo) is version 1 of the
     registered model ``tiny``; loaded with mlflow.pytorch.load_model it reconstructs, encodes
     and decodes test images as the run's own weights do, rebuilt here from its artifacts."""
-    from vaebench.config import DataConfig, RunConfig
     from vaebench.data import load_splits
+    from vaebench.spec.config import DataConfig, RunConfig
 
     _, uri, _ = tiny_grid_result
     client = MlflowClient(tracking_uri=uri)
@@ -176,14 +176,14 @@ def test_a_model_that_cannot_be_registered_is_one_line_and_changes_no_exit_statu
     """Registering comes after the grid's runs are tracked: a model it cannot make (here its
     rebuilding fails) is one line, the grid still exits 0; a grid named with characters
     MLflow refuses in model names (":") is registered under a name without them."""
-    import vaebench.best_models
+    import vaebench.reporting.best_models
 
     def broken(*_):
         raise RuntimeError("no weights on purpose")
 
     grid = write(tmp_path / "tiny.yaml",
                  TINY_GRID.format(archs="mlp").replace("name: tiny", "name: mnist:tiny"))
-    monkeypatch.setattr(vaebench.best_models, "served_model", broken)
+    monkeypatch.setattr(vaebench.reporting.best_models, "served_model", broken)
     assert run_cli(tmp_path, grid, tracking_uri, mnist_root) == 0
     err = capsys.readouterr().err
     assert "vaebench: mnist-tiny: not registered: RuntimeError: no weights on purpose" in err
@@ -201,12 +201,12 @@ def test_ctrl_c_while_registering_says_the_runs_are_tracked(
 ):
     """Ctrl-C after the grid's runs are tracked, while its best run is registered: exit 130,
     no invitation to rerun (there is nothing to continue), and the grid's runs FINISHED."""
-    import vaebench.best_models
+    import vaebench.reporting.best_models
 
     def interrupted(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vaebench.best_models, "served_model", interrupted)
+    monkeypatch.setattr(vaebench.reporting.best_models, "served_model", interrupted)
     grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp"))
     assert run_cli(tmp_path, grid, tracking_uri, mnist_root) == 130
     err = capsys.readouterr().err
@@ -223,7 +223,7 @@ def test_a_dataset_another_process_created_meanwhile_is_logged_on_the_next_try(t
     from mlflow.exceptions import MlflowException
 
     from vaebench.data import SplitRecord
-    from vaebench.tracking import MLflowTracker, TrackingError
+    from vaebench.tracking.tracker import MLflowTracker, TrackingError
 
     tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracker.start_grid("race", "race-1", {})
@@ -353,7 +353,7 @@ def test_failing_variant_is_marked_failed_and_grid_goes_on(
     tmp_path, mnist_root, tracking_uri, monkeypatch, capsys
 ):
     monkeypatch.setitem(MODELS, "exploding", _exploding_builder)
-    monkeypatch.setattr(vaebench.config, "ARCHS", (*vaebench.config.ARCHS, "exploding"))
+    monkeypatch.setattr(vaebench.spec.config, "ARCHS", (*vaebench.spec.config.ARCHS, "exploding"))
     grid = write(tmp_path / "tiny.yaml", TINY_GRID.format(archs="mlp, exploding"))
     status = run_cli(tmp_path, grid, tracking_uri, mnist_root, "--no-register")
     assert status == 1
@@ -448,9 +448,9 @@ def test_reference_mlp_reaches_published_elbo_on_full_mnist(mnist_root):
     Measured here (2 threads): seeds 0-3 gave 105.54, 105.79, 105.72, 105.49 (mean 105.64,
     sample std 0.14); the bound is about 6 standard deviations above the mean.
     """
-    from vaebench.config import RunConfig
     from vaebench.data import load_splits
-    from vaebench.train import fit
+    from vaebench.spec.config import RunConfig
+    from vaebench.training.trainer import fit
 
     config = RunConfig.model_validate({
         "data": {"validation": 0},
@@ -578,7 +578,7 @@ def test_a_profiler_around_the_program_still_writes_its_profile(tmp_path):
 def test_a_run_shorter_than_the_sampling_interval_has_its_system_metrics(tmp_path, monkeypatch):
     """MLflow's monitor publishes only after its interval (10 s) if the run still runs: a
     quicker run gets what it sampled when it ends, once."""
-    from vaebench.tracking import MLflowTracker
+    from vaebench.tracking.tracker import MLflowTracker
 
     monkeypatch.delenv("VAEBENCH_SYSTEM_METRICS", raising=False)
     monkeypatch.delenv("VAEBENCH_SYSTEM_METRICS_SECONDS", raising=False)

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, Normal, kl_divergence
 
-from vaebench.config import RunConfig
 from vaebench.data import Split
-from vaebench.evaluation import evaluate
-from vaebench.likelihood import iwae_log_likelihood
-from vaebench.losses import expected_reconstruction, loss_terms
 from vaebench.models import build_model
+from vaebench.models.losses import expected_reconstruction, loss_terms
+from vaebench.scoring.evaluation import evaluate
+from vaebench.scoring.likelihood import iwae_log_likelihood
+from vaebench.spec.config import RunConfig
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)  # 16 binary pixels: p(x|z) is smooth enough for a quadrature grid

@@ -1,6 +1,6 @@
 """The IWAE log-likelihood estimator against marginal likelihoods known exactly.
 
-Ground truth never comes from ``vaebench.likelihood``; it is computed here, in float64:
+Ground truth never comes from ``vaebench.scoring.likelihood``; it is computed here, in float64:
 
 - linear-Gaussian decoder, p(z) = N(0, I), p(x|z,c,y) = N(Wz + b + m_c + s_y, sigma^2 I):
   log p(x) = log N(x; b + m_c + s_y, WW^T + sigma^2 I) (``MultivariateNormal``, summed over
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import MultivariateNormal
 
-from vaebench.likelihood import estimate_nll, iwae_log_likelihood, log_weights
 from vaebench.models.base import Posterior
+from vaebench.scoring.likelihood import estimate_nll, iwae_log_likelihood, log_weights
 
 F64 = torch.float64
 LOG_2PI = math.log(2 * math.pi)

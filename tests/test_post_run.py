@@ -15,14 +15,14 @@ import pytest
 from commands import Command, all_runs, children, grid_args
 from mlflow.tracking import MlflowClient
 
-from vaebench.artifacts import RunPictures
-from vaebench.checkpoint import CheckpointStore
 from vaebench.cli import main
-from vaebench.config import RunConfig, VaebenchError
-from vaebench.grid import RunSpec, expand, load_grid
-from vaebench.post_run import LOST, BackgroundFinisher, FinishJob
-from vaebench.runner import background_finishing
-from vaebench.tracking import ERROR_TAG, MLflowTracker
+from vaebench.execution.runner import background_finishing
+from vaebench.lifecycle.artifacts import RunPictures
+from vaebench.lifecycle.post_run import LOST, BackgroundFinisher, FinishJob
+from vaebench.spec.config import RunConfig, VaebenchError
+from vaebench.spec.grid import RunSpec, expand, load_grid
+from vaebench.tracking.tracker import ERROR_TAG, MLflowTracker
+from vaebench.training.checkpoint import CheckpointStore
 
 GRID = """
 name: finishing

@@ -12,13 +12,13 @@ import torch
 from commands import Command, all_runs, children, grid_args
 from pyro import poutine
 
-from vaebench.config import RunConfig, run_config_problems
 from vaebench.data import load_splits
-from vaebench.losses import reconstruction
 from vaebench.models import build_model
 from vaebench.models.base import gaussian_kl
-from vaebench.pyro_backend import model_and_guide, pyro_loss
-from vaebench.train import build_optimizer
+from vaebench.models.losses import reconstruction
+from vaebench.spec.config import RunConfig, run_config_problems
+from vaebench.training.pyro_backend import model_and_guide, pyro_loss
+from vaebench.training.trainer import build_optimizer
 
 BATCH = 64
 

@@ -18,19 +18,20 @@ import pytest
 from conftest import REPO, mlflow_server
 from mlflow.tracking import MlflowClient
 
-from vaebench import cli, report
+from vaebench import cli
 from vaebench.cli import main
-from vaebench.config import VaebenchError
-from vaebench.report import make_report
-from vaebench.report_render import (
+from vaebench.reporting import report
+from vaebench.reporting.render import (
     display_table,
     measurement_notes,
     render_html,
     render_markdown,
     verdict,
 )
-from vaebench.report_runs import METRICS, drop_repeats, picture_prefix, run_set_from_frame
-from vaebench.report_table import leaderboard
+from vaebench.reporting.report import make_report
+from vaebench.reporting.runs import METRICS, drop_repeats, picture_prefix, run_set_from_frame
+from vaebench.reporting.table import leaderboard
+from vaebench.spec.config import VaebenchError
 
 GRID = """
 name: seeds3

@@ -15,14 +15,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vaebench.checkpoint import CheckpointStore
-from vaebench.claims import EXPIRES_TAG, OWNER_TAG, abandoned, lease_tags, owner, plan
-from vaebench.config import RunConfig
 from vaebench.data import load_splits
-from vaebench.grid import RunSpec, run_key
+from vaebench.lifecycle.claims import EXPIRES_TAG, OWNER_TAG, abandoned, lease_tags, owner, plan
 from vaebench.models import build_model, place_model
-from vaebench.tracking import RUN_KEY_TAG, RunRecord
-from vaebench.train import (
+from vaebench.spec.config import RunConfig
+from vaebench.spec.grid import RunSpec, run_key
+from vaebench.tracking.tracker import RUN_KEY_TAG, RunRecord
+from vaebench.training.checkpoint import CheckpointStore
+from vaebench.training.trainer import (
     EpochMetrics,
     build_optimizer,
     fit,
@@ -116,7 +116,7 @@ def test_a_stack_of_k_runs_is_leased_k_times_as_long_until_its_first_epoch_is_ti
 
 def test_a_finished_process_has_abandoned_its_lease():
     child = subprocess.run(
-        [sys.executable, "-c", "from vaebench.claims import owner; print(owner())"],
+        [sys.executable, "-c", "from vaebench.lifecycle.claims import owner; print(owner())"],
         capture_output=True, text=True, check=True,
     )
     tags = {OWNER_TAG: child.stdout.strip(), EXPIRES_TAG: f"{time.time() + 1e6:.0f}"}
@@ -173,7 +173,7 @@ def test_plan_skips_finished_leaves_running_continues_killed():
 
 
 def test_bench_times_the_checkpoint_write_beside_the_epoch(mnist_root, capsys):
-    from vaebench.bench import main as bench_main
+    from vaebench.bench.timing import main as bench_main
 
     assert bench_main(str(mnist_root), epochs=2, subset=512) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""A stack of K runs trains each member exactly as the run alone (vaebench.train.fit) would."""
+"""A stack of K runs trains each member exactly as the run alone (vaebench.training.trainer.fit)
+would."""
 
 from __future__ import annotations
 
@@ -9,22 +10,22 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vaebench.config import RunConfig
 from vaebench.data import Split, Splits, load_splits
-from vaebench.evaluation import evaluate
-from vaebench.losses import expected_reconstruction
-from vaebench.stack_plan import STACKED_OPTIMIZER_NAMES, config_problem, stack_key
-from vaebench.stacked import MemberStopped, build_member, fit_stack
-from vaebench.stacked_evaluation import evaluate_stack
-from vaebench.stacked_layers import StackedSequential
-from vaebench.stacked_model import (
+from vaebench.models.losses import expected_reconstruction
+from vaebench.scoring.evaluation import evaluate
+from vaebench.spec.config import RunConfig
+from vaebench.stacking.evaluation import evaluate_stack
+from vaebench.stacking.fit import MemberStopped, build_member, fit_stack
+from vaebench.stacking.layers import StackedSequential
+from vaebench.stacking.model import (
     StackedGaussianVAE,
     member_kl_z,
     member_reconstruction,
     mixture_weights,
 )
-from vaebench.stacked_optim import STACKED_OPTIMIZERS
-from vaebench.train import TrainingDiverged, TrainResult, fit
+from vaebench.stacking.optim import STACKED_OPTIMIZERS
+from vaebench.stacking.plan import STACKED_OPTIMIZER_NAMES, config_problem, stack_key
+from vaebench.training.trainer import TrainingDiverged, TrainResult, fit
 
 CPU = torch.device("cpu")
 FAMILIES = {

@@ -1,4 +1,4 @@
-"""The stacked step as a captured graph (vaebench.stacked_step): its bookkeeping, tested on the
+"""The stacked step as a captured graph (vaebench.stacking.step): its bookkeeping, tested on the
 CPU with a stand-in graph (capture records the step without running it, replay runs it), gives
 each member exactly the steps of the eager stack; a graph whose step differs, or whose capture
 fails, leaves the stack eager, with a warning, its numbers untouched. What the stand-in cannot
@@ -15,9 +15,9 @@ import torch
 from test_stacked import CPU, FAMILIES, member_configs
 
 from vaebench.data import load_splits
-from vaebench.stacked import build_member, stacked_epoch, stacked_optimizer
-from vaebench.stacked_model import StackedGaussianVAE
-from vaebench.stacked_step import WARMUP_STEPS, StackSteps, cuda_graph_for, graphable
+from vaebench.stacking.fit import build_member, stacked_epoch, stacked_optimizer
+from vaebench.stacking.model import StackedGaussianVAE
+from vaebench.stacking.step import WARMUP_STEPS, StackSteps, cuda_graph_for, graphable
 
 
 class ReplayedStep:
@@ -85,7 +85,7 @@ def assert_same_training(a, b) -> None:
 def test_a_replayed_step_trains_each_member_exactly_as_the_eager_stack(
     family, recon, optimizer, mnist_root, monkeypatch
 ):
-    from vaebench.stacked_layers import StackedSequential
+    from vaebench.stacking.layers import StackedSequential
 
     monkeypatch.setattr(StackedSequential, "per_member", False)  # CUDA's layout
     eager = train(FAMILIES[family], recon, optimizer, None, mnist_root)

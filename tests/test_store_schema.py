@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vaebench.config import VaebenchError
-from vaebench.store_schema import seed_store, template
-from vaebench.tracking import MLflowTracker
+from vaebench.spec.config import VaebenchError
+from vaebench.tracking.schema import seed_store, template
+from vaebench.tracking.tracker import MLflowTracker
 
 
 def schema_of(db: Path) -> tuple[list[tuple], list[tuple[str]], list[tuple]]:

@@ -10,19 +10,19 @@ import sys
 import pytest
 import torch
 
-from vaebench.config import (
+from vaebench.data import load_splits
+from vaebench.models import build_model
+from vaebench.models.losses import LossTerms, Objective, reconstruction
+from vaebench.scoring.evaluation import evaluate
+from vaebench.spec.config import (
     LossConfig,
     ModelConfig,
     RunConfig,
     VaebenchError,
     run_config_problems,
 )
-from vaebench.data import load_splits
-from vaebench.evaluation import evaluate
-from vaebench.losses import LossTerms, Objective, reconstruction
-from vaebench.models import build_model
-from vaebench.progress import RunProgress
-from vaebench.train import (
+from vaebench.training.progress import RunProgress
+from vaebench.training.trainer import (
     EpochMetrics,
     TrainingDiverged,
     build_optimizer,
@@ -195,7 +195,7 @@ def test_timing_reports_the_first_epoch_apart():
 
 
 def test_a_non_finite_validation_metric_fails_the_run(small_splits, monkeypatch):
-    import vaebench.train as train
+    import vaebench.training.trainer as train
 
     real = train.evaluate
 
@@ -277,8 +277,9 @@ def test_importing_the_trainer_does_not_import_mlflow_or_optuna():
     import subprocess
 
     code = (
-        "import sys, vaebench.train, vaebench.tracking, vaebench.runner, vaebench.study,"
-        " vaebench.evaluation, vaebench.likelihood, vaebench.catalogue;"
+        "import sys, vaebench.training.trainer, vaebench.tracking.tracker,"
+        " vaebench.execution.runner, vaebench.spec.study,"
+        " vaebench.scoring.evaluation, vaebench.scoring.likelihood, vaebench.spec.catalogue;"
         "print('mlflow' in sys.modules, 'optuna' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -289,7 +290,7 @@ def test_the_metric_catalogue_imports_nothing_heavy():
     import subprocess
 
     code = (
-        "import sys, vaebench.catalogue;"
+        "import sys, vaebench.spec.catalogue;"
         "print(*[m in sys.modules for m in ('torch', 'mlflow', 'optuna')])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -315,7 +316,7 @@ def test_bench_layout_times_both_layouts_of_a_conv_run(mnist_root, capsys):
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 def test_bench_stack_times_stacks_against_runs_alone(arch, mnist_root, capsys):
-    from vaebench.bench_stack import main as bench_stack
+    from vaebench.bench.stack import main as bench_stack
 
     assert bench_stack(str(mnist_root), [2], epochs=1, subset=256, arch=arch,
                        launch_sizes=(1, 4)) == 0

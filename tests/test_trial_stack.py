@@ -9,11 +9,11 @@ import pytest
 from optuna.trial import TrialState
 from tuning import TINY_BASE, assert_trials_match_runs, load, mlflow_runs, tune, write
 
-from vaebench.execute_stack import STACK_MEMBERS_TAG, STACK_SIZE_TAG
-from vaebench.stack_plan import DEFAULT_MAX_STACK
-from vaebench.study import load_study
-from vaebench.study_storage import open_storage
-from vaebench.trial_stack import PRUNED_ON_CPU, stack_problem
+from vaebench.lifecycle.execute_stack import STACK_MEMBERS_TAG, STACK_SIZE_TAG
+from vaebench.spec.study import load_study
+from vaebench.stacking.plan import DEFAULT_MAX_STACK
+from vaebench.tuning.storage import open_storage
+from vaebench.tuning.trial_stack import PRUNED_ON_CPU, stack_problem
 
 STACKED_STUDY = f"""\
 name: stacked
@@ -100,7 +100,7 @@ def test_which_studies_stack_their_trials(tmp_path):
 
 
 def test_tune_says_whether_its_trials_stack_and_why_not(tmp_path, capsys):
-    from vaebench.tune import _trials_per_stack
+    from vaebench.tuning.tune import _trials_per_stack
 
     spec = load_study(write(tmp_path / "stacked.yaml", STACKED_STUDY))
     assert _trials_per_stack(spec, DEFAULT_MAX_STACK, stack_everywhere=False) == 1

@@ -14,13 +14,13 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from tuning import TINY_BASE, assert_trials_match_runs, load, mlflow_runs, tune, write
 
-import vaebench.config
-from vaebench.config import ConfigError, ModelConfig
+import vaebench.spec.config
 from vaebench.models import MODELS, build_model
-from vaebench.stack_plan import DEFAULT_MAX_STACK
-from vaebench.study import load_study
-from vaebench.study_storage import JOURNAL, MEMORY, resolve_storage
-from vaebench.trial_stack import PRUNED_ON_CPU, stack_problem
+from vaebench.spec.config import ConfigError, ModelConfig
+from vaebench.spec.study import load_study
+from vaebench.stacking.plan import DEFAULT_MAX_STACK
+from vaebench.tuning.storage import JOURNAL, MEMORY, resolve_storage
+from vaebench.tuning.trial_stack import PRUNED_ON_CPU, stack_problem
 
 # lr 1e-6 barely trains, so after the first complete trial the median pruner stops it
 PRUNING_STUDY = f"""\
@@ -287,7 +287,7 @@ def test_failing_trial_is_fail_and_failed_and_the_study_goes_on(
     store, mnist_root, monkeypatch, capsys
 ):
     monkeypatch.setitem(MODELS, "exploding", _exploding_builder)
-    monkeypatch.setattr(vaebench.config, "ARCHS", (*vaebench.config.ARCHS, "exploding"))
+    monkeypatch.setattr(vaebench.spec.config, "ARCHS", (*vaebench.spec.config.ARCHS, "exploding"))
     path = write(store / "boom.yaml", f"""\
         name: boom
         {textwrap.indent(TINY_BASE, "        ").strip()}
@@ -373,7 +373,7 @@ def test_a_best_trial_whose_run_cannot_be_read_is_one_line_and_the_study_exits_0
 ):
     """The study is done before its best trial is registered: a store that fails to give
     the trial's run back then is one line, not a tracking error's exit status."""
-    from vaebench.tracking import MLflowTracker
+    from vaebench.tracking.tracker import MLflowTracker
 
     path = write(store / "unread.yaml", f"""\
         name: unread
@@ -402,7 +402,7 @@ def test_a_trial_created_moments_ago_without_its_lease_yet_is_not_abandoned():
     import datetime
     import io
 
-    from vaebench.trial import LEASELESS_GRACE_SECONDS, fail_abandoned_trials
+    from vaebench.tuning.trial import LEASELESS_GRACE_SECONDS, fail_abandoned_trials
 
     study = optuna.create_study()
     fresh = study.ask()  # RUNNING, no user attributes yet

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 from postgres import addresses_on, postgres_server
 
-from vaebench.claims import (
+from vaebench.execution.worker_plan import WorkerSlot, parse_workers, plan_workers, visible_gpus
+from vaebench.execution.worker_processes import start_group
+from vaebench.lifecycle.claims import (
     CLAIM_TAG,
     EXPIRES_TAG,
     OWNER_TAG,
@@ -28,12 +30,10 @@ from vaebench.claims import (
     lease_tags,
     set_task,
 )
-from vaebench.config import VaebenchError
-from vaebench.exactly_once import CLAIMED_AT_TAG, claim_holds, claim_run, stamp
-from vaebench.grid import expand, load_grid
-from vaebench.grid_workers import start_group
-from vaebench.tracking import MLflowTracker
-from vaebench.workers import WorkerSlot, parse_workers, plan_workers, visible_gpus
+from vaebench.lifecycle.exactly_once import CLAIMED_AT_TAG, claim_holds, claim_run, stamp
+from vaebench.spec.config import VaebenchError
+from vaebench.spec.grid import expand, load_grid
+from vaebench.tracking.tracker import MLflowTracker
 
 GRID = """
 name: spread

@@ -10,8 +10,8 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from vaebench.cli import main
-from vaebench.study_storage import open_storage
-from vaebench.tune import STATUS
+from vaebench.tuning.storage import open_storage
+from vaebench.tuning.tune import STATUS
 
 TINY_BASE = """\
 base:

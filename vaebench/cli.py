@@ -9,10 +9,10 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from vaebench import bench_cli
-from vaebench.catalogue import DEFAULT_RANKING, RANKABLE
-from vaebench.config import ConfigError, VaebenchError
-from vaebench.workers import AUTO, POST_RUN_CHOICES
+from vaebench.bench import cli as bench_cli
+from vaebench.execution.worker_plan import AUTO, POST_RUN_CHOICES
+from vaebench.spec.catalogue import DEFAULT_RANKING, RANKABLE
+from vaebench.spec.config import ConfigError, VaebenchError
 
 # from the catalogue, which imports nothing heavy: --help does not import mlflow
 DEFAULT_METRIC = DEFAULT_RANKING
@@ -61,7 +61,7 @@ def _stack_options(parser: argparse.ArgumentParser, which: str, cuda_only: str) 
 
 def _max_stack(args: argparse.Namespace) -> int:
     """The most runs one stack trains: 1 with --stack off."""
-    from vaebench.stack_plan import DEFAULT_MAX_STACK
+    from vaebench.stacking.plan import DEFAULT_MAX_STACK
 
     return 1 if args.stack == "off" else args.max_stack or DEFAULT_MAX_STACK
 
@@ -238,7 +238,7 @@ def _system_metrics(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from vaebench.workers import Execution, parse_workers
+    from vaebench.execution.worker_plan import Execution, parse_workers
 
     _system_metrics(args)
     if args.executor == "ray" and (args.workers != "1" or args.per_gpu is not None):
@@ -249,11 +249,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     max_stack = _max_stack(args)
     if args.dry_run:  # answered without importing torch or MLflow
-        from vaebench.dry_run import dry_run
+        from vaebench.execution.dry_run import dry_run
 
         dry_run(args.grid, max_stack, stack_everywhere=args.stack == "on")
         return 0
-    from vaebench.runner import run_grid
+    from vaebench.execution.runner import run_grid
 
     outcome = run_grid(
         args.grid,
@@ -280,7 +280,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     _system_metrics(args)
-    from vaebench.tune import run_study
+    from vaebench.tuning.tune import run_study
 
     outcome = run_study(
         args.study,
@@ -304,7 +304,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from vaebench.report import make_report
+    from vaebench.reporting.report import make_report
 
     make_report(
         args.name,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaebench.config import DataConfig, VaebenchError
+from vaebench.spec.config import DataConfig, VaebenchError
 
 DATA_ENV = "VAEBENCH_DATA"
 # Fixed Bernoulli draws of binarized splits, one seed per split (the same for every run):

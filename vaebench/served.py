@@ -1,96 +1,11 @@
-"""A trained run's model as MLflow serves it: one tensor in, one tensor out.
+"""Where models registered before vaebench's packages pickled their class: an alias.
 
-MLflow's PyTorch flavor calls ``module(batch)`` with a single float32 tensor
-(a pyfunc or ``mlflow models serve`` gets a numpy array or a DataFrame, one row
-an image) and wants a single tensor back. :class:`ServedVAE` gives every model
-family that shape: a row is an image's ``C*H*W`` pixels in [0, 1], prepared as
-the run's data was (binarized where ``data.binarize`` says so), and for a
-conditional family (``cvae``) one more column, the digit label; the output is
-the reconstruction's pixel probabilities at the posterior mean, the same
-deterministic reconstruction the run's ``reconstructions.png`` shows.
-``encode`` and ``decode`` give the latent means and decode latent draws, as the
-trained module does. This module knows torch and the model families only.
+A model logged by vaebench before the move to packages holds a pickled
+``vaebench.served.ServedVAE``; unpickling it looks the class up here, and finds
+:class:`vaebench.tracking.served.ServedVAE`. Keep this module while such models may
+still be loaded (tests/test_served.py loads one registered before the move).
 """
 
-from __future__ import annotations
+from vaebench.tracking.served import ServedVAE
 
-import io
-
-import torch
-import yaml
-from torch import nn
-
-from vaebench.config import RunConfig
-from vaebench.models import build_model
-
-IMAGE_SHAPE = (1, 28, 28)  # every MNIST-family dataset's images
-
-
-class ServedVAE(nn.Module):
-    """``forward(rows) -> reconstruction probabilities``; ``encode``, ``decode``, ``sample``."""
-
-    def __init__(self, model: nn.Module, image_shape: tuple[int, int, int] = IMAGE_SHAPE):
-        super().__init__()
-        self.model = model
-        self.image_shape = tuple(image_shape)
-        self.pixels = int(torch.tensor(image_shape).prod())
-        self.conditional = bool(getattr(model, "uses_labels", False))
-
-    @property
-    def columns(self) -> int:
-        """Values per input row: the pixels, and the label for a conditional family."""
-        return self.pixels + int(self.conditional)
-
-    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Input rows -> (images (n, C, H, W), labels or None)."""
-        if rows.dim() != 2 or rows.shape[1] != self.columns:
-            what = "pixels and a label" if self.conditional else "pixels"
-            raise ValueError(
-                f"expected rows of {self.columns} values ({what}), got shape {tuple(rows.shape)}"
-            )
-        images = rows[:, : self.pixels].reshape(-1, *self.image_shape)
-        labels = rows[:, self.pixels].long() if self.conditional else None
-        return images, labels
-
-    def rows(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The inverse of :meth:`split`: images (and labels) as input rows."""
-        flat = images.reshape(images.shape[0], -1).float()
-        if not self.conditional:
-            return flat
-        assert labels is not None, "a conditional model's rows carry the label"
-        return torch.cat([flat, labels.reshape(-1, 1).float()], dim=1)
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        images, labels = self.split(rows)
-        return torch.sigmoid(self.model.reconstruct(images, labels)).flatten(1)
-
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        """The posterior means E[z|x] (the Gaussian part, for families with a category)."""
-        images, labels = self.split(rows)
-        return self.model.encode(images, labels)[0]
-
-    def decode(
-        self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Pixel probabilities (n, C*H*W) of latent draws z (with the one-hot category c, or
-        the label y, where the family decodes them)."""
-        return torch.sigmoid(self.model.decode_sample(z, c, y)).flatten(1)
-
-    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
-        """Pixel probabilities of ``n`` draws from the prior."""
-        generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        return torch.sigmoid(self.model.sample_prior(n, generator=generator)).flatten(1)
-
-
-def run_config(text: str) -> RunConfig:
-    """A run's ``config.yaml`` artifact as its config."""
-    return RunConfig.model_validate(yaml.safe_load(text))
-
-
-def served_model(config: RunConfig, state_dict: bytes) -> ServedVAE:
-    """The run's trained model, on the CPU in eval mode, from its config and the bytes of its
-    ``state_dict.pt`` artifact."""
-    model = build_model(config.model, IMAGE_SHAPE)
-    weights = torch.load(io.BytesIO(state_dict), map_location="cpu", weights_only=True)
-    model.load_state_dict(weights)
-    return ServedVAE(model).eval()
+__all__ = ["ServedVAE"]

@@ -1,6 +1,6 @@
 """Model families by name. A new family is one module with a builder, registered here.
 
-A builder takes the run's :class:`~vaebench.config.ModelConfig` and the image
+A builder takes the run's :class:`~vaebench.spec.config.ModelConfig` and the image
 shape ``(C, H, W)`` and returns a module with ``forward(x, y) -> VAEOutput``,
 ``kl_terms(out)`` (each KL summed over the batch), ``anneal(step, total)``,
 ``reconstruct(x, y)`` and ``sample_prior(n)``; the trainer needs nothing else.
@@ -16,13 +16,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from vaebench.config import ModelConfig
 from vaebench.models.base import Backbone, GaussianVAE
 from vaebench.models.conv import conv_backbone
 from vaebench.models.cvae import NUM_CLASSES, ConditionalVAE
 from vaebench.models.gmvae import GaussianMixtureVAE
 from vaebench.models.gumbel import JointVAE
 from vaebench.models.mlp import mlp_backbone
+from vaebench.spec.config import ModelConfig
 
 Shape = tuple[int, int, int]
 ModelBuilder = Callable[[ModelConfig, Shape], nn.Module]

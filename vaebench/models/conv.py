@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from vaebench.config import ModelConfig
 from vaebench.models.base import Backbone, dense_stack
+from vaebench.spec.config import ModelConfig
 
 
 def _block(layer: nn.Module, channels: int, batch_norm: bool) -> list[nn.Module]:

@@ -6,8 +6,8 @@ import math
 
 from torch import nn
 
-from vaebench.config import ModelConfig
 from vaebench.models.base import Backbone, dense_stack
+from vaebench.spec.config import ModelConfig
 
 
 def mlp_backbone(

@@ -1,0 +1,62 @@
+"""Benchmark: a conv run's training epoch and validation pass with its weights contiguous
+against channels-last (what :func:`vaebench.models.place_model` chooses on the CPU), on real
+MNIST, through vaebench's own ``train_epoch`` and ``evaluate``, in one process, interleaved.
+
+    python -m vaebench bench --layout --epochs 5 --subset 5120
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from vaebench.bench.timing import CONV, time_interleaved
+from vaebench.data import Splits, load_splits, resolve_root
+from vaebench.models import build_model
+from vaebench.models.losses import Objective
+from vaebench.scoring.evaluation import evaluate
+from vaebench.spec.config import RunConfig
+from vaebench.training.trainer import build_optimizer, train_epoch
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
+
+
+def layout_loops(config: RunConfig, splits: Splits, layout: torch.memory_format):
+    """(a training epoch, a validation pass) of one fresh model whose weights have ``layout``."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, splits.image_shape).to(memory_format=layout)
+    optimizer = build_optimizer(config.optim, model.parameters())
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def epoch() -> float:
+        model.train()
+        return train_epoch(model, optimizer, Objective(config.loss), config, splits, generator)
+
+    def validation() -> object:
+        return evaluate(model, splits.validation, "validation", config)
+
+    return epoch, validation
+
+
+def main(data_root: str | None, epochs: int = 5, subset: int | None = None) -> int:
+    config = RunConfig.model_validate({**CONV, "data": {"subset": subset}})
+    splits = load_splits(config.data, resolve_root(data_root), torch.device("cpu"))
+    loops: dict[str, Callable[[], object]] = {}
+    for name, layout in LAYOUTS.items():
+        epoch, validation = layout_loops(config, splits, layout)
+        loops[f"training epoch, {name}"] = epoch
+        loops[f"validation pass, {name}"] = validation
+    print(
+        f"conv VAE (channels 32, 64, z 20), BCE, Adam 1e-3, batch 128, {len(splits.train)} "
+        f"training and {len(splits.validation)} validation images, CPU, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; {epochs} timed rounds "
+        "after 1 warm-up, interleaved; seconds (median)"
+    )
+    medians = {t.name: t.median for t in time_interleaved(loops, epochs)}
+    for name, seconds in medians.items():
+        print(f"{name:<32s} {seconds:.3f} s")
+    for part in ("training epoch", "validation pass"):
+        ratio = medians[f"{part}, channels-last"] / medians[f"{part}, contiguous"]
+        print(f"{part}: channels-last / contiguous = {ratio:.2f}")
+    return 0

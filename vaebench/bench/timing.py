@@ -1,0 +1,215 @@
+"""Benchmark: vaebench's trainer against the conventional loop, in the same process.
+
+The conventional loop is pytorch/examples' VAE loop: a DataLoader over a
+Dataset that turns each uint8 image into a PIL image and then into a float
+tensor (what torchvision's MNIST with ``ToTensor`` does per sample), and a
+``loss.item()`` host read every step. Both loops train the same model with the
+same loss and optimizer; only the data path and the per-step sync differ.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from vaebench.data import Splits, load_arrays, load_splits, resolve_root
+from vaebench.models import build_model, place_model
+from vaebench.models.losses import Objective, loss_terms
+from vaebench.spec.config import RunConfig
+from vaebench.training.checkpoint import CheckpointStore
+from vaebench.training.trainer import (
+    EpochMetrics,
+    build_optimizer,
+    resolve_device,
+    train_epoch,
+    training_state,
+)
+
+CHECKPOINT_WRITE = "checkpoint write"
+# pytorch/examples' VAE: 784-400-20, BCE, Adam 1e-3, batch 128
+REFERENCE = {
+    "model": {"arch": "mlp", "hidden": [400], "z_dim": 20},
+    "loss": {"recon": "bce", "beta": 1.0},
+    "optim": {"name": "adam", "lr": 1e-3},
+    "train": {"batch_size": 128, "device": "cpu"},
+}
+
+
+# experiments/quick.yaml's conv variant (BCE, Adam 1e-3, batch 128)
+CONV = {
+    "model": {"arch": "conv", "channels": [32, 64], "z_dim": 20},
+    "train": {"batch_size": 128, "device": "cpu"},
+}
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """What torchvision's ``ToTensor`` does with a greyscale PIL image."""
+    array = torch.from_numpy(np.array(image, np.uint8, copy=True))
+    array = array.view(image.size[1], image.size[0], 1).permute((2, 0, 1)).contiguous()
+    return array.to(dtype=torch.get_default_dtype()).div(255)
+
+
+class PerImageMNIST(Dataset):
+    """torchvision.datasets.MNIST's ``__getitem__``: uint8 -> PIL image -> tensor, per sample."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.data = torch.from_numpy(np.array(images, copy=True))
+        self.targets = torch.from_numpy(labels.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = Image.fromarray(self.data[index].numpy(), mode="L")
+        return pil_to_tensor(image), int(self.targets[index])
+
+
+def conventional_epoch(model, optimizer, loader: DataLoader, config: RunConfig, device) -> float:
+    """pytorch/examples' ``train(epoch)``: per-step device copy and ``loss.item()``."""
+    model.train()
+    objective = Objective(config.loss)
+    train_loss = 0.0
+    for data, _ in loader:
+        data = data.to(device)
+        optimizer.zero_grad()
+        loss = objective(loss_terms(model, data, None, config.loss.recon), data.shape[0], 0)
+        (loss / data.shape[0]).backward()
+        train_loss += loss.item()
+        optimizer.step()
+    return train_loss / len(loader.dataset)
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def time_interleaved(steps: dict[str, Callable[[], object]], epochs: int) -> list[Timing]:
+    """Seconds per epoch of each loop, after one untimed warm-up epoch each.
+
+    Epochs run round-robin (A, B, C, A, B, C, ...) so that drift in the
+    machine's speed hits every loop alike.
+    """
+    for step in steps.values():
+        step()
+    timings = {name: Timing(name, []) for name in steps}
+    for _ in range(epochs):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            timings[name].seconds.append(time.perf_counter() - started)
+    return list(timings.values())
+
+
+def run_bench(
+    splits: Splits,
+    conventional: PerImageMNIST,
+    epochs: int,
+    seed: int = 0,
+    checkpoint_folder: Path | None = None,
+) -> list[Timing]:
+    """Time three loops on the same model: vaebench as shipped, vaebench's data path with
+    torch's default (unfused) Adam, and the conventional loop (default Adam); with
+    ``checkpoint_folder``, also the shipped loop writing a checkpoint after every epoch, the
+    write timed on its own (a Timing named ``CHECKPOINT_WRITE``)."""
+    config = RunConfig.model_validate({**REFERENCE, "seed": seed})
+    unfused = config.model_copy(
+        update={"optim": config.optim.model_copy(update={"kwargs": {"fused": False}})}
+    )
+    device = resolve_device(config.train.device)
+
+    def fresh(run_config: RunConfig):
+        torch.manual_seed(seed)
+        model = place_model(build_model(run_config.model, splits.image_shape), device)
+        return model, build_optimizer(run_config.optim, model.parameters())
+
+    def vaebench_loop(run_config: RunConfig):
+        model, optimizer = fresh(run_config)
+        generator = torch.Generator().manual_seed(seed)
+        # one host read per epoch
+        objective = Objective(run_config.loss)
+
+        def step() -> float:
+            return train_epoch(model, optimizer, objective, run_config, splits, generator).item()
+
+        return step
+
+    def conventional_loop():
+        model, optimizer = fresh(unfused)
+        loader = DataLoader(conventional, batch_size=config.train.batch_size, shuffle=True)
+        return lambda: conventional_epoch(model, optimizer, loader, config, device)
+
+    writes = Timing(CHECKPOINT_WRITE, [])
+
+    def checkpointed_loop(folder: Path):
+        model, optimizer = fresh(config)
+        generator = torch.Generator().manual_seed(seed)
+        objective = Objective(config.loss)
+        store = CheckpointStore(folder)
+        history: list[EpochMetrics] = []
+
+        def step() -> float:
+            loss = train_epoch(model, optimizer, objective, config, splits, generator).item()
+            history.append(EpochMetrics(len(history) + 1, loss, 0.0, 0.0, 0.0))
+            started = time.perf_counter()
+            store.save("bench", training_state(model, optimizer, generator, history, 0.0))
+            writes.seconds.append(time.perf_counter() - started)
+            return loss
+
+        return step
+
+    steps = {
+        "vaebench (as shipped: fused Adam)": vaebench_loop(config),
+        "vaebench data path, default Adam": vaebench_loop(unfused),
+        "conventional (DataLoader, per-image ToTensor)": conventional_loop(),
+    }
+    if checkpoint_folder is not None:
+        steps["vaebench, checkpoint after every epoch"] = checkpointed_loop(checkpoint_folder)
+    timings = time_interleaved(steps, epochs)
+    if checkpoint_folder is not None:
+        writes.seconds = writes.seconds[1:]  # the warm-up epoch's write is not timed either
+        timings.append(writes)
+    return timings
+
+
+def main(data_root: str | None, epochs: int = 3, subset: int | None = None) -> int:
+    root = resolve_root(data_root)
+    config = RunConfig.model_validate({**REFERENCE, "data": {"subset": subset}})
+    splits = load_splits(config.data, root, torch.device("cpu"))
+    images, labels = load_arrays(config.data.dataset, root)["train"]
+    count = len(splits.train)
+    conventional = PerImageMNIST(images[:count], labels[:count])
+    print(
+        f"MLP VAE 784-400-20, BCE, Adam 1e-3, batch 128, {count} training images, CPU, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{epochs} timed epochs each after 1 warm-up, interleaved"
+    )
+    with tempfile.TemporaryDirectory(prefix="vaebench-bench-") as folder:
+        timings = run_bench(splits, conventional, epochs, checkpoint_folder=Path(folder))
+    *loops, writes = timings
+    for timing in loops:
+        per_epoch = ", ".join(f"{s:.2f}" for s in timing.seconds)
+        print(f"{timing.name:<48s} median {timing.median:6.2f} s/epoch  ({per_epoch})")
+    shipped, conventional_median = loops[0].median, loops[2].median
+    for timing in loops[:2]:
+        print(f"speed-up of {timing.name}: {conventional_median / timing.median:.2f}x")
+    print(
+        f"checkpoint write (model, Adam state, random states; atomic, fsync'd): median "
+        f"{writes.median * 1000:.1f} ms = {100 * writes.median / shipped:.1f}% of a shipped "
+        f"epoch ({', '.join(f'{s * 1000:.1f}' for s in writes.seconds)} ms)"
+    )
+    return 0

@@ -1,0 +1,64 @@
+"""``run --dry-run``: the runs a grid file expands to and the stacks they would train in,
+answered at once: no MLflow, and torch only to resolve ``train.device: auto`` for conv runs
+(a test holds an mlp grid's dry run to no torch).
+
+This module imports neither mlflow nor optuna, and torch only in :func:`trains_on_cpu`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vaebench.spec.config import RunConfig
+from vaebench.spec.grid import RunSpec, expand, load_grid
+from vaebench.stacking.plan import plan_stacks
+
+
+def dry_run(
+    grid_path: str | Path, max_stack: int, stream=None, stack_everywhere: bool = False
+) -> None:
+    """Check and expand the grid file; print its runs and their stacks; create nothing."""
+    runs = expand(load_grid(Path(grid_path)))
+    configs = [run.config for run in runs]
+    print_dry_run(runs, plan_stacks(configs, max_stack, cpu_rule(stack_everywhere)), stream)
+
+
+def cpu_rule(stack_everywhere: bool) -> Callable[[RunConfig], bool]:
+    """What :func:`vaebench.stacking.plan.plan_stacks` asks of a run that stacks on CUDA only:
+    whether it trains on the CPU; with ``stack_everywhere`` (``--stack on``) never, so that
+    it stacks on any device."""
+    return (lambda config: False) if stack_everywhere else trains_on_cpu
+
+
+def trains_on_cpu(config: RunConfig) -> bool:
+    """Whether a run trains on the CPU (asked only of runs whose stacking depends on it: conv
+    and gmvae). ``train.device: auto`` is the CPU with a CPU build of torch (read from its version,
+    without importing it); with another build, torch is asked."""
+    if config.train.device != "auto":
+        return config.train.device == "cpu"
+    if "+cpu" in importlib.metadata.version("torch"):
+        return True
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def print_dry_run(runs: Sequence[RunSpec], stacks: Sequence[Sequence[int]], stream=None) -> None:
+    """The runs in the grid's order, each with its stack (``-``: trains alone)."""
+    stream = stream or sys.stdout
+    label = {}
+    numbered = [group for group in stacks if len(group) > 1]
+    for number, group in enumerate(numbered, start=1):
+        label.update({index: f"s{number}/{len(group)}" for index in group})
+    print(
+        f"{len(runs)} runs, {len(numbered)} stacks (column stack: stack number/its size; "
+        "-: trains alone):",
+        file=stream,
+    )
+    for index, run in enumerate(runs):
+        settings = " ".join(f"{k}={v}" for k, v in run.overrides)
+        stack = label.get(index, "-")
+        print(f"{index + 1:4d}  {stack:>6s}  {run.name:<40s} {run.key}  {settings}", file=stream)

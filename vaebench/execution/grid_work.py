@@ -1,0 +1,337 @@
+"""The work one process does on a grid: for each planned stack or run, claim it, train it
+(stacked or alone, through :mod:`vaebench.lifecycle.execute`), and keep its row of the results.
+
+Every executor runs this loop: the invocation's own process (one worker), each local
+worker process, each Ray task. Claims (:func:`vaebench.lifecycle.exactly_once.claim_run`) make
+every run
+train exactly once however many of them work on one grid at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from vaebench.lifecycle.claims import CLAIM_TAG, OWNER_TAG, Planned, plan, recover_abandoned
+from vaebench.lifecycle.exactly_once import claim_run
+from vaebench.lifecycle.execute import EpochHook, Workspace, execute
+from vaebench.lifecycle.execute_stack import execute_stack
+from vaebench.lifecycle.post_run import RunOutcome, end_quietly, error_text
+from vaebench.lifecycle.provenance import run_tags
+from vaebench.spec.grid import RunSpec
+from vaebench.tracking.tracker import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker, TrackingError
+from vaebench.training.progress import line_prefix
+
+PARENT_TAG = "mlflow.parentRunId"
+# (run name, status) of each run this process trained, as it ends
+RunEnded = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A planned step this process holds: ``claim_id`` is the run to train in (a new run),
+    or the claim run to delete once the stopped run is reopened (a continued run), which
+    takes over the claim's ``stamp``."""
+
+    number: int
+    step: Planned
+    claim_id: str
+    stamp: dict[str, str]
+
+
+@dataclass
+class WorkRecord:
+    """What one process did: rows of the results (in the order they ended) and failures."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (run name, error line)
+    skipped: int = 0  # FINISHED already when this process came to them
+    # trained runs a background process is finishing (:mod:`vaebench.lifecycle.post_run`):
+    # their rows join ``rows`` once they are done
+    finishing: list[tuple[RunSpec, Future[RunOutcome]]] = field(default_factory=list)
+
+    def take(self, run: RunSpec, done: Future[RunOutcome] | Exception, ended: RunEnded) -> None:
+        """A run this process trained: its row now, or once a background process finished
+        it (:meth:`settle`)."""
+        if isinstance(done, Future) and not done.done():
+            self.finishing.append((run, done))
+            return
+        row = row_of(run, _outcome(done), self)
+        self.rows.append(row)
+        ended(row["name"], row["status"])
+
+    def settle(self, ended: RunEnded, wait: bool) -> None:
+        """The rows of the runs finished in the background by now (with ``wait``: of all of
+        them, once they are); raises the store's failure if one of them met it."""
+        waiting, store_failed = [], None
+        for run, finishing in self.finishing:
+            if not wait and not finishing.done():
+                waiting.append((run, finishing))
+            elif isinstance(finishing.exception(), TrackingError):
+                store_failed = store_failed or finishing.exception()
+            else:  # the others' rows first: the store's failure is raised at the end
+                self.take(run, finishing, ended)
+        self.finishing = waiting
+        if store_failed is not None:
+            raise store_failed
+
+
+def _outcome(done: Future[RunOutcome] | Exception) -> RunOutcome | Exception:
+    if isinstance(done, Exception):
+        return done
+    error = done.exception()
+    if error is not None and (not isinstance(error, Exception) or isinstance(error, TrackingError)):
+        raise error  # not a run's own failure: a signal, the store failing
+    return error or done.result()
+
+
+@dataclass(frozen=True)
+class GridWork:
+    """What a process needs to work on a grid (plain data: it crosses a spawn)."""
+
+    experiment: str  # the grid's name, its MLflow experiment
+    groups: list[list[int]]  # indices into the grid's runs, each a stack (or a run alone)
+    tags: dict[str, str]  # the invocation's tags, on every run
+    rerun: bool
+    since_ms: int  # the invocation's start: with rerun, runs FINISHED earlier do not count
+    settle: float  # claims' settle time (claims.settle_seconds)
+
+
+def work_through(
+    work: GridWork,
+    runs: Sequence[RunSpec],
+    planned: Sequence[Planned],
+    tracker: Tracker,
+    workspace: Workspace,
+    record: WorkRecord,
+    epoch_hook: EpochHook | None = None,
+    on_ended: RunEnded | None = None,
+    start_group: int = 0,
+) -> None:
+    """Each group of ``work`` (from ``start_group`` on, wrapping around): each run planned
+    again from the store and claimed; what is still new trains as one stack, a run
+    continued from its checkpoint alone. ``on_ended`` hears of each run this process
+    trained. A failing run does not stop the work; a failing store or a signal does."""
+    total = len(runs)
+    ended = on_ended or (lambda name, status: None)
+    order = work.groups[start_group:] + work.groups[:start_group]
+    for group in order:
+        held: list[Claimed] = []  # claims of this group not yet handed over for training
+        try:
+            record.settle(ended, wait=False)
+            for index in group:
+                _claim_or_skip(index, planned[index], work, tracker, held, record, total)
+            fresh = [c for c in held if c.step.action == "train"]
+            if len(fresh) > 1:  # those still new train as a stack; a continued run alone
+                runs_done = _run_stack(fresh, work, total, tracker, workspace, epoch_hook, held)
+                for run, done in runs_done:
+                    record.take(run, done, ended)
+            while held:
+                run = held[0].step.run
+                done = _run_alone(held[0], work, total, tracker, workspace, epoch_hook, held)
+                record.take(run, done, ended)
+        except BaseException as exc:  # a signal or the store: release what is not started
+            for claimed in held:
+                _release(claimed, tracker, exc)
+            _settle_quietly(record, ended)
+            raise
+    record.settle(ended, wait=True)
+
+
+def _settle_quietly(record: WorkRecord, ended: RunEnded) -> None:
+    """Wait for the runs finishing in the background while the work stops (they end
+    FINISHED: their training is over); the error that stops the work is the one raised."""
+    try:
+        record.settle(ended, wait=True)
+    except TrackingError:
+        pass
+
+
+CLAIM_ATTEMPTS = 3  # a claim lost to one that then vanished (its process stopped) is retried
+
+
+def _claim_or_skip(
+    index: int,
+    step: Planned,
+    work: GridWork,
+    tracker: Tracker,
+    held: list[Claimed],
+    record: WorkRecord,
+    total: int,
+) -> None:
+    """Claim the run of ``step`` into ``held``, or give it its row of the results (skipped,
+    held elsewhere, failed already)."""
+    number = index + 1
+    for _ in range(CLAIM_ATTEMPTS):
+        step = _as_stored_now(step, work, tracker)
+        if step.action not in ("train", "continue"):
+            _skip(number, total, step, record)
+            return
+        continues = step.previous.run_id if step.action == "continue" else None
+        pending: list[str] = []
+        try:
+            claim = claim_run(
+                tracker, work.experiment, step.run, {**work.tags, **run_tags(step.run)},
+                work.settle, work.since_ms, work.rerun, continues, on_created=pending.append,
+            )
+            if claim is not None:
+                held.append(Claimed(number, step, claim.run_id, claim.stamp))
+                return
+        except BaseException as exc:
+            if not any(c.claim_id in pending for c in held):  # created, never handed on
+                for claim_id in pending:
+                    _release(Claimed(number, step, claim_id, {}), tracker, exc)
+            raise
+    print(f"{line_prefix()}[{number}/{total}] {step.run.name} not run: its claim was lost "
+          f"{CLAIM_ATTEMPTS} times; rerun the grid to train it", file=sys.stderr, flush=True)
+    record.rows.append({"name": step.run.name, "key": step.run.key, "status": "NOT RUN"})
+
+
+def _release(claimed: Claimed, tracker: Tracker, exc: BaseException) -> None:
+    """A claim held but not yet trained when the work stopped: a new run ends KILLED (its
+    rerun trains it), a continuation's claim run is deleted (the stopped run stays KILLED)."""
+    try:
+        if claimed.step.action == "continue":
+            tracker.delete_run(claimed.claim_id)
+        else:
+            end_quietly(tracker, claimed.claim_id, "KILLED", f"stopped before it trained ({exc})")
+    except TrackingError:
+        pass  # its lease lets the next invocation recover it
+
+
+def _as_stored_now(step: Planned, work: GridWork, tracker: Tracker) -> Planned:
+    """The step planned again from the store just before its run trains: another process
+    working on the same grid may have finished, failed or taken the run."""
+    records = tracker.previous_runs(work.experiment, RUN_KEY_TAG, step.run.key)
+    records = recover_abandoned(tracker, records, sys.stderr)  # a worker that died meanwhile
+    return plan([step.run], records, work.rerun, work.since_ms)[0]
+
+
+def _run_alone(
+    claimed: Claimed,
+    work: GridWork,
+    total: int,
+    tracker: Tracker,
+    workspace: Workspace,
+    epoch_hook: EpochHook | None,
+    held: list[Claimed],
+) -> Future[RunOutcome] | Exception:
+    """One run's outcome, or the error that failed it: a failing run does not stop the grid.
+    The claim leaves ``held`` once ``execute`` answers for it: a new run at once (execute ends it
+    whatever happens), a continuation's claim run once the run it continues (or a new run,
+    without a checkpoint) is RUNNING under this process's lease and stamp."""
+    step = claimed.step
+    continuing = step.action == "continue"
+
+    def take_over(run_id: str) -> None:
+        tracker.set_tags(run_id, claimed.stamp)
+        tracker.delete_run(claimed.claim_id)
+        held.remove(claimed)
+
+    if not continuing:
+        held.remove(claimed)
+    try:
+        done = execute(
+            step.run, tracker, workspace, work.tags, claimed.number, total,
+            continue_id=step.previous.run_id if continuing else None,
+            claimed_id=None if continuing else claimed.claim_id,
+            on_start=take_over if continuing else None,
+            epoch_hook=epoch_hook,
+        )
+    except Exception as exc:
+        if isinstance(exc, TrackingError):
+            raise
+        if claimed in held:  # failed before the run it continues was reopened: the claim
+            held.remove(claimed)  # ends FAILED, so no other worker of the invocation retries
+            end_quietly(tracker, claimed.claim_id, "FAILED", error_text(exc))
+        return exc
+    return done
+
+
+def _run_stack(
+    fresh: Sequence[Claimed],
+    work: GridWork,
+    total: int,
+    tracker: Tracker,
+    workspace: Workspace,
+    epoch_hook: EpochHook | None,
+    held: list[Claimed],
+) -> list[tuple[RunSpec, Future[RunOutcome] | Exception]]:
+    """Each run of a stack and its outcome or error; a failing stack does not stop the grid.
+    ``execute_stack`` ends every run it is given, so their claims leave ``held`` first."""
+    runs = [claimed.step.run for claimed in fresh]
+    run_ids = [claimed.claim_id for claimed in fresh]
+    for claimed in fresh:
+        held.remove(claimed)
+    try:
+        done = execute_stack(
+            runs, tracker, workspace, work.tags, fresh[0].number, total, epoch_hook, run_ids
+        )
+    except Exception as exc:
+        if isinstance(exc, TrackingError):
+            raise
+        done = [exc] * len(runs)
+    return list(zip(runs, done, strict=True))
+
+
+def row_of(run: RunSpec, done: RunOutcome | Exception, record: WorkRecord) -> dict[str, Any]:
+    """A run's row of the results: its final values, or FAILED (and the error, in
+    ``record.failed``)."""
+    if isinstance(done, Exception):
+        line = str(done).splitlines()[0] if str(done) else ""
+        record.failed.append((run.name, f"{type(done).__name__}: {line}"))
+        return {"name": run.name, "key": run.key, "status": "FAILED", **run.params}
+    row = {"name": run.name, "key": run.key, "status": "FINISHED", "run_id": done.run_id}
+    return {**row, **run.params, **done.final}
+
+
+def stored_row(run: RunSpec, stored: RunRecord) -> dict[str, Any]:
+    """A run's row from its record in the store (skipped, or trained by another process)."""
+    row = {"name": run.name, "key": run.key, "status": stored.status, "run_id": stored.run_id}
+    return {**row, **run.params, **stored.metrics}
+
+
+def _skip(number: int, total: int, step: Planned, record: WorkRecord) -> None:
+    print_skip(number, total, step)
+    record.rows.append(stored_row(step.run, step.previous))
+    record.skipped += step.action == "skip"
+
+
+def print_skip(number: int, total: int, step: Planned) -> None:
+    run_id = step.previous.run_id
+    if step.action == "skip":
+        why = f"FINISHED already in run {run_id}"
+    elif step.action == "failed":
+        why = f"FAILED in run {run_id} during this invocation"
+    else:
+        holder = step.previous.tags.get(OWNER_TAG, "?")
+        what = "claimed" if CLAIM_TAG in step.previous.tags else "RUNNING"
+        why = f"{what} in run {run_id}, held by {holder}"
+    line = f"{line_prefix()}[{number}/{total}] {step.run.name} skipped: {why}"
+    print(line, file=sys.stderr, flush=True)
+
+
+def failure_of(stored: RunRecord) -> str:
+    """The error line a FAILED run's record carries."""
+    text = stored.tags.get(ERROR_TAG, "")
+    return text.strip().splitlines()[-1] if text.strip() else "FAILED"
+
+
+def latest_by_key(
+    records: Sequence[RunRecord], parent_id: str, only_under_parent: bool
+) -> Mapping[str, RunRecord]:
+    """Each key's run to report (records oldest first, claims left out unless FAILED): the latest
+    under the invocation's parent run ``parent_id`` if there is one, else (unless
+    ``only_under_parent``, as for a rerun) the latest of the key."""
+    latest: dict[str, RunRecord] = {}
+    mine: dict[str, RunRecord] = {}
+    for stored in records:
+        if stored.key is None or (CLAIM_TAG in stored.tags and stored.status != "FAILED"):
+            continue  # a FAILED claim: the continuation that could not start
+        latest[stored.key] = stored
+        if stored.tags.get(PARENT_TAG) == parent_id:
+            mine[stored.key] = stored
+    return mine if only_under_parent else {**latest, **mine}

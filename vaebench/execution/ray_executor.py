@@ -1,0 +1,127 @@
+"""``run --executor ray``: each stack of the grid (or run alone) is a Ray task.
+
+Ray packs the tasks onto the CPUs and GPUs of a cluster (each asks for ``--task-cpus``
+and ``--task-gpus``; a fraction of a GPU lets several small VAEs share one) and runs a
+task again when the process running it dies. Inside a task,
+:func:`vaebench.execution.grid_work.work_through` does what a local worker does: it plans the
+task's runs again from the store, so a run the dead process left RUNNING is marked
+KILLED and continues from its checkpoint, and it claims each run, so a task run twice
+(or a second invocation) never trains a run twice. Every node must reach the MLflow
+store (a tracking server, for a cluster of several machines), the data root and the
+checkpoint folder (a shared file system).
+
+Ray is an optional extra (``pip install -e ".[ray]"``), imported only here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from vaebench.execution.grid_work import WorkRecord, work_through
+from vaebench.execution.worker_plan import cores
+from vaebench.execution.worker_processes import GridJob
+from vaebench.lifecycle.claims import Planned, set_task
+from vaebench.lifecycle.execute import Workspace
+from vaebench.signals import interruptible
+from vaebench.spec.config import VaebenchError
+from vaebench.spec.grid import expand, load_grid
+from vaebench.tracking.tracker import MLflowTracker
+from vaebench.training.checkpoint import CheckpointStore
+from vaebench.training.progress import set_line_prefix
+
+TASK_RETRIES = 3  # a task whose process died runs again, at most this often
+WAIT_SECONDS = 30.0  # how often the parent's lease is renewed while tasks run
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise VaebenchError(
+            '--executor ray: Ray is not installed (pip install -e ".[ray]")'
+        ) from None
+    return ray
+
+
+def grid_task(job: GridJob, group: int, threads: int) -> list[tuple[str, str]]:
+    """One Ray task: the runs of ``job.work.groups[group]``; returns (run name, status)
+    for each."""
+    import dataclasses
+
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    set_line_prefix(f"task {group} ")
+    # a retry gets the same arguments, so the same name: the runs a dead attempt of this
+    # task left RUNNING are abandoned for the next attempt, on whichever node it runs
+    set_task(f"{job.parent_id}-{group}")
+    tracker = MLflowTracker(job.tracking_uri)
+    tracker.join_grid(job.experiment_id, job.parent_id)
+    runs = expand(load_grid(job.grid_path))
+    workspace = Workspace(job.data_root, CheckpointStore(job.checkpoint_dir))
+    ended: list[tuple[str, str]] = []
+    work = dataclasses.replace(job.work, groups=[job.work.groups[group]])
+    with interruptible():  # ray.cancel's interrupt waits for store writes, as a signal does
+        work_through(
+            work, runs, [Planned(run, "train") for run in runs], tracker, workspace,
+            WorkRecord(), on_ended=lambda name, status: ended.append((name, status)),
+        )
+    return ended
+
+
+def run_on_ray(
+    job: GridJob,
+    address: str | None,
+    task_cpus: float,
+    task_gpus: float,
+    todo: int,
+    renew: Any,
+) -> list[str]:
+    """Run every group of ``job`` as a Ray task on the cluster at ``address`` (None: a
+    local Ray instance with this machine's cores); a line per task that failed for good."""
+    ray = import_ray()
+    started_here = not ray.is_initialized()
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every task's progress line, not a digest
+    if started_here:
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+        if address is None:
+            options["num_cpus"] = cores()
+        ray.init(address=address, **options)
+    task = ray.remote(num_cpus=task_cpus, num_gpus=task_gpus, max_retries=TASK_RETRIES)(
+        grid_task
+    )
+    threads = max(1, int(task_cpus))
+    pending = {task.remote(job, group, threads): group for group in range(len(job.work.groups))}
+    errors: list[str] = []
+    done = 0
+    try:
+        while pending:
+            finished, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_SECONDS)
+            renew()
+            for ref in finished:
+                group = pending.pop(ref)
+                try:
+                    results = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, ...
+                    errors.append(f"task {group} failed: {str(exc).strip().splitlines()[-1]}")
+                    continue
+                for name, status in results:
+                    done += 1
+                    print(
+                        f"grid {job.work.experiment}: {done} of {todo} runs done "
+                        f"(task {group}: {name} {status})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    except BaseException:  # a signal, or the store failing: each task ends its runs KILLED
+        for ref in pending:
+            ray.cancel(ref)
+        ray.wait(list(pending), num_returns=len(pending), timeout=60)
+        raise
+    finally:
+        if started_here:
+            ray.shutdown()
+    return errors
+

@@ -1,0 +1,164 @@
+"""Local worker processes: how many, on which device, with how many CPU threads, and how
+they are started and stopped. Shared by ``run --workers`` and ``tune --workers``.
+
+This module imports neither torch nor MLflow: which GPUs a worker gets is decided from
+``$CUDA_VISIBLE_DEVICES`` and a device count the caller passes, so the mapping is tested
+on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vaebench.signals import Interrupted, forget_child, register_child
+from vaebench.spec.config import VaebenchError
+
+CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
+AUTO = "auto"
+# where the invocation's process finishes its trained runs (vaebench.lifecycle.post_run)
+POST_RUN_CHOICES = (AUTO, "background", "inline")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How an invocation spreads its runs: ``local`` worker processes (``workers``, a
+    number or ``auto``, with ``per_gpu`` on each GPU), or ``ray`` tasks on the cluster at
+    ``address`` (None: a local instance), each asking for ``task_cpus`` and ``task_gpus``;
+    ``post_run``: where one local process finishes its trained runs (one of
+    :data:`POST_RUN_CHOICES`, :func:`vaebench.execution.runner.background_finishing`)."""
+
+    executor: str = "local"  # "local" or "ray"
+    workers: str | int = 1
+    per_gpu: int | None = None
+    address: str | None = None
+    task_cpus: float = 1.0
+    task_gpus: float = 0.0
+    post_run: str = AUTO
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """One worker process: its number, the GPU it is pinned to (the value its
+    ``CUDA_VISIBLE_DEVICES`` gets; None: not pinned) and its CPU threads."""
+
+    index: int
+    gpu: str | None
+    threads: int
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def visible_gpus(device_count: int, environ: dict[str, str] | None = None) -> list[str]:
+    """The GPUs this process sees, as ``CUDA_VISIBLE_DEVICES`` names them (so that a
+    worker pinned to the second of ``CUDA_VISIBLE_DEVICES=4,6`` gets ``6``)."""
+    environ = os.environ if environ is None else environ
+    listed = environ.get(CUDA_VISIBLE)
+    if listed is None:
+        return [str(index) for index in range(device_count)]
+    names = [name.strip() for name in listed.split(",") if name.strip()]
+    return names[:device_count]
+
+
+def plan_workers(
+    workers: str | int, per_gpu: int | None, gpus: Sequence[str], cpu_cores: int
+) -> list[WorkerSlot]:
+    """The worker processes of ``--workers`` (a number or ``auto``) and ``--per-gpu``.
+
+    ``auto``: ``per_gpu`` workers (default 1) on each GPU, or one worker without a GPU.
+    A number: that many workers, pinned to the GPUs in turn where there are GPUs. The CPU
+    cores are divided between the workers (at least one thread each).
+    """
+    if per_gpu is not None and per_gpu < 1:
+        raise VaebenchError("--per-gpu: must be >= 1")
+    if workers == AUTO:
+        count = len(gpus) * (per_gpu or 1) if gpus else 1
+    else:
+        if per_gpu is not None:
+            raise VaebenchError("--per-gpu goes with --workers auto (one worker per GPU, or M)")
+        count = int(workers)
+        if count < 1:
+            raise VaebenchError("--workers: must be >= 1 or auto")
+    threads = max(1, cpu_cores // count)
+    if not gpus:
+        return [WorkerSlot(index, None, threads) for index in range(count)]
+    share = (per_gpu or 1) if workers == AUTO else 1
+    return [
+        WorkerSlot(index, gpus[(index // share) % len(gpus)], threads) for index in range(count)
+    ]
+
+
+def parse_workers(text: str) -> str | int:
+    """``--workers`` as given: ``auto`` or a number >= 1 (a one-line error otherwise)."""
+    if text == AUTO:
+        return AUTO
+    if not text.isdigit() or int(text) < 1:
+        raise VaebenchError(f"--workers: a number >= 1 or auto, not {text!r}")
+    return int(text)
+
+
+def run_processes(
+    target: Callable[..., None],
+    arguments: Sequence[tuple[Any, ...]],
+    names: Sequence[str],
+    watch: Callable[[], None] | None = None,
+    every: float = 0.2,
+) -> list[int | None]:
+    """Start one spawned process per ``arguments`` entry, wait for all, return their exit
+    codes. ``watch`` is called every ``every`` seconds while they run (to show progress).
+
+    Spawned, not forked: a forked child inherits torch's thread pools and locks. A signal
+    that stops this process is passed on to the workers (SIGTERM when something else stops
+    it), which end their runs cleanly; one that does not stop within a minute is killed
+    (its run is recovered later).
+    """
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=target, args=args, name=name)
+        for args, name in zip(arguments, names, strict=True)
+    ]
+    try:
+        for process in processes:
+            process.start()
+            register_child(process.pid)
+        while any(process.is_alive() for process in processes):
+            if watch is not None:
+                watch()
+            time.sleep(every)
+        for process in processes:
+            process.join()
+        if watch is not None:
+            watch()
+    except BaseException as exc:  # a signal, or the caller's watch failing (the store)
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGTERM
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+        for process in processes:
+            if process.pid is not None:
+                process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        raise
+    finally:
+        for process in processes:
+            if process.pid is not None:
+                forget_child(process.pid)
+    return [process.exitcode for process in processes]
+
+
+def context_queue() -> Any:
+    """A queue the spawned workers of :func:`run_processes` can write to."""
+    return multiprocessing.get_context("spawn").Queue()

@@ -1,0 +1,109 @@
+"""The files a finished run leaves in MLflow: its config, weights and pictures.
+
+Made in two steps, so that the second can run in a background process while the next run
+trains (:mod:`vaebench.lifecycle.post_run`): what needs the model (:func:`weights_bytes`,
+:func:`picture_arrays`: on its device, at once) and what does not (:func:`write_weights`,
+:func:`draw_pictures`: files from those bytes and arrays).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from vaebench.data import Splits
+from vaebench.plots import save_grid, save_latent_scatter, save_reconstructions
+from vaebench.spec.grid import RunSpec
+
+LATENT_SAMPLE = 2000  # test images in the latent picture
+LATENT_SAMPLE_SEED = 0
+LATENT_FILE = "latent.npz"  # their E[z|x] and labels, from which `report --tsne` draws
+
+
+@dataclass
+class RunPictures:
+    """A run's pictures as host arrays of images in [0, 1] (``(N, 1, H, W)``): 16 test images
+    and their reconstructions, 64 prior samples, the latent means of a fixed sample of test
+    images with their labels, and the pictures the model family adds (name: images, columns)."""
+
+    originals: np.ndarray
+    reconstructions: np.ndarray
+    samples: np.ndarray
+    latent_means: np.ndarray
+    latent_labels: np.ndarray
+    extra: dict[str, tuple[np.ndarray, int]]
+
+
+def write_config(folder: Path, run: RunSpec) -> None:
+    """``config.yaml``: the resolved config, enough to train the run again."""
+    text = yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
+    (folder / "config.yaml").write_text(text)
+
+
+def weights_bytes(model: torch.nn.Module) -> bytes:
+    """The model's state_dict as ``torch.save`` writes it."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def write_weights(folder: Path, run: RunSpec, weights: bytes) -> None:
+    """``config.yaml`` and ``state_dict.pt`` (:func:`weights_bytes`): what rebuilds the trained
+    model (a registered model is made from them)."""
+    write_config(folder, run)
+    (folder / "state_dict.pt").write_bytes(weights)
+
+
+def picture_arrays(model: torch.nn.Module, splits: Splits) -> RunPictures:
+    """Reconstructions, prior samples, the latent means of a fixed sample of test images and
+    the pictures the model family adds (a conditional model's row of samples per digit)."""
+    model.eval()
+    test = splits.test
+
+    def host(images: torch.Tensor) -> np.ndarray:
+        return images.detach().float().cpu().numpy()
+
+    with torch.no_grad():
+        originals, labels = test.images[:16], test.labels[:16]
+        recon = torch.sigmoid(model.reconstruct(originals, labels))
+        generator = torch.Generator(device=originals.device).manual_seed(0)
+        samples = torch.sigmoid(model.sample_prior(64, generator=generator))
+        chosen = torch.randperm(
+            len(test), generator=torch.Generator().manual_seed(LATENT_SAMPLE_SEED)
+        )
+        chosen = chosen[:LATENT_SAMPLE].to(test.images.device)
+        mu, _ = model.encode(test.images[chosen], test.labels[chosen])
+        extra = {
+            name: (host(torch.sigmoid(logits)), columns)
+            for name, (logits, columns) in model.extra_pictures(generator).items()
+        }
+    return RunPictures(
+        originals=host(originals),
+        reconstructions=host(recon),
+        samples=host(samples),
+        latent_means=mu.cpu().numpy(),
+        latent_labels=test.labels[chosen].cpu().numpy(),
+        extra=extra,
+    )
+
+
+def draw_pictures(folder: Path, pictures: RunPictures, title: str) -> None:
+    """``reconstructions.png``, ``samples.png``, ``latent.npz`` and its picture
+    ``latent.png`` (PCA: a t-SNE of 2,000 points takes seconds, so ``report --tsne`` draws it
+    for the runs a report shows), and the model family's own pictures."""
+    save_reconstructions(
+        folder / "reconstructions.png",
+        torch.from_numpy(pictures.originals),
+        torch.from_numpy(pictures.reconstructions),
+    )
+    save_grid(folder / "samples.png", torch.from_numpy(pictures.samples), columns=8)
+    means, labels = pictures.latent_means, pictures.latent_labels
+    np.savez_compressed(folder / LATENT_FILE, means=means, labels=labels)
+    save_latent_scatter(folder / "latent.png", means, labels, title)
+    for name, (images, columns) in pictures.extra.items():
+        save_grid(folder / name, torch.from_numpy(images), columns=columns)

@@ -1,0 +1,154 @@
+"""Claims: every run of a grid trains once, however many processes and machines share it.
+
+Before a run trains, its process claims it:
+
+1. it creates the run's MLflow run (RUNNING, the run key, its lease): the *claim run*;
+2. once the store has it, it stamps the claim with the time, ``vaebench.claimed_at``
+   (microseconds, this machine's clock), waits ``settle`` and reads every run of the key;
+3. the claim stands unless a FINISHED run of the key exists (with ``--rerun``: one begun
+   since the invocation), a run FAILED since the invocation began, or another live
+   RUNNING run was stamped earlier (stamp, then run id). A live RUNNING run not stamped
+   yet (a claimant between steps 1 and 2) is waited for; one that stays unstamped for
+   :data:`UNSTAMPED_SECONDS` (left by an older vaebench) counts as earlier. A claim that
+   loses deletes its run.
+
+Why at most one claimant wins: the stamp is taken after the claim run is in the store, and
+the reading after the stamp plus ``settle``. Of two claimants A and B, if A's reading did
+not show B's run, B's run reached the store after A read, so B's stamp is later than A's
+(given clocks that differ by less than ``settle``), and B, whose reading shows A's run and
+stamp, loses; if A's reading shows B's run, both compare the same two stamps.
+
+A KILLED run to continue is claimed the same way through a claim run tagged
+:data:`vaebench.lifecycle.claims.CLAIM_TAG`; the winner reopens the stopped run, gives it the
+claim's stamp and deletes the claim run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from vaebench.lifecycle.claims import CLAIM_TAG, abandoned, lease_tags
+from vaebench.signals import deferred_signals
+from vaebench.spec.grid import RunSpec
+from vaebench.tracking.store import sqlite_path
+from vaebench.tracking.tracker import RUN_KEY_TAG, RunRecord, Tracker
+
+CLAIMED_AT_TAG = "vaebench.claimed_at"
+SETTLE_ENV = "VAEBENCH_CLAIM_SETTLE"
+# between stamping a claim and reading the others: more than the clocks of two machines
+# that share a grid may differ (NTP keeps them within milliseconds); on one machine, a
+# clock step between two stamps
+REMOTE_SETTLE_SECONDS = 0.5
+LOCAL_SETTLE_SECONDS = 0.01
+UNSTAMPED_SECONDS = 60.0  # a claim run stays unstamped for milliseconds; older: not a claim
+POLL_SECONDS = 0.05
+
+
+def settle_seconds(tracking_uri: str) -> float:
+    """How long a claimant waits between stamping its claim and reading the others
+    (``$VAEBENCH_CLAIM_SETTLE`` overrides): a local SQLite store shares this machine's clock."""
+    if os.environ.get(SETTLE_ENV):
+        return float(os.environ[SETTLE_ENV])
+    return LOCAL_SETTLE_SECONDS if sqlite_path(tracking_uri) else REMOTE_SETTLE_SECONDS
+
+
+def stamp() -> dict[str, str]:
+    """The claim stamp to write once a claim (or a reopened run) is in the store."""
+    return {CLAIMED_AT_TAG: str(time.time_ns() // 1000)}
+
+
+def _order(record: RunRecord) -> tuple[int, str]:
+    text = record.tags[CLAIMED_AT_TAG]
+    return (int(text) if text.isdigit() else 0), record.run_id  # a malformed stamp: first
+
+
+def _verdict(records: list[RunRecord], mine: RunRecord, since_ms: int, rerun: bool) -> str:
+    """"wins", "loses" or "wait" (an unstamped live claim may turn out earlier)."""
+    waiting = False
+    for record in records:
+        if record.run_id == mine.run_id or (rerun and record.start_time < since_ms):
+            continue  # a rerun counts only what was begun during the invocation
+        ended = record.end_time or record.start_time
+        if record.status == "FINISHED" and (not rerun or record.start_time >= since_ms):
+            return "loses"
+        if record.status == "FAILED" and since_ms and ended >= since_ms:
+            return "loses"
+        if record.status != "RUNNING" or abandoned(record.tags) is not None:
+            continue
+        if CLAIMED_AT_TAG not in record.tags:
+            young = time.time() * 1000 - record.start_time < UNSTAMPED_SECONDS * 1000
+            waiting = waiting or young
+            if not young:
+                return "loses"
+        elif _order(record) < _order(mine):
+            return "loses"
+    return "wait" if waiting else "wins"
+
+
+def claim_holds(
+    tracker: Tracker,
+    experiment: str,
+    key: str,
+    claim_id: str,
+    settle: float,
+    since_ms: int = 0,
+    rerun: bool = False,
+) -> bool:
+    """Whether the stamped claim ``claim_id`` (a RUNNING run of ``key`` this process
+    created) wins; ``since_ms``: when the invocation began (0: unknown)."""
+    time.sleep(settle)
+    deadline = time.monotonic() + UNSTAMPED_SECONDS
+    while True:
+        records = tracker.previous_runs(experiment, RUN_KEY_TAG, key)
+        mine = next((r for r in records if r.run_id == claim_id), None)
+        if mine is None or CLAIMED_AT_TAG not in mine.tags:
+            raise RuntimeError(f"claim {claim_id} of {key} is not in the store it was written to")
+        verdict = _verdict(records, mine, since_ms, rerun)
+        if verdict != "wait":
+            return verdict == "wins"
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_SECONDS)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim that won: its run, and its stamp (which a continued run takes over)."""
+
+    run_id: str
+    stamp: dict[str, str]
+
+
+def claim_run(
+    tracker: Tracker,
+    experiment: str,
+    run: RunSpec,
+    tags: Mapping[str, str],
+    settle: float,
+    since_ms: int = 0,
+    rerun: bool = False,
+    continues: str | None = None,
+    on_created: Callable[[str], None] | None = None,
+) -> Claim | None:
+    """Claim ``run``: the RUNNING run created for it, or None if another claimant holds it
+    (the claim run is then deleted). ``continues``: the stopped run this claim is for (the
+    claim run is only a claim; the caller deletes it once that run is reopened).
+    ``on_created`` learns the claim run's id as soon as it exists, before a signal can stop
+    this process, so that the caller can release it if the claim is never decided.
+    """
+    claim_tags = {**tags, RUN_KEY_TAG: run.key, **lease_tags()}
+    if continues is not None:
+        claim_tags[CLAIM_TAG] = continues
+    with deferred_signals():  # the id is known to the caller before a signal acts
+        claim_id = tracker.start_run(run.name, {} if continues else run.params, claim_tags)
+        if on_created is not None:
+            on_created(claim_id)
+    stamped = stamp()
+    tracker.set_tags(claim_id, stamped)
+    if claim_holds(tracker, experiment, run.key, claim_id, settle, since_ms, rerun):
+        return Claim(claim_id, stamped)
+    tracker.delete_run(claim_id)
+    return None

@@ -1,0 +1,276 @@
+"""What a run does after training that needs no model: its clustering scores (k-means on its
+latent means), its pictures drawn, its artifacts written and uploaded, its summary logged,
+its run ended FINISHED and its checkpoint removed (:func:`finish_run`).
+
+What needs the model is done before, at once, on its device
+(:func:`vaebench.lifecycle.execute.finish_job`
+makes a :class:`FinishJob` of plain arrays and bytes). A finisher then does the rest: in this
+process (:class:`InlineFinisher`, the default) or in one background process while this one
+trains the next run or stack (:class:`BackgroundFinisher`). Both call :func:`finish_run`, so
+the numbers and files are the same either way; only who waits for them differs. MLflow is
+reached only through the :class:`Tracker`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+from vaebench.lifecycle.artifacts import RunPictures, draw_pictures, write_weights
+from vaebench.scoring.evaluation import ClusterInput, scored_clusters
+from vaebench.signals import deferred_signals, forget_child, register_child
+from vaebench.spec.grid import RunSpec
+from vaebench.tracking.tracker import Tracker, TrackingError
+from vaebench.training.checkpoint import CheckpointStore
+from vaebench.training.trainer import check_finite, not_logged
+
+ExtraMetrics = Callable[[dict[str, float]], dict[str, float]]
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    summary: dict[str, float]  # logged after the last epoch
+    final: dict[str, float]  # every final value: the last epoch's metrics and the summary
+
+
+@dataclass
+class FinishJob:
+    """A trained run's results as plain data (it crosses to a background process)."""
+
+    run: RunSpec
+    run_id: str
+    summary: dict[str, float]  # what was scored on the device, and the timing
+    last: dict[str, float]  # the last epoch's metrics
+    seconds: float  # the run's time so far: training, evaluation, scoring on the device
+    clusters: list[ClusterInput]  # what its clustering scores are computed from
+    weights: bytes  # its state_dict, as torch.save writes it
+    pictures: RunPictures | None  # None: weights only (a study that keeps no pictures)
+    checkpoints: CheckpointStore | None
+    # set once the run is ended FINISHED (in the process that ended it): a signal raised as
+    # that ending's deferred block closes must not mark the run KILLED
+    outcome: RunOutcome | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.outcome is not None
+
+
+def finish_run(
+    job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
+) -> RunOutcome:
+    """Score the job's clusters, log its summary (``seconds``: the run's whole time, this
+    scoring included) and artifacts, end its run FINISHED and remove its checkpoint.
+    ``extra_metrics`` sees the final values and adds to the summary (a study's objectives)."""
+    started = time.perf_counter()
+    clusters: dict[str, float] = {}
+    for scored in job.clusters:
+        clusters.update(scored_clusters(scored))
+    check_finite(clusters, "after training")
+    summary = {
+        **job.summary,
+        **not_logged(clusters, job.last),
+        "seconds": job.seconds + time.perf_counter() - started,
+    }
+    final = {**job.last, **summary}
+    if extra_metrics is not None:
+        summary.update(extra_metrics(final))
+    tracker.log_metrics(job.run_id, summary, step=job.run.config.train.epochs)
+    with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
+        write_weights(Path(folder), job.run, job.weights)
+        if job.pictures is not None:
+            draw_pictures(Path(folder), job.pictures, job.run.name)
+        tracker.log_artifacts(job.run_id, Path(folder))
+    with deferred_signals():  # finished is finished: a signal now stops what follows
+        tracker.end_run(job.run_id, "FINISHED")
+        forget(job.checkpoints, job.run_id)
+        job.outcome = RunOutcome(job.run_id, summary, final)
+    return job.outcome
+
+
+def forget(checkpoints: CheckpointStore | None, run_id: str | None) -> None:
+    """The run ended for good: its checkpoint will never be continued."""
+    if checkpoints is not None and run_id is not None:
+        checkpoints.remove(run_id)
+
+
+def error_text(exc: BaseException) -> str:
+    """The error as a run's ``vaebench.error`` tag holds it: its type and message."""
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def end_quietly(tracker: Tracker, run_id: str | None, status: str, reason: str) -> None:
+    """End the run (if it started); if the store cannot take it, the run's lease lets the
+    next invocation recover it, and the error that stopped the run is the one the user sees."""
+    if run_id is None:
+        return
+    try:
+        tracker.end_run(run_id, status, reason)
+    except TrackingError:
+        pass
+
+
+def fail_run(
+    tracker: Tracker, checkpoints: CheckpointStore | None, run_id: str | None, exc: BaseException
+) -> None:
+    """An error of the run itself: FAILED with the error, its checkpoint removed."""
+    forget(checkpoints, run_id)
+    end_quietly(tracker, run_id, "FAILED", error_text(exc))
+
+
+class Finisher(Protocol):
+    background: bool  # whether the runs it is given are finished by another process
+
+    def finish(
+        self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
+    ) -> Future[RunOutcome]:
+        """The job's outcome: already there (in this process), or to come."""
+        ...
+
+    def close(self) -> None:
+        """Wait for every job handed over, then stop (again: nothing more)."""
+        ...
+
+
+def handing_over(finisher: Finisher) -> contextlib.AbstractContextManager[None]:
+    """Around handing a run to ``finisher`` and noting it: where it goes to a background
+    process, a signal waits until the caller has noted it (the run is the background's from
+    then on, not to be marked KILLED); inline, the finishing is the caller's own,
+    interruptible as a run's recording always was."""
+    return deferred_signals() if finisher.background else contextlib.nullcontext()
+
+
+def finished(outcome: RunOutcome) -> Future[RunOutcome]:
+    """An outcome that is already there, as a finisher's answer."""
+    future: Future[RunOutcome] = Future()
+    future.set_result(outcome)
+    return future
+
+
+class InlineFinisher:
+    """Finishes each run in this process, before the next one starts; what goes wrong is
+    raised at once, to the caller that ends the run."""
+
+    background = False
+
+    def finish(
+        self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
+    ) -> Future[RunOutcome]:
+        return finished(finish_run(job, tracker, extra_metrics))
+
+    def close(self) -> None:
+        pass
+
+
+class BackgroundFinisher:
+    """One spawned process that finishes runs, in the order they come, while this process
+    trains the next ones (:func:`finish_run` with its own connection to the store at ``uri``).
+
+    It is started at once, so that its imports overlap the data loading. It ignores SIGINT
+    and SIGTERM: after a first signal this process waits (:meth:`close`) for the runs it
+    handed over, which end FINISHED, as a run alone does once its training is over; a second
+    signal kills it with this process, and dies with it (``PR_SET_PDEATHSIG``), leaving its
+    runs RUNNING under this process's lease, which the next invocation recovers (KILLED, the
+    checkpoint kept: it continues them). A run it cannot finish ends FAILED with the error, as
+    it would here. If the process dies, its runs end KILLED (their checkpoints continue them)
+    and the runs that follow are finished here (with a warning)."""
+
+    background = True
+
+    def __init__(self, uri: str):
+        context = multiprocessing.get_context("spawn")
+        self._pool = ProcessPoolExecutor(
+            max_workers=1, mp_context=context, initializer=_start_worker, initargs=(uri,)
+        )
+        self._broken = False
+        self._pid: int | None = None
+        self._pool.submit(os.getpid).add_done_callback(self._started)
+
+    def _started(self, future: Future[int]) -> None:
+        with contextlib.suppress(Exception):
+            self._pid = future.result()
+            register_child(self._pid)  # a second signal kills it with this process
+
+    def finish(
+        self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
+    ) -> Future[RunOutcome]:
+        if extra_metrics is None and not self._broken:
+            try:
+                future = self._pool.submit(_finish_in_worker, job)
+                future.add_done_callback(partial(_killed_if_lost, tracker, job.run_id))
+                return future
+            except BrokenProcessPool:
+                self._broken = True
+                warnings.warn(
+                    "the background process that finishes runs died: runs are finished in "
+                    "this process from now on", RuntimeWarning, stacklevel=2,
+                )
+        return InlineFinisher().finish(job, tracker, extra_metrics)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._pid is not None:
+            forget_child(self._pid)
+
+
+PR_SET_PDEATHSIG = 1
+_tracker: Tracker | None = None  # the background process's connection to the store
+
+
+def _start_worker(uri: str) -> None:
+    """The background process's start: in a process group of its own (a terminal's Ctrl-C
+    reaches the invocation's process alone), deaf to SIGINT and SIGTERM, dying with its
+    parent, with its own tracker."""
+    global _tracker
+    os.setpgrp()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # what finishing a run imports on first use, imported while this process waits for one
+    import scipy.optimize  # noqa: F401
+    import sklearn.cluster  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+
+    from vaebench.tracking.tracker import MLflowTracker
+
+    _tracker = MLflowTracker(uri)
+
+
+def _finish_in_worker(job: FinishJob) -> RunOutcome:
+    """:func:`finish_run` in the background process; a run it cannot finish ends FAILED there
+    (the store failing is raised as it is: the run keeps its lease and checkpoint)."""
+    assert _tracker is not None
+    try:
+        return finish_run(job, _tracker)
+    except TrackingError:
+        raise
+    except BaseException as exc:
+        fail_run(_tracker, job.checkpoints, job.run_id, exc)
+        raise
+
+
+LOST = "the background process finishing it died; its checkpoint continues it"
+
+
+def _killed_if_lost(tracker: Tracker, run_id: str, finishing: Future[RunOutcome]) -> None:
+    """A run the background process died with ends KILLED, its checkpoint kept: the next
+    invocation continues it after its last epoch, and finishes it."""
+    if isinstance(finishing.exception(), BrokenProcessPool):
+        end_quietly(tracker, run_id, "KILLED", LOST)

@@ -1,0 +1,87 @@
+"""What a run's numbers depend on beyond its config: code, versions, device, processor.
+
+A report treats runs of one config and seed as reruns (one sample) only when
+their device, processor and ``vaebench.code`` agree too; a checkpoint is
+continued only by the code that wrote it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from vaebench.spec.grid import RunSpec
+from vaebench.training.trainer import resolve_device
+
+PACKAGE = Path(__file__).resolve().parents[1]  # vaebench's source folder
+CODE_TAG = "vaebench.code"
+
+
+@functools.cache
+def code_version() -> str:
+    """A hash of vaebench's own source files (``src-<12 hex>``): equal exactly when the code
+    that trains and scores is equal, whatever the repository's commit, working-tree edits
+    or install location."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"src-{digest.hexdigest()[:12]}"
+
+
+def git_commit(folder: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    """The processor that computes: the GPU's name, or the CPU's model (floating-point paths,
+    and so the numbers of a chaotic training run, differ between them)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def base_tags(**extra: str) -> dict[str, str]:
+    """Tags every run of an invocation carries: MLflow's source (vaebench and, in a git
+    checkout, its commit), versions and vaebench's code version."""
+    tags = {
+        **extra,
+        "mlflow.source.name": "vaebench",  # the runs table's Source column
+        "mlflow.source.type": "LOCAL",
+        "vaebench.torch": torch.__version__,
+        "vaebench.python": platform.python_version(),
+        CODE_TAG: code_version(),
+    }
+    commit = git_commit(PACKAGE)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def run_tags(run: RunSpec) -> dict[str, str]:
+    """What identifies one run's sample: its config key, seed, device and processor."""
+    device = resolve_device(run.config.train.device)
+    return {
+        "vaebench.run_key": run.key,
+        "vaebench.seed": str(run.config.seed),
+        "vaebench.backend": run.config.train.backend,
+        "vaebench.device": str(device),
+        "vaebench.device_name": device_name(device),
+    }

@@ -1,0 +1,144 @@
+"""Reconstruction terms, KL terms, the beta-weighted and capacity objectives, and the ELBO.
+
+Conventions: every term is summed over pixels and latent dimensions and over
+the batch; callers divide by the number of images. Values are in nats (for
+``mse`` the "reconstruction" is a sum of squared errors, as in the notebooks
+this suite replaces, so its ELBO is not a log-likelihood bound).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vaebench.spec.config import LossConfig
+
+
+def pixel_costs(logits: torch.Tensor, x: torch.Tensor, kind: str, reduction: str):
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, x, reduction=reduction)
+    if kind == "mse":
+        return F.mse_loss(torch.sigmoid(logits), x, reduction=reduction)
+    raise ValueError(f"unknown reconstruction loss {kind!r}")
+
+
+def reconstruction(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Reconstruction cost summed over the batch: ``bce`` on logits or ``mse`` on sigmoid."""
+    return pixel_costs(logits, x, kind, "sum")
+
+
+@dataclass
+class LossTerms:
+    """Batch sums of the parts of the objective: reconstruction and each KL term, and the
+    category logits (B, K) of a model with a categorical latent."""
+
+    recon: torch.Tensor
+    kl: dict[str, torch.Tensor]
+    category_logits: torch.Tensor | None = None
+
+    @property
+    def kl_total(self) -> torch.Tensor:
+        return sum(self.kl.values(), torch.zeros((), device=self.recon.device))
+
+    @property
+    def negative_elbo(self) -> torch.Tensor:
+        """The beta = 1 bound, reported whatever objective a run trains with."""
+        return self.recon + self.kl_total
+
+
+def expected_reconstruction(
+    logits: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """The reconstruction cost averaged over a discrete latent, exactly: ``logits`` hold one
+    decoding per category (category-major, K * B rows), ``weights`` (B, K) are q(c|x). With
+    a leading member axis (a stack's logits (members, K * B, ...), images (members, B, ...),
+    weights (members, B, K)) it is one cost per member."""
+    lead = weights.dim() - 2  # 1 for a stack's member axis
+    batch, categories = weights.shape[-2:]
+    if logits.shape[lead:] != (categories * batch, *x.shape[lead + 1 :]):
+        raise ValueError(
+            f"decodings {tuple(logits.shape)} are not {categories} per image of {tuple(x.shape)}"
+        )
+    repeated = x.unsqueeze(lead).expand(*x.shape[:lead], categories, *x.shape[lead:])
+    terms = pixel_costs(logits, repeated.reshape(logits.shape), kind, "none")
+    per_row = terms.flatten(lead + 1).sum(dim=-1).view(*x.shape[:lead], categories, batch)
+    return (weights.transpose(-2, -1) * per_row).sum((-2, -1))
+
+
+def loss_terms(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, recon: str
+) -> LossTerms:
+    out = model(x, y)
+    if out.mixture is not None:
+        weights = F.softmax(out.category_logits, dim=1)
+        cost = expected_reconstruction(out.logits, x, weights, recon)
+    else:
+        cost = reconstruction(out.logits, x, recon)
+    return LossTerms(recon=cost, kl=model.kl_terms(out), category_logits=out.category_logits)
+
+
+def batch_marginal_kl(logits: torch.Tensor) -> torch.Tensor:
+    """KL(q(c) || Uniform(K)) for q(c) the batch's mean of q(c|x), times the batch size.
+
+    The per-image term of the ELBO averages to I(x; c) + KL(q(c) || U) over the data; this
+    keeps the second part alone: the categories are kept in balanced use, and c is not
+    charged for the information it carries about x.
+    """
+    batch, categories = logits.shape[-2:]  # (B, K), or a stack's (members, B, K): per member
+    log_mean = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=-2) - math.log(batch)
+    return batch * ((log_mean.exp() * log_mean).sum(-1) + math.log(categories))
+
+
+def capacity(maximum: float, step: int, steps: int) -> float:
+    """JointVAE's capacity: rises linearly from 0 to ``maximum`` over ``steps`` steps."""
+    return maximum * min(step / steps, 1.0)
+
+
+class Objective:
+    """The training loss of one run (a batch sum; the trainer divides by the batch size).
+
+    ``elbo``: recon + beta * KL_z + beta_c * KL_c (KL_c per image, or of the batch's
+    marginal q(c) with ``kl_c: batch_marginal``; ``capacity`` ignores ``kl_c``).
+    ``capacity`` (JointVAE): recon + gamma * |KL_z - C_z(t)| + gamma * |KL_c - C_c(t)|,
+    with KLs and capacities per image and each C rising linearly from 0 towards its
+    ``capacity_*`` over ``capacity_steps``. C_c is then capped at ln K, the largest KL
+    a K-way categorical can have from uniform, as JointVAE's released code does: its
+    MNIST setting (C_c towards 5 nats over 25,000 steps, K = 10) holds C_c at ln 10
+    from step 11,513 on.
+    """
+
+    def __init__(self, config: LossConfig, categories: int | None = None):
+        self.config = config
+        max_c = math.log(categories) if categories else 0.0
+        wanted_c = config.capacity_c if config.capacity_c is not None else max_c
+        self.maximum = {"kl_z": config.capacity_z, "kl_c": wanted_c}
+        self.ceiling = {"kl_z": math.inf, "kl_c": max_c}
+        self.weight = {"kl_z": config.beta, "kl_c": config.beta_c}
+
+    def target(self, name: str, step: int) -> float:
+        """C(t) per image, in nats, for the KL term ``name`` at training step ``step``."""
+        ramp = capacity(self.maximum[name], step, self.config.capacity_steps)
+        return min(ramp, self.ceiling[name])
+
+    def weighed_kls(self, terms: LossTerms) -> dict[str, torch.Tensor]:
+        """The KL terms the ``elbo`` objective weighs: the ELBO's, with ``loss.kl_c:
+        batch_marginal`` the batch-marginal KL of c in place of the per-image one."""
+        if self.config.kl_c == "per_image" or "kl_c" not in terms.kl:
+            return terms.kl
+        assert terms.category_logits is not None
+        return {**terms.kl, "kl_c": batch_marginal_kl(terms.category_logits)}
+
+    def __call__(self, terms: LossTerms, batch_size: int, step: int) -> torch.Tensor:
+        loss = terms.recon
+        if self.config.objective == "elbo":
+            for name, kl in self.weighed_kls(terms).items():
+                loss = loss + self.weight[name] * kl
+            return loss
+        # JointVAE's capacities hold the ELBO's own (per-image) KL terms at their targets
+        for name, kl in terms.kl.items():
+            target = batch_size * self.target(name, step)
+            loss = loss + self.config.gamma * (kl - target).abs()
+        return loss

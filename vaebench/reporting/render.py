@@ -1,0 +1,258 @@
+"""Report rendering: the leaderboard as text, the verdict and notes, and the report's blocks
+written out as report.md and a self-contained report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vaebench.reporting.runs import BOUND_COLUMN, METRICS, RunSet
+from vaebench.spec.catalogue import MetricInfo
+
+
+def display_table(table: pd.DataFrame, metric: MetricInfo) -> pd.DataFrame:
+    """The leaderboard as text: "mean ± std" (just the mean for one run)."""
+    rank = table["rank"].map(lambda r: "" if pd.isna(r) else str(r))
+    shown = pd.DataFrame({"rank": rank, "variant": table["variant"]})
+    if table["compared_within"].nunique() > 1:
+        shown["ranked within"] = table["compared_within"]
+    shown["runs"] = table["runs"].astype(str)
+    for m in METRICS.values():
+        if f"{m.name}_mean" not in table:
+            continue
+        shown[m.label] = [
+            _mean_std(mean, std, m.digits) + (f" (n={n})" if 0 < n < runs else "")
+            for mean, std, n, runs in zip(
+                table[f"{m.name}_mean"], table[f"{m.name}_std"], table[f"{m.name}_count"],
+                table["runs"], strict=True,
+            )
+        ]
+    shown[f"ties best ({metric.name})"] = table["ties_best"]
+    if table["not_finished"].any():
+        shown["not finished"] = table["not_finished"].astype(str)
+    return shown
+
+
+def _mean_std(mean: float, std: float, digits: int) -> str:
+    if np.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def verdict(table: pd.DataFrame, metric: MetricInfo) -> str:
+    """Who is best (per comparison group), who ties, and what cannot be judged."""
+    direction = "higher" if metric.higher_is_better else "lower"
+    ranked = table[table["rank"].notna()]
+    groups = list(ranked.groupby("compared_within", sort=False))
+    several = table["compared_within"].nunique() > 1
+    sentences = [f"Ranked on {metric.label}, {direction} is better."]
+    if several:
+        names = table["compared_within"].unique()
+        settings = " and ".join(dict.fromkeys(comparison_name(g) for g in names))
+        sentences.append(
+            f"Runs with different {settings} are ranked apart: their values are not comparable."
+        )
+    for group, rows in groups:
+        best = rows.iloc[0]
+        value = _mean_std(best[f"{metric.name}_mean"], best[f"{metric.name}_std"], metric.digits)
+        among = f" among {group}" if several else ""
+        text = f"Best{among}: **{best['variant']}**, {value} over {count(best['runs'], 'run')}."
+        ties = list(rows.loc[rows["ties_best"] == "yes", "variant"])
+        if ties:
+            text += f" Within one standard deviation of it (a tie): {', '.join(ties)}."
+        elif (rows["ties_best"] == "no").any():
+            text += " No other variant lies within one standard deviation of it."
+        sentences.append(text)
+    if (ranked[f"{metric.name}_count"] == 1).any():
+        sentences.append(
+            "Variants with a single run show no spread: one run cannot estimate it, so"
+            " ties with them cannot be judged."
+        )
+    if (table["rank"].isna()).any():
+        unranked = ", ".join(table.loc[table["rank"].isna(), "variant"])
+        sentences.append(f"Unranked, without a value of {metric.name}: {unranked}.")
+    return " ".join(sentences)
+
+
+def measurement_notes(run_set: RunSet, metric: MetricInfo) -> str:
+    """What the numbers are: which split selects, which are bounds, and on what."""
+    finished = run_set.finished
+    notes = [
+        f"Variants are ranked on {metric.name} (validation split, held out of the training "
+        "images); test columns score the same runs on the test split once, after training, "
+        "and are shown beside, never used to rank."
+        if metric.split == "validation"
+        else f"Variants are ranked on {metric.name}; test columns are shown beside."
+    ]
+    binarize = finished.get("params.data.binarize", pd.Series(dtype=object))
+    recon = finished.get("params.loss.recon", pd.Series(dtype=object))
+    if ((binarize == "none") & (recon == "bce")).any():
+        notes.append(
+            "ELBO and reconstruction of runs with data.binarize none are BCE on grey-level "
+            "pixels: not a likelihood bound (grey-level pixels); compare them with each "
+            "other, not with published log-likelihoods."
+        )
+    if (recon == "mse").any():
+        notes.append("With loss.recon mse the ELBO is squared error plus KL: not a bound.")
+    if (finished[BOUND_COLUMN] == "p(x|y)").any():
+        notes.append(
+            "cvae runs are given the label: their ELBO bounds log p(x|y), not log p(x), and "
+            "their clusters are not scored."
+        )
+    with_nll = finished[finished["test_nll"].notna()]
+    if not with_nll.empty:
+        column = with_nll.get("params.eval.iwae_samples", pd.Series(dtype=object))
+        samples = sorted({int(k) for k in column if str(k).isdigit()})
+        images = with_nll.get("params.eval.iwae_images", pd.Series(dtype=object))
+        subsets = sorted({int(n) for n in images if str(n).isdigit()})
+        over = (
+            f", over the first {' or '.join(map(str, subsets))} test images for runs that set "
+            "eval.iwae_images (the others: all)"
+            if subsets
+            else ", over the whole test split"
+        )
+        notes.append(
+            "test NLL: -log p(x) (-log p(x|y) for cvae runs) in nats per image, estimated by "
+            "importance sampling (IWAE) with "
+            f"K = {', '.join(map(str, samples))} samples on binary pixels{over}; the estimate "
+            "is an upper bound on the NLL in expectation."
+        )
+    return " ".join(notes)
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def comparison_name(group: str) -> str:
+    """"loss.recon=bce, data.dataset=mnist" -> "loss.recon/data.dataset"."""
+    return "/".join(part.split("=", 1)[0] for part in group.split(", "))
+
+
+Block = tuple[str, Any]  # ("h1"|"h2"|"p", text) | ("table", DataFrame) | ("img", (path, caption))
+
+
+def report_blocks(
+    run_set: RunSet, table: pd.DataFrame, metric: MetricInfo, figures: list[Path],
+    bests: list[tuple[pd.Series, list[Path]]],
+) -> list[Block]:
+    invocations = (
+        f"invocation {run_set.parents.iloc[-1]['tags.mlflow.runName']}"
+        if len(run_set.parents) == 1
+        else f"all {len(run_set.parents)} invocations"
+    )
+    not_finished = int((run_set.runs["status"] != "FINISHED").sum())
+    source = (
+        f"Experiment {run_set.experiment} in {run_set.uri}, {invocations}: "
+        f"{count(len(run_set.finished), 'finished run')} in {count(len(table), 'variant')}"
+        + (f"; {count(not_finished, 'run')} not finished, left out" if not_finished else "")
+        + (
+            f"; {count(run_set.repeats, 'earlier rerun')} of the same config, seed, device and "
+            "code, left out"
+            if run_set.repeats
+            else ""
+        )
+        + f". Made {time.strftime('%Y-%m-%d %H:%M')}."
+    )
+    captions = {
+        "rate_distortion.png": "Rate and distortion: KL against reconstruction, a dot per run; "
+        "lines join the per-β means of one setting.",
+        "elbo_by_epoch.png": "Validation ELBO by epoch: the mean over seeds, with a band of one "
+        "standard deviation where a variant has several.",
+        "clustering.png": "Clustering on the test split: NMI and accuracy of the clusters "
+        "(whiskers: one std).",
+        "epoch_seconds.png": "Training seconds per epoch after the first (whiskers: one std).",
+    }
+    blocks: list[Block] = [
+        ("h1", f"vaebench report: {run_set.experiment}"),
+        ("p", source),
+        ("h2", "Leaderboard"),
+        ("p", verdict(table, metric)),
+        ("p", measurement_notes(run_set, metric)),
+        ("table", display_table(table, metric)),
+    ]
+    for figure in figures:
+        blocks.append(("img", (figure, captions[figure.name])))
+    for best, pictures in bests:
+        among = f", among {best['compared_within']}" if len(bests) > 1 else ""
+        blocks.append(("h2", f"Best variant{among}: {best['variant']} (run {best['name']})"))
+        for picture in pictures:
+            caption = f"{best['name']}: {picture.stem.rsplit('_', 1)[-1]}"
+            blocks.append(("img", (picture, caption)))
+    return blocks
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    out = []
+    for kind, value in blocks:
+        if kind == "h1":
+            out.append(f"# {value}")
+        elif kind == "h2":
+            out.append(f"## {value}")
+        elif kind == "p":
+            out.append(str(value))
+        elif kind == "table":
+            out.append("| " + " | ".join(_md_cell(c) for c in value.columns) + " |")
+            out.append("|" + "---|" * len(value.columns))
+            out.extend(
+                "| " + " | ".join(_md_cell(v) for v in row) + " |"
+                for row in value.itertuples(index=False)
+            )
+        elif kind == "img":
+            path, caption = value
+            out.append(f"![{path.stem}]({path.name})\n\n*{caption}*")
+        out.append("")
+    return "\n".join(out)
+
+
+HTML_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}
+th{background:#f3f3f3}td{text-align:right;white-space:nowrap}td:nth-child(2){text-align:left}
+figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:13px}
+"""
+
+
+def _bold(text: str) -> str:
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    """One self-contained page: the images are embedded as base64 data URIs."""
+    out = [
+        "<!doctype html>",
+        f'<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
+        f"<style>{HTML_STYLE}</style></head><body>",
+    ]
+    for kind, value in blocks:
+        if kind in ("h1", "h2"):
+            out.append(f"<{kind}>{html.escape(str(value))}</{kind}>")
+        elif kind == "p":
+            out.append(f"<p>{_bold(str(value))}</p>")
+        elif kind == "table":
+            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in value.columns)
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+                for row in value.itertuples(index=False)
+            )
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img":
+            path, caption = value
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+            out.append(
+                f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+    out.append("</body></html>")
+    return "\n".join(out)

@@ -1,0 +1,117 @@
+"""Reports: a grid's (or study's) runs in MLflow -> leaderboard over seeds, figures, report.md/html.
+
+This is the entry, ``make_report``; the work is done by report_runs.py (reading
+the runs from MLflow), report_table.py (the leaderboard), report_figures.py (the
+figures) and report_render.py (report.md and report.html).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from vaebench.reporting.best_models import BestRun
+from vaebench.reporting.figures import FIGURES, write_figures
+from vaebench.reporting.render import display_table, render_html, render_markdown, report_blocks
+from vaebench.reporting.runs import METRICS, fetch_best_pictures, picture_prefix, select_runs
+from vaebench.reporting.table import best_runs, leaderboard
+from vaebench.spec.catalogue import DEFAULT_RANKING, RANKABLE, MetricInfo, selection_problem
+from vaebench.spec.catalogue import METRICS as CATALOGUE
+from vaebench.spec.config import VaebenchError
+from vaebench.tracking.store import resolve_tracking_uri
+
+DEFAULT_METRIC = DEFAULT_RANKING
+DOCUMENTS = ("leaderboard.csv", "report.md", "report.html")
+REPORT_ARTIFACT_PATH = "report"
+
+
+@dataclass
+class Report:
+    folder: Path
+    leaderboard: pd.DataFrame
+    metric: MetricInfo
+    files: list[Path] = field(default_factory=list)
+    best_runs: list[BestRun] = field(default_factory=list)  # one per comparison group
+
+
+def make_report(
+    name: str,
+    tracking_uri: str | None = None,
+    results_dir: str | Path = "results",
+    metric: str = DEFAULT_METRIC,
+    all_invocations: bool = False,
+    parent_id: str | None = None,
+    stream=None,
+    tsne: bool = False,
+) -> Report:
+    """Write ``results/<name>/``: leaderboard.csv, report.md, report.html and the figures,
+    and log them as artifacts (under ``report/``) of the covered invocation's parent run.
+    With ``tsne``, the best runs' pictures add a t-SNE of their latent means."""
+    stream = stream or sys.stdout
+    if metric not in RANKABLE:
+        why = selection_problem(metric) if metric in CATALOGUE else None
+        raise VaebenchError(f"--metric {metric!r}: {why or 'choose one of ' + ', '.join(RANKABLE)}")
+    chosen = METRICS[metric]
+    uri = resolve_tracking_uri(tracking_uri)
+    run_set = select_runs(uri, name, all_invocations, parent_id)
+    table = leaderboard(run_set, chosen)
+    folder = Path(results_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*DOCUMENTS, *FIGURES, *(p.name for p in folder.glob("best_*.png"))]:
+        (folder / stale).unlink(missing_ok=True)  # an earlier report's, e.g. another group's
+    table.to_csv(folder / "leaderboard.csv", index=False)
+    figures = write_figures(run_set, table, folder)
+    runs = best_runs(run_set, table, chosen)
+    bests = [
+        (
+            run,
+            fetch_best_pictures(
+                run_set,
+                run["run_id"],
+                folder,
+                picture_prefix(run["compared_within"], len(runs)),
+                tsne,
+            ),
+        )
+        for run in runs
+    ]
+    blocks = report_blocks(run_set, table, chosen, figures, bests)
+    (folder / "report.md").write_text(render_markdown(blocks))
+    (folder / "report.html").write_text(render_html(blocks, f"vaebench report: {name}"))
+    files = [folder / document for document in DOCUMENTS]
+    files += figures + [picture for _, pictures in bests for picture in pictures]
+    for path in files:
+        run_set.client.log_artifact(run_set.report_parent, str(path), REPORT_ARTIFACT_PATH)
+    report = Report(folder, table, chosen, files, [as_best_run(run, chosen) for run, _ in bests])
+    print_report(report, stream)
+    return report
+
+
+def as_best_run(run: pd.Series, metric: MetricInfo) -> BestRun:
+    """A group's best run (a row of :func:`best_runs`) as the record registration takes."""
+    return BestRun(
+        str(run["run_id"]), str(run["name"]), str(run["compared_within"]), metric.name,
+        f"{run[metric.name]:.6g}",
+    )
+
+
+def best_of_invocation(uri: str, name: str, parent_id: str | None) -> list[BestRun]:
+    """Each comparison group's best run, as a report would choose it (on
+    :data:`DEFAULT_METRIC`), without writing the report; ``parent_id`` None: of every
+    invocation."""
+    run_set = select_runs(uri, name, parent_id is None, parent_id)
+    metric = METRICS[DEFAULT_METRIC]
+    table = leaderboard(run_set, metric)
+    return [as_best_run(run, metric) for run in best_runs(run_set, table, metric)]
+
+
+def print_report(report: Report, stream) -> None:
+    shown = display_table(report.leaderboard.head(10), report.metric)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(shown.to_string(index=False), file=stream)
+    if len(report.leaderboard) > 10:
+        print(f"... {len(report.leaderboard) - 10} more variants in leaderboard.csv", file=stream)
+    print(f"report: {report.folder / 'report.html'}", file=stream)

@@ -1,0 +1,211 @@
+"""Report runs: reading a grid's (or study's) runs back from MLflow into a RunSet, and a best
+run's pictures out of its artifacts.
+
+Runs are read back with ``mlflow.search_runs``; a *variant* is every param but
+the seed, so a variant's runs are its seeds. Reruns of the same config, seed,
+device and code are counted once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vaebench.lifecycle.artifacts import LATENT_FILE
+from vaebench.plots import save_latent_scatter
+from vaebench.spec.catalogue import CONDITIONAL, REPORTED
+from vaebench.spec.catalogue import METRICS as CATALOGUE
+from vaebench.spec.config import VaebenchError
+from vaebench.tracking.registry import fluent_api_on
+from vaebench.tracking.store import sqlite_path
+
+METRICS = {name: CATALOGUE[name] for name in REPORTED}
+BEST_PICTURES = ("samples.png", "reconstructions.png", "latent.png", "digits.png")
+TSNE_PICTURE = "latent_tsne.png"  # drawn by the report on request (--tsne)
+# a cvae's ELBO bounds log p(x|y): the label is given, worth up to ln 10 nats, so it is
+# ranked apart from models that bound log p(x)
+BOUND_COLUMN = "likelihood_of"
+# a run name's seed token, with the "-<key>" a grid adds to names that would repeat
+SEED_SUFFIX = re.compile(r"(^|-)s-?\d+(-[0-9a-f]{6})?$")
+
+
+@dataclass
+class RunSet:
+    """The runs a report covers, one row each, with short metric names as columns."""
+
+    experiment: str
+    experiment_id: str
+    uri: str
+    parents: pd.DataFrame  # the invocations covered (parent runs)
+    runs: pd.DataFrame  # their child runs, every status
+    param_columns: list[str]  # "params.*" columns that define a variant (all but the seed)
+    repeats: int = 0  # finished reruns of the same config and seed, left out
+    client: Any = None  # the MlflowClient the runs were read with
+
+    @property
+    def finished(self) -> pd.DataFrame:
+        return self.runs[self.runs["status"] == "FINISHED"]
+
+    @property
+    def report_parent(self) -> str:
+        """The invocation the report files are logged to: the latest covered."""
+        return str(self.parents.iloc[-1]["run_id"])  # parents are sorted by start time
+
+
+def open_client(uri: str):
+    """An MlflowClient on an existing store; reading never creates an empty SQLite file."""
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise VaebenchError(f"no MLflow store at {db} (tracking URI {uri})")
+    return MlflowClient(tracking_uri=uri)
+
+
+def select_runs(
+    uri: str, name: str, all_invocations: bool = False, parent_id: str | None = None
+) -> RunSet:
+    """The child runs of one invocation (``parent_id``, else the latest) or of all of them."""
+    import mlflow
+
+    client = open_client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        known = ", ".join(names) if names else "none"
+        raise VaebenchError(f"no experiment named {name!r} in {uri}; experiments: {known}")
+    with fluent_api_on(uri):
+        frame = mlflow.search_runs(experiment_ids=[experiment.experiment_id])
+    run_set = run_set_from_frame(
+        frame, name, experiment.experiment_id, uri, all_invocations, parent_id
+    )
+    run_set.client = client
+    return run_set
+
+
+def run_set_from_frame(
+    frame: pd.DataFrame,
+    name: str,
+    experiment_id: str,
+    uri: str,
+    all_invocations: bool = False,
+    parent_id: str | None = None,
+) -> RunSet:
+    """``mlflow.search_runs``' table -> the covered parents and their children, each child with
+    its short metric columns and its variant label."""
+    parent_column = "tags.mlflow.parentRunId"
+    if frame.empty or parent_column not in frame:
+        raise VaebenchError(f"experiment {name!r} has no runs of a vaebench invocation")
+    parents = frame[frame[parent_column].isna()].sort_values("start_time")
+    if parent_id is not None:
+        parents = parents[parents["run_id"] == parent_id]
+    elif not all_invocations:
+        parents = parents.tail(1)
+    runs = frame[frame[parent_column].isin(parents["run_id"])].copy()
+    if CLAIM_COLUMN in runs:  # a claim left by a stopped process is no run of a variant
+        runs = runs[runs[CLAIM_COLUMN].isna()]
+    if runs.empty:
+        raise VaebenchError(f"experiment {name!r}: the invocation has no runs")
+    runs["name"] = runs["tags.mlflow.runName"]
+    for metric in METRICS.values():
+        column = f"metrics.{metric.name}"
+        runs[metric.name] = runs[column] if column in runs else np.nan
+    arch = runs.get("params.model.arch", pd.Series("", index=runs.index))
+    runs[BOUND_COLUMN] = np.where(arch.isin(CONDITIONAL), "p(x|y)", "p(x)")
+    params = sorted(c for c in runs if c.startswith("params.") and c != "params.seed")
+    runs[params] = runs[params].astype(object).fillna("")
+    runs = runs.sort_values("start_time").reset_index(drop=True)
+    runs, repeats = drop_repeats(runs)
+    runs["variant"] = variant_labels(runs, params)
+    return RunSet(name, experiment_id, uri, parents, runs, params, repeats)
+
+
+CLAIM_COLUMN = "tags.vaebench.claim_for"  # vaebench.lifecycle.claims.CLAIM_TAG
+
+RERUN_TAGS = (
+    "tags.vaebench.run_key",
+    "tags.vaebench.device",
+    "tags.vaebench.device_name",
+    "tags.vaebench.code",
+)
+
+
+def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Keep the latest finished run of each config, seed, device, processor and code version.
+
+    A deterministic rerun of the same seed on the same device and code is not a
+    new sample: counted twice it would shrink the spread (``--all`` over a grid
+    run twice). On another device or code version it is one: floating-point
+    paths differ.
+    """
+    if RERUN_TAGS[0] not in runs:
+        return runs, 0
+    keys = runs.reindex(columns=list(RERUN_TAGS)).astype(object).fillna("").agg("|".join, axis=1)
+    finished = runs["status"] == "FINISHED"
+    earlier = keys[finished].duplicated(keep="last")
+    repeated = earlier.reindex(runs.index, fill_value=False) & runs[RERUN_TAGS[0]].notna()
+    return runs[~repeated].reset_index(drop=True), int(repeated.sum())
+
+
+def variant_labels(runs: pd.DataFrame, params: list[str]) -> pd.Series:
+    """A readable label per run, equal for runs that differ only in their seed.
+
+    It is the run name without its ``-s<seed>`` ending; variants that would
+    share a label (runs of different grid versions under ``--all``) get ``#2``, ``#3``.
+    """
+    if params:
+        keys = runs[params].astype(str).agg("\x1f".join, axis=1)
+    else:
+        keys = pd.Series("", index=runs.index)
+    labels: dict[str, str] = {}
+    taken: set[str] = set()
+    for key, name in zip(keys, runs["name"], strict=True):
+        if key in labels:
+            continue
+        label = SEED_SUFFIX.sub("", str(name)) or "all seeds"
+        candidate, count = label, 1
+        while candidate in taken:
+            count += 1
+            candidate = f"{label} #{count}"
+        labels[key] = candidate
+        taken.add(candidate)
+    return keys.map(labels)
+
+
+def fetch_best_pictures(
+    run_set: RunSet, run_id: str, folder: Path, prefix: str, tsne: bool = False
+) -> list[Path]:
+    """Copy a best run's pictures from its MLflow artifacts as ``<prefix><name>.png``; with
+    ``tsne``, draw ``<prefix>latent_tsne.png`` from the run's latent means (``latent.npz``)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    client = run_set.client
+    available = {a.path for a in client.list_artifacts(run_id)}
+    copied = []
+    with tempfile.TemporaryDirectory(prefix="vaebench-report-") as scratch:
+        for name in BEST_PICTURES:
+            if name in available:
+                local = client.download_artifacts(run_id, name, scratch)
+                copied.append(Path(shutil.copyfile(local, folder / f"{prefix}{name}")))
+        if tsne and LATENT_FILE in available:
+            with np.load(client.download_artifacts(run_id, LATENT_FILE, scratch)) as latent:
+                means, labels = latent["means"], latent["labels"]
+            path = folder / f"{prefix}{TSNE_PICTURE}"
+            title = client.get_run(run_id).info.run_name
+            copied.append(save_latent_scatter(path, means, labels, title, method="tsne"))
+    return copied
+
+
+def picture_prefix(group: str, groups: int) -> str:
+    """``best_`` for a single comparison group, else ``best_<values>_`` (``best_bce_``)."""
+    if groups == 1:
+        return "best_"
+    values = [part.split("=", 1)[-1] for part in group.split(", ")]
+    return "best_" + re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(values)) + "_"

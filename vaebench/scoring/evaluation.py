@@ -1,0 +1,171 @@
+"""Scoring a model on a split: the ELBO estimate, clustering scores, the likelihood estimate.
+
+Every evaluation draws its latents from its own generator, seeded per split
+(``EVAL_SEEDS``), so every run and every epoch of a split sees the same draws
+(for equal ``train.eval_batch_size`` and ``eval.samples``, which set how they
+are chunked), whatever random stream training left behind. Categorical latents are drawn as
+exact one-hot samples from q(c|x), whatever ``model.hard`` says for training:
+a relaxed sample with the discrete KL would bound nothing. The ELBO estimate
+averages ``eval.samples`` draws of log p(x|z) per image; its KL terms are exact.
+
+This module imports neither mlflow nor optuna.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vaebench.data import Split
+from vaebench.models.losses import reconstruction
+from vaebench.scoring.clustering import active_units, clustering_scores, kmeans_clusters
+from vaebench.scoring.likelihood import LikelihoodEstimate, draw_latents, estimate_nll
+from vaebench.spec.config import RunConfig
+
+EVAL_SEEDS = {"validation": 101, "test": 202}
+LIKELIHOOD_ROWS_PER_PASS = 20000  # decoder rows (images x draws) per pass of the estimate
+PREFIXES = {"validation": "val", "test": "test"}
+
+
+def eval_generator(split_name: str, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(EVAL_SEEDS[split_name])
+
+
+def read_scalars(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Device scalars read back to the host in one transfer."""
+    return dict(zip(tensors, torch.stack(list(tensors.values())).tolist(), strict=True))
+
+
+@dataclass
+class Evaluation:
+    """Sums over a split (device tensors) and per-image latents for the scores."""
+
+    split_name: str
+    images: int
+    recon: torch.Tensor
+    kl: dict[str, torch.Tensor]
+    mu: torch.Tensor
+    categories: torch.Tensor | None  # argmax q(c|x), for models with a categorical latent
+
+    @property
+    def prefix(self) -> str:
+        return PREFIXES[self.split_name]
+
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The device sums behind :meth:`metrics`, for reading back with other scalars."""
+        return {"recon": self.recon, **self.kl}
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """``<prefix>_elbo`` (beta = 1), ``_recon``, ``_kl`` and, with several, the KL parts,
+        per image, from the sums read back as floats."""
+        n, p = self.images, self.prefix
+        kl = {name: sums[name] for name in self.kl}
+        total_kl = sum(kl.values())
+        values = {
+            f"{p}_elbo": -(sums["recon"] + total_kl) / n,
+            f"{p}_recon": sums["recon"] / n,
+            f"{p}_kl": total_kl / n,
+        }
+        if len(kl) > 1:  # the parts of the KL, e.g. kl_z and kl_c
+            values.update({f"{p}_{name}": value / n for name, value in kl.items()})
+        return values
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, split: Split, split_name: str, config: RunConfig
+) -> Evaluation:
+    """Sums of reconstruction (averaged over ``eval.samples`` draws) and KL terms."""
+    model.eval()
+    device = split.images.device
+    generator = eval_generator(split_name, device)
+    samples = config.eval.samples
+    recon = torch.zeros((), device=device)
+    kl: dict[str, torch.Tensor] = {}
+    mus, categories = [], []
+    size = max(1, config.train.eval_batch_size // samples)  # decoder rows per pass, draws included
+    for start in range(0, len(split), size):
+        x, y = split.images[start : start + size], split.labels[start : start + size]
+        posterior = model.posterior(x, y)
+        draws = draw_latents(posterior, samples, generator)
+        logits = model.decode_sample(draws.z, draws.c, y.repeat(samples))
+        repeated = x.repeat(samples, *([1] * (x.dim() - 1)))
+        recon += reconstruction(logits, repeated, config.loss.recon) / samples
+        for name, value in model.kl_terms(posterior).items():
+            kl[name] = kl.get(name, 0) + value
+        mus.append(posterior.mu)
+        if posterior.category_logits is not None:
+            categories.append(posterior.category_logits.argmax(dim=1))
+    return Evaluation(
+        split_name=split_name,
+        images=len(split),
+        recon=recon,
+        kl=kl,
+        mu=torch.cat(mus),
+        categories=torch.cat(categories) if categories else None,
+    )
+
+
+@dataclass(frozen=True)
+class ClusterInput:
+    """What a split's clustering scores are computed from, on the host: the categories
+    (argmax q(c|x)) where the model has a categorical latent, else the latent means, which
+    k-means clusters (slow: done after training, in a background process where asked)."""
+
+    prefix: str
+    labels: np.ndarray
+    means: np.ndarray | None
+    categories: np.ndarray | None
+
+
+def cluster_input(evaluation: Evaluation, labels: torch.Tensor) -> ClusterInput:
+    categories = evaluation.categories
+    return ClusterInput(
+        prefix=evaluation.prefix,
+        labels=labels.cpu().numpy(),
+        means=evaluation.mu.cpu().numpy() if categories is None else None,
+        categories=categories.cpu().numpy() if categories is not None else None,
+    )
+
+
+def clusters_of(evaluation: Evaluation):
+    """argmax q(c|x) for models with a categorical latent, else k-means on E[z|x]."""
+    if evaluation.categories is not None:
+        return evaluation.categories.cpu().numpy()
+    return kmeans_clusters(evaluation.mu.cpu().numpy())
+
+
+def scored_clusters(clusters: ClusterInput) -> dict[str, float]:
+    """``<prefix>_nmi``, ``_ari``, ``_accuracy`` (Hungarian) of the split's clusters."""
+    found = clusters.categories if clusters.means is None else kmeans_clusters(clusters.means)
+    scores = clustering_scores(clusters.labels, found)
+    return {f"{clusters.prefix}_{name}": value for name, value in scores.items()}
+
+
+def cluster_metrics(evaluation: Evaluation, labels: torch.Tensor) -> dict[str, float]:
+    """The split's clustering scores (:func:`scored_clusters`), computed now."""
+    return scored_clusters(cluster_input(evaluation, labels))
+
+
+def active_unit_metric(evaluation: Evaluation) -> dict[str, float]:
+    return {f"{evaluation.prefix}_active_units": active_units(evaluation.mu.cpu().numpy())}
+
+
+def likelihood_metrics(
+    model: torch.nn.Module, split: Split, split_name: str, config: RunConfig
+) -> dict[str, float]:
+    """``<prefix>_nll`` (nats per image, K = ``eval.iwae_samples``, over the first
+    ``eval.iwae_images`` images or all) and its standard error over the images."""
+    count = config.eval.iwae_images or len(split)
+    estimate: LikelihoodEstimate = estimate_nll(
+        model,
+        split.images[:count],
+        split.labels[:count],
+        config.eval.iwae_samples,
+        eval_generator(split_name, split.images.device),
+        rows_per_pass=LIKELIHOOD_ROWS_PER_PASS,
+    )
+    prefix = PREFIXES[split_name]
+    return {f"{prefix}_nll": estimate.nll, f"{prefix}_nll_se": estimate.standard_error}

@@ -1,0 +1,377 @@
+"""Typed run configuration, dotted keys, and the errors users can cause.
+
+A run is described by :class:`RunConfig` (data, model, loss, optim, train,
+eval sections plus a seed). Grid files (:mod:`vaebench.spec.grid`) and study files
+(:mod:`vaebench.spec.study`) share the check of dotted-key overrides that is here (and
+:mod:`vaebench.spec.yaml_file`'s reading); every problem in a file is reported as one line
+naming the file and the dotted key.
+This module imports neither torch nor :mod:`vaebench.models`: the model families
+are named in :data:`ARCHS` (a test keeps it equal to ``vaebench.models.MODELS``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class VaebenchError(Exception):
+    """An error the user can cause and fix (config, data, paths, URIs).
+
+    The command line prints it as one line and exits with ``exit_status`` (2).
+    """
+
+    exit_status = 2
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line for a message: its text's first line, else its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class ConfigError(VaebenchError):
+    """One or more problems in a config file, one line each."""
+
+    def __init__(self, problems: Iterable[str]):
+        self.problems = list(dict.fromkeys(problems))  # keep order, drop repeats
+        super().__init__("\n".join(self.problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# the model families of vaebench.models.MODELS, named here so this module need not import torch
+ARCHS = ("mlp", "conv", "gumbel", "cvae", "gmvae")
+
+
+class DataConfig(_Section):
+    dataset: Literal["mnist", "fashion_mnist", "kmnist"] = "mnist"
+    binarize: Literal["none", "dynamic", "static"] = "none"
+    validation: int = Field(
+        default=10000,
+        ge=0,
+        description="the last N training images held out as the validation split (0: none)",
+    )
+    subset: int | None = Field(
+        default=None, ge=1, description="first N training images of what validation leaves"
+    )
+
+
+class ModelConfig(_Section):
+    arch: str = "mlp"
+    backbone: Literal["mlp", "conv"] = Field(
+        default="mlp",
+        description="encoder/decoder nets of the gumbel, cvae and gmvae families",
+    )
+    z_dim: int = Field(default=20, ge=1)
+    hidden: list[int] = Field(default_factory=lambda: [400], description="mlp hidden widths")
+    channels: list[int] = Field(default_factory=lambda: [32, 64], description="conv channels")
+    dense: list[int] = Field(
+        default_factory=list,
+        description="conv: fully connected widths between the conv features and the latent",
+    )
+    batch_norm: bool = False
+    categories: int = Field(
+        default=10, ge=2, description="gumbel, gmvae: size of the discrete latent"
+    )
+    tau: float | list[float] = Field(
+        default=0.67, description="gumbel: temperature, or [start, end] annealed exponentially"
+    )
+    hard: bool = Field(default=True, description="gumbel: straight-through one-hot samples")
+    condition_encoder: bool = Field(
+        default=True, description="cvae: the encoder sees the label too (false: decoder only)"
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in ARCHS:
+            raise ValueError(f"unknown model {value!r}; valid: {', '.join(ARCHS)}")
+        return value
+
+    @field_validator("hidden", "channels")
+    @classmethod
+    def _positive_widths(cls, value: list[int]) -> list[int]:
+        if not value or any(width < 1 for width in value):
+            raise ValueError("must be a non-empty list of integers >= 1")
+        return value
+
+    @field_validator("dense")
+    @classmethod
+    def _dense_widths(cls, value: list[int]) -> list[int]:
+        if any(width < 1 for width in value):
+            raise ValueError("must be a list of integers >= 1 (empty: none)")
+        return value
+
+    @field_validator("tau")
+    @classmethod
+    def _temperature(cls, value: float | list[float]) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        if not 1 <= len(values) <= 2 or any(v <= 0 for v in values):
+            raise ValueError("must be a temperature > 0 or [start, end] with both > 0")
+        if len(values) == 2 and values[1] > values[0]:
+            raise ValueError("an annealed temperature goes down: [start, end] with end <= start")
+        return value
+
+
+class LossConfig(_Section):
+    recon: Literal["bce", "mse"] = "bce"
+    objective: Literal["elbo", "capacity"] = Field(
+        default="elbo", description="elbo: recon + beta*KL_z + beta_c*KL_c; capacity: JointVAE"
+    )
+    beta: float = Field(default=1.0, ge=0, description="weight of KL(q(z|x) || N(0, I))")
+    beta_c: float = Field(default=1.0, ge=0, description="weight of KL(q(c|x) || Uniform(K))")
+    kl_c: Literal["per_image", "batch_marginal"] = Field(
+        default="per_image",
+        description="elbo objective: the KL of c it weighs: per image (the ELBO's), or of "
+        "the batch's mean q(c) (balanced categories; c's information is not charged)",
+    )
+    gamma: float = Field(default=30.0, ge=0, description="capacity: weight of |KL - C(t)|")
+    capacity_z: float = Field(default=5.0, ge=0, description="capacity: final C_z, nats")
+    capacity_c: float | None = Field(
+        default=None,
+        ge=0,
+        description="capacity: C_c's ramp target, nats (default ln K); C_c stops at ln K",
+    )
+    capacity_steps: int = Field(default=25000, ge=1, description="capacity: steps to reach max")
+
+
+class OptimConfig(_Section):
+    name: Literal["adam", "rmsprop"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments for the torch optimizer"
+    )
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    eval_batch_size: int = Field(
+        default=1000, ge=1, description="decoder rows per evaluation pass (images x draws)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = Field(
+        default=1,
+        ge=0,
+        description="epochs between checkpoints that let a stopped run continue (0: none)",
+    )
+    backend: Literal["torch", "pyro"] = Field(
+        default="torch",
+        description="torch: vaebench's loss; pyro: the model and guide in Pyro, its ELBO",
+    )
+    pyro_elbo: Literal["meanfield", "trace"] = Field(
+        default="meanfield",
+        description="backend pyro: TraceMeanField_ELBO (analytic KL) or Trace_ELBO (sampled KL)",
+    )
+
+
+class EvalConfig(_Section):
+    """How the trained model is scored; every run of a split sees the same random draws (for
+    equal ``train.eval_batch_size`` and ``samples``)."""
+
+    samples: int = Field(
+        default=1, ge=1, description="posterior samples averaged in each ELBO estimate"
+    )
+    iwae_samples: int = Field(
+        default=0,
+        ge=0,
+        description="test NLL by importance sampling with K samples after training (0: off)",
+    )
+    iwae_images: int | None = Field(
+        default=None,
+        ge=1,
+        description="the NLL over the first N test images (default: all); for slow models on CPU",
+    )
+
+
+# The settings a model family trains with where a file leaves them unset: those that make
+# the family do its job, chosen on the validation split (README, "Clustering"). They are
+# settings of the ``elbo`` objective: a ``capacity`` run, and every other family, keeps the
+# section defaults above. A value the file sets always wins.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gumbel": {"loss.beta": 10.0, "loss.kl_c": "batch_marginal"},
+}
+
+
+def _unset_defaults(config: RunConfig) -> dict[str, Any]:
+    """The value each key of :data:`FAMILY_DEFAULTS` takes in ``config`` when left unset."""
+    family = FAMILY_DEFAULTS.get(config.model.arch, {}) if config.loss.objective == "elbo" else {}
+    values = {}
+    for key in sorted({key for defaults in FAMILY_DEFAULTS.values() for key in defaults}):
+        section, leaf = key.split(".")
+        field = type(getattr(config, section)).model_fields[leaf]
+        values[key] = family.get(key, field.get_default(call_default_factory=True))
+    return values
+
+
+class RunConfig(_Section):
+    """Everything that determines one training run.
+
+    Keys a file leaves unset take their section's default, or the model family's
+    (:data:`FAMILY_DEFAULTS`) where it has one.
+    """
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _family_defaults(self) -> RunConfig:
+        """Give the keys left unset their family's defaults; runs again on every assignment
+        (``validate_assignment``), so a section or family set later is filled the same way,
+        and a key filled for one family goes back to its section default for another.
+        Assigning a key inside a section (``config.model.arch = ...``) does not: build
+        configs from trees, or assign whole sections."""
+        for key, value in _unset_defaults(self).items():
+            section_name, leaf = key.split(".")
+            section = getattr(self, section_name)
+            if leaf in section.model_fields_set or getattr(section, leaf) == value:
+                continue
+            filled = section.model_copy(update={leaf: copy.deepcopy(value)})
+            filled.__pydantic_fields_set__.discard(leaf)  # still the file's to set
+            self.__dict__[section_name] = filled  # a new section: others may share the old
+        return self
+
+
+# ---------------------------------------------------------------------------
+# dotted keys
+
+
+def valid_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key a grid may set, e.g. ``model.z_dim``."""
+    keys: list[str] = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(valid_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def check_dotted_key(key: str) -> str | None:
+    """None if ``key`` names a setting, else the problem described."""
+    if key in valid_keys():
+        return None
+    head = key.split(".")[0]
+    sections = [name for name in RunConfig.model_fields if name != "seed"]
+    if head in sections:
+        options = [k for k in valid_keys() if k.startswith(head + ".")]
+        return f"unknown key; valid keys in {head}: {', '.join(options)}"
+    return f"unknown key; valid sections: {', '.join(sections)} (and seed)"
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``key='a.b'``, creating sections."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = copy.deepcopy(value)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}} -> {'a.b': 1}``; lists and empty dicts stay leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+PYRO_ARCHS = ("mlp", "conv")  # the Gaussian families the pyro backend expresses
+
+
+def pyro_problems(config: RunConfig) -> list[tuple[str, str]]:
+    """What the pyro backend does not do (the model it builds: a Gaussian prior and
+    posterior, a Bernoulli decoder, beta on the latent site)."""
+    train = config.train
+    if train.backend != "pyro":
+        if train.pyro_elbo != "meanfield":
+            return [("train.pyro_elbo", "applies to train.backend: pyro only")]
+        return []
+    problems = []
+    if config.model.arch not in PYRO_ARCHS:
+        problems.append(("train.backend", f"pyro trains model.arch {' or '.join(PYRO_ARCHS)}, "
+                         f"not {config.model.arch}"))
+    if config.loss.recon != "bce":
+        problems.append(("train.backend", "pyro's decoder is a Bernoulli likelihood: "
+                         "loss.recon must be bce"))
+    if config.loss.objective != "elbo":
+        problems.append(("train.backend", "pyro trains the elbo objective (loss.beta on the "
+                         "latent site), not capacity"))
+    return problems
+
+
+def cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
+    """Problems of settings that are valid alone but not together."""
+    problems = pyro_problems(config)
+    if config.eval.iwae_samples and (config.data.binarize == "none" or config.loss.recon != "bce"):
+        problems.append(
+            (
+                "eval.iwae_samples",
+                "a log-likelihood needs binary pixels and a Bernoulli decoder (data.binarize: "
+                "dynamic or static, loss.recon: bce): BCE on grey-level pixels or MSE is not "
+                "a likelihood",
+            )
+        )
+    return problems
+
+
+def run_config_problems(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Validate a run config tree; return ``(dotted.key, message)`` for each problem."""
+    try:
+        return cross_section_problems(RunConfig.model_validate(tree))
+    except ValidationError as exc:
+        problems = []
+        for item in exc.errors():
+            key = ".".join(str(part) for part in item["loc"])
+            message = item["msg"]
+            if item["type"] == "extra_forbidden":
+                message = check_dotted_key(key) or "unknown key"
+            elif item["type"] == "value_error":
+                message = message.removeprefix("Value error, ")
+            problems.append((key, message))
+        return problems
+
+
+def override_problems(
+    base: Mapping[str, Any], overrides: Mapping[str, Any], where: str, label: str
+) -> list[str]:
+    """Problems that ``overrides`` (dotted keys) cause on top of ``base``.
+
+    Each line names ``label`` plus the key; problems of the base itself are left
+    to the base's own check, so nothing is reported twice.
+    """
+    tree = copy.deepcopy(dict(base))
+    lines = []
+    for key, value in overrides.items():
+        bad_key = check_dotted_key(key)
+        if bad_key:
+            lines.append(f"{where}: {label}{key}: {bad_key}")
+        else:
+            set_dotted(tree, key, value)
+    for key, message in run_config_problems(tree):
+        owner = next((k for k in overrides if key == k or key.startswith(k + ".")), None)
+        if owner is not None:
+            lines.append(f"{where}: {label}{key}: {message}")
+    return lines

@@ -1,0 +1,312 @@
+"""Grid files: reading and checking them, and expanding them into runs.
+
+A grid file is read into :class:`GridSpec` by :func:`load_grid` (every problem
+reported as one line naming the file and the dotted key, like study files in
+:mod:`vaebench.spec.study`). :func:`expand` takes the product of the matrix axes,
+minus ``exclude``, plus ``include``, times seeds. Each run gets a readable name
+built from the settings the grid varies (``mlp-bce-adam-b4-s0``) and a stable
+key: a hash of the resolved config and seed, stored as an MLflow tag so a rerun
+can recognise finished runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vaebench.spec.config import (
+    ConfigError,
+    RunConfig,
+    check_dotted_key,
+    flatten,
+    override_problems,
+    set_dotted,
+)
+from vaebench.spec.yaml_file import is_str_keyed, read_spec_header
+
+GRID_KEYS = ("name", "base", "matrix", "exclude", "include", "seeds")
+
+
+@dataclass
+class GridSpec:
+    """A grid file, checked: base config, matrix axes, exclusions, extra runs, seeds."""
+
+    name: str
+    base: dict[str, Any]
+    matrix: dict[str, list[Any]] = field(default_factory=dict)
+    exclude: list[dict[str, Any]] = field(default_factory=list)
+    include: list[dict[str, Any]] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    source: str = "<grid>"
+
+
+MAX_GRID_RUNS = 10_000  # more: split the grid, or search the space with a study
+
+
+# ---------------------------------------------------------------------------
+# reading a grid file
+
+
+def load_grid(path: str | Path) -> GridSpec:
+    """Read and check a grid file; raise ConfigError listing every problem."""
+    raw, where, name, base, problems = read_spec_header(path, "grid", GRID_KEYS)
+
+    matrix = raw.get("matrix") or {}
+    if not is_str_keyed(matrix):
+        problems.append(f"{where}: matrix: must map dotted keys to lists")
+        matrix = {}
+    for key, values in matrix.items():
+        if not isinstance(values, list):
+            problems.append(f"{where}: matrix.{key}: must be a list of values")
+        elif not values:
+            problems.append(f"{where}: matrix.{key}: empty axis (give at least one value)")
+        elif check_dotted_key(key):
+            problems.append(f"{where}: matrix.{key}: {check_dotted_key(key)}")
+        else:
+            for index, value in enumerate(values):
+                problems += [
+                    line.replace(f"matrix.{key}:", f"matrix.{key}[{index}]:", 1)
+                    for line in override_problems(base, {key: value}, where, "matrix.")
+                ]
+
+    exclude = _overrides_list(raw.get("exclude"), "exclude", where, base, problems)
+    include = _overrides_list(raw.get("include"), "include", where, base, problems)
+    for index, rule in enumerate(exclude):
+        for key in rule:
+            if key not in matrix:
+                problems.append(f"{where}: exclude[{index}].{key}: not a matrix axis")
+
+    seeds = raw.get("seeds", [0])
+    count = grid_size(matrix, raw.get("include"), seeds)
+    if count > MAX_GRID_RUNS:
+        problems.append(
+            f"{where}: matrix: {count:,} runs exceed the {MAX_GRID_RUNS:,} a grid may have "
+            "(the product of the axes' lengths, plus includes, times the seeds); split the "
+            "grid, or search a large space with a study (python -m vaebench tune)"
+        )
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        problems.append(f"{where}: seeds: must be a non-empty list of integers")
+        seeds = [0]
+    elif len(set(seeds)) != len(seeds):
+        problems.append(f"{where}: seeds: repeated seed")
+
+    if problems:
+        raise ConfigError(problems)
+    return GridSpec(
+        name=name,
+        base=base,
+        matrix=matrix,
+        exclude=exclude,
+        include=include,
+        seeds=seeds,
+        source=where,
+    )
+
+
+def grid_size(matrix: Mapping[str, Any], include: Any, seeds: Any) -> int:
+    """How many runs a grid expands to at most, computed without expanding it."""
+    axes = [len(v) for v in matrix.values() if isinstance(v, list)]
+    extra = len(include) if isinstance(include, list) else 0
+    combos = (math.prod(axes) if axes else 0) + extra
+    return combos * (len(seeds) if isinstance(seeds, list) and seeds else 1)
+
+
+def _overrides_list(
+    value: Any, section: str, where: str, base: dict[str, Any], problems: list[str]
+) -> list[dict[str, Any]]:
+    """Check an ``exclude``/``include`` list of ``{dotted.key: value}`` mappings."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(is_str_keyed(item) for item in value):
+        problems.append(f"{where}: {section}: must be a list of mappings of dotted keys to values")
+        return []
+    for index, item in enumerate(value):
+        if not item:
+            problems.append(f"{where}: {section}[{index}]: empty mapping")
+        problems += override_problems(base, item, where, f"{section}[{index}].")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# expansion
+
+# how a varied setting reads in a run name; keys not listed read as "<leaf><value>"
+NAME_PREFIXES = {
+    "model.arch": "",
+    "train.backend": "",
+    "train.pyro_elbo": "",
+    "loss.recon": "",
+    "optim.name": "",
+    "data.dataset": "",
+    "data.binarize": "bin-",
+    "loss.beta": "b",
+    "model.z_dim": "z",
+    "model.hidden": "h",
+    "model.channels": "c",
+    "optim.lr": "lr",
+    "train.epochs": "e",
+    "train.batch_size": "bs",
+    "data.subset": "n",
+    "model.batch_norm": "bn",
+    "model.backbone": "",
+    "model.tau": "tau",
+    "model.categories": "k",
+    "model.hard": "hard",
+    "model.condition_encoder": "condenc",
+    "loss.objective": "",
+    "loss.beta_c": "bc",
+    "loss.gamma": "g",
+    "loss.kl_c": "",
+    "model.dense": "d",
+    "eval.iwae_samples": "k",
+    "eval.iwae_images": "nll-n",
+    "data.validation": "val",
+}
+# how a list value joins in a name: [1.0, 0.5] -> tau1to0.5 (an annealed temperature)
+LIST_JOINERS = {"model.tau": "to"}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a grid: its resolved config, readable name and stable key."""
+
+    name: str
+    key: str
+    config: RunConfig
+    overrides: tuple[tuple[str, Any], ...]  # the grid settings that made this run
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Flattened dotted-key settings, as logged to MLflow."""
+        return flatten(self.config.model_dump(mode="json"))
+
+
+# settings that change how a run is kept, not what it computes: outside the key, so that
+# a run checkpointed less often is still the same run
+NOT_IN_KEY = {"train": {"checkpoint_every"}}
+
+
+# settings added after runs were stored, each with the value that computes what runs did
+# before it existed: at that value they stay out of the key, so those runs keep their keys
+# (and are skipped or resumed, not trained again)
+KEY_SINCE = {
+    "model.dense": [],
+    "loss.kl_c": "per_image",
+    "train.backend": "torch",
+    "train.pyro_elbo": "meanfield",
+}
+
+
+def run_key(config: RunConfig) -> str:
+    """Hash of the resolved config (seed included); equal configs give equal keys."""
+    tree = config.model_dump(mode="json", exclude=NOT_IN_KEY)
+    for key, value in KEY_SINCE.items():
+        section, leaf = key.split(".")
+        if tree[section][leaf] == value:
+            del tree[section][leaf]
+    canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """1.0 reads as 1 in a name."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _token(key: str, value: Any) -> str:
+    prefix = NAME_PREFIXES.get(key, key.rsplit(".", 1)[-1])
+    if isinstance(value, bool):
+        return prefix if value else f"no{prefix}"
+    if isinstance(value, list):
+        value = LIST_JOINERS.get(key, "x").join(str(_plain(v)) for v in value)
+    value = _plain(value)
+    return f"{prefix}{value}".replace("/", "_").replace(" ", "")
+
+
+# named from the resolved config whenever any run of the grid varies them
+ALWAYS_NAMED = ("model.arch",)
+
+
+def run_name(overrides: dict[str, Any], varied: list[str], seed: int, config: RunConfig) -> str:
+    resolved = flatten(config.model_dump(mode="json"))
+    tokens = [
+        _token(key, overrides[key] if key in overrides else resolved[key])
+        for key in varied
+        if key in overrides or key in ALWAYS_NAMED
+    ]
+    return "-".join([*tokens, f"s{seed}"])
+
+
+def _combinations(grid: GridSpec) -> list[dict[str, Any]]:
+    """Matrix product minus exclusions, plus includes; a grid of includes alone runs just those."""
+    if not grid.matrix and grid.include:
+        return [dict(extra) for extra in grid.include]
+    axes = list(grid.matrix)
+    combos = [
+        dict(zip(axes, values, strict=True)) for values in itertools.product(*grid.matrix.values())
+    ]
+    kept = [
+        combo
+        for combo in combos
+        if not any(all(combo.get(k) == v for k, v in rule.items()) for rule in grid.exclude)
+    ]
+    return kept + [dict(extra) for extra in grid.include]
+
+
+def expand(grid: GridSpec) -> list[RunSpec]:
+    """Every run of the grid, in order; raises ConfigError on duplicate runs."""
+    combos = _combinations(grid)
+    varied = list(grid.matrix) + [
+        k for extra in grid.include for k in extra if k not in grid.matrix
+    ]
+    varied = sorted(dict.fromkeys(varied), key=lambda k: k not in ALWAYS_NAMED)
+    runs: list[RunSpec] = []
+    for combo in combos:
+        for seed in grid.seeds:
+            tree = copy.deepcopy(grid.base)
+            for key, value in combo.items():
+                set_dotted(tree, key, value)
+            tree["seed"] = seed
+            config = RunConfig.model_validate(tree)
+            runs.append(
+                RunSpec(
+                    name=run_name(combo, varied, seed, config),
+                    key=run_key(config),
+                    config=config,
+                    overrides=tuple(combo.items()),
+                )
+            )
+    _check_unique(grid, runs)
+    return runs
+
+
+def _check_unique(grid: GridSpec, runs: list[RunSpec]) -> None:
+    problems = []
+    first_by_key: dict[str, RunSpec] = {}
+    for run in runs:
+        if run.key in first_by_key:
+            problems.append(
+                f"{grid.source}: duplicate run: {run.name} has the same config and seed as "
+                f"{first_by_key[run.key].name}"
+            )
+        first_by_key.setdefault(run.key, run)
+    if problems:
+        raise ConfigError(problems)
+    # distinct configs that read the same (e.g. an include repeating no axis) get the key appended
+    names: dict[str, int] = {}
+    for run in runs:
+        names[run.name] = names.get(run.name, 0) + 1
+    for index, run in enumerate(runs):
+        if names[run.name] > 1:
+            runs[index] = RunSpec(f"{run.name}-{run.key[:6]}", run.key, run.config, run.overrides)

@@ -1,0 +1,179 @@
+"""The search space of a study file: its dimensions (:class:`Param`), read and checked.
+
+A dimension is ``{type: float|int|categorical, low, high, log, step, choices}`` or a list of
+choices; each is checked on its own and then on top of the study's base config (every value a
+trial can get must make a valid run config), every problem one line naming the file and the
+dotted key, as :mod:`vaebench.spec.study` reports them. No optuna here either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from vaebench.spec.config import check_dotted_key, override_problems
+from vaebench.spec.yaml_file import is_str_keyed
+
+PARAM_TYPES = ("float", "int", "categorical")
+PARAM_KEYS = {
+    "float": ("type", "low", "high", "log", "step"),
+    "int": ("type", "low", "high", "log", "step"),
+    "categorical": ("type", "choices"),
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One dimension of the search space, as Optuna's ``suggest_*`` takes it."""
+
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+
+    def optuna_choices(self) -> tuple[Any, ...]:
+        """Categorical choices as Optuna stores them: lists and mappings become JSON text."""
+        return tuple(encode_choice(choice) for choice in self.choices)
+
+    def decode(self, stored: Any) -> Any:
+        """The config value of a stored categorical choice."""
+        return dict(zip(self.optuna_choices(), self.choices, strict=True))[stored]
+
+    def grid_values(self) -> list[Any]:
+        """Every value this dimension can take (for the grid sampler): finite spaces only."""
+        if self.type == "categorical":
+            return list(self.optuna_choices())
+        step = self.step if self.step is not None else 1
+        count = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
+        values = [self.low + index * step for index in range(count)]
+        return [int(v) for v in values] if self.type == "int" else values
+
+
+def encode_choice(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def yaml_number(value: Any) -> float | None:
+    """A YAML number; also text such as ``1e-4`` (YAML 1.1 reads it as a string)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def read_space(raw: Any, where: str, base: dict[str, Any], problems: list[str]) -> dict[str, Param]:
+    if not raw:
+        problems.append(f"{where}: space: empty search space (give at least one dotted key)")
+        return {}
+    if not is_str_keyed(raw):
+        problems.append(f"{where}: space: must map dotted keys to distributions")
+        return {}
+    space = {}
+    for key, value in raw.items():
+        label = f"{where}: space.{key}"
+        bad_key = check_dotted_key(key)
+        if bad_key:
+            problems.append(f"{label}: {bad_key}")
+            continue
+        param = _param(value, label, problems)
+        if param is None:
+            continue
+        # every value a trial can get must make a valid run config on top of base
+        bad = False
+        for part, value in _probes(param).items():
+            for line in override_problems(base, {key: value}, where, "space."):
+                problems.append(line.replace(f"space.{key}:", f"space.{key}{part}:", 1))
+                bad = True
+        if not bad:
+            space[key] = param
+    return space
+
+
+def _probes(param: Param) -> dict[str, Any]:
+    """Values to try on the base config, keyed by how a problem line names them."""
+    if param.type == "categorical":
+        return {f".choices[{i}]": choice for i, choice in enumerate(param.choices)}
+    probes = {".low": param.low, ".high": param.high}
+    if param.type == "float" and param.step is None:  # e.g. a float range on an int setting
+        probes[" (a value between low and high)"] = param.low + 0.37 * (param.high - param.low)
+    return probes
+
+
+def _param(raw: Any, label: str, problems: list[str]) -> Param | None:
+    if isinstance(raw, list):  # shorthand: a list of values is a categorical dimension
+        raw = {"type": "categorical", "choices": raw}
+    if not is_str_keyed(raw):
+        problems.append(
+            f"{label}: must be {{type: float|int|categorical, low, high, log, step, choices}} "
+            "or a list of choices"
+        )
+        return None
+    kind = raw.get("type")
+    if kind not in PARAM_TYPES:
+        problems.append(f"{label}.type: must be one of {', '.join(PARAM_TYPES)} (got {kind!r})")
+        return None
+    count = len(problems)
+    for key in raw:
+        if key not in PARAM_KEYS[kind]:
+            valid = ", ".join(PARAM_KEYS[kind])
+            problems.append(f"{label}.{key}: not used by {kind}; valid: {valid}")
+    if kind == "categorical":
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            problems.append(f"{label}.choices: categorical needs a non-empty list of choices")
+        elif len({json.dumps(encode_choice(c)) for c in choices}) != len(choices):
+            problems.append(f"{label}.choices: repeated choice")
+        if len(problems) > count:
+            return None
+        return Param(type=kind, choices=tuple(choices))
+
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        problems.append(f"{label}.log: must be true or false")
+    numbers: dict[str, float | int | None] = {}
+    for part in ("low", "high", "step"):
+        value = raw.get(part)
+        if value is None:
+            if part != "step":
+                problems.append(f"{label}.{part}: required for {kind}")
+            numbers[part] = None
+        elif kind == "int":
+            if not is_int(value):
+                problems.append(f"{label}.{part}: must be an integer")
+            numbers[part] = value
+        else:
+            number = yaml_number(value)
+            if number is None:
+                problems.append(f"{label}.{part}: must be a number (got {value!r})")
+            numbers[part] = number
+    if len(problems) > count:
+        return None
+    low, high, step = numbers["low"], numbers["high"], numbers["step"]
+    if low >= high:
+        problems.append(f"{label}: low must be below high (low {low}, high {high})")
+    if log and low <= 0:
+        problems.append(f"{label}: log needs low > 0 (low {low})")
+    if step is not None:
+        if step <= 0:
+            problems.append(f"{label}.step: must be > 0")
+        if log:
+            problems.append(f"{label}.step: cannot be combined with log (Optuna forbids it)")
+    if len(problems) > count:
+        return None
+    return Param(type=kind, low=low, high=high, log=log, step=step)

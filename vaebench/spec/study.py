@@ -1,0 +1,286 @@
+"""Study files for ``python -m vaebench tune``: a base run config, a search space, objectives.
+
+A study file is read into :class:`StudySpec`; every problem is reported as one
+line naming the file and the dotted key (``study.yaml: space.optim.lr: log
+needs low > 0``), exactly like grid files, before anything is created. This
+module knows Optuna's vocabulary (sampler, pruner, distribution names) but does
+not import optuna: :mod:`vaebench.tuning.tune` builds the Optuna objects from a spec.
+Objectives are validation metrics (or metrics of no split, such as seconds): a
+test metric is rejected, as selecting on it would leak the test split into the
+choice (see :mod:`vaebench.spec.catalogue`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vaebench.spec.catalogue import CONDITIONAL, METRICS, SELECTABLE, selection_problem
+from vaebench.spec.config import ConfigError
+from vaebench.spec.space import Param, is_int, read_space, yaml_number
+from vaebench.spec.yaml_file import is_str_keyed, read_spec_header
+
+STUDY_KEYS = (
+    "name",
+    "base",
+    "space",
+    "objectives",
+    "sampler",
+    "pruner",
+    "n_trials",
+    "timeout",
+    "seed",
+    "storage",
+    "artifacts",
+)
+DIRECTIONS = ("maximize", "minimize")
+
+# options each sampler and pruner accepts in the mapping form ``{name: tpe, n_startup_trials: 5}``;
+# the values are checked by Optuna when vaebench.tuning.tune builds the object
+SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "tpe": ("n_startup_trials", "n_ei_candidates", "multivariate", "group", "constant_liar"),
+    "random": (),
+    "cmaes": ("n_startup_trials", "sigma0", "restart_strategy", "popsize", "use_separable_cma"),
+    "gp": ("n_startup_trials", "deterministic_objective"),
+    "nsga2": ("population_size", "mutation_prob", "crossover_prob", "swapping_prob"),
+    "grid": (),
+}
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
+PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "median": ("n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"),
+    "hyperband": ("min_resource", "max_resource", "reduction_factor", "bootstrap_count"),
+    "none": (),
+}
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str
+
+
+@dataclass
+class StudySpec:
+    """A study file, checked."""
+
+    name: str
+    base: dict[str, Any]
+    space: dict[str, Param]
+    objectives: list[Objective]
+    sampler: str = "tpe"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    pruner: str = "none"
+    pruner_options: dict[str, Any] = field(default_factory=dict)
+    n_trials: int = 10
+    timeout: float | None = None
+    seed: int | None = 0
+    storage: str | None = None
+    artifacts: bool = False  # also write each complete trial's pictures (state_dict: always)
+    source: str = "<study>"
+
+    @property
+    def metrics(self) -> list[str]:
+        return [objective.metric for objective in self.objectives]
+
+    @property
+    def directions(self) -> list[str]:
+        return [objective.direction for objective in self.objectives]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def grid_space(self) -> dict[str, list[Any]]:
+        return {key: param.grid_values() for key, param in self.space.items()}
+
+
+# ---------------------------------------------------------------------------
+# loading and checking
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and check a study file; raise ConfigError listing every problem."""
+    raw, where, name, base, problems = read_spec_header(path, "study", STUDY_KEYS)
+
+    space = read_space(raw.get("space"), where, base, problems)
+    objectives = _objectives(raw.get("objectives"), where, problems)
+    sampler, sampler_options = _named(
+        raw.get("sampler") or "tpe", "sampler", SAMPLER_OPTIONS, where, problems
+    )
+    pruner, pruner_options = _named(
+        raw.get("pruner") or "none", "pruner", PRUNER_OPTIONS, where, problems
+    )
+
+    archs = _archs(base, space)
+    for index, objective in enumerate(objectives):
+        info = METRICS[objective.metric]
+        missing = [arch for arch in archs if not info.reported_by(arch)]
+        if missing:
+            problems.append(
+                f"{where}: objectives[{index}].metric: {objective.metric} is not reported by "
+                f"{', '.join(missing)} models, and model.arch can be {', '.join(missing)}"
+            )
+        label = f"{where}: objectives[{index}].metric: {objective.metric}"
+        if info.needs_validation and _can_take(base, space, "data.validation", 0):
+            problems.append(f"{label} needs a validation split, and data.validation can be 0")
+        if objective.metric in AFTER_WARM_UP and _can_take(base, space, "train.epochs", 1):
+            problems.append(
+                f"{label} is the mean over the epochs after the first (the warm-up), and "
+                "train.epochs can be 1; use first_epoch_seconds or at least 2 epochs"
+            )
+        mixed = _incomparable(space, archs) if info.loss_units else []
+        if mixed:
+            problems.append(
+                f"{label} is not comparable across {', '.join(mixed)} (another scale, other "
+                "images or a bound of log p(x|y)); tune one value of them per study"
+            )
+        if info.per_cluster_count and "model.categories" in space:
+            problems.append(
+                f"{label} rises with the number of clusters, and space.model.categories "
+                "varies it; tune one number of categories per study"
+            )
+    listed = raw.get("objectives")
+    if len(objectives) > 1 or (isinstance(listed, list) and len(listed) > 1):
+        if pruner not in (None, "none"):
+            problems.append(
+                f"{where}: pruner: {pruner} cannot prune a study with several objectives "
+                "(Optuna prunes single-objective studies only); use pruner: none"
+            )
+        if sampler in SINGLE_OBJECTIVE_SAMPLERS:
+            problems.append(f"{where}: sampler: {sampler} handles a single objective only")
+    elif len(objectives) == 1 and pruner not in (None, "none"):
+        metric = objectives[0].metric
+        if not any(METRICS[metric].reported_by(a, per_epoch=True) for a in archs):
+            problems.append(
+                f"{where}: pruner: {metric} is known only after the last epoch "
+                f"for {', '.join(archs)} models, so nothing can be pruned; use pruner: none"
+            )
+    if sampler == "grid":
+        for key, param in space.items():
+            if param.type == "float" and param.step is None:
+                problems.append(
+                    f"{where}: space.{key}: the grid sampler needs finite values: "
+                    "give a step, or make it categorical"
+                )
+
+    n_trials = raw.get("n_trials", 10)
+    if not is_int(n_trials) or n_trials < 1:
+        problems.append(f"{where}: n_trials: must be an integer >= 1")
+    timeout = raw.get("timeout")
+    if timeout is not None and (yaml_number(timeout) is None or yaml_number(timeout) <= 0):
+        problems.append(f"{where}: timeout: must be a number of seconds > 0, or null")
+    seed = raw.get("seed", 0)
+    if seed is not None and not is_int(seed):
+        problems.append(f"{where}: seed: must be an integer or null")
+    storage = raw.get("storage")
+    if storage is not None and (not isinstance(storage, str) or not storage.strip()):
+        problems.append(f"{where}: storage: must be a storage URL or file name, or null")
+    artifacts = raw.get("artifacts", False)
+    if not isinstance(artifacts, bool):
+        problems.append(f"{where}: artifacts: must be true or false")
+
+    if problems:
+        raise ConfigError(problems)
+    return StudySpec(
+        name=name,
+        base=base,
+        space=space,
+        objectives=objectives,
+        sampler=sampler,
+        sampler_options=sampler_options,
+        pruner=pruner,
+        pruner_options=pruner_options,
+        n_trials=n_trials,
+        timeout=yaml_number(timeout) if timeout is not None else None,
+        seed=seed,
+        storage=storage,
+        artifacts=artifacts,
+        source=where,
+    )
+
+
+# metrics missing from one-epoch runs: the first epoch is reported apart
+AFTER_WARM_UP = ("mean_epoch_seconds", "mean_images_per_second")
+# settings across which a loss-unit metric (ELBO, reconstruction) means different things
+INCOMPARABLE = ("loss.recon", "data.dataset", "data.binarize", "data.validation")
+
+
+def _can_take(base: dict[str, Any], space: dict[str, Param], key: str, value: Any) -> bool:
+    """Whether a trial can run with ``key`` at ``value`` (the lowest end of a range)."""
+    if key in space:
+        param = space[key]
+        values = param.choices if param.type == "categorical" else (param.low,)
+        return any(choice == value for choice in values)
+    section, leaf = key.split(".")
+    part = base.get(section)
+    return isinstance(part, dict) and part.get(leaf) == value
+
+
+def _incomparable(space: dict[str, Param], archs: list[str]) -> list[str]:
+    """The settings a study varies across which an ELBO is not comparable."""
+    keys = [key for key in INCOMPARABLE if key in space]
+    if any(a in CONDITIONAL for a in archs) and any(a not in CONDITIONAL for a in archs):
+        keys.append("model.arch (cvae and unconditional models)")
+    return keys
+
+
+def _archs(base: dict[str, Any], space: dict[str, Param]) -> list[str]:
+    """Every model family a trial of the study can train."""
+    if "model.arch" in space:
+        return [str(choice) for choice in space["model.arch"].choices]
+    model = base.get("model")
+    arch = model.get("arch", "mlp") if isinstance(model, dict) else "mlp"
+    return [str(arch)]
+
+
+def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
+    shape = "a non-empty list of {metric, direction}"
+    if not isinstance(raw, list) or not raw:
+        problems.append(f"{where}: objectives: required, {shape}")
+        return []
+    objectives = []
+    for index, item in enumerate(raw):
+        label = f"{where}: objectives[{index}]"
+        if not is_str_keyed(item):
+            problems.append(f"{label}: must be a mapping {{metric, direction}}")
+            continue
+        extra = [key for key in item if key not in ("metric", "direction")]
+        problems += [f"{label}.{key}: unknown key; valid: metric, direction" for key in extra]
+        metric, direction = item.get("metric"), item.get("direction")
+        bad_metric = selection_problem(metric) if isinstance(metric, str) else None
+        if not isinstance(metric, str):
+            problems.append(f"{label}.metric: required; valid: {', '.join(SELECTABLE)}")
+        elif bad_metric:
+            problems.append(f"{label}.metric: {bad_metric}")
+        if direction not in DIRECTIONS:
+            problems.append(
+                f"{label}.direction: must be one of {', '.join(DIRECTIONS)} (got {direction!r})"
+            )
+        if isinstance(metric, str) and not bad_metric and direction in DIRECTIONS:
+            objectives.append(Objective(metric, direction))
+    metrics = [item.get("metric") for item in raw if is_str_keyed(item)]
+    for metric in dict.fromkeys(m for m in metrics if metrics.count(m) > 1):
+        problems.append(f"{where}: objectives: {metric} is listed twice")
+    return objectives
+
+
+def _named(
+    raw: Any,
+    section: str,
+    table: dict[str, tuple[str, ...]],
+    where: str,
+    problems: list[str],
+) -> tuple[str | None, dict[str, Any]]:
+    """``tpe`` or ``{name: tpe, n_startup_trials: 5}``: the name and its options."""
+    options: dict[str, Any] = {}
+    if is_str_keyed(raw):
+        options = {k: v for k, v in raw.items() if k != "name"}
+        raw = raw.get("name")
+    if raw not in table:
+        problems.append(f"{where}: {section}: unknown {section} {raw!r}; valid: {', '.join(table)}")
+        return None, {}
+    for key in options:
+        if key not in table[raw]:
+            valid = ", ".join(table[raw]) or "none"
+            problems.append(f"{where}: {section}.{key}: unknown option of {raw}; valid: {valid}")
+    return raw, options

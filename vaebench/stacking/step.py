@@ -1,0 +1,324 @@
+"""One training step of a stack: each member's inputs drawn as its run alone draws them, the
+members' summed loss, one backward pass and the update; on CUDA, captured once as a graph.
+
+On a GPU a step of a stack of small VAEs is launch-bound: measured on an H200, a step took
+about 2.5 ms whether the stack held 1 member or 16, for microseconds of arithmetic. A CUDA
+graph replays the step's kernels (forward, backward, optimizer) with one launch. What changes
+from step to step stays outside the graph, in static buffers the graph reads: the batch,
+gathered with one ``index_select``, each member's noise, drawn from its own generator into
+its row as its run alone draws it, and the labels of conditional members. The first
+:data:`WARMUP_STEPS` steps run eagerly (on a side stream, as capture asks); the step after
+them is captured and checked against the same step run eagerly on the stack's state as it
+was: where the two differ beyond rounding, or capture fails, the stack goes on eagerly and a
+warning says why. A step with another shape (the epoch's last, smaller batch) runs eagerly.
+Stacks whose steps draw more than that (binarized pixels, Gumbel noise) or follow a schedule
+(a temperature) always run eagerly, as does every stack on the CPU, where a step is not
+launch-bound. ``$VAEBENCH_CUDA_GRAPHS=0`` turns capture off.
+
+This module imports neither mlflow nor optuna.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from vaebench.data import Splits
+from vaebench.stacking.model import (
+    StackedGaussianVAE,
+    first_kind_members,
+    member_kl_c,
+    member_kl_z,
+    member_reconstruction,
+    mixture_weights,
+)
+from vaebench.stacking.optim import StackedOptimizer
+
+WARMUP_STEPS = 3  # eager steps before capture (cuBLAS and the allocator settle in them)
+CUDA_GRAPHS_ENV = "VAEBENCH_CUDA_GRAPHS"
+
+
+@dataclass
+class StepInputs:
+    """What a step feeds the stack: images ``x`` (K, B, ...), ``noise`` (K, *noise shape),
+    labels ``y`` (K, B) of conditional members, Gumbel noise of joint members, the
+    temperature."""
+
+    x: torch.Tensor
+    noise: torch.Tensor
+    y: torch.Tensor | None = None
+    gumbel: torch.Tensor | None = None
+    tau: float = 1.0
+
+
+@dataclass
+class StepBatch:
+    """Which images a step takes: member k's are rows ``index[k]`` (K, B) of the training
+    split's ``images`` and ``labels``; the step's number and the run's total (a schedule
+    follows them); whether its pixels are drawn (dynamic binarization)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    step: int
+    total_steps: int
+    dynamic_binarize: bool = False
+
+
+class Graph(Protocol):
+    """A recorded step: :class:`CudaGraph`, or in tests a stand-in that replays eagerly."""
+
+    def capture(self, step: Callable[[], Any]) -> None: ...
+
+    def replay(self) -> None: ...
+
+
+class CudaGraph:
+    """``torch.cuda.CUDAGraph``: ``capture`` records the kernels ``step`` launches (running
+    none of them) on ``stream``, the one the warm-up ran on (cuBLAS keeps its handles and
+    workspaces per stream); ``replay`` launches them again. Only this thread's work is
+    captured: the others' (a digest's copy, say) go on outside the graph."""
+
+    def __init__(self, stream: torch.cuda.Stream) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+        self.stream = stream
+
+    def capture(self, step: Callable[[], Any]) -> None:
+        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
+            step()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class StackSteps:
+    """The training steps of one stack (made anew when members leave it): the step as
+    :meth:`train`, and on CUDA its graph, captured at the first full batch after the
+    warm-up. ``graph`` makes the graph (None: always eager; :func:`cuda_graph_for` chooses)."""
+
+    def __init__(
+        self,
+        stack: StackedGaussianVAE,
+        optimizer: StackedOptimizer,
+        members: Sequence[Any],
+        splits: Splits,
+        graph: Callable[[torch.cuda.Stream | None], Graph] | None = None,
+    ):
+        self.stack, self.optimizer, self.members = stack, optimizer, list(members)
+        self.config = members[0].config
+        self.device = splits.train.images.device
+        self.kl_weights = torch.tensor([m.config.loss.beta for m in members], device=self.device)
+        self.kinds = [m.config.loss.recon for m in members]
+        self.first_kind = first_kind_members(self.kinds, self.device)  # made once, not per step
+        self.image_shape = tuple(splits.train.images.shape[1:])
+        self.graph = graph
+        # the stream of the warm-up steps and the capture (CUDA only)
+        self.stream = (
+            torch.cuda.Stream(self.device) if graph and self.device.type == "cuda" else None
+        )
+        self.steps_taken = 0
+        self.captured: CapturedStep | None = None
+
+    def __call__(self, batch: StepBatch) -> torch.Tensor:
+        """The step on the members' batches: each member's summed objective (K,), on the
+        device."""
+        self.steps_taken += 1
+        full = batch.index.shape[1] == self.config.train.batch_size
+        if self.graph is not None and full and self.steps_taken > WARMUP_STEPS:
+            if self.captured is None:
+                self.captured = CapturedStep(self, self.graph(self.stream))
+                loss = self.captured.first(batch)
+                if self.captured.failed is not None:
+                    warnings.warn(
+                        f"vaebench: this stack trains without a CUDA graph: {self.captured.failed}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    self.graph = self.captured = None  # its memory goes back too
+                return loss
+            return self.captured.replay(batch)
+        with self._side_stream(full):
+            return self.train(self.inputs(batch), batch.index.shape[1])
+
+    def inputs(self, step_batch: StepBatch, out: StepInputs | None = None) -> StepInputs:
+        """Each member's batch and random draws for the step, from its own generator, into
+        ``out``'s buffers if given."""
+        images, labels = step_batch.images, step_batch.labels
+        count, batch = step_batch.index.shape
+        flat = step_batch.index.flatten()
+        x = out.x if out is not None else images.new_empty((count * batch, *images.shape[1:]))
+        torch.index_select(images, 0, flat, out=x.view(count * batch, *images.shape[1:]))
+        x = x.view(count, batch, *images.shape[1:])
+        members = self.members
+        if step_batch.dynamic_binarize:
+            x = torch.stack(
+                [torch.bernoulli(x[k], generator=m.draw_rng) for k, m in enumerate(members)]
+            )
+        shape = self.stack.noise_shape(batch)
+        noise = out.noise if out is not None else x.new_empty((count, *shape))
+        for k, member in enumerate(members):
+            torch.randn(shape, generator=member.draw_rng, device=self.device, out=noise[k])
+        y = None
+        if self.stack.conditional:
+            y = labels.index_select(0, flat).view(count, batch)
+        for member in members:
+            member.model.anneal(step_batch.step, step_batch.total_steps)  # e.g. its tau
+        return StepInputs(x, noise, y, _gumbel_noise(self.stack, members, batch), _tau(members))
+
+    def train(self, inputs: StepInputs, batch: int) -> torch.Tensor:
+        """Forward, the members' losses summed before one backward pass (each member's
+        gradient is its own: no parameter is shared), then the optimizer's step; each member's
+        objective (K,)."""
+        stack, config = self.stack, self.config
+        out = stack(inputs.x, inputs.noise, inputs.y, inputs.gumbel, inputs.tau)
+        weights = mixture_weights(out) if stack.mixture else None
+        loss = member_reconstruction(out.logits, inputs.x, self.kinds, weights, self.first_kind)
+        loss = loss + self.kl_weights * member_kl_z(out)
+        if out.category_logits is not None:
+            loss = loss + config.loss.beta_c * member_kl_c(out.category_logits, config.loss.kl_c)
+        self.optimizer.zero_grad()
+        (loss.sum() / batch).backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    @contextlib.contextmanager
+    def _side_stream(self, full: bool) -> Iterator[None]:
+        """The warm-up steps before capture run on a side stream, as CUDA graphs ask."""
+        side = self.stream
+        if side is None or self.graph is None or not full or self.captured is not None:
+            yield
+            return
+        current = torch.cuda.current_stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            yield
+        current.wait_stream(side)
+
+
+class CapturedStep:
+    """The stack's step as a graph over static buffers, checked once against the eager step."""
+
+    def __init__(self, steps: StackSteps, graph: Graph):
+        self.steps, self.graph = steps, graph
+        self.failed: str | None = None
+        count, batch = len(steps.members), steps.config.train.batch_size
+        self.static = StepInputs(
+            x=torch.empty((count, batch, *steps.image_shape), device=steps.device),
+            noise=torch.empty((count, *steps.stack.noise_shape(batch)), device=steps.device),
+        )
+        self.loss = torch.zeros(count, device=steps.device)
+
+    def first(self, step_batch: StepBatch) -> torch.Tensor:
+        """Capture the step, then take this step both ways: eagerly on a copy of the state,
+        and by replay; keep the replay where the two agree, else the eager step."""
+        self.steps.inputs(step_batch, out=self.static)
+        steps, optimizer = self.steps, self.steps.optimizer
+        before = _snapshot(steps)
+        batch = steps.config.train.batch_size
+        eager = steps.train(self.static, batch)  # the reference
+        expected = _snapshot(steps)
+        _restore(steps, before)
+        try:
+            optimizer.zero_grad()  # the graph's backward makes the gradients it writes
+            self.graph.capture(lambda: self.loss.copy_(steps.train(self.static, batch)))
+            optimizer.steps = before.steps  # capture ran the step's Python, none of its kernels
+            self._replay()
+            difference = _difference(_snapshot(steps), expected)
+        except RuntimeError as exc:  # capture refused (an operation it cannot record)
+            difference = f"capture failed ({str(exc).splitlines()[0]})"
+        if difference is not None:
+            self.failed = f"its graph's step differs from the eager step: {difference}"
+            _restore(steps, expected)
+            return eager
+        return self.loss
+
+    def replay(self, step_batch: StepBatch) -> torch.Tensor:
+        self.steps.inputs(step_batch, out=self.static)
+        self._replay()
+        return self.loss
+
+    def _replay(self) -> None:
+        """One replay, and the optimizer's step count, which the graph cannot advance."""
+        optimizer = self.steps.optimizer
+        count = optimizer.steps
+        self.graph.replay()
+        optimizer.steps = count + 1
+
+
+@dataclass
+class _Snapshot:
+    tensors: list[torch.Tensor]
+    steps: int
+
+
+def _state_tensors(steps: StackSteps) -> list[torch.Tensor]:
+    """What a step changes: the stack's parameters and buffers and the optimizer's state."""
+    optimizer = steps.optimizer
+    state = [t for tensors in optimizer.state.values() for t in tensors]
+    count = [optimizer.step_count] if hasattr(optimizer, "step_count") else []
+    return [*steps.stack.parameters(), *steps.stack.buffers(), *state, *count]
+
+
+def _snapshot(steps: StackSteps) -> _Snapshot:
+    with torch.no_grad():
+        tensors = [t.detach().clone() for t in _state_tensors(steps)]
+    return _Snapshot(tensors, steps.optimizer.steps)
+
+
+def _restore(steps: StackSteps, snapshot: _Snapshot) -> None:
+    with torch.no_grad():
+        for tensor, saved in zip(_state_tensors(steps), snapshot.tensors, strict=True):
+            tensor.copy_(saved)
+    steps.optimizer.steps = snapshot.steps
+
+
+def _difference(got: _Snapshot, expected: _Snapshot) -> str | None:
+    """None where every tensor agrees to float32 rounding (1e-4 relative), else which."""
+    for number, (a, b) in enumerate(zip(got.tensors, expected.tensors, strict=True)):
+        if not torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-12):
+            return f"state tensor {number} of {len(got.tensors)}"
+    return None if got.steps == expected.steps else "the step count"
+
+
+def cuda_graph_for(
+    stack: StackedGaussianVAE, splits: Splits
+) -> Callable[[torch.cuda.Stream | None], Graph] | None:
+    """What makes the stack's graph: :class:`CudaGraph` where :func:`graphable`, else None."""
+    return CudaGraph if graphable(stack, splits) else None
+
+
+def graphable(stack: StackedGaussianVAE, splits: Splits) -> bool:
+    """Whether the stack's step can be one CUDA graph: on CUDA, its draws only the noise (no
+    binarized pixels, no Gumbel noise), no schedule, no labels (one-hot codes check them on
+    the host), its convolutions grouped."""
+    if splits.train.images.device.type != "cuda" or os.environ.get(CUDA_GRAPHS_ENV) == "0":
+        return False
+    per_member = [getattr(net, "per_member", False) for net in (stack.encoder, stack.decoder)]
+    return not (splits.dynamic_binarize or stack.categories or stack.conditional or any(per_member))
+
+
+def _gumbel_noise(stack: StackedGaussianVAE, members: Sequence[Any], batch: int):
+    """Each joint member's Gumbel noise (K, B, categories), drawn from its generator as
+    ``F.gumbel_softmax`` draws it alone (after the step's z noise)."""
+    if not stack.joint:
+        return None
+    weight = stack.head.weight
+    return torch.stack(
+        [
+            -torch.empty(batch, stack.categories, dtype=weight.dtype, device=weight.device)
+            .exponential_(generator=m.draw_rng)
+            .log()
+            for m in members
+        ]
+    )
+
+
+def _tau(members: Sequence[Any]) -> float:
+    """The members' temperature now (one schedule: a stack's members share model.tau)."""
+    return float(getattr(members[0].model, "tau", 1.0))

@@ -1,0 +1,156 @@
+"""The Tracker's model half: a run's model logged with MLflow's PyTorch flavor, and registered.
+
+Called by :class:`vaebench.tracking.tracker.MLflowTracker` only (the rest of vaebench
+reaches MLflow through the Tracker; report_runs.py, which reads runs, borrows
+:func:`fluent_api_on`). A logged model is an MLflow LoggedModel
+whose source is the run (the runs table's Models column), holding the pickled
+:class:`~vaebench.tracking.served.ServedVAE`, vaebench's own code (``code_paths``, so a
+machine without vaebench can load it), a signature and an input example of
+real test images. It is pickled (not MLflow 3's default ``torch.export`` graph,
+which keeps ``forward`` only), so ``mlflow.pytorch.load_model`` gives back the
+ServedVAE with its ``encode`` and ``decode``. Its pip requirements are given,
+not inferred: inferring them loads the model in a subprocess, seconds a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import vaebench
+
+MODEL_NAME = "model"  # the logged model's name, as the run's Models column shows it
+SERVED_TAG = "vaebench.served"  # on logged models vaebench made: "reconstruction"
+REQUIRED = ("torch", "pydantic", "pyyaml", "numpy")  # what unpickling the model imports
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+def requirements() -> list[str]:
+    """The installed versions of what the model needs (torch without its local "+cpu")."""
+    pinned = []
+    for name in REQUIRED:
+        version = importlib.metadata.version(name).split("+")[0]
+        pinned.append(f"{name}=={version}")
+    return pinned
+
+
+def logged_model_of(client: Any, run_id: str) -> str | None:
+    """The id of a READY model vaebench logged from ``run_id`` before, if any (one deleted
+    since is passed over)."""
+    from mlflow.exceptions import MlflowException
+
+    outputs = client.get_run(run_id).outputs
+    for output in (outputs.model_outputs if outputs else None) or []:
+        try:
+            model = client.get_logged_model(output.model_id)
+        except MlflowException:
+            continue
+        if model.tags.get(SERVED_TAG) and str(model.status).endswith("READY"):
+            return model.model_id
+    return None
+
+
+def log_model(
+    client: Any, uri: str, run_id: str, module: Any, example: Any, step: int
+) -> str:
+    """Log ``module`` (a ServedVAE) as a PyTorch-flavor model of ``run_id``, with the run's
+    params and its metrics at ``step`` (its last epoch: the scores); the model's id."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    with torch.no_grad():
+        output = module(torch.from_numpy(example)).numpy()
+    signature = mlflow.models.infer_signature(example, output)
+    run = client.get_run(run_id)
+    model = client.create_logged_model(
+        experiment_id=run.info.experiment_id,
+        name=MODEL_NAME,
+        source_run_id=run_id,
+        tags={SERVED_TAG: "reconstruction"},
+        params=dict(run.data.params),
+    )
+    # pickling is chosen on purpose (see the module docstring): no warning about it per model
+    with fluent_api_on(uri), _quiet("mlflow.pytorch"):
+        mlflow.pytorch.log_model(
+            module,
+            name=MODEL_NAME,
+            run_id=run_id,
+            model_id=model.model_id,
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements(),
+            code_paths=[str(Path(vaebench.__file__).parent)],
+            serialization_format="pickle",  # the module itself, encode and decode with it
+            step=step,
+        )
+    return model.model_id
+
+
+@contextlib.contextmanager
+def fluent_api_on(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.search_runs``, ``mlflow.pytorch.log_model``) on ``uri``
+    for the block, and what pointing it there changes put back after: the tracking URI, and
+    ``$MLFLOW_TRACKING_URI``, which setting it writes and later subprocesses would inherit.
+    ``sys.path`` too: checking a logged model's input example loads it with its code folder."""
+    import mlflow
+
+    saved_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    saved_env = os.environ.get(TRACKING_URI_ENV)
+    saved_path = list(sys.path)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = saved_env
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    saved = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+
+
+def register(
+    client: Any, uri: str, name: str, model_id: str, run_id: str, tags: dict[str, str],
+    description: str,
+) -> int:
+    """A new version of registered model ``name`` (made if missing) from the logged model
+    (its ``models:/`` source is resolved in the store MLflow's fluent API points at)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(
+                name, description="vaebench: the best run of a grid or study, a version each time"
+            )
+        except MlflowException:  # another process registered it meanwhile
+            client.get_registered_model(name)
+    with fluent_api_on(uri):
+        version = client.create_model_version(
+            name,
+            source=f"models:/{model_id}",
+            run_id=run_id,
+            tags=tags,
+            description=description,
+            model_id=model_id,
+        )
+    return int(version.version)

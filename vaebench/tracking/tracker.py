@@ -1,0 +1,385 @@
+"""Where runs are recorded: the Tracker interface and MLflow's implementation.
+
+Trackers take plain dicts and file paths, so the trainer and the grid code
+stay free of mlflow; ``import mlflow`` happens only when an MLflowTracker is
+made (the GPU machines and the benchmarks do without it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from vaebench.signals import deferred_signals
+from vaebench.spec.config import VaebenchError, first_line
+from vaebench.tracking.schema import open_store
+from vaebench.tracking.store import HTTP_LIMITS, check_server, sqlite_path
+from vaebench.tracking.system_metrics import monitored
+
+if TYPE_CHECKING:  # the record's type only: tracking imports no torch
+    from vaebench.data import SplitRecord
+
+T = TypeVar("T")
+
+MAX_TAG_LENGTH = 5000
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
+MODEL_TRAINING_KIND = "custom_model_development"
+RUN_KEY_TAG = "vaebench.run_key"
+ERROR_TAG = "vaebench.error"
+# a store that stopped answering: the grid stops, and its rerun continues it (sysexits'
+# EX_TEMPFAIL: a temporary failure, the user is invited to retry)
+TRACKING_EXIT_STATUS = 75
+
+
+class TrackingError(VaebenchError):
+    """The tracking store failed in the middle of the work (a server gone, a disk full)."""
+
+    exit_status = TRACKING_EXIT_STATUS
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run already in the store: what a rerun needs to skip, recover or continue it."""
+
+    run_id: str
+    name: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED, SCHEDULED
+    tags: dict[str, str]
+    start_time: int  # ms since the epoch
+    metrics: dict[str, float]  # each metric's latest value
+    end_time: int | None = None  # ms since the epoch; None while it runs
+
+    @property
+    def key(self) -> str | None:
+        return self.tags.get(RUN_KEY_TAG)
+
+
+class Tracker(Protocol):
+    """How runs are recorded; the execution layer and the invocations use nothing else.
+
+    A store that fails (server gone, disk full, database locked for too long) raises
+    :class:`TrackingError` from any call.
+    """
+
+    experiment_id: str | None  # set by start_grid or join_grid
+    parent_id: str | None  # the invocation's parent run
+
+    def start_grid(self, name: str, run_name: str, tags: Mapping[str, str]) -> str: ...
+    def join_grid(self, experiment_id: str, parent_id: str) -> None: ...
+    def start_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str: ...
+    def reopen_run(self, run_id: str, tags: Mapping[str, str]) -> None: ...
+    def log_metrics(
+        self,
+        run_id: str,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None: ...
+    def logged_steps(self, run_id: str, metric: str) -> set[int]: ...
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None: ...
+    def log_artifacts(self, run_id: str, folder: Path) -> None: ...
+    def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None: ...
+    def delete_run(self, run_id: str) -> None: ...
+    def log_inputs(self, run_id: str, splits: Sequence[SplitRecord]) -> None: ...
+    def system_metrics(self, run_id: str) -> contextlib.AbstractContextManager[None]: ...
+    def previous_runs(self, name: str, tag: str, value: str) -> list[RunRecord]: ...
+    def run_record(self, run_id: str) -> RunRecord | None: ...
+    def artifact_bytes(self, run_id: str, path: str) -> bytes: ...
+    def register_model(
+        self, run_id: str, module: Any, example: Any, step: int, name: str,
+        tags: Mapping[str, str], description: str,
+    ) -> tuple[int, bool]: ...
+
+
+def _store_call(method: Callable[..., T]) -> Callable[..., T]:
+    """Turn a failing store (MLflow's errors, a refused connection, a full disk) into one
+    TrackingError naming the store; a signal that arrives during the call waits for its end,
+    so an interruption never cuts a store write in half."""
+
+    @functools.wraps(method)
+    def call(self: MLflowTracker, *args: Any, **kwargs: Any) -> T:
+        with deferred_signals():
+            try:
+                return method(self, *args, **kwargs)
+            except TrackingError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - MlflowException, requests, OSError, ...
+                raise TrackingError(
+                    f"tracking store {self.uri} failed ({first_line(exc)})"
+                ) from exc
+
+    return call
+
+
+class MLflowTracker:
+    """One experiment per grid, a parent run per invocation, a nested child run per variant.
+
+    Creating the tracker creates the store (schema included) once, before any
+    run is logged; a bad URI is a VaebenchError.
+    """
+
+    def __init__(self, uri: str):
+        from mlflow.exceptions import MlflowException
+
+        self.uri = uri
+        # MLflow's download bars would interleave with vaebench's own lines
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        db = sqlite_path(uri)
+        if db is not None and db.parent and not db.parent.exists():
+            raise VaebenchError(f"tracking URI {uri}: folder {db.parent} does not exist")
+        if uri.startswith(("http://", "https://")):
+            for name, value in HTTP_LIMITS.items():
+                os.environ.setdefault(name, value)
+            check_server(uri)
+        try:
+            self.client = open_store(uri, db)
+        except (MlflowException, OSError, ValueError) as exc:
+            raise VaebenchError(f"tracking URI {uri}: {first_line(exc)}") from None
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+
+    def _artifact_location(self, name: str) -> str | None:
+        """Beside a local SQLite file, artifacts go to ``mlartifacts/`` next to it."""
+        db = sqlite_path(self.uri)
+        if db is None:
+            return None  # a tracking server chooses
+        return (db.resolve().parent / "mlartifacts" / name).as_uri()
+
+    def _experiment(self, name: str) -> str:
+        """The experiment, made if missing, with MLflow 3's experiment kind set to model
+        training (what the UI's own kind selector would set), so the UI treats it as one."""
+        from mlflow.exceptions import MlflowException
+
+        existing = self.client.get_experiment_by_name(name)
+        if existing is None:
+            try:
+                return self.client.create_experiment(
+                    name,
+                    artifact_location=self._artifact_location(name),
+                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+                )
+            except MlflowException:  # another process created it meanwhile
+                existing = self.client.get_experiment_by_name(name)
+                if existing is None:
+                    raise
+        if existing.lifecycle_stage == "deleted":
+            self.client.restore_experiment(existing.experiment_id)
+        if EXPERIMENT_KIND_TAG not in existing.tags:
+            self.client.set_experiment_tag(
+                existing.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+            )
+        return existing.experiment_id
+
+    @_store_call
+    def start_grid(self, name: str, run_name: str, tags: Mapping[str, str]) -> str:
+        self.experiment_id = self._experiment(name)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
+        self.parent_id = run.info.run_id
+        return self.parent_id
+
+    def join_grid(self, experiment_id: str, parent_id: str) -> None:
+        """Log under a parent run another process started (a ``--workers`` process)."""
+        self.experiment_id, self.parent_id = experiment_id, parent_id
+
+    @_store_call
+    def start_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        from mlflow.entities import Param
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        assert self.experiment_id is not None, "start_grid first"
+        all_tags = {**tags, **({MLFLOW_PARENT_RUN_ID: self.parent_id} if self.parent_id else {})}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        self.client.log_batch(run_id, params=[Param(k, _param_text(v)) for k, v in params.items()])
+        return run_id
+
+    @_store_call
+    def reopen_run(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """A KILLED run continues: its ``tags`` (this process's lease) first, then RUNNING
+        again, under this invocation's parent run."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        self.set_tags(run_id, tags)
+        self.client.update_run(run_id, status="RUNNING")
+        if self.parent_id:
+            self.client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, self.parent_id)
+        if ERROR_TAG in self.client.get_run(run_id).data.tags:  # the reason it was stopped
+            self.client.delete_tag(run_id, ERROR_TAG)
+
+    @_store_call
+    def log_metrics(
+        self,
+        run_id: str,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """All of an epoch's metrics (and tags, such as the lease) in one call."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(
+            run_id, metrics=batch, tags=[RunTag(k, v) for k, v in (tags or {}).items()]
+        )
+
+    @_store_call
+    def logged_steps(self, run_id: str, metric: str) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(run_id, metric)}
+
+    @_store_call
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    @_store_call
+    def log_artifacts(self, run_id: str, folder: Path) -> None:
+        self.client.log_artifacts(run_id, str(folder))
+
+    @_store_call
+    def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+        if error is not None:
+            self.client.set_tag(run_id, ERROR_TAG, error[:MAX_TAG_LENGTH])
+        self.client.set_terminated(run_id, status=status)
+
+    def system_metrics(self, run_id: str) -> contextlib.AbstractContextManager[None]:
+        """MLflow's system metrics on ``run_id`` while the block runs
+        (:func:`vaebench.tracking.system_metrics.monitored`)."""
+        return monitored(run_id, self.uri)
+
+    @_store_call
+    def log_inputs(self, run_id: str, splits: Sequence[SplitRecord]) -> None:
+        """The splits as MLflow dataset inputs (the runs table's Dataset column), each with
+        its digest, source folder and context (training, validation, test)."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=split.name,
+                    digest=split.digest,
+                    source_type="local",
+                    source=json.dumps({"uri": split.source}),
+                    profile=json.dumps({"num_rows": split.rows}),
+                ),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, split.context)],
+            )
+            for split in splits
+        ]
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                self.client.log_inputs(run_id, datasets=inputs)
+                return
+            except Exception as exc:
+                if attempt == DATASET_ATTEMPTS - 1 or not _dataset_created_meanwhile(exc):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    @_store_call
+    def delete_run(self, run_id: str) -> None:
+        """Soft-delete the run (a claim that lost): searches no longer return it."""
+        self.client.delete_run(run_id)
+
+    @_store_call
+    def run_record(self, run_id: str) -> RunRecord | None:
+        """The run as the store holds it now (None if deleted)."""
+        run = self.client.get_run(run_id)
+        if run.info.lifecycle_stage == "deleted":
+            return None
+        return _record(run)
+
+    # artifact_bytes and register_model run after the runs are tracked, and their callers
+    # report what fails in one line (a missing artifact, an invalid name): not TrackingErrors
+    def artifact_bytes(self, run_id: str, path: str) -> bytes:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="vaebench-artifact-") as scratch:
+            return Path(self.client.download_artifacts(run_id, path, scratch)).read_bytes()
+
+    def register_model(
+        self, run_id: str, module: Any, example: Any, step: int, name: str,
+        tags: Mapping[str, str], description: str,
+    ) -> tuple[int, bool]:
+        """A new version of registered model ``name`` from the run's logged model (see
+        :mod:`vaebench.tracking.registry`), logging ``module`` first (with the run's metrics at
+        ``step``) unless an earlier invocation did; (the version, whether the logged model
+        was reused)."""
+        from vaebench.tracking import registry as model_registry
+
+        model_id = model_registry.logged_model_of(self.client, run_id)
+        reused = model_id is not None
+        if model_id is None:
+            model_id = model_registry.log_model(
+                self.client, self.uri, run_id, module, example, step
+            )
+        version = model_registry.register(
+            self.client, self.uri, name, model_id, run_id, dict(tags), description
+        )
+        return version, reused
+
+    @_store_call
+    def previous_runs(self, name: str, tag: str, value: str) -> list[RunRecord]:
+        """Every run of experiment ``name`` whose tag ``tag`` is ``value``, oldest first."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            return []
+        records: list[RunRecord] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`{tag}` = '{value}'",
+                max_results=1000,
+                order_by=["attributes.start_time ASC"],
+                page_token=token,
+            )
+            records += [_record(run) for run in page]
+            token = page.token
+            if not token:
+                return records
+
+
+# MLflow's SQL store looks a dataset up, then inserts it: two processes logging the same
+# split into one experiment at once (workers of a grid) can both miss it, and the second
+# insert breaks the table's key (seen on PostgreSQL). Its next try finds the dataset.
+DATASET_ATTEMPTS = 3
+
+
+def _dataset_created_meanwhile(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "unique" in text and "dataset" in text
+
+
+def _record(run: Any) -> RunRecord:
+    """An MLflow run as a RunRecord."""
+    info = run.info
+    return RunRecord(
+        info.run_id, info.run_name, info.status, dict(run.data.tags), info.start_time,
+        dict(run.data.metrics), info.end_time,
+    )
+
+
+def _param_text(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+
+def tracker_opened_during(uri: str, work: Callable[[], None]) -> MLflowTracker:
+    """``MLflowTracker(uri)``, created in a thread while ``work`` (loading the data) runs:
+    importing MLflow and creating a new store's schema take seconds, as long as the data.
+    ``work``'s error is the one raised (the store may then exist, holding no run)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-store") as pool:
+        pending = pool.submit(MLflowTracker, uri)
+        work()
+        return pending.result()

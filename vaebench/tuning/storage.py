@@ -1,0 +1,95 @@
+"""Where an Optuna study lives: an SQLite file, a SQLAlchemy URL, a journal file or memory.
+
+One string names the storage (:func:`resolve_storage`); it is checked before anything is
+created (:func:`check_storage`), shown without its password (:func:`display_storage`) and
+opened by every process of a study (:func:`open_storage`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+
+from vaebench.spec.config import VaebenchError, first_line
+from vaebench.tracking.store import sqlite_path
+
+MEMORY = "memory"
+JOURNAL = "journal:"
+SQLITE_TIMEOUT_S = 60  # several processes share one SQLite file; wait for the lock
+
+
+def resolve_storage(chosen: str | None, tracking_uri: str) -> str:
+    """The study's storage as one string: a SQLAlchemy URL, ``journal:<file>`` or ``memory``.
+
+    Default: ``optuna.db`` beside the MLflow SQLite file, else (a tracking server)
+    in the working folder. A name ending in ``.log`` is an Optuna journal file; any
+    other bare file name is an SQLite file.
+    """
+    if not chosen:
+        db = sqlite_path(tracking_uri)
+        return f"sqlite:///{(db.parent if db is not None else Path('.')) / 'optuna.db'}"
+    chosen = chosen.strip()
+    if chosen in (MEMORY, ":memory:"):
+        return MEMORY
+    if chosen.startswith(JOURNAL) or "://" in chosen:
+        return chosen
+    if chosen.endswith(".log"):
+        return JOURNAL + chosen
+    return f"sqlite:///{chosen}"
+
+
+def display_storage(ref: str) -> str:
+    """The storage with any password hidden, for messages and tags."""
+    if "://" not in ref:
+        return ref
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(ref).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as given
+        return ref
+
+
+def check_storage(ref: str) -> None:
+    """Problems with a storage that show before anything is created: folders, URL, driver."""
+    if ref == MEMORY:
+        return
+    path = Path(ref.removeprefix(JOURNAL)) if ref.startswith(JOURNAL) else sqlite_path(ref)
+    if path is not None:
+        if not path.expanduser().resolve().parent.is_dir():
+            raise VaebenchError(f"storage {ref}: folder {path.parent} does not exist")
+        return
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(ref).get_dialect().import_dbapi()
+    except ImportError as exc:
+        raise VaebenchError(
+            f"storage {display_storage(ref)}: {first_line(exc)} (install the database driver; "
+            'for postgresql+psycopg:// URLs: pip install -e ".[postgres]")'
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - unparsable URL, unknown dialect
+        raise VaebenchError(f"storage {display_storage(ref)}: {first_line(exc)}") from None
+
+
+def open_storage(ref: str) -> optuna.storages.BaseStorage:
+    """The Optuna storage ``ref`` names (tables are created on first use)."""
+    if ref == MEMORY:
+        return optuna.storages.InMemoryStorage()
+    if ref.startswith(JOURNAL):
+        path = Path(ref.removeprefix(JOURNAL)).expanduser()
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        return optuna.storages.journal.JournalStorage(backend)
+    local = ref.startswith("sqlite")
+    engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if local else None
+    for attempt in range(2):
+        try:
+            return optuna.storages.RDBStorage(ref, engine_kwargs=engine)
+        except Exception as exc:  # noqa: BLE001 - unreachable server, bad credentials, ...
+            if attempt == 0 and not local:  # another process creating the tables just now
+                time.sleep(1.0)
+                continue
+            raise VaebenchError(f"storage {display_storage(ref)}: {first_line(exc)}") from None
+    raise AssertionError("unreachable")

@@ -1,0 +1,286 @@
+"""One trial of a study: sample a run, hand it to the execution layer, keep its lease.
+
+A trial is the study's base config plus the values Optuna samples, trained through
+:func:`vaebench.lifecycle.execute.execute` with pruning as the epoch hook and the objectives
+as extra metrics. Its MLflow run id, its invocation's parent run and (while it
+runs) its lease are Optuna user attributes; a trial whose owner is gone is failed
+by the next invocation (:func:`fail_abandoned_trials`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import optuna
+from optuna.trial import TrialState
+
+from vaebench.lifecycle.claims import OWNER_TAG, abandoned, lease_tags
+from vaebench.lifecycle.execute import RunHooks, Workspace, execute, record_invalid
+from vaebench.signals import deferred_signals
+from vaebench.spec.catalogue import METRICS
+from vaebench.spec.config import RunConfig, VaebenchError, run_config_problems, set_dotted
+from vaebench.spec.grid import RunSpec, run_key
+from vaebench.spec.space import Param
+from vaebench.spec.study import StudySpec
+from vaebench.tracking.tracker import Tracker, TrackingError
+from vaebench.training.trainer import EpochMetrics
+from vaebench.tuning.outputs import RUN_ID_ATTR
+
+PARENT_ATTR = "mlflow_parent_run_id"  # which `tune` invocation ran the trial
+STOPPED_ATTR = "stopped"  # why a trial FAILED without being at fault: a signal, a lost owner
+
+
+def suggest(trial: optuna.Trial, key: str, param: Param) -> Any:
+    """The value of one dimension for this trial; Optuna's parameter name is the dotted key."""
+    if param.type == "float":
+        return trial.suggest_float(key, param.low, param.high, log=param.log, step=param.step)
+    if param.type == "int":
+        step = int(param.step or 1)
+        return trial.suggest_int(key, int(param.low), int(param.high), step=step, log=param.log)
+    return param.decode(trial.suggest_categorical(key, param.optuna_choices()))
+
+
+def trial_run(spec: StudySpec, name: str, sampled: dict[str, Any]) -> RunSpec:
+    """Base config plus sampled values as a run; VaebenchError if they make no valid config."""
+    tree = copy.deepcopy(spec.base)
+    for key, value in sampled.items():
+        set_dotted(tree, key, value)
+    problems = run_config_problems(tree)
+    if problems:
+        raise VaebenchError("; ".join(f"{key}: {message}" for key, message in problems))
+    config = RunConfig.model_validate(tree)
+    return RunSpec(name, run_key(config), config, tuple(sampled.items()))
+
+
+def reported_beside(spec: StudySpec, final: dict[str, float]) -> dict[str, float]:
+    """The test scores shown beside a trial's validation objectives: each objective's test
+    counterpart, the test ELBO and, where estimated, the test NLL."""
+    names = [METRICS[m].counterpart for m in spec.metrics] + ["test_elbo", "test_nll"]
+    return {name: float(final[name]) for name in dict.fromkeys(names) if name in final}
+
+
+def objective_values(spec: StudySpec, final: dict[str, float]) -> list[float]:
+    values = []
+    for metric in spec.metrics:
+        if metric not in final:
+            raise VaebenchError(f"objective {metric}: this run does not report it")
+        value = float(final[metric])
+        if not math.isfinite(value):
+            raise VaebenchError(f"objective {metric}: the run ended with {value}")
+        values.append(value)
+    return values
+
+
+@dataclass
+class TrialWork:
+    """One trial's run as it goes: the run sampled for it (None until sampled, or if its
+    values made no valid config), its MLflow run id once tracked, its objective values once
+    scored, and the hooks that tie the run's life to the trial."""
+
+    trial: optuna.Trial
+    name: str
+    own_tags: dict[str, str]  # beside the invocation's: the trial's number and state
+    run: RunSpec | None = None
+    run_id: str | None = None
+    objectives: list[float] = field(default_factory=list)
+    hooks: RunHooks = field(default_factory=RunHooks)
+    told: bool = False  # Optuna has its result (trials of a stack: vaebench.tuning.trial_stack)
+
+    def on_start(self, run_id: str) -> None:
+        self.run_id = run_id
+        with deferred_signals():  # see _renew_lease
+            self.trial.set_user_attr(RUN_ID_ATTR, run_id)
+
+    def values(self) -> float | tuple[float, ...]:
+        """What Optuna is told: the objective, or the objectives of a multi-objective study."""
+        return self.objectives[0] if len(self.objectives) == 1 else tuple(self.objectives)
+
+
+class TrialObjective:
+    """Optuna's objective: sample a run and hand it to the execution layer, one MLflow child
+    run per trial; pruning is its epoch hook, the objectives its extra metrics. Its parts
+    (:meth:`own`, :meth:`sample`, :meth:`settle`) serve trials trained as a stack as well
+    (:mod:`vaebench.tuning.trial_stack`)."""
+
+    def __init__(
+        self, spec: StudySpec, tracker: Tracker, tags: dict[str, str], workspace: Workspace,
+        total: int,
+    ):
+        self.spec = spec
+        self.tracker = tracker
+        self.tags = tags
+        self.workspace = workspace
+        self.total = total
+        self.store_failure: TrackingError | None = None
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        work = self.work_for(trial)
+        try:
+            self.own(work)
+            self.sample(work)
+            self.train(work)
+        except BaseException as exc:
+            self.settle(work, exc)
+            if isinstance(exc, TrackingError):  # no point in the next trial: stop the study
+                trial.study.stop()
+            raise
+        self.settle(work, None)
+        return work.values()
+
+    @staticmethod
+    def work_for(trial: optuna.Trial) -> TrialWork:
+        own_tags = {"optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
+        return TrialWork(trial, f"trial-{trial.number:04d}", own_tags)
+
+    def own(self, work: TrialWork, runs_at_once: int = 1) -> None:
+        """The trial owned (its lease, first, for ``runs_at_once`` trials trained together)
+        and marked this invocation's."""
+        _renew_lease(work.trial, runs_at_once=runs_at_once)
+        with deferred_signals():  # see _renew_lease
+            work.trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)
+
+    def sample(self, work: TrialWork) -> None:
+        """The trial's values as its run, and the hooks of its life; values that make no
+        valid config are recorded as a FAILED run and raised (VaebenchError)."""
+        trial = work.trial
+        sampled = {key: suggest(trial, key, p) for key, p in self.spec.space.items()}
+        try:
+            work.run = trial_run(self.spec, work.name, sampled)
+        except VaebenchError as exc:
+            tags = {**self.tags, **work.own_tags}
+            work.on_start(record_invalid(self.tracker, work.name, sampled, tags, str(exc)))
+            print(f"[{trial.number + 1}/{self.total}] {work.name} FAIL: {exc}", file=sys.stderr)
+            raise
+
+        def score(final: dict[str, float]) -> dict[str, float]:
+            work.objectives.extend(objective_values(self.spec, final))
+            with deferred_signals():  # see _renew_lease
+                for key, value in reported_beside(self.spec, final).items():
+                    trial.set_user_attr(key, value)
+            return {
+                f"objective.{m}": v
+                for m, v in zip(self.spec.metrics, work.objectives, strict=True)
+            }
+
+        work.hooks = RunHooks(work.own_tags, work.on_start, self.epoch_hook(trial), score)
+
+    def train(self, work: TrialWork) -> None:
+        """Train and track the sampled trial's run alone; raises what ended it early."""
+        hooks = work.hooks
+        execute(
+            work.run,
+            self.tracker,
+            self.workspace,
+            {**self.tags, **work.own_tags},
+            work.trial.number + 1,
+            self.total,
+            on_start=hooks.on_start,
+            epoch_hook=hooks.epoch_hook,
+            extra_metrics=hooks.extra_metrics,
+            stopped_early=(optuna.TrialPruned,),
+            pictures=self.spec.artifacts,
+        )
+
+    def settle(self, work: TrialWork, error: BaseException | None) -> TrialState:
+        """The trial's state after its run ended with ``error`` (None: finished), tagged on
+        its run; a signal or a failing store marks it stopped (not the trial's fault)."""
+        state = TrialState.COMPLETE
+        if isinstance(error, optuna.TrialPruned):
+            state = TrialState.PRUNED
+        elif error is not None:
+            state = TrialState.FAIL
+            if isinstance(error, KeyboardInterrupt):
+                work.trial.set_user_attr(STOPPED_ATTR, str(error) or "interrupted")
+            elif isinstance(error, TrackingError):
+                self.store_failure = error
+                work.trial.set_user_attr(STOPPED_ATTR, f"tracking store failed: {error}")
+        if work.run_id is not None and self.store_failure is None:
+            with contextlib.suppress(TrackingError):  # the error that stopped it is shown
+                self.tracker.set_tags(work.run_id, {"optuna.state": state.name})
+        return state
+
+    def epoch_hook(self, trial: optuna.Trial, stack_size: int = 1):
+        """Renew the trial's lease; report the objective to the pruner, which may stop the
+        trial. Optuna prunes single-objective studies only; a metric known only after the
+        last epoch (e.g. val_ari) is never reported, so never pruned (study files with such
+        a pruner are rejected). In a stack of ``stack_size`` an epoch takes up to that many
+        times a member's share of it, and the lease lasts accordingly."""
+        pruned_on = None if self.spec.multi_objective else self.spec.metrics[0]
+
+        def hook(metrics: EpochMetrics) -> None:
+            longest = (metrics.epoch_seconds + metrics.eval_seconds) * stack_size
+            _renew_lease(trial, longest)
+            self.tracker.set_tags(self.tracker.parent_id, lease_tags(longest))
+            values = metrics.as_dict()
+            if pruned_on in values:
+                with deferred_signals():  # see _renew_lease
+                    trial.report(values[pruned_on], metrics.epoch)
+                    prune = trial.should_prune()
+                if prune:
+                    raise optuna.TrialPruned(f"pruned after epoch {metrics.epoch}")
+
+        return hook
+
+
+def _renew_lease(
+    trial: optuna.Trial, longest_epoch_seconds: float = 0.0, runs_at_once: int = 1
+) -> None:
+    """The trial's lease, written with signals held: a signal that cuts an Optuna write in
+    half leaves a SQLite storage locked by this process's interrupted connection, and the
+    writes that mark the stopped trial then wait out the lock's timeout (a Ctrl-C took over a
+    minute to stop a study, measured)."""
+    with deferred_signals():
+        for key, value in lease_tags(longest_epoch_seconds, runs_at_once).items():
+            trial.set_user_attr(key, value)
+
+
+def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO) -> int:
+    """Trials a killed invocation left RUNNING (their owner process is gone or its lease
+    expired): FAIL in Optuna, marked stopped; their MLflow runs, KILLED by
+    :func:`vaebench.lifecycle.claims.recover_abandoned` as the grid's are, get the tag. Returns how
+    many."""
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        reason = abandoned(trial.user_attrs)
+        if reason is None or _leaseless_for_now(trial):
+            continue
+        storage = study._storage  # noqa: SLF001 - Optuna has no public call for another's trial
+        storage.set_trial_user_attr(trial._trial_id, STOPPED_ATTR, f"abandoned: {reason}")
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            tracker.set_tags(run_id, {"optuna.state": "FAIL"})
+        print(f"trial {trial.number} was left RUNNING ({reason}): marked FAIL", file=stream)
+        count += 1
+    return count
+
+
+# how long a new trial may have no lease: Optuna creates it, then its process sets the lease as
+# its first user attribute, milliseconds later (a process starting meanwhile saw such a trial
+# as abandoned and failed it under its owner, in CI with two tune processes on PostgreSQL)
+LEASELESS_GRACE_SECONDS = 60.0
+
+
+def _leaseless_for_now(trial: optuna.trial.FrozenTrial) -> bool:
+    """A RUNNING trial without a lease that Optuna created moments ago: its owner is about to
+    give it one."""
+    if OWNER_TAG in trial.user_attrs or trial.datetime_start is None:
+        return False
+    age = datetime.datetime.now() - trial.datetime_start  # Optuna's naive local time
+    return age.total_seconds() < LEASELESS_GRACE_SECONDS
+
+
+def trials_done(study: optuna.Study) -> int:
+    """Trials that count toward the file's ``n_trials``: complete, pruned, or failed by their
+    own fault (not those stopped by a signal or a lost process)."""
+    return sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and STOPPED_ATTR not in t.user_attrs)
+        for t in study.get_trials(deepcopy=False)
+    )

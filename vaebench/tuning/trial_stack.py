@@ -1,0 +1,160 @@
+"""Trials of a study trained as stacks: ask Optuna for up to K trials at once, train those
+that share a stack key as one stack (:func:`vaebench.lifecycle.execute_stack.execute_stack`), tell
+each
+trial its own result.
+
+Only a study whose space varies nothing but what members of a stack may differ in
+(:data:`vaebench.stacking.plan.MEMBER_KEYS`: seed, loss.beta, loss.recon, optim.lr) is run this
+way, so that every trial it asks can join the stack; any other study runs its trials one
+by one, as Optuna's ``optimize`` would (asking K trials before any is told would only cost
+a sequential sampler the results it learns from).
+
+Each member trial keeps what a trial alone has: its lease, its MLflow run, the pruner
+asked after each of its epochs (a pruned trial's member is masked out of the stack, its run
+KILLED, and the others go on), its objectives. Trials of one batch are sampled before any
+of them is told: the sampler proposes the K points from what the earlier batches told it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import optuna
+from optuna.trial import TrialState
+
+from vaebench.execution.dry_run import trains_on_cpu
+from vaebench.lifecycle.execute_stack import execute_stack
+from vaebench.signals import deferred_signals
+from vaebench.spec.config import VaebenchError
+from vaebench.spec.study import StudySpec
+from vaebench.stacking.plan import MEMBER_KEYS, config_problem, plan_stacks
+from vaebench.tracking.tracker import TrackingError
+from vaebench.tuning.trial import TrialObjective, TrialWork, trial_run
+
+# measured on a 2-core CPU with experiments/lr-beta.yaml (16 trials of an MLP over optim.lr and
+# loss.beta, median pruner): 27.7 to 31.5 s stacked (4 runs) against 27.8 to 34.2 s one by one
+# (3 runs): no gain, as one by one the pruner stopped 9 trials after an epoch or two and
+# stacked only 6 (none of the first batch of 8, which had no complete trial to be compared
+# with); with `pruner: none` 37.9 s stacked against 42.9 s
+PRUNED_ON_CPU = (
+    "on the CPU a study with a pruner trains its trials one by one: there a stack was "
+    "measured no faster, its members never compared with each other by the pruner"
+)
+
+
+def stack_problem(spec: StudySpec, max_stack: int, everywhere: bool = False) -> str | None:
+    """Why the study's trials train one by one, or None if they are stacked; ``everywhere``
+    (``--stack on``): also where the CPU's measurements say one by one."""
+    if max_stack < 2:
+        return "--stack off"
+    varied = sorted(set(spec.space) - set(MEMBER_KEYS))
+    if varied:
+        return f"its space varies {', '.join(varied)} (stacks vary only {', '.join(MEMBER_KEYS)})"
+    try:
+        config = trial_run(spec, "base", {}).config
+    except VaebenchError as exc:  # the base is valid only with sampled values
+        return f"its base config alone is no valid run ({exc})"
+    on_cpu = not everywhere and trains_on_cpu(config)
+    if on_cpu and spec.pruner != "none":
+        return PRUNED_ON_CPU
+    return config_problem(config, on_cpu)
+
+
+def optimize_in_stacks(
+    study: optuna.Study,
+    objective: TrialObjective,
+    n_trials: int,
+    timeout: float | None,
+    max_stack: int,
+) -> None:
+    """Run ``n_trials`` trials, up to ``max_stack`` at a time as one stack; start no batch
+    after ``timeout`` seconds. A failing trial is FAIL, no more; a signal or a failing store
+    stops the study (every trial asked and not yet told is FAIL, marked stopped). Each trial
+    is told as soon as its run ends, while the rest of its stack may still train."""
+    started = time.monotonic()
+    done = 0
+
+    def tell(work: TrialWork, error: BaseException | None) -> None:
+        with deferred_signals():  # told once: a signal waits until the tell is recorded
+            state = objective.settle(work, error)
+            values = work.values() if state == TrialState.COMPLETE else None
+            study.tell(work.trial, values, state=state)
+            work.told = True
+
+    while done < n_trials:
+        if timeout is not None and time.monotonic() - started >= timeout:
+            return
+        works: list[TrialWork] = []
+        try:
+            for _ in range(min(max_stack, n_trials - done)):
+                works.append(objective.work_for(study.ask()))
+                done += 1
+            for work in works:
+                objective.own(work, runs_at_once=len(works))
+            _train_batch(objective, works, max_stack, tell)
+        except BaseException as exc:  # a signal, the store: no trial may stay RUNNING
+            for work in works:
+                if not work.told:
+                    tell(work, exc)
+            raise
+
+
+def _train_batch(
+    objective: TrialObjective,
+    works: Sequence[TrialWork],
+    max_stack: int,
+    tell: Callable[[TrialWork, BaseException | None], None],
+) -> None:
+    """Sample each trial of the batch, train those of one stack key together; each trial is
+    told when its run ends."""
+    sampled: list[TrialWork] = []
+    for work in works:
+        try:
+            objective.sample(work)
+        except TrackingError:
+            raise
+        except Exception as exc:  # values that make no valid config: that trial fails
+            tell(work, exc)
+            continue
+        sampled.append(work)
+    runs = [work.run for work in sampled]
+    for group in plan_stacks([run.config for run in runs], max_stack):
+        members = [sampled[index] for index in group]
+        if len(members) == 1:  # alone, as Optuna's optimize would train it
+            tell(members[0], _ended_alone(objective, members[0]))
+            continue
+        for member in members:  # told as its run ends; its lease spans the stack's epoch
+            member.hooks.on_end = partial(tell, member)
+            member.hooks.epoch_hook = objective.epoch_hook(member.trial, len(members))
+        try:
+            execute_stack(
+                [runs[index] for index in group],
+                objective.tracker,
+                objective.workspace,
+                objective.tags,
+                members[0].trial.number + 1,
+                objective.total,
+                member_hooks=[member.hooks for member in members],
+                stopped_early=(optuna.TrialPruned,),
+                pictures=objective.spec.artifacts,
+            )
+        except TrackingError:
+            raise
+        except Exception as exc:  # the stack as a whole failed (e.g. out of memory)
+            for member in members:
+                if not member.told:
+                    tell(member, exc)
+
+
+def _ended_alone(objective: TrialObjective, work: TrialWork) -> Exception | None:
+    """What ended the trial trained alone (None: it finished); a signal or a failing store
+    is raised."""
+    try:
+        objective.train(work)
+    except TrackingError:
+        raise
+    except Exception as exc:  # pruned, or the trial's own failure
+        return exc
+    return None

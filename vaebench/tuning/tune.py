@@ -1,0 +1,408 @@
+"""Optuna studies: ``python -m vaebench tune study.yaml``.
+
+A trial is one run: the study's base config plus the values Optuna samples,
+trained by the grid's trainer (:func:`vaebench.training.trainer.fit`). Every epoch the
+trial logs its metrics to its own MLflow child run and, in a single-objective
+study, reports the objective to the pruner (``trial.report`` /
+``should_prune``). Where the study's space varies only what members of a stack may differ
+in, up to ``max_stack`` trials at a time train as one stack (:mod:`vaebench.tuning.trial_stack`).
+The MLflow side mirrors a grid: the study is an experiment,
+each ``tune`` invocation a parent run, each trial a nested child run tagged
+with its Optuna trial number and final state; the child's run id is stored on
+the trial as the user attribute ``mlflow_run_id``.
+
+Optuna trial states map onto MLflow run statuses as ``STATUS`` says: COMPLETE
+-> FINISHED, PRUNED -> KILLED (stopped early on purpose), FAIL -> FAILED; the
+tag ``optuna.state`` holds Optuna's name.
+
+Both stores are created once, in the calling process, before ``--workers``
+processes are started; each worker opens the same stores, logs its trials under
+the one parent run and asks the shared study for parameters.
+
+Where the study lives: :mod:`vaebench.tuning.storage`; what an invocation writes and
+prints: :mod:`vaebench.tuning.outputs`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import optuna
+import torch
+
+from vaebench.data import resolve_root
+from vaebench.execution.worker_plan import cores, run_processes
+from vaebench.lifecycle.claims import lease_tags, recover_abandoned
+from vaebench.lifecycle.execute import Workspace, end_quietly
+from vaebench.lifecycle.preflight import check_output_folder
+from vaebench.lifecycle.provenance import base_tags
+from vaebench.reporting.best_models import register_best
+from vaebench.signals import (
+    Interrupted,
+    deferred_signals,
+    interruptible,
+)
+from vaebench.spec.config import ConfigError, VaebenchError, first_line
+from vaebench.spec.study import StudySpec, load_study
+from vaebench.tracking.store import resolve_tracking_uri
+from vaebench.tracking.tracker import (
+    MLflowTracker,
+    Tracker,
+    TrackingError,
+    tracker_opened_during,
+)
+from vaebench.tuning.outputs import (
+    TuneOutcome,
+    best_runs,
+    best_trials,
+    invocation_metrics,
+    print_outcome,
+    write_figures,
+    write_trials,
+)
+from vaebench.tuning.storage import (
+    MEMORY,
+    check_storage,
+    display_storage,
+    open_storage,
+    resolve_storage,
+)
+from vaebench.tuning.trial import (
+    PARENT_ATTR,
+    TrialObjective,
+    fail_abandoned_trials,
+    trial_run,
+    trials_done,
+)
+from vaebench.tuning.trial_stack import optimize_in_stacks, stack_problem
+
+STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna -> MLflow
+STUDY_TAG = "vaebench.study"
+
+
+# ---------------------------------------------------------------------------
+# samplers and pruners
+
+
+SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
+    "tpe": optuna.samplers.TPESampler,
+    "random": optuna.samplers.RandomSampler,
+    "cmaes": optuna.samplers.CmaEsSampler,
+    "gp": optuna.samplers.GPSampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+}
+PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
+    "median": optuna.pruners.MedianPruner,
+    "hyperband": optuna.pruners.HyperbandPruner,
+    "none": optuna.pruners.NopPruner,
+}
+
+
+def make_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler(spec.grid_space(), seed=seed)
+    if spec.sampler == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise VaebenchError(
+                f"{spec.source}: sampler: cmaes needs the cmaes package (pip install cmaes)"
+            ) from None
+    try:
+        return SAMPLERS[spec.sampler](seed=seed, **spec.sampler_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"{spec.source}: sampler: {first_line(exc)}"]) from None
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    try:
+        return PRUNERS[spec.pruner](**spec.pruner_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([f"{spec.source}: pruner: {first_line(exc)}"]) from None
+
+
+def sampler_seed(spec: StudySpec, offset: int) -> int | None:
+    """A distinct stream per worker and per continuation, reproducible from the study seed."""
+    return None if spec.seed is None else spec.seed + offset
+
+
+# ---------------------------------------------------------------------------
+# a study invocation
+
+
+@dataclass
+class WorkerJob:
+    """What a worker process needs to join the study (plain data: it crosses a spawn)."""
+
+    spec: StudySpec
+    storage: str
+    tracking_uri: str
+    experiment_id: str
+    parent_id: str
+    tags: dict[str, str]
+    data_root: Path
+    total: int
+    timeout: float | None
+    seed_offset: int
+    threads: int | None = None
+    max_stack: int = 1  # the most trials one stack trains (1: each alone)
+
+
+def _quiet_optuna() -> None:
+    """Optuna's own warnings off: a failed trial is listed by vaebench, with its MLflow run,
+    instead of a traceback in Optuna's log."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def optimize(
+    job: WorkerJob,
+    n_trials: int,
+    worker: int,
+    tracker: Tracker,
+    storage: optuna.storages.BaseStorage | None = None,
+    workspace: Workspace | None = None,
+) -> None:
+    """Run ``n_trials`` trials of the study in this process; a failing trial is FAIL, no more;
+    a failing store stops the study (TrackingError)."""
+    _quiet_optuna()
+    study = optuna.load_study(
+        study_name=job.spec.name,
+        storage=storage or open_storage(job.storage),
+        sampler=make_sampler(job.spec, sampler_seed(job.spec, job.seed_offset + 1000 * worker)),
+        pruner=make_pruner(job.spec),
+    )
+    workspace = workspace or Workspace(job.data_root, checkpoints=None)
+    objective = TrialObjective(job.spec, tracker, job.tags, workspace, job.total)
+    if job.max_stack > 1:  # run_study checked that the study's trials stack
+        optimize_in_stacks(study, objective, n_trials, job.timeout, job.max_stack)
+        return
+    study.optimize(objective, n_trials=n_trials, timeout=job.timeout, catch=(Exception,))
+    if objective.store_failure is not None:
+        raise objective.store_failure
+
+
+def worker_main(job: WorkerJob, n_trials: int, worker: int) -> None:
+    """Entry point of a ``--workers`` process: its own tracker on the one parent run.
+
+    In a process group of its own, so that a terminal's Ctrl-C reaches the parent alone,
+    which passes it on (a signal sent to the parent's pid reaches the workers the same way).
+    """
+    os.setpgrp()
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    with interruptible():
+        try:
+            tracker = MLflowTracker(job.tracking_uri)
+            tracker.join_grid(job.experiment_id, job.parent_id)
+            optimize(job, n_trials, worker, tracker)
+        except Interrupted as exc:
+            sys.exit(exc.exit_status)
+        except VaebenchError as exc:
+            print(f"vaebench: worker {worker}: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_status)
+
+
+def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
+    """Create the study, or load it and check it asks the same questions."""
+    _quiet_optuna()
+    try:
+        existing = optuna.load_study(study_name=spec.name, storage=storage)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        directions = [d.name.lower() for d in existing.directions]
+        names = existing.metric_names or spec.metrics
+        if directions != spec.directions or list(names) != spec.metrics:
+            held = ", ".join(f"{d} {m}" for m, d in zip(names, directions, strict=False))
+            raise VaebenchError(
+                f"storage {display_storage(ref)} already holds a study {spec.name!r} that "
+                f"asks to {held}; give the study another name or use another storage"
+            )
+    study = optuna.create_study(
+        storage=storage,
+        study_name=spec.name,
+        directions=spec.directions,
+        load_if_exists=True,
+    )
+    if existing is None:
+        study.set_metric_names(spec.metrics)
+    return study
+
+
+def _trials_per_stack(spec: StudySpec, max_stack: int, stack_everywhere: bool) -> int:
+    """The most trials one stack trains (1: each alone), and a line saying so."""
+    if max_stack < 2:
+        return 1
+    problem = stack_problem(spec, max_stack, stack_everywhere)
+    if problem is not None:
+        print(f"study {spec.name}: trials train one by one: {problem}", file=sys.stderr)
+        return 1
+    print(
+        f"study {spec.name}: up to {max_stack} trials at a time train as one stack "
+        "(--stack off: one by one)",
+        file=sys.stderr,
+    )
+    return max_stack
+
+
+def run_study(
+    study_path: str | Path,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    workers: int = 1,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    data_root: str | Path | None = None,
+    results_dir: str | Path = "results",
+    stream: TextIO | None = None,
+    register: bool = True,
+    max_stack: int = 1,
+    stack_everywhere: bool = False,
+) -> TuneOutcome:
+    """Check a study file and run its trials still to do (the file's ``n_trials`` minus those
+    done), or ``n_trials`` more; record and report them.
+
+    Trials a killed invocation left RUNNING are failed first. Ctrl-C and SIGTERM stop
+    the study cleanly (trials FAIL in Optuna, KILLED in MLflow, the parent KILLED). With
+    ``register``, the best trial's run (each of a Pareto front's) becomes a new version of
+    the registered MLflow model named after the study. Up to ``max_stack`` trials train as
+    one stack where the study's trials stack (1, the default: each alone), with
+    ``stack_everywhere`` (``--stack on``) also where the CPU's measurements say one by one.
+    """
+    stream = stream or sys.stdout
+    study_path = Path(study_path)
+    spec = load_study(study_path)
+    if n_trials is not None and n_trials < 1:
+        raise VaebenchError("--n-trials: must be >= 1")
+    if workers < 1:
+        raise VaebenchError("--workers: must be >= 1")
+    timeout = timeout if timeout is not None else spec.timeout
+    uri = resolve_tracking_uri(tracking_uri)
+    ref = resolve_storage(storage or spec.storage, uri)
+    if ref == MEMORY and workers > 1:
+        raise VaebenchError(
+            "--workers: several processes need a shared storage (an SQLite file, a SQLAlchemy "
+            "URL or a journal file), not memory"
+        )
+    # everything a user can get wrong fails here, before either store is created
+    make_sampler(spec, spec.seed)
+    make_pruner(spec)
+    check_storage(ref)
+    check_output_folder(Path(results_dir))
+    workspace = Workspace(resolve_root(data_root), checkpoints=None)
+    base = [trial_run(spec, "base", {})]
+    workspace.check(base)
+    tracker = tracker_opened_during(uri, lambda: workspace.prepare(base))
+    shared = open_storage(ref)
+    study = _shared_study(spec, ref, shared)
+    recover_abandoned(tracker, tracker.previous_runs(spec.name, STUDY_TAG, spec.name), sys.stderr)
+    fail_abandoned_trials(study, tracker, sys.stderr)
+    existing = len(study.trials)
+    if n_trials is None:
+        n_trials = spec.n_trials - trials_done(study)
+        if n_trials <= 0:
+            print(
+                f"study {spec.name}: {spec.n_trials} of n_trials: {spec.n_trials} done; "
+                "nothing to do (--n-trials N adds N more)",
+                file=stream,
+            )
+            return TuneOutcome(study=study, storage=ref, parent_id=None)
+    workers = min(workers, n_trials)
+    tags = base_tags(
+        **{
+            STUDY_TAG: spec.name,
+            "vaebench.study_file": str(study_path),
+            "optuna.study": spec.name,
+            "optuna.storage": display_storage(ref),
+        }
+    )
+    started = time.strftime("%Y%m%d-%H%M%S")
+    parent = tracker.start_grid(
+        spec.name,
+        f"{spec.name}-{started}",
+        {
+            **tags,
+            "vaebench.trials": str(n_trials),
+            "vaebench.workers": str(workers),
+            **lease_tags(),
+        },
+    )
+    job = WorkerJob(
+        spec=spec,
+        storage=ref,
+        tracking_uri=uri,
+        experiment_id=tracker.experiment_id,
+        parent_id=parent,
+        tags=tags,
+        data_root=workspace.data_root,
+        total=existing + n_trials,
+        timeout=timeout,
+        seed_offset=existing,
+        threads=max(1, cores() // workers),
+        max_stack=_trials_per_stack(spec, max_stack, stack_everywhere),
+    )
+    outcome = TuneOutcome(study=study, storage=ref, parent_id=parent)
+    folder = Path(results_dir) / spec.name
+    ended = False
+    with interruptible():
+        try:
+            if workers == 1:
+                optimize(job, n_trials, 0, tracker, shared, workspace)
+            else:
+                outcome.worker_errors = fan_out(job, n_trials, workers)
+            _write_outputs(spec, study, outcome, folder)
+            tracker.log_metrics(parent, invocation_metrics(spec, outcome))
+            tracker.log_artifacts(parent, folder)
+            with deferred_signals():
+                tracker.end_run(parent, "FINISHED")
+                ended = True
+        except Interrupted as exc:
+            if not ended:
+                end_quietly(tracker, parent, "KILLED", f"{exc}; rerun the same command to continue")
+                _write_outputs(spec, study, outcome, folder)  # what is known so far
+            raise
+        except TrackingError as exc:
+            raise TrackingError(
+                f"{exc}; the study stopped. Rerun the same command once the store answers: "
+                "it fails the stopped trials and runs those still to do"
+            ) from None
+        except BaseException as exc:
+            end_quietly(tracker, parent, "FAILED", first_line(exc))
+            raise
+    print_outcome(spec, outcome, display_storage(ref), stream)
+    if register and outcome.best:
+        best = best_runs(spec, outcome.best, tracker)
+        outcome.registered = register_best(
+            tracker, spec.name, best, workspace.test_images, parent, stream
+        )
+    return outcome
+
+
+def _write_outputs(
+    spec: StudySpec, study: optuna.Study, outcome: TuneOutcome, folder: Path
+) -> None:
+    """This invocation's trials, the best ones, trials.csv and the figures."""
+    trials = study.get_trials(deepcopy=False)
+    outcome.trials = [t for t in trials if t.user_attrs.get(PARENT_ATTR) == outcome.parent_id]
+    outcome.best = best_trials(study)
+    outcome.csv_path = write_trials(study, outcome.best, folder)
+    outcome.figures = write_figures(study, spec, folder)
+
+
+def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
+    """``workers`` spawned processes share ``n_trials``; returns a line per worker that died."""
+    shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+    arguments = [(job, share, index) for index, share in enumerate(shares) if share]
+    codes = run_processes(worker_main, arguments, [f"tune-{args[2]}" for args in arguments])
+    return [
+        f"worker {index} exited with status {code}"
+        for index, code in enumerate(codes)
+        if code != 0
+    ]
