@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from vaebench.cli import main
-from vaebench.lifecycle.execute_stack import STACK_MEMBERS_TAG, STACK_SIZE_TAG, STACK_TIMING_TAG
+from vaebench.lifecycle.execute import STACK_MEMBERS_TAG, STACK_SIZE_TAG, STACK_TIMING_TAG
 from vaebench.models import build_model
 from vaebench.spec.config import ModelConfig
 from vaebench.spec.grid import expand, load_grid
@@ -127,7 +127,7 @@ def test_a_diverging_member_fails_alone(tmp_path, mnist_root, capsys):
 
 
 def test_the_stacks_epoch_that_renews_a_grids_lease_is_k_members_shares():
-    from vaebench.lifecycle.execute_stack import stack_epoch
+    from vaebench.lifecycle.execute import stack_epoch
     from vaebench.training.trainer import EpochMetrics
 
     share = EpochMetrics(3, 100.0, epoch_seconds=2.5, eval_seconds=0.5, images_per_second=8.0,

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 from tuning import TINY_BASE, assert_trials_match_runs, load, mlflow_runs, tune, write
 
-from vaebench.lifecycle.execute_stack import STACK_MEMBERS_TAG, STACK_SIZE_TAG
+from vaebench.lifecycle.execute import STACK_MEMBERS_TAG, STACK_SIZE_TAG
 from vaebench.spec.study import load_study
 from vaebench.stacking.plan import DEFAULT_MAX_STACK
 from vaebench.tuning.storage import open_storage

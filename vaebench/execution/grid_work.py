@@ -13,14 +13,22 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from vaebench.lifecycle.claims import CLAIM_TAG, OWNER_TAG, Planned, plan, recover_abandoned
 from vaebench.lifecycle.exactly_once import claim_run
-from vaebench.lifecycle.execute import EpochHook, Workspace, execute
-from vaebench.lifecycle.execute_stack import execute_stack
+from vaebench.lifecycle.execute import (
+    EpochHook,
+    Member,
+    Outcome,
+    RunContext,
+    RunHooks,
+    execute,
+)
 from vaebench.lifecycle.post_run import RunOutcome, end_quietly, error_text
 from vaebench.lifecycle.provenance import run_tags
+from vaebench.lifecycle.workspace import Workspace
 from vaebench.spec.grid import RunSpec
 from vaebench.tracking.tracker import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker, TrackingError
 from vaebench.training.progress import line_prefix
@@ -59,7 +67,10 @@ class WorkRecord:
         if isinstance(done, Future) and not done.done():
             self.finishing.append((run, done))
             return
-        row = row_of(run, _outcome(done), self)
+        outcome = _outcome(done)
+        row = row_of(run, outcome)
+        if isinstance(outcome, Exception):
+            self.failed.append((run.name, error_line(outcome)))
         self.rows.append(row)
         ended(row["name"], row["status"])
 
@@ -125,14 +136,12 @@ def work_through(
             for index in group:
                 _claim_or_skip(index, planned[index], work, tracker, held, record, total)
             fresh = [c for c in held if c.step.action == "train"]
-            if len(fresh) > 1:  # those still new train as a stack; a continued run alone
-                runs_done = _run_stack(fresh, work, total, tracker, workspace, epoch_hook, held)
-                for run, done in runs_done:
+            together = [fresh] if len(fresh) > 1 else []  # a continued run trains alone
+            while together or held:
+                claims = together.pop() if together else [held[0]]
+                context = RunContext(work.tags, claims[0].number, total, epoch_hook)
+                for run, done in _train(claims, context, tracker, workspace, held):
                     record.take(run, done, ended)
-            while held:
-                run = held[0].step.run
-                done = _run_alone(held[0], work, total, tracker, workspace, epoch_hook, held)
-                record.take(run, done, ended)
         except BaseException as exc:  # a signal or the store: release what is not started
             for claimed in held:
                 _release(claimed, tracker, exc)
@@ -210,82 +219,61 @@ def _as_stored_now(step: Planned, work: GridWork, tracker: Tracker) -> Planned:
     return plan([step.run], records, work.rerun, work.since_ms)[0]
 
 
-def _run_alone(
-    claimed: Claimed,
-    work: GridWork,
-    total: int,
+def _train(
+    claims: Sequence[Claimed],
+    context: RunContext,
     tracker: Tracker,
     workspace: Workspace,
-    epoch_hook: EpochHook | None,
     held: list[Claimed],
-) -> Future[RunOutcome] | Exception:
-    """One run's outcome, or the error that failed it: a failing run does not stop the grid.
-    The claim leaves ``held`` once ``execute`` answers for it: a new run at once (execute ends it
-    whatever happens), a continuation's claim run once the run it continues (or a new run,
-    without a checkpoint) is RUNNING under this process's lease and stamp."""
-    step = claimed.step
-    continuing = step.action == "continue"
-
-    def take_over(run_id: str) -> None:
-        tracker.set_tags(run_id, claimed.stamp)
-        tracker.delete_run(claimed.claim_id)
-        held.remove(claimed)
-
-    if not continuing:
-        held.remove(claimed)
+) -> list[tuple[RunSpec, Outcome]]:
+    """Each claimed run and its outcome or error, trained together (a continued run comes
+    alone); a failing run or stack does not stop the grid. A new run's claim leaves ``held``
+    at once (``execute`` ends every run it is given); a continuation's once the run it
+    continues (or a new run, without a checkpoint) is RUNNING under this process's lease and
+    stamp (:func:`_take_over`)."""
+    members = []
+    for claimed in claims:
+        if claimed.step.action == "continue":
+            take_over = partial(_take_over, claimed, tracker, held)
+            previous = claimed.step.previous.run_id
+            members.append(Member(claimed.step.run, RunHooks(on_start=take_over),
+                                  continue_id=previous))
+        else:
+            held.remove(claimed)
+            members.append(Member(claimed.step.run, claimed_id=claimed.claim_id))
     try:
-        done = execute(
-            step.run, tracker, workspace, work.tags, claimed.number, total,
-            continue_id=step.previous.run_id if continuing else None,
-            claimed_id=None if continuing else claimed.claim_id,
-            on_start=take_over if continuing else None,
-            epoch_hook=epoch_hook,
-        )
+        done: list[Outcome] = execute(members, tracker, workspace, context)
     except Exception as exc:
         if isinstance(exc, TrackingError):
             raise
-        if claimed in held:  # failed before the run it continues was reopened: the claim
-            held.remove(claimed)  # ends FAILED, so no other worker of the invocation retries
-            end_quietly(tracker, claimed.claim_id, "FAILED", error_text(exc))
-        return exc
-    return done
+        for claimed in claims:
+            if claimed in held:  # failed before the run it continues was reopened: the claim
+                held.remove(claimed)  # ends FAILED, so no other worker retries it
+                end_quietly(tracker, claimed.claim_id, "FAILED", error_text(exc))
+        done = [exc] * len(claims)
+    return [(member.run, outcome) for member, outcome in zip(members, done, strict=True)]
 
 
-def _run_stack(
-    fresh: Sequence[Claimed],
-    work: GridWork,
-    total: int,
-    tracker: Tracker,
-    workspace: Workspace,
-    epoch_hook: EpochHook | None,
-    held: list[Claimed],
-) -> list[tuple[RunSpec, Future[RunOutcome] | Exception]]:
-    """Each run of a stack and its outcome or error; a failing stack does not stop the grid.
-    ``execute_stack`` ends every run it is given, so their claims leave ``held`` first."""
-    runs = [claimed.step.run for claimed in fresh]
-    run_ids = [claimed.claim_id for claimed in fresh]
-    for claimed in fresh:
-        held.remove(claimed)
-    try:
-        done = execute_stack(
-            runs, tracker, workspace, work.tags, fresh[0].number, total, epoch_hook, run_ids
-        )
-    except Exception as exc:
-        if isinstance(exc, TrackingError):
-            raise
-        done = [exc] * len(runs)
-    return list(zip(runs, done, strict=True))
+def _take_over(claimed: Claimed, tracker: Tracker, held: list[Claimed], run_id: str) -> None:
+    """The run continuing ``claimed`` is RUNNING as ``run_id``: it takes the claim's stamp,
+    and the claim run goes."""
+    tracker.set_tags(run_id, claimed.stamp)
+    tracker.delete_run(claimed.claim_id)
+    held.remove(claimed)
 
 
-def row_of(run: RunSpec, done: RunOutcome | Exception, record: WorkRecord) -> dict[str, Any]:
-    """A run's row of the results: its final values, or FAILED (and the error, in
-    ``record.failed``)."""
+def row_of(run: RunSpec, done: RunOutcome | Exception) -> dict[str, Any]:
+    """A run's row of the results: its final values, or FAILED."""
     if isinstance(done, Exception):
-        line = str(done).splitlines()[0] if str(done) else ""
-        record.failed.append((run.name, f"{type(done).__name__}: {line}"))
         return {"name": run.name, "key": run.key, "status": "FAILED", **run.params}
     row = {"name": run.name, "key": run.key, "status": "FINISHED", "run_id": done.run_id}
     return {**row, **run.params, **done.final}
+
+
+def error_line(error: Exception) -> str:
+    """What a failed run's line of the summary says of its error."""
+    line = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {line}"
 
 
 def stored_row(run: RunSpec, stored: RunRecord) -> dict[str, Any]:

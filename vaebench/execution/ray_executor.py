@@ -23,7 +23,7 @@ from vaebench.execution.grid_work import WorkRecord, work_through
 from vaebench.execution.worker_plan import cores
 from vaebench.execution.worker_processes import GridJob
 from vaebench.lifecycle.claims import Planned, set_task
-from vaebench.lifecycle.execute import Workspace
+from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import interruptible
 from vaebench.spec.config import VaebenchError
 from vaebench.spec.grid import expand, load_grid

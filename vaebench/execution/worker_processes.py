@@ -28,8 +28,8 @@ from vaebench.execution.grid_work import (
 )
 from vaebench.execution.worker_plan import CUDA_VISIBLE, WorkerSlot, run_processes
 from vaebench.lifecycle.claims import Planned, recover_abandoned
-from vaebench.lifecycle.execute import Workspace
 from vaebench.lifecycle.post_run import BackgroundFinisher
+from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import Interrupted, interruptible
 from vaebench.spec.config import VaebenchError
 from vaebench.spec.grid import RunSpec, expand, load_grid

@@ -1,85 +1,90 @@
-"""The life of one tracked run, shared by ``run`` and ``tune``.
+"""The life of tracked runs, one alone or K trained together as a stack, for ``run`` and ``tune``.
 
-start (or continue a stopped run in its own MLflow run) -> ``fit`` with a
-checkpoint and the run's metrics and lease after every epoch -> what finishing it
-needs of its model (:func:`finish_job`) -> the workspace's finisher scores its
-clusters, writes its artifacts and ends it FINISHED, here or in a background process
+start (or continue a stopped run in its own MLflow run) -> train (:func:`fit_members`) with
+a checkpoint and each run's metrics and lease after every epoch -> what finishing a run needs
+of its model (:func:`finish_job`) -> the workspace's finisher scores its clusters, writes its
+artifacts and ends it FINISHED, here or in a background process
 (:mod:`vaebench.lifecycle.post_run`); or fail, or kill. Nothing else starts or ends a run
-(the finisher ends it FINISHED on this module's behalf), and nothing here knows
-whether a grid or an Optuna study asked for it: ``tune`` passes its pruning as an
-``epoch_hook`` and its objectives as ``extra_metrics``. MLflow is reached only
-through the :class:`Tracker`.
+(the finisher ends it FINISHED on this module's behalf), and nothing here knows whether a
+grid or an Optuna study asked for it: a trial brings its pruning and objectives as its
+member's :class:`RunHooks`. MLflow is reached only through the :class:`Tracker`.
 
-How an ending is recorded:
+A run alone is a stack of one: every member is its own MLflow run, recorded the same way
+(params, tags, every epoch's metrics, the summary, artifacts, the ending); a stack's members
+also get :data:`STACK_SIZE_TAG`, :data:`STACK_MEMBERS_TAG` and :data:`STACK_TIMING_TAG` (their
+times are their share of the stack's). Each member's checkpoint is the one its run alone
+would write, so a stopped member continues alone.
+
+How an ending is recorded, for each member:
 - finished: FINISHED, the checkpoint removed (the final state_dict is an artifact);
-- a signal (:class:`~vaebench.signals.Interrupted`, Ctrl-C): KILLED with the reason,
-  the checkpoint kept, so that the next invocation continues the run;
-- stopped on purpose (``stopped_early``, e.g. a pruned trial): KILLED, no checkpoint;
-- an error of the run (diverged, out of memory): FAILED with the error, no checkpoint;
-- the store failing (:class:`TrackingError`): nothing more is written; the run stays
-  RUNNING with a lease that the next invocation recognises as abandoned.
+- a signal (:class:`~vaebench.signals.Interrupted`, Ctrl-C): KILLED with the reason, the
+  checkpoint kept, so that the next invocation continues the run;
+- stopped on purpose (one of ``RunContext.stopped_early``, e.g. a pruned trial): KILLED, no
+  checkpoint; the other members go on;
+- an error of the run (diverged, its scoring failed): FAILED with the error, no checkpoint;
+  the other members go on;
+- an error of the whole (out of memory): every member not ended yet FAILED, and raised;
+- the store failing (:class:`TrackingError`): nothing more is written; the runs stay RUNNING
+  with a lease that the next invocation recognises as abandoned.
 """
 
 from __future__ import annotations
 
-import functools
-import os
+import contextlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from vaebench.data import SplitRecord, Splits, split_records
 from vaebench.lifecycle.artifacts import picture_arrays, weights_bytes
 from vaebench.lifecycle.claims import lease_tags
 from vaebench.lifecycle.post_run import (
     ExtraMetrics,
-    Finisher,
     FinishJob,
-    InlineFinisher,
     RunOutcome,
     end_quietly,
-    fail_run,
+    error_text,
+    finished,
     forget,
     handing_over,
 )
-from vaebench.lifecycle.preflight import check_before_tracking, preflight
 from vaebench.lifecycle.provenance import code_version, run_tags
-from vaebench.scoring.classifier import ClassifierCache
+from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import deferred_signals
-from vaebench.spec.config import RunConfig, first_line
+from vaebench.spec.config import first_line
 from vaebench.spec.grid import RunSpec
+from vaebench.stacking.fit import MemberStopped, fit_members
 from vaebench.tracking.tracker import Tracker, TrackingError
-from vaebench.training.checkpoint import CheckpointStore
-from vaebench.training.progress import RunProgress
-from vaebench.training.trainer import EpochMetrics, TrainResult, fit, resolve_device
+from vaebench.training.progress import RunProgress, line_prefix
+from vaebench.training.trainer import EpochMetrics, TrainResult, resolve_device
 
 EpochHook = Callable[[EpochMetrics], None]
+# a member's ending: handed to the finisher (FINISHED once done), or what failed or stopped it
+Outcome = Future[RunOutcome] | BaseException
 
-
-@functools.cache
-def _digest_thread() -> ThreadPoolExecutor:
-    """The process's one thread that hashes splits (every Workspace's), made when first
-    needed."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-digest")
-
-
-os.register_at_fork(after_in_child=_digest_thread.cache_clear)  # a child has no such thread
+STACK_SIZE_TAG = "vaebench.stack_size"
+STACK_MEMBERS_TAG = "vaebench.stack_members"  # the members' run names, comma-separated
+STACK_TIMING_TAG = "vaebench.stack_timing"
+STACK_TIMING = (
+    "epoch_seconds, eval_seconds and seconds are this run's share of its stack: the stack's "
+    "seconds divided by the members it held then (stack_size until one leaves), plus the "
+    "scoring the run does alone"
+)
+FINISHING = "trained: its scores, pictures and artifacts follow in the background"
 
 
 @dataclass
 class RunHooks:
-    """What a caller adds to a run's life (``tune``: its trial): ``tags`` of its own,
-    ``on_start(run_id)`` once the run is tracked, ``epoch_hook`` after each epoch is logged
-    (it may raise one of ``stopped_early`` to stop the run on purpose, as a pruner does),
-    ``extra_metrics`` of the run's final values, logged with its summary, and, for a member
-    of a stack, ``on_end(error)`` as soon as its run's ending is recorded (None: FINISHED),
-    while the others may still train."""
+    """What a caller adds to one run's life (``tune``: its trial): ``tags`` of its own,
+    ``on_start(run_id)`` once the run is tracked, ``epoch_hook`` after each of its epochs is
+    logged (it may raise one of ``RunContext.stopped_early`` to stop the run on purpose, as a
+    pruner does), ``extra_metrics`` of the run's final values, logged with its summary, and
+    ``on_end(error)`` as soon as its run's ending is recorded (None: handed to the finisher),
+    while other members may still train."""
 
     tags: Mapping[str, str] = field(default_factory=dict)
     on_start: Callable[[str], None] | None = None
@@ -88,60 +93,280 @@ class RunHooks:
     on_end: Callable[[BaseException | None], None] | None = None
 
 
-class Workspace:
-    """What the runs of one invocation share in this process: the device-resident splits
-    (loaded once per data config and device), the classifiers, the checkpoint store (None:
-    runs are not checkpointed, as a study's trials, which are never continued), and who
-    finishes the trained runs (:mod:`vaebench.lifecycle.post_run`: here, unless the caller hands
-    them to
-    a background process)."""
+@dataclass
+class Member:
+    """One run to execute: its spec and hooks, and where it is recorded: ``claimed_id``, the
+    RUNNING run a claim created for it (:func:`vaebench.lifecycle.exactly_once.claim_run`,
+    with the tags it would get), trained in instead of starting one; or ``continue_id``, a
+    stopped (KILLED) run of the same key: with a checkpoint of this code, the run goes on in
+    that MLflow run after its last saved epoch (a member alone only); without one, a new run
+    starts and the old one stays KILLED."""
 
-    def __init__(self, data_root: Path, checkpoints: CheckpointStore | None):
-        self.data_root = data_root
-        self.checkpoints = checkpoints
-        self.finisher: Finisher = InlineFinisher()
-        self.classifiers = ClassifierCache(data_root)
-        self._splits: dict[tuple[str, str], Splits] = {}
-        # the splits' digests, hashed in a thread (hashlib lets go of the GIL) while the
-        # store opens and the first run starts: 0.5 s for MNIST's on the CPU
-        self._records: dict[tuple[str, str], Future[list[SplitRecord]]] = {}
+    run: RunSpec
+    hooks: RunHooks = field(default_factory=RunHooks)
+    claimed_id: str | None = None
+    continue_id: str | None = None
 
-    def check(self, runs: Sequence[RunSpec]) -> None:
-        """The quick part of the preflight (clashing settings, data files present): what
-        must fail before the tracking store is even opened."""
-        check_before_tracking(runs, self.data_root)
 
-    def prepare(self, runs: Sequence[RunSpec]) -> None:
-        """Preflight ``runs`` (errors before anything is tracked), keep their splits and start
-        hashing them."""
-        self._splits.update(preflight(runs, self.data_root, self._splits))
-        for run in runs:
-            key = self._key(run)
-            if key not in self._records:
-                self._records[key] = _digest_thread().submit(
-                    split_records, self._splits[key], run.config.data, self.data_root
+@dataclass(frozen=True)
+class RunContext:
+    """What the invocation adds to every member: its ``tags``, the members' place in it (the
+    first is run ``number`` of ``total``), ``epoch_hook`` once per epoch of the whole (its
+    seconds the stack's: :func:`stack_epoch`), the exceptions a member's hook raises to stop
+    it on purpose, and whether the runs draw their pictures."""
+
+    tags: Mapping[str, str]
+    number: int
+    total: int
+    epoch_hook: EpochHook | None = None
+    stopped_early: tuple[type[BaseException], ...] = ()
+    pictures: bool = True
+
+
+def execute(
+    members: Sequence[Member], tracker: Tracker, workspace: Workspace, context: RunContext
+) -> list[Outcome]:
+    """Train and track ``members`` (one stack key; a member continued from its checkpoint
+    comes alone) together; for each, in order, its :data:`Outcome`. Raises what stops them
+    as a whole (a signal, the store failing, an error of the whole), every member's run
+    ended first as the module's docstring says."""
+    life = _Life(list(members), tracker, workspace, context)
+    try:
+        life.start()
+        life.finish(life.train())
+        life.status = life.status_line()
+        return [life.ended[index] for index in range(len(life.members))]
+    except TrackingError:
+        life.status = "STOPPED (tracking store failed)"
+        raise
+    except KeyboardInterrupt as exc:
+        life.kill(exc)
+        raise
+    except BaseException as exc:
+        life.fail(exc)
+        raise
+    finally:
+        life.close()
+
+
+class _Life:
+    """The state of one :func:`execute`: the members' run ids, what ended, what was saved."""
+
+    def __init__(
+        self, members: list[Member], tracker: Tracker, workspace: Workspace, context: RunContext
+    ):
+        self.members, self.tracker, self.workspace, self.context = (
+            members, tracker, workspace, context
+        )
+        self.device = resolve_device(members[0].run.config.train.device)
+        # from here on, this object ends the claimed runs
+        self.run_ids: list[str | None] = [member.claimed_id for member in members]
+        self.ended: dict[int, Outcome] = {}
+        self.jobs: dict[int, FinishJob] = {}  # the trained members' finishing
+        self.saved: dict[int, int] = {}  # the last epoch each member's checkpoint holds
+        self.resume: dict[str, Any] | None = None
+        self.progress: RunProgress | None = None
+        self.longest = 0.0  # the whole's longest epoch, for the leases
+        self.shown = 0  # the last epoch shown
+        self.status = "FAILED"
+
+    @property
+    def count(self) -> int:
+        return len(self.members)
+
+    def start(self) -> None:
+        """Each member's run tracked (started, claimed or reopened) and its data logged."""
+        first = self.members[0]
+        self.workspace.load_splits(first.run)
+        if self.count == 1:
+            self.resume = _resumable(self.workspace, first.run, first.continue_id)
+        if self.resume is not None:
+            self.saved[0] = self.resume["epoch"]
+        label = first.run.name if self.count == 1 else (
+            f"stack of {self.count} ({', '.join(member.run.name for member in self.members)})"
+        )
+        epochs = first.run.config.train.epochs
+        self.progress = RunProgress(
+            self.context.number, self.context.total, label, epochs, start=self.saved.get(0, 0)
+        )
+        with deferred_signals():  # a signal waits until the runs' ids are known and recorded
+            for index, member in enumerate(self.members):
+                self.run_ids[index] = self._open(member)
+                if member.hooks.on_start is not None:
+                    member.hooks.on_start(self.run_ids[index])
+        for member, run_id in zip(self.members, self.run_ids, strict=True):
+            if self.resume is not None:  # a continued run has its data logged already
+                _log_missing_epochs(self.tracker, run_id, self.resume)
+            else:
+                self.tracker.log_inputs(run_id, self.workspace.split_records_for(member.run))
+
+    def _open(self, member: Member) -> str:
+        """The member's run, RUNNING under this process's lease."""
+        if self.resume is not None:
+            self.tracker.reopen_run(member.continue_id, lease_tags())
+            return member.continue_id
+        lease = lease_tags(runs_at_once=self.count)  # until the first epoch is timed
+        shared = stack_tags([m.run for m in self.members]) if self.count > 1 else {}
+        if member.claimed_id is not None:
+            if shared:
+                self.tracker.set_tags(member.claimed_id, {**lease, **shared})
+            return member.claimed_id
+        run = member.run
+        tags = {**self.context.tags, **member.hooks.tags, **run_tags(run), **lease, **shared}
+        return self.tracker.start_run(run.name, run.params, tags)
+
+    def train(self) -> list[TrainResult | BaseException]:
+        """Every member trained (each run records the machine while it trains)."""
+        keep = self.save_state if self.workspace.checkpoints is not None else None
+        configs = [member.run.config for member in self.members]
+        splits = self.workspace.load_splits(self.members[0].run)
+        with contextlib.ExitStack() as monitors:
+            for run_id in self.run_ids:
+                monitors.enter_context(self.tracker.system_metrics(run_id))
+            return fit_members(
+                configs, splits, self.device, self.on_epoch, keep, self.on_failed, self.resume
+            )
+
+    def save_state(self, index: int, snapshot: dict[str, Any]) -> None:
+        """Member ``index``'s checkpoint, with what it continues only with."""
+        run = self.members[index].run
+        snapshot.update(run_key=run.key, code=code_version(), device=str(self.device))
+        with deferred_signals():  # the epoch on disk is known before a signal is raised
+            if self.workspace.checkpoints.save(self.run_ids[index], snapshot):
+                self.saved[index] = snapshot["epoch"]
+
+    def on_epoch(self, index: int, metrics: EpochMetrics) -> None:
+        """Member ``index``'s epoch logged with a renewed lease, shown once for the whole,
+        and given to the hooks; a member's hook may stop that member (:class:`MemberStopped`)."""
+        whole = stack_epoch(metrics, self.count)  # a member's times are its share
+        self.longest = max(self.longest, whole.epoch_seconds + whole.eval_seconds)
+        values = metrics.as_dict()
+        lease = lease_tags(self.longest)
+        self.tracker.log_metrics(self.run_ids[index], values, step=metrics.epoch, tags=lease)
+        if metrics.epoch > self.shown:  # the whole's epoch, once: its first live member's
+            self.shown = metrics.epoch
+            self.progress.epoch(metrics.epoch, values)
+            if self.context.epoch_hook is not None:
+                self.context.epoch_hook(whole)
+        member_hook = self.members[index].hooks.epoch_hook
+        if member_hook is None:
+            return
+        try:
+            member_hook(metrics)
+        except self.context.stopped_early as exc:  # this member only, on purpose: KILLED
+            self.end(index, "KILLED", exc)
+            raise MemberStopped(exc) from exc
+
+    def on_failed(self, index: int, error: BaseException) -> None:
+        """A member's run ends FAILED when its error is known; the others go on."""
+        self.end(index, "FAILED", error)
+
+    def end(self, index: int, status: str, outcome: Outcome) -> None:
+        """Member ``index``'s run ends now (its caller hears of it at once), or, trained, has
+        been handed to the finisher (``outcome``, FINISHED once it is done)."""
+        with deferred_signals():
+            if not isinstance(outcome, Future):
+                forget(self.workspace.checkpoints, self.run_ids[index])
+                reason = first_line(outcome) if status == "KILLED" else error_text(outcome)
+                end_quietly(self.tracker, self.run_ids[index], status, reason)
+            self.ended[index] = outcome
+            on_end = self.members[index].hooks.on_end
+            if on_end is not None:
+                on_end(None if isinstance(outcome, Future) else outcome)
+
+    def finish(self, results: Sequence[TrainResult | BaseException]) -> None:
+        """Each trained member handed to the workspace's finisher; a member whose scores or
+        pictures fail ends FAILED and the others go on."""
+        for index, result in enumerate(results):
+            if index in self.ended:  # diverged or stopped: ended already
+                continue
+            member = self.members[index]
+            try:
+                self.jobs[index] = finish_job(
+                    member.run, self.run_ids[index], result, self.workspace,
+                    self.context.pictures,
                 )
+                with handing_over(self.workspace.finisher):
+                    finishing = self.workspace.finisher.finish(
+                        self.jobs[index], self.tracker, member.hooks.extra_metrics
+                    )
+                    self.end(index, "FINISHED", finishing)
+            except TrackingError:
+                raise
+            except KeyboardInterrupt:
+                outcome = self.jobs[index].outcome if index in self.jobs else None
+                if outcome is not None and index not in self.ended:  # FINISHED just before
+                    self.end(index, "FINISHED", finished(outcome))
+                raise
+            except Exception as exc:
+                self.on_failed(index, exc)
+                continue
+            if not finishing.done():
+                label = self.progress.label if self.count == 1 else (
+                    f"{line_prefix()}{member.run.name}"
+                )
+                finishing.add_done_callback(partial(say_finished, label))
 
-    def split_records_for(self, run: RunSpec) -> list[SplitRecord]:
-        """The run's splits as MLflow dataset inputs (their digests computed once)."""
-        self.splits_for(run)
-        return self._records[self._key(run)].result()
+    def _unended(self, index: int) -> bool:
+        job = self.jobs.get(index)
+        return index not in self.ended and not (job is not None and job.ended)
 
-    def splits_for(self, run: RunSpec) -> Splits:
-        key = self._key(run)
-        if key not in self._splits:
-            self.prepare([run])
-        return self._splits[key]
+    def kill(self, signal: KeyboardInterrupt) -> None:
+        """A signal: every member not ended yet KILLED, its checkpoint kept."""
+        for index, run_id in enumerate(self.run_ids):
+            if self._unended(index):
+                epoch = self.saved.get(index, 0)
+                where = f"; its checkpoint after epoch {epoch} continues it" if epoch else ""
+                end_quietly(self.tracker, run_id, "KILLED", f"{first_line(signal)}{where}")
+        every = all(index in self.ended for index in range(self.count))
+        self.status = self.status_line() if every else "KILLED"
 
-    @staticmethod
-    def _key(run: RunSpec) -> tuple[str, str]:
-        return run.config.data.model_dump_json(), str(resolve_device(run.config.train.device))
+    def fail(self, error: BaseException) -> None:
+        """An error of the whole: every member not ended yet FAILED with it."""
+        text = error_text(error)
+        for index, run_id in enumerate(self.run_ids):
+            if self._unended(index):
+                forget(self.workspace.checkpoints, run_id)
+                end_quietly(self.tracker, run_id, "FAILED", text)
 
-    def test_images(self, config: RunConfig, count: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``count`` test images and labels of a run's data, on the CPU (a
-        registered model's input example)."""
-        test = self.splits_for(RunSpec("example", "", config, ())).test
-        return test.images[:count].cpu(), test.labels[:count].cpu()
+    def status_line(self) -> str:
+        """How the members ended, for the progress line (a member alone: its status)."""
+        outcomes = [self.ended[index] for index in sorted(self.ended)]
+        stopped = sum(isinstance(o, self.context.stopped_early) for o in outcomes)
+        finishing = sum(isinstance(o, Future) and not o.done() for o in outcomes)
+        done = sum(isinstance(o, Future) and o.done() and not o.exception() for o in outcomes)
+        if self.count == 1:
+            if stopped or not isinstance(outcomes[0], Future):
+                return "KILLED" if stopped else "FAILED"
+            return FINISHING if finishing else "FINISHED"
+        parts = [f"{done} of {self.count} FINISHED"] if done or not finishing else []
+        if finishing:
+            parts.append(f"{finishing} of {self.count} {FINISHING}")
+        if stopped:
+            parts.append(f"{stopped} stopped")
+        return ", ".join(parts)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close(self.status)
+
+
+def stack_tags(runs: Sequence[RunSpec]) -> dict[str, str]:
+    return {
+        STACK_SIZE_TAG: str(len(runs)),
+        STACK_MEMBERS_TAG: ",".join(run.name for run in runs),
+        STACK_TIMING_TAG: STACK_TIMING,
+    }
+
+
+def stack_epoch(metrics: EpochMetrics, members: int) -> EpochMetrics:
+    """A member's epoch as the stack's: its training and evaluation seconds (a share of the
+    stack's) times the ``members`` the stack started with, at most the stack's own."""
+    return replace(
+        metrics,
+        epoch_seconds=metrics.epoch_seconds * members,
+        eval_seconds=metrics.eval_seconds * members,
+    )
 
 
 def record_invalid(
@@ -173,122 +398,12 @@ def _resumable(
     return state
 
 
-def execute(
-    run: RunSpec,
-    tracker: Tracker,
-    workspace: Workspace,
-    tags: Mapping[str, str],
-    index: int,
-    total: int,
-    continue_id: str | None = None,
-    claimed_id: str | None = None,
-    on_start: Callable[[str], None] | None = None,
-    epoch_hook: EpochHook | None = None,
-    extra_metrics: ExtraMetrics | None = None,
-    stopped_early: tuple[type[BaseException], ...] = (),
-    pictures: bool = True,
-) -> Future[RunOutcome]:
-    """Train and track one run; returns its outcome (to come, where the workspace's finisher
-    finishes it in the background: :mod:`vaebench.lifecycle.post_run`), or raises what stopped it.
-
-    ``continue_id`` names a stopped (KILLED) run of the same key: with a checkpoint
-    of this code, the run goes on in that MLflow run after its last saved epoch;
-    without one, a new run starts and the old one stays KILLED. ``claimed_id``: the
-    RUNNING run a claim created for this run (:func:`vaebench.lifecycle.exactly_once.claim_run`,
-    with the
-    tags this function would give it), trained in instead of starting one.
-    """
-    device = resolve_device(run.config.train.device)
-    status = "FAILED"
-    run_id: str | None = claimed_id  # from here on, this function ends the claimed run
-    saved = 0
-    progress: RunProgress | None = None
-    job: FinishJob | None = None
-    try:
-        splits = workspace.splits_for(run)
-        state = _resumable(workspace, run, continue_id)
-        saved = state["epoch"] if state else 0
-        progress = RunProgress(index, total, run.name, run.config.train.epochs, start=saved)
-        with deferred_signals():  # a signal waits until the run's id is known and recorded
-            if state is not None:
-                run_id = continue_id
-                tracker.reopen_run(run_id, lease_tags())
-            elif claimed_id is None:
-                tags = {**tags, **run_tags(run), **lease_tags()}
-                run_id = tracker.start_run(run.name, run.params, tags)
-            if on_start is not None:
-                on_start(run_id)
-        if state is None:  # a new run: the data it sees (a continued one has them already)
-            tracker.log_inputs(run_id, workspace.split_records_for(run))
-        if state is not None:
-            _log_missing_epochs(tracker, run_id, state)
-        longest = 0.0
-
-        def save_state(snapshot: dict[str, Any]) -> None:
-            nonlocal saved
-            snapshot.update(run_key=run.key, code=code_version(), device=str(device))
-            with deferred_signals():  # the epoch on disk is known before a signal is raised
-                if workspace.checkpoints.save(run_id, snapshot):
-                    saved = snapshot["epoch"]
-
-        def on_epoch(metrics: EpochMetrics) -> None:
-            nonlocal longest
-            longest = max(longest, metrics.epoch_seconds + metrics.eval_seconds)
-            values = metrics.as_dict()
-            tracker.log_metrics(run_id, values, step=metrics.epoch, tags=lease_tags(longest))
-            progress.epoch(metrics.epoch, values)
-            if epoch_hook is not None:
-                epoch_hook(metrics)
-
-        keep = save_state if workspace.checkpoints is not None else None
-        with tracker.system_metrics(run_id):
-            result = fit(
-                run.config, splits, device, on_epoch, resume=state, save_state=keep,
-                score_clusters=False,
-            )
-        job = finish_job(run, run_id, result, workspace, pictures)
-        with handing_over(workspace.finisher):
-            finishing = workspace.finisher.finish(job, tracker, extra_metrics)
-            status = "FINISHED" if finishing.done() else FINISHING
-        if not finishing.done():
-            finishing.add_done_callback(partial(say_finished, progress.label))
-        return finishing
-    except TrackingError:
-        status = "STOPPED (tracking store failed)"
-        raise
-    except KeyboardInterrupt as exc:
-        if job is not None and job.ended:  # FINISHED just before the signal was raised
-            status = "FINISHED"
-            raise
-        if status == FINISHING:  # the background's: it ends the run
-            raise
-        status = "KILLED"
-        where = f"; its checkpoint after epoch {saved} continues it" if saved else ""
-        end_quietly(tracker, run_id, "KILLED", f"{first_line(exc)}{where}")
-        raise
-    except stopped_early as exc:
-        status = "KILLED"
-        forget(workspace.checkpoints, run_id)
-        end_quietly(tracker, run_id, "KILLED", first_line(exc))
-        raise
-    except BaseException as exc:
-        fail_run(tracker, workspace.checkpoints, run_id, exc)
-        raise
-    finally:
-        if progress is not None:
-            progress.close(status)
-
-
-FINISHING = "trained: its scores, pictures and artifacts follow in the background"
-
-
 def finish_job(
     run: RunSpec, run_id: str, result: TrainResult, workspace: Workspace, pictures: bool = True
 ) -> FinishJob:
-    """What finishing a trained run (:mod:`vaebench.lifecycle.post_run`) needs of its model, taken
-    now
-    on its device: the scores the model family adds, the parameter count, its weights and,
-    with ``pictures``, its pictures' arrays."""
+    """What finishing a trained run (:mod:`vaebench.lifecycle.post_run`) needs of its model,
+    taken now on its device: the scores the model family adds, the parameter count, its
+    weights and, with ``pictures``, its pictures' arrays."""
     model = result.model
 
     def classifier() -> torch.nn.Module:
@@ -307,7 +422,7 @@ def finish_job(
         seconds=result.seconds,
         clusters=result.clusters,
         weights=weights_bytes(model),
-        pictures=picture_arrays(model, workspace.splits_for(run)) if pictures else None,
+        pictures=picture_arrays(model, workspace.load_splits(run)) if pictures else None,
         checkpoints=workspace.checkpoints,
     )
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ from vaebench.training.trainer import (
     check_finite,
     checkpoint_due,
     final_scores,
+    fit,
     steps_per_epoch,
     summary_of,
     training_state,
@@ -283,6 +285,40 @@ def fit_stack(
         result.summary = summary_of(scores, result.history, n_train)
         result.seconds = shares[index] + time.perf_counter() - scoring
     return outcomes
+
+
+def fit_members(
+    configs: Sequence[RunConfig],
+    splits: Splits,
+    device: torch.device,
+    on_epoch: Callable[[int, EpochMetrics], None],
+    save_state: Callable[[int, dict[str, Any]], None] | None = None,
+    on_failed: Callable[[int, TrainingDiverged], None] | None = None,
+    resume: dict[str, Any] | None = None,
+) -> list[TrainResult | BaseException]:
+    """K >= 1 runs of one :func:`stack_key` trained, with :func:`fit_stack`'s interface: for
+    each, in order, its result, the :class:`TrainingDiverged` that ended it, or the reason of
+    a :class:`MemberStopped` that ``on_epoch`` raised for it. A run alone trains in its own
+    model (:func:`vaebench.training.trainer.fit`: the fast path on the CPU, and the one that
+    continues a checkpoint, ``resume``); several as one stack. The clustering scores are left
+    to the run's finishing (``result.clusters``)."""
+    if len(configs) > 1:
+        if resume is not None:
+            raise ValueError("a stack starts afresh: a continued run trains alone")
+        return fit_stack(
+            configs, splits, device, on_epoch, save_state, on_failed, score_clusters=False
+        )
+    keep = None if save_state is None else partial(save_state, 0)
+    try:
+        return [fit(
+            configs[0], splits, device, partial(on_epoch, 0), resume, keep, score_clusters=False
+        )]
+    except MemberStopped as stopped:
+        return [stopped.reason]
+    except TrainingDiverged as exc:
+        if on_failed is not None:
+            on_failed(0, exc)
+        return [exc]
 
 
 @dataclass

@@ -21,7 +21,14 @@ import optuna
 from optuna.trial import TrialState
 
 from vaebench.lifecycle.claims import OWNER_TAG, abandoned, lease_tags
-from vaebench.lifecycle.execute import RunHooks, Workspace, execute, record_invalid
+from vaebench.lifecycle.execute import (
+    Member,
+    RunContext,
+    RunHooks,
+    execute,
+    record_invalid,
+)
+from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import deferred_signals
 from vaebench.spec.catalogue import METRICS
 from vaebench.spec.config import RunConfig, VaebenchError, run_config_problems, set_dotted
@@ -172,18 +179,15 @@ class TrialObjective:
 
     def train(self, work: TrialWork) -> None:
         """Train and track the sampled trial's run alone; raises what ended it early."""
-        hooks = work.hooks
-        execute(
-            work.run,
-            self.tracker,
-            self.workspace,
-            {**self.tags, **work.own_tags},
-            work.trial.number + 1,
-            self.total,
-            on_start=hooks.on_start,
-            epoch_hook=hooks.epoch_hook,
-            extra_metrics=hooks.extra_metrics,
-            stopped_early=(optuna.TrialPruned,),
+        [outcome] = execute([Member(work.run, work.hooks)], self.tracker, self.workspace,
+                            self.context(work.trial.number + 1))
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+    def context(self, number: int) -> RunContext:
+        """The study's part in the life of its trials' runs, the first being trial ``number``."""
+        return RunContext(
+            self.tags, number, self.total, stopped_early=(optuna.TrialPruned,),
             pictures=self.spec.artifacts,
         )
 

@@ -1,6 +1,5 @@
 """Trials of a study trained as stacks: ask Optuna for up to K trials at once, train those
-that share a stack key as one stack (:func:`vaebench.lifecycle.execute_stack.execute_stack`), tell
-each
+that share a stack key as one stack (:func:`vaebench.lifecycle.execute.execute`), tell each
 trial its own result.
 
 Only a study whose space varies nothing but what members of a stack may differ in
@@ -25,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from vaebench.execution.dry_run import trains_on_cpu
-from vaebench.lifecycle.execute_stack import execute_stack
+from vaebench.lifecycle.execute import Member, execute
 from vaebench.signals import deferred_signals
 from vaebench.spec.config import VaebenchError
 from vaebench.spec.study import StudySpec
@@ -129,16 +128,11 @@ def _train_batch(
             member.hooks.on_end = partial(tell, member)
             member.hooks.epoch_hook = objective.epoch_hook(member.trial, len(members))
         try:
-            execute_stack(
-                [runs[index] for index in group],
+            execute(
+                [Member(member.run, member.hooks) for member in members],
                 objective.tracker,
                 objective.workspace,
-                objective.tags,
-                members[0].trial.number + 1,
-                objective.total,
-                member_hooks=[member.hooks for member in members],
-                stopped_early=(optuna.TrialPruned,),
-                pictures=objective.spec.artifacts,
+                objective.context(members[0].trial.number + 1),
             )
         except TrackingError:
             raise
