@@ -88,12 +88,18 @@ def gaussian_kl_terms(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the batch and dimensions, in nats."""
-    return gaussian_kl_terms(mu, logvar).sum()
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over the batch and dimensions, in nats: of
+    (B, D) a number, of a stack's (K, B, D) one per member."""
+    return gaussian_kl_terms(mu, logvar).sum((-2, -1))
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """z = mu + sigma * noise, the standard normal ``noise`` drawn here unless given (a
+    stack's members draw theirs from their own generators)."""
+    noise = torch.randn_like(mu) if noise is None else noise
+    return mu + noise * torch.exp(0.5 * logvar)
 
 
 class GaussianVAE(nn.Module):
@@ -117,7 +123,7 @@ class GaussianVAE(nn.Module):
         return self.head.weight.device
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        mu, logvar = self.head(self.encoder(x)).chunk(2, dim=1)
+        mu, logvar = self.head(self.encoder(x)).chunk(2, dim=-1)
         return mu, logvar
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -139,8 +145,9 @@ class GaussianVAE(nn.Module):
         z = reparameterize(mu, logvar)
         return VAEOutput(logits=self.decode(z), mu=mu, logvar=logvar, z=z)
 
-    def kl_terms(self, out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
-        """Each KL term summed over the batch, in nats."""
+    @staticmethod
+    def kl_terms(out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
+        """Each KL term summed over the batch, in nats (of a stack's output, per member)."""
         return {"kl_z": gaussian_kl(out.mu, out.logvar)}
 
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,6 +13,14 @@ from vaebench.models.base import Backbone, GaussianVAE, VAEOutput, reparameteriz
 NUM_CLASSES = 10  # every MNIST-family dataset has ten classes
 
 
+def with_label(values: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """``values`` (features or z) with the one-hot label beside them, on the last axis (of a
+    stack's, labels (K, B))."""
+    if y is None:
+        raise ValueError("a conditional VAE needs labels")
+    return torch.cat([values, F.one_hot(y, NUM_CLASSES).to(values.dtype)], dim=-1)
+
+
 class ConditionalVAE(GaussianVAE):
     uses_labels = True
 
@@ -22,20 +30,15 @@ class ConditionalVAE(GaussianVAE):
         if condition_encoder:  # the label joins the encoder's features before the head
             self.head = nn.Linear(backbone.feature_dim + NUM_CLASSES, 2 * z_dim)
 
-    def _one_hot(self, y: torch.Tensor) -> torch.Tensor:
-        return F.one_hot(y, NUM_CLASSES).to(self.head.weight.dtype)
-
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
         features = self.encoder(x)
         if self.condition_encoder:
-            if y is None:
-                raise ValueError("this cvae's encoder needs labels")
-            features = torch.cat([features, self._one_hot(y)], dim=1)
-        mu, logvar = self.head(features).chunk(2, dim=1)
+            features = with_label(features, y)
+        mu, logvar = self.head(features).chunk(2, dim=-1)
         return mu, logvar
 
     def decode_label(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.decoder(torch.cat([z, self._one_hot(y)], dim=1))
+        return self.decoder(with_label(z, y))
 
     def decode_sample(
         self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None

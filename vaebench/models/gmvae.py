@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaebench.models.base import Backbone, GaussianVAE, Mixture, Posterior, VAEOutput
+from vaebench.models.base import (
+    Backbone,
+    GaussianVAE,
+    Mixture,
+    Posterior,
+    VAEOutput,
+    reparameterize,
+)
 from vaebench.models.gumbel import categorical_kl_uniform
 
 PRIOR_SPREAD = 1.0  # sd of the random initial component means: apart from the start
@@ -36,6 +43,34 @@ def gaussian_kl_between(
     ).sum(dim=-1)
 
 
+def mixture_components(head: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """q(z|x, c)'s mean and log-variance side by side for every component c: the head of the
+    features (B, 2D) plus each component's offset (K, 2D), (B, K, 2D); of a stack, with
+    the member axis first."""
+    return head.unsqueeze(-2) + offset.unsqueeze(-3)
+
+
+def decode_components(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Every component's draw (B, K, D) decoded, component-major (K * B rows); of a stack,
+    with the member axis first."""
+    return decoder(z.transpose(-3, -2).flatten(-3, -2))
+
+
+def mixture_kl_terms(out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
+    """KL_z: each component's KL from its prior p(z|c), weighed by q(c|x); KL_c from uniform;
+    each summed over the batch (per member of a stack)."""
+    mixture = out.mixture
+    per_component = gaussian_kl_between(
+        mixture.mu, mixture.logvar,
+        mixture.prior_mu.unsqueeze(-3), mixture.prior_logvar.unsqueeze(-3),
+    )
+    weights = F.softmax(out.category_logits, dim=-1)
+    return {
+        "kl_z": (weights * per_component).sum((-2, -1)),
+        "kl_c": categorical_kl_uniform(out.category_logits),
+    }
+
+
 class GaussianMixtureVAE(GaussianVAE):
     def __init__(self, backbone: Backbone, z_dim: int, categories: int):
         super().__init__(backbone, z_dim)
@@ -48,8 +83,8 @@ class GaussianMixtureVAE(GaussianVAE):
     def encode_mixture(self, x: torch.Tensor) -> tuple[torch.Tensor, Mixture]:
         """(category logits (B, K), the components q(z|x, c) and the priors p(z|c))."""
         features = self.encoder(x)
-        both = self.head(features)[:, None, :] + self.component_offset[None]
-        mu, logvar = both.chunk(2, dim=2)
+        both = mixture_components(self.head(features), self.component_offset)
+        mu, logvar = both.chunk(2, dim=-1)
         return self.category_head(features), Mixture(
             mu, logvar, self.prior_mu, self.prior_logvar
         )
@@ -69,8 +104,8 @@ class GaussianMixtureVAE(GaussianVAE):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
         logits, mixture = self.encode_mixture(x)
-        z = mixture.mu + torch.randn_like(mixture.mu) * torch.exp(0.5 * mixture.logvar)
-        decoded = self.decoder(z.transpose(0, 1).reshape(-1, self.z_dim))  # category-major
+        z = reparameterize(mixture.mu, mixture.logvar)
+        decoded = decode_components(self.decoder, z)
         weights = F.softmax(logits, dim=1)[:, :, None]
         return VAEOutput(
             logits=decoded,
@@ -81,16 +116,7 @@ class GaussianMixtureVAE(GaussianVAE):
             mixture=mixture,
         )
 
-    def kl_terms(self, out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
-        mixture = out.mixture
-        per_component = gaussian_kl_between(
-            mixture.mu, mixture.logvar, mixture.prior_mu[None], mixture.prior_logvar[None]
-        )
-        weights = F.softmax(out.category_logits, dim=1)
-        return {
-            "kl_z": (weights * per_component).sum(),
-            "kl_c": categorical_kl_uniform(out.category_logits),
-        }
+    kl_terms = staticmethod(mixture_kl_terms)
 
     def decode_sample(
         self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None

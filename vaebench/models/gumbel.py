@@ -33,6 +33,38 @@ def categorical_kl_uniform(logits: torch.Tensor) -> torch.Tensor:
     return (log_q.exp() * log_q).sum((-2, -1)) + batch * math.log(categories)
 
 
+def gumbel_noise(
+    shape: tuple[int, ...] | torch.Size,
+    like: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Standard Gumbel draws, as ``F.gumbel_softmax`` draws them (from ``generator``, else
+    torch's global one), of ``like``'s dtype and device."""
+    empty = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return -empty.exponential_(generator=generator).log()
+
+
+def relaxed_category(
+    logits: torch.Tensor, gumbels: torch.Tensor, tau: float, hard: bool
+) -> torch.Tensor:
+    """The Gumbel-softmax draw of c: softmax((logits + gumbels) / tau), with ``hard`` one-hot
+    forward and soft backward (straight through), as ``F.gumbel_softmax`` computes it."""
+    soft = ((logits + gumbels) / tau).softmax(dim=-1)
+    if not hard:
+        return soft
+    index = soft.max(dim=-1, keepdim=True)[1]
+    return torch.zeros_like(soft).scatter_(-1, index, 1.0) - soft.detach() + soft
+
+
+def joint_kl_terms(out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
+    """The KL of z and of c from uniform, each summed over the batch (per member of a stack)."""
+    assert out.category_logits is not None
+    return {
+        "kl_z": gaussian_kl(out.mu, out.logvar),
+        "kl_c": categorical_kl_uniform(out.category_logits),
+    }
+
+
 class TemperatureSchedule:
     """A fixed temperature, or one annealed exponentially from start to end over training."""
 
@@ -58,7 +90,7 @@ class JointVAE(GaussianVAE):
 
     def encode_all(self, x: torch.Tensor):
         features = self.encoder(x)
-        mu, logvar = self.head(features).chunk(2, dim=1)
+        mu, logvar = self.head(features).chunk(2, dim=-1)
         return mu, logvar, self.category_head(features)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
@@ -78,7 +110,8 @@ class JointVAE(GaussianVAE):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
         mu, logvar, category_logits = self.encode_all(x)
         z = reparameterize(mu, logvar)
-        c = F.gumbel_softmax(category_logits, tau=self.tau, hard=self.hard)
+        gumbels = gumbel_noise(category_logits.shape, category_logits)
+        c = relaxed_category(category_logits, gumbels, self.tau, self.hard)
         return VAEOutput(
             logits=self.decoder(torch.cat([z, c], dim=1)),
             mu=mu,
@@ -87,12 +120,7 @@ class JointVAE(GaussianVAE):
             category_logits=category_logits,
         )
 
-    def kl_terms(self, out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
-        assert out.category_logits is not None
-        return {
-            "kl_z": gaussian_kl(out.mu, out.logvar),
-            "kl_c": categorical_kl_uniform(out.category_logits),
-        }
+    kl_terms = staticmethod(joint_kl_terms)
 
     def anneal(self, step: int, total_steps: int) -> None:
         self.tau = self.schedule.at(step, total_steps)

@@ -4,17 +4,24 @@ Conventions: every term is summed over pixels and latent dimensions and over
 the batch; callers divide by the number of images. Values are in nats (for
 ``mse`` the "reconstruction" is a sum of squared errors, as in the notebooks
 this suite replaces, so its ELBO is not a log-likelihood bound).
+
+Each formula is written once for a run alone and for a stack of K members: tensors of a
+stack carry a leading member axis (images (K, B, C, H, W), latents (K, B, D)), and a term
+summed over a batch is then one value per member (K,).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from vaebench.spec.config import LossConfig
+
+IMAGE_DIMS = 3  # (C, H, W): what a batch sum adds up beside the batch axis
 
 
 def pixel_costs(logits: torch.Tensor, x: torch.Tensor, kind: str, reduction: str):
@@ -25,9 +32,40 @@ def pixel_costs(logits: torch.Tensor, x: torch.Tensor, kind: str, reduction: str
     raise ValueError(f"unknown reconstruction loss {kind!r}")
 
 
-def reconstruction(logits: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Reconstruction cost summed over the batch: ``bce`` on logits or ``mse`` on sigmoid."""
-    return pixel_costs(logits, x, kind, "sum")
+def reconstruction(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    kind: str | Sequence[str],
+    weights: torch.Tensor | None = None,
+    first_kind: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reconstruction cost summed over the batch: ``bce`` on logits or ``mse`` on sigmoid; of
+    a stack one per member, ``kind`` then one per member (``kind[k]``: with members of both
+    kinds both are computed and each member takes its own, ``first_kind`` saying which:
+    :func:`first_kind_members`, made once by a caller that steps many times). For a mixture
+    (``weights`` q(c|x)) the cost averaged over its components exactly
+    (:func:`expected_reconstruction`)."""
+    kinds = [kind] if isinstance(kind, str) else list(kind)
+
+    def cost(one: str) -> torch.Tensor:
+        if weights is not None:
+            return expected_reconstruction(logits, x, weights, one)
+        if logits.dim() == IMAGE_DIMS + 1:  # a run alone: the batch's sum
+            return pixel_costs(logits, x, one, "sum")
+        return pixel_costs(logits, x, one, "none").flatten(-IMAGE_DIMS - 1).sum(-1)
+
+    costs = {one: cost(one) for one in dict.fromkeys(kinds)}
+    if len(costs) == 1:
+        return next(iter(costs.values()))
+    if first_kind is None:
+        first_kind = first_kind_members(kinds, logits.device)
+    first = costs.pop(kinds[0])
+    return torch.where(first_kind, first, next(iter(costs.values())))
+
+
+def first_kind_members(kinds: Sequence[str], device: torch.device) -> torch.Tensor:
+    """Which members' reconstruction is of the first member's kind (K,), on ``device``."""
+    return torch.tensor([kind == kinds[0] for kind in kinds], device=device)
 
 
 @dataclass
@@ -71,13 +109,21 @@ def expected_reconstruction(
 def loss_terms(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, recon: str
 ) -> LossTerms:
-    out = model(x, y)
-    if out.mixture is not None:
-        weights = F.softmax(out.category_logits, dim=1)
-        cost = expected_reconstruction(out.logits, x, weights, recon)
-    else:
-        cost = reconstruction(out.logits, x, recon)
-    return LossTerms(recon=cost, kl=model.kl_terms(out), category_logits=out.category_logits)
+    return terms_of(model.kl_terms, model(x, y), x, recon)
+
+
+def terms_of(
+    kl_terms: Callable[..., dict[str, torch.Tensor]],
+    out,
+    x: torch.Tensor,
+    recon: str | Sequence[str],
+    first_kind: torch.Tensor | None = None,
+) -> LossTerms:
+    """The loss terms of a forward's output ``out`` (a run's, or a stack's with ``recon`` per
+    member), its KL terms given by its family's ``kl_terms``."""
+    weights = F.softmax(out.category_logits, dim=-1) if out.mixture is not None else None
+    cost = reconstruction(out.logits, x, recon, weights, first_kind)
+    return LossTerms(recon=cost, kl=kl_terms(out), category_logits=out.category_logits)
 
 
 def batch_marginal_kl(logits: torch.Tensor) -> torch.Tensor:
@@ -98,7 +144,8 @@ def capacity(maximum: float, step: int, steps: int) -> float:
 
 
 class Objective:
-    """The training loss of one run (a batch sum; the trainer divides by the batch size).
+    """The training loss of one run, or of each member of a stack (a batch sum; the trainer
+    divides by the batch size).
 
     ``elbo``: recon + beta * KL_z + beta_c * KL_c (KL_c per image, or of the batch's
     marginal q(c) with ``kl_c: batch_marginal``; ``capacity`` ignores ``kl_c``).
@@ -110,13 +157,20 @@ class Objective:
     from step 11,513 on.
     """
 
-    def __init__(self, config: LossConfig, categories: int | None = None):
+    def __init__(
+        self,
+        config: LossConfig,
+        categories: int | None = None,
+        beta: float | torch.Tensor | None = None,
+    ):
+        """``beta``: a stack's members' KL weights (K,), the one loss setting members may
+        differ in (:data:`vaebench.stacking.plan.MEMBER_KEYS`); else ``config.beta``."""
         self.config = config
         max_c = math.log(categories) if categories else 0.0
         wanted_c = config.capacity_c if config.capacity_c is not None else max_c
         self.maximum = {"kl_z": config.capacity_z, "kl_c": wanted_c}
         self.ceiling = {"kl_z": math.inf, "kl_c": max_c}
-        self.weight = {"kl_z": config.beta, "kl_c": config.beta_c}
+        self.weight = {"kl_z": config.beta if beta is None else beta, "kl_c": config.beta_c}
 
     def target(self, name: str, step: int) -> float:
         """C(t) per image, in nats, for the KL term ``name`` at training step ``step``."""

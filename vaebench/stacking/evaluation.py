@@ -13,9 +13,11 @@ from collections.abc import Sequence
 import torch
 
 from vaebench.data import Split
+from vaebench.models.base import gaussian_kl, reparameterize
+from vaebench.models.losses import reconstruction
 from vaebench.scoring.evaluation import Evaluation, eval_generator
 from vaebench.spec.config import RunConfig
-from vaebench.stacking.model import StackedGaussianVAE, member_reconstruction
+from vaebench.stacking.model import StackedGaussianVAE
 
 
 @torch.no_grad()
@@ -48,11 +50,11 @@ def evaluate_stack(
         )
         repeated_labels = labels.repeat(1, samples) if labels is not None else None
         logits = stack.decode(
-            repeated_mu + noise * torch.exp(0.5 * repeated_logvar), repeated_labels
+            reparameterize(repeated_mu, repeated_logvar, noise), repeated_labels
         )
         images = x.repeat(samples, *([1] * (x.dim() - 1)))
-        recon += member_reconstruction(logits, images.expand(count, *images.shape), kinds) / samples
-        kl += -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).reshape(count, -1).sum(1)
+        recon += reconstruction(logits, images.expand(count, *images.shape), kinds) / samples
+        kl += gaussian_kl(mu, logvar)
         means.append(mu)
     mu_all = torch.cat(means, dim=1)
     return [

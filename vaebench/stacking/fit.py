@@ -121,6 +121,14 @@ def stacked_epoch(steps: StackSteps, splits: Splits, first_step: int = 0) -> tor
     return total
 
 
+def _steps(
+    stack: StackedGaussianVAE, optimizer: StackedOptimizer, members: list[Member], splits: Splits
+) -> StackSteps:
+    """The steps of a stack of ``members``, as a CUDA graph where the stack allows."""
+    graph = cuda_graph_for(stack, splits, members[0].config.loss.objective)
+    return StackSteps(stack, optimizer, members, splits, graph)
+
+
 def stacked_optimizer(configs: Sequence[RunConfig], stack: torch.nn.Module) -> StackedOptimizer:
     """The stack's optimizer (the members' kind), with each member's learning rate."""
     kind = STACKED_OPTIMIZERS[configs[0].optim.name]
@@ -182,7 +190,7 @@ def fit_stack(
     members = [build_member(config, splits, device) for config in configs]
     stack = StackedGaussianVAE([m.model for m in members]).to(device)
     optimizer = stacked_optimizer(configs, stack)
-    steps = StackSteps(stack, optimizer, members, splits, cuda_graph_for(stack, splits))
+    steps = _steps(stack, optimizer, members, splits)
     outcomes: list[TrainResult | BaseException] = [TrainResult(model=m.model) for m in members]
     count, n_train = len(members), len(splits.train)
     active = list(range(count))  # the members the stack holds, in its order
@@ -264,7 +272,7 @@ def fit_stack(
                 break
             in_stack = [members[index] for index in active]
             stack, optimizer = _without_members(stack, optimizer, kept, in_stack)
-            steps = StackSteps(stack, optimizer, in_stack, splits, cuda_graph_for(stack, splits))
+            steps = _steps(stack, optimizer, in_stack, splits)
     tested = clock()
     tests = evaluations(splits.test, "test") if active else []
     share_since(tested)

@@ -30,14 +30,9 @@ from typing import Any, Protocol
 import torch
 
 from vaebench.data import Splits
-from vaebench.stacking.model import (
-    StackedGaussianVAE,
-    first_kind_members,
-    member_kl_c,
-    member_kl_z,
-    member_reconstruction,
-    mixture_weights,
-)
+from vaebench.models.gumbel import gumbel_noise
+from vaebench.models.losses import Objective, first_kind_members, terms_of
+from vaebench.stacking.model import StackedGaussianVAE
 from vaebench.stacking.optim import StackedOptimizer
 
 WARMUP_STEPS = 3  # eager steps before capture (cuBLAS and the allocator settle in them)
@@ -113,7 +108,8 @@ class StackSteps:
         self.stack, self.optimizer, self.members = stack, optimizer, list(members)
         self.config = members[0].config
         self.device = splits.train.images.device
-        self.kl_weights = torch.tensor([m.config.loss.beta for m in members], device=self.device)
+        betas = torch.tensor([m.config.loss.beta for m in members], device=self.device)
+        self.objective = Objective(self.config.loss, stack.categories or None, beta=betas)
         self.kinds = [m.config.loss.recon for m in members]
         self.first_kind = first_kind_members(self.kinds, self.device)  # made once, not per step
         self.image_shape = tuple(splits.train.images.shape[1:])
@@ -144,7 +140,7 @@ class StackSteps:
                 return loss
             return self.captured.replay(batch)
         with self._side_stream(full):
-            return self.train(self.inputs(batch), batch.index.shape[1])
+            return self.train(self.inputs(batch), batch.index.shape[1], batch.step)
 
     def inputs(self, step_batch: StepBatch, out: StepInputs | None = None) -> StepInputs:
         """Each member's batch and random draws for the step, from its own generator, into
@@ -171,17 +167,14 @@ class StackSteps:
             member.model.anneal(step_batch.step, step_batch.total_steps)  # e.g. its tau
         return StepInputs(x, noise, y, _gumbel_noise(self.stack, members, batch), _tau(members))
 
-    def train(self, inputs: StepInputs, batch: int) -> torch.Tensor:
-        """Forward, the members' losses summed before one backward pass (each member's
-        gradient is its own: no parameter is shared), then the optimizer's step; each member's
-        objective (K,)."""
-        stack, config = self.stack, self.config
+    def train(self, inputs: StepInputs, batch: int, step: int = 0) -> torch.Tensor:
+        """Forward, each member's objective (the runs' own :class:`Objective` at training step
+        ``step``), summed before one backward pass (each member's gradient is its own: no
+        parameter is shared), then the optimizer's step; each member's objective (K,)."""
+        stack = self.stack
         out = stack(inputs.x, inputs.noise, inputs.y, inputs.gumbel, inputs.tau)
-        weights = mixture_weights(out) if stack.mixture else None
-        loss = member_reconstruction(out.logits, inputs.x, self.kinds, weights, self.first_kind)
-        loss = loss + self.kl_weights * member_kl_z(out)
-        if out.category_logits is not None:
-            loss = loss + config.loss.beta_c * member_kl_c(out.category_logits, config.loss.kl_c)
+        terms = terms_of(stack.kl_terms, out, inputs.x, self.kinds, self.first_kind)
+        loss = self.objective(terms, batch, step)
         self.optimizer.zero_grad()
         (loss.sum() / batch).backward()
         self.optimizer.step()
@@ -287,36 +280,30 @@ def _difference(got: _Snapshot, expected: _Snapshot) -> str | None:
 
 
 def cuda_graph_for(
-    stack: StackedGaussianVAE, splits: Splits
+    stack: StackedGaussianVAE, splits: Splits, objective: str = "elbo"
 ) -> Callable[[torch.cuda.Stream | None], Graph] | None:
     """What makes the stack's graph: :class:`CudaGraph` where :func:`graphable`, else None."""
-    return CudaGraph if graphable(stack, splits) else None
+    return CudaGraph if graphable(stack, splits, objective) else None
 
 
-def graphable(stack: StackedGaussianVAE, splits: Splits) -> bool:
+def graphable(stack: StackedGaussianVAE, splits: Splits, objective: str = "elbo") -> bool:
     """Whether the stack's step can be one CUDA graph: on CUDA, its draws only the noise (no
-    binarized pixels, no Gumbel noise), no schedule, no labels (one-hot codes check them on
-    the host), its convolutions grouped."""
+    binarized pixels, no Gumbel noise), no schedule (a temperature, the capacity objective's
+    targets), no labels (one-hot codes check them on the host), its convolutions grouped."""
     if splits.train.images.device.type != "cuda" or os.environ.get(CUDA_GRAPHS_ENV) == "0":
         return False
     per_member = [getattr(net, "per_member", False) for net in (stack.encoder, stack.decoder)]
-    return not (splits.dynamic_binarize or stack.categories or stack.conditional or any(per_member))
+    drawn = splits.dynamic_binarize or stack.categories or stack.conditional
+    return not (drawn or objective != "elbo" or any(per_member))
 
 
 def _gumbel_noise(stack: StackedGaussianVAE, members: Sequence[Any], batch: int):
-    """Each joint member's Gumbel noise (K, B, categories), drawn from its generator as
-    ``F.gumbel_softmax`` draws it alone (after the step's z noise)."""
+    """Each joint member's Gumbel noise (K, B, categories), drawn from its generator as its
+    run alone draws it (after the step's z noise)."""
     if not stack.joint:
         return None
-    weight = stack.head.weight
-    return torch.stack(
-        [
-            -torch.empty(batch, stack.categories, dtype=weight.dtype, device=weight.device)
-            .exponential_(generator=m.draw_rng)
-            .log()
-            for m in members
-        ]
-    )
+    shape, weight = (batch, stack.categories), stack.head.weight
+    return torch.stack([gumbel_noise(shape, weight, m.draw_rng) for m in members])
 
 
 def _tau(members: Sequence[Any]) -> float:
