@@ -253,21 +253,21 @@ def _run(args: argparse.Namespace) -> int:
 
         dry_run(args.grid, max_stack, stack_everywhere=args.stack == "on")
         return 0
+    from vaebench.execution.invocation import GridInvocation
     from vaebench.execution.runner import run_grid
 
-    outcome = run_grid(
-        args.grid,
-        args.tracking_uri,
-        args.data_root,
-        args.results_dir,
+    outcome = run_grid(args.grid, GridInvocation(
+        tracking_uri=args.tracking_uri,
+        data_root=args.data_root,
+        results_dir=args.results_dir,
+        register=not args.no_register,
+        max_stack=max_stack,
+        stack_everywhere=args.stack == "on",
         report=not args.no_report,
         rerun=args.rerun,
         checkpoint_dir=args.checkpoint_dir,
-        max_stack=max_stack,
         execution=execution,
-        register=not args.no_register,
-        stack_everywhere=args.stack == "on",
-    )
+    ))
     for line in outcome.worker_errors:
         print(f"vaebench: {line}", file=sys.stderr)
     if outcome.failed or outcome.worker_errors:
@@ -280,21 +280,21 @@ def _run(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     _system_metrics(args)
+    from vaebench.execution.invocation import StudyInvocation
     from vaebench.tuning.tune import run_study
 
-    outcome = run_study(
-        args.study,
-        n_trials=args.n_trials,
-        timeout=args.timeout,
-        workers=args.workers,
-        storage=args.storage,
+    outcome = run_study(args.study, StudyInvocation(
         tracking_uri=args.tracking_uri,
         data_root=args.data_root,
         results_dir=args.results_dir,
         register=not args.no_register,
         max_stack=_max_stack(args),
         stack_everywhere=args.stack == "on",
-    )
+        n_trials=args.n_trials,
+        timeout=args.timeout,
+        workers=args.workers,
+        storage=args.storage,
+    ))
     if outcome.failed:
         print(
             f"vaebench: {len(outcome.failed)} of {len(outcome.trials)} trials failed",

@@ -14,16 +14,16 @@ import contextlib
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from vaebench.data import resolve_root
 from vaebench.execution.dry_run import cpu_rule
 from vaebench.execution.grid_work import GridWork, WorkRecord, print_skip, stored_row, work_through
+from vaebench.execution.invocation import GridInvocation
 from vaebench.execution.ray_executor import import_ray, run_on_ray
+from vaebench.execution.results import GridOutcome, close_results, take_work
 from vaebench.execution.worker_plan import (
     AUTO,
     POST_RUN_CHOICES,
@@ -36,18 +36,17 @@ from vaebench.execution.worker_plan import (
 from vaebench.execution.worker_processes import GridJob, rows_from_store, run_workers
 from vaebench.lifecycle.claims import Planned, lease_tags, plan, recover_abandoned
 from vaebench.lifecycle.exactly_once import settle_seconds
-from vaebench.lifecycle.execute import Workspace, end_quietly
-from vaebench.lifecycle.post_run import BackgroundFinisher
+from vaebench.lifecycle.post_run import BackgroundFinisher, end_quietly
 from vaebench.lifecycle.preflight import check_output_folder
 from vaebench.lifecycle.provenance import base_tags
-from vaebench.reporting.best_models import BestRun, Registered, register_best
+from vaebench.lifecycle.workspace import Workspace
+from vaebench.reporting.best_models import BestRun, register_best
 from vaebench.signals import Interrupted, deferred_signals, interruptible
 from vaebench.spec.config import VaebenchError
 from vaebench.spec.grid import RunSpec, expand, load_grid
 from vaebench.stacking.plan import plan_stacks
 from vaebench.tracking.store import resolve_tracking_uri, sqlite_path
 from vaebench.tracking.tracker import (
-    MLflowTracker,
     Tracker,
     TrackingError,
     tracker_opened_during,
@@ -58,206 +57,243 @@ from vaebench.training.trainer import EpochMetrics, resolve_device
 if TYPE_CHECKING:
     from vaebench.reporting.report import Report
 
-SUMMARY_COLUMNS = [
-    "name",
-    "status",
-    "val_elbo",
-    "test_elbo",
-    "test_nll",
-    "test_kl",
-    "val_nmi",
-    "test_nmi",
-    "mean_epoch_seconds",
-    "seconds",
-]
 GRID_TAG = "vaebench.grid"
-
-
-@dataclass
-class GridOutcome:
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (run name, error line)
-    skipped: int = 0  # FINISHED before this invocation
-    worker_errors: list[str] = field(default_factory=list)  # a line per worker that died
-    csv_path: Path | None = None
-    report_folder: Path | None = None
-    registered: list[Registered] = field(default_factory=list)  # the best runs' models
 
 
 def run_grid(
     grid_path: str | Path,
-    tracking_uri: str | None = None,
-    data_root: str | Path | None = None,
-    results_dir: str | Path = "results",
+    invocation: GridInvocation | None = None,
     tracker: Tracker | None = None,
-    report: bool = True,
-    rerun: bool = False,
-    checkpoint_dir: str | Path | None = None,
-    max_stack: int = 1,
-    execution: Execution | None = None,
-    register: bool = True,
-    stack_everywhere: bool = False,
 ) -> GridOutcome:
     """Check, expand and train a grid file; record it and return what happened.
 
     Runs that can share a stack (:mod:`vaebench.stacking.fit`) train together, at most
-    ``max_stack`` at a time (1, the default: every run alone), with ``stack_everywhere``
-    also those that stack on CUDA only (:func:`vaebench.stacking.plan.cpu_problem`) on the
-    CPU. ``execution`` says who
-    trains them: this process, local worker processes (:mod:`vaebench.execution.worker_processes`)
-    or
-    Ray tasks (:mod:`vaebench.execution.ray_executor`), each run claimed by one of them
-    (:mod:`vaebench.lifecycle.exactly_once`). With ``report`` (and an
-    MLflow tracker) the invocation's report follows: ``results/<grid>/`` and artifacts of
-    the parent run, and with ``register`` each comparison group's best run becomes a new
-    version of a registered MLflow model (:mod:`vaebench.reporting.best_models`).
+    ``invocation.max_stack`` at a time (1, the default: every run alone), with
+    ``stack_everywhere`` also those that stack on CUDA only
+    (:func:`vaebench.stacking.plan.cpu_problem`) on the CPU. ``invocation.execution`` says
+    who trains them: this process, local worker processes
+    (:mod:`vaebench.execution.worker_processes`) or Ray tasks
+    (:mod:`vaebench.execution.ray_executor`), each run claimed by one of them
+    (:mod:`vaebench.lifecycle.exactly_once`). With ``report`` the invocation's report
+    follows: ``results/<grid>/`` and artifacts of the parent run, and with ``register`` each
+    comparison group's best run becomes a new version of a registered MLflow model
+    (:mod:`vaebench.reporting.best_models`). ``tracker``: an open one (else the store at
+    ``tracking_uri`` is opened while the data loads).
     """
-    grid_path = Path(grid_path)
-    grid = load_grid(grid_path)
-    runs = expand(grid)
-    execution = execution or Execution()
-    slots = _worker_slots(execution, runs)
-    background = background_finishing(execution.post_run, runs)
-    results = Path(results_dir)
-    check_output_folder(results)
-    uri = resolve_tracking_uri(tracking_uri)
-    checkpoints = Path(checkpoint_dir) if checkpoint_dir else default_folder(sqlite_path(uri))
-    check_output_folder(checkpoints, "--checkpoint-dir")
-    workspace = Workspace(resolve_root(data_root), CheckpointStore(checkpoints))
-    if tracker is None:
-        workspace.check(runs)
-        tracker = tracker_opened_during(uri, lambda: workspace.prepare(runs))
-    else:
-        workspace.prepare(runs)
+    grid_run = _GridRun.open(Path(grid_path), invocation or GridInvocation(), tracker)
+    if not grid_run.todo:
+        grid_run.nothing_to_train()
+        return grid_run.outcome
+    grid_run.train()
+    grid_run.report_and_register()
+    return grid_run.outcome
 
-    outcome = GridOutcome()
-    planned = _plan(grid.name, runs, tracker, workspace, rerun, outcome)
-    todo = [(n, s) for n, s in enumerate(planned, start=1) if s.action in ("train", "continue")]
-    if not todo:
-        running = sum(step.action == "elsewhere" for step in planned)
+
+@dataclass
+class _GridRun:
+    """One invocation of a grid: what it was told, what it found in the store, what it did."""
+
+    path: Path
+    name: str
+    runs: list[RunSpec]
+    invocation: GridInvocation
+    uri: str
+    slots: list[WorkerSlot]
+    workspace: Workspace
+    tracker: Tracker
+    planned: list[Planned]
+    outcome: GridOutcome
+    parent: str | None = None
+
+    @classmethod
+    def open(cls, path: Path, invocation: GridInvocation, tracker: Tracker | None) -> _GridRun:
+        """The grid checked and expanded, its data loaded, the store opened (meanwhile, if
+        ``tracker`` is None) and each run planned against it: every error a user can cause is
+        raised before anything is tracked."""
+        grid = load_grid(path)
+        runs = expand(grid)
+        slots = _worker_slots(invocation.execution, runs)
+        background_finishing(invocation.execution.post_run, runs)  # a bad choice fails here
+        check_output_folder(Path(invocation.results_dir))
+        uri = resolve_tracking_uri(invocation.tracking_uri)
+        checkpoints = (
+            Path(invocation.checkpoint_dir) if invocation.checkpoint_dir
+            else default_folder(sqlite_path(uri))
+        )
+        check_output_folder(checkpoints, "--checkpoint-dir")
+        workspace = Workspace(resolve_root(invocation.data_root), CheckpointStore(checkpoints))
+        if tracker is None:
+            workspace.check(runs)
+            tracker = tracker_opened_during(uri, lambda: workspace.prepare(runs))
+        else:
+            workspace.prepare(runs)
+        outcome = GridOutcome()
+        planned = _plan(grid.name, runs, tracker, workspace, invocation.rerun, outcome)
+        return cls(path, grid.name, runs, invocation, uri, slots, workspace, tracker, planned,
+                   outcome)
+
+    @property
+    def todo(self) -> list[tuple[int, Planned]]:
+        """(number, step) of each run this invocation trains or continues."""
+        steps = enumerate(self.planned, start=1)
+        return [(n, step) for n, step in steps if step.action in ("train", "continue")]
+
+    def nothing_to_train(self) -> None:
+        running = sum(step.action == "elsewhere" for step in self.planned)
         print(
-            f"grid {grid.name}: nothing to train: {outcome.skipped} of {len(runs)} runs "
-            f"finished" + (f", {running} running in another process" if running else "")
+            f"grid {self.name}: nothing to train: {self.outcome.skipped} of {len(self.runs)} "
+            "runs finished" + (f", {running} running in another process" if running else "")
             + " (--rerun trains them again)"
         )
-        _close(outcome, results, grid.name, runs)
-        return outcome
+        self.close()
 
-    tags = base_tags(**{GRID_TAG: grid.name, "vaebench.grid_file": str(grid_path)})
-    started = time.strftime("%Y%m%d-%H%M%S")
-    alone = [None if step.action == "continue" else step.run.config for _, step in todo]
-    stacks = plan_stacks(alone, max_stack, cpu_rule(stack_everywhere))
-    groups = [[todo[i][0] - 1 for i in group] for group in stacks]
-    parent, ended = None, False
-    with interruptible():
+    def close(self) -> None:
+        close_results(self.outcome, Path(self.invocation.results_dir), self.name, self.runs)
+
+    def work(self) -> GridWork:
+        """What every process working on the grid needs: its stacks (a continued run alone)."""
+        todo = self.todo
+        alone = [None if step.action == "continue" else step.run.config for _, step in todo]
+        rule = cpu_rule(self.invocation.stack_everywhere)
+        stacks = plan_stacks(alone, self.invocation.max_stack, rule)
+        groups = [[todo[i][0] - 1 for i in group] for group in stacks]
+        since_ms = int(time.time() * 1000)
+        return GridWork(self.name, groups, self.tags(), self.invocation.rerun, since_ms,
+                        settle_seconds(self.uri))
+
+    def tags(self) -> dict[str, str]:
+        return base_tags(**{GRID_TAG: self.name, "vaebench.grid_file": str(self.path)})
+
+    def train(self) -> None:
+        """The parent run's life around the work: FINISHED (FAILED if a run failed), KILLED
+        by a signal; a failing store stops the grid with one line saying how to go on."""
+        ended = False
+        with interruptible():
+            try:
+                work = self.work()
+                self.start_parent(work.tags)
+                if self.here():
+                    self.work_here(work)
+                else:
+                    self.work_elsewhere(work)
+                with deferred_signals():
+                    failed = self.outcome.failed or self.outcome.worker_errors
+                    self.tracker.end_run(self.parent, "FAILED" if failed else "FINISHED")
+                    ended = True
+            except Interrupted as exc:
+                if not ended:
+                    end_quietly(self.tracker, self.parent, "KILLED",
+                                f"{exc}; rerun the same command to continue")
+                raise
+            except TrackingError as exc:
+                raise TrackingError(
+                    f"{exc}; the grid stopped. Rerun the same command once the store answers: "
+                    "finished runs are skipped, stopped ones continue from their checkpoint"
+                ) from None
+            finally:
+                self.close()
+
+    def start_parent(self, tags: dict[str, str]) -> None:
+        execution = self.invocation.execution
+        started = time.strftime("%Y%m%d-%H%M%S")
+        with deferred_signals():  # a signal waits until the parent run is recorded
+            self.parent = self.tracker.start_grid(self.name, f"{self.name}-{started}", {
+                **tags,
+                "vaebench.runs": str(len(self.runs)),
+                "vaebench.executor": execution.executor,
+                "vaebench.workers": str(len(self.slots)) if self.slots else "ray tasks",
+                **lease_tags(),
+            })
+
+    def renew_parent_lease(self, metrics: EpochMetrics | None = None) -> None:
+        seconds = metrics.epoch_seconds + metrics.eval_seconds if metrics else 0.0
+        self.tracker.set_tags(self.parent, lease_tags(seconds))
+
+    def here(self) -> bool:
+        """Whether this process trains the runs itself (one local worker, no GPU to pin)."""
+        execution = self.invocation.execution
+        return execution.executor == "local" and len(self.slots) == 1 and (
+            self.slots[0].gpu is None
+        )
+
+    def trained(self) -> list[RunSpec]:
+        return [step.run for _, step in self.todo]
+
+    def work_here(self, work: GridWork) -> None:
+        """The runs trained in this process; after a signal the results are the store's, once
+        the runs handed to a background finisher have ended."""
+        record = WorkRecord()
+        workspace, tracker = self.workspace, self.tracker
+        if background_finishing(self.invocation.execution.post_run, self.runs):
+            workspace.finisher = BackgroundFinisher(tracker.uri)
         try:
-            since_ms = int(time.time() * 1000)
-            with deferred_signals():  # a signal waits until the parent run is recorded
-                parent = tracker.start_grid(
-                    grid.name,
-                    f"{grid.name}-{started}",
-                    {
-                        **tags,
-                        "vaebench.runs": str(len(runs)),
-                        "vaebench.executor": execution.executor,
-                        "vaebench.workers": str(len(slots)) if slots else "ray tasks",
-                        **lease_tags(),
-                    },
+            work_through(work, self.runs, self.planned, tracker, workspace, record,
+                         self.renew_parent_lease)
+        except Interrupted:
+            workspace.finisher.close()
+            with contextlib.suppress(TrackingError):
+                skipped = record.skipped
+                record = rows_from_store(
+                    self.trained(), tracker, work, self.parent, GRID_TAG, sys.stderr
                 )
-            work = GridWork(grid.name, groups, tags, rerun, since_ms, settle_seconds(uri))
-
-            def renew_parent_lease(metrics: EpochMetrics | None = None) -> None:
-                seconds = metrics.epoch_seconds + metrics.eval_seconds if metrics else 0.0
-                tracker.set_tags(parent, lease_tags(seconds))
-
-            trained = [step.run for _, step in todo]
-            if execution.executor == "local" and len(slots) == 1 and slots[0].gpu is None:
-                record = WorkRecord()
-                if background and isinstance(tracker, MLflowTracker):
-                    workspace.finisher = BackgroundFinisher(tracker.uri)
-                try:
-                    renew = renew_parent_lease
-                    work_through(work, runs, planned, tracker, workspace, record, renew)
-                except Interrupted:  # the table as stored, once the runs handed over ended
-                    workspace.finisher.close()
-                    with contextlib.suppress(TrackingError):
-                        skipped = record.skipped
-                        record = rows_from_store(
-                            trained, tracker, work, parent, GRID_TAG, sys.stderr
-                        )
-                        record.skipped = skipped
-                    raise
-                finally:
-                    workspace.finisher.close()
-                    _take(outcome, record)
-            else:
-                job = GridJob(
-                    str(grid_path), work, uri, tracker.experiment_id, parent,
-                    workspace.data_root, workspace.checkpoints.folder, GRID_TAG,
-                    background=background and isinstance(tracker, MLflowTracker),
-                )
-                try:
-                    outcome.worker_errors = (
-                        run_on_ray(
-                            job, execution.address, execution.task_cpus, execution.task_gpus,
-                            len(todo), renew_parent_lease,
-                        )
-                        if execution.executor == "ray"
-                        else run_workers(job, slots, len(todo), renew_parent_lease)
-                    )
-                finally:
-                    stored = rows_from_store(trained, tracker, work, parent, GRID_TAG, sys.stderr)
-                    _take(outcome, stored)
-            with deferred_signals():
-                failed = outcome.failed or outcome.worker_errors
-                tracker.end_run(parent, "FAILED" if failed else "FINISHED")
-                ended = True
-        except Interrupted as exc:
-            if not ended:
-                end_quietly(tracker, parent, "KILLED", f"{exc}; rerun the same command to continue")
+                record.skipped = skipped
             raise
-        except TrackingError as exc:
-            raise TrackingError(
-                f"{exc}; the grid stopped. Rerun the same command once the store answers: "
-                "finished runs are skipped, stopped ones continue from their checkpoint"
-            ) from None
         finally:
-            _close(outcome, results, grid.name, runs)
-    if isinstance(tracker, MLflowTracker):
-        resumed = len(todo) < len(planned) or any(s.action == "continue" for _, s in todo)
-        made = None
-        if report:
-            made = report_invocation(tracker.uri, grid.name, results, parent, resumed)
-            outcome.report_folder = made.folder if made else None
-        if register:
+            workspace.finisher.close()
+            take_work(self.outcome, record)
+
+    def work_elsewhere(self, work: GridWork) -> None:
+        """The runs trained by worker processes or Ray tasks; their rows read from the store."""
+        execution = self.invocation.execution
+        job = GridJob(
+            str(self.path), work, self.uri, self.tracker.experiment_id, self.parent,
+            self.workspace.data_root, self.workspace.checkpoints.folder, GRID_TAG,
+            background=background_finishing(execution.post_run, self.runs),
+        )
+        renew, count = self.renew_parent_lease, len(self.todo)
+        try:
+            self.outcome.worker_errors = (
+                run_on_ray(job, execution.address, execution.task_cpus, execution.task_gpus,
+                           count, renew)
+                if execution.executor == "ray"
+                else run_workers(job, self.slots, count, renew)
+            )
+        finally:
+            stored = rows_from_store(
+                self.trained(), self.tracker, work, self.parent, GRID_TAG, sys.stderr
+            )
+            take_work(self.outcome, stored)
+
+    def report_and_register(self) -> None:
+        """The invocation's report, and its best runs registered, as asked."""
+        todo = self.todo
+        resumed = len(todo) < len(self.planned) or any(s.action == "continue" for _, s in todo)
+        uri, made = self.tracker.uri, None
+        if self.invocation.report:
+            results = self.invocation.results_dir
+            made = report_invocation(uri, self.name, results, self.parent, resumed)
+            self.outcome.report_folder = made.folder if made else None
+        if self.invocation.register:
             best = (
                 made.best_runs if made
-                else _best_runs(tracker.uri, grid.name, None if resumed else parent)
+                else _best_runs(uri, self.name, None if resumed else self.parent)
             )
-            outcome.registered = register_best(
-                tracker, grid.name, best, workspace.test_images, parent
+            self.outcome.registered = register_best(
+                self.tracker, self.name, best, self.workspace.test_images, self.parent
             )
-    return outcome
 
 
 def background_finishing(post_run: str, runs: Sequence[RunSpec]) -> bool:
-    """Whether a background process finishes the trained runs (:mod:`vaebench.lifecycle.post_run`)
-    while
-    this one trains the next: ``background``, ``inline``, or ``auto``: where some run trains
-    on CUDA (the GPU would wait for the host's scoring and drawing otherwise; on the CPU
-    the background process would take the cores the next run trains on)."""
+    """Whether a background process finishes the trained runs
+    (:mod:`vaebench.lifecycle.post_run`) while this one trains the next: ``background``,
+    ``inline``, or ``auto``: where some run trains on CUDA (the GPU would wait for the host's
+    scoring and drawing otherwise; on the CPU the background process would take the cores
+    the next run trains on)."""
     if post_run not in POST_RUN_CHOICES:
         raise VaebenchError(f"--post-run: one of {', '.join(POST_RUN_CHOICES)}, not {post_run!r}")
     if post_run == AUTO:
         return any(resolve_device(run.config.train.device).type == "cuda" for run in runs)
     return post_run == "background"
-
-
-def _take(outcome: GridOutcome, record: WorkRecord) -> None:
-    """The rows, failures and skips of work done (here or in the workers) into the outcome."""
-    outcome.rows += record.rows
-    outcome.failed += record.failed
-    outcome.skipped += record.skipped
 
 
 def _worker_slots(execution: Execution, runs: Sequence[RunSpec]) -> list[WorkerSlot]:
@@ -299,14 +335,6 @@ def _plan(
     return planned
 
 
-def _close(outcome: GridOutcome, results: Path, name: str, runs: Sequence[RunSpec]) -> None:
-    """The results table of what is known so far, in the grid's order, and the summary."""
-    order = {run.key: index for index, run in enumerate(runs)}
-    outcome.rows.sort(key=lambda row: order[row["key"]])
-    outcome.csv_path = write_results(outcome.rows, results, name)
-    print_summary(outcome)
-
-
 def report_invocation(
     uri: str, name: str, results_dir: str | Path, parent: str, all_invocations: bool = False
 ) -> Report | None:
@@ -339,21 +367,3 @@ def _best_runs(uri: str, name: str, parent: str | None) -> list[BestRun]:
         kind = "" if isinstance(exc, VaebenchError) else f"{type(exc).__name__}: "
         print(f"vaebench: nothing registered: {kind}{exc}", file=sys.stderr)
         return []
-
-
-def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
-
-
-def print_summary(outcome: GridOutcome, stream=None) -> None:
-    stream = stream or sys.stdout
-    table = pd.DataFrame(outcome.rows).reindex(columns=SUMMARY_COLUMNS)
-    with pd.option_context("display.width", 120, "display.max_rows", 500):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"), file=stream)
-    if outcome.csv_path:
-        print(f"results: {outcome.csv_path}", file=stream)
-    for name, error in outcome.failed:
-        print(f"FAILED {name}: {error}", file=stream)

@@ -68,6 +68,7 @@ class Tracker(Protocol):
     :class:`TrackingError` from any call.
     """
 
+    uri: str  # the store's, for another process (a background finisher) or a report to open
     experiment_id: str | None  # set by start_grid or join_grid
     parent_id: str | None  # the invocation's parent run
 
@@ -152,7 +153,7 @@ class MLflowTracker:
             return None  # a tracking server chooses
         return (db.resolve().parent / "mlartifacts" / name).as_uri()
 
-    def _experiment(self, name: str) -> str:
+    def _ensure_experiment(self, name: str) -> str:
         """The experiment, made if missing, with MLflow 3's experiment kind set to model
         training (what the UI's own kind selector would set), so the UI treats it as one."""
         from mlflow.exceptions import MlflowException
@@ -179,7 +180,7 @@ class MLflowTracker:
 
     @_store_call
     def start_grid(self, name: str, run_name: str, tags: Mapping[str, str]) -> str:
-        self.experiment_id = self._experiment(name)
+        self.experiment_id = self._ensure_experiment(name)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags))
         self.parent_id = run.info.run_id
         return self.parent_id

@@ -37,18 +37,20 @@ import optuna
 import torch
 
 from vaebench.data import resolve_root
+from vaebench.execution.invocation import StudyInvocation
 from vaebench.execution.worker_plan import cores, run_processes
 from vaebench.lifecycle.claims import lease_tags, recover_abandoned
-from vaebench.lifecycle.execute import Workspace, end_quietly
+from vaebench.lifecycle.post_run import end_quietly
 from vaebench.lifecycle.preflight import check_output_folder
 from vaebench.lifecycle.provenance import base_tags
+from vaebench.lifecycle.workspace import Workspace
 from vaebench.reporting.best_models import register_best
 from vaebench.signals import (
     Interrupted,
     deferred_signals,
     interruptible,
 )
-from vaebench.spec.config import ConfigError, VaebenchError, first_line
+from vaebench.spec.config import VaebenchError, first_line
 from vaebench.spec.study import StudySpec, load_study
 from vaebench.tracking.store import resolve_tracking_uri
 from vaebench.tracking.tracker import (
@@ -66,6 +68,7 @@ from vaebench.tuning.outputs import (
     write_figures,
     write_trials,
 )
+from vaebench.tuning.samplers import make_pruner, make_sampler, sampler_seed
 from vaebench.tuning.storage import (
     MEMORY,
     check_storage,
@@ -84,56 +87,6 @@ from vaebench.tuning.trial_stack import optimize_in_stacks, stack_problem
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna -> MLflow
 STUDY_TAG = "vaebench.study"
-
-
-# ---------------------------------------------------------------------------
-# samplers and pruners
-
-
-SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
-    "tpe": optuna.samplers.TPESampler,
-    "random": optuna.samplers.RandomSampler,
-    "cmaes": optuna.samplers.CmaEsSampler,
-    "gp": optuna.samplers.GPSampler,
-    "nsga2": optuna.samplers.NSGAIISampler,
-}
-PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
-    "median": optuna.pruners.MedianPruner,
-    "hyperband": optuna.pruners.HyperbandPruner,
-    "none": optuna.pruners.NopPruner,
-}
-
-
-def make_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
-    if spec.sampler == "grid":
-        return optuna.samplers.GridSampler(spec.grid_space(), seed=seed)
-    if spec.sampler == "cmaes":
-        try:
-            import cmaes  # noqa: F401
-        except ImportError:
-            raise VaebenchError(
-                f"{spec.source}: sampler: cmaes needs the cmaes package (pip install cmaes)"
-            ) from None
-    try:
-        return SAMPLERS[spec.sampler](seed=seed, **spec.sampler_options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([f"{spec.source}: sampler: {first_line(exc)}"]) from None
-
-
-def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    try:
-        return PRUNERS[spec.pruner](**spec.pruner_options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([f"{spec.source}: pruner: {first_line(exc)}"]) from None
-
-
-def sampler_seed(spec: StudySpec, offset: int) -> int | None:
-    """A distinct stream per worker and per continuation, reproducible from the study seed."""
-    return None if spec.seed is None else spec.seed + offset
-
-
-# ---------------------------------------------------------------------------
-# a study invocation
 
 
 @dataclass
@@ -254,20 +207,11 @@ def _trials_per_stack(spec: StudySpec, max_stack: int, stack_everywhere: bool) -
 
 def run_study(
     study_path: str | Path,
-    n_trials: int | None = None,
-    timeout: float | None = None,
-    workers: int = 1,
-    storage: str | None = None,
-    tracking_uri: str | None = None,
-    data_root: str | Path | None = None,
-    results_dir: str | Path = "results",
+    invocation: StudyInvocation | None = None,
     stream: TextIO | None = None,
-    register: bool = True,
-    max_stack: int = 1,
-    stack_everywhere: bool = False,
 ) -> TuneOutcome:
     """Check a study file and run its trials still to do (the file's ``n_trials`` minus those
-    done), or ``n_trials`` more; record and report them.
+    done), or ``invocation.n_trials`` more; record and report them.
 
     Trials a killed invocation left RUNNING are failed first. Ctrl-C and SIGTERM stop
     the study cleanly (trials FAIL in Optuna, KILLED in MLflow, the parent KILLED). With
@@ -276,35 +220,11 @@ def run_study(
     one stack where the study's trials stack (1, the default: each alone), with
     ``stack_everywhere`` (``--stack on``) also where the CPU's measurements say one by one.
     """
+    invocation = invocation or StudyInvocation()
     stream = stream or sys.stdout
-    study_path = Path(study_path)
-    spec = load_study(study_path)
-    if n_trials is not None and n_trials < 1:
-        raise VaebenchError("--n-trials: must be >= 1")
-    if workers < 1:
-        raise VaebenchError("--workers: must be >= 1")
-    timeout = timeout if timeout is not None else spec.timeout
-    uri = resolve_tracking_uri(tracking_uri)
-    ref = resolve_storage(storage or spec.storage, uri)
-    if ref == MEMORY and workers > 1:
-        raise VaebenchError(
-            "--workers: several processes need a shared storage (an SQLite file, a SQLAlchemy "
-            "URL or a journal file), not memory"
-        )
-    # everything a user can get wrong fails here, before either store is created
-    make_sampler(spec, spec.seed)
-    make_pruner(spec)
-    check_storage(ref)
-    check_output_folder(Path(results_dir))
-    workspace = Workspace(resolve_root(data_root), checkpoints=None)
-    base = [trial_run(spec, "base", {})]
-    workspace.check(base)
-    tracker = tracker_opened_during(uri, lambda: workspace.prepare(base))
-    shared = open_storage(ref)
-    study = _shared_study(spec, ref, shared)
-    recover_abandoned(tracker, tracker.previous_runs(spec.name, STUDY_TAG, spec.name), sys.stderr)
-    fail_abandoned_trials(study, tracker, sys.stderr)
-    existing = len(study.trials)
+    study_run = _StudyRun.open(Path(study_path), invocation)
+    spec, study = study_run.spec, study_run.study
+    n_trials = invocation.n_trials
     if n_trials is None:
         n_trials = spec.n_trials - trials_done(study)
         if n_trials <= 0:
@@ -313,76 +233,124 @@ def run_study(
                 "nothing to do (--n-trials N adds N more)",
                 file=stream,
             )
-            return TuneOutcome(study=study, storage=ref, parent_id=None)
-    workers = min(workers, n_trials)
-    tags = base_tags(
-        **{
-            STUDY_TAG: spec.name,
-            "vaebench.study_file": str(study_path),
-            "optuna.study": spec.name,
-            "optuna.storage": display_storage(ref),
-        }
-    )
-    started = time.strftime("%Y%m%d-%H%M%S")
-    parent = tracker.start_grid(
-        spec.name,
-        f"{spec.name}-{started}",
-        {
-            **tags,
-            "vaebench.trials": str(n_trials),
-            "vaebench.workers": str(workers),
-            **lease_tags(),
-        },
-    )
-    job = WorkerJob(
-        spec=spec,
-        storage=ref,
-        tracking_uri=uri,
-        experiment_id=tracker.experiment_id,
-        parent_id=parent,
-        tags=tags,
-        data_root=workspace.data_root,
-        total=existing + n_trials,
-        timeout=timeout,
-        seed_offset=existing,
-        threads=max(1, cores() // workers),
-        max_stack=_trials_per_stack(spec, max_stack, stack_everywhere),
-    )
-    outcome = TuneOutcome(study=study, storage=ref, parent_id=parent)
-    folder = Path(results_dir) / spec.name
-    ended = False
-    with interruptible():
-        try:
-            if workers == 1:
-                optimize(job, n_trials, 0, tracker, shared, workspace)
-            else:
-                outcome.worker_errors = fan_out(job, n_trials, workers)
-            _write_outputs(spec, study, outcome, folder)
-            tracker.log_metrics(parent, invocation_metrics(spec, outcome))
-            tracker.log_artifacts(parent, folder)
-            with deferred_signals():
-                tracker.end_run(parent, "FINISHED")
-                ended = True
-        except Interrupted as exc:
-            if not ended:
-                end_quietly(tracker, parent, "KILLED", f"{exc}; rerun the same command to continue")
-                _write_outputs(spec, study, outcome, folder)  # what is known so far
-            raise
-        except TrackingError as exc:
-            raise TrackingError(
-                f"{exc}; the study stopped. Rerun the same command once the store answers: "
-                "it fails the stopped trials and runs those still to do"
-            ) from None
-        except BaseException as exc:
-            end_quietly(tracker, parent, "FAILED", first_line(exc))
-            raise
-    print_outcome(spec, outcome, display_storage(ref), stream)
-    if register and outcome.best:
-        best = best_runs(spec, outcome.best, tracker)
+            return TuneOutcome(study=study, storage=study_run.ref, parent_id=None)
+    outcome = study_run.run(n_trials, min(invocation.workers, n_trials))
+    print_outcome(spec, outcome, display_storage(study_run.ref), stream)
+    if invocation.register and outcome.best:
+        best = best_runs(spec, outcome.best, study_run.tracker)
         outcome.registered = register_best(
-            tracker, spec.name, best, workspace.test_images, parent, stream
+            study_run.tracker, spec.name, best, study_run.workspace.test_images,
+            outcome.parent_id, stream,
         )
     return outcome
+
+
+@dataclass
+class _StudyRun:
+    """One invocation of a study: what it was told and the stores it opened."""
+
+    path: Path
+    spec: StudySpec
+    invocation: StudyInvocation
+    uri: str
+    ref: str  # the Optuna storage
+    workspace: Workspace
+    tracker: Tracker
+    storage: optuna.storages.BaseStorage
+    study: optuna.Study
+
+    @classmethod
+    def open(cls, path: Path, invocation: StudyInvocation) -> _StudyRun:
+        """The study file checked, its data loaded, both stores opened (every error a user can
+        cause raised before either store is created) and abandoned trials failed."""
+        spec = load_study(path)
+        if invocation.n_trials is not None and invocation.n_trials < 1:
+            raise VaebenchError("--n-trials: must be >= 1")
+        if invocation.workers < 1:
+            raise VaebenchError("--workers: must be >= 1")
+        uri = resolve_tracking_uri(invocation.tracking_uri)
+        ref = resolve_storage(invocation.storage or spec.storage, uri)
+        if ref == MEMORY and invocation.workers > 1:
+            raise VaebenchError(
+                "--workers: several processes need a shared storage (an SQLite file, a "
+                "SQLAlchemy URL or a journal file), not memory"
+            )
+        make_sampler(spec, spec.seed)
+        make_pruner(spec)
+        check_storage(ref)
+        check_output_folder(Path(invocation.results_dir))
+        workspace = Workspace(resolve_root(invocation.data_root), checkpoints=None)
+        base = [trial_run(spec, "base", {})]
+        workspace.check(base)
+        tracker = tracker_opened_during(uri, lambda: workspace.prepare(base))
+        storage = open_storage(ref)
+        study = _shared_study(spec, ref, storage)
+        previous = tracker.previous_runs(spec.name, STUDY_TAG, spec.name)
+        recover_abandoned(tracker, previous, sys.stderr)
+        fail_abandoned_trials(study, tracker, sys.stderr)
+        return cls(path, spec, invocation, uri, ref, workspace, tracker, storage, study)
+
+    def job(self, n_trials: int, workers: int) -> WorkerJob:
+        """The parent run started and what every process working on the study needs."""
+        spec, tracker = self.spec, self.tracker
+        tags = base_tags(**{
+            STUDY_TAG: spec.name,
+            "vaebench.study_file": str(self.path),
+            "optuna.study": spec.name,
+            "optuna.storage": display_storage(self.ref),
+        })
+        started = time.strftime("%Y%m%d-%H%M%S")
+        parent = tracker.start_grid(spec.name, f"{spec.name}-{started}", {
+            **tags, "vaebench.trials": str(n_trials), "vaebench.workers": str(workers),
+            **lease_tags(),
+        })
+        existing = len(self.study.trials)
+        timeout = self.invocation.timeout
+        return WorkerJob(
+            spec=spec, storage=self.ref, tracking_uri=self.uri,
+            experiment_id=tracker.experiment_id, parent_id=parent, tags=tags,
+            data_root=self.workspace.data_root, total=existing + n_trials,
+            timeout=timeout if timeout is not None else spec.timeout, seed_offset=existing,
+            threads=max(1, cores() // workers),
+            max_stack=_trials_per_stack(
+                spec, self.invocation.max_stack, self.invocation.stack_everywhere
+            ),
+        )
+
+    def run(self, n_trials: int, workers: int) -> TuneOutcome:
+        """``n_trials`` trials in ``workers`` processes, the parent run's life around them."""
+        job = self.job(n_trials, workers)
+        spec, study, tracker, parent = self.spec, self.study, self.tracker, job.parent_id
+        outcome = TuneOutcome(study=study, storage=self.ref, parent_id=parent)
+        folder = Path(self.invocation.results_dir) / spec.name
+        ended = False
+        with interruptible():
+            try:
+                if workers == 1:
+                    optimize(job, n_trials, 0, tracker, self.storage, self.workspace)
+                else:
+                    outcome.worker_errors = fan_out(job, n_trials, workers)
+                _write_outputs(spec, study, outcome, folder)
+                tracker.log_metrics(parent, invocation_metrics(spec, outcome))
+                tracker.log_artifacts(parent, folder)
+                with deferred_signals():
+                    tracker.end_run(parent, "FINISHED")
+                    ended = True
+            except Interrupted as exc:
+                if not ended:
+                    end_quietly(tracker, parent, "KILLED",
+                                f"{exc}; rerun the same command to continue")
+                    _write_outputs(spec, study, outcome, folder)  # what is known so far
+                raise
+            except TrackingError as exc:
+                raise TrackingError(
+                    f"{exc}; the study stopped. Rerun the same command once the store "
+                    "answers: it fails the stopped trials and runs those still to do"
+                ) from None
+            except BaseException as exc:
+                end_quietly(tracker, parent, "FAILED", first_line(exc))
+                raise
+        return outcome
 
 
 def _write_outputs(

@@ -1,0 +1,75 @@
+"""A grid invocation's results: the rows of its runs, the table written to
+``results/<grid>.csv`` and the summary printed."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from vaebench.execution.grid_work import WorkRecord
+from vaebench.reporting.best_models import Registered
+from vaebench.spec.grid import RunSpec
+
+SUMMARY_COLUMNS = [
+    "name",
+    "status",
+    "val_elbo",
+    "test_elbo",
+    "test_nll",
+    "test_kl",
+    "val_nmi",
+    "test_nmi",
+    "mean_epoch_seconds",
+    "seconds",
+]
+
+
+@dataclass
+class GridOutcome:
+    """What a grid invocation did: each run's row, failures, skips, and what it wrote."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (run name, error line)
+    skipped: int = 0  # FINISHED before this invocation
+    worker_errors: list[str] = field(default_factory=list)  # a line per worker that died
+    csv_path: Path | None = None
+    report_folder: Path | None = None
+    registered: list[Registered] = field(default_factory=list)  # the best runs' models
+
+
+def take_work(outcome: GridOutcome, record: WorkRecord) -> None:
+    """The rows, failures and skips of work done (here or in the workers) into the outcome."""
+    outcome.rows += record.rows
+    outcome.failed += record.failed
+    outcome.skipped += record.skipped
+
+
+def close_results(outcome: GridOutcome, results: Path, name: str, runs: Sequence[RunSpec]) -> None:
+    """The results table of what is known so far, in the grid's order, and the summary."""
+    order = {run.key: index for index, run in enumerate(runs)}
+    outcome.rows.sort(key=lambda row: order[row["key"]])
+    outcome.csv_path = write_results(outcome.rows, results, name)
+    print_summary(outcome)
+
+
+def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def print_summary(outcome: GridOutcome, stream=None) -> None:
+    stream = stream or sys.stdout
+    table = pd.DataFrame(outcome.rows).reindex(columns=SUMMARY_COLUMNS)
+    with pd.option_context("display.width", 120, "display.max_rows", 500):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"), file=stream)
+    if outcome.csv_path:
+        print(f"results: {outcome.csv_path}", file=stream)
+    for name, error in outcome.failed:
+        print(f"FAILED {name}: {error}", file=stream)
