@@ -537,7 +537,12 @@ def main_then_a_thread(argv=None):
     threading.Thread(target=late_write).start()  # still running when main returns
     return status
 
+class FreedByTeardown:  # the interpreter's teardown of modules would free it
+    def __del__(self):
+        pathlib.Path("teardown-ran").write_text("ran")
+
 program, vaebench.cli.main = vaebench.cli.main, main_then_a_thread
+vaebench.cli.freed_by_teardown = FreedByTeardown()
 atexit.register(lambda: pathlib.Path("handler-ran").write_text("ran"))
 sys.stdout.write("buffered, not yet flushed")
 sys.argv = ["vaebench", *sys.argv[1:]]
@@ -560,6 +565,7 @@ def test_the_program_exits_with_its_status_after_threads_and_exit_handlers(
     assert done.returncode == status, done.stderr
     assert (tmp_path / "thread-finished").read_text() == "joined"
     assert (tmp_path / "handler-ran").read_text() == "ran"
+    assert not (tmp_path / "teardown-ran").exists()  # what the fast exit skips
     assert done.stdout.startswith("buffered, not yet flushed")
     if status:
         assert "missing.yaml" in done.stderr.strip().splitlines()[-1]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import sys
-import threading
 from collections.abc import Sequence
 
 from vaebench.bench import cli as bench_cli
 from vaebench.execution.worker_plan import AUTO, POST_RUN_CHOICES
+from vaebench.fast_exit import exit_after_handlers, exit_now
 from vaebench.spec.catalogue import DEFAULT_RANKING, RANKABLE
 from vaebench.spec.config import ConfigError, VaebenchError
 
@@ -361,25 +360,13 @@ SIGNAL_STATUSES = (130, 143)
 
 
 def entry() -> None:
-    """The program: :func:`main`, then exit with its status, without the interpreter's
-    teardown of every module (1.2 to 1.7 s with torch, MLflow and scikit-learn loaded,
-    measured: a tenth of a 2-epoch run's process). What an exit must do still happens:
-    other threads are joined (MLflow's artifact uploads) and the ``atexit`` handlers run
-    (MLflow's async logging, Ray, temporary folders), as the interpreter itself does them;
-    then the streams are flushed. After a signal the work is recorded and the process ends
-    at once: a second Ctrl-C during joins and handlers would find Python's default handler.
-    Under a profiler, a tracer or ``python -i`` the interpreter exits as usual, so that they
-    see the end (a profile written at exit)."""
+    """The program: :func:`main`, then exit with its status without the interpreter's
+    teardown of every module (:mod:`vaebench.fast_exit`). After a signal the work is
+    recorded and the process ends at once. Under a profiler, a tracer or ``python -i`` the
+    interpreter exits as usual, so that they see the end (a profile written at exit)."""
     status = main()
+    if status in SIGNAL_STATUSES:
+        exit_now(status)
     if sys.getprofile() or sys.gettrace() or sys.flags.inspect:
         sys.exit(status)
-    if status not in SIGNAL_STATUSES:
-        threading._shutdown()  # the interpreter's own join of non-daemon threads
-        atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:  # None: the descriptor was closed (``>&-``)
-                stream.flush()
-        except (OSError, ValueError):  # a reader that stopped reading; a closed stream
-            pass
-    os._exit(status)
+    exit_after_handlers(status)

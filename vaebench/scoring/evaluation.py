@@ -119,6 +119,10 @@ class ClusterInput:
     means: np.ndarray | None
     categories: np.ndarray | None
 
+    def clusters(self) -> np.ndarray:
+        """Each image's cluster: its category, else its k-means cluster."""
+        return self.categories if self.means is None else kmeans_clusters(self.means)
+
 
 def cluster_input(evaluation: Evaluation, labels: torch.Tensor) -> ClusterInput:
     categories = evaluation.categories
@@ -130,17 +134,9 @@ def cluster_input(evaluation: Evaluation, labels: torch.Tensor) -> ClusterInput:
     )
 
 
-def clusters_of(evaluation: Evaluation):
-    """argmax q(c|x) for models with a categorical latent, else k-means on E[z|x]."""
-    if evaluation.categories is not None:
-        return evaluation.categories.cpu().numpy()
-    return kmeans_clusters(evaluation.mu.cpu().numpy())
-
-
 def scored_clusters(clusters: ClusterInput) -> dict[str, float]:
     """``<prefix>_nmi``, ``_ari``, ``_accuracy`` (Hungarian) of the split's clusters."""
-    found = clusters.categories if clusters.means is None else kmeans_clusters(clusters.means)
-    scores = clustering_scores(clusters.labels, found)
+    scores = clustering_scores(clusters.labels, clusters.clusters())
     return {f"{clusters.prefix}_{name}": value for name, value in scores.items()}
 
 

@@ -30,7 +30,6 @@ from vaebench.scoring.evaluation import (
     active_unit_metric,
     cluster_input,
     cluster_metrics,
-    clusters_of,
     evaluate,
     likelihood_metrics,
     read_scalars,
@@ -264,7 +263,8 @@ def validation_values(
         return {}
     values = evaluation.metrics(read)
     if evaluation.categories is not None:
-        values["val_nmi"] = nmi(validation.labels.cpu().numpy(), clusters_of(evaluation))
+        categories = evaluation.categories.cpu().numpy()
+        values["val_nmi"] = nmi(validation.labels.cpu().numpy(), categories)
     return values
 
 
