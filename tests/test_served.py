@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tarfile
 from functools import partial
 from pathlib import Path
 
@@ -73,18 +74,23 @@ def test_a_registered_name_is_uri_safe(values):
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def test_a_model_logged_before_the_move_to_packages_loads_and_gives_its_numbers(monkeypatch):
-    """tests/fixtures/model-before-move is a model vaebench logged (a one-run grid of a tiny mlp,
-    registered as ``before-move`` version 1) at commit 2a41155, when ``ServedVAE`` lived in the
-    flat module ``vaebench.served``; the .npz holds its outputs on four of its input example's
-    rows, computed then. With today's vaebench imported, unpickling finds the class through the
-    alias module and the model gives the same numbers."""
+def test_a_model_logged_before_the_move_to_packages_loads_and_gives_its_numbers(
+    monkeypatch, tmp_path
+):
+    """tests/fixtures/model-before-move.tar.gz is a model vaebench logged (a one-run grid of a
+    tiny mlp, registered as ``before-move`` version 1) at commit 2a41155, when ``ServedVAE``
+    lived in the flat module ``vaebench.served``: the folder MLflow wrote, packed as it was
+    (its copy of that commit's code included); the .npz holds its outputs on four rows of its
+    input example, computed then. With today's vaebench imported, unpickling finds the class
+    through the alias module and the model gives the same numbers."""
     import mlflow.pytorch
 
+    with tarfile.open(FIXTURES / "model-before-move.tar.gz") as packed:
+        packed.extractall(tmp_path, filter="data")
     # loading puts the model's copy of vaebench's code first on sys.path, for this process and
     # the processes it spawns later: the old code must not shadow today's in other tests
     monkeypatch.setattr(sys, "path", list(sys.path))
-    model = mlflow.pytorch.load_model(str(FIXTURES / "model-before-move"))
+    model = mlflow.pytorch.load_model(str(tmp_path / "model-before-move"))
     assert type(model) is ServedVAE  # the class of today's package, not the logged code copy
     expected = np.load(FIXTURES / "model-before-move-expected.npz")
     rows = torch.from_numpy(expected["rows"])
