@@ -41,7 +41,8 @@ fi
 
 # --- the Python side: the set-up line's packages -------------------------------------------
 if ! python -c "import vaebench, selenium, hypothesis, importlinter, psycopg, ray, pyro" 2>/dev/null \
-    || ! command -v ruff >/dev/null || ! command -v lint-imports >/dev/null
+    || ! command -v ruff >/dev/null || ! command -v lint-imports >/dev/null \
+    || ! command -v mkdocs >/dev/null
 then
     echo "tests/run.sh: run the set-up line first:" >&2
     echo '    pip install torch==2.13.0 && pip install -e ".[dev,postgres,ray,pyro]"' >&2
@@ -63,4 +64,5 @@ python -m vaebench data --dataset mnist --data-root "$VAEBENCH_DATA"
 export MPLBACKEND=Agg
 ruff check vaebench tests
 lint-imports
+NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir "$(mktemp -d)"
 python -m pytest "$@"

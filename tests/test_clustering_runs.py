@@ -3,11 +3,12 @@
 Each test trains the first run (seed 0) of an ``experiments/*.yaml`` file for fewer epochs
 than the file asks, and checks its clusters on the validation and test splits against a
 floor. The floors come from the per-epoch validation NMI of the files' three-seed runs (the
-README's clustering table): a run of N epochs is the first N epochs of a longer run of the
-same seed (no schedule here depends on the epoch count), but a short NMI moves with the seed,
-the thread count and the CPU's floating-point path, so each floor sits well under what the
-three seeds reached at that epoch. A floor catches a broken clustering (scores misaligned
-with the labels, a category that carries nothing: NMI near 0), not a weaker seed.
+clustering table of docs/clustering.md): a run of N epochs is the first N epochs of a
+longer run of the same seed (no schedule here depends on the epoch count), but a short NMI
+moves with the seed, the thread count and the CPU's floating-point path, so each floor sits
+well under what the three seeds reached at that epoch. A floor catches a broken clustering
+(scores misaligned with the labels, a category that carries nothing: NMI near 0), not a
+weaker seed.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def clusters_after(name: str, epochs: int, mnist_root: Path) -> dict[str, float]
 
 
 # The gumbel defaults (experiments/gumbel.yaml), val NMI after 10 epochs: seeds 0, 1, 2 reached
-# 0.61, 0.53, 0.56 (README, "The gumbel defaults"); with the ELBO's beta = 1, the old default,
-# c stays unused and the NMI sits near 0.07. The floor catches defaults that no longer apply.
+# 0.61, 0.53, 0.56 (docs/clustering.md, "The gumbel defaults"); with the ELBO's beta = 1, the
+# old default, c stays unused and the NMI sits near 0.07. The floor catches defaults that no
+# longer apply.
 GUMBEL_EPOCHS, GUMBEL_NMI_FLOOR = 10, 0.35
 
 
@@ -63,7 +65,8 @@ def test_gumbel_defaults_cluster(mnist_root):
 # capacity term holds each KL at its target, C_z = C_c = 5 nats * 2,346 / 25,000 = 0.469
 # (val KL_c and KL_z: 0.483 and 0.487, 0.506 and 0.582, 0.468 and 0.450 for seeds 0, 1, 2),
 # which does not move with floating-point paths the way a clustering does. Val NMI after 3
-# epochs: 0.291, 0.272, 0.278 for seeds 0, 1, 2 (the runs behind the README's JointVAE figures).
+# epochs: 0.291, 0.272, 0.278 for seeds 0, 1, 2 (the runs behind the JointVAE figures of
+# docs/clustering.md).
 JOINTVAE_EPOCHS, JOINTVAE_KL_TOLERANCE, JOINTVAE_NMI_FLOOR = 3, 0.15, 0.15
 
 
@@ -83,7 +86,7 @@ def test_jointvae_setup_holds_its_capacities_and_starts_to_cluster(mnist_root):
 
 
 # The GMVAE grid (experiments/gmvae.yaml), val NMI after 5 epochs: 0.426, 0.400, 0.362 for
-# seeds 0, 1, 2 (the runs behind the README's GMVAE figures).
+# seeds 0, 1, 2 (the runs behind the GMVAE figures of docs/clustering.md).
 GMVAE_EPOCHS, GMVAE_NMI_FLOOR = 5, 0.2
 
 

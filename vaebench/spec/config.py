@@ -198,7 +198,7 @@ class EvalConfig(_Section):
 
 
 # The settings a model family trains with where a file leaves them unset: those that make
-# the family do its job, chosen on the validation split (README, "Clustering"). They are
+# the family do its job, chosen on the validation split (docs/clustering.md). They are
 # settings of the ``elbo`` objective: a ``capacity`` run, and every other family, keeps the
 # section defaults above. A value the file sets always wins.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
