@@ -21,14 +21,10 @@ from typing import Any
 
 from vaebench.execution.grid_work import WorkRecord, work_through
 from vaebench.execution.worker_plan import cores
-from vaebench.execution.worker_processes import GridJob
+from vaebench.execution.worker_processes import GridJob, joined
 from vaebench.lifecycle.claims import Planned, set_task
-from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import interruptible
 from vaebench.spec.config import VaebenchError
-from vaebench.spec.grid import expand, load_grid
-from vaebench.tracking.tracker import MLflowTracker
-from vaebench.training.checkpoint import CheckpointStore
 from vaebench.training.progress import set_line_prefix
 
 TASK_RETRIES = 3  # a task whose process died runs again, at most this often
@@ -57,10 +53,7 @@ def grid_task(job: GridJob, group: int, threads: int) -> list[tuple[str, str]]:
     # a retry gets the same arguments, so the same name: the runs a dead attempt of this
     # task left RUNNING are abandoned for the next attempt, on whichever node it runs
     set_task(f"{job.parent_id}-{group}")
-    tracker = MLflowTracker(job.tracking_uri)
-    tracker.join_grid(job.experiment_id, job.parent_id)
-    runs = expand(load_grid(job.grid_path))
-    workspace = Workspace(job.data_root, CheckpointStore(job.checkpoint_dir))
+    tracker, runs, workspace = joined(job)
     ended: list[tuple[str, str]] = []
     work = dataclasses.replace(job.work, groups=[job.work.groups[group]])
     with interruptible():  # ray.cancel's interrupt waits for store writes, as a signal does

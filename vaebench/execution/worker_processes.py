@@ -10,10 +10,11 @@ store once all workers are done.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,42 +62,55 @@ def start_group(worker: int, workers: int, groups: int) -> int:
     return (worker * groups) // workers if groups else 0
 
 
-def grid_worker_main(job: GridJob, slot: WorkerSlot, workers: int, events: Any) -> None:
-    """Entry point of a grid worker process (pinned to ``slot.gpu``, if any).
-
-    In a process group of its own, so that a terminal's Ctrl-C reaches the invocation's
-    process alone, which passes it on.
-    """
+@contextlib.contextmanager
+def worker_process(index: int, threads: int | None, gpu: str | None = None) -> Iterator[None]:
+    """The life of a worker process (of a grid or a study): in a process group of its own, so
+    that a terminal's Ctrl-C reaches the invocation's process alone, which passes it on;
+    pinned to ``gpu`` before torch touches CUDA; ``threads`` for torch. A signal ends it
+    with its exit status, an error a user can cause with one line and its status."""
     os.setpgrp()
-    if slot.gpu is not None:  # before torch touches CUDA
-        os.environ[CUDA_VISIBLE] = slot.gpu
+    if gpu is not None:
+        os.environ[CUDA_VISIBLE] = gpu
     import torch
 
-    torch.set_num_threads(slot.threads)
-    set_line_prefix(f"w{slot.index} ")
+    if threads:
+        torch.set_num_threads(threads)
     with interruptible():
         try:
-            tracker = MLflowTracker(job.tracking_uri)
-            tracker.join_grid(job.experiment_id, job.parent_id)
-            runs = expand(load_grid(job.grid_path))
-            workspace = Workspace(job.data_root, CheckpointStore(job.checkpoint_dir))
-            if job.background:
-                workspace.finisher = BackgroundFinisher(job.tracking_uri)
-            planned = [Planned(run, "train") for run in runs]  # each re-planned from the store
-            begin = start_group(slot.index, workers, len(job.work.groups))
-            try:
-                work_through(
-                    job.work, runs, planned, tracker, workspace, WorkRecord(),
-                    on_ended=lambda name, status: events.put((slot.index, name, status)),
-                    start_group=begin,
-                )
-            finally:
-                workspace.finisher.close()  # the runs handed over end first
+            yield
         except Interrupted as exc:
             sys.exit(exc.exit_status)
         except VaebenchError as exc:
-            print(f"vaebench: worker {slot.index}: {exc}", file=sys.stderr)
+            print(f"vaebench: worker {index}: {exc}", file=sys.stderr)
             sys.exit(exc.exit_status)
+
+
+def joined(job: GridJob) -> tuple[MLflowTracker, list[RunSpec], Workspace]:
+    """What any process working on a grid opens: its own tracker on the invocation's parent
+    run, the grid's runs, and its workspace."""
+    tracker = MLflowTracker(job.tracking_uri)
+    tracker.join_grid(job.experiment_id, job.parent_id)
+    runs = expand(load_grid(job.grid_path))
+    return tracker, runs, Workspace(job.data_root, CheckpointStore(job.checkpoint_dir))
+
+
+def grid_worker_main(job: GridJob, slot: WorkerSlot, workers: int, events: Any) -> None:
+    """Entry point of a grid worker process (pinned to ``slot.gpu``, if any)."""
+    set_line_prefix(f"w{slot.index} ")
+    with worker_process(slot.index, slot.threads, slot.gpu):
+        tracker, runs, workspace = joined(job)
+        if job.background:
+            workspace.finisher = BackgroundFinisher(job.tracking_uri)
+        planned = [Planned(run, "train") for run in runs]  # each re-planned from the store
+        begin = start_group(slot.index, workers, len(job.work.groups))
+        try:
+            work_through(
+                job.work, runs, planned, tracker, workspace, WorkRecord(),
+                on_ended=lambda name, status: events.put((slot.index, name, status)),
+                start_group=begin,
+            )
+        finally:
+            workspace.finisher.close()  # the runs handed over end first
 
 
 def run_workers(job: GridJob, slots: Sequence[WorkerSlot], todo: int, renew: Any) -> list[str]:

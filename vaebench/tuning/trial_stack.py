@@ -120,10 +120,7 @@ def _train_batch(
         sampled.append(work)
     runs = [work.run for work in sampled]
     for group in plan_stacks([run.config for run in runs], max_stack):
-        members = [sampled[index] for index in group]
-        if len(members) == 1:  # alone, as Optuna's optimize would train it
-            tell(members[0], _ended_alone(objective, members[0]))
-            continue
+        members = [sampled[index] for index in group]  # a run alone: a stack of one
         for member in members:  # told as its run ends; its lease spans the stack's epoch
             member.hooks.on_end = partial(tell, member)
             member.hooks.epoch_hook = objective.epoch_hook(member.trial, len(members))
@@ -140,15 +137,3 @@ def _train_batch(
             for member in members:
                 if not member.told:
                     tell(member, exc)
-
-
-def _ended_alone(objective: TrialObjective, work: TrialWork) -> Exception | None:
-    """What ended the trial trained alone (None: it finished); a signal or a failing store
-    is raised."""
-    try:
-        objective.train(work)
-    except TrackingError:
-        raise
-    except Exception as exc:  # pruned, or the trial's own failure
-        return exc
-    return None

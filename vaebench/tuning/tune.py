@@ -1,7 +1,7 @@
 """Optuna studies: ``python -m vaebench tune study.yaml``.
 
 A trial is one run: the study's base config plus the values Optuna samples,
-trained by the grid's trainer (:func:`vaebench.training.trainer.fit`). Every epoch the
+trained by the grid's trainer (:func:`vaebench.training.loop.fit`). Every epoch the
 trial logs its metrics to its own MLflow child run and, in a single-objective
 study, reports the objective to the pruner (``trial.report`` /
 ``should_prune``). Where the study's space varies only what members of a stack may differ
@@ -25,7 +25,6 @@ prints: :mod:`vaebench.tuning.outputs`.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
@@ -34,11 +33,11 @@ from pathlib import Path
 from typing import TextIO
 
 import optuna
-import torch
 
 from vaebench.data import resolve_root
 from vaebench.execution.invocation import StudyInvocation
 from vaebench.execution.worker_plan import cores, run_processes
+from vaebench.execution.worker_processes import worker_process
 from vaebench.lifecycle.claims import lease_tags, recover_abandoned
 from vaebench.lifecycle.post_run import end_quietly
 from vaebench.lifecycle.preflight import check_output_folder
@@ -142,24 +141,11 @@ def optimize(
 
 
 def worker_main(job: WorkerJob, n_trials: int, worker: int) -> None:
-    """Entry point of a ``--workers`` process: its own tracker on the one parent run.
-
-    In a process group of its own, so that a terminal's Ctrl-C reaches the parent alone,
-    which passes it on (a signal sent to the parent's pid reaches the workers the same way).
-    """
-    os.setpgrp()
-    if job.threads:
-        torch.set_num_threads(job.threads)
-    with interruptible():
-        try:
-            tracker = MLflowTracker(job.tracking_uri)
-            tracker.join_grid(job.experiment_id, job.parent_id)
-            optimize(job, n_trials, worker, tracker)
-        except Interrupted as exc:
-            sys.exit(exc.exit_status)
-        except VaebenchError as exc:
-            print(f"vaebench: worker {worker}: {exc}", file=sys.stderr)
-            sys.exit(exc.exit_status)
+    """Entry point of a ``--workers`` process: its own tracker on the one parent run."""
+    with worker_process(worker, job.threads):
+        tracker = MLflowTracker(job.tracking_uri)
+        tracker.join_grid(job.experiment_id, job.parent_id)
+        optimize(job, n_trials, worker, tracker)
 
 
 def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
