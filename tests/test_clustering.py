@@ -26,7 +26,7 @@ from vaebench.models.losses import LossTerms, Objective, batch_marginal_kl, capa
 from vaebench.scoring.clustering import active_units, cluster_accuracy, clustering_scores
 from vaebench.spec.config import FAMILY_DEFAULTS, LossConfig, ModelConfig, RunConfig, flatten
 from vaebench.spec.grid import GridSpec, expand
-from vaebench.training.trainer import fit
+from vaebench.training.loop import fit
 
 DEFAULTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "clustering.md"
 

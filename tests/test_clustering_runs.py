@@ -22,7 +22,7 @@ import torch
 from vaebench.data import load_splits
 from vaebench.spec.config import RunConfig
 from vaebench.spec.grid import expand, load_grid
-from vaebench.training.trainer import fit
+from vaebench.training.loop import fit
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

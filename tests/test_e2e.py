@@ -450,7 +450,7 @@ def test_reference_mlp_reaches_published_elbo_on_full_mnist(mnist_root):
     """
     from vaebench.data import load_splits
     from vaebench.spec.config import RunConfig
-    from vaebench.training.trainer import fit
+    from vaebench.training.loop import fit
 
     config = RunConfig.model_validate({
         "data": {"validation": 0},

@@ -22,10 +22,10 @@ from vaebench.spec.config import RunConfig
 from vaebench.spec.grid import RunSpec, run_key
 from vaebench.tracking.tracker import RUN_KEY_TAG, RunRecord
 from vaebench.training.checkpoint import CheckpointStore
+from vaebench.training.loop import fit
 from vaebench.training.trainer import (
     EpochMetrics,
     build_optimizer,
-    fit,
     restore_training_state,
     training_state,
 )

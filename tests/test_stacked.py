@@ -1,4 +1,4 @@
-"""A stack of K runs trains each member exactly as the run alone (vaebench.training.trainer.fit)
+"""A stack of K runs trains each member exactly as the run alone (vaebench.training.loop.fit)
 would."""
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from vaebench.models.losses import expected_reconstruction, reconstruction
 from vaebench.scoring.evaluation import evaluate
 from vaebench.spec.config import RunConfig
 from vaebench.stacking.evaluation import evaluate_stack
-from vaebench.stacking.fit import MemberStopped, build_member, fit_stack
+from vaebench.stacking.fit import build_member, fit_stack
 from vaebench.stacking.layers import StackedSequential
 from vaebench.stacking.model import StackedGaussianVAE
 from vaebench.stacking.optim import STACKED_OPTIMIZERS
 from vaebench.stacking.plan import STACKED_OPTIMIZER_NAMES, config_problem, stack_key
-from vaebench.training.trainer import TrainingDiverged, TrainResult, fit
+from vaebench.training.loop import MemberStopped, fit
+from vaebench.training.trainer import TrainingDiverged, TrainResult
 
 CPU = torch.device("cpu")
 FAMILIES = {

@@ -21,12 +21,12 @@ from vaebench.spec.config import (
     VaebenchError,
     run_config_problems,
 )
+from vaebench.training.loop import fit
 from vaebench.training.progress import RunProgress
 from vaebench.training.trainer import (
     EpochMetrics,
     TrainingDiverged,
     build_optimizer,
-    fit,
     resolve_device,
     timing_summary,
 )

@@ -31,17 +31,14 @@ How an ending is recorded, for each member:
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-import torch
-
-from vaebench.lifecycle.artifacts import picture_arrays, weights_bytes
 from vaebench.lifecycle.claims import lease_tags
+from vaebench.lifecycle.handover import finish_job, say_finished
 from vaebench.lifecycle.post_run import (
     ExtraMetrics,
     FinishJob,
@@ -53,12 +50,14 @@ from vaebench.lifecycle.post_run import (
     handing_over,
 )
 from vaebench.lifecycle.provenance import code_version, run_tags
+from vaebench.lifecycle.resume import log_missing_epochs, resumable_state
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import deferred_signals
 from vaebench.spec.config import first_line
 from vaebench.spec.grid import RunSpec
-from vaebench.stacking.fit import MemberStopped, fit_members
+from vaebench.stacking.fit import fit_members
 from vaebench.tracking.tracker import Tracker, TrackingError
+from vaebench.training.loop import MemberStopped
 from vaebench.training.progress import RunProgress, line_prefix
 from vaebench.training.trainer import EpochMetrics, TrainResult, resolve_device
 
@@ -179,7 +178,7 @@ class _Life:
         first = self.members[0]
         self.workspace.load_splits(first.run)
         if self.count == 1:
-            self.resume = _resumable(self.workspace, first.run, first.continue_id)
+            self.resume = resumable_state(self.workspace, first.run, first.continue_id)
         if self.resume is not None:
             self.saved[0] = self.resume["epoch"]
         label = first.run.name if self.count == 1 else (
@@ -196,7 +195,7 @@ class _Life:
                     member.hooks.on_start(self.run_ids[index])
         for member, run_id in zip(self.members, self.run_ids, strict=True):
             if self.resume is not None:  # a continued run has its data logged already
-                _log_missing_epochs(self.tracker, run_id, self.resume)
+                log_missing_epochs(self.tracker, run_id, self.resume)
             else:
                 self.tracker.log_inputs(run_id, self.workspace.split_records_for(member.run))
 
@@ -376,71 +375,3 @@ def record_invalid(
     run_id = tracker.start_run(name, params, tags)
     tracker.end_run(run_id, "FAILED", error)
     return run_id
-
-
-def _resumable(
-    workspace: Workspace, run: RunSpec, run_id: str | None
-) -> dict[str, Any] | None:
-    """The checkpoint of ``run_id`` if it continues exactly this run with this code."""
-    if run_id is None or workspace.checkpoints is None:
-        return None
-    state = workspace.checkpoints.load(run_id)
-    if state is None:
-        return None
-    device = str(resolve_device(run.config.train.device))
-    if (state.get("run_key"), state.get("code"), state.get("device")) != (
-        run.key,
-        code_version(),
-        device,
-    ):  # other settings, other code or another device: start over
-        workspace.checkpoints.remove(run_id)
-        return None
-    return state
-
-
-def finish_job(
-    run: RunSpec, run_id: str, result: TrainResult, workspace: Workspace, pictures: bool = True
-) -> FinishJob:
-    """What finishing a trained run (:mod:`vaebench.lifecycle.post_run`) needs of its model,
-    taken now on its device: the scores the model family adds, the parameter count, its
-    weights and, with ``pictures``, its pictures' arrays."""
-    model = result.model
-
-    def classifier() -> torch.nn.Module:
-        return workspace.classifiers.get(run.config.data.dataset, model.device)
-
-    summary = {
-        **result.summary,
-        **model.extra_scores(classifier),
-        "parameters": float(sum(p.numel() for p in model.parameters())),
-    }
-    return FinishJob(
-        run=run,
-        run_id=run_id,
-        summary=summary,
-        last=result.final.as_dict(),
-        seconds=result.seconds,
-        clusters=result.clusters,
-        weights=weights_bytes(model),
-        pictures=picture_arrays(model, workspace.load_splits(run)) if pictures else None,
-        checkpoints=workspace.checkpoints,
-    )
-
-
-def say_finished(label: str, finishing: Future[RunOutcome]) -> None:
-    """The line of a run finished in the background, once it is."""
-    error = finishing.exception()
-    status = "FINISHED" if error is None else f"FAILED after training: {first_line(error)}"
-    if isinstance(error, TrackingError):  # the run keeps its lease: a rerun finishes it
-        status = f"STOPPED (tracking store failed: {first_line(error)})"
-    print(f"{label} {status}", file=sys.stderr, flush=True)
-
-
-def _log_missing_epochs(tracker: Tracker, run_id: str, state: dict[str, Any]) -> None:
-    """Epochs the checkpoint holds that the store missed (the process stopped between
-    writing the checkpoint and logging the epoch): logged now, so the series has no gap."""
-    logged = tracker.logged_steps(run_id, "train_loss")
-    for record in state["history"]:
-        metrics = EpochMetrics(**record)
-        if metrics.epoch not in logged:
-            tracker.log_metrics(run_id, metrics.as_dict(), step=metrics.epoch)

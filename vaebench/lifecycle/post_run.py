@@ -3,8 +3,8 @@ latent means), its pictures drawn, its artifacts written and uploaded, its summa
 its run ended FINISHED and its checkpoint removed (:func:`finish_run`).
 
 What needs the model is done before, at once, on its device
-(:func:`vaebench.lifecycle.execute.finish_job`
-makes a :class:`FinishJob` of plain arrays and bytes). A finisher then does the rest: in this
+(:func:`vaebench.lifecycle.handover.finish_job` makes a :class:`FinishJob` of plain arrays
+and bytes). A finisher then does the rest: in this
 process (:class:`InlineFinisher`, the default) or in one background process while this one
 trains the next run or stack (:class:`BackgroundFinisher`). Both call :func:`finish_run`, so
 the numbers and files are the same either way; only who waits for them differs. MLflow is

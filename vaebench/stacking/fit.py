@@ -15,7 +15,7 @@ joint member, ``gumbel``, or a mixture member, ``gmvae``, is evaluated in its ow
 categories drawn exactly); a
 member is copied into the model its run alone would have (same parameter names) for its
 checkpoints and, after the last epoch, for the scores it computes alone (clustering,
-likelihood). What a member reports is what :func:`vaebench.training.trainer.fit` reports for its
+likelihood). What a member reports is what :func:`vaebench.training.loop.fit` reports for its
 config, up to floating-point rounding of the batched products, and the timing, which is
 its share of the stack's (the stack's seconds / K).
 
@@ -24,47 +24,31 @@ This module imports neither mlflow nor optuna.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 
 from vaebench.data import Split, Splits
 from vaebench.models import build_model, place_model
-from vaebench.scoring.evaluation import Evaluation, evaluate, read_scalars
+from vaebench.scoring.evaluation import Evaluation, evaluate
 from vaebench.spec.config import RunConfig
 from vaebench.stacking.evaluation import evaluate_stack
 from vaebench.stacking.model import StackedGaussianVAE, stack_problem
 from vaebench.stacking.optim import STACKED_OPTIMIZERS, StackedOptimizer
 from vaebench.stacking.plan import MEMBER_KEYS, stack_key
 from vaebench.stacking.step import StackSteps, StepBatch, cuda_graph_for
+from vaebench.training.loop import train_members
 from vaebench.training.trainer import (
     EpochMetrics,
+    ModelTrainee,
     TrainingDiverged,
     TrainResult,
     build_optimizer,
-    check_finite,
-    checkpoint_due,
-    final_scores,
-    fit,
     steps_per_epoch,
-    summary_of,
     training_state,
-    validation_values,
 )
-
-
-class MemberStopped(Exception):
-    """Raised by ``on_epoch`` of :func:`fit_stack` to stop that member on purpose (a pruned
-    trial): it is masked out like a diverged member, and the others go on. ``reason``: what
-    stopped it, its outcome."""
-
-    def __init__(self, reason: BaseException):
-        super().__init__(str(reason))
-        self.reason = reason
 
 
 @dataclass
@@ -79,7 +63,7 @@ class Member:
 
 
 def build_member(config: RunConfig, splits: Splits, device: torch.device) -> Member:
-    """The model, initialised as :func:`vaebench.training.trainer.fit` initialises it, and
+    """The model, initialised as :func:`vaebench.training.loop.fit` initialises it, and
     generators in
     the states that run's batch order and global random stream would have after that."""
     torch.manual_seed(config.seed)
@@ -156,6 +140,71 @@ def member_training_state(
     return state
 
 
+class StackTrainee:
+    """K runs as one stacked model, as the epoch loop
+    (:func:`vaebench.training.loop.train_members`) drives them. Validation and test passes
+    are stacked (:func:`evaluate_stack`) where ``stacked_evaluation`` says, by default on
+    CUDA: on the CPU, where a pass is not launch-bound, each member alone was as fast for the
+    mlp and faster for conv (its own model keeps its weights channels-last,
+    :func:`vaebench.models.place_model`), so each member is evaluated in its own model; a
+    joint or mixture member's evaluation draws its category, so those are always."""
+
+    def __init__(
+        self,
+        configs: Sequence[RunConfig],
+        splits: Splits,
+        device: torch.device,
+        stacked_evaluation: bool | None = None,
+    ):
+        if len({stack_key(c) for c in configs}) != 1:
+            raise ValueError("a stack's runs differ in more than " + ", ".join(MEMBER_KEYS))
+        self.configs, self.splits = list(configs), splits
+        self.members = [build_member(config, splits, device) for config in configs]
+        self.stack = StackedGaussianVAE([m.model for m in self.members]).to(device)
+        self.optimizer = stacked_optimizer(configs, self.stack)
+        self.steps = _steps(self.stack, self.optimizer, self.members, splits)
+        if stacked_evaluation is None:
+            stacked_evaluation = device.type == "cuda"
+        self.stacked_evaluation = stacked_evaluation and not self.stack.categories
+
+    def epoch(self, first_step: int) -> torch.Tensor:
+        return stacked_epoch(self.steps, self.splits, first_step)
+
+    def evaluations(self, split: Split, split_name: str) -> list[Evaluation]:
+        if self.stacked_evaluation:
+            configs = [member.config for member in self.members]
+            return list(evaluate_stack(self.stack, split, split_name, configs))
+        alone = [self._own(position) for position in range(len(self.members))]
+        return [evaluate(m.model, split, split_name, m.config) for m in alone]
+
+    def _own(self, position: int) -> Member:
+        """The member at ``position``, its weights copied into the model its run alone
+        would have."""
+        member = self.members[position]
+        member.model.load_state_dict(self.stack.member_state(position))
+        return member
+
+    def training_state(
+        self, position: int, history: list[EpochMetrics], seconds: float
+    ) -> dict[str, Any]:
+        member = self._own(position)
+        return member_training_state(member, self.optimizer, position, history, seconds)
+
+    def keep(self, positions: Sequence[int]) -> None:
+        """The stack and its optimizer hold only the members at ``positions``, each with its
+        parameters, buffers and optimizer state as they were: a smaller stack built from their
+        own models, filled from this one."""
+        kept = [self._own(position) for position in positions]
+        device = next(self.stack.parameters()).device
+        smaller = StackedGaussianVAE([member.model for member in kept]).to(device)
+        self.optimizer = self.optimizer.keeping(positions, list(smaller.parameters()))
+        self.stack, self.members = smaller, kept
+        self.steps = _steps(self.stack, self.optimizer, self.members, self.splits)
+
+    def final_model(self, position: int) -> torch.nn.Module:
+        return self._own(position).model.eval()  # as a run alone ends
+
+
 def fit_stack(
     configs: Sequence[RunConfig],
     splits: Splits,
@@ -166,133 +215,15 @@ def fit_stack(
     stacked_evaluation: bool | None = None,
     score_clusters: bool = True,
 ) -> list[TrainResult | BaseException]:
-    """Train ``configs`` (one :func:`stack_key`) as one stack; for each, in order, its
-    :class:`TrainResult`, the :class:`TrainingDiverged` that ended it, or the reason of a
-    :class:`MemberStopped` that ``on_epoch`` raised for it. ``on_epoch(i, metrics)`` sees
-    each live member's epochs; every ``train.checkpoint_every`` epochs, ``save_state(i,
-    state)`` receives each live member's :func:`member_training_state` (before
-    ``on_epoch``), which :func:`vaebench.training.trainer.fit` continues alone; ``on_failed(i,
-    error)``
-    hears of a member that diverged when it does, while the others go on.
-
-    Validation and test passes are stacked too (:func:`evaluate_stack`) where
-    ``stacked_evaluation`` says, by default on CUDA: on the CPU, where a pass is not
-    launch-bound, each member alone was as fast for the mlp and faster for conv (its own model
-    keeps its weights channels-last, :func:`vaebench.models.place_model`), so each member is
-    evaluated in its own model. A member's time is its share: an epoch's training and
-    evaluation seconds divided by the members the stack held in it, and its ``seconds`` the
-    sum of such shares of everything the stack did while it was a member, plus the scoring
-    it does alone (clustering, likelihood). ``score_clusters`` as for
-    :func:`vaebench.training.trainer.fit`."""
-    keys = {stack_key(c) for c in configs}
-    if len(keys) != 1:
-        raise ValueError("a stack's runs differ in more than " + ", ".join(MEMBER_KEYS))
-    members = [build_member(config, splits, device) for config in configs]
-    stack = StackedGaussianVAE([m.model for m in members]).to(device)
-    optimizer = stacked_optimizer(configs, stack)
-    steps = _steps(stack, optimizer, members, splits)
-    outcomes: list[TrainResult | BaseException] = [TrainResult(model=m.model) for m in members]
-    count, n_train = len(members), len(splits.train)
-    active = list(range(count))  # the members the stack holds, in its order
-    config = configs[0]
-    started = time.perf_counter()
-    # each member's share of the stack's time: what it shared, divided by those sharing it
-    shares = [0.0] * count
-    validations: list[Evaluation | None] = [None] * count
-    if stacked_evaluation is None:
-        stacked_evaluation = device.type == "cuda"
-    # a joint or mixture member's evaluation draws its category: each is evaluated alone
-    stacked_evaluation = stacked_evaluation and not stack.categories
-
-    def evaluations(split: Split, split_name: str) -> list[Evaluation]:
-        """Each active member's evaluation, in the stack's order."""
-        if stacked_evaluation:
-            return list(evaluate_stack(stack, split, split_name, [configs[i] for i in active]))
-        return [_evaluate_alone(stack, position, members[index], split, split_name)
-                for position, index in enumerate(active)]
-
-    def fail(index: int, error: TrainingDiverged) -> None:
-        outcomes[index] = error
-        if on_failed is not None:
-            on_failed(index, error)
-
-    def clock() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    def share_since(since: float) -> None:
-        for index in active:
-            shares[index] += (clock() - since) / len(active)
-
-    share_since(started)  # building the stack
-    for epoch in range(1, config.train.epochs + 1):
-        size = len(active)
-        t0 = clock()
-        first_step = (epoch - 1) * steps_per_epoch(n_train, config.train.batch_size)
-        totals = stacked_epoch(steps, splits, first_step)
-        t1 = clock()
-        train_losses = totals.tolist()  # one host read for the stack
-        values = _validation_values(splits, size, evaluations)
-        t2 = clock()
-        for position, index in enumerate(active):
-            member, result = members[index], outcomes[index]
-            validations[index] = values.evaluations[position]
-            try:
-                check_finite({"training loss": train_losses[position]}, f"after epoch {epoch}")
-                check_finite(values.per_member[position], f"after epoch {epoch}")
-            except TrainingDiverged as exc:
-                fail(index, exc)
-                continue
-            metrics = EpochMetrics(
-                epoch=epoch,
-                train_loss=train_losses[position] / n_train,
-                epoch_seconds=(t1 - t0) / size,
-                eval_seconds=(t2 - t1) / size,
-                images_per_second=n_train * size / (t1 - t0),
-                values={**values.per_member[position], **member.model.annealed_values()},
-            )
-            result.history.append(metrics)
-            if save_state is not None and checkpoint_due(epoch, member.config.train):
-                member.model.load_state_dict(stack.member_state(position))
-                seconds = shares[index] + (time.perf_counter() - t0) / size
-                save_state(index, member_training_state(
-                    member, optimizer, position, result.history, seconds
-                ))
-            if on_epoch is not None:
-                try:
-                    on_epoch(index, metrics)
-                except MemberStopped as stopped:
-                    outcomes[index] = stopped.reason
-        share_since(t0)
-        kept = [p for p, index in enumerate(active) if isinstance(outcomes[index], TrainResult)]
-        if len(kept) < size:  # failed or stopped members leave the stack: no more work for them
-            active = [active[p] for p in kept]
-            if not active:
-                break
-            in_stack = [members[index] for index in active]
-            stack, optimizer = _without_members(stack, optimizer, kept, in_stack)
-            steps = _steps(stack, optimizer, in_stack, splits)
-    tested = clock()
-    tests = evaluations(splits.test, "test") if active else []
-    share_since(tested)
-    for position, index in enumerate(active):
-        member, result = members[index], outcomes[index]
-        scoring = time.perf_counter()
-        member.model.load_state_dict(stack.member_state(position))
-        member.model.eval()  # as a run alone ends: its last evaluation left it so
-        try:
-            pending = None if score_clusters else result.clusters
-            scores = final_scores(
-                member.model, splits, member.config, validations[index], tests[position],
-                pending,
-            )
-        except TrainingDiverged as exc:
-            fail(index, exc)
-            continue
-        result.summary = summary_of(scores, result.history, n_train)
-        result.seconds = shares[index] + time.perf_counter() - scoring
-    return outcomes
+    """Train ``configs`` (one :func:`stack_key`) as one stack (:class:`StackTrainee`), with
+    :func:`vaebench.training.loop.train_members`'s callbacks and outcomes; each member's
+    checkpoint is :func:`member_training_state`, which its run alone continues."""
+    trainee = StackTrainee(configs, splits, device, stacked_evaluation)
+    results = [TrainResult(model=member.model) for member in trainee.members]
+    return train_members(
+        trainee, configs, results, splits, device, on_epoch, save_state, on_failed,
+        score_clusters,
+    )
 
 
 def fit_members(
@@ -304,87 +235,19 @@ def fit_members(
     on_failed: Callable[[int, TrainingDiverged], None] | None = None,
     resume: dict[str, Any] | None = None,
 ) -> list[TrainResult | BaseException]:
-    """K >= 1 runs of one :func:`stack_key` trained, with :func:`fit_stack`'s interface: for
-    each, in order, its result, the :class:`TrainingDiverged` that ended it, or the reason of
-    a :class:`MemberStopped` that ``on_epoch`` raised for it. A run alone trains in its own
-    model (:func:`vaebench.training.trainer.fit`: the fast path on the CPU, and the one that
-    continues a checkpoint, ``resume``); several as one stack. The clustering scores are left
-    to the run's finishing (``result.clusters``)."""
+    """K >= 1 runs of one :func:`stack_key` trained by the one epoch loop: a run alone in its
+    own model (:class:`ModelTrainee`: the fast path on the CPU, and the one that continues a
+    checkpoint, ``resume``), several as one stack. The clustering scores are left to the
+    run's finishing (``result.clusters``)."""
     if len(configs) > 1:
         if resume is not None:
             raise ValueError("a stack starts afresh: a continued run trains alone")
         return fit_stack(
             configs, splits, device, on_epoch, save_state, on_failed, score_clusters=False
         )
-    keep = None if save_state is None else partial(save_state, 0)
-    try:
-        return [fit(
-            configs[0], splits, device, partial(on_epoch, 0), resume, keep, score_clusters=False
-        )]
-    except MemberStopped as stopped:
-        return [stopped.reason]
-    except TrainingDiverged as exc:
-        if on_failed is not None:
-            on_failed(0, exc)
-        return [exc]
-
-
-@dataclass
-class StackValidation:
-    """An epoch's validation of every member: its metrics and its evaluation."""
-
-    per_member: list[dict[str, float]]
-    evaluations: list[Evaluation | None]
-
-
-def _evaluate_alone(
-    stack: StackedGaussianVAE, position: int, member: Member, split: Split, split_name: str
-) -> Evaluation:
-    """The stack's member at ``position`` evaluated in its own model."""
-    member.model.load_state_dict(stack.member_state(position))
-    return evaluate(member.model, split, split_name, member.config)
-
-
-def _without_members(
-    stack: StackedGaussianVAE,
-    optimizer: StackedOptimizer,
-    kept: Sequence[int],
-    kept_members: Sequence[Member],
-) -> tuple[StackedGaussianVAE, StackedOptimizer]:
-    """The stack and its optimizer holding only the members at positions ``kept`` (those
-    are ``kept_members``), each with its parameters, buffers and optimizer state as they
-    were: a smaller stack built from their own models, filled from this one."""
-    device = next(stack.parameters()).device
-    for position, member in zip(kept, kept_members, strict=True):
-        member.model.load_state_dict(stack.member_state(position))
-    smaller = StackedGaussianVAE([member.model for member in kept_members]).to(device)
-    return smaller, optimizer.keeping(kept, list(smaller.parameters()))
-
-
-def _validation_values(
-    splits: Splits, count: int, evaluations: Callable[[Split, str], list[Evaluation | None]]
-) -> StackValidation:
-    """What :func:`vaebench.training.trainer.fit` logs after an epoch, for each of the ``count``
-    members
-    (the sums read back in one transfer), and the evaluations."""
-    if splits.validation is None:
-        return StackValidation([{} for _ in range(count)], [None] * count)
-    done = evaluations(splits.validation, "validation")
-    sums = {
-        f"{k}/{name}": tensor
-        for k, evaluation in enumerate(done)
-        if evaluation is not None
-        for name, tensor in evaluation.sums().items()
-    }
-    read = read_scalars(sums) if sums else {}
-    per_member = [
-        {}
-        if evaluation is None
-        else validation_values(
-            evaluation,
-            {name: read[f"{k}/{name}"] for name in evaluation.sums()},
-            splits.validation,
-        )
-        for k, evaluation in enumerate(done)
-    ]
-    return StackValidation(per_member, done)
+    trainee = ModelTrainee(configs[0], splits, device, resume)
+    result = TrainResult(model=trainee.model, history=trainee.history)
+    return train_members(
+        trainee, configs, [result], splits, device, on_epoch, save_state, on_failed,
+        score_clusters=False, earlier=trainee.earlier,
+    )

@@ -1,6 +1,6 @@
 """Mid-run checkpoints: one file per MLflow run, written atomically, gone once the run ends.
 
-A checkpoint holds what :func:`vaebench.training.trainer.fit` needs to continue a run from its
+A checkpoint holds what :func:`vaebench.training.loop.fit` needs to continue a run from its
 last complete epoch as if it had never stopped (model, optimizer, every random
 state, the epochs' metrics), plus the run's key and vaebench's code version: a
 checkpoint of other settings, code or device is not continued. Files live in

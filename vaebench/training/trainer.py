@@ -1,20 +1,17 @@
-"""The epoch loop for one run.
+"""One run's training: its optimizer, its epoch over the training split, its checkpoint
+state, the metrics an epoch records and the scores after the last one, and the run alone as
+the epoch loop (:mod:`vaebench.training.loop`) drives it (:class:`ModelTrainee`).
 
 The whole split is on the device; a batch is an index slice of a per-epoch
 permutation; losses accumulate in device tensors and are read back once per
-epoch, together with the validation split's sums. The test split is scored once,
-after the last epoch. This module imports neither mlflow nor optuna: the caller passes an
-``on_epoch`` callback to receive metrics.
-
-The step is written as a function of (model, optimizer, batch) so that a later
-change can run several same-shaped runs in one stacked step.
+epoch, together with the validation split's sums. This module imports neither mlflow nor
+optuna.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -125,11 +122,6 @@ def check_finite(values: dict[str, float], when: str) -> None:
     if bad:
         listed = ", ".join(f"{name} is {value}" for name, value in bad.items())
         raise TrainingDiverged(f"{listed} {when}")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -268,88 +260,58 @@ def validation_values(
     return values
 
 
-def fit(
-    config: RunConfig,
-    splits: Splits,
-    device: torch.device,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
-    resume: dict[str, Any] | None = None,
-    save_state: Callable[[dict[str, Any]], None] | None = None,
-    score_clusters: bool = True,
-) -> TrainResult:
-    """Train one run from its config; same config and seed on CPU give the same numbers.
+class ModelTrainee:
+    """A run alone as the epoch loop (:func:`vaebench.training.loop.train_members`) drives it:
+    its own model, optimizer, batch order and random stream (the CPU's fast path), continued
+    from a :func:`training_state` where ``resume`` gives one."""
 
-    Every epoch scores the validation split; the test split is scored once, after
-    the last epoch, into ``result.summary`` (with the clustering scores, the
-    likelihood estimate where ``eval.iwae_samples`` asks for it, and the timing).
-    Every ``train.checkpoint_every`` epochs (and after the last), ``save_state``
-    receives a :func:`training_state`, before ``on_epoch`` sees the epoch; a run
-    started with ``resume`` (such a state) continues after its epoch and ends with
-    the numbers of a run that never stopped. Without ``score_clusters`` the final clustering
-    scores are left out of the summary, and what they are computed from is in
-    ``result.clusters`` (:func:`vaebench.scoring.evaluation.scored_clusters` scores it later, on the
-    host; k-means is the slow part of scoring).
-    """
-    torch.manual_seed(config.seed)
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    model = place_model(build_model(config.model, splits.image_shape), device)
-    optimizer = build_optimizer(config.optim, model.parameters())
-    objective = Objective(config.loss, model.categories)
-    batch_loss = None
-    if config.train.backend == "pyro":
-        from vaebench.training.pyro_backend import pyro_loss
+    def __init__(
+        self,
+        config: RunConfig,
+        splits: Splits,
+        device: torch.device,
+        resume: dict[str, Any] | None = None,
+    ):
+        torch.manual_seed(config.seed)
+        self.config, self.splits = config, splits
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self.model = place_model(build_model(config.model, splits.image_shape), device)
+        self.optimizer = build_optimizer(config.optim, self.model.parameters())
+        self.objective = Objective(config.loss, self.model.categories)
+        self.batch_loss = None
+        if config.train.backend == "pyro":
+            from vaebench.training.pyro_backend import pyro_loss
 
-        batch_loss = pyro_loss(model, config)
-    result = TrainResult(model=model)
-    n_train = len(splits.train)
-    per_epoch = steps_per_epoch(n_train, config.train.batch_size)
-    validation = splits.validation
-    earlier = 0.0
-    if resume is not None:
-        result.history, earlier = restore_training_state(resume, model, optimizer, generator)
-        model.anneal(len(result.history) * per_epoch - 1, config.train.epochs * per_epoch)
-    started = time.perf_counter()
-    evaluation = None
-    for epoch in range(len(result.history) + 1, config.train.epochs + 1):
-        t0 = time.perf_counter()
+            self.batch_loss = pyro_loss(self.model, config)
+        self.history: list[EpochMetrics] = []
+        self.earlier = 0.0  # seconds a continued run had trained
+        if resume is not None:
+            self.history, self.earlier = restore_training_state(
+                resume, self.model, self.optimizer, self.generator
+            )
+            per_epoch = steps_per_epoch(len(splits.train), config.train.batch_size)
+            self.model.anneal(len(self.history) * per_epoch - 1, config.train.epochs * per_epoch)
+
+    def epoch(self, first_step: int) -> torch.Tensor:
         total = train_epoch(
-            model, optimizer, objective, config, splits, generator, (epoch - 1) * per_epoch,
-            batch_loss,
+            self.model, self.optimizer, self.objective, self.config, self.splits,
+            self.generator, first_step, self.batch_loss,
         )
-        _sync(device)
-        t1 = time.perf_counter()
-        sums = {"train": total}
-        evaluation = None
-        if validation is not None:
-            evaluation = evaluate(model, validation, "validation", config)
-            sums.update(evaluation.sums())
-        read = read_scalars(sums)
-        check_finite({"training loss": read["train"]}, f"after epoch {epoch}")
-        values = validation_values(evaluation, read, validation)
-        check_finite(values, f"after epoch {epoch}")
-        values.update(model.annealed_values())
-        t2 = time.perf_counter()
-        metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=read["train"] / n_train,
-            epoch_seconds=t1 - t0,
-            eval_seconds=t2 - t1,
-            images_per_second=n_train / (t1 - t0),
-            values=values,
-        )
-        result.history.append(metrics)
-        if save_state is not None and checkpoint_due(epoch, config.train):
-            seconds = earlier + time.perf_counter() - started
-            save_state(training_state(model, optimizer, generator, result.history, seconds))
-        if on_epoch is not None:
-            on_epoch(metrics)
-    if evaluation is None and validation is not None:  # resumed after its last epoch
-        evaluation = evaluate(model, validation, "validation", config)
-    pending = None if score_clusters else result.clusters
-    scores = final_scores(model, splits, config, evaluation, clusters=pending)
-    result.summary = summary_of(scores, result.history, n_train)
-    result.seconds = earlier + time.perf_counter() - started
-    return result
+        return total.reshape(1)
+
+    def evaluations(self, split: Split, split_name: str) -> list[Evaluation]:
+        return [evaluate(self.model, split, split_name, self.config)]
+
+    def training_state(
+        self, position: int, history: list[EpochMetrics], seconds: float
+    ) -> dict[str, Any]:
+        return training_state(self.model, self.optimizer, self.generator, history, seconds)
+
+    def keep(self, positions: Sequence[int]) -> None:
+        """A run alone leaves the loop when it stops: nothing to keep."""
+
+    def final_model(self, position: int) -> torch.nn.Module:
+        return self.model.eval()
 
 
 def final_scores(

@@ -1,0 +1,264 @@
+"""The one epoch loop, for K >= 1 members trained together, and :func:`fit`, a run alone.
+
+Every epoch: one pass over the training split for every member, the validation split scored,
+the training sums and validation sums read back to the host in one transfer, each member's
+metrics checked, checkpointed and given to ``on_epoch``; a member whose numbers turn NaN or
+infinite, or that its caller stops (:class:`MemberStopped`), leaves while the others go on.
+After the last epoch the test split is scored once. What the members are is the
+:class:`Trainee`'s business: a run alone in its own model (:class:`ModelTrainee`, here), or
+a stack (:class:`vaebench.stacking.fit.StackTrainee`). This module imports neither mlflow
+nor optuna: callers pass callbacks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from vaebench.data import Split, Splits
+from vaebench.scoring.evaluation import Evaluation, evaluate, read_scalars
+from vaebench.spec.config import RunConfig
+from vaebench.training.trainer import (
+    EpochMetrics,
+    ModelTrainee,
+    TrainingDiverged,
+    TrainResult,
+    check_finite,
+    checkpoint_due,
+    final_scores,
+    steps_per_epoch,
+    summary_of,
+    validation_values,
+)
+
+
+class MemberStopped(Exception):
+    """Raised by ``on_epoch`` to stop that member on purpose (a pruned trial): it leaves like
+    a diverged member, and the others go on. ``reason``: what stopped it, its outcome."""
+
+    def __init__(self, reason: BaseException):
+        super().__init__(str(reason))
+        self.reason = reason
+
+
+class Trainee(Protocol):
+    """K >= 1 runs trained together, as :func:`train_members` drives them; a member is named
+    by its position among those still in."""
+
+    def epoch(self, first_step: int) -> torch.Tensor:
+        """One pass over the training split, its steps numbered from ``first_step``: each
+        member's summed objective (K,), on the device."""
+        ...
+
+    def evaluations(self, split: Split, split_name: str) -> list[Evaluation]:
+        """Each member's evaluation of ``split``."""
+        ...
+
+    def training_state(
+        self, position: int, history: list[EpochMetrics], seconds: float
+    ) -> dict[str, Any]:
+        """What the member's run alone would save after this epoch: it continues alone."""
+        ...
+
+    def keep(self, positions: Sequence[int]) -> None:
+        """Only the members at ``positions`` go on."""
+        ...
+
+    def final_model(self, position: int) -> torch.nn.Module:
+        """The member's own model, holding its weights, in eval mode."""
+        ...
+
+
+def train_members(
+    trainee: Trainee,
+    configs: Sequence[RunConfig],
+    results: Sequence[TrainResult],
+    splits: Splits,
+    device: torch.device,
+    on_epoch: Callable[[int, EpochMetrics], None] | None = None,
+    save_state: Callable[[int, dict[str, Any]], None] | None = None,
+    on_failed: Callable[[int, TrainingDiverged], None] | None = None,
+    score_clusters: bool = True,
+    earlier: float = 0.0,
+) -> list[TrainResult | BaseException]:
+    """Train ``trainee``'s members (member i: ``configs[i]``, its ``results[i]`` holding its
+    model and the epochs a continued run had, which trained for ``earlier`` seconds); for
+    each, in order, its result, the :class:`TrainingDiverged` that ended it (``on_failed``
+    hears of it at once), or the reason of a :class:`MemberStopped` ``on_epoch`` raised.
+
+    Every ``train.checkpoint_every`` epochs (and after the last), ``save_state(i, state)``
+    receives the member's :meth:`Trainee.training_state`, before ``on_epoch`` sees the
+    epoch. A member's time is its share: an epoch's seconds divided by the members the
+    trainee held in it, and its ``seconds`` the sum of such shares while it was in, plus
+    the scoring it does alone. Without ``score_clusters`` the final clustering scores are
+    left out of the summary, and what they are computed from is in ``result.clusters``
+    (:func:`vaebench.scoring.evaluation.scored_clusters` scores it later, on the host)."""
+    loop = _Loop(trainee, list(configs), list(results), splits, device, on_failed)
+    loop.shares = [earlier] * len(configs)
+    config = configs[0]
+    per_epoch = steps_per_epoch(len(splits.train), config.train.batch_size)
+    for epoch in range(len(results[0].history) + 1, config.train.epochs + 1):
+        t0 = loop.clock()
+        read, evaluations = loop.train_epoch((epoch - 1) * per_epoch)
+        values = loop.member_values(read, evaluations)
+        t1, t2 = loop.trained_at, loop.clock()
+        for position, index in enumerate(list(loop.active)):
+            metrics = loop.metrics(position, epoch, read, values, (t0, t1, t2))
+            if metrics is None:
+                continue
+            if save_state is not None and checkpoint_due(epoch, configs[index].train):
+                seconds = loop.shares[index] + (loop.clock() - t0) / len(loop.active)
+                history = loop.outcomes[index].history
+                save_state(index, trainee.training_state(position, history, seconds))
+            if on_epoch is not None:
+                try:
+                    on_epoch(index, metrics)
+                except MemberStopped as stopped:
+                    loop.outcomes[index] = stopped.reason
+        loop.share_since(t0)
+        if not loop.keep_going():
+            break
+    loop.score(score_clusters)
+    return loop.outcomes
+
+
+class _Loop:
+    """The state of one :func:`train_members`: who is still in, and each member's share."""
+
+    def __init__(self, trainee, configs, results, splits, device, on_failed):
+        self.trainee, self.configs, self.splits = trainee, configs, splits
+        self.device, self.on_failed = device, on_failed
+        self.outcomes: list[TrainResult | BaseException] = list(results)
+        self.active = list(range(len(configs)))  # the members still in, in position order
+        self.shares = [0.0] * len(configs)
+        self.validations: list[Evaluation | None] = [None] * len(configs)
+        self.trained_at = 0.0
+
+    def clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def share_since(self, since: float) -> None:
+        now = self.clock()
+        for index in self.active:
+            self.shares[index] += (now - since) / len(self.active)
+
+    def fail(self, index: int, error: TrainingDiverged) -> None:
+        self.outcomes[index] = error
+        if self.on_failed is not None:
+            self.on_failed(index, error)
+
+    def train_epoch(self, first_step: int) -> tuple[dict[str, float], list[Evaluation | None]]:
+        """The members' epoch and validation pass; their sums, read back in one transfer."""
+        totals = self.trainee.epoch(first_step)
+        self.trained_at = self.clock()
+        sums = {f"{p}/train": totals[p] for p in range(len(self.active))}
+        evaluations: list[Evaluation | None] = [None] * len(self.active)
+        if self.splits.validation is not None:
+            evaluations = list(self.trainee.evaluations(self.splits.validation, "validation"))
+        for position, evaluation in enumerate(evaluations):
+            self.validations[self.active[position]] = evaluation
+            for name, tensor in (evaluation.sums() if evaluation else {}).items():
+                sums[f"{position}/{name}"] = tensor
+        return read_scalars(sums), evaluations
+
+    def member_values(
+        self, read: dict[str, float], evaluations: list[Evaluation | None]
+    ) -> list[dict[str, float]]:
+        """Each member's validation metrics from the sums read back."""
+        return [
+            validation_values(
+                evaluation,
+                {name: read[f"{p}/{name}"] for name in evaluation.sums()} if evaluation else {},
+                self.splits.validation,
+            )
+            for p, evaluation in enumerate(evaluations)
+        ]
+
+    def metrics(self, position, epoch, read, values, times) -> EpochMetrics | None:
+        """The member's epoch, appended to its history; None if its numbers diverged."""
+        index, size = self.active[position], len(self.active)
+        n_train, (t0, t1, t2) = len(self.splits.train), times
+        when = f"after epoch {epoch}"
+        result = self.outcomes[index]
+        try:
+            check_finite({"training loss": read[f"{position}/train"]}, when)
+            check_finite(values[position], when)
+        except TrainingDiverged as exc:
+            self.fail(index, exc)
+            return None
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=read[f"{position}/train"] / n_train,
+            epoch_seconds=(t1 - t0) / size,
+            eval_seconds=(t2 - t1) / size,
+            images_per_second=n_train * size / (t1 - t0),
+            values={**values[position], **result.model.annealed_values()},
+        )
+        result.history.append(metrics)
+        return metrics
+
+    def keep_going(self) -> bool:
+        """Failed or stopped members leave (no more work for them); whether any is left."""
+        kept = [p for p, i in enumerate(self.active) if isinstance(self.outcomes[i], TrainResult)]
+        if len(kept) < len(self.active):
+            self.active = [self.active[p] for p in kept]
+            if self.active:
+                self.trainee.keep(kept)
+        return bool(self.active)
+
+    def score(self, score_clusters: bool) -> None:
+        """The test split scored once, and each member's final scores and summary."""
+        tested = self.clock()
+        tests = self.trainee.evaluations(self.splits.test, "test") if self.active else []
+        self.share_since(tested)
+        for position, index in enumerate(self.active):
+            scoring, result, config = time.perf_counter(), self.outcomes[index], self.configs[index]
+            model = self.trainee.final_model(position)
+            validation = self.validations[index]
+            if validation is None and self.splits.validation is not None:  # continued at its end
+                validation = evaluate(model, self.splits.validation, "validation", config)
+            pending = None if score_clusters else result.clusters
+            try:
+                scores = final_scores(
+                    model, self.splits, config, validation, tests[position], pending
+                )
+            except TrainingDiverged as exc:
+                self.fail(index, exc)
+                continue
+            result.summary = summary_of(scores, result.history, len(self.splits.train))
+            result.seconds = self.shares[index] + time.perf_counter() - scoring
+
+
+def fit(
+    config: RunConfig,
+    splits: Splits,
+    device: torch.device,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None,
+    score_clusters: bool = True,
+) -> TrainResult:
+    """Train one run from its config; same config and seed on CPU give the same numbers.
+
+    Every epoch scores the validation split; the test split is scored once, after
+    the last epoch, into ``result.summary`` (with the clustering scores, the
+    likelihood estimate where ``eval.iwae_samples`` asks for it, and the timing).
+    A run started with ``resume`` (a :func:`~vaebench.training.trainer.training_state`)
+    continues after its epoch and ends with the numbers of a run that never stopped.
+    A diverged run raises :class:`TrainingDiverged`. The rest as :func:`train_members`."""
+    trainee = ModelTrainee(config, splits, device, resume)
+    result = TrainResult(model=trainee.model, history=trainee.history)
+    [outcome] = train_members(
+        trainee, [config], [result], splits, device,
+        on_epoch=None if on_epoch is None else (lambda index, metrics: on_epoch(metrics)),
+        save_state=None if save_state is None else (lambda index, state: save_state(state)),
+        score_clusters=score_clusters, earlier=trainee.earlier,
+    )
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
