@@ -483,3 +483,51 @@ def test_k1_mean_is_the_elbo(sweep, case: Case):
     error = (estimates.mean(dim=0) - case.elbo).abs()
     assert (error <= 4 * standard_error(estimates)).all(), (error, standard_error(estimates))
     assert (case.exact - case.elbo > 0.05).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# which test images eval.iwae_images scores
+
+
+def test_the_likelihood_subset_is_a_fair_sample_of_mnists_ordered_test_split(mnist_root):
+    """MNIST's test file is ordered: its first 5,000 images come from the cleaner writers and
+    carry less ink. The subset ``eval.iwae_images: 1000`` scores is a seeded random one: its
+    mean ink is the split's, where the first 1,000 images' is about 10 below it."""
+    from vaebench.data import load_arrays
+    from vaebench.scoring.evaluation import likelihood_subset
+
+    images = torch.from_numpy(load_arrays("mnist", mnist_root)["test"][0]).double() / 255
+    ink = images.flatten(1).sum(1)
+    chosen = likelihood_subset(len(images), 1000)
+    assert chosen is not None and len(chosen) == len(set(chosen.tolist())) == 1000
+    assert torch.equal(chosen, likelihood_subset(len(images), 1000))  # the same every time
+    assert abs(ink[chosen].mean() - ink.mean()) < 2.5  # a standard error is about 1
+    assert ink.mean() - ink[:1000].mean() > 7  # what scoring the first 1,000 did
+    assert likelihood_subset(len(images), None) is None
+    assert likelihood_subset(len(images), 20000) is None  # more than there are: all
+
+
+def test_likelihood_metrics_score_the_subset(mnist_root):
+    """The estimate a run logs over ``eval.iwae_images`` is the estimator's over the subset."""
+    from vaebench.data import load_splits
+    from vaebench.models import build_model
+    from vaebench.scoring.evaluation import eval_generator, likelihood_metrics, likelihood_subset
+    from vaebench.spec.config import RunConfig
+
+    config = RunConfig.model_validate({
+        "data": {"subset": 256, "binarize": "dynamic"},
+        "model": {"hidden": [16], "z_dim": 2},
+        "eval": {"iwae_samples": 4, "iwae_images": 50},
+    })
+    test = load_splits(config.data, mnist_root, torch.device("cpu")).test
+    torch.manual_seed(0)
+    model = build_model(config.model, (1, 28, 28)).eval()
+    chosen = likelihood_subset(len(test), 50)
+    direct = estimate_nll(
+        model, test.images[chosen], test.labels[chosen], 4, eval_generator("test", "cpu")
+    )
+    logged = likelihood_metrics(model, test, "test", config)
+    assert logged["test_nll"] == pytest.approx(direct.nll, rel=1e-12)
+    generator = eval_generator("test", "cpu")
+    first = estimate_nll(model, test.images[:50], test.labels[:50], 4, generator)
+    assert logged["test_nll"] != pytest.approx(first.nll, rel=1e-6)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from vaebench.scoring.evaluation import LIKELIHOOD_SUBSET_SEED
 from vaebench.spec.grid import RunSpec
 from vaebench.training.trainer import resolve_device
 
@@ -84,4 +85,18 @@ def run_tags(run: RunSpec) -> dict[str, str]:
         "vaebench.backend": run.config.train.backend,
         "vaebench.device": str(device),
         "vaebench.device_name": device_name(device),
+        **nll_images_tag(run),
     }
+
+
+NLL_IMAGES_TAG = "vaebench.nll_images"
+
+
+def nll_images_tag(run: RunSpec) -> dict[str, str]:
+    """Which test images a run's likelihood estimate scores, where it makes one."""
+    evaluation = run.config.eval
+    if not evaluation.iwae_samples:
+        return {}
+    if evaluation.iwae_images is None:
+        return {NLL_IMAGES_TAG: "all"}
+    return {NLL_IMAGES_TAG: f"{evaluation.iwae_images} drawn with seed {LIKELIHOOD_SUBSET_SEED}"}

@@ -113,8 +113,9 @@ def measurement_notes(run_set: RunSet, metric: MetricInfo) -> str:
         images = with_nll.get("params.eval.iwae_images", pd.Series(dtype=object))
         subsets = sorted({int(n) for n in images if str(n).isdigit()})
         over = (
-            f", over the first {' or '.join(map(str, subsets))} test images for runs that set "
-            "eval.iwae_images (the others: all)"
+            f", over {' or '.join(map(str, subsets))} test images for runs that set "
+            "eval.iwae_images (the same seeded random subset for every run; the others: all "
+            "of them)"
             if subsets
             else ", over the whole test split"
         )

@@ -26,6 +26,7 @@ from vaebench.spec.config import RunConfig
 
 EVAL_SEEDS = {"validation": 101, "test": 202}
 LIKELIHOOD_ROWS_PER_PASS = 20000  # decoder rows (images x draws) per pass of the estimate
+LIKELIHOOD_SUBSET_SEED = 303  # the permutation eval.iwae_images takes its images from
 PREFIXES = {"validation": "val", "test": "test"}
 
 
@@ -149,16 +150,33 @@ def active_unit_metric(evaluation: Evaluation) -> dict[str, float]:
     return {f"{evaluation.prefix}_active_units": active_units(evaluation.mu.cpu().numpy())}
 
 
+def likelihood_subset(images: int, count: int | None) -> torch.Tensor | None:
+    """Which of a split's ``images`` the likelihood estimate scores when ``eval.iwae_images``
+    asks for ``count``: the first ``count`` of a fixed permutation of the split, drawn with
+    :data:`LIKELIHOOD_SUBSET_SEED` (the same images for every run of every grid), in the
+    split's order; None: all of them. MNIST's test file is ordered (its first 5,000 images
+    come from the cleaner writers), so its first images are no fair sample."""
+    if count is None or count >= images:
+        return None
+    generator = torch.Generator().manual_seed(LIKELIHOOD_SUBSET_SEED)
+    return torch.randperm(images, generator=generator)[:count].sort().values
+
+
 def likelihood_metrics(
     model: torch.nn.Module, split: Split, split_name: str, config: RunConfig
 ) -> dict[str, float]:
-    """``<prefix>_nll`` (nats per image, K = ``eval.iwae_samples``, over the first
-    ``eval.iwae_images`` images or all) and its standard error over the images."""
-    count = config.eval.iwae_images or len(split)
+    """``<prefix>_nll`` (nats per image, K = ``eval.iwae_samples``, over the seeded subset of
+    ``eval.iwae_images`` images, :func:`likelihood_subset`, or all) and its standard error
+    over the images."""
+    images, labels = split.images, split.labels
+    chosen = likelihood_subset(len(split), config.eval.iwae_images)
+    if chosen is not None:
+        chosen = chosen.to(images.device)
+        images, labels = images.index_select(0, chosen), labels.index_select(0, chosen)
     estimate: LikelihoodEstimate = estimate_nll(
         model,
-        split.images[:count],
-        split.labels[:count],
+        images,
+        labels,
         config.eval.iwae_samples,
         eval_generator(split_name, split.images.device),
         rows_per_pass=LIKELIHOOD_ROWS_PER_PASS,

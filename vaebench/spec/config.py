@@ -193,7 +193,8 @@ class EvalConfig(_Section):
     iwae_images: int | None = Field(
         default=None,
         ge=1,
-        description="the NLL over the first N test images (default: all); for slow models on CPU",
+        description="the NLL over N test images (default: all), the same seeded random N for "
+        "every run; for slow models on CPU",
     )
 
 
