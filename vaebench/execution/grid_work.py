@@ -9,6 +9,7 @@ train exactly once however many of them work on one grid at once.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
@@ -28,6 +29,7 @@ from vaebench.lifecycle.execute import (
 )
 from vaebench.lifecycle.post_run import RunOutcome, end_quietly, error_text
 from vaebench.lifecycle.provenance import run_tags
+from vaebench.lifecycle.resume import ClaimLost
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.spec.grid import RunSpec
 from vaebench.tracking.tracker import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker, TrackingError
@@ -237,12 +239,18 @@ def _train(
             take_over = partial(_take_over, claimed, tracker, held)
             previous = claimed.step.previous.run_id
             members.append(Member(claimed.step.run, RunHooks(on_start=take_over),
-                                  continue_id=previous))
+                                  continue_id=previous, continue_claim=claimed.claim_id))
         else:
             held.remove(claimed)
             members.append(Member(claimed.step.run, claimed_id=claimed.claim_id))
     try:
         done: list[Outcome] = execute(members, tracker, workspace, context)
+    except ClaimLost:  # another process continues the run: this one lets go of its claim
+        for claimed in [c for c in claims if c in held]:
+            held.remove(claimed)
+            with contextlib.suppress(TrackingError):
+                tracker.delete_run(claimed.claim_id)
+        return []
     except Exception as exc:
         if isinstance(exc, TrackingError):
             raise

@@ -34,7 +34,7 @@ from vaebench.execution.worker_plan import (
     visible_gpus,
 )
 from vaebench.execution.worker_processes import GridJob, rows_from_store, run_workers
-from vaebench.lifecycle.claims import Planned, lease_tags, plan, recover_abandoned
+from vaebench.lifecycle.claims import CLAIM_TAG, Planned, lease_tags, plan, recover_abandoned
 from vaebench.lifecycle.exactly_once import settle_seconds
 from vaebench.lifecycle.post_run import BackgroundFinisher, end_quietly
 from vaebench.lifecycle.preflight import check_output_folder
@@ -328,6 +328,9 @@ def _plan(
             outcome.rows.append(stored_row(step.run, step.previous))
     outcome.skipped = sum(step.action == "skip" for step in planned)
     continued = {step.previous.run_id for step in planned if step.action == "continue"}
+    # a live claim (recover_abandoned left only those RUNNING) names the run it continues
+    claimed = [r for r in previous if r.status == "RUNNING" and CLAIM_TAG in r.tags]
+    continued |= {r.tags[CLAIM_TAG] for r in claimed}
     keys = {run.key for run in runs}
     for record in previous:
         if record.status == "KILLED" and record.key in keys and record.run_id not in continued:

@@ -50,7 +50,12 @@ from vaebench.lifecycle.post_run import (
     handing_over,
 )
 from vaebench.lifecycle.provenance import code_version, run_tags
-from vaebench.lifecycle.resume import log_missing_epochs, resumable_state
+from vaebench.lifecycle.resume import (
+    ClaimLost,
+    continuation_problem,
+    log_missing_epochs,
+    resumable_state,
+)
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import deferred_signals
 from vaebench.spec.config import first_line
@@ -99,12 +104,14 @@ class Member:
     with the tags it would get), trained in instead of starting one; or ``continue_id``, a
     stopped (KILLED) run of the same key: with a checkpoint of this code, the run goes on in
     that MLflow run after its last saved epoch (a member alone only); without one, a new run
-    starts and the old one stays KILLED."""
+    starts and the old one stays KILLED. ``continue_claim``: the claim run under which this
+    process continues it, checked just before (:class:`ClaimLost` if it no longer stands)."""
 
     run: RunSpec
     hooks: RunHooks = field(default_factory=RunHooks)
     claimed_id: str | None = None
     continue_id: str | None = None
+    continue_claim: str | None = None  # the claim run that must still stand to continue
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,9 @@ def execute(
         return [life.ended[index] for index in range(len(life.members))]
     except TrackingError:
         life.status = "STOPPED (tracking store failed)"
+        raise
+    except ClaimLost as exc:  # nothing was written to the run: another process has it
+        life.status = f"let go: {exc}"
         raise
     except KeyboardInterrupt as exc:
         life.kill(exc)
@@ -189,6 +199,13 @@ class _Life:
             self.context.number, self.context.total, label, epochs, start=self.saved.get(0, 0)
         )
         with deferred_signals():  # a signal waits until the runs' ids are known and recorded
+            for member in self.members:
+                if member.continue_id and member.continue_claim:
+                    lost = continuation_problem(
+                        self.tracker, member.continue_id, member.continue_claim
+                    )
+                    if lost is not None:
+                        raise ClaimLost(lost)
             for index, member in enumerate(self.members):
                 self.run_ids[index] = self._open(member)
                 if member.hooks.on_start is not None:

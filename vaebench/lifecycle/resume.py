@@ -1,15 +1,37 @@
-"""Continuing a stopped run in its own MLflow run: its checkpoint, if it continues exactly this
-run with this code, and the epochs the store missed."""
+"""Continuing a stopped run in its own MLflow run: whether this process's claim to it still
+stands, its checkpoint, if it continues exactly this run with this code, and the epochs the
+store missed."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from vaebench.lifecycle.claims import OWNER_TAG, owner
 from vaebench.lifecycle.provenance import code_version
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.spec.grid import RunSpec
 from vaebench.tracking.tracker import Tracker
 from vaebench.training.trainer import EpochMetrics, resolve_device
+
+
+class ClaimLost(Exception):
+    """The stopped run this process claimed to continue is no longer its to continue (another
+    process continued it, or the claim was taken away as abandoned): it lets go, writing
+    nothing to that run."""
+
+
+def continuation_problem(tracker: Tracker, run_id: str, claim_id: str) -> str | None:
+    """Why this process may not continue the stopped run ``run_id`` under its claim run
+    ``claim_id`` now, or None if it may: the run must still be KILLED and the claim RUNNING
+    under this process's lease, read just before the run is reopened."""
+    run = tracker.run_record(run_id)
+    if run is None or run.status != "KILLED":
+        status = "deleted" if run is None else run.status
+        return f"run {run_id} is {status} (another process continued it)"
+    claim = tracker.run_record(claim_id)
+    if claim is None or claim.status != "RUNNING" or claim.tags.get(OWNER_TAG) != owner():
+        return f"its claim {claim_id} was taken away (recovered as abandoned)"
+    return None
 
 
 def resumable_state(

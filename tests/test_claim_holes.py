@@ -1,0 +1,83 @@
+"""Holes in the claims that let work be lost or done twice, each closed (issue 28)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vaebench.cli import main
+from vaebench.lifecycle.claims import CLAIM_TAG, EXPIRES_TAG, OWNER_TAG, lease_tags
+from vaebench.lifecycle.execute import Member, RunContext, execute
+from vaebench.lifecycle.resume import ClaimLost
+from vaebench.lifecycle.workspace import Workspace
+from vaebench.spec.grid import expand, load_grid
+from vaebench.tracking.tracker import RUN_KEY_TAG, MLflowTracker
+from vaebench.training.checkpoint import CheckpointStore, default_folder
+
+GRID = """
+name: holes
+base:
+  data: {subset: 256, validation: 256}
+  model: {hidden: [16], z_dim: 2}
+  train: {epochs: 2, batch_size: 128, device: cpu}
+seeds: [0]
+"""
+
+
+def test_a_checkpoint_that_a_live_claim_names_is_kept(tmp_path: Path, mnist_root):
+    """Another invocation has claimed a KILLED run to continue it (its claim run RUNNING,
+    with a live lease): planning the grid again leaves that run to the claimant, and its
+    checkpoint where the claimant will read it."""
+    (tmp_path / "holes.yaml").write_text(GRID)
+    [run] = expand(load_grid(tmp_path / "holes.yaml"))
+    db = tmp_path / "mlflow.db"
+    tracker = MLflowTracker(f"sqlite:///{db}")
+    tracker.start_grid("holes", "earlier", {"vaebench.grid": "holes"})
+    stopped = tracker.start_run(run.name, run.params, {"vaebench.grid": "holes",
+                                                       RUN_KEY_TAG: run.key})
+    tracker.end_run(stopped, "KILLED", "interrupted")
+    checkpoints = CheckpointStore(default_folder(db))
+    assert checkpoints.save(stopped, {"epoch": 1})
+    claim_tags = {"vaebench.grid": "holes", RUN_KEY_TAG: run.key, CLAIM_TAG: stopped}
+    tracker.start_run(run.name, {}, {**claim_tags, **lease_tags()})  # this process: alive
+
+    status = main(["run", str(tmp_path / "holes.yaml"), "--tracking-uri", f"sqlite:///{db}",
+                   "--data-root", str(mnist_root), "--results-dir", str(tmp_path / "results"),
+                   "--no-report", "--no-register"])
+    assert status == 0
+    assert checkpoints.path(stopped).exists()
+
+
+def stopped_run_and_claim(tmp_path: Path):
+    """A grid's KILLED run and this process's claim to continue it."""
+    (tmp_path / "holes.yaml").write_text(GRID)
+    [run] = expand(load_grid(tmp_path / "holes.yaml"))
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.start_grid("holes", "earlier", {"vaebench.grid": "holes"})
+    tags = {"vaebench.grid": "holes", RUN_KEY_TAG: run.key}
+    stopped = tracker.start_run(run.name, run.params, tags)
+    tracker.end_run(stopped, "KILLED", "interrupted")
+    claim = tracker.start_run(run.name, {}, {**tags, CLAIM_TAG: stopped, **lease_tags()})
+    return run, tracker, stopped, claim
+
+
+@pytest.mark.parametrize("meanwhile", ["continued elsewhere", "claim taken away"])
+def test_a_run_is_reopened_only_while_it_is_killed_and_the_claim_stands(
+    meanwhile, tmp_path: Path, mnist_root
+):
+    """Between claiming a stopped run and reopening it, another host may have continued it
+    (its claim judged abandoned, say): this process lets go and writes nothing to it."""
+    run, tracker, stopped, claim = stopped_run_and_claim(tmp_path)
+    other = {OWNER_TAG: "another-host:4242:1", EXPIRES_TAG: "9999999999"}
+    if meanwhile == "continued elsewhere":
+        tracker.reopen_run(stopped, other)
+    else:
+        tracker.delete_run(claim)
+    before = tracker.run_record(stopped)
+    workspace = Workspace(mnist_root, CheckpointStore(tmp_path / "checkpoints"))
+    member = Member(run, continue_id=stopped, continue_claim=claim)
+    with pytest.raises(ClaimLost):
+        execute([member], tracker, workspace, RunContext({}, 1, 1))
+    after = tracker.run_record(stopped)
+    assert (after.status, after.tags) == (before.status, before.tags)
