@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.request
 import zlib
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaebench.atomic import atomic_file
 from vaebench.spec.config import DataConfig, VaebenchError
 
 DATA_ENV = "VAEBENCH_DATA"
@@ -111,27 +111,18 @@ def download_file(url: str, target: Path, md5: str, timeout: float = 30.0) -> No
 
     Nothing is left behind on failure; ``target`` appears only when complete.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=".part", dir=target.parent
-    )
-    temp = Path(temp_name)
-    try:
-        digest = hashlib.md5()
-        with (
-            os.fdopen(handle, "wb") as out,
-            urllib.request.urlopen(url, timeout=timeout) as response,
-        ):
-            for block in iter(lambda: response.read(1 << 20), b""):
-                digest.update(block)
-                out.write(block)
+    digest = hashlib.md5()
+    with (
+        atomic_file(target) as out,
+        urllib.request.urlopen(url, timeout=timeout) as response,
+    ):
+        for block in iter(lambda: response.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)
         if digest.hexdigest() != md5:
             raise DataError(
                 f"checksum mismatch for {url}: md5 {digest.hexdigest()}, expected {md5}"
             )
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def ensure_files(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from vaebench.atomic import write_text
 from vaebench.execution.grid_work import WorkRecord
 from vaebench.reporting.best_models import Registered
 from vaebench.spec.grid import RunSpec
@@ -58,9 +59,8 @@ def close_results(outcome: GridOutcome, results: Path, name: str, runs: Sequence
 
 
 def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.csv"
-    pd.DataFrame(rows).to_csv(path, index=False)
+    write_text(path, pd.DataFrame(rows).to_csv(index=False))  # read by other processes
     return path
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vaebench.atomic import write_text
 from vaebench.reporting.best_models import BestRun
 from vaebench.reporting.figures import FIGURES, write_figures
 from vaebench.reporting.render import display_table, render_html, render_markdown, report_blocks
@@ -62,7 +63,7 @@ def make_report(
     folder.mkdir(parents=True, exist_ok=True)
     for stale in [*DOCUMENTS, *FIGURES, *(p.name for p in folder.glob("best_*.png"))]:
         (folder / stale).unlink(missing_ok=True)  # an earlier report's, e.g. another group's
-    table.to_csv(folder / "leaderboard.csv", index=False)
+    write_text(folder / "leaderboard.csv", table.to_csv(index=False))
     figures = write_figures(run_set, table, folder)
     runs = best_runs(run_set, table, chosen)
     bests = [
@@ -79,8 +80,8 @@ def make_report(
         for run in runs
     ]
     blocks = report_blocks(run_set, table, chosen, figures, bests)
-    (folder / "report.md").write_text(render_markdown(blocks))
-    (folder / "report.html").write_text(render_html(blocks, f"vaebench report: {name}"))
+    write_text(folder / "report.md", render_markdown(blocks))
+    write_text(folder / "report.html", render_html(blocks, f"vaebench report: {name}"))
     files = [folder / document for document in DOCUMENTS]
     files += figures + [picture for _, pictures in bests for picture in pictures]
     for path in files:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaebench.atomic import atomic_file, write_text
 from vaebench.data import Split, load_splits
 from vaebench.spec.config import DataConfig
 
@@ -83,11 +83,9 @@ def load_classifier(dataset: str, data_root: Path, device: torch.device) -> nn.M
     splits = load_splits(DataConfig(dataset=dataset), data_root, torch.device("cpu"))
     model = train_classifier(splits.train)
     test_accuracy = accuracy(model, splits.test)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".part", delete=False) as handle:
+    with atomic_file(weights) as handle:  # a concurrent reader sees whole files only
         torch.save(model.state_dict(), handle)
-    os.replace(handle.name, weights)
-    meta.write_text(json.dumps({"sha256": _sha256(weights), "test_accuracy": test_accuracy}))
+    write_text(meta, json.dumps({"sha256": _sha256(weights), "test_accuracy": test_accuracy}))
     return model.to(device).eval()
 
 

@@ -12,13 +12,13 @@ process killed in the middle leaves the previous checkpoint whole.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vaebench.atomic import atomic_file
 from vaebench.signals import deferred_signals
 
 FOLDER = "checkpoints"
@@ -44,19 +44,12 @@ class CheckpointStore:
         full, permissions) is a warning, once: the run goes on, it just cannot be continued
         from this epoch if it stops."""
         path = self.path(run_id)
-        partial = path.with_suffix(".pt.partial")
         with deferred_signals():
             try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                with open(partial, "wb") as file:
+                with atomic_file(path) as file:
                     torch.save(state, file)
-                    file.flush()
-                    os.fsync(file.fileno())
-                os.replace(partial, path)
                 return True
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    partial.unlink(missing_ok=True)
                 if not self._warned:
                     print(
                         f"vaebench: warning: checkpoint {path} not written ({exc.strerror or exc});"

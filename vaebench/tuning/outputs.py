@@ -12,6 +12,7 @@ from typing import Any, TextIO
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from vaebench.atomic import write_text
 from vaebench.reporting.best_models import BestRun, Registered
 from vaebench.reporting.table import ALL_RUNS
 from vaebench.spec.config import first_line
@@ -99,7 +100,7 @@ def write_trials(study: optuna.Study, best: list[FrozenTrial], folder: Path) -> 
         numbers = {t.number for t in best}
         table["best"] = table["number"].isin(numbers)
     path = folder / "trials.csv"
-    table.to_csv(path, index=False)
+    write_text(path, table.to_csv(index=False))
     return path
 
 
