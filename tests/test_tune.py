@@ -3,6 +3,7 @@ worker processes, Pareto fronts. Tiny runs on a real MNIST subset, temporary sto
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -52,6 +53,23 @@ def problems_of(path: Path) -> list[str]:
     with pytest.raises(ConfigError) as info:
         load_study(path)
     return info.value.problems
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/absolute", ".hidden", "back\\slash"])
+def test_a_study_name_that_is_a_path_is_refused_before_anything_is_created(tmp_path, name):
+    """A study's name names its MLflow experiment, its results folder and its Optuna study:
+    checked as a grid's name is, one line, before either store exists."""
+    path = write(tmp_path / "study.yaml", f"""\
+        name: {json.dumps(name)}
+        {textwrap.indent(TINY_BASE, "        ").strip()}
+        space:
+          loss.beta: {{type: float, low: 0.5, high: 4.0}}
+        objectives:
+          - {{metric: val_elbo, direction: maximize}}
+        """)
+    problems = problems_of(path)
+    assert problems == [f"{path}: name: must not contain path separators or start with '.'"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
 
 
 def test_every_problem_is_one_line_naming_file_and_key(tmp_path):
