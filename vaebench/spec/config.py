@@ -1,12 +1,6 @@
-"""Typed run configuration, dotted keys, and the errors users can cause.
+"""The typed run config (:class:`RunConfig`), dotted keys, and the errors users can cause.
 
-A run is described by :class:`RunConfig` (data, model, loss, optim, train,
-eval sections plus a seed). Grid files (:mod:`vaebench.spec.grid`) and study files
-(:mod:`vaebench.spec.study`) share the check of dotted-key overrides that is here (and
-:mod:`vaebench.spec.yaml_file`'s reading); every problem in a file is reported as one line
-naming the file and the dotted key.
-This module imports neither torch nor :mod:`vaebench.models`: the model families
-are named in :data:`ARCHS` (a test keeps it equal to ``vaebench.models.MODELS``).
+Imports neither torch nor :mod:`vaebench.models`: the model families are named in :data:`ARCHS`.
 """
 
 from __future__ import annotations
@@ -15,21 +9,11 @@ import copy
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class VaebenchError(Exception):
-    """An error the user can cause and fix (config, data, paths, URIs).
-
-    The command line prints it as one line and exits with ``exit_status`` (2).
-    """
+    """An error the user can cause and fix; the command line prints one line, exits 2."""
 
     exit_status = 2
 
@@ -60,22 +44,21 @@ class DataConfig(_Section):
     dataset: Literal["mnist", "fashion_mnist", "kmnist"] = "mnist"
     binarize: Literal["none", "dynamic", "static"] = "none"
     validation: int = Field(
-        default=10000,
+        10000,
         ge=0,
         description="the last N training images held out as the validation split (0: none)",
     )
     subset: int | None = Field(
-        default=None, ge=1, description="first N training images of what validation leaves"
+        None, ge=1, description="first N training images of what validation leaves"
     )
 
 
 class ModelConfig(_Section):
     arch: str = "mlp"
     backbone: Literal["mlp", "conv"] = Field(
-        default="mlp",
-        description="encoder/decoder nets of the gumbel, cvae and gmvae families",
+        "mlp", description="encoder/decoder nets of the gumbel, cvae and gmvae families"
     )
-    z_dim: int = Field(default=20, ge=1)
+    z_dim: int = Field(20, ge=1)
     hidden: list[int] = Field(default_factory=lambda: [400], description="mlp hidden widths")
     channels: list[int] = Field(default_factory=lambda: [32, 64], description="conv channels")
     dense: list[int] = Field(
@@ -83,15 +66,13 @@ class ModelConfig(_Section):
         description="conv: fully connected widths between the conv features and the latent",
     )
     batch_norm: bool = False
-    categories: int = Field(
-        default=10, ge=2, description="gumbel, gmvae: size of the discrete latent"
-    )
+    categories: int = Field(10, ge=2, description="gumbel, gmvae: size of the discrete latent")
     tau: float | list[float] = Field(
-        default=0.67, description="gumbel: temperature, or [start, end] annealed exponentially"
+        0.67, description="gumbel: temperature, or [start, end] annealed exponentially"
     )
-    hard: bool = Field(default=True, description="gumbel: straight-through one-hot samples")
+    hard: bool = Field(True, description="gumbel: straight-through one-hot samples")
     condition_encoder: bool = Field(
-        default=True, description="cvae: the encoder sees the label too (false: decoder only)"
+        True, description="cvae: the encoder sees the label too (false: decoder only)"
     )
 
     @field_validator("arch")
@@ -129,51 +110,48 @@ class ModelConfig(_Section):
 class LossConfig(_Section):
     recon: Literal["bce", "mse"] = "bce"
     objective: Literal["elbo", "capacity"] = Field(
-        default="elbo", description="elbo: recon + beta*KL_z + beta_c*KL_c; capacity: JointVAE"
+        "elbo", description="elbo: recon + beta*KL_z + beta_c*KL_c; capacity: JointVAE"
     )
-    beta: float = Field(default=1.0, ge=0, description="weight of KL(q(z|x) || N(0, I))")
-    beta_c: float = Field(default=1.0, ge=0, description="weight of KL(q(c|x) || Uniform(K))")
+    beta: float = Field(1.0, ge=0, description="weight of KL(q(z|x) || N(0, I))")
+    beta_c: float = Field(1.0, ge=0, description="weight of KL(q(c|x) || Uniform(K))")
     kl_c: Literal["per_image", "batch_marginal"] = Field(
-        default="per_image",
+        "per_image",
         description="elbo objective: the KL of c it weighs: per image (the ELBO's), or of "
         "the batch's mean q(c) (balanced categories; c's information is not charged)",
     )
-    gamma: float = Field(default=30.0, ge=0, description="capacity: weight of |KL - C(t)|")
-    capacity_z: float = Field(default=5.0, ge=0, description="capacity: final C_z, nats")
+    gamma: float = Field(30.0, ge=0, description="capacity: weight of |KL - C(t)|")
+    capacity_z: float = Field(5.0, ge=0, description="capacity: final C_z, nats")
     capacity_c: float | None = Field(
-        default=None,
+        None,
         ge=0,
         description="capacity: C_c's ramp target, nats (default ln K); C_c stops at ln K",
     )
-    capacity_steps: int = Field(default=25000, ge=1, description="capacity: steps to reach max")
+    capacity_steps: int = Field(25000, ge=1, description="capacity: steps to reach max")
 
 
 class OptimConfig(_Section):
     name: Literal["adam", "rmsprop"] = "adam"
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments for the torch optimizer"
     )
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=128, ge=1)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(
-        default=1000, ge=1, description="decoder rows per evaluation pass (images x draws)"
+        1000, ge=1, description="decoder rows per evaluation pass (images x draws)"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = Field(
-        default=1,
-        ge=0,
-        description="epochs between checkpoints that let a stopped run continue (0: none)",
+        1, ge=0, description="epochs between checkpoints that let a stopped run continue (0: none)"
     )
     backend: Literal["torch", "pyro"] = Field(
-        default="torch",
-        description="torch: vaebench's loss; pyro: the model and guide in Pyro, its ELBO",
+        "torch", description="torch: vaebench's loss; pyro: the model and guide in Pyro, its ELBO"
     )
     pyro_elbo: Literal["meanfield", "trace"] = Field(
-        default="meanfield",
+        "meanfield",
         description="backend pyro: TraceMeanField_ELBO (analytic KL) or Trace_ELBO (sampled KL)",
     )
 
@@ -182,16 +160,14 @@ class EvalConfig(_Section):
     """How the trained model is scored; every run of a split sees the same random draws (for
     equal ``train.eval_batch_size`` and ``samples``)."""
 
-    samples: int = Field(
-        default=1, ge=1, description="posterior samples averaged in each ELBO estimate"
-    )
+    samples: int = Field(1, ge=1, description="posterior samples averaged in each ELBO estimate")
     iwae_samples: int = Field(
-        default=0,
+        0,
         ge=0,
         description="test NLL by importance sampling with K samples after training (0: off)",
     )
     iwae_images: int | None = Field(
-        default=None,
+        None,
         ge=1,
         description="the NLL over N test images (default: all), the same seeded random N for "
         "every run; for slow models on CPU",
@@ -207,23 +183,9 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _unset_defaults(config: RunConfig) -> dict[str, Any]:
-    """The value each key of :data:`FAMILY_DEFAULTS` takes in ``config`` when left unset."""
-    family = FAMILY_DEFAULTS.get(config.model.arch, {}) if config.loss.objective == "elbo" else {}
-    values = {}
-    for key in sorted({key for defaults in FAMILY_DEFAULTS.values() for key in defaults}):
-        section, leaf = key.split(".")
-        field = type(getattr(config, section)).model_fields[leaf]
-        values[key] = family.get(key, field.get_default(call_default_factory=True))
-    return values
-
-
 class RunConfig(_Section):
-    """Everything that determines one training run.
-
-    Keys a file leaves unset take their section's default, or the model family's
-    (:data:`FAMILY_DEFAULTS`) where it has one.
-    """
+    """Everything that determines one training run. Keys a file leaves unset take their
+    section's default, or the model family's (:data:`FAMILY_DEFAULTS`) where it has one."""
 
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -240,19 +202,18 @@ class RunConfig(_Section):
         and a key filled for one family goes back to its section default for another.
         Assigning a key inside a section (``config.model.arch = ...``) does not: build
         configs from trees, or assign whole sections."""
-        for key, value in _unset_defaults(self).items():
+        family = FAMILY_DEFAULTS.get(self.model.arch, {}) if self.loss.objective == "elbo" else {}
+        for key in sorted({key for defaults in FAMILY_DEFAULTS.values() for key in defaults}):
             section_name, leaf = key.split(".")
             section = getattr(self, section_name)
+            field = type(section).model_fields[leaf]
+            value = family.get(key, field.get_default(call_default_factory=True))
             if leaf in section.model_fields_set or getattr(section, leaf) == value:
                 continue
             filled = section.model_copy(update={leaf: copy.deepcopy(value)})
             filled.__pydantic_fields_set__.discard(leaf)  # still the file's to set
             self.__dict__[section_name] = filled  # a new section: others may share the old
         return self
-
-
-# ---------------------------------------------------------------------------
-# dotted keys
 
 
 def valid_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
@@ -302,40 +263,28 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 PYRO_ARCHS = ("mlp", "conv")  # the Gaussian families the pyro backend expresses
 
 
-def pyro_problems(config: RunConfig) -> list[tuple[str, str]]:
-    """What the pyro backend does not do (the model it builds: a Gaussian prior and
-    posterior, a Bernoulli decoder, beta on the latent site)."""
-    train = config.train
-    if train.backend != "pyro":
-        if train.pyro_elbo != "meanfield":
-            return [("train.pyro_elbo", "applies to train.backend: pyro only")]
-        return []
-    problems = []
-    if config.model.arch not in PYRO_ARCHS:
-        problems.append(("train.backend", f"pyro trains model.arch {' or '.join(PYRO_ARCHS)}, "
-                         f"not {config.model.arch}"))
-    if config.loss.recon != "bce":
-        problems.append(("train.backend", "pyro's decoder is a Bernoulli likelihood: "
-                         "loss.recon must be bce"))
-    if config.loss.objective != "elbo":
-        problems.append(("train.backend", "pyro trains the elbo objective (loss.beta on the "
-                         "latent site), not capacity"))
-    return problems
-
-
 def cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
-    """Problems of settings that are valid alone but not together."""
-    problems = pyro_problems(config)
-    if config.eval.iwae_samples and (config.data.binarize == "none" or config.loss.recon != "bce"):
-        problems.append(
-            (
-                "eval.iwae_samples",
-                "a log-likelihood needs binary pixels and a Bernoulli decoder (data.binarize: "
-                "dynamic or static, loss.recon: bce): BCE on grey-level pixels or MSE is not "
-                "a likelihood",
-            )
-        )
-    return problems
+    """Problems of settings that are valid alone but not together, such as what the pyro
+    backend does not do (its model: a Gaussian prior and posterior, a Bernoulli decoder,
+    beta on the latent site)."""
+    train, loss = config.train, config.loss
+    pyro = train.backend == "pyro"
+    table = [
+        (not pyro and train.pyro_elbo != "meanfield", "train.pyro_elbo",
+         "applies to train.backend: pyro only"),
+        (pyro and config.model.arch not in PYRO_ARCHS, "train.backend",
+         f"pyro trains model.arch {' or '.join(PYRO_ARCHS)}, not {config.model.arch}"),
+        (pyro and loss.recon != "bce", "train.backend",
+         "pyro's decoder is a Bernoulli likelihood: loss.recon must be bce"),
+        (pyro and loss.objective != "elbo", "train.backend",
+         "pyro trains the elbo objective (loss.beta on the latent site), not capacity"),
+        (config.eval.iwae_samples and (config.data.binarize == "none" or loss.recon != "bce"),
+         "eval.iwae_samples",
+         "a log-likelihood needs binary pixels and a Bernoulli decoder (data.binarize: "
+         "dynamic or static, loss.recon: bce): BCE on grey-level pixels or MSE is not "
+         "a likelihood"),
+    ]
+    return [(key, message) for failed, key, message in table if failed]
 
 
 def run_config_problems(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -358,21 +307,29 @@ def run_config_problems(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
 def override_problems(
     base: Mapping[str, Any], overrides: Mapping[str, Any], where: str, label: str
 ) -> list[str]:
-    """Problems that ``overrides`` (dotted keys) cause on top of ``base``.
-
-    Each line names ``label`` plus the key; problems of the base itself are left
-    to the base's own check, so nothing is reported twice.
-    """
+    """Problems that ``overrides`` (dotted keys) cause on top of ``base``, each line naming
+    ``label`` plus the key; the base's own problems are left to its own check (no repeats)."""
     tree = copy.deepcopy(dict(base))
     lines = []
     for key, value in overrides.items():
-        bad_key = check_dotted_key(key)
-        if bad_key:
+        if bad_key := check_dotted_key(key):
             lines.append(f"{where}: {label}{key}: {bad_key}")
         else:
             set_dotted(tree, key, value)
-    for key, message in run_config_problems(tree):
-        owner = next((k for k in overrides if key == k or key.startswith(k + ".")), None)
-        if owner is not None:
-            lines.append(f"{where}: {label}{key}: {message}")
-    return lines
+    return lines + [
+        f"{where}: {label}{key}: {message}"
+        for key, message in run_config_problems(tree)
+        if any(key == k or key.startswith(k + ".") for k in overrides)
+    ]
+
+
+def probe_problems(
+    base: Mapping[str, Any], key: str, probes: Mapping[str, Any], where: str, section: str
+) -> list[str]:
+    """The problems of each value in ``probes`` for ``key`` on top of ``base``, each line naming
+    ``section.key`` plus the probe's name (``matrix.model.z_dim[1]``, ``space.optim.lr.low``)."""
+    return [
+        line.replace(f"{section}.{key}:", f"{section}.{key}{part}:", 1)
+        for part, value in probes.items()
+        for line in override_problems(base, {key: value}, where, f"{section}.")
+    ]

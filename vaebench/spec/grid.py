@@ -1,12 +1,9 @@
-"""Grid files: reading and checking them, and expanding them into runs.
+"""Grid files: reading and checking them (:func:`load_grid`), and expanding them into runs.
 
-A grid file is read into :class:`GridSpec` by :func:`load_grid` (every problem
-reported as one line naming the file and the dotted key, like study files in
-:mod:`vaebench.spec.study`). :func:`expand` takes the product of the matrix axes,
-minus ``exclude``, plus ``include``, times seeds. Each run gets a readable name
-built from the settings the grid varies (``mlp-bce-adam-b4-s0``) and a stable
-key: a hash of the resolved config and seed, stored as an MLflow tag so a rerun
-can recognise finished runs.
+:func:`expand` takes the product of the matrix axes, minus ``exclude``, plus ``include``, times
+seeds. Each run gets a readable name built from the settings the grid varies
+(``mlp-bce-adam-b4-s0``) and a stable key: a hash of the resolved config and seed, stored as an
+MLflow tag so a rerun can recognise finished runs.
 """
 
 from __future__ import annotations
@@ -16,8 +13,9 @@ import hashlib
 import itertools
 import json
 import math
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +25,10 @@ from vaebench.spec.config import (
     check_dotted_key,
     flatten,
     override_problems,
+    probe_problems,
     set_dotted,
 )
-from vaebench.spec.yaml_file import is_str_keyed, read_spec_header
+from vaebench.spec.yaml_file import is_int, is_str_keyed, read_spec_header
 
 GRID_KEYS = ("name", "base", "matrix", "exclude", "include", "seeds")
 
@@ -50,14 +49,10 @@ class GridSpec:
 MAX_GRID_RUNS = 10_000  # more: split the grid, or search the space with a study
 
 
-# ---------------------------------------------------------------------------
-# reading a grid file
-
-
 def load_grid(path: str | Path) -> GridSpec:
     """Read and check a grid file; raise ConfigError listing every problem."""
-    raw, where, name, base, problems = read_spec_header(path, "grid", GRID_KEYS)
-
+    header = read_spec_header(path, "grid", GRID_KEYS)
+    raw, where, _, base, problems = header
     matrix = raw.get("matrix") or {}
     if not is_str_keyed(matrix):
         problems.append(f"{where}: matrix: must map dotted keys to lists")
@@ -67,14 +62,11 @@ def load_grid(path: str | Path) -> GridSpec:
             problems.append(f"{where}: matrix.{key}: must be a list of values")
         elif not values:
             problems.append(f"{where}: matrix.{key}: empty axis (give at least one value)")
-        elif check_dotted_key(key):
-            problems.append(f"{where}: matrix.{key}: {check_dotted_key(key)}")
+        elif bad_key := check_dotted_key(key):
+            problems.append(f"{where}: matrix.{key}: {bad_key}")
         else:
-            for index, value in enumerate(values):
-                problems += [
-                    line.replace(f"matrix.{key}:", f"matrix.{key}[{index}]:", 1)
-                    for line in override_problems(base, {key: value}, where, "matrix.")
-                ]
+            probes = {f"[{index}]": value for index, value in enumerate(values)}
+            problems += probe_problems(base, key, probes, where, "matrix")
 
     exclude = _overrides_list(raw.get("exclude"), "exclude", where, base, problems)
     include = _overrides_list(raw.get("include"), "include", where, base, problems)
@@ -91,27 +83,12 @@ def load_grid(path: str | Path) -> GridSpec:
             "(the product of the axes' lengths, plus includes, times the seeds); split the "
             "grid, or search a large space with a study (python -m vaebench tune)"
         )
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
+    if not isinstance(seeds, list) or not seeds or not all(is_int(s) for s in seeds):
         problems.append(f"{where}: seeds: must be a non-empty list of integers")
         seeds = [0]
     elif len(set(seeds)) != len(seeds):
         problems.append(f"{where}: seeds: repeated seed")
-
-    if problems:
-        raise ConfigError(problems)
-    return GridSpec(
-        name=name,
-        base=base,
-        matrix=matrix,
-        exclude=exclude,
-        include=include,
-        seeds=seeds,
-        source=where,
-    )
+    return header.build(GridSpec, matrix=matrix, exclude=exclude, include=include, seeds=seeds)
 
 
 def grid_size(matrix: Mapping[str, Any], include: Any, seeds: Any) -> int:
@@ -138,40 +115,20 @@ def _overrides_list(
     return value
 
 
-# ---------------------------------------------------------------------------
-# expansion
-
-# how a varied setting reads in a run name; keys not listed read as "<leaf><value>"
+# how a varied setting reads in a run name: by its value alone, or "<prefix><value>" with the
+# prefix below, else the key's leaf ("lr0.001")
 NAME_PREFIXES = {
-    "model.arch": "",
-    "train.backend": "",
-    "train.pyro_elbo": "",
-    "loss.recon": "",
-    "optim.name": "",
-    "data.dataset": "",
-    "data.binarize": "bin-",
-    "loss.beta": "b",
-    "model.z_dim": "z",
-    "model.hidden": "h",
-    "model.channels": "c",
-    "optim.lr": "lr",
-    "train.epochs": "e",
-    "train.batch_size": "bs",
-    "data.subset": "n",
-    "model.batch_norm": "bn",
-    "model.backbone": "",
-    "model.tau": "tau",
-    "model.categories": "k",
-    "model.hard": "hard",
-    "model.condition_encoder": "condenc",
-    "loss.objective": "",
-    "loss.beta_c": "bc",
-    "loss.gamma": "g",
-    "loss.kl_c": "",
-    "model.dense": "d",
-    "eval.iwae_samples": "k",
-    "eval.iwae_images": "nll-n",
-    "data.validation": "val",
+    **dict.fromkeys(
+        ("model.arch", "model.backbone", "loss.recon", "loss.objective", "loss.kl_c",
+         "optim.name", "data.dataset", "train.backend", "train.pyro_elbo"),
+        "",
+    ),
+    "data.binarize": "bin-", "data.subset": "n", "data.validation": "val",
+    "model.z_dim": "z", "model.hidden": "h", "model.channels": "c", "model.dense": "d",
+    "model.batch_norm": "bn", "model.categories": "k", "model.condition_encoder": "condenc",
+    "loss.beta": "b", "loss.beta_c": "bc", "loss.gamma": "g",
+    "train.epochs": "e", "train.batch_size": "bs",
+    "eval.iwae_samples": "k", "eval.iwae_images": "nll-n",
 }
 # how a list value joins in a name: [1.0, 0.5] -> tau1to0.5 (an annealed temperature)
 LIST_JOINERS = {"model.tau": "to"}
@@ -250,12 +207,8 @@ def run_name(overrides: dict[str, Any], varied: list[str], seed: int, config: Ru
 
 def _combinations(grid: GridSpec) -> list[dict[str, Any]]:
     """Matrix product minus exclusions, plus includes; a grid of includes alone runs just those."""
-    if not grid.matrix and grid.include:
-        return [dict(extra) for extra in grid.include]
-    axes = list(grid.matrix)
-    combos = [
-        dict(zip(axes, values, strict=True)) for values in itertools.product(*grid.matrix.values())
-    ]
+    product = itertools.product(*grid.matrix.values()) if grid.matrix or not grid.include else []
+    combos = [dict(zip(grid.matrix, values, strict=True)) for values in product]
     kept = [
         combo
         for combo in combos
@@ -267,9 +220,7 @@ def _combinations(grid: GridSpec) -> list[dict[str, Any]]:
 def expand(grid: GridSpec) -> list[RunSpec]:
     """Every run of the grid, in order; raises ConfigError on duplicate runs."""
     combos = _combinations(grid)
-    varied = list(grid.matrix) + [
-        k for extra in grid.include for k in extra if k not in grid.matrix
-    ]
+    varied = [*grid.matrix, *(key for extra in grid.include for key in extra)]
     varied = sorted(dict.fromkeys(varied), key=lambda k: k not in ALWAYS_NAMED)
     runs: list[RunSpec] = []
     for combo in combos:
@@ -279,14 +230,8 @@ def expand(grid: GridSpec) -> list[RunSpec]:
                 set_dotted(tree, key, value)
             tree["seed"] = seed
             config = RunConfig.model_validate(tree)
-            runs.append(
-                RunSpec(
-                    name=run_name(combo, varied, seed, config),
-                    key=run_key(config),
-                    config=config,
-                    overrides=tuple(combo.items()),
-                )
-            )
+            name = run_name(combo, varied, seed, config)
+            runs.append(RunSpec(name, run_key(config), config, tuple(combo.items())))
     _check_unique(grid, runs)
     return runs
 
@@ -304,9 +249,7 @@ def _check_unique(grid: GridSpec, runs: list[RunSpec]) -> None:
     if problems:
         raise ConfigError(problems)
     # distinct configs that read the same (e.g. an include repeating no axis) get the key appended
-    names: dict[str, int] = {}
-    for run in runs:
-        names[run.name] = names.get(run.name, 0) + 1
+    names = Counter(run.name for run in runs)
     for index, run in enumerate(runs):
         if names[run.name] > 1:
-            runs[index] = RunSpec(f"{run.name}-{run.key[:6]}", run.key, run.config, run.overrides)
+            runs[index] = replace(run, name=f"{run.name}-{run.key[:6]}")

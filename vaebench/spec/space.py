@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vaebench.spec.config import check_dotted_key, override_problems
-from vaebench.spec.yaml_file import is_str_keyed
+from vaebench.spec.yaml_file import is_int, is_str_keyed
 
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = {
@@ -57,10 +57,6 @@ def encode_choice(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return json.dumps(value)
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def yaml_number(value: Any) -> float | None:

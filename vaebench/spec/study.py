@@ -18,8 +18,8 @@ from typing import Any
 
 from vaebench.spec.catalogue import CONDITIONAL, METRICS, SELECTABLE, selection_problem
 from vaebench.spec.config import ConfigError
-from vaebench.spec.space import Param, is_int, read_space, yaml_number
-from vaebench.spec.yaml_file import is_str_keyed, read_spec_header
+from vaebench.spec.space import Param, read_space, yaml_number
+from vaebench.spec.yaml_file import is_int, is_str_keyed, read_spec_header
 
 STUDY_KEYS = (
     "name",

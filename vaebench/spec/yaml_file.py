@@ -1,14 +1,10 @@
-"""What grid and study files share: reading the YAML, and the checks of ``name`` and ``base``.
-
-Every problem is one line naming the file and the dotted key (:class:`ConfigError`).
-Like :mod:`vaebench.spec.config`, it imports neither torch nor the models.
-"""
+"""What grid and study files share: reading the YAML, and the checks of ``name`` and ``base``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import yaml
 
@@ -46,14 +42,28 @@ def is_str_keyed(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) for k in value)
 
 
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+Spec = TypeVar("Spec")
+
+
 class SpecHeader(NamedTuple):
-    """The parts grid and study files share, checked: the raw mapping, name and base."""
+    """The parts grid and study files share, checked: the raw mapping, name and base; the
+    file's other checks add to ``problems``."""
 
     raw: dict[str, Any]
     where: str
     name: Any
     base: dict[str, Any]
     problems: list[str]
+
+    def build(self, spec: type[Spec], **fields: Any) -> Spec:
+        """The file's spec, or ConfigError listing every problem found in it."""
+        if self.problems:
+            raise ConfigError(self.problems)
+        return spec(name=self.name, base=self.base, source=self.where, **fields)
 
 
 def read_spec_header(path: str | Path, kind: str, keys: Sequence[str]) -> SpecHeader:
