@@ -1,9 +1,7 @@
 """The search space of a study file: its dimensions (:class:`Param`), read and checked.
 
 A dimension is ``{type: float|int|categorical, low, high, log, step, choices}`` or a list of
-choices; each is checked on its own and then on top of the study's base config (every value a
-trial can get must make a valid run config), every problem one line naming the file and the
-dotted key, as :mod:`vaebench.spec.study` reports them. No optuna here either.
+choices; every value a trial can get must make a valid run config on top of the study's base.
 """
 
 from __future__ import annotations
@@ -13,15 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from vaebench.spec.config import check_dotted_key, override_problems
+from vaebench.spec.config import check_dotted_key, probe_problems
 from vaebench.spec.yaml_file import is_int, is_str_keyed
 
-PARAM_TYPES = ("float", "int", "categorical")
-PARAM_KEYS = {
-    "float": ("type", "low", "high", "log", "step"),
-    "int": ("type", "low", "high", "log", "step"),
-    "categorical": ("type", "choices"),
-}
+RANGE_KEYS = ("type", "low", "high", "log", "step")
+PARAM_KEYS = {"float": RANGE_KEYS, "int": RANGE_KEYS, "categorical": ("type", "choices")}
+PARAM_TYPES = tuple(PARAM_KEYS)
 
 
 @dataclass(frozen=True)
@@ -61,16 +56,12 @@ def encode_choice(value: Any) -> Any:
 
 def yaml_number(value: Any) -> float | None:
     """A YAML number; also text such as ``1e-4`` (YAML 1.1 reads it as a string)."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         return None
-    if isinstance(value, (int, float)):
+    try:
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+    except ValueError:
+        return None
 
 
 def read_space(raw: Any, where: str, base: dict[str, Any], problems: list[str]) -> dict[str, Param]:
@@ -83,21 +74,13 @@ def read_space(raw: Any, where: str, base: dict[str, Any], problems: list[str]) 
     space = {}
     for key, value in raw.items():
         label = f"{where}: space.{key}"
-        bad_key = check_dotted_key(key)
-        if bad_key:
+        if bad_key := check_dotted_key(key):
             problems.append(f"{label}: {bad_key}")
-            continue
-        param = _param(value, label, problems)
-        if param is None:
-            continue
-        # every value a trial can get must make a valid run config on top of base
-        bad = False
-        for part, value in _probes(param).items():
-            for line in override_problems(base, {key: value}, where, "space."):
-                problems.append(line.replace(f"space.{key}:", f"space.{key}{part}:", 1))
-                bad = True
-        if not bad:
-            space[key] = param
+        elif (param := _param(value, label, problems)) is not None:
+            bad = probe_problems(base, key, _probes(param), where, "space")
+            problems += bad
+            if not bad:
+                space[key] = param
     return space
 
 
@@ -125,51 +108,43 @@ def _param(raw: Any, label: str, problems: list[str]) -> Param | None:
         problems.append(f"{label}.type: must be one of {', '.join(PARAM_TYPES)} (got {kind!r})")
         return None
     count = len(problems)
-    for key in raw:
-        if key not in PARAM_KEYS[kind]:
-            valid = ", ".join(PARAM_KEYS[kind])
-            problems.append(f"{label}.{key}: not used by {kind}; valid: {valid}")
+    valid = PARAM_KEYS[kind]
+    problems += [
+        f"{label}.{key}: not used by {kind}; valid: {', '.join(valid)}"
+        for key in raw
+        if key not in valid
+    ]
     if kind == "categorical":
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:
             problems.append(f"{label}.choices: categorical needs a non-empty list of choices")
         elif len({json.dumps(encode_choice(c)) for c in choices}) != len(choices):
             problems.append(f"{label}.choices: repeated choice")
-        if len(problems) > count:
-            return None
-        return Param(type=kind, choices=tuple(choices))
+        return None if len(problems) > count else Param(type=kind, choices=tuple(choices))
 
     log = raw.get("log", False)
     if not isinstance(log, bool):
         problems.append(f"{label}.log: must be true or false")
-    numbers: dict[str, float | int | None] = {}
+    numbers: list[Any] = []
     for part in ("low", "high", "step"):
         value = raw.get(part)
-        if value is None:
-            if part != "step":
-                problems.append(f"{label}.{part}: required for {kind}")
-            numbers[part] = None
-        elif kind == "int":
-            if not is_int(value):
-                problems.append(f"{label}.{part}: must be an integer")
-            numbers[part] = value
-        else:
-            number = yaml_number(value)
-            if number is None:
-                problems.append(f"{label}.{part}: must be a number (got {value!r})")
-            numbers[part] = number
+        numbers.append(value if kind == "int" or value is None else yaml_number(value))
+        if value is None and part != "step":
+            problems.append(f"{label}.{part}: required for {kind}")
+        elif value is not None and kind == "int" and not is_int(value):
+            problems.append(f"{label}.{part}: must be an integer")
+        elif value is not None and numbers[-1] is None:
+            problems.append(f"{label}.{part}: must be a number (got {value!r})")
     if len(problems) > count:
         return None
-    low, high, step = numbers["low"], numbers["high"], numbers["step"]
-    if low >= high:
-        problems.append(f"{label}: low must be below high (low {low}, high {high})")
-    if log and low <= 0:
-        problems.append(f"{label}: log needs low > 0 (low {low})")
-    if step is not None:
-        if step <= 0:
-            problems.append(f"{label}.step: must be > 0")
-        if log:
-            problems.append(f"{label}.step: cannot be combined with log (Optuna forbids it)")
-    if len(problems) > count:
-        return None
-    return Param(type=kind, low=low, high=high, log=log, step=step)
+    low, high, step = numbers
+    checks = [
+        (low >= high, f"{label}: low must be below high (low {low}, high {high})"),
+        (log and low <= 0, f"{label}: log needs low > 0 (low {low})"),
+        (step is not None and step <= 0, f"{label}.step: must be > 0"),
+        (step is not None and log,
+         f"{label}.step: cannot be combined with log (Optuna forbids it)"),
+    ]
+    bad = [message for failed, message in checks if failed]
+    problems += bad
+    return None if bad else Param(type=kind, low=low, high=high, log=log, step=step)

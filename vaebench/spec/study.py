@@ -1,39 +1,34 @@
 """Study files for ``python -m vaebench tune``: a base run config, a search space, objectives.
 
-A study file is read into :class:`StudySpec`; every problem is reported as one
-line naming the file and the dotted key (``study.yaml: space.optim.lr: log
-needs low > 0``), exactly like grid files, before anything is created. This
-module knows Optuna's vocabulary (sampler, pruner, distribution names) but does
-not import optuna: :mod:`vaebench.tuning.tune` builds the Optuna objects from a spec.
-Objectives are validation metrics (or metrics of no split, such as seconds): a
-test metric is rejected, as selecting on it would leak the test split into the
-choice (see :mod:`vaebench.spec.catalogue`).
+Knows Optuna's vocabulary (samplers, pruners, distributions) but does not import optuna:
+:mod:`vaebench.tuning.tune` builds the Optuna objects from a :class:`StudySpec`. Objectives are
+validation metrics (or of no split, such as seconds): selecting on a test metric would leak the
+test split into the choice (see :mod:`vaebench.spec.catalogue`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vaebench.spec.catalogue import CONDITIONAL, METRICS, SELECTABLE, selection_problem
-from vaebench.spec.config import ConfigError
 from vaebench.spec.space import Param, read_space, yaml_number
 from vaebench.spec.yaml_file import is_int, is_str_keyed, read_spec_header
 
-STUDY_KEYS = (
-    "name",
-    "base",
-    "space",
-    "objectives",
-    "sampler",
-    "pruner",
-    "n_trials",
-    "timeout",
-    "seed",
-    "storage",
-    "artifacts",
-)
+# the keys of a study file that hold one value: their default, whether a value is valid, and
+# what the problem line says otherwise
+SCALARS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
+    "n_trials": (10, lambda v: is_int(v) and v >= 1, "must be an integer >= 1"),
+    "timeout": (None, lambda v: v is None or (yaml_number(v) or 0) > 0,
+                "must be a number of seconds > 0, or null"),
+    "seed": (0, lambda v: v is None or is_int(v), "must be an integer or null"),
+    "storage": (None, lambda v: v is None or (isinstance(v, str) and bool(v.strip())),
+                "must be a storage URL or file name, or null"),
+    "artifacts": (False, lambda v: isinstance(v, bool), "must be true or false"),
+}
+STUDY_KEYS = ("name", "base", "space", "objectives", "sampler", "pruner", *SCALARS)
 DIRECTIONS = ("maximize", "minimize")
 
 # options each sampler and pruner accepts in the mapping form ``{name: tpe, n_startup_trials: 5}``;
@@ -94,14 +89,10 @@ class StudySpec:
         return {key: param.grid_values() for key, param in self.space.items()}
 
 
-# ---------------------------------------------------------------------------
-# loading and checking
-
-
 def load_study(path: str | Path) -> StudySpec:
     """Read and check a study file; raise ConfigError listing every problem."""
-    raw, where, name, base, problems = read_spec_header(path, "study", STUDY_KEYS)
-
+    header = read_spec_header(path, "study", STUDY_KEYS)
+    raw, where, _, base, problems = header
     space = read_space(raw.get("space"), where, base, problems)
     objectives = _objectives(raw.get("objectives"), where, problems)
     sampler, sampler_options = _named(
@@ -110,37 +101,72 @@ def load_study(path: str | Path) -> StudySpec:
     pruner, pruner_options = _named(
         raw.get("pruner") or "none", "pruner", PRUNER_OPTIONS, where, problems
     )
-
     archs = _archs(base, space)
+    problems += _metric_problems(objectives, archs, base, space, where)
+    problems += _search_problems(raw, objectives, archs, sampler, pruner, where)
+    if sampler == "grid":
+        problems += [
+            f"{where}: space.{key}: the grid sampler needs finite values: "
+            "give a step, or make it categorical"
+            for key, param in space.items()
+            if param.type == "float" and param.step is None
+        ]
+    scalars = {key: raw.get(key, default) for key, (default, _, _) in SCALARS.items()}
+    problems += [
+        f"{where}: {key}: {SCALARS[key][2]}"
+        for key, value in scalars.items()
+        if not SCALARS[key][1](value)
+    ]
+    scalars["timeout"] = yaml_number(scalars["timeout"])
+    return header.build(
+        StudySpec, space=space, objectives=objectives, sampler=sampler,
+        sampler_options=sampler_options, pruner=pruner, pruner_options=pruner_options, **scalars
+    )
+
+
+def _metric_problems(
+    objectives: list[Objective],
+    archs: list[str],
+    base: dict[str, Any],
+    space: dict[str, Param],
+    where: str,
+) -> list[str]:
+    """Why an objective's metric cannot compare the trials this study can run."""
+    problems = []
     for index, objective in enumerate(objectives):
         info = METRICS[objective.metric]
-        missing = [arch for arch in archs if not info.reported_by(arch)]
-        if missing:
-            problems.append(
-                f"{where}: objectives[{index}].metric: {objective.metric} is not reported by "
-                f"{', '.join(missing)} models, and model.arch can be {', '.join(missing)}"
-            )
+        missing = ", ".join(arch for arch in archs if not info.reported_by(arch))
+        mixed = ", ".join(_incomparable(space, archs) if info.loss_units else [])
+        checks = [
+            (missing, f"is not reported by {missing} models, and model.arch can be {missing}"),
+            (info.needs_validation and _can_take(base, space, "data.validation", 0),
+             "needs a validation split, and data.validation can be 0"),
+            (objective.metric in AFTER_WARM_UP and _can_take(base, space, "train.epochs", 1),
+             "is the mean over the epochs after the first (the warm-up), and train.epochs can "
+             "be 1; use first_epoch_seconds or at least 2 epochs"),
+            (mixed, f"is not comparable across {mixed} (another scale, other images or a bound "
+             "of log p(x|y)); tune one value of them per study"),
+            (info.per_cluster_count and "model.categories" in space,
+             "rises with the number of clusters, and space.model.categories varies it; tune "
+             "one number of categories per study"),
+        ]
         label = f"{where}: objectives[{index}].metric: {objective.metric}"
-        if info.needs_validation and _can_take(base, space, "data.validation", 0):
-            problems.append(f"{label} needs a validation split, and data.validation can be 0")
-        if objective.metric in AFTER_WARM_UP and _can_take(base, space, "train.epochs", 1):
-            problems.append(
-                f"{label} is the mean over the epochs after the first (the warm-up), and "
-                "train.epochs can be 1; use first_epoch_seconds or at least 2 epochs"
-            )
-        mixed = _incomparable(space, archs) if info.loss_units else []
-        if mixed:
-            problems.append(
-                f"{label} is not comparable across {', '.join(mixed)} (another scale, other "
-                "images or a bound of log p(x|y)); tune one value of them per study"
-            )
-        if info.per_cluster_count and "model.categories" in space:
-            problems.append(
-                f"{label} rises with the number of clusters, and space.model.categories "
-                "varies it; tune one number of categories per study"
-            )
+        problems += [f"{label} {message}" for failed, message in checks if failed]
+    return problems
+
+
+def _search_problems(
+    raw: dict[str, Any],
+    objectives: list[Objective],
+    archs: list[str],
+    sampler: str | None,
+    pruner: str | None,
+    where: str,
+) -> list[str]:
+    """What the sampler and pruner cannot do with these objectives."""
     listed = raw.get("objectives")
     if len(objectives) > 1 or (isinstance(listed, list) and len(listed) > 1):
+        problems = []
         if pruner not in (None, "none"):
             problems.append(
                 f"{where}: pruner: {pruner} cannot prune a study with several objectives "
@@ -148,55 +174,15 @@ def load_study(path: str | Path) -> StudySpec:
             )
         if sampler in SINGLE_OBJECTIVE_SAMPLERS:
             problems.append(f"{where}: sampler: {sampler} handles a single objective only")
-    elif len(objectives) == 1 and pruner not in (None, "none"):
+        return problems
+    if len(objectives) == 1 and pruner not in (None, "none"):
         metric = objectives[0].metric
         if not any(METRICS[metric].reported_by(a, per_epoch=True) for a in archs):
-            problems.append(
+            return [
                 f"{where}: pruner: {metric} is known only after the last epoch "
                 f"for {', '.join(archs)} models, so nothing can be pruned; use pruner: none"
-            )
-    if sampler == "grid":
-        for key, param in space.items():
-            if param.type == "float" and param.step is None:
-                problems.append(
-                    f"{where}: space.{key}: the grid sampler needs finite values: "
-                    "give a step, or make it categorical"
-                )
-
-    n_trials = raw.get("n_trials", 10)
-    if not is_int(n_trials) or n_trials < 1:
-        problems.append(f"{where}: n_trials: must be an integer >= 1")
-    timeout = raw.get("timeout")
-    if timeout is not None and (yaml_number(timeout) is None or yaml_number(timeout) <= 0):
-        problems.append(f"{where}: timeout: must be a number of seconds > 0, or null")
-    seed = raw.get("seed", 0)
-    if seed is not None and not is_int(seed):
-        problems.append(f"{where}: seed: must be an integer or null")
-    storage = raw.get("storage")
-    if storage is not None and (not isinstance(storage, str) or not storage.strip()):
-        problems.append(f"{where}: storage: must be a storage URL or file name, or null")
-    artifacts = raw.get("artifacts", False)
-    if not isinstance(artifacts, bool):
-        problems.append(f"{where}: artifacts: must be true or false")
-
-    if problems:
-        raise ConfigError(problems)
-    return StudySpec(
-        name=name,
-        base=base,
-        space=space,
-        objectives=objectives,
-        sampler=sampler,
-        sampler_options=sampler_options,
-        pruner=pruner,
-        pruner_options=pruner_options,
-        n_trials=n_trials,
-        timeout=yaml_number(timeout) if timeout is not None else None,
-        seed=seed,
-        storage=storage,
-        artifacts=artifacts,
-        source=where,
-    )
+            ]
+    return []
 
 
 # metrics missing from one-epoch runs: the first epoch is reported apart
