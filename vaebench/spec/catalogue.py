@@ -1,12 +1,8 @@
 """Every metric a run logs: its split, its direction, when it is known, which models report it.
 
-One catalogue, read by studies (what an objective or a pruner may name), the
-command line (``--metric`` choices) and reports (labels, digits, directions).
-A metric's name says its split: ``val_*`` is scored on the validation split
-(held out of the training images) every epoch or after the last one,
-``test_*`` on the test split once, after the last epoch. Selection (tuning,
-pruning, ranking, "best") reads validation metrics; test metrics are reported
-beside what was selected. This module imports nothing heavy (no torch, no mlflow).
+``val_*`` is scored on the validation split (held out of the training images), ``test_*`` on the
+test split once, after the last epoch. Selection (tuning, pruning, ranking, "best") reads
+validation metrics; test metrics are reported beside what was selected.
 """
 
 from __future__ import annotations
@@ -33,10 +29,6 @@ class MetricInfo:
     needs_validation: bool = False  # absent with data.validation: 0
     per_cluster_count: bool = False  # a clustering score: K clusters compare only with K
 
-    @property
-    def per_epoch(self) -> bool:
-        return self.epoch_families != ()
-
     def reported_by(self, arch: str, per_epoch: bool = False) -> bool:
         """Whether runs of model family ``arch`` log it (every epoch, if ``per_epoch``)."""
         tables = [self.epoch_families] if per_epoch else [self.epoch_families, self.final_families]
@@ -45,51 +37,38 @@ class MetricInfo:
     @property
     def counterpart(self) -> str | None:
         """The same quantity on the other of validation and test, if it exists."""
-        if self.split == VALIDATION:
-            other = "test_" + self.name.removeprefix("val_")
-        elif self.split == TEST:
-            other = "val_" + self.name.removeprefix("test_")
-        else:
-            return None
+        prefixes = {VALIDATION: ("val_", "test_"), TEST: ("test_", "val_")}.get(self.split)
+        other = prefixes and prefixes[1] + self.name.removeprefix(prefixes[0])
         return other if other in METRICS else None
 
 
-def _bound_metrics(prefix: str, split: str, every_epoch: bool) -> list[MetricInfo]:
-    """ELBO (beta = 1), reconstruction and KL of a split, with the KL parts of joint models."""
-    kwargs = dict(needs_validation=prefix == "val")
-    epoch, final = (None, ()) if every_epoch else ((), None)
-    cat_epoch, cat_final = (CATEGORICAL, ()) if every_epoch else ((), CATEGORICAL)
+def _split_metrics(prefix: str) -> list[MetricInfo]:
+    """A split's ELBO (beta = 1), reconstruction and KL, with the KL parts of joint models (every
+    epoch on validation, after the last on test), and its clustering scores."""
+    val = prefix == "val"
+    split, kwargs = (VALIDATION if val else TEST), dict(needs_validation=val)
+    every, joint = ((None, ()), (CATEGORICAL, ())) if val else (((), None), ((), CATEGORICAL))
+    cluster = dict(kwargs, digits=3, per_cluster_count=True)
     return [
-        MetricInfo(f"{prefix}_elbo", split, True, f"{prefix} ELBO", epoch, final,
+        MetricInfo(f"{prefix}_elbo", split, True, f"{prefix} ELBO", *every, loss_units=True,
+                   **kwargs),
+        MetricInfo(f"{prefix}_recon", split, False, f"{prefix} reconstruction", *every,
                    loss_units=True, **kwargs),
-        MetricInfo(f"{prefix}_recon", split, False, f"{prefix} reconstruction", epoch, final,
-                   loss_units=True, **kwargs),
-        MetricInfo(f"{prefix}_kl", split, False, f"{prefix} KL (nats)", epoch, final, **kwargs),
-        MetricInfo(f"{prefix}_kl_z", split, False, f"{prefix} KL_z", cat_epoch, cat_final,
-                   **kwargs),
-        MetricInfo(f"{prefix}_kl_c", split, False, f"{prefix} KL_c", cat_epoch, cat_final,
-                   **kwargs),
-    ]
-
-
-def _cluster_metrics(prefix: str, split: str) -> list[MetricInfo]:
-    kwargs = dict(needs_validation=prefix == "val", digits=3, per_cluster_count=True)
-    nmi_epoch = CATEGORICAL if prefix == "val" else ()
-    return [
-        MetricInfo(f"{prefix}_nmi", split, True, f"{prefix} NMI", nmi_epoch, UNCONDITIONAL,
-                   **kwargs),
-        MetricInfo(f"{prefix}_ari", split, True, f"{prefix} ARI", (), UNCONDITIONAL, **kwargs),
+        MetricInfo(f"{prefix}_kl", split, False, f"{prefix} KL (nats)", *every, **kwargs),
+        MetricInfo(f"{prefix}_kl_z", split, False, f"{prefix} KL_z", *joint, **kwargs),
+        MetricInfo(f"{prefix}_kl_c", split, False, f"{prefix} KL_c", *joint, **kwargs),
+        MetricInfo(f"{prefix}_nmi", split, True, f"{prefix} NMI", CATEGORICAL if val else (),
+                   UNCONDITIONAL, **cluster),
+        MetricInfo(f"{prefix}_ari", split, True, f"{prefix} ARI", (), UNCONDITIONAL, **cluster),
         MetricInfo(f"{prefix}_accuracy", split, True, f"{prefix} cluster accuracy", (),
-                   UNCONDITIONAL, **kwargs),
+                   UNCONDITIONAL, **cluster),
     ]
 
 
 _ALL = [
     MetricInfo("train_loss", TRAIN, False, "training loss", None),
-    *_bound_metrics("val", VALIDATION, every_epoch=True),
-    *_cluster_metrics("val", VALIDATION),
-    *_bound_metrics("test", TEST, every_epoch=False),
-    *_cluster_metrics("test", TEST),
+    *_split_metrics("val"),
+    *_split_metrics("test"),
     MetricInfo("test_active_units", TEST, None, "active units", (), None, digits=1),
     MetricInfo("test_nll", TEST, False, "test NLL (nats)", (), None),
     MetricInfo("test_nll_se", TEST, None, "test NLL standard error", (), None),

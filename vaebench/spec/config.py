@@ -216,28 +216,20 @@ class RunConfig(_Section):
         return self
 
 
-def valid_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
-    """Every dotted key a grid may set, e.g. ``model.z_dim``."""
-    keys: list[str] = []
-    for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys.extend(valid_keys(annotation, f"{prefix}{name}."))
-        else:
-            keys.append(f"{prefix}{name}")
-    return keys
+SECTIONS = {n: f.annotation for n, f in RunConfig.model_fields.items() if n != "seed"}
+# every dotted key a grid may set, e.g. ``model.z_dim``; seed is the one outside a section
+VALID_KEYS = (*(f"{s}.{leaf}" for s, cls in SECTIONS.items() for leaf in cls.model_fields), "seed")
 
 
 def check_dotted_key(key: str) -> str | None:
     """None if ``key`` names a setting, else the problem described."""
-    if key in valid_keys():
-        return None
     head = key.split(".")[0]
-    sections = [name for name in RunConfig.model_fields if name != "seed"]
-    if head in sections:
-        options = [k for k in valid_keys() if k.startswith(head + ".")]
+    if key in VALID_KEYS:
+        return None
+    if head in SECTIONS:
+        options = [k for k in VALID_KEYS if k.startswith(head + ".")]
         return f"unknown key; valid keys in {head}: {', '.join(options)}"
-    return f"unknown key; valid sections: {', '.join(sections)} (and seed)"
+    return f"unknown key; valid sections: {', '.join(SECTIONS)} (and seed)"
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
