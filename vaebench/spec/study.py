@@ -47,6 +47,9 @@ PRUNER_OPTIONS: dict[str, tuple[str, ...]] = {
     "hyperband": ("min_resource", "max_resource", "reduction_factor", "bootstrap_count"),
     "none": (),
 }
+# what ``sampler`` and ``pruner`` default to, and the options of each name
+NAMED = {"sampler": ("tpe", SAMPLER_OPTIONS), "pruner": ("none", PRUNER_OPTIONS)}
+
 
 @dataclass(frozen=True)
 class Objective:
@@ -95,22 +98,11 @@ def load_study(path: str | Path) -> StudySpec:
     raw, where, _, base, problems = header
     space = read_space(raw.get("space"), where, base, problems)
     objectives = _objectives(raw.get("objectives"), where, problems)
-    sampler, sampler_options = _named(
-        raw.get("sampler") or "tpe", "sampler", SAMPLER_OPTIONS, where, problems
-    )
-    pruner, pruner_options = _named(
-        raw.get("pruner") or "none", "pruner", PRUNER_OPTIONS, where, problems
-    )
+    sampler, sampler_options = _named(raw, "sampler", where, problems)
+    pruner, pruner_options = _named(raw, "pruner", where, problems)
     archs = _archs(base, space)
     problems += _metric_problems(objectives, archs, base, space, where)
-    problems += _search_problems(raw, objectives, archs, sampler, pruner, where)
-    if sampler == "grid":
-        problems += [
-            f"{where}: space.{key}: the grid sampler needs finite values: "
-            "give a step, or make it categorical"
-            for key, param in space.items()
-            if param.type == "float" and param.step is None
-        ]
+    problems += _search_problems(raw, objectives, archs, space, sampler, pruner, where)
     scalars = {key: raw.get(key, default) for key, (default, _, _) in SCALARS.items()}
     problems += [
         f"{where}: {key}: {SCALARS[key][2]}"
@@ -125,10 +117,7 @@ def load_study(path: str | Path) -> StudySpec:
 
 
 def _metric_problems(
-    objectives: list[Objective],
-    archs: list[str],
-    base: dict[str, Any],
-    space: dict[str, Param],
+    objectives: list[Objective], archs: list[str], base: dict[str, Any], space: dict[str, Param],
     where: str,
 ) -> list[str]:
     """Why an objective's metric cannot compare the trials this study can run."""
@@ -156,33 +145,28 @@ def _metric_problems(
 
 
 def _search_problems(
-    raw: dict[str, Any],
-    objectives: list[Objective],
-    archs: list[str],
-    sampler: str | None,
-    pruner: str | None,
-    where: str,
+    raw: dict[str, Any], objectives: list[Objective], archs: list[str], space: dict[str, Param],
+    sampler: str | None, pruner: str | None, where: str,
 ) -> list[str]:
-    """What the sampler and pruner cannot do with these objectives."""
+    """What the sampler and pruner cannot do with these objectives and this space."""
     listed = raw.get("objectives")
-    if len(objectives) > 1 or (isinstance(listed, list) and len(listed) > 1):
-        problems = []
-        if pruner not in (None, "none"):
-            problems.append(
-                f"{where}: pruner: {pruner} cannot prune a study with several objectives "
-                "(Optuna prunes single-objective studies only); use pruner: none"
-            )
-        if sampler in SINGLE_OBJECTIVE_SAMPLERS:
-            problems.append(f"{where}: sampler: {sampler} handles a single objective only")
-        return problems
-    if len(objectives) == 1 and pruner not in (None, "none"):
-        metric = objectives[0].metric
-        if not any(METRICS[metric].reported_by(a, per_epoch=True) for a in archs):
-            return [
-                f"{where}: pruner: {metric} is known only after the last epoch "
-                f"for {', '.join(archs)} models, so nothing can be pruned; use pruner: none"
-            ]
-    return []
+    several = len(objectives) > 1 or (isinstance(listed, list) and len(listed) > 1)
+    prunes = pruner not in (None, "none")
+    # with one objective, a pruner needs its metric every epoch
+    alone = objectives[0].metric if len(objectives) == 1 and not several else None
+    checks = [
+        (several and prunes, f"pruner: {pruner} cannot prune a study with several objectives "
+         "(Optuna prunes single-objective studies only); use pruner: none"),
+        (several and sampler in SINGLE_OBJECTIVE_SAMPLERS,
+         f"sampler: {sampler} handles a single objective only"),
+        (prunes and alone and not any(METRICS[alone].reported_by(a, per_epoch=True) for a in archs),
+         f"pruner: {alone} is known only after the last epoch for {', '.join(archs)} models, "
+         "so nothing can be pruned; use pruner: none"),
+        *((sampler == "grid" and param.type == "float" and param.step is None,
+           f"space.{key}: the grid sampler needs finite values: give a step, or make it "
+           "categorical") for key, param in space.items()),
+    ]
+    return [f"{where}: {message}" for failed, message in checks if failed]
 
 
 # metrics missing from one-epoch runs: the first epoch is reported apart
@@ -220,9 +204,8 @@ def _archs(base: dict[str, Any], space: dict[str, Param]) -> list[str]:
 
 
 def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
-    shape = "a non-empty list of {metric, direction}"
     if not isinstance(raw, list) or not raw:
-        problems.append(f"{where}: objectives: required, {shape}")
+        problems.append(f"{where}: objectives: required, a non-empty list of {{metric, direction}}")
         return []
     objectives = []
     for index, item in enumerate(raw):
@@ -251,13 +234,12 @@ def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
 
 
 def _named(
-    raw: Any,
-    section: str,
-    table: dict[str, tuple[str, ...]],
-    where: str,
-    problems: list[str],
+    study: dict[str, Any], section: str, where: str, problems: list[str]
 ) -> tuple[str | None, dict[str, Any]]:
-    """``tpe`` or ``{name: tpe, n_startup_trials: 5}``: the name and its options."""
+    """The ``sampler`` or ``pruner``, ``tpe`` or ``{name: tpe, n_startup_trials: 5}``: the name
+    and its options."""
+    default, table = NAMED[section]
+    raw = study.get(section) or default
     options: dict[str, Any] = {}
     if is_str_keyed(raw):
         options = {k: v for k, v in raw.items() if k != "name"}
