@@ -287,11 +287,9 @@ def run_config_problems(tree: Mapping[str, Any]) -> list[tuple[str, str]]:
         problems = []
         for item in exc.errors():
             key = ".".join(str(part) for part in item["loc"])
-            message = item["msg"]
+            message = item["msg"].removeprefix("Value error, ")  # a validator's ValueError
             if item["type"] == "extra_forbidden":
                 message = check_dotted_key(key) or "unknown key"
-            elif item["type"] == "value_error":
-                message = message.removeprefix("Value error, ")
             problems.append((key, message))
         return problems
 

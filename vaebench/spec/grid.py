@@ -205,25 +205,17 @@ def run_name(overrides: dict[str, Any], varied: list[str], seed: int, config: Ru
     return "-".join([*tokens, f"s{seed}"])
 
 
-def _combinations(grid: GridSpec) -> list[dict[str, Any]]:
-    """Matrix product minus exclusions, plus includes; a grid of includes alone runs just those."""
+def expand(grid: GridSpec) -> list[RunSpec]:
+    """Every run of the grid, in order: the matrix product minus exclusions (none for a grid of
+    includes alone), plus includes, times seeds; raises ConfigError on duplicate runs."""
     product = itertools.product(*grid.matrix.values()) if grid.matrix or not grid.include else []
     combos = [dict(zip(grid.matrix, values, strict=True)) for values in product]
-    kept = [
-        combo
-        for combo in combos
-        if not any(all(combo.get(k) == v for k, v in rule.items()) for rule in grid.exclude)
-    ]
-    return kept + [dict(extra) for extra in grid.include]
-
-
-def expand(grid: GridSpec) -> list[RunSpec]:
-    """Every run of the grid, in order; raises ConfigError on duplicate runs."""
-    combos = _combinations(grid)
+    # a rule excludes the combinations that hold all its settings
+    combos = [c for c in combos if not any(c.items() >= rule.items() for rule in grid.exclude)]
     varied = [*grid.matrix, *(key for extra in grid.include for key in extra)]
     varied = sorted(dict.fromkeys(varied), key=lambda k: k not in ALWAYS_NAMED)
     runs: list[RunSpec] = []
-    for combo in combos:
+    for combo in combos + grid.include:
         for seed in grid.seeds:
             tree = copy.deepcopy(grid.base)
             for key, value in combo.items():

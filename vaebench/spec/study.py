@@ -100,7 +100,7 @@ def load_study(path: str | Path) -> StudySpec:
     objectives = _objectives(raw.get("objectives"), where, problems)
     sampler, sampler_options = _named(raw, "sampler", where, problems)
     pruner, pruner_options = _named(raw, "pruner", where, problems)
-    archs = _archs(base, space)
+    archs = [str(arch) for arch in _values(base, space, "model.arch", "mlp")]
     problems += _metric_problems(objectives, archs, base, space, where)
     problems += _search_problems(raw, objectives, archs, space, sampler, pruner, where)
     scalars = {key: raw.get(key, default) for key, (default, _, _) in SCALARS.items()}
@@ -128,9 +128,9 @@ def _metric_problems(
         mixed = ", ".join(_incomparable(space, archs) if info.loss_units else [])
         checks = [
             (missing, f"is not reported by {missing} models, and model.arch can be {missing}"),
-            (info.needs_validation and _can_take(base, space, "data.validation", 0),
+            (info.needs_validation and 0 in _values(base, space, "data.validation"),
              "needs a validation split, and data.validation can be 0"),
-            (objective.metric in AFTER_WARM_UP and _can_take(base, space, "train.epochs", 1),
+            (objective.metric in AFTER_WARM_UP and 1 in _values(base, space, "train.epochs"),
              "is the mean over the epochs after the first (the warm-up), and train.epochs can "
              "be 1; use first_epoch_seconds or at least 2 epochs"),
             (mixed, f"is not comparable across {mixed} (another scale, other images or a bound "
@@ -175,15 +175,14 @@ AFTER_WARM_UP = ("mean_epoch_seconds", "mean_images_per_second")
 INCOMPARABLE = ("loss.recon", "data.dataset", "data.binarize", "data.validation")
 
 
-def _can_take(base: dict[str, Any], space: dict[str, Param], key: str, value: Any) -> bool:
-    """Whether a trial can run with ``key`` at ``value`` (the lowest end of a range)."""
+def _values(base: dict[str, Any], space: dict[str, Param], key: str, default: Any = None) -> tuple:
+    """The values ``key`` can take in a trial (of a range: its lowest)."""
     if key in space:
         param = space[key]
-        values = param.choices if param.type == "categorical" else (param.low,)
-        return any(choice == value for choice in values)
+        return param.choices if param.type == "categorical" else (param.low,)
     section, leaf = key.split(".")
     part = base.get(section)
-    return isinstance(part, dict) and part.get(leaf) == value
+    return (part.get(leaf, default) if isinstance(part, dict) else default,)
 
 
 def _incomparable(space: dict[str, Param], archs: list[str]) -> list[str]:
@@ -192,15 +191,6 @@ def _incomparable(space: dict[str, Param], archs: list[str]) -> list[str]:
     if any(a in CONDITIONAL for a in archs) and any(a not in CONDITIONAL for a in archs):
         keys.append("model.arch (cvae and unconditional models)")
     return keys
-
-
-def _archs(base: dict[str, Any], space: dict[str, Param]) -> list[str]:
-    """Every model family a trial of the study can train."""
-    if "model.arch" in space:
-        return [str(choice) for choice in space["model.arch"].choices]
-    model = base.get("model")
-    arch = model.get("arch", "mlp") if isinstance(model, dict) else "mlp"
-    return [str(arch)]
 
 
 def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
