@@ -1,9 +1,7 @@
 """Every metric a run logs: its split, its direction, when it is known, which models report it.
 
-``val_*`` is scored on the validation split (held out of the training images), ``test_*`` on the
-test split once, after the last epoch. Selection (tuning, pruning, ranking, "best") reads
-validation metrics; test metrics are reported beside what was selected.
-"""
+``val_*`` is scored on the validation split (held out of the training images), ``test_*`` once
+on the test split. Selection (tune, prune, rank) reads validation; test is reported beside it."""
 
 from __future__ import annotations
 

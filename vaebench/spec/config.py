@@ -1,7 +1,5 @@
-"""The typed run config (:class:`RunConfig`), dotted keys, and the errors users can cause.
-
-Imports neither torch nor :mod:`vaebench.models`: the model families are named in :data:`ARCHS`.
-"""
+"""The typed run config (:class:`RunConfig`), dotted keys, and the errors users can cause; no
+torch here, so the model families are named in :data:`ARCHS`."""
 
 from __future__ import annotations
 
@@ -174,10 +172,9 @@ class EvalConfig(_Section):
     )
 
 
-# The settings a model family trains with where a file leaves them unset: those that make
-# the family do its job, chosen on the validation split (docs/clustering.md). They are
-# settings of the ``elbo`` objective: a ``capacity`` run, and every other family, keeps the
-# section defaults above. A value the file sets always wins.
+# The settings that make a family do its job, chosen on the validation split
+# (docs/clustering.md), where a file leaves them unset; ``elbo`` objective only: ``capacity``
+# runs, and other families, keep the section defaults. A value the file sets always wins.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "gumbel": {"loss.beta": 10.0, "loss.kl_c": "batch_marginal"},
 }
@@ -256,9 +253,8 @@ PYRO_ARCHS = ("mlp", "conv")  # the Gaussian families the pyro backend expresses
 
 
 def cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
-    """Problems of settings that are valid alone but not together, such as what the pyro
-    backend does not do (its model: a Gaussian prior and posterior, a Bernoulli decoder,
-    beta on the latent site)."""
+    """Problems of settings valid alone but not together, such as what the pyro backend does not
+    do (its model: Gaussian prior and posterior, Bernoulli decoder, beta on the latent site)."""
     train, loss = config.train, config.loss
     pyro = train.backend == "pyro"
     table = [

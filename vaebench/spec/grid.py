@@ -1,10 +1,6 @@
-"""Grid files: reading and checking them (:func:`load_grid`), and expanding them into runs.
-
-:func:`expand` takes the product of the matrix axes, minus ``exclude``, plus ``include``, times
-seeds. Each run gets a readable name built from the settings the grid varies
-(``mlp-bce-adam-b4-s0``) and a stable key: a hash of the resolved config and seed, stored as an
-MLflow tag so a rerun can recognise finished runs.
-"""
+"""Grid files: reading and checking them, and expanding them into runs, each with a readable
+name from the settings the grid varies (``mlp-bce-adam-b4-s0``) and a stable key: a hash of the
+resolved config and seed, stored as an MLflow tag so a rerun can recognise finished runs."""
 
 from __future__ import annotations
 
@@ -154,9 +150,8 @@ class RunSpec:
 NOT_IN_KEY = {"train": {"checkpoint_every"}}
 
 
-# settings added after runs were stored, each with the value that computes what runs did
-# before it existed: at that value they stay out of the key, so those runs keep their keys
-# (and are skipped or resumed, not trained again)
+# settings added after runs were stored, each with the value that computes what runs did before:
+# at that value they stay out of the key, so those runs keep their keys (skipped, not retrained)
 KEY_SINCE = {
     "model.dense": [],
     "loss.kl_c": "per_image",

@@ -1,8 +1,5 @@
-"""The search space of a study file: its dimensions (:class:`Param`), read and checked.
-
-A dimension is ``{type: float|int|categorical, low, high, log, step, choices}`` or a list of
-choices; every value a trial can get must make a valid run config on top of the study's base.
-"""
+"""A study's search space: dimensions (:class:`Param`) ``{type, low, high, log, step, choices}``
+or a list of choices; every value a trial can get must make a valid run config on the base."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
 """Study files for ``python -m vaebench tune``: a base run config, a search space, objectives.
 
-Knows Optuna's vocabulary (samplers, pruners, distributions) but does not import optuna:
-:mod:`vaebench.tuning.tune` builds the Optuna objects from a :class:`StudySpec`. Objectives are
-validation metrics (or of no split, such as seconds): selecting on a test metric would leak the
-test split into the choice (see :mod:`vaebench.spec.catalogue`).
-"""
+Optuna's vocabulary without optuna (:mod:`vaebench.tuning.tune` builds its objects). Objectives
+are validation metrics, or of no split: selecting on a test metric would leak the test split."""
 
 from __future__ import annotations
 
@@ -17,8 +14,7 @@ from vaebench.spec.catalogue import CONDITIONAL, METRICS, SELECTABLE, selection_
 from vaebench.spec.space import Param, read_space, yaml_number
 from vaebench.spec.yaml_file import is_int, is_str_keyed, read_spec_header
 
-# the keys of a study file that hold one value: their default, whether a value is valid, and
-# what the problem line says otherwise
+# a study file's one-value keys: their default, whether a value is valid, and what it must be
 SCALARS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
     "n_trials": (10, lambda v: is_int(v) and v >= 1, "must be an integer >= 1"),
     "timeout": (None, lambda v: v is None or (yaml_number(v) or 0) > 0,

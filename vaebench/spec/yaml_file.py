@@ -50,8 +50,7 @@ Spec = TypeVar("Spec")
 
 
 class SpecHeader(NamedTuple):
-    """The parts grid and study files share, checked: the raw mapping, name and base; the
-    file's other checks add to ``problems``."""
+    """The parts grid and study files share, checked; the file's other checks add problems."""
 
     raw: dict[str, Any]
     where: str
