@@ -48,7 +48,7 @@ MAX_GRID_RUNS = 10_000  # more: split the grid, or search the space with a study
 def load_grid(path: str | Path) -> GridSpec:
     """Read and check a grid file; raise ConfigError listing every problem."""
     header = read_spec_header(path, "grid", GRID_KEYS)
-    raw, where, _, base, problems = header
+    raw, where, base, problems = header
     matrix = raw.get("matrix") or {}
     if not is_str_keyed(matrix):
         problems.append(f"{where}: matrix: must map dotted keys to lists")
@@ -114,16 +114,12 @@ def _overrides_list(
 # how a varied setting reads in a run name: by its value alone, or "<prefix><value>" with the
 # prefix below, else the key's leaf ("lr0.001")
 NAME_PREFIXES = {
-    **dict.fromkeys(
-        ("model.arch", "model.backbone", "loss.recon", "loss.objective", "loss.kl_c",
-         "optim.name", "data.dataset", "train.backend", "train.pyro_elbo"),
-        "",
-    ),
-    "data.binarize": "bin-", "data.subset": "n", "data.validation": "val",
-    "model.z_dim": "z", "model.hidden": "h", "model.channels": "c", "model.dense": "d",
-    "model.batch_norm": "bn", "model.categories": "k", "model.condition_encoder": "condenc",
-    "loss.beta": "b", "loss.beta_c": "bc", "loss.gamma": "g",
-    "train.epochs": "e", "train.batch_size": "bs",
+    "data.dataset": "", "data.binarize": "bin-", "data.subset": "n", "data.validation": "val",
+    "model.arch": "", "model.backbone": "", "model.z_dim": "z", "model.hidden": "h",
+    "model.channels": "c", "model.dense": "d", "model.batch_norm": "bn", "model.categories": "k",
+    "model.condition_encoder": "condenc", "loss.recon": "", "loss.objective": "", "loss.kl_c": "",
+    "loss.beta": "b", "loss.beta_c": "bc", "loss.gamma": "g", "optim.name": "",
+    "train.epochs": "e", "train.batch_size": "bs", "train.backend": "", "train.pyro_elbo": "",
     "eval.iwae_samples": "k", "eval.iwae_images": "nll-n",
 }
 # how a list value joins in a name: [1.0, 0.5] -> tau1to0.5 (an annealed temperature)
@@ -153,9 +149,7 @@ NOT_IN_KEY = {"train": {"checkpoint_every"}}
 # settings added after runs were stored, each with the value that computes what runs did before:
 # at that value they stay out of the key, so those runs keep their keys (skipped, not retrained)
 KEY_SINCE = {
-    "model.dense": [],
-    "loss.kl_c": "per_image",
-    "train.backend": "torch",
+    "model.dense": [], "loss.kl_c": "per_image", "train.backend": "torch",
     "train.pyro_elbo": "meanfield",
 }
 
@@ -224,15 +218,13 @@ def expand(grid: GridSpec) -> list[RunSpec]:
 
 
 def _check_unique(grid: GridSpec, runs: list[RunSpec]) -> None:
-    problems = []
-    first_by_key: dict[str, RunSpec] = {}
-    for run in runs:
-        if run.key in first_by_key:
-            problems.append(
-                f"{grid.source}: duplicate run: {run.name} has the same config and seed as "
-                f"{first_by_key[run.key].name}"
-            )
-        first_by_key.setdefault(run.key, run)
+    first = {run.key: run for run in reversed(runs)}  # the first run of each key
+    problems = [
+        f"{grid.source}: duplicate run: {run.name} has the same config and seed as "
+        f"{first[run.key].name}"
+        for run in runs
+        if first[run.key] is not run
+    ]
     if problems:
         raise ConfigError(problems)
     # distinct configs that read the same (e.g. an include repeating no axis) get the key appended

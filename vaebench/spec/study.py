@@ -91,7 +91,7 @@ class StudySpec:
 def load_study(path: str | Path) -> StudySpec:
     """Read and check a study file; raise ConfigError listing every problem."""
     header = read_spec_header(path, "study", STUDY_KEYS)
-    raw, where, _, base, problems = header
+    raw, where, base, problems = header
     space = read_space(raw.get("space"), where, base, problems)
     objectives = _objectives(raw.get("objectives"), where, problems)
     sampler, sampler_options = _named(raw, "sampler", where, problems)

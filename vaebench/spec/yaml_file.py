@@ -54,7 +54,6 @@ class SpecHeader(NamedTuple):
 
     raw: dict[str, Any]
     where: str
-    name: Any
     base: dict[str, Any]
     problems: list[str]
 
@@ -62,7 +61,7 @@ class SpecHeader(NamedTuple):
         """The file's spec, or ConfigError listing every problem found in it."""
         if self.problems:
             raise ConfigError(self.problems)
-        return spec(name=self.name, base=self.base, source=self.where, **fields)
+        return spec(name=self.raw["name"], base=self.base, source=self.where, **fields)
 
 
 def read_spec_header(path: str | Path, kind: str, keys: Sequence[str]) -> SpecHeader:
@@ -74,12 +73,11 @@ def read_spec_header(path: str | Path, kind: str, keys: Sequence[str]) -> SpecHe
     problems = [
         f"{where}: {key}: unknown key; valid: {', '.join(keys)}" for key in raw if key not in keys
     ]
-    name = raw.get("name")
-    problems += name_problems(name, where)
+    problems += name_problems(raw.get("name"), where)
     base = raw.get("base") or {}
     if not is_str_keyed(base):
         problems.append(f"{where}: base: must be a mapping of sections")
         base = {}
     else:
         problems += [f"{where}: base.{key}: {msg}" for key, msg in run_config_problems(base)]
-    return SpecHeader(raw, where, name, base, problems)
+    return SpecHeader(raw, where, base, problems)
