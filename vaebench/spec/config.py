@@ -242,10 +242,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{'a': {'b': 1}} -> {'a.b': 1}``; lists and empty dicts stay leaves."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
+        section = isinstance(value, Mapping) and value
+        flat |= flatten(value, f"{prefix}{key}.") if section else {f"{prefix}{key}": value}
     return flat
 
 

@@ -10,7 +10,6 @@ import itertools
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -71,8 +70,11 @@ def load_grid(path: str | Path) -> GridSpec:
             if key not in matrix:
                 problems.append(f"{where}: exclude[{index}].{key}: not a matrix axis")
 
-    seeds = raw.get("seeds", [0])
-    count = grid_size(matrix, raw.get("include"), seeds)
+    # the runs the grid expands to at most, counted without expanding it
+    seeds, extra = raw.get("seeds", [0]), raw.get("include")
+    axes = [len(v) for v in matrix.values() if isinstance(v, list)]
+    count = (math.prod(axes) if axes else 0) + (len(extra) if isinstance(extra, list) else 0)
+    count *= len(seeds) if isinstance(seeds, list) and seeds else 1
     if count > MAX_GRID_RUNS:
         problems.append(
             f"{where}: matrix: {count:,} runs exceed the {MAX_GRID_RUNS:,} a grid may have "
@@ -85,14 +87,6 @@ def load_grid(path: str | Path) -> GridSpec:
     elif len(set(seeds)) != len(seeds):
         problems.append(f"{where}: seeds: repeated seed")
     return header.build(GridSpec, matrix=matrix, exclude=exclude, include=include, seeds=seeds)
-
-
-def grid_size(matrix: Mapping[str, Any], include: Any, seeds: Any) -> int:
-    """How many runs a grid expands to at most, computed without expanding it."""
-    axes = [len(v) for v in matrix.values() if isinstance(v, list)]
-    extra = len(include) if isinstance(include, list) else 0
-    combos = (math.prod(axes) if axes else 0) + extra
-    return combos * (len(seeds) if isinstance(seeds, list) and seeds else 1)
 
 
 def _overrides_list(
@@ -176,8 +170,7 @@ def _token(key: str, value: Any) -> str:
         return prefix if value else f"no{prefix}"
     if isinstance(value, list):
         value = LIST_JOINERS.get(key, "x").join(str(_plain(v)) for v in value)
-    value = _plain(value)
-    return f"{prefix}{value}".replace("/", "_").replace(" ", "")
+    return f"{prefix}{_plain(value)}".replace("/", "_").replace(" ", "")
 
 
 # named from the resolved config whenever any run of the grid varies them

@@ -106,11 +106,9 @@ def _param(raw: Any, label: str, problems: list[str]) -> Param | None:
         return None
     count = len(problems)
     valid = PARAM_KEYS[kind]
-    problems += [
-        f"{label}.{key}: not used by {kind}; valid: {', '.join(valid)}"
-        for key in raw
-        if key not in valid
-    ]
+    for key in raw:
+        if key not in valid:
+            problems.append(f"{label}.{key}: not used by {kind}; valid: {', '.join(valid)}")
     if kind == "categorical":
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:

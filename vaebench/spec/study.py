@@ -12,7 +12,7 @@ from typing import Any
 
 from vaebench.spec.catalogue import CONDITIONAL, METRICS, SELECTABLE, selection_problem
 from vaebench.spec.space import Param, read_space, yaml_number
-from vaebench.spec.yaml_file import is_int, is_str_keyed, read_spec_header
+from vaebench.spec.yaml_file import SpecHeader, is_int, is_str_keyed, read_spec_header
 
 # a study file's one-value keys: their default, whether a value is valid, and what it must be
 SCALARS: dict[str, tuple[Any, Callable[[Any], bool], str]] = {
@@ -96,9 +96,7 @@ def load_study(path: str | Path) -> StudySpec:
     objectives = _objectives(raw.get("objectives"), where, problems)
     sampler, sampler_options = _named(raw, "sampler", where, problems)
     pruner, pruner_options = _named(raw, "pruner", where, problems)
-    archs = [str(arch) for arch in _values(base, space, "model.arch", "mlp")]
-    problems += _metric_problems(objectives, archs, base, space, where)
-    problems += _search_problems(raw, objectives, archs, space, sampler, pruner, where)
+    problems += _objective_problems(header, objectives, space, sampler, pruner)
     scalars = {key: raw.get(key, default) for key, (default, _, _) in SCALARS.items()}
     problems += [
         f"{where}: {key}: {SCALARS[key][2]}"
@@ -112,11 +110,14 @@ def load_study(path: str | Path) -> StudySpec:
     )
 
 
-def _metric_problems(
-    objectives: list[Objective], archs: list[str], base: dict[str, Any], space: dict[str, Param],
-    where: str,
+def _objective_problems(
+    header: SpecHeader, objectives: list[Objective], space: dict[str, Param],
+    sampler: str | None, pruner: str | None,
 ) -> list[str]:
-    """Why an objective's metric cannot compare the trials this study can run."""
+    """Why an objective's metric cannot compare the trials this study can run, and what the
+    sampler and pruner cannot do with these objectives and this space."""
+    raw, where, base, _ = header
+    archs = [str(arch) for arch in _values(base, space, "model.arch", "mlp")]
     problems = []
     for index, objective in enumerate(objectives):
         info = METRICS[objective.metric]
@@ -137,14 +138,6 @@ def _metric_problems(
         ]
         label = f"{where}: objectives[{index}].metric: {objective.metric}"
         problems += [f"{label} {message}" for failed, message in checks if failed]
-    return problems
-
-
-def _search_problems(
-    raw: dict[str, Any], objectives: list[Objective], archs: list[str], space: dict[str, Param],
-    sampler: str | None, pruner: str | None, where: str,
-) -> list[str]:
-    """What the sampler and pruner cannot do with these objectives and this space."""
     listed = raw.get("objectives")
     several = len(objectives) > 1 or (isinstance(listed, list) and len(listed) > 1)
     prunes = pruner not in (None, "none")
@@ -162,7 +155,7 @@ def _search_problems(
            f"space.{key}: the grid sampler needs finite values: give a step, or make it "
            "categorical") for key, param in space.items()),
     ]
-    return [f"{where}: {message}" for failed, message in checks if failed]
+    return problems + [f"{where}: {message}" for failed, message in checks if failed]
 
 
 # metrics missing from one-epoch runs: the first epoch is reported apart
