@@ -42,8 +42,7 @@ class DataConfig(_Section):
     dataset: Literal["mnist", "fashion_mnist", "kmnist"] = "mnist"
     binarize: Literal["none", "dynamic", "static"] = "none"
     validation: int = Field(
-        10000,
-        ge=0,
+        10000, ge=0,
         description="the last N training images held out as the validation split (0: none)",
     )
     subset: int | None = Field(
@@ -120,8 +119,7 @@ class LossConfig(_Section):
     gamma: float = Field(30.0, ge=0, description="capacity: weight of |KL - C(t)|")
     capacity_z: float = Field(5.0, ge=0, description="capacity: final C_z, nats")
     capacity_c: float | None = Field(
-        None,
-        ge=0,
+        None, ge=0,
         description="capacity: C_c's ramp target, nats (default ln K); C_c stops at ln K",
     )
     capacity_steps: int = Field(25000, ge=1, description="capacity: steps to reach max")
@@ -160,13 +158,11 @@ class EvalConfig(_Section):
 
     samples: int = Field(1, ge=1, description="posterior samples averaged in each ELBO estimate")
     iwae_samples: int = Field(
-        0,
-        ge=0,
+        0, ge=0,
         description="test NLL by importance sampling with K samples after training (0: off)",
     )
     iwae_images: int | None = Field(
-        None,
-        ge=1,
+        None, ge=1,
         description="the NLL over N test images (default: all), the same seeded random N for "
         "every run; for slow models on CPU",
     )
@@ -195,10 +191,9 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _family_defaults(self) -> RunConfig:
         """Give the keys left unset their family's defaults; runs again on every assignment
-        (``validate_assignment``), so a section or family set later is filled the same way,
-        and a key filled for one family goes back to its section default for another.
-        Assigning a key inside a section (``config.model.arch = ...``) does not: build
-        configs from trees, or assign whole sections."""
+        (``validate_assignment``), so a section or family set later is filled the same way, and a
+        key filled for one family goes back to its section default for another. Assigning a key
+        in a section (``config.model.arch = ...``) does not: build from trees or assign sections."""
         family = FAMILY_DEFAULTS.get(self.model.arch, {}) if self.loss.objective == "elbo" else {}
         for key in sorted({key for defaults in FAMILY_DEFAULTS.values() for key in defaults}):
             section_name, leaf = key.split(".")

@@ -30,7 +30,7 @@ GRID_KEYS = ("name", "base", "matrix", "exclude", "include", "seeds")
 
 @dataclass
 class GridSpec:
-    """A grid file, checked: base config, matrix axes, exclusions, extra runs, seeds."""
+    """A grid file, checked."""
 
     name: str
     base: dict[str, Any]
@@ -83,7 +83,6 @@ def load_grid(path: str | Path) -> GridSpec:
         )
     if not isinstance(seeds, list) or not seeds or not all(is_int(s) for s in seeds):
         problems.append(f"{where}: seeds: must be a non-empty list of integers")
-        seeds = [0]
     elif len(set(seeds)) != len(seeds):
         problems.append(f"{where}: seeds: repeated seed")
     return header.build(GridSpec, matrix=matrix, exclude=exclude, include=include, seeds=seeds)

@@ -195,16 +195,15 @@ def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
         extra = [key for key in item if key not in ("metric", "direction")]
         problems += [f"{label}.{key}: unknown key; valid: metric, direction" for key in extra]
         metric, direction = item.get("metric"), item.get("direction")
-        bad_metric = selection_problem(metric) if isinstance(metric, str) else None
-        if not isinstance(metric, str):
-            problems.append(f"{label}.metric: required; valid: {', '.join(SELECTABLE)}")
-        elif bad_metric:
-            problems.append(f"{label}.metric: {bad_metric}")
-        if direction not in DIRECTIONS:
-            problems.append(
-                f"{label}.direction: must be one of {', '.join(DIRECTIONS)} (got {direction!r})"
-            )
-        if isinstance(metric, str) and not bad_metric and direction in DIRECTIONS:
+        checks = [
+            ("metric", selection_problem(metric) if isinstance(metric, str)
+             else f"required; valid: {', '.join(SELECTABLE)}"),
+            ("direction", None if direction in DIRECTIONS
+             else f"must be one of {', '.join(DIRECTIONS)} (got {direction!r})"),
+        ]
+        bad = [f"{label}.{part}: {message}" for part, message in checks if message]
+        problems += bad
+        if not bad:
             objectives.append(Objective(metric, direction))
     metrics = [item.get("metric") for item in raw if is_str_keyed(item)]
     for metric in dict.fromkeys(m for m in metrics if metrics.count(m) > 1):
