@@ -177,13 +177,9 @@ ALWAYS_NAMED = ("model.arch",)
 
 
 def run_name(overrides: dict[str, Any], varied: list[str], seed: int, config: RunConfig) -> str:
-    resolved = flatten(config.model_dump(mode="json"))
-    tokens = [
-        _token(key, overrides[key] if key in overrides else resolved[key])
-        for key in varied
-        if key in overrides or key in ALWAYS_NAMED
-    ]
-    return "-".join([*tokens, f"s{seed}"])
+    values = {**flatten(config.model_dump(mode="json")), **overrides}
+    named = [key for key in varied if key in overrides or key in ALWAYS_NAMED]
+    return "-".join([*(_token(key, values[key]) for key in named), f"s{seed}"])
 
 
 def expand(grid: GridSpec) -> list[RunSpec]:

@@ -97,12 +97,11 @@ def load_study(path: str | Path) -> StudySpec:
     sampler, sampler_options = _named(raw, "sampler", where, problems)
     pruner, pruner_options = _named(raw, "pruner", where, problems)
     problems += _objective_problems(header, objectives, space, sampler, pruner)
-    scalars = {key: raw.get(key, default) for key, (default, _, _) in SCALARS.items()}
-    problems += [
-        f"{where}: {key}: {SCALARS[key][2]}"
-        for key, value in scalars.items()
-        if not SCALARS[key][1](value)
-    ]
+    scalars = {}
+    for key, (default, valid, must) in SCALARS.items():
+        scalars[key] = raw.get(key, default)
+        if not valid(scalars[key]):
+            problems.append(f"{where}: {key}: {must}")
     scalars["timeout"] = yaml_number(scalars["timeout"])
     return header.build(
         StudySpec, space=space, objectives=objectives, sampler=sampler,
@@ -118,11 +117,15 @@ def _objective_problems(
     sampler and pruner cannot do with these objectives and this space."""
     raw, where, base, _ = header
     archs = [str(arch) for arch in _values(base, space, "model.arch", "mlp")]
+    # the settings a study varies across which a loss-unit metric is not comparable
+    incomparable = [key for key in INCOMPARABLE if key in space]
+    if any(a in CONDITIONAL for a in archs) and any(a not in CONDITIONAL for a in archs):
+        incomparable.append("model.arch (cvae and unconditional models)")
     problems = []
     for index, objective in enumerate(objectives):
         info = METRICS[objective.metric]
         missing = ", ".join(arch for arch in archs if not info.reported_by(arch))
-        mixed = ", ".join(_incomparable(space, archs) if info.loss_units else [])
+        mixed = ", ".join(incomparable) if info.loss_units else ""
         checks = [
             (missing, f"is not reported by {missing} models, and model.arch can be {missing}"),
             (info.needs_validation and 0 in _values(base, space, "data.validation"),
@@ -172,14 +175,6 @@ def _values(base: dict[str, Any], space: dict[str, Param], key: str, default: An
     section, leaf = key.split(".")
     part = base.get(section)
     return (part.get(leaf, default) if isinstance(part, dict) else default,)
-
-
-def _incomparable(space: dict[str, Param], archs: list[str]) -> list[str]:
-    """The settings a study varies across which an ELBO is not comparable."""
-    keys = [key for key in INCOMPARABLE if key in space]
-    if any(a in CONDITIONAL for a in archs) and any(a not in CONDITIONAL for a in archs):
-        keys.append("model.arch (cvae and unconditional models)")
-    return keys
 
 
 def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
