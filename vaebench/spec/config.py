@@ -200,11 +200,10 @@ class RunConfig(_Section):
             section = getattr(self, section_name)
             field = type(section).model_fields[leaf]
             value = family.get(key, field.get_default(call_default_factory=True))
-            if leaf in section.model_fields_set or getattr(section, leaf) == value:
-                continue
-            filled = section.model_copy(update={leaf: copy.deepcopy(value)})
-            filled.__pydantic_fields_set__.discard(leaf)  # still the file's to set
-            self.__dict__[section_name] = filled  # a new section: others may share the old
+            if leaf not in section.model_fields_set and getattr(section, leaf) != value:
+                filled = section.model_copy(update={leaf: copy.deepcopy(value)})
+                filled.__pydantic_fields_set__.discard(leaf)  # still the file's to set
+                self.__dict__[section_name] = filled  # a new section: others may share the old
         return self
 
 

@@ -192,20 +192,13 @@ def expand(grid: GridSpec) -> list[RunSpec]:
     varied = [*grid.matrix, *(key for extra in grid.include for key in extra)]
     varied = sorted(dict.fromkeys(varied), key=lambda k: k not in ALWAYS_NAMED)
     runs: list[RunSpec] = []
-    for combo in combos + grid.include:
-        for seed in grid.seeds:
-            tree = copy.deepcopy(grid.base)
-            for key, value in combo.items():
-                set_dotted(tree, key, value)
-            tree["seed"] = seed
-            config = RunConfig.model_validate(tree)
-            name = run_name(combo, varied, seed, config)
-            runs.append(RunSpec(name, run_key(config), config, tuple(combo.items())))
-    _check_unique(grid, runs)
-    return runs
-
-
-def _check_unique(grid: GridSpec, runs: list[RunSpec]) -> None:
+    for combo, seed in itertools.product(combos + grid.include, grid.seeds):
+        tree = copy.deepcopy(grid.base)
+        for key, value in {**combo, "seed": seed}.items():
+            set_dotted(tree, key, value)
+        config = RunConfig.model_validate(tree)
+        name = run_name(combo, varied, seed, config)
+        runs.append(RunSpec(name, run_key(config), config, tuple(combo.items())))
     first = {run.key: run for run in reversed(runs)}  # the first run of each key
     problems = [
         f"{grid.source}: duplicate run: {run.name} has the same config and seed as "
@@ -217,6 +210,4 @@ def _check_unique(grid: GridSpec, runs: list[RunSpec]) -> None:
         raise ConfigError(problems)
     # distinct configs that read the same (e.g. an include repeating no axis) get the key appended
     names = Counter(run.name for run in runs)
-    for index, run in enumerate(runs):
-        if names[run.name] > 1:
-            runs[index] = replace(run, name=f"{run.name}-{run.key[:6]}")
+    return [replace(r, name=f"{r.name}-{r.key[:6]}") if names[r.name] > 1 else r for r in runs]
