@@ -94,19 +94,15 @@ def load_study(path: str | Path) -> StudySpec:
     raw, where, base, problems = header
     space = read_space(raw.get("space"), where, base, problems)
     objectives = _objectives(raw.get("objectives"), where, problems)
-    sampler, sampler_options = _named(raw, "sampler", where, problems)
-    pruner, pruner_options = _named(raw, "pruner", where, problems)
-    problems += _objective_problems(header, objectives, space, sampler, pruner)
+    named = {**_named(raw, "sampler", where, problems), **_named(raw, "pruner", where, problems)}
+    problems += _objective_problems(header, objectives, space, named["sampler"], named["pruner"])
     scalars = {}
     for key, (default, valid, must) in SCALARS.items():
         scalars[key] = raw.get(key, default)
         if not valid(scalars[key]):
             problems.append(f"{where}: {key}: {must}")
     scalars["timeout"] = yaml_number(scalars["timeout"])
-    return header.build(
-        StudySpec, space=space, objectives=objectives, sampler=sampler,
-        sampler_options=sampler_options, pruner=pruner, pruner_options=pruner_options, **scalars
-    )
+    return header.build(StudySpec, space=space, objectives=objectives, **named, **scalars)
 
 
 def _objective_problems(
@@ -117,7 +113,6 @@ def _objective_problems(
     sampler and pruner cannot do with these objectives and this space."""
     raw, where, base, _ = header
     archs = [str(arch) for arch in _values(base, space, "model.arch", "mlp")]
-    # the settings a study varies across which a loss-unit metric is not comparable
     incomparable = [key for key in INCOMPARABLE if key in space]
     if any(a in CONDITIONAL for a in archs) and any(a not in CONDITIONAL for a in archs):
         incomparable.append("model.arch (cvae and unconditional models)")
@@ -206,11 +201,9 @@ def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
     return objectives
 
 
-def _named(
-    study: dict[str, Any], section: str, where: str, problems: list[str]
-) -> tuple[str | None, dict[str, Any]]:
-    """The ``sampler`` or ``pruner``, ``tpe`` or ``{name: tpe, n_startup_trials: 5}``: the name
-    and its options."""
+def _named(study: dict[str, Any], section: str, where: str, problems: list[str]) -> dict[str, Any]:
+    """The ``sampler`` or ``pruner`` (``tpe`` or ``{name: tpe, n_startup_trials: 5}``) as the
+    spec's fields: its name (None if unknown) and options."""
     default, table = NAMED[section]
     raw = study.get(section) or default
     options: dict[str, Any] = {}
@@ -219,9 +212,9 @@ def _named(
         raw = raw.get("name")
     if raw not in table:
         problems.append(f"{where}: {section}: unknown {section} {raw!r}; valid: {', '.join(table)}")
-        return None, {}
+        raw, options = None, {}
     for key in options:
         if key not in table[raw]:
             valid = ", ".join(table[raw]) or "none"
             problems.append(f"{where}: {section}.{key}: unknown option of {raw}; valid: {valid}")
-    return raw, options
+    return {section: raw, f"{section}_options": options}
