@@ -86,9 +86,8 @@ _ALL = [
     MetricInfo("parameters", NO_SPLIT, False, "parameters", (), None, digits=0),
 ]
 METRICS: dict[str, MetricInfo] = {m.name: m for m in _ALL}
-SELECTABLE = tuple(
-    m.name for m in _ALL if m.split in (VALIDATION, NO_SPLIT) and m.higher_is_better is not None
-)
+SELECTABLE = tuple(m.name for m in _ALL
+                   if m.split in (VALIDATION, NO_SPLIT) and m.higher_is_better is not None)
 # a report's leaderboard columns, in order (selection metrics on validation, test beside them),
 # the ones it may rank on, and the default
 REPORTED = (

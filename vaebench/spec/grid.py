@@ -65,10 +65,8 @@ def load_grid(path: str | Path) -> GridSpec:
 
     exclude = _overrides_list(raw.get("exclude"), "exclude", where, base, problems)
     include = _overrides_list(raw.get("include"), "include", where, base, problems)
-    for index, rule in enumerate(exclude):
-        for key in rule:
-            if key not in matrix:
-                problems.append(f"{where}: exclude[{index}].{key}: not a matrix axis")
+    problems += [f"{where}: exclude[{index}].{key}: not a matrix axis"
+                 for index, rule in enumerate(exclude) for key in rule if key not in matrix]
 
     # the runs the grid expands to at most, counted without expanding it
     seeds, extra = raw.get("seeds", [0]), raw.get("include")
@@ -137,14 +135,10 @@ class RunSpec:
 # settings that change how a run is kept, not what it computes: outside the key, so that
 # a run checkpointed less often is still the same run
 NOT_IN_KEY = {"train": {"checkpoint_every"}}
-
-
 # settings added after runs were stored, each with the value that computes what runs did before:
 # at that value they stay out of the key, so those runs keep their keys (skipped, not retrained)
-KEY_SINCE = {
-    "model.dense": [], "loss.kl_c": "per_image", "train.backend": "torch",
-    "train.pyro_elbo": "meanfield",
-}
+KEY_SINCE = {"model.dense": [], "loss.kl_c": "per_image", "train.backend": "torch",
+             "train.pyro_elbo": "meanfield"}
 
 
 def run_key(config: RunConfig) -> str:

@@ -13,7 +13,6 @@ from vaebench.spec.yaml_file import is_int, is_str_keyed
 
 RANGE_KEYS = ("type", "low", "high", "log", "step")
 PARAM_KEYS = {"float": RANGE_KEYS, "int": RANGE_KEYS, "categorical": ("type", "choices")}
-PARAM_TYPES = tuple(PARAM_KEYS)
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,8 @@ def _param(raw: Any, label: str, problems: list[str]) -> Param | None:
         )
         return None
     kind = raw.get("type")
-    if kind not in PARAM_TYPES:
-        problems.append(f"{label}.type: must be one of {', '.join(PARAM_TYPES)} (got {kind!r})")
+    if kind not in PARAM_KEYS:
+        problems.append(f"{label}.type: must be one of {', '.join(PARAM_KEYS)} (got {kind!r})")
         return None
     count = len(problems)
     valid = PARAM_KEYS[kind]

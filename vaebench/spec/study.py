@@ -109,8 +109,7 @@ def _objective_problems(
     header: SpecHeader, objectives: list[Objective], space: dict[str, Param],
     sampler: str | None, pruner: str | None,
 ) -> list[str]:
-    """Why an objective's metric cannot compare the trials this study can run, and what the
-    sampler and pruner cannot do with these objectives and this space."""
+    """Why the objectives cannot compare this study's trials, or the sampler and pruner use them."""
     raw, where, base, _ = header
     archs = [str(arch) for arch in _values(base, space, "model.arch", "mlp")]
     incomparable = [key for key in INCOMPARABLE if key in space]
@@ -202,8 +201,7 @@ def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
 
 
 def _named(study: dict[str, Any], section: str, where: str, problems: list[str]) -> dict[str, Any]:
-    """The ``sampler`` or ``pruner`` (``tpe`` or ``{name: tpe, n_startup_trials: 5}``) as the
-    spec's fields: its name (None if unknown) and options."""
+    """The ``sampler`` or ``pruner`` (``tpe``, ``{name: tpe, ...}``) as fields: name, options."""
     default, table = NAMED[section]
     raw = study.get(section) or default
     options: dict[str, Any] = {}

@@ -70,9 +70,8 @@ def read_spec_header(path: str | Path, kind: str, keys: Sequence[str]) -> SpecHe
     raw = read_yaml(path)
     if not is_str_keyed(raw):
         raise ConfigError([f"{where}: a {kind} file is a mapping with keys {', '.join(keys)}"])
-    problems = [
-        f"{where}: {key}: unknown key; valid: {', '.join(keys)}" for key in raw if key not in keys
-    ]
+    problems = [f"{where}: {key}: unknown key; valid: {', '.join(keys)}"
+                for key in raw if key not in keys]
     problems += name_problems(raw.get("name"), where)
     base = raw.get("base") or {}
     if not is_str_keyed(base):
