@@ -247,8 +247,7 @@ PYRO_ARCHS = ("mlp", "conv")  # the Gaussian families the pyro backend expresses
 def cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
     """Problems of settings valid alone but not together, such as what the pyro backend does not
     do (its model: Gaussian prior and posterior, Bernoulli decoder, beta on the latent site)."""
-    train, loss = config.train, config.loss
-    pyro = train.backend == "pyro"
+    train, loss, pyro = config.train, config.loss, config.train.backend == "pyro"
     table = [
         (not pyro and train.pyro_elbo != "meanfield", "train.pyro_elbo",
          "applies to train.backend: pyro only"),
@@ -260,9 +259,8 @@ def cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
          "pyro trains the elbo objective (loss.beta on the latent site), not capacity"),
         (config.eval.iwae_samples and (config.data.binarize == "none" or loss.recon != "bce"),
          "eval.iwae_samples",
-         "a log-likelihood needs binary pixels and a Bernoulli decoder (data.binarize: "
-         "dynamic or static, loss.recon: bce): BCE on grey-level pixels or MSE is not "
-         "a likelihood"),
+         "a log-likelihood needs binary pixels and a Bernoulli decoder (data.binarize: dynamic "
+         "or static, loss.recon: bce): BCE on grey-level pixels or MSE is not a likelihood"),
     ]
     return [(key, message) for failed, key, message in table if failed]
 

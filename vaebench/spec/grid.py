@@ -53,12 +53,10 @@ def load_grid(path: str | Path) -> GridSpec:
         problems.append(f"{where}: matrix: must map dotted keys to lists")
         matrix = {}
     for key, values in matrix.items():
-        if not isinstance(values, list):
-            problems.append(f"{where}: matrix.{key}: must be a list of values")
-        elif not values:
-            problems.append(f"{where}: matrix.{key}: empty axis (give at least one value)")
-        elif bad_key := check_dotted_key(key):
-            problems.append(f"{where}: matrix.{key}: {bad_key}")
+        bad = ("must be a list of values" if not isinstance(values, list)
+               else "empty axis (give at least one value)" if not values else check_dotted_key(key))
+        if bad:
+            problems.append(f"{where}: matrix.{key}: {bad}")
         else:
             probes = {f"[{index}]": value for index, value in enumerate(values)}
             problems += probe_problems(base, key, probes, where, "matrix")

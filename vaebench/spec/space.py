@@ -45,9 +45,7 @@ class Param:
 
 
 def encode_choice(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return json.dumps(value)
+    return value if value is None or isinstance(value, (int, float, str)) else json.dumps(value)
 
 
 def yaml_number(value: Any) -> float | None:
