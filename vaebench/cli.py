@@ -29,33 +29,42 @@ def _positive(text: str) -> int:
     return value
 
 
-def _tracking_uri(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
-    )
+# options more than one command takes: name -> add_argument's keywords ("{what}": the command's)
+SHARED_OPTIONS: dict[str, dict] = {
+    "--tracking-uri": {
+        "help": "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    },
+    "--data-root": {"help": "data root (default: $VAEBENCH_DATA, else ./data)"},
+    "--results-dir": {"default": "results", "help": "where {what} go (default: results)"},
+    "--no-system-metrics": {
+        "action": "store_true",
+        "help": "do not record CPU, memory, disk, network and GPU use in each run (MLflow's "
+        "system metrics, sampled every 10 s)",
+    },
+    "--no-register": {
+        "action": "store_true",
+        "help": "do not log {what} as an MLflow model and register it (default: a new version "
+        "of a registered model named after the grid or study, seconds per model)",
+    },
+    "--stack": {
+        "choices": ("auto", "on", "off"),
+        "default": "auto",
+        "help": "auto (default): {what} train together as one stacked model (mlp, conv, cvae, "
+        "gumbel; Adam or RMSprop, elbo); on: also where auto trains them alone on the CPU; "
+        "off: each alone",
+    },
+    "--max-stack": {
+        "type": _positive,
+        "default": None,
+        "help": "the most runs one stack trains (default: 8)",
+    },
+}
 
 
-def _data_root(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-root", help="data root (default: $VAEBENCH_DATA, else ./data)")
-
-
-def _stack_options(parser: argparse.ArgumentParser, which: str, cuda_only: str) -> None:
-    parser.add_argument(
-        "--stack",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help=f"auto (default): {which} seed, loss.beta, loss.recon and optim.lr train "
-        f"together as one stacked model (mlp, conv, cvae, gumbel; {cuda_only} on CUDA only; "
-        "Adam or RMSprop, elbo); on: also where auto trains them alone on the CPU; off: "
-        "each alone",
-    )
-    parser.add_argument(
-        "--max-stack",
-        type=_positive,
-        default=None,
-        help="the most runs one stack trains (default: 8)",
-    )
+def _shared(parser: argparse.ArgumentParser, name: str, what: str = "") -> None:
+    options = dict(SHARED_OPTIONS[name])
+    options["help"] = options["help"].format(what=what)
+    parser.add_argument(name, **options)
 
 
 def _max_stack(args: argparse.Namespace) -> int:
@@ -65,21 +74,15 @@ def _max_stack(args: argparse.Namespace) -> int:
     return 1 if args.stack == "off" else args.max_stack or DEFAULT_MAX_STACK
 
 
-def _results_dir(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument(
-        "--results-dir", default="results", help=f"where {what} go (default: results)"
-    )
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vaebench", description="Benchmark suite for VAEs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="train every variant of a grid file, tracked in MLflow")
     run.add_argument("grid", help="grid YAML file (see experiments/)")
-    _tracking_uri(run)
-    _data_root(run)
-    _results_dir(run, "<grid>.csv and the report <grid>/")
+    _shared(run, "--tracking-uri")
+    _shared(run, "--data-root")
+    _shared(run, "--results-dir", "<grid>.csv and the report <grid>/")
     run.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
     run.add_argument(
         "--no-report", action="store_true", help="skip the report written after the grid"
@@ -90,7 +93,11 @@ def _parser() -> argparse.ArgumentParser:
         help="train every run again as a new sample (default: runs that finished in an "
         "earlier invocation are skipped, stopped ones continue from their checkpoint)",
     )
-    _stack_options(run, "runs of one shape that differ only in", "gmvae")
+    _shared(
+        run, "--stack", "runs of one shape that differ only in seed, loss.beta, loss.recon and "
+        "optim.lr (gmvae on CUDA only)",
+    )
+    _shared(run, "--max-stack")
     run.add_argument(
         "--workers",
         default="1",
@@ -103,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="with --workers auto: this many workers on each GPU (default: 1)",
     )
-    _no_system_metrics(run)
-    _no_register(run, "each comparison group's best run")
+    _shared(run, "--no-system-metrics")
+    _shared(run, "--no-register", "each comparison group's best run")
     run.add_argument(
         "--post-run",
         choices=POST_RUN_CHOICES,
@@ -155,8 +162,8 @@ def _parser() -> argparse.ArgumentParser:
         help="trials to add in this invocation (default: those still to do of the file's "
         "n_trials)",
     )
-    _no_system_metrics(tune)
-    _no_register(tune, "the best trial's run (each run of a Pareto front)")
+    _shared(tune, "--no-system-metrics")
+    _shared(tune, "--no-register", "the best trial's run (each run of a Pareto front)")
     tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     tune.add_argument(
         "--workers",
@@ -169,12 +176,14 @@ def _parser() -> argparse.ArgumentParser:
         help="Optuna storage: SQLAlchemy URL, journal file (*.log) or memory (default: the "
         "file's storage, else optuna.db beside the MLflow SQLite file)",
     )
-    _stack_options(
-        tune, "trials of a study whose space varies only", "gmvae and studies with a pruner"
+    _shared(
+        tune, "--stack", "trials of a study whose space varies only seed, loss.beta, "
+        "loss.recon and optim.lr (gmvae and studies with a pruner on CUDA only)",
     )
-    _tracking_uri(tune)
-    _data_root(tune)
-    _results_dir(tune, "<study>/trials.csv and figures")
+    _shared(tune, "--max-stack")
+    _shared(tune, "--tracking-uri")
+    _shared(tune, "--data-root")
+    _shared(tune, "--results-dir", "<study>/trials.csv and figures")
 
     report = commands.add_parser(
         "report",
@@ -200,35 +209,17 @@ def _parser() -> argparse.ArgumentParser:
         help="add a t-SNE picture of each best run's latent means (seconds per picture; the "
         "runs' own latent pictures are PCA)",
     )
-    _tracking_uri(report)
-    _results_dir(report, "the report <name>/")
+    _shared(report, "--tracking-uri")
+    _shared(report, "--results-dir", "the report <name>/")
 
     data = commands.add_parser("data", help="check (and download if missing) a dataset's files")
     data.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "kmnist"])
-    _data_root(data)
+    _shared(data, "--data-root")
 
     bench = commands.add_parser("bench", help="time vaebench's trainer against a conventional loop")
-    _data_root(bench)
+    _shared(bench, "--data-root")
     bench_cli.add_arguments(bench)
     return parser
-
-
-def _no_system_metrics(command: argparse.ArgumentParser) -> None:
-    command.add_argument(
-        "--no-system-metrics",
-        action="store_true",
-        help="do not record CPU, memory, disk, network and GPU use in each run (MLflow's "
-        "system metrics, sampled every 10 s)",
-    )
-
-
-def _no_register(command: argparse.ArgumentParser, best: str) -> None:
-    command.add_argument(
-        "--no-register",
-        action="store_true",
-        help=f"do not log {best} as an MLflow model and register it (default: a new version "
-        "of a registered model named after the grid or study, seconds per model)",
-    )
 
 
 def _system_metrics(args: argparse.Namespace) -> None:
