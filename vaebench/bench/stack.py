@@ -20,16 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch.autograd import DeviceType
 
-from vaebench.bench.timing import CONV, REFERENCE, time_interleaved
+from vaebench.bench.timing import CONV, REFERENCE, fresh_run, time_interleaved
 from vaebench.data import Split, Splits, load_splits, resolve_root
-from vaebench.models import build_model, place_model
 from vaebench.models.losses import Objective
 from vaebench.spec.config import RunConfig
 from vaebench.stacking.fit import build_member, stacked_epoch, stacked_optimizer
 from vaebench.stacking.layers import use_layout
 from vaebench.stacking.model import StackedGaussianVAE
 from vaebench.stacking.step import StackSteps, cuda_graph_for
-from vaebench.training.trainer import build_optimizer, resolve_device, train_epoch
+from vaebench.training.trainer import resolve_device, train_epoch
 
 
 def reference_configs(
@@ -55,7 +54,7 @@ def stacked_loop(
     """An epoch of ``configs`` as one stack, on the device that holds ``splits``, its layers
     ``per_member`` (None: the device's choice), its step a CUDA graph where ``graphs`` and
     the stack allows (:func:`vaebench.stacking.step.graphable`)."""
-    device = splits.train.images.device
+    device = _device(splits)
     members = [build_member(config, splits, device) for config in configs]
     stack = use_layout(StackedGaussianVAE([m.model for m in members]), per_member)
     optimizer = stacked_optimizer(configs, stack)
@@ -66,14 +65,7 @@ def stacked_loop(
 
 def sequential_loop(configs: Sequence[RunConfig], splits: Splits) -> Callable[[], object]:
     """The K runs one after another, an epoch each, as vaebench trains them unstacked."""
-    runs = []
-    for config in configs:
-        torch.manual_seed(config.seed)
-        model = place_model(
-            build_model(config.model, splits.image_shape), splits.train.images.device
-        )
-        generator = torch.Generator().manual_seed(config.seed)
-        runs.append((model, build_optimizer(config.optim, model.parameters()), generator, config))
+    runs = [(*fresh_run(config, splits), config) for config in configs]
 
     def epoch() -> list[float]:
         return [
@@ -117,13 +109,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def first_batches(splits: Splits, batches: int, batch_size: int) -> Splits:
-    """The first ``batches`` batches of the training split, nothing to validate."""
-    count = batches * batch_size
-    train = Split(splits.train.images[:count], splits.train.labels[:count])
-    return Splits(train=train, validation=None, test=splits.test)
-
-
 @dataclass
 class Dispatched:
     """What a training step dispatches: leaf operators (on a GPU each at least one kernel
@@ -133,38 +118,32 @@ class Dispatched:
     kernels: float | None
 
 
-def dispatched(epoch: Callable[[], object], steps: int, device: torch.device) -> Dispatched:
-    """Operators with no operator below them, and on CUDA the kernels, that ``epoch``, a
-    training epoch of ``steps`` steps, dispatches per step (``torch.profiler``)."""
+def dispatched_per_step(
+    configs: Sequence[RunConfig], splits: Splits, stacked: bool = True, steps: int = 3
+) -> Dispatched:
+    """Operators with no operator below them, and on CUDA the kernels, that a training step of
+    ``configs`` dispatches (``torch.profiler``, over ``steps`` steps): ``stacked``, as one
+    stack in the layout CUDA runs (batched, convolutions grouped) without a CUDA graph (with
+    one, a step launches the graph, the batch's gather and each member's noise); else as
+    vaebench's unstacked steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
+    device = _device(splits)
+    count = steps * configs[0].train.batch_size  # the first batches, nothing to validate
+    train = Split(splits.train.images[:count], splits.train.labels[:count])
+    few = Splits(train=train, validation=None, test=splits.test)
+    if stacked:
+        epoch = stacked_loop(configs, few, per_member=False, graphs=False)
+    else:
+        epoch = sequential_loop(configs, few)
+    on_cuda = device.type == "cuda"
     epoch()  # warm-up
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU, *[ProfilerActivity.CUDA] * on_cuda]) as prof:
         epoch()
     events = prof.events()
     leaves = [e for e in events if e.name.startswith("aten::") and not e.cpu_children]
-    kernels = None
-    if device.type == "cuda":
-        kernels = sum(e.device_type == DeviceType.CUDA for e in events) / steps
-    return Dispatched(len(leaves) / steps, kernels)
-
-
-def dispatched_per_step(configs: Sequence[RunConfig], splits: Splits, steps: int = 3) -> Dispatched:
-    """What a step of ``configs`` as one stack dispatches, in the layout CUDA runs (batched,
-    convolutions grouped), without a CUDA graph (with one, a step launches the graph, the
-    batch's gather and each member's noise)."""
-    few = first_batches(splits, steps, configs[0].train.batch_size)
-    loop = stacked_loop(configs, few, per_member=False, graphs=False)
-    return dispatched(loop, steps, _device(splits))
-
-
-def dispatched_per_step_alone(config: RunConfig, splits: Splits, steps: int = 3) -> Dispatched:
-    """The same count for vaebench's unstacked step (one run)."""
-    few = first_batches(splits, steps, config.train.batch_size)
-    return dispatched(sequential_loop([config], few), steps, _device(splits))
+    kernels = sum(e.device_type == DeviceType.CUDA for e in events) / steps
+    return Dispatched(len(leaves) / steps, kernels if on_cuda else None)
 
 
 def _device(splits: Splits) -> torch.device:
@@ -197,10 +176,9 @@ def main(
     launch_sizes: Sequence[int] = (1, 4, 16, 64),
     device_name: str = "cpu",
 ) -> int:
-    root = resolve_root(data_root)
     device = resolve_device(device_name)
     largest = reference_configs(max(sizes), subset, arch, device_name)
-    splits = load_splits(largest[0].data, root, device)
+    splits = load_splits(largest[0].data, resolve_root(data_root), device)
     images = len(splits.train)
     print(
         f"{MODELS[arch]}, BCE, Adam 1e-3, batch 128, {images} training images, "
@@ -227,7 +205,7 @@ def main(
             for name, t in timings.items()
         )
         print(f"K = {size:3d}: {line}; stacked / one run alone = {timings['stacked'] / alone:.2f}")
-    one = dispatched_per_step_alone(largest[0], splits)
+    one = dispatched_per_step(largest[:1], splits, stacked=False)
     where = "CUDA's layout" if device.type == "cpu" else "on this GPU"
     print(
         f"per training step, one run unstacked: {counted(one)}; stacked ({where}: batched, "
