@@ -6,9 +6,9 @@ differ in seed. Both ways run in the same process, epochs interleaved, and are r
 seconds per model-epoch (an epoch of one run); a conv stack is timed in both of its layouts
 (:class:`vaebench.stacking.layers.StackedSequential`: per member, the CPU's, and grouped,
 CUDA's). Beside the MLP's figures, the floor: the epoch's matrix product FLOPs over the
-matrix-product throughput measured here, on the same machine, and each figure's ratio to it.
-``launches`` counts the operators a training step dispatches (from ``torch.profiler``): on a
-GPU each is at least one kernel launch, the cost that stacking divides by K.
+matrix-product throughput measured here, and each figure's ratio to it. Then the operators a
+training step dispatches are counted (``torch.profiler``): on a GPU each is at least one kernel
+launch, the cost that stacking divides by K.
 """
 
 from __future__ import annotations
@@ -34,15 +34,13 @@ from vaebench.training.trainer import resolve_device, train_epoch
 def reference_configs(
     count: int, subset: int | None = None, arch: str = "mlp", device: str = "cpu"
 ) -> list[RunConfig]:
-    data = {"subset": subset} if subset else {}
-    model = CONV["model"] if arch == "conv" else REFERENCE["model"]
-    train = {**REFERENCE["train"], "device": device}
-    return [
-        RunConfig.model_validate(
-            {**REFERENCE, "model": model, "data": data, "train": train, "seed": seed}
-        )
-        for seed in range(count)
-    ]
+    base = {
+        **REFERENCE,
+        "model": CONV["model"] if arch == "conv" else REFERENCE["model"],
+        "data": {"subset": subset} if subset else {},
+        "train": {**REFERENCE["train"], "device": device},
+    }
+    return [RunConfig.model_validate({**base, "seed": seed}) for seed in range(count)]
 
 
 def stacked_loop(
@@ -111,21 +109,24 @@ def synchronize(device: torch.device) -> None:
 
 @dataclass
 class Dispatched:
-    """What a training step dispatches: leaf operators (on a GPU each at least one kernel
-    launch), and, profiled on a GPU, the kernels it ran."""
+    """What a training step dispatches: leaf operators (with no operator below them; on a GPU
+    each at least one kernel launch), and, profiled on a GPU, the kernels it ran."""
 
     operators: float
     kernels: float | None
+
+    def __str__(self) -> str:
+        text = f"{self.operators:.0f} operators"
+        return text + (f", {self.kernels:.0f} CUDA kernels" if self.kernels is not None else "")
 
 
 def dispatched_per_step(
     configs: Sequence[RunConfig], splits: Splits, stacked: bool = True, steps: int = 3
 ) -> Dispatched:
-    """Operators with no operator below them, and on CUDA the kernels, that a training step of
-    ``configs`` dispatches (``torch.profiler``, over ``steps`` steps): ``stacked``, as one
-    stack in the layout CUDA runs (batched, convolutions grouped) without a CUDA graph (with
-    one, a step launches the graph, the batch's gather and each member's noise); else as
-    vaebench's unstacked steps."""
+    """What a training step of ``configs`` dispatches (``torch.profiler`` over ``steps``
+    steps): ``stacked``, as one stack in the layout CUDA runs (batched, convolutions grouped)
+    without a CUDA graph (with one, a step launches the graph, the batch's gather and each
+    member's noise); else as vaebench's unstacked steps."""
     from torch.profiler import ProfilerActivity, profile
 
     device = _device(splits)
@@ -208,22 +209,17 @@ def main(
     one = dispatched_per_step(largest[:1], splits, stacked=False)
     where = "CUDA's layout" if device.type == "cpu" else "on this GPU"
     print(
-        f"per training step, one run unstacked: {counted(one)}; stacked ({where}: batched, "
+        f"per training step, one run unstacked: {one}; stacked ({where}: batched, "
         "convolutions grouped):"
     )
     for size in launch_sizes:
         count = dispatched_per_step(reference_configs(size, subset, arch, device_name), splits)
-        line = f"K = {size:3d} stacked: {counted(count)}; per model-step "
+        line = f"K = {size:3d} stacked: {count}; per model-step "
         line += f"{count.operators / size / one.operators:.3f} of one run's operators"
         if count.kernels is not None and one.kernels:
             line += f", {count.kernels / size / one.kernels:.3f} of its kernels"
         print(line)
     return 0
-
-
-def counted(step: Dispatched) -> str:
-    text = f"{step.operators:.0f} operators"
-    return text + (f", {step.kernels:.0f} CUDA kernels" if step.kernels is not None else "")
 
 
 def describe(device: torch.device) -> str:

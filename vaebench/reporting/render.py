@@ -27,12 +27,10 @@ def display_table(table: pd.DataFrame, metric: MetricInfo) -> pd.DataFrame:
     for m in METRICS.values():
         if f"{m.name}_mean" not in table:
             continue
+        columns = table[[f"{m.name}_mean", f"{m.name}_std", f"{m.name}_count", "runs"]]
         shown[m.label] = [
             _mean_std(mean, std, m.digits) + (f" (n={n})" if 0 < n < runs else "")
-            for mean, std, n, runs in zip(
-                table[f"{m.name}_mean"], table[f"{m.name}_std"], table[f"{m.name}_count"],
-                table["runs"], strict=True,
-            )
+            for mean, std, n, runs in columns.itertuples(index=False)
         ]
     shown[f"ties best ({metric.name})"] = table["ties_best"]
     if table["not_finished"].any():
@@ -50,16 +48,14 @@ def verdict(table: pd.DataFrame, metric: MetricInfo) -> str:
     """Who is best (per comparison group), who ties, and what cannot be judged."""
     direction = "higher" if metric.higher_is_better else "lower"
     ranked = table[table["rank"].notna()]
-    groups = list(ranked.groupby("compared_within", sort=False))
     several = table["compared_within"].nunique() > 1
     sentences = [f"Ranked on {metric.label}, {direction} is better."]
     if several:
-        names = table["compared_within"].unique()
-        settings = " and ".join(dict.fromkeys(comparison_name(g) for g in names))
+        settings = " and ".join(dict.fromkeys(map(comparison_name, table["compared_within"])))
         sentences.append(
             f"Runs with different {settings} are ranked apart: their values are not comparable."
         )
-    for group, rows in groups:
+    for group, rows in ranked.groupby("compared_within", sort=False):
         best = rows.iloc[0]
         value = _mean_std(best[f"{metric.name}_mean"], best[f"{metric.name}_std"], metric.digits)
         among = f" among {group}" if several else ""
@@ -75,7 +71,7 @@ def verdict(table: pd.DataFrame, metric: MetricInfo) -> str:
             "Variants with a single run show no spread: one run cannot estimate it, so"
             " ties with them cannot be judged."
         )
-    if (table["rank"].isna()).any():
+    if table["rank"].isna().any():
         unranked = ", ".join(table.loc[table["rank"].isna(), "variant"])
         sentences.append(f"Unranked, without a value of {metric.name}: {unranked}.")
     return " ".join(sentences)
@@ -153,15 +149,13 @@ def report_blocks(
     source = (
         f"Experiment {run_set.experiment} in {run_set.uri}, {invocations}: "
         f"{count(len(run_set.finished), 'finished run')} in {count(len(table), 'variant')}"
-        + (f"; {count(not_finished, 'run')} not finished, left out" if not_finished else "")
-        + (
-            f"; {count(run_set.repeats, 'earlier rerun')} of the same config, seed, device and "
-            "code, left out"
-            if run_set.repeats
-            else ""
-        )
-        + f". Made {time.strftime('%Y-%m-%d %H:%M')}."
     )
+    if not_finished:
+        source += f"; {count(not_finished, 'run')} not finished, left out"
+    if run_set.repeats:
+        repeats = count(run_set.repeats, "earlier rerun")
+        source += f"; {repeats} of the same config, seed, device and code, left out"
+    source += f". Made {time.strftime('%Y-%m-%d %H:%M')}."
     captions = {
         "rate_distortion.png": "Rate and distortion: KL against reconstruction, a dot per run; "
         "lines join the per-β means of one setting.",
@@ -179,14 +173,14 @@ def report_blocks(
         ("p", measurement_notes(run_set, metric)),
         ("table", display_table(table, metric)),
     ]
-    for figure in figures:
-        blocks.append(("img", (figure, captions[figure.name])))
+    blocks += [("img", (figure, captions[figure.name])) for figure in figures]
     for best, pictures in bests:
         among = f", among {best['compared_within']}" if len(bests) > 1 else ""
         blocks.append(("h2", f"Best variant{among}: {best['variant']} (run {best['name']})"))
-        for picture in pictures:
-            caption = f"{best['name']}: {picture.stem.rsplit('_', 1)[-1]}"
-            blocks.append(("img", (picture, caption)))
+        blocks += [
+            ("img", (picture, f"{best['name']}: {picture.stem.rsplit('_', 1)[-1]}"))
+            for picture in pictures
+        ]
     return blocks
 
 

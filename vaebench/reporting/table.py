@@ -85,17 +85,11 @@ def leaderboard(run_set: RunSet, metric: MetricInfo) -> pd.DataFrame:
     stats = runs[runs["finished"]].groupby("variant")[metrics].agg(["mean", "std", "count"])
     stats.columns = [f"{name}_{stat}" for name, stat in stats.columns]
     every = runs.groupby("variant", sort=False)
-    table = pd.concat(
-        [
-            every[[*varied, "compared_within"]]
-            .first()
-            .rename(columns=lambda c: c.removeprefix("params.")),
-            every["finished"].sum().rename("runs"),
-            (~runs["finished"]).groupby(runs["variant"]).sum().rename("not_finished"),
-            stats,
-        ],
-        axis=1,
-    )
+    table = every[[*varied, "compared_within"]].first()
+    table = table.rename(columns=lambda c: c.removeprefix("params."))
+    table["runs"] = every["finished"].sum()
+    table["not_finished"] = every.size() - table["runs"]
+    table = table.join(stats)
     counts = [f"{name}_count" for name in metrics]
     table[counts] = table[counts].fillna(0).astype(int)
     table = table.sort_values(
