@@ -21,18 +21,19 @@ from vaebench.training.trainer import train_epoch
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
 
 
-def layout_loops(config: RunConfig, splits: Splits, layout: torch.memory_format):
-    """(a training epoch, a validation pass) of one fresh model whose weights have ``layout``."""
+def layout_loops(
+    config: RunConfig, splits: Splits, name: str, layout: torch.memory_format
+) -> dict[str, Callable[[], object]]:
+    """A training epoch and a validation pass of one fresh model whose weights have ``layout``."""
     model, optimizer, generator = fresh_run(config, splits, layout)
 
-    def epoch() -> float:
-        model.train()
+    def epoch() -> float:  # train_epoch puts the model in training mode, evaluate out of it
         return train_epoch(model, optimizer, Objective(config.loss), config, splits, generator)
 
     def validation() -> object:
         return evaluate(model, splits.validation, "validation", config)
 
-    return epoch, validation
+    return {f"training epoch, {name}": epoch, f"validation pass, {name}": validation}
 
 
 def main(data_root: str | None, epochs: int = 5, subset: int | None = None) -> int:
@@ -40,9 +41,7 @@ def main(data_root: str | None, epochs: int = 5, subset: int | None = None) -> i
     splits = load_splits(config.data, resolve_root(data_root), torch.device("cpu"))
     loops: dict[str, Callable[[], object]] = {}
     for name, layout in LAYOUTS.items():
-        epoch, validation = layout_loops(config, splits, layout)
-        loops[f"training epoch, {name}"] = epoch
-        loops[f"validation pass, {name}"] = validation
+        loops |= layout_loops(config, splits, name, layout)
     print(
         f"conv VAE (channels 32, 64, z 20), BCE, Adam 1e-3, batch 128, {len(splits.train)} "
         f"training and {len(splits.validation)} validation images, CPU, "

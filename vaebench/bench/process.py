@@ -1,11 +1,11 @@
 """Benchmark: whole processes, each from a fresh folder, as a user starts them.
 
-``python -m vaebench run`` of a 2-epoch grid of pytorch/examples' VAE setup (a new MLflow
-store, data loading, training with a validation pass per epoch, test scores and clustering
-scores, artifacts, the report) against :mod:`vaebench.bench.conventional_script`, pytorch/examples'
-``vae/main.py`` for the same epochs (training on 60,000 images with a test pass per epoch,
-pictures, no tracking). The two alternate, ``repeats`` times each; the medians are compared.
-Beside them, ``run --dry-run`` of ``experiments/grid.yaml``.
+``python -m vaebench run`` of a 2-epoch grid of pytorch/examples' VAE setup (a new MLflow store,
+data loading, training with a validation pass per epoch, test and clustering scores, artifacts,
+the report) against :mod:`vaebench.bench.conventional_script`, pytorch/examples' ``vae/main.py``
+for the same epochs (training on 60,000 images with a test pass per epoch, pictures, no
+tracking). The two alternate, ``repeats`` times each; the medians are compared. Beside them,
+``run --dry-run`` of ``experiments/grid.yaml``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ SHIPPED_GRID = Path(__file__).resolve().parents[2] / "experiments" / "grid.yaml"
 
 def reference_grid(epochs: int) -> dict:
     """pytorch/examples' setup as a one-run grid file of ``epochs`` epochs."""
-    base = {key: dict(value) for key, value in REFERENCE.items()}
-    base["train"]["epochs"] = epochs
+    base = {**REFERENCE, "train": {**REFERENCE["train"], "epochs": epochs}}
     return {"name": "process-bench", "base": base, "seeds": [0]}
 
 

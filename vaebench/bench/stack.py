@@ -198,8 +198,8 @@ def main(
         print(f"floor: matrix-product FLOPs of a model-epoch / measured GEMM rate = {floor:.3f} s")
     alone = None
     for size in sorted({1, *sizes}):
-        loops = timed_loops(largest[:size], splits)
-        timings = {t.name: t.median / size for t in time_interleaved(loops, epochs)}
+        loops = time_interleaved(timed_loops(largest[:size], splits), epochs)
+        timings = {t.name: t.median / size for t in loops}
         alone = alone or timings["one after another"]  # K = 1 comes first
         line = ", ".join(
             f"{name} {t:.3f} s" + (f" ({t / floor:.1f}x floor)" if floor else "")

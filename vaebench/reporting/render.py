@@ -188,22 +188,18 @@ def _md_cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+MD_PREFIX = {"h1": "# ", "h2": "## ", "p": ""}
+
+
 def render_markdown(blocks: list[Block]) -> str:
     out = []
     for kind, value in blocks:
-        if kind == "h1":
-            out.append(f"# {value}")
-        elif kind == "h2":
-            out.append(f"## {value}")
-        elif kind == "p":
-            out.append(str(value))
+        if kind in MD_PREFIX:
+            out.append(f"{MD_PREFIX[kind]}{value}")
         elif kind == "table":
-            out.append("| " + " | ".join(_md_cell(c) for c in value.columns) + " |")
-            out.append("|" + "---|" * len(value.columns))
-            out.extend(
-                "| " + " | ".join(_md_cell(v) for v in row) + " |"
-                for row in value.itertuples(index=False)
-            )
+            rows = [value.columns, *value.itertuples(index=False)]
+            lines = ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
+            out += [lines[0], "|" + "---|" * len(value.columns), *lines[1:]]
         elif kind == "img":
             path, caption = value
             out.append(f"![{path.stem}]({path.name})\n\n*{caption}*")
@@ -219,10 +215,6 @@ figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:13px}
 """
 
 
-def _bold(text: str) -> str:
-    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
-
-
 def render_html(blocks: list[Block], title: str) -> str:
     """One self-contained page: the images are embedded as base64 data URIs."""
     out = [
@@ -234,7 +226,8 @@ def render_html(blocks: list[Block], title: str) -> str:
         if kind in ("h1", "h2"):
             out.append(f"<{kind}>{html.escape(str(value))}</{kind}>")
         elif kind == "p":
-            out.append(f"<p>{_bold(str(value))}</p>")
+            bold = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(str(value)))
+            out.append(f"<p>{bold}</p>")
         elif kind == "table":
             head = "".join(f"<th>{html.escape(str(c))}</th>" for c in value.columns)
             rows = "".join(

@@ -159,17 +159,15 @@ def variant_labels(runs: pd.DataFrame, params: list[str]) -> pd.Series:
     else:
         keys = pd.Series("", index=runs.index)
     labels: dict[str, str] = {}
-    taken: set[str] = set()
     for key, name in zip(keys, runs["name"], strict=True):
         if key in labels:
             continue
         label = SEED_SUFFIX.sub("", str(name)) or "all seeds"
         candidate, count = label, 1
-        while candidate in taken:
+        while candidate in labels.values():
             count += 1
             candidate = f"{label} #{count}"
         labels[key] = candidate
-        taken.add(candidate)
     return keys.map(labels)
 
 

@@ -1,9 +1,8 @@
 """Report table: the leaderboard of a RunSet's variants over their seeds, ranked within
 comparison groups, with who ties the best, and each group's best run.
 
-Only FINISHED runs are aggregated. Statistics stay honest: the spread of one
-run is unknown, not zero, and a variant within one standard deviation of the
-best is marked as a tie.
+Only FINISHED runs are aggregated. Statistics stay honest: the spread of one run is unknown,
+not zero, and a variant within one standard deviation of the best is marked as a tie.
 """
 
 from __future__ import annotations
@@ -112,24 +111,18 @@ def ties_with_best(table: pd.DataFrame, metric: MetricInfo) -> list[str]:
     standard deviation (the larger of the two) of the best's; "" when either has a
     single value, whose spread is unknown."""
     mean, std = table[f"{metric.name}_mean"], table[f"{metric.name}_std"]
-    best_mean, best_std = mean.iloc[0], std.iloc[0]
-    marks = ["best"]
-    for value, spread in zip(mean.iloc[1:], std.iloc[1:], strict=True):
-        if np.isnan(spread) or np.isnan(best_std):
-            marks.append("")
-        else:
-            marks.append("yes" if abs(value - best_mean) <= max(spread, best_std) else "no")
-    return marks
+    within = np.where((mean - mean.iloc[0]).abs() <= np.maximum(std, std.iloc[0]), "yes", "no")
+    unknown = std.isna() | np.isnan(std.iloc[0])
+    return ["best", *np.where(unknown, "", within)[1:].tolist()]
 
 
 def best_runs(run_set: RunSet, table: pd.DataFrame, metric: MetricInfo) -> list[pd.Series]:
     """Per comparison group, the best variant's run that scored best on the metric, with
     its group as ``compared_within``."""
     chosen = []
-    for variant, group in table.loc[
-        table["ties_best"] == "best", ["variant", "compared_within"]
-    ].itertuples(index=False):
+    best = table[table["ties_best"] == "best"]
+    for variant, group in zip(best["variant"], best["compared_within"], strict=True):
         runs = run_set.finished[run_set.finished["variant"] == variant]
-        runs = runs.sort_values(metric.name, ascending=not metric.higher_is_better)
-        chosen.append(pd.concat([runs.iloc[0], pd.Series({"compared_within": group})]))
+        top = runs.sort_values(metric.name, ascending=not metric.higher_is_better).iloc[0]
+        chosen.append(pd.concat([top, pd.Series({"compared_within": group})]))
     return chosen
