@@ -107,11 +107,9 @@ def fresh_run(
 
 
 def time_interleaved(steps: dict[str, Callable[[], object]], epochs: int) -> list[Timing]:
-    """Seconds per epoch of each loop, after one untimed warm-up epoch each.
-
-    Epochs run round-robin (A, B, C, A, B, C, ...) so that drift in the
-    machine's speed hits every loop alike.
-    """
+    """Seconds per epoch of each loop, after one untimed warm-up epoch each. Epochs run
+    round-robin (A, B, C, A, B, C, ...) so that drift in the machine's speed hits every loop
+    alike."""
     for step in steps.values():
         step()
     timings = {name: Timing(name, []) for name in steps}

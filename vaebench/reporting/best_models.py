@@ -51,9 +51,9 @@ class Registered:
 
 
 def registry_name(base: str, group: str) -> str:
-    """``<grid>`` for a single group, ``<grid>.<values>`` otherwise (``quick.mse``);
-    letters, digits, ``.``, ``_`` and ``-`` only (MLflow refuses ``/`` and ``:``), so it
-    reads well in a models:/ URI."""
+    """``<grid>`` for a single group, ``<grid>.<values>`` otherwise (``quick.mse``); letters,
+    digits, ``.``, ``_`` and ``-`` only (MLflow refuses ``/`` and ``:``), so it reads well in a
+    models:/ URI."""
     name = _uri_safe(base, ".") or "vaebench"
     if group == ALL_RUNS:
         return name

@@ -80,9 +80,8 @@ def as_best_run(run: pd.Series, metric: MetricInfo) -> BestRun:
 
 
 def best_of_invocation(uri: str, name: str, parent_id: str | None) -> list[BestRun]:
-    """Each comparison group's best run, as a report would choose it (on
-    :data:`DEFAULT_METRIC`), without writing the report; ``parent_id`` None: of every
-    invocation."""
+    """Each comparison group's best run, as a report would choose it (on :data:`DEFAULT_METRIC`),
+    without writing the report; ``parent_id`` None: of every invocation."""
     run_set = select_runs(uri, name, parent_id is None, parent_id)
     metric = METRICS[DEFAULT_METRIC]
     table = leaderboard(run_set, metric)

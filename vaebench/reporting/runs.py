@@ -134,10 +134,9 @@ RERUN_TAGS = [f"tags.vaebench.{tag}" for tag in ("run_key", "device", "device_na
 def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Keep the latest finished run of each config, seed, device, processor and code version.
 
-    A deterministic rerun of the same seed on the same device and code is not a
-    new sample: counted twice it would shrink the spread (``--all`` over a grid
-    run twice). On another device or code version it is one: floating-point
-    paths differ.
+    A deterministic rerun of the same seed on the same device and code is not a new sample:
+    counted twice it would shrink the spread (``--all`` over a grid run twice). On another
+    device or code version it is one: floating-point paths differ.
     """
     if RERUN_TAGS[0] not in runs:
         return runs, 0
@@ -149,11 +148,9 @@ def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 
 def variant_labels(runs: pd.DataFrame, params: list[str]) -> pd.Series:
-    """A readable label per run, equal for runs that differ only in their seed.
-
-    It is the run name without its ``-s<seed>`` ending; variants that would
-    share a label (runs of different grid versions under ``--all``) get ``#2``, ``#3``.
-    """
+    """A readable label per run, equal for runs that differ only in their seed: the run name
+    without its ``-s<seed>`` ending; variants that would share a label (runs of different grid
+    versions under ``--all``) get ``#2``, ``#3``."""
     if params:
         keys = runs[params].astype(str).agg("\x1f".join, axis=1)
     else:

@@ -59,13 +59,13 @@ def present_metrics(runs: pd.DataFrame) -> list[MetricInfo]:
 
 
 def leaderboard(run_set: RunSet, metric: MetricInfo) -> pd.DataFrame:
-    """One row per variant, best first: mean, standard deviation (NaN for one value) and
-    count of every metric over the variant's finished runs, and whether the variant ties
-    with the best within one std.
+    """One row per variant, best first: mean, standard deviation (NaN for one value) and count
+    of every metric over the variant's finished runs, and whether the variant ties with the
+    best within one std.
 
-    Variants are ranked within their comparison group (``compared_within``): a BCE
-    ELBO is not ranked against an MSE one, nor MNIST against Fashion-MNIST. A
-    variant without a value of the metric (every run failed, say) is listed unranked.
+    Variants are ranked within their comparison group (``compared_within``): a BCE ELBO is not
+    ranked against an MSE one, nor MNIST against Fashion-MNIST. A variant without a value of
+    the metric (every run failed, say) is listed unranked.
     """
     finished = run_set.finished
     if finished.empty:
@@ -107,9 +107,9 @@ def leaderboard(run_set: RunSet, metric: MetricInfo) -> pd.DataFrame:
 
 
 def ties_with_best(table: pd.DataFrame, metric: MetricInfo) -> list[str]:
-    """"best" for the first row; "yes"/"no" for whether a variant's mean lies within one
-    standard deviation (the larger of the two) of the best's; "" when either has a
-    single value, whose spread is unknown."""
+    """"best" for the first row; "yes"/"no" for whether a variant's mean lies within one standard
+    deviation (the larger of the two) of the best's; "" when either has a single value, whose
+    spread is unknown."""
     mean, std = table[f"{metric.name}_mean"], table[f"{metric.name}_std"]
     within = np.where((mean - mean.iloc[0]).abs() <= np.maximum(std, std.iloc[0]), "yes", "no")
     unknown = std.isna() | np.isnan(std.iloc[0])
