@@ -48,10 +48,9 @@ def main(data_root: str | None, repeats: int = 3, epochs: int = 2) -> int:
     with tempfile.TemporaryDirectory(prefix="vaebench-process-") as scratch:
         grid = Path(scratch) / "two_epochs.yaml"
         grid.write_text(yaml.safe_dump(reference_grid(epochs), sort_keys=False))
+        run = [sys.executable, "-m", "vaebench", "run"]
         commands = {
-            f"vaebench run ({epochs} epochs)": [
-                sys.executable, "-m", "vaebench", "run", str(grid), "--data-root", root
-            ],
+            f"vaebench run ({epochs} epochs)": [*run, str(grid), "--data-root", root],
             f"conventional script ({epochs} epochs)": [
                 sys.executable, str(SCRIPT), "--data-root", root, "--epochs", str(epochs)
             ],
@@ -71,7 +70,7 @@ def main(data_root: str | None, repeats: int = 3, epochs: int = 2) -> int:
         ours, conventional = medians.values()
         print(f"vaebench / conventional = {ours / conventional:.2f}")
         if SHIPPED_GRID.exists():
-            dry = [sys.executable, "-m", "vaebench", "run", str(SHIPPED_GRID), "--dry-run"]
+            dry = [*run, str(SHIPPED_GRID), "--dry-run"]
             times = [time_process(dry, Path(scratch)) for _ in range(repeats)]
             print(f"run {SHIPPED_GRID.name} --dry-run: median {statistics.median(times):.2f} s")
     return 0

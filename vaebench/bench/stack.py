@@ -35,8 +35,7 @@ def reference_configs(
     count: int, subset: int | None = None, arch: str = "mlp", device: str = "cpu"
 ) -> list[RunConfig]:
     base = {
-        **REFERENCE,
-        "model": CONV["model"] if arch == "conv" else REFERENCE["model"],
+        **(CONV if arch == "conv" else REFERENCE),
         "data": {"subset": subset} if subset else {},
         "train": {**REFERENCE["train"], "device": device},
     }
@@ -129,7 +128,6 @@ def dispatched_per_step(
     member's noise); else as vaebench's unstacked steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = _device(splits)
     count = steps * configs[0].train.batch_size  # the first batches, nothing to validate
     train = Split(splits.train.images[:count], splits.train.labels[:count])
     few = Splits(train=train, validation=None, test=splits.test)
@@ -137,9 +135,10 @@ def dispatched_per_step(
         epoch = stacked_loop(configs, few, per_member=False, graphs=False)
     else:
         epoch = sequential_loop(configs, few)
-    on_cuda = device.type == "cuda"
+    on_cuda = _device(splits).type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
     epoch()  # warm-up
-    with profile(activities=[ProfilerActivity.CPU, *[ProfilerActivity.CUDA] * on_cuda]) as prof:
+    with profile(activities=activities) as prof:
         epoch()
     events = prof.events()
     leaves = [e for e in events if e.name.startswith("aten::") and not e.cpu_children]

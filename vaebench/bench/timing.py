@@ -42,10 +42,7 @@ REFERENCE = {
     "train": {"batch_size": 128, "device": "cpu"},
 }
 # experiments/quick.yaml's conv variant (BCE, Adam 1e-3, batch 128)
-CONV = {
-    "model": {"arch": "conv", "channels": [32, 64], "z_dim": 20},
-    "train": {"batch_size": 128, "device": "cpu"},
-}
+CONV = {**REFERENCE, "model": {"arch": "conv", "channels": [32, 64], "z_dim": 20}}
 
 
 class PerImageMNIST(Dataset):
