@@ -7,7 +7,7 @@ import argparse
 
 from vaebench.spec.config import VaebenchError
 
-# the families `bench --stack` times (vaebench.bench_stack's reference configs)
+# the families `bench --stack` times (vaebench.bench.stack's reference configs)
 STACK_ARCHS = ("mlp", "conv")
 
 

@@ -101,7 +101,6 @@ def matmul_throughput(device: torch.device, size: int = 1024, repeats: int = 20)
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for ``device``'s queued work (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -34,19 +34,16 @@ def rate_distortion_figure(run_set: RunSet, path: Path) -> Path | None:
         return None
     varied = varied_params(run_set.finished, run_set.param_columns)
     panel_keys = comparison_params(run_set, METRICS["test_recon"])
-    line_keys = [p for p in varied if p != "params.loss.beta" and p not in panel_keys]
-    beta = "params.loss.beta" if "params.loss.beta" in runs else None
+    beta = "params.loss.beta"
+    line_keys = [p for p in varied if p != beta and p not in panel_keys]
+    betas = pd.to_numeric(runs[beta], errors="coerce") if beta in runs else None
     panels: dict[str, list[Curve]] = {}
     points: dict[str, list[Curve]] = {}
     for title, in_panel in runs.groupby(comparison_groups(runs, panel_keys)):
         lines, dots = [], []
         for _, line in in_panel.groupby(line_keys, sort=False) if line_keys else [("", in_panel)]:
             label = "-".join(str(line.iloc[0][c]) for c in line_keys) or "runs"
-            by_beta = (
-                line.assign(_beta=pd.to_numeric(line[beta], errors="coerce")).groupby("_beta")
-                if beta
-                else [(None, line)]
-            )
+            by_beta = line.groupby(betas) if betas is not None else [(None, line)]
             means = [(b, g["test_kl"].mean(), g["test_recon"].mean()) for b, g in by_beta]
             notes = [f"β={b:g}" if b is not None else "" for b, _, _ in means]
             lines.append(Curve(label, [m[1] for m in means], [m[2] for m in means], notes=notes))
