@@ -71,8 +71,7 @@ def verdict(table: pd.DataFrame, metric: MetricInfo) -> str:
             "Variants with a single run show no spread: one run cannot estimate it, so"
             " ties with them cannot be judged."
         )
-    if table["rank"].isna().any():
-        unranked = ", ".join(table.loc[table["rank"].isna(), "variant"])
+    if unranked := ", ".join(table.loc[table["rank"].isna(), "variant"]):
         sentences.append(f"Unranked, without a value of {metric.name}: {unranked}.")
     return " ".join(sentences)
 
