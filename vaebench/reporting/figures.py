@@ -12,7 +12,6 @@ from vaebench.reporting.runs import METRICS, RunSet
 from vaebench.reporting.table import (
     comparison_groups,
     comparison_params,
-    groups_for,
     present_metrics,
     varied_params,
 )
@@ -56,7 +55,7 @@ def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path | N
     """Validation ELBO against epoch per variant (MLflow metric history): the mean over seeds
     with a band of one standard deviation when there are several."""
     finished = run_set.finished
-    groups = groups_for(run_set, finished, METRICS["val_elbo"])
+    groups = comparison_groups(finished, comparison_params(run_set, METRICS["val_elbo"]))
     group_of = dict(zip(finished["variant"], groups, strict=True))
     panels: dict[str, list[Curve]] = {}
     for variant in order:

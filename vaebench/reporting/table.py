@@ -39,11 +39,6 @@ def comparison_params(run_set: RunSet, metric: MetricInfo) -> list[str]:
     return [k for k in keys if k in varied]
 
 
-def groups_for(run_set: RunSet, runs: pd.DataFrame, metric: MetricInfo) -> pd.Series:
-    """Each of ``runs``' comparison group for ``metric``."""
-    return comparison_groups(runs, comparison_params(run_set, metric))
-
-
 def comparison_groups(runs: pd.DataFrame, params: list[str]) -> pd.Series:
     """Each run's comparison group as text ("loss.recon=bce"), or "all runs"."""
     if not params:
@@ -78,7 +73,7 @@ def leaderboard(run_set: RunSet, metric: MetricInfo) -> pd.DataFrame:
     varied = varied_params(finished, run_set.param_columns)
     metrics = [m.name for m in present_metrics(finished)]
     runs = run_set.runs.assign(
-        compared_within=groups_for(run_set, run_set.runs, metric),
+        compared_within=comparison_groups(run_set.runs, comparison_params(run_set, metric)),
         finished=run_set.runs["status"] == "FINISHED",
     )
     stats = runs[runs["finished"]].groupby("variant")[metrics].agg(["mean", "std", "count"])
