@@ -7,7 +7,7 @@ import argparse
 
 from vaebench.spec.config import VaebenchError
 
-# the families `bench --stack` times (vaebench.bench_stack's reference configs)
+# the families `bench --stack` times (vaebench.bench.stack's reference configs)
 STACK_ARCHS = ("mlp", "conv")
 
 
@@ -25,9 +25,7 @@ def stack_sizes(text: str) -> list[int]:
 def add_arguments(bench: argparse.ArgumentParser) -> None:
     """The ``bench`` command's options (but ``--data-root``, which every command shares)."""
     bench.add_argument("--epochs", type=int, default=5, help="timed epochs per loop (default: 5)")
-    bench.add_argument(
-        "--subset", type=int, default=None, help="first N training images (default: all)"
-    )
+    bench.add_argument("--subset", type=int, help="first N training images (default: all)")
     bench.add_argument(
         "--stack",
         help="comma-separated stack sizes K, e.g. 1,4,8,16: time K runs stacked against K runs "

@@ -1,11 +1,11 @@
 """Benchmark: whole processes, each from a fresh folder, as a user starts them.
 
-``python -m vaebench run`` of a 2-epoch grid of pytorch/examples' VAE setup (a new MLflow
-store, data loading, training with a validation pass per epoch, test scores and clustering
-scores, artifacts, the report) against :mod:`vaebench.bench.conventional_script`, pytorch/examples'
-``vae/main.py`` for the same epochs (training on 60,000 images with a test pass per epoch,
-pictures, no tracking). The two alternate, ``repeats`` times each; the medians are compared.
-Beside them, ``run --dry-run`` of ``experiments/grid.yaml``.
+``python -m vaebench run`` of a 2-epoch grid of pytorch/examples' VAE setup (a new MLflow store,
+data loading, training with a validation pass per epoch, test and clustering scores, artifacts,
+the report) against :mod:`vaebench.bench.conventional_script`, pytorch/examples' ``vae/main.py``
+for the same epochs (training on 60,000 images with a test pass per epoch, pictures, no
+tracking). The two alternate, ``repeats`` times each; the medians are compared. Beside them,
+``run --dry-run`` of ``experiments/grid.yaml``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ SHIPPED_GRID = Path(__file__).resolve().parents[2] / "experiments" / "grid.yaml"
 
 def reference_grid(epochs: int) -> dict:
     """pytorch/examples' setup as a one-run grid file of ``epochs`` epochs."""
-    base = {key: dict(value) for key, value in REFERENCE.items()}
-    base["train"]["epochs"] = epochs
+    base = {**REFERENCE, "train": {**REFERENCE["train"], "epochs": epochs}}
     return {"name": "process-bench", "base": base, "seeds": [0]}
 
 
@@ -49,10 +48,9 @@ def main(data_root: str | None, repeats: int = 3, epochs: int = 2) -> int:
     with tempfile.TemporaryDirectory(prefix="vaebench-process-") as scratch:
         grid = Path(scratch) / "two_epochs.yaml"
         grid.write_text(yaml.safe_dump(reference_grid(epochs), sort_keys=False))
+        run = [sys.executable, "-m", "vaebench", "run"]
         commands = {
-            f"vaebench run ({epochs} epochs)": [
-                sys.executable, "-m", "vaebench", "run", str(grid), "--data-root", root
-            ],
+            f"vaebench run ({epochs} epochs)": [*run, str(grid), "--data-root", root],
             f"conventional script ({epochs} epochs)": [
                 sys.executable, str(SCRIPT), "--data-root", root, "--epochs", str(epochs)
             ],
@@ -72,7 +70,7 @@ def main(data_root: str | None, repeats: int = 3, epochs: int = 2) -> int:
         ours, conventional = medians.values()
         print(f"vaebench / conventional = {ours / conventional:.2f}")
         if SHIPPED_GRID.exists():
-            dry = [sys.executable, "-m", "vaebench", "run", str(SHIPPED_GRID), "--dry-run"]
+            dry = [*run, str(SHIPPED_GRID), "--dry-run"]
             times = [time_process(dry, Path(scratch)) for _ in range(repeats)]
             print(f"run {SHIPPED_GRID.name} --dry-run: median {statistics.median(times):.2f} s")
     return 0

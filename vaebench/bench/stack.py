@@ -6,9 +6,9 @@ differ in seed. Both ways run in the same process, epochs interleaved, and are r
 seconds per model-epoch (an epoch of one run); a conv stack is timed in both of its layouts
 (:class:`vaebench.stacking.layers.StackedSequential`: per member, the CPU's, and grouped,
 CUDA's). Beside the MLP's figures, the floor: the epoch's matrix product FLOPs over the
-matrix-product throughput measured here, on the same machine, and each figure's ratio to it.
-``launches`` counts the operators a training step dispatches (from ``torch.profiler``): on a
-GPU each is at least one kernel launch, the cost that stacking divides by K.
+matrix-product throughput measured here, and each figure's ratio to it. Then the operators a
+training step dispatches are counted (``torch.profiler``): on a GPU each is at least one kernel
+launch, the cost that stacking divides by K.
 """
 
 from __future__ import annotations
@@ -20,30 +20,26 @@ from dataclasses import dataclass
 import torch
 from torch.autograd import DeviceType
 
-from vaebench.bench.timing import CONV, REFERENCE, time_interleaved
+from vaebench.bench.timing import CONV, REFERENCE, fresh_run, time_interleaved
 from vaebench.data import Split, Splits, load_splits, resolve_root
-from vaebench.models import build_model, place_model
 from vaebench.models.losses import Objective
 from vaebench.spec.config import RunConfig
 from vaebench.stacking.fit import build_member, stacked_epoch, stacked_optimizer
 from vaebench.stacking.layers import use_layout
 from vaebench.stacking.model import StackedGaussianVAE
 from vaebench.stacking.step import StackSteps, cuda_graph_for
-from vaebench.training.trainer import build_optimizer, resolve_device, train_epoch
+from vaebench.training.trainer import resolve_device, train_epoch
 
 
 def reference_configs(
     count: int, subset: int | None = None, arch: str = "mlp", device: str = "cpu"
 ) -> list[RunConfig]:
-    data = {"subset": subset} if subset else {}
-    model = CONV["model"] if arch == "conv" else REFERENCE["model"]
-    train = {**REFERENCE["train"], "device": device}
-    return [
-        RunConfig.model_validate(
-            {**REFERENCE, "model": model, "data": data, "train": train, "seed": seed}
-        )
-        for seed in range(count)
-    ]
+    base = {
+        **(CONV if arch == "conv" else REFERENCE),
+        "data": {"subset": subset} if subset else {},
+        "train": {**REFERENCE["train"], "device": device},
+    }
+    return [RunConfig.model_validate({**base, "seed": seed}) for seed in range(count)]
 
 
 def stacked_loop(
@@ -55,7 +51,7 @@ def stacked_loop(
     """An epoch of ``configs`` as one stack, on the device that holds ``splits``, its layers
     ``per_member`` (None: the device's choice), its step a CUDA graph where ``graphs`` and
     the stack allows (:func:`vaebench.stacking.step.graphable`)."""
-    device = splits.train.images.device
+    device = _device(splits)
     members = [build_member(config, splits, device) for config in configs]
     stack = use_layout(StackedGaussianVAE([m.model for m in members]), per_member)
     optimizer = stacked_optimizer(configs, stack)
@@ -66,14 +62,7 @@ def stacked_loop(
 
 def sequential_loop(configs: Sequence[RunConfig], splits: Splits) -> Callable[[], object]:
     """The K runs one after another, an epoch each, as vaebench trains them unstacked."""
-    runs = []
-    for config in configs:
-        torch.manual_seed(config.seed)
-        model = place_model(
-            build_model(config.model, splits.image_shape), splits.train.images.device
-        )
-        generator = torch.Generator().manual_seed(config.seed)
-        runs.append((model, build_optimizer(config.optim, model.parameters()), generator, config))
+    runs = [(*fresh_run(config, splits), config) for config in configs]
 
     def epoch() -> list[float]:
         return [
@@ -112,59 +101,48 @@ def matmul_throughput(device: torch.device, size: int = 1024, repeats: int = 20)
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for ``device``'s queued work (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def first_batches(splits: Splits, batches: int, batch_size: int) -> Splits:
-    """The first ``batches`` batches of the training split, nothing to validate."""
-    count = batches * batch_size
-    train = Split(splits.train.images[:count], splits.train.labels[:count])
-    return Splits(train=train, validation=None, test=splits.test)
-
-
 @dataclass
 class Dispatched:
-    """What a training step dispatches: leaf operators (on a GPU each at least one kernel
-    launch), and, profiled on a GPU, the kernels it ran."""
+    """What a training step dispatches: leaf operators (with no operator below them; on a GPU
+    each at least one kernel launch), and, profiled on a GPU, the kernels it ran."""
 
     operators: float
     kernels: float | None
 
+    def __str__(self) -> str:
+        text = f"{self.operators:.0f} operators"
+        return text + (f", {self.kernels:.0f} CUDA kernels" if self.kernels is not None else "")
 
-def dispatched(epoch: Callable[[], object], steps: int, device: torch.device) -> Dispatched:
-    """Operators with no operator below them, and on CUDA the kernels, that ``epoch``, a
-    training epoch of ``steps`` steps, dispatches per step (``torch.profiler``)."""
+
+def dispatched_per_step(
+    configs: Sequence[RunConfig], splits: Splits, stacked: bool = True, steps: int = 3
+) -> Dispatched:
+    """What a training step of ``configs`` dispatches (``torch.profiler`` over ``steps``
+    steps): ``stacked``, as one stack in the layout CUDA runs (batched, convolutions grouped)
+    without a CUDA graph (with one, a step launches the graph, the batch's gather and each
+    member's noise); else as vaebench's unstacked steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
+    count = steps * configs[0].train.batch_size  # the first batches, nothing to validate
+    train = Split(splits.train.images[:count], splits.train.labels[:count])
+    few = Splits(train=train, validation=None, test=splits.test)
+    if stacked:
+        epoch = stacked_loop(configs, few, per_member=False, graphs=False)
+    else:
+        epoch = sequential_loop(configs, few)
+    on_cuda = _device(splits).type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
     epoch()  # warm-up
     with profile(activities=activities) as prof:
         epoch()
     events = prof.events()
     leaves = [e for e in events if e.name.startswith("aten::") and not e.cpu_children]
-    kernels = None
-    if device.type == "cuda":
-        kernels = sum(e.device_type == DeviceType.CUDA for e in events) / steps
-    return Dispatched(len(leaves) / steps, kernels)
-
-
-def dispatched_per_step(configs: Sequence[RunConfig], splits: Splits, steps: int = 3) -> Dispatched:
-    """What a step of ``configs`` as one stack dispatches, in the layout CUDA runs (batched,
-    convolutions grouped), without a CUDA graph (with one, a step launches the graph, the
-    batch's gather and each member's noise)."""
-    few = first_batches(splits, steps, configs[0].train.batch_size)
-    loop = stacked_loop(configs, few, per_member=False, graphs=False)
-    return dispatched(loop, steps, _device(splits))
-
-
-def dispatched_per_step_alone(config: RunConfig, splits: Splits, steps: int = 3) -> Dispatched:
-    """The same count for vaebench's unstacked step (one run)."""
-    few = first_batches(splits, steps, config.train.batch_size)
-    return dispatched(sequential_loop([config], few), steps, _device(splits))
+    kernels = sum(e.device_type == DeviceType.CUDA for e in events) / steps
+    return Dispatched(len(leaves) / steps, kernels if on_cuda else None)
 
 
 def _device(splits: Splits) -> torch.device:
@@ -197,10 +175,9 @@ def main(
     launch_sizes: Sequence[int] = (1, 4, 16, 64),
     device_name: str = "cpu",
 ) -> int:
-    root = resolve_root(data_root)
     device = resolve_device(device_name)
     largest = reference_configs(max(sizes), subset, arch, device_name)
-    splits = load_splits(largest[0].data, root, device)
+    splits = load_splits(largest[0].data, resolve_root(data_root), device)
     images = len(splits.train)
     print(
         f"{MODELS[arch]}, BCE, Adam 1e-3, batch 128, {images} training images, "
@@ -219,33 +196,28 @@ def main(
         print(f"floor: matrix-product FLOPs of a model-epoch / measured GEMM rate = {floor:.3f} s")
     alone = None
     for size in sorted({1, *sizes}):
-        loops = timed_loops(largest[:size], splits)
-        timings = {t.name: t.median / size for t in time_interleaved(loops, epochs)}
+        loops = time_interleaved(timed_loops(largest[:size], splits), epochs)
+        timings = {t.name: t.median / size for t in loops}
         alone = alone or timings["one after another"]  # K = 1 comes first
         line = ", ".join(
             f"{name} {t:.3f} s" + (f" ({t / floor:.1f}x floor)" if floor else "")
             for name, t in timings.items()
         )
         print(f"K = {size:3d}: {line}; stacked / one run alone = {timings['stacked'] / alone:.2f}")
-    one = dispatched_per_step_alone(largest[0], splits)
+    one = dispatched_per_step(largest[:1], splits, stacked=False)
     where = "CUDA's layout" if device.type == "cpu" else "on this GPU"
     print(
-        f"per training step, one run unstacked: {counted(one)}; stacked ({where}: batched, "
+        f"per training step, one run unstacked: {one}; stacked ({where}: batched, "
         "convolutions grouped):"
     )
     for size in launch_sizes:
         count = dispatched_per_step(reference_configs(size, subset, arch, device_name), splits)
-        line = f"K = {size:3d} stacked: {counted(count)}; per model-step "
+        line = f"K = {size:3d} stacked: {count}; per model-step "
         line += f"{count.operators / size / one.operators:.3f} of one run's operators"
         if count.kernels is not None and one.kernels:
             line += f", {count.kernels / size / one.kernels:.3f} of its kernels"
         print(line)
     return 0
-
-
-def counted(step: Dispatched) -> str:
-    text = f"{step.operators:.0f} operators"
-    return text + (f", {step.kernels:.0f} CUDA kernels" if step.kernels is not None else "")
 
 
 def describe(device: torch.device) -> str:

@@ -1,10 +1,9 @@
 """Benchmark: vaebench's trainer against the conventional loop, in the same process.
 
-The conventional loop is pytorch/examples' VAE loop: a DataLoader over a
-Dataset that turns each uint8 image into a PIL image and then into a float
-tensor (what torchvision's MNIST with ``ToTensor`` does per sample), and a
-``loss.item()`` host read every step. Both loops train the same model with the
-same loss and optimizer; only the data path and the per-step sync differ.
+The conventional loop is pytorch/examples' VAE loop: a DataLoader over a Dataset that turns
+each uint8 image into a PIL image and then into a float tensor (what torchvision's MNIST with
+``ToTensor`` does per sample), and a ``loss.item()`` host read every step. Both loops train
+the same model with the same loss and optimizer; only the data path and per-step sync differ.
 """
 
 from __future__ import annotations
@@ -42,20 +41,8 @@ REFERENCE = {
     "optim": {"name": "adam", "lr": 1e-3},
     "train": {"batch_size": 128, "device": "cpu"},
 }
-
-
 # experiments/quick.yaml's conv variant (BCE, Adam 1e-3, batch 128)
-CONV = {
-    "model": {"arch": "conv", "channels": [32, 64], "z_dim": 20},
-    "train": {"batch_size": 128, "device": "cpu"},
-}
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """What torchvision's ``ToTensor`` does with a greyscale PIL image."""
-    array = torch.from_numpy(np.array(image, np.uint8, copy=True))
-    array = array.view(image.size[1], image.size[0], 1).permute((2, 0, 1)).contiguous()
-    return array.to(dtype=torch.get_default_dtype()).div(255)
+CONV = {**REFERENCE, "model": {"arch": "conv", "channels": [32, 64], "z_dim": 20}}
 
 
 class PerImageMNIST(Dataset):
@@ -70,7 +57,10 @@ class PerImageMNIST(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = Image.fromarray(self.data[index].numpy(), mode="L")
-        return pil_to_tensor(image), int(self.targets[index])
+        # what torchvision's ``ToTensor`` does with a greyscale PIL image
+        array = torch.from_numpy(np.array(image, np.uint8, copy=True))
+        array = array.view(image.size[1], image.size[0], 1).permute((2, 0, 1)).contiguous()
+        return array.to(dtype=torch.get_default_dtype()).div(255), int(self.targets[index])
 
 
 def conventional_epoch(model, optimizer, loader: DataLoader, config: RunConfig, device) -> float:
@@ -98,12 +88,25 @@ class Timing:
         return statistics.median(self.seconds)
 
 
-def time_interleaved(steps: dict[str, Callable[[], object]], epochs: int) -> list[Timing]:
-    """Seconds per epoch of each loop, after one untimed warm-up epoch each.
+def fresh_run(
+    config: RunConfig, splits: Splits, layout: torch.memory_format | None = None
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Generator]:
+    """A new model of ``config`` (seeded with its seed) placed on the splits' device, or with
+    its weights in ``layout``; its optimizer; and the generator of its batch order."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, splits.image_shape)
+    if layout is None:
+        model = place_model(model, splits.train.images.device)
+    else:
+        model = model.to(memory_format=layout)
+    generator = torch.Generator().manual_seed(config.seed)
+    return model, build_optimizer(config.optim, model.parameters()), generator
 
-    Epochs run round-robin (A, B, C, A, B, C, ...) so that drift in the
-    machine's speed hits every loop alike.
-    """
+
+def time_interleaved(steps: dict[str, Callable[[], object]], epochs: int) -> list[Timing]:
+    """Seconds per epoch of each loop, after one untimed warm-up epoch each. Epochs run
+    round-robin (A, B, C, A, B, C, ...) so that drift in the machine's speed hits every loop
+    alike."""
     for step in steps.values():
         step()
     timings = {name: Timing(name, []) for name in steps}
@@ -131,46 +134,30 @@ def run_bench(
         update={"optim": config.optim.model_copy(update={"kwargs": {"fused": False}})}
     )
     device = resolve_device(config.train.device)
+    writes = Timing(CHECKPOINT_WRITE, [])
 
-    def fresh(run_config: RunConfig):
-        torch.manual_seed(seed)
-        model = place_model(build_model(run_config.model, splits.image_shape), device)
-        return model, build_optimizer(run_config.optim, model.parameters())
-
-    def vaebench_loop(run_config: RunConfig):
-        model, optimizer = fresh(run_config)
-        generator = torch.Generator().manual_seed(seed)
-        # one host read per epoch
+    def vaebench_loop(run_config: RunConfig, folder: Path | None = None):
+        """vaebench's epoch, one host read each; with ``folder``, a timed checkpoint after it."""
+        model, optimizer, generator = fresh_run(run_config, splits)
         objective = Objective(run_config.loss)
+        store = CheckpointStore(folder) if folder is not None else None
+        history: list[EpochMetrics] = []
 
         def step() -> float:
-            return train_epoch(model, optimizer, objective, run_config, splits, generator).item()
+            loss = train_epoch(model, optimizer, objective, run_config, splits, generator).item()
+            if store is not None:
+                history.append(EpochMetrics(len(history) + 1, loss, 0.0, 0.0, 0.0))
+                started = time.perf_counter()
+                store.save("bench", training_state(model, optimizer, generator, history, 0.0))
+                writes.seconds.append(time.perf_counter() - started)
+            return loss
 
         return step
 
     def conventional_loop():
-        model, optimizer = fresh(unfused)
+        model, optimizer, _ = fresh_run(unfused, splits)
         loader = DataLoader(conventional, batch_size=config.train.batch_size, shuffle=True)
         return lambda: conventional_epoch(model, optimizer, loader, config, device)
-
-    writes = Timing(CHECKPOINT_WRITE, [])
-
-    def checkpointed_loop(folder: Path):
-        model, optimizer = fresh(config)
-        generator = torch.Generator().manual_seed(seed)
-        objective = Objective(config.loss)
-        store = CheckpointStore(folder)
-        history: list[EpochMetrics] = []
-
-        def step() -> float:
-            loss = train_epoch(model, optimizer, objective, config, splits, generator).item()
-            history.append(EpochMetrics(len(history) + 1, loss, 0.0, 0.0, 0.0))
-            started = time.perf_counter()
-            store.save("bench", training_state(model, optimizer, generator, history, 0.0))
-            writes.seconds.append(time.perf_counter() - started)
-            return loss
-
-        return step
 
     steps = {
         "vaebench (as shipped: fused Adam)": vaebench_loop(config),
@@ -178,7 +165,7 @@ def run_bench(
         "conventional (DataLoader, per-image ToTensor)": conventional_loop(),
     }
     if checkpoint_folder is not None:
-        steps["vaebench, checkpoint after every epoch"] = checkpointed_loop(checkpoint_folder)
+        steps["vaebench, checkpoint after every epoch"] = vaebench_loop(config, checkpoint_folder)
     timings = time_interleaved(steps, epochs)
     if checkpoint_folder is not None:
         writes.seconds = writes.seconds[1:]  # the warm-up epoch's write is not timed either
@@ -190,17 +177,16 @@ def main(data_root: str | None, epochs: int = 3, subset: int | None = None) -> i
     root = resolve_root(data_root)
     config = RunConfig.model_validate({**REFERENCE, "data": {"subset": subset}})
     splits = load_splits(config.data, root, torch.device("cpu"))
-    images, labels = load_arrays(config.data.dataset, root)["train"]
     count = len(splits.train)
-    conventional = PerImageMNIST(images[:count], labels[:count])
+    images, labels = load_arrays(config.data.dataset, root)["train"]
     print(
         f"MLP VAE 784-400-20, BCE, Adam 1e-3, batch 128, {count} training images, CPU, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"{epochs} timed epochs each after 1 warm-up, interleaved"
     )
     with tempfile.TemporaryDirectory(prefix="vaebench-bench-") as folder:
-        timings = run_bench(splits, conventional, epochs, checkpoint_folder=Path(folder))
-    *loops, writes = timings
+        conventional = PerImageMNIST(images[:count], labels[:count])
+        *loops, writes = run_bench(splits, conventional, epochs, checkpoint_folder=Path(folder))
     for timing in loops:
         per_epoch = ", ".join(f"{s:.2f}" for s in timing.seconds)
         print(f"{timing.name:<48s} median {timing.median:6.2f} s/epoch  ({per_epoch})")

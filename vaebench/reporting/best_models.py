@@ -1,15 +1,13 @@
 """The best runs of an invocation as registered MLflow models.
 
-After a grid (each comparison group's best run, chosen on validation by the
-report) and after a study (its best trials' runs), each chosen run's model is
-rebuilt from its ``config.yaml`` and ``state_dict.pt`` artifacts, logged with
-MLflow's PyTorch flavor (once per run: a later invocation that picks the same
-run registers the same logged model again) and registered as a new version of
-a model named after the grid or study and the group. A version's tags point
-back to the run and say what it was selected on. Registering costs seconds, so
-only the best runs are registered (``--no-register`` skips it); every run keeps
-its ``state_dict.pt``. MLflow is reached through the Tracker.
-"""
+After a grid (each comparison group's best run, chosen on validation by the report) and after a
+study (its best trials' runs), each chosen run's model is rebuilt from its ``config.yaml`` and
+``state_dict.pt`` artifacts, logged with MLflow's PyTorch flavor (once per run: a later
+invocation that picks the same run registers the same logged model again) and registered as a
+new version of a model named after the grid or study and the group. A version's tags point back
+to the run and say what it was selected on. Registering costs seconds, so only the best runs are
+registered (``--no-register`` skips it); every run keeps its ``state_dict.pt``. MLflow is
+reached through the Tracker."""
 
 from __future__ import annotations
 
@@ -53,9 +51,9 @@ class Registered:
 
 
 def registry_name(base: str, group: str) -> str:
-    """``<grid>`` for a single group, ``<grid>.<values>`` otherwise (``quick.mse``);
-    letters, digits, ``.``, ``_`` and ``-`` only (MLflow refuses ``/`` and ``:``), so it
-    reads well in a models:/ URI."""
+    """``<grid>`` for a single group, ``<grid>.<values>`` otherwise (``quick.mse``); letters,
+    digits, ``.``, ``_`` and ``-`` only (MLflow refuses ``/`` and ``:``), so it reads well in a
+    models:/ URI."""
     name = _uri_safe(base, ".") or "vaebench"
     if group == ALL_RUNS:
         return name

@@ -12,17 +12,16 @@ from vaebench.reporting.runs import METRICS, RunSet
 from vaebench.reporting.table import (
     comparison_groups,
     comparison_params,
-    groups_for,
     present_metrics,
     varied_params,
 )
-from vaebench.spec.catalogue import MetricInfo
 
-FIGURES = ("rate_distortion.png", "elbo_by_epoch.png", "clustering.png", "epoch_seconds.png")
-
-
-def _line_label(row: pd.Series, columns: list[str]) -> str:
-    return "-".join(str(row[c]) for c in columns) or "runs"
+# each bar figure's metrics (it draws those the runs have)
+BAR_FIGURES = {
+    "clustering.png": ("test_nmi", "test_accuracy"),
+    "epoch_seconds.png": ("mean_epoch_seconds",),
+}
+FIGURES = ("rate_distortion.png", "elbo_by_epoch.png", *BAR_FIGURES)
 
 
 def rate_distortion_figure(run_set: RunSet, path: Path) -> Path | None:
@@ -34,90 +33,62 @@ def rate_distortion_figure(run_set: RunSet, path: Path) -> Path | None:
         return None
     varied = varied_params(run_set.finished, run_set.param_columns)
     panel_keys = comparison_params(run_set, METRICS["test_recon"])
-    line_keys = [p for p in varied if p != "params.loss.beta" and p not in panel_keys]
-    beta = "params.loss.beta" if "params.loss.beta" in runs else None
+    beta = "params.loss.beta"
+    line_keys = [p for p in varied if p != beta and p not in panel_keys]
+    betas = pd.to_numeric(runs[beta], errors="coerce") if beta in runs else None
     panels: dict[str, list[Curve]] = {}
     points: dict[str, list[Curve]] = {}
     for title, in_panel in runs.groupby(comparison_groups(runs, panel_keys)):
         lines, dots = [], []
         for _, line in in_panel.groupby(line_keys, sort=False) if line_keys else [("", in_panel)]:
-            label = _line_label(line.iloc[0], line_keys)
-            by_beta = (
-                line.assign(_beta=pd.to_numeric(line[beta], errors="coerce")).groupby("_beta")
-                if beta
-                else [(None, line)]
-            )
+            label = "-".join(str(line.iloc[0][c]) for c in line_keys) or "runs"
+            by_beta = line.groupby(betas) if betas is not None else [(None, line)]
             means = [(b, g["test_kl"].mean(), g["test_recon"].mean()) for b, g in by_beta]
             notes = [f"β={b:g}" if b is not None else "" for b, _, _ in means]
-            lines.append(
-                Curve(label, [m[1] for m in means], [m[2] for m in means], notes=notes)
-            )
+            lines.append(Curve(label, [m[1] for m in means], [m[2] for m in means], notes=notes))
             dots.append(Curve(label, list(line["test_kl"]), list(line["test_recon"])))
         panels[title], points[title] = lines, dots
-    return save_curves(
-        path, panels, "KL (rate, nats)", "reconstruction (distortion)", points
-    )
+    return save_curves(path, panels, "KL (rate, nats)", "reconstruction (distortion)", points)
 
 
 def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path | None:
     """Validation ELBO against epoch per variant (MLflow metric history): the mean over seeds
     with a band of one standard deviation when there are several."""
-    client = run_set.client
     finished = run_set.finished
-    group_of = dict(
-        zip(
-            finished["variant"],
-            groups_for(run_set, finished, METRICS["val_elbo"]),
-            strict=True,
-        )
-    )
+    groups = comparison_groups(finished, comparison_params(run_set, METRICS["val_elbo"]))
+    group_of = dict(zip(finished["variant"], groups, strict=True))
     panels: dict[str, list[Curve]] = {}
     for variant in order:
-        series = {}
-        for run_id in finished.loc[finished["variant"] == variant, "run_id"]:
-            history = client.get_metric_history(run_id, "val_elbo")
-            series[run_id] = pd.Series({m.step: m.value for m in history})
-        if not any(len(values) for values in series.values()):
+        runs = finished.loc[finished["variant"] == variant, "run_id"]
+        histories = {run: run_set.client.get_metric_history(run, "val_elbo") for run in runs}
+        if not any(histories.values()):
             continue  # no validation split (data.validation: 0): no history to draw
+        series = {run: pd.Series({m.step: m.value for m in h}) for run, h in histories.items()}
         by_epoch = pd.DataFrame(series).sort_index()
         mean, std = by_epoch.mean(axis=1), by_epoch.std(axis=1)
-        several = by_epoch.shape[1] > 1
-        panels.setdefault(group_of[variant], []).append(
-            Curve(
-                variant,
-                list(by_epoch.index),
-                list(mean),
-                list(mean - std) if several else None,
-                list(mean + std) if several else None,
-            )
-        )
+        band = (list(mean - std), list(mean + std)) if by_epoch.shape[1] > 1 else (None, None)
+        curve = Curve(variant, list(by_epoch.index), list(mean), *band)
+        panels.setdefault(group_of[variant], []).append(curve)
     if not panels:
         return None
     return save_curves(path, panels, "epoch", "validation ELBO", integer_x=True)
-
-
-def bars_figure(table: pd.DataFrame, metrics: list[MetricInfo], path: Path) -> Path:
-    labels = list(table["variant"])
-    panels = {
-        m.label: Bars(labels, list(table[f"{m.name}_mean"]), list(table[f"{m.name}_std"]))
-        for m in metrics
-    }
-    return save_bars(path, panels)
 
 
 def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Path]:
     """The figures the runs have data for (see FIGURES)."""
     present = {m.name for m in present_metrics(run_set.finished)}
     shown = table[table["runs"] > 0]
+    labels = list(shown["variant"])
     figures = [
         rate_distortion_figure(run_set, folder / "rate_distortion.png"),
-        elbo_curve_figure(run_set, list(shown["variant"]), folder / "elbo_by_epoch.png"),
+        elbo_curve_figure(run_set, labels, folder / "elbo_by_epoch.png"),
     ]
-    clustering = [METRICS[n] for n in ("test_nmi", "test_accuracy") if n in present]
-    if clustering:
-        figures.append(bars_figure(shown, clustering, folder / "clustering.png"))
-    if "mean_epoch_seconds" in present:
-        figures.append(
-            bars_figure(shown, [METRICS["mean_epoch_seconds"]], folder / "epoch_seconds.png")
-        )
+    for name, names in BAR_FIGURES.items():
+        panels = {
+            METRICS[n].label: Bars(labels, list(shown[f"{n}_mean"]), list(shown[f"{n}_std"]))
+            for n in names
+            if n in present
+        }
+        if panels:
+            figures.append(save_bars(folder / name, panels))
     return [f for f in figures if f is not None]

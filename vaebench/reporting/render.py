@@ -27,12 +27,10 @@ def display_table(table: pd.DataFrame, metric: MetricInfo) -> pd.DataFrame:
     for m in METRICS.values():
         if f"{m.name}_mean" not in table:
             continue
+        columns = table[[f"{m.name}_mean", f"{m.name}_std", f"{m.name}_count", "runs"]]
         shown[m.label] = [
             _mean_std(mean, std, m.digits) + (f" (n={n})" if 0 < n < runs else "")
-            for mean, std, n, runs in zip(
-                table[f"{m.name}_mean"], table[f"{m.name}_std"], table[f"{m.name}_count"],
-                table["runs"], strict=True,
-            )
+            for mean, std, n, runs in columns.itertuples(index=False)
         ]
     shown[f"ties best ({metric.name})"] = table["ties_best"]
     if table["not_finished"].any():
@@ -50,16 +48,14 @@ def verdict(table: pd.DataFrame, metric: MetricInfo) -> str:
     """Who is best (per comparison group), who ties, and what cannot be judged."""
     direction = "higher" if metric.higher_is_better else "lower"
     ranked = table[table["rank"].notna()]
-    groups = list(ranked.groupby("compared_within", sort=False))
     several = table["compared_within"].nunique() > 1
     sentences = [f"Ranked on {metric.label}, {direction} is better."]
     if several:
-        names = table["compared_within"].unique()
-        settings = " and ".join(dict.fromkeys(comparison_name(g) for g in names))
+        settings = " and ".join(dict.fromkeys(map(comparison_name, table["compared_within"])))
         sentences.append(
             f"Runs with different {settings} are ranked apart: their values are not comparable."
         )
-    for group, rows in groups:
+    for group, rows in ranked.groupby("compared_within", sort=False):
         best = rows.iloc[0]
         value = _mean_std(best[f"{metric.name}_mean"], best[f"{metric.name}_std"], metric.digits)
         among = f" among {group}" if several else ""
@@ -75,8 +71,7 @@ def verdict(table: pd.DataFrame, metric: MetricInfo) -> str:
             "Variants with a single run show no spread: one run cannot estimate it, so"
             " ties with them cannot be judged."
         )
-    if (table["rank"].isna()).any():
-        unranked = ", ".join(table.loc[table["rank"].isna(), "variant"])
+    if unranked := ", ".join(table.loc[table["rank"].isna(), "variant"]):
         sentences.append(f"Unranked, without a value of {metric.name}: {unranked}.")
     return " ".join(sentences)
 
@@ -153,15 +148,13 @@ def report_blocks(
     source = (
         f"Experiment {run_set.experiment} in {run_set.uri}, {invocations}: "
         f"{count(len(run_set.finished), 'finished run')} in {count(len(table), 'variant')}"
-        + (f"; {count(not_finished, 'run')} not finished, left out" if not_finished else "")
-        + (
-            f"; {count(run_set.repeats, 'earlier rerun')} of the same config, seed, device and "
-            "code, left out"
-            if run_set.repeats
-            else ""
-        )
-        + f". Made {time.strftime('%Y-%m-%d %H:%M')}."
     )
+    if not_finished:
+        source += f"; {count(not_finished, 'run')} not finished, left out"
+    if run_set.repeats:
+        repeats = count(run_set.repeats, "earlier rerun")
+        source += f"; {repeats} of the same config, seed, device and code, left out"
+    source += f". Made {time.strftime('%Y-%m-%d %H:%M')}."
     captions = {
         "rate_distortion.png": "Rate and distortion: KL against reconstruction, a dot per run; "
         "lines join the per-β means of one setting.",
@@ -179,14 +172,14 @@ def report_blocks(
         ("p", measurement_notes(run_set, metric)),
         ("table", display_table(table, metric)),
     ]
-    for figure in figures:
-        blocks.append(("img", (figure, captions[figure.name])))
+    blocks += [("img", (figure, captions[figure.name])) for figure in figures]
     for best, pictures in bests:
         among = f", among {best['compared_within']}" if len(bests) > 1 else ""
         blocks.append(("h2", f"Best variant{among}: {best['variant']} (run {best['name']})"))
-        for picture in pictures:
-            caption = f"{best['name']}: {picture.stem.rsplit('_', 1)[-1]}"
-            blocks.append(("img", (picture, caption)))
+        blocks += [
+            ("img", (picture, f"{best['name']}: {picture.stem.rsplit('_', 1)[-1]}"))
+            for picture in pictures
+        ]
     return blocks
 
 
@@ -194,22 +187,18 @@ def _md_cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+MD_PREFIX = {"h1": "# ", "h2": "## ", "p": ""}
+
+
 def render_markdown(blocks: list[Block]) -> str:
     out = []
     for kind, value in blocks:
-        if kind == "h1":
-            out.append(f"# {value}")
-        elif kind == "h2":
-            out.append(f"## {value}")
-        elif kind == "p":
-            out.append(str(value))
+        if kind in MD_PREFIX:
+            out.append(f"{MD_PREFIX[kind]}{value}")
         elif kind == "table":
-            out.append("| " + " | ".join(_md_cell(c) for c in value.columns) + " |")
-            out.append("|" + "---|" * len(value.columns))
-            out.extend(
-                "| " + " | ".join(_md_cell(v) for v in row) + " |"
-                for row in value.itertuples(index=False)
-            )
+            rows = [value.columns, *value.itertuples(index=False)]
+            lines = ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
+            out += [lines[0], "|" + "---|" * len(value.columns), *lines[1:]]
         elif kind == "img":
             path, caption = value
             out.append(f"![{path.stem}]({path.name})\n\n*{caption}*")
@@ -225,10 +214,6 @@ figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:13px}
 """
 
 
-def _bold(text: str) -> str:
-    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
-
-
 def render_html(blocks: list[Block], title: str) -> str:
     """One self-contained page: the images are embedded as base64 data URIs."""
     out = [
@@ -240,7 +225,8 @@ def render_html(blocks: list[Block], title: str) -> str:
         if kind in ("h1", "h2"):
             out.append(f"<{kind}>{html.escape(str(value))}</{kind}>")
         elif kind == "p":
-            out.append(f"<p>{_bold(str(value))}</p>")
+            bold = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(str(value)))
+            out.append(f"<p>{bold}</p>")
         elif kind == "table":
             head = "".join(f"<th>{html.escape(str(c))}</th>" for c in value.columns)
             rows = "".join(

@@ -1,9 +1,5 @@
 """Reports: a grid's (or study's) runs in MLflow -> leaderboard over seeds, figures, report.md/html.
-
-This is the entry, ``make_report``; the work is done by report_runs.py (reading
-the runs from MLflow), report_table.py (the leaderboard), report_figures.py (the
-figures) and report_render.py (report.md and report.html).
-"""
+``make_report`` is the entry; the package's other modules do the work."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ from vaebench.atomic import write_text
 from vaebench.reporting.best_models import BestRun
 from vaebench.reporting.figures import FIGURES, write_figures
 from vaebench.reporting.render import display_table, render_html, render_markdown, report_blocks
-from vaebench.reporting.runs import METRICS, fetch_best_pictures, picture_prefix, select_runs
+from vaebench.reporting.runs import METRICS, fetch_best_pictures, select_runs
 from vaebench.reporting.table import best_runs, leaderboard
 from vaebench.spec.catalogue import DEFAULT_RANKING, RANKABLE, MetricInfo, selection_problem
 from vaebench.spec.catalogue import METRICS as CATALOGUE
@@ -51,13 +47,11 @@ def make_report(
     """Write ``results/<name>/``: leaderboard.csv, report.md, report.html and the figures,
     and log them as artifacts (under ``report/``) of the covered invocation's parent run.
     With ``tsne``, the best runs' pictures add a t-SNE of their latent means."""
-    stream = stream or sys.stdout
     if metric not in RANKABLE:
         why = selection_problem(metric) if metric in CATALOGUE else None
         raise VaebenchError(f"--metric {metric!r}: {why or 'choose one of ' + ', '.join(RANKABLE)}")
     chosen = METRICS[metric]
-    uri = resolve_tracking_uri(tracking_uri)
-    run_set = select_runs(uri, name, all_invocations, parent_id)
+    run_set = select_runs(resolve_tracking_uri(tracking_uri), name, all_invocations, parent_id)
     table = leaderboard(run_set, chosen)
     folder = Path(results_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,19 +60,7 @@ def make_report(
     write_text(folder / "leaderboard.csv", table.to_csv(index=False))
     figures = write_figures(run_set, table, folder)
     runs = best_runs(run_set, table, chosen)
-    bests = [
-        (
-            run,
-            fetch_best_pictures(
-                run_set,
-                run["run_id"],
-                folder,
-                picture_prefix(run["compared_within"], len(runs)),
-                tsne,
-            ),
-        )
-        for run in runs
-    ]
+    bests = [(run, fetch_best_pictures(run_set, run, folder, len(runs), tsne)) for run in runs]
     blocks = report_blocks(run_set, table, chosen, figures, bests)
     write_text(folder / "report.md", render_markdown(blocks))
     write_text(folder / "report.html", render_html(blocks, f"vaebench report: {name}"))
@@ -87,22 +69,19 @@ def make_report(
     for path in files:
         run_set.client.log_artifact(run_set.report_parent, str(path), REPORT_ARTIFACT_PATH)
     report = Report(folder, table, chosen, files, [as_best_run(run, chosen) for run, _ in bests])
-    print_report(report, stream)
+    print_report(report, stream or sys.stdout)
     return report
 
 
 def as_best_run(run: pd.Series, metric: MetricInfo) -> BestRun:
     """A group's best run (a row of :func:`best_runs`) as the record registration takes."""
-    return BestRun(
-        str(run["run_id"]), str(run["name"]), str(run["compared_within"]), metric.name,
-        f"{run[metric.name]:.6g}",
-    )
+    run_id, name, group = (str(run[key]) for key in ("run_id", "name", "compared_within"))
+    return BestRun(run_id, name, group, metric.name, f"{run[metric.name]:.6g}")
 
 
 def best_of_invocation(uri: str, name: str, parent_id: str | None) -> list[BestRun]:
-    """Each comparison group's best run, as a report would choose it (on
-    :data:`DEFAULT_METRIC`), without writing the report; ``parent_id`` None: of every
-    invocation."""
+    """Each comparison group's best run, as a report would choose it (on :data:`DEFAULT_METRIC`),
+    without writing the report; ``parent_id`` None: of every invocation."""
     run_set = select_runs(uri, name, parent_id is None, parent_id)
     metric = METRICS[DEFAULT_METRIC]
     table = leaderboard(run_set, metric)

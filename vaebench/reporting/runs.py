@@ -1,9 +1,8 @@
 """Report runs: reading a grid's (or study's) runs back from MLflow into a RunSet, and a best
 run's pictures out of its artifacts.
 
-Runs are read back with ``mlflow.search_runs``; a *variant* is every param but
-the seed, so a variant's runs are its seeds. Reruns of the same config, seed,
-device and code are counted once.
+Runs are read back with ``mlflow.search_runs``; a *variant* is every param but the seed, so a
+variant's runs are its seeds. Reruns of the same config, seed, device and code count once.
 """
 
 from __future__ import annotations
@@ -115,9 +114,8 @@ def run_set_from_frame(
     if runs.empty:
         raise VaebenchError(f"experiment {name!r}: the invocation has no runs")
     runs["name"] = runs["tags.mlflow.runName"]
-    for metric in METRICS.values():
-        column = f"metrics.{metric.name}"
-        runs[metric.name] = runs[column] if column in runs else np.nan
+    for metric in METRICS:
+        runs[metric] = runs.get(f"metrics.{metric}", np.nan)
     arch = runs.get("params.model.arch", pd.Series("", index=runs.index))
     runs[BOUND_COLUMN] = np.where(arch.isin(CONDITIONAL), "p(x|y)", "p(x)")
     params = sorted(c for c in runs if c.startswith("params.") and c != "params.seed")
@@ -130,25 +128,19 @@ def run_set_from_frame(
 
 CLAIM_COLUMN = "tags.vaebench.claim_for"  # vaebench.lifecycle.claims.CLAIM_TAG
 
-RERUN_TAGS = (
-    "tags.vaebench.run_key",
-    "tags.vaebench.device",
-    "tags.vaebench.device_name",
-    "tags.vaebench.code",
-)
+RERUN_TAGS = [f"tags.vaebench.{tag}" for tag in ("run_key", "device", "device_name", "code")]
 
 
 def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Keep the latest finished run of each config, seed, device, processor and code version.
 
-    A deterministic rerun of the same seed on the same device and code is not a
-    new sample: counted twice it would shrink the spread (``--all`` over a grid
-    run twice). On another device or code version it is one: floating-point
-    paths differ.
+    A deterministic rerun of the same seed on the same device and code is not a new sample:
+    counted twice it would shrink the spread (``--all`` over a grid run twice). On another
+    device or code version it is one: floating-point paths differ.
     """
     if RERUN_TAGS[0] not in runs:
         return runs, 0
-    keys = runs.reindex(columns=list(RERUN_TAGS)).astype(object).fillna("").agg("|".join, axis=1)
+    keys = runs.reindex(columns=RERUN_TAGS).astype(object).fillna("").agg("|".join, axis=1)
     finished = runs["status"] == "FINISHED"
     earlier = keys[finished].duplicated(keep="last")
     repeated = earlier.reindex(runs.index, fill_value=False) & runs[RERUN_TAGS[0]].notna()
@@ -156,37 +148,35 @@ def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
 
 
 def variant_labels(runs: pd.DataFrame, params: list[str]) -> pd.Series:
-    """A readable label per run, equal for runs that differ only in their seed.
-
-    It is the run name without its ``-s<seed>`` ending; variants that would
-    share a label (runs of different grid versions under ``--all``) get ``#2``, ``#3``.
-    """
+    """A readable label per run, equal for runs that differ only in their seed: the run name
+    without its ``-s<seed>`` ending; variants that would share a label (runs of different grid
+    versions under ``--all``) get ``#2``, ``#3``."""
     if params:
         keys = runs[params].astype(str).agg("\x1f".join, axis=1)
     else:
         keys = pd.Series("", index=runs.index)
     labels: dict[str, str] = {}
-    taken: set[str] = set()
     for key, name in zip(keys, runs["name"], strict=True):
         if key in labels:
             continue
         label = SEED_SUFFIX.sub("", str(name)) or "all seeds"
         candidate, count = label, 1
-        while candidate in taken:
+        while candidate in labels.values():
             count += 1
             candidate = f"{label} #{count}"
         labels[key] = candidate
-        taken.add(candidate)
     return keys.map(labels)
 
 
 def fetch_best_pictures(
-    run_set: RunSet, run_id: str, folder: Path, prefix: str, tsne: bool = False
+    run_set: RunSet, run: pd.Series, folder: Path, groups: int, tsne: bool = False
 ) -> list[Path]:
-    """Copy a best run's pictures from its MLflow artifacts as ``<prefix><name>.png``; with
-    ``tsne``, draw ``<prefix>latent_tsne.png`` from the run's latent means (``latent.npz``)."""
+    """Copy a best run's (of ``groups`` comparison groups) pictures from its MLflow artifacts as
+    ``<prefix><name>.png`` (:func:`picture_prefix`); with ``tsne``, draw
+    ``<prefix>latent_tsne.png`` from the run's latent means (``latent.npz``)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    client = run_set.client
+    client, run_id = run_set.client, str(run["run_id"])
+    prefix = picture_prefix(run["compared_within"], groups)
     available = {a.path for a in client.list_artifacts(run_id)}
     copied = []
     with tempfile.TemporaryDirectory(prefix="vaebench-report-") as scratch:
@@ -198,8 +188,7 @@ def fetch_best_pictures(
             with np.load(client.download_artifacts(run_id, LATENT_FILE, scratch)) as latent:
                 means, labels = latent["means"], latent["labels"]
             path = folder / f"{prefix}{TSNE_PICTURE}"
-            title = client.get_run(run_id).info.run_name
-            copied.append(save_latent_scatter(path, means, labels, title, method="tsne"))
+            copied.append(save_latent_scatter(path, means, labels, str(run["name"]), method="tsne"))
     return copied
 
 

@@ -1,9 +1,8 @@
 """Report table: the leaderboard of a RunSet's variants over their seeds, ranked within
 comparison groups, with who ties the best, and each group's best run.
 
-Only FINISHED runs are aggregated. Statistics stay honest: the spread of one
-run is unknown, not zero, and a variant within one standard deviation of the
-best is marked as a tie.
+Only FINISHED runs are aggregated. Statistics stay honest: the spread of one run is unknown,
+not zero, and a variant within one standard deviation of the best is marked as a tie.
 """
 
 from __future__ import annotations
@@ -40,11 +39,6 @@ def comparison_params(run_set: RunSet, metric: MetricInfo) -> list[str]:
     return [k for k in keys if k in varied]
 
 
-def groups_for(run_set: RunSet, runs: pd.DataFrame, metric: MetricInfo) -> pd.Series:
-    """Each of ``runs``' comparison group for ``metric``."""
-    return comparison_groups(runs, comparison_params(run_set, metric))
-
-
 def comparison_groups(runs: pd.DataFrame, params: list[str]) -> pd.Series:
     """Each run's comparison group as text ("loss.recon=bce"), or "all runs"."""
     if not params:
@@ -60,13 +54,13 @@ def present_metrics(runs: pd.DataFrame) -> list[MetricInfo]:
 
 
 def leaderboard(run_set: RunSet, metric: MetricInfo) -> pd.DataFrame:
-    """One row per variant, best first: mean, standard deviation (NaN for one value) and
-    count of every metric over the variant's finished runs, and whether the variant ties
-    with the best within one std.
+    """One row per variant, best first: mean, standard deviation (NaN for one value) and count
+    of every metric over the variant's finished runs, and whether the variant ties with the
+    best within one std.
 
-    Variants are ranked within their comparison group (``compared_within``): a BCE
-    ELBO is not ranked against an MSE one, nor MNIST against Fashion-MNIST. A
-    variant without a value of the metric (every run failed, say) is listed unranked.
+    Variants are ranked within their comparison group (``compared_within``): a BCE ELBO is not
+    ranked against an MSE one, nor MNIST against Fashion-MNIST. A variant without a value of
+    the metric (every run failed, say) is listed unranked.
     """
     finished = run_set.finished
     if finished.empty:
@@ -79,23 +73,17 @@ def leaderboard(run_set: RunSet, metric: MetricInfo) -> pd.DataFrame:
     varied = varied_params(finished, run_set.param_columns)
     metrics = [m.name for m in present_metrics(finished)]
     runs = run_set.runs.assign(
-        compared_within=groups_for(run_set, run_set.runs, metric),
+        compared_within=comparison_groups(run_set.runs, comparison_params(run_set, metric)),
         finished=run_set.runs["status"] == "FINISHED",
     )
     stats = runs[runs["finished"]].groupby("variant")[metrics].agg(["mean", "std", "count"])
     stats.columns = [f"{name}_{stat}" for name, stat in stats.columns]
     every = runs.groupby("variant", sort=False)
-    table = pd.concat(
-        [
-            every[[*varied, "compared_within"]]
-            .first()
-            .rename(columns=lambda c: c.removeprefix("params.")),
-            every["finished"].sum().rename("runs"),
-            (~runs["finished"]).groupby(runs["variant"]).sum().rename("not_finished"),
-            stats,
-        ],
-        axis=1,
-    )
+    table = every[[*varied, "compared_within"]].first()
+    table = table.rename(columns=lambda c: c.removeprefix("params."))
+    table["runs"] = every["finished"].sum()
+    table["not_finished"] = every.size() - table["runs"]
+    table = table.join(stats)
     counts = [f"{name}_count" for name in metrics]
     table[counts] = table[counts].fillna(0).astype(int)
     table = table.sort_values(
@@ -114,28 +102,22 @@ def leaderboard(run_set: RunSet, metric: MetricInfo) -> pd.DataFrame:
 
 
 def ties_with_best(table: pd.DataFrame, metric: MetricInfo) -> list[str]:
-    """"best" for the first row; "yes"/"no" for whether a variant's mean lies within one
-    standard deviation (the larger of the two) of the best's; "" when either has a
-    single value, whose spread is unknown."""
+    """"best" for the first row; "yes"/"no" for whether a variant's mean lies within one standard
+    deviation (the larger of the two) of the best's; "" when either has a single value, whose
+    spread is unknown."""
     mean, std = table[f"{metric.name}_mean"], table[f"{metric.name}_std"]
-    best_mean, best_std = mean.iloc[0], std.iloc[0]
-    marks = ["best"]
-    for value, spread in zip(mean.iloc[1:], std.iloc[1:], strict=True):
-        if np.isnan(spread) or np.isnan(best_std):
-            marks.append("")
-        else:
-            marks.append("yes" if abs(value - best_mean) <= max(spread, best_std) else "no")
-    return marks
+    within = np.where((mean - mean.iloc[0]).abs() <= np.maximum(std, std.iloc[0]), "yes", "no")
+    unknown = std.isna() | np.isnan(std.iloc[0])
+    return ["best", *np.where(unknown, "", within)[1:].tolist()]
 
 
 def best_runs(run_set: RunSet, table: pd.DataFrame, metric: MetricInfo) -> list[pd.Series]:
     """Per comparison group, the best variant's run that scored best on the metric, with
     its group as ``compared_within``."""
     chosen = []
-    for variant, group in table.loc[
-        table["ties_best"] == "best", ["variant", "compared_within"]
-    ].itertuples(index=False):
+    best = table[table["ties_best"] == "best"]
+    for variant, group in zip(best["variant"], best["compared_within"], strict=True):
         runs = run_set.finished[run_set.finished["variant"] == variant]
-        runs = runs.sort_values(metric.name, ascending=not metric.higher_is_better)
-        chosen.append(pd.concat([runs.iloc[0], pd.Series({"compared_within": group})]))
+        top = runs.sort_values(metric.name, ascending=not metric.higher_is_better).iloc[0]
+        chosen.append(pd.concat([top, pd.Series({"compared_within": group})]))
     return chosen
