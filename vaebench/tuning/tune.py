@@ -353,10 +353,5 @@ def _write_outputs(
 def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
     """``workers`` spawned processes share ``n_trials``; returns a line per worker that died."""
     shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
-    arguments = [(job, share, index) for index, share in enumerate(shares) if share]
-    codes = run_processes(worker_main, arguments, [f"tune-{args[2]}" for args in arguments])
-    return [
-        f"worker {index} exited with status {code}"
-        for index, code in enumerate(codes)
-        if code != 0
-    ]
+    arguments = {index: (job, share, index) for index, share in enumerate(shares) if share}
+    return run_processes(worker_main, arguments, "tune-")
