@@ -179,7 +179,7 @@ def _claim_or_skip(
     for _ in range(CLAIM_ATTEMPTS):
         step = _as_stored_now(step, work, tracker)
         if step.action not in ("train", "continue"):
-            _skip(number, total, step, record)
+            skipped(number, total, step, record)
             return
         continues = step.previous.run_id if step.action == "continue" else None
         pending: list[str] = []
@@ -290,13 +290,8 @@ def stored_row(run: RunSpec, stored: RunRecord) -> dict[str, Any]:
     return {**row, **run.params, **stored.metrics}
 
 
-def _skip(number: int, total: int, step: Planned, record: WorkRecord) -> None:
-    print_skip(number, total, step)
-    record.rows.append(stored_row(step.run, step.previous))
-    record.skipped += step.action == "skip"
-
-
-def print_skip(number: int, total: int, step: Planned) -> None:
+def skipped(number: int, total: int, step: Planned, record: WorkRecord) -> None:
+    """A step not trained here: a line saying why, and its row from the store."""
     run_id = step.previous.run_id
     if step.action == "skip":
         why = f"FINISHED already in run {run_id}"
@@ -308,6 +303,8 @@ def print_skip(number: int, total: int, step: Planned) -> None:
         why = f"{what} in run {run_id}, held by {holder}"
     line = f"{line_prefix()}[{number}/{total}] {step.run.name} skipped: {why}"
     print(line, file=sys.stderr, flush=True)
+    record.rows.append(stored_row(step.run, step.previous))
+    record.skipped += step.action == "skip"
 
 
 def failure_of(stored: RunRecord) -> str:
