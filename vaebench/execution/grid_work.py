@@ -19,14 +19,7 @@ from typing import Any
 
 from vaebench.lifecycle.claims import CLAIM_TAG, OWNER_TAG, Planned, plan, recover_abandoned
 from vaebench.lifecycle.exactly_once import claim_run
-from vaebench.lifecycle.execute import (
-    EpochHook,
-    Member,
-    Outcome,
-    RunContext,
-    RunHooks,
-    execute,
-)
+from vaebench.lifecycle.execute import EpochHook, Member, Outcome, RunContext, RunHooks, execute
 from vaebench.lifecycle.post_run import RunOutcome, end_quietly, error_text
 from vaebench.lifecycle.provenance import run_tags
 from vaebench.lifecycle.resume import ClaimLost

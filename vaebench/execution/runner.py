@@ -46,11 +46,7 @@ from vaebench.spec.config import VaebenchError
 from vaebench.spec.grid import RunSpec, expand, load_grid
 from vaebench.stacking.plan import plan_stacks
 from vaebench.tracking.store import resolve_tracking_uri, sqlite_path
-from vaebench.tracking.tracker import (
-    Tracker,
-    TrackingError,
-    tracker_opened_during,
-)
+from vaebench.tracking.tracker import Tracker, TrackingError, tracker_opened_during
 from vaebench.training.checkpoint import CheckpointStore, default_folder
 from vaebench.training.trainer import EpochMetrics, resolve_device
 

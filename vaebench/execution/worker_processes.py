@@ -29,12 +29,7 @@ from vaebench.execution.grid_work import (
     stored_row,
     work_through,
 )
-from vaebench.execution.worker_plan import (
-    CUDA_VISIBLE,
-    WorkerSlot,
-    context_queue,
-    run_processes,
-)
+from vaebench.execution.worker_plan import CUDA_VISIBLE, WorkerSlot, context_queue, run_processes
 from vaebench.lifecycle.claims import Planned, recover_abandoned
 from vaebench.lifecycle.post_run import BackgroundFinisher
 from vaebench.lifecycle.workspace import Workspace

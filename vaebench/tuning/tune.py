@@ -44,20 +44,11 @@ from vaebench.lifecycle.preflight import check_output_folder
 from vaebench.lifecycle.provenance import base_tags
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.reporting.best_models import register_best
-from vaebench.signals import (
-    Interrupted,
-    deferred_signals,
-    interruptible,
-)
+from vaebench.signals import Interrupted, deferred_signals, interruptible
 from vaebench.spec.config import VaebenchError, first_line
 from vaebench.spec.study import StudySpec, load_study
 from vaebench.tracking.store import resolve_tracking_uri
-from vaebench.tracking.tracker import (
-    MLflowTracker,
-    Tracker,
-    TrackingError,
-    tracker_opened_during,
-)
+from vaebench.tracking.tracker import MLflowTracker, Tracker, TrackingError, tracker_opened_during
 from vaebench.tuning.outputs import (
     TuneOutcome,
     best_runs,
