@@ -101,7 +101,7 @@ def work_on(
         workspace.finisher = BackgroundFinisher(job.tracking_uri)
     try:
         work_through(work, runs, [Planned(run, "train") for run in runs], tracker, workspace,
-                     WorkRecord(), on_ended=on_ended, start_group=start)
+                     WorkRecord(ended=on_ended), start_group=start)
     finally:
         workspace.finisher.close()  # the runs handed over end first
 
