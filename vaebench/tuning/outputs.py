@@ -21,6 +21,7 @@ from vaebench.spec.study import StudySpec
 from vaebench.tracking.tracker import Tracker
 
 RUN_ID_ATTR = "mlflow_run_id"  # the trial's user attribute holding its MLflow run id
+PARENT_ATTR = "mlflow_parent_run_id"  # which `tune` invocation ran the trial
 LEASE_PREFIX = "vaebench.lease_"  # a running trial's owner: not a result
 
 
@@ -39,6 +40,17 @@ class TuneOutcome:
     @property
     def failed(self) -> list[FrozenTrial]:
         return [t for t in self.trials if t.state == TrialState.FAIL]
+
+
+def write_outputs(
+    spec: StudySpec, study: optuna.Study, outcome: TuneOutcome, folder: Path
+) -> None:
+    """This invocation's trials, the best ones, trials.csv and the figures."""
+    trials = study.get_trials(deepcopy=False)
+    outcome.trials = [t for t in trials if t.user_attrs.get(PARENT_ATTR) == outcome.parent_id]
+    outcome.best = best_trials(study)
+    outcome.csv_path = write_trials(study, outcome.best, folder)
+    outcome.figures = write_figures(study, spec, folder)
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:

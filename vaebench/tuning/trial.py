@@ -41,9 +41,8 @@ from vaebench.spec.study import StudySpec
 from vaebench.stacking.plan import plan_stacks
 from vaebench.tracking.tracker import Tracker, TrackingError
 from vaebench.training.trainer import EpochMetrics
-from vaebench.tuning.outputs import RUN_ID_ATTR
+from vaebench.tuning.outputs import PARENT_ATTR, RUN_ID_ATTR
 
-PARENT_ATTR = "mlflow_parent_run_id"  # which `tune` invocation ran the trial
 STOPPED_ATTR = "stopped"  # why a trial FAILED without being at fault: a signal, a lost owner
 
 

@@ -1,15 +1,11 @@
 """Optuna studies: ``python -m vaebench tune study.yaml``.
 
-A trial is one run: the study's base config plus the values Optuna samples,
-trained by the grid's trainer (:func:`vaebench.training.loop.fit`). Every epoch the
-trial logs its metrics to its own MLflow child run and, in a single-objective
-study, reports the objective to the pruner (``trial.report`` /
-``should_prune``). Where the study's space varies only what members of a stack may differ
-in, up to ``max_stack`` trials at a time train as one stack (:mod:`vaebench.tuning.trial_stack`).
-The MLflow side mirrors a grid: the study is an experiment,
-each ``tune`` invocation a parent run, each trial a nested child run tagged
-with its Optuna trial number and final state; the child's run id is stored on
-the trial as the user attribute ``mlflow_run_id``.
+A trial is one run (:mod:`vaebench.tuning.trial`); where the study's space varies only what
+members of a stack may differ in, up to ``max_stack`` trials at a time train as one stack
+(:mod:`vaebench.tuning.trial_stack`). The MLflow side mirrors a grid: the study is an
+experiment, each ``tune`` invocation a parent run, each trial a nested child run tagged with
+its Optuna trial number and final state; the child's run id is stored on the trial as the
+user attribute ``mlflow_run_id``.
 
 Optuna trial states map onto MLflow run statuses as ``STATUS`` says: COMPLETE
 -> FINISHED, PRUNED -> KILLED (stopped early on purpose), FAIL -> FAILED; the
@@ -52,11 +48,9 @@ from vaebench.tracking.tracker import MLflowTracker, Tracker, TrackingError, tra
 from vaebench.tuning.outputs import (
     TuneOutcome,
     best_runs,
-    best_trials,
     invocation_metrics,
     print_outcome,
-    write_figures,
-    write_trials,
+    write_outputs,
 )
 from vaebench.tuning.samplers import make_pruner, make_sampler, sampler_seed
 from vaebench.tuning.storage import (
@@ -66,13 +60,7 @@ from vaebench.tuning.storage import (
     open_storage,
     resolve_storage,
 )
-from vaebench.tuning.trial import (
-    PARENT_ATTR,
-    TrialObjective,
-    fail_abandoned_trials,
-    trial_run,
-    trials_done,
-)
+from vaebench.tuning.trial import TrialObjective, fail_abandoned_trials, trial_run, trials_done
 from vaebench.tuning.trial_stack import optimize_in_stacks, stack_problem
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna -> MLflow
@@ -156,10 +144,7 @@ def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
                 f"asks to {held}; give the study another name or use another storage"
             )
     study = optuna.create_study(
-        storage=storage,
-        study_name=spec.name,
-        directions=spec.directions,
-        load_if_exists=True,
+        storage=storage, study_name=spec.name, directions=spec.directions, load_if_exists=True
     )
     if existing is None:
         study.set_metric_names(spec.metrics)
@@ -174,11 +159,8 @@ def _trials_per_stack(spec: StudySpec, max_stack: int, stack_everywhere: bool) -
     if problem is not None:
         print(f"study {spec.name}: trials train one by one: {problem}", file=sys.stderr)
         return 1
-    print(
-        f"study {spec.name}: up to {max_stack} trials at a time train as one stack "
-        "(--stack off: one by one)",
-        file=sys.stderr,
-    )
+    print(f"study {spec.name}: up to {max_stack} trials at a time train as one stack "
+          "(--stack off: one by one)", file=sys.stderr)
     return max_stack
 
 
@@ -205,11 +187,8 @@ def run_study(
     if n_trials is None:
         n_trials = spec.n_trials - trials_done(study)
         if n_trials <= 0:
-            print(
-                f"study {spec.name}: {spec.n_trials} of n_trials: {spec.n_trials} done; "
-                "nothing to do (--n-trials N adds N more)",
-                file=stream,
-            )
+            print(f"study {spec.name}: {spec.n_trials} of n_trials: {spec.n_trials} done; "
+                  "nothing to do (--n-trials N adds N more)", file=stream)
             return TuneOutcome(study=study, storage=study_run.ref, parent_id=None)
     outcome = study_run.run(n_trials, min(invocation.workers, n_trials))
     print_outcome(spec, outcome, display_storage(study_run.ref), stream)
@@ -281,17 +260,13 @@ class _StudyRun:
             **tags, "vaebench.trials": str(n_trials), "vaebench.workers": str(workers),
             **lease_tags(),
         })
-        existing = len(self.study.trials)
-        timeout = self.invocation.timeout
+        existing, told = len(self.study.trials), self.invocation
         return WorkerJob(
-            spec=spec, storage=self.ref, tracking_uri=self.uri,
-            experiment_id=tracker.experiment_id, parent_id=parent, tags=tags,
-            data_root=self.workspace.data_root, total=existing + n_trials,
-            timeout=timeout if timeout is not None else spec.timeout, seed_offset=existing,
-            threads=max(1, cores() // workers),
-            max_stack=_trials_per_stack(
-                spec, self.invocation.max_stack, self.invocation.stack_everywhere
-            ),
+            spec, self.ref, self.uri, tracker.experiment_id, parent, tags,
+            self.workspace.data_root, existing + n_trials,
+            told.timeout if told.timeout is not None else spec.timeout, existing,
+            max(1, cores() // workers),
+            _trials_per_stack(spec, told.max_stack, told.stack_everywhere),
         )
 
     def run(self, n_trials: int, workers: int) -> TuneOutcome:
@@ -307,7 +282,7 @@ class _StudyRun:
                     optimize(job, n_trials, 0, tracker, self.storage, self.workspace)
                 else:
                     outcome.worker_errors = fan_out(job, n_trials, workers)
-                _write_outputs(spec, study, outcome, folder)
+                write_outputs(spec, study, outcome, folder)
                 tracker.log_metrics(parent, invocation_metrics(spec, outcome))
                 tracker.log_artifacts(parent, folder)
                 with deferred_signals():
@@ -317,7 +292,7 @@ class _StudyRun:
                 if not ended:
                     end_quietly(tracker, parent, "KILLED",
                                 f"{exc}; rerun the same command to continue")
-                    _write_outputs(spec, study, outcome, folder)  # what is known so far
+                    write_outputs(spec, study, outcome, folder)  # what is known so far
                 raise
             except TrackingError as exc:
                 raise TrackingError(
@@ -328,17 +303,6 @@ class _StudyRun:
                 end_quietly(tracker, parent, "FAILED", first_line(exc))
                 raise
         return outcome
-
-
-def _write_outputs(
-    spec: StudySpec, study: optuna.Study, outcome: TuneOutcome, folder: Path
-) -> None:
-    """This invocation's trials, the best ones, trials.csv and the figures."""
-    trials = study.get_trials(deepcopy=False)
-    outcome.trials = [t for t in trials if t.user_attrs.get(PARENT_ATTR) == outcome.parent_id]
-    outcome.best = best_trials(study)
-    outcome.csv_path = write_trials(study, outcome.best, folder)
-    outcome.figures = write_figures(study, spec, folder)
 
 
 def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
