@@ -67,8 +67,7 @@ def visible_gpus(device_count: int, environ: dict[str, str] | None = None) -> li
     listed = environ.get(CUDA_VISIBLE)
     if listed is None:
         return [str(index) for index in range(device_count)]
-    names = [name.strip() for name in listed.split(",") if name.strip()]
-    return names[:device_count]
+    return [name.strip() for name in listed.split(",") if name.strip()][:device_count]
 
 
 def plan_workers(
@@ -91,11 +90,10 @@ def plan_workers(
         if count < 1:
             raise VaebenchError("--workers: must be >= 1 or auto")
     threads = max(1, cpu_cores // count)
-    if not gpus:
-        return [WorkerSlot(index, None, threads) for index in range(count)]
     share = (per_gpu or 1) if workers == AUTO else 1
     return [
-        WorkerSlot(index, gpus[(index // share) % len(gpus)], threads) for index in range(count)
+        WorkerSlot(index, gpus[(index // share) % len(gpus)] if gpus else None, threads)
+        for index in range(count)
     ]
 
 
@@ -112,12 +110,11 @@ def run_processes(
     target: Callable[..., None],
     arguments: Mapping[int, tuple[Any, ...]],
     name: str,
-    watch: Callable[[], None] | None = None,
-    every: float = 0.2,
+    watch: Callable[[], None] = lambda: None,
 ) -> list[str]:
     """Start one spawned process ``<name><index>`` per ``arguments`` entry, wait for all;
-    a line per worker that did not exit well. ``watch`` is called every ``every`` seconds
-    while they run (to show progress).
+    a line per worker that did not exit well. ``watch`` is called every 0.2 s while they run
+    (to show progress), and once at the end.
 
     Spawned, not forked: a forked child inherits torch's thread pools and locks. A signal
     that stops this process is passed on to the workers (SIGTERM when something else stops
@@ -134,13 +131,11 @@ def run_processes(
             process.start()
             register_child(process.pid)
         while any(process.is_alive() for process in processes.values()):
-            if watch is not None:
-                watch()
-            time.sleep(every)
+            watch()
+            time.sleep(0.2)
         for process in processes.values():
             process.join()
-        if watch is not None:
-            watch()
+        watch()
     except BaseException as exc:  # a signal, or the caller's watch failing (the store)
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGTERM
         for process in processes.values():
@@ -165,5 +160,5 @@ def run_processes(
 
 
 def context_queue() -> Any:
-    """A queue the spawned workers of :func:`run_processes` can write to."""
+    """A queue the workers of :func:`run_processes` can write to."""
     return multiprocessing.get_context("spawn").Queue()
