@@ -28,6 +28,7 @@ from vaebench.tracking.tracker import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker
 from vaebench.training.progress import line_prefix
 
 PARENT_TAG = "mlflow.parentRunId"
+GRID_TAG = "vaebench.grid"  # on every run of a grid: its name
 # (run name, status) of each run this process trained, as it ends
 RunEnded = Callable[[str, str], None]
 
@@ -187,7 +188,7 @@ class _Process:
         print(f"{line_prefix()}[{number}/{self.total}] {step.run.name} not run: its claim was "
               f"lost {CLAIM_ATTEMPTS} times; rerun the grid to train it", file=sys.stderr,
               flush=True)
-        self.record.rows.append({"name": step.run.name, "key": step.run.key, "status": "NOT RUN"})
+        self.record.rows.append(not_run(step.run))
 
     def as_stored_now(self, step: Planned) -> Planned:
         """The step planned again from the store just before its run trains: another process
@@ -251,6 +252,10 @@ def _release(claimed: Claimed, tracker: Tracker, exc: BaseException) -> None:
             end_quietly(tracker, claimed.claim_id, "KILLED", f"stopped before it trained ({exc})")
     except TrackingError:
         pass  # its lease lets the next invocation recover it
+
+
+def not_run(run: RunSpec) -> dict[str, Any]:
+    return {"name": run.name, "key": run.key, "status": "NOT RUN"}
 
 
 def row_of(run: RunSpec, done: RunOutcome | Exception) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vaebench.execution.worker_plan import cores
+from vaebench.execution.worker_plan import Execution, cores
 from vaebench.execution.worker_processes import GridJob, RunCount, work_on
 from vaebench.lifecycle.claims import set_task
 from vaebench.signals import interruptible
@@ -58,28 +58,20 @@ def grid_task(job: GridJob, group: int, threads: int) -> list[tuple[str, str]]:
     return ended
 
 
-def run_on_ray(
-    job: GridJob,
-    address: str | None,
-    task_cpus: float,
-    task_gpus: float,
-    todo: int,
-    renew: Any,
-) -> list[str]:
-    """Run every group of ``job`` as a Ray task on the cluster at ``address`` (None: a
-    local Ray instance with this machine's cores); a line per task that failed for good."""
+def run_on_ray(job: GridJob, execution: Execution, todo: int, renew: Any) -> list[str]:
+    """Run every group of ``job`` as a Ray task on the cluster at ``execution.address``
+    (None: a local Ray instance with this machine's cores), each asking for its
+    ``task_cpus`` and ``task_gpus``; a line per task that failed for good."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every task's progress line, not a digest
     if started_here:
-        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-        if address is None:
-            options["num_cpus"] = cores()
-        ray.init(address=address, **options)
-    task = ray.remote(num_cpus=task_cpus, num_gpus=task_gpus, max_retries=TASK_RETRIES)(
-        grid_task
-    )
-    threads = max(1, int(task_cpus))
+        cpus = {"num_cpus": cores()} if execution.address is None else {}
+        ray.init(address=execution.address, include_dashboard=False, log_to_driver=True, **cpus)
+    task = ray.remote(
+        num_cpus=execution.task_cpus, num_gpus=execution.task_gpus, max_retries=TASK_RETRIES
+    )(grid_task)
+    threads = max(1, int(execution.task_cpus))
     pending = {task.remote(job, group, threads): group for group in range(len(job.work.groups))}
     errors: list[str] = []
     count = RunCount(job.work.experiment, todo)

@@ -20,7 +20,17 @@ from typing import TypeVar
 
 from vaebench.data import resolve_root
 from vaebench.execution.dry_run import cpu_rule
-from vaebench.execution.grid_work import GridWork, WorkRecord, skipped, work_through
+from vaebench.execution.grid_work import (
+    GRID_TAG,
+    GridWork,
+    WorkRecord,
+    failure_of,
+    latest_by_key,
+    not_run,
+    skipped,
+    stored_row,
+    work_through,
+)
 from vaebench.execution.invocation import GridInvocation
 from vaebench.execution.ray_executor import import_ray, run_on_ray
 from vaebench.execution.results import GridOutcome, close_results, take_work
@@ -33,7 +43,7 @@ from vaebench.execution.worker_plan import (
     plan_workers,
     visible_gpus,
 )
-from vaebench.execution.worker_processes import GridJob, rows_from_store, run_workers
+from vaebench.execution.worker_processes import GridJob, run_workers
 from vaebench.lifecycle.claims import CLAIM_TAG, Planned, lease_tags, plan, recover_abandoned
 from vaebench.lifecycle.exactly_once import settle_seconds
 from vaebench.lifecycle.post_run import BackgroundFinisher, end_quietly
@@ -50,7 +60,6 @@ from vaebench.tracking.tracker import Tracker, TrackingError, tracker_opened_dur
 from vaebench.training.checkpoint import CheckpointStore, default_folder
 from vaebench.training.trainer import EpochMetrics, resolve_device
 
-GRID_TAG = "vaebench.grid"
 T = TypeVar("T")
 
 
@@ -204,9 +213,22 @@ class _GridRun:
         self.tracker.set_tags(self.parent, lease_tags(seconds))
 
     def stored(self, work: GridWork) -> WorkRecord:
-        """The rows of the runs this invocation trained, as the store holds them now."""
-        trained = [step.run for _, step in self.todo]
-        return rows_from_store(trained, self.tracker, work, self.parent, GRID_TAG)
+        """The rows of the runs this invocation trained as the store holds them now (each
+        key's run under the invocation's parent, else its latest), after marking runs that a
+        dead worker left RUNNING as KILLED."""
+        stored_runs = self.tracker.previous_runs(self.name, GRID_TAG, self.name)
+        records = recover_abandoned(self.tracker, stored_runs, sys.stderr)
+        latest = latest_by_key(records, self.parent, only_under_parent=work.rerun)
+        record = WorkRecord()
+        for _, step in self.todo:
+            stored = latest.get(step.run.key)
+            if stored is None:
+                record.rows.append(not_run(step.run))
+                continue
+            record.rows.append(stored_row(step.run, stored))
+            if stored.status == "FAILED":
+                record.failed.append((step.run.name, failure_of(stored)))
+        return record
 
     def work_here(self, work: GridWork) -> None:
         """The runs trained in this process; after a signal the results are the store's, once
@@ -234,14 +256,12 @@ class _GridRun:
         execution = self.invocation.execution
         job = GridJob(
             str(self.path), work, self.uri, self.tracker.experiment_id, self.parent,
-            self.workspace.data_root, self.workspace.checkpoints.folder, GRID_TAG,
-            background=self.background,
+            self.workspace.data_root, self.workspace.checkpoints.folder, self.background,
         )
         renew, count = self.renew_parent_lease, len(self.todo)
         try:
             self.outcome.worker_errors = (
-                run_on_ray(job, execution.address, execution.task_cpus, execution.task_gpus,
-                           count, renew)
+                run_on_ray(job, execution, count, renew)
                 if execution.executor == "ray"
                 else run_workers(job, self.slots, count, renew)
             )

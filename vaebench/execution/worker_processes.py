@@ -24,19 +24,16 @@ from vaebench.execution.grid_work import (
     GridWork,
     RunEnded,
     WorkRecord,
-    failure_of,
-    latest_by_key,
-    stored_row,
     work_through,
 )
 from vaebench.execution.worker_plan import CUDA_VISIBLE, WorkerSlot, context_queue, run_processes
-from vaebench.lifecycle.claims import Planned, recover_abandoned
+from vaebench.lifecycle.claims import Planned
 from vaebench.lifecycle.post_run import BackgroundFinisher
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import Interrupted, interruptible
 from vaebench.spec.config import VaebenchError
-from vaebench.spec.grid import RunSpec, expand, load_grid
-from vaebench.tracking.tracker import MLflowTracker, Tracker
+from vaebench.spec.grid import expand, load_grid
+from vaebench.tracking.tracker import MLflowTracker
 from vaebench.training.checkpoint import CheckpointStore
 from vaebench.training.progress import set_line_prefix
 
@@ -52,7 +49,6 @@ class GridJob:
     parent_id: str
     data_root: Path
     checkpoint_dir: Path
-    grid_tag: str  # the tag naming a grid's runs (runner.GRID_TAG)
     # each worker process finishes its trained runs in a background process of its own
     # (vaebench.lifecycle.post_run; Ray tasks finish theirs themselves)
     background: bool = False
@@ -145,24 +141,3 @@ def run_workers(job: GridJob, slots: Sequence[WorkerSlot], todo: int, renew: Any
 
     arguments = {slot.index: (job, slot, len(slots), events) for slot in slots}
     return run_processes(grid_worker_main, arguments, "grid-worker-", watch=watch)
-
-
-def rows_from_store(
-    runs: Sequence[RunSpec], tracker: Tracker, work: GridWork, parent_id: str, grid_tag: str
-) -> WorkRecord:
-    """The rows of ``runs`` as the store holds them now (each key's run under the
-    invocation's parent, else its latest), after marking runs that a dead worker left
-    RUNNING as KILLED."""
-    stored_runs = tracker.previous_runs(work.experiment, grid_tag, work.experiment)
-    records = recover_abandoned(tracker, stored_runs, sys.stderr)
-    latest = latest_by_key(records, parent_id, only_under_parent=work.rerun)
-    record = WorkRecord()
-    for run in runs:
-        stored = latest.get(run.key)
-        if stored is None:
-            record.rows.append({"name": run.name, "key": run.key, "status": "NOT RUN"})
-            continue
-        record.rows.append(stored_row(run, stored))
-        if stored.status == "FAILED":
-            record.failed.append((run.name, failure_of(stored)))
-    return record
