@@ -1,11 +1,10 @@
 """A grid invocation: check it, plan it against the store, run what is left, write results.
 
-Every run goes through :func:`vaebench.lifecycle.execute.execute`. Running a grid again
-continues it: runs whose key FINISHED in the experiment are skipped (``rerun``
-trains them again as new samples), runs a killed invocation left RUNNING are
-marked KILLED (see :mod:`vaebench.lifecycle.claims`), and KILLED runs continue from their
-checkpoint in their own MLflow run. Ctrl-C and SIGTERM stop the grid cleanly;
-a store that fails stops it with one line saying how to continue.
+Running a grid again continues it: runs whose key FINISHED in the experiment are skipped
+(``rerun`` trains them again as new samples), runs a killed invocation left RUNNING are
+marked KILLED (:mod:`vaebench.lifecycle.claims`), and KILLED runs continue from their
+checkpoint in their own MLflow run. Ctrl-C and SIGTERM stop the grid cleanly; a store that
+fails stops it with one line saying how to continue.
 """
 
 from __future__ import annotations
@@ -68,21 +67,11 @@ def run_grid(
     invocation: GridInvocation | None = None,
     tracker: Tracker | None = None,
 ) -> GridOutcome:
-    """Check, expand and train a grid file; record it and return what happened.
-
-    Runs that can share a stack (:mod:`vaebench.stacking.fit`) train together, at most
-    ``invocation.max_stack`` at a time (1, the default: every run alone), with
-    ``stack_everywhere`` also those that stack on CUDA only
-    (:func:`vaebench.stacking.plan.cpu_problem`) on the CPU. ``invocation.execution`` says
-    who trains them: this process, local worker processes
-    (:mod:`vaebench.execution.worker_processes`) or Ray tasks
-    (:mod:`vaebench.execution.ray_executor`), each run claimed by one of them
-    (:mod:`vaebench.lifecycle.exactly_once`). With ``report`` the invocation's report
-    follows: ``results/<grid>/`` and artifacts of the parent run, and with ``register`` each
-    comparison group's best run becomes a new version of a registered MLflow model
-    (:mod:`vaebench.reporting.best_models`). ``tracker``: an open one (else the store at
-    ``tracking_uri`` is opened while the data loads).
-    """
+    """Check, expand and train a grid file as ``invocation`` says; record it and return what
+    happened. Runs that can share a stack train together (:mod:`vaebench.stacking.fit`); this
+    process, local worker processes or Ray tasks train them, each run claimed by one of them
+    (:mod:`vaebench.lifecycle.exactly_once`). ``tracker``: an open one (else the store at
+    ``tracking_uri`` is opened while the data loads)."""
     grid_run = _GridRun.open(Path(grid_path), invocation or GridInvocation(), tracker)
     if not grid_run.todo:
         grid_run.nothing_to_train()

@@ -1,11 +1,7 @@
-"""``run --workers N``: worker processes on this machine work through one grid invocation.
-
-Each worker opens its own tracker on the invocation's parent run and runs
-:func:`vaebench.execution.grid_work.work_through` over the grid's stacks, starting at its own
-place in the list; claims (:mod:`vaebench.lifecycle.exactly_once`) give every run to exactly one of
-them. Workers print plain progress lines prefixed with their number; the invocation's
-process prints the grid's count as runs end. The results table is read back from the
-store once all workers are done.
+"""``run --workers N``: worker processes on this machine work through one grid invocation,
+each from its own place in the list of stacks; claims (:mod:`vaebench.lifecycle.exactly_once`)
+give every run to exactly one of them. The results table is read back from the store once
+all workers are done.
 """
 
 from __future__ import annotations

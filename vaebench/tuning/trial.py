@@ -1,10 +1,8 @@
-"""One trial of a study: sample a run, hand it to the execution layer, keep its lease.
-
-A trial is the study's base config plus the values Optuna samples, trained through
-:func:`vaebench.lifecycle.execute.execute` with pruning as the epoch hook and the objectives
-as extra metrics. Its MLflow run id, its invocation's parent run and (while it
-runs) its lease are Optuna user attributes; a trial whose owner is gone is failed
-by the next invocation (:func:`fail_abandoned_trials`).
+"""One trial of a study: the study's base config plus the values Optuna samples, trained
+through :func:`vaebench.lifecycle.execute.execute` with pruning as the epoch hook and the
+objectives as extra metrics. Its MLflow run id, its invocation's parent run and (while it
+runs) its lease are Optuna user attributes; a trial whose owner is gone is failed by the
+next invocation (:func:`fail_abandoned_trials`).
 """
 
 from __future__ import annotations
@@ -116,21 +114,18 @@ class TrialWork:
 Tell = Callable[[TrialWork, BaseException | None], None]
 
 
+@dataclass
 class TrialObjective:
     """The study's part in its trials' lives. Called, it is Optuna's objective for a trial
     alone: a batch of one (:meth:`train`), its ending raised for Optuna to record; trials
     trained as a stack (:mod:`vaebench.tuning.trial_stack`) go through :meth:`train` too."""
 
-    def __init__(
-        self, spec: StudySpec, tracker: Tracker, tags: dict[str, str], workspace: Workspace,
-        total: int,
-    ):
-        self.spec = spec
-        self.tracker = tracker
-        self.tags = tags
-        self.workspace = workspace
-        self.total = total
-        self.store_failure: TrackingError | None = None
+    spec: StudySpec
+    tracker: Tracker
+    tags: dict[str, str]
+    workspace: Workspace
+    total: int  # the study's trials once this invocation's are done
+    store_failure: TrackingError | None = None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         work = self.work_for(trial)

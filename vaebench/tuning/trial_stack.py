@@ -1,17 +1,13 @@
-"""Trials of a study trained as stacks: ask Optuna for up to K trials at once, train those
-that share a stack key as one stack (:func:`vaebench.lifecycle.execute.execute`), tell each
-trial its own result.
+"""Trials of a study trained as stacks: ask Optuna for up to K trials at once, train them
+as a batch (:meth:`vaebench.tuning.trial.TrialObjective.train`), tell each its own result.
 
 Only a study whose space varies nothing but what members of a stack may differ in
-(:data:`vaebench.stacking.plan.MEMBER_KEYS`: seed, loss.beta, loss.recon, optim.lr) is run this
-way, so that every trial it asks can join the stack; any other study runs its trials one
-by one, as Optuna's ``optimize`` would (asking K trials before any is told would only cost
-a sequential sampler the results it learns from).
-
-Each member trial keeps what a trial alone has: its lease, its MLflow run, the pruner
-asked after each of its epochs (a pruned trial's member is masked out of the stack, its run
-KILLED, and the others go on), its objectives. Trials of one batch are sampled before any
-of them is told: the sampler proposes the K points from what the earlier batches told it.
+(:data:`vaebench.stacking.plan.MEMBER_KEYS`) is run this way, so that every trial it asks can
+join the stack; any other study runs its trials one by one, as Optuna's ``optimize`` would
+(asking K trials before any is told would only cost a sequential sampler the results it
+learns from). A pruned trial's member is masked out of the stack, its run KILLED, and the
+others go on. Trials of one batch are sampled before any of them is told: the sampler
+proposes the K points from what the earlier batches told it.
 """
 
 from __future__ import annotations

@@ -175,9 +175,7 @@ def run_study(
     Trials a killed invocation left RUNNING are failed first. Ctrl-C and SIGTERM stop
     the study cleanly (trials FAIL in Optuna, KILLED in MLflow, the parent KILLED). With
     ``register``, the best trial's run (each of a Pareto front's) becomes a new version of
-    the registered MLflow model named after the study. Up to ``max_stack`` trials train as
-    one stack where the study's trials stack (1, the default: each alone), with
-    ``stack_everywhere`` (``--stack on``) also where the CPU's measurements say one by one.
+    the registered MLflow model named after the study.
     """
     invocation = invocation or StudyInvocation()
     stream = stream or sys.stdout
