@@ -1,8 +1,6 @@
 """``run --dry-run``: the runs a grid file expands to and the stacks they would train in,
-answered at once: no MLflow, and torch only to resolve ``train.device: auto`` for conv runs
-(a test holds an mlp grid's dry run to no torch).
-
-This module imports neither mlflow nor optuna, and torch only in :func:`trains_on_cpu`.
+answered at once: no MLflow or Optuna, and torch only to resolve ``train.device: auto`` for
+conv runs (:func:`trains_on_cpu`; a test holds an mlp grid's dry run to no torch).
 """
 
 from __future__ import annotations

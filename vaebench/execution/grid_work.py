@@ -1,9 +1,7 @@
 """The work one process does on a grid: for each planned stack or run, claim it, train it
 (stacked or alone, through :mod:`vaebench.lifecycle.execute`), and keep its row of the results.
-
-Every executor runs this loop: the invocation's own process (one worker), each local
-worker process, each Ray task. Claims (:func:`vaebench.lifecycle.exactly_once.claim_run`) make
-every run train exactly once however many of them work on one grid at once.
+Every executor runs this loop; claims (:func:`vaebench.lifecycle.exactly_once.claim_run`) make
+every run train exactly once however many processes work on one grid at once.
 """
 
 from __future__ import annotations

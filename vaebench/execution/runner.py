@@ -288,9 +288,11 @@ def background_finishing(post_run: str, runs: Sequence[RunSpec]) -> bool:
     the next run trains on)."""
     if post_run not in POST_RUN_CHOICES:
         raise VaebenchError(f"--post-run: one of {', '.join(POST_RUN_CHOICES)}, not {post_run!r}")
-    if post_run == AUTO:
-        return any(resolve_device(run.config.train.device).type == "cuda" for run in runs)
-    return post_run == "background"
+    return _on_cuda(runs) if post_run == AUTO else post_run == "background"
+
+
+def _on_cuda(runs: Sequence[RunSpec]) -> bool:
+    return any(resolve_device(run.config.train.device).type == "cuda" for run in runs)
 
 
 def _worker_slots(execution: Execution, runs: Sequence[RunSpec]) -> list[WorkerSlot]:
@@ -300,7 +302,7 @@ def _worker_slots(execution: Execution, runs: Sequence[RunSpec]) -> list[WorkerS
         import_ray()  # a missing extra is a one-line error before anything is tracked
         return []
     gpus: list[str] = []
-    if any(resolve_device(run.config.train.device).type == "cuda" for run in runs):
+    if _on_cuda(runs):
         import torch
 
         gpus = visible_gpus(torch.cuda.device_count())

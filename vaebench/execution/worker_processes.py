@@ -16,12 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vaebench.execution.grid_work import (
-    GridWork,
-    RunEnded,
-    WorkRecord,
-    work_through,
-)
+from vaebench.execution.grid_work import GridWork, RunEnded, WorkRecord, work_through
 from vaebench.execution.worker_plan import CUDA_VISIBLE, WorkerSlot, context_queue, run_processes
 from vaebench.lifecycle.claims import Planned
 from vaebench.lifecycle.post_run import BackgroundFinisher

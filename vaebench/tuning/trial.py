@@ -12,7 +12,7 @@ import copy
 import datetime
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TextIO
@@ -103,8 +103,7 @@ class TrialWork:
 
     def on_start(self, run_id: str) -> None:
         self.run_id = run_id
-        with deferred_signals():  # see _renew_lease
-            self.trial.set_user_attr(RUN_ID_ATTR, run_id)
+        _set_attrs(self.trial, {RUN_ID_ATTR: run_id})
 
     def values(self) -> float | tuple[float, ...]:
         """What Optuna is told: the objective, or the objectives of a multi-objective study."""
@@ -155,9 +154,8 @@ class TrialObjective:
     def own(self, work: TrialWork, runs_at_once: int = 1) -> None:
         """The trial owned (its lease, first, for ``runs_at_once`` trials trained together)
         and marked this invocation's."""
-        _renew_lease(work.trial, runs_at_once=runs_at_once)
-        with deferred_signals():  # see _renew_lease
-            work.trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)
+        lease = lease_tags(runs_at_once=runs_at_once)
+        _set_attrs(work.trial, {**lease, PARENT_ATTR: self.tracker.parent_id})
 
     def sample(self, work: TrialWork) -> None:
         """The trial's values as its run, its tags, start and scoring as hooks; values that
@@ -174,9 +172,7 @@ class TrialObjective:
 
         def score(final: dict[str, float]) -> dict[str, float]:
             work.objectives.extend(objective_values(self.spec, final))
-            with deferred_signals():  # see _renew_lease
-                for key, value in reported_beside(self.spec, final).items():
-                    trial.set_user_attr(key, value)
+            _set_attrs(trial, reported_beside(self.spec, final))
             return {
                 f"objective.{m}": v
                 for m, v in zip(self.spec.metrics, work.objectives, strict=True)
@@ -245,11 +241,11 @@ class TrialObjective:
 
         def hook(metrics: EpochMetrics) -> None:
             longest = (metrics.epoch_seconds + metrics.eval_seconds) * stack_size
-            _renew_lease(trial, longest)
+            _set_attrs(trial, lease_tags(longest))
             self.tracker.set_tags(self.tracker.parent_id, lease_tags(longest))
             values = metrics.as_dict()
             if pruned_on in values:
-                with deferred_signals():  # see _renew_lease
+                with deferred_signals():  # see _set_attrs
                     trial.report(values[pruned_on], metrics.epoch)
                     prune = trial.should_prune()
                 if prune:
@@ -258,15 +254,13 @@ class TrialObjective:
         return hook
 
 
-def _renew_lease(
-    trial: optuna.Trial, longest_epoch_seconds: float = 0.0, runs_at_once: int = 1
-) -> None:
-    """The trial's lease, written with signals held: a signal that cuts an Optuna write in
-    half leaves a SQLite storage locked by this process's interrupted connection, and the
-    writes that mark the stopped trial then wait out the lock's timeout (a Ctrl-C took over a
-    minute to stop a study, measured)."""
+def _set_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+    """The trial's user attributes, written with signals held: a signal that cuts an Optuna
+    write in half leaves a SQLite storage locked by this process's interrupted connection, and
+    the writes that mark the stopped trial then wait out the lock's timeout (a Ctrl-C took over
+    a minute to stop a study, measured)."""
     with deferred_signals():
-        for key, value in lease_tags(longest_epoch_seconds, runs_at_once).items():
+        for key, value in attrs.items():
             trial.set_user_attr(key, value)
 
 
