@@ -52,7 +52,7 @@ from vaebench.tuning.outputs import (
     print_outcome,
     write_outputs,
 )
-from vaebench.tuning.samplers import make_pruner, make_sampler, sampler_seed
+from vaebench.tuning.samplers import make_pruner, make_sampler
 from vaebench.tuning.storage import (
     MEMORY,
     check_storage,
@@ -103,11 +103,11 @@ def optimize(
     """Run ``n_trials`` trials of the study in this process; a failing trial is FAIL, no more;
     a failing store stops the study (TrackingError)."""
     _quiet_optuna()
+    # a distinct stream per worker and per continuation, reproducible from the study seed
+    seed = None if job.spec.seed is None else job.spec.seed + job.seed_offset + 1000 * worker
     study = optuna.load_study(
-        study_name=job.spec.name,
-        storage=storage or open_storage(job.storage),
-        sampler=make_sampler(job.spec, sampler_seed(job.spec, job.seed_offset + 1000 * worker)),
-        pruner=make_pruner(job.spec),
+        study_name=job.spec.name, storage=storage or open_storage(job.storage),
+        sampler=make_sampler(job.spec, seed), pruner=make_pruner(job.spec),
     )
     workspace = workspace or Workspace(job.data_root, checkpoints=None)
     objective = TrialObjective(job.spec, tracker, job.tags, workspace, job.total)
