@@ -1,5 +1,2 @@
-"""A grid invocation and its executors: the runner (runner.py), the loop any process
-runs over a grid's runs (grid_work.py), local worker processes (worker_processes.py,
-planned by worker_plan.py without torch), Ray tasks (ray_executor.py), and run --dry-run
-(dry_run.py).
-"""
+"""A grid invocation (runner.py) and its executors: this process, local worker processes
+or Ray tasks, each running the loop of grid_work.py."""

@@ -1,29 +1,42 @@
 """``run --dry-run``: the runs a grid file expands to and the stacks they would train in,
-answered at once: no MLflow, and torch only to resolve ``train.device: auto`` for conv runs
-(a test holds an mlp grid's dry run to no torch).
-
-This module imports neither mlflow nor optuna, and torch only in :func:`trains_on_cpu`.
+answered at once: no MLflow or Optuna, and torch only to resolve ``train.device: auto`` for
+conv runs (:func:`trains_on_cpu`; a test holds an mlp grid's dry run to no torch).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from vaebench.spec.config import RunConfig
-from vaebench.spec.grid import RunSpec, expand, load_grid
+from vaebench.spec.grid import expand, load_grid
 from vaebench.stacking.plan import plan_stacks
 
 
 def dry_run(
     grid_path: str | Path, max_stack: int, stream=None, stack_everywhere: bool = False
 ) -> None:
-    """Check and expand the grid file; print its runs and their stacks; create nothing."""
+    """Check and expand the grid file; print its runs in the grid's order, each with its stack
+    (``-``: trains alone); create nothing."""
     runs = expand(load_grid(Path(grid_path)))
     configs = [run.config for run in runs]
-    print_dry_run(runs, plan_stacks(configs, max_stack, cpu_rule(stack_everywhere)), stream)
+    stacks = plan_stacks(configs, max_stack, cpu_rule(stack_everywhere))
+    stream = stream or sys.stdout
+    label = {}
+    numbered = [group for group in stacks if len(group) > 1]
+    for number, group in enumerate(numbered, start=1):
+        label.update({index: f"s{number}/{len(group)}" for index in group})
+    print(
+        f"{len(runs)} runs, {len(numbered)} stacks (column stack: stack number/its size; "
+        "-: trains alone):",
+        file=stream,
+    )
+    for index, run in enumerate(runs):
+        settings = " ".join(f"{k}={v}" for k, v in run.overrides)
+        stack = label.get(index, "-")
+        print(f"{index + 1:4d}  {stack:>6s}  {run.name:<40s} {run.key}  {settings}", file=stream)
 
 
 def cpu_rule(stack_everywhere: bool) -> Callable[[RunConfig], bool]:
@@ -45,20 +58,3 @@ def trains_on_cpu(config: RunConfig) -> bool:
 
     return not torch.cuda.is_available()
 
-
-def print_dry_run(runs: Sequence[RunSpec], stacks: Sequence[Sequence[int]], stream=None) -> None:
-    """The runs in the grid's order, each with its stack (``-``: trains alone)."""
-    stream = stream or sys.stdout
-    label = {}
-    numbered = [group for group in stacks if len(group) > 1]
-    for number, group in enumerate(numbered, start=1):
-        label.update({index: f"s{number}/{len(group)}" for index in group})
-    print(
-        f"{len(runs)} runs, {len(numbered)} stacks (column stack: stack number/its size; "
-        "-: trains alone):",
-        file=stream,
-    )
-    for index, run in enumerate(runs):
-        settings = " ".join(f"{k}={v}" for k, v in run.overrides)
-        stack = label.get(index, "-")
-        print(f"{index + 1:4d}  {stack:>6s}  {run.name:<40s} {run.key}  {settings}", file=stream)

@@ -1,10 +1,7 @@
 """The work one process does on a grid: for each planned stack or run, claim it, train it
 (stacked or alone, through :mod:`vaebench.lifecycle.execute`), and keep its row of the results.
-
-Every executor runs this loop: the invocation's own process (one worker), each local
-worker process, each Ray task. Claims (:func:`vaebench.lifecycle.exactly_once.claim_run`) make
-every run
-train exactly once however many of them work on one grid at once.
+Every executor runs this loop; claims (:func:`vaebench.lifecycle.exactly_once.claim_run`) make
+every run train exactly once however many processes work on one grid at once.
 """
 
 from __future__ import annotations
@@ -19,14 +16,7 @@ from typing import Any
 
 from vaebench.lifecycle.claims import CLAIM_TAG, OWNER_TAG, Planned, plan, recover_abandoned
 from vaebench.lifecycle.exactly_once import claim_run
-from vaebench.lifecycle.execute import (
-    EpochHook,
-    Member,
-    Outcome,
-    RunContext,
-    RunHooks,
-    execute,
-)
+from vaebench.lifecycle.execute import EpochHook, Member, Outcome, RunContext, RunHooks, execute
 from vaebench.lifecycle.post_run import RunOutcome, end_quietly, error_text
 from vaebench.lifecycle.provenance import run_tags
 from vaebench.lifecycle.resume import ClaimLost
@@ -36,6 +26,7 @@ from vaebench.tracking.tracker import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker
 from vaebench.training.progress import line_prefix
 
 PARENT_TAG = "mlflow.parentRunId"
+GRID_TAG = "vaebench.grid"  # on every run of a grid: its name
 # (run name, status) of each run this process trained, as it ends
 RunEnded = Callable[[str, str], None]
 
@@ -62,8 +53,9 @@ class WorkRecord:
     # trained runs a background process is finishing (:mod:`vaebench.lifecycle.post_run`):
     # their rows join ``rows`` once they are done
     finishing: list[tuple[RunSpec, Future[RunOutcome]]] = field(default_factory=list)
+    ended: RunEnded = lambda name, status: None  # hears of each run this process trained
 
-    def take(self, run: RunSpec, done: Future[RunOutcome] | Exception, ended: RunEnded) -> None:
+    def take(self, run: RunSpec, done: Future[RunOutcome] | Exception) -> None:
         """A run this process trained: its row now, or once a background process finished
         it (:meth:`settle`)."""
         if isinstance(done, Future) and not done.done():
@@ -74,9 +66,9 @@ class WorkRecord:
         if isinstance(outcome, Exception):
             self.failed.append((run.name, error_line(outcome)))
         self.rows.append(row)
-        ended(row["name"], row["status"])
+        self.ended(row["name"], row["status"])
 
-    def settle(self, ended: RunEnded, wait: bool) -> None:
+    def settle(self, wait: bool) -> None:
         """The rows of the runs finished in the background by now (with ``wait``: of all of
         them, once they are); raises the store's failure if one of them met it."""
         waiting, store_failed = [], None
@@ -86,7 +78,7 @@ class WorkRecord:
             elif isinstance(finishing.exception(), TrackingError):
                 store_failed = store_failed or finishing.exception()
             else:  # the others' rows first: the store's failure is raised at the end
-                self.take(run, finishing, ended)
+                self.take(run, finishing)
         self.finishing = waiting
         if store_failed is not None:
             raise store_failed
@@ -121,84 +113,131 @@ def work_through(
     workspace: Workspace,
     record: WorkRecord,
     epoch_hook: EpochHook | None = None,
-    on_ended: RunEnded | None = None,
     start_group: int = 0,
 ) -> None:
     """Each group of ``work`` (from ``start_group`` on, wrapping around): each run planned
     again from the store and claimed; what is still new trains as one stack, a run
-    continued from its checkpoint alone. ``on_ended`` hears of each run this process
-    trained. A failing run does not stop the work; a failing store or a signal does."""
-    total = len(runs)
-    ended = on_ended or (lambda name, status: None)
+    continued from its checkpoint alone. A failing run does not stop the work; a failing
+    store or a signal does."""
+    process = _Process(work, tracker, workspace, record, len(runs))
     order = work.groups[start_group:] + work.groups[:start_group]
     for group in order:
-        held: list[Claimed] = []  # claims of this group not yet handed over for training
+        held = process.held = []  # claims of this group not yet handed over for training
         try:
-            record.settle(ended, wait=False)
+            record.settle(wait=False)
             for index in group:
-                _claim_or_skip(index, planned[index], work, tracker, held, record, total)
+                process.claim_or_skip(index + 1, planned[index])
             fresh = [c for c in held if c.step.action == "train"]
             together = [fresh] if len(fresh) > 1 else []  # a continued run trains alone
             while together or held:
                 claims = together.pop() if together else [held[0]]
-                context = RunContext(work.tags, claims[0].number, total, epoch_hook)
-                for run, done in _train(claims, context, tracker, workspace, held):
-                    record.take(run, done, ended)
+                context = RunContext(work.tags, claims[0].number, len(runs), epoch_hook)
+                for run, done in process.train(claims, context):
+                    record.take(run, done)
         except BaseException as exc:  # a signal or the store: release what is not started
             for claimed in held:
                 _release(claimed, tracker, exc)
-            _settle_quietly(record, ended)
+            # the runs finishing in the background end FINISHED (their training is over);
+            # the error that stops the work is the one raised
+            with contextlib.suppress(TrackingError):
+                record.settle(wait=True)
             raise
-    record.settle(ended, wait=True)
-
-
-def _settle_quietly(record: WorkRecord, ended: RunEnded) -> None:
-    """Wait for the runs finishing in the background while the work stops (they end
-    FINISHED: their training is over); the error that stops the work is the one raised."""
-    try:
-        record.settle(ended, wait=True)
-    except TrackingError:
-        pass
+    record.settle(wait=True)
 
 
 CLAIM_ATTEMPTS = 3  # a claim lost to one that then vanished (its process stopped) is retried
 
 
-def _claim_or_skip(
-    index: int,
-    step: Planned,
-    work: GridWork,
-    tracker: Tracker,
-    held: list[Claimed],
-    record: WorkRecord,
-    total: int,
-) -> None:
-    """Claim the run of ``step`` into ``held``, or give it its row of the results (skipped,
-    held elsewhere, failed already)."""
-    number = index + 1
-    for _ in range(CLAIM_ATTEMPTS):
-        step = _as_stored_now(step, work, tracker)
-        if step.action not in ("train", "continue"):
-            _skip(number, total, step, record)
-            return
-        continues = step.previous.run_id if step.action == "continue" else None
-        pending: list[str] = []
-        try:
-            claim = claim_run(
-                tracker, work.experiment, step.run, {**work.tags, **run_tags(step.run)},
-                work.settle, work.since_ms, work.rerun, continues, on_created=pending.append,
-            )
-            if claim is not None:
-                held.append(Claimed(number, step, claim.run_id, claim.stamp))
+@dataclass
+class _Process:
+    """This process's work on a grid and the claims of the group in hand (``held``)."""
+
+    work: GridWork
+    tracker: Tracker
+    workspace: Workspace
+    record: WorkRecord
+    total: int
+    held: list[Claimed] = field(default_factory=list)
+
+    def claim_or_skip(self, number: int, step: Planned) -> None:
+        """Claim the run of ``step`` into ``held``, or give it its row of the results
+        (skipped, held elsewhere, failed already)."""
+        work, tracker = self.work, self.tracker
+        for _ in range(CLAIM_ATTEMPTS):
+            step = self.as_stored_now(step)
+            if step.action not in ("train", "continue"):
+                skipped(number, self.total, step, self.record)
                 return
-        except BaseException as exc:
-            if not any(c.claim_id in pending for c in held):  # created, never handed on
-                for claim_id in pending:
-                    _release(Claimed(number, step, claim_id, {}), tracker, exc)
-            raise
-    print(f"{line_prefix()}[{number}/{total}] {step.run.name} not run: its claim was lost "
-          f"{CLAIM_ATTEMPTS} times; rerun the grid to train it", file=sys.stderr, flush=True)
-    record.rows.append({"name": step.run.name, "key": step.run.key, "status": "NOT RUN"})
+            continues = step.previous.run_id if step.action == "continue" else None
+            pending: list[str] = []
+            try:
+                claim = claim_run(
+                    tracker, work.experiment, step.run, {**work.tags, **run_tags(step.run)},
+                    work.settle, work.since_ms, work.rerun, continues, on_created=pending.append,
+                )
+                if claim is not None:
+                    self.held.append(Claimed(number, step, claim.run_id, claim.stamp))
+                    return
+            except BaseException as exc:
+                if not any(c.claim_id in pending for c in self.held):  # created, never handed on
+                    for claim_id in pending:
+                        _release(Claimed(number, step, claim_id, {}), tracker, exc)
+                raise
+        print(f"{line_prefix()}[{number}/{self.total}] {step.run.name} not run: its claim was "
+              f"lost {CLAIM_ATTEMPTS} times; rerun the grid to train it", file=sys.stderr,
+              flush=True)
+        self.record.rows.append(not_run(step.run))
+
+    def as_stored_now(self, step: Planned) -> Planned:
+        """The step planned again from the store just before its run trains: another process
+        working on the same grid may have finished, failed or taken the run."""
+        records = self.tracker.previous_runs(self.work.experiment, RUN_KEY_TAG, step.run.key)
+        records = recover_abandoned(self.tracker, records, sys.stderr)  # a worker that died
+        return plan([step.run], records, self.work.rerun, self.work.since_ms)[0]
+
+    def train(
+        self, claims: Sequence[Claimed], context: RunContext
+    ) -> list[tuple[RunSpec, Outcome]]:
+        """Each claimed run and its outcome or error, trained together (a continued run comes
+        alone); a failing run or stack does not stop the grid. A new run's claim leaves
+        ``held`` at once (``execute`` ends every run it is given); a continuation's once the
+        run it continues (or a new run, without a checkpoint) is RUNNING under this process's
+        lease and stamp (:meth:`take_over`)."""
+        held, tracker = self.held, self.tracker
+        members = []
+        for claimed in claims:
+            if claimed.step.action == "continue":
+                previous = claimed.step.previous.run_id
+                hooks = RunHooks(on_start=partial(self.take_over, claimed))
+                members.append(Member(claimed.step.run, hooks, continue_id=previous,
+                                      continue_claim=claimed.claim_id))
+            else:
+                held.remove(claimed)
+                members.append(Member(claimed.step.run, claimed_id=claimed.claim_id))
+        try:
+            done: list[Outcome] = execute(members, tracker, self.workspace, context)
+        except ClaimLost:  # another process continues the run: this one lets go of its claim
+            for claimed in [c for c in claims if c in held]:
+                held.remove(claimed)
+                with contextlib.suppress(TrackingError):
+                    tracker.delete_run(claimed.claim_id)
+            return []
+        except Exception as exc:
+            if isinstance(exc, TrackingError):
+                raise
+            for claimed in claims:
+                if claimed in held:  # failed before the run it continues was reopened: the
+                    held.remove(claimed)  # claim ends FAILED, so no other worker retries it
+                    end_quietly(tracker, claimed.claim_id, "FAILED", error_text(exc))
+            done = [exc] * len(claims)
+        return [(member.run, outcome) for member, outcome in zip(members, done, strict=True)]
+
+    def take_over(self, claimed: Claimed, run_id: str) -> None:
+        """The run continuing ``claimed`` is RUNNING as ``run_id``: it takes the claim's
+        stamp, and the claim run goes."""
+        self.tracker.set_tags(run_id, claimed.stamp)
+        self.tracker.delete_run(claimed.claim_id)
+        self.held.remove(claimed)
 
 
 def _release(claimed: Claimed, tracker: Tracker, exc: BaseException) -> None:
@@ -213,61 +252,8 @@ def _release(claimed: Claimed, tracker: Tracker, exc: BaseException) -> None:
         pass  # its lease lets the next invocation recover it
 
 
-def _as_stored_now(step: Planned, work: GridWork, tracker: Tracker) -> Planned:
-    """The step planned again from the store just before its run trains: another process
-    working on the same grid may have finished, failed or taken the run."""
-    records = tracker.previous_runs(work.experiment, RUN_KEY_TAG, step.run.key)
-    records = recover_abandoned(tracker, records, sys.stderr)  # a worker that died meanwhile
-    return plan([step.run], records, work.rerun, work.since_ms)[0]
-
-
-def _train(
-    claims: Sequence[Claimed],
-    context: RunContext,
-    tracker: Tracker,
-    workspace: Workspace,
-    held: list[Claimed],
-) -> list[tuple[RunSpec, Outcome]]:
-    """Each claimed run and its outcome or error, trained together (a continued run comes
-    alone); a failing run or stack does not stop the grid. A new run's claim leaves ``held``
-    at once (``execute`` ends every run it is given); a continuation's once the run it
-    continues (or a new run, without a checkpoint) is RUNNING under this process's lease and
-    stamp (:func:`_take_over`)."""
-    members = []
-    for claimed in claims:
-        if claimed.step.action == "continue":
-            take_over = partial(_take_over, claimed, tracker, held)
-            previous = claimed.step.previous.run_id
-            members.append(Member(claimed.step.run, RunHooks(on_start=take_over),
-                                  continue_id=previous, continue_claim=claimed.claim_id))
-        else:
-            held.remove(claimed)
-            members.append(Member(claimed.step.run, claimed_id=claimed.claim_id))
-    try:
-        done: list[Outcome] = execute(members, tracker, workspace, context)
-    except ClaimLost:  # another process continues the run: this one lets go of its claim
-        for claimed in [c for c in claims if c in held]:
-            held.remove(claimed)
-            with contextlib.suppress(TrackingError):
-                tracker.delete_run(claimed.claim_id)
-        return []
-    except Exception as exc:
-        if isinstance(exc, TrackingError):
-            raise
-        for claimed in claims:
-            if claimed in held:  # failed before the run it continues was reopened: the claim
-                held.remove(claimed)  # ends FAILED, so no other worker retries it
-                end_quietly(tracker, claimed.claim_id, "FAILED", error_text(exc))
-        done = [exc] * len(claims)
-    return [(member.run, outcome) for member, outcome in zip(members, done, strict=True)]
-
-
-def _take_over(claimed: Claimed, tracker: Tracker, held: list[Claimed], run_id: str) -> None:
-    """The run continuing ``claimed`` is RUNNING as ``run_id``: it takes the claim's stamp,
-    and the claim run goes."""
-    tracker.set_tags(run_id, claimed.stamp)
-    tracker.delete_run(claimed.claim_id)
-    held.remove(claimed)
+def not_run(run: RunSpec) -> dict[str, Any]:
+    return {"name": run.name, "key": run.key, "status": "NOT RUN"}
 
 
 def row_of(run: RunSpec, done: RunOutcome | Exception) -> dict[str, Any]:
@@ -290,13 +276,8 @@ def stored_row(run: RunSpec, stored: RunRecord) -> dict[str, Any]:
     return {**row, **run.params, **stored.metrics}
 
 
-def _skip(number: int, total: int, step: Planned, record: WorkRecord) -> None:
-    print_skip(number, total, step)
-    record.rows.append(stored_row(step.run, step.previous))
-    record.skipped += step.action == "skip"
-
-
-def print_skip(number: int, total: int, step: Planned) -> None:
+def skipped(number: int, total: int, step: Planned, record: WorkRecord) -> None:
+    """A step not trained here: a line saying why, and its row from the store."""
     run_id = step.previous.run_id
     if step.action == "skip":
         why = f"FINISHED already in run {run_id}"
@@ -308,6 +289,8 @@ def print_skip(number: int, total: int, step: Planned) -> None:
         why = f"{what} in run {run_id}, held by {holder}"
     line = f"{line_prefix()}[{number}/{total}] {step.run.name} skipped: {why}"
     print(line, file=sys.stderr, flush=True)
+    record.rows.append(stored_row(step.run, step.previous))
+    record.skipped += step.action == "skip"
 
 
 def failure_of(stored: RunRecord) -> str:

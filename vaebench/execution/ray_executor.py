@@ -16,13 +16,11 @@ Ray is an optional extra (``pip install -e ".[ray]"``), imported only here.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
-from vaebench.execution.grid_work import WorkRecord, work_through
-from vaebench.execution.worker_plan import cores
-from vaebench.execution.worker_processes import GridJob, joined
-from vaebench.lifecycle.claims import Planned, set_task
+from vaebench.execution.worker_plan import Execution, cores
+from vaebench.execution.worker_processes import GridJob, RunCount, work_on
+from vaebench.lifecycle.claims import set_task
 from vaebench.signals import interruptible
 from vaebench.spec.config import VaebenchError
 from vaebench.training.progress import set_line_prefix
@@ -53,42 +51,30 @@ def grid_task(job: GridJob, group: int, threads: int) -> list[tuple[str, str]]:
     # a retry gets the same arguments, so the same name: the runs a dead attempt of this
     # task left RUNNING are abandoned for the next attempt, on whichever node it runs
     set_task(f"{job.parent_id}-{group}")
-    tracker, runs, workspace = joined(job)
     ended: list[tuple[str, str]] = []
     work = dataclasses.replace(job.work, groups=[job.work.groups[group]])
     with interruptible():  # ray.cancel's interrupt waits for store writes, as a signal does
-        work_through(
-            work, runs, [Planned(run, "train") for run in runs], tracker, workspace,
-            WorkRecord(), on_ended=lambda name, status: ended.append((name, status)),
-        )
+        work_on(job, work, lambda name, status: ended.append((name, status)))
     return ended
 
 
-def run_on_ray(
-    job: GridJob,
-    address: str | None,
-    task_cpus: float,
-    task_gpus: float,
-    todo: int,
-    renew: Any,
-) -> list[str]:
-    """Run every group of ``job`` as a Ray task on the cluster at ``address`` (None: a
-    local Ray instance with this machine's cores); a line per task that failed for good."""
+def run_on_ray(job: GridJob, execution: Execution, todo: int, renew: Any) -> list[str]:
+    """Run every group of ``job`` as a Ray task on the cluster at ``execution.address``
+    (None: a local Ray instance with this machine's cores), each asking for its
+    ``task_cpus`` and ``task_gpus``; a line per task that failed for good."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every task's progress line, not a digest
     if started_here:
-        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-        if address is None:
-            options["num_cpus"] = cores()
-        ray.init(address=address, **options)
-    task = ray.remote(num_cpus=task_cpus, num_gpus=task_gpus, max_retries=TASK_RETRIES)(
-        grid_task
-    )
-    threads = max(1, int(task_cpus))
+        cpus = {"num_cpus": cores()} if execution.address is None else {}
+        ray.init(address=execution.address, include_dashboard=False, log_to_driver=True, **cpus)
+    task = ray.remote(
+        num_cpus=execution.task_cpus, num_gpus=execution.task_gpus, max_retries=TASK_RETRIES
+    )(grid_task)
+    threads = max(1, int(execution.task_cpus))
     pending = {task.remote(job, group, threads): group for group in range(len(job.work.groups))}
     errors: list[str] = []
-    done = 0
+    count = RunCount(job.work.experiment, todo)
     try:
         while pending:
             finished, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_SECONDS)
@@ -101,13 +87,7 @@ def run_on_ray(
                     errors.append(f"task {group} failed: {str(exc).strip().splitlines()[-1]}")
                     continue
                 for name, status in results:
-                    done += 1
-                    print(
-                        f"grid {job.work.experiment}: {done} of {todo} runs done "
-                        f"(task {group}: {name} {status})",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    count.ended(f"task {group}", name, status)
     except BaseException:  # a signal, or the store failing: each task ends its runs KILLED
         for ref in pending:
             ray.cancel(ref)

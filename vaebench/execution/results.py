@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,16 +16,8 @@ from vaebench.reporting.best_models import Registered
 from vaebench.spec.grid import RunSpec
 
 SUMMARY_COLUMNS = [
-    "name",
-    "status",
-    "val_elbo",
-    "test_elbo",
-    "test_nll",
-    "test_kl",
-    "val_nmi",
-    "test_nmi",
-    "mean_epoch_seconds",
-    "seconds",
+    "name", "status", "val_elbo", "test_elbo", "test_nll", "test_kl", "val_nmi", "test_nmi",
+    "mean_epoch_seconds", "seconds",
 ]
 
 
@@ -54,22 +45,13 @@ def close_results(outcome: GridOutcome, results: Path, name: str, runs: Sequence
     """The results table of what is known so far, in the grid's order, and the summary."""
     order = {run.key: index for index, run in enumerate(runs)}
     outcome.rows.sort(key=lambda row: order[row["key"]])
-    outcome.csv_path = write_results(outcome.rows, results, name)
-    print_summary(outcome)
-
-
-def write_results(rows: list[dict[str, Any]], folder: Path, name: str) -> Path:
-    path = folder / f"{name}.csv"
-    write_text(path, pd.DataFrame(rows).to_csv(index=False))  # read by other processes
-    return path
-
-
-def print_summary(outcome: GridOutcome, stream=None) -> None:
-    stream = stream or sys.stdout
-    table = pd.DataFrame(outcome.rows).reindex(columns=SUMMARY_COLUMNS)
+    outcome.csv_path = results / f"{name}.csv"
+    table = pd.DataFrame(outcome.rows)
+    write_text(outcome.csv_path, table.to_csv(index=False))  # read by other processes
     with pd.option_context("display.width", 120, "display.max_rows", 500):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"), file=stream)
-    if outcome.csv_path:
-        print(f"results: {outcome.csv_path}", file=stream)
-    for name, error in outcome.failed:
-        print(f"FAILED {name}: {error}", file=stream)
+        print(table.reindex(columns=SUMMARY_COLUMNS).to_string(
+            index=False, float_format=lambda v: f"{v:.2f}"
+        ))
+    print(f"results: {outcome.csv_path}")
+    for run_name, error in outcome.failed:
+        print(f"FAILED {run_name}: {error}")

@@ -1,11 +1,10 @@
 """A grid invocation: check it, plan it against the store, run what is left, write results.
 
-Every run goes through :func:`vaebench.lifecycle.execute.execute`. Running a grid again
-continues it: runs whose key FINISHED in the experiment are skipped (``rerun``
-trains them again as new samples), runs a killed invocation left RUNNING are
-marked KILLED (see :mod:`vaebench.lifecycle.claims`), and KILLED runs continue from their
-checkpoint in their own MLflow run. Ctrl-C and SIGTERM stop the grid cleanly;
-a store that fails stops it with one line saying how to continue.
+Running a grid again continues it: runs whose key FINISHED in the experiment are skipped
+(``rerun`` trains them again as new samples), runs a killed invocation left RUNNING are
+marked KILLED (:mod:`vaebench.lifecycle.claims`), and KILLED runs continue from their
+checkpoint in their own MLflow run. Ctrl-C and SIGTERM stop the grid cleanly; a store that
+fails stops it with one line saying how to continue.
 """
 
 from __future__ import annotations
@@ -13,14 +12,24 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 from vaebench.data import resolve_root
 from vaebench.execution.dry_run import cpu_rule
-from vaebench.execution.grid_work import GridWork, WorkRecord, print_skip, stored_row, work_through
+from vaebench.execution.grid_work import (
+    GRID_TAG,
+    GridWork,
+    WorkRecord,
+    failure_of,
+    latest_by_key,
+    not_run,
+    skipped,
+    stored_row,
+    work_through,
+)
 from vaebench.execution.invocation import GridInvocation
 from vaebench.execution.ray_executor import import_ray, run_on_ray
 from vaebench.execution.results import GridOutcome, close_results, take_work
@@ -33,31 +42,24 @@ from vaebench.execution.worker_plan import (
     plan_workers,
     visible_gpus,
 )
-from vaebench.execution.worker_processes import GridJob, rows_from_store, run_workers
+from vaebench.execution.worker_processes import GridJob, run_workers
 from vaebench.lifecycle.claims import CLAIM_TAG, Planned, lease_tags, plan, recover_abandoned
 from vaebench.lifecycle.exactly_once import settle_seconds
 from vaebench.lifecycle.post_run import BackgroundFinisher, end_quietly
 from vaebench.lifecycle.preflight import check_output_folder
 from vaebench.lifecycle.provenance import base_tags
 from vaebench.lifecycle.workspace import Workspace
-from vaebench.reporting.best_models import BestRun, register_best
+from vaebench.reporting.best_models import register_best
 from vaebench.signals import Interrupted, deferred_signals, interruptible
 from vaebench.spec.config import VaebenchError
 from vaebench.spec.grid import RunSpec, expand, load_grid
 from vaebench.stacking.plan import plan_stacks
 from vaebench.tracking.store import resolve_tracking_uri, sqlite_path
-from vaebench.tracking.tracker import (
-    Tracker,
-    TrackingError,
-    tracker_opened_during,
-)
+from vaebench.tracking.tracker import Tracker, TrackingError, tracker_opened_during
 from vaebench.training.checkpoint import CheckpointStore, default_folder
 from vaebench.training.trainer import EpochMetrics, resolve_device
 
-if TYPE_CHECKING:
-    from vaebench.reporting.report import Report
-
-GRID_TAG = "vaebench.grid"
+T = TypeVar("T")
 
 
 def run_grid(
@@ -65,21 +67,11 @@ def run_grid(
     invocation: GridInvocation | None = None,
     tracker: Tracker | None = None,
 ) -> GridOutcome:
-    """Check, expand and train a grid file; record it and return what happened.
-
-    Runs that can share a stack (:mod:`vaebench.stacking.fit`) train together, at most
-    ``invocation.max_stack`` at a time (1, the default: every run alone), with
-    ``stack_everywhere`` also those that stack on CUDA only
-    (:func:`vaebench.stacking.plan.cpu_problem`) on the CPU. ``invocation.execution`` says
-    who trains them: this process, local worker processes
-    (:mod:`vaebench.execution.worker_processes`) or Ray tasks
-    (:mod:`vaebench.execution.ray_executor`), each run claimed by one of them
-    (:mod:`vaebench.lifecycle.exactly_once`). With ``report`` the invocation's report
-    follows: ``results/<grid>/`` and artifacts of the parent run, and with ``register`` each
-    comparison group's best run becomes a new version of a registered MLflow model
-    (:mod:`vaebench.reporting.best_models`). ``tracker``: an open one (else the store at
-    ``tracking_uri`` is opened while the data loads).
-    """
+    """Check, expand and train a grid file as ``invocation`` says; record it and return what
+    happened. Runs that can share a stack train together (:mod:`vaebench.stacking.fit`); this
+    process, local worker processes or Ray tasks train them, each run claimed by one of them
+    (:mod:`vaebench.lifecycle.exactly_once`). ``tracker``: an open one (else the store at
+    ``tracking_uri`` is opened while the data loads)."""
     grid_run = _GridRun.open(Path(grid_path), invocation or GridInvocation(), tracker)
     if not grid_run.todo:
         grid_run.nothing_to_train()
@@ -103,6 +95,7 @@ class _GridRun:
     tracker: Tracker
     planned: list[Planned]
     outcome: GridOutcome
+    background: bool  # a background process finishes the runs trained here
     parent: str | None = None
 
     @classmethod
@@ -113,7 +106,7 @@ class _GridRun:
         grid = load_grid(path)
         runs = expand(grid)
         slots = _worker_slots(invocation.execution, runs)
-        background_finishing(invocation.execution.post_run, runs)  # a bad choice fails here
+        background = background_finishing(invocation.execution.post_run, runs)
         check_output_folder(Path(invocation.results_dir))
         uri = resolve_tracking_uri(invocation.tracking_uri)
         checkpoints = (
@@ -130,7 +123,7 @@ class _GridRun:
         outcome = GridOutcome()
         planned = _plan(grid.name, runs, tracker, workspace, invocation.rerun, outcome)
         return cls(path, grid.name, runs, invocation, uri, slots, workspace, tracker, planned,
-                   outcome)
+                   outcome, background)
 
     @property
     def todo(self) -> list[tuple[int, Planned]]:
@@ -157,12 +150,9 @@ class _GridRun:
         rule = cpu_rule(self.invocation.stack_everywhere)
         stacks = plan_stacks(alone, self.invocation.max_stack, rule)
         groups = [[todo[i][0] - 1 for i in group] for group in stacks]
-        since_ms = int(time.time() * 1000)
-        return GridWork(self.name, groups, self.tags(), self.invocation.rerun, since_ms,
+        tags = base_tags(**{GRID_TAG: self.name, "vaebench.grid_file": str(self.path)})
+        return GridWork(self.name, groups, tags, self.invocation.rerun, int(time.time() * 1000),
                         settle_seconds(self.uri))
-
-    def tags(self) -> dict[str, str]:
-        return base_tags(**{GRID_TAG: self.name, "vaebench.grid_file": str(self.path)})
 
     def train(self) -> None:
         """The parent run's life around the work: FINISHED (FAILED if a run failed), KILLED
@@ -172,7 +162,9 @@ class _GridRun:
             try:
                 work = self.work()
                 self.start_parent(work.tags)
-                if self.here():
+                execution = self.invocation.execution
+                here = execution.executor == "local" and len(self.slots) == 1
+                if here and self.slots[0].gpu is None:  # one local worker, no GPU to pin
                     self.work_here(work)
                 else:
                     self.work_elsewhere(work)
@@ -209,33 +201,39 @@ class _GridRun:
         seconds = metrics.epoch_seconds + metrics.eval_seconds if metrics else 0.0
         self.tracker.set_tags(self.parent, lease_tags(seconds))
 
-    def here(self) -> bool:
-        """Whether this process trains the runs itself (one local worker, no GPU to pin)."""
-        execution = self.invocation.execution
-        return execution.executor == "local" and len(self.slots) == 1 and (
-            self.slots[0].gpu is None
-        )
-
-    def trained(self) -> list[RunSpec]:
-        return [step.run for _, step in self.todo]
+    def stored(self, work: GridWork) -> WorkRecord:
+        """The rows of the runs this invocation trained as the store holds them now (each
+        key's run under the invocation's parent, else its latest), after marking runs that a
+        dead worker left RUNNING as KILLED."""
+        stored_runs = self.tracker.previous_runs(self.name, GRID_TAG, self.name)
+        records = recover_abandoned(self.tracker, stored_runs, sys.stderr)
+        latest = latest_by_key(records, self.parent, only_under_parent=work.rerun)
+        record = WorkRecord()
+        for _, step in self.todo:
+            stored = latest.get(step.run.key)
+            if stored is None:
+                record.rows.append(not_run(step.run))
+                continue
+            record.rows.append(stored_row(step.run, stored))
+            if stored.status == "FAILED":
+                record.failed.append((step.run.name, failure_of(stored)))
+        return record
 
     def work_here(self, work: GridWork) -> None:
         """The runs trained in this process; after a signal the results are the store's, once
         the runs handed to a background finisher have ended."""
         record = WorkRecord()
-        workspace, tracker = self.workspace, self.tracker
-        if background_finishing(self.invocation.execution.post_run, self.runs):
-            workspace.finisher = BackgroundFinisher(tracker.uri)
+        workspace = self.workspace
+        if self.background:
+            workspace.finisher = BackgroundFinisher(self.tracker.uri)
         try:
-            work_through(work, self.runs, self.planned, tracker, workspace, record,
+            work_through(work, self.runs, self.planned, self.tracker, workspace, record,
                          self.renew_parent_lease)
         except Interrupted:
             workspace.finisher.close()
             with contextlib.suppress(TrackingError):
                 skipped = record.skipped
-                record = rows_from_store(
-                    self.trained(), tracker, work, self.parent, GRID_TAG, sys.stderr
-                )
+                record = self.stored(work)
                 record.skipped = skipped
             raise
         finally:
@@ -247,36 +245,35 @@ class _GridRun:
         execution = self.invocation.execution
         job = GridJob(
             str(self.path), work, self.uri, self.tracker.experiment_id, self.parent,
-            self.workspace.data_root, self.workspace.checkpoints.folder, GRID_TAG,
-            background=background_finishing(execution.post_run, self.runs),
+            self.workspace.data_root, self.workspace.checkpoints.folder, self.background,
         )
         renew, count = self.renew_parent_lease, len(self.todo)
         try:
             self.outcome.worker_errors = (
-                run_on_ray(job, execution.address, execution.task_cpus, execution.task_gpus,
-                           count, renew)
+                run_on_ray(job, execution, count, renew)
                 if execution.executor == "ray"
                 else run_workers(job, self.slots, count, renew)
             )
         finally:
-            stored = rows_from_store(
-                self.trained(), self.tracker, work, self.parent, GRID_TAG, sys.stderr
-            )
-            take_work(self.outcome, stored)
+            take_work(self.outcome, self.stored(work))
 
     def report_and_register(self) -> None:
         """The invocation's report, and its best runs registered, as asked."""
         todo = self.todo
         resumed = len(todo) < len(self.planned) or any(s.action == "continue" for _, s in todo)
-        uri, made = self.tracker.uri, None
-        if self.invocation.report:
-            results = self.invocation.results_dir
-            made = report_invocation(uri, self.name, results, self.parent, resumed)
+        uri, made, chosen = self.tracker.uri, None, None if resumed else self.parent
+        # matplotlib and pandas' styling: imported when needed
+        from vaebench.reporting.report import best_of_invocation, make_report
+
+        if self.invocation.report:  # of every invocation, when this one continued a grid
+            made = _or_line("no report", None, lambda: make_report(
+                self.name, uri, self.invocation.results_dir, parent_id=chosen,
+                all_invocations=resumed,
+            ))
             self.outcome.report_folder = made.folder if made else None
         if self.invocation.register:
-            best = (
-                made.best_runs if made
-                else _best_runs(uri, self.name, None if resumed else self.parent)
+            best = made.best_runs if made else _or_line(
+                "nothing registered", [], lambda: best_of_invocation(uri, self.name, chosen)
             )
             self.outcome.registered = register_best(
                 self.tracker, self.name, best, self.workspace.test_images, self.parent
@@ -291,9 +288,11 @@ def background_finishing(post_run: str, runs: Sequence[RunSpec]) -> bool:
     the next run trains on)."""
     if post_run not in POST_RUN_CHOICES:
         raise VaebenchError(f"--post-run: one of {', '.join(POST_RUN_CHOICES)}, not {post_run!r}")
-    if post_run == AUTO:
-        return any(resolve_device(run.config.train.device).type == "cuda" for run in runs)
-    return post_run == "background"
+    return _on_cuda(runs) if post_run == AUTO else post_run == "background"
+
+
+def _on_cuda(runs: Sequence[RunSpec]) -> bool:
+    return any(resolve_device(run.config.train.device).type == "cuda" for run in runs)
 
 
 def _worker_slots(execution: Execution, runs: Sequence[RunSpec]) -> list[WorkerSlot]:
@@ -303,7 +302,7 @@ def _worker_slots(execution: Execution, runs: Sequence[RunSpec]) -> list[WorkerS
         import_ray()  # a missing extra is a one-line error before anything is tracked
         return []
     gpus: list[str] = []
-    if any(resolve_device(run.config.train.device).type == "cuda" for run in runs):
+    if _on_cuda(runs):
         import torch
 
         gpus = visible_gpus(torch.cuda.device_count())
@@ -322,11 +321,11 @@ def _plan(
     skipped run, whose row joins the results) and drop checkpoints nothing will continue."""
     previous = recover_abandoned(tracker, tracker.previous_runs(name, GRID_TAG, name), sys.stderr)
     planned = plan(runs, previous, rerun)
+    record = WorkRecord()
     for number, step in enumerate(planned, start=1):
         if step.action in ("skip", "elsewhere"):
-            print_skip(number, len(planned), step)
-            outcome.rows.append(stored_row(step.run, step.previous))
-    outcome.skipped = sum(step.action == "skip" for step in planned)
+            skipped(number, len(planned), step, record)
+    take_work(outcome, record)
     continued = {step.previous.run_id for step in planned if step.action == "continue"}
     # a live claim (recover_abandoned left only those RUNNING) names the run it continues
     claimed = [r for r in previous if r.status == "RUNNING" and CLAIM_TAG in r.tags]
@@ -338,35 +337,14 @@ def _plan(
     return planned
 
 
-def report_invocation(
-    uri: str, name: str, results_dir: str | Path, parent: str, all_invocations: bool = False
-) -> Report | None:
-    """The report of the invocation just run (of every invocation, when this one continued
-    a grid that earlier ones began). The grid's runs are tracked by now, so a report that
-    cannot be made (every run failed, say) is one line on stderr, and ``vaebench report``
-    can be run again later; it does not turn a grid into a crash."""
-    from vaebench.reporting.report import make_report  # matplotlib and pandas' styling: when needed
-
+def _or_line(what: str, default: T, make: Callable[[], T]) -> T:
+    """What ``make`` returns, or ``default`` and one line on stderr: the grid's runs are
+    tracked by now, so a report or a choice of best runs that cannot be made (every run
+    failed, no validation split, the store failing) does not turn a grid into a crash, and
+    ``vaebench report`` can be run again later."""
     try:
-        chosen = None if all_invocations else parent
-        return make_report(
-            name, uri, results_dir, parent_id=chosen, all_invocations=all_invocations
-        )
+        return make()
     except Exception as exc:  # noqa: BLE001 - see the docstring
         kind = "" if isinstance(exc, VaebenchError) else f"{type(exc).__name__}: "
-        print(f"vaebench: no report: {kind}{exc}", file=sys.stderr)
-        return None
-
-
-def _best_runs(uri: str, name: str, parent: str | None) -> list[BestRun]:
-    """Each group's best run without a report (skipped, or failed); none, and one line, where
-    none can be chosen (every run failed, no validation split, the store failing): the grid's
-    runs are tracked by now, as for the report."""
-    from vaebench.reporting.report import best_of_invocation
-
-    try:
-        return best_of_invocation(uri, name, parent)
-    except Exception as exc:  # noqa: BLE001 - see the docstring
-        kind = "" if isinstance(exc, VaebenchError) else f"{type(exc).__name__}: "
-        print(f"vaebench: nothing registered: {kind}{exc}", file=sys.stderr)
-        return []
+        print(f"vaebench: {what}: {kind}{exc}", file=sys.stderr)
+        return default

@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +67,7 @@ def visible_gpus(device_count: int, environ: dict[str, str] | None = None) -> li
     listed = environ.get(CUDA_VISIBLE)
     if listed is None:
         return [str(index) for index in range(device_count)]
-    names = [name.strip() for name in listed.split(",") if name.strip()]
-    return names[:device_count]
+    return [name.strip() for name in listed.split(",") if name.strip()][:device_count]
 
 
 def plan_workers(
@@ -91,11 +90,10 @@ def plan_workers(
         if count < 1:
             raise VaebenchError("--workers: must be >= 1 or auto")
     threads = max(1, cpu_cores // count)
-    if not gpus:
-        return [WorkerSlot(index, None, threads) for index in range(count)]
     share = (per_gpu or 1) if workers == AUTO else 1
     return [
-        WorkerSlot(index, gpus[(index // share) % len(gpus)], threads) for index in range(count)
+        WorkerSlot(index, gpus[(index // share) % len(gpus)] if gpus else None, threads)
+        for index in range(count)
     ]
 
 
@@ -110,13 +108,13 @@ def parse_workers(text: str) -> str | int:
 
 def run_processes(
     target: Callable[..., None],
-    arguments: Sequence[tuple[Any, ...]],
-    names: Sequence[str],
-    watch: Callable[[], None] | None = None,
-    every: float = 0.2,
-) -> list[int | None]:
-    """Start one spawned process per ``arguments`` entry, wait for all, return their exit
-    codes. ``watch`` is called every ``every`` seconds while they run (to show progress).
+    arguments: Mapping[int, tuple[Any, ...]],
+    name: str,
+    watch: Callable[[], None] = lambda: None,
+) -> list[str]:
+    """Start one spawned process ``<name><index>`` per ``arguments`` entry, wait for all;
+    a line per worker that did not exit well. ``watch`` is called every 0.2 s while they run
+    (to show progress), and once at the end.
 
     Spawned, not forked: a forked child inherits torch's thread pools and locks. A signal
     that stops this process is passed on to the workers (SIGTERM when something else stops
@@ -124,28 +122,26 @@ def run_processes(
     (its run is recovered later).
     """
     context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=target, args=args, name=name)
-        for args, name in zip(arguments, names, strict=True)
-    ]
+    processes = {
+        index: context.Process(target=target, args=args, name=f"{name}{index}")
+        for index, args in arguments.items()
+    }
     try:
-        for process in processes:
+        for process in processes.values():
             process.start()
             register_child(process.pid)
-        while any(process.is_alive() for process in processes):
-            if watch is not None:
-                watch()
-            time.sleep(every)
-        for process in processes:
-            process.join()
-        if watch is not None:
+        while any(process.is_alive() for process in processes.values()):
             watch()
+            time.sleep(0.2)
+        for process in processes.values():
+            process.join()
+        watch()
     except BaseException as exc:  # a signal, or the caller's watch failing (the store)
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGTERM
-        for process in processes:
+        for process in processes.values():
             if process.is_alive():
                 os.kill(process.pid, signum)
-        for process in processes:
+        for process in processes.values():
             if process.pid is not None:
                 process.join(timeout=60)
             if process.is_alive():
@@ -153,12 +149,16 @@ def run_processes(
                 process.join()
         raise
     finally:
-        for process in processes:
+        for process in processes.values():
             if process.pid is not None:
                 forget_child(process.pid)
-    return [process.exitcode for process in processes]
+    return [
+        f"worker {index} exited with status {process.exitcode}"
+        for index, process in processes.items()
+        if process.exitcode != 0
+    ]
 
 
 def context_queue() -> Any:
-    """A queue the spawned workers of :func:`run_processes` can write to."""
+    """A queue the workers of :func:`run_processes` can write to."""
     return multiprocessing.get_context("spawn").Queue()

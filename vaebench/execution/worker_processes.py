@@ -1,16 +1,13 @@
-"""``run --workers N``: worker processes on this machine work through one grid invocation.
-
-Each worker opens its own tracker on the invocation's parent run and runs
-:func:`vaebench.execution.grid_work.work_through` over the grid's stacks, starting at its own
-place in the list; claims (:mod:`vaebench.lifecycle.exactly_once`) give every run to exactly one of
-them. Workers print plain progress lines prefixed with their number; the invocation's
-process prints the grid's count as runs end. The results table is read back from the
-store once all workers are done.
+"""``run --workers N``: worker processes on this machine work through one grid invocation,
+each from its own place in the list of stacks; claims (:mod:`vaebench.lifecycle.exactly_once`)
+give every run to exactly one of them. The results table is read back from the store once
+all workers are done.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import queue
 import sys
@@ -19,22 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vaebench.execution.grid_work import (
-    GridWork,
-    WorkRecord,
-    failure_of,
-    latest_by_key,
-    stored_row,
-    work_through,
-)
-from vaebench.execution.worker_plan import CUDA_VISIBLE, WorkerSlot, run_processes
-from vaebench.lifecycle.claims import Planned, recover_abandoned
+from vaebench.execution.grid_work import GridWork, RunEnded, WorkRecord, work_through
+from vaebench.execution.worker_plan import CUDA_VISIBLE, WorkerSlot, context_queue, run_processes
+from vaebench.lifecycle.claims import Planned
 from vaebench.lifecycle.post_run import BackgroundFinisher
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import Interrupted, interruptible
 from vaebench.spec.config import VaebenchError
-from vaebench.spec.grid import RunSpec, expand, load_grid
-from vaebench.tracking.tracker import MLflowTracker, Tracker
+from vaebench.spec.grid import expand, load_grid
+from vaebench.tracking.tracker import MLflowTracker
 from vaebench.training.checkpoint import CheckpointStore
 from vaebench.training.progress import set_line_prefix
 
@@ -50,7 +40,6 @@ class GridJob:
     parent_id: str
     data_root: Path
     checkpoint_dir: Path
-    grid_tag: str  # the tag naming a grid's runs (runner.GRID_TAG)
     # each worker process finishes its trained runs in a background process of its own
     # (vaebench.lifecycle.post_run; Ray tasks finish theirs themselves)
     background: bool = False
@@ -85,95 +74,61 @@ def worker_process(index: int, threads: int | None, gpu: str | None = None) -> I
             sys.exit(exc.exit_status)
 
 
-def joined(job: GridJob) -> tuple[MLflowTracker, list[RunSpec], Workspace]:
-    """What any process working on a grid opens: its own tracker on the invocation's parent
-    run, the grid's runs, and its workspace."""
+def work_on(
+    job: GridJob, work: GridWork, on_ended: RunEnded, start: int = 0, background: bool = False
+) -> None:
+    """What any process working on a grid does: its own tracker on the invocation's parent
+    run, the grid's runs each planned again from the store and worked through from group
+    ``start``; with ``background``, its trained runs finished by a background process."""
     tracker = MLflowTracker(job.tracking_uri)
     tracker.join_grid(job.experiment_id, job.parent_id)
     runs = expand(load_grid(job.grid_path))
-    return tracker, runs, Workspace(job.data_root, CheckpointStore(job.checkpoint_dir))
+    workspace = Workspace(job.data_root, CheckpointStore(job.checkpoint_dir))
+    if background:
+        workspace.finisher = BackgroundFinisher(job.tracking_uri)
+    try:
+        work_through(work, runs, [Planned(run, "train") for run in runs], tracker, workspace,
+                     WorkRecord(ended=on_ended), start_group=start)
+    finally:
+        workspace.finisher.close()  # the runs handed over end first
 
 
 def grid_worker_main(job: GridJob, slot: WorkerSlot, workers: int, events: Any) -> None:
     """Entry point of a grid worker process (pinned to ``slot.gpu``, if any)."""
     set_line_prefix(f"w{slot.index} ")
     with worker_process(slot.index, slot.threads, slot.gpu):
-        tracker, runs, workspace = joined(job)
-        if job.background:
-            workspace.finisher = BackgroundFinisher(job.tracking_uri)
-        planned = [Planned(run, "train") for run in runs]  # each re-planned from the store
-        begin = start_group(slot.index, workers, len(job.work.groups))
-        try:
-            work_through(
-                job.work, runs, planned, tracker, workspace, WorkRecord(),
-                on_ended=lambda name, status: events.put((slot.index, name, status)),
-                start_group=begin,
-            )
-        finally:
-            workspace.finisher.close()  # the runs handed over end first
+        work_on(job, job.work, lambda name, status: events.put((slot.index, name, status)),
+                start_group(slot.index, workers, len(job.work.groups)), job.background)
+
+
+@dataclass
+class RunCount:
+    """The grid's count in the invocation's process, a line as each run ends elsewhere."""
+
+    experiment: str
+    todo: int  # how many runs the workers or tasks have between them
+    done: int = 0
+
+    def ended(self, where: str, name: str, status: str) -> None:
+        self.done += 1
+        print(f"grid {self.experiment}: {self.done} of {self.todo} runs done "
+              f"({where}: {name} {status})", file=sys.stderr, flush=True)
 
 
 def run_workers(job: GridJob, slots: Sequence[WorkerSlot], todo: int, renew: Any) -> list[str]:
     """Run the grid's work in one process per slot; a line per worker that did not end well.
-
-    ``todo``: how many runs the workers have between them (for the count);
-    ``renew()`` renews the parent run's lease (called about once a minute).
-    """
-    from vaebench.execution.worker_plan import context_queue
-
+    ``renew()`` renews the parent run's lease (called about once a minute)."""
     events = context_queue()
-    done = 0
-    ticks = 0
+    count = RunCount(job.work.experiment, todo)
+    ticks = itertools.count(1)
 
     def watch() -> None:
-        nonlocal done, ticks
-        ticks += 1
-        if ticks % 300 == 0:
+        if next(ticks) % 300 == 0:
             renew()
-        while True:
-            try:
+        with contextlib.suppress(queue.Empty):
+            while True:
                 worker, name, status = events.get_nowait()
-            except queue.Empty:
-                return
-            done += 1
-            print(
-                f"grid {job.work.experiment}: {done} of {todo} runs done "
-                f"(w{worker}: {name} {status})",
-                file=sys.stderr,
-                flush=True,
-            )
+                count.ended(f"w{worker}", name, status)
 
-    arguments = [(job, slot, len(slots), events) for slot in slots]
-    names = [f"grid-worker-{slot.index}" for slot in slots]
-    codes = run_processes(grid_worker_main, arguments, names, watch=watch)
-    return [
-        f"worker {slot.index} exited with status {code}"
-        for slot, code in zip(slots, codes, strict=True)
-        if code != 0
-    ]
-
-
-def rows_from_store(
-    runs: Sequence[RunSpec],
-    tracker: Tracker,
-    work: GridWork,
-    parent_id: str,
-    grid_tag: str,
-    stream: Any,
-) -> WorkRecord:
-    """The rows of ``runs`` as the store holds them now (each key's run under the
-    invocation's parent, else its latest), after marking runs that a dead worker left
-    RUNNING as KILLED."""
-    stored_runs = tracker.previous_runs(work.experiment, grid_tag, work.experiment)
-    records = recover_abandoned(tracker, stored_runs, stream)
-    latest = latest_by_key(records, parent_id, only_under_parent=work.rerun)
-    record = WorkRecord()
-    for run in runs:
-        stored = latest.get(run.key)
-        if stored is None:
-            record.rows.append({"name": run.name, "key": run.key, "status": "NOT RUN"})
-            continue
-        record.rows.append(stored_row(run, stored))
-        if stored.status == "FAILED":
-            record.failed.append((run.name, failure_of(stored)))
-    return record
+    arguments = {slot.index: (job, slot, len(slots), events) for slot in slots}
+    return run_processes(grid_worker_main, arguments, "grid-worker-", watch=watch)

@@ -1,4 +1,1 @@
-"""Optuna studies over the same runs: the study's invocation (tune.py), one trial
-(trial.py), trials trained as stacks (trial_stack.py), the study's storage (storage.py) and
-its outputs (outputs.py).
-"""
+"""Optuna studies over the same runs as a grid."""

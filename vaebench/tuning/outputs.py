@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -20,8 +21,7 @@ from vaebench.spec.study import StudySpec
 from vaebench.tracking.tracker import Tracker
 
 RUN_ID_ATTR = "mlflow_run_id"  # the trial's user attribute holding its MLflow run id
-
-
+PARENT_ATTR = "mlflow_parent_run_id"  # which `tune` invocation ran the trial
 LEASE_PREFIX = "vaebench.lease_"  # a running trial's owner: not a result
 
 
@@ -40,6 +40,17 @@ class TuneOutcome:
     @property
     def failed(self) -> list[FrozenTrial]:
         return [t for t in self.trials if t.state == TrialState.FAIL]
+
+
+def write_outputs(
+    spec: StudySpec, study: optuna.Study, outcome: TuneOutcome, folder: Path
+) -> None:
+    """This invocation's trials, the best ones, trials.csv and the figures."""
+    trials = study.get_trials(deepcopy=False)
+    outcome.trials = [t for t in trials if t.user_attrs.get(PARENT_ATTR) == outcome.parent_id]
+    outcome.best = best_trials(study)
+    outcome.csv_path = write_trials(study, outcome.best, folder)
+    outcome.figures = write_figures(study, spec, folder)
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -68,13 +79,12 @@ def best_runs(spec: StudySpec, best: list[FrozenTrial], tracker: Tracker) -> lis
             print(f"vaebench: trial {trial.number} not registered: {why}", file=sys.stderr)
             continue
         if spec.multi_objective:
-            values = ", ".join(
-                f"{m} {_format(v)}" for m, v in zip(spec.metrics, trial.values, strict=True)
-            )
+            values = _pairs(zip(spec.metrics, trial.values, strict=True), " ", ", ")
             how, value = "the Pareto front", f"{values}, trial {trial.number}"
         else:
-            how, value = spec.metrics[0], f"{_format(trial.value)}, trial {trial.number}"
-        chosen.append(BestRun(record.run_id, record.name, ALL_RUNS, how, value))
+            how, value = spec.metrics[0], _format(trial.value)
+        chosen.append(BestRun(record.run_id, record.name, ALL_RUNS, how,
+                              f"{value}, trial {trial.number}"))
     return chosen
 
 
@@ -82,32 +92,21 @@ def write_trials(study: optuna.Study, best: list[FrozenTrial], folder: Path) -> 
     """``trials.csv``: Optuna's trials dataframe (objectives on validation), each trial's test
     scores beside them, the MLflow run ids and a ``best`` column."""
     folder.mkdir(parents=True, exist_ok=True)
-    table = study.trials_dataframe(
-        attrs=(
-            "number",
-            "value",
-            "state",
-            "params",
-            "user_attrs",
-            "datetime_start",
-            "datetime_complete",
-            "duration",
-        )
-    )
+    table = study.trials_dataframe(attrs=(
+        "number", "value", "state", "params", "user_attrs", "datetime_start",
+        "datetime_complete", "duration",
+    ))
     table = table.rename(columns=lambda c: c.removeprefix("user_attrs_"))
     table = table.drop(columns=[c for c in table if c.startswith(LEASE_PREFIX)])
     if "number" in table:
-        numbers = {t.number for t in best}
-        table["best"] = table["number"].isin(numbers)
+        table["best"] = table["number"].isin({t.number for t in best})
     path = folder / "trials.csv"
     write_text(path, table.to_csv(index=False))
     return path
 
 
 FIGURE_PATTERNS = (
-    "optimization_history*.png",
-    "param_importances*.png",
-    "intermediate_values.png",
+    "optimization_history*.png", "param_importances*.png", "intermediate_values.png",
     "pareto_front.png",
 )
 
@@ -132,34 +131,28 @@ def write_figures(study: optuna.Study, spec: StudySpec, folder: Path) -> list[Pa
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         return []
-    makers: dict[str, Any] = {}
+    makers: list[tuple[str, Callable[..., Any], dict[str, Any]]] = []
     for index, metric in enumerate(spec.metrics):
         suffix = "" if len(spec.metrics) == 1 else f"_{metric}"
-
-        def target(t: FrozenTrial, i: int = index) -> float:
-            return t.values[i]
-
-        makers[f"optimization_history{suffix}.png"] = lambda m=metric, f=target: (
-            figures.plot_optimization_history(study, target=f, target_name=m)
-        )
+        target = {"target": lambda t, i=index: t.values[i], "target_name": metric}
+        makers.append((f"optimization_history{suffix}.png", figures.plot_optimization_history,
+                       target))
         if len(complete) >= 2 and len(spec.space) >= 2:
-            makers[f"param_importances{suffix}.png"] = lambda m=metric, f=target: (
-                figures.plot_param_importances(study, target=f, target_name=m)
-            )
+            makers.append((f"param_importances{suffix}.png", figures.plot_param_importances,
+                           target))
     if len(spec.metrics) == 1 and any(t.intermediate_values for t in trials):
-        makers["intermediate_values.png"] = lambda: figures.plot_intermediate_values(study)
+        makers.append(("intermediate_values.png", figures.plot_intermediate_values, {}))
     if len(spec.metrics) == 2:
-        makers["pareto_front.png"] = lambda: figures.plot_pareto_front(
-            study, target_names=spec.metrics
-        )
+        makers.append(("pareto_front.png", figures.plot_pareto_front,
+                       {"target_names": spec.metrics}))
     written = []
-    for name, make in makers.items():
+    for name, plot, options in makers:
         try:
             # Optuna's figures set the ggplot style for the whole process (plt.style.use):
             # undone after each, so that the pictures drawn later are drawn as always
             with warnings.catch_warnings(), matplotlib.rc_context():
                 warnings.simplefilter("ignore")
-                axes = make()
+                axes = plot(study, **options)
                 figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
                 figure.savefig(folder / name, bbox_inches="tight", dpi=100)
             plt.close(figure)
@@ -170,17 +163,27 @@ def write_figures(study: optuna.Study, spec: StudySpec, folder: Path) -> list[Pa
     return written
 
 
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def _counts(trials: list[FrozenTrial]) -> dict[TrialState, int]:
+    return {state: sum(t.state == state for t in trials) for state in COUNTED}
+
+
+def _tested(trial: FrozenTrial) -> dict[str, Any]:
+    """The test scores shown beside the trial's objectives."""
+    return {k: v for k, v in trial.user_attrs.items() if k.startswith("test_")}
+
+
 def invocation_metrics(spec: StudySpec, outcome: TuneOutcome) -> dict[str, float]:
     counts = {
-        f"trials_{state.name.lower()}": float(sum(t.state == state for t in outcome.trials))
-        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        f"trials_{state.name.lower()}": float(count)
+        for state, count in _counts(outcome.trials).items()
     }
     if len(outcome.best) == 1 and not spec.multi_objective:
         best = outcome.best[0]
         counts[f"best_{spec.metrics[0]}"] = float(best.value)
-        counts.update(
-            {f"best_{k}": float(v) for k, v in best.user_attrs.items() if k.startswith("test_")}
-        )
+        counts.update({f"best_{k}": float(v) for k, v in _tested(best).items()})
     return counts
 
 
@@ -188,56 +191,43 @@ def _format(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
+def _pairs(items: Iterable[tuple[str, Any]], between: str = "=", joiner: str = " ") -> str:
+    return joiner.join(f"{k}{between}{_format(v)}" for k, v in items)
+
+
 def print_outcome(spec: StudySpec, outcome: TuneOutcome, storage: str, stream: TextIO) -> None:
     """The invocation's summary; ``storage`` is the study's storage as shown to the user."""
-    ours = outcome.trials
-    states = {
-        s: sum(t.state == s for t in ours)
-        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    }
+    complete, pruned, failed = _counts(outcome.trials).values()
     total = len(outcome.study.get_trials(deepcopy=False))
     print(
-        f"study {spec.name}: {total} trials in {storage}; this run: "
-        f"{len(ours)} ({states[TrialState.COMPLETE]} complete, {states[TrialState.PRUNED]} "
-        f"pruned, {states[TrialState.FAIL]} failed)",
+        f"study {spec.name}: {total} trials in {storage}; this run: {len(outcome.trials)} "
+        f"({complete} complete, {pruned} pruned, {failed} failed)",
         file=stream,
     )
     goals = ", ".join(f"{o.direction} {o.metric}" for o in spec.objectives)
     if not outcome.best:
         print(f"no complete trial yet ({goals})", file=stream)
     elif spec.multi_objective:
-        print(
-            f"Pareto front on validation ({len(outcome.best)} trials; {goals}), "
-            "test scores beside:",
-            file=stream,
-        )
+        print(f"Pareto front on validation ({len(outcome.best)} trials; {goals}), "
+              "test scores beside:", file=stream)
     else:
         print(f"best trial, chosen on validation ({goals}), test scores beside:", file=stream)
     for trial in outcome.best:
-        values = " ".join(
-            f"{m}={_format(v)}" for m, v in zip(spec.metrics, trial.values, strict=True)
-        )
-        tested = " ".join(
-            f"{k}={_format(v)}" for k, v in trial.user_attrs.items() if k.startswith("test_")
-        )
+        values = _pairs(zip(spec.metrics, trial.values, strict=True))
+        tested = _pairs(_tested(trial).items())
         values = f"{values}  [{tested}]" if tested else values
-        params = " ".join(f"{k}={_format(v)}" for k, v in trial.params.items())
-        print(
-            f"  trial {trial.number}: {values}  {params}  (mlflow run "
-            f"{trial.user_attrs.get(RUN_ID_ATTR, '-')})",
-            file=stream,
-        )
+        print(f"  trial {trial.number}: {values}  {_pairs(trial.params.items())}  "
+              f"(mlflow run {_run_id(trial)})", file=stream)
     print(f"trials: {outcome.csv_path}", file=stream)
     if outcome.figures:
-        print(
-            f"figures: {', '.join(p.name for p in outcome.figures)} in {outcome.csv_path.parent}",
-            file=stream,
-        )
+        names = ", ".join(p.name for p in outcome.figures)
+        print(f"figures: {names} in {outcome.csv_path.parent}", file=stream)
     for line in outcome.worker_errors:
         print(f"vaebench: {line}", file=sys.stderr)
     for trial in outcome.failed:
-        print(
-            f"FAILED trial {trial.number}: see its MLflow run "
-            f"{trial.user_attrs.get(RUN_ID_ATTR, '-')} (tag vaebench.error)",
-            file=stream,
-        )
+        print(f"FAILED trial {trial.number}: see its MLflow run {_run_id(trial)} "
+              "(tag vaebench.error)", file=stream)
+
+
+def _run_id(trial: FrozenTrial) -> str:
+    return trial.user_attrs.get(RUN_ID_ATTR, "-")

@@ -42,10 +42,3 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         return PRUNERS[spec.pruner](**spec.pruner_options)
     except (TypeError, ValueError) as exc:
         raise ConfigError([f"{spec.source}: pruner: {first_line(exc)}"]) from None
-
-
-def sampler_seed(spec: StudySpec, offset: int) -> int | None:
-    """A distinct stream per worker and per continuation, reproducible from the study seed."""
-    return None if spec.seed is None else spec.seed + offset
-
-

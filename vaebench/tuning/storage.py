@@ -1,9 +1,5 @@
-"""Where an Optuna study lives: an SQLite file, a SQLAlchemy URL, a journal file or memory.
-
-One string names the storage (:func:`resolve_storage`); it is checked before anything is
-created (:func:`check_storage`), shown without its password (:func:`display_storage`) and
-opened by every process of a study (:func:`open_storage`).
-"""
+"""Where an Optuna study lives: an SQLite file, a SQLAlchemy URL, a journal file or memory,
+named by one string that is checked before anything is created."""
 
 from __future__ import annotations
 

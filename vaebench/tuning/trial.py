@@ -1,10 +1,8 @@
-"""One trial of a study: sample a run, hand it to the execution layer, keep its lease.
-
-A trial is the study's base config plus the values Optuna samples, trained through
-:func:`vaebench.lifecycle.execute.execute` with pruning as the epoch hook and the objectives
-as extra metrics. Its MLflow run id, its invocation's parent run and (while it
-runs) its lease are Optuna user attributes; a trial whose owner is gone is failed
-by the next invocation (:func:`fail_abandoned_trials`).
+"""One trial of a study: the study's base config plus the values Optuna samples, trained
+through :func:`vaebench.lifecycle.execute.execute` with pruning as the epoch hook and the
+objectives as extra metrics. Its MLflow run id, its invocation's parent run and (while it
+runs) its lease are Optuna user attributes; a trial whose owner is gone is failed by the
+next invocation (:func:`fail_abandoned_trials`).
 """
 
 from __future__ import annotations
@@ -14,7 +12,9 @@ import copy
 import datetime
 import math
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TextIO
 
 import optuna
@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from vaebench.lifecycle.claims import OWNER_TAG, abandoned, lease_tags
 from vaebench.lifecycle.execute import (
+    EpochHook,
     Member,
     RunContext,
     RunHooks,
@@ -35,11 +36,11 @@ from vaebench.spec.config import RunConfig, VaebenchError, run_config_problems, 
 from vaebench.spec.grid import RunSpec, run_key
 from vaebench.spec.space import Param
 from vaebench.spec.study import StudySpec
+from vaebench.stacking.plan import plan_stacks
 from vaebench.tracking.tracker import Tracker, TrackingError
 from vaebench.training.trainer import EpochMetrics
-from vaebench.tuning.outputs import RUN_ID_ATTR
+from vaebench.tuning.outputs import PARENT_ATTR, RUN_ID_ATTR
 
-PARENT_ATTR = "mlflow_parent_run_id"  # which `tune` invocation ran the trial
 STOPPED_ATTR = "stopped"  # why a trial FAILED without being at fault: a signal, a lost owner
 
 
@@ -97,47 +98,52 @@ class TrialWork:
     run_id: str | None = None
     objectives: list[float] = field(default_factory=list)
     hooks: RunHooks = field(default_factory=RunHooks)
-    told: bool = False  # Optuna has its result (trials of a stack: vaebench.tuning.trial_stack)
+    told: bool = False  # its ending is settled (a stack's trial: and told to Optuna)
+    ending: BaseException | None = None  # what ended its run early, once told
 
     def on_start(self, run_id: str) -> None:
         self.run_id = run_id
-        with deferred_signals():  # see _renew_lease
-            self.trial.set_user_attr(RUN_ID_ATTR, run_id)
+        _set_attrs(self.trial, {RUN_ID_ATTR: run_id})
 
     def values(self) -> float | tuple[float, ...]:
         """What Optuna is told: the objective, or the objectives of a multi-objective study."""
         return self.objectives[0] if len(self.objectives) == 1 else tuple(self.objectives)
 
 
-class TrialObjective:
-    """Optuna's objective: sample a run and hand it to the execution layer, one MLflow child
-    run per trial; pruning is its epoch hook, the objectives its extra metrics. Its parts
-    (:meth:`own`, :meth:`sample`, :meth:`settle`) serve trials trained as a stack as well
-    (:mod:`vaebench.tuning.trial_stack`)."""
+Tell = Callable[[TrialWork, BaseException | None], None]
 
-    def __init__(
-        self, spec: StudySpec, tracker: Tracker, tags: dict[str, str], workspace: Workspace,
-        total: int,
-    ):
-        self.spec = spec
-        self.tracker = tracker
-        self.tags = tags
-        self.workspace = workspace
-        self.total = total
-        self.store_failure: TrackingError | None = None
+
+@dataclass
+class TrialObjective:
+    """The study's part in its trials' lives. Called, it is Optuna's objective for a trial
+    alone: a batch of one (:meth:`train`), its ending raised for Optuna to record; trials
+    trained as a stack (:mod:`vaebench.tuning.trial_stack`) go through :meth:`train` too."""
+
+    spec: StudySpec
+    tracker: Tracker
+    tags: dict[str, str]
+    workspace: Workspace
+    total: int  # the study's trials once this invocation's are done
+    store_failure: TrackingError | None = None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         work = self.work_for(trial)
+
+        def settled(work: TrialWork, error: BaseException | None) -> None:
+            self.settle(work, error)
+            work.told, work.ending = True, error
+
         try:
             self.own(work)
-            self.sample(work)
-            self.train(work)
+            self.train([work], 1, settled)
         except BaseException as exc:
-            self.settle(work, exc)
+            if not work.told:
+                self.settle(work, exc)
             if isinstance(exc, TrackingError):  # no point in the next trial: stop the study
                 trial.study.stop()
             raise
-        self.settle(work, None)
+        if work.ending is not None:
+            raise work.ending
         return work.values()
 
     @staticmethod
@@ -148,13 +154,12 @@ class TrialObjective:
     def own(self, work: TrialWork, runs_at_once: int = 1) -> None:
         """The trial owned (its lease, first, for ``runs_at_once`` trials trained together)
         and marked this invocation's."""
-        _renew_lease(work.trial, runs_at_once=runs_at_once)
-        with deferred_signals():  # see _renew_lease
-            work.trial.set_user_attr(PARENT_ATTR, self.tracker.parent_id)
+        lease = lease_tags(runs_at_once=runs_at_once)
+        _set_attrs(work.trial, {**lease, PARENT_ATTR: self.tracker.parent_id})
 
     def sample(self, work: TrialWork) -> None:
-        """The trial's values as its run, and the hooks of its life; values that make no
-        valid config are recorded as a FAILED run and raised (VaebenchError)."""
+        """The trial's values as its run, its tags, start and scoring as hooks; values that
+        make no valid config are recorded as a FAILED run and raised (VaebenchError)."""
         trial = work.trial
         sampled = {key: suggest(trial, key, p) for key, p in self.spec.space.items()}
         try:
@@ -167,29 +172,46 @@ class TrialObjective:
 
         def score(final: dict[str, float]) -> dict[str, float]:
             work.objectives.extend(objective_values(self.spec, final))
-            with deferred_signals():  # see _renew_lease
-                for key, value in reported_beside(self.spec, final).items():
-                    trial.set_user_attr(key, value)
+            _set_attrs(trial, reported_beside(self.spec, final))
             return {
                 f"objective.{m}": v
                 for m, v in zip(self.spec.metrics, work.objectives, strict=True)
             }
 
-        work.hooks = RunHooks(work.own_tags, work.on_start, self.epoch_hook(trial), score)
+        work.hooks = RunHooks(work.own_tags, work.on_start, extra_metrics=score)
 
-    def train(self, work: TrialWork) -> None:
-        """Train and track the sampled trial's run alone; raises what ended it early."""
-        [outcome] = execute([Member(work.run, work.hooks)], self.tracker, self.workspace,
-                            self.context(work.trial.number + 1))
-        if isinstance(outcome, BaseException):
-            raise outcome
-
-    def context(self, number: int) -> RunContext:
-        """The study's part in the life of its trials' runs, the first being trial ``number``."""
-        return RunContext(
-            self.tags, number, self.total, stopped_early=(optuna.TrialPruned,),
-            pictures=self.spec.artifacts,
-        )
+    def train(self, works: Sequence[TrialWork], max_stack: int, tell: Tell) -> None:
+        """Sample each trial of the batch, train those of one stack key together (up to
+        ``max_stack``; a trial alone is a stack of one); each trial is told when its run ends.
+        A failing trial or stack is told, no more; the store's failure or a signal is raised."""
+        sampled: list[TrialWork] = []
+        for work in works:
+            try:
+                self.sample(work)
+            except TrackingError:
+                raise
+            except Exception as exc:  # values that make no valid config: that trial fails
+                tell(work, exc)
+                continue
+            sampled.append(work)
+        for group in plan_stacks([work.run.config for work in sampled], max_stack):
+            members = [sampled[index] for index in group]
+            for member in members:  # told as its run ends; its lease spans the stack's epoch
+                member.hooks.on_end = partial(tell, member)
+                member.hooks.epoch_hook = self.epoch_hook(member.trial, len(members))
+            context = RunContext(
+                self.tags, members[0].trial.number + 1, self.total,
+                stopped_early=(optuna.TrialPruned,), pictures=self.spec.artifacts,
+            )
+            try:
+                execute([Member(m.run, m.hooks) for m in members], self.tracker, self.workspace,
+                        context)
+            except TrackingError:
+                raise
+            except Exception as exc:  # the stack as a whole failed (e.g. out of memory)
+                for member in members:
+                    if not member.told:
+                        tell(member, exc)
 
     def settle(self, work: TrialWork, error: BaseException | None) -> TrialState:
         """The trial's state after its run ended with ``error`` (None: finished), tagged on
@@ -209,7 +231,7 @@ class TrialObjective:
                 self.tracker.set_tags(work.run_id, {"optuna.state": state.name})
         return state
 
-    def epoch_hook(self, trial: optuna.Trial, stack_size: int = 1):
+    def epoch_hook(self, trial: optuna.Trial, stack_size: int) -> EpochHook:
         """Renew the trial's lease; report the objective to the pruner, which may stop the
         trial. Optuna prunes single-objective studies only; a metric known only after the
         last epoch (e.g. val_ari) is never reported, so never pruned (study files with such
@@ -219,11 +241,11 @@ class TrialObjective:
 
         def hook(metrics: EpochMetrics) -> None:
             longest = (metrics.epoch_seconds + metrics.eval_seconds) * stack_size
-            _renew_lease(trial, longest)
+            _set_attrs(trial, lease_tags(longest))
             self.tracker.set_tags(self.tracker.parent_id, lease_tags(longest))
             values = metrics.as_dict()
             if pruned_on in values:
-                with deferred_signals():  # see _renew_lease
+                with deferred_signals():  # see _set_attrs
                     trial.report(values[pruned_on], metrics.epoch)
                     prune = trial.should_prune()
                 if prune:
@@ -232,15 +254,13 @@ class TrialObjective:
         return hook
 
 
-def _renew_lease(
-    trial: optuna.Trial, longest_epoch_seconds: float = 0.0, runs_at_once: int = 1
-) -> None:
-    """The trial's lease, written with signals held: a signal that cuts an Optuna write in
-    half leaves a SQLite storage locked by this process's interrupted connection, and the
-    writes that mark the stopped trial then wait out the lock's timeout (a Ctrl-C took over a
-    minute to stop a study, measured)."""
+def _set_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
+    """The trial's user attributes, written with signals held: a signal that cuts an Optuna
+    write in half leaves a SQLite storage locked by this process's interrupted connection, and
+    the writes that mark the stopped trial then wait out the lock's timeout (a Ctrl-C took over
+    a minute to stop a study, measured)."""
     with deferred_signals():
-        for key, value in lease_tags(longest_epoch_seconds, runs_at_once).items():
+        for key, value in attrs.items():
             trial.set_user_attr(key, value)
 
 

@@ -1,35 +1,27 @@
-"""Trials of a study trained as stacks: ask Optuna for up to K trials at once, train those
-that share a stack key as one stack (:func:`vaebench.lifecycle.execute.execute`), tell each
-trial its own result.
+"""Trials of a study trained as stacks: ask Optuna for up to K trials at once, train them
+as a batch (:meth:`vaebench.tuning.trial.TrialObjective.train`), tell each its own result.
 
 Only a study whose space varies nothing but what members of a stack may differ in
-(:data:`vaebench.stacking.plan.MEMBER_KEYS`: seed, loss.beta, loss.recon, optim.lr) is run this
-way, so that every trial it asks can join the stack; any other study runs its trials one
-by one, as Optuna's ``optimize`` would (asking K trials before any is told would only cost
-a sequential sampler the results it learns from).
-
-Each member trial keeps what a trial alone has: its lease, its MLflow run, the pruner
-asked after each of its epochs (a pruned trial's member is masked out of the stack, its run
-KILLED, and the others go on), its objectives. Trials of one batch are sampled before any
-of them is told: the sampler proposes the K points from what the earlier batches told it.
+(:data:`vaebench.stacking.plan.MEMBER_KEYS`) is run this way, so that every trial it asks can
+join the stack; any other study runs its trials one by one, as Optuna's ``optimize`` would
+(asking K trials before any is told would only cost a sequential sampler the results it
+learns from). A pruned trial's member is masked out of the stack, its run KILLED, and the
+others go on. Trials of one batch are sampled before any of them is told: the sampler
+proposes the K points from what the earlier batches told it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from functools import partial
 
 import optuna
 from optuna.trial import TrialState
 
 from vaebench.execution.dry_run import trains_on_cpu
-from vaebench.lifecycle.execute import Member, execute
 from vaebench.signals import deferred_signals
 from vaebench.spec.config import VaebenchError
 from vaebench.spec.study import StudySpec
-from vaebench.stacking.plan import MEMBER_KEYS, config_problem, plan_stacks
-from vaebench.tracking.tracker import TrackingError
+from vaebench.stacking.plan import MEMBER_KEYS, config_problem
 from vaebench.tuning.trial import TrialObjective, TrialWork, trial_run
 
 # measured on a 2-core CPU with experiments/lr-beta.yaml (16 trials of an MLP over optim.lr and
@@ -92,48 +84,9 @@ def optimize_in_stacks(
                 done += 1
             for work in works:
                 objective.own(work, runs_at_once=len(works))
-            _train_batch(objective, works, max_stack, tell)
+            objective.train(works, max_stack, tell)
         except BaseException as exc:  # a signal, the store: no trial may stay RUNNING
             for work in works:
                 if not work.told:
                     tell(work, exc)
             raise
-
-
-def _train_batch(
-    objective: TrialObjective,
-    works: Sequence[TrialWork],
-    max_stack: int,
-    tell: Callable[[TrialWork, BaseException | None], None],
-) -> None:
-    """Sample each trial of the batch, train those of one stack key together; each trial is
-    told when its run ends."""
-    sampled: list[TrialWork] = []
-    for work in works:
-        try:
-            objective.sample(work)
-        except TrackingError:
-            raise
-        except Exception as exc:  # values that make no valid config: that trial fails
-            tell(work, exc)
-            continue
-        sampled.append(work)
-    runs = [work.run for work in sampled]
-    for group in plan_stacks([run.config for run in runs], max_stack):
-        members = [sampled[index] for index in group]  # a run alone: a stack of one
-        for member in members:  # told as its run ends; its lease spans the stack's epoch
-            member.hooks.on_end = partial(tell, member)
-            member.hooks.epoch_hook = objective.epoch_hook(member.trial, len(members))
-        try:
-            execute(
-                [Member(member.run, member.hooks) for member in members],
-                objective.tracker,
-                objective.workspace,
-                objective.context(members[0].trial.number + 1),
-            )
-        except TrackingError:
-            raise
-        except Exception as exc:  # the stack as a whole failed (e.g. out of memory)
-            for member in members:
-                if not member.told:
-                    tell(member, exc)

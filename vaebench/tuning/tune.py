@@ -1,15 +1,11 @@
 """Optuna studies: ``python -m vaebench tune study.yaml``.
 
-A trial is one run: the study's base config plus the values Optuna samples,
-trained by the grid's trainer (:func:`vaebench.training.loop.fit`). Every epoch the
-trial logs its metrics to its own MLflow child run and, in a single-objective
-study, reports the objective to the pruner (``trial.report`` /
-``should_prune``). Where the study's space varies only what members of a stack may differ
-in, up to ``max_stack`` trials at a time train as one stack (:mod:`vaebench.tuning.trial_stack`).
-The MLflow side mirrors a grid: the study is an experiment,
-each ``tune`` invocation a parent run, each trial a nested child run tagged
-with its Optuna trial number and final state; the child's run id is stored on
-the trial as the user attribute ``mlflow_run_id``.
+A trial is one run (:mod:`vaebench.tuning.trial`); where the study's space varies only what
+members of a stack may differ in, up to ``max_stack`` trials at a time train as one stack
+(:mod:`vaebench.tuning.trial_stack`). The MLflow side mirrors a grid: the study is an
+experiment, each ``tune`` invocation a parent run, each trial a nested child run tagged with
+its Optuna trial number and final state; the child's run id is stored on the trial as the
+user attribute ``mlflow_run_id``.
 
 Optuna trial states map onto MLflow run statuses as ``STATUS`` says: COMPLETE
 -> FINISHED, PRUNED -> KILLED (stopped early on purpose), FAIL -> FAILED; the
@@ -44,30 +40,19 @@ from vaebench.lifecycle.preflight import check_output_folder
 from vaebench.lifecycle.provenance import base_tags
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.reporting.best_models import register_best
-from vaebench.signals import (
-    Interrupted,
-    deferred_signals,
-    interruptible,
-)
+from vaebench.signals import Interrupted, deferred_signals, interruptible
 from vaebench.spec.config import VaebenchError, first_line
 from vaebench.spec.study import StudySpec, load_study
 from vaebench.tracking.store import resolve_tracking_uri
-from vaebench.tracking.tracker import (
-    MLflowTracker,
-    Tracker,
-    TrackingError,
-    tracker_opened_during,
-)
+from vaebench.tracking.tracker import MLflowTracker, Tracker, TrackingError, tracker_opened_during
 from vaebench.tuning.outputs import (
     TuneOutcome,
     best_runs,
-    best_trials,
     invocation_metrics,
     print_outcome,
-    write_figures,
-    write_trials,
+    write_outputs,
 )
-from vaebench.tuning.samplers import make_pruner, make_sampler, sampler_seed
+from vaebench.tuning.samplers import make_pruner, make_sampler
 from vaebench.tuning.storage import (
     MEMORY,
     check_storage,
@@ -75,13 +60,7 @@ from vaebench.tuning.storage import (
     open_storage,
     resolve_storage,
 )
-from vaebench.tuning.trial import (
-    PARENT_ATTR,
-    TrialObjective,
-    fail_abandoned_trials,
-    trial_run,
-    trials_done,
-)
+from vaebench.tuning.trial import TrialObjective, fail_abandoned_trials, trial_run, trials_done
 from vaebench.tuning.trial_stack import optimize_in_stacks, stack_problem
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna -> MLflow
@@ -124,11 +103,11 @@ def optimize(
     """Run ``n_trials`` trials of the study in this process; a failing trial is FAIL, no more;
     a failing store stops the study (TrackingError)."""
     _quiet_optuna()
+    # a distinct stream per worker and per continuation, reproducible from the study seed
+    seed = None if job.spec.seed is None else job.spec.seed + job.seed_offset + 1000 * worker
     study = optuna.load_study(
-        study_name=job.spec.name,
-        storage=storage or open_storage(job.storage),
-        sampler=make_sampler(job.spec, sampler_seed(job.spec, job.seed_offset + 1000 * worker)),
-        pruner=make_pruner(job.spec),
+        study_name=job.spec.name, storage=storage or open_storage(job.storage),
+        sampler=make_sampler(job.spec, seed), pruner=make_pruner(job.spec),
     )
     workspace = workspace or Workspace(job.data_root, checkpoints=None)
     objective = TrialObjective(job.spec, tracker, job.tags, workspace, job.total)
@@ -165,10 +144,7 @@ def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
                 f"asks to {held}; give the study another name or use another storage"
             )
     study = optuna.create_study(
-        storage=storage,
-        study_name=spec.name,
-        directions=spec.directions,
-        load_if_exists=True,
+        storage=storage, study_name=spec.name, directions=spec.directions, load_if_exists=True
     )
     if existing is None:
         study.set_metric_names(spec.metrics)
@@ -183,11 +159,8 @@ def _trials_per_stack(spec: StudySpec, max_stack: int, stack_everywhere: bool) -
     if problem is not None:
         print(f"study {spec.name}: trials train one by one: {problem}", file=sys.stderr)
         return 1
-    print(
-        f"study {spec.name}: up to {max_stack} trials at a time train as one stack "
-        "(--stack off: one by one)",
-        file=sys.stderr,
-    )
+    print(f"study {spec.name}: up to {max_stack} trials at a time train as one stack "
+          "(--stack off: one by one)", file=sys.stderr)
     return max_stack
 
 
@@ -202,9 +175,7 @@ def run_study(
     Trials a killed invocation left RUNNING are failed first. Ctrl-C and SIGTERM stop
     the study cleanly (trials FAIL in Optuna, KILLED in MLflow, the parent KILLED). With
     ``register``, the best trial's run (each of a Pareto front's) becomes a new version of
-    the registered MLflow model named after the study. Up to ``max_stack`` trials train as
-    one stack where the study's trials stack (1, the default: each alone), with
-    ``stack_everywhere`` (``--stack on``) also where the CPU's measurements say one by one.
+    the registered MLflow model named after the study.
     """
     invocation = invocation or StudyInvocation()
     stream = stream or sys.stdout
@@ -214,11 +185,8 @@ def run_study(
     if n_trials is None:
         n_trials = spec.n_trials - trials_done(study)
         if n_trials <= 0:
-            print(
-                f"study {spec.name}: {spec.n_trials} of n_trials: {spec.n_trials} done; "
-                "nothing to do (--n-trials N adds N more)",
-                file=stream,
-            )
+            print(f"study {spec.name}: {spec.n_trials} of n_trials: {spec.n_trials} done; "
+                  "nothing to do (--n-trials N adds N more)", file=stream)
             return TuneOutcome(study=study, storage=study_run.ref, parent_id=None)
     outcome = study_run.run(n_trials, min(invocation.workers, n_trials))
     print_outcome(spec, outcome, display_storage(study_run.ref), stream)
@@ -290,17 +258,13 @@ class _StudyRun:
             **tags, "vaebench.trials": str(n_trials), "vaebench.workers": str(workers),
             **lease_tags(),
         })
-        existing = len(self.study.trials)
-        timeout = self.invocation.timeout
+        existing, told = len(self.study.trials), self.invocation
         return WorkerJob(
-            spec=spec, storage=self.ref, tracking_uri=self.uri,
-            experiment_id=tracker.experiment_id, parent_id=parent, tags=tags,
-            data_root=self.workspace.data_root, total=existing + n_trials,
-            timeout=timeout if timeout is not None else spec.timeout, seed_offset=existing,
-            threads=max(1, cores() // workers),
-            max_stack=_trials_per_stack(
-                spec, self.invocation.max_stack, self.invocation.stack_everywhere
-            ),
+            spec, self.ref, self.uri, tracker.experiment_id, parent, tags,
+            self.workspace.data_root, existing + n_trials,
+            told.timeout if told.timeout is not None else spec.timeout, existing,
+            max(1, cores() // workers),
+            _trials_per_stack(spec, told.max_stack, told.stack_everywhere),
         )
 
     def run(self, n_trials: int, workers: int) -> TuneOutcome:
@@ -316,7 +280,7 @@ class _StudyRun:
                     optimize(job, n_trials, 0, tracker, self.storage, self.workspace)
                 else:
                     outcome.worker_errors = fan_out(job, n_trials, workers)
-                _write_outputs(spec, study, outcome, folder)
+                write_outputs(spec, study, outcome, folder)
                 tracker.log_metrics(parent, invocation_metrics(spec, outcome))
                 tracker.log_artifacts(parent, folder)
                 with deferred_signals():
@@ -326,7 +290,7 @@ class _StudyRun:
                 if not ended:
                     end_quietly(tracker, parent, "KILLED",
                                 f"{exc}; rerun the same command to continue")
-                    _write_outputs(spec, study, outcome, folder)  # what is known so far
+                    write_outputs(spec, study, outcome, folder)  # what is known so far
                 raise
             except TrackingError as exc:
                 raise TrackingError(
@@ -339,24 +303,8 @@ class _StudyRun:
         return outcome
 
 
-def _write_outputs(
-    spec: StudySpec, study: optuna.Study, outcome: TuneOutcome, folder: Path
-) -> None:
-    """This invocation's trials, the best ones, trials.csv and the figures."""
-    trials = study.get_trials(deepcopy=False)
-    outcome.trials = [t for t in trials if t.user_attrs.get(PARENT_ATTR) == outcome.parent_id]
-    outcome.best = best_trials(study)
-    outcome.csv_path = write_trials(study, outcome.best, folder)
-    outcome.figures = write_figures(study, spec, folder)
-
-
 def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
     """``workers`` spawned processes share ``n_trials``; returns a line per worker that died."""
     shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
-    arguments = [(job, share, index) for index, share in enumerate(shares) if share]
-    codes = run_processes(worker_main, arguments, [f"tune-{args[2]}" for args in arguments])
-    return [
-        f"worker {index} exited with status {code}"
-        for index, code in enumerate(codes)
-        if code != 0
-    ]
+    arguments = {index: (job, share, index) for index, share in enumerate(shares) if share}
+    return run_processes(worker_main, arguments, "tune-")
