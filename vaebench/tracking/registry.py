@@ -1,15 +1,13 @@
 """The Tracker's model half: a run's model logged with MLflow's PyTorch flavor, and registered.
 
-Called by :class:`vaebench.tracking.tracker.MLflowTracker` only (the rest of vaebench
-reaches MLflow through the Tracker; report_runs.py, which reads runs, borrows
-:func:`fluent_api_on`). A logged model is an MLflow LoggedModel
-whose source is the run (the runs table's Models column), holding the pickled
-:class:`~vaebench.tracking.served.ServedVAE`, vaebench's own code (``code_paths``, so a
-machine without vaebench can load it), a signature and an input example of
-real test images. It is pickled (not MLflow 3's default ``torch.export`` graph,
-which keeps ``forward`` only), so ``mlflow.pytorch.load_model`` gives back the
-ServedVAE with its ``encode`` and ``decode``. Its pip requirements are given,
-not inferred: inferring them loads the model in a subprocess, seconds a model.
+Called by :class:`vaebench.tracking.tracker.MLflowTracker` only (report_runs.py, which reads
+runs, borrows :func:`fluent_api_on`). A logged model is an MLflow LoggedModel whose source is
+the run (the runs table's Models column), holding the pickled
+:class:`~vaebench.tracking.served.ServedVAE`, vaebench's own code (``code_paths``, so a machine
+without vaebench can load it), a signature and an input example of real test images. It is
+pickled (not MLflow 3's default ``torch.export`` graph, which keeps ``forward`` only), so
+``mlflow.pytorch.load_model`` gives back the ServedVAE with its ``encode`` and ``decode``. Its
+pip requirements are given, not inferred: inferring them loads the model in a subprocess.
 """
 
 from __future__ import annotations
@@ -33,11 +31,7 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 def requirements() -> list[str]:
     """The installed versions of what the model needs (torch without its local "+cpu")."""
-    pinned = []
-    for name in REQUIRED:
-        version = importlib.metadata.version(name).split("+")[0]
-        pinned.append(f"{name}=={version}")
-    return pinned
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIRED]
 
 
 def logged_model_of(client: Any, run_id: str) -> str | None:
