@@ -15,6 +15,7 @@ This module reads tags and the process table, and writes through the Tracker.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -150,25 +151,18 @@ def plan(
         if rerun and (since_ms is None or record.start_time < since_ms):
             continue
         by_key.setdefault(record.key, []).append(record)
+    failed_since = math.inf if since_ms is None else since_ms
     planned = []
     for run in runs:
-        mine = by_key.get(run.key, [])
-        latest = {status: [r for r in mine if r.status == status] for status in STATUSES}
-        failed_now = [
-            r for r in latest["FAILED"]
-            if since_ms is not None and (r.end_time or r.start_time) >= since_ms
-        ]
-        if latest["FINISHED"]:
-            planned.append(Planned(run, "skip", latest["FINISHED"][-1]))
-        elif latest["RUNNING"]:
-            planned.append(Planned(run, "elsewhere", latest["RUNNING"][-1]))
-        elif failed_now:
-            planned.append(Planned(run, "failed", failed_now[-1]))
-        elif latest["KILLED"]:
-            planned.append(Planned(run, "continue", latest["KILLED"][-1]))
-        else:
-            planned.append(Planned(run, "train"))
+        latest = {  # each status's latest record; a FAILED one only if it failed since then
+            r.status: r
+            for r in by_key.get(run.key, [])
+            if r.status != "FAILED" or (r.end_time or r.start_time) >= failed_since
+        }
+        status = next((status for status in ACTIONS if status in latest), None)
+        planned.append(Planned(run, ACTIONS.get(status, "train"), latest.get(status)))
     return planned
 
 
-STATUSES = ("FINISHED", "RUNNING", "KILLED", "FAILED")
+# what a run's latest record of a status makes of it, in this order of precedence
+ACTIONS = {"FINISHED": "skip", "RUNNING": "elsewhere", "FAILED": "failed", "KILLED": "continue"}

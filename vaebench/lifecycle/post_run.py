@@ -3,12 +3,10 @@ latent means), its pictures drawn, its artifacts written and uploaded, its summa
 its run ended FINISHED and its checkpoint removed (:func:`finish_run`).
 
 What needs the model is done before, at once, on its device
-(:func:`vaebench.lifecycle.handover.finish_job` makes a :class:`FinishJob` of plain arrays
-and bytes). A finisher then does the rest: in this
-process (:class:`InlineFinisher`, the default) or in one background process while this one
-trains the next run or stack (:class:`BackgroundFinisher`). Both call :func:`finish_run`, so
-the numbers and files are the same either way; only who waits for them differs. MLflow is
-reached only through the :class:`Tracker`.
+(:func:`vaebench.lifecycle.handover.finish_job` makes a :class:`FinishJob` of plain arrays and
+bytes). A finisher does the rest: in this process (:class:`InlineFinisher`, the default) or in
+a background process while this one trains the next run or stack (:class:`BackgroundFinisher`).
+Both call :func:`finish_run`, so the numbers and files are the same either way.
 """
 
 from __future__ import annotations
@@ -66,10 +64,6 @@ class FinishJob:
     # that ending's deferred block closes must not mark the run KILLED
     outcome: RunOutcome | None = None
 
-    @property
-    def ended(self) -> bool:
-        return self.outcome is not None
-
 
 def finish_run(
     job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
@@ -78,9 +72,7 @@ def finish_run(
     scoring included) and artifacts, end its run FINISHED and remove its checkpoint.
     ``extra_metrics`` sees the final values and adds to the summary (a study's objectives)."""
     started = time.perf_counter()
-    clusters: dict[str, float] = {}
-    for scored in job.clusters:
-        clusters.update(scored_clusters(scored))
+    clusters = {name: v for scored in job.clusters for name, v in scored_clusters(scored).items()}
     check_finite(clusters, "after training")
     summary = {
         **job.summary,
@@ -91,11 +83,12 @@ def finish_run(
     if extra_metrics is not None:
         summary.update(extra_metrics(final))
     tracker.log_metrics(job.run_id, summary, step=job.run.config.train.epochs)
-    with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
-        write_weights(Path(folder), job.run, job.weights)
+    with tempfile.TemporaryDirectory(prefix="vaebench-") as scratch:
+        folder = Path(scratch)
+        write_weights(folder, job.run, job.weights)
         if job.pictures is not None:
-            draw_pictures(Path(folder), job.pictures, job.run.name)
-        tracker.log_artifacts(job.run_id, Path(folder))
+            draw_pictures(folder, job.pictures, job.run.name)
+        tracker.log_artifacts(job.run_id, folder)
     with deferred_signals():  # finished is finished: a signal now stops what follows
         tracker.end_run(job.run_id, "FINISHED")
         forget(job.checkpoints, job.run_id)
@@ -117,12 +110,9 @@ def error_text(exc: BaseException) -> str:
 def end_quietly(tracker: Tracker, run_id: str | None, status: str, reason: str) -> None:
     """End the run (if it started); if the store cannot take it, the run's lease lets the
     next invocation recover it, and the error that stopped the run is the one the user sees."""
-    if run_id is None:
-        return
-    try:
-        tracker.end_run(run_id, status, reason)
-    except TrackingError:
-        pass
+    if run_id is not None:
+        with contextlib.suppress(TrackingError):
+            tracker.end_run(run_id, status, reason)
 
 
 def fail_run(
@@ -138,13 +128,9 @@ class Finisher(Protocol):
 
     def finish(
         self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
-    ) -> Future[RunOutcome]:
-        """The job's outcome: already there (in this process), or to come."""
-        ...
+    ) -> Future[RunOutcome]: ...  # already there (in this process), or to come
 
-    def close(self) -> None:
-        """Wait for every job handed over, then stop (again: nothing more)."""
-        ...
+    def close(self) -> None: ...  # wait for every job handed over, then stop (again: nothing)
 
 
 def handing_over(finisher: Finisher) -> contextlib.AbstractContextManager[None]:

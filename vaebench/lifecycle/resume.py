@@ -34,6 +34,13 @@ def continuation_problem(tracker: Tracker, run_id: str, claim_id: str) -> str | 
     return None
 
 
+def checkpoint_identity(run: RunSpec) -> dict[str, str]:
+    """What a checkpoint of ``run`` holds, and continues only with: its settings, this code
+    and its device."""
+    device = str(resolve_device(run.config.train.device))
+    return {"run_key": run.key, "code": code_version(), "device": device}
+
+
 def resumable_state(
     workspace: Workspace, run: RunSpec, run_id: str | None
 ) -> dict[str, Any] | None:
@@ -41,15 +48,8 @@ def resumable_state(
     if run_id is None or workspace.checkpoints is None:
         return None
     state = workspace.checkpoints.load(run_id)
-    if state is None:
-        return None
-    device = str(resolve_device(run.config.train.device))
-    if (state.get("run_key"), state.get("code"), state.get("device")) != (
-        run.key,
-        code_version(),
-        device,
-    ):  # other settings, other code or another device: start over
-        workspace.checkpoints.remove(run_id)
+    if state is not None and any(state.get(k) != v for k, v in checkpoint_identity(run).items()):
+        workspace.checkpoints.remove(run_id)  # other settings, code or device: start over
         return None
     return state
 
