@@ -50,8 +50,8 @@ from vaebench.lifecycle.post_run import (
 from vaebench.lifecycle.provenance import run_tags
 from vaebench.lifecycle.resume import (
     ClaimLost,
+    check_continuation,
     checkpoint_identity,
-    continuation_problem,
     log_missing_epochs,
     resumable_state,
 )
@@ -193,13 +193,8 @@ class _Life:
             start=self.saved.get(0, 0),
         )
         with deferred_signals():  # a signal waits until the runs' ids are known and recorded
-            for member in self.members:
-                if member.continue_id and member.continue_claim:
-                    lost = continuation_problem(
-                        self.tracker, member.continue_id, member.continue_claim
-                    )
-                    if lost is not None:
-                        raise ClaimLost(lost)
+            for member in self.members:  # every claim checked before a run is opened
+                check_continuation(self.tracker, member.continue_id, member.continue_claim)
             for index, member in enumerate(self.members):
                 self.run_ids[index] = self._open(member)
                 if member.hooks.on_start is not None:
@@ -324,8 +319,7 @@ class _Life:
                 epoch = self.saved.get(index, 0)
                 where = f"; its checkpoint after epoch {epoch} continues it" if epoch else ""
                 end_quietly(self.tracker, run_id, "KILLED", f"{first_line(signal)}{where}")
-        every = all(index in self.ended for index in range(self.count))
-        self.status = self.status_line() if every else "KILLED"
+        self.status = self.status_line() if len(self.ended) == self.count else "KILLED"
 
     def fail(self, error: BaseException) -> None:
         """An error of the whole: every member not ended yet FAILED with it."""

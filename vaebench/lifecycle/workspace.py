@@ -1,5 +1,4 @@
-"""What the runs of one invocation share in this process: splits, classifiers, checkpoints
-and who finishes the trained runs."""
+"""What the runs of one invocation share in this process (:class:`Workspace`)."""
 
 from __future__ import annotations
 
@@ -23,8 +22,7 @@ from vaebench.training.trainer import resolve_device
 
 @functools.cache
 def _digest_thread() -> ThreadPoolExecutor:
-    """The process's one thread that hashes splits (every Workspace's), made when first
-    needed."""
+    """The process's one thread that hashes splits (every Workspace's)."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-digest")
 
 
@@ -33,11 +31,9 @@ os.register_at_fork(after_in_child=_digest_thread.cache_clear)  # a child has no
 
 class Workspace:
     """What the runs of one invocation share in this process: the device-resident splits
-    (loaded once per data config and device), the classifiers, the checkpoint store (None:
-    runs are not checkpointed, as a study's trials, which are never continued), and who
-    finishes the trained runs (:mod:`vaebench.lifecycle.post_run`: here, unless the caller hands
-    them to
-    a background process)."""
+    (loaded once per data config and device), the classifiers, the checkpoint store (None: runs
+    are not checkpointed, as a study's trials, which are never continued), and who finishes the
+    trained runs (here, unless the caller hands them to a background process)."""
 
     def __init__(self, data_root: Path, checkpoints: CheckpointStore | None):
         self.data_root = data_root
@@ -71,12 +67,10 @@ class Workspace:
         return self._records[self._key(run)].result()
 
     def load_splits(self, run: RunSpec) -> Splits:
-        """The run's splits on its device: loaded (and preflighted) the first time a data
-        config and device are asked for, kept after that."""
-        key = self._key(run)
-        if key not in self._splits:
+        """The run's splits on its device, loaded (and preflighted) the first time."""
+        if self._key(run) not in self._splits:
             self.prepare([run])
-        return self._splits[key]
+        return self._splits[self._key(run)]
 
     @staticmethod
     def _key(run: RunSpec) -> tuple[str, str]:
