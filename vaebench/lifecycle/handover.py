@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import Future
-
-import torch
+from functools import partial
 
 from vaebench.lifecycle.artifacts import picture_arrays, weights_bytes
 from vaebench.lifecycle.post_run import FinishJob, RunOutcome
@@ -24,10 +23,7 @@ def finish_job(
     taken now on its device: the scores the model family adds, the parameter count, its
     weights and, with ``pictures``, its pictures' arrays."""
     model = result.model
-
-    def classifier() -> torch.nn.Module:
-        return workspace.classifiers.get(run.config.data.dataset, model.device)
-
+    classifier = partial(workspace.classifiers.get, run.config.data.dataset, model.device)
     summary = {
         **result.summary,
         **model.extra_scores(classifier),

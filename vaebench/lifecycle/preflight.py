@@ -19,6 +19,10 @@ from vaebench.training.trainer import build_optimizer, resolve_device
 SplitsKey = tuple[str, str]  # (data config as JSON, device)
 
 
+def splits_key(run: RunSpec) -> SplitsKey:
+    return run.config.data.model_dump_json(), str(resolve_device(run.config.train.device))
+
+
 def check_before_tracking(runs: Sequence[RunSpec], data_root: Path) -> None:
     """The quick checks: settings that clash, and every dataset's files present (downloaded
     where missing). They run before the tracking store is opened, so that such an error
@@ -46,9 +50,9 @@ def preflight(
     checked: set[str] = set()
     check_before_tracking(runs, data_root)
     for run in runs:
-        device = resolve_device(run.config.train.device)
-        data_key = (run.config.data.model_dump_json(), str(device))
+        data_key = splits_key(run)
         if data_key not in splits:
+            device = resolve_device(run.config.train.device)
             splits[data_key] = load_splits(run.config.data, data_root, device)
         shape_key = run.config.model_dump_json(include={"model", "optim"})
         if shape_key not in checked:

@@ -12,12 +12,11 @@ import torch
 
 from vaebench.data import SplitRecord, Splits, split_records
 from vaebench.lifecycle.post_run import Finisher, InlineFinisher
-from vaebench.lifecycle.preflight import check_before_tracking, preflight
+from vaebench.lifecycle.preflight import check_before_tracking, preflight, splits_key
 from vaebench.scoring.classifier import ClassifierCache
 from vaebench.spec.config import RunConfig
 from vaebench.spec.grid import RunSpec
 from vaebench.training.checkpoint import CheckpointStore
-from vaebench.training.trainer import resolve_device
 
 
 @functools.cache
@@ -55,7 +54,7 @@ class Workspace:
         hashing them."""
         self._splits.update(preflight(runs, self.data_root, self._splits))
         for run in runs:
-            key = self._key(run)
+            key = splits_key(run)
             if key not in self._records:
                 self._records[key] = _digest_thread().submit(
                     split_records, self._splits[key], run.config.data, self.data_root
@@ -64,17 +63,13 @@ class Workspace:
     def split_records_for(self, run: RunSpec) -> list[SplitRecord]:
         """The run's splits as MLflow dataset inputs (their digests computed once)."""
         self.load_splits(run)
-        return self._records[self._key(run)].result()
+        return self._records[splits_key(run)].result()
 
     def load_splits(self, run: RunSpec) -> Splits:
         """The run's splits on its device, loaded (and preflighted) the first time."""
-        if self._key(run) not in self._splits:
+        if splits_key(run) not in self._splits:
             self.prepare([run])
-        return self._splits[self._key(run)]
-
-    @staticmethod
-    def _key(run: RunSpec) -> tuple[str, str]:
-        return run.config.data.model_dump_json(), str(resolve_device(run.config.train.device))
+        return self._splits[splits_key(run)]
 
     def test_images(self, config: RunConfig, count: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``count`` test images and labels of a run's data, on the CPU (a

@@ -54,29 +54,25 @@ def template_name() -> str:
     )
 
 
-def _make_template(path: Path) -> None:
-    """MLflow creates a store at a temporary name; its Default experiment is dropped; the
-    file is renamed to ``path`` only when complete."""
-    from mlflow.tracking import MlflowClient
-
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".schema-") as scratch:
-        draft = Path(scratch) / "mlflow.db"
-        client = MlflowClient(tracking_uri=f"sqlite:///{draft}")
-        client.search_experiments(max_results=1)  # creates the schema
-        with contextlib.closing(sqlite3.connect(draft)) as db, db:
-            db.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
-            db.execute("DELETE FROM experiments WHERE experiment_id = 0")
-        os.replace(draft, path)
-
-
 def template() -> Path:
-    """The template for the installed versions, made first if missing."""
+    """The template for the installed versions, made first if missing: MLflow creates a store
+    at a temporary name, its Default experiment is dropped, and the file is renamed to the
+    template's only when complete."""
     folder = cache_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / template_name()
     with creation_lock(path):
-        if not path.exists():
-            _make_template(path)
+        if path.exists():
+            return path
+        from mlflow.tracking import MlflowClient
+
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".schema-") as scratch:
+            draft = Path(scratch) / "mlflow.db"
+            MlflowClient(tracking_uri=f"sqlite:///{draft}").search_experiments(max_results=1)
+            with contextlib.closing(sqlite3.connect(draft)) as db, db:
+                db.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
+                db.execute("DELETE FROM experiments WHERE experiment_id = 0")
+            os.replace(draft, path)
     return path
 
 

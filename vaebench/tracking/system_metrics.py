@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
 
 SYSTEM_METRICS_ENV = "VAEBENCH_SYSTEM_METRICS"  # "0": no system metrics
 SYSTEM_METRICS_SECONDS_ENV = "VAEBENCH_SYSTEM_METRICS_SECONDS"
@@ -39,19 +38,14 @@ def monitored(run_id: str, tracking_uri: str) -> Iterator[None]:
         yield
     finally:
         monitor.finish()
-    # the block ended well (a run whose store failed is left as it is): best effort, as
-    # MLflow's own samples are, never the run's error
-    with contextlib.suppress(Exception):
-        publish_if_none(monitor)
-
-
-def publish_if_none(monitor: Any) -> None:
-    """If ``monitor`` (stopped) published no sample, publish what it sampled (or a sample
-    taken now) at step 0. Reads MLflow's monitor attributes; where a version lacks them,
-    nothing is done."""
+    # the block ended well (a run whose store failed is left as it is). If the stopped monitor
+    # published no sample, what it sampled (or a sample taken now) is published at step 0:
+    # best effort, as MLflow's own samples are, never the run's error. Where a version of
+    # MLflow's monitor lacks these attributes, nothing is done.
     if getattr(monitor, "_logging_step", None) != 0 or not hasattr(monitor, "monitors"):
         return
-    if not any(getattr(part, "_metrics", None) for part in monitor.monitors):
-        monitor.collect_metrics()
-    monitor.publish_metrics(monitor.aggregate_metrics())
-    monitor.mlflow_logger.flush()
+    with contextlib.suppress(Exception):
+        if not any(getattr(part, "_metrics", None) for part in monitor.monitors):
+            monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
