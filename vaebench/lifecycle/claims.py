@@ -1,16 +1,12 @@
 """Who owns a RUNNING run, and what a rerun does with the runs a grid already has.
 
-A run in progress carries a lease: the tags ``vaebench.lease_owner`` (host, pid and
-the process's start time, so a reused pid is not mistaken for the owner) and
-``vaebench.lease_expires`` (unix seconds), refreshed with every epoch's metrics.
-A RUNNING run is *abandoned* when its owner is on this host and that process is
-gone, or, for an owner on another host, when its lease expired. A rerun marks
-abandoned runs KILLED and continues them from their checkpoint.
-
-Before a run trains it is claimed (:mod:`vaebench.lifecycle.exactly_once`); a claim made to
-continue a stopped run is a run of its own, tagged :data:`CLAIM_TAG`.
-
-This module reads tags and the process table, and writes through the Tracker.
+A run in progress carries a lease: the tags ``vaebench.lease_owner`` (host, pid and the
+process's start time, so a reused pid is not mistaken for the owner) and
+``vaebench.lease_expires`` (unix seconds), refreshed with every epoch's metrics. A RUNNING run
+is *abandoned* when its owner is on this host and that process is gone, or, for an owner on
+another host, when its lease expired. A rerun marks abandoned runs KILLED and continues them
+from their checkpoint. A claim (:mod:`vaebench.lifecycle.exactly_once`) made to continue a
+stopped run is a run of its own, tagged :data:`CLAIM_TAG`.
 """
 
 from __future__ import annotations
@@ -98,18 +94,17 @@ def recover_abandoned(
     for record in records:
         reason = abandoned(record.tags) if record.status == "RUNNING" else None
         if reason is not None:  # read again: another process may have taken it since
-            record = tracker.run_record(record.run_id) or replace(record, status="DELETED")
-            reason = abandoned(record.tags) if record.status == "RUNNING" else None
-            if record.status == "DELETED":
+            record = tracker.run_record(record.run_id)
+            if record is None:  # deleted meanwhile
                 continue
+            reason = abandoned(record.tags) if record.status == "RUNNING" else None
         if reason is not None and CLAIM_TAG in record.tags:  # a claim its process left
             tracker.delete_run(record.run_id)
             continue
         if reason is not None:
             tracker.end_run(record.run_id, "KILLED", f"abandoned: {reason}")
             print(
-                f"run {record.name} ({record.run_id}) was left RUNNING ({reason}): "
-                "marked KILLED",
+                f"run {record.name} ({record.run_id}) was left RUNNING ({reason}): marked KILLED",
                 file=stream,
             )
             record = replace(record, status="KILLED")
@@ -135,14 +130,9 @@ def plan(
     since_ms: int | None = None,
 ) -> list[Planned]:
     """What to do with each run, given the grid's runs in the store (after
-    :func:`recover_abandoned`), oldest first.
-
-    A FINISHED run of the key is skipped; a RUNNING one (its owner is alive) is left to its
-    owner; a KILLED one is continued (from its checkpoint, if it has one). ``since_ms``: when
-    the invocation began (None: it is being planned now). ``rerun`` counts only runs begun
-    since then (none, when planned now): every run trains again as a new sample, once. A
-    run that FAILED since then is not trained again by the same invocation.
-    """
+    :func:`recover_abandoned`), oldest first. ``since_ms``: when the invocation began (None:
+    it is being planned now). ``rerun`` counts only runs begun since then (none, when planned
+    now): every run trains again as a new sample, once."""
     by_key: dict[str, list[RunRecord]] = {}
     for record in records:
         if record.key is None or (CLAIM_TAG in record.tags and record.status == "KILLED"):

@@ -28,23 +28,22 @@ How an ending is recorded, for each member:
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+from vaebench.lifecycle.artifacts import picture_arrays, weights_bytes
 from vaebench.lifecycle.claims import lease_tags
-from vaebench.lifecycle.handover import finish_job, say_finished
 from vaebench.lifecycle.post_run import (
     ExtraMetrics,
     FinishJob,
     RunOutcome,
+    end_for_good,
     end_quietly,
-    error_text,
-    fail_run,
     finished,
-    forget,
     handing_over,
 )
 from vaebench.lifecycle.provenance import run_tags
@@ -267,9 +266,8 @@ class _Life:
         FINISHED once it is done)."""
         with deferred_signals():
             if not isinstance(outcome, Future):
-                forget(self.workspace.checkpoints, self.run_ids[index])
-                reason = first_line(outcome) if status == "KILLED" else error_text(outcome)
-                end_quietly(self.tracker, self.run_ids[index], status, reason)
+                checkpoints = self.workspace.checkpoints
+                end_for_good(self.tracker, checkpoints, self.run_ids[index], outcome, status)
             self.ended[index] = outcome
             on_end = self.members[index].hooks.on_end
             if on_end is not None:
@@ -325,7 +323,7 @@ class _Life:
         """An error of the whole: every member not ended yet FAILED with it."""
         for index, run_id in enumerate(self.run_ids):
             if self._unended(index):
-                fail_run(self.tracker, self.workspace.checkpoints, run_id, error)
+                end_for_good(self.tracker, self.workspace.checkpoints, run_id, error)
 
     def status_line(self) -> str:
         """How the members ended, for the progress line (a member alone: its status)."""
@@ -365,6 +363,41 @@ def stack_epoch(metrics: EpochMetrics, members: int) -> EpochMetrics:
         epoch_seconds=metrics.epoch_seconds * members,
         eval_seconds=metrics.eval_seconds * members,
     )
+
+
+def finish_job(
+    run: RunSpec, run_id: str, result: TrainResult, workspace: Workspace, pictures: bool = True
+) -> FinishJob:
+    """What finishing a trained run (:mod:`vaebench.lifecycle.post_run`) needs of its model,
+    taken now on its device: the scores the model family adds, the parameter count, its
+    weights and, with ``pictures``, its pictures' arrays."""
+    model = result.model
+    classifier = partial(workspace.classifiers.get, run.config.data.dataset, model.device)
+    summary = {
+        **result.summary,
+        **model.extra_scores(classifier),
+        "parameters": float(sum(p.numel() for p in model.parameters())),
+    }
+    return FinishJob(
+        run=run,
+        run_id=run_id,
+        summary=summary,
+        last=result.final.as_dict(),
+        seconds=result.seconds,
+        clusters=result.clusters,
+        weights=weights_bytes(model),
+        pictures=picture_arrays(model, workspace.load_splits(run)) if pictures else None,
+        checkpoints=workspace.checkpoints,
+    )
+
+
+def say_finished(label: str, finishing: Future[RunOutcome]) -> None:
+    """The line of a run finished in the background, once it is."""
+    error = finishing.exception()
+    status = "FINISHED" if error is None else f"FAILED after training: {first_line(error)}"
+    if isinstance(error, TrackingError):  # the run keeps its lease: a rerun finishes it
+        status = f"STOPPED (tracking store failed: {first_line(error)})"
+    print(f"{label} {status}", file=sys.stderr, flush=True)
 
 
 def record_invalid(

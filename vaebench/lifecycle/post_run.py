@@ -3,7 +3,7 @@ latent means), its pictures drawn, its artifacts written and uploaded, its summa
 its run ended FINISHED and its checkpoint removed (:func:`finish_run`).
 
 What needs the model is done before, at once, on its device
-(:func:`vaebench.lifecycle.handover.finish_job` makes a :class:`FinishJob` of plain arrays and
+(:func:`vaebench.lifecycle.execute.finish_job` makes a :class:`FinishJob` of plain arrays and
 bytes). A finisher does the rest: in this process (:class:`InlineFinisher`, the default) or in
 a background process while this one trains the next run or stack (:class:`BackgroundFinisher`).
 Both call :func:`finish_run`, so the numbers and files are the same either way.
@@ -32,6 +32,7 @@ from typing import Protocol
 from vaebench.lifecycle.artifacts import RunPictures, draw_pictures, write_weights
 from vaebench.scoring.evaluation import ClusterInput, scored_clusters
 from vaebench.signals import deferred_signals, forget_child, register_child
+from vaebench.spec.config import first_line
 from vaebench.spec.grid import RunSpec
 from vaebench.tracking.tracker import Tracker, TrackingError
 from vaebench.training.checkpoint import CheckpointStore
@@ -115,12 +116,14 @@ def end_quietly(tracker: Tracker, run_id: str | None, status: str, reason: str) 
             tracker.end_run(run_id, status, reason)
 
 
-def fail_run(
-    tracker: Tracker, checkpoints: CheckpointStore | None, run_id: str | None, exc: BaseException
+def end_for_good(
+    tracker: Tracker, checkpoints: CheckpointStore | None, run_id: str | None,
+    exc: BaseException, status: str = "FAILED",
 ) -> None:
-    """An error of the run itself: FAILED with the error, its checkpoint removed."""
+    """The run ends for good, its checkpoint removed: FAILED with its error, or KILLED, stopped
+    on purpose, with the reason."""
     forget(checkpoints, run_id)
-    end_quietly(tracker, run_id, "FAILED", error_text(exc))
+    end_quietly(tracker, run_id, status, error_text(exc) if status == "FAILED" else first_line(exc))
 
 
 class Finisher(Protocol):
@@ -248,7 +251,7 @@ def _finish_in_worker(job: FinishJob) -> RunOutcome:
     except TrackingError:
         raise
     except BaseException as exc:
-        fail_run(_tracker, job.checkpoints, job.run_id, exc)
+        end_for_good(_tracker, job.checkpoints, job.run_id, exc)
         raise
 
 

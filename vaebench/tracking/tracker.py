@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,6 @@ from vaebench.signals import deferred_signals
 from vaebench.spec.config import VaebenchError, first_line
 from vaebench.tracking.schema import open_store
 from vaebench.tracking.store import HTTP_LIMITS, check_server, sqlite_path
-from vaebench.tracking.system_metrics import monitored
 
 if TYPE_CHECKING:  # the record's type only: tracking imports no torch
     from vaebench.data import SplitRecord
@@ -31,6 +31,9 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
 MODEL_TRAINING_KIND = "custom_model_development"
 RUN_KEY_TAG = "vaebench.run_key"
 ERROR_TAG = "vaebench.error"
+SYSTEM_METRICS_ENV = "VAEBENCH_SYSTEM_METRICS"  # "0": no system metrics
+SYSTEM_METRICS_SECONDS_ENV = "VAEBENCH_SYSTEM_METRICS_SECONDS"
+SYSTEM_METRICS_SECONDS = 10.0  # MLflow's default interval: a sample costs milliseconds
 
 
 class TrackingError(VaebenchError):
@@ -234,9 +237,38 @@ class MLflowTracker:
             self.client.set_tag(run_id, ERROR_TAG, error[:MAX_TAG_LENGTH])
         self.client.set_terminated(run_id, status=status)
 
-    def system_metrics(self, run_id: str) -> contextlib.AbstractContextManager[None]:
-        """MLflow's system metrics on ``run_id`` while the block runs."""
-        return monitored(run_id, self.uri)
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str) -> Iterator[None]:
+        """MLflow's system metrics monitor on ``run_id`` while the block runs
+        (``system/cpu_utilization_percentage``, memory, disk, network and, with
+        ``nvidia-ml-py``, GPU use), sampling every :data:`SYSTEM_METRICS_SECONDS`
+        (``$VAEBENCH_SYSTEM_METRICS_SECONDS``) in a thread; off with
+        ``$VAEBENCH_SYSTEM_METRICS=0`` (``--no-system-metrics``). MLflow's monitor publishes a
+        sample only once its interval has passed and the run is still RUNNING: a run shorter
+        than the interval would have none, so what it sampled is published at the end."""
+        if os.environ.get(SYSTEM_METRICS_ENV, "1") == "0":
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start lines
+        seconds = float(os.environ.get(SYSTEM_METRICS_SECONDS_ENV, SYSTEM_METRICS_SECONDS))
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=seconds, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+        # the block ended well (a run whose store failed is left as it is): if the monitor
+        # published nothing, what it sampled (or a sample taken now) is, at step 0; best effort,
+        # never the run's error (nothing where a version of MLflow's monitor lacks these)
+        if getattr(monitor, "_logging_step", None) != 0 or not hasattr(monitor, "monitors"):
+            return
+        with contextlib.suppress(Exception):
+            if not any(getattr(part, "_metrics", None) for part in monitor.monitors):
+                monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
 
     @_store_call
     def log_inputs(self, run_id: str, splits: Sequence[SplitRecord]) -> None:
