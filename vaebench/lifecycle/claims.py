@@ -124,10 +124,7 @@ class Planned:
 
 
 def plan(
-    runs: Sequence[RunSpec],
-    records: Sequence[RunRecord],
-    rerun: bool,
-    since_ms: int | None = None,
+    runs: Sequence[RunSpec], records: Sequence[RunRecord], rerun: bool, since_ms: int | None = None
 ) -> list[Planned]:
     """What to do with each run, given the grid's runs in the store (after
     :func:`recover_abandoned`), oldest first. ``since_ms``: when the invocation began (None:

@@ -40,9 +40,7 @@ def check_before_tracking(runs: Sequence[RunSpec], data_root: Path) -> None:
 
 
 def preflight(
-    runs: Sequence[RunSpec],
-    data_root: Path,
-    loaded: Mapping[SplitsKey, Splits] | None = None,
+    runs: Sequence[RunSpec], data_root: Path, loaded: Mapping[SplitsKey, Splits] | None = None
 ) -> dict[SplitsKey, Splits]:
     """Load every split the runs need (beyond those ``loaded``) and build each model and
     optimizer once; returns the device-resident splits keyed by (data config, device)."""

@@ -104,9 +104,8 @@ def fluent_api_on(uri: str) -> Iterator[None]:
     finally:
         sys.path[:] = saved_path
         mlflow.set_tracking_uri(saved_uri)
-        if saved_env is None:
-            os.environ.pop(TRACKING_URI_ENV, None)
-        else:
+        os.environ.pop(TRACKING_URI_ENV, None)
+        if saved_env is not None:
             os.environ[TRACKING_URI_ENV] = saved_env
 
 
