@@ -69,9 +69,7 @@ def abandoned(tags: Mapping[str, str], now: float | None = None) -> str | None:
     held_by = tags.get(OWNER_TAG)
     if held_by is None:
         return "no lease (left by an earlier vaebench)"
-    host, _, rest = held_by.partition(":")
-    pid_text, _, rest = rest.partition(":")
-    started, _, task = rest.partition(":")
+    host, pid_text, started, task = [*held_by.split(":", 3), "", "", ""][:4]  # see owner()
     if task and _task == [task] and held_by.rsplit(":", 1)[0] != owner().rsplit(":", 1)[0]:
         return f"an earlier attempt of task {task} ({host}:{pid_text}) ended"
     if host == socket.gethostname() and pid_text.isdigit():

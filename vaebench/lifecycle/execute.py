@@ -210,7 +210,11 @@ class _Life:
             self.tracker.reopen_run(member.continue_id, lease_tags())
             return member.continue_id
         lease = lease_tags(runs_at_once=self.count)  # until the first epoch is timed
-        shared = stack_tags([m.run for m in self.members]) if self.count > 1 else {}
+        shared = {} if self.count == 1 else {
+            STACK_SIZE_TAG: str(self.count),
+            STACK_MEMBERS_TAG: ",".join(m.run.name for m in self.members),
+            STACK_TIMING_TAG: STACK_TIMING,
+        }
         if member.claimed_id is not None:
             if shared:
                 self.tracker.set_tags(member.claimed_id, {**lease, **shared})
@@ -345,14 +349,6 @@ class _Life:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close(self.status)
-
-
-def stack_tags(runs: Sequence[RunSpec]) -> dict[str, str]:
-    return {
-        STACK_SIZE_TAG: str(len(runs)),
-        STACK_MEMBERS_TAG: ",".join(run.name for run in runs),
-        STACK_TIMING_TAG: STACK_TIMING,
-    }
 
 
 def stack_epoch(metrics: EpochMetrics, members: int) -> EpochMetrics:

@@ -182,9 +182,9 @@ class BackgroundFinisher:
     background = True
 
     def __init__(self, uri: str):
-        context = multiprocessing.get_context("spawn")
         self._pool = ProcessPoolExecutor(
-            max_workers=1, mp_context=context, initializer=_start_worker, initargs=(uri,)
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker, initargs=(uri,),
         )
         self._broken = False
         self._pid: int | None = None

@@ -7,6 +7,7 @@ continued only by the code that wrote it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import platform
@@ -32,16 +33,6 @@ def code_version() -> str:
     for path in sorted(PACKAGE.rglob("*.py")):
         digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes())
     return f"src-{digest.hexdigest()[:12]}"
-
-
-def git_commit(folder: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 @functools.cache
@@ -70,9 +61,11 @@ def base_tags(**extra: str) -> dict[str, str]:
         "vaebench.python": platform.python_version(),
         CODE_TAG: code_version(),
     }
-    commit = git_commit(PACKAGE)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "rev-parse", "HEAD"]
+        out = subprocess.run(git, cwd=PACKAGE, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            tags["mlflow.source.git.commit"] = out.stdout.strip()
     return tags
 
 
