@@ -73,11 +73,8 @@ def picture_arrays(model: torch.nn.Module, splits: Splits) -> RunPictures:
             for name, (logits, columns) in model.extra_pictures(generator).items()
         }
     return RunPictures(
-        originals=host(originals),
-        reconstructions=host(recon),
-        samples=host(samples),
-        latent_means=mu.cpu().numpy(),
-        latent_labels=test.labels[chosen].cpu().numpy(),
+        originals=host(originals), reconstructions=host(recon), samples=host(samples),
+        latent_means=mu.cpu().numpy(), latent_labels=test.labels[chosen].cpu().numpy(),
         extra=extra,
     )
 

@@ -4,13 +4,9 @@ start (or continue a stopped run in its own MLflow run) -> train (:func:`fit_mem
 checkpoint and each run's metrics and lease after every epoch -> what finishing a run needs of
 its model (:func:`finish_job`) -> the workspace's finisher (:mod:`vaebench.lifecycle.post_run`)
 scores it, writes its artifacts and ends it FINISHED; or fail, or kill. Nothing else starts or
-ends a run, and nothing here knows whether a grid or an Optuna study asked for it: a trial
-brings its pruning and objectives as its member's :class:`RunHooks`.
-
-A run alone is a stack of one: every member is its own MLflow run, recorded the same way; a
-stack's members also get :data:`STACK_SIZE_TAG`, :data:`STACK_MEMBERS_TAG` and
-:data:`STACK_TIMING_TAG`. Each member's checkpoint is the one its run alone would write, so a
-stopped member continues alone.
+ends a run, nor knows whether a grid or an Optuna study asked for it (a trial brings its pruning
+and objectives as :class:`RunHooks`). A run alone is a stack of one: every member is its own
+MLflow run, and its checkpoint the one its run alone would write.
 
 How an ending is recorded, for each member:
 - finished: FINISHED, the checkpoint removed (the final state_dict is an artifact);
@@ -375,13 +371,8 @@ def finish_job(
         "parameters": float(sum(p.numel() for p in model.parameters())),
     }
     return FinishJob(
-        run=run,
-        run_id=run_id,
-        summary=summary,
-        last=result.final.as_dict(),
-        seconds=result.seconds,
-        clusters=result.clusters,
-        weights=weights_bytes(model),
+        run=run, run_id=run_id, summary=summary, last=result.final.as_dict(),
+        seconds=result.seconds, clusters=result.clusters, weights=weights_bytes(model),
         pictures=picture_arrays(model, workspace.load_splits(run)) if pictures else None,
         checkpoints=workspace.checkpoints,
     )

@@ -1,8 +1,5 @@
-"""What is checked before anything is tracked: settings that clash, data, models, output paths.
-
-User errors surface here, before any MLflow run is created, so a mistake never
-leaves a half-written run behind.
-"""
+"""What is checked before anything is tracked: settings that clash, data, models, output paths;
+a user's error surfaces before any MLflow run is created, never leaving a half-written run."""
 
 from __future__ import annotations
 

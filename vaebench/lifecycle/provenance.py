@@ -1,9 +1,6 @@
-"""What a run's numbers depend on beyond its config: code, versions, device, processor.
-
-A report treats runs of one config and seed as reruns (one sample) only when
-their device, processor and ``vaebench.code`` agree too; a checkpoint is
-continued only by the code that wrote it.
-"""
+"""What a run's numbers depend on beyond its config: code, versions, device, processor. A report
+treats runs of one config and seed as reruns (one sample) only when their device, processor and
+``vaebench.code`` agree too; a checkpoint is continued only by the code that wrote it."""
 
 from __future__ import annotations
 

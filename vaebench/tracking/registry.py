@@ -50,9 +50,7 @@ def logged_model_of(client: Any, run_id: str) -> str | None:
     return None
 
 
-def log_model(
-    client: Any, uri: str, run_id: str, module: Any, example: Any, step: int
-) -> str:
+def log_model(client: Any, uri: str, run_id: str, module: Any, example: Any, step: int) -> str:
     """Log ``module`` (a ServedVAE) as a PyTorch-flavor model of ``run_id``, with the run's
     params and its metrics at ``step`` (its last epoch: the scores); the model's id."""
     import mlflow
@@ -64,25 +62,16 @@ def log_model(
     signature = mlflow.models.infer_signature(example, output)
     run = client.get_run(run_id)
     model = client.create_logged_model(
-        experiment_id=run.info.experiment_id,
-        name=MODEL_NAME,
-        source_run_id=run_id,
-        tags={SERVED_TAG: "reconstruction"},
-        params=dict(run.data.params),
+        experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+        tags={SERVED_TAG: "reconstruction"}, params=dict(run.data.params),
     )
     # pickling is chosen on purpose (see the module docstring): no warning about it per model
     with fluent_api_on(uri), _quiet("mlflow.pytorch"):
         mlflow.pytorch.log_model(
-            module,
-            name=MODEL_NAME,
-            run_id=run_id,
-            model_id=model.model_id,
-            signature=signature,
-            input_example=example,
-            pip_requirements=requirements(),
+            module, name=MODEL_NAME, run_id=run_id, model_id=model.model_id, step=step,
+            signature=signature, input_example=example, pip_requirements=requirements(),
             code_paths=[str(Path(vaebench.__file__).parent)],
             serialization_format="pickle",  # the module itself, encode and decode with it
-            step=step,
         )
     return model.model_id
 
@@ -139,11 +128,7 @@ def register(
             client.get_registered_model(name)
     with fluent_api_on(uri):
         version = client.create_model_version(
-            name,
-            source=f"models:/{model_id}",
-            run_id=run_id,
-            tags=tags,
-            description=description,
-            model_id=model_id,
+            name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
+            description=description, model_id=model_id,
         )
     return int(version.version)

@@ -62,11 +62,9 @@ class RunRecord:
 
 
 class Tracker(Protocol):
-    """How runs are recorded; the execution layer and the invocations use nothing else.
-
-    A store that fails (server gone, disk full, database locked for too long) raises
-    :class:`TrackingError` from any call.
-    """
+    """How runs are recorded; the execution layer and the invocations use nothing else. A store
+    that fails (server gone, disk full, database locked too long) raises :class:`TrackingError`
+    from any call."""
 
     uri: str  # the store's, for another process (a background finisher) or a report to open
     experiment_id: str | None  # set by start_grid or join_grid
@@ -118,10 +116,7 @@ def _store_call(method: Callable[..., T]) -> Callable[..., T]:
 
 class MLflowTracker:
     """One experiment per grid, a parent run per invocation, a nested child run per variant.
-
-    Creating the tracker creates the store (schema included) once, before any
-    run is logged; a bad URI is a VaebenchError.
-    """
+    Creating it creates the store (schema included); a bad URI is a VaebenchError."""
 
     def __init__(self, uri: str):
         from mlflow.exceptions import MlflowException
@@ -282,9 +277,7 @@ class MLflowTracker:
         inputs = [
             DatasetInput(
                 Dataset(
-                    name=split.name,
-                    digest=split.digest,
-                    source_type="local",
+                    name=split.name, digest=split.digest, source_type="local",
                     source=json.dumps({"uri": split.source}),
                     profile=json.dumps({"num_rows": split.rows}),
                 ),
@@ -351,11 +344,8 @@ class MLflowTracker:
         token = None
         while True:
             page = self.client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.`{tag}` = '{value}'",
-                max_results=1000,
-                order_by=["attributes.start_time ASC"],
-                page_token=token,
+                [experiment.experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+                max_results=1000, order_by=["attributes.start_time ASC"], page_token=token,
             )
             records += [_record(run) for run in page]
             token = page.token
