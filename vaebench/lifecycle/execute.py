@@ -40,7 +40,6 @@ from vaebench.lifecycle.post_run import (
     end_for_good,
     end_quietly,
     finished,
-    handing_over,
 )
 from vaebench.lifecycle.provenance import run_tags
 from vaebench.lifecycle.resume import (
@@ -285,7 +284,7 @@ class _Life:
                     member.run, self.run_ids[index], result, self.workspace,
                     self.context.pictures,
                 )
-                with handing_over(self.workspace.finisher):
+                with self.workspace.finisher.handing_over():
                     finishing = self.workspace.finisher.finish(
                         self.jobs[index], self.tracker, member.hooks.extra_metrics
                     )

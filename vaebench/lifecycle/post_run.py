@@ -27,7 +27,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 from vaebench.lifecycle.artifacts import RunPictures, draw_pictures, write_weights
 from vaebench.scoring.evaluation import ClusterInput, scored_clusters
@@ -126,24 +125,6 @@ def end_for_good(
     end_quietly(tracker, run_id, status, error_text(exc) if status == "FAILED" else first_line(exc))
 
 
-class Finisher(Protocol):
-    background: bool  # whether the runs it is given are finished by another process
-
-    def finish(
-        self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
-    ) -> Future[RunOutcome]: ...  # already there (in this process), or to come
-
-    def close(self) -> None: ...  # wait for every job handed over, then stop (again: nothing)
-
-
-def handing_over(finisher: Finisher) -> contextlib.AbstractContextManager[None]:
-    """Around handing a run to ``finisher`` and noting it: where it goes to a background
-    process, a signal waits until the caller has noted it (the run is the background's from
-    then on, not to be marked KILLED); inline, the finishing is the caller's own,
-    interruptible as a run's recording always was."""
-    return deferred_signals() if finisher.background else contextlib.nullcontext()
-
-
 def finished(outcome: RunOutcome) -> Future[RunOutcome]:
     """An outcome that is already there, as a finisher's answer."""
     future: Future[RunOutcome] = Future()
@@ -155,18 +136,22 @@ class InlineFinisher:
     """Finishes each run in this process, before the next one starts; what goes wrong is
     raised at once, to the caller that ends the run."""
 
-    background = False
-
     def finish(
         self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
     ) -> Future[RunOutcome]:
+        """The job's outcome: already there (in this process), or to come."""
         return finished(finish_run(job, tracker, extra_metrics))
 
+    def handing_over(self) -> contextlib.AbstractContextManager[None]:
+        """Around handing a run over and noting it: inline, the finishing is the caller's
+        own, interruptible as a run's recording always was."""
+        return contextlib.nullcontext()
+
     def close(self) -> None:
-        pass
+        """Wait for every job handed over, then stop (again: nothing more)."""
 
 
-class BackgroundFinisher:
+class BackgroundFinisher(InlineFinisher):
     """One spawned process that finishes runs, in the order they come, while this process
     trains the next ones (:func:`finish_run` with its own connection to the store at ``uri``).
 
@@ -178,8 +163,6 @@ class BackgroundFinisher:
     checkpoint kept: it continues them). A run it cannot finish ends FAILED with the error, as
     it would here. If the process dies, its runs end KILLED (their checkpoints continue them)
     and the runs that follow are finished here (with a warning)."""
-
-    background = True
 
     def __init__(self, uri: str):
         self._pool = ProcessPoolExecutor(
@@ -209,7 +192,12 @@ class BackgroundFinisher:
                     "the background process that finishes runs died: runs are finished in "
                     "this process from now on", RuntimeWarning, stacklevel=2,
                 )
-        return InlineFinisher().finish(job, tracker, extra_metrics)
+        return super().finish(job, tracker, extra_metrics)
+
+    def handing_over(self) -> contextlib.AbstractContextManager[None]:
+        """A signal waits until the caller has noted the run handed over: it is the
+        background's from then on, not to be marked KILLED."""
+        return deferred_signals()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

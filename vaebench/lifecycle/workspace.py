@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from vaebench.data import SplitRecord, Splits, split_records
-from vaebench.lifecycle.post_run import Finisher, InlineFinisher
+from vaebench.lifecycle.post_run import InlineFinisher
 from vaebench.lifecycle.preflight import check_before_tracking, preflight, splits_key
 from vaebench.scoring.classifier import ClassifierCache
 from vaebench.spec.config import RunConfig
@@ -37,7 +37,7 @@ class Workspace:
     def __init__(self, data_root: Path, checkpoints: CheckpointStore | None):
         self.data_root = data_root
         self.checkpoints = checkpoints
-        self.finisher: Finisher = InlineFinisher()
+        self.finisher = InlineFinisher()
         self.classifiers = ClassifierCache(data_root)
         self._splits: dict[tuple[str, str], Splits] = {}
         # the splits' digests, hashed in a thread (hashlib lets go of the GIL) while the
