@@ -36,16 +36,14 @@ class RunPictures:
 
 
 def weights_bytes(model: torch.nn.Module) -> bytes:
-    """The model's state_dict as ``torch.save`` writes it."""
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getvalue()
 
 
 def write_weights(folder: Path, run: RunSpec, weights: bytes) -> None:
-    """``config.yaml`` (the resolved config, enough to train the run again) and
-    ``state_dict.pt`` (:func:`weights_bytes`): what rebuilds the trained model (a registered
-    model is made from them)."""
+    """``config.yaml`` (the resolved config) and ``state_dict.pt``: what trains the run again,
+    or rebuilds the trained model (a registered model is made from them)."""
     config = yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
     (folder / "config.yaml").write_text(config)
     (folder / "state_dict.pt").write_bytes(weights)

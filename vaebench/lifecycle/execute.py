@@ -221,13 +221,13 @@ class _Life:
     def train(self) -> list[TrainResult | BaseException]:
         """Every member trained (each run records the machine while it trains)."""
         keep = self.save_state if self.workspace.checkpoints is not None else None
-        configs = [member.run.config for member in self.members]
-        splits = self.workspace.load_splits(self.members[0].run)
         with contextlib.ExitStack() as monitors:
             for run_id in self.run_ids:
                 monitors.enter_context(self.tracker.system_metrics(run_id))
             return fit_members(
-                configs, splits, self.device, self.on_epoch, keep, self.end, self.resume
+                [member.run.config for member in self.members],
+                self.workspace.load_splits(self.members[0].run),
+                self.device, self.on_epoch, keep, self.end, self.resume,
             )
 
     def save_state(self, index: int, snapshot: dict[str, Any]) -> None:

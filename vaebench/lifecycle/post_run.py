@@ -1,12 +1,8 @@
-"""What a run does after training that needs no model: its clustering scores (k-means on its
-latent means), its pictures drawn, its artifacts written and uploaded, its summary logged,
-its run ended FINISHED and its checkpoint removed (:func:`finish_run`).
-
-What needs the model is done before, at once, on its device
-(:func:`vaebench.lifecycle.execute.finish_job` makes a :class:`FinishJob` of plain arrays and
-bytes). A finisher does the rest: in this process (:class:`InlineFinisher`, the default) or in
-a background process while this one trains the next run or stack (:class:`BackgroundFinisher`).
-Both call :func:`finish_run`, so the numbers and files are the same either way.
+"""What a run does after training that needs no model (:func:`finish_run`), once what needs it
+is done on its device (:func:`vaebench.lifecycle.execute.finish_job` makes a :class:`FinishJob`
+of plain arrays and bytes): in this process (:class:`InlineFinisher`, the default) or in a
+background process while this one trains the next run or stack (:class:`BackgroundFinisher`),
+with the same numbers and files either way.
 """
 
 from __future__ import annotations
@@ -68,9 +64,10 @@ class FinishJob:
 def finish_run(
     job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
 ) -> RunOutcome:
-    """Score the job's clusters, log its summary (``seconds``: the run's whole time, this
-    scoring included) and artifacts, end its run FINISHED and remove its checkpoint.
-    ``extra_metrics`` sees the final values and adds to the summary (a study's objectives)."""
+    """Score the job's clusters (k-means on its latent means), log its summary (``seconds``: the
+    run's whole time, this scoring included), draw its pictures and log its artifacts, end its
+    run FINISHED and remove its checkpoint. ``extra_metrics`` sees the final values and adds
+    to the summary (a study's objectives)."""
     started = time.perf_counter()
     clusters = {name: v for scored in job.clusters for name, v in scored_clusters(scored).items()}
     check_finite(clusters, "after training")
@@ -153,16 +150,14 @@ class InlineFinisher:
 
 class BackgroundFinisher(InlineFinisher):
     """One spawned process that finishes runs, in the order they come, while this process
-    trains the next ones (:func:`finish_run` with its own connection to the store at ``uri``).
+    trains the next ones, started at once so that its imports overlap the data loading.
 
-    It is started at once, so that its imports overlap the data loading. It ignores SIGINT
-    and SIGTERM: after a first signal this process waits (:meth:`close`) for the runs it
-    handed over, which end FINISHED, as a run alone does once its training is over; a second
-    signal kills it with this process, and dies with it (``PR_SET_PDEATHSIG``), leaving its
-    runs RUNNING under this process's lease, which the next invocation recovers (KILLED, the
-    checkpoint kept: it continues them). A run it cannot finish ends FAILED with the error, as
-    it would here. If the process dies, its runs end KILLED (their checkpoints continue them)
-    and the runs that follow are finished here (with a warning)."""
+    It ignores SIGINT and SIGTERM: after a first signal this process waits (:meth:`close`) for
+    the runs it handed over, which end FINISHED, as a run alone does once trained; a second
+    signal kills it with this process (``PR_SET_PDEATHSIG``), leaving its runs RUNNING under
+    this process's lease, which the next invocation recovers (KILLED, the checkpoint kept). A
+    run it cannot finish ends FAILED, as it would here. If the process dies, its runs end
+    KILLED (their checkpoints continue them) and the runs that follow are finished here."""
 
     def __init__(self, uri: str):
         self._pool = ProcessPoolExecutor(

@@ -38,12 +38,10 @@ def device_name(device: torch.device) -> str:
     and so the numbers of a chaotic training run, differ between them)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 

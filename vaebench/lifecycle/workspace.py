@@ -45,13 +45,11 @@ class Workspace:
         self._records: dict[tuple[str, str], Future[list[SplitRecord]]] = {}
 
     def check(self, runs: Sequence[RunSpec]) -> None:
-        """The quick part of the preflight (clashing settings, data files present): what
-        must fail before the tracking store is even opened."""
+        """The quick part of the preflight: what must fail before the store is even opened."""
         check_before_tracking(runs, self.data_root)
 
     def prepare(self, runs: Sequence[RunSpec]) -> None:
-        """Preflight ``runs`` (errors before anything is tracked), keep their splits and start
-        hashing them."""
+        """Preflight ``runs``, keep their splits and start hashing them."""
         self._splits.update(preflight(runs, self.data_root, self._splits))
         for run in runs:
             key = splits_key(run)
