@@ -91,13 +91,12 @@ class RunHooks:
 
 @dataclass
 class Member:
-    """One run to execute: its spec and hooks, and where it is recorded: ``claimed_id``, the
-    RUNNING run a claim created for it (:func:`vaebench.lifecycle.exactly_once.claim_run`),
-    trained in instead of starting one; or ``continue_id``, a stopped (KILLED) run of the same
-    key: with a checkpoint of this code, the run goes on in that MLflow run after its last saved
-    epoch (a member alone only); without one, a new run starts and the old one stays KILLED.
-    ``continue_claim``: the claim run under which this process continues it, checked just
-    before (:class:`ClaimLost` if it no longer stands)."""
+    """One run to execute and where it is recorded: ``claimed_id``, the RUNNING run a claim
+    created for it, trained in instead of starting one; or ``continue_id``, a stopped (KILLED)
+    run of the same key: with a checkpoint of this code, the run goes on in that MLflow run
+    after its last saved epoch (a member alone only); without one, a new run starts and the old
+    one stays KILLED. ``continue_claim``: the claim run under which this process continues it,
+    checked just before (:class:`ClaimLost` if it no longer stands)."""
 
     run: RunSpec
     hooks: RunHooks = field(default_factory=RunHooks)

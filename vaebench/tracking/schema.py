@@ -3,15 +3,11 @@
 MLflow creates a schema by running its Alembic migrations, about 1.5 s of Python here: a tenth
 of a 2-epoch run's process, paid by every fresh folder (and every test's temporary store). The
 schema depends only on the versions of MLflow, SQLAlchemy and Alembic, so MLflow creates it
-once per set of versions into a template, without its Default experiment (whose artifact
-location is one store's folder), and each new store is a copy, to which MLflow adds its own
-Default experiment as it does for any store that lacks it.
-
-The template lives in ``$VAEBENCH_CACHE``, else ``~/.cache/vaebench``, named by the versions and
-a digest of MLflow's migration scripts. A template that cannot be made or copied, or a copy
-SQLite finds damaged, leaves the store to MLflow. A copy MLflow refuses to open is an error that
-removes the copy and the template, so the next attempt starts afresh (MLflow keeps a connection
-pool per store URI: this process cannot safely try again at once).
+once per set of versions into a template in ``$VAEBENCH_CACHE`` (else ``~/.cache/vaebench``),
+without its Default experiment (whose artifact location is one store's folder), and each new
+store is a copy, to which MLflow adds its own Default experiment. A copy MLflow refuses to open
+is an error that removes the copy and the template, so the next attempt starts afresh (MLflow
+keeps a connection pool per store URI: this process cannot safely try again at once).
 """
 
 from __future__ import annotations
@@ -88,10 +84,9 @@ def _sound(db: Path) -> bool:
 
 
 def seed_store(db: Path) -> bool:
-    """Copy the template to ``db`` if no store is there yet; True when it did. Call it under
-    the store's creation lock. Any failure leaves ``db`` absent, for MLflow to create; a
-    template SQLite finds damaged is removed (made again next time); a store another process
-    made meanwhile is kept."""
+    """Copy the template to ``db`` (under the store's creation lock) if no store is there yet;
+    True when it did. Any failure leaves ``db`` absent, for MLflow to create; a damaged template
+    is removed (made again next time); a store another process made meanwhile is kept."""
     if db.exists():
         return False
     partial = db.with_name(f".{db.name}.{os.getpid()}.seeding")

@@ -234,13 +234,11 @@ class MLflowTracker:
 
     @contextlib.contextmanager
     def system_metrics(self, run_id: str) -> Iterator[None]:
-        """MLflow's system metrics monitor on ``run_id`` while the block runs
-        (``system/cpu_utilization_percentage``, memory, disk, network and, with
-        ``nvidia-ml-py``, GPU use), sampling every :data:`SYSTEM_METRICS_SECONDS`
-        (``$VAEBENCH_SYSTEM_METRICS_SECONDS``) in a thread; off with
-        ``$VAEBENCH_SYSTEM_METRICS=0`` (``--no-system-metrics``). MLflow's monitor publishes a
-        sample only once its interval has passed and the run is still RUNNING: a run shorter
-        than the interval would have none, so what it sampled is published at the end."""
+        """MLflow's system metrics monitor (CPU, memory, disk, network, GPU with
+        ``nvidia-ml-py``) on ``run_id`` while the block runs, sampling every
+        ``$VAEBENCH_SYSTEM_METRICS_SECONDS``; off with ``$VAEBENCH_SYSTEM_METRICS=0``. It
+        publishes a sample only once its interval has passed and the run is still RUNNING: a
+        run shorter than the interval would have none, so what it sampled is published last."""
         if os.environ.get(SYSTEM_METRICS_ENV, "1") == "0":
             yield
             return
