@@ -1,13 +1,12 @@
 """The Tracker's model half: a run's model logged with MLflow's PyTorch flavor, and registered.
 
-Called by :class:`vaebench.tracking.tracker.MLflowTracker` only (report_runs.py, which reads
-runs, borrows :func:`fluent_api_on`). A logged model is an MLflow LoggedModel whose source is
-the run (the runs table's Models column), holding the pickled
-:class:`~vaebench.tracking.served.ServedVAE`, vaebench's own code (``code_paths``, so a machine
-without vaebench can load it), a signature and an input example of real test images. It is
-pickled (not MLflow 3's default ``torch.export`` graph, which keeps ``forward`` only), so
-``mlflow.pytorch.load_model`` gives back the ServedVAE with its ``encode`` and ``decode``. Its
-pip requirements are given, not inferred: inferring them loads the model in a subprocess.
+A logged model is an MLflow LoggedModel whose source is the run (the runs table's Models
+column), holding the pickled :class:`~vaebench.tracking.served.ServedVAE`, vaebench's own code
+(``code_paths``, so a machine without vaebench can load it), a signature and an input example
+of real test images. It is pickled (not MLflow 3's default ``torch.export`` graph, which keeps
+``forward`` only), so ``mlflow.pytorch.load_model`` gives back the ServedVAE with its
+``encode`` and ``decode``. Its pip requirements are given: inferring them loads the model in a
+subprocess.
 """
 
 from __future__ import annotations
