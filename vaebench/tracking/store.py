@@ -40,9 +40,12 @@ def creation_lock(db: Path | None):
     if db is None:
         yield
         return
-    with open(db.with_name(db.name + ".lock"), "a") as lock:  # closing it releases the lock
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        try:
+            yield
+        finally:  # not left to the close: a process forked meanwhile shares the descriptor
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 SERVER_PROBE_SECONDS = 5.0
