@@ -1,10 +1,6 @@
-"""The files a finished run leaves in MLflow: its config, weights and pictures.
-
-Made in two steps, so that the second can run in a background process while the next run
-trains (:mod:`vaebench.lifecycle.post_run`): what needs the model (:func:`weights_bytes`,
-:func:`picture_arrays`: on its device, at once) and what does not (:func:`write_weights`,
-:func:`draw_pictures`: files from those bytes and arrays).
-"""
+"""The files a finished run leaves in MLflow: its config, weights and pictures, made in two
+steps, so that the second can run in a background process while the next run trains: what
+needs the model (on its device, at once) and the files made from those bytes and arrays."""
 
 from __future__ import annotations
 
@@ -39,23 +35,17 @@ class RunPictures:
     extra: dict[str, tuple[np.ndarray, int]]
 
 
-def write_config(folder: Path, run: RunSpec) -> None:
-    """``config.yaml``: the resolved config, enough to train the run again."""
-    text = yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
-    (folder / "config.yaml").write_text(text)
-
-
 def weights_bytes(model: torch.nn.Module) -> bytes:
-    """The model's state_dict as ``torch.save`` writes it."""
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getvalue()
 
 
 def write_weights(folder: Path, run: RunSpec, weights: bytes) -> None:
-    """``config.yaml`` and ``state_dict.pt`` (:func:`weights_bytes`): what rebuilds the trained
-    model (a registered model is made from them)."""
-    write_config(folder, run)
+    """``config.yaml`` (the resolved config) and ``state_dict.pt``: what trains the run again,
+    or rebuilds the trained model (a registered model is made from them)."""
+    config = yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
+    (folder / "config.yaml").write_text(config)
     (folder / "state_dict.pt").write_bytes(weights)
 
 
@@ -73,21 +63,16 @@ def picture_arrays(model: torch.nn.Module, splits: Splits) -> RunPictures:
         recon = torch.sigmoid(model.reconstruct(originals, labels))
         generator = torch.Generator(device=originals.device).manual_seed(0)
         samples = torch.sigmoid(model.sample_prior(64, generator=generator))
-        chosen = torch.randperm(
-            len(test), generator=torch.Generator().manual_seed(LATENT_SAMPLE_SEED)
-        )
-        chosen = chosen[:LATENT_SAMPLE].to(test.images.device)
+        shuffled = torch.Generator().manual_seed(LATENT_SAMPLE_SEED)
+        chosen = torch.randperm(len(test), generator=shuffled)[:LATENT_SAMPLE].to(originals.device)
         mu, _ = model.encode(test.images[chosen], test.labels[chosen])
         extra = {
             name: (host(torch.sigmoid(logits)), columns)
             for name, (logits, columns) in model.extra_pictures(generator).items()
         }
     return RunPictures(
-        originals=host(originals),
-        reconstructions=host(recon),
-        samples=host(samples),
-        latent_means=mu.cpu().numpy(),
-        latent_labels=test.labels[chosen].cpu().numpy(),
+        originals=host(originals), reconstructions=host(recon), samples=host(samples),
+        latent_means=mu.cpu().numpy(), latent_labels=test.labels[chosen].cpu().numpy(),
         extra=extra,
     )
 

@@ -1,20 +1,17 @@
 """Who owns a RUNNING run, and what a rerun does with the runs a grid already has.
 
-A run in progress carries a lease: the tags ``vaebench.lease_owner`` (host, pid and
-the process's start time, so a reused pid is not mistaken for the owner) and
-``vaebench.lease_expires`` (unix seconds), refreshed with every epoch's metrics.
-A RUNNING run is *abandoned* when its owner is on this host and that process is
-gone, or, for an owner on another host, when its lease expired. A rerun marks
-abandoned runs KILLED and continues them from their checkpoint.
-
-Before a run trains it is claimed (:mod:`vaebench.lifecycle.exactly_once`); a claim made to
-continue a stopped run is a run of its own, tagged :data:`CLAIM_TAG`.
-
-This module reads tags and the process table, and writes through the Tracker.
+A run in progress carries a lease: the tags ``vaebench.lease_owner`` (host, pid and the
+process's start time, so a reused pid is not mistaken for the owner) and
+``vaebench.lease_expires`` (unix seconds), refreshed with every epoch's metrics. A RUNNING run
+is *abandoned* when its owner is on this host and that process is gone, or, for an owner on
+another host, when its lease expired. A rerun marks abandoned runs KILLED and continues them
+from their checkpoint. A claim (:mod:`vaebench.lifecycle.exactly_once`) made to continue a
+stopped run is a run of its own, tagged :data:`CLAIM_TAG`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -72,9 +69,7 @@ def abandoned(tags: Mapping[str, str], now: float | None = None) -> str | None:
     held_by = tags.get(OWNER_TAG)
     if held_by is None:
         return "no lease (left by an earlier vaebench)"
-    host, _, rest = held_by.partition(":")
-    pid_text, _, rest = rest.partition(":")
-    started, _, task = rest.partition(":")
+    host, pid_text, started, task = [*held_by.split(":", 3), "", "", ""][:4]  # see owner()
     if task and _task == [task] and held_by.rsplit(":", 1)[0] != owner().rsplit(":", 1)[0]:
         return f"an earlier attempt of task {task} ({host}:{pid_text}) ended"
     if host == socket.gethostname() and pid_text.isdigit():
@@ -97,18 +92,17 @@ def recover_abandoned(
     for record in records:
         reason = abandoned(record.tags) if record.status == "RUNNING" else None
         if reason is not None:  # read again: another process may have taken it since
-            record = tracker.run_record(record.run_id) or replace(record, status="DELETED")
-            reason = abandoned(record.tags) if record.status == "RUNNING" else None
-            if record.status == "DELETED":
+            record = tracker.run_record(record.run_id)
+            if record is None:  # deleted meanwhile
                 continue
+            reason = abandoned(record.tags) if record.status == "RUNNING" else None
         if reason is not None and CLAIM_TAG in record.tags:  # a claim its process left
             tracker.delete_run(record.run_id)
             continue
         if reason is not None:
             tracker.end_run(record.run_id, "KILLED", f"abandoned: {reason}")
             print(
-                f"run {record.name} ({record.run_id}) was left RUNNING ({reason}): "
-                "marked KILLED",
+                f"run {record.name} ({record.run_id}) was left RUNNING ({reason}): marked KILLED",
                 file=stream,
             )
             record = replace(record, status="KILLED")
@@ -128,20 +122,12 @@ class Planned:
 
 
 def plan(
-    runs: Sequence[RunSpec],
-    records: Sequence[RunRecord],
-    rerun: bool,
-    since_ms: int | None = None,
+    runs: Sequence[RunSpec], records: Sequence[RunRecord], rerun: bool, since_ms: int | None = None
 ) -> list[Planned]:
     """What to do with each run, given the grid's runs in the store (after
-    :func:`recover_abandoned`), oldest first.
-
-    A FINISHED run of the key is skipped; a RUNNING one (its owner is alive) is left to its
-    owner; a KILLED one is continued (from its checkpoint, if it has one). ``since_ms``: when
-    the invocation began (None: it is being planned now). ``rerun`` counts only runs begun
-    since then (none, when planned now): every run trains again as a new sample, once. A
-    run that FAILED since then is not trained again by the same invocation.
-    """
+    :func:`recover_abandoned`), oldest first. ``since_ms``: when the invocation began (None:
+    it is being planned now). ``rerun`` counts only runs begun since then (none, when planned
+    now): every run trains again as a new sample, once."""
     by_key: dict[str, list[RunRecord]] = {}
     for record in records:
         if record.key is None or (CLAIM_TAG in record.tags and record.status == "KILLED"):
@@ -150,25 +136,18 @@ def plan(
         if rerun and (since_ms is None or record.start_time < since_ms):
             continue
         by_key.setdefault(record.key, []).append(record)
+    failed_since = math.inf if since_ms is None else since_ms
     planned = []
     for run in runs:
-        mine = by_key.get(run.key, [])
-        latest = {status: [r for r in mine if r.status == status] for status in STATUSES}
-        failed_now = [
-            r for r in latest["FAILED"]
-            if since_ms is not None and (r.end_time or r.start_time) >= since_ms
-        ]
-        if latest["FINISHED"]:
-            planned.append(Planned(run, "skip", latest["FINISHED"][-1]))
-        elif latest["RUNNING"]:
-            planned.append(Planned(run, "elsewhere", latest["RUNNING"][-1]))
-        elif failed_now:
-            planned.append(Planned(run, "failed", failed_now[-1]))
-        elif latest["KILLED"]:
-            planned.append(Planned(run, "continue", latest["KILLED"][-1]))
-        else:
-            planned.append(Planned(run, "train"))
+        latest = {  # each status's latest record; a FAILED one only if it failed since then
+            r.status: r
+            for r in by_key.get(run.key, [])
+            if r.status != "FAILED" or (r.end_time or r.start_time) >= failed_since
+        }
+        status = next((status for status in ACTIONS if status in latest), None)
+        planned.append(Planned(run, ACTIONS.get(status, "train"), latest.get(status)))
     return planned
 
 
-STATUSES = ("FINISHED", "RUNNING", "KILLED", "FAILED")
+# what a run's latest record of a status makes of it, in this order of precedence
+ACTIONS = {"FINISHED": "skip", "RUNNING": "elsewhere", "FAILED": "failed", "KILLED": "continue"}

@@ -72,30 +72,21 @@ def _verdict(records: list[RunRecord], mine: RunRecord, since_ms: int, rerun: bo
         if record.run_id == mine.run_id or (rerun and record.start_time < since_ms):
             continue  # a rerun counts only what was begun during the invocation
         ended = record.end_time or record.start_time
-        if record.status == "FINISHED" and (not rerun or record.start_time >= since_ms):
-            return "loses"
-        if record.status == "FAILED" and since_ms and ended >= since_ms:
+        if record.status == "FINISHED" or (record.status == "FAILED" and ended >= since_ms > 0):
             return "loses"
         if record.status != "RUNNING" or abandoned(record.tags) is not None:
             continue
-        if CLAIMED_AT_TAG not in record.tags:
-            young = time.time() * 1000 - record.start_time < UNSTAMPED_SECONDS * 1000
-            waiting = waiting or young
-            if not young:
-                return "loses"
-        elif _order(record) < _order(mine):
+        young = time.time() * 1000 - record.start_time < UNSTAMPED_SECONDS * 1000
+        if CLAIMED_AT_TAG not in record.tags and young:
+            waiting = True
+        elif CLAIMED_AT_TAG not in record.tags or _order(record) < _order(mine):
             return "loses"
     return "wait" if waiting else "wins"
 
 
 def claim_holds(
-    tracker: Tracker,
-    experiment: str,
-    key: str,
-    claim_id: str,
-    settle: float,
-    since_ms: int = 0,
-    rerun: bool = False,
+    tracker: Tracker, experiment: str, key: str, claim_id: str, settle: float,
+    since_ms: int = 0, rerun: bool = False,
 ) -> bool:
     """Whether the stamped claim ``claim_id`` (a RUNNING run of ``key`` this process
     created) wins; ``since_ms``: when the invocation began (0: unknown)."""
@@ -123,14 +114,8 @@ class Claim:
 
 
 def claim_run(
-    tracker: Tracker,
-    experiment: str,
-    run: RunSpec,
-    tags: Mapping[str, str],
-    settle: float,
-    since_ms: int = 0,
-    rerun: bool = False,
-    continues: str | None = None,
+    tracker: Tracker, experiment: str, run: RunSpec, tags: Mapping[str, str], settle: float,
+    since_ms: int = 0, rerun: bool = False, continues: str | None = None,
     on_created: Callable[[str], None] | None = None,
 ) -> Claim | None:
     """Claim ``run``: the RUNNING run created for it, or None if another claimant holds it

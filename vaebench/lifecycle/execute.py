@@ -1,19 +1,12 @@
 """The life of tracked runs, one alone or K trained together as a stack, for ``run`` and ``tune``.
 
-start (or continue a stopped run in its own MLflow run) -> train (:func:`fit_members`) with
-a checkpoint and each run's metrics and lease after every epoch -> what finishing a run needs
-of its model (:func:`finish_job`) -> the workspace's finisher scores its clusters, writes its
-artifacts and ends it FINISHED, here or in a background process
-(:mod:`vaebench.lifecycle.post_run`); or fail, or kill. Nothing else starts or ends a run
-(the finisher ends it FINISHED on this module's behalf), and nothing here knows whether a
-grid or an Optuna study asked for it: a trial brings its pruning and objectives as its
-member's :class:`RunHooks`. MLflow is reached only through the :class:`Tracker`.
-
-A run alone is a stack of one: every member is its own MLflow run, recorded the same way
-(params, tags, every epoch's metrics, the summary, artifacts, the ending); a stack's members
-also get :data:`STACK_SIZE_TAG`, :data:`STACK_MEMBERS_TAG` and :data:`STACK_TIMING_TAG` (their
-times are their share of the stack's). Each member's checkpoint is the one its run alone
-would write, so a stopped member continues alone.
+start (or continue a stopped run in its own MLflow run) -> train (:func:`fit_members`) with a
+checkpoint and each run's metrics and lease after every epoch -> what finishing a run needs of
+its model (:func:`finish_job`) -> the workspace's finisher (:mod:`vaebench.lifecycle.post_run`)
+scores it, writes its artifacts and ends it FINISHED; or fail, or kill. Nothing else starts or
+ends a run, nor knows whether a grid or an Optuna study asked for it (a trial brings its pruning
+and objectives as :class:`RunHooks`). A run alone is a stack of one: every member is its own
+MLflow run, and its checkpoint the one its run alone would write.
 
 How an ending is recorded, for each member:
 - finished: FINISHED, the checkpoint removed (the final state_dict is an artifact);
@@ -31,28 +24,28 @@ How an ending is recorded, for each member:
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+from vaebench.lifecycle.artifacts import picture_arrays, weights_bytes
 from vaebench.lifecycle.claims import lease_tags
-from vaebench.lifecycle.handover import finish_job, say_finished
 from vaebench.lifecycle.post_run import (
     ExtraMetrics,
     FinishJob,
     RunOutcome,
+    end_for_good,
     end_quietly,
-    error_text,
     finished,
-    forget,
-    handing_over,
 )
-from vaebench.lifecycle.provenance import code_version, run_tags
+from vaebench.lifecycle.provenance import run_tags
 from vaebench.lifecycle.resume import (
     ClaimLost,
-    continuation_problem,
+    check_continuation,
+    checkpoint_identity,
     log_missing_epochs,
     resumable_state,
 )
@@ -83,12 +76,11 @@ FINISHING = "trained: its scores, pictures and artifacts follow in the backgroun
 
 @dataclass
 class RunHooks:
-    """What a caller adds to one run's life (``tune``: its trial): ``tags`` of its own,
-    ``on_start(run_id)`` once the run is tracked, ``epoch_hook`` after each of its epochs is
-    logged (it may raise one of ``RunContext.stopped_early`` to stop the run on purpose, as a
-    pruner does), ``extra_metrics`` of the run's final values, logged with its summary, and
-    ``on_end(error)`` as soon as its run's ending is recorded (None: handed to the finisher),
-    while other members may still train."""
+    """What a caller adds to one run's life (``tune``: its trial): ``tags``, ``on_start(run_id)``
+    once the run is tracked, ``epoch_hook`` after each epoch is logged (raising one of
+    ``RunContext.stopped_early`` stops the run on purpose, as a pruner does), ``extra_metrics``
+    of the final values, logged with the summary, and ``on_end(error)`` as soon as the run's
+    ending is recorded (None: handed to the finisher), while other members may still train."""
 
     tags: Mapping[str, str] = field(default_factory=dict)
     on_start: Callable[[str], None] | None = None
@@ -99,27 +91,26 @@ class RunHooks:
 
 @dataclass
 class Member:
-    """One run to execute: its spec and hooks, and where it is recorded: ``claimed_id``, the
-    RUNNING run a claim created for it (:func:`vaebench.lifecycle.exactly_once.claim_run`,
-    with the tags it would get), trained in instead of starting one; or ``continue_id``, a
-    stopped (KILLED) run of the same key: with a checkpoint of this code, the run goes on in
-    that MLflow run after its last saved epoch (a member alone only); without one, a new run
-    starts and the old one stays KILLED. ``continue_claim``: the claim run under which this
-    process continues it, checked just before (:class:`ClaimLost` if it no longer stands)."""
+    """One run to execute and where it is recorded: ``claimed_id``, the RUNNING run a claim
+    created for it, trained in instead of starting one; or ``continue_id``, a stopped (KILLED)
+    run of the same key: with a checkpoint of this code, the run goes on in that MLflow run
+    after its last saved epoch (a member alone only); without one, a new run starts and the old
+    one stays KILLED. ``continue_claim``: the claim run under which this process continues it,
+    checked just before (:class:`ClaimLost` if it no longer stands)."""
 
     run: RunSpec
     hooks: RunHooks = field(default_factory=RunHooks)
     claimed_id: str | None = None
     continue_id: str | None = None
-    continue_claim: str | None = None  # the claim run that must still stand to continue
+    continue_claim: str | None = None
 
 
 @dataclass(frozen=True)
 class RunContext:
     """What the invocation adds to every member: its ``tags``, the members' place in it (the
     first is run ``number`` of ``total``), ``epoch_hook`` once per epoch of the whole (its
-    seconds the stack's: :func:`stack_epoch`), the exceptions a member's hook raises to stop
-    it on purpose, and whether the runs draw their pictures."""
+    seconds the stack's), the exceptions a member's hook raises to stop it on purpose, and
+    whether the runs draw their pictures."""
 
     tags: Mapping[str, str]
     number: int
@@ -133,9 +124,8 @@ def execute(
     members: Sequence[Member], tracker: Tracker, workspace: Workspace, context: RunContext
 ) -> list[Outcome]:
     """Train and track ``members`` (one stack key; a member continued from its checkpoint
-    comes alone) together; for each, in order, its :data:`Outcome`. Raises what stops them
-    as a whole (a signal, the store failing, an error of the whole), every member's run
-    ended first as the module's docstring says."""
+    comes alone) together; for each, in order, its :data:`Outcome`. Raises what stops them as
+    a whole, every member's run ended first as the module's docstring says."""
     life = _Life(list(members), tracker, workspace, context)
     try:
         life.start()
@@ -164,9 +154,8 @@ class _Life:
     def __init__(
         self, members: list[Member], tracker: Tracker, workspace: Workspace, context: RunContext
     ):
-        self.members, self.tracker, self.workspace, self.context = (
-            members, tracker, workspace, context
-        )
+        self.members, self.tracker, self.workspace = members, tracker, workspace
+        self.context = context
         self.device = resolve_device(members[0].run.config.train.device)
         # from here on, this object ends the claimed runs
         self.run_ids: list[str | None] = [member.claimed_id for member in members]
@@ -189,23 +178,16 @@ class _Life:
         self.workspace.load_splits(first.run)
         if self.count == 1:
             self.resume = resumable_state(self.workspace, first.run, first.continue_id)
-        if self.resume is not None:
-            self.saved[0] = self.resume["epoch"]
-        label = first.run.name if self.count == 1 else (
-            f"stack of {self.count} ({', '.join(member.run.name for member in self.members)})"
-        )
-        epochs = first.run.config.train.epochs
+            self.saved = {0: self.resume["epoch"]} if self.resume is not None else {}
+        names = ", ".join(member.run.name for member in self.members)
+        label = first.run.name if self.count == 1 else f"stack of {self.count} ({names})"
         self.progress = RunProgress(
-            self.context.number, self.context.total, label, epochs, start=self.saved.get(0, 0)
+            self.context.number, self.context.total, label, first.run.config.train.epochs,
+            start=self.saved.get(0, 0),
         )
         with deferred_signals():  # a signal waits until the runs' ids are known and recorded
-            for member in self.members:
-                if member.continue_id and member.continue_claim:
-                    lost = continuation_problem(
-                        self.tracker, member.continue_id, member.continue_claim
-                    )
-                    if lost is not None:
-                        raise ClaimLost(lost)
+            for member in self.members:  # every claim checked before a run is opened
+                check_continuation(self.tracker, member.continue_id, member.continue_claim)
             for index, member in enumerate(self.members):
                 self.run_ids[index] = self._open(member)
                 if member.hooks.on_start is not None:
@@ -222,7 +204,11 @@ class _Life:
             self.tracker.reopen_run(member.continue_id, lease_tags())
             return member.continue_id
         lease = lease_tags(runs_at_once=self.count)  # until the first epoch is timed
-        shared = stack_tags([m.run for m in self.members]) if self.count > 1 else {}
+        shared = {} if self.count == 1 else {
+            STACK_SIZE_TAG: str(self.count),
+            STACK_MEMBERS_TAG: ",".join(m.run.name for m in self.members),
+            STACK_TIMING_TAG: STACK_TIMING,
+        }
         if member.claimed_id is not None:
             if shared:
                 self.tracker.set_tags(member.claimed_id, {**lease, **shared})
@@ -234,19 +220,18 @@ class _Life:
     def train(self) -> list[TrainResult | BaseException]:
         """Every member trained (each run records the machine while it trains)."""
         keep = self.save_state if self.workspace.checkpoints is not None else None
-        configs = [member.run.config for member in self.members]
-        splits = self.workspace.load_splits(self.members[0].run)
         with contextlib.ExitStack() as monitors:
             for run_id in self.run_ids:
                 monitors.enter_context(self.tracker.system_metrics(run_id))
             return fit_members(
-                configs, splits, self.device, self.on_epoch, keep, self.on_failed, self.resume
+                [member.run.config for member in self.members],
+                self.workspace.load_splits(self.members[0].run),
+                self.device, self.on_epoch, keep, self.end, self.resume,
             )
 
     def save_state(self, index: int, snapshot: dict[str, Any]) -> None:
         """Member ``index``'s checkpoint, with what it continues only with."""
-        run = self.members[index].run
-        snapshot.update(run_key=run.key, code=code_version(), device=str(self.device))
+        snapshot.update(checkpoint_identity(self.members[index].run))
         with deferred_signals():  # the epoch on disk is known before a signal is raised
             if self.workspace.checkpoints.save(self.run_ids[index], snapshot):
                 self.saved[index] = snapshot["epoch"]
@@ -270,21 +255,17 @@ class _Life:
         try:
             member_hook(metrics)
         except self.context.stopped_early as exc:  # this member only, on purpose: KILLED
-            self.end(index, "KILLED", exc)
+            self.end(index, exc, "KILLED")
             raise MemberStopped(exc) from exc
 
-    def on_failed(self, index: int, error: BaseException) -> None:
-        """A member's run ends FAILED when its error is known; the others go on."""
-        self.end(index, "FAILED", error)
-
-    def end(self, index: int, status: str, outcome: Outcome) -> None:
-        """Member ``index``'s run ends now (its caller hears of it at once), or, trained, has
-        been handed to the finisher (``outcome``, FINISHED once it is done)."""
+    def end(self, index: int, outcome: Outcome, status: str = "FAILED") -> None:
+        """Member ``index``'s run ends now (its error known, FAILED: the others go on; its
+        caller hears of it at once), or, trained, has been handed to the finisher (``outcome``,
+        FINISHED once it is done)."""
         with deferred_signals():
             if not isinstance(outcome, Future):
-                forget(self.workspace.checkpoints, self.run_ids[index])
-                reason = first_line(outcome) if status == "KILLED" else error_text(outcome)
-                end_quietly(self.tracker, self.run_ids[index], status, reason)
+                checkpoints = self.workspace.checkpoints
+                end_for_good(self.tracker, checkpoints, self.run_ids[index], outcome, status)
             self.ended[index] = outcome
             on_end = self.members[index].hooks.on_end
             if on_end is not None:
@@ -302,20 +283,20 @@ class _Life:
                     member.run, self.run_ids[index], result, self.workspace,
                     self.context.pictures,
                 )
-                with handing_over(self.workspace.finisher):
+                with self.workspace.finisher.handing_over():
                     finishing = self.workspace.finisher.finish(
                         self.jobs[index], self.tracker, member.hooks.extra_metrics
                     )
-                    self.end(index, "FINISHED", finishing)
+                    self.end(index, finishing)
             except TrackingError:
                 raise
             except KeyboardInterrupt:
                 outcome = self.jobs[index].outcome if index in self.jobs else None
                 if outcome is not None and index not in self.ended:  # FINISHED just before
-                    self.end(index, "FINISHED", finished(outcome))
+                    self.end(index, finished(outcome))
                 raise
             except Exception as exc:
-                self.on_failed(index, exc)
+                self.end(index, exc)
                 continue
             if not finishing.done():
                 label = self.progress.label if self.count == 1 else (
@@ -325,7 +306,7 @@ class _Life:
 
     def _unended(self, index: int) -> bool:
         job = self.jobs.get(index)
-        return index not in self.ended and not (job is not None and job.ended)
+        return index not in self.ended and (job is None or job.outcome is None)
 
     def kill(self, signal: KeyboardInterrupt) -> None:
         """A signal: every member not ended yet KILLED, its checkpoint kept."""
@@ -334,20 +315,17 @@ class _Life:
                 epoch = self.saved.get(index, 0)
                 where = f"; its checkpoint after epoch {epoch} continues it" if epoch else ""
                 end_quietly(self.tracker, run_id, "KILLED", f"{first_line(signal)}{where}")
-        every = all(index in self.ended for index in range(self.count))
-        self.status = self.status_line() if every else "KILLED"
+        self.status = self.status_line() if len(self.ended) == self.count else "KILLED"
 
     def fail(self, error: BaseException) -> None:
         """An error of the whole: every member not ended yet FAILED with it."""
-        text = error_text(error)
         for index, run_id in enumerate(self.run_ids):
             if self._unended(index):
-                forget(self.workspace.checkpoints, run_id)
-                end_quietly(self.tracker, run_id, "FAILED", text)
+                end_for_good(self.tracker, self.workspace.checkpoints, run_id, error)
 
     def status_line(self) -> str:
         """How the members ended, for the progress line (a member alone: its status)."""
-        outcomes = [self.ended[index] for index in sorted(self.ended)]
+        outcomes = list(self.ended.values())
         stopped = sum(isinstance(o, self.context.stopped_early) for o in outcomes)
         finishing = sum(isinstance(o, Future) and not o.done() for o in outcomes)
         done = sum(isinstance(o, Future) and o.done() and not o.exception() for o in outcomes)
@@ -367,22 +345,44 @@ class _Life:
             self.progress.close(self.status)
 
 
-def stack_tags(runs: Sequence[RunSpec]) -> dict[str, str]:
-    return {
-        STACK_SIZE_TAG: str(len(runs)),
-        STACK_MEMBERS_TAG: ",".join(run.name for run in runs),
-        STACK_TIMING_TAG: STACK_TIMING,
-    }
-
-
 def stack_epoch(metrics: EpochMetrics, members: int) -> EpochMetrics:
-    """A member's epoch as the stack's: its training and evaluation seconds (a share of the
-    stack's) times the ``members`` the stack started with, at most the stack's own."""
+    """A member's epoch as the stack's: its seconds (a share of the stack's) times the
+    ``members`` the stack started with, at most the stack's own."""
     return replace(
         metrics,
         epoch_seconds=metrics.epoch_seconds * members,
         eval_seconds=metrics.eval_seconds * members,
     )
+
+
+def finish_job(
+    run: RunSpec, run_id: str, result: TrainResult, workspace: Workspace, pictures: bool = True
+) -> FinishJob:
+    """What finishing a trained run (:mod:`vaebench.lifecycle.post_run`) needs of its model,
+    taken now on its device: the scores the model family adds, the parameter count, its
+    weights and, with ``pictures``, its pictures' arrays."""
+    model = result.model
+    classifier = partial(workspace.classifiers.get, run.config.data.dataset, model.device)
+    summary = {
+        **result.summary,
+        **model.extra_scores(classifier),
+        "parameters": float(sum(p.numel() for p in model.parameters())),
+    }
+    return FinishJob(
+        run=run, run_id=run_id, summary=summary, last=result.final.as_dict(),
+        seconds=result.seconds, clusters=result.clusters, weights=weights_bytes(model),
+        pictures=picture_arrays(model, workspace.load_splits(run)) if pictures else None,
+        checkpoints=workspace.checkpoints,
+    )
+
+
+def say_finished(label: str, finishing: Future[RunOutcome]) -> None:
+    """The line of a run finished in the background, once it is."""
+    error = finishing.exception()
+    status = "FINISHED" if error is None else f"FAILED after training: {first_line(error)}"
+    if isinstance(error, TrackingError):  # the run keeps its lease: a rerun finishes it
+        status = f"STOPPED (tracking store failed: {first_line(error)})"
+    print(f"{label} {status}", file=sys.stderr, flush=True)
 
 
 def record_invalid(

@@ -1,14 +1,8 @@
-"""What a run does after training that needs no model: its clustering scores (k-means on its
-latent means), its pictures drawn, its artifacts written and uploaded, its summary logged,
-its run ended FINISHED and its checkpoint removed (:func:`finish_run`).
-
-What needs the model is done before, at once, on its device
-(:func:`vaebench.lifecycle.handover.finish_job` makes a :class:`FinishJob` of plain arrays
-and bytes). A finisher then does the rest: in this
-process (:class:`InlineFinisher`, the default) or in one background process while this one
-trains the next run or stack (:class:`BackgroundFinisher`). Both call :func:`finish_run`, so
-the numbers and files are the same either way; only who waits for them differs. MLflow is
-reached only through the :class:`Tracker`.
+"""What a run does after training that needs no model (:func:`finish_run`), once what needs it
+is done on its device (:func:`vaebench.lifecycle.execute.finish_job` makes a :class:`FinishJob`
+of plain arrays and bytes): in this process (:class:`InlineFinisher`, the default) or in a
+background process while this one trains the next run or stack (:class:`BackgroundFinisher`),
+with the same numbers and files either way.
 """
 
 from __future__ import annotations
@@ -29,11 +23,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 from vaebench.lifecycle.artifacts import RunPictures, draw_pictures, write_weights
 from vaebench.scoring.evaluation import ClusterInput, scored_clusters
 from vaebench.signals import deferred_signals, forget_child, register_child
+from vaebench.spec.config import first_line
 from vaebench.spec.grid import RunSpec
 from vaebench.tracking.tracker import Tracker, TrackingError
 from vaebench.training.checkpoint import CheckpointStore
@@ -66,21 +60,16 @@ class FinishJob:
     # that ending's deferred block closes must not mark the run KILLED
     outcome: RunOutcome | None = None
 
-    @property
-    def ended(self) -> bool:
-        return self.outcome is not None
-
 
 def finish_run(
     job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
 ) -> RunOutcome:
-    """Score the job's clusters, log its summary (``seconds``: the run's whole time, this
-    scoring included) and artifacts, end its run FINISHED and remove its checkpoint.
-    ``extra_metrics`` sees the final values and adds to the summary (a study's objectives)."""
+    """Score the job's clusters (k-means on its latent means), log its summary (``seconds``: the
+    run's whole time, this scoring included), draw its pictures and log its artifacts, end its
+    run FINISHED and remove its checkpoint. ``extra_metrics`` sees the final values and adds
+    to the summary (a study's objectives)."""
     started = time.perf_counter()
-    clusters: dict[str, float] = {}
-    for scored in job.clusters:
-        clusters.update(scored_clusters(scored))
+    clusters = {name: v for scored in job.clusters for name, v in scored_clusters(scored).items()}
     check_finite(clusters, "after training")
     summary = {
         **job.summary,
@@ -91,11 +80,12 @@ def finish_run(
     if extra_metrics is not None:
         summary.update(extra_metrics(final))
     tracker.log_metrics(job.run_id, summary, step=job.run.config.train.epochs)
-    with tempfile.TemporaryDirectory(prefix="vaebench-") as folder:
-        write_weights(Path(folder), job.run, job.weights)
+    with tempfile.TemporaryDirectory(prefix="vaebench-") as scratch:
+        folder = Path(scratch)
+        write_weights(folder, job.run, job.weights)
         if job.pictures is not None:
-            draw_pictures(Path(folder), job.pictures, job.run.name)
-        tracker.log_artifacts(job.run_id, Path(folder))
+            draw_pictures(folder, job.pictures, job.run.name)
+        tracker.log_artifacts(job.run_id, folder)
     with deferred_signals():  # finished is finished: a signal now stops what follows
         tracker.end_run(job.run_id, "FINISHED")
         forget(job.checkpoints, job.run_id)
@@ -117,42 +107,19 @@ def error_text(exc: BaseException) -> str:
 def end_quietly(tracker: Tracker, run_id: str | None, status: str, reason: str) -> None:
     """End the run (if it started); if the store cannot take it, the run's lease lets the
     next invocation recover it, and the error that stopped the run is the one the user sees."""
-    if run_id is None:
-        return
-    try:
-        tracker.end_run(run_id, status, reason)
-    except TrackingError:
-        pass
+    if run_id is not None:
+        with contextlib.suppress(TrackingError):
+            tracker.end_run(run_id, status, reason)
 
 
-def fail_run(
-    tracker: Tracker, checkpoints: CheckpointStore | None, run_id: str | None, exc: BaseException
+def end_for_good(
+    tracker: Tracker, checkpoints: CheckpointStore | None, run_id: str | None,
+    exc: BaseException, status: str = "FAILED",
 ) -> None:
-    """An error of the run itself: FAILED with the error, its checkpoint removed."""
+    """The run ends for good, its checkpoint removed: FAILED with its error, or KILLED, stopped
+    on purpose, with the reason."""
     forget(checkpoints, run_id)
-    end_quietly(tracker, run_id, "FAILED", error_text(exc))
-
-
-class Finisher(Protocol):
-    background: bool  # whether the runs it is given are finished by another process
-
-    def finish(
-        self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
-    ) -> Future[RunOutcome]:
-        """The job's outcome: already there (in this process), or to come."""
-        ...
-
-    def close(self) -> None:
-        """Wait for every job handed over, then stop (again: nothing more)."""
-        ...
-
-
-def handing_over(finisher: Finisher) -> contextlib.AbstractContextManager[None]:
-    """Around handing a run to ``finisher`` and noting it: where it goes to a background
-    process, a signal waits until the caller has noted it (the run is the background's from
-    then on, not to be marked KILLED); inline, the finishing is the caller's own,
-    interruptible as a run's recording always was."""
-    return deferred_signals() if finisher.background else contextlib.nullcontext()
+    end_quietly(tracker, run_id, status, error_text(exc) if status == "FAILED" else first_line(exc))
 
 
 def finished(outcome: RunOutcome) -> Future[RunOutcome]:
@@ -166,36 +133,36 @@ class InlineFinisher:
     """Finishes each run in this process, before the next one starts; what goes wrong is
     raised at once, to the caller that ends the run."""
 
-    background = False
-
     def finish(
         self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
     ) -> Future[RunOutcome]:
+        """The job's outcome: already there (in this process), or to come."""
         return finished(finish_run(job, tracker, extra_metrics))
 
+    def handing_over(self) -> contextlib.AbstractContextManager[None]:
+        """Around handing a run over and noting it: inline, the finishing is the caller's
+        own, interruptible as a run's recording always was."""
+        return contextlib.nullcontext()
+
     def close(self) -> None:
-        pass
+        """Wait for every job handed over, then stop (again: nothing more)."""
 
 
-class BackgroundFinisher:
+class BackgroundFinisher(InlineFinisher):
     """One spawned process that finishes runs, in the order they come, while this process
-    trains the next ones (:func:`finish_run` with its own connection to the store at ``uri``).
+    trains the next ones, started at once so that its imports overlap the data loading.
 
-    It is started at once, so that its imports overlap the data loading. It ignores SIGINT
-    and SIGTERM: after a first signal this process waits (:meth:`close`) for the runs it
-    handed over, which end FINISHED, as a run alone does once its training is over; a second
-    signal kills it with this process, and dies with it (``PR_SET_PDEATHSIG``), leaving its
-    runs RUNNING under this process's lease, which the next invocation recovers (KILLED, the
-    checkpoint kept: it continues them). A run it cannot finish ends FAILED with the error, as
-    it would here. If the process dies, its runs end KILLED (their checkpoints continue them)
-    and the runs that follow are finished here (with a warning)."""
-
-    background = True
+    It ignores SIGINT and SIGTERM: after a first signal this process waits (:meth:`close`) for
+    the runs it handed over, which end FINISHED, as a run alone does once trained; a second
+    signal kills it with this process (``PR_SET_PDEATHSIG``), leaving its runs RUNNING under
+    this process's lease, which the next invocation recovers (KILLED, the checkpoint kept). A
+    run it cannot finish ends FAILED, as it would here. If the process dies, its runs end
+    KILLED (their checkpoints continue them) and the runs that follow are finished here."""
 
     def __init__(self, uri: str):
-        context = multiprocessing.get_context("spawn")
         self._pool = ProcessPoolExecutor(
-            max_workers=1, mp_context=context, initializer=_start_worker, initargs=(uri,)
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker, initargs=(uri,),
         )
         self._broken = False
         self._pid: int | None = None
@@ -220,7 +187,12 @@ class BackgroundFinisher:
                     "the background process that finishes runs died: runs are finished in "
                     "this process from now on", RuntimeWarning, stacklevel=2,
                 )
-        return InlineFinisher().finish(job, tracker, extra_metrics)
+        return super().finish(job, tracker, extra_metrics)
+
+    def handing_over(self) -> contextlib.AbstractContextManager[None]:
+        """A signal waits until the caller has noted the run handed over: it is the
+        background's from then on, not to be marked KILLED."""
+        return deferred_signals()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -262,7 +234,7 @@ def _finish_in_worker(job: FinishJob) -> RunOutcome:
     except TrackingError:
         raise
     except BaseException as exc:
-        fail_run(_tracker, job.checkpoints, job.run_id, exc)
+        end_for_good(_tracker, job.checkpoints, job.run_id, exc)
         raise
 
 

@@ -1,8 +1,5 @@
-"""What is checked before anything is tracked: settings that clash, data, models, output paths.
-
-User errors surface here, before any MLflow run is created, so a mistake never
-leaves a half-written run behind.
-"""
+"""What is checked before anything is tracked: settings that clash, data, models, output paths;
+a user's error surfaces before any MLflow run is created, never leaving a half-written run."""
 
 from __future__ import annotations
 
@@ -17,6 +14,10 @@ from vaebench.spec.grid import RunSpec
 from vaebench.training.trainer import build_optimizer, resolve_device
 
 SplitsKey = tuple[str, str]  # (data config as JSON, device)
+
+
+def splits_key(run: RunSpec) -> SplitsKey:
+    return run.config.data.model_dump_json(), str(resolve_device(run.config.train.device))
 
 
 def check_before_tracking(runs: Sequence[RunSpec], data_root: Path) -> None:
@@ -36,9 +37,7 @@ def check_before_tracking(runs: Sequence[RunSpec], data_root: Path) -> None:
 
 
 def preflight(
-    runs: Sequence[RunSpec],
-    data_root: Path,
-    loaded: Mapping[SplitsKey, Splits] | None = None,
+    runs: Sequence[RunSpec], data_root: Path, loaded: Mapping[SplitsKey, Splits] | None = None
 ) -> dict[SplitsKey, Splits]:
     """Load every split the runs need (beyond those ``loaded``) and build each model and
     optimizer once; returns the device-resident splits keyed by (data config, device)."""
@@ -46,9 +45,9 @@ def preflight(
     checked: set[str] = set()
     check_before_tracking(runs, data_root)
     for run in runs:
-        device = resolve_device(run.config.train.device)
-        data_key = (run.config.data.model_dump_json(), str(device))
+        data_key = splits_key(run)
         if data_key not in splits:
+            device = resolve_device(run.config.train.device)
             splits[data_key] = load_splits(run.config.data, data_root, device)
         shape_key = run.config.model_dump_json(include={"model", "optim"})
         if shape_key not in checked:

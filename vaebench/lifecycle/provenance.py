@@ -1,12 +1,10 @@
-"""What a run's numbers depend on beyond its config: code, versions, device, processor.
-
-A report treats runs of one config and seed as reruns (one sample) only when
-their device, processor and ``vaebench.code`` agree too; a checkpoint is
-continued only by the code that wrote it.
-"""
+"""What a run's numbers depend on beyond its config: code, versions, device, processor. A report
+treats runs of one config and seed as reruns (one sample) only when their device, processor and
+``vaebench.code`` agree too; a checkpoint is continued only by the code that wrote it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import platform
@@ -34,28 +32,16 @@ def code_version() -> str:
     return f"src-{digest.hexdigest()[:12]}"
 
 
-def git_commit(folder: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 @functools.cache
 def device_name(device: torch.device) -> str:
     """The processor that computes: the GPU's name, or the CPU's model (floating-point paths,
     and so the numbers of a chaotic training run, differ between them)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
@@ -70,9 +56,11 @@ def base_tags(**extra: str) -> dict[str, str]:
         "vaebench.python": platform.python_version(),
         CODE_TAG: code_version(),
     }
-    commit = git_commit(PACKAGE)
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "rev-parse", "HEAD"]
+        out = subprocess.run(git, cwd=PACKAGE, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0 and out.stdout.strip():
+            tags["mlflow.source.git.commit"] = out.stdout.strip()
     return tags
 
 

@@ -20,18 +20,26 @@ class ClaimLost(Exception):
     nothing to that run."""
 
 
-def continuation_problem(tracker: Tracker, run_id: str, claim_id: str) -> str | None:
-    """Why this process may not continue the stopped run ``run_id`` under its claim run
-    ``claim_id`` now, or None if it may: the run must still be KILLED and the claim RUNNING
-    under this process's lease, read just before the run is reopened."""
+def check_continuation(tracker: Tracker, run_id: str | None, claim_id: str | None) -> None:
+    """:class:`ClaimLost` unless this process may continue the stopped run ``run_id`` under its
+    claim run ``claim_id`` (if it continues one under a claim) now: the run must still be
+    KILLED and the claim RUNNING under this process's lease, read just before it is reopened."""
+    if run_id is None or claim_id is None:
+        return
     run = tracker.run_record(run_id)
     if run is None or run.status != "KILLED":
         status = "deleted" if run is None else run.status
-        return f"run {run_id} is {status} (another process continued it)"
+        raise ClaimLost(f"run {run_id} is {status} (another process continued it)")
     claim = tracker.run_record(claim_id)
     if claim is None or claim.status != "RUNNING" or claim.tags.get(OWNER_TAG) != owner():
-        return f"its claim {claim_id} was taken away (recovered as abandoned)"
-    return None
+        raise ClaimLost(f"its claim {claim_id} was taken away (recovered as abandoned)")
+
+
+def checkpoint_identity(run: RunSpec) -> dict[str, str]:
+    """What a checkpoint of ``run`` holds, and continues only with: its settings, this code
+    and its device."""
+    device = str(resolve_device(run.config.train.device))
+    return {"run_key": run.key, "code": code_version(), "device": device}
 
 
 def resumable_state(
@@ -41,15 +49,8 @@ def resumable_state(
     if run_id is None or workspace.checkpoints is None:
         return None
     state = workspace.checkpoints.load(run_id)
-    if state is None:
-        return None
-    device = str(resolve_device(run.config.train.device))
-    if (state.get("run_key"), state.get("code"), state.get("device")) != (
-        run.key,
-        code_version(),
-        device,
-    ):  # other settings, other code or another device: start over
-        workspace.checkpoints.remove(run_id)
+    if state is not None and any(state.get(k) != v for k, v in checkpoint_identity(run).items()):
+        workspace.checkpoints.remove(run_id)  # other settings, code or device: start over
         return None
     return state
 

@@ -1,5 +1,4 @@
-"""What the runs of one invocation share in this process: splits, classifiers, checkpoints
-and who finishes the trained runs."""
+"""What the runs of one invocation share in this process (:class:`Workspace`)."""
 
 from __future__ import annotations
 
@@ -12,19 +11,17 @@ from pathlib import Path
 import torch
 
 from vaebench.data import SplitRecord, Splits, split_records
-from vaebench.lifecycle.post_run import Finisher, InlineFinisher
-from vaebench.lifecycle.preflight import check_before_tracking, preflight
+from vaebench.lifecycle.post_run import InlineFinisher
+from vaebench.lifecycle.preflight import check_before_tracking, preflight, splits_key
 from vaebench.scoring.classifier import ClassifierCache
 from vaebench.spec.config import RunConfig
 from vaebench.spec.grid import RunSpec
 from vaebench.training.checkpoint import CheckpointStore
-from vaebench.training.trainer import resolve_device
 
 
 @functools.cache
 def _digest_thread() -> ThreadPoolExecutor:
-    """The process's one thread that hashes splits (every Workspace's), made when first
-    needed."""
+    """The process's one thread that hashes splits (every Workspace's)."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-digest")
 
 
@@ -33,16 +30,14 @@ os.register_at_fork(after_in_child=_digest_thread.cache_clear)  # a child has no
 
 class Workspace:
     """What the runs of one invocation share in this process: the device-resident splits
-    (loaded once per data config and device), the classifiers, the checkpoint store (None:
-    runs are not checkpointed, as a study's trials, which are never continued), and who
-    finishes the trained runs (:mod:`vaebench.lifecycle.post_run`: here, unless the caller hands
-    them to
-    a background process)."""
+    (loaded once per data config and device), the classifiers, the checkpoint store (None: runs
+    are not checkpointed, as a study's trials, which are never continued), and who finishes the
+    trained runs (here, unless the caller hands them to a background process)."""
 
     def __init__(self, data_root: Path, checkpoints: CheckpointStore | None):
         self.data_root = data_root
         self.checkpoints = checkpoints
-        self.finisher: Finisher = InlineFinisher()
+        self.finisher = InlineFinisher()
         self.classifiers = ClassifierCache(data_root)
         self._splits: dict[tuple[str, str], Splits] = {}
         # the splits' digests, hashed in a thread (hashlib lets go of the GIL) while the
@@ -50,16 +45,14 @@ class Workspace:
         self._records: dict[tuple[str, str], Future[list[SplitRecord]]] = {}
 
     def check(self, runs: Sequence[RunSpec]) -> None:
-        """The quick part of the preflight (clashing settings, data files present): what
-        must fail before the tracking store is even opened."""
+        """The quick part of the preflight: what must fail before the store is even opened."""
         check_before_tracking(runs, self.data_root)
 
     def prepare(self, runs: Sequence[RunSpec]) -> None:
-        """Preflight ``runs`` (errors before anything is tracked), keep their splits and start
-        hashing them."""
+        """Preflight ``runs``, keep their splits and start hashing them."""
         self._splits.update(preflight(runs, self.data_root, self._splits))
         for run in runs:
-            key = self._key(run)
+            key = splits_key(run)
             if key not in self._records:
                 self._records[key] = _digest_thread().submit(
                     split_records, self._splits[key], run.config.data, self.data_root
@@ -68,19 +61,13 @@ class Workspace:
     def split_records_for(self, run: RunSpec) -> list[SplitRecord]:
         """The run's splits as MLflow dataset inputs (their digests computed once)."""
         self.load_splits(run)
-        return self._records[self._key(run)].result()
+        return self._records[splits_key(run)].result()
 
     def load_splits(self, run: RunSpec) -> Splits:
-        """The run's splits on its device: loaded (and preflighted) the first time a data
-        config and device are asked for, kept after that."""
-        key = self._key(run)
-        if key not in self._splits:
+        """The run's splits on its device, loaded (and preflighted) the first time."""
+        if splits_key(run) not in self._splits:
             self.prepare([run])
-        return self._splits[key]
-
-    @staticmethod
-    def _key(run: RunSpec) -> tuple[str, str]:
-        return run.config.data.model_dump_json(), str(resolve_device(run.config.train.device))
+        return self._splits[splits_key(run)]
 
     def test_images(self, config: RunConfig, count: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``count`` test images and labels of a run's data, on the CPU (a

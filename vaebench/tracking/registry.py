@@ -1,15 +1,12 @@
 """The Tracker's model half: a run's model logged with MLflow's PyTorch flavor, and registered.
 
-Called by :class:`vaebench.tracking.tracker.MLflowTracker` only (the rest of vaebench
-reaches MLflow through the Tracker; report_runs.py, which reads runs, borrows
-:func:`fluent_api_on`). A logged model is an MLflow LoggedModel
-whose source is the run (the runs table's Models column), holding the pickled
-:class:`~vaebench.tracking.served.ServedVAE`, vaebench's own code (``code_paths``, so a
-machine without vaebench can load it), a signature and an input example of
-real test images. It is pickled (not MLflow 3's default ``torch.export`` graph,
-which keeps ``forward`` only), so ``mlflow.pytorch.load_model`` gives back the
-ServedVAE with its ``encode`` and ``decode``. Its pip requirements are given,
-not inferred: inferring them loads the model in a subprocess, seconds a model.
+A logged model is an MLflow LoggedModel whose source is the run (the runs table's Models
+column), holding the pickled :class:`~vaebench.tracking.served.ServedVAE`, vaebench's own code
+(``code_paths``, so a machine without vaebench can load it), a signature and an input example
+of real test images. It is pickled (not MLflow 3's default ``torch.export`` graph, which keeps
+``forward`` only), so ``mlflow.pytorch.load_model`` gives back the ServedVAE with its
+``encode`` and ``decode``. Its pip requirements are given: inferring them loads the model in a
+subprocess.
 """
 
 from __future__ import annotations
@@ -33,11 +30,7 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 def requirements() -> list[str]:
     """The installed versions of what the model needs (torch without its local "+cpu")."""
-    pinned = []
-    for name in REQUIRED:
-        version = importlib.metadata.version(name).split("+")[0]
-        pinned.append(f"{name}=={version}")
-    return pinned
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIRED]
 
 
 def logged_model_of(client: Any, run_id: str) -> str | None:
@@ -56,9 +49,7 @@ def logged_model_of(client: Any, run_id: str) -> str | None:
     return None
 
 
-def log_model(
-    client: Any, uri: str, run_id: str, module: Any, example: Any, step: int
-) -> str:
+def log_model(client: Any, uri: str, run_id: str, module: Any, example: Any, step: int) -> str:
     """Log ``module`` (a ServedVAE) as a PyTorch-flavor model of ``run_id``, with the run's
     params and its metrics at ``step`` (its last epoch: the scores); the model's id."""
     import mlflow
@@ -70,25 +61,16 @@ def log_model(
     signature = mlflow.models.infer_signature(example, output)
     run = client.get_run(run_id)
     model = client.create_logged_model(
-        experiment_id=run.info.experiment_id,
-        name=MODEL_NAME,
-        source_run_id=run_id,
-        tags={SERVED_TAG: "reconstruction"},
-        params=dict(run.data.params),
+        experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+        tags={SERVED_TAG: "reconstruction"}, params=dict(run.data.params),
     )
     # pickling is chosen on purpose (see the module docstring): no warning about it per model
     with fluent_api_on(uri), _quiet("mlflow.pytorch"):
         mlflow.pytorch.log_model(
-            module,
-            name=MODEL_NAME,
-            run_id=run_id,
-            model_id=model.model_id,
-            signature=signature,
-            input_example=example,
-            pip_requirements=requirements(),
+            module, name=MODEL_NAME, run_id=run_id, model_id=model.model_id, step=step,
+            signature=signature, input_example=example, pip_requirements=requirements(),
             code_paths=[str(Path(vaebench.__file__).parent)],
             serialization_format="pickle",  # the module itself, encode and decode with it
-            step=step,
         )
     return model.model_id
 
@@ -110,9 +92,8 @@ def fluent_api_on(uri: str) -> Iterator[None]:
     finally:
         sys.path[:] = saved_path
         mlflow.set_tracking_uri(saved_uri)
-        if saved_env is None:
-            os.environ.pop(TRACKING_URI_ENV, None)
-        else:
+        os.environ.pop(TRACKING_URI_ENV, None)
+        if saved_env is not None:
             os.environ[TRACKING_URI_ENV] = saved_env
 
 
@@ -146,11 +127,7 @@ def register(
             client.get_registered_model(name)
     with fluent_api_on(uri):
         version = client.create_model_version(
-            name,
-            source=f"models:/{model_id}",
-            run_id=run_id,
-            tags=tags,
-            description=description,
-            model_id=model_id,
+            name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
+            description=description, model_id=model_id,
         )
     return int(version.version)

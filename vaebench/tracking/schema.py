@@ -1,21 +1,13 @@
 """A new SQLite MLflow store starts as a copy of an empty schema that MLflow made once.
 
-MLflow creates a store's schema by running its Alembic migrations one after another, about
-1.5 s of Python on this project's CPUs: a tenth of a 2-epoch run's whole process, and
-paid again by every fresh folder (and every test that trains into a temporary store). The
-schema depends only on the versions of MLflow, SQLAlchemy and Alembic, so vaebench has
-MLflow create it once per set of versions into a template file, removes the one row that
-belongs to a particular store (the Default experiment, whose artifact location is that
-store's folder), and copies the template to each new store. MLflow then opens the copy as
-a store of its current schema and adds the Default experiment of this store itself, as it
-does for any store that lacks it.
-
-The template lives in ``$VAEBENCH_CACHE``, else ``~/.cache/vaebench``; its name carries the
-versions and a digest of MLflow's migration scripts. A template that cannot be made or copied,
-or a copy SQLite finds damaged, leaves the store to MLflow's own creation. A copy MLflow then
-refuses to open is an error that removes both the copy and the template, so that the next
-attempt starts afresh (MLflow keeps a connection pool per store URI, so this process cannot
-safely try again at once). :func:`open_store` is where the Tracker opens a store.
+MLflow creates a schema by running its Alembic migrations, about 1.5 s of Python here: a tenth
+of a 2-epoch run's process, paid by every fresh folder (and every test's temporary store). The
+schema depends only on the versions of MLflow, SQLAlchemy and Alembic, so MLflow creates it
+once per set of versions into a template in ``$VAEBENCH_CACHE`` (else ``~/.cache/vaebench``),
+without its Default experiment (whose artifact location is one store's folder), and each new
+store is a copy, to which MLflow adds its own Default experiment. A copy MLflow refuses to open
+is an error that removes the copy and the template, so the next attempt starts afresh (MLflow
+keeps a connection pool per store URI: this process cannot safely try again at once).
 """
 
 from __future__ import annotations
@@ -42,76 +34,66 @@ def cache_folder() -> Path:
     return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "vaebench"
 
 
-def _migrations() -> str:
-    """A digest of MLflow's migration scripts' names (each names its revision): builds of one
-    version string with other migrations get another template."""
+def template_name() -> str:
+    """Named by the versions and a digest of MLflow's migration scripts' names (each names its
+    revision): builds of one version string with other migrations get another template."""
+    from importlib.metadata import version
     from importlib.util import find_spec
 
     spec = find_spec("mlflow")
     folder = Path(next(iter(spec.submodule_search_locations))) / "store" / "db_migrations"
     names = sorted(p.name for p in (folder / "versions").glob("*.py"))
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
-
-
-def template_name() -> str:
-    from importlib.metadata import version
-
+    migrations = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
     return (
-        f"mlflow-schema-{version('mlflow')}-{_migrations()}-sqlalchemy-{version('sqlalchemy')}"
+        f"mlflow-schema-{version('mlflow')}-{migrations}-sqlalchemy-{version('sqlalchemy')}"
         f"-alembic-{version('alembic')}.db"
     )
 
 
-def _make_template(path: Path) -> None:
-    """MLflow creates a store at a temporary name; its Default experiment is dropped; the
-    file is renamed to ``path`` only when complete."""
-    from mlflow.tracking import MlflowClient
-
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".schema-") as scratch:
-        draft = Path(scratch) / "mlflow.db"
-        client = MlflowClient(tracking_uri=f"sqlite:///{draft}")
-        client.search_experiments(max_results=1)  # creates the schema
-        with contextlib.closing(sqlite3.connect(draft)) as db, db:
-            db.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
-            db.execute("DELETE FROM experiments WHERE experiment_id = 0")
-        os.replace(draft, path)
-
-
 def template() -> Path:
-    """The template for the installed versions, made first if missing."""
+    """The template for the installed versions, made first if missing: MLflow creates a store
+    at a temporary name, its Default experiment is dropped, and the file is renamed to the
+    template's only when complete."""
     folder = cache_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / template_name()
     with creation_lock(path):
-        if not path.exists():
-            _make_template(path)
+        if path.exists():
+            return path
+        from mlflow.tracking import MlflowClient
+
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".schema-") as scratch:
+            draft = Path(scratch) / "mlflow.db"
+            MlflowClient(tracking_uri=f"sqlite:///{draft}").search_experiments(max_results=1)
+            with contextlib.closing(sqlite3.connect(draft)) as db, db:
+                db.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
+                db.execute("DELETE FROM experiments WHERE experiment_id = 0")
+            os.replace(draft, path)
     return path
 
 
 def _sound(db: Path) -> bool:
     """SQLite's own check of a copied file, and the schema's revision is there."""
-    with contextlib.closing(sqlite3.connect(db)) as connection:
-        checked = connection.execute("PRAGMA quick_check").fetchall()
-        revisions = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as connection:
+            checked = connection.execute("PRAGMA quick_check").fetchall()
+            revisions = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.DatabaseError:  # not a database, or no schema in it
+        return False
     return checked == [("ok",)] and len(revisions) == 1
 
 
 def seed_store(db: Path) -> bool:
-    """Copy the template to ``db`` if no store is there yet; True when it did. Call it under
-    the store's creation lock. Any failure leaves ``db`` absent, for MLflow to create; a
-    template SQLite finds damaged is removed (made again next time); a store another process
-    made meanwhile is kept."""
+    """Copy the template to ``db`` (under the store's creation lock) if no store is there yet;
+    True when it did. Any failure leaves ``db`` absent, for MLflow to create; a damaged template
+    is removed (made again next time); a store another process made meanwhile is kept."""
     if db.exists():
         return False
     partial = db.with_name(f".{db.name}.{os.getpid()}.seeding")
     try:
         source = template()
         shutil.copyfile(source, partial)
-        try:
-            sound = _sound(partial)
-        except sqlite3.DatabaseError:  # not a database, or no schema in it
-            sound = False
-        if not sound:
+        if not _sound(partial):
             source.unlink()
             return False
         os.link(partial, db)  # never replaces a store that appeared meanwhile
@@ -121,14 +103,6 @@ def seed_store(db: Path) -> bool:
         with contextlib.suppress(OSError):
             partial.unlink()
     return True
-
-
-def _discard(db: Path) -> None:
-    """A seeded store MLflow could not open, and the template it came from: both are removed
-    (the store holds nothing yet), so that the next attempt starts afresh."""
-    for path in (db, cache_folder() / template_name()):
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 def open_store(uri: str, db: Path | None) -> MlflowClient:
@@ -146,7 +120,9 @@ def open_store(uri: str, db: Path | None) -> MlflowClient:
     except Exception as exc:
         if not seeded:
             raise
-        _discard(db)
+        for path in (db, cache_folder() / template_name()):  # the store holds nothing yet
+            with contextlib.suppress(OSError):
+                path.unlink()
         raise ValueError(
             f"the new store, a copy of vaebench's schema template, did not open ({exc}); "
             "both are removed: run again"

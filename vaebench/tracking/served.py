@@ -1,15 +1,12 @@
 """A trained run's model as MLflow serves it: one tensor in, one tensor out.
 
-MLflow's PyTorch flavor calls ``module(batch)`` with a single float32 tensor
-(a pyfunc or ``mlflow models serve`` gets a numpy array or a DataFrame, one row
-an image) and wants a single tensor back. :class:`ServedVAE` gives every model
-family that shape: a row is an image's ``C*H*W`` pixels in [0, 1], prepared as
-the run's data was (binarized where ``data.binarize`` says so), and for a
-conditional family (``cvae``) one more column, the digit label; the output is
-the reconstruction's pixel probabilities at the posterior mean, the same
-deterministic reconstruction the run's ``reconstructions.png`` shows.
-``encode`` and ``decode`` give the latent means and decode latent draws, as the
-trained module does. This module knows torch and the model families only.
+MLflow's PyTorch flavor calls ``module(batch)`` with a single float32 tensor (a pyfunc or
+``mlflow models serve`` gets a numpy array or a DataFrame, one row an image) and wants a single
+tensor back. :class:`ServedVAE` gives every model family that shape: a row is an image's
+``C*H*W`` pixels in [0, 1], prepared as the run's data was (binarized where ``data.binarize``
+says so), and for a conditional family (``cvae``) one more column, the digit label; the output
+is the reconstruction's pixel probabilities at the posterior mean, as the run's
+``reconstructions.png`` shows. ``encode`` and ``decode`` work as the trained module's do.
 """
 
 from __future__ import annotations
@@ -61,13 +58,11 @@ class ServedVAE(nn.Module):
         return torch.cat([flat, labels.reshape(-1, 1).float()], dim=1)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        images, labels = self.split(rows)
-        return torch.sigmoid(self.model.reconstruct(images, labels)).flatten(1)
+        return torch.sigmoid(self.model.reconstruct(*self.split(rows))).flatten(1)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
         """The posterior means E[z|x] (the Gaussian part, for families with a category)."""
-        images, labels = self.split(rows)
-        return self.model.encode(images, labels)[0]
+        return self.model.encode(*self.split(rows))[0]
 
     def decode(
         self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None

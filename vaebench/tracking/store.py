@@ -1,7 +1,5 @@
-"""Where the MLflow store is: the URI, an SQLite file and its creation lock, a server's probe.
-
-Plain functions without MLflow, so that checking a URI costs no MLflow import.
-"""
+"""Where the MLflow store is: the URI, an SQLite file and its creation lock, a server's probe;
+plain functions without MLflow, so that checking a URI costs no MLflow import."""
 
 from __future__ import annotations
 
@@ -21,9 +19,8 @@ def resolve_tracking_uri(cli_uri: str | None = None) -> str:
 
 
 def sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///")).expanduser()
+    prefix = "sqlite:///"
+    return Path(uri.removeprefix(prefix)).expanduser() if uri.startswith(prefix) else None
 
 
 # MLflow's HTTP client retries 7 times with a growing back-off (minutes) before it reports a
@@ -47,9 +44,8 @@ def creation_lock(db: Path | None):
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
-        finally:
+        finally:  # not left to the close: a process forked meanwhile shares the descriptor
             fcntl.flock(lock, fcntl.LOCK_UN)
-
 
 
 SERVER_PROBE_SECONDS = 5.0

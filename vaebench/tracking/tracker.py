@@ -1,17 +1,16 @@
-"""Where runs are recorded: the Tracker interface and MLflow's implementation.
-
-Trackers take plain dicts and file paths, so the trainer and the grid code
-stay free of mlflow; ``import mlflow`` happens only when an MLflowTracker is
-made (the GPU machines and the benchmarks do without it).
+"""Where runs are recorded: the Tracker interface and MLflow's implementation. Trackers take
+plain dicts and file paths, so the trainer and the grid code stay free of mlflow; ``import
+mlflow`` happens only when an MLflowTracker is made (the GPU machines and benchmarks do without).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from vaebench.signals import deferred_signals
 from vaebench.spec.config import VaebenchError, first_line
 from vaebench.tracking.schema import open_store
 from vaebench.tracking.store import HTTP_LIMITS, check_server, sqlite_path
-from vaebench.tracking.system_metrics import monitored
 
 if TYPE_CHECKING:  # the record's type only: tracking imports no torch
     from vaebench.data import SplitRecord
@@ -33,15 +31,17 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
 MODEL_TRAINING_KIND = "custom_model_development"
 RUN_KEY_TAG = "vaebench.run_key"
 ERROR_TAG = "vaebench.error"
-# a store that stopped answering: the grid stops, and its rerun continues it (sysexits'
-# EX_TEMPFAIL: a temporary failure, the user is invited to retry)
-TRACKING_EXIT_STATUS = 75
+SYSTEM_METRICS_ENV = "VAEBENCH_SYSTEM_METRICS"  # "0": no system metrics
+SYSTEM_METRICS_SECONDS_ENV = "VAEBENCH_SYSTEM_METRICS_SECONDS"
+SYSTEM_METRICS_SECONDS = 10.0  # MLflow's default interval: a sample costs milliseconds
 
 
 class TrackingError(VaebenchError):
     """The tracking store failed in the middle of the work (a server gone, a disk full)."""
 
-    exit_status = TRACKING_EXIT_STATUS
+    # the grid stops, and its rerun continues it (sysexits' EX_TEMPFAIL: a temporary failure,
+    # the user is invited to retry)
+    exit_status = 75
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,9 @@ class RunRecord:
 
 
 class Tracker(Protocol):
-    """How runs are recorded; the execution layer and the invocations use nothing else.
-
-    A store that fails (server gone, disk full, database locked for too long) raises
-    :class:`TrackingError` from any call.
-    """
+    """How runs are recorded; the execution layer and the invocations use nothing else. A store
+    that fails (server gone, disk full, database locked too long) raises :class:`TrackingError`
+    from any call."""
 
     uri: str  # the store's, for another process (a background finisher) or a report to open
     experiment_id: str | None  # set by start_grid or join_grid
@@ -77,10 +75,7 @@ class Tracker(Protocol):
     def start_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str: ...
     def reopen_run(self, run_id: str, tags: Mapping[str, str]) -> None: ...
     def log_metrics(
-        self,
-        run_id: str,
-        metrics: Mapping[str, float],
-        step: int | None = None,
+        self, run_id: str, metrics: Mapping[str, float], step: int | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> None: ...
     def logged_steps(self, run_id: str, metric: str) -> set[int]: ...
@@ -121,10 +116,7 @@ def _store_call(method: Callable[..., T]) -> Callable[..., T]:
 
 class MLflowTracker:
     """One experiment per grid, a parent run per invocation, a nested child run per variant.
-
-    Creating the tracker creates the store (schema included) once, before any
-    run is logged; a bad URI is a VaebenchError.
-    """
+    Creating it creates the store (schema included); a bad URI is a VaebenchError."""
 
     def __init__(self, uri: str):
         from mlflow.exceptions import MlflowException
@@ -146,24 +138,19 @@ class MLflowTracker:
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
 
-    def _artifact_location(self, name: str) -> str | None:
-        """Beside a local SQLite file, artifacts go to ``mlartifacts/`` next to it."""
-        db = sqlite_path(self.uri)
-        if db is None:
-            return None  # a tracking server chooses
-        return (db.resolve().parent / "mlartifacts" / name).as_uri()
-
     def _ensure_experiment(self, name: str) -> str:
         """The experiment, made if missing, with MLflow 3's experiment kind set to model
         training (what the UI's own kind selector would set), so the UI treats it as one."""
         from mlflow.exceptions import MlflowException
 
         existing = self.client.get_experiment_by_name(name)
+        db = sqlite_path(self.uri)  # beside a local SQLite file, artifacts go to mlartifacts/
+        folder = None if db is None else (db.resolve().parent / "mlartifacts" / name).as_uri()
         if existing is None:
             try:
                 return self.client.create_experiment(
                     name,
-                    artifact_location=self._artifact_location(name),
+                    artifact_location=folder,  # None: a tracking server chooses
                     tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
                 )
             except MlflowException:  # another process created it meanwhile
@@ -197,9 +184,9 @@ class MLflowTracker:
         assert self.experiment_id is not None, "start_grid first"
         all_tags = {**tags, **({MLFLOW_PARENT_RUN_ID: self.parent_id} if self.parent_id else {})}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        run_id = run.info.run_id
-        self.client.log_batch(run_id, params=[Param(k, _param_text(v)) for k, v in params.items()])
-        return run_id
+        texts = [Param(k, "null" if v is None else str(v)) for k, v in params.items()]
+        self.client.log_batch(run.info.run_id, params=texts)
+        return run.info.run_id
 
     @_store_call
     def reopen_run(self, run_id: str, tags: Mapping[str, str]) -> None:
@@ -216,10 +203,7 @@ class MLflowTracker:
 
     @_store_call
     def log_metrics(
-        self,
-        run_id: str,
-        metrics: Mapping[str, float],
-        step: int | None = None,
+        self, run_id: str, metrics: Mapping[str, float], step: int | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> None:
         """All of an epoch's metrics (and tags, such as the lease) in one call."""
@@ -235,11 +219,8 @@ class MLflowTracker:
     def logged_steps(self, run_id: str, metric: str) -> set[int]:
         return {m.step for m in self.client.get_metric_history(run_id, metric)}
 
-    @_store_call
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.log_metrics(run_id, {}, tags=tags)  # one batch of tags alone
 
     @_store_call
     def log_artifacts(self, run_id: str, folder: Path) -> None:
@@ -251,10 +232,36 @@ class MLflowTracker:
             self.client.set_tag(run_id, ERROR_TAG, error[:MAX_TAG_LENGTH])
         self.client.set_terminated(run_id, status=status)
 
-    def system_metrics(self, run_id: str) -> contextlib.AbstractContextManager[None]:
-        """MLflow's system metrics on ``run_id`` while the block runs
-        (:func:`vaebench.tracking.system_metrics.monitored`)."""
-        return monitored(run_id, self.uri)
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str) -> Iterator[None]:
+        """MLflow's system metrics monitor (CPU, memory, disk, network, GPU with
+        ``nvidia-ml-py``) on ``run_id`` while the block runs, sampling every
+        ``$VAEBENCH_SYSTEM_METRICS_SECONDS``; off with ``$VAEBENCH_SYSTEM_METRICS=0``. It
+        publishes a sample only once its interval has passed and the run is still RUNNING: a
+        run shorter than the interval would have none, so what it sampled is published last."""
+        if os.environ.get(SYSTEM_METRICS_ENV, "1") == "0":
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start lines
+        seconds = float(os.environ.get(SYSTEM_METRICS_SECONDS_ENV, SYSTEM_METRICS_SECONDS))
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=seconds, tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+        # the block ended well (a run whose store failed is left as it is): if the monitor
+        # published nothing, what it sampled (or a sample taken now) is, at step 0; best effort,
+        # never the run's error (nothing where a version of MLflow's monitor lacks these)
+        if getattr(monitor, "_logging_step", None) != 0 or not hasattr(monitor, "monitors"):
+            return
+        with contextlib.suppress(Exception):
+            if not any(getattr(part, "_metrics", None) for part in monitor.monitors):
+                monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
 
     @_store_call
     def log_inputs(self, run_id: str, splits: Sequence[SplitRecord]) -> None:
@@ -268,9 +275,7 @@ class MLflowTracker:
         inputs = [
             DatasetInput(
                 Dataset(
-                    name=split.name,
-                    digest=split.digest,
-                    source_type="local",
+                    name=split.name, digest=split.digest, source_type="local",
                     source=json.dumps({"uri": split.source}),
                     profile=json.dumps({"num_rows": split.rows}),
                 ),
@@ -283,7 +288,8 @@ class MLflowTracker:
                 self.client.log_inputs(run_id, datasets=inputs)
                 return
             except Exception as exc:
-                if attempt == DATASET_ATTEMPTS - 1 or not _dataset_created_meanwhile(exc):
+                text = str(exc).lower()
+                if attempt == DATASET_ATTEMPTS - 1 or "unique" not in text or "dataset" not in text:
                     raise
                 time.sleep(0.2 * (attempt + 1))
 
@@ -296,9 +302,7 @@ class MLflowTracker:
     def run_record(self, run_id: str) -> RunRecord | None:
         """The run as the store holds it now (None if deleted)."""
         run = self.client.get_run(run_id)
-        if run.info.lifecycle_stage == "deleted":
-            return None
-        return _record(run)
+        return None if run.info.lifecycle_stage == "deleted" else _record(run)
 
     # artifact_bytes and register_model run after the runs are tracked, and their callers
     # report what fails in one line (a missing artifact, an invalid name): not TrackingErrors
@@ -320,10 +324,9 @@ class MLflowTracker:
 
         model_id = model_registry.logged_model_of(self.client, run_id)
         reused = model_id is not None
-        if model_id is None:
-            model_id = model_registry.log_model(
-                self.client, self.uri, run_id, module, example, step
-            )
+        model_id = model_id or model_registry.log_model(
+            self.client, self.uri, run_id, module, example, step
+        )
         version = model_registry.register(
             self.client, self.uri, name, model_id, run_id, dict(tags), description
         )
@@ -339,11 +342,8 @@ class MLflowTracker:
         token = None
         while True:
             page = self.client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.`{tag}` = '{value}'",
-                max_results=1000,
-                order_by=["attributes.start_time ASC"],
-                page_token=token,
+                [experiment.experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+                max_results=1000, order_by=["attributes.start_time ASC"], page_token=token,
             )
             records += [_record(run) for run in page]
             token = page.token
@@ -357,22 +357,12 @@ class MLflowTracker:
 DATASET_ATTEMPTS = 3
 
 
-def _dataset_created_meanwhile(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return "unique" in text and "dataset" in text
-
-
 def _record(run: Any) -> RunRecord:
-    """An MLflow run as a RunRecord."""
     info = run.info
     return RunRecord(
         info.run_id, info.run_name, info.status, dict(run.data.tags), info.start_time,
         dict(run.data.metrics), info.end_time,
     )
-
-
-def _param_text(value: Any) -> str:
-    return "null" if value is None else str(value)
 
 
 
