@@ -33,12 +33,9 @@ BACKBONES: dict[str, Callable[[ModelConfig, Shape, int], Backbone]] = {
 }
 
 
-def build_mlp(config: ModelConfig, image_shape: Shape) -> GaussianVAE:
-    return GaussianVAE(mlp_backbone(config, image_shape, config.z_dim), config.z_dim)
-
-
-def build_conv(config: ModelConfig, image_shape: Shape) -> GaussianVAE:
-    return GaussianVAE(conv_backbone(config, image_shape, config.z_dim), config.z_dim)
+def build_gaussian(config: ModelConfig, image_shape: Shape) -> GaussianVAE:
+    """``mlp`` or ``conv``: the Gaussian VAE of that backbone."""
+    return GaussianVAE(BACKBONES[config.arch](config, image_shape, config.z_dim), config.z_dim)
 
 
 def build_gumbel(config: ModelConfig, image_shape: Shape) -> JointVAE:
@@ -57,8 +54,8 @@ def build_cvae(config: ModelConfig, image_shape: Shape) -> ConditionalVAE:
 
 
 MODELS: dict[str, ModelBuilder] = {
-    "mlp": build_mlp,
-    "conv": build_conv,
+    "mlp": build_gaussian,
+    "conv": build_gaussian,
     "gumbel": build_gumbel,
     "cvae": build_cvae,
     "gmvae": build_gmvae,

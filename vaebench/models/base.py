@@ -36,23 +36,6 @@ class Mixture:
 
 
 @dataclass
-class VAEOutput:
-    """A forward pass: decoder logits, the Gaussian posterior, and category logits if any.
-
-    With a ``mixture`` the logits are one decoding per category, category-major (row
-    ``k * B + i`` decodes image i's z drawn from q(z|x, c=k)), to be weighted by q(c|x): the
-    expectation over c is summed exactly, not sampled.
-    """
-
-    logits: torch.Tensor
-    mu: torch.Tensor
-    logvar: torch.Tensor
-    z: torch.Tensor
-    category_logits: torch.Tensor | None = None
-    mixture: Mixture | None = None
-
-
-@dataclass
 class Posterior:
     """q(z|x) = N(mu, exp(logvar)), and q(c|x) = softmax(category_logits) where there is a c.
 
@@ -63,6 +46,19 @@ class Posterior:
     logvar: torch.Tensor
     category_logits: torch.Tensor | None = None
     mixture: Mixture | None = None
+
+
+@dataclass(kw_only=True)
+class VAEOutput(Posterior):
+    """A forward pass: the posterior, decoder ``logits`` of its draw ``z``.
+
+    With a ``mixture`` the logits are one decoding per category, category-major (row
+    ``k * B + i`` decodes image i's z drawn from q(z|x, c=k)), to be weighted by q(c|x): the
+    expectation over c is summed exactly, not sampled.
+    """
+
+    logits: torch.Tensor
+    z: torch.Tensor
 
 
 @dataclass
@@ -146,7 +142,7 @@ class GaussianVAE(nn.Module):
         return VAEOutput(logits=self.decode(z), mu=mu, logvar=logvar, z=z)
 
     @staticmethod
-    def kl_terms(out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
+    def kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
         """Each KL term summed over the batch, in nats (of a stack's output, per member)."""
         return {"kl_z": gaussian_kl(out.mu, out.logvar)}
 

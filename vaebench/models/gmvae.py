@@ -56,7 +56,7 @@ def decode_components(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return decoder(z.transpose(-3, -2).flatten(-3, -2))
 
 
-def mixture_kl_terms(out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
+def mixture_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
     """KL_z: each component's KL from its prior p(z|c), weighed by q(c|x); KL_c from uniform;
     each summed over the batch (per member of a stack)."""
     mixture = out.mixture

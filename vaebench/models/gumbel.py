@@ -56,7 +56,7 @@ def relaxed_category(
     return torch.zeros_like(soft).scatter_(-1, index, 1.0) - soft.detach() + soft
 
 
-def joint_kl_terms(out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
+def joint_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
     """The KL of z and of c from uniform, each summed over the batch (per member of a stack)."""
     assert out.category_logits is not None
     return {

@@ -26,11 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# member layers this module can stack; anything else keeps a run out of a stack
-STACKABLE_LAYERS = (
-    nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, nn.Unflatten
-)
-
 
 def stacked_parameter(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
     """The members' tensors as one parameter ``(K, *shape)``."""
@@ -167,11 +162,11 @@ class MemberShape(nn.Module):
 
     grouped = False
 
-    def __init__(self, member: nn.Flatten | nn.Unflatten, members: int):
+    def __init__(self, members: Sequence[nn.Flatten | nn.Unflatten]):
         super().__init__()
-        unflatten = isinstance(member, nn.Unflatten)
-        self.unflatten = tuple(member.unflattened_size) if unflatten else None
-        self.members = members
+        unflatten = isinstance(members[0], nn.Unflatten)
+        self.unflatten = tuple(members[0].unflattened_size) if unflatten else None
+        self.members = len(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.unflatten is None:
@@ -210,19 +205,10 @@ class StackedSequential(nn.Sequential):
     def __init__(self, members: Sequence[nn.Sequential]):
         layers: list[nn.Module] = []
         for parts in zip(*members, strict=True):
-            first = parts[0]
-            if isinstance(first, nn.Linear):
-                layers.append(StackedLinear(parts))
-            elif isinstance(first, nn.Conv2d | nn.ConvTranspose2d):
-                layers.append(StackedConv(parts))
-            elif isinstance(first, nn.BatchNorm2d):
-                layers.append(StackedBatchNorm(parts))
-            elif isinstance(first, nn.Flatten | nn.Unflatten):
-                layers.append(MemberShape(first, len(parts)))
-            elif isinstance(first, nn.ReLU):
-                layers.append(nn.ReLU())
-            else:
-                raise ValueError(f"cannot stack {type(first).__name__} layers")
+            kinds = [make for kind, make in STACKED_LAYERS.items() if isinstance(parts[0], kind)]
+            if not kinds:
+                raise ValueError(f"cannot stack {type(parts[0]).__name__} layers")
+            layers.append(kinds[0](parts))
         super().__init__(*layers)
         self.members = len(members)
 
@@ -254,6 +240,20 @@ class StackedSequential(nn.Sequential):
             grouped = wants
             x = layer(x)
         return from_grouped(x, self.members) if grouped else x
+
+
+# the member layers this module stacks, each with its stacked layer's maker; anything else
+# keeps a run out of a stack
+STACKED_LAYERS: dict[type[nn.Module], Callable[[Sequence[nn.Module]], nn.Module]] = {
+    nn.Linear: StackedLinear,
+    nn.Conv2d: StackedConv,
+    nn.ConvTranspose2d: StackedConv,
+    nn.BatchNorm2d: StackedBatchNorm,
+    nn.Flatten: MemberShape,
+    nn.Unflatten: MemberShape,
+    nn.ReLU: lambda parts: nn.ReLU(),
+}
+STACKABLE_LAYERS = tuple(STACKED_LAYERS)
 
 
 def use_layout(stack: nn.Module, per_member: bool | None) -> nn.Module:

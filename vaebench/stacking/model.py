@@ -96,16 +96,18 @@ class StackedGaussianVAE(nn.Module):
             z = reparameterize(mu, logvar, noise)
             mixture = Mixture(mu, logvar, self.prior_mu, self.prior_logvar)
             logits = decode_components(self.decoder, z)
-            return VAEOutput(logits, mu, logvar, z, self.category_head(features), mixture)
+            categories = self.category_head(features)
+            return VAEOutput(mu, logvar, categories, mixture, logits=logits, z=z)
         mu, logvar = self.head(features).chunk(2, dim=-1)
         z = reparameterize(mu, logvar, noise)
         if not self.categories:
-            return VAEOutput(self.decode(z, y), mu, logvar, z)
+            return VAEOutput(mu, logvar, logits=self.decode(z, y), z=z)
         if gumbel is None:
             raise ValueError("a joint VAE's stack needs Gumbel noise")
         category_logits = self.category_head(features)
         c = relaxed_category(category_logits, gumbel, tau, self.hard)
-        return VAEOutput(self.decoder(torch.cat([z, c], dim=-1)), mu, logvar, z, category_logits)
+        logits = self.decoder(torch.cat([z, c], dim=-1))
+        return VAEOutput(mu, logvar, category_logits, logits=logits, z=z)
 
     def noise_shape(self, batch: int) -> tuple[int, ...]:
         """The shape of one member's standard normal draws for a batch: a z per image, or for

@@ -92,16 +92,10 @@ class StackedAdam(StackedOptimizer):
     """``torch.optim.Adam(fused=True)``'s kernel, one call per learning-rate run."""
 
     state_names = ("exp_avg", "exp_avg_sq")
+    betas, eps = (0.9, 0.999), 1e-8  # torch's defaults, the only options a stack takes
 
-    def __init__(
-        self,
-        params: Sequence[torch.nn.Parameter],
-        lrs: Sequence[float],
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-    ):
+    def __init__(self, params: Sequence[torch.nn.Parameter], lrs: Sequence[float]):
         super().__init__(params, lrs)
-        self.betas, self.eps = betas, eps
         # the kernel reads the step count from a float32 tensor on the parameters' device
         self.step_count = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
 
@@ -132,16 +126,7 @@ class StackedRMSprop(StackedOptimizer):
     """``torch.optim.RMSprop``'s default arithmetic, in place, per learning-rate run."""
 
     state_names = ("square_avg",)
-
-    def __init__(
-        self,
-        params: Sequence[torch.nn.Parameter],
-        lrs: Sequence[float],
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-    ):
-        super().__init__(params, lrs)
-        self.alpha, self.eps = alpha, eps
+    alpha, eps = 0.99, 1e-8  # torch's defaults, the only options a stack takes
 
     @torch.no_grad()
     def step(self) -> None:

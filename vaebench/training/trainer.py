@@ -283,14 +283,15 @@ class ModelTrainee:
             from vaebench.training.pyro_backend import pyro_loss
 
             self.batch_loss = pyro_loss(self.model, config)
-        self.history: list[EpochMetrics] = []
-        self.earlier = 0.0  # seconds a continued run had trained
+        self.configs, self.earlier = [config], 0.0
+        self.results = [TrainResult(model=self.model)]
         if resume is not None:
-            self.history, self.earlier = restore_training_state(
+            history, self.earlier = restore_training_state(
                 resume, self.model, self.optimizer, self.generator
             )
+            self.results[0].history = history
             per_epoch = steps_per_epoch(len(splits.train), config.train.batch_size)
-            self.model.anneal(len(self.history) * per_epoch - 1, config.train.epochs * per_epoch)
+            self.model.anneal(len(history) * per_epoch - 1, config.train.epochs * per_epoch)
 
     def epoch(self, first_step: int) -> torch.Tensor:
         total = train_epoch(
