@@ -78,13 +78,9 @@ class LossTerms:
     category_logits: torch.Tensor | None = None
 
     @property
-    def kl_total(self) -> torch.Tensor:
-        return sum(self.kl.values(), torch.zeros((), device=self.recon.device))
-
-    @property
     def negative_elbo(self) -> torch.Tensor:
         """The beta = 1 bound, reported whatever objective a run trains with."""
-        return self.recon + self.kl_total
+        return self.recon + sum(self.kl.values(), torch.zeros((), device=self.recon.device))
 
 
 def expected_reconstruction(
@@ -177,18 +173,14 @@ class Objective:
         ramp = capacity(self.maximum[name], step, self.config.capacity_steps)
         return min(ramp, self.ceiling[name])
 
-    def weighed_kls(self, terms: LossTerms) -> dict[str, torch.Tensor]:
-        """The KL terms the ``elbo`` objective weighs: the ELBO's, with ``loss.kl_c:
-        batch_marginal`` the batch-marginal KL of c in place of the per-image one."""
-        if self.config.kl_c == "per_image" or "kl_c" not in terms.kl:
-            return terms.kl
-        assert terms.category_logits is not None
-        return {**terms.kl, "kl_c": batch_marginal_kl(terms.category_logits)}
-
     def __call__(self, terms: LossTerms, batch_size: int, step: int) -> torch.Tensor:
         loss = terms.recon
         if self.config.objective == "elbo":
-            for name, kl in self.weighed_kls(terms).items():
+            kls = terms.kl  # the ELBO's, or with loss.kl_c: batch_marginal the batch's KL of c
+            if self.config.kl_c != "per_image" and "kl_c" in kls:
+                assert terms.category_logits is not None
+                kls = {**kls, "kl_c": batch_marginal_kl(terms.category_logits)}
+            for name, kl in kls.items():
                 loss = loss + self.weight[name] * kl
             return loss
         # JointVAE's capacities hold the ELBO's own (per-image) KL terms at their targets

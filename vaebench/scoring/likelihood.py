@@ -51,12 +51,13 @@ def draw_latents(posterior: Posterior, samples: int, generator: torch.Generator)
     """Draw z (and an exact one-hot c) from the posterior with ``generator``."""
     if posterior.mixture is not None:
         return _draw_from_mixture(posterior, samples, generator)
-    mu = posterior.mu.repeat(samples, 1)
-    logvar = posterior.logvar.repeat(samples, 1)
-    noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    lead = [1] * (posterior.mu.dim() - 2)  # a stack's member axis: one member's draws serve all
+    mu = posterior.mu.repeat(*lead, samples, 1)
+    logvar = posterior.logvar.repeat(*lead, samples, 1)
+    noise = torch.randn(mu.shape[-2:], generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + noise * torch.exp(0.5 * logvar)
-    log_q = -0.5 * (noise.pow(2) + logvar + LOG_2PI).sum(dim=1)
-    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(dim=1)
+    log_q = -0.5 * (noise.pow(2) + logvar + LOG_2PI).sum(dim=-1)
+    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(dim=-1)
     c = None
     if posterior.category_logits is not None:
         log_probs = F.log_softmax(posterior.category_logits.repeat(samples, 1), dim=1)

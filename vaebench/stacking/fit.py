@@ -10,15 +10,11 @@ member's gradient is exactly its own. A member whose loss or metrics turn NaN or
 after that epoch: the others go on as a smaller stack, their tensors and optimizer state
 carried over exactly, so a stopped member costs nothing more.
 
-Validation and test passes are stacked as well (:mod:`vaebench.stacking.evaluation`; a
-joint member, ``gumbel``, or a mixture member, ``gmvae``, is evaluated in its own model, its
-categories drawn exactly); a
-member is copied into the model its run alone would have (same parameter names) for its
-checkpoints and, after the last epoch, for the scores it computes alone (clustering,
-likelihood). What a member reports is what :func:`vaebench.training.loop.fit` reports for its
-config, up to floating-point rounding of the batched products, and the timing, which is
-its share of the stack's (the stack's seconds / K).
-
+A member is copied into the model its run alone would have (same parameter names) for its
+checkpoints, the evaluations it makes alone (:class:`StackTrainee`) and, after the last
+epoch, the scores it computes alone (clustering, likelihood). What a member reports is what
+:func:`vaebench.training.loop.fit` reports for its config, up to floating-point rounding of
+the batched products, and the timing, which is its share of the stack's (seconds / K).
 This module imports neither mlflow nor optuna.
 """
 
@@ -35,10 +31,10 @@ from vaebench.models import build_model, place_model
 from vaebench.scoring.evaluation import Evaluation, evaluate
 from vaebench.spec.config import RunConfig
 from vaebench.stacking.evaluation import evaluate_stack
-from vaebench.stacking.model import StackedGaussianVAE, stack_problem
+from vaebench.stacking.model import StackedGaussianVAE
 from vaebench.stacking.optim import STACKED_OPTIMIZERS, StackedOptimizer
 from vaebench.stacking.plan import MEMBER_KEYS, stack_key
-from vaebench.stacking.step import StackSteps, StepBatch, cuda_graph_for
+from vaebench.stacking.step import StackSteps, cuda_graph_for
 from vaebench.training.loop import train_members
 from vaebench.training.trainer import (
     EpochMetrics,
@@ -46,7 +42,6 @@ from vaebench.training.trainer import (
     TrainingDiverged,
     TrainResult,
     build_optimizer,
-    steps_per_epoch,
     training_state,
 )
 
@@ -64,13 +59,10 @@ class Member:
 
 def build_member(config: RunConfig, splits: Splits, device: torch.device) -> Member:
     """The model, initialised as :func:`vaebench.training.loop.fit` initialises it, and
-    generators in
-    the states that run's batch order and global random stream would have after that."""
+    generators in the states that run's batch order and global random stream would have
+    after that. (Whether it stacks, :func:`stack_problem`, the stack it joins checks.)"""
     torch.manual_seed(config.seed)
     model = build_model(config.model, splits.image_shape)
-    problem = stack_problem(model)
-    if problem:
-        raise ValueError(problem)
     draw_rng = torch.Generator(device=device)
     if device.type == "cpu":
         draw_rng.set_state(torch.get_rng_state())  # after the initialisation's draws
@@ -85,23 +77,14 @@ def stacked_epoch(steps: StackSteps, splits: Splits, first_step: int = 0) -> tor
     """One pass over the training split for every member of ``steps``' stack, its steps
     numbered from ``first_step`` (a schedule, such as a temperature, follows them); the
     summed objective per member (K,) as a device tensor."""
-    members = steps.members
-    config = members[0].config
-    images, labels = splits.train.images, splits.train.labels
-    n, count = images.shape[0], len(members)
-    batch_size = config.train.batch_size
-    total_steps = config.train.epochs * steps_per_epoch(n, batch_size)
-    device = images.device
-    orders = torch.stack(
-        [torch.randperm(n, generator=m.order_rng, device="cpu") for m in members]
-    ).to(device)
-    total = torch.zeros(count, device=device)
+    members, n, device = steps.members, len(splits.train), splits.train.images.device
+    batch_size = members[0].config.train.batch_size
+    orders = [torch.randperm(n, generator=m.order_rng, device="cpu") for m in members]
+    orders = torch.stack(orders).to(device)
+    total = torch.zeros(len(members), device=device)
     steps.stack.train()
     for step, start in enumerate(range(0, n, batch_size), start=first_step):
-        index = orders[:, start : start + batch_size]
-        total += steps(
-            StepBatch(images, labels, index, step, total_steps, splits.dynamic_binarize)
-        )
+        total += steps(orders[:, start : start + batch_size], step)
     return total
 
 

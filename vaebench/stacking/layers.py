@@ -130,30 +130,22 @@ class StackedBatchNorm(nn.Module):
             self.register_buffer(name, torch.stack([getattr(m, name) for m in members]).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        return self._normalise(
-            self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
-            self.bias.view(-1), x,
-        )
+        return self._normalise(*(part.view(-1) for part in self._parts()), x)
 
     def member_layers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         """Each member's batch norm of its ``(B, C, H, W)``: its own statistics (rows of the
         ``(K, C)`` buffers, updated in place) and affine weights."""
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        parts = (self.running_mean, self.running_var, self.weight, self.bias)
-        members = zip(*(part.unbind(0) for part in parts), strict=True)
+        members = zip(*(part.unbind(0) for part in self._parts()), strict=True)
         return [partial(self._normalise, *member) for member in members]
 
-    def _normalise(
-        self,
-        mean: torch.Tensor,
-        var: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        x: torch.Tensor,
-    ) -> torch.Tensor:
+    def _parts(self) -> tuple[torch.Tensor, ...]:
+        """Running mean and variance, weight and bias; a training pass counts its batch."""
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return self.running_mean, self.running_var, self.weight, self.bias
+
+    def _normalise(self, *tensors: torch.Tensor) -> torch.Tensor:
+        mean, var, weight, bias, x = tensors
         return F.batch_norm(x, mean, var, weight, bias, self.training, self.momentum, self.eps)
 
 

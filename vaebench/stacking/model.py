@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vaebench.models.base import GaussianVAE, Mixture, VAEOutput, reparameterize
+from vaebench.models.base import GaussianVAE, Mixture, Posterior, VAEOutput, reparameterize
 from vaebench.models.cvae import ConditionalVAE, with_label
 from vaebench.models.gmvae import GaussianMixtureVAE, decode_components, mixture_components
 from vaebench.models.gumbel import JointVAE, relaxed_category
@@ -90,16 +90,15 @@ class StackedGaussianVAE(nn.Module):
         of conditional members and, for joint members, Gumbel noise ``gumbel``
         (K, B, categories) at temperature ``tau``, through the families' own formulas."""
         features = self._features(x, y)
+        head = self.head(features)
         if self.mixture:
-            both = mixture_components(self.head(features), self.component_offset)
-            mu, logvar = both.chunk(2, dim=-1)
-            z = reparameterize(mu, logvar, noise)
+            head = mixture_components(head, self.component_offset)
+        mu, logvar = head.chunk(2, dim=-1)
+        z = reparameterize(mu, logvar, noise)
+        if self.mixture:
             mixture = Mixture(mu, logvar, self.prior_mu, self.prior_logvar)
             logits = decode_components(self.decoder, z)
-            categories = self.category_head(features)
-            return VAEOutput(mu, logvar, categories, mixture, logits=logits, z=z)
-        mu, logvar = self.head(features).chunk(2, dim=-1)
-        z = reparameterize(mu, logvar, noise)
+            return VAEOutput(mu, logvar, self.category_head(features), mixture, logits=logits, z=z)
         if not self.categories:
             return VAEOutput(mu, logvar, logits=self.decode(z, y), z=z)
         if gumbel is None:
@@ -114,14 +113,21 @@ class StackedGaussianVAE(nn.Module):
         mixture members a z per image and component."""
         return (batch, self.categories, self.z_dim) if self.mixture else (batch, self.z_dim)
 
-    def encode(
-        self, x: torch.Tensor, y: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each member's posterior mean and log-variance (K, B, z_dim) of images (K, B, ...)."""
+    def posterior(self, x: torch.Tensor, y: torch.Tensor) -> Posterior:
+        """Each member's posterior (K, B, z_dim) of the same images x (B, ...), labels y (B,)."""
         if self.categories:
             raise ValueError("joint and mixture members' posteriors are evaluated alone")
-        mu, logvar = self.head(self._features(x, y)).chunk(2, dim=-1)
-        return mu, logvar
+        features = self._features(x.expand(self.members, *x.shape), self._each(y))
+        return Posterior(*self.head(features).chunk(2, dim=-1))
+
+    def decode_sample(
+        self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each member's decoder logits of its latents z (K, B, z_dim), labels y (B,) shared."""
+        return self.decode(z, self._each(y))
+
+    def _each(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        return None if y is None else y.expand(self.members, *y.shape)
 
     def _features(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         features = self.encoder(x)

@@ -1,13 +1,9 @@
 """The one epoch loop, for K >= 1 members trained together, and :func:`fit`, a run alone.
 
-Every epoch: one pass over the training split for every member, the validation split scored,
-the training sums and validation sums read back to the host in one transfer, each member's
-metrics checked, checkpointed and given to ``on_epoch``; a member whose numbers turn NaN or
-infinite, or that its caller stops (:class:`MemberStopped`), leaves while the others go on.
-After the last epoch the test split is scored once. What the members are is the
-:class:`Trainee`'s business: a run alone in its own model (:class:`ModelTrainee`, here), or
-a stack (:class:`vaebench.stacking.fit.StackTrainee`). This module imports neither mlflow
-nor optuna: callers pass callbacks.
+Every epoch's training and validation sums are read back to the host in one transfer. What
+the members are is the :class:`Trainee`'s business: a run alone in its own model
+(:class:`ModelTrainee`), or a stack (:class:`vaebench.stacking.fit.StackTrainee`). This
+module imports neither mlflow nor optuna: callers pass callbacks.
 """
 
 from __future__ import annotations
@@ -29,8 +25,9 @@ from vaebench.training.trainer import (
     check_finite,
     checkpoint_due,
     final_scores,
+    not_logged,
     steps_per_epoch,
-    summary_of,
+    timing_summary,
     validation_values,
 )
 
@@ -164,14 +161,10 @@ class _Loop:
             for name, tensor in (evaluation.sums() if evaluation else {}).items():
                 sums[f"{position}/{name}"] = tensor
         read = read_scalars(sums)
-        values = [
-            validation_values(
-                evaluation,
-                {name: read[f"{p}/{name}"] for name in evaluation.sums()} if evaluation else {},
-                self.splits.validation,
-            )
-            for p, evaluation in enumerate(evaluations)
-        ]
+        values = []
+        for p, evaluation in enumerate(evaluations):
+            mine = {name: read[f"{p}/{name}"] for name in evaluation.sums()} if evaluation else {}
+            values.append(validation_values(evaluation, mine, self.splits.validation))
         return [read[f"{p}/train"] for p in range(len(self.active))], values
 
     def metrics(self, position, epoch, train, values, times) -> EpochMetrics | None:
@@ -225,7 +218,9 @@ class _Loop:
             except TrainingDiverged as exc:
                 self.fail(index, exc)
                 continue
-            result.summary = summary_of(scores, result.history, len(self.splits.train))
+            # logged after the last epoch: the scores it did not log (val_nmi), the timing
+            timing = timing_summary(result.history, len(self.splits.train))
+            result.summary = {**not_logged(scores, result.final.values), **timing}
             result.seconds = self.shares[index] + time.perf_counter() - scoring
 
 

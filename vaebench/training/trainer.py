@@ -20,16 +20,15 @@ import torch
 from vaebench.data import Split, Splits
 from vaebench.models import build_model, place_model
 from vaebench.models.losses import Objective, loss_terms
-from vaebench.scoring.clustering import nmi
+from vaebench.scoring.clustering import active_units, nmi
 from vaebench.scoring.evaluation import (
     ClusterInput,
     Evaluation,
-    active_unit_metric,
     cluster_input,
-    cluster_metrics,
     evaluate,
     likelihood_metrics,
     read_scalars,
+    scored_clusters,
 )
 from vaebench.spec.config import OptimConfig, RunConfig, TrainConfig, VaebenchError
 
@@ -232,14 +231,6 @@ def checkpoint_due(epoch: int, train: TrainConfig) -> bool:
     return bool(every) and (epoch % every == 0 or epoch == train.epochs)
 
 
-def summary_of(
-    scores: dict[str, float], history: list[EpochMetrics], images: int
-) -> dict[str, float]:
-    """What is logged after the last epoch: the final scores but those the last epoch logged
-    already (val_nmi), and the timing."""
-    return {**not_logged(scores, history[-1].values), **timing_summary(history, images)}
-
-
 def not_logged(scores: dict[str, float], last: dict[str, float]) -> dict[str, float]:
     """``scores`` but those the last epoch logged already (``last``: its values)."""
     return {name: value for name, value in scores.items() if name not in last}
@@ -329,16 +320,17 @@ def final_scores(
     given a ``clusters`` list, what they are computed from, appended to it; the test NLL."""
     test = test or evaluate(model, splits.test, "test", config)
     values = test.metrics(read_scalars(test.sums()))
-    values.update(active_unit_metric(test))
+    values[f"{test.prefix}_active_units"] = active_units(test.mu.cpu().numpy())
     if not model.uses_labels:
         scored = [(test, splits.test)]
         if validation is not None:
             scored.append((validation, splits.validation))
         for evaluation, split in scored:
+            found = cluster_input(evaluation, split.labels)
             if clusters is None:
-                values.update(cluster_metrics(evaluation, split.labels))
+                values.update(scored_clusters(found))
             else:
-                clusters.append(cluster_input(evaluation, split.labels))
+                clusters.append(found)
     if config.eval.iwae_samples:
         values.update(likelihood_metrics(model, splits.test, "test", config))
     check_finite(values, "after training")
