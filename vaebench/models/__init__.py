@@ -1,12 +1,11 @@
 """Model families by name. A new family is one module with a builder, registered here.
 
-A builder takes the run's :class:`~vaebench.spec.config.ModelConfig` and the image
-shape ``(C, H, W)`` and returns a module with ``forward(x, y) -> VAEOutput``,
-``kl_terms(out)`` (each KL summed over the batch), ``anneal(step, total)``,
-``reconstruct(x, y)`` and ``sample_prior(n)``; the trainer needs nothing else.
-Families are built from a backbone (``mlp`` or ``conv`` nets) and a latent: Gaussian
-(``mlp``, ``conv``), joint Gaussian and categorical (``gumbel``), label-conditioned
-(``cvae``), Gaussian mixture (``gmvae``).
+A builder takes the run's :class:`~vaebench.spec.config.ModelConfig` and the image shape
+``(C, H, W)`` and returns a module with ``forward(x, y) -> VAEOutput``, ``kl_terms(out)`` (each
+KL summed over the batch), ``anneal(step, total)``, ``reconstruct(x, y)`` and
+``sample_prior(n)``; the trainer needs nothing else. Families are built from a backbone (``mlp``
+or ``conv`` nets) and a latent: Gaussian (``mlp``, ``conv``), joint Gaussian and categorical
+(``gumbel``), label-conditioned (``cvae``), Gaussian mixture (``gmvae``).
 """
 
 from __future__ import annotations

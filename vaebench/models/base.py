@@ -1,10 +1,9 @@
 """What every model family shares: the forward output, the backbone nets, the Gaussian latent.
 
-The trainer relies only on ``forward(x, y)``, ``kl_terms(out)`` and ``anneal(step,
-total_steps)``; evaluation and likelihood estimates on ``posterior(x, y)`` and
-``decode_sample(z, c, y)``, which let them draw the latents with their own generator. What
-differs between families beyond that is asked through the hooks of :class:`GaussianVAE`,
-never by testing a model's class.
+The trainer relies only on ``forward(x, y)``, ``kl_terms(out)`` and ``anneal(step, total_steps)``;
+evaluation and likelihood estimates on ``posterior(x, y)`` and ``decode_sample(z, c, y)``, which
+let them draw the latents with their own generator. What differs between families beyond that is
+asked through the hooks of :class:`GaussianVAE`, never by testing a model's class.
 """
 
 from __future__ import annotations

@@ -9,9 +9,8 @@ exactly (K decodings per image, weighted by q(c|x); c is never sampled):
     ELBO = sum_c q(c|x) (E_q(z|x,c)[log p(x|z)] - KL(q(z|x,c) || p(z|c)))
            - KL(q(c|x) || Uniform(K))
 
-``kl_z`` is the q(c|x)-weighted Gaussian KL, ``kl_c`` the categorical one. The
-clusters are argmax q(c|x). (Rui Shu's GMVAE, with a linear rather than MLP
-conditioning of q(z|x, c) on c.)
+``kl_z`` is the q(c|x)-weighted Gaussian KL, ``kl_c`` the categorical one. The clusters are argmax
+q(c|x). (Rui Shu's GMVAE, with a linear rather than MLP conditioning of q(z|x, c) on c.)
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Joint continuous and categorical latent (JointVAE, Dupont 2018) with Gumbel-softmax.
 
-The encoder's features feed two heads: mu/log-variance of z and logits over K
-categories. c is a Gumbel-softmax draw at temperature tau (straight-through
-one-hot when ``hard``); the decoder sees concat(z, c). The KL of the
-categorical term is to the uniform prior, per image:
+The encoder's features feed two heads: mu/log-variance of z and logits over K categories. c is a
+Gumbel-softmax draw at temperature tau (straight-through one-hot when ``hard``); the decoder sees
+concat(z, c). The KL of the categorical term is to the uniform prior, per image:
 KL(q(c|x) || U(K)) = sum_k q_k log q_k + log K.
 """
 

@@ -143,14 +143,13 @@ class Objective:
     """The training loss of one run, or of each member of a stack (a batch sum; the trainer
     divides by the batch size).
 
-    ``elbo``: recon + beta * KL_z + beta_c * KL_c (KL_c per image, or of the batch's
-    marginal q(c) with ``kl_c: batch_marginal``; ``capacity`` ignores ``kl_c``).
-    ``capacity`` (JointVAE): recon + gamma * |KL_z - C_z(t)| + gamma * |KL_c - C_c(t)|,
-    with KLs and capacities per image and each C rising linearly from 0 towards its
-    ``capacity_*`` over ``capacity_steps``. C_c is then capped at ln K, the largest KL
-    a K-way categorical can have from uniform, as JointVAE's released code does: its
-    MNIST setting (C_c towards 5 nats over 25,000 steps, K = 10) holds C_c at ln 10
-    from step 11,513 on.
+    ``elbo``: recon + beta * KL_z + beta_c * KL_c (KL_c per image, or of the batch's marginal q(c)
+    with ``kl_c: batch_marginal``; ``capacity`` ignores ``kl_c``). ``capacity`` (JointVAE): recon +
+    gamma * |KL_z - C_z(t)| + gamma * |KL_c - C_c(t)|, with KLs and capacities per image and each C
+    rising linearly from 0 towards its ``capacity_*`` over ``capacity_steps``. C_c is then capped
+    at ln K, the largest KL a K-way categorical can have from uniform, as JointVAE's released code
+    does: its MNIST setting (C_c towards 5 nats over 25,000 steps, K = 10) holds C_c at ln 10 from
+    step 11,513 on.
     """
 
     def __init__(

@@ -4,22 +4,20 @@ For an image x and K draws z_k ~ q(z|x),
 
     L_K(x) = log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)
 
-is a lower bound on log p(x) that rises with K towards it; L_1 is a one-sample
-ELBO estimate (its expectation is the ELBO). Models with a categorical latent
-(``gumbel``) draw the category too, as an exact one-hot c_k ~ q(c|x) with the
-weight p(c_k) / q(c_k|x) and p(c) uniform: the estimate samples the categorical,
-it does not sum over it. A Gaussian-mixture VAE (``gmvae``) draws c_k ~ q(c|x), then
-z_k ~ q(z|x, c_k), weighted by p(c_k) p(z_k|c_k) / (q(c_k|x) q(z_k|x, c_k)). For a
-``cvae`` every term is conditioned on the label, so the estimate bounds log p(x|y),
-not log p(x).
+is a lower bound on log p(x) that rises with K towards it; L_1 is a one-sample ELBO estimate (its
+expectation is the ELBO). Models with a categorical latent (``gumbel``) draw the category too, as
+an exact one-hot c_k ~ q(c|x) with the weight p(c_k) / q(c_k|x) and p(c) uniform: the estimate
+samples the categorical, it does not sum over it. A Gaussian-mixture VAE (``gmvae``) draws
+c_k ~ q(c|x), then z_k ~ q(z|x, c_k), weighted by p(c_k) p(z_k|c_k) / (q(c_k|x) q(z_k|x, c_k)).
+For a ``cvae`` every term is conditioned on the label, so the estimate bounds log p(x|y), not
+log p(x).
 
 log p(x|z) is the Bernoulli log-likelihood of the decoder's logits, which is a
 likelihood only for binary pixels (``data.binarize: dynamic|static``).
 
-Draws come from the caller's generator, so every run of a split sees the same
-noise; the log-weights are summed in float32 per image and combined with
-logsumexp in float64, where K = 5000 terms would otherwise lose digits. This
-module imports neither mlflow nor optuna.
+Draws come from the caller's generator, so every run of a split sees the same noise; the
+log-weights are summed in float32 per image and combined with logsumexp in float64, where K = 5000
+terms would otherwise lose digits. This module imports neither mlflow nor optuna.
 """
 
 from __future__ import annotations

@@ -43,9 +43,8 @@ class StackedGaussianVAE(nn.Module):
     """K Gaussian VAEs of one shape; ``forward`` takes each member's batch and noise (and, for
     conditional members, ``cvae``, each member's labels: their one-hot code joins the decoder's
     input and, with ``model.condition_encoder``, the encoder's features, as in
-    :class:`~vaebench.models.cvae.ConditionalVAE`; for joint members, ``gumbel``, each
-    member's Gumbel noise for its relaxed category, as in
-    :class:`~vaebench.models.gumbel.JointVAE`)."""
+    :class:`~vaebench.models.cvae.ConditionalVAE`; for joint members, ``gumbel``, each member's
+    Gumbel noise for its relaxed category, as in :class:`~vaebench.models.gumbel.JointVAE`)."""
 
     def __init__(self, members: Sequence[GaussianVAE]):
         super().__init__()

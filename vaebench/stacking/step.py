@@ -1,19 +1,18 @@
 """One training step of a stack: each member's inputs drawn as its run alone draws them, the
 members' summed loss, one backward pass and the update; on CUDA, captured once as a graph.
 
-On a GPU a step of a stack of small VAEs is launch-bound: measured on an H200, a step took
-about 2.5 ms whether the stack held 1 member or 16, for microseconds of arithmetic. A CUDA
-graph replays the step's kernels (forward, backward, optimizer) with one launch. What changes
-from step to step stays outside the graph, in static buffers the graph reads: the batch,
-gathered with one ``index_select``, each member's noise, drawn from its own generator into
-its row as its run alone draws it, and the labels of conditional members. The first
-:data:`WARMUP_STEPS` steps run eagerly (on a side stream, as capture asks); the step after
-them is captured and checked against the same step run eagerly on the stack's state as it
-was: where the two differ beyond rounding, or capture fails, the stack goes on eagerly and a
-warning says why. A step with another shape (the epoch's last, smaller batch) runs eagerly.
-Stacks whose steps draw more than that (binarized pixels, Gumbel noise) or follow a schedule
-(a temperature) always run eagerly, as does every stack on the CPU, where a step is not
-launch-bound. ``$VAEBENCH_CUDA_GRAPHS=0`` turns capture off.
+On a GPU a step of a stack of small VAEs is launch-bound: measured on an H200, a step took about
+2.5 ms whether the stack held 1 member or 16, for microseconds of arithmetic. A CUDA graph replays
+the step's kernels (forward, backward, optimizer) with one launch. What changes from step to step
+stays outside the graph, in static buffers the graph reads: the batch, gathered with one
+``index_select``, each member's noise, drawn from its own generator into its row as its run alone
+draws it, and the labels of conditional members. The first :data:`WARMUP_STEPS` steps run eagerly
+(on a side stream, as capture asks); the step after them is captured and checked against the same
+step run eagerly on the stack's state as it was: where the two differ beyond rounding, or capture
+fails, the stack goes on eagerly and a warning says why. A step with another shape (the epoch's
+last, smaller batch) runs eagerly. Stacks whose steps draw more than that (binarized pixels, Gumbel
+noise) or follow a schedule (a temperature) always run eagerly, as does every stack on the CPU,
+where a step is not launch-bound. ``$VAEBENCH_CUDA_GRAPHS=0`` turns capture off.
 
 This module imports neither mlflow nor optuna.
 """
@@ -42,9 +41,8 @@ CUDA_GRAPHS_ENV = "VAEBENCH_CUDA_GRAPHS"
 
 @dataclass
 class StepInputs:
-    """What a step feeds the stack: images ``x`` (K, B, ...), ``noise`` (K, *noise shape),
-    labels ``y`` (K, B) of conditional members, Gumbel noise of joint members, the
-    temperature."""
+    """What a step feeds the stack: images ``x`` (K, B, ...), ``noise`` (K, *noise shape), labels
+    ``y`` (K, B) of conditional members, Gumbel noise of joint members, the temperature."""
 
     x: torch.Tensor
     noise: torch.Tensor

@@ -2,10 +2,9 @@
 state, the metrics an epoch records and the scores after the last one, and the run alone as
 the epoch loop (:mod:`vaebench.training.loop`) drives it (:class:`ModelTrainee`).
 
-The whole split is on the device; a batch is an index slice of a per-epoch
-permutation; losses accumulate in device tensors and are read back once per
-epoch, together with the validation split's sums. This module imports neither mlflow nor
-optuna.
+The whole split is on the device; a batch is an index slice of a per-epoch permutation; losses
+accumulate in device tensors and are read back once per epoch, together with the validation split's
+sums. This module imports neither mlflow nor optuna.
 """
 
 from __future__ import annotations
