@@ -1,12 +1,11 @@
 """Scoring a model on a split: the ELBO estimate, clustering scores, the likelihood estimate.
 
-Every evaluation draws its latents from its own generator, seeded per split
-(``EVAL_SEEDS``), so every run and every epoch of a split sees the same draws (for equal
-``train.eval_batch_size`` and ``eval.samples``, which set how they are chunked), whatever
-random stream training left behind. Categorical latents are drawn as exact one-hot samples
-from q(c|x), whatever ``model.hard`` says for training: a relaxed sample with the discrete KL
-would bound nothing. The ELBO estimate averages ``eval.samples`` draws of log p(x|z) per
-image; its KL terms are exact. This module imports neither mlflow nor optuna.
+Every evaluation draws its latents from its own generator, seeded per split (``EVAL_SEEDS``), so
+every run and every epoch of a split sees the same draws (for equal ``train.eval_batch_size`` and
+``eval.samples``, which set how they are chunked), whatever random stream training left behind.
+Categorical latents are drawn as exact one-hot samples from q(c|x), whatever ``model.hard`` says
+for training: a relaxed sample with the discrete KL would bound nothing. The ELBO estimate averages
+``eval.samples`` draws of log p(x|z) per image; its KL terms are exact.
 """
 
 from __future__ import annotations

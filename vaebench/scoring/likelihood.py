@@ -17,7 +17,7 @@ likelihood only for binary pixels (``data.binarize: dynamic|static``).
 
 Draws come from the caller's generator, so every run of a split sees the same noise; the
 log-weights are summed in float32 per image and combined with logsumexp in float64, where K = 5000
-terms would otherwise lose digits. This module imports neither mlflow nor optuna.
+terms would otherwise lose digits.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 :func:`vaebench.scoring.evaluation.evaluate` of a Gaussian VAE draws its latents from the split's
 own generator, so every member alone would see the same images and the same standard
 normal draws: one draw serves all K members, which then match their runs alone up to the
-rounding of the batched products. This module imports neither mlflow nor optuna.
+rounding of the batched products.
 """
 
 from __future__ import annotations

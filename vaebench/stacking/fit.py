@@ -15,7 +15,6 @@ checkpoints, the evaluations it makes alone (:class:`StackTrainee`) and, after t
 epoch, the scores it computes alone (clustering, likelihood). What a member reports is what
 :func:`vaebench.training.loop.fit` reports for its config, up to floating-point rounding of
 the batched products, and the timing, which is its share of the stack's (seconds / K).
-This module imports neither mlflow nor optuna.
 """
 
 from __future__ import annotations

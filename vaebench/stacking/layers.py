@@ -13,8 +13,6 @@ run alone would take them. There the convolutions already fill the cores, and th
 was measured slower than the runs one after another (its activations K times larger than the
 caches, its layout conversions copies), per member as fast: ``python -m vaebench bench
 --stack 1,4,8 --arch conv`` times both.
-
-This module imports neither mlflow nor optuna.
 """
 
 from __future__ import annotations

@@ -5,8 +5,6 @@ forward and KL terms are the families' own formulas over that axis.
 A stacked parameter is ``(K, *the member's shape)`` and has the member's parameter name, so
 member k's ``state_dict`` is ``{name: p[k]}`` and loads into the model the run would have
 trained alone. Activations are member-major, ``(K, B, ...)``.
-
-This module imports neither mlflow nor optuna.
 """
 
 from __future__ import annotations

@@ -7,8 +7,6 @@ are updated a *learning-rate run* at a time: consecutive members with one learni
 share one call on the slice ``p[a:b]`` of every parameter (one call for the whole stack when
 the members differ only in seed or beta). A member's state converts to the ``state_dict`` of
 the torch optimizer its run alone would hold, so that the run can continue alone.
-
-This module imports neither mlflow nor optuna.
 """
 
 from __future__ import annotations

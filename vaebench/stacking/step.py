@@ -13,8 +13,6 @@ fails, the stack goes on eagerly and a warning says why. A step with another sha
 last, smaller batch) runs eagerly. Stacks whose steps draw more than that (binarized pixels, Gumbel
 noise) or follow a schedule (a temperature) always run eagerly, as does every stack on the CPU,
 where a step is not launch-bound. ``$VAEBENCH_CUDA_GRAPHS=0`` turns capture off.
-
-This module imports neither mlflow nor optuna.
 """
 
 from __future__ import annotations

@@ -54,9 +54,7 @@ class Trainee(Protocol):
         member's summed objective (K,), on the device."""
         ...
 
-    def evaluations(self, split: Split, split_name: str) -> list[Evaluation]:
-        """Each member's evaluation of ``split``."""
-        ...
+    def evaluations(self, split: Split, split_name: str) -> list[Evaluation]: ...
 
     def training_state(
         self, position: int, history: list[EpochMetrics], seconds: float
@@ -64,8 +62,7 @@ class Trainee(Protocol):
         """What the member's run alone would save after this epoch: it continues alone."""
         ...
 
-    def keep(self, positions: Sequence[int]) -> None:
-        """Only the members at ``positions`` go on."""
+    def keep(self, positions: Sequence[int]) -> None:  # only the members at ``positions`` go on
         ...
 
     def final_model(self, position: int) -> torch.nn.Module:

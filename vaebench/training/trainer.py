@@ -4,7 +4,7 @@ the epoch loop (:mod:`vaebench.training.loop`) drives it (:class:`ModelTrainee`)
 
 The whole split is on the device; a batch is an index slice of a per-epoch permutation; losses
 accumulate in device tensors and are read back once per epoch, together with the validation split's
-sums. This module imports neither mlflow nor optuna.
+sums.
 """
 
 from __future__ import annotations
@@ -112,11 +112,7 @@ def timing_summary(history: list[EpochMetrics], images: int) -> dict[str, float]
 def check_finite(values: dict[str, float], when: str) -> None:
     """TrainingDiverged naming every NaN or infinite value (a standard error of one image's
     estimate is NaN by definition, not a failure)."""
-    bad = {
-        name: value
-        for name, value in values.items()
-        if not math.isfinite(value) and not name.endswith("_se")
-    }
+    bad = {k: v for k, v in values.items() if not math.isfinite(v) and not k.endswith("_se")}
     if bad:
         listed = ", ".join(f"{name} is {value}" for name, value in bad.items())
         raise TrainingDiverged(f"{listed} {when}")
@@ -140,8 +136,7 @@ def train_epoch(
     ``batch_loss``: another backend's loss of a batch (summed over it), instead of the
     objective's."""
     images, labels = splits.train.images, splits.train.labels
-    n = images.shape[0]
-    batch_size = config.train.batch_size
+    n, batch_size = images.shape[0], config.train.batch_size
     total_steps = config.train.epochs * steps_per_epoch(n, batch_size)
     order = torch.randperm(n, generator=generator, device="cpu").to(images.device)
     total = torch.zeros((), device=images.device)
