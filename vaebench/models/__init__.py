@@ -33,7 +33,6 @@ BACKBONES: dict[str, Callable[[ModelConfig, Shape, int], Backbone]] = {
 
 
 def build_gaussian(config: ModelConfig, image_shape: Shape) -> GaussianVAE:
-    """``mlp`` or ``conv``: the Gaussian VAE of that backbone."""
     return GaussianVAE(BACKBONES[config.arch](config, image_shape, config.z_dim), config.z_dim)
 
 

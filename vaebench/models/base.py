@@ -62,7 +62,6 @@ class Backbone:
 
 
 def dense_stack(widths: list[int]) -> list[nn.Module]:
-    """Linear + ReLU layers from ``widths[0]`` through each following width."""
     pairs = zip(widths, widths[1:], strict=False)
     return [layer for a, b in pairs for layer in (nn.Linear(a, b), nn.ReLU())]
 
@@ -136,7 +135,6 @@ class GaussianVAE(nn.Module):
         """Called before every training step; families with schedules override it."""
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decoder logits for ``n`` draws from the prior."""
         z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
         return self.decode(z)
 

@@ -124,8 +124,7 @@ class StackTrainee:
     def _restack(
         self, members: list[Member], optimizer: Callable[[torch.nn.Module], StackedOptimizer]
     ) -> None:
-        """The stack of ``members``' own models, its ``optimizer(stack)`` and its steps, as a
-        CUDA graph where the stack allows."""
+        """The stack of ``members``' own models, its ``optimizer(stack)`` and its steps."""
         self.members = members
         self.stack = StackedGaussianVAE([m.model for m in members]).to(members[0].model.device)
         self.optimizer = optimizer(self.stack)
@@ -143,8 +142,7 @@ class StackTrainee:
         return [evaluate(m.model, split, split_name, m.config) for m in alone]
 
     def _own(self, position: int) -> Member:
-        """The member at ``position``, its weights copied into the model its run alone
-        would have."""
+        """The member at ``position``, its weights copied into its own model."""
         member = self.members[position]
         member.model.load_state_dict(self.stack.member_state(position))
         return member

@@ -26,7 +26,6 @@ from torch import nn
 
 
 def stacked_parameter(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
-    """The members' tensors as one parameter ``(K, *shape)``."""
     return nn.Parameter(torch.stack([t.detach() for t in tensors]).contiguous())
 
 

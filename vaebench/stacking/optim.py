@@ -35,8 +35,8 @@ class StackedOptimizer:
     state_names: tuple[str, ...] = ()  # per-parameter state, as torch's optimizer names it
 
     def __init__(self, params: Sequence[torch.nn.Parameter], lrs: Sequence[float]):
-        self.params = list(params)
-        self.runs = learning_rate_runs(list(lrs))
+        self.params, self.lrs = list(params), list(lrs)
+        self.runs = learning_rate_runs(self.lrs)
         self.steps = 0
         self.state = {name: [torch.zeros_like(p) for p in self.params] for name in self.state_names}
 
@@ -52,10 +52,6 @@ class StackedOptimizer:
         slices.update({name: part(values) for name, values in self.state.items()})
         return slices
 
-    def learning_rates(self) -> list[float]:
-        """Each member's learning rate, in the stack's order."""
-        return [lr for lr, members in self.runs for _ in range(members.start, members.stop)]
-
     def keeping(self, kept: Sequence[int], params: Sequence[torch.nn.Parameter]):
         """This optimizer over the members at positions ``kept`` only (``params``: a stack
         of those members, its parameters in this one's order): their learning rates, their
@@ -63,7 +59,8 @@ class StackedOptimizer:
         smaller = copy.copy(self)
         rows = list(kept)
         smaller.params = list(params)
-        smaller.runs = learning_rate_runs([self.learning_rates()[k] for k in rows])
+        smaller.lrs = [self.lrs[k] for k in rows]
+        smaller.runs = learning_rate_runs(smaller.lrs)
         smaller.state = {
             name: [tensor[rows].clone() for tensor in tensors]
             for name, tensors in self.state.items()

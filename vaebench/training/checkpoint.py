@@ -29,8 +29,6 @@ def default_folder(sqlite_file: Path | None) -> Path:
 
 
 class CheckpointStore:
-    """Checkpoints of runs by MLflow run id."""
-
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._warned = False

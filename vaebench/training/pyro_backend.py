@@ -35,7 +35,6 @@ def import_pyro() -> Any:
 def model_and_guide(
     model: torch.nn.Module, beta: float
 ) -> tuple[Callable[[torch.Tensor], None], Callable[[torch.Tensor], None]]:
-    """The Pyro model and guide of a Gaussian family ``model``'s modules."""
     pyro = import_pyro()
     import pyro.distributions as dist
     from pyro import poutine
