@@ -84,9 +84,7 @@ class GaussianMixtureVAE(GaussianVAE):
         features = self.encoder(x)
         both = mixture_components(self.head(features), self.component_offset)
         mu, logvar = both.chunk(2, dim=-1)
-        return self.category_head(features), Mixture(
-            mu, logvar, self.prior_mu, self.prior_logvar
-        )
+        return self.category_head(features), Mixture(mu, logvar, self.prior_mu, self.prior_logvar)
 
     def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:
         logits, mixture = self.encode_mixture(x)
@@ -105,15 +103,9 @@ class GaussianMixtureVAE(GaussianVAE):
         logits, mixture = self.encode_mixture(x)
         z = reparameterize(mixture.mu, mixture.logvar)
         decoded = decode_components(self.decoder, z)
-        weights = F.softmax(logits, dim=1)[:, :, None]
-        return VAEOutput(
-            logits=decoded,
-            mu=(weights * mixture.mu).sum(dim=1),
-            logvar=mixture.logvar.mean(dim=1),
-            z=z,
-            category_logits=logits,
-            mixture=mixture,
-        )
+        mu = (F.softmax(logits, dim=1)[:, :, None] * mixture.mu).sum(dim=1)
+        logvar = mixture.logvar.mean(dim=1)
+        return VAEOutput(mu, logvar, logits, mixture, logits=decoded, z=z)
 
     kl_terms = staticmethod(mixture_kl_terms)
 
@@ -130,9 +122,7 @@ class GaussianMixtureVAE(GaussianVAE):
         return self.decode(mixture.mu[torch.arange(x.shape[0], device=x.device), best])
 
     def _prior_draws(self, index: torch.Tensor, generator: torch.Generator | None):
-        noise = torch.randn(
-            index.shape[0], self.z_dim, generator=generator, device=self.device
-        )
+        noise = torch.randn(index.shape[0], self.z_dim, generator=generator, device=self.device)
         return self.prior_mu[index] + noise * torch.exp(0.5 * self.prior_logvar[index])
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

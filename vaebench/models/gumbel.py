@@ -111,13 +111,7 @@ class JointVAE(GaussianVAE):
         z = reparameterize(mu, logvar)
         gumbels = gumbel_noise(category_logits.shape, category_logits)
         c = relaxed_category(category_logits, gumbels, self.tau, self.hard)
-        return VAEOutput(
-            logits=self.decoder(torch.cat([z, c], dim=1)),
-            mu=mu,
-            logvar=logvar,
-            z=z,
-            category_logits=category_logits,
-        )
+        return VAEOutput(mu, logvar, category_logits, logits=self.decode_sample(z, c), z=z)
 
     kl_terms = staticmethod(joint_kl_terms)
 
