@@ -117,9 +117,8 @@ class StackTrainee:
         members = [build_member(config, splits, device) for config in configs]
         self.results = [TrainResult(model=member.model) for member in members]
         self._restack(members, lambda stack: stacked_optimizer(configs, stack))
-        if stacked_evaluation is None:
-            stacked_evaluation = device.type == "cuda"
-        self.stacked_evaluation = stacked_evaluation and not self.stack.categories
+        stacked = device.type == "cuda" if stacked_evaluation is None else stacked_evaluation
+        self.stacked_evaluation = stacked and not self.stack.categories
 
     def _restack(
         self, members: list[Member], optimizer: Callable[[torch.nn.Module], StackedOptimizer]

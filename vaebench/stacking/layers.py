@@ -157,18 +157,12 @@ class MemberShape(nn.Module):
         self.unflatten = tuple(members[0].unflattened_size) if unflatten else None
         self.members = len(members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.unflatten is None:
-            return x.flatten(2)
-        return x.unflatten(2, self.unflatten)
+    def forward(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        return x.flatten(dim) if self.unflatten is None else x.unflatten(dim, self.unflatten)
 
     def member_layers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         """Each member's ``(B, ...)`` reshaped as its own layer reshapes it."""
-        if self.unflatten is None:
-            layer = partial(torch.flatten, start_dim=1)
-        else:
-            layer = partial(torch.unflatten, dim=1, sizes=self.unflatten)
-        return [layer] * self.members
+        return [partial(self.forward, dim=1)] * self.members
 
 
 def to_grouped(x: torch.Tensor) -> torch.Tensor:
