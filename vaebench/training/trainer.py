@@ -210,11 +210,8 @@ def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             for name, value in optimizer.state.get(parameter, {}).items():
-                if (
-                    isinstance(value, torch.Tensor)
-                    and value.shape == parameter.shape
-                    and value.stride() != parameter.stride()
-                ):
+                alike = isinstance(value, torch.Tensor) and value.shape == parameter.shape
+                if alike and value.stride() != parameter.stride():
                     optimizer.state[parameter][name] = torch.empty_like(parameter).copy_(value)
 
 
@@ -239,9 +236,8 @@ def validation_values(
     if evaluation is None or validation is None:
         return {}
     values = evaluation.metrics(read)
-    if evaluation.categories is not None:
-        categories = evaluation.categories.cpu().numpy()
-        values["val_nmi"] = nmi(validation.labels.cpu().numpy(), categories)
+    if (categories := evaluation.categories) is not None:
+        values["val_nmi"] = nmi(validation.labels.cpu().numpy(), categories.cpu().numpy())
     return values
 
 
@@ -316,10 +312,9 @@ def final_scores(
     values = test.metrics(read_scalars(test.sums()))
     values[f"{test.prefix}_active_units"] = active_units(test.mu.cpu().numpy())
     if not model.uses_labels:
-        scored = [(test, splits.test)]
-        if validation is not None:
-            scored.append((validation, splits.validation))
-        for evaluation, split in scored:
+        for evaluation, split in [(test, splits.test), (validation, splits.validation)]:
+            if evaluation is None:
+                continue
             found = cluster_input(evaluation, split.labels)
             if clusters is None:
                 values.update(scored_clusters(found))
