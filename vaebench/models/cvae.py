@@ -68,9 +68,7 @@ class ConditionalVAE(GaussianVAE):
 
 
 @torch.no_grad()
-def conditional_accuracy(
-    vae: ConditionalVAE, classifier: nn.Module, per_class: int = 100
-) -> float:
+def conditional_accuracy(vae: ConditionalVAE, classifier: nn.Module, per_class: int = 100) -> float:
     """Fraction of generated images (``per_class`` per digit) the classifier labels as asked."""
     generator = torch.Generator(device=vae.device).manual_seed(0)
     labels = torch.arange(NUM_CLASSES, device=vae.device).repeat_interleave(per_class)

@@ -180,6 +180,4 @@ def estimate_nll(
     per_image = iwae_log_likelihood(model, images, labels, samples, generator, **options)
     n = per_image.shape[0]
     spread = per_image.std().item() / math.sqrt(n) if n > 1 else float("nan")
-    return LikelihoodEstimate(
-        nll=-per_image.mean().item(), standard_error=spread, samples=samples, images=n
-    )
+    return LikelihoodEstimate(-per_image.mean().item(), spread, samples, n)

@@ -15,6 +15,7 @@ Pyro is an optional extra, imported only here (``pip install -e ".[pyro]"``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,9 +27,7 @@ def import_pyro() -> Any:
     try:
         import pyro
     except ImportError:
-        raise VaebenchError(
-            'train.backend: pyro needs Pyro (pip install -e ".[pyro]")'
-        ) from None
+        raise VaebenchError('train.backend: pyro needs Pyro (pip install -e ".[pyro]")') from None
     return pyro
 
 
@@ -62,13 +61,6 @@ def pyro_loss(model: torch.nn.Module, config: RunConfig) -> Callable[[torch.Tens
     pyro = import_pyro()
     pyro.clear_param_store()  # nothing of an earlier run's (the modules are not registered)
     generative, guide = model_and_guide(model, config.loss.beta)
-    elbo = (
-        pyro.infer.TraceMeanField_ELBO()
-        if config.train.pyro_elbo == "meanfield"
-        else pyro.infer.Trace_ELBO()
-    )
-
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        return elbo.differentiable_loss(generative, guide, x)
-
-    return loss
+    meanfield = config.train.pyro_elbo == "meanfield"
+    elbo = pyro.infer.TraceMeanField_ELBO() if meanfield else pyro.infer.Trace_ELBO()
+    return partial(elbo.differentiable_loss, generative, guide)
