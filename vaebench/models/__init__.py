@@ -1,12 +1,11 @@
 """Model families by name. A new family is one module with a builder, registered here.
 
-A builder takes the run's :class:`~vaebench.spec.config.ModelConfig` and the image
-shape ``(C, H, W)`` and returns a module with ``forward(x, y) -> VAEOutput``,
-``kl_terms(out)`` (each KL summed over the batch), ``anneal(step, total)``,
-``reconstruct(x, y)`` and ``sample_prior(n)``; the trainer needs nothing else.
-Families are built from a backbone (``mlp`` or ``conv`` nets) and a latent: Gaussian
-(``mlp``, ``conv``), joint Gaussian and categorical (``gumbel``), label-conditioned
-(``cvae``), Gaussian mixture (``gmvae``).
+A builder takes the run's :class:`~vaebench.spec.config.ModelConfig` and the image shape
+``(C, H, W)`` and returns a module with ``forward(x, y) -> VAEOutput``, ``kl_terms(out)`` (each
+KL summed over the batch), ``anneal(step, total)``, ``reconstruct(x, y)`` and
+``sample_prior(n)``; the trainer needs nothing else. Families are built from a backbone (``mlp``
+or ``conv`` nets) and a latent: Gaussian (``mlp``, ``conv``), joint Gaussian and categorical
+(``gumbel``), label-conditioned (``cvae``), Gaussian mixture (``gmvae``).
 """
 
 from __future__ import annotations
@@ -33,12 +32,8 @@ BACKBONES: dict[str, Callable[[ModelConfig, Shape, int], Backbone]] = {
 }
 
 
-def build_mlp(config: ModelConfig, image_shape: Shape) -> GaussianVAE:
-    return GaussianVAE(mlp_backbone(config, image_shape, config.z_dim), config.z_dim)
-
-
-def build_conv(config: ModelConfig, image_shape: Shape) -> GaussianVAE:
-    return GaussianVAE(conv_backbone(config, image_shape, config.z_dim), config.z_dim)
+def build_gaussian(config: ModelConfig, image_shape: Shape) -> GaussianVAE:
+    return GaussianVAE(BACKBONES[config.arch](config, image_shape, config.z_dim), config.z_dim)
 
 
 def build_gumbel(config: ModelConfig, image_shape: Shape) -> JointVAE:
@@ -57,8 +52,8 @@ def build_cvae(config: ModelConfig, image_shape: Shape) -> ConditionalVAE:
 
 
 MODELS: dict[str, ModelBuilder] = {
-    "mlp": build_mlp,
-    "conv": build_conv,
+    "mlp": build_gaussian,
+    "conv": build_gaussian,
     "gumbel": build_gumbel,
     "cvae": build_cvae,
     "gmvae": build_gmvae,

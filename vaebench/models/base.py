@@ -1,18 +1,9 @@
 """What every model family shares: the forward output, the backbone nets, the Gaussian latent.
 
-A family combines a *backbone* (encoder to features, decoder from a latent
-vector to image logits: ``mlp.py`` or ``conv.py``) with a *latent*: Gaussian
-(this file), joint Gaussian and categorical (``gumbel.py``), or Gaussian with
-a label-conditioned decoder (``cvae.py``). The trainer relies only on
-``forward(x, y)``, ``kl_terms(out)`` and ``anneal(step, total_steps)``; evaluation
-and likelihood estimates on ``posterior(x, y)`` and ``decode_sample(z, c, y)``,
-which let them draw the latents with their own generator.
-
-What differs between families beyond that is asked through the hooks of
-:class:`GaussianVAE`, never by testing a model's class: ``categories`` and
-``uses_labels`` (attributes), ``annealed_values()`` (logged each epoch),
-``extra_scores(classifier)`` (after training) and ``extra_pictures(generator)``
-(artifacts).
+The trainer relies only on ``forward(x, y)``, ``kl_terms(out)`` and ``anneal(step, total_steps)``;
+evaluation and likelihood estimates on ``posterior(x, y)`` and ``decode_sample(z, c, y)``, which
+let them draw the latents with their own generator. What differs between families beyond that is
+asked through the hooks of :class:`GaussianVAE`, never by testing a model's class.
 """
 
 from __future__ import annotations
@@ -36,23 +27,6 @@ class Mixture:
 
 
 @dataclass
-class VAEOutput:
-    """A forward pass: decoder logits, the Gaussian posterior, and category logits if any.
-
-    With a ``mixture`` the logits are one decoding per category, category-major (row
-    ``k * B + i`` decodes image i's z drawn from q(z|x, c=k)), to be weighted by q(c|x): the
-    expectation over c is summed exactly, not sampled.
-    """
-
-    logits: torch.Tensor
-    mu: torch.Tensor
-    logvar: torch.Tensor
-    z: torch.Tensor
-    category_logits: torch.Tensor | None = None
-    mixture: Mixture | None = None
-
-
-@dataclass
 class Posterior:
     """q(z|x) = N(mu, exp(logvar)), and q(c|x) = softmax(category_logits) where there is a c.
 
@@ -65,6 +39,19 @@ class Posterior:
     mixture: Mixture | None = None
 
 
+@dataclass(kw_only=True)
+class VAEOutput(Posterior):
+    """A forward pass: the posterior, decoder ``logits`` of its draw ``z``.
+
+    With a ``mixture`` the logits are one decoding per category, category-major (row
+    ``k * B + i`` decodes image i's z drawn from q(z|x, c=k)), to be weighted by q(c|x): the
+    expectation over c is summed exactly, not sampled.
+    """
+
+    logits: torch.Tensor
+    z: torch.Tensor
+
+
 @dataclass
 class Backbone:
     """Encoder (images -> ``feature_dim`` features) and decoder (latent vector -> logits)."""
@@ -75,22 +62,14 @@ class Backbone:
 
 
 def dense_stack(widths: list[int]) -> list[nn.Module]:
-    """Linear + ReLU layers from ``widths[0]`` through each following width."""
-    layers: list[nn.Module] = []
-    for width_in, width_out in zip(widths, widths[1:], strict=False):
-        layers += [nn.Linear(width_in, width_out), nn.ReLU()]
-    return layers
-
-
-def gaussian_kl_terms(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) of each image's each dimension, in nats."""
-    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    pairs = zip(widths, widths[1:], strict=False)
+    return [layer for a, b in pairs for layer in (nn.Linear(a, b), nn.ReLU())]
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) summed over the batch and dimensions, in nats: of
     (B, D) a number, of a stack's (K, B, D) one per member."""
-    return gaussian_kl_terms(mu, logvar).sum((-2, -1))
+    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum((-2, -1))
 
 
 def reparameterize(
@@ -103,10 +82,8 @@ def reparameterize(
 
 
 class GaussianVAE(nn.Module):
-    """q(z|x) = N(mu, diag(exp(logvar))), p(z) = N(0, I), decoder gives Bernoulli logits.
-
-    One linear head on the encoder's features gives mu and log-variance together.
-    """
+    """q(z|x) = N(mu, diag(exp(logvar))) (one linear head gives both), p(z) = N(0, I), the
+    decoder gives Bernoulli logits."""
 
     uses_labels = False  # whether the model sees the label (then its clusters are not scored)
     categories: int | None = None  # size of a discrete latent, if the family has one
@@ -136,30 +113,28 @@ class GaussianVAE(nn.Module):
     def decode_sample(
         self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Decoder logits for latent draws: z, the one-hot category c and the label y where
-        the family uses them."""
+        """Decoder logits of z, with the one-hot category c and label y where used."""
         return self.decode(z)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, y)
         z = reparameterize(mu, logvar)
-        return VAEOutput(logits=self.decode(z), mu=mu, logvar=logvar, z=z)
+        return VAEOutput(logits=self.decode_sample(z, None, y), mu=mu, logvar=logvar, z=z)
 
     @staticmethod
-    def kl_terms(out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
+    def kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
         """Each KL term summed over the batch, in nats (of a stack's output, per member)."""
         return {"kl_z": gaussian_kl(out.mu, out.logvar)}
 
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder logits at the posterior mean."""
         mu, _ = self.encode(x, y)
-        return self.decode(mu)
+        return self.decode_sample(mu, None, y)
 
     def anneal(self, step: int, total_steps: int) -> None:
         """Called before every training step; families with schedules override it."""
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decoder logits for ``n`` draws from the prior."""
         z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
         return self.decode(z)
 

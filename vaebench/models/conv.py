@@ -47,10 +47,8 @@ def conv_backbone(
         nn.Unflatten(1, (last, side, side)),
     ]
     ups = list(reversed(config.channels))
-    targets = list(reversed(sizes[:-1]))
-    for i, (c_in, size_in, size_out) in enumerate(
-        zip(ups, reversed(sizes[1:]), targets, strict=True)
-    ):
+    layers = zip(ups, reversed(sizes[1:]), reversed(sizes[:-1]), strict=True)
+    for i, (c_in, size_in, size_out) in enumerate(layers):
         final = i == len(ups) - 1
         c_out = in_channels if final else ups[i + 1]
         layer = nn.ConvTranspose2d(

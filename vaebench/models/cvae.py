@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaebench.models.base import Backbone, GaussianVAE, VAEOutput, reparameterize
+from vaebench.models.base import Backbone, GaussianVAE
 
 NUM_CLASSES = 10  # every MNIST-family dataset has ten classes
 
@@ -37,28 +37,13 @@ class ConditionalVAE(GaussianVAE):
         mu, logvar = self.head(features).chunk(2, dim=-1)
         return mu, logvar
 
-    def decode_label(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def decode_label(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.decoder(with_label(z, y))
 
     def decode_sample(
         self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if y is None:
-            raise ValueError("a conditional VAE needs labels")
-        return self.decode_label(z, y)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
-        if y is None:
-            raise ValueError("a conditional VAE needs labels")
-        mu, logvar = self.encode(x, y)
-        z = reparameterize(mu, logvar)
-        return VAEOutput(logits=self.decode_label(z, y), mu=mu, logvar=logvar, z=z)
-
-    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if y is None:
-            raise ValueError("a conditional VAE needs labels")
-        mu, _ = self.encode(x, y)
-        return self.decode_label(mu, y)
+        return self.decode_label(z, y)  # forward and reconstruct decode z with the label too
 
     def sample_prior(
         self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None
@@ -83,9 +68,7 @@ class ConditionalVAE(GaussianVAE):
 
 
 @torch.no_grad()
-def conditional_accuracy(
-    vae: ConditionalVAE, classifier: nn.Module, per_class: int = 100
-) -> float:
+def conditional_accuracy(vae: ConditionalVAE, classifier: nn.Module, per_class: int = 100) -> float:
     """Fraction of generated images (``per_class`` per digit) the classifier labels as asked."""
     generator = torch.Generator(device=vae.device).manual_seed(0)
     labels = torch.arange(NUM_CLASSES, device=vae.device).repeat_interleave(per_class)

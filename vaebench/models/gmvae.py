@@ -9,9 +9,8 @@ exactly (K decodings per image, weighted by q(c|x); c is never sampled):
     ELBO = sum_c q(c|x) (E_q(z|x,c)[log p(x|z)] - KL(q(z|x,c) || p(z|c)))
            - KL(q(c|x) || Uniform(K))
 
-``kl_z`` is the q(c|x)-weighted Gaussian KL, ``kl_c`` the categorical one. The
-clusters are argmax q(c|x). (Rui Shu's GMVAE, with a linear rather than MLP
-conditioning of q(z|x, c) on c.)
+``kl_z`` is the q(c|x)-weighted Gaussian KL, ``kl_c`` the categorical one. The clusters are argmax
+q(c|x). (Rui Shu's GMVAE, with a linear rather than MLP conditioning of q(z|x, c) on c.)
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ def decode_components(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return decoder(z.transpose(-3, -2).flatten(-3, -2))
 
 
-def mixture_kl_terms(out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
+def mixture_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
     """KL_z: each component's KL from its prior p(z|c), weighed by q(c|x); KL_c from uniform;
     each summed over the batch (per member of a stack)."""
     mixture = out.mixture
@@ -85,9 +84,7 @@ class GaussianMixtureVAE(GaussianVAE):
         features = self.encoder(x)
         both = mixture_components(self.head(features), self.component_offset)
         mu, logvar = both.chunk(2, dim=-1)
-        return self.category_head(features), Mixture(
-            mu, logvar, self.prior_mu, self.prior_logvar
-        )
+        return self.category_head(features), Mixture(mu, logvar, self.prior_mu, self.prior_logvar)
 
     def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:
         logits, mixture = self.encode_mixture(x)
@@ -106,15 +103,9 @@ class GaussianMixtureVAE(GaussianVAE):
         logits, mixture = self.encode_mixture(x)
         z = reparameterize(mixture.mu, mixture.logvar)
         decoded = decode_components(self.decoder, z)
-        weights = F.softmax(logits, dim=1)[:, :, None]
-        return VAEOutput(
-            logits=decoded,
-            mu=(weights * mixture.mu).sum(dim=1),
-            logvar=mixture.logvar.mean(dim=1),
-            z=z,
-            category_logits=logits,
-            mixture=mixture,
-        )
+        mu = (F.softmax(logits, dim=1)[:, :, None] * mixture.mu).sum(dim=1)
+        logvar = mixture.logvar.mean(dim=1)
+        return VAEOutput(mu, logvar, logits, mixture, logits=decoded, z=z)
 
     kl_terms = staticmethod(mixture_kl_terms)
 
@@ -131,9 +122,7 @@ class GaussianMixtureVAE(GaussianVAE):
         return self.decode(mixture.mu[torch.arange(x.shape[0], device=x.device), best])
 
     def _prior_draws(self, index: torch.Tensor, generator: torch.Generator | None):
-        noise = torch.randn(
-            index.shape[0], self.z_dim, generator=generator, device=self.device
-        )
+        noise = torch.randn(index.shape[0], self.z_dim, generator=generator, device=self.device)
         return self.prior_mu[index] + noise * torch.exp(0.5 * self.prior_logvar[index])
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """Joint continuous and categorical latent (JointVAE, Dupont 2018) with Gumbel-softmax.
 
-The encoder's features feed two heads: mu/log-variance of z and logits over K
-categories. c is a Gumbel-softmax draw at temperature tau (straight-through
-one-hot when ``hard``); the decoder sees concat(z, c). The KL of the
-categorical term is to the uniform prior, per image:
+The encoder's features feed two heads: mu/log-variance of z and logits over K categories. c is a
+Gumbel-softmax draw at temperature tau (straight-through one-hot when ``hard``); the decoder sees
+concat(z, c). The KL of the categorical term is to the uniform prior, per image:
 KL(q(c|x) || U(K)) = sum_k q_k log q_k + log K.
 """
 
@@ -56,7 +55,7 @@ def relaxed_category(
     return torch.zeros_like(soft).scatter_(-1, index, 1.0) - soft.detach() + soft
 
 
-def joint_kl_terms(out: VAEOutput | Posterior) -> dict[str, torch.Tensor]:
+def joint_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
     """The KL of z and of c from uniform, each summed over the batch (per member of a stack)."""
     assert out.category_logits is not None
     return {
@@ -112,13 +111,7 @@ class JointVAE(GaussianVAE):
         z = reparameterize(mu, logvar)
         gumbels = gumbel_noise(category_logits.shape, category_logits)
         c = relaxed_category(category_logits, gumbels, self.tau, self.hard)
-        return VAEOutput(
-            logits=self.decoder(torch.cat([z, c], dim=1)),
-            mu=mu,
-            logvar=logvar,
-            z=z,
-            category_logits=category_logits,
-        )
+        return VAEOutput(mu, logvar, category_logits, logits=self.decode_sample(z, c), z=z)
 
     kl_terms = staticmethod(joint_kl_terms)
 

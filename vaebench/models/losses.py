@@ -78,13 +78,9 @@ class LossTerms:
     category_logits: torch.Tensor | None = None
 
     @property
-    def kl_total(self) -> torch.Tensor:
-        return sum(self.kl.values(), torch.zeros((), device=self.recon.device))
-
-    @property
     def negative_elbo(self) -> torch.Tensor:
         """The beta = 1 bound, reported whatever objective a run trains with."""
-        return self.recon + self.kl_total
+        return self.recon + sum(self.kl.values(), torch.zeros((), device=self.recon.device))
 
 
 def expected_reconstruction(
@@ -147,14 +143,13 @@ class Objective:
     """The training loss of one run, or of each member of a stack (a batch sum; the trainer
     divides by the batch size).
 
-    ``elbo``: recon + beta * KL_z + beta_c * KL_c (KL_c per image, or of the batch's
-    marginal q(c) with ``kl_c: batch_marginal``; ``capacity`` ignores ``kl_c``).
-    ``capacity`` (JointVAE): recon + gamma * |KL_z - C_z(t)| + gamma * |KL_c - C_c(t)|,
-    with KLs and capacities per image and each C rising linearly from 0 towards its
-    ``capacity_*`` over ``capacity_steps``. C_c is then capped at ln K, the largest KL
-    a K-way categorical can have from uniform, as JointVAE's released code does: its
-    MNIST setting (C_c towards 5 nats over 25,000 steps, K = 10) holds C_c at ln 10
-    from step 11,513 on.
+    ``elbo``: recon + beta * KL_z + beta_c * KL_c (KL_c per image, or of the batch's marginal q(c)
+    with ``kl_c: batch_marginal``; ``capacity`` ignores ``kl_c``). ``capacity`` (JointVAE): recon +
+    gamma * |KL_z - C_z(t)| + gamma * |KL_c - C_c(t)|, with KLs and capacities per image and each C
+    rising linearly from 0 towards its ``capacity_*`` over ``capacity_steps``. C_c is then capped
+    at ln K, the largest KL a K-way categorical can have from uniform, as JointVAE's released code
+    does: its MNIST setting (C_c towards 5 nats over 25,000 steps, K = 10) holds C_c at ln 10 from
+    step 11,513 on.
     """
 
     def __init__(
@@ -177,18 +172,14 @@ class Objective:
         ramp = capacity(self.maximum[name], step, self.config.capacity_steps)
         return min(ramp, self.ceiling[name])
 
-    def weighed_kls(self, terms: LossTerms) -> dict[str, torch.Tensor]:
-        """The KL terms the ``elbo`` objective weighs: the ELBO's, with ``loss.kl_c:
-        batch_marginal`` the batch-marginal KL of c in place of the per-image one."""
-        if self.config.kl_c == "per_image" or "kl_c" not in terms.kl:
-            return terms.kl
-        assert terms.category_logits is not None
-        return {**terms.kl, "kl_c": batch_marginal_kl(terms.category_logits)}
-
     def __call__(self, terms: LossTerms, batch_size: int, step: int) -> torch.Tensor:
         loss = terms.recon
         if self.config.objective == "elbo":
-            for name, kl in self.weighed_kls(terms).items():
+            kls = terms.kl  # the ELBO's, or with loss.kl_c: batch_marginal the batch's KL of c
+            if self.config.kl_c != "per_image" and "kl_c" in kls:
+                assert terms.category_logits is not None
+                kls = {**kls, "kl_c": batch_marginal_kl(terms.category_logits)}
+            for name, kl in kls.items():
                 loss = loss + self.weight[name] * kl
             return loss
         # JointVAE's capacities hold the ELBO's own (per-image) KL terms at their targets

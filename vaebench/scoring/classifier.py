@@ -33,8 +33,7 @@ def build_classifier() -> nn.Module:
 
 
 def cache_folder(data_root: Path) -> Path:
-    chosen = os.environ.get(CACHE_ENV)
-    if chosen:
+    if chosen := os.environ.get(CACHE_ENV):
         return Path(chosen).expanduser()
     if os.access(data_root, os.W_OK):
         return data_root / "vaebench-cache"

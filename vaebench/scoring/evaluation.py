@@ -1,18 +1,16 @@
 """Scoring a model on a split: the ELBO estimate, clustering scores, the likelihood estimate.
 
-Every evaluation draws its latents from its own generator, seeded per split
-(``EVAL_SEEDS``), so every run and every epoch of a split sees the same draws
-(for equal ``train.eval_batch_size`` and ``eval.samples``, which set how they
-are chunked), whatever random stream training left behind. Categorical latents are drawn as
-exact one-hot samples from q(c|x), whatever ``model.hard`` says for training:
-a relaxed sample with the discrete KL would bound nothing. The ELBO estimate
-averages ``eval.samples`` draws of log p(x|z) per image; its KL terms are exact.
-
-This module imports neither mlflow nor optuna.
+Every evaluation draws its latents from its own generator, seeded per split (``EVAL_SEEDS``), so
+every run and every epoch of a split sees the same draws (for equal ``train.eval_batch_size`` and
+``eval.samples``, which set how they are chunked), whatever random stream training left behind.
+Categorical latents are drawn as exact one-hot samples from q(c|x), whatever ``model.hard`` says
+for training: a relaxed sample with the discrete KL would bound nothing. The ELBO estimate averages
+``eval.samples`` draws of log p(x|z) per image; its KL terms are exact.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +18,8 @@ import torch
 
 from vaebench.data import Split
 from vaebench.models.losses import reconstruction
-from vaebench.scoring.clustering import active_units, clustering_scores, kmeans_clusters
-from vaebench.scoring.likelihood import LikelihoodEstimate, draw_latents, estimate_nll
+from vaebench.scoring.clustering import clustering_scores, kmeans_clusters
+from vaebench.scoring.likelihood import draw_latents, estimate_nll
 from vaebench.spec.config import RunConfig
 
 EVAL_SEEDS = {"validation": 101, "test": 202}
@@ -74,15 +72,26 @@ class Evaluation:
         return values
 
 
-@torch.no_grad()
 def evaluate(
     model: torch.nn.Module, split: Split, split_name: str, config: RunConfig
 ) -> Evaluation:
     """Sums of reconstruction (averaged over ``eval.samples`` draws) and KL terms."""
+    return evaluate_members(model, split, split_name, [config])[0]
+
+
+@torch.no_grad()
+def evaluate_members(
+    model: torch.nn.Module, split: Split, split_name: str, configs: Sequence[RunConfig]
+) -> list[Evaluation]:
+    """:func:`evaluate` of each member of a ``model`` whose posterior has a leading member axis
+    (a stack's: member k's config ``configs[k]``, the evaluation settings the first's), or of
+    a model alone (``configs``: its own). The members share one member's draws."""
+    config = configs[0]
     model.eval()
     device = split.images.device
     generator = eval_generator(split_name, device)
     samples = config.eval.samples
+    kinds = [c.loss.recon for c in configs]
     recon = torch.zeros((), device=device)
     kl: dict[str, torch.Tensor] = {}
     mus, categories = [], []
@@ -92,21 +101,21 @@ def evaluate(
         posterior = model.posterior(x, y)
         draws = draw_latents(posterior, samples, generator)
         logits = model.decode_sample(draws.z, draws.c, y.repeat(samples))
-        repeated = x.repeat(samples, *([1] * (x.dim() - 1)))
-        recon += reconstruction(logits, repeated, config.loss.recon) / samples
+        repeated = x.repeat(samples, *([1] * (x.dim() - 1))).expand(logits.shape)
+        recon = recon + reconstruction(logits, repeated, kinds) / samples
         for name, value in model.kl_terms(posterior).items():
             kl[name] = kl.get(name, 0) + value
         mus.append(posterior.mu)
         if posterior.category_logits is not None:
             categories.append(posterior.category_logits.argmax(dim=1))
-    return Evaluation(
-        split_name=split_name,
-        images=len(split),
-        recon=recon,
-        kl=kl,
-        mu=torch.cat(mus),
-        categories=torch.cat(categories) if categories else None,
-    )
+    mu = torch.cat(mus, dim=-2)
+    if mu.dim() == 2:  # a model alone
+        found = torch.cat(categories) if categories else None
+        return [Evaluation(split_name, len(split), recon, kl, mu, found)]
+    return [
+        Evaluation(split_name, len(split), recon[k], {n: v[k] for n, v in kl.items()}, mu[k], None)
+        for k in range(mu.shape[0])
+    ]
 
 
 @dataclass(frozen=True)
@@ -127,27 +136,15 @@ class ClusterInput:
 
 def cluster_input(evaluation: Evaluation, labels: torch.Tensor) -> ClusterInput:
     categories = evaluation.categories
-    return ClusterInput(
-        prefix=evaluation.prefix,
-        labels=labels.cpu().numpy(),
-        means=evaluation.mu.cpu().numpy() if categories is None else None,
-        categories=categories.cpu().numpy() if categories is not None else None,
-    )
+    means = evaluation.mu.cpu().numpy() if categories is None else None
+    found = categories.cpu().numpy() if categories is not None else None
+    return ClusterInput(evaluation.prefix, labels.cpu().numpy(), means, found)
 
 
 def scored_clusters(clusters: ClusterInput) -> dict[str, float]:
     """``<prefix>_nmi``, ``_ari``, ``_accuracy`` (Hungarian) of the split's clusters."""
     scores = clustering_scores(clusters.labels, clusters.clusters())
     return {f"{clusters.prefix}_{name}": value for name, value in scores.items()}
-
-
-def cluster_metrics(evaluation: Evaluation, labels: torch.Tensor) -> dict[str, float]:
-    """The split's clustering scores (:func:`scored_clusters`), computed now."""
-    return scored_clusters(cluster_input(evaluation, labels))
-
-
-def active_unit_metric(evaluation: Evaluation) -> dict[str, float]:
-    return {f"{evaluation.prefix}_active_units": active_units(evaluation.mu.cpu().numpy())}
 
 
 def likelihood_subset(images: int, count: int | None) -> torch.Tensor | None:
@@ -173,12 +170,9 @@ def likelihood_metrics(
     if chosen is not None:
         chosen = chosen.to(images.device)
         images, labels = images.index_select(0, chosen), labels.index_select(0, chosen)
-    estimate: LikelihoodEstimate = estimate_nll(
-        model,
-        images,
-        labels,
-        config.eval.iwae_samples,
-        eval_generator(split_name, split.images.device),
+    generator = eval_generator(split_name, split.images.device)
+    estimate = estimate_nll(
+        model, images, labels, config.eval.iwae_samples, generator,
         rows_per_pass=LIKELIHOOD_ROWS_PER_PASS,
     )
     prefix = PREFIXES[split_name]

@@ -4,22 +4,20 @@ For an image x and K draws z_k ~ q(z|x),
 
     L_K(x) = log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)
 
-is a lower bound on log p(x) that rises with K towards it; L_1 is a one-sample
-ELBO estimate (its expectation is the ELBO). Models with a categorical latent
-(``gumbel``) draw the category too, as an exact one-hot c_k ~ q(c|x) with the
-weight p(c_k) / q(c_k|x) and p(c) uniform: the estimate samples the categorical,
-it does not sum over it. A Gaussian-mixture VAE (``gmvae``) draws c_k ~ q(c|x), then
-z_k ~ q(z|x, c_k), weighted by p(c_k) p(z_k|c_k) / (q(c_k|x) q(z_k|x, c_k)). For a
-``cvae`` every term is conditioned on the label, so the estimate bounds log p(x|y),
-not log p(x).
+is a lower bound on log p(x) that rises with K towards it; L_1 is a one-sample ELBO estimate (its
+expectation is the ELBO). Models with a categorical latent (``gumbel``) draw the category too, as
+an exact one-hot c_k ~ q(c|x) with the weight p(c_k) / q(c_k|x) and p(c) uniform: the estimate
+samples the categorical, it does not sum over it. A Gaussian-mixture VAE (``gmvae``) draws
+c_k ~ q(c|x), then z_k ~ q(z|x, c_k), weighted by p(c_k) p(z_k|c_k) / (q(c_k|x) q(z_k|x, c_k)).
+For a ``cvae`` every term is conditioned on the label, so the estimate bounds log p(x|y), not
+log p(x).
 
 log p(x|z) is the Bernoulli log-likelihood of the decoder's logits, which is a
 likelihood only for binary pixels (``data.binarize: dynamic|static``).
 
-Draws come from the caller's generator, so every run of a split sees the same
-noise; the log-weights are summed in float32 per image and combined with
-logsumexp in float64, where K = 5000 terms would otherwise lose digits. This
-module imports neither mlflow nor optuna.
+Draws come from the caller's generator, so every run of a split sees the same noise; the
+log-weights are summed in float32 per image and combined with logsumexp in float64, where K = 5000
+terms would otherwise lose digits.
 """
 
 from __future__ import annotations
@@ -51,12 +49,13 @@ def draw_latents(posterior: Posterior, samples: int, generator: torch.Generator)
     """Draw z (and an exact one-hot c) from the posterior with ``generator``."""
     if posterior.mixture is not None:
         return _draw_from_mixture(posterior, samples, generator)
-    mu = posterior.mu.repeat(samples, 1)
-    logvar = posterior.logvar.repeat(samples, 1)
-    noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    lead = [1] * (posterior.mu.dim() - 2)  # a stack's member axis: one member's draws serve all
+    mu = posterior.mu.repeat(*lead, samples, 1)
+    logvar = posterior.logvar.repeat(*lead, samples, 1)
+    noise = torch.randn(mu.shape[-2:], generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + noise * torch.exp(0.5 * logvar)
-    log_q = -0.5 * (noise.pow(2) + logvar + LOG_2PI).sum(dim=1)
-    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(dim=1)
+    log_q = -0.5 * (noise.pow(2) + logvar + LOG_2PI).sum(dim=-1)
+    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(dim=-1)
     c = None
     if posterior.category_logits is not None:
         log_probs = F.log_softmax(posterior.category_logits.repeat(samples, 1), dim=1)
@@ -181,6 +180,4 @@ def estimate_nll(
     per_image = iwae_log_likelihood(model, images, labels, samples, generator, **options)
     n = per_image.shape[0]
     spread = per_image.std().item() / math.sqrt(n) if n > 1 else float("nan")
-    return LikelihoodEstimate(
-        nll=-per_image.mean().item(), standard_error=spread, samples=samples, images=n
-    )
+    return LikelihoodEstimate(-per_image.mean().item(), spread, samples, n)

@@ -10,16 +10,11 @@ member's gradient is exactly its own. A member whose loss or metrics turn NaN or
 after that epoch: the others go on as a smaller stack, their tensors and optimizer state
 carried over exactly, so a stopped member costs nothing more.
 
-Validation and test passes are stacked as well (:mod:`vaebench.stacking.evaluation`; a
-joint member, ``gumbel``, or a mixture member, ``gmvae``, is evaluated in its own model, its
-categories drawn exactly); a
-member is copied into the model its run alone would have (same parameter names) for its
-checkpoints and, after the last epoch, for the scores it computes alone (clustering,
-likelihood). What a member reports is what :func:`vaebench.training.loop.fit` reports for its
-config, up to floating-point rounding of the batched products, and the timing, which is
-its share of the stack's (the stack's seconds / K).
-
-This module imports neither mlflow nor optuna.
+A member is copied into the model its run alone would have (same parameter names) for its
+checkpoints, the evaluations it makes alone (:class:`StackTrainee`) and, after the last
+epoch, the scores it computes alone (clustering, likelihood). What a member reports is what
+:func:`vaebench.training.loop.fit` reports for its config, up to floating-point rounding of
+the batched products, and the timing, which is its share of the stack's (seconds / K).
 """
 
 from __future__ import annotations
@@ -35,10 +30,10 @@ from vaebench.models import build_model, place_model
 from vaebench.scoring.evaluation import Evaluation, evaluate
 from vaebench.spec.config import RunConfig
 from vaebench.stacking.evaluation import evaluate_stack
-from vaebench.stacking.model import StackedGaussianVAE, stack_problem
+from vaebench.stacking.model import StackedGaussianVAE
 from vaebench.stacking.optim import STACKED_OPTIMIZERS, StackedOptimizer
 from vaebench.stacking.plan import MEMBER_KEYS, stack_key
-from vaebench.stacking.step import StackSteps, StepBatch, cuda_graph_for
+from vaebench.stacking.step import StackSteps, cuda_graph_for
 from vaebench.training.loop import train_members
 from vaebench.training.trainer import (
     EpochMetrics,
@@ -46,7 +41,6 @@ from vaebench.training.trainer import (
     TrainingDiverged,
     TrainResult,
     build_optimizer,
-    steps_per_epoch,
     training_state,
 )
 
@@ -64,13 +58,10 @@ class Member:
 
 def build_member(config: RunConfig, splits: Splits, device: torch.device) -> Member:
     """The model, initialised as :func:`vaebench.training.loop.fit` initialises it, and
-    generators in
-    the states that run's batch order and global random stream would have after that."""
+    generators in the states that run's batch order and global random stream would have
+    after that. (Whether it stacks, :func:`stack_problem`, the stack it joins checks.)"""
     torch.manual_seed(config.seed)
     model = build_model(config.model, splits.image_shape)
-    problem = stack_problem(model)
-    if problem:
-        raise ValueError(problem)
     draw_rng = torch.Generator(device=device)
     if device.type == "cpu":
         draw_rng.set_state(torch.get_rng_state())  # after the initialisation's draws
@@ -85,59 +76,21 @@ def stacked_epoch(steps: StackSteps, splits: Splits, first_step: int = 0) -> tor
     """One pass over the training split for every member of ``steps``' stack, its steps
     numbered from ``first_step`` (a schedule, such as a temperature, follows them); the
     summed objective per member (K,) as a device tensor."""
-    members = steps.members
-    config = members[0].config
-    images, labels = splits.train.images, splits.train.labels
-    n, count = images.shape[0], len(members)
-    batch_size = config.train.batch_size
-    total_steps = config.train.epochs * steps_per_epoch(n, batch_size)
-    device = images.device
-    orders = torch.stack(
-        [torch.randperm(n, generator=m.order_rng, device="cpu") for m in members]
-    ).to(device)
-    total = torch.zeros(count, device=device)
+    members, n, device = steps.members, len(splits.train), splits.train.images.device
+    batch_size = members[0].config.train.batch_size
+    orders = [torch.randperm(n, generator=m.order_rng, device="cpu") for m in members]
+    orders = torch.stack(orders).to(device)
+    total = torch.zeros(len(members), device=device)
     steps.stack.train()
     for step, start in enumerate(range(0, n, batch_size), start=first_step):
-        index = orders[:, start : start + batch_size]
-        total += steps(
-            StepBatch(images, labels, index, step, total_steps, splits.dynamic_binarize)
-        )
+        total += steps(orders[:, start : start + batch_size], step)
     return total
-
-
-def _steps(
-    stack: StackedGaussianVAE, optimizer: StackedOptimizer, members: list[Member], splits: Splits
-) -> StackSteps:
-    """The steps of a stack of ``members``, as a CUDA graph where the stack allows."""
-    graph = cuda_graph_for(stack, splits, members[0].config.loss.objective)
-    return StackSteps(stack, optimizer, members, splits, graph)
 
 
 def stacked_optimizer(configs: Sequence[RunConfig], stack: torch.nn.Module) -> StackedOptimizer:
     """The stack's optimizer (the members' kind), with each member's learning rate."""
     kind = STACKED_OPTIMIZERS[configs[0].optim.name]
     return kind(list(stack.parameters()), [config.optim.lr for config in configs])
-
-
-def member_training_state(
-    member: Member,
-    optimizer: StackedOptimizer,
-    index: int,
-    history: list[EpochMetrics],
-    seconds: float,
-) -> dict[str, Any]:
-    """:func:`vaebench.training.trainer.training_state` of member ``index`` (its model already
-    holds its
-    slice): what its run alone would have saved after the same epoch, so it continues alone."""
-    config = member.config
-    like = build_optimizer(config.optim, member.model.parameters())
-    state = training_state(member.model, like, member.order_rng, history, seconds)
-    state["optimizer"] = optimizer.member_state(index, like)
-    if member.draw_rng.device.type == "cpu":
-        state["torch_rng"] = member.draw_rng.get_state()
-    else:
-        state["cuda_rng"] = member.draw_rng.get_state()
-    return state
 
 
 class StackTrainee:
@@ -149,6 +102,8 @@ class StackTrainee:
     :func:`vaebench.models.place_model`), so each member is evaluated in its own model; a
     joint or mixture member's evaluation draws its category, so those are always."""
 
+    earlier = 0.0  # a stack starts afresh
+
     def __init__(
         self,
         configs: Sequence[RunConfig],
@@ -159,13 +114,21 @@ class StackTrainee:
         if len({stack_key(c) for c in configs}) != 1:
             raise ValueError("a stack's runs differ in more than " + ", ".join(MEMBER_KEYS))
         self.configs, self.splits = list(configs), splits
-        self.members = [build_member(config, splits, device) for config in configs]
-        self.stack = StackedGaussianVAE([m.model for m in self.members]).to(device)
-        self.optimizer = stacked_optimizer(configs, self.stack)
-        self.steps = _steps(self.stack, self.optimizer, self.members, splits)
-        if stacked_evaluation is None:
-            stacked_evaluation = device.type == "cuda"
-        self.stacked_evaluation = stacked_evaluation and not self.stack.categories
+        members = [build_member(config, splits, device) for config in configs]
+        self.results = [TrainResult(model=member.model) for member in members]
+        self._restack(members, lambda stack: stacked_optimizer(configs, stack))
+        stacked = device.type == "cuda" if stacked_evaluation is None else stacked_evaluation
+        self.stacked_evaluation = stacked and not self.stack.categories
+
+    def _restack(
+        self, members: list[Member], optimizer: Callable[[torch.nn.Module], StackedOptimizer]
+    ) -> None:
+        """The stack of ``members``' own models, its ``optimizer(stack)`` and its steps."""
+        self.members = members
+        self.stack = StackedGaussianVAE([m.model for m in members]).to(members[0].model.device)
+        self.optimizer = optimizer(self.stack)
+        graph = cuda_graph_for(self.stack, self.splits, members[0].config.loss.objective)
+        self.steps = StackSteps(self.stack, self.optimizer, members, self.splits, graph)
 
     def epoch(self, first_step: int) -> torch.Tensor:
         return stacked_epoch(self.steps, self.splits, first_step)
@@ -173,13 +136,12 @@ class StackTrainee:
     def evaluations(self, split: Split, split_name: str) -> list[Evaluation]:
         if self.stacked_evaluation:
             configs = [member.config for member in self.members]
-            return list(evaluate_stack(self.stack, split, split_name, configs))
+            return evaluate_stack(self.stack, split, split_name, configs)
         alone = [self._own(position) for position in range(len(self.members))]
         return [evaluate(m.model, split, split_name, m.config) for m in alone]
 
     def _own(self, position: int) -> Member:
-        """The member at ``position``, its weights copied into the model its run alone
-        would have."""
+        """The member at ``position``, its weights copied into its own model."""
         member = self.members[position]
         member.model.load_state_dict(self.stack.member_state(position))
         return member
@@ -187,19 +149,23 @@ class StackTrainee:
     def training_state(
         self, position: int, history: list[EpochMetrics], seconds: float
     ) -> dict[str, Any]:
+        """:func:`vaebench.training.trainer.training_state` of the member: what its run alone
+        would have saved after the same epoch, so it continues alone."""
         member = self._own(position)
-        return member_training_state(member, self.optimizer, position, history, seconds)
+        like = build_optimizer(member.config.optim, member.model.parameters())
+        state = training_state(member.model, like, member.order_rng, history, seconds)
+        state["optimizer"] = self.optimizer.member_state(position, like)
+        rng = "torch_rng" if member.draw_rng.device.type == "cpu" else "cuda_rng"
+        state[rng] = member.draw_rng.get_state()
+        return state
 
     def keep(self, positions: Sequence[int]) -> None:
         """The stack and its optimizer hold only the members at ``positions``, each with its
         parameters, buffers and optimizer state as they were: a smaller stack built from their
         own models, filled from this one."""
         kept = [self._own(position) for position in positions]
-        device = next(self.stack.parameters()).device
-        smaller = StackedGaussianVAE([member.model for member in kept]).to(device)
-        self.optimizer = self.optimizer.keeping(positions, list(smaller.parameters()))
-        self.stack, self.members = smaller, kept
-        self.steps = _steps(self.stack, self.optimizer, self.members, self.splits)
+        keeping = self.optimizer.keeping
+        self._restack(kept, lambda stack: keeping(positions, list(stack.parameters())))
 
     def final_model(self, position: int) -> torch.nn.Module:
         return self._own(position).model.eval()  # as a run alone ends
@@ -217,13 +183,9 @@ def fit_stack(
 ) -> list[TrainResult | BaseException]:
     """Train ``configs`` (one :func:`stack_key`) as one stack (:class:`StackTrainee`), with
     :func:`vaebench.training.loop.train_members`'s callbacks and outcomes; each member's
-    checkpoint is :func:`member_training_state`, which its run alone continues."""
+    checkpoint is the state its run alone continues."""
     trainee = StackTrainee(configs, splits, device, stacked_evaluation)
-    results = [TrainResult(model=member.model) for member in trainee.members]
-    return train_members(
-        trainee, configs, results, splits, device, on_epoch, save_state, on_failed,
-        score_clusters,
-    )
+    return train_members(trainee, splits, device, on_epoch, save_state, on_failed, score_clusters)
 
 
 def fit_members(
@@ -239,15 +201,10 @@ def fit_members(
     own model (:class:`ModelTrainee`: the fast path on the CPU, and the one that continues a
     checkpoint, ``resume``), several as one stack. The clustering scores are left to the
     run's finishing (``result.clusters``)."""
-    if len(configs) > 1:
-        if resume is not None:
-            raise ValueError("a stack starts afresh: a continued run trains alone")
-        return fit_stack(
-            configs, splits, device, on_epoch, save_state, on_failed, score_clusters=False
-        )
-    trainee = ModelTrainee(configs[0], splits, device, resume)
-    result = TrainResult(model=trainee.model, history=trainee.history)
-    return train_members(
-        trainee, configs, [result], splits, device, on_epoch, save_state, on_failed,
-        score_clusters=False, earlier=trainee.earlier,
-    )
+    if len(configs) == 1:
+        trainee = ModelTrainee(configs[0], splits, device, resume)
+    elif resume is not None:
+        raise ValueError("a stack starts afresh: a continued run trains alone")
+    else:
+        trainee = StackTrainee(configs, splits, device)
+    return train_members(trainee, splits, device, on_epoch, save_state, on_failed, False)

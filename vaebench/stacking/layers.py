@@ -13,8 +13,6 @@ run alone would take them. There the convolutions already fill the cores, and th
 was measured slower than the runs one after another (its activations K times larger than the
 caches, its layout conversions copies), per member as fast: ``python -m vaebench bench
 --stack 1,4,8 --arch conv`` times both.
-
-This module imports neither mlflow nor optuna.
 """
 
 from __future__ import annotations
@@ -26,14 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# member layers this module can stack; anything else keeps a run out of a stack
-STACKABLE_LAYERS = (
-    nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, nn.Unflatten
-)
-
 
 def stacked_parameter(tensors: Sequence[torch.Tensor]) -> nn.Parameter:
-    """The members' tensors as one parameter ``(K, *shape)``."""
     return nn.Parameter(torch.stack([t.detach() for t in tensors]).contiguous())
 
 
@@ -135,30 +127,22 @@ class StackedBatchNorm(nn.Module):
             self.register_buffer(name, torch.stack([getattr(m, name) for m in members]).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        return self._normalise(
-            self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
-            self.bias.view(-1), x,
-        )
+        return self._normalise(*(part.view(-1) for part in self._parts()), x)
 
     def member_layers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         """Each member's batch norm of its ``(B, C, H, W)``: its own statistics (rows of the
         ``(K, C)`` buffers, updated in place) and affine weights."""
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        parts = (self.running_mean, self.running_var, self.weight, self.bias)
-        members = zip(*(part.unbind(0) for part in parts), strict=True)
+        members = zip(*(part.unbind(0) for part in self._parts()), strict=True)
         return [partial(self._normalise, *member) for member in members]
 
-    def _normalise(
-        self,
-        mean: torch.Tensor,
-        var: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        x: torch.Tensor,
-    ) -> torch.Tensor:
+    def _parts(self) -> tuple[torch.Tensor, ...]:
+        """Running mean and variance, weight and bias; a training pass counts its batch."""
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return self.running_mean, self.running_var, self.weight, self.bias
+
+    def _normalise(self, *tensors: torch.Tensor) -> torch.Tensor:
+        mean, var, weight, bias, x = tensors
         return F.batch_norm(x, mean, var, weight, bias, self.training, self.momentum, self.eps)
 
 
@@ -167,24 +151,18 @@ class MemberShape(nn.Module):
 
     grouped = False
 
-    def __init__(self, member: nn.Flatten | nn.Unflatten, members: int):
+    def __init__(self, members: Sequence[nn.Flatten | nn.Unflatten]):
         super().__init__()
-        unflatten = isinstance(member, nn.Unflatten)
-        self.unflatten = tuple(member.unflattened_size) if unflatten else None
-        self.members = members
+        unflatten = isinstance(members[0], nn.Unflatten)
+        self.unflatten = tuple(members[0].unflattened_size) if unflatten else None
+        self.members = len(members)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.unflatten is None:
-            return x.flatten(2)
-        return x.unflatten(2, self.unflatten)
+    def forward(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        return x.flatten(dim) if self.unflatten is None else x.unflatten(dim, self.unflatten)
 
     def member_layers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         """Each member's ``(B, ...)`` reshaped as its own layer reshapes it."""
-        if self.unflatten is None:
-            layer = partial(torch.flatten, start_dim=1)
-        else:
-            layer = partial(torch.unflatten, dim=1, sizes=self.unflatten)
-        return [layer] * self.members
+        return [partial(self.forward, dim=1)] * self.members
 
 
 def to_grouped(x: torch.Tensor) -> torch.Tensor:
@@ -210,19 +188,10 @@ class StackedSequential(nn.Sequential):
     def __init__(self, members: Sequence[nn.Sequential]):
         layers: list[nn.Module] = []
         for parts in zip(*members, strict=True):
-            first = parts[0]
-            if isinstance(first, nn.Linear):
-                layers.append(StackedLinear(parts))
-            elif isinstance(first, nn.Conv2d | nn.ConvTranspose2d):
-                layers.append(StackedConv(parts))
-            elif isinstance(first, nn.BatchNorm2d):
-                layers.append(StackedBatchNorm(parts))
-            elif isinstance(first, nn.Flatten | nn.Unflatten):
-                layers.append(MemberShape(first, len(parts)))
-            elif isinstance(first, nn.ReLU):
-                layers.append(nn.ReLU())
-            else:
-                raise ValueError(f"cannot stack {type(first).__name__} layers")
+            kinds = [make for kind, make in STACKED_LAYERS.items() if isinstance(parts[0], kind)]
+            if not kinds:
+                raise ValueError(f"cannot stack {type(parts[0]).__name__} layers")
+            layers.append(kinds[0](parts))
         super().__init__(*layers)
         self.members = len(members)
 
@@ -254,6 +223,20 @@ class StackedSequential(nn.Sequential):
             grouped = wants
             x = layer(x)
         return from_grouped(x, self.members) if grouped else x
+
+
+# the member layers this module stacks, each with its stacked layer's maker; anything else
+# keeps a run out of a stack
+STACKED_LAYERS: dict[type[nn.Module], Callable[[Sequence[nn.Module]], nn.Module]] = {
+    nn.Linear: StackedLinear,
+    nn.Conv2d: StackedConv,
+    nn.ConvTranspose2d: StackedConv,
+    nn.BatchNorm2d: StackedBatchNorm,
+    nn.Flatten: MemberShape,
+    nn.Unflatten: MemberShape,
+    nn.ReLU: lambda parts: nn.ReLU(),
+}
+STACKABLE_LAYERS = tuple(STACKED_LAYERS)
 
 
 def use_layout(stack: nn.Module, per_member: bool | None) -> nn.Module:

@@ -5,8 +5,6 @@ forward and KL terms are the families' own formulas over that axis.
 A stacked parameter is ``(K, *the member's shape)`` and has the member's parameter name, so
 member k's ``state_dict`` is ``{name: p[k]}`` and loads into the model the run would have
 trained alone. Activations are member-major, ``(K, B, ...)``.
-
-This module imports neither mlflow nor optuna.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vaebench.models.base import GaussianVAE, Mixture, VAEOutput, reparameterize
+from vaebench.models.base import GaussianVAE, Mixture, Posterior, VAEOutput, reparameterize
 from vaebench.models.cvae import ConditionalVAE, with_label
 from vaebench.models.gmvae import GaussianMixtureVAE, decode_components, mixture_components
 from vaebench.models.gumbel import JointVAE, relaxed_category
@@ -43,9 +41,8 @@ class StackedGaussianVAE(nn.Module):
     """K Gaussian VAEs of one shape; ``forward`` takes each member's batch and noise (and, for
     conditional members, ``cvae``, each member's labels: their one-hot code joins the decoder's
     input and, with ``model.condition_encoder``, the encoder's features, as in
-    :class:`~vaebench.models.cvae.ConditionalVAE`; for joint members, ``gumbel``, each
-    member's Gumbel noise for its relaxed category, as in
-    :class:`~vaebench.models.gumbel.JointVAE`)."""
+    :class:`~vaebench.models.cvae.ConditionalVAE`; for joint members, ``gumbel``, each member's
+    Gumbel noise for its relaxed category, as in :class:`~vaebench.models.gumbel.JointVAE`)."""
 
     def __init__(self, members: Sequence[GaussianVAE]):
         super().__init__()
@@ -90,36 +87,44 @@ class StackedGaussianVAE(nn.Module):
         of conditional members and, for joint members, Gumbel noise ``gumbel``
         (K, B, categories) at temperature ``tau``, through the families' own formulas."""
         features = self._features(x, y)
+        head = self.head(features)
         if self.mixture:
-            both = mixture_components(self.head(features), self.component_offset)
-            mu, logvar = both.chunk(2, dim=-1)
-            z = reparameterize(mu, logvar, noise)
+            head = mixture_components(head, self.component_offset)
+        mu, logvar = head.chunk(2, dim=-1)
+        z = reparameterize(mu, logvar, noise)
+        if self.mixture:
             mixture = Mixture(mu, logvar, self.prior_mu, self.prior_logvar)
             logits = decode_components(self.decoder, z)
-            return VAEOutput(logits, mu, logvar, z, self.category_head(features), mixture)
-        mu, logvar = self.head(features).chunk(2, dim=-1)
-        z = reparameterize(mu, logvar, noise)
+            return VAEOutput(mu, logvar, self.category_head(features), mixture, logits=logits, z=z)
         if not self.categories:
-            return VAEOutput(self.decode(z, y), mu, logvar, z)
+            return VAEOutput(mu, logvar, logits=self.decode(z, y), z=z)
         if gumbel is None:
             raise ValueError("a joint VAE's stack needs Gumbel noise")
         category_logits = self.category_head(features)
         c = relaxed_category(category_logits, gumbel, tau, self.hard)
-        return VAEOutput(self.decoder(torch.cat([z, c], dim=-1)), mu, logvar, z, category_logits)
+        logits = self.decoder(torch.cat([z, c], dim=-1))
+        return VAEOutput(mu, logvar, category_logits, logits=logits, z=z)
 
     def noise_shape(self, batch: int) -> tuple[int, ...]:
         """The shape of one member's standard normal draws for a batch: a z per image, or for
         mixture members a z per image and component."""
         return (batch, self.categories, self.z_dim) if self.mixture else (batch, self.z_dim)
 
-    def encode(
-        self, x: torch.Tensor, y: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each member's posterior mean and log-variance (K, B, z_dim) of images (K, B, ...)."""
+    def posterior(self, x: torch.Tensor, y: torch.Tensor) -> Posterior:
+        """Each member's posterior (K, B, z_dim) of the same images x (B, ...), labels y (B,)."""
         if self.categories:
             raise ValueError("joint and mixture members' posteriors are evaluated alone")
-        mu, logvar = self.head(self._features(x, y)).chunk(2, dim=-1)
-        return mu, logvar
+        features = self._features(x.expand(self.members, *x.shape), self._each(y))
+        return Posterior(*self.head(features).chunk(2, dim=-1))
+
+    def decode_sample(
+        self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each member's decoder logits of its latents z (K, B, z_dim), labels y (B,) shared."""
+        return self.decode(z, self._each(y))
+
+    def _each(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        return None if y is None else y.expand(self.members, *y.shape)
 
     def _features(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         features = self.encoder(x)

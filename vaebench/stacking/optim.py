@@ -7,8 +7,6 @@ are updated a *learning-rate run* at a time: consecutive members with one learni
 share one call on the slice ``p[a:b]`` of every parameter (one call for the whole stack when
 the members differ only in seed or beta). A member's state converts to the ``state_dict`` of
 the torch optimizer its run alone would hold, so that the run can continue alone.
-
-This module imports neither mlflow nor optuna.
 """
 
 from __future__ import annotations
@@ -37,8 +35,8 @@ class StackedOptimizer:
     state_names: tuple[str, ...] = ()  # per-parameter state, as torch's optimizer names it
 
     def __init__(self, params: Sequence[torch.nn.Parameter], lrs: Sequence[float]):
-        self.params = list(params)
-        self.runs = learning_rate_runs(list(lrs))
+        self.params, self.lrs = list(params), list(lrs)
+        self.runs = learning_rate_runs(self.lrs)
         self.steps = 0
         self.state = {name: [torch.zeros_like(p) for p in self.params] for name in self.state_names}
 
@@ -54,10 +52,6 @@ class StackedOptimizer:
         slices.update({name: part(values) for name, values in self.state.items()})
         return slices
 
-    def learning_rates(self) -> list[float]:
-        """Each member's learning rate, in the stack's order."""
-        return [lr for lr, members in self.runs for _ in range(members.start, members.stop)]
-
     def keeping(self, kept: Sequence[int], params: Sequence[torch.nn.Parameter]):
         """This optimizer over the members at positions ``kept`` only (``params``: a stack
         of those members, its parameters in this one's order): their learning rates, their
@@ -65,7 +59,8 @@ class StackedOptimizer:
         smaller = copy.copy(self)
         rows = list(kept)
         smaller.params = list(params)
-        smaller.runs = learning_rate_runs([self.learning_rates()[k] for k in rows])
+        smaller.lrs = [self.lrs[k] for k in rows]
+        smaller.runs = learning_rate_runs(smaller.lrs)
         smaller.state = {
             name: [tensor[rows].clone() for tensor in tensors]
             for name, tensors in self.state.items()
@@ -92,16 +87,10 @@ class StackedAdam(StackedOptimizer):
     """``torch.optim.Adam(fused=True)``'s kernel, one call per learning-rate run."""
 
     state_names = ("exp_avg", "exp_avg_sq")
+    betas, eps = (0.9, 0.999), 1e-8  # torch's defaults, the only options a stack takes
 
-    def __init__(
-        self,
-        params: Sequence[torch.nn.Parameter],
-        lrs: Sequence[float],
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-    ):
+    def __init__(self, params: Sequence[torch.nn.Parameter], lrs: Sequence[float]):
         super().__init__(params, lrs)
-        self.betas, self.eps = betas, eps
         # the kernel reads the step count from a float32 tensor on the parameters' device
         self.step_count = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
 
@@ -132,16 +121,7 @@ class StackedRMSprop(StackedOptimizer):
     """``torch.optim.RMSprop``'s default arithmetic, in place, per learning-rate run."""
 
     state_names = ("square_avg",)
-
-    def __init__(
-        self,
-        params: Sequence[torch.nn.Parameter],
-        lrs: Sequence[float],
-        alpha: float = 0.99,
-        eps: float = 1e-8,
-    ):
-        super().__init__(params, lrs)
-        self.alpha, self.eps = alpha, eps
+    alpha, eps = 0.99, 1e-8  # torch's defaults, the only options a stack takes
 
     @torch.no_grad()
     def step(self) -> None:

@@ -1,21 +1,18 @@
 """One training step of a stack: each member's inputs drawn as its run alone draws them, the
 members' summed loss, one backward pass and the update; on CUDA, captured once as a graph.
 
-On a GPU a step of a stack of small VAEs is launch-bound: measured on an H200, a step took
-about 2.5 ms whether the stack held 1 member or 16, for microseconds of arithmetic. A CUDA
-graph replays the step's kernels (forward, backward, optimizer) with one launch. What changes
-from step to step stays outside the graph, in static buffers the graph reads: the batch,
-gathered with one ``index_select``, each member's noise, drawn from its own generator into
-its row as its run alone draws it, and the labels of conditional members. The first
-:data:`WARMUP_STEPS` steps run eagerly (on a side stream, as capture asks); the step after
-them is captured and checked against the same step run eagerly on the stack's state as it
-was: where the two differ beyond rounding, or capture fails, the stack goes on eagerly and a
-warning says why. A step with another shape (the epoch's last, smaller batch) runs eagerly.
-Stacks whose steps draw more than that (binarized pixels, Gumbel noise) or follow a schedule
-(a temperature) always run eagerly, as does every stack on the CPU, where a step is not
-launch-bound. ``$VAEBENCH_CUDA_GRAPHS=0`` turns capture off.
-
-This module imports neither mlflow nor optuna.
+On a GPU a step of a stack of small VAEs is launch-bound: measured on an H200, a step took about
+2.5 ms whether the stack held 1 member or 16, for microseconds of arithmetic. A CUDA graph replays
+the step's kernels (forward, backward, optimizer) with one launch. What changes from step to step
+stays outside the graph, in static buffers the graph reads: the batch, gathered with one
+``index_select``, each member's noise, drawn from its own generator into its row as its run alone
+draws it, and the labels of conditional members. The first :data:`WARMUP_STEPS` steps run eagerly
+(on a side stream, as capture asks); the step after them is captured and checked against the same
+step run eagerly on the stack's state as it was: where the two differ beyond rounding, or capture
+fails, the stack goes on eagerly and a warning says why. A step with another shape (the epoch's
+last, smaller batch) runs eagerly. Stacks whose steps draw more than that (binarized pixels, Gumbel
+noise) or follow a schedule (a temperature) always run eagerly, as does every stack on the CPU,
+where a step is not launch-bound. ``$VAEBENCH_CUDA_GRAPHS=0`` turns capture off.
 """
 
 from __future__ import annotations
@@ -34,6 +31,7 @@ from vaebench.models.gumbel import gumbel_noise
 from vaebench.models.losses import Objective, first_kind_members, terms_of
 from vaebench.stacking.model import StackedGaussianVAE
 from vaebench.stacking.optim import StackedOptimizer
+from vaebench.training.trainer import steps_per_epoch
 
 WARMUP_STEPS = 3  # eager steps before capture (cuBLAS and the allocator settle in them)
 CUDA_GRAPHS_ENV = "VAEBENCH_CUDA_GRAPHS"
@@ -41,29 +39,14 @@ CUDA_GRAPHS_ENV = "VAEBENCH_CUDA_GRAPHS"
 
 @dataclass
 class StepInputs:
-    """What a step feeds the stack: images ``x`` (K, B, ...), ``noise`` (K, *noise shape),
-    labels ``y`` (K, B) of conditional members, Gumbel noise of joint members, the
-    temperature."""
+    """What a step feeds the stack: images ``x`` (K, B, ...), ``noise`` (K, *noise shape), labels
+    ``y`` (K, B) of conditional members, Gumbel noise of joint members, the temperature."""
 
     x: torch.Tensor
     noise: torch.Tensor
     y: torch.Tensor | None = None
     gumbel: torch.Tensor | None = None
     tau: float = 1.0
-
-
-@dataclass
-class StepBatch:
-    """Which images a step takes: member k's are rows ``index[k]`` (K, B) of the training
-    split's ``images`` and ``labels``; the step's number and the run's total (a schedule
-    follows them); whether its pixels are drawn (dynamic binarization)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    index: torch.Tensor
-    step: int
-    total_steps: int
-    dynamic_binarize: bool = False
 
 
 class Graph(Protocol):
@@ -112,7 +95,11 @@ class StackSteps:
         self.objective = Objective(self.config.loss, stack.categories or None, beta=betas)
         self.kinds = [m.config.loss.recon for m in members]
         self.first_kind = first_kind_members(self.kinds, self.device)  # made once, not per step
-        self.image_shape = tuple(splits.train.images.shape[1:])
+        self.images, self.labels = splits.train.images, splits.train.labels
+        self.image_shape = tuple(self.images.shape[1:])
+        self.binarize = splits.dynamic_binarize  # the pixels drawn anew each step
+        train = self.config.train
+        self.total_steps = train.epochs * steps_per_epoch(len(splits.train), train.batch_size)
         self.graph = graph
         # the stream of the warm-up steps and the capture (CUDA only)
         self.stream = (
@@ -121,15 +108,15 @@ class StackSteps:
         self.steps_taken = 0
         self.captured: CapturedStep | None = None
 
-    def __call__(self, batch: StepBatch) -> torch.Tensor:
-        """The step on the members' batches: each member's summed objective (K,), on the
-        device."""
+    def __call__(self, index: torch.Tensor, step: int) -> torch.Tensor:
+        """Training step ``step`` (a schedule follows it), member k's batch rows ``index[k]``
+        (K, B) of the training split: each member's summed objective (K,), on the device."""
         self.steps_taken += 1
-        full = batch.index.shape[1] == self.config.train.batch_size
+        full = index.shape[1] == self.config.train.batch_size
         if self.graph is not None and full and self.steps_taken > WARMUP_STEPS:
             if self.captured is None:
                 self.captured = CapturedStep(self, self.graph(self.stream))
-                loss = self.captured.first(batch)
+                loss = self.captured.first(index, step)
                 if self.captured.failed is not None:
                     warnings.warn(
                         f"vaebench: this stack trains without a CUDA graph: {self.captured.failed}",
@@ -138,21 +125,20 @@ class StackSteps:
                     )
                     self.graph = self.captured = None  # its memory goes back too
                 return loss
-            return self.captured.replay(batch)
+            return self.captured.replay(index, step)
         with self._side_stream(full):
-            return self.train(self.inputs(batch), batch.index.shape[1], batch.step)
+            return self.train(self.inputs(index, step), index.shape[1], step)
 
-    def inputs(self, step_batch: StepBatch, out: StepInputs | None = None) -> StepInputs:
+    def inputs(self, index: torch.Tensor, step: int, out: StepInputs | None = None) -> StepInputs:
         """Each member's batch and random draws for the step, from its own generator, into
         ``out``'s buffers if given."""
-        images, labels = step_batch.images, step_batch.labels
-        count, batch = step_batch.index.shape
-        flat = step_batch.index.flatten()
-        x = out.x if out is not None else images.new_empty((count * batch, *images.shape[1:]))
-        torch.index_select(images, 0, flat, out=x.view(count * batch, *images.shape[1:]))
-        x = x.view(count, batch, *images.shape[1:])
+        count, batch = index.shape
+        flat, rows = index.flatten(), (count * batch, *self.image_shape)
+        x = out.x if out is not None else self.images.new_empty(rows)
+        torch.index_select(self.images, 0, flat, out=x.view(rows))
+        x = x.view(count, batch, *self.image_shape)
         members = self.members
-        if step_batch.dynamic_binarize:
+        if self.binarize:
             x = torch.stack(
                 [torch.bernoulli(x[k], generator=m.draw_rng) for k, m in enumerate(members)]
             )
@@ -162,10 +148,15 @@ class StackSteps:
             torch.randn(shape, generator=member.draw_rng, device=self.device, out=noise[k])
         y = None
         if self.stack.conditional:
-            y = labels.index_select(0, flat).view(count, batch)
+            y = self.labels.index_select(0, flat).view(count, batch)
         for member in members:
-            member.model.anneal(step_batch.step, step_batch.total_steps)  # e.g. its tau
-        return StepInputs(x, noise, y, _gumbel_noise(self.stack, members, batch), _tau(members))
+            member.model.anneal(step, self.total_steps)  # e.g. its tau
+        gumbel = None
+        if self.stack.joint:  # drawn from each member's generator after its z noise, as alone
+            shape, weight = (batch, self.stack.categories), self.stack.head.weight
+            gumbel = torch.stack([gumbel_noise(shape, weight, m.draw_rng) for m in members])
+        tau = float(getattr(members[0].model, "tau", 1.0))  # one schedule: the members share it
+        return StepInputs(x, noise, y, gumbel, tau)
 
     def train(self, inputs: StepInputs, batch: int, step: int = 0) -> torch.Tensor:
         """Forward, each member's objective (the runs' own :class:`Objective` at training step
@@ -207,10 +198,10 @@ class CapturedStep:
         )
         self.loss = torch.zeros(count, device=steps.device)
 
-    def first(self, step_batch: StepBatch) -> torch.Tensor:
+    def first(self, index: torch.Tensor, step: int) -> torch.Tensor:
         """Capture the step, then take this step both ways: eagerly on a copy of the state,
         and by replay; keep the replay where the two agree, else the eager step."""
-        self.steps.inputs(step_batch, out=self.static)
+        self.steps.inputs(index, step, out=self.static)
         steps, optimizer = self.steps, self.steps.optimizer
         before = _snapshot(steps)
         batch = steps.config.train.batch_size
@@ -220,7 +211,7 @@ class CapturedStep:
         try:
             optimizer.zero_grad()  # the graph's backward makes the gradients it writes
             self.graph.capture(lambda: self.loss.copy_(steps.train(self.static, batch)))
-            optimizer.steps = before.steps  # capture ran the step's Python, none of its kernels
+            optimizer.steps = before[1]  # capture ran the step's Python, none of its kernels
             self._replay()
             difference = _difference(_snapshot(steps), expected)
         except RuntimeError as exc:  # capture refused (an operation it cannot record)
@@ -231,8 +222,8 @@ class CapturedStep:
             return eager
         return self.loss
 
-    def replay(self, step_batch: StepBatch) -> torch.Tensor:
-        self.steps.inputs(step_batch, out=self.static)
+    def replay(self, index: torch.Tensor, step: int) -> torch.Tensor:
+        self.steps.inputs(index, step, out=self.static)
         self._replay()
         return self.loss
 
@@ -244,10 +235,7 @@ class CapturedStep:
         optimizer.steps = count + 1
 
 
-@dataclass
-class _Snapshot:
-    tensors: list[torch.Tensor]
-    steps: int
+_Snapshot = tuple[list[torch.Tensor], int]  # the state tensors' copies, the step count
 
 
 def _state_tensors(steps: StackSteps) -> list[torch.Tensor]:
@@ -260,23 +248,23 @@ def _state_tensors(steps: StackSteps) -> list[torch.Tensor]:
 
 def _snapshot(steps: StackSteps) -> _Snapshot:
     with torch.no_grad():
-        tensors = [t.detach().clone() for t in _state_tensors(steps)]
-    return _Snapshot(tensors, steps.optimizer.steps)
+        return [t.detach().clone() for t in _state_tensors(steps)], steps.optimizer.steps
 
 
 def _restore(steps: StackSteps, snapshot: _Snapshot) -> None:
+    tensors, steps.optimizer.steps = snapshot
     with torch.no_grad():
-        for tensor, saved in zip(_state_tensors(steps), snapshot.tensors, strict=True):
+        for tensor, saved in zip(_state_tensors(steps), tensors, strict=True):
             tensor.copy_(saved)
-    steps.optimizer.steps = snapshot.steps
 
 
 def _difference(got: _Snapshot, expected: _Snapshot) -> str | None:
     """None where every tensor agrees to float32 rounding (1e-4 relative), else which."""
-    for number, (a, b) in enumerate(zip(got.tensors, expected.tensors, strict=True)):
+    (tensors, count), (wanted, wanted_count) = got, expected
+    for number, (a, b) in enumerate(zip(tensors, wanted, strict=True)):
         if not torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-12):
-            return f"state tensor {number} of {len(got.tensors)}"
-    return None if got.steps == expected.steps else "the step count"
+            return f"state tensor {number} of {len(tensors)}"
+    return None if count == wanted_count else "the step count"
 
 
 def cuda_graph_for(
@@ -295,17 +283,3 @@ def graphable(stack: StackedGaussianVAE, splits: Splits, objective: str = "elbo"
     per_member = [getattr(net, "per_member", False) for net in (stack.encoder, stack.decoder)]
     drawn = splits.dynamic_binarize or stack.categories or stack.conditional
     return not (drawn or objective != "elbo" or any(per_member))
-
-
-def _gumbel_noise(stack: StackedGaussianVAE, members: Sequence[Any], batch: int):
-    """Each joint member's Gumbel noise (K, B, categories), drawn from its generator as its
-    run alone draws it (after the step's z noise)."""
-    if not stack.joint:
-        return None
-    shape, weight = (batch, stack.categories), stack.head.weight
-    return torch.stack([gumbel_noise(shape, weight, m.draw_rng) for m in members])
-
-
-def _tau(members: Sequence[Any]) -> float:
-    """The members' temperature now (one schedule: a stack's members share model.tau)."""
-    return float(getattr(members[0].model, "tau", 1.0))

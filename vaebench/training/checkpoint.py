@@ -1,12 +1,11 @@
 """Mid-run checkpoints: one file per MLflow run, written atomically, gone once the run ends.
 
-A checkpoint holds what :func:`vaebench.training.loop.fit` needs to continue a run from its
-last complete epoch as if it had never stopped (model, optimizer, every random
-state, the epochs' metrics), plus the run's key and vaebench's code version: a
-checkpoint of other settings, code or device is not continued. Files live in
-``checkpoints/`` beside the SQLite store (or under ``--checkpoint-dir``), named by
-the run id. Writes go to a temporary file that is renamed over the last one, so a
-process killed in the middle leaves the previous checkpoint whole.
+A checkpoint holds what :func:`vaebench.training.loop.fit` needs to continue a run from its last
+complete epoch as if it had never stopped (model, optimizer, every random state, the epochs'
+metrics), plus the run's key and vaebench's code version: a checkpoint of other settings, code or
+device is not continued. Files live in ``checkpoints/`` beside the SQLite store (or under
+``--checkpoint-dir``), named by the run id. Writes go to a temporary file that is renamed over the
+last one, so a process killed in the middle leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
@@ -30,8 +29,6 @@ def default_folder(sqlite_file: Path | None) -> Path:
 
 
 class CheckpointStore:
-    """Checkpoints of runs by MLflow run id."""
-
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._warned = False

@@ -1,13 +1,9 @@
 """The one epoch loop, for K >= 1 members trained together, and :func:`fit`, a run alone.
 
-Every epoch: one pass over the training split for every member, the validation split scored,
-the training sums and validation sums read back to the host in one transfer, each member's
-metrics checked, checkpointed and given to ``on_epoch``; a member whose numbers turn NaN or
-infinite, or that its caller stops (:class:`MemberStopped`), leaves while the others go on.
-After the last epoch the test split is scored once. What the members are is the
-:class:`Trainee`'s business: a run alone in its own model (:class:`ModelTrainee`, here), or
-a stack (:class:`vaebench.stacking.fit.StackTrainee`). This module imports neither mlflow
-nor optuna: callers pass callbacks.
+Every epoch's training and validation sums are read back to the host in one transfer. What
+the members are is the :class:`Trainee`'s business: a run alone in its own model
+(:class:`ModelTrainee`), or a stack (:class:`vaebench.stacking.fit.StackTrainee`). This
+module imports neither mlflow nor optuna: callers pass callbacks.
 """
 
 from __future__ import annotations
@@ -29,8 +25,9 @@ from vaebench.training.trainer import (
     check_finite,
     checkpoint_due,
     final_scores,
+    not_logged,
     steps_per_epoch,
-    summary_of,
+    timing_summary,
     validation_values,
 )
 
@@ -48,14 +45,16 @@ class Trainee(Protocol):
     """K >= 1 runs trained together, as :func:`train_members` drives them; a member is named
     by its position among those still in."""
 
+    configs: list[RunConfig]  # member i's config, i its position at the start
+    results: list[TrainResult]  # member i's, holding its model and a continued run's epochs
+    earlier: float  # the seconds a continued run had trained
+
     def epoch(self, first_step: int) -> torch.Tensor:
         """One pass over the training split, its steps numbered from ``first_step``: each
         member's summed objective (K,), on the device."""
         ...
 
-    def evaluations(self, split: Split, split_name: str) -> list[Evaluation]:
-        """Each member's evaluation of ``split``."""
-        ...
+    def evaluations(self, split: Split, split_name: str) -> list[Evaluation]: ...
 
     def training_state(
         self, position: int, history: list[EpochMetrics], seconds: float
@@ -63,8 +62,7 @@ class Trainee(Protocol):
         """What the member's run alone would save after this epoch: it continues alone."""
         ...
 
-    def keep(self, positions: Sequence[int]) -> None:
-        """Only the members at ``positions`` go on."""
+    def keep(self, positions: Sequence[int]) -> None:  # only the members at ``positions`` go on
         ...
 
     def final_model(self, position: int) -> torch.nn.Module:
@@ -74,20 +72,16 @@ class Trainee(Protocol):
 
 def train_members(
     trainee: Trainee,
-    configs: Sequence[RunConfig],
-    results: Sequence[TrainResult],
     splits: Splits,
     device: torch.device,
     on_epoch: Callable[[int, EpochMetrics], None] | None = None,
     save_state: Callable[[int, dict[str, Any]], None] | None = None,
     on_failed: Callable[[int, TrainingDiverged], None] | None = None,
     score_clusters: bool = True,
-    earlier: float = 0.0,
 ) -> list[TrainResult | BaseException]:
-    """Train ``trainee``'s members (member i: ``configs[i]``, its ``results[i]`` holding its
-    model and the epochs a continued run had, which trained for ``earlier`` seconds); for
-    each, in order, its result, the :class:`TrainingDiverged` that ended it (``on_failed``
-    hears of it at once), or the reason of a :class:`MemberStopped` ``on_epoch`` raised.
+    """Train ``trainee``'s members; for each, in order, its result, the
+    :class:`TrainingDiverged` that ended it (``on_failed`` hears of it at once), or the reason
+    of a :class:`MemberStopped` ``on_epoch`` raised.
 
     Every ``train.checkpoint_every`` epochs (and after the last), ``save_state(i, state)``
     receives the member's :meth:`Trainee.training_state`, before ``on_epoch`` sees the
@@ -96,20 +90,18 @@ def train_members(
     the scoring it does alone. Without ``score_clusters`` the final clustering scores are
     left out of the summary, and what they are computed from is in ``result.clusters``
     (:func:`vaebench.scoring.evaluation.scored_clusters` scores it later, on the host)."""
-    loop = _Loop(trainee, list(configs), list(results), splits, device, on_failed)
-    loop.shares = [earlier] * len(configs)
-    config = configs[0]
+    loop = _Loop(trainee, splits, device, on_failed)
+    config = trainee.configs[0]
     per_epoch = steps_per_epoch(len(splits.train), config.train.batch_size)
-    for epoch in range(len(results[0].history) + 1, config.train.epochs + 1):
+    for epoch in range(len(trainee.results[0].history) + 1, config.train.epochs + 1):
         t0 = loop.clock()
-        read, evaluations = loop.train_epoch((epoch - 1) * per_epoch)
-        values = loop.member_values(read, evaluations)
-        t1, t2 = loop.trained_at, loop.clock()
+        trains, values = loop.train_epoch((epoch - 1) * per_epoch)
+        times = (t0, loop.trained_at, loop.clock())
         for position, index in enumerate(list(loop.active)):
-            metrics = loop.metrics(position, epoch, read, values, (t0, t1, t2))
+            metrics = loop.metrics(position, epoch, trains[position], values[position], times)
             if metrics is None:
                 continue
-            if save_state is not None and checkpoint_due(epoch, configs[index].train):
+            if save_state is not None and checkpoint_due(epoch, trainee.configs[index].train):
                 seconds = loop.shares[index] + (loop.clock() - t0) / len(loop.active)
                 history = loop.outcomes[index].history
                 save_state(index, trainee.training_state(position, history, seconds))
@@ -128,13 +120,13 @@ def train_members(
 class _Loop:
     """The state of one :func:`train_members`: who is still in, and each member's share."""
 
-    def __init__(self, trainee, configs, results, splits, device, on_failed):
-        self.trainee, self.configs, self.splits = trainee, configs, splits
+    def __init__(self, trainee: Trainee, splits: Splits, device: torch.device, on_failed):
+        self.trainee, self.configs, self.splits = trainee, trainee.configs, splits
         self.device, self.on_failed = device, on_failed
-        self.outcomes: list[TrainResult | BaseException] = list(results)
-        self.active = list(range(len(configs)))  # the members still in, in position order
-        self.shares = [0.0] * len(configs)
-        self.validations: list[Evaluation | None] = [None] * len(configs)
+        self.outcomes: list[TrainResult | BaseException] = list(trainee.results)
+        self.active = list(range(len(self.configs)))  # the members still in, in position order
+        self.shares = [trainee.earlier] * len(self.configs)
+        self.validations: list[Evaluation | None] = [None] * len(self.configs)
         self.trained_at = 0.0
 
     def clock(self) -> float:
@@ -152,8 +144,9 @@ class _Loop:
         if self.on_failed is not None:
             self.on_failed(index, error)
 
-    def train_epoch(self, first_step: int) -> tuple[dict[str, float], list[Evaluation | None]]:
-        """The members' epoch and validation pass; their sums, read back in one transfer."""
+    def train_epoch(self, first_step: int) -> tuple[list[float], list[dict[str, float]]]:
+        """The members' epoch and validation pass: each member's training sum and validation
+        metrics, the sums read back in one transfer."""
         totals = self.trainee.epoch(first_step)
         self.trained_at = self.clock()
         sums = {f"{p}/train": totals[p] for p in range(len(self.active))}
@@ -164,40 +157,32 @@ class _Loop:
             self.validations[self.active[position]] = evaluation
             for name, tensor in (evaluation.sums() if evaluation else {}).items():
                 sums[f"{position}/{name}"] = tensor
-        return read_scalars(sums), evaluations
+        read = read_scalars(sums)
+        values = []
+        for p, evaluation in enumerate(evaluations):
+            mine = {name: read[f"{p}/{name}"] for name in evaluation.sums()} if evaluation else {}
+            values.append(validation_values(evaluation, mine, self.splits.validation))
+        return [read[f"{p}/train"] for p in range(len(self.active))], values
 
-    def member_values(
-        self, read: dict[str, float], evaluations: list[Evaluation | None]
-    ) -> list[dict[str, float]]:
-        """Each member's validation metrics from the sums read back."""
-        return [
-            validation_values(
-                evaluation,
-                {name: read[f"{p}/{name}"] for name in evaluation.sums()} if evaluation else {},
-                self.splits.validation,
-            )
-            for p, evaluation in enumerate(evaluations)
-        ]
-
-    def metrics(self, position, epoch, read, values, times) -> EpochMetrics | None:
+    def metrics(self, position, epoch, train, values, times) -> EpochMetrics | None:
         """The member's epoch, appended to its history; None if its numbers diverged."""
         index, size = self.active[position], len(self.active)
         n_train, (t0, t1, t2) = len(self.splits.train), times
         when = f"after epoch {epoch}"
         result = self.outcomes[index]
         try:
-            check_finite({"training loss": read[f"{position}/train"]}, when)
-            check_finite(values[position], when)
+            check_finite({"training loss": train}, when)
+            check_finite(values, when)
         except TrainingDiverged as exc:
             self.fail(index, exc)
             return None
         metrics = EpochMetrics(
             epoch=epoch,
-            train_loss=read[f"{position}/train"] / n_train,
+            train_loss=train / n_train,
             epoch_seconds=(t1 - t0) / size,
             eval_seconds=(t2 - t1) / size,
             images_per_second=n_train * size / (t1 - t0),
-            values={**values[position], **result.model.annealed_values()},
+            values={**values, **result.model.annealed_values()},
         )
         result.history.append(metrics)
         return metrics
@@ -230,7 +215,9 @@ class _Loop:
             except TrainingDiverged as exc:
                 self.fail(index, exc)
                 continue
-            result.summary = summary_of(scores, result.history, len(self.splits.train))
+            # logged after the last epoch: the scores it did not log (val_nmi), the timing
+            timing = timing_summary(result.history, len(self.splits.train))
+            result.summary = {**not_logged(scores, result.final.values), **timing}
             result.seconds = self.shares[index] + time.perf_counter() - scoring
 
 
@@ -251,13 +238,11 @@ def fit(
     A run started with ``resume`` (a :func:`~vaebench.training.trainer.training_state`)
     continues after its epoch and ends with the numbers of a run that never stopped.
     A diverged run raises :class:`TrainingDiverged`. The rest as :func:`train_members`."""
-    trainee = ModelTrainee(config, splits, device, resume)
-    result = TrainResult(model=trainee.model, history=trainee.history)
     [outcome] = train_members(
-        trainee, [config], [result], splits, device,
+        ModelTrainee(config, splits, device, resume), splits, device,
         on_epoch=None if on_epoch is None else (lambda index, metrics: on_epoch(metrics)),
         save_state=None if save_state is None else (lambda index, state: save_state(state)),
-        score_clusters=score_clusters, earlier=trainee.earlier,
+        score_clusters=score_clusters,
     )
     if isinstance(outcome, BaseException):
         raise outcome

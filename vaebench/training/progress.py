@@ -38,18 +38,10 @@ class RunProgress:
         self.label = f"{_prefix}[{index}/{total}] {name}"
         self.epochs = epochs
         self.interactive = self.stream.isatty() and not _prefix
-        self.bar = (
-            tqdm(
-                total=epochs,
-                initial=start,
-                desc=self.label,
-                unit="epoch",
-                file=self.stream,
-                leave=True,
-            )
-            if self.interactive
-            else None
-        )
+        self.bar = None
+        if self.interactive:
+            self.bar = tqdm(total=epochs, initial=start, desc=self.label, unit="epoch",
+                            file=self.stream, leave=True)
         if start and not self.interactive:
             print(f"{self.label} continues after epoch {start}", file=self.stream, flush=True)
 

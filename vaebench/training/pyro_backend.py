@@ -1,14 +1,13 @@
 """``train.backend: pyro``: a Gaussian family's own modules as a Pyro model and guide.
 
-The model: z ~ N(0, I) and x ~ Bernoulli(decoder(z)) over the pixels, in a ``pyro.plate``
-over the batch, beta as ``poutine.scale`` on the latent site; the guide: z ~ N(mu, sigma)
-from the encoder. The loss of a batch is Pyro's ELBO of it (``TraceMeanField_ELBO``: the
-KL analytic; ``Trace_ELBO``: the KL sampled), summed over the batch like the torch
-backend's, and its gradient is taken by ``differentiable_loss``. The run's own torch
-optimizer steps the parameters (Pyro's documented way to use a torch optimizer), so a
-pyro run differs from a torch run only in how the loss is computed; evaluation, scores,
-checkpoints and tracking are the shared ones. Pixels that are not binary (grey levels)
-are scored by the same formula as BCE (Bernoulli's log-probability, not a likelihood).
+The model: z ~ N(0, I) and x ~ Bernoulli(decoder(z)) over the pixels, in a ``pyro.plate`` over the
+batch, beta as ``poutine.scale`` on the latent site; the guide: z ~ N(mu, sigma) from the encoder.
+The loss of a batch is Pyro's ELBO of it (``TraceMeanField_ELBO``: the KL analytic; ``Trace_ELBO``:
+the KL sampled), summed over the batch like the torch backend's, and its gradient is taken by
+``differentiable_loss``. The run's own torch optimizer steps the parameters (Pyro's documented way
+to use a torch optimizer), so a pyro run differs from a torch run only in how the loss is computed;
+evaluation, scores, checkpoints and tracking are the shared ones. Pixels that are not binary (grey
+levels) are scored by the same formula as BCE (Bernoulli's log-probability, not a likelihood).
 
 Pyro is an optional extra, imported only here (``pip install -e ".[pyro]"``).
 """
@@ -16,6 +15,7 @@ Pyro is an optional extra, imported only here (``pip install -e ".[pyro]"``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,16 +27,13 @@ def import_pyro() -> Any:
     try:
         import pyro
     except ImportError:
-        raise VaebenchError(
-            'train.backend: pyro needs Pyro (pip install -e ".[pyro]")'
-        ) from None
+        raise VaebenchError('train.backend: pyro needs Pyro (pip install -e ".[pyro]")') from None
     return pyro
 
 
 def model_and_guide(
     model: torch.nn.Module, beta: float
 ) -> tuple[Callable[[torch.Tensor], None], Callable[[torch.Tensor], None]]:
-    """The Pyro model and guide of a Gaussian family ``model``'s modules."""
     pyro = import_pyro()
     import pyro.distributions as dist
     from pyro import poutine
@@ -64,13 +61,6 @@ def pyro_loss(model: torch.nn.Module, config: RunConfig) -> Callable[[torch.Tens
     pyro = import_pyro()
     pyro.clear_param_store()  # nothing of an earlier run's (the modules are not registered)
     generative, guide = model_and_guide(model, config.loss.beta)
-    elbo = (
-        pyro.infer.TraceMeanField_ELBO()
-        if config.train.pyro_elbo == "meanfield"
-        else pyro.infer.Trace_ELBO()
-    )
-
-    def loss(x: torch.Tensor) -> torch.Tensor:
-        return elbo.differentiable_loss(generative, guide, x)
-
-    return loss
+    meanfield = config.train.pyro_elbo == "meanfield"
+    elbo = pyro.infer.TraceMeanField_ELBO() if meanfield else pyro.infer.Trace_ELBO()
+    return partial(elbo.differentiable_loss, generative, guide)

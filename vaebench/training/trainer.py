@@ -2,10 +2,9 @@
 state, the metrics an epoch records and the scores after the last one, and the run alone as
 the epoch loop (:mod:`vaebench.training.loop`) drives it (:class:`ModelTrainee`).
 
-The whole split is on the device; a batch is an index slice of a per-epoch
-permutation; losses accumulate in device tensors and are read back once per
-epoch, together with the validation split's sums. This module imports neither mlflow nor
-optuna.
+The whole split is on the device; a batch is an index slice of a per-epoch permutation; losses
+accumulate in device tensors and are read back once per epoch, together with the validation split's
+sums.
 """
 
 from __future__ import annotations
@@ -20,16 +19,15 @@ import torch
 from vaebench.data import Split, Splits
 from vaebench.models import build_model, place_model
 from vaebench.models.losses import Objective, loss_terms
-from vaebench.scoring.clustering import nmi
+from vaebench.scoring.clustering import active_units, nmi
 from vaebench.scoring.evaluation import (
     ClusterInput,
     Evaluation,
-    active_unit_metric,
     cluster_input,
-    cluster_metrics,
     evaluate,
     likelihood_metrics,
     read_scalars,
+    scored_clusters,
 )
 from vaebench.spec.config import OptimConfig, RunConfig, TrainConfig, VaebenchError
 
@@ -114,11 +112,7 @@ def timing_summary(history: list[EpochMetrics], images: int) -> dict[str, float]
 def check_finite(values: dict[str, float], when: str) -> None:
     """TrainingDiverged naming every NaN or infinite value (a standard error of one image's
     estimate is NaN by definition, not a failure)."""
-    bad = {
-        name: value
-        for name, value in values.items()
-        if not math.isfinite(value) and not name.endswith("_se")
-    }
+    bad = {k: v for k, v in values.items() if not math.isfinite(v) and not k.endswith("_se")}
     if bad:
         listed = ", ".join(f"{name} is {value}" for name, value in bad.items())
         raise TrainingDiverged(f"{listed} {when}")
@@ -142,8 +136,7 @@ def train_epoch(
     ``batch_loss``: another backend's loss of a batch (summed over it), instead of the
     objective's."""
     images, labels = splits.train.images, splits.train.labels
-    n = images.shape[0]
-    batch_size = config.train.batch_size
+    n, batch_size = images.shape[0], config.train.batch_size
     total_steps = config.train.epochs * steps_per_epoch(n, batch_size)
     order = torch.randperm(n, generator=generator, device="cpu").to(images.device)
     total = torch.zeros((), device=images.device)
@@ -217,11 +210,8 @@ def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             for name, value in optimizer.state.get(parameter, {}).items():
-                if (
-                    isinstance(value, torch.Tensor)
-                    and value.shape == parameter.shape
-                    and value.stride() != parameter.stride()
-                ):
+                alike = isinstance(value, torch.Tensor) and value.shape == parameter.shape
+                if alike and value.stride() != parameter.stride():
                     optimizer.state[parameter][name] = torch.empty_like(parameter).copy_(value)
 
 
@@ -230,14 +220,6 @@ def checkpoint_due(epoch: int, train: TrainConfig) -> bool:
     epochs, and the last)."""
     every = train.checkpoint_every
     return bool(every) and (epoch % every == 0 or epoch == train.epochs)
-
-
-def summary_of(
-    scores: dict[str, float], history: list[EpochMetrics], images: int
-) -> dict[str, float]:
-    """What is logged after the last epoch: the final scores but those the last epoch logged
-    already (val_nmi), and the timing."""
-    return {**not_logged(scores, history[-1].values), **timing_summary(history, images)}
 
 
 def not_logged(scores: dict[str, float], last: dict[str, float]) -> dict[str, float]:
@@ -254,9 +236,8 @@ def validation_values(
     if evaluation is None or validation is None:
         return {}
     values = evaluation.metrics(read)
-    if evaluation.categories is not None:
-        categories = evaluation.categories.cpu().numpy()
-        values["val_nmi"] = nmi(validation.labels.cpu().numpy(), categories)
+    if (categories := evaluation.categories) is not None:
+        values["val_nmi"] = nmi(validation.labels.cpu().numpy(), categories.cpu().numpy())
     return values
 
 
@@ -283,14 +264,15 @@ class ModelTrainee:
             from vaebench.training.pyro_backend import pyro_loss
 
             self.batch_loss = pyro_loss(self.model, config)
-        self.history: list[EpochMetrics] = []
-        self.earlier = 0.0  # seconds a continued run had trained
+        self.configs, self.earlier = [config], 0.0
+        self.results = [TrainResult(model=self.model)]
         if resume is not None:
-            self.history, self.earlier = restore_training_state(
+            history, self.earlier = restore_training_state(
                 resume, self.model, self.optimizer, self.generator
             )
+            self.results[0].history = history
             per_epoch = steps_per_epoch(len(splits.train), config.train.batch_size)
-            self.model.anneal(len(self.history) * per_epoch - 1, config.train.epochs * per_epoch)
+            self.model.anneal(len(history) * per_epoch - 1, config.train.epochs * per_epoch)
 
     def epoch(self, first_step: int) -> torch.Tensor:
         total = train_epoch(
@@ -328,16 +310,16 @@ def final_scores(
     given a ``clusters`` list, what they are computed from, appended to it; the test NLL."""
     test = test or evaluate(model, splits.test, "test", config)
     values = test.metrics(read_scalars(test.sums()))
-    values.update(active_unit_metric(test))
+    values[f"{test.prefix}_active_units"] = active_units(test.mu.cpu().numpy())
     if not model.uses_labels:
-        scored = [(test, splits.test)]
-        if validation is not None:
-            scored.append((validation, splits.validation))
-        for evaluation, split in scored:
+        for evaluation, split in [(test, splits.test), (validation, splits.validation)]:
+            if evaluation is None:
+                continue
+            found = cluster_input(evaluation, split.labels)
             if clusters is None:
-                values.update(cluster_metrics(evaluation, split.labels))
+                values.update(scored_clusters(found))
             else:
-                clusters.append(cluster_input(evaluation, split.labels))
+                clusters.append(found)
     if config.eval.iwae_samples:
         values.update(likelihood_metrics(model, splits.test, "test", config))
     check_finite(values, "after training")
