@@ -1,8 +1,5 @@
-"""The work one process does on a grid: for each planned stack or run, claim it, train it
-(stacked or alone, through :mod:`vaebench.lifecycle.execute`), and keep its row of the results.
-Every executor runs this loop; claims (:func:`vaebench.lifecycle.exactly_once.claim_run`) make
-every run train exactly once however many processes work on one grid at once.
-"""
+"""The loop every executor runs over a grid's stacks: claim each run, train it, keep its row.
+Why each run trains exactly once however many processes work on a grid: docs/scaling.md."""
 
 from __future__ import annotations
 
@@ -56,8 +53,7 @@ class WorkRecord:
     ended: RunEnded = lambda name, status: None  # hears of each run this process trained
 
     def take(self, run: RunSpec, done: Future[RunOutcome] | Exception) -> None:
-        """A run this process trained: its row now, or once a background process finished
-        it (:meth:`settle`)."""
+        """Its row now, or once a background process finished it (:meth:`settle`)."""
         if isinstance(done, Future) and not done.done():
             self.finishing.append((run, done))
             return
@@ -115,10 +111,8 @@ def work_through(
     epoch_hook: EpochHook | None = None,
     start_group: int = 0,
 ) -> None:
-    """Each group of ``work`` (from ``start_group`` on, wrapping around): each run planned
-    again from the store and claimed; what is still new trains as one stack, a run
-    continued from its checkpoint alone. A failing run does not stop the work; a failing
-    store or a signal does."""
+    """Each group of ``work`` from ``start_group`` on, wrapping around; a failing run does not
+    stop the work, a failing store or a signal does."""
     process = _Process(work, tracker, workspace, record, len(runs))
     order = work.groups[start_group:] + work.groups[:start_group]
     for group in order:
@@ -160,8 +154,6 @@ class _Process:
     held: list[Claimed] = field(default_factory=list)
 
     def claim_or_skip(self, number: int, step: Planned) -> None:
-        """Claim the run of ``step`` into ``held``, or give it its row of the results
-        (skipped, held elsewhere, failed already)."""
         work, tracker = self.work, self.tracker
         for _ in range(CLAIM_ATTEMPTS):
             step = self.as_stored_now(step)
@@ -198,11 +190,9 @@ class _Process:
     def train(
         self, claims: Sequence[Claimed], context: RunContext
     ) -> list[tuple[RunSpec, Outcome]]:
-        """Each claimed run and its outcome or error, trained together (a continued run comes
-        alone); a failing run or stack does not stop the grid. A new run's claim leaves
-        ``held`` at once (``execute`` ends every run it is given); a continuation's once the
-        run it continues (or a new run, without a checkpoint) is RUNNING under this process's
-        lease and stamp (:meth:`take_over`)."""
+        """A new run's claim leaves ``held`` at once (``execute`` ends every run it is given);
+        a continuation's once the run it continues (or a new run, without a checkpoint) is
+        RUNNING under this process's lease and stamp (:meth:`take_over`)."""
         held, tracker = self.held, self.tracker
         members = []
         for claimed in claims:
@@ -233,8 +223,6 @@ class _Process:
         return [(member.run, outcome) for member, outcome in zip(members, done, strict=True)]
 
     def take_over(self, claimed: Claimed, run_id: str) -> None:
-        """The run continuing ``claimed`` is RUNNING as ``run_id``: it takes the claim's
-        stamp, and the claim run goes."""
         self.tracker.set_tags(run_id, claimed.stamp)
         self.tracker.delete_run(claimed.claim_id)
         self.held.remove(claimed)
@@ -243,13 +231,11 @@ class _Process:
 def _release(claimed: Claimed, tracker: Tracker, exc: BaseException) -> None:
     """A claim held but not yet trained when the work stopped: a new run ends KILLED (its
     rerun trains it), a continuation's claim run is deleted (the stopped run stays KILLED)."""
-    try:
+    with contextlib.suppress(TrackingError):  # its lease lets the next invocation recover it
         if claimed.step.action == "continue":
             tracker.delete_run(claimed.claim_id)
         else:
             end_quietly(tracker, claimed.claim_id, "KILLED", f"stopped before it trained ({exc})")
-    except TrackingError:
-        pass  # its lease lets the next invocation recover it
 
 
 def not_run(run: RunSpec) -> dict[str, Any]:
@@ -257,7 +243,6 @@ def not_run(run: RunSpec) -> dict[str, Any]:
 
 
 def row_of(run: RunSpec, done: RunOutcome | Exception) -> dict[str, Any]:
-    """A run's row of the results: its final values, or FAILED."""
     if isinstance(done, Exception):
         return {"name": run.name, "key": run.key, "status": "FAILED", **run.params}
     row = {"name": run.name, "key": run.key, "status": "FINISHED", "run_id": done.run_id}
@@ -265,19 +250,16 @@ def row_of(run: RunSpec, done: RunOutcome | Exception) -> dict[str, Any]:
 
 
 def error_line(error: Exception) -> str:
-    """What a failed run's line of the summary says of its error."""
     line = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {line}"
 
 
 def stored_row(run: RunSpec, stored: RunRecord) -> dict[str, Any]:
-    """A run's row from its record in the store (skipped, or trained by another process)."""
     row = {"name": run.name, "key": run.key, "status": stored.status, "run_id": stored.run_id}
     return {**row, **run.params, **stored.metrics}
 
 
 def skipped(number: int, total: int, step: Planned, record: WorkRecord) -> None:
-    """A step not trained here: a line saying why, and its row from the store."""
     run_id = step.previous.run_id
     if step.action == "skip":
         why = f"FINISHED already in run {run_id}"
@@ -294,7 +276,6 @@ def skipped(number: int, total: int, step: Planned, record: WorkRecord) -> None:
 
 
 def failure_of(stored: RunRecord) -> str:
-    """The error line a FAILED run's record carries."""
     text = stored.tags.get(ERROR_TAG, "")
     return text.strip().splitlines()[-1] if text.strip() else "FAILED"
 

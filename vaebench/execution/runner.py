@@ -1,11 +1,6 @@
 """A grid invocation: check it, plan it against the store, run what is left, write results.
-
-Running a grid again continues it: runs whose key FINISHED in the experiment are skipped
-(``rerun`` trains them again as new samples), runs a killed invocation left RUNNING are
-marked KILLED (:mod:`vaebench.lifecycle.claims`), and KILLED runs continue from their
-checkpoint in their own MLflow run. Ctrl-C and SIGTERM stop the grid cleanly; a store that
-fails stops it with one line saying how to continue.
-"""
+How running a grid again continues it, and how signals and a failing store stop it:
+docs/resume.md."""
 
 from __future__ import annotations
 
@@ -13,7 +8,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -67,11 +62,8 @@ def run_grid(
     invocation: GridInvocation | None = None,
     tracker: Tracker | None = None,
 ) -> GridOutcome:
-    """Check, expand and train a grid file as ``invocation`` says; record it and return what
-    happened. Runs that can share a stack train together (:mod:`vaebench.stacking.fit`); this
-    process, local worker processes or Ray tasks train them, each run claimed by one of them
-    (:mod:`vaebench.lifecycle.exactly_once`). ``tracker``: an open one (else the store at
-    ``tracking_uri`` is opened while the data loads)."""
+    """Check, expand and train a grid file as ``invocation`` says; ``tracker``: an open one
+    (else the store is opened while the data loads)."""
     grid_run = _GridRun.open(Path(grid_path), invocation or GridInvocation(), tracker)
     if not grid_run.todo:
         grid_run.nothing_to_train()
@@ -83,8 +75,6 @@ def run_grid(
 
 @dataclass
 class _GridRun:
-    """One invocation of a grid: what it was told, what it found in the store, what it did."""
-
     path: Path
     name: str
     runs: list[RunSpec]
@@ -93,26 +83,22 @@ class _GridRun:
     slots: list[WorkerSlot]
     workspace: Workspace
     tracker: Tracker
-    planned: list[Planned]
-    outcome: GridOutcome
     background: bool  # a background process finishes the runs trained here
+    planned: list[Planned] = field(default_factory=list)
+    outcome: GridOutcome = field(default_factory=GridOutcome)
     parent: str | None = None
 
     @classmethod
     def open(cls, path: Path, invocation: GridInvocation, tracker: Tracker | None) -> _GridRun:
-        """The grid checked and expanded, its data loaded, the store opened (meanwhile, if
-        ``tracker`` is None) and each run planned against it: every error a user can cause is
-        raised before anything is tracked."""
+        """Every error a user can cause is raised before anything is tracked."""
         grid = load_grid(path)
         runs = expand(grid)
         slots = _worker_slots(invocation.execution, runs)
         background = background_finishing(invocation.execution.post_run, runs)
         check_output_folder(Path(invocation.results_dir))
         uri = resolve_tracking_uri(invocation.tracking_uri)
-        checkpoints = (
-            Path(invocation.checkpoint_dir) if invocation.checkpoint_dir
-            else default_folder(sqlite_path(uri))
-        )
+        folder = invocation.checkpoint_dir
+        checkpoints = Path(folder) if folder else default_folder(sqlite_path(uri))
         check_output_folder(checkpoints, "--checkpoint-dir")
         workspace = Workspace(resolve_root(invocation.data_root), CheckpointStore(checkpoints))
         if tracker is None:
@@ -120,14 +106,32 @@ class _GridRun:
             tracker = tracker_opened_during(uri, lambda: workspace.prepare(runs))
         else:
             workspace.prepare(runs)
-        outcome = GridOutcome()
-        planned = _plan(grid.name, runs, tracker, workspace, invocation.rerun, outcome)
-        return cls(path, grid.name, runs, invocation, uri, slots, workspace, tracker, planned,
-                   outcome, background)
+        made = cls(path, grid.name, runs, invocation, uri, slots, workspace, tracker, background)
+        made.plan()
+        return made
+
+    def plan(self) -> None:
+        """Plan each run against the store, skipped runs' rows into the outcome; drop
+        checkpoints nothing will continue."""
+        stored_runs = self.tracker.previous_runs(self.name, GRID_TAG, self.name)
+        previous = recover_abandoned(self.tracker, stored_runs, sys.stderr)
+        planned = self.planned = plan(self.runs, previous, self.invocation.rerun)
+        record = WorkRecord()
+        for number, step in enumerate(planned, start=1):
+            if step.action in ("skip", "elsewhere"):
+                skipped(number, len(planned), step, record)
+        take_work(self.outcome, record)
+        continued = {step.previous.run_id for step in planned if step.action == "continue"}
+        # a live claim (recover_abandoned left only those RUNNING) names the run it continues
+        claimed = [r for r in previous if r.status == "RUNNING" and CLAIM_TAG in r.tags]
+        continued |= {r.tags[CLAIM_TAG] for r in claimed}
+        keys = {run.key for run in self.runs}
+        for stored in previous:
+            if stored.status == "KILLED" and stored.key in keys and stored.run_id not in continued:
+                self.workspace.checkpoints.remove(stored.run_id)  # superseded: finished or rerun
 
     @property
     def todo(self) -> list[tuple[int, Planned]]:
-        """(number, step) of each run this invocation trains or continues."""
         steps = enumerate(self.planned, start=1)
         return [(n, step) for n, step in steps if step.action in ("train", "continue")]
 
@@ -144,7 +148,7 @@ class _GridRun:
         close_results(self.outcome, Path(self.invocation.results_dir), self.name, self.runs)
 
     def work(self) -> GridWork:
-        """What every process working on the grid needs: its stacks (a continued run alone)."""
+        """A continued run trains alone."""
         todo = self.todo
         alone = [None if step.action == "continue" else step.run.config for _, step in todo]
         rule = cpu_rule(self.invocation.stack_everywhere)
@@ -155,8 +159,6 @@ class _GridRun:
                         settle_seconds(self.uri))
 
     def train(self) -> None:
-        """The parent run's life around the work: FINISHED (FAILED if a run failed), KILLED
-        by a signal; a failing store stops the grid with one line saying how to go on."""
         ended = False
         with interruptible():
             try:
@@ -211,17 +213,14 @@ class _GridRun:
         record = WorkRecord()
         for _, step in self.todo:
             stored = latest.get(step.run.key)
-            if stored is None:
-                record.rows.append(not_run(step.run))
-                continue
-            record.rows.append(stored_row(step.run, stored))
-            if stored.status == "FAILED":
+            record.rows.append(stored_row(step.run, stored) if stored else not_run(step.run))
+            if stored is not None and stored.status == "FAILED":
                 record.failed.append((step.run.name, failure_of(stored)))
         return record
 
     def work_here(self, work: GridWork) -> None:
-        """The runs trained in this process; after a signal the results are the store's, once
-        the runs handed to a background finisher have ended."""
+        """After a signal the results are the store's, once the runs handed to a background
+        finisher have ended."""
         record = WorkRecord()
         workspace = self.workspace
         if self.background:
@@ -241,7 +240,6 @@ class _GridRun:
             take_work(self.outcome, record)
 
     def work_elsewhere(self, work: GridWork) -> None:
-        """The runs trained by worker processes or Ray tasks; their rows read from the store."""
         execution = self.invocation.execution
         job = GridJob(
             str(self.path), work, self.uri, self.tracker.experiment_id, self.parent,
@@ -258,7 +256,6 @@ class _GridRun:
             take_work(self.outcome, self.stored(work))
 
     def report_and_register(self) -> None:
-        """The invocation's report, and its best runs registered, as asked."""
         todo = self.todo
         resumed = len(todo) < len(self.planned) or any(s.action == "continue" for _, s in todo)
         uri, made, chosen = self.tracker.uri, None, None if resumed else self.parent
@@ -281,11 +278,9 @@ class _GridRun:
 
 
 def background_finishing(post_run: str, runs: Sequence[RunSpec]) -> bool:
-    """Whether a background process finishes the trained runs
-    (:mod:`vaebench.lifecycle.post_run`) while this one trains the next: ``background``,
-    ``inline``, or ``auto``: where some run trains on CUDA (the GPU would wait for the host's
-    scoring and drawing otherwise; on the CPU the background process would take the cores
-    the next run trains on)."""
+    """Whether a background process finishes the trained runs; ``auto``: where some run trains
+    on CUDA (the GPU would wait for the host's scoring and drawing otherwise; on the CPU the
+    background process would take the cores the next run trains on)."""
     if post_run not in POST_RUN_CHOICES:
         raise VaebenchError(f"--post-run: one of {', '.join(POST_RUN_CHOICES)}, not {post_run!r}")
     return _on_cuda(runs) if post_run == AUTO else post_run == "background"
@@ -296,8 +291,6 @@ def _on_cuda(runs: Sequence[RunSpec]) -> bool:
 
 
 def _worker_slots(execution: Execution, runs: Sequence[RunSpec]) -> list[WorkerSlot]:
-    """The local worker processes to start (pinned to the visible GPUs where runs train on
-    CUDA); Ray places its tasks itself."""
     if execution.executor == "ray":
         import_ray()  # a missing extra is a one-line error before anything is tracked
         return []
@@ -309,39 +302,10 @@ def _worker_slots(execution: Execution, runs: Sequence[RunSpec]) -> list[WorkerS
     return plan_workers(execution.workers, execution.per_gpu, gpus, cores())
 
 
-def _plan(
-    name: str,
-    runs: Sequence[RunSpec],
-    tracker: Tracker,
-    workspace: Workspace,
-    rerun: bool,
-    outcome: GridOutcome,
-) -> list[Planned]:
-    """Recover the grid's abandoned runs, plan each run against the store (one line per
-    skipped run, whose row joins the results) and drop checkpoints nothing will continue."""
-    previous = recover_abandoned(tracker, tracker.previous_runs(name, GRID_TAG, name), sys.stderr)
-    planned = plan(runs, previous, rerun)
-    record = WorkRecord()
-    for number, step in enumerate(planned, start=1):
-        if step.action in ("skip", "elsewhere"):
-            skipped(number, len(planned), step, record)
-    take_work(outcome, record)
-    continued = {step.previous.run_id for step in planned if step.action == "continue"}
-    # a live claim (recover_abandoned left only those RUNNING) names the run it continues
-    claimed = [r for r in previous if r.status == "RUNNING" and CLAIM_TAG in r.tags]
-    continued |= {r.tags[CLAIM_TAG] for r in claimed}
-    keys = {run.key for run in runs}
-    for record in previous:
-        if record.status == "KILLED" and record.key in keys and record.run_id not in continued:
-            workspace.checkpoints.remove(record.run_id)  # superseded: finished or rerun
-    return planned
-
-
 def _or_line(what: str, default: T, make: Callable[[], T]) -> T:
-    """What ``make`` returns, or ``default`` and one line on stderr: the grid's runs are
-    tracked by now, so a report or a choice of best runs that cannot be made (every run
-    failed, no validation split, the store failing) does not turn a grid into a crash, and
-    ``vaebench report`` can be run again later."""
+    """What ``make`` returns, or ``default`` and one line on stderr: the runs are tracked by
+    now, so a report that cannot be made (every run failed, no validation split, the store
+    failing) does not turn a grid into a crash; ``vaebench report`` can run again later."""
     try:
         return make()
     except Exception as exc:  # noqa: BLE001 - see the docstring

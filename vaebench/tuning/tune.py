@@ -1,23 +1,5 @@
-"""Optuna studies: ``python -m vaebench tune study.yaml``.
-
-A trial is one run (:mod:`vaebench.tuning.trial`); where the study's space varies only what
-members of a stack may differ in, up to ``max_stack`` trials at a time train as one stack
-(:mod:`vaebench.tuning.trial_stack`). The MLflow side mirrors a grid: the study is an
-experiment, each ``tune`` invocation a parent run, each trial a nested child run tagged with
-its Optuna trial number and final state; the child's run id is stored on the trial as the
-user attribute ``mlflow_run_id``.
-
-Optuna trial states map onto MLflow run statuses as ``STATUS`` says: COMPLETE
--> FINISHED, PRUNED -> KILLED (stopped early on purpose), FAIL -> FAILED; the
-tag ``optuna.state`` holds Optuna's name.
-
-Both stores are created once, in the calling process, before ``--workers``
-processes are started; each worker opens the same stores, logs its trials under
-the one parent run and asks the shared study for parameters.
-
-Where the study lives: :mod:`vaebench.tuning.storage`; what an invocation writes and
-prints: :mod:`vaebench.tuning.outputs`.
-"""
+"""Optuna studies: ``python -m vaebench tune study.yaml``. How a study maps onto MLflow and
+how ``--workers`` processes share it: docs/tuning.md."""
 
 from __future__ import annotations
 
@@ -100,8 +82,7 @@ def optimize(
     storage: optuna.storages.BaseStorage | None = None,
     workspace: Workspace | None = None,
 ) -> None:
-    """Run ``n_trials`` trials of the study in this process; a failing trial is FAIL, no more;
-    a failing store stops the study (TrackingError)."""
+    """A failing trial is FAIL, no more; a failing store stops the study (TrackingError)."""
     _quiet_optuna()
     # a distinct stream per worker and per continuation, reproducible from the study seed
     seed = None if job.spec.seed is None else job.spec.seed + job.seed_offset + 1000 * worker
@@ -120,7 +101,6 @@ def optimize(
 
 
 def worker_main(job: WorkerJob, n_trials: int, worker: int) -> None:
-    """Entry point of a ``--workers`` process: its own tracker on the one parent run."""
     with worker_process(worker, job.threads):
         tracker = MLflowTracker(job.tracking_uri)
         tracker.join_grid(job.experiment_id, job.parent_id)
@@ -128,7 +108,7 @@ def worker_main(job: WorkerJob, n_trials: int, worker: int) -> None:
 
 
 def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
-    """Create the study, or load it and check it asks the same questions."""
+    """Created, or loaded and checked to ask the same questions."""
     _quiet_optuna()
     try:
         existing = optuna.load_study(study_name=spec.name, storage=storage)
@@ -169,14 +149,8 @@ def run_study(
     invocation: StudyInvocation | None = None,
     stream: TextIO | None = None,
 ) -> TuneOutcome:
-    """Check a study file and run its trials still to do (the file's ``n_trials`` minus those
-    done), or ``invocation.n_trials`` more; record and report them.
-
-    Trials a killed invocation left RUNNING are failed first. Ctrl-C and SIGTERM stop
-    the study cleanly (trials FAIL in Optuna, KILLED in MLflow, the parent KILLED). With
-    ``register``, the best trial's run (each of a Pareto front's) becomes a new version of
-    the registered MLflow model named after the study.
-    """
+    """Run the study's trials still to do (the file's ``n_trials`` minus those done), or
+    ``invocation.n_trials`` more; record and report them."""
     invocation = invocation or StudyInvocation()
     stream = stream or sys.stdout
     study_run = _StudyRun.open(Path(study_path), invocation)
@@ -201,8 +175,6 @@ def run_study(
 
 @dataclass
 class _StudyRun:
-    """One invocation of a study: what it was told and the stores it opened."""
-
     path: Path
     spec: StudySpec
     invocation: StudyInvocation
@@ -215,8 +187,7 @@ class _StudyRun:
 
     @classmethod
     def open(cls, path: Path, invocation: StudyInvocation) -> _StudyRun:
-        """The study file checked, its data loaded, both stores opened (every error a user can
-        cause raised before either store is created) and abandoned trials failed."""
+        """Every error a user can cause is raised before either store is created."""
         spec = load_study(path)
         if invocation.n_trials is not None and invocation.n_trials < 1:
             raise VaebenchError("--n-trials: must be >= 1")
@@ -268,7 +239,6 @@ class _StudyRun:
         )
 
     def run(self, n_trials: int, workers: int) -> TuneOutcome:
-        """``n_trials`` trials in ``workers`` processes, the parent run's life around them."""
         job = self.job(n_trials, workers)
         spec, study, tracker, parent = self.spec, self.study, self.tracker, job.parent_id
         outcome = TuneOutcome(study=study, storage=self.ref, parent_id=parent)
