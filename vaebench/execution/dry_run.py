@@ -18,21 +18,14 @@ from vaebench.stacking.plan import plan_stacks
 def dry_run(
     grid_path: str | Path, max_stack: int, stream=None, stack_everywhere: bool = False
 ) -> None:
-    """Check and expand the grid file; print its runs in the grid's order, each with its stack
-    (``-``: trains alone); create nothing."""
     runs = expand(load_grid(Path(grid_path)))
     configs = [run.config for run in runs]
     stacks = plan_stacks(configs, max_stack, cpu_rule(stack_everywhere))
     stream = stream or sys.stdout
-    label = {}
     numbered = [group for group in stacks if len(group) > 1]
-    for number, group in enumerate(numbered, start=1):
-        label.update({index: f"s{number}/{len(group)}" for index in group})
-    print(
-        f"{len(runs)} runs, {len(numbered)} stacks (column stack: stack number/its size; "
-        "-: trains alone):",
-        file=stream,
-    )
+    label = {i: f"s{n}/{len(group)}" for n, group in enumerate(numbered, start=1) for i in group}
+    print(f"{len(runs)} runs, {len(numbered)} stacks (column stack: stack number/its size; "
+          "-: trains alone):", file=stream)
     for index, run in enumerate(runs):
         settings = " ".join(f"{k}={v}" for k, v in run.overrides)
         stack = label.get(index, "-")
@@ -40,15 +33,13 @@ def dry_run(
 
 
 def cpu_rule(stack_everywhere: bool) -> Callable[[RunConfig], bool]:
-    """What :func:`vaebench.stacking.plan.plan_stacks` asks of a run that stacks on CUDA only:
-    whether it trains on the CPU; with ``stack_everywhere`` (``--stack on``) never, so that
-    it stacks on any device."""
+    """Whether a run that stacks on CUDA only trains on the CPU; with ``stack_everywhere``
+    (``--stack on``) never, so that it stacks on any device."""
     return (lambda config: False) if stack_everywhere else trains_on_cpu
 
 
 def trains_on_cpu(config: RunConfig) -> bool:
-    """Whether a run trains on the CPU (asked only of runs whose stacking depends on it: conv
-    and gmvae). ``train.device: auto`` is the CPU with a CPU build of torch (read from its version,
+    """``train.device: auto`` is the CPU with a CPU build of torch (read from its version,
     without importing it); with another build, torch is asked."""
     if config.train.device != "auto":
         return config.train.device == "cpu"

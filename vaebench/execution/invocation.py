@@ -1,8 +1,5 @@
-"""What a ``run`` or ``tune`` invocation is told besides its file: where the stores, the data
-and the results are, how many runs a stack trains, what is registered, who trains. The
-command line fills these records; :func:`vaebench.execution.runner.run_grid` and
-:func:`vaebench.tuning.tune.run_study` read them.
-"""
+"""What a ``run`` or ``tune`` invocation is told besides its file; the command line fills these
+records."""
 
 from __future__ import annotations
 
@@ -14,8 +11,6 @@ from vaebench.execution.worker_plan import Execution
 
 @dataclass(frozen=True)
 class Invocation:
-    """What grids and studies share."""
-
     tracking_uri: str | None = None  # the MLflow store (None: sqlite:///mlflow.db)
     data_root: str | Path | None = None  # the datasets (None: $VAEBENCH_DATA or ./data)
     results_dir: str | Path = "results"

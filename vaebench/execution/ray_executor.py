@@ -1,17 +1,6 @@
-"""``run --executor ray``: each stack of the grid (or run alone) is a Ray task.
-
-Ray packs the tasks onto the CPUs and GPUs of a cluster (each asks for ``--task-cpus``
-and ``--task-gpus``; a fraction of a GPU lets several small VAEs share one) and runs a
-task again when the process running it dies. Inside a task,
-:func:`vaebench.execution.grid_work.work_through` does what a local worker does: it plans the
-task's runs again from the store, so a run the dead process left RUNNING is marked
-KILLED and continues from its checkpoint, and it claims each run, so a task run twice
-(or a second invocation) never trains a run twice. Every node must reach the MLflow
-store (a tracking server, for a cluster of several machines), the data root and the
-checkpoint folder (a shared file system).
-
-Ray is an optional extra (``pip install -e ".[ray]"``), imported only here.
-"""
+"""``run --executor ray``: each stack of the grid (or run alone) is a Ray task, which works
+as a local worker does, so a task run twice never trains a run twice (docs/scaling.md). Ray
+is an optional extra, imported only here."""
 
 from __future__ import annotations
 
@@ -40,8 +29,7 @@ def import_ray() -> Any:
 
 
 def grid_task(job: GridJob, group: int, threads: int) -> list[tuple[str, str]]:
-    """One Ray task: the runs of ``job.work.groups[group]``; returns (run name, status)
-    for each."""
+    """The runs of ``job.work.groups[group]``; returns (run name, status) for each."""
     import dataclasses
 
     import torch
@@ -59,9 +47,7 @@ def grid_task(job: GridJob, group: int, threads: int) -> list[tuple[str, str]]:
 
 
 def run_on_ray(job: GridJob, execution: Execution, todo: int, renew: Any) -> list[str]:
-    """Run every group of ``job`` as a Ray task on the cluster at ``execution.address``
-    (None: a local Ray instance with this machine's cores), each asking for its
-    ``task_cpus`` and ``task_gpus``; a line per task that failed for good."""
+    """Every group of ``job`` a Ray task; a line per task that failed for good."""
     ray = import_ray()
     started_here = not ray.is_initialized()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every task's progress line, not a digest

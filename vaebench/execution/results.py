@@ -1,5 +1,4 @@
-"""A grid invocation's results: the rows of its runs, the table written to
-``results/<grid>.csv`` and the summary printed."""
+"""A grid invocation's results: its rows, ``results/<grid>.csv`` and the summary printed."""
 
 from __future__ import annotations
 
@@ -23,8 +22,6 @@ SUMMARY_COLUMNS = [
 
 @dataclass
 class GridOutcome:
-    """What a grid invocation did: each run's row, failures, skips, and what it wrote."""
-
     rows: list[dict[str, Any]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run name, error line)
     skipped: int = 0  # FINISHED before this invocation
@@ -35,14 +32,13 @@ class GridOutcome:
 
 
 def take_work(outcome: GridOutcome, record: WorkRecord) -> None:
-    """The rows, failures and skips of work done (here or in the workers) into the outcome."""
     outcome.rows += record.rows
     outcome.failed += record.failed
     outcome.skipped += record.skipped
 
 
 def close_results(outcome: GridOutcome, results: Path, name: str, runs: Sequence[RunSpec]) -> None:
-    """The results table of what is known so far, in the grid's order, and the summary."""
+    """What is known so far, in the grid's order."""
     order = {run.key: index for index, run in enumerate(runs)}
     outcome.rows.sort(key=lambda row: order[row["key"]])
     outcome.csv_path = results / f"{name}.csv"

@@ -1,10 +1,6 @@
-"""Local worker processes: how many, on which device, with how many CPU threads, and how
-they are started and stopped. Shared by ``run --workers`` and ``tune --workers``.
-
-This module imports neither torch nor MLflow: which GPUs a worker gets is decided from
-``$CUDA_VISIBLE_DEVICES`` and a device count the caller passes, so the mapping is tested
-on machines without a GPU.
-"""
+"""Local worker processes of ``run`` and ``tune --workers``: how many, on which GPU, how started
+and stopped. No torch here (the caller passes the device count), so the mapping is tested
+without a GPU."""
 
 from __future__ import annotations
 
@@ -27,11 +23,9 @@ POST_RUN_CHOICES = (AUTO, "background", "inline")
 
 @dataclass(frozen=True)
 class Execution:
-    """How an invocation spreads its runs: ``local`` worker processes (``workers``, a
-    number or ``auto``, with ``per_gpu`` on each GPU), or ``ray`` tasks on the cluster at
-    ``address`` (None: a local instance), each asking for ``task_cpus`` and ``task_gpus``;
-    ``post_run``: where one local process finishes its trained runs (one of
-    :data:`POST_RUN_CHOICES`, :func:`vaebench.execution.runner.background_finishing`)."""
+    """How an invocation spreads its runs: ``local`` worker processes, or ``ray`` tasks on the
+    cluster at ``address`` (None: a local instance); ``post_run``: see
+    :func:`vaebench.execution.runner.background_finishing`."""
 
     executor: str = "local"  # "local" or "ray"
     workers: str | int = 1
@@ -44,16 +38,12 @@ class Execution:
 
 @dataclass(frozen=True)
 class WorkerSlot:
-    """One worker process: its number, the GPU it is pinned to (the value its
-    ``CUDA_VISIBLE_DEVICES`` gets; None: not pinned) and its CPU threads."""
-
     index: int
-    gpu: str | None
+    gpu: str | None  # the value its CUDA_VISIBLE_DEVICES gets (None: not pinned)
     threads: int
 
 
 def cores() -> int:
-    """The CPU cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -73,12 +63,8 @@ def visible_gpus(device_count: int, environ: dict[str, str] | None = None) -> li
 def plan_workers(
     workers: str | int, per_gpu: int | None, gpus: Sequence[str], cpu_cores: int
 ) -> list[WorkerSlot]:
-    """The worker processes of ``--workers`` (a number or ``auto``) and ``--per-gpu``.
-
-    ``auto``: ``per_gpu`` workers (default 1) on each GPU, or one worker without a GPU.
-    A number: that many workers, pinned to the GPUs in turn where there are GPUs. The CPU
-    cores are divided between the workers (at least one thread each).
-    """
+    """``auto``: ``per_gpu`` workers (default 1) on each GPU, or one without a GPU; a number:
+    that many, pinned to the GPUs in turn. The CPU cores are divided between the workers."""
     if per_gpu is not None and per_gpu < 1:
         raise VaebenchError("--per-gpu: must be >= 1")
     if workers == AUTO:
@@ -98,7 +84,6 @@ def plan_workers(
 
 
 def parse_workers(text: str) -> str | int:
-    """``--workers`` as given: ``auto`` or a number >= 1 (a one-line error otherwise)."""
     if text == AUTO:
         return AUTO
     if not text.isdigit() or int(text) < 1:
@@ -112,15 +97,12 @@ def run_processes(
     name: str,
     watch: Callable[[], None] = lambda: None,
 ) -> list[str]:
-    """Start one spawned process ``<name><index>`` per ``arguments`` entry, wait for all;
-    a line per worker that did not exit well. ``watch`` is called every 0.2 s while they run
-    (to show progress), and once at the end.
+    """One spawned process ``<name><index>`` per ``arguments`` entry; a line per worker that
+    did not exit well. ``watch`` is called every 0.2 s while they run, and once at the end.
 
-    Spawned, not forked: a forked child inherits torch's thread pools and locks. A signal
-    that stops this process is passed on to the workers (SIGTERM when something else stops
-    it), which end their runs cleanly; one that does not stop within a minute is killed
-    (its run is recovered later).
-    """
+    Spawned, not forked: a forked child inherits torch's thread pools and locks. A signal that
+    stops this process is passed on to the workers (SIGTERM when something else stops it); one
+    that does not stop within a minute is killed (its run is recovered later)."""
     context = multiprocessing.get_context("spawn")
     processes = {
         index: context.Process(target=target, args=args, name=f"{name}{index}")
@@ -158,7 +140,3 @@ def run_processes(
         if process.exitcode != 0
     ]
 
-
-def context_queue() -> Any:
-    """A queue the workers of :func:`run_processes` can write to."""
-    return multiprocessing.get_context("spawn").Queue()

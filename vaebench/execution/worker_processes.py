@@ -1,13 +1,11 @@
 """``run --workers N``: worker processes on this machine work through one grid invocation,
-each from its own place in the list of stacks; claims (:mod:`vaebench.lifecycle.exactly_once`)
-give every run to exactly one of them. The results table is read back from the store once
-all workers are done.
-"""
+each from its own place in the list of stacks (docs/scaling.md)."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import multiprocessing
 import os
 import queue
 import sys
@@ -17,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vaebench.execution.grid_work import GridWork, RunEnded, WorkRecord, work_through
-from vaebench.execution.worker_plan import CUDA_VISIBLE, WorkerSlot, context_queue, run_processes
+from vaebench.execution.worker_plan import CUDA_VISIBLE, WorkerSlot, run_processes
 from vaebench.lifecycle.claims import Planned
 from vaebench.lifecycle.post_run import BackgroundFinisher
 from vaebench.lifecycle.workspace import Workspace
@@ -31,7 +29,7 @@ from vaebench.training.progress import set_line_prefix
 
 @dataclass(frozen=True)
 class GridJob:
-    """What a grid worker needs (plain data: it crosses a spawn)."""
+    """Plain data: it crosses a spawn."""
 
     grid_path: str
     work: GridWork
@@ -46,17 +44,14 @@ class GridJob:
 
 
 def start_group(worker: int, workers: int, groups: int) -> int:
-    """Where worker ``worker`` of ``workers`` starts in the list of ``groups`` stacks: spread
-    evenly, so that workers rarely contend for the same claim."""
+    """Spread evenly, so that workers rarely contend for the same claim."""
     return (worker * groups) // workers if groups else 0
 
 
 @contextlib.contextmanager
 def worker_process(index: int, threads: int | None, gpu: str | None = None) -> Iterator[None]:
-    """The life of a worker process (of a grid or a study): in a process group of its own, so
-    that a terminal's Ctrl-C reaches the invocation's process alone, which passes it on;
-    pinned to ``gpu`` before torch touches CUDA; ``threads`` for torch. A signal ends it
-    with its exit status, an error a user can cause with one line and its status."""
+    """A process group of its own, so that a terminal's Ctrl-C reaches the invocation's process
+    alone, which passes it on; pinned to ``gpu`` before torch touches CUDA."""
     os.setpgrp()
     if gpu is not None:
         os.environ[CUDA_VISIBLE] = gpu
@@ -77,9 +72,8 @@ def worker_process(index: int, threads: int | None, gpu: str | None = None) -> I
 def work_on(
     job: GridJob, work: GridWork, on_ended: RunEnded, start: int = 0, background: bool = False
 ) -> None:
-    """What any process working on a grid does: its own tracker on the invocation's parent
-    run, the grid's runs each planned again from the store and worked through from group
-    ``start``; with ``background``, its trained runs finished by a background process."""
+    """Any process working on a grid: its own tracker on the invocation's parent run; with
+    ``background``, its trained runs finished by a background process."""
     tracker = MLflowTracker(job.tracking_uri)
     tracker.join_grid(job.experiment_id, job.parent_id)
     runs = expand(load_grid(job.grid_path))
@@ -94,7 +88,6 @@ def work_on(
 
 
 def grid_worker_main(job: GridJob, slot: WorkerSlot, workers: int, events: Any) -> None:
-    """Entry point of a grid worker process (pinned to ``slot.gpu``, if any)."""
     set_line_prefix(f"w{slot.index} ")
     with worker_process(slot.index, slot.threads, slot.gpu):
         work_on(job, job.work, lambda name, status: events.put((slot.index, name, status)),
@@ -103,7 +96,7 @@ def grid_worker_main(job: GridJob, slot: WorkerSlot, workers: int, events: Any) 
 
 @dataclass
 class RunCount:
-    """The grid's count in the invocation's process, a line as each run ends elsewhere."""
+    """A line in the invocation's process as each run ends elsewhere."""
 
     experiment: str
     todo: int  # how many runs the workers or tasks have between them
@@ -116,9 +109,9 @@ class RunCount:
 
 
 def run_workers(job: GridJob, slots: Sequence[WorkerSlot], todo: int, renew: Any) -> list[str]:
-    """Run the grid's work in one process per slot; a line per worker that did not end well.
-    ``renew()`` renews the parent run's lease (called about once a minute)."""
-    events = context_queue()
+    """A line per worker that did not end well; ``renew()`` (the parent run's lease) is called
+    about once a minute."""
+    events = multiprocessing.get_context("spawn").Queue()
     count = RunCount(job.work.experiment, todo)
     ticks = itertools.count(1)
 

@@ -1,9 +1,5 @@
-"""One trial of a study: the study's base config plus the values Optuna samples, trained
-through :func:`vaebench.lifecycle.execute.execute` with pruning as the epoch hook and the
-objectives as extra metrics. Its MLflow run id, its invocation's parent run and (while it
-runs) its lease are Optuna user attributes; a trial whose owner is gone is failed by the
-next invocation (:func:`fail_abandoned_trials`).
-"""
+"""One trial: the base config plus Optuna's values, trained by :mod:`vaebench.lifecycle.execute`
+with pruning as the epoch hook; its run id, parent run and lease are Optuna user attributes."""
 
 from __future__ import annotations
 
@@ -45,7 +41,7 @@ STOPPED_ATTR = "stopped"  # why a trial FAILED without being at fault: a signal,
 
 
 def suggest(trial: optuna.Trial, key: str, param: Param) -> Any:
-    """The value of one dimension for this trial; Optuna's parameter name is the dotted key."""
+    """Optuna's parameter name is the dotted key."""
     if param.type == "float":
         return trial.suggest_float(key, param.low, param.high, log=param.log, step=param.step)
     if param.type == "int":
@@ -55,7 +51,7 @@ def suggest(trial: optuna.Trial, key: str, param: Param) -> Any:
 
 
 def trial_run(spec: StudySpec, name: str, sampled: dict[str, Any]) -> RunSpec:
-    """Base config plus sampled values as a run; VaebenchError if they make no valid config."""
+    """VaebenchError if the sampled values make no valid config."""
     tree = copy.deepcopy(spec.base)
     for key, value in sampled.items():
         set_dotted(tree, key, value)
@@ -87,9 +83,8 @@ def objective_values(spec: StudySpec, final: dict[str, float]) -> list[float]:
 
 @dataclass
 class TrialWork:
-    """One trial's run as it goes: the run sampled for it (None until sampled, or if its
-    values made no valid config), its MLflow run id once tracked, its objective values once
-    scored, and the hooks that tie the run's life to the trial."""
+    """One trial's run as it goes (``run``: None until sampled, or if its values made no
+    valid config)."""
 
     trial: optuna.Trial
     name: str
@@ -106,7 +101,6 @@ class TrialWork:
         _set_attrs(self.trial, {RUN_ID_ATTR: run_id})
 
     def values(self) -> float | tuple[float, ...]:
-        """What Optuna is told: the objective, or the objectives of a multi-objective study."""
         return self.objectives[0] if len(self.objectives) == 1 else tuple(self.objectives)
 
 
@@ -115,9 +109,8 @@ Tell = Callable[[TrialWork, BaseException | None], None]
 
 @dataclass
 class TrialObjective:
-    """The study's part in its trials' lives. Called, it is Optuna's objective for a trial
-    alone: a batch of one (:meth:`train`), its ending raised for Optuna to record; trials
-    trained as a stack (:mod:`vaebench.tuning.trial_stack`) go through :meth:`train` too."""
+    """Called, Optuna's objective for a trial alone: a batch of one (:meth:`train`), its ending
+    raised for Optuna to record; stacked trials (:mod:`.trial_stack`) go through :meth:`train`."""
 
     spec: StudySpec
     tracker: Tracker
@@ -152,14 +145,12 @@ class TrialObjective:
         return TrialWork(trial, f"trial-{trial.number:04d}", own_tags)
 
     def own(self, work: TrialWork, runs_at_once: int = 1) -> None:
-        """The trial owned (its lease, first, for ``runs_at_once`` trials trained together)
-        and marked this invocation's."""
+        """The lease first, for ``runs_at_once`` trials trained together."""
         lease = lease_tags(runs_at_once=runs_at_once)
         _set_attrs(work.trial, {**lease, PARENT_ATTR: self.tracker.parent_id})
 
     def sample(self, work: TrialWork) -> None:
-        """The trial's values as its run, its tags, start and scoring as hooks; values that
-        make no valid config are recorded as a FAILED run and raised (VaebenchError)."""
+        """Values that make no valid config are recorded as a FAILED run and raised."""
         trial = work.trial
         sampled = {key: suggest(trial, key, p) for key, p in self.spec.space.items()}
         try:
@@ -181,9 +172,8 @@ class TrialObjective:
         work.hooks = RunHooks(work.own_tags, work.on_start, extra_metrics=score)
 
     def train(self, works: Sequence[TrialWork], max_stack: int, tell: Tell) -> None:
-        """Sample each trial of the batch, train those of one stack key together (up to
-        ``max_stack``; a trial alone is a stack of one); each trial is told when its run ends.
-        A failing trial or stack is told, no more; the store's failure or a signal is raised."""
+        """Each trial is told when its run ends; a failing trial or stack is told, no more; the
+        store's failure or a signal is raised."""
         sampled: list[TrialWork] = []
         for work in works:
             try:
@@ -214,8 +204,7 @@ class TrialObjective:
                         tell(member, exc)
 
     def settle(self, work: TrialWork, error: BaseException | None) -> TrialState:
-        """The trial's state after its run ended with ``error`` (None: finished), tagged on
-        its run; a signal or a failing store marks it stopped (not the trial's fault)."""
+        """A signal or a failing store marks the trial stopped (not the trial's fault)."""
         state = TrialState.COMPLETE
         if isinstance(error, optuna.TrialPruned):
             state = TrialState.PRUNED
@@ -232,11 +221,9 @@ class TrialObjective:
         return state
 
     def epoch_hook(self, trial: optuna.Trial, stack_size: int) -> EpochHook:
-        """Renew the trial's lease; report the objective to the pruner, which may stop the
-        trial. Optuna prunes single-objective studies only; a metric known only after the
-        last epoch (e.g. val_ari) is never reported, so never pruned (study files with such
-        a pruner are rejected). In a stack of ``stack_size`` an epoch takes up to that many
-        times a member's share of it, and the lease lasts accordingly."""
+        """Renew the lease; report to the pruner, which may stop the trial (a metric known only
+        after the last epoch is never reported). In a stack of ``stack_size`` an epoch takes
+        up to that many times a member's share of it, and the lease lasts accordingly."""
         pruned_on = None if self.spec.multi_objective else self.spec.metrics[0]
 
         def hook(metrics: EpochMetrics) -> None:
@@ -265,10 +252,8 @@ def _set_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
 
 
 def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO) -> int:
-    """Trials a killed invocation left RUNNING (their owner process is gone or its lease
-    expired): FAIL in Optuna, marked stopped; their MLflow runs, KILLED by
-    :func:`vaebench.lifecycle.claims.recover_abandoned` as the grid's are, get the tag. Returns how
-    many."""
+    """Trials a killed invocation left RUNNING: FAIL in Optuna, marked stopped; their MLflow
+    runs (KILLED by :func:`vaebench.lifecycle.claims.recover_abandoned`) get the tag."""
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         reason = abandoned(trial.user_attrs)
@@ -292,8 +277,6 @@ LEASELESS_GRACE_SECONDS = 60.0
 
 
 def _leaseless_for_now(trial: optuna.trial.FrozenTrial) -> bool:
-    """A RUNNING trial without a lease that Optuna created moments ago: its owner is about to
-    give it one."""
     if OWNER_TAG in trial.user_attrs or trial.datetime_start is None:
         return False
     age = datetime.datetime.now() - trial.datetime_start  # Optuna's naive local time
@@ -301,8 +284,8 @@ def _leaseless_for_now(trial: optuna.trial.FrozenTrial) -> bool:
 
 
 def trials_done(study: optuna.Study) -> int:
-    """Trials that count toward the file's ``n_trials``: complete, pruned, or failed by their
-    own fault (not those stopped by a signal or a lost process)."""
+    """Failed trials count only where by their own fault (not stopped by a signal or a lost
+    process)."""
     return sum(
         t.state in (TrialState.COMPLETE, TrialState.PRUNED)
         or (t.state == TrialState.FAIL and STOPPED_ATTR not in t.user_attrs)

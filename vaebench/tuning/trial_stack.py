@@ -1,14 +1,5 @@
-"""Trials of a study trained as stacks: ask Optuna for up to K trials at once, train them
-as a batch (:meth:`vaebench.tuning.trial.TrialObjective.train`), tell each its own result.
-
-Only a study whose space varies nothing but what members of a stack may differ in
-(:data:`vaebench.stacking.plan.MEMBER_KEYS`) is run this way, so that every trial it asks can
-join the stack; any other study runs its trials one by one, as Optuna's ``optimize`` would
-(asking K trials before any is told would only cost a sequential sampler the results it
-learns from). A pruned trial's member is masked out of the stack, its run KILLED, and the
-others go on. Trials of one batch are sampled before any of them is told: the sampler
-proposes the K points from what the earlier batches told it.
-"""
+"""Trials of a study trained as stacks: ask Optuna for up to K trials at once, train them as a
+batch, tell each its own result. Which studies stack, and why only those: docs/scaling.md."""
 
 from __future__ import annotations
 
@@ -36,8 +27,8 @@ PRUNED_ON_CPU = (
 
 
 def stack_problem(spec: StudySpec, max_stack: int, everywhere: bool = False) -> str | None:
-    """Why the study's trials train one by one, or None if they are stacked; ``everywhere``
-    (``--stack on``): also where the CPU's measurements say one by one."""
+    """Why the study's trials train one by one, or None; ``everywhere`` (``--stack on``): also
+    where the CPU's measurements say one by one."""
     if max_stack < 2:
         return "--stack off"
     varied = sorted(set(spec.space) - set(MEMBER_KEYS))
@@ -60,10 +51,9 @@ def optimize_in_stacks(
     timeout: float | None,
     max_stack: int,
 ) -> None:
-    """Run ``n_trials`` trials, up to ``max_stack`` at a time as one stack; start no batch
-    after ``timeout`` seconds. A failing trial is FAIL, no more; a signal or a failing store
-    stops the study (every trial asked and not yet told is FAIL, marked stopped). Each trial
-    is told as soon as its run ends, while the rest of its stack may still train."""
+    """Start no batch after ``timeout`` seconds. A signal or a failing store stops the study
+    (every trial asked and not yet told is FAIL, marked stopped). Each trial is told as soon
+    as its run ends, while the rest of its stack may still train."""
     started = time.monotonic()
     done = 0
 
