@@ -1,7 +1,5 @@
-"""Every metric a run logs: its split, its direction, when it is known, which models report it.
-
-``val_*`` is scored on the validation split (held out of the training images), ``test_*`` once
-on the test split. Selection (tune, prune, rank) reads validation; test is reported beside it."""
+"""Every metric a run logs (docs/metrics.md): its split, its direction, when it is known, which
+models report it. Selection (tune, prune, rank) reads validation; test is reported beside it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Grid files: reading and checking them, and expanding them into runs, each with a readable
-name from the settings the grid varies (``mlp-bce-adam-b4-s0``) and a stable key: a hash of the
-resolved config and seed, stored as an MLflow tag so a rerun can recognise finished runs."""
+"""Grid files: read, checked and expanded into runs, each with a readable name and a stable key
+(docs/grid-files.md)."""
 
 from __future__ import annotations
 
@@ -30,8 +29,6 @@ GRID_KEYS = ("name", "base", "matrix", "exclude", "include", "seeds")
 
 @dataclass
 class GridSpec:
-    """A grid file, checked."""
-
     name: str
     base: dict[str, Any]
     matrix: dict[str, list[Any]] = field(default_factory=dict)
@@ -45,7 +42,6 @@ MAX_GRID_RUNS = 10_000  # more: split the grid, or search the space with a study
 
 
 def load_grid(path: str | Path) -> GridSpec:
-    """Read and check a grid file; raise ConfigError listing every problem."""
     header = read_spec_header(path, "grid", GRID_KEYS)
     raw, where, base, problems = header
     matrix = raw.get("matrix") or {}
@@ -87,7 +83,6 @@ def load_grid(path: str | Path) -> GridSpec:
 def _overrides_list(
     value: Any, section: str, where: str, base: dict[str, Any], problems: list[str]
 ) -> list[dict[str, Any]]:
-    """Check an ``exclude``/``include`` list of ``{dotted.key: value}`` mappings."""
     if value is None:
         return []
     if not isinstance(value, list) or not all(is_str_keyed(item) for item in value):
@@ -117,8 +112,6 @@ LIST_JOINERS = {"model.tau": "to"}
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run of a grid: its resolved config, readable name and stable key."""
-
     name: str
     key: str
     config: RunConfig
@@ -126,7 +119,7 @@ class RunSpec:
 
     @property
     def params(self) -> dict[str, Any]:
-        """Flattened dotted-key settings, as logged to MLflow."""
+        """As logged to MLflow."""
         return flatten(self.config.model_dump(mode="json"))
 
 
@@ -140,7 +133,6 @@ KEY_SINCE = {"model.dense": [], "loss.kl_c": "per_image", "train.backend": "torc
 
 
 def run_key(config: RunConfig) -> str:
-    """Hash of the resolved config (seed included); equal configs give equal keys."""
     tree = config.model_dump(mode="json", exclude=NOT_IN_KEY)
     for key, value in KEY_SINCE.items():
         section, leaf = key.split(".")

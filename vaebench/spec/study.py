@@ -1,7 +1,5 @@
-"""Study files for ``python -m vaebench tune``: a base run config, a search space, objectives.
-
-Optuna's vocabulary without optuna (:mod:`vaebench.tuning.tune` builds its objects). Objectives
-are validation metrics, or of no split: selecting on a test metric would leak the test split."""
+"""Study files (docs/tuning.md), in Optuna's vocabulary without optuna. Objectives are validation
+metrics, or of no split: selecting on a test metric would leak the test split."""
 
 from __future__ import annotations
 
@@ -55,8 +53,6 @@ class Objective:
 
 @dataclass
 class StudySpec:
-    """A study file, checked."""
-
     name: str
     base: dict[str, Any]
     space: dict[str, Param]
@@ -89,7 +85,6 @@ class StudySpec:
 
 
 def load_study(path: str | Path) -> StudySpec:
-    """Read and check a study file; raise ConfigError listing every problem."""
     header = read_spec_header(path, "study", STUDY_KEYS)
     raw, where, base, problems = header
     space = read_space(raw.get("space"), where, base, problems)
@@ -201,7 +196,6 @@ def _objectives(raw: Any, where: str, problems: list[str]) -> list[Objective]:
 
 
 def _named(study: dict[str, Any], section: str, where: str, problems: list[str]) -> dict[str, Any]:
-    """The ``sampler`` or ``pruner`` (``tpe``, ``{name: tpe, ...}``) as fields: name, options."""
     default, table = NAMED[section]
     raw = study.get(section) or default
     options: dict[str, Any] = {}

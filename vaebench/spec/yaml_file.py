@@ -50,7 +50,7 @@ Spec = TypeVar("Spec")
 
 
 class SpecHeader(NamedTuple):
-    """The parts grid and study files share, checked; the file's other checks add problems."""
+    """The file's other checks add problems."""
 
     raw: dict[str, Any]
     where: str
@@ -58,14 +58,12 @@ class SpecHeader(NamedTuple):
     problems: list[str]
 
     def build(self, spec: type[Spec], **fields: Any) -> Spec:
-        """The file's spec, or ConfigError listing every problem found in it."""
         if self.problems:
             raise ConfigError(self.problems)
         return spec(name=self.raw["name"], base=self.base, source=self.where, **fields)
 
 
 def read_spec_header(path: str | Path, kind: str, keys: Sequence[str]) -> SpecHeader:
-    """Read a grid or study file and check its top-level keys, ``name`` and ``base``."""
     where = str(path)
     raw = read_yaml(path)
     if not is_str_keyed(raw):

@@ -45,7 +45,6 @@ class TuneOutcome:
 def write_outputs(
     spec: StudySpec, study: optuna.Study, outcome: TuneOutcome, folder: Path
 ) -> None:
-    """This invocation's trials, the best ones, trials.csv and the figures."""
     trials = study.get_trials(deepcopy=False)
     outcome.trials = [t for t in trials if t.user_attrs.get(PARENT_ATTR) == outcome.parent_id]
     outcome.best = best_trials(study)
@@ -79,8 +78,8 @@ def best_runs(spec: StudySpec, best: list[FrozenTrial], tracker: Tracker) -> lis
             print(f"vaebench: trial {trial.number} not registered: {why}", file=sys.stderr)
             continue
         if spec.multi_objective:
-            values = _pairs(zip(spec.metrics, trial.values, strict=True), " ", ", ")
-            how, value = "the Pareto front", f"{values}, trial {trial.number}"
+            how = "the Pareto front"
+            value = _pairs(zip(spec.metrics, trial.values, strict=True), " ", ", ")
         else:
             how, value = spec.metrics[0], _format(trial.value)
         chosen.append(BestRun(record.run_id, record.name, ALL_RUNS, how,
@@ -89,8 +88,8 @@ def best_runs(spec: StudySpec, best: list[FrozenTrial], tracker: Tracker) -> lis
 
 
 def write_trials(study: optuna.Study, best: list[FrozenTrial], folder: Path) -> Path:
-    """``trials.csv``: Optuna's trials dataframe (objectives on validation), each trial's test
-    scores beside them, the MLflow run ids and a ``best`` column."""
+    """Optuna's trials dataframe, the test scores beside the objectives, the MLflow run ids and
+    a ``best`` column."""
     folder.mkdir(parents=True, exist_ok=True)
     table = study.trials_dataframe(attrs=(
         "number", "value", "state", "params", "user_attrs", "datetime_start",
@@ -112,12 +111,8 @@ FIGURE_PATTERNS = (
 
 
 def write_figures(study: optuna.Study, spec: StudySpec, folder: Path) -> list[Path]:
-    """Optuna's matplotlib figures of the study, as PNG files under ``folder``.
-
-    Optimization history (one per objective), parameter importances (at least two
-    complete trials and two parameters), intermediate values (single objective),
-    Pareto front (two objectives). A figure Optuna cannot draw is skipped.
-    """
+    """Optuna's matplotlib figures of the study as PNG files; one Optuna cannot draw is
+    skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +166,6 @@ def _counts(trials: list[FrozenTrial]) -> dict[TrialState, int]:
 
 
 def _tested(trial: FrozenTrial) -> dict[str, Any]:
-    """The test scores shown beside the trial's objectives."""
     return {k: v for k, v in trial.user_attrs.items() if k.startswith("test_")}
 
 
@@ -196,7 +190,6 @@ def _pairs(items: Iterable[tuple[str, Any]], between: str = "=", joiner: str = "
 
 
 def print_outcome(spec: StudySpec, outcome: TuneOutcome, storage: str, stream: TextIO) -> None:
-    """The invocation's summary; ``storage`` is the study's storage as shown to the user."""
     complete, pruned, failed = _counts(outcome.trials).values()
     total = len(outcome.study.get_trials(deepcopy=False))
     print(

@@ -1,5 +1,5 @@
-"""Where an Optuna study lives: an SQLite file, a SQLAlchemy URL, a journal file or memory,
-named by one string that is checked before anything is created."""
+"""Where an Optuna study lives (docs/tuning.md), named by one string checked before anything
+is created."""
 
 from __future__ import annotations
 
@@ -17,12 +17,8 @@ SQLITE_TIMEOUT_S = 60  # several processes share one SQLite file; wait for the l
 
 
 def resolve_storage(chosen: str | None, tracking_uri: str) -> str:
-    """The study's storage as one string: a SQLAlchemy URL, ``journal:<file>`` or ``memory``.
-
-    Default: ``optuna.db`` beside the MLflow SQLite file, else (a tracking server)
-    in the working folder. A name ending in ``.log`` is an Optuna journal file; any
-    other bare file name is an SQLite file.
-    """
+    """A SQLAlchemy URL, ``journal:<file>`` or ``memory``; default: ``optuna.db`` beside the
+    MLflow SQLite file, else in the working folder."""
     if not chosen:
         db = sqlite_path(tracking_uri)
         return f"sqlite:///{(db.parent if db is not None else Path('.')) / 'optuna.db'}"
@@ -37,7 +33,7 @@ def resolve_storage(chosen: str | None, tracking_uri: str) -> str:
 
 
 def display_storage(ref: str) -> str:
-    """The storage with any password hidden, for messages and tags."""
+    """Any password hidden."""
     if "://" not in ref:
         return ref
     from sqlalchemy.engine import make_url
@@ -49,7 +45,6 @@ def display_storage(ref: str) -> str:
 
 
 def check_storage(ref: str) -> None:
-    """Problems with a storage that show before anything is created: folders, URL, driver."""
     if ref == MEMORY:
         return
     path = Path(ref.removeprefix(JOURNAL)) if ref.startswith(JOURNAL) else sqlite_path(ref)
@@ -71,7 +66,6 @@ def check_storage(ref: str) -> None:
 
 
 def open_storage(ref: str) -> optuna.storages.BaseStorage:
-    """The Optuna storage ``ref`` names (tables are created on first use)."""
     if ref == MEMORY:
         return optuna.storages.InMemoryStorage()
     if ref.startswith(JOURNAL):
