@@ -1,2 +1,1 @@
-"""A grid invocation (runner.py) and its executors: this process, local worker processes
-or Ray tasks, each running the loop of grid_work.py."""
+"""A grid invocation (runner.py) and its executors, each running the loop of grid_work.py."""

@@ -102,13 +102,8 @@ class GridWork:
 
 
 def work_through(
-    work: GridWork,
-    runs: Sequence[RunSpec],
-    planned: Sequence[Planned],
-    tracker: Tracker,
-    workspace: Workspace,
-    record: WorkRecord,
-    epoch_hook: EpochHook | None = None,
+    work: GridWork, runs: Sequence[RunSpec], planned: Sequence[Planned], tracker: Tracker,
+    workspace: Workspace, record: WorkRecord, epoch_hook: EpochHook | None = None,
     start_group: int = 0,
 ) -> None:
     """Each group of ``work`` from ``start_group`` on, wrapping around; a failing run does not
@@ -144,8 +139,6 @@ CLAIM_ATTEMPTS = 3  # a claim lost to one that then vanished (its process stoppe
 
 @dataclass
 class _Process:
-    """This process's work on a grid and the claims of the group in hand (``held``)."""
-
     work: GridWork
     tracker: Tracker
     workspace: Workspace

@@ -58,9 +58,7 @@ T = TypeVar("T")
 
 
 def run_grid(
-    grid_path: str | Path,
-    invocation: GridInvocation | None = None,
-    tracker: Tracker | None = None,
+    grid_path: str | Path, invocation: GridInvocation | None = None, tracker: Tracker | None = None
 ) -> GridOutcome:
     """Check, expand and train a grid file as ``invocation`` says; ``tracker``: an open one
     (else the store is opened while the data loads)."""

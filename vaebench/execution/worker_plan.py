@@ -92,9 +92,7 @@ def parse_workers(text: str) -> str | int:
 
 
 def run_processes(
-    target: Callable[..., None],
-    arguments: Mapping[int, tuple[Any, ...]],
-    name: str,
+    target: Callable[..., None], arguments: Mapping[int, tuple[Any, ...]], name: str,
     watch: Callable[[], None] = lambda: None,
 ) -> list[str]:
     """One spawned process ``<name><index>`` per ``arguments`` entry; a line per worker that

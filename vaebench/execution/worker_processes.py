@@ -96,7 +96,6 @@ def grid_worker_main(job: GridJob, slot: WorkerSlot, workers: int, events: Any) 
 
 @dataclass
 class RunCount:
-    """A line in the invocation's process as each run ends elsewhere."""
 
     experiment: str
     todo: int  # how many runs the workers or tasks have between them

@@ -1,2 +1,1 @@
-"""What the user writes, described without torch, models, MLflow or Optuna: run configs,
-grid and study files, the search space and the metric catalogue."""
+"""What the user writes (configs, grid and study files, metrics), without torch or Optuna."""

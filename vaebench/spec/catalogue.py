@@ -26,7 +26,6 @@ class MetricInfo:
     per_cluster_count: bool = False  # a clustering score: K clusters compare only with K
 
     def reported_by(self, arch: str, per_epoch: bool = False) -> bool:
-        """Whether runs of model family ``arch`` log it (every epoch, if ``per_epoch``)."""
         tables = [self.epoch_families] if per_epoch else [self.epoch_families, self.final_families]
         return any(t is None or arch in t for t in tables)
 

@@ -119,7 +119,6 @@ class RunSpec:
 
     @property
     def params(self) -> dict[str, Any]:
-        """As logged to MLflow."""
         return flatten(self.config.model_dump(mode="json"))
 
 

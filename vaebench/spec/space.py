@@ -17,8 +17,6 @@ PARAM_KEYS = {"float": RANGE_KEYS, "int": RANGE_KEYS, "categorical": ("type", "c
 
 @dataclass(frozen=True)
 class Param:
-    """One dimension of the search space, as Optuna's ``suggest_*`` takes it."""
-
     type: str
     low: float | int | None = None
     high: float | int | None = None
@@ -31,7 +29,6 @@ class Param:
         return tuple(encode_choice(choice) for choice in self.choices)
 
     def decode(self, stored: Any) -> Any:
-        """The config value of a stored categorical choice."""
         return dict(zip(self.optuna_choices(), self.choices, strict=True))[stored]
 
     def grid_values(self) -> list[Any]:

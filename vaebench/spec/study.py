@@ -157,7 +157,7 @@ INCOMPARABLE = ("loss.recon", "data.dataset", "data.binarize", "data.validation"
 
 
 def _values(base: dict[str, Any], space: dict[str, Param], key: str, default: Any = None) -> tuple:
-    """The values ``key`` can take in a trial (of a range: its lowest)."""
+    """Of a range: its lowest."""
     if key in space:
         param = space[key]
         return param.choices if param.type == "categorical" else (param.low,)

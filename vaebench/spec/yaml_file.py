@@ -50,8 +50,6 @@ Spec = TypeVar("Spec")
 
 
 class SpecHeader(NamedTuple):
-    """The file's other checks add problems."""
-
     raw: dict[str, Any]
     where: str
     base: dict[str, Any]

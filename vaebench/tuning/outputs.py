@@ -53,7 +53,6 @@ def write_outputs(
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best complete trial of a single-objective study, or the Pareto front."""
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         return []
     if len(study.directions) > 1:

@@ -33,7 +33,6 @@ def resolve_storage(chosen: str | None, tracking_uri: str) -> str:
 
 
 def display_storage(ref: str) -> str:
-    """Any password hidden."""
     if "://" not in ref:
         return ref
     from sqlalchemy.engine import make_url

@@ -45,10 +45,7 @@ def stack_problem(spec: StudySpec, max_stack: int, everywhere: bool = False) -> 
 
 
 def optimize_in_stacks(
-    study: optuna.Study,
-    objective: TrialObjective,
-    n_trials: int,
-    timeout: float | None,
+    study: optuna.Study, objective: TrialObjective, n_trials: int, timeout: float | None,
     max_stack: int,
 ) -> None:
     """Start no batch after ``timeout`` seconds. A signal or a failing store stops the study

@@ -75,12 +75,8 @@ def _quiet_optuna() -> None:
 
 
 def optimize(
-    job: WorkerJob,
-    n_trials: int,
-    worker: int,
-    tracker: Tracker,
-    storage: optuna.storages.BaseStorage | None = None,
-    workspace: Workspace | None = None,
+    job: WorkerJob, n_trials: int, worker: int, tracker: Tracker,
+    storage: optuna.storages.BaseStorage | None = None, workspace: Workspace | None = None,
 ) -> None:
     """A failing trial is FAIL, no more; a failing store stops the study (TrackingError)."""
     _quiet_optuna()
@@ -108,7 +104,6 @@ def worker_main(job: WorkerJob, n_trials: int, worker: int) -> None:
 
 
 def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
-    """Created, or loaded and checked to ask the same questions."""
     _quiet_optuna()
     try:
         existing = optuna.load_study(study_name=spec.name, storage=storage)
@@ -145,9 +140,7 @@ def _trials_per_stack(spec: StudySpec, max_stack: int, stack_everywhere: bool) -
 
 
 def run_study(
-    study_path: str | Path,
-    invocation: StudyInvocation | None = None,
-    stream: TextIO | None = None,
+    study_path: str | Path, invocation: StudyInvocation | None = None, stream: TextIO | None = None
 ) -> TuneOutcome:
     """Run the study's trials still to do (the file's ``n_trials`` minus those done), or
     ``invocation.n_trials`` more; record and report them."""
@@ -216,7 +209,6 @@ class _StudyRun:
         return cls(path, spec, invocation, uri, ref, workspace, tracker, storage, study)
 
     def job(self, n_trials: int, workers: int) -> WorkerJob:
-        """The parent run started and what every process working on the study needs."""
         spec, tracker = self.spec, self.tracker
         tags = base_tags(**{
             STUDY_TAG: spec.name,
@@ -274,7 +266,6 @@ class _StudyRun:
 
 
 def fan_out(job: WorkerJob, n_trials: int, workers: int) -> list[str]:
-    """``workers`` spawned processes share ``n_trials``; returns a line per worker that died."""
     shares = [n_trials // workers + (i < n_trials % workers) for i in range(workers)]
     arguments = {index: (job, share, index) for index, share in enumerate(shares) if share}
     return run_processes(worker_main, arguments, "tune-")
