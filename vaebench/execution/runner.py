@@ -135,11 +135,9 @@ class _GridRun:
 
     def nothing_to_train(self) -> None:
         running = sum(step.action == "elsewhere" for step in self.planned)
-        print(
-            f"grid {self.name}: nothing to train: {self.outcome.skipped} of {len(self.runs)} "
-            "runs finished" + (f", {running} running in another process" if running else "")
-            + " (--rerun trains them again)"
-        )
+        print(f"grid {self.name}: nothing to train: {self.outcome.skipped} of {len(self.runs)} "
+              "runs finished" + (f", {running} running in another process" if running else "")
+              + " (--rerun trains them again)")
         self.close()
 
     def close(self) -> None:
@@ -186,13 +184,11 @@ class _GridRun:
                 self.close()
 
     def start_parent(self, tags: dict[str, str]) -> None:
-        execution = self.invocation.execution
+        executor = self.invocation.execution.executor
         started = time.strftime("%Y%m%d-%H%M%S")
         with deferred_signals():  # a signal waits until the parent run is recorded
             self.parent = self.tracker.start_grid(self.name, f"{self.name}-{started}", {
-                **tags,
-                "vaebench.runs": str(len(self.runs)),
-                "vaebench.executor": execution.executor,
+                **tags, "vaebench.runs": str(len(self.runs)), "vaebench.executor": executor,
                 "vaebench.workers": str(len(self.slots)) if self.slots else "ray tasks",
                 **lease_tags(),
             })
@@ -239,17 +235,13 @@ class _GridRun:
 
     def work_elsewhere(self, work: GridWork) -> None:
         execution = self.invocation.execution
-        job = GridJob(
-            str(self.path), work, self.uri, self.tracker.experiment_id, self.parent,
-            self.workspace.data_root, self.workspace.checkpoints.folder, self.background,
-        )
+        job = GridJob(str(self.path), work, self.uri, self.tracker.experiment_id, self.parent,
+                      self.workspace.data_root, self.workspace.checkpoints.folder, self.background)
         renew, count = self.renew_parent_lease, len(self.todo)
         try:
-            self.outcome.worker_errors = (
-                run_on_ray(job, execution, count, renew)
-                if execution.executor == "ray"
-                else run_workers(job, self.slots, count, renew)
-            )
+            on_ray = execution.executor == "ray"
+            self.outcome.worker_errors = (run_on_ray(job, execution, count, renew) if on_ray
+                                          else run_workers(job, self.slots, count, renew))
         finally:
             take_work(self.outcome, self.stored(work))
 
@@ -263,8 +255,7 @@ class _GridRun:
         if self.invocation.report:  # of every invocation, when this one continued a grid
             made = _or_line("no report", None, lambda: make_report(
                 self.name, uri, self.invocation.results_dir, parent_id=chosen,
-                all_invocations=resumed,
-            ))
+                all_invocations=resumed))
             self.outcome.report_folder = made.folder if made else None
         if self.invocation.register:
             best = made.best_runs if made else _or_line(

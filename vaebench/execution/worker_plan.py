@@ -77,10 +77,8 @@ def plan_workers(
             raise VaebenchError("--workers: must be >= 1 or auto")
     threads = max(1, cpu_cores // count)
     share = (per_gpu or 1) if workers == AUTO else 1
-    return [
-        WorkerSlot(index, gpus[(index // share) % len(gpus)] if gpus else None, threads)
-        for index in range(count)
-    ]
+    return [WorkerSlot(index, gpus[(index // share) % len(gpus)] if gpus else None, threads)
+            for index in range(count)]
 
 
 def parse_workers(text: str) -> str | int:
@@ -102,10 +100,8 @@ def run_processes(
     stops this process is passed on to the workers (SIGTERM when something else stops it); one
     that does not stop within a minute is killed (its run is recovered later)."""
     context = multiprocessing.get_context("spawn")
-    processes = {
-        index: context.Process(target=target, args=args, name=f"{name}{index}")
-        for index, args in arguments.items()
-    }
+    processes = {index: context.Process(target=target, args=args, name=f"{name}{index}")
+                 for index, args in arguments.items()}
     try:
         for process in processes.values():
             process.start()
@@ -132,9 +128,6 @@ def run_processes(
         for process in processes.values():
             if process.pid is not None:
                 forget_child(process.pid)
-    return [
-        f"worker {index} exited with status {process.exitcode}"
-        for index, process in processes.items()
-        if process.exitcode != 0
-    ]
+    return [f"worker {index} exited with status {process.exitcode}"
+            for index, process in processes.items() if process.exitcode != 0]
 

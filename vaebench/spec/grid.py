@@ -183,12 +183,8 @@ def expand(grid: GridSpec) -> list[RunSpec]:
         name = run_name(combo, varied, seed, config)
         runs.append(RunSpec(name, run_key(config), config, tuple(combo.items())))
     first = {run.key: run for run in reversed(runs)}  # the first run of each key
-    problems = [
-        f"{grid.source}: duplicate run: {run.name} has the same config and seed as "
-        f"{first[run.key].name}"
-        for run in runs
-        if first[run.key] is not run
-    ]
+    problems = [f"{grid.source}: duplicate run: {run.name} has the same config and seed as "
+                f"{first[run.key].name}" for run in runs if first[run.key] is not run]
     if problems:
         raise ConfigError(problems)
     # distinct configs that read the same (e.g. an include repeating no axis) get the key appended

@@ -90,10 +90,8 @@ def write_trials(study: optuna.Study, best: list[FrozenTrial], folder: Path) -> 
     """Optuna's trials dataframe, the test scores beside the objectives, the MLflow run ids and
     a ``best`` column."""
     folder.mkdir(parents=True, exist_ok=True)
-    table = study.trials_dataframe(attrs=(
-        "number", "value", "state", "params", "user_attrs", "datetime_start",
-        "datetime_complete", "duration",
-    ))
+    table = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs",
+                                          "datetime_start", "datetime_complete", "duration"))
     table = table.rename(columns=lambda c: c.removeprefix("user_attrs_"))
     table = table.drop(columns=[c for c in table if c.startswith(LEASE_PREFIX)])
     if "number" in table:
@@ -169,10 +167,8 @@ def _tested(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def invocation_metrics(spec: StudySpec, outcome: TuneOutcome) -> dict[str, float]:
-    counts = {
-        f"trials_{state.name.lower()}": float(count)
-        for state, count in _counts(outcome.trials).items()
-    }
+    counted = _counts(outcome.trials).items()
+    counts = {f"trials_{state.name.lower()}": float(count) for state, count in counted}
     if len(outcome.best) == 1 and not spec.multi_objective:
         best = outcome.best[0]
         counts[f"best_{spec.metrics[0]}"] = float(best.value)
@@ -191,11 +187,8 @@ def _pairs(items: Iterable[tuple[str, Any]], between: str = "=", joiner: str = "
 def print_outcome(spec: StudySpec, outcome: TuneOutcome, storage: str, stream: TextIO) -> None:
     complete, pruned, failed = _counts(outcome.trials).values()
     total = len(outcome.study.get_trials(deepcopy=False))
-    print(
-        f"study {spec.name}: {total} trials in {storage}; this run: {len(outcome.trials)} "
-        f"({complete} complete, {pruned} pruned, {failed} failed)",
-        file=stream,
-    )
+    print(f"study {spec.name}: {total} trials in {storage}; this run: {len(outcome.trials)} "
+          f"({complete} complete, {pruned} pruned, {failed} failed)", file=stream)
     goals = ", ".join(f"{o.direction} {o.metric}" for o in spec.objectives)
     if not outcome.best:
         print(f"no complete trial yet ({goals})", file=stream)

@@ -164,10 +164,8 @@ class TrialObjective:
         def score(final: dict[str, float]) -> dict[str, float]:
             work.objectives.extend(objective_values(self.spec, final))
             _set_attrs(trial, reported_beside(self.spec, final))
-            return {
-                f"objective.{m}": v
-                for m, v in zip(self.spec.metrics, work.objectives, strict=True)
-            }
+            named = zip(self.spec.metrics, work.objectives, strict=True)
+            return {f"objective.{m}": v for m, v in named}
 
         work.hooks = RunHooks(work.own_tags, work.on_start, extra_metrics=score)
 
@@ -286,8 +284,6 @@ def _leaseless_for_now(trial: optuna.trial.FrozenTrial) -> bool:
 def trials_done(study: optuna.Study) -> int:
     """Failed trials count only where by their own fault (not stopped by a signal or a lost
     process)."""
-    return sum(
-        t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        or (t.state == TrialState.FAIL and STOPPED_ATTR not in t.user_attrs)
-        for t in study.get_trials(deepcopy=False)
-    )
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and STOPPED_ATTR not in t.user_attrs)
+               for t in study.get_trials(deepcopy=False))

@@ -15,11 +15,8 @@ from vaebench.spec.study import StudySpec
 from vaebench.stacking.plan import MEMBER_KEYS, config_problem
 from vaebench.tuning.trial import TrialObjective, TrialWork, trial_run
 
-# measured on a 2-core CPU with experiments/lr-beta.yaml (16 trials of an MLP over optim.lr and
-# loss.beta, median pruner): 27.7 to 31.5 s stacked (4 runs) against 27.8 to 34.2 s one by one
-# (3 runs): no gain, as one by one the pruner stopped 9 trials after an epoch or two and
-# stacked only 6 (none of the first batch of 8, which had no complete trial to be compared
-# with); with `pruner: none` 37.9 s stacked against 42.9 s
+# measured on a 2-core CPU (docs/performance.md, "A study's trials stacked"): 27.7 to 31.5 s
+# stacked against 27.8 to 34.2 s one by one, the pruner stopping 9 trials one by one, 6 stacked
 PRUNED_ON_CPU = (
     "on the CPU a study with a pruner trains its trials one by one: there a stack was "
     "measured no faster, its members never compared with each other by the pruner"

@@ -82,10 +82,9 @@ def optimize(
     _quiet_optuna()
     # a distinct stream per worker and per continuation, reproducible from the study seed
     seed = None if job.spec.seed is None else job.spec.seed + job.seed_offset + 1000 * worker
-    study = optuna.load_study(
-        study_name=job.spec.name, storage=storage or open_storage(job.storage),
-        sampler=make_sampler(job.spec, seed), pruner=make_pruner(job.spec),
-    )
+    storage = storage or open_storage(job.storage)
+    study = optuna.load_study(study_name=job.spec.name, storage=storage,
+                              sampler=make_sampler(job.spec, seed), pruner=make_pruner(job.spec))
     workspace = workspace or Workspace(job.data_root, checkpoints=None)
     objective = TrialObjective(job.spec, tracker, job.tags, workspace, job.total)
     if job.max_stack > 1:  # run_study checked that the study's trials stack
@@ -118,9 +117,8 @@ def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
                 f"storage {display_storage(ref)} already holds a study {spec.name!r} that "
                 f"asks to {held}; give the study another name or use another storage"
             )
-    study = optuna.create_study(
-        storage=storage, study_name=spec.name, directions=spec.directions, load_if_exists=True
-    )
+    study = optuna.create_study(storage=storage, study_name=spec.name,
+                                directions=spec.directions, load_if_exists=True)
     if existing is None:
         study.set_metric_names(spec.metrics)
     return study
@@ -159,10 +157,9 @@ def run_study(
     print_outcome(spec, outcome, display_storage(study_run.ref), stream)
     if invocation.register and outcome.best:
         best = best_runs(spec, outcome.best, study_run.tracker)
-        outcome.registered = register_best(
-            study_run.tracker, spec.name, best, study_run.workspace.test_images,
-            outcome.parent_id, stream,
-        )
+        images = study_run.workspace.test_images
+        outcome.registered = register_best(study_run.tracker, spec.name, best, images,
+                                           outcome.parent_id, stream)
     return outcome
 
 
@@ -211,9 +208,7 @@ class _StudyRun:
     def job(self, n_trials: int, workers: int) -> WorkerJob:
         spec, tracker = self.spec, self.tracker
         tags = base_tags(**{
-            STUDY_TAG: spec.name,
-            "vaebench.study_file": str(self.path),
-            "optuna.study": spec.name,
+            STUDY_TAG: spec.name, "vaebench.study_file": str(self.path), "optuna.study": spec.name,
             "optuna.storage": display_storage(self.ref),
         })
         started = time.strftime("%Y%m%d-%H%M%S")
@@ -222,11 +217,10 @@ class _StudyRun:
             **lease_tags(),
         })
         existing, told = len(self.study.trials), self.invocation
+        timeout = told.timeout if told.timeout is not None else spec.timeout
         return WorkerJob(
-            spec, self.ref, self.uri, tracker.experiment_id, parent, tags,
-            self.workspace.data_root, existing + n_trials,
-            told.timeout if told.timeout is not None else spec.timeout, existing,
-            max(1, cores() // workers),
+            spec, self.ref, self.uri, tracker.experiment_id, parent, tags, self.workspace.data_root,
+            existing + n_trials, timeout, existing, max(1, cores() // workers),
             _trials_per_stack(spec, told.max_stack, told.stack_everywhere),
         )
 
