@@ -22,9 +22,8 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise VaebenchError(
-            '--executor ray: Ray is not installed (pip install -e ".[ray]")'
-        ) from None
+        missing = '--executor ray: Ray is not installed (pip install -e ".[ray]")'
+        raise VaebenchError(missing) from None
     return ray
 
 

@@ -14,10 +14,8 @@ from vaebench.execution.grid_work import WorkRecord
 from vaebench.reporting.best_models import Registered
 from vaebench.spec.grid import RunSpec
 
-SUMMARY_COLUMNS = [
-    "name", "status", "val_elbo", "test_elbo", "test_nll", "test_kl", "val_nmi", "test_nmi",
-    "mean_epoch_seconds", "seconds",
-]
+SUMMARY_COLUMNS = ["name", "status", "val_elbo", "test_elbo", "test_nll", "test_kl", "val_nmi",
+                   "test_nmi", "mean_epoch_seconds", "seconds"]
 
 
 @dataclass

@@ -176,10 +176,9 @@ class _GridRun:
                                 f"{exc}; rerun the same command to continue")
                 raise
             except TrackingError as exc:
-                raise TrackingError(
-                    f"{exc}; the grid stopped. Rerun the same command once the store answers: "
-                    "finished runs are skipped, stopped ones continue from their checkpoint"
-                ) from None
+                raise TrackingError(f"{exc}; the grid stopped. Rerun the same command once the "
+                                    "store answers: finished runs are skipped, stopped ones "
+                                    "continue from their checkpoint") from None
             finally:
                 self.close()
 

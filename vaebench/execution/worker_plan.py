@@ -44,10 +44,8 @@ class WorkerSlot:
 
 
 def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    on_linux = hasattr(os, "sched_getaffinity")
+    return len(os.sched_getaffinity(0)) if on_linux else (os.cpu_count() or 1)
 
 
 def visible_gpus(device_count: int, environ: dict[str, str] | None = None) -> list[str]:

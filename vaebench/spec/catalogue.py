@@ -87,10 +87,8 @@ SELECTABLE = tuple(m.name for m in _ALL
                    if m.split in (VALIDATION, NO_SPLIT) and m.higher_is_better is not None)
 # a report's leaderboard columns, in order (selection metrics on validation, test beside them),
 # the ones it may rank on, and the default
-REPORTED = (
-    "val_elbo", "test_elbo", "test_nll", "test_recon", "test_kl", "val_nmi", "test_nmi",
-    "test_accuracy", "test_ari", "conditional_accuracy", "mean_epoch_seconds",
-)
+REPORTED = ("val_elbo", "test_elbo", "test_nll", "test_recon", "test_kl", "val_nmi", "test_nmi",
+            "test_accuracy", "test_ari", "conditional_accuracy", "mean_epoch_seconds")
 RANKABLE = tuple(name for name in REPORTED if name in SELECTABLE)
 DEFAULT_RANKING = "val_elbo"
 
@@ -102,11 +100,9 @@ def selection_problem(name: str) -> str | None:
         return f"unknown metric {name!r}; valid: {', '.join(SELECTABLE)}"
     if info.split == TEST:
         instead = info.counterpart or "val_elbo"
-        return (
-            f"{name} is scored on the test split, which must not choose what it then "
-            f"reports (that is selecting on the test set); select on {instead}, and the test "
-            f"score of what was chosen is reported beside it"
-        )
+        return (f"{name} is scored on the test split, which must not choose what it then reports "
+                f"(that is selecting on the test set); select on {instead}, and the test score "
+                "of what was chosen is reported beside it")
     if info.split == TRAIN or info.higher_is_better is None:
         return f"{name} does not rank runs; valid: {', '.join(SELECTABLE)}"
     return None

@@ -292,11 +292,9 @@ def override_problems(
             lines.append(f"{where}: {label}{key}: {bad_key}")
         else:
             set_dotted(tree, key, value)
-    return lines + [
-        f"{where}: {label}{key}: {message}"
-        for key, message in run_config_problems(tree)
-        if any(key == k or key.startswith(k + ".") for k in overrides)
-    ]
+    problems = run_config_problems(tree)
+    return lines + [f"{where}: {label}{key}: {message}" for key, message in problems
+                    if any(key == k or key.startswith(k + ".") for k in overrides)]
 
 
 def probe_problems(
@@ -304,8 +302,6 @@ def probe_problems(
 ) -> list[str]:
     """The problems of each value in ``probes`` for ``key`` on top of ``base``, each line naming
     ``section.key`` plus the probe's name (``matrix.model.z_dim[1]``, ``space.optim.lr.low``)."""
-    return [
-        line.replace(f"{section}.{key}:", f"{section}.{key}{part}:", 1)
-        for part, value in probes.items()
-        for line in override_problems(base, {key: value}, where, f"{section}.")
-    ]
+    return [line.replace(f"{section}.{key}:", f"{section}.{key}{part}:", 1)
+            for part, value in probes.items()
+            for line in override_problems(base, {key: value}, where, f"{section}.")]

@@ -68,11 +68,10 @@ def load_grid(path: str | Path) -> GridSpec:
     count = (math.prod(axes) if axes else 0) + (len(extra) if isinstance(extra, list) else 0)
     count *= len(seeds) if isinstance(seeds, list) and seeds else 1
     if count > MAX_GRID_RUNS:
-        problems.append(
-            f"{where}: matrix: {count:,} runs exceed the {MAX_GRID_RUNS:,} a grid may have "
-            "(the product of the axes' lengths, plus includes, times the seeds); split the "
-            "grid, or search a large space with a study (python -m vaebench tune)"
-        )
+        problems.append(f"{where}: matrix: {count:,} runs exceed the {MAX_GRID_RUNS:,} a grid may "
+                        "have (the product of the axes' lengths, plus includes, times the seeds); "
+                        "split the grid, or search a large space with a study "
+                        "(python -m vaebench tune)")
     if not isinstance(seeds, list) or not seeds or not all(is_int(s) for s in seeds):
         problems.append(f"{where}: seeds: must be a non-empty list of integers")
     elif len(set(seeds)) != len(seeds):

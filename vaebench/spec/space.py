@@ -89,10 +89,8 @@ def _param(raw: Any, label: str, problems: list[str]) -> Param | None:
     if isinstance(raw, list):  # shorthand: a list of values is a categorical dimension
         raw = {"type": "categorical", "choices": raw}
     if not is_str_keyed(raw):
-        problems.append(
-            f"{label}: must be {{type: float|int|categorical, low, high, log, step, choices}} "
-            "or a list of choices"
-        )
+        problems.append(f"{label}: must be {{type: float|int|categorical, low, high, log, step, "
+                        "choices} or a list of choices")
         return None
     kind = raw.get("type")
     if kind not in PARAM_KEYS:

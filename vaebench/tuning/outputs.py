@@ -101,10 +101,8 @@ def write_trials(study: optuna.Study, best: list[FrozenTrial], folder: Path) -> 
     return path
 
 
-FIGURE_PATTERNS = (
-    "optimization_history*.png", "param_importances*.png", "intermediate_values.png",
-    "pareto_front.png",
-)
+FIGURE_PATTERNS = ("optimization_history*.png", "param_importances*.png",
+                   "intermediate_values.png", "pareto_front.png")
 
 
 def write_figures(study: optuna.Study, spec: StudySpec, folder: Path) -> list[Path]:

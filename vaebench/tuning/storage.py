@@ -56,10 +56,9 @@ def check_storage(ref: str) -> None:
     try:
         make_url(ref).get_dialect().import_dbapi()
     except ImportError as exc:
-        raise VaebenchError(
-            f"storage {display_storage(ref)}: {first_line(exc)} (install the database driver; "
-            'for postgresql+psycopg:// URLs: pip install -e ".[postgres]")'
-        ) from None
+        raise VaebenchError(f"storage {display_storage(ref)}: {first_line(exc)} (install the "
+                            'database driver; for postgresql+psycopg:// URLs: pip install -e '
+                            '".[postgres]")') from None
     except Exception as exc:  # noqa: BLE001 - unparsable URL, unknown dialect
         raise VaebenchError(f"storage {display_storage(ref)}: {first_line(exc)}") from None
 

@@ -187,10 +187,8 @@ class TrialObjective:
             for member in members:  # told as its run ends; its lease spans the stack's epoch
                 member.hooks.on_end = partial(tell, member)
                 member.hooks.epoch_hook = self.epoch_hook(member.trial, len(members))
-            context = RunContext(
-                self.tags, members[0].trial.number + 1, self.total,
-                stopped_early=(optuna.TrialPruned,), pictures=self.spec.artifacts,
-            )
+            context = RunContext(self.tags, members[0].trial.number + 1, self.total,
+                                 stopped_early=(optuna.TrialPruned,), pictures=self.spec.artifacts)
             try:
                 execute([Member(m.run, m.hooks) for m in members], self.tracker, self.workspace,
                         context)

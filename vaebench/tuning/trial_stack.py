@@ -17,10 +17,8 @@ from vaebench.tuning.trial import TrialObjective, TrialWork, trial_run
 
 # measured on a 2-core CPU (docs/performance.md, "A study's trials stacked"): 27.7 to 31.5 s
 # stacked against 27.8 to 34.2 s one by one, the pruner stopping 9 trials one by one, 6 stacked
-PRUNED_ON_CPU = (
-    "on the CPU a study with a pruner trains its trials one by one: there a stack was "
-    "measured no faster, its members never compared with each other by the pruner"
-)
+PRUNED_ON_CPU = ("on the CPU a study with a pruner trains its trials one by one: there a stack "
+                 "was measured no faster, its members never compared with each other by the pruner")
 
 
 def stack_problem(spec: StudySpec, max_stack: int, everywhere: bool = False) -> str | None:

@@ -113,10 +113,9 @@ def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
         names = existing.metric_names or spec.metrics
         if directions != spec.directions or list(names) != spec.metrics:
             held = ", ".join(f"{d} {m}" for m, d in zip(names, directions, strict=False))
-            raise VaebenchError(
-                f"storage {display_storage(ref)} already holds a study {spec.name!r} that "
-                f"asks to {held}; give the study another name or use another storage"
-            )
+            raise VaebenchError(f"storage {display_storage(ref)} already holds a study "
+                                f"{spec.name!r} that asks to {held}; give the study another name "
+                                "or use another storage")
     study = optuna.create_study(storage=storage, study_name=spec.name,
                                 directions=spec.directions, load_if_exists=True)
     if existing is None:
@@ -186,10 +185,8 @@ class _StudyRun:
         uri = resolve_tracking_uri(invocation.tracking_uri)
         ref = resolve_storage(invocation.storage or spec.storage, uri)
         if ref == MEMORY and invocation.workers > 1:
-            raise VaebenchError(
-                "--workers: several processes need a shared storage (an SQLite file, a "
-                "SQLAlchemy URL or a journal file), not memory"
-            )
+            raise VaebenchError("--workers: several processes need a shared storage (an SQLite "
+                                "file, a SQLAlchemy URL or a journal file), not memory")
         make_sampler(spec, spec.seed)
         make_pruner(spec)
         check_storage(ref)
@@ -249,10 +246,9 @@ class _StudyRun:
                     write_outputs(spec, study, outcome, folder)  # what is known so far
                 raise
             except TrackingError as exc:
-                raise TrackingError(
-                    f"{exc}; the study stopped. Rerun the same command once the store "
-                    "answers: it fails the stopped trials and runs those still to do"
-                ) from None
+                raise TrackingError(f"{exc}; the study stopped. Rerun the same command once the "
+                                    "store answers: it fails the stopped trials and runs those "
+                                    "still to do") from None
             except BaseException as exc:
                 end_quietly(tracker, parent, "FAILED", first_line(exc))
                 raise
