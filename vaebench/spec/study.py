@@ -91,11 +91,9 @@ def load_study(path: str | Path) -> StudySpec:
     objectives = _objectives(raw.get("objectives"), where, problems)
     named = {**_named(raw, "sampler", where, problems), **_named(raw, "pruner", where, problems)}
     problems += _objective_problems(header, objectives, space, named["sampler"], named["pruner"])
-    scalars = {}
-    for key, (default, valid, must) in SCALARS.items():
-        scalars[key] = raw.get(key, default)
-        if not valid(scalars[key]):
-            problems.append(f"{where}: {key}: {must}")
+    scalars = {key: raw.get(key, default) for key, (default, _, _) in SCALARS.items()}
+    problems += [f"{where}: {key}: {must}" for key, (_, valid, must) in SCALARS.items()
+                 if not valid(scalars[key])]
     scalars["timeout"] = yaml_number(scalars["timeout"])
     return header.build(StudySpec, space=space, objectives=objectives, **named, **scalars)
 
