@@ -35,7 +35,6 @@ PRIOR_SPREAD = 1.0  # sd of the random initial component means: apart from the s
 def gaussian_kl_between(
     mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor, prior_logvar: torch.Tensor
 ) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) summed over the last dim."""
     ratio = (logvar - prior_logvar).exp()
     return 0.5 * (
         ratio + (mu - prior_mu).pow(2) / prior_logvar.exp() - 1 - logvar + prior_logvar
@@ -43,21 +42,16 @@ def gaussian_kl_between(
 
 
 def mixture_components(head: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """q(z|x, c)'s mean and log-variance side by side for every component c: the head of the
-    features (B, 2D) plus each component's offset (K, 2D), (B, K, 2D); of a stack, with
-    the member axis first."""
+    """q(z|x, c)'s mean and log-variance for every c: head (B, 2D) + offset (K, 2D)."""
     return head.unsqueeze(-2) + offset.unsqueeze(-3)
 
 
 def decode_components(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Every component's draw (B, K, D) decoded, component-major (K * B rows); of a stack,
-    with the member axis first."""
+    """Every component's draw (B, K, D) decoded, component-major (K * B rows)."""
     return decoder(z.transpose(-3, -2).flatten(-3, -2))
 
 
 def mixture_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
-    """KL_z: each component's KL from its prior p(z|c), weighed by q(c|x); KL_c from uniform;
-    each summed over the batch (per member of a stack)."""
     mixture = out.mixture
     per_component = gaussian_kl_between(
         mixture.mu, mixture.logvar,
@@ -80,7 +74,6 @@ class GaussianMixtureVAE(GaussianVAE):
         self.prior_logvar = nn.Parameter(torch.zeros(categories, z_dim))
 
     def encode_mixture(self, x: torch.Tensor) -> tuple[torch.Tensor, Mixture]:
-        """(category logits (B, K), the components q(z|x, c) and the priors p(z|c))."""
         features = self.encoder(x)
         both = mixture_components(self.head(features), self.component_offset)
         mu, logvar = both.chunk(2, dim=-1)
@@ -95,7 +88,6 @@ class GaussianMixtureVAE(GaussianVAE):
         return Posterior(mean, variance.log(), logits, mixture)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        """The mean and log-variance of q(z|x), the mixture over c."""
         posterior = self.posterior(x)
         return posterior.mu, posterior.logvar
 

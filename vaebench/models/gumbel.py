@@ -25,8 +25,7 @@ from vaebench.models.base import (
 
 
 def categorical_kl_uniform(logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(logits) || Uniform(K)) summed over the batch, in nats: of logits (B, K) a
-    number, of a stack's (members, B, K) one per member."""
+    """Summed over the batch, in nats (of a stack's logits, one per member)."""
     batch, categories = logits.shape[-2:]
     log_q = F.log_softmax(logits, dim=-1)
     return (log_q.exp() * log_q).sum((-2, -1)) + batch * math.log(categories)
@@ -37,8 +36,7 @@ def gumbel_noise(
     like: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Standard Gumbel draws, as ``F.gumbel_softmax`` draws them (from ``generator``, else
-    torch's global one), of ``like``'s dtype and device."""
+    """Standard Gumbel draws, as ``F.gumbel_softmax`` draws them, like ``like``."""
     empty = torch.empty(shape, dtype=like.dtype, device=like.device)
     return -empty.exponential_(generator=generator).log()
 
@@ -46,8 +44,7 @@ def gumbel_noise(
 def relaxed_category(
     logits: torch.Tensor, gumbels: torch.Tensor, tau: float, hard: bool
 ) -> torch.Tensor:
-    """The Gumbel-softmax draw of c: softmax((logits + gumbels) / tau), with ``hard`` one-hot
-    forward and soft backward (straight through), as ``F.gumbel_softmax`` computes it."""
+    """As ``F.gumbel_softmax`` computes it (``hard``: one-hot forward, soft backward)."""
     soft = ((logits + gumbels) / tau).softmax(dim=-1)
     if not hard:
         return soft
@@ -56,7 +53,6 @@ def relaxed_category(
 
 
 def joint_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
-    """The KL of z and of c from uniform, each summed over the batch (per member of a stack)."""
     assert out.category_logits is not None
     return {
         "kl_z": gaussian_kl(out.mu, out.logvar),
@@ -65,7 +61,7 @@ def joint_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
 
 
 class TemperatureSchedule:
-    """A fixed temperature, or one annealed exponentially from start to end over training."""
+    """A fixed temperature, or one annealed exponentially from start to end."""
 
     def __init__(self, tau: float | list[float]):
         values = tau if isinstance(tau, list) else [tau]

@@ -34,6 +34,7 @@ def model_and_guide(
             with poutine.scale(scale=beta):
                 z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
             logits = model.decode(z).flatten(1)
+            # grey levels are scored by BCE's formula (not a likelihood)
             pixels = dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
             pyro.sample("x", pixels, obs=x.flatten(1))
 
