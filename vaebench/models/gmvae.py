@@ -1,16 +1,9 @@
-"""Gaussian-mixture VAE: a categorical c over K components, each with its own Gaussian prior.
-
-p(c) = Uniform(K), p(z|c) = N(m_c, diag(exp(s_c))) with m, s learned, p(x|z) the
-decoder. The encoder gives q(c|x) (a softmax head) and q(z|x, c) = N(mu_c(x),
-diag(exp(logvar_c(x)))): one linear head on [features, one-hot(c)], computed for
-every c at once as head(features) + offset_c. Training sums the expectation over c
-exactly (K decodings per image, weighted by q(c|x); c is never sampled):
+"""Gaussian-mixture VAE (docs/clustering.md#gmvae): p(c) = Uniform(K), p(z|c) = N(m_c,
+diag(exp(s_c))) learned; q(z|x, c) is one linear head on [features, one-hot(c)], for every c at
+once head(features) + offset_c (Shu's GMVAE conditions through an MLP). Training sums c exactly:
 
     ELBO = sum_c q(c|x) (E_q(z|x,c)[log p(x|z)] - KL(q(z|x,c) || p(z|c)))
            - KL(q(c|x) || Uniform(K))
-
-``kl_z`` is the q(c|x)-weighted Gaussian KL, ``kl_c`` the categorical one. The clusters are argmax
-q(c|x). (Rui Shu's GMVAE, with a linear rather than MLP conditioning of q(z|x, c) on c.)
 """
 
 from __future__ import annotations

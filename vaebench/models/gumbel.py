@@ -1,9 +1,7 @@
 """Joint continuous and categorical latent (JointVAE, Dupont 2018) with Gumbel-softmax.
 
-The encoder's features feed two heads: mu/log-variance of z and logits over K categories. c is a
-Gumbel-softmax draw at temperature tau (straight-through one-hot when ``hard``); the decoder sees
-concat(z, c). The KL of the categorical term is to the uniform prior, per image:
-KL(q(c|x) || U(K)) = sum_k q_k log q_k + log K.
+c is a Gumbel-softmax draw at temperature tau (straight-through one-hot when ``hard``); the decoder
+sees concat(z, c). The categorical KL is to the uniform prior: sum_k q_k log q_k + log K per image.
 """
 
 from __future__ import annotations
@@ -121,10 +119,10 @@ class JointVAE(GaussianVAE):
         """Decoder logits at the posterior mean and the most likely category."""
         mu, _, category_logits = self.encode_all(x)
         c = F.one_hot(category_logits.argmax(dim=1), self.categories).to(mu.dtype)
-        return self.decoder(torch.cat([mu, c], dim=1))
+        return self.decode_sample(mu, c)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
         index = torch.randint(self.categories, (n,), generator=generator, device=self.device)
         c = F.one_hot(index, self.categories).to(z.dtype)
-        return self.decoder(torch.cat([z, c], dim=1))
+        return self.decode_sample(z, c)
