@@ -1,10 +1,6 @@
-"""MNIST-family data: IDX files, data roots, checksummed downloads, device-resident splits.
-
-The layout is torchvision's (``<root>/MNIST/raw/train-images-idx3-ubyte.gz``),
-so existing torchvision downloads are reused. Files already present are read as
-they are and are never deleted or overwritten; only files vaebench downloads
-itself are checked against their md5.
-"""
+"""MNIST-family data: IDX files in torchvision's layout, data roots, checksummed downloads,
+device-resident splits (docs/data.md). Files already present are read as they are, never
+deleted or overwritten; only files vaebench downloads are checked against their md5."""
 
 from __future__ import annotations
 
@@ -96,21 +92,13 @@ def raw_dir(dataset: str, root: Path) -> Path:
 
 def find_file(folder: Path, name: str) -> Path | None:
     """The ``.gz`` file, or the extracted file torchvision leaves beside it."""
-    for candidate in (folder / name, folder / name.removesuffix(".gz")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-# ---------------------------------------------------------------------------
-# downloading
+    candidates = (folder / name, folder / name.removesuffix(".gz"))
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def download_file(url: str, target: Path, md5: str, timeout: float = 30.0) -> None:
-    """Fetch ``url`` into ``target`` through a temporary file, checking its md5.
-
-    Nothing is left behind on failure; ``target`` appears only when complete.
-    """
+    """Fetch ``url`` into ``target`` through a temporary file, checking its md5: nothing is
+    left behind on failure; ``target`` appears only when complete."""
     digest = hashlib.md5()
     with (
         atomic_file(target) as out,
@@ -156,9 +144,6 @@ def ensure_files(
         )
     return {name: path for name, path in found.items() if path is not None}
 
-
-# ---------------------------------------------------------------------------
-# IDX files
 
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -210,7 +195,6 @@ def read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndar
 
 
 def ensure_dataset(dataset: str, root: Path) -> dict[str, Path]:
-    """The paths of all of ``dataset``'s files (both splits), downloading missing ones."""
     info = DATASETS[dataset]
     return ensure_files(dataset, root, info.train_files + info.test_files)
 
@@ -224,10 +208,6 @@ def load_arrays(dataset: str, root: Path) -> dict[str, tuple[np.ndarray, np.ndar
         "train": read_pair(*(paths[name] for name in info.train_files)),
         "test": read_pair(*(paths[name] for name in info.test_files)),
     }
-
-
-# ---------------------------------------------------------------------------
-# device-resident splits
 
 
 @dataclass
@@ -306,11 +286,9 @@ def binarize_fixed(split: Split, seed: int) -> Split:
 def split_training_images(
     count: int, validation: int, subset: int | None, dataset: str = "mnist"
 ) -> tuple[slice, slice]:
-    """(training slice, validation slice) of the ``count`` training images.
-
-    Validation is the last ``validation`` images; ``subset`` takes the first
-    images of what remains, so every run and seed sees the same validation split.
-    """
+    """(training slice, validation slice) of the ``count`` training images: validation is the
+    last ``validation`` images, ``subset`` the first of what remains, so every run and seed sees
+    the same validation split."""
     if validation >= count:
         raise DataError(
             f"data.validation: {validation} leaves none of the {count} training images of "
@@ -326,23 +304,18 @@ def split_training_images(
 
 
 def load_splits(config: DataConfig, root: Path, device: torch.device) -> Splits:
-    """The splits of ``config.dataset`` on ``device``, held out, subset and binarized as
-    configured.
-
-    ``dynamic`` binarization redraws training pixels every batch (the trainer does
-    it); validation and test get one fixed draw each so evaluations stay comparable.
-    """
+    """The splits of ``config.dataset`` on ``device``, held out, subset and binarized. ``dynamic``
+    binarization redraws training pixels every batch (the trainer does it); validation and test
+    get one fixed draw each so evaluations stay comparable."""
     arrays = load_arrays(config.dataset, root)
     images, labels = arrays["train"]
     train_part, validation_part = split_training_images(
         len(images), config.validation, config.subset, config.dataset
     )
     train = to_split(images[train_part], labels[train_part], device)
-    validation = (
-        to_split(images[validation_part], labels[validation_part], device)
-        if config.validation
-        else None
-    )
+    validation = None
+    if config.validation:
+        validation = to_split(images[validation_part], labels[validation_part], device)
     test = to_split(*arrays["test"], device)
     if config.binarize == "static":
         train = binarize_fixed(train, BINARIZE_SEEDS["train"])
@@ -350,9 +323,4 @@ def load_splits(config: DataConfig, root: Path, device: torch.device) -> Splits:
         test = binarize_fixed(test, BINARIZE_SEEDS["test"])
         if validation is not None:
             validation = binarize_fixed(validation, BINARIZE_SEEDS["validation"])
-    return Splits(
-        train=train,
-        validation=validation,
-        test=test,
-        dynamic_binarize=config.binarize == "dynamic",
-    )
+    return Splits(train, validation, test, dynamic_binarize=config.binarize == "dynamic")
