@@ -1,5 +1,4 @@
-"""Reports: a grid's (or study's) runs in MLflow -> leaderboard over seeds, figures, report.md/html.
-``make_report`` is the entry; the package's other modules do the work."""
+"""Reports (docs/metrics.md#reports): ``make_report`` puts the package's modules together."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Report runs: reading a grid's (or study's) runs back from MLflow into a RunSet, and a best
-run's pictures out of its artifacts.
-
-Runs are read back with ``mlflow.search_runs``; a *variant* is every param but the seed, so a
-variant's runs are its seeds. Reruns of the same config, seed, device and code count once.
-"""
+"""A grid's (or study's) runs read back from MLflow into a RunSet (a *variant* is every param
+but the seed: its runs are its seeds), and a best run's pictures out of its artifacts."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +82,7 @@ def select_runs(
     run_set = run_set_from_frame(
         frame, name, experiment.experiment_id, uri, all_invocations, parent_id
     )
-    run_set.client = client
-    return run_set
+    return replace(run_set, client=client)
 
 
 def run_set_from_frame(
@@ -151,10 +146,9 @@ def variant_labels(runs: pd.DataFrame, params: list[str]) -> pd.Series:
     """A readable label per run, equal for runs that differ only in their seed: the run name
     without its ``-s<seed>`` ending; variants that would share a label (runs of different grid
     versions under ``--all``) get ``#2``, ``#3``."""
+    keys = pd.Series("", index=runs.index)
     if params:
         keys = runs[params].astype(str).agg("\x1f".join, axis=1)
-    else:
-        keys = pd.Series("", index=runs.index)
     labels: dict[str, str] = {}
     for key, name in zip(keys, runs["name"], strict=True):
         if key in labels:

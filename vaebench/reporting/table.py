@@ -1,9 +1,6 @@
-"""Report table: the leaderboard of a RunSet's variants over their seeds, ranked within
-comparison groups, with who ties the best, and each group's best run.
-
-Only FINISHED runs are aggregated. Statistics stay honest: the spread of one run is unknown,
-not zero, and a variant within one standard deviation of the best is marked as a tie.
-"""
+"""The leaderboard of a RunSet's variants over their seeds (FINISHED runs only), ranked within
+comparison groups. The spread of one run is unknown, not zero, and a variant within one
+standard deviation of the best is marked as a tie."""
 
 from __future__ import annotations
 
