@@ -36,26 +36,22 @@ SHARED_OPTIONS: dict[str, dict] = {
     "--data-root": {"help": "data root (default: $VAEBENCH_DATA, else ./data)"},
     "--results-dir": {"default": "results", "help": "where {what} go (default: results)"},
     "--no-system-metrics": {
-        "action": "store_true",
-        "help": "do not record CPU, memory, disk, network and GPU use in each run (MLflow's "
-        "system metrics, sampled every 10 s)",
+        "action": "store_true", "help": "do not record CPU, memory, disk, network and GPU "
+        "use in each run (MLflow's system metrics, sampled every 10 s)",
     },
     "--no-register": {
-        "action": "store_true",
-        "help": "do not log {what} as an MLflow model and register it (default: a new version "
-        "of a registered model named after the grid or study, seconds per model)",
+        "action": "store_true", "help": "do not log {what} as an MLflow model and register "
+        "it (default: a new version of a registered model named after the grid or study, "
+        "seconds per model)",
     },
     "--stack": {
-        "choices": ("auto", "on", "off"),
-        "default": "auto",
+        "choices": ("auto", "on", "off"), "default": "auto",
         "help": "auto (default): {what} train together as one stacked model (mlp, conv, cvae, "
         "gumbel; Adam or RMSprop, elbo); on: also where auto trains them alone on the CPU; "
         "off: each alone",
     },
     "--max-stack": {
-        "type": _positive,
-        "default": None,
-        "help": "the most runs one stack trains (default: 8)",
+        "type": _positive, "default": None, "help": "the most runs one stack trains (default: 8)"
     },
 }
 

@@ -33,8 +33,6 @@ class DataError(VaebenchError):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Where one MNIST-family dataset lives and how to check it."""
-
     folder: str
     mirrors: tuple[str, ...]
     md5: dict[str, str]  # file name -> md5 of the .gz
@@ -43,39 +41,29 @@ class DatasetInfo:
     test_files = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
+def _md5(*digests: str) -> dict[str, str]:
+    """The files' md5s, given in the order training images, labels, test images, labels."""
+    return dict(zip(DatasetInfo.train_files + DatasetInfo.test_files, digests, strict=True))
+
+
 DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(
-        folder="MNIST",
-        mirrors=(
-            "https://ossci-datasets.s3.amazonaws.com/mnist/",
-            "http://yann.lecun.com/exdb/mnist/",
-        ),
-        md5={
-            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-        },
+        "MNIST",
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        _md5("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+             "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"),
     ),
     "fashion_mnist": DatasetInfo(
-        folder="FashionMNIST",
-        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        md5={
-            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
-        },
+        "FashionMNIST",
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        _md5("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+             "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"),
     ),
     "kmnist": DatasetInfo(
-        folder="KMNIST",
-        mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
-        md5={
-            "train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
-            "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
-            "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
-            "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134",
-        },
+        "KMNIST",
+        ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+        _md5("bdb82020997e1d708af4cf47b453dcf7", "e144d726b3acfaa3e44228e80efcd344",
+             "5c965bf0a639b31b8f53240b1b52f4d7", "7320c461ea6c1c855c0b718fb2a4b134"),
     ),
 }
 
@@ -116,7 +104,6 @@ def download_file(url: str, target: Path, md5: str, timeout: float = 30.0) -> No
 def ensure_files(
     dataset: str, root: Path, names: Sequence[str], mirrors: Sequence[str] | None = None
 ) -> dict[str, Path]:
-    """Paths of ``names`` in the dataset's raw folder, downloading missing ones."""
     info = DATASETS[dataset]
     sources = list(mirrors if mirrors is not None else info.mirrors)
     folder = raw_dir(dataset, root)

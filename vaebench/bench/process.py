@@ -21,7 +21,6 @@ SHIPPED_GRID = Path(__file__).resolve().parents[2] / "experiments" / "grid.yaml"
 
 
 def reference_grid(epochs: int) -> dict:
-    """pytorch/examples' setup as a one-run grid file of ``epochs`` epochs."""
     base = {**REFERENCE, "train": {**REFERENCE["train"], "epochs": epochs}}
     return {"name": "process-bench", "base": base, "seeds": [0]}
 

@@ -141,7 +141,6 @@ def _device(splits: Splits) -> torch.device:
 
 
 def timed_loops(configs: Sequence[RunConfig], splits: Splits) -> dict[str, Callable[[], object]]:
-    """The ways to train ``configs`` that the benchmark times against each other."""
     loops = {"stacked": stacked_loop(configs, splits)}
     if configs[0].model.arch == "conv" and _device(splits).type == "cpu":  # per member there
         loops["stacked grouped"] = stacked_loop(configs, splits, per_member=False)
