@@ -299,15 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(exc, "exit_status", 130)
 
 
-SIGNAL_STATUSES = (130, 143)
-
-
 def entry() -> None:
     """:func:`main`, then exit without the module teardown (:mod:`vaebench.fast_exit`); at once
     after a signal. Under a profiler, a tracer or ``python -i`` the interpreter exits as usual,
     so that they see the end (a profile written at exit)."""
     status = main()
-    if status in SIGNAL_STATUSES:
+    if status in (130, 143):  # SIGINT, SIGTERM
         exit_now(status)
     if sys.getprofile() or sys.gettrace() or sys.flags.inspect:
         sys.exit(status)

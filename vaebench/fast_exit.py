@@ -26,17 +26,13 @@ def exit_after_handlers(status: int) -> NoReturn:
 def exit_now(status: int) -> NoReturn:
     """Exit with ``status`` at once, the streams flushed (after a signal: a second Ctrl-C
     during joins and handlers would find Python's default handler)."""
-    _flush()
-    os._exit(status)
-
-
-def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:  # None: the descriptor was closed (``>&-``)
                 stream.flush()
         except (OSError, ValueError):  # a reader that stopped reading; a closed stream
             pass
+    os._exit(status)
 
 
 def _end_after_the_other_handlers() -> None:

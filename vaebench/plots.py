@@ -70,14 +70,16 @@ def save_latent_scatter(
 ) -> Path:
     coords, name = embed_2d(points, method)
     fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
-    scatter = ax.scatter(
-        coords[:, 0], coords[:, 1], c=labels, cmap="tab10", s=4, vmin=-0.5, vmax=9.5
-    )
+    scatter = ax.scatter(*coords.T, c=labels, cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
     fig.colorbar(scatter, ax=ax, ticks=range(10), label="label")
     ax.set_title(f"{title}\n{name} of E[z|x], {len(points)} test images", fontsize=10)
     ax.set(xticks=[], yticks=[])
+    return _save(fig, path)
+
+
+def _save(fig, path: Path, **options) -> Path:
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, **options)
     plt.close(fig)
     return path
 
@@ -141,10 +143,7 @@ def save_curves(
             loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, frameon=False,
             ncol=1 if len(curves) <= 4 else 2 if len(curves) <= 16 else 3,
         )
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")  # keeps the legends below the panels
-    plt.close(fig)
-    return path
+    return _save(fig, path, bbox_inches="tight")  # keeps the legends below the panels
 
 
 def save_bars(path: Path, panels: Mapping[str, Bars]) -> Path:
@@ -168,7 +167,4 @@ def save_bars(path: Path, panels: Mapping[str, Bars]) -> Path:
         ax.set_title(title, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].invert_yaxis()  # the axes share y: inverting once puts the first label on top
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -183,10 +183,6 @@ def report_blocks(
     return blocks
 
 
-def _md_cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 MD_PREFIX = {"h1": "# ", "h2": "## ", "p": ""}
 
 
@@ -197,7 +193,8 @@ def render_markdown(blocks: list[Block]) -> str:
             out.append(f"{MD_PREFIX[kind]}{value}")
         elif kind == "table":
             rows = [value.columns, *value.itertuples(index=False)]
-            lines = ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
+            cells = [[str(v).replace("|", "\\|").replace("\n", " ") for v in row] for row in rows]
+            lines = ["| " + " | ".join(row) + " |" for row in cells]
             out += [lines[0], "|" + "---|" * len(value.columns), *lines[1:]]
         elif kind == "img":
             path, caption = value
