@@ -228,9 +228,8 @@ def _run(args: argparse.Namespace) -> int:
     for line in outcome.worker_errors:
         print(f"vaebench: {line}", file=sys.stderr)
     if outcome.failed or outcome.worker_errors:
-        print(
-            f"vaebench: {len(outcome.failed)} of {len(outcome.rows)} runs failed", file=sys.stderr
-        )
+        failed = f"{len(outcome.failed)} of {len(outcome.rows)} runs failed"
+        print(f"vaebench: {failed}", file=sys.stderr)
         return 1
     return 0
 
@@ -244,10 +243,8 @@ def _tune(args: argparse.Namespace) -> int:
         workers=args.workers, storage=args.storage,
     ))
     if outcome.failed:
-        print(
-            f"vaebench: {len(outcome.failed)} of {len(outcome.trials)} trials failed",
-            file=sys.stderr,
-        )
+        failed = f"{len(outcome.failed)} of {len(outcome.trials)} trials failed"
+        print(f"vaebench: {failed}", file=sys.stderr)
     return 1 if outcome.failed or outcome.worker_errors else 0
 
 

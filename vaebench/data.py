@@ -88,10 +88,7 @@ def download_file(url: str, target: Path, md5: str, timeout: float = 30.0) -> No
     """Fetch ``url`` into ``target`` through a temporary file, checking its md5: nothing is
     left behind on failure; ``target`` appears only when complete."""
     digest = hashlib.md5()
-    with (
-        atomic_file(target) as out,
-        urllib.request.urlopen(url, timeout=timeout) as response,
-    ):
+    with atomic_file(target) as out, urllib.request.urlopen(url, timeout=timeout) as response:
         for block in iter(lambda: response.read(1 << 20), b""):
             digest.update(block)
             out.write(block)
@@ -182,15 +179,13 @@ def read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndar
 
 
 def ensure_dataset(dataset: str, root: Path) -> dict[str, Path]:
-    info = DATASETS[dataset]
-    return ensure_files(dataset, root, info.train_files + info.test_files)
+    return ensure_files(dataset, root, DatasetInfo.train_files + DatasetInfo.test_files)
 
 
 @functools.lru_cache(maxsize=4)
 def load_arrays(dataset: str, root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """uint8 images and labels of both splits, read once per process."""
-    info = DATASETS[dataset]
-    paths = ensure_dataset(dataset, root)
+    info, paths = DATASETS[dataset], ensure_dataset(dataset, root)
     return {
         "train": read_pair(*(paths[name] for name in info.train_files)),
         "test": read_pair(*(paths[name] for name in info.test_files)),

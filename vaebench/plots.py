@@ -110,12 +110,8 @@ LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def save_curves(
-    path: Path,
-    panels: Mapping[str, Sequence[Curve]],
-    xlabel: str,
-    ylabel: str,
-    points: Mapping[str, Sequence[Curve]] | None = None,
-    integer_x: bool = False,
+    path: Path, panels: Mapping[str, Sequence[Curve]], xlabel: str, ylabel: str,
+    points: Mapping[str, Sequence[Curve]] | None = None, integer_x: bool = False,
 ) -> Path:
     """Side-by-side panels of lines (with bands); ``points`` adds unjoined markers per panel,
     drawn in the colour of the line with the same label."""

@@ -26,8 +26,7 @@ def reference_grid(epochs: int) -> dict:
 
 
 def time_process(command: list[str], cwd: Path) -> float:
-    """Wall seconds of ``command`` run in ``cwd`` to its end (an error is raised with its
-    standard error)."""
+    """Wall seconds of ``command`` run in ``cwd``; a failure raises with its standard error."""
     started = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - started

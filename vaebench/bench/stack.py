@@ -34,9 +34,7 @@ def reference_configs(
 
 
 def stacked_loop(
-    configs: Sequence[RunConfig],
-    splits: Splits,
-    per_member: bool | None = None,
+    configs: Sequence[RunConfig], splits: Splits, per_member: bool | None = None,
     graphs: bool = True,
 ) -> Callable[[], object]:
     """An epoch of ``configs`` as one stack, on the device that holds ``splits``, its layers
@@ -54,14 +52,10 @@ def stacked_loop(
 def sequential_loop(configs: Sequence[RunConfig], splits: Splits) -> Callable[[], object]:
     """The K runs one after another, an epoch each, as vaebench trains them unstacked."""
     runs = [(*fresh_run(config, splits), config) for config in configs]
-
-    def epoch() -> list[float]:
-        return [
-            train_epoch(model, optimizer, Objective(config.loss), config, splits, generator).item()
-            for model, optimizer, generator, config in runs
-        ]
-
-    return epoch
+    return lambda: [
+        train_epoch(model, optimizer, Objective(config.loss), config, splits, generator).item()
+        for model, optimizer, generator, config in runs
+    ]
 
 
 def epoch_matmul_flops(config: RunConfig, images: int) -> float:
@@ -157,13 +151,8 @@ MODELS = {
 
 
 def main(
-    data_root: str | None,
-    sizes: Sequence[int],
-    epochs: int = 3,
-    subset: int | None = None,
-    arch: str = "mlp",
-    launch_sizes: Sequence[int] = (1, 4, 16, 64),
-    device_name: str = "cpu",
+    data_root: str | None, sizes: Sequence[int], epochs: int = 3, subset: int | None = None,
+    arch: str = "mlp", launch_sizes: Sequence[int] = (1, 4, 16, 64), device_name: str = "cpu",
 ) -> int:
     device = resolve_device(device_name)
     largest = reference_configs(max(sizes), subset, arch, device_name)

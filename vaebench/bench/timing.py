@@ -115,10 +115,7 @@ def time_interleaved(steps: dict[str, Callable[[], object]], epochs: int) -> lis
 
 
 def run_bench(
-    splits: Splits,
-    conventional: PerImageMNIST,
-    epochs: int,
-    seed: int = 0,
+    splits: Splits, conventional: PerImageMNIST, epochs: int, seed: int = 0,
     checkpoint_folder: Path | None = None,
 ) -> list[Timing]:
     """Time three loops on the same model: vaebench as shipped, vaebench's data path with

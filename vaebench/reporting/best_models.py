@@ -57,12 +57,8 @@ def _uri_safe(text: str, keep: str = "") -> str:
 
 
 def register_best(
-    tracker: Tracker,
-    base: str,
-    best: Sequence[BestRun],
-    test_images: TestImages,
-    invocation: str,
-    stream=None,
+    tracker: Tracker, base: str, best: Sequence[BestRun], test_images: TestImages,
+    invocation: str, stream=None,
 ) -> list[Registered]:
     """Register each of ``best``; one line per model. A run that cannot be registered (its
     artifacts gone, say) is one line on stderr: the runs are tracked whatever happens here."""
@@ -77,12 +73,9 @@ def register_best(
             images, labels = test_images(config)
             example = module.rows(images[:EXAMPLE_ROWS], labels[:EXAMPLE_ROWS]).numpy()
             tags = {
-                "vaebench.run_id": run.run_id,
-                "vaebench.run_name": run.run_name,
-                "vaebench.compared_within": run.group,
-                "vaebench.selected_on": run.selected_on,
-                "vaebench.value": run.value,
-                "vaebench.invocation": invocation,
+                "vaebench.run_id": run.run_id, "vaebench.run_name": run.run_name,
+                "vaebench.compared_within": run.group, "vaebench.selected_on": run.selected_on,
+                "vaebench.value": run.value, "vaebench.invocation": invocation,
             }
             description = (
                 f"run {run.run_name}: the best of {run.group} on {run.selected_on} "

@@ -24,9 +24,7 @@ def display_table(table: pd.DataFrame, metric: MetricInfo) -> pd.DataFrame:
     if table["compared_within"].nunique() > 1:
         shown["ranked within"] = table["compared_within"]
     shown["runs"] = table["runs"].astype(str)
-    for m in METRICS.values():
-        if f"{m.name}_mean" not in table:
-            continue
+    for m in (m for m in METRICS.values() if f"{m.name}_mean" in table):
         columns = table[[f"{m.name}_mean", f"{m.name}_std", f"{m.name}_count", "runs"]]
         shown[m.label] = [
             _mean_std(mean, std, m.digits) + (f" (n={n})" if 0 < n < runs else "")

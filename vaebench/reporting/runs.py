@@ -86,12 +86,8 @@ def select_runs(
 
 
 def run_set_from_frame(
-    frame: pd.DataFrame,
-    name: str,
-    experiment_id: str,
-    uri: str,
-    all_invocations: bool = False,
-    parent_id: str | None = None,
+    frame: pd.DataFrame, name: str, experiment_id: str, uri: str,
+    all_invocations: bool = False, parent_id: str | None = None,
 ) -> RunSet:
     """``mlflow.search_runs``' table -> the covered parents and their children, each child with
     its short metric columns and its variant label."""
@@ -127,12 +123,9 @@ RERUN_TAGS = [f"tags.vaebench.{tag}" for tag in ("run_key", "device", "device_na
 
 
 def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Keep the latest finished run of each config, seed, device, processor and code version.
-
-    A deterministic rerun of the same seed on the same device and code is not a new sample:
-    counted twice it would shrink the spread (``--all`` over a grid run twice). On another
-    device or code version it is one: floating-point paths differ.
-    """
+    """Keep the latest finished run of each config, seed, device, processor and code version: a
+    deterministic rerun there is not a new sample, and counted twice would shrink the spread
+    (``--all`` over a grid run twice); on another device or code floating-point paths differ."""
     if RERUN_TAGS[0] not in runs:
         return runs, 0
     keys = runs.reindex(columns=RERUN_TAGS).astype(object).fillna("").agg("|".join, axis=1)
