@@ -1,7 +1,6 @@
 """Files another process may read, written whole or not at all: a temporary file in the
-target's folder, flushed to disk (``fsync``), then renamed over the target (``os.replace``,
-atomic on POSIX filesystems). A reader sees the old file or the new one, never half of one;
-a write that fails or is interrupted leaves the old file and no temporary one."""
+target's folder, ``fsync``'d, then renamed over it (``os.replace``, atomic on POSIX). A reader
+sees the old file or the new one; a failed or interrupted write leaves the old file only."""
 
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ from typing import IO, Any
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """A file to write ``path``'s new content into; it becomes ``path`` when the block ends
-    without an error."""
+    """A file for ``path``'s new content; it becomes ``path`` when the block ends without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)

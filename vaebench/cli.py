@@ -19,7 +19,6 @@ METRIC_NAMES = RANKABLE
 
 
 def _positive(text: str) -> int:
-    """An argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -37,38 +36,33 @@ SHARED_OPTIONS: dict[str, dict] = {
     "--data-root": {"help": "data root (default: $VAEBENCH_DATA, else ./data)"},
     "--results-dir": {"default": "results", "help": "where {what} go (default: results)"},
     "--no-system-metrics": {
-        "action": "store_true",
-        "help": "do not record CPU, memory, disk, network and GPU use in each run (MLflow's "
-        "system metrics, sampled every 10 s)",
+        "action": "store_true", "help": "do not record CPU, memory, disk, network and GPU "
+        "use in each run (MLflow's system metrics, sampled every 10 s)",
     },
     "--no-register": {
-        "action": "store_true",
-        "help": "do not log {what} as an MLflow model and register it (default: a new version "
-        "of a registered model named after the grid or study, seconds per model)",
+        "action": "store_true", "help": "do not log {what} as an MLflow model and register "
+        "it (default: a new version of a registered model named after the grid or study, "
+        "seconds per model)",
     },
     "--stack": {
-        "choices": ("auto", "on", "off"),
-        "default": "auto",
+        "choices": ("auto", "on", "off"), "default": "auto",
         "help": "auto (default): {what} train together as one stacked model (mlp, conv, cvae, "
         "gumbel; Adam or RMSprop, elbo); on: also where auto trains them alone on the CPU; "
         "off: each alone",
     },
     "--max-stack": {
-        "type": _positive,
-        "default": None,
-        "help": "the most runs one stack trains (default: 8)",
+        "type": _positive, "default": None, "help": "the most runs one stack trains (default: 8)"
     },
 }
 
 
-def _shared(parser: argparse.ArgumentParser, name: str, what: str = "") -> None:
-    options = dict(SHARED_OPTIONS[name])
-    options["help"] = options["help"].format(what=what)
-    parser.add_argument(name, **options)
+def _shared(parser: argparse.ArgumentParser, *names: str, what: str = "") -> None:
+    for name in names:
+        options = SHARED_OPTIONS[name]
+        parser.add_argument(name, **{**options, "help": options["help"].format(what=what)})
 
 
 def _max_stack(args: argparse.Namespace) -> int:
-    """The most runs one stack trains: 1 with --stack off."""
     from vaebench.stacking.plan import DEFAULT_MAX_STACK
 
     return 1 if args.stack == "off" else args.max_stack or DEFAULT_MAX_STACK
@@ -80,51 +74,41 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="train every variant of a grid file, tracked in MLflow")
     run.add_argument("grid", help="grid YAML file (see experiments/)")
-    _shared(run, "--tracking-uri")
-    _shared(run, "--data-root")
-    _shared(run, "--results-dir", "<grid>.csv and the report <grid>/")
+    _shared(run, "--tracking-uri", "--data-root")
+    _shared(run, "--results-dir", what="<grid>.csv and the report <grid>/")
     run.add_argument("--dry-run", action="store_true", help="print the expanded runs and exit")
     run.add_argument(
         "--no-report", action="store_true", help="skip the report written after the grid"
     )
     run.add_argument(
-        "--rerun",
-        action="store_true",
+        "--rerun", action="store_true",
         help="train every run again as a new sample (default: runs that finished in an "
         "earlier invocation are skipped, stopped ones continue from their checkpoint)",
     )
     _shared(
-        run, "--stack", "runs of one shape that differ only in seed, loss.beta, loss.recon and "
-        "optim.lr (gmvae on CUDA only)",
+        run, "--stack", "--max-stack", what="runs of one shape that differ only in seed, "
+        "loss.beta, loss.recon and optim.lr (gmvae on CUDA only)",
     )
-    _shared(run, "--max-stack")
     run.add_argument(
-        "--workers",
-        default="1",
+        "--workers", default="1",
         help="processes on this machine that share the grid's runs, each run trained by one "
         "of them (default: 1); auto: one per visible GPU (one process without a GPU)",
     )
     run.add_argument(
-        "--per-gpu",
-        type=_positive,
-        default=None,
+        "--per-gpu", type=_positive, default=None,
         help="with --workers auto: this many workers on each GPU (default: 1)",
     )
     _shared(run, "--no-system-metrics")
-    _shared(run, "--no-register", "each comparison group's best run")
+    _shared(run, "--no-register", what="each comparison group's best run")
     run.add_argument(
-        "--post-run",
-        choices=POST_RUN_CHOICES,
-        default=AUTO,
+        "--post-run", choices=POST_RUN_CHOICES, default=AUTO,
         help="where a trained run's clustering scores, pictures, artifacts and ending are done: "
         "background: in one background process while the next run or stack trains; inline: "
         "here, before the next starts; auto (default): background where runs train on CUDA, "
         "inline on the CPU (one process, --executor local)",
     )
     run.add_argument(
-        "--executor",
-        choices=("local", "ray"),
-        default="local",
+        "--executor", choices=("local", "ray"), default="local",
         help="local (default): this process, or --workers processes on this machine; ray: "
         'each stack or run is a Ray task (pip install -e ".[ray]")',
     )
@@ -134,15 +118,11 @@ def _parser() -> argparse.ArgumentParser:
         "local Ray instance with this machine's cores)",
     )
     run.add_argument(
-        "--task-cpus",
-        type=float,
-        default=1.0,
+        "--task-cpus", type=float, default=1.0,
         help="with --executor ray: CPUs each task asks for, and its torch threads (default: 1)",
     )
     run.add_argument(
-        "--task-gpus",
-        type=float,
-        default=0.0,
+        "--task-gpus", type=float, default=0.0,
         help="with --executor ray: the share of a GPU each task asks for, e.g. 0.25 puts "
         "four runs on one GPU (default: 0, CPU tasks)",
     )
@@ -157,18 +137,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("study", help="study YAML file (see experiments/study.yaml)")
     tune.add_argument(
-        "--n-trials",
-        type=int,
+        "--n-trials", type=int,
         help="trials to add in this invocation (default: those still to do of the file's "
         "n_trials)",
     )
     _shared(tune, "--no-system-metrics")
-    _shared(tune, "--no-register", "the best trial's run (each run of a Pareto front)")
+    _shared(tune, "--no-register", what="the best trial's run (each run of a Pareto front)")
     tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
     tune.add_argument(
-        "--workers",
-        type=int,
-        default=1,
+        "--workers", type=int, default=1,
         help="processes sharing the study on this machine (default: 1)",
     )
     tune.add_argument(
@@ -177,13 +154,11 @@ def _parser() -> argparse.ArgumentParser:
         "file's storage, else optuna.db beside the MLflow SQLite file)",
     )
     _shared(
-        tune, "--stack", "trials of a study whose space varies only seed, loss.beta, "
-        "loss.recon and optim.lr (gmvae and studies with a pruner on CUDA only)",
+        tune, "--stack", "--max-stack", what="trials of a study whose space varies only seed, "
+        "loss.beta, loss.recon and optim.lr (gmvae and studies with a pruner on CUDA only)",
     )
-    _shared(tune, "--max-stack")
-    _shared(tune, "--tracking-uri")
-    _shared(tune, "--data-root")
-    _shared(tune, "--results-dir", "<study>/trials.csv and figures")
+    _shared(tune, "--tracking-uri", "--data-root")
+    _shared(tune, "--results-dir", what="<study>/trials.csv and figures")
 
     report = commands.add_parser(
         "report",
@@ -191,26 +166,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("name", help="the grid's or study's name (its MLflow experiment)")
     report.add_argument(
-        "--all",
-        action="store_true",
-        dest="all_invocations",
+        "--all", action="store_true", dest="all_invocations",
         help="cover every invocation of the experiment (default: the latest)",
     )
     report.add_argument(
-        "--metric",
-        default=DEFAULT_METRIC,
-        choices=METRIC_NAMES,
+        "--metric", default=DEFAULT_METRIC, choices=METRIC_NAMES,
         help=f"what decides the best variant, a validation metric or seconds: test metrics are "
         f"shown beside, never ranked on (default: {DEFAULT_METRIC})",
     )
     report.add_argument(
-        "--tsne",
-        action="store_true",
+        "--tsne", action="store_true",
         help="add a t-SNE picture of each best run's latent means (seconds per picture; the "
         "runs' own latent pictures are PCA)",
     )
     _shared(report, "--tracking-uri")
-    _shared(report, "--results-dir", "the report <name>/")
+    _shared(report, "--results-dir", what="the report <name>/")
 
     data = commands.add_parser("data", help="check (and download if missing) a dataset's files")
     data.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "kmnist"])
@@ -222,74 +192,59 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _system_metrics(args: argparse.Namespace) -> None:
+def _invocation(args: argparse.Namespace) -> dict:
+    """What ``run`` and ``tune`` share of their invocation (and --no-system-metrics, set)."""
     if args.no_system_metrics:  # read by every tracker, in workers and local Ray tasks too
         os.environ["VAEBENCH_SYSTEM_METRICS"] = "0"
+    return dict(
+        tracking_uri=args.tracking_uri, data_root=args.data_root, results_dir=args.results_dir,
+        register=not args.no_register, max_stack=_max_stack(args),
+        stack_everywhere=args.stack == "on",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
     from vaebench.execution.worker_plan import Execution, parse_workers
 
-    _system_metrics(args)
+    shared = _invocation(args)
     if args.executor == "ray" and (args.workers != "1" or args.per_gpu is not None):
         raise VaebenchError("--workers and --per-gpu are for --executor local; Ray places tasks")
     execution = Execution(
         args.executor, parse_workers(args.workers), args.per_gpu, args.address,
         args.task_cpus, args.task_gpus, args.post_run,
     )
-    max_stack = _max_stack(args)
     if args.dry_run:  # answered without importing torch or MLflow
         from vaebench.execution.dry_run import dry_run
 
-        dry_run(args.grid, max_stack, stack_everywhere=args.stack == "on")
+        dry_run(args.grid, shared["max_stack"], stack_everywhere=shared["stack_everywhere"])
         return 0
     from vaebench.execution.invocation import GridInvocation
     from vaebench.execution.runner import run_grid
 
     outcome = run_grid(args.grid, GridInvocation(
-        tracking_uri=args.tracking_uri,
-        data_root=args.data_root,
-        results_dir=args.results_dir,
-        register=not args.no_register,
-        max_stack=max_stack,
-        stack_everywhere=args.stack == "on",
-        report=not args.no_report,
-        rerun=args.rerun,
-        checkpoint_dir=args.checkpoint_dir,
-        execution=execution,
+        **shared, report=not args.no_report, rerun=args.rerun,
+        checkpoint_dir=args.checkpoint_dir, execution=execution,
     ))
     for line in outcome.worker_errors:
         print(f"vaebench: {line}", file=sys.stderr)
     if outcome.failed or outcome.worker_errors:
-        print(
-            f"vaebench: {len(outcome.failed)} of {len(outcome.rows)} runs failed", file=sys.stderr
-        )
+        failed = f"{len(outcome.failed)} of {len(outcome.rows)} runs failed"
+        print(f"vaebench: {failed}", file=sys.stderr)
         return 1
     return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
-    _system_metrics(args)
     from vaebench.execution.invocation import StudyInvocation
     from vaebench.tuning.tune import run_study
 
     outcome = run_study(args.study, StudyInvocation(
-        tracking_uri=args.tracking_uri,
-        data_root=args.data_root,
-        results_dir=args.results_dir,
-        register=not args.no_register,
-        max_stack=_max_stack(args),
-        stack_everywhere=args.stack == "on",
-        n_trials=args.n_trials,
-        timeout=args.timeout,
-        workers=args.workers,
-        storage=args.storage,
+        **_invocation(args), n_trials=args.n_trials, timeout=args.timeout,
+        workers=args.workers, storage=args.storage,
     ))
     if outcome.failed:
-        print(
-            f"vaebench: {len(outcome.failed)} of {len(outcome.trials)} trials failed",
-            file=sys.stderr,
-        )
+        failed = f"{len(outcome.failed)} of {len(outcome.trials)} trials failed"
+        print(f"vaebench: {failed}", file=sys.stderr)
     return 1 if outcome.failed or outcome.worker_errors else 0
 
 
@@ -297,12 +252,8 @@ def _report(args: argparse.Namespace) -> int:
     from vaebench.reporting.report import make_report
 
     make_report(
-        args.name,
-        tracking_uri=args.tracking_uri,
-        results_dir=args.results_dir,
-        metric=args.metric,
-        all_invocations=args.all_invocations,
-        tsne=args.tsne,
+        args.name, tracking_uri=args.tracking_uri, results_dir=args.results_dir,
+        metric=args.metric, all_invocations=args.all_invocations, tsne=args.tsne,
     )
     return 0
 
@@ -310,9 +261,7 @@ def _report(args: argparse.Namespace) -> int:
 def _data(args: argparse.Namespace) -> int:
     from vaebench.data import load_arrays, resolve_root
 
-    root = resolve_root(args.data_root)
-    arrays = load_arrays(args.dataset, root)
-    for split, (images, labels) in arrays.items():
+    for split, (images, labels) in load_arrays(args.dataset, resolve_root(args.data_root)).items():
         print(
             f"{args.dataset} {split}: {images.shape[0]} images of "
             f"{images.shape[1]}x{images.shape[2]}, {len(set(labels.tolist()))} classes"
@@ -347,16 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return getattr(exc, "exit_status", 130)
 
 
-SIGNAL_STATUSES = (130, 143)
-
-
 def entry() -> None:
-    """The program: :func:`main`, then exit with its status without the interpreter's
-    teardown of every module (:mod:`vaebench.fast_exit`). After a signal the work is
-    recorded and the process ends at once. Under a profiler, a tracer or ``python -i`` the
-    interpreter exits as usual, so that they see the end (a profile written at exit)."""
+    """:func:`main`, then exit without the module teardown (:mod:`vaebench.fast_exit`); at once
+    after a signal. Under a profiler, a tracer or ``python -i`` the interpreter exits as usual,
+    so that they see the end (a profile written at exit)."""
     status = main()
-    if status in SIGNAL_STATUSES:
+    if status in (130, 143):  # SIGINT, SIGTERM
         exit_now(status)
     if sys.getprofile() or sys.gettrace() or sys.flags.inspect:
         sys.exit(status)

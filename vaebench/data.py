@@ -1,10 +1,6 @@
-"""MNIST-family data: IDX files, data roots, checksummed downloads, device-resident splits.
-
-The layout is torchvision's (``<root>/MNIST/raw/train-images-idx3-ubyte.gz``),
-so existing torchvision downloads are reused. Files already present are read as
-they are and are never deleted or overwritten; only files vaebench downloads
-itself are checked against their md5.
-"""
+"""MNIST-family data: IDX files in torchvision's layout, data roots, checksummed downloads,
+device-resident splits (docs/data.md). Files already present are read as they are, never
+deleted or overwritten; only files vaebench downloads are checked against their md5."""
 
 from __future__ import annotations
 
@@ -37,8 +33,6 @@ class DataError(VaebenchError):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Where one MNIST-family dataset lives and how to check it."""
-
     folder: str
     mirrors: tuple[str, ...]
     md5: dict[str, str]  # file name -> md5 of the .gz
@@ -47,39 +41,29 @@ class DatasetInfo:
     test_files = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 
+def _md5(*digests: str) -> dict[str, str]:
+    """The files' md5s, given in the order training images, labels, test images, labels."""
+    return dict(zip(DatasetInfo.train_files + DatasetInfo.test_files, digests, strict=True))
+
+
 DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo(
-        folder="MNIST",
-        mirrors=(
-            "https://ossci-datasets.s3.amazonaws.com/mnist/",
-            "http://yann.lecun.com/exdb/mnist/",
-        ),
-        md5={
-            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
-        },
+        "MNIST",
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        _md5("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+             "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"),
     ),
     "fashion_mnist": DatasetInfo(
-        folder="FashionMNIST",
-        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        md5={
-            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
-        },
+        "FashionMNIST",
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        _md5("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+             "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"),
     ),
     "kmnist": DatasetInfo(
-        folder="KMNIST",
-        mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
-        md5={
-            "train-images-idx3-ubyte.gz": "bdb82020997e1d708af4cf47b453dcf7",
-            "train-labels-idx1-ubyte.gz": "e144d726b3acfaa3e44228e80efcd344",
-            "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
-            "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134",
-        },
+        "KMNIST",
+        ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+        _md5("bdb82020997e1d708af4cf47b453dcf7", "e144d726b3acfaa3e44228e80efcd344",
+             "5c965bf0a639b31b8f53240b1b52f4d7", "7320c461ea6c1c855c0b718fb2a4b134"),
     ),
 }
 
@@ -96,26 +80,15 @@ def raw_dir(dataset: str, root: Path) -> Path:
 
 def find_file(folder: Path, name: str) -> Path | None:
     """The ``.gz`` file, or the extracted file torchvision leaves beside it."""
-    for candidate in (folder / name, folder / name.removesuffix(".gz")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-# ---------------------------------------------------------------------------
-# downloading
+    candidates = (folder / name, folder / name.removesuffix(".gz"))
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def download_file(url: str, target: Path, md5: str, timeout: float = 30.0) -> None:
-    """Fetch ``url`` into ``target`` through a temporary file, checking its md5.
-
-    Nothing is left behind on failure; ``target`` appears only when complete.
-    """
+    """Fetch ``url`` into ``target`` through a temporary file, checking its md5: nothing is
+    left behind on failure; ``target`` appears only when complete."""
     digest = hashlib.md5()
-    with (
-        atomic_file(target) as out,
-        urllib.request.urlopen(url, timeout=timeout) as response,
-    ):
+    with atomic_file(target) as out, urllib.request.urlopen(url, timeout=timeout) as response:
         for block in iter(lambda: response.read(1 << 20), b""):
             digest.update(block)
             out.write(block)
@@ -128,7 +101,6 @@ def download_file(url: str, target: Path, md5: str, timeout: float = 30.0) -> No
 def ensure_files(
     dataset: str, root: Path, names: Sequence[str], mirrors: Sequence[str] | None = None
 ) -> dict[str, Path]:
-    """Paths of ``names`` in the dataset's raw folder, downloading missing ones."""
     info = DATASETS[dataset]
     sources = list(mirrors if mirrors is not None else info.mirrors)
     folder = raw_dir(dataset, root)
@@ -156,9 +128,6 @@ def ensure_files(
         )
     return {name: path for name, path in found.items() if path is not None}
 
-
-# ---------------------------------------------------------------------------
-# IDX files
 
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -210,24 +179,17 @@ def read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndar
 
 
 def ensure_dataset(dataset: str, root: Path) -> dict[str, Path]:
-    """The paths of all of ``dataset``'s files (both splits), downloading missing ones."""
-    info = DATASETS[dataset]
-    return ensure_files(dataset, root, info.train_files + info.test_files)
+    return ensure_files(dataset, root, DatasetInfo.train_files + DatasetInfo.test_files)
 
 
 @functools.lru_cache(maxsize=4)
 def load_arrays(dataset: str, root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """uint8 images and labels of both splits, read once per process."""
-    info = DATASETS[dataset]
-    paths = ensure_dataset(dataset, root)
+    info, paths = DATASETS[dataset], ensure_dataset(dataset, root)
     return {
         "train": read_pair(*(paths[name] for name in info.train_files)),
         "test": read_pair(*(paths[name] for name in info.test_files)),
     }
-
-
-# ---------------------------------------------------------------------------
-# device-resident splits
 
 
 @dataclass
@@ -306,11 +268,9 @@ def binarize_fixed(split: Split, seed: int) -> Split:
 def split_training_images(
     count: int, validation: int, subset: int | None, dataset: str = "mnist"
 ) -> tuple[slice, slice]:
-    """(training slice, validation slice) of the ``count`` training images.
-
-    Validation is the last ``validation`` images; ``subset`` takes the first
-    images of what remains, so every run and seed sees the same validation split.
-    """
+    """(training slice, validation slice) of the ``count`` training images: validation is the
+    last ``validation`` images, ``subset`` the first of what remains, so every run and seed sees
+    the same validation split."""
     if validation >= count:
         raise DataError(
             f"data.validation: {validation} leaves none of the {count} training images of "
@@ -326,23 +286,18 @@ def split_training_images(
 
 
 def load_splits(config: DataConfig, root: Path, device: torch.device) -> Splits:
-    """The splits of ``config.dataset`` on ``device``, held out, subset and binarized as
-    configured.
-
-    ``dynamic`` binarization redraws training pixels every batch (the trainer does
-    it); validation and test get one fixed draw each so evaluations stay comparable.
-    """
+    """The splits of ``config.dataset`` on ``device``, held out, subset and binarized. ``dynamic``
+    binarization redraws training pixels every batch (the trainer does it); validation and test
+    get one fixed draw each so evaluations stay comparable."""
     arrays = load_arrays(config.dataset, root)
     images, labels = arrays["train"]
     train_part, validation_part = split_training_images(
         len(images), config.validation, config.subset, config.dataset
     )
     train = to_split(images[train_part], labels[train_part], device)
-    validation = (
-        to_split(images[validation_part], labels[validation_part], device)
-        if config.validation
-        else None
-    )
+    validation = None
+    if config.validation:
+        validation = to_split(images[validation_part], labels[validation_part], device)
     test = to_split(*arrays["test"], device)
     if config.binarize == "static":
         train = binarize_fixed(train, BINARIZE_SEEDS["train"])
@@ -350,9 +305,4 @@ def load_splits(config: DataConfig, root: Path, device: torch.device) -> Splits:
         test = binarize_fixed(test, BINARIZE_SEEDS["test"])
         if validation is not None:
             validation = binarize_fixed(validation, BINARIZE_SEEDS["validation"])
-    return Splits(
-        train=train,
-        validation=validation,
-        test=test,
-        dynamic_binarize=config.binarize == "dynamic",
-    )
+    return Splits(train, validation, test, dynamic_binarize=config.binarize == "dynamic")

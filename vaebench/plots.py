@@ -30,8 +30,7 @@ def tile(images: torch.Tensor, columns: int, pad: int = 2) -> np.ndarray:
 
 def save_grid(path: Path, images: torch.Tensor, columns: int, scale: int = 3) -> Path:
     """Write a tiled PNG, each pixel enlarged ``scale`` times so it is legible in the UI."""
-    canvas = tile(images, columns)
-    canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
+    canvas = tile(images, columns).repeat(scale, axis=0).repeat(scale, axis=1)
     plt.imsave(path, canvas, cmap="gray", vmin=0.0, vmax=1.0)
     return path
 
@@ -69,18 +68,18 @@ def embed_2d(points: np.ndarray, method: str = "pca", seed: int = 0) -> tuple[np
 def save_latent_scatter(
     path: Path, points: np.ndarray, labels: np.ndarray, title: str, method: str = "pca"
 ) -> Path:
-    """The latent means of test images in 2-D, one colour per label."""
     coords, name = embed_2d(points, method)
     fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
-    scatter = ax.scatter(
-        coords[:, 0], coords[:, 1], c=labels, cmap="tab10", s=4, vmin=-0.5, vmax=9.5
-    )
+    scatter = ax.scatter(*coords.T, c=labels, cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
     fig.colorbar(scatter, ax=ax, ticks=range(10), label="label")
     ax.set_title(f"{title}\n{name} of E[z|x], {len(points)} test images", fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
+    return _save(fig, path)
+
+
+def _save(fig, path: Path, **options) -> Path:
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, **options)
     plt.close(fig)
     return path
 
@@ -110,21 +109,9 @@ COLOURS = plt.get_cmap("tab10").colors
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
-def _legend_below(ax, count: int) -> None:
-    """Each panel's own legend under it (panels may hold different lines)."""
-    ax.legend(
-        loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, frameon=False,
-        ncol=1 if count <= 4 else 2 if count <= 16 else 3,
-    )
-
-
 def save_curves(
-    path: Path,
-    panels: Mapping[str, Sequence[Curve]],
-    xlabel: str,
-    ylabel: str,
-    points: Mapping[str, Sequence[Curve]] | None = None,
-    integer_x: bool = False,
+    path: Path, panels: Mapping[str, Sequence[Curve]], xlabel: str, ylabel: str,
+    points: Mapping[str, Sequence[Curve]] | None = None, integer_x: bool = False,
 ) -> Path:
     """Side-by-side panels of lines (with bands); ``points`` adds unjoined markers per panel,
     drawn in the colour of the line with the same label."""
@@ -144,16 +131,15 @@ def save_curves(
                 if extra.label == curve.label:
                     ax.scatter(extra.x, extra.y, color=colour, s=10, alpha=0.5)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         if integer_x:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        _legend_below(ax, len(curves))
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")  # keeps the legends below the panels
-    plt.close(fig)
-    return path
+        ax.legend(  # each panel's own legend under it (panels may hold different lines)
+            loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, frameon=False,
+            ncol=1 if len(curves) <= 4 else 2 if len(curves) <= 16 else 3,
+        )
+    return _save(fig, path, bbox_inches="tight")  # keeps the legends below the panels
 
 
 def save_bars(path: Path, panels: Mapping[str, Bars]) -> Path:
@@ -177,7 +163,4 @@ def save_bars(path: Path, panels: Mapping[str, Bars]) -> Path:
         ax.set_title(title, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].invert_yaxis()  # the axes share y: inverting once puts the first label on top
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -1,14 +1,7 @@
-"""Ctrl-C and SIGTERM: the first one stops the work cleanly, a second one exits at once.
-
-Inside :func:`interruptible`, SIGINT and SIGTERM raise :class:`Interrupted` (a
-KeyboardInterrupt, so Optuna and every ``except KeyboardInterrupt`` treat it as
-one) in the main thread; the caller marks its runs KILLED and exits with
-128 + the signal's number (130, 143). A signal that arrives inside
-:func:`deferred_signals` (a store write, a checkpoint being written) is raised
-when that block ends, so no write is cut in half. A second signal while the
-first is being handled ends the process (and the worker processes registered
-with :func:`register_child`) at once.
-"""
+"""Ctrl-C and SIGTERM (docs/resume.md): inside :func:`interruptible` the first one raises
+:class:`Interrupted` in the main thread, a KeyboardInterrupt so that Optuna and every ``except
+KeyboardInterrupt`` treat it as one; inside :func:`deferred_signals` it waits for the block's
+end, so no write is cut in half; a second one ends the process and its registered children."""
 
 from __future__ import annotations
 
@@ -24,8 +17,6 @@ NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
 
 class Interrupted(KeyboardInterrupt):
-    """The process was asked to stop by a signal."""
-
     def __init__(self, signum: int):
         self.signum = signum
         self.exit_status = 128 + signum

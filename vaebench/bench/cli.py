@@ -1,5 +1,5 @@
-"""``python -m vaebench bench``: its arguments and which benchmark they choose. Argument
-parsing only; each benchmark module is imported when chosen."""
+"""``python -m vaebench bench``: its arguments and which benchmark they choose (each module
+imported when chosen)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ STACK_ARCHS = ("mlp", "conv")
 
 
 def stack_sizes(text: str) -> list[int]:
-    """``--stack 1,4,8`` as [1, 4, 8]; a wrong value is a one-line error."""
     try:
         sizes = [int(part) for part in text.split(",")]
     except ValueError:
@@ -23,7 +22,6 @@ def stack_sizes(text: str) -> list[int]:
 
 
 def add_arguments(bench: argparse.ArgumentParser) -> None:
-    """The ``bench`` command's options (but ``--data-root``, which every command shares)."""
     bench.add_argument("--epochs", type=int, default=5, help="timed epochs per loop (default: 5)")
     bench.add_argument("--subset", type=int, help="first N training images (default: all)")
     bench.add_argument(
@@ -32,22 +30,17 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         "one after another, and count the operators a step dispatches (K = 1, 4, 16, 64)",
     )
     bench.add_argument(
-        "--arch",
-        choices=STACK_ARCHS,
-        default="mlp",
+        "--arch", choices=STACK_ARCHS, default="mlp",
         help="--stack: pytorch/examples' MLP VAE (default), or experiments/quick.yaml's conv "
         "VAE, timed in both stacked layouts (per member, the CPU's; grouped, CUDA's)",
     )
     bench.add_argument(
-        "--device",
-        choices=("cpu", "cuda", "auto"),
-        default="cpu",
+        "--device", choices=("cpu", "cuda", "auto"), default="cpu",
         help="--stack: where to train (default: cpu; auto: CUDA when torch sees it); on CUDA "
         "the step's kernels are counted too",
     )
     bench.add_argument(
-        "--process",
-        action="store_true",
+        "--process", action="store_true",
         help="time whole processes from a fresh folder: `vaebench run` of a 2-epoch grid "
         "against pytorch/examples' script, and `run --dry-run`",
     )
@@ -55,15 +48,13 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         "--repeats", type=int, default=3, help="--process: runs of each command (default: 3)"
     )
     bench.add_argument(
-        "--layout",
-        action="store_true",
+        "--layout", action="store_true",
         help="time a conv run's training epoch and validation pass with contiguous against "
         "channels-last weights (the CPU's choice)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    """The benchmark ``args`` choose."""
     if args.process:
         from vaebench.bench.process import main as bench_process_main
 
@@ -75,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stack:
         from vaebench.bench.stack import main as bench_stack_main
 
-        sizes = stack_sizes(args.stack)
         return bench_stack_main(
-            args.data_root, sizes, args.epochs, args.subset, args.arch, device_name=args.device
+            args.data_root, stack_sizes(args.stack), args.epochs, args.subset, args.arch,
+            device_name=args.device,
         )
     from vaebench.bench.timing import main as bench_main
 

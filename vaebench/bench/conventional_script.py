@@ -1,13 +1,11 @@
-"""pytorch/examples' VAE (``vae/main.py``) as a standalone script: the conventional loop
-that ``python -m vaebench bench --process`` times as a whole process beside vaebench.
+"""pytorch/examples' VAE (``vae/main.py``) as a standalone script (torch, numpy and PIL only,
+never vaebench): the conventional process that ``bench --process`` times beside vaebench.
 
-What the example does, with two substitutions this machine forces: the MNIST files are read from
-a data root (no download), and its ``torchvision`` pieces are written out (torchvision does not
-import with the CPU torch here): the dataset keeps uint8 images and makes each sample a PIL
-image and then a float tensor (``ToTensor``), and ``save_image`` tiles images into a PNG. Per
-epoch: train on the 60,000 training images with a ``loss.item()`` every step, test on the 10,000
-test images (saving 8 reconstructions beside their originals), save 64 samples of the prior. It
-imports torch, numpy and PIL only, never vaebench.
+Two substitutions this machine forces: MNIST is read from a data root (no download), and the
+``torchvision`` pieces are written out (it does not import with the CPU torch here): a dataset
+of uint8 images making each sample a PIL image, then a float tensor (``ToTensor``), and
+``save_image``. Per epoch, as the example: train on 60,000 images with a ``loss.item()`` every
+step, test on 10,000 (saving 8 reconstructions), save 64 samples of the prior.
 
     python vaebench/bench/conventional_script.py --data-root ../shared/data --epochs 2
 """

@@ -1,9 +1,5 @@
-"""Benchmark: a conv run's training epoch and validation pass with its weights contiguous
-against channels-last (what :func:`vaebench.models.place_model` chooses on the CPU), on real
-MNIST, through vaebench's own ``train_epoch`` and ``evaluate``, in one process, interleaved.
-
-    python -m vaebench bench --layout --epochs 5 --subset 5120
-"""
+"""Benchmark: a conv run's training epoch and validation pass with contiguous against
+channels-last weights (:func:`vaebench.models.place_model`'s CPU choice), interleaved."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""Benchmark: whole processes, each from a fresh folder, as a user starts them.
-
-``python -m vaebench run`` of a 2-epoch grid of pytorch/examples' VAE setup (a new MLflow store,
-data loading, training with a validation pass per epoch, test and clustering scores, artifacts,
-the report) against :mod:`vaebench.bench.conventional_script`, pytorch/examples' ``vae/main.py``
-for the same epochs (training on 60,000 images with a test pass per epoch, pictures, no
-tracking). The two alternate, ``repeats`` times each; the medians are compared. Beside them,
-``run --dry-run`` of ``experiments/grid.yaml``.
-"""
+"""Benchmark: whole processes from fresh folders, ``vaebench run`` of a 2-epoch grid against
+:mod:`vaebench.bench.conventional_script`, alternating, and ``run --dry-run``; see
+docs/performance.md (Whole processes)."""
 
 from __future__ import annotations
 
@@ -27,14 +21,12 @@ SHIPPED_GRID = Path(__file__).resolve().parents[2] / "experiments" / "grid.yaml"
 
 
 def reference_grid(epochs: int) -> dict:
-    """pytorch/examples' setup as a one-run grid file of ``epochs`` epochs."""
     base = {**REFERENCE, "train": {**REFERENCE["train"], "epochs": epochs}}
     return {"name": "process-bench", "base": base, "seeds": [0]}
 
 
 def time_process(command: list[str], cwd: Path) -> float:
-    """Wall seconds of ``command`` run in ``cwd`` to its end (an error is raised with its
-    standard error)."""
+    """Wall seconds of ``command`` run in ``cwd``; a failure raises with its standard error."""
     started = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - started

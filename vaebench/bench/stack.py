@@ -1,15 +1,6 @@
-"""Benchmark: K runs trained as one stack against the same K runs one after another.
-
-The model is pytorch/examples' VAE (784-400-20, BCE, Adam 1e-3, batch 128), or with ``arch``
-``conv`` experiments/quick.yaml's conv VAE (the same loss, optimizer and batch); the K runs
-differ in seed. Both ways run in the same process, epochs interleaved, and are reported as
-seconds per model-epoch (an epoch of one run); a conv stack is timed in both of its layouts
-(:class:`vaebench.stacking.layers.StackedSequential`: per member, the CPU's, and grouped,
-CUDA's). Beside the MLP's figures, the floor: the epoch's matrix product FLOPs over the
-matrix-product throughput measured here, and each figure's ratio to it. Then the operators a
-training step dispatches are counted (``torch.profiler``): on a GPU each is at least one kernel
-launch, the cost that stacking divides by K.
-"""
+"""Benchmark: K runs (differing in seed) trained as one stack against the same K runs one
+after another, beside the MLP's matrix-product floor, and the operators (on a GPU, kernel
+launches) a training step dispatches. Measured figures: docs/performance.md#stacked-runs."""
 
 from __future__ import annotations
 
@@ -43,9 +34,7 @@ def reference_configs(
 
 
 def stacked_loop(
-    configs: Sequence[RunConfig],
-    splits: Splits,
-    per_member: bool | None = None,
+    configs: Sequence[RunConfig], splits: Splits, per_member: bool | None = None,
     graphs: bool = True,
 ) -> Callable[[], object]:
     """An epoch of ``configs`` as one stack, on the device that holds ``splits``, its layers
@@ -63,14 +52,10 @@ def stacked_loop(
 def sequential_loop(configs: Sequence[RunConfig], splits: Splits) -> Callable[[], object]:
     """The K runs one after another, an epoch each, as vaebench trains them unstacked."""
     runs = [(*fresh_run(config, splits), config) for config in configs]
-
-    def epoch() -> list[float]:
-        return [
-            train_epoch(model, optimizer, Objective(config.loss), config, splits, generator).item()
-            for model, optimizer, generator, config in runs
-        ]
-
-    return epoch
+    return lambda: [
+        train_epoch(model, optimizer, Objective(config.loss), config, splits, generator).item()
+        for model, optimizer, generator, config in runs
+    ]
 
 
 def epoch_matmul_flops(config: RunConfig, images: int) -> float:
@@ -150,7 +135,6 @@ def _device(splits: Splits) -> torch.device:
 
 
 def timed_loops(configs: Sequence[RunConfig], splits: Splits) -> dict[str, Callable[[], object]]:
-    """The ways to train ``configs`` that the benchmark times against each other."""
     loops = {"stacked": stacked_loop(configs, splits)}
     if configs[0].model.arch == "conv" and _device(splits).type == "cpu":  # per member there
         loops["stacked grouped"] = stacked_loop(configs, splits, per_member=False)
@@ -167,21 +151,19 @@ MODELS = {
 
 
 def main(
-    data_root: str | None,
-    sizes: Sequence[int],
-    epochs: int = 3,
-    subset: int | None = None,
-    arch: str = "mlp",
-    launch_sizes: Sequence[int] = (1, 4, 16, 64),
-    device_name: str = "cpu",
+    data_root: str | None, sizes: Sequence[int], epochs: int = 3, subset: int | None = None,
+    arch: str = "mlp", launch_sizes: Sequence[int] = (1, 4, 16, 64), device_name: str = "cpu",
 ) -> int:
     device = resolve_device(device_name)
     largest = reference_configs(max(sizes), subset, arch, device_name)
     splits = load_splits(largest[0].data, resolve_root(data_root), device)
     images = len(splits.train)
+    machine = f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
     print(
         f"{MODELS[arch]}, BCE, Adam 1e-3, batch 128, {images} training images, "
-        f"{describe(device)}, torch {torch.__version__}; K runs differing in "
+        f"{machine}, torch {torch.__version__}; K runs differing in "
         f"seed, stacked against one after another; {epochs} timed epochs each after 1 warm-up, "
         "interleaved; seconds per model-epoch (median)"
     )
@@ -218,9 +200,3 @@ def main(
             line += f", {count.kernels / size / one.kernels:.3f} of its kernels"
         print(line)
     return 0
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {torch.get_num_threads()} threads"

@@ -1,12 +1,5 @@
-"""Model families by name. A new family is one module with a builder, registered here.
-
-A builder takes the run's :class:`~vaebench.spec.config.ModelConfig` and the image shape
-``(C, H, W)`` and returns a module with ``forward(x, y) -> VAEOutput``, ``kl_terms(out)`` (each
-KL summed over the batch), ``anneal(step, total)``, ``reconstruct(x, y)`` and
-``sample_prior(n)``; the trainer needs nothing else. Families are built from a backbone (``mlp``
-or ``conv`` nets) and a latent: Gaussian (``mlp``, ``conv``), joint Gaussian and categorical
-(``gumbel``), label-conditioned (``cvae``), Gaussian mixture (``gmvae``).
-"""
+"""Model families by name: a new family is one module with a builder, registered in
+:data:`MODELS`; what the trainer needs of a model is in docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -65,12 +58,10 @@ def build_model(config: ModelConfig, image_shape: Shape) -> nn.Module:
 
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """``model`` on ``device``; on the CPU a model with convolutions keeps its weights
-    channels-last, the layout oneDNN's convolutions run fastest in: ``python -m vaebench bench
-    --layout`` measured the ``conv`` VAE's validation pass at 0.63 of its time with contiguous
-    weights and a training epoch at 0.99 (2-core CPU). The arithmetic
-    is the same either way up to float rounding: the sums inside a convolution run in
-    another order."""
+    """On the CPU a model with convolutions keeps its weights channels-last, oneDNN's fastest:
+    ``python -m vaebench bench --layout`` measured the ``conv`` VAE's validation pass at 0.63
+    of its time with contiguous weights and a training epoch at 0.99 (2-core CPU). The
+    arithmetic is the same up to float rounding (the sums inside run in another order)."""
     convolutional = any(isinstance(m, nn.Conv2d | nn.ConvTranspose2d) for m in model.modules())
     if device.type == "cpu" and convolutional:
         return model.to(device, memory_format=torch.channels_last)

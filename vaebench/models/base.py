@@ -1,10 +1,5 @@
 """What every model family shares: the forward output, the backbone nets, the Gaussian latent.
-
-The trainer relies only on ``forward(x, y)``, ``kl_terms(out)`` and ``anneal(step, total_steps)``;
-evaluation and likelihood estimates on ``posterior(x, y)`` and ``decode_sample(z, c, y)``, which
-let them draw the latents with their own generator. What differs between families beyond that is
-asked through the hooks of :class:`GaussianVAE`, never by testing a model's class.
-"""
+Families differ through :class:`GaussianVAE`'s hooks, never by tests of a model's class."""
 
 from __future__ import annotations
 
@@ -17,8 +12,7 @@ from torch import nn
 
 @dataclass
 class Mixture:
-    """A Gaussian per category (a Gaussian-mixture VAE): q(z|x, c) for each image and c, shape
-    (B, K, D), and the prior p(z|c), shape (K, D)."""
+    """q(z|x, c) for each image and c, (B, K, D), and the prior p(z|c), (K, D)."""
 
     mu: torch.Tensor
     logvar: torch.Tensor
@@ -54,8 +48,6 @@ class VAEOutput(Posterior):
 
 @dataclass
 class Backbone:
-    """Encoder (images -> ``feature_dim`` features) and decoder (latent vector -> logits)."""
-
     encoder: nn.Module
     feature_dim: int
     decoder: nn.Module
@@ -75,8 +67,7 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def reparameterize(
     mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """z = mu + sigma * noise, the standard normal ``noise`` drawn here unless given (a
-    stack's members draw theirs from their own generators)."""
+    """``noise``: a stack's members draw theirs from their own generators."""
     noise = torch.randn_like(mu) if noise is None else noise
     return mu + noise * torch.exp(0.5 * logvar)
 
@@ -100,20 +91,17 @@ class GaussianVAE(nn.Module):
         return self.head.weight.device
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        mu, logvar = self.head(self.encoder(x)).chunk(2, dim=-1)
-        return mu, logvar
+        return self.head(self.encoder(x)).chunk(2, dim=-1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
     def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:
-        mu, logvar = self.encode(x, y)
-        return Posterior(mu, logvar)
+        return Posterior(*self.encode(x, y))
 
     def decode_sample(
         self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Decoder logits of z, with the one-hot category c and label y where used."""
         return self.decode(z)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
@@ -123,7 +111,7 @@ class GaussianVAE(nn.Module):
 
     @staticmethod
     def kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
-        """Each KL term summed over the batch, in nats (of a stack's output, per member)."""
+        """Summed over the batch, in nats (of a stack's output, per member)."""
         return {"kl_z": gaussian_kl(out.mu, out.logvar)}
 
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,18 +126,14 @@ class GaussianVAE(nn.Module):
         z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
         return self.decode(z)
 
-    # hooks: what a family adds to the common record of a run
-
     def annealed_values(self) -> dict[str, float]:
-        """Scheduled values to log with each epoch's metrics (e.g. a temperature)."""
+        """Hook: scheduled values to log with each epoch's metrics (e.g. a temperature)."""
         return {}
 
     def extra_scores(self, classifier: Callable[[], nn.Module]) -> dict[str, float]:
-        """Scores after training beyond the common ones; ``classifier()`` gives the fixed digit
-        classifier of the run's dataset (loaded only by the families that call it)."""
+        """Hook: scores beyond the common ones; ``classifier()`` loads the digit classifier."""
         return {}
 
     def extra_pictures(self, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, int]]:
-        """Pictures beyond reconstructions, samples and the latent map: file name ->
-        (decoder logits of the images, images per row)."""
+        """Hook: more pictures, file name -> (decoder logits of the images, images per row)."""
         return {}

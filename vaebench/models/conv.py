@@ -1,11 +1,6 @@
-"""Convolutional VAE: stride-2 convolutions down, transposed convolutions up.
-
-Each layer halves (encoder) or doubles (decoder) the spatial size with 4x4
-kernels; ``output_padding`` restores odd sizes (28 -> 14 -> 7 -> 3 and back).
-Optional batch norm follows every layer but the last decoder layer. ``dense``
-widths put fully connected ReLU layers between the flattened conv features and
-the latent, mirrored in the decoder (JointVAE's MNIST net has one of 256).
-"""
+"""Convolutional VAE: 4x4 stride-2 convolutions halve the side, transposed ones double it,
+``output_padding`` restoring odd sizes (28 -> 14 -> 7 -> 3 and back); batch norm after every
+layer but the decoder's last; ``dense`` widths between the conv features and the latent."""
 
 from __future__ import annotations
 
@@ -22,7 +17,6 @@ def _block(layer: nn.Module, channels: int, batch_norm: bool) -> list[nn.Module]
 def conv_backbone(
     config: ModelConfig, image_shape: tuple[int, int, int], latent_dim: int
 ) -> Backbone:
-    """Encoder images -> flattened conv features; decoder ``latent_dim`` -> image logits."""
     in_channels, height, width = image_shape
     if height != width:
         raise ValueError("the conv VAE expects square images")

@@ -14,8 +14,7 @@ NUM_CLASSES = 10  # every MNIST-family dataset has ten classes
 
 
 def with_label(values: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """``values`` (features or z) with the one-hot label beside them, on the last axis (of a
-    stack's, labels (K, B))."""
+    """``values`` (features or z) with the one-hot label on the last axis (a stack's: y (K, B))."""
     if y is None:
         raise ValueError("a conditional VAE needs labels")
     return torch.cat([values, F.one_hot(y, NUM_CLASSES).to(values.dtype)], dim=-1)
@@ -34,8 +33,7 @@ class ConditionalVAE(GaussianVAE):
         features = self.encoder(x)
         if self.condition_encoder:
             features = with_label(features, y)
-        mu, logvar = self.head(features).chunk(2, dim=-1)
-        return mu, logvar
+        return self.head(features).chunk(2, dim=-1)
 
     def decode_label(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return self.decoder(with_label(z, y))

@@ -1,16 +1,9 @@
-"""Gaussian-mixture VAE: a categorical c over K components, each with its own Gaussian prior.
-
-p(c) = Uniform(K), p(z|c) = N(m_c, diag(exp(s_c))) with m, s learned, p(x|z) the
-decoder. The encoder gives q(c|x) (a softmax head) and q(z|x, c) = N(mu_c(x),
-diag(exp(logvar_c(x)))): one linear head on [features, one-hot(c)], computed for
-every c at once as head(features) + offset_c. Training sums the expectation over c
-exactly (K decodings per image, weighted by q(c|x); c is never sampled):
+"""Gaussian-mixture VAE (docs/clustering.md#gmvae): p(c) = Uniform(K), p(z|c) = N(m_c,
+diag(exp(s_c))) learned; q(z|x, c) is one linear head on [features, one-hot(c)], for every c at
+once head(features) + offset_c (Shu's GMVAE conditions through an MLP). Training sums c exactly:
 
     ELBO = sum_c q(c|x) (E_q(z|x,c)[log p(x|z)] - KL(q(z|x,c) || p(z|c)))
            - KL(q(c|x) || Uniform(K))
-
-``kl_z`` is the q(c|x)-weighted Gaussian KL, ``kl_c`` the categorical one. The clusters are argmax
-q(c|x). (Rui Shu's GMVAE, with a linear rather than MLP conditioning of q(z|x, c) on c.)
 """
 
 from __future__ import annotations
@@ -35,7 +28,6 @@ PRIOR_SPREAD = 1.0  # sd of the random initial component means: apart from the s
 def gaussian_kl_between(
     mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor, prior_logvar: torch.Tensor
 ) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) summed over the last dim."""
     ratio = (logvar - prior_logvar).exp()
     return 0.5 * (
         ratio + (mu - prior_mu).pow(2) / prior_logvar.exp() - 1 - logvar + prior_logvar
@@ -43,21 +35,16 @@ def gaussian_kl_between(
 
 
 def mixture_components(head: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """q(z|x, c)'s mean and log-variance side by side for every component c: the head of the
-    features (B, 2D) plus each component's offset (K, 2D), (B, K, 2D); of a stack, with
-    the member axis first."""
+    """q(z|x, c)'s mean and log-variance for every c: head (B, 2D) + offset (K, 2D)."""
     return head.unsqueeze(-2) + offset.unsqueeze(-3)
 
 
 def decode_components(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Every component's draw (B, K, D) decoded, component-major (K * B rows); of a stack,
-    with the member axis first."""
+    """Every component's draw (B, K, D) decoded, component-major (K * B rows)."""
     return decoder(z.transpose(-3, -2).flatten(-3, -2))
 
 
 def mixture_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
-    """KL_z: each component's KL from its prior p(z|c), weighed by q(c|x); KL_c from uniform;
-    each summed over the batch (per member of a stack)."""
     mixture = out.mixture
     per_component = gaussian_kl_between(
         mixture.mu, mixture.logvar,
@@ -80,7 +67,6 @@ class GaussianMixtureVAE(GaussianVAE):
         self.prior_logvar = nn.Parameter(torch.zeros(categories, z_dim))
 
     def encode_mixture(self, x: torch.Tensor) -> tuple[torch.Tensor, Mixture]:
-        """(category logits (B, K), the components q(z|x, c) and the priors p(z|c))."""
         features = self.encoder(x)
         both = mixture_components(self.head(features), self.component_offset)
         mu, logvar = both.chunk(2, dim=-1)
@@ -95,7 +81,6 @@ class GaussianMixtureVAE(GaussianVAE):
         return Posterior(mean, variance.log(), logits, mixture)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        """The mean and log-variance of q(z|x), the mixture over c."""
         posterior = self.posterior(x)
         return posterior.mu, posterior.logvar
 

@@ -1,9 +1,7 @@
 """Joint continuous and categorical latent (JointVAE, Dupont 2018) with Gumbel-softmax.
 
-The encoder's features feed two heads: mu/log-variance of z and logits over K categories. c is a
-Gumbel-softmax draw at temperature tau (straight-through one-hot when ``hard``); the decoder sees
-concat(z, c). The KL of the categorical term is to the uniform prior, per image:
-KL(q(c|x) || U(K)) = sum_k q_k log q_k + log K.
+c is a Gumbel-softmax draw at temperature tau (straight-through one-hot when ``hard``); the decoder
+sees concat(z, c). The categorical KL is to the uniform prior: sum_k q_k log q_k + log K per image.
 """
 
 from __future__ import annotations
@@ -25,8 +23,7 @@ from vaebench.models.base import (
 
 
 def categorical_kl_uniform(logits: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(logits) || Uniform(K)) summed over the batch, in nats: of logits (B, K) a
-    number, of a stack's (members, B, K) one per member."""
+    """Summed over the batch, in nats (of a stack's logits, one per member)."""
     batch, categories = logits.shape[-2:]
     log_q = F.log_softmax(logits, dim=-1)
     return (log_q.exp() * log_q).sum((-2, -1)) + batch * math.log(categories)
@@ -37,8 +34,7 @@ def gumbel_noise(
     like: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Standard Gumbel draws, as ``F.gumbel_softmax`` draws them (from ``generator``, else
-    torch's global one), of ``like``'s dtype and device."""
+    """Standard Gumbel draws, as ``F.gumbel_softmax`` draws them, like ``like``."""
     empty = torch.empty(shape, dtype=like.dtype, device=like.device)
     return -empty.exponential_(generator=generator).log()
 
@@ -46,8 +42,7 @@ def gumbel_noise(
 def relaxed_category(
     logits: torch.Tensor, gumbels: torch.Tensor, tau: float, hard: bool
 ) -> torch.Tensor:
-    """The Gumbel-softmax draw of c: softmax((logits + gumbels) / tau), with ``hard`` one-hot
-    forward and soft backward (straight through), as ``F.gumbel_softmax`` computes it."""
+    """As ``F.gumbel_softmax`` computes it (``hard``: one-hot forward, soft backward)."""
     soft = ((logits + gumbels) / tau).softmax(dim=-1)
     if not hard:
         return soft
@@ -56,7 +51,6 @@ def relaxed_category(
 
 
 def joint_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
-    """The KL of z and of c from uniform, each summed over the batch (per member of a stack)."""
     assert out.category_logits is not None
     return {
         "kl_z": gaussian_kl(out.mu, out.logvar),
@@ -65,7 +59,7 @@ def joint_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
 
 
 class TemperatureSchedule:
-    """A fixed temperature, or one annealed exponentially from start to end over training."""
+    """A fixed temperature, or one annealed exponentially from start to end."""
 
     def __init__(self, tau: float | list[float]):
         values = tau if isinstance(tau, list) else [tau]
@@ -125,10 +119,10 @@ class JointVAE(GaussianVAE):
         """Decoder logits at the posterior mean and the most likely category."""
         mu, _, category_logits = self.encode_all(x)
         c = F.one_hot(category_logits.argmax(dim=1), self.categories).to(mu.dtype)
-        return self.decoder(torch.cat([mu, c], dim=1))
+        return self.decode_sample(mu, c)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         z = torch.randn(n, self.z_dim, generator=generator, device=self.device)
         index = torch.randint(self.categories, (n,), generator=generator, device=self.device)
         c = F.one_hot(index, self.categories).to(z.dtype)
-        return self.decoder(torch.cat([z, c], dim=1))
+        return self.decode_sample(z, c)

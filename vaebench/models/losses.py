@@ -1,13 +1,9 @@
-"""Reconstruction terms, KL terms, the beta-weighted and capacity objectives, and the ELBO.
+"""Reconstruction and KL terms, the beta-weighted and capacity objectives, and the ELBO.
 
-Conventions: every term is summed over pixels and latent dimensions and over
-the batch; callers divide by the number of images. Values are in nats (for
-``mse`` the "reconstruction" is a sum of squared errors, as in the notebooks
-this suite replaces, so its ELBO is not a log-likelihood bound).
-
-Each formula is written once for a run alone and for a stack of K members: tensors of a
-stack carry a leading member axis (images (K, B, C, H, W), latents (K, B, D)), and a term
-summed over a batch is then one value per member (K,).
+Every term is summed over pixels, latent dimensions and the batch (callers divide by the number of
+images), in nats; ``mse``'s "reconstruction" is a sum of squared errors, as in the notebooks this
+suite replaces, so its ELBO is not a log-likelihood bound. A stack's tensors carry a leading
+member axis, and a batch sum is then one value per member (K,).
 """
 
 from __future__ import annotations
@@ -39,12 +35,9 @@ def reconstruction(
     weights: torch.Tensor | None = None,
     first_kind: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reconstruction cost summed over the batch: ``bce`` on logits or ``mse`` on sigmoid; of
-    a stack one per member, ``kind`` then one per member (``kind[k]``: with members of both
-    kinds both are computed and each member takes its own, ``first_kind`` saying which:
-    :func:`first_kind_members`, made once by a caller that steps many times). For a mixture
-    (``weights`` q(c|x)) the cost averaged over its components exactly
-    (:func:`expected_reconstruction`)."""
+    """Summed over the batch: ``bce`` on logits or ``mse`` on sigmoid. A stack's ``kind`` is one
+    per member: with both kinds both are computed and each member takes its own (``first_kind``:
+    :func:`first_kind_members`, made once by a caller that steps many times)."""
     kinds = [kind] if isinstance(kind, str) else list(kind)
 
     def cost(one: str) -> torch.Tensor:
@@ -64,14 +57,12 @@ def reconstruction(
 
 
 def first_kind_members(kinds: Sequence[str], device: torch.device) -> torch.Tensor:
-    """Which members' reconstruction is of the first member's kind (K,), on ``device``."""
     return torch.tensor([kind == kinds[0] for kind in kinds], device=device)
 
 
 @dataclass
 class LossTerms:
-    """Batch sums of the parts of the objective: reconstruction and each KL term, and the
-    category logits (B, K) of a model with a categorical latent."""
+    """Batch sums of the parts of the objective, and the category logits (B, K) if any."""
 
     recon: torch.Tensor
     kl: dict[str, torch.Tensor]
@@ -86,10 +77,8 @@ class LossTerms:
 def expected_reconstruction(
     logits: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, kind: str
 ) -> torch.Tensor:
-    """The reconstruction cost averaged over a discrete latent, exactly: ``logits`` hold one
-    decoding per category (category-major, K * B rows), ``weights`` (B, K) are q(c|x). With
-    a leading member axis (a stack's logits (members, K * B, ...), images (members, B, ...),
-    weights (members, B, K)) it is one cost per member."""
+    """The cost averaged over a discrete latent exactly: ``logits`` hold one decoding per
+    category (category-major, K * B rows), ``weights`` (B, K) are q(c|x)."""
     lead = weights.dim() - 2  # 1 for a stack's member axis
     batch, categories = weights.shape[-2:]
     if logits.shape[lead:] != (categories * batch, *x.shape[lead + 1 :]):
@@ -115,8 +104,6 @@ def terms_of(
     recon: str | Sequence[str],
     first_kind: torch.Tensor | None = None,
 ) -> LossTerms:
-    """The loss terms of a forward's output ``out`` (a run's, or a stack's with ``recon`` per
-    member), its KL terms given by its family's ``kl_terms``."""
     weights = F.softmax(out.category_logits, dim=-1) if out.mixture is not None else None
     cost = reconstruction(out.logits, x, recon, weights, first_kind)
     return LossTerms(recon=cost, kl=kl_terms(out), category_logits=out.category_logits)
@@ -135,7 +122,6 @@ def batch_marginal_kl(logits: torch.Tensor) -> torch.Tensor:
 
 
 def capacity(maximum: float, step: int, steps: int) -> float:
-    """JointVAE's capacity: rises linearly from 0 to ``maximum`` over ``steps`` steps."""
     return maximum * min(step / steps, 1.0)
 
 
@@ -168,7 +154,7 @@ class Objective:
         self.weight = {"kl_z": config.beta if beta is None else beta, "kl_c": config.beta_c}
 
     def target(self, name: str, step: int) -> float:
-        """C(t) per image, in nats, for the KL term ``name`` at training step ``step``."""
+        """C(t) per image, in nats."""
         ramp = capacity(self.maximum[name], step, self.config.capacity_steps)
         return min(ramp, self.ceiling[name])
 

@@ -13,7 +13,6 @@ from vaebench.spec.config import ModelConfig
 def mlp_backbone(
     config: ModelConfig, image_shape: tuple[int, int, int], latent_dim: int
 ) -> Backbone:
-    """Encoder pixels -> hidden widths; decoder ``latent_dim`` -> reversed widths -> pixels."""
     pixels = math.prod(image_shape)
     encoder = nn.Sequential(nn.Flatten(), *dense_stack([pixels, *config.hidden]))
     decoder = nn.Sequential(

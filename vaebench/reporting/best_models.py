@@ -1,13 +1,6 @@
-"""The best runs of an invocation as registered MLflow models.
-
-After a grid (each comparison group's best run, chosen on validation by the report) and after a
-study (its best trials' runs), each chosen run's model is rebuilt from its ``config.yaml`` and
-``state_dict.pt`` artifacts, logged with MLflow's PyTorch flavor (once per run: a later
-invocation that picks the same run registers the same logged model again) and registered as a
-new version of a model named after the grid or study and the group. A version's tags point back
-to the run and say what it was selected on. Registering costs seconds, so only the best runs are
-registered (``--no-register`` skips it); every run keeps its ``state_dict.pt``. MLflow is
-reached through the Tracker."""
+"""The best runs of an invocation (a grid's groups, a study's best trials) as registered
+MLflow models (docs/tracking.md#registered-models): each rebuilt from its ``config.yaml`` and
+``state_dict.pt``, logged once per run, registered as a new version; reached via the Tracker."""
 
 from __future__ import annotations
 
@@ -32,8 +25,6 @@ TestImages = Callable[[RunConfig], tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass(frozen=True)
 class BestRun:
-    """A run chosen as the best of its group, and how it was chosen."""
-
     run_id: str
     run_name: str
     group: str  # its comparison group ("loss.recon=bce"), ALL_RUNS, or "trial 7"
@@ -66,12 +57,8 @@ def _uri_safe(text: str, keep: str = "") -> str:
 
 
 def register_best(
-    tracker: Tracker,
-    base: str,
-    best: Sequence[BestRun],
-    test_images: TestImages,
-    invocation: str,
-    stream=None,
+    tracker: Tracker, base: str, best: Sequence[BestRun], test_images: TestImages,
+    invocation: str, stream=None,
 ) -> list[Registered]:
     """Register each of ``best``; one line per model. A run that cannot be registered (its
     artifacts gone, say) is one line on stderr: the runs are tracked whatever happens here."""
@@ -86,12 +73,9 @@ def register_best(
             images, labels = test_images(config)
             example = module.rows(images[:EXAMPLE_ROWS], labels[:EXAMPLE_ROWS]).numpy()
             tags = {
-                "vaebench.run_id": run.run_id,
-                "vaebench.run_name": run.run_name,
-                "vaebench.compared_within": run.group,
-                "vaebench.selected_on": run.selected_on,
-                "vaebench.value": run.value,
-                "vaebench.invocation": invocation,
+                "vaebench.run_id": run.run_id, "vaebench.run_name": run.run_name,
+                "vaebench.compared_within": run.group, "vaebench.selected_on": run.selected_on,
+                "vaebench.value": run.value, "vaebench.invocation": invocation,
             }
             description = (
                 f"run {run.run_name}: the best of {run.group} on {run.selected_on} "

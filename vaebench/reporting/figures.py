@@ -75,7 +75,6 @@ def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path | N
 
 
 def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Path]:
-    """The figures the runs have data for (see FIGURES)."""
     present = {m.name for m in present_metrics(run_set.finished)}
     shown = table[table["runs"] > 0]
     labels = list(shown["variant"])

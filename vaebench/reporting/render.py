@@ -24,9 +24,7 @@ def display_table(table: pd.DataFrame, metric: MetricInfo) -> pd.DataFrame:
     if table["compared_within"].nunique() > 1:
         shown["ranked within"] = table["compared_within"]
     shown["runs"] = table["runs"].astype(str)
-    for m in METRICS.values():
-        if f"{m.name}_mean" not in table:
-            continue
+    for m in (m for m in METRICS.values() if f"{m.name}_mean" in table):
         columns = table[[f"{m.name}_mean", f"{m.name}_std", f"{m.name}_count", "runs"]]
         shown[m.label] = [
             _mean_std(mean, std, m.digits) + (f" (n={n})" if 0 < n < runs else "")
@@ -183,10 +181,6 @@ def report_blocks(
     return blocks
 
 
-def _md_cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
 MD_PREFIX = {"h1": "# ", "h2": "## ", "p": ""}
 
 
@@ -197,7 +191,8 @@ def render_markdown(blocks: list[Block]) -> str:
             out.append(f"{MD_PREFIX[kind]}{value}")
         elif kind == "table":
             rows = [value.columns, *value.itertuples(index=False)]
-            lines = ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
+            cells = [[str(v).replace("|", "\\|").replace("\n", " ") for v in row] for row in rows]
+            lines = ["| " + " | ".join(row) + " |" for row in cells]
             out += [lines[0], "|" + "---|" * len(value.columns), *lines[1:]]
         elif kind == "img":
             path, caption = value

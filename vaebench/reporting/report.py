@@ -1,5 +1,4 @@
-"""Reports: a grid's (or study's) runs in MLflow -> leaderboard over seeds, figures, report.md/html.
-``make_report`` is the entry; the package's other modules do the work."""
+"""Reports (docs/metrics.md#reports): ``make_report`` puts the package's modules together."""
 
 from __future__ import annotations
 
@@ -35,14 +34,9 @@ class Report:
 
 
 def make_report(
-    name: str,
-    tracking_uri: str | None = None,
-    results_dir: str | Path = "results",
-    metric: str = DEFAULT_METRIC,
-    all_invocations: bool = False,
-    parent_id: str | None = None,
-    stream=None,
-    tsne: bool = False,
+    name: str, tracking_uri: str | None = None, results_dir: str | Path = "results",
+    metric: str = DEFAULT_METRIC, all_invocations: bool = False, parent_id: str | None = None,
+    stream=None, tsne: bool = False,
 ) -> Report:
     """Write ``results/<name>/``: leaderboard.csv, report.md, report.html and the figures,
     and log them as artifacts (under ``report/``) of the covered invocation's parent run.

@@ -1,9 +1,5 @@
-"""Report runs: reading a grid's (or study's) runs back from MLflow into a RunSet, and a best
-run's pictures out of its artifacts.
-
-Runs are read back with ``mlflow.search_runs``; a *variant* is every param but the seed, so a
-variant's runs are its seeds. Reruns of the same config, seed, device and code count once.
-"""
+"""A grid's (or study's) runs read back from MLflow into a RunSet (a *variant* is every param
+but the seed: its runs are its seeds), and a best run's pictures out of its artifacts."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,17 +82,12 @@ def select_runs(
     run_set = run_set_from_frame(
         frame, name, experiment.experiment_id, uri, all_invocations, parent_id
     )
-    run_set.client = client
-    return run_set
+    return replace(run_set, client=client)
 
 
 def run_set_from_frame(
-    frame: pd.DataFrame,
-    name: str,
-    experiment_id: str,
-    uri: str,
-    all_invocations: bool = False,
-    parent_id: str | None = None,
+    frame: pd.DataFrame, name: str, experiment_id: str, uri: str,
+    all_invocations: bool = False, parent_id: str | None = None,
 ) -> RunSet:
     """``mlflow.search_runs``' table -> the covered parents and their children, each child with
     its short metric columns and its variant label."""
@@ -132,12 +123,9 @@ RERUN_TAGS = [f"tags.vaebench.{tag}" for tag in ("run_key", "device", "device_na
 
 
 def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Keep the latest finished run of each config, seed, device, processor and code version.
-
-    A deterministic rerun of the same seed on the same device and code is not a new sample:
-    counted twice it would shrink the spread (``--all`` over a grid run twice). On another
-    device or code version it is one: floating-point paths differ.
-    """
+    """Keep the latest finished run of each config, seed, device, processor and code version: a
+    deterministic rerun there is not a new sample, and counted twice would shrink the spread
+    (``--all`` over a grid run twice); on another device or code floating-point paths differ."""
     if RERUN_TAGS[0] not in runs:
         return runs, 0
     keys = runs.reindex(columns=RERUN_TAGS).astype(object).fillna("").agg("|".join, axis=1)
@@ -151,10 +139,9 @@ def variant_labels(runs: pd.DataFrame, params: list[str]) -> pd.Series:
     """A readable label per run, equal for runs that differ only in their seed: the run name
     without its ``-s<seed>`` ending; variants that would share a label (runs of different grid
     versions under ``--all``) get ``#2``, ``#3``."""
+    keys = pd.Series("", index=runs.index)
     if params:
         keys = runs[params].astype(str).agg("\x1f".join, axis=1)
-    else:
-        keys = pd.Series("", index=runs.index)
     labels: dict[str, str] = {}
     for key, name in zip(keys, runs["name"], strict=True):
         if key in labels:

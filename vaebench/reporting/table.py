@@ -1,9 +1,6 @@
-"""Report table: the leaderboard of a RunSet's variants over their seeds, ranked within
-comparison groups, with who ties the best, and each group's best run.
-
-Only FINISHED runs are aggregated. Statistics stay honest: the spread of one run is unknown,
-not zero, and a variant within one standard deviation of the best is marked as a tie.
-"""
+"""The leaderboard of a RunSet's variants over their seeds (FINISHED runs only), ranked within
+comparison groups. The spread of one run is unknown, not zero, and a variant within one
+standard deviation of the best is marked as a tie."""
 
 from __future__ import annotations
 
@@ -54,14 +51,9 @@ def present_metrics(runs: pd.DataFrame) -> list[MetricInfo]:
 
 
 def leaderboard(run_set: RunSet, metric: MetricInfo) -> pd.DataFrame:
-    """One row per variant, best first: mean, standard deviation (NaN for one value) and count
-    of every metric over the variant's finished runs, and whether the variant ties with the
-    best within one std.
-
-    Variants are ranked within their comparison group (``compared_within``): a BCE ELBO is not
-    ranked against an MSE one, nor MNIST against Fashion-MNIST. A variant without a value of
-    the metric (every run failed, say) is listed unranked.
-    """
+    """One row per variant, best first within its comparison group (``compared_within``):
+    mean, std (NaN for one value) and count of every metric over its finished runs, and whether
+    it ties with the best within one std; a variant without the metric is listed unranked."""
     finished = run_set.finished
     if finished.empty:
         raise VaebenchError(f"experiment {run_set.experiment!r}: no FINISHED runs to report on")

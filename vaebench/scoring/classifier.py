@@ -1,11 +1,5 @@
-"""A fixed digit classifier that judges a conditional VAE's generated images.
-
-Trained once, deterministically, on a dataset's training split (a small MLP,
-about 98% test accuracy on MNIST after a few seconds on a CPU) and cached as a
-state_dict with its sha256 beside it. A cache whose checksum does not match is
-ignored and rebuilt. The cache folder is ``$VAEBENCH_CACHE``, else
-``<data root>/vaebench-cache``, else (a read-only data root) ``~/.cache/vaebench``.
-"""
+"""The fixed digit classifier that judges a conditional VAE's samples: trained once,
+deterministically, and cached with its sha256 (docs/metrics.md#evaluation)."""
 
 from __future__ import annotations
 
@@ -45,7 +39,7 @@ def _sha256(path: Path) -> str:
 
 
 def train_classifier(train: Split, epochs: int = EPOCHS) -> nn.Module:
-    """Adam, batch 128, on the device-resident training split; deterministic on CPU."""
+    """Deterministic on CPU."""
     torch.manual_seed(CLASSIFIER_SEED)
     generator = torch.Generator().manual_seed(CLASSIFIER_SEED)
     model = build_classifier().to(train.images.device)
@@ -69,7 +63,6 @@ def accuracy(model: nn.Module, split: Split) -> float:
 
 
 def load_classifier(dataset: str, data_root: Path, device: torch.device) -> nn.Module:
-    """The cached classifier for ``dataset``, trained and cached first if needed."""
     folder = cache_folder(data_root)
     weights = folder / f"{dataset}-classifier-v{VERSION}.pt"
     meta = weights.with_suffix(".json")
@@ -89,7 +82,6 @@ def load_classifier(dataset: str, data_root: Path, device: torch.device) -> nn.M
 
 
 class ClassifierCache:
-    """The fixed digit classifier per dataset and device, loaded (or trained) once."""
 
     def __init__(self, data_root: Path):
         self.data_root = data_root

@@ -1,8 +1,5 @@
-"""Scores of a trained model on a split: clustering (NMI, ARI, accuracy), active units.
-
-Clusters are argmax q(c|x) for models with a categorical latent and k-means
-(K = 10, fixed seed) on the posterior means otherwise.
-"""
+"""Clustering scores (NMI, ARI, accuracy) and active units. Clusters are argmax q(c|x) for
+models with a categorical latent, else k-means (K = 10, fixed seed) on the posterior means."""
 
 from __future__ import annotations
 
@@ -13,7 +10,7 @@ KMEANS_SEED = 0
 
 
 def cluster_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
-    """Accuracy after the best one-to-one matching of clusters to labels (Hungarian)."""
+    """After the best one-to-one matching of clusters to labels (Hungarian)."""
     from scipy.optimize import linear_sum_assignment
 
     labels, clusters = np.asarray(labels), np.asarray(clusters)

@@ -1,11 +1,8 @@
 """Scoring a model on a split: the ELBO estimate, clustering scores, the likelihood estimate.
 
-Every evaluation draws its latents from its own generator, seeded per split (``EVAL_SEEDS``), so
-every run and every epoch of a split sees the same draws (for equal ``train.eval_batch_size`` and
-``eval.samples``, which set how they are chunked), whatever random stream training left behind.
-Categorical latents are drawn as exact one-hot samples from q(c|x), whatever ``model.hard`` says
-for training: a relaxed sample with the discrete KL would bound nothing. The ELBO estimate averages
-``eval.samples`` draws of log p(x|z) per image; its KL terms are exact.
+Every evaluation draws its latents from its own generator, seeded per split, so every run and
+epoch of a split sees the same draws (docs/metrics.md#evaluation); categorical latents are drawn
+as exact one-hot samples from q(c|x): a relaxed sample with the discrete KL would bound nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +36,6 @@ def read_scalars(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
 
 @dataclass
 class Evaluation:
-    """Sums over a split (device tensors) and per-image latents for the scores."""
 
     split_name: str
     images: int
@@ -53,12 +49,10 @@ class Evaluation:
         return PREFIXES[self.split_name]
 
     def sums(self) -> dict[str, torch.Tensor]:
-        """The device sums behind :meth:`metrics`, for reading back with other scalars."""
         return {"recon": self.recon, **self.kl}
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        """``<prefix>_elbo`` (beta = 1), ``_recon``, ``_kl`` and, with several, the KL parts,
-        per image, from the sums read back as floats."""
+        """Per image, from the sums read back; ``<prefix>_elbo`` is the beta = 1 bound."""
         n, p = self.images, self.prefix
         kl = {name: sums[name] for name in self.kl}
         total_kl = sum(kl.values())
@@ -75,7 +69,6 @@ class Evaluation:
 def evaluate(
     model: torch.nn.Module, split: Split, split_name: str, config: RunConfig
 ) -> Evaluation:
-    """Sums of reconstruction (averaged over ``eval.samples`` draws) and KL terms."""
     return evaluate_members(model, split, split_name, [config])[0]
 
 
@@ -83,9 +76,8 @@ def evaluate(
 def evaluate_members(
     model: torch.nn.Module, split: Split, split_name: str, configs: Sequence[RunConfig]
 ) -> list[Evaluation]:
-    """:func:`evaluate` of each member of a ``model`` whose posterior has a leading member axis
-    (a stack's: member k's config ``configs[k]``, the evaluation settings the first's), or of
-    a model alone (``configs``: its own). The members share one member's draws."""
+    """:func:`evaluate` of each member of a stack (the evaluation settings the first's), or of
+    a model alone. The members share one member's draws."""
     config = configs[0]
     model.eval()
     device = split.images.device
@@ -120,9 +112,8 @@ def evaluate_members(
 
 @dataclass(frozen=True)
 class ClusterInput:
-    """What a split's clustering scores are computed from, on the host: the categories
-    (argmax q(c|x)) where the model has a categorical latent, else the latent means, which
-    k-means clusters (slow: done after training, in a background process where asked)."""
+    """What a split's clustering scores are computed from, on the host (k-means is slow: done
+    after training, in a background process where asked)."""
 
     prefix: str
     labels: np.ndarray
@@ -130,7 +121,6 @@ class ClusterInput:
     categories: np.ndarray | None
 
     def clusters(self) -> np.ndarray:
-        """Each image's cluster: its category, else its k-means cluster."""
         return self.categories if self.means is None else kmeans_clusters(self.means)
 
 
@@ -142,17 +132,13 @@ def cluster_input(evaluation: Evaluation, labels: torch.Tensor) -> ClusterInput:
 
 
 def scored_clusters(clusters: ClusterInput) -> dict[str, float]:
-    """``<prefix>_nmi``, ``_ari``, ``_accuracy`` (Hungarian) of the split's clusters."""
     scores = clustering_scores(clusters.labels, clusters.clusters())
     return {f"{clusters.prefix}_{name}": value for name, value in scores.items()}
 
 
 def likelihood_subset(images: int, count: int | None) -> torch.Tensor | None:
-    """Which of a split's ``images`` the likelihood estimate scores when ``eval.iwae_images``
-    asks for ``count``: the first ``count`` of a fixed permutation of the split, drawn with
-    :data:`LIKELIHOOD_SUBSET_SEED` (the same images for every run of every grid), in the
-    split's order; None: all of them. MNIST's test file is ordered (its first 5,000 images
-    come from the cleaner writers), so its first images are no fair sample."""
+    """The first ``count`` of a fixed permutation, in the split's order (None: all). MNIST's
+    test file is ordered (its first 5,000 images from the cleaner writers): no fair sample."""
     if count is None or count >= images:
         return None
     generator = torch.Generator().manual_seed(LIKELIHOOD_SUBSET_SEED)
@@ -162,9 +148,7 @@ def likelihood_subset(images: int, count: int | None) -> torch.Tensor | None:
 def likelihood_metrics(
     model: torch.nn.Module, split: Split, split_name: str, config: RunConfig
 ) -> dict[str, float]:
-    """``<prefix>_nll`` (nats per image, K = ``eval.iwae_samples``, over the seeded subset of
-    ``eval.iwae_images`` images, :func:`likelihood_subset`, or all) and its standard error
-    over the images."""
+    """``<prefix>_nll`` (nats per image) and its standard error over the images."""
     images, labels = split.images, split.labels
     chosen = likelihood_subset(len(split), config.eval.iwae_images)
     if chosen is not None:

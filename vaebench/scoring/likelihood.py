@@ -1,23 +1,10 @@
-"""Importance-weighted log-likelihood estimates (IWAE, Burda et al. 2015).
+"""Importance-weighted log-likelihood estimates (IWAE, Burda et al. 2015; docs/metrics.md).
 
-For an image x and K draws z_k ~ q(z|x),
-
-    L_K(x) = log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)
-
-is a lower bound on log p(x) that rises with K towards it; L_1 is a one-sample ELBO estimate (its
-expectation is the ELBO). Models with a categorical latent (``gumbel``) draw the category too, as
-an exact one-hot c_k ~ q(c|x) with the weight p(c_k) / q(c_k|x) and p(c) uniform: the estimate
-samples the categorical, it does not sum over it. A Gaussian-mixture VAE (``gmvae``) draws
-c_k ~ q(c|x), then z_k ~ q(z|x, c_k), weighted by p(c_k) p(z_k|c_k) / (q(c_k|x) q(z_k|x, c_k)).
-For a ``cvae`` every term is conditioned on the label, so the estimate bounds log p(x|y), not
-log p(x).
-
-log p(x|z) is the Bernoulli log-likelihood of the decoder's logits, which is a
-likelihood only for binary pixels (``data.binarize: dynamic|static``).
-
-Draws come from the caller's generator, so every run of a split sees the same noise; the
-log-weights are summed in float32 per image and combined with logsumexp in float64, where K = 5000
-terms would otherwise lose digits.
+For an image x and K draws z_k ~ q(z|x), L_K(x) = log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)
+bounds log p(x) from below, rising with K towards it. A categorical latent is sampled, an exact
+one-hot c_k ~ q(c|x) weighted by p(c_k) / q(c_k|x), not summed over; a gmvae draws c_k, then
+z_k ~ q(z|x, c_k). log p(x|z) is Bernoulli: a likelihood for binary pixels only. The log-weights
+are summed in float32 per image and combined in float64, where K = 5000 terms would lose digits.
 """
 
 from __future__ import annotations
@@ -46,7 +33,6 @@ class LatentDraws:
 
 
 def draw_latents(posterior: Posterior, samples: int, generator: torch.Generator) -> LatentDraws:
-    """Draw z (and an exact one-hot c) from the posterior with ``generator``."""
     if posterior.mixture is not None:
         return _draw_from_mixture(posterior, samples, generator)
     lead = [1] * (posterior.mu.dim() - 2)  # a stack's member axis: one member's draws serve all
@@ -92,7 +78,6 @@ def _draw_from_mixture(
 
 
 def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) per row, summed over pixels, for Bernoulli pixels given as logits."""
     terms = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
     return -terms.flatten(1).sum(dim=1)
 
@@ -108,11 +93,7 @@ def log_weights(
     generator: torch.Generator,
     log_likelihood: ObservationModel = bernoulli_log_likelihood,
 ) -> torch.Tensor:
-    """log p(x, z_k) - log q(z_k|x) for ``samples`` draws per image: shape (samples, batch).
-
-    ``log_likelihood`` maps the decoder's output and x to log p(x|z) per row
-    (Bernoulli pixels by default).
-    """
+    """log p(x, z_k) - log q(z_k|x) for ``samples`` draws per image: (samples, batch)."""
     posterior = model.posterior(x, y)
     draws = draw_latents(posterior, samples, generator)
     labels = y.repeat(samples) if y is not None else None
@@ -124,8 +105,6 @@ def log_weights(
 
 @dataclass
 class LikelihoodEstimate:
-    """The estimate of -log p(x) per image averaged over a split, and its spread."""
-
     nll: float  # nats per image: -mean L_K(x)
     standard_error: float  # of that mean over the images
     samples: int  # K
@@ -142,12 +121,8 @@ def iwae_log_likelihood(
     rows_per_pass: int = 10000,
     log_likelihood: ObservationModel = bernoulli_log_likelihood,
 ) -> torch.Tensor:
-    """L_K(x) for every image, float64, shape (N,).
-
-    At most ``rows_per_pass`` decoder rows are evaluated at once (images times
-    draws), so K = 5000 fits in memory: a pass takes ``rows_per_pass // K``
-    images (at least one) and, for one image, the draws in chunks.
-    """
+    """L_K(x) per image, float64. At most ``rows_per_pass`` decoder rows (images times draws)
+    at once, so K = 5000 fits in memory: one image's draws are taken in chunks."""
     if samples < 1:
         raise ValueError("samples must be >= 1")
     model.eval()
@@ -157,12 +132,10 @@ def iwae_log_likelihood(
     for start in range(0, images.shape[0], per_pass):
         x = images[start : start + per_pass]
         y = labels[start : start + per_pass] if labels is not None else None
-        parts = []
-        for done in range(0, samples, chunk):
-            count = min(chunk, samples - done)
-            weights = log_weights(model, x, y, count, generator, log_likelihood)
-            parts.append(weights.double())
-        weights = torch.cat(parts)
+        weights = torch.cat([
+            log_weights(model, x, y, min(chunk, samples - done), generator, log_likelihood).double()
+            for done in range(0, samples, chunk)
+        ])
         estimates.append(torch.logsumexp(weights, dim=0) - math.log(samples))
     return torch.cat(estimates)
 
@@ -175,8 +148,7 @@ def estimate_nll(
     generator: torch.Generator,
     **options,
 ) -> LikelihoodEstimate:
-    """The split's negative log-likelihood estimate -mean L_K(x), in nats per image;
-    ``options`` (``rows_per_pass``, ``log_likelihood``) go to :func:`iwae_log_likelihood`."""
+    """-mean L_K(x), in nats per image; ``options`` go to :func:`iwae_log_likelihood`."""
     per_image = iwae_log_likelihood(model, images, labels, samples, generator, **options)
     n = per_image.shape[0]
     spread = per_image.std().item() / math.sqrt(n) if n > 1 else float("nan")

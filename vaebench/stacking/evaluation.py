@@ -1,10 +1,5 @@
-"""The validation and test passes of a stack's members in one pass over the split.
-
-:func:`vaebench.scoring.evaluation.evaluate` of a Gaussian VAE draws its latents from the split's
-own generator, so every member alone would see the same images and the same standard
-normal draws: one draw serves all K members, which then match their runs alone up to the
-rounding of the batched products.
-"""
+"""The validation and test passes of a stack's members in one pass over the split: every
+member alone would draw the same latents from the split's generator, so one draw serves all."""
 
 from __future__ import annotations
 
@@ -19,8 +14,6 @@ from vaebench.stacking.model import StackedGaussianVAE
 def evaluate_stack(
     stack: StackedGaussianVAE, split: Split, split_name: str, configs: Sequence[RunConfig]
 ) -> list[Evaluation]:
-    """Each member's :class:`Evaluation` of ``split`` (member k's config ``configs[k]``), as
-    ``evaluate`` gives it alone."""
     if stack.categories:
         raise ValueError(
             "joint and mixture VAEs' members draw their categories: evaluate each alone"

@@ -1,21 +1,6 @@
-"""Train K runs of one shape as one stacked model, each member exactly as it would train alone.
-
-Members share the architecture, data, batch size, epochs and objective, and may differ in
-what :data:`MEMBER_KEYS` names (seed, KL weight, learning rate). Each keeps its own batch
-order (a permutation from its seed), its own random draws (noise and binarized pixels, from
-a generator in the state its run alone would have), its own Adam state and learning rate.
-The members' losses are summed before one backward pass; as no parameter is shared, each
-member's gradient is exactly its own. A member whose loss or metrics turn NaN or infinite
-(its run fails with the reason), or that its caller stops (a pruned trial), leaves the stack
-after that epoch: the others go on as a smaller stack, their tensors and optimizer state
-carried over exactly, so a stopped member costs nothing more.
-
-A member is copied into the model its run alone would have (same parameter names) for its
-checkpoints, the evaluations it makes alone (:class:`StackTrainee`) and, after the last
-epoch, the scores it computes alone (clustering, likelihood). What a member reports is what
-:func:`vaebench.training.loop.fit` reports for its config, up to floating-point rounding of
-the batched products, and the timing, which is its share of the stack's (seconds / K).
-"""
+"""Train K runs of one shape as one stacked model, each member exactly as it would train alone
+(docs/scaling.md#stacked-runs): its own batch order, draws, optimizer state and learning rate;
+a member that diverges or is stopped leaves, the others going on as a smaller stack."""
 
 from __future__ import annotations
 
@@ -47,8 +32,7 @@ from vaebench.training.trainer import (
 
 @dataclass
 class Member:
-    """One run of the stack: its config, the model it would train alone (filled with its
-    slice for evaluation), its batch-order and random-draw generators."""
+    """``model``: the one it would train alone, filled with its slice to be evaluated alone."""
 
     config: RunConfig
     model: torch.nn.Module
@@ -57,9 +41,8 @@ class Member:
 
 
 def build_member(config: RunConfig, splits: Splits, device: torch.device) -> Member:
-    """The model, initialised as :func:`vaebench.training.loop.fit` initialises it, and
-    generators in the states that run's batch order and global random stream would have
-    after that. (Whether it stacks, :func:`stack_problem`, the stack it joins checks.)"""
+    """The model initialised as its run alone's, and generators in the states that run's batch
+    order and global random stream would have after that."""
     torch.manual_seed(config.seed)
     model = build_model(config.model, splits.image_shape)
     draw_rng = torch.Generator(device=device)
@@ -73,9 +56,7 @@ def build_member(config: RunConfig, splits: Splits, device: torch.device) -> Mem
 
 
 def stacked_epoch(steps: StackSteps, splits: Splits, first_step: int = 0) -> torch.Tensor:
-    """One pass over the training split for every member of ``steps``' stack, its steps
-    numbered from ``first_step`` (a schedule, such as a temperature, follows them); the
-    summed objective per member (K,) as a device tensor."""
+    """The summed objective per member (K,), on the device."""
     members, n, device = steps.members, len(splits.train), splits.train.images.device
     batch_size = members[0].config.train.batch_size
     orders = [torch.randperm(n, generator=m.order_rng, device="cpu") for m in members]
@@ -88,19 +69,15 @@ def stacked_epoch(steps: StackSteps, splits: Splits, first_step: int = 0) -> tor
 
 
 def stacked_optimizer(configs: Sequence[RunConfig], stack: torch.nn.Module) -> StackedOptimizer:
-    """The stack's optimizer (the members' kind), with each member's learning rate."""
     kind = STACKED_OPTIMIZERS[configs[0].optim.name]
     return kind(list(stack.parameters()), [config.optim.lr for config in configs])
 
 
 class StackTrainee:
-    """K runs as one stacked model, as the epoch loop
-    (:func:`vaebench.training.loop.train_members`) drives them. Validation and test passes
-    are stacked (:func:`evaluate_stack`) where ``stacked_evaluation`` says, by default on
-    CUDA: on the CPU, where a pass is not launch-bound, each member alone was as fast for the
-    mlp and faster for conv (its own model keeps its weights channels-last,
-    :func:`vaebench.models.place_model`), so each member is evaluated in its own model; a
-    joint or mixture member's evaluation draws its category, so those are always."""
+    """K runs as one stacked model, as :func:`vaebench.training.loop.train_members` drives
+    them. Evaluation is stacked where ``stacked_evaluation`` says, by default on CUDA: on the
+    CPU each member alone was as fast (mlp) or faster (conv, channels-last); joint and mixture
+    members draw their categories, so they are always evaluated alone."""
 
     earlier = 0.0  # a stack starts afresh
 
@@ -123,7 +100,6 @@ class StackTrainee:
     def _restack(
         self, members: list[Member], optimizer: Callable[[torch.nn.Module], StackedOptimizer]
     ) -> None:
-        """The stack of ``members``' own models, its ``optimizer(stack)`` and its steps."""
         self.members = members
         self.stack = StackedGaussianVAE([m.model for m in members]).to(members[0].model.device)
         self.optimizer = optimizer(self.stack)
@@ -141,7 +117,6 @@ class StackTrainee:
         return [evaluate(m.model, split, split_name, m.config) for m in alone]
 
     def _own(self, position: int) -> Member:
-        """The member at ``position``, its weights copied into its own model."""
         member = self.members[position]
         member.model.load_state_dict(self.stack.member_state(position))
         return member
@@ -149,8 +124,7 @@ class StackTrainee:
     def training_state(
         self, position: int, history: list[EpochMetrics], seconds: float
     ) -> dict[str, Any]:
-        """:func:`vaebench.training.trainer.training_state` of the member: what its run alone
-        would have saved after the same epoch, so it continues alone."""
+        """What its run alone would have saved after the same epoch: it continues alone."""
         member = self._own(position)
         like = build_optimizer(member.config.optim, member.model.parameters())
         state = training_state(member.model, like, member.order_rng, history, seconds)
@@ -160,9 +134,6 @@ class StackTrainee:
         return state
 
     def keep(self, positions: Sequence[int]) -> None:
-        """The stack and its optimizer hold only the members at ``positions``, each with its
-        parameters, buffers and optimizer state as they were: a smaller stack built from their
-        own models, filled from this one."""
         kept = [self._own(position) for position in positions]
         keeping = self.optimizer.keeping
         self._restack(kept, lambda stack: keeping(positions, list(stack.parameters())))
@@ -181,9 +152,6 @@ def fit_stack(
     stacked_evaluation: bool | None = None,
     score_clusters: bool = True,
 ) -> list[TrainResult | BaseException]:
-    """Train ``configs`` (one :func:`stack_key`) as one stack (:class:`StackTrainee`), with
-    :func:`vaebench.training.loop.train_members`'s callbacks and outcomes; each member's
-    checkpoint is the state its run alone continues."""
     trainee = StackTrainee(configs, splits, device, stacked_evaluation)
     return train_members(trainee, splits, device, on_epoch, save_state, on_failed, score_clusters)
 
@@ -197,10 +165,8 @@ def fit_members(
     on_failed: Callable[[int, TrainingDiverged], None] | None = None,
     resume: dict[str, Any] | None = None,
 ) -> list[TrainResult | BaseException]:
-    """K >= 1 runs of one :func:`stack_key` trained by the one epoch loop: a run alone in its
-    own model (:class:`ModelTrainee`: the fast path on the CPU, and the one that continues a
-    checkpoint, ``resume``), several as one stack. The clustering scores are left to the
-    run's finishing (``result.clusters``)."""
+    """A run alone in its own model (the CPU's fast path, and the one that continues a
+    checkpoint), several as one stack; the clustering scores are left in ``result.clusters``."""
     if len(configs) == 1:
         trainee = ModelTrainee(configs[0], splits, device, resume)
     elif resume is not None:

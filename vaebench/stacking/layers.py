@@ -1,19 +1,7 @@
-"""The layers of a stack (:mod:`vaebench.stacking.model`): K same-shape ``nn.Linear``,
-``Conv2d``/``ConvTranspose2d``, ``BatchNorm2d`` layers, each as one layer whose weights have a
-leading member axis, and ``nn.Sequential`` nets of them.
-
-A stacked parameter is ``(K, *the member's shape)`` and has the member's parameter name.
-Activations are member-major, ``(K, B, ...)``: the K runs' matrix products become one batched
-product (``baddbmm``). A net with convolutions runs in one of two ways
-(:attr:`StackedSequential.per_member`). On CUDA, batched: a run of convolutions works on the
-grouped layout ``(B, K * C, H, W)``, the K members' convolutions one grouped convolution (one
-kernel launch; HFTA, MLSys 2021), and converts back where a linear layer follows. On the CPU,
-per member: each member's images go through all its layers before the next member's, as its
-run alone would take them. There the convolutions already fill the cores, and the batched way
-was measured slower than the runs one after another (its activations K times larger than the
-caches, its layout conversions copies), per member as fast: ``python -m vaebench bench
---stack 1,4,8 --arch conv`` times both.
-"""
+"""A stack's layers: K same-shape layers as one whose parameters, ``(K, *the member's shape)``,
+keep the member's names; activations are member-major ``(K, B, ...)``. Convolutions run grouped
+on CUDA and per member on the CPU, where that was measured faster (docs/scaling.md#stacked-runs;
+``python -m vaebench bench --stack 1,4,8 --arch conv`` times both)."""
 
 from __future__ import annotations
 
@@ -51,7 +39,6 @@ class BatchedLinear(torch.autograd.Function):
 
 
 class StackedLinear(nn.Module):
-    """K ``nn.Linear`` layers: ``(K, B, in) -> (K, B, out)`` in one ``baddbmm``."""
 
     grouped = False
 
@@ -64,7 +51,6 @@ class StackedLinear(nn.Module):
         return BatchedLinear.apply(x, self.weight, self.bias)
 
     def member_layers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        """Each member's layer, ``(B, in) -> (B, out)``, on views of the stacked weights."""
         return [
             partial(F.linear, weight=w, bias=b)
             for w, b in zip(self.weight.unbind(0), self.bias.unbind(0), strict=True)
@@ -72,8 +58,7 @@ class StackedLinear(nn.Module):
 
 
 class StackedConv(nn.Module):
-    """K ``Conv2d`` (or ``ConvTranspose2d``) layers as one grouped convolution on the grouped
-    layout ``(B, K * C, H, W)``."""
+    """K ``Conv2d`` (or ``ConvTranspose2d``) layers as one grouped convolution."""
 
     grouped = True
 
@@ -92,7 +77,6 @@ class StackedConv(nn.Module):
         return self._convolve(x, weight, self.bias.flatten(), members)
 
     def member_layers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        """Each member's convolution of its ``(B, C, H, W)``, on views of the stacked weights."""
         return [
             partial(self._convolve, weight=w, bias=b, groups=1)
             for w, b in zip(self.weight.unbind(0), self.bias.unbind(0), strict=True)
@@ -130,13 +114,11 @@ class StackedBatchNorm(nn.Module):
         return self._normalise(*(part.view(-1) for part in self._parts()), x)
 
     def member_layers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        """Each member's batch norm of its ``(B, C, H, W)``: its own statistics (rows of the
-        ``(K, C)`` buffers, updated in place) and affine weights."""
         members = zip(*(part.unbind(0) for part in self._parts()), strict=True)
         return [partial(self._normalise, *member) for member in members]
 
     def _parts(self) -> tuple[torch.Tensor, ...]:
-        """Running mean and variance, weight and bias; a training pass counts its batch."""
+        """A training pass counts its batch."""
         if self.training:
             self.num_batches_tracked.add_(1)
         return self.running_mean, self.running_var, self.weight, self.bias
@@ -161,18 +143,15 @@ class MemberShape(nn.Module):
         return x.flatten(dim) if self.unflatten is None else x.unflatten(dim, self.unflatten)
 
     def member_layers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        """Each member's ``(B, ...)`` reshaped as its own layer reshapes it."""
         return [partial(self.forward, dim=1)] * self.members
 
 
 def to_grouped(x: torch.Tensor) -> torch.Tensor:
-    """``(K, B, C, H, W) -> (B, K * C, H, W)``."""
     members, batch, channels = x.shape[:3]
     return x.transpose(0, 1).reshape(batch, members * channels, *x.shape[3:])
 
 
 def from_grouped(x: torch.Tensor, members: int) -> torch.Tensor:
-    """``(B, K * C, H, W) -> (K, B, C, H, W)``."""
     batch, channels = x.shape[:2]
     return x.view(batch, members, channels // members, *x.shape[2:]).transpose(0, 1)
 
@@ -196,9 +175,6 @@ class StackedSequential(nn.Sequential):
         self.members = len(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Member-major ``x`` (K, B, ...) through the layers: per member where
-        :attr:`per_member` says (None: on the CPU for a net with convolutions), else batched,
-        a run of convolutions grouped."""
         per_member = self.per_member
         if per_member is None:
             per_member = x.device.type == "cpu" and any(getattr(m, "grouped", False) for m in self)
@@ -240,8 +216,7 @@ STACKABLE_LAYERS = tuple(STACKED_LAYERS)
 
 
 def use_layout(stack: nn.Module, per_member: bool | None) -> nn.Module:
-    """``stack`` with its nets' layers run per member (True), batched (False) or as the
-    device suits (None); for benchmarks and tests of a layout on another device."""
+    """For benchmarks and tests of a layout on another device."""
     for net in stack.modules():
         if isinstance(net, StackedSequential):
             net.per_member = per_member

@@ -1,11 +1,5 @@
-"""K same-shape VAEs (``mlp``, ``conv``, ``cvae``, ``gumbel``, ``gmvae``) as one model whose
-every weight has a leading member axis (its layers: :mod:`vaebench.stacking.layers`); its
-forward and KL terms are the families' own formulas over that axis.
-
-A stacked parameter is ``(K, *the member's shape)`` and has the member's parameter name, so
-member k's ``state_dict`` is ``{name: p[k]}`` and loads into the model the run would have
-trained alone. Activations are member-major, ``(K, B, ...)``.
-"""
+"""K same-shape VAEs as one model whose weights have a leading member axis, its forward and KL
+terms the families' own formulas; member k's ``state_dict`` is ``{name: p[k]}``."""
 
 from __future__ import annotations
 
@@ -38,11 +32,6 @@ def stack_problem(model: nn.Module) -> str | None:
 
 
 class StackedGaussianVAE(nn.Module):
-    """K Gaussian VAEs of one shape; ``forward`` takes each member's batch and noise (and, for
-    conditional members, ``cvae``, each member's labels: their one-hot code joins the decoder's
-    input and, with ``model.condition_encoder``, the encoder's features, as in
-    :class:`~vaebench.models.cvae.ConditionalVAE`; for joint members, ``gumbel``, each member's
-    Gumbel noise for its relaxed category, as in :class:`~vaebench.models.gumbel.JointVAE`)."""
 
     def __init__(self, members: Sequence[GaussianVAE]):
         super().__init__()
@@ -82,10 +71,8 @@ class StackedGaussianVAE(nn.Module):
         gumbel: torch.Tensor | None = None,
         tau: float = 1.0,
     ) -> VAEOutput:
-        """What each member's own forward gives (the member axis first) for images ``x``
-        (K, B, ...), standard normal ``noise`` (K, *:meth:`noise_shape`), labels ``y`` (K, B)
-        of conditional members and, for joint members, Gumbel noise ``gumbel``
-        (K, B, categories) at temperature ``tau``, through the families' own formulas."""
+        """Each member's own forward, the member axis first; its draws given: ``noise`` (K,
+        *:meth:`noise_shape`), joint members' ``gumbel`` (K, B, categories)."""
         features = self._features(x, y)
         head = self.head(features)
         if self.mixture:
@@ -106,12 +93,9 @@ class StackedGaussianVAE(nn.Module):
         return VAEOutput(mu, logvar, category_logits, logits=logits, z=z)
 
     def noise_shape(self, batch: int) -> tuple[int, ...]:
-        """The shape of one member's standard normal draws for a batch: a z per image, or for
-        mixture members a z per image and component."""
         return (batch, self.categories, self.z_dim) if self.mixture else (batch, self.z_dim)
 
     def posterior(self, x: torch.Tensor, y: torch.Tensor) -> Posterior:
-        """Each member's posterior (K, B, z_dim) of the same images x (B, ...), labels y (B,)."""
         if self.categories:
             raise ValueError("joint and mixture members' posteriors are evaluated alone")
         features = self._features(x.expand(self.members, *x.shape), self._each(y))
@@ -120,7 +104,6 @@ class StackedGaussianVAE(nn.Module):
     def decode_sample(
         self, z: torch.Tensor, c: torch.Tensor | None = None, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Each member's decoder logits of its latents z (K, B, z_dim), labels y (B,) shared."""
         return self.decode(z, self._each(y))
 
     def _each(self, y: torch.Tensor | None) -> torch.Tensor | None:
@@ -131,11 +114,9 @@ class StackedGaussianVAE(nn.Module):
         return with_label(features, y) if self.condition_encoder else features
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Decoder logits of latents z (K, B, z_dim), with labels (K, B) if conditional."""
         return self.decoder(with_label(z, y) if self.conditional else z)
 
     def member_state(self, index: int) -> dict[str, torch.Tensor]:
-        """Member ``index``'s ``state_dict``, as its run alone would hold it (copies):
-        parameters and buffers (batch norm's running statistics)."""
+        """Member ``index``'s ``state_dict`` (copies), as its run alone would hold it."""
         tensors = [*self.named_parameters(), *self.named_buffers()]
         return {name: t[index].detach().clone() for name, t in tensors}

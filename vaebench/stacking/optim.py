@@ -1,13 +1,7 @@
 """Adam and RMSprop over stacked parameters ``(K, ...)``, with a learning rate per member.
 
-Each runs torch's own kernel on each member's slice, the one its run alone would use
-(``torch._fused_adam_`` for vaebench's fused Adam; RMSprop's default per-parameter
-arithmetic), so a stacked member's update is the update its run would make alone. Members
-are updated a *learning-rate run* at a time: consecutive members with one learning rate
-share one call on the slice ``p[a:b]`` of every parameter (one call for the whole stack when
-the members differ only in seed or beta). A member's state converts to the ``state_dict`` of
-the torch optimizer its run alone would hold, so that the run can continue alone.
-"""
+Each runs the kernel its run alone would use on each member's slice, so a member's update is
+its run's; consecutive members of one learning rate share one call on ``p[a:b]``."""
 
 from __future__ import annotations
 
@@ -41,7 +35,6 @@ class StackedOptimizer:
         self.state = {name: [torch.zeros_like(p) for p in self.params] for name in self.state_names}
 
     def run_slices(self, members: slice) -> dict[str, list[torch.Tensor]]:
-        """The parameters, gradients and state of the members in ``members``, as views."""
         whole = members == slice(0, self.params[0].shape[0])
 
         def part(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -53,9 +46,7 @@ class StackedOptimizer:
         return slices
 
     def keeping(self, kept: Sequence[int], params: Sequence[torch.nn.Parameter]):
-        """This optimizer over the members at positions ``kept`` only (``params``: a stack
-        of those members, its parameters in this one's order): their learning rates, their
-        state and the step count as they were."""
+        """This optimizer over the members at positions ``kept`` (``params``: their stack's)."""
         smaller = copy.copy(self)
         rows = list(kept)
         smaller.params = list(params)
@@ -72,8 +63,7 @@ class StackedOptimizer:
             p.grad = None
 
     def member_state(self, index: int, like: torch.optim.Optimizer) -> dict[str, Any]:
-        """Member ``index``'s state as the ``state_dict`` of ``like``, the torch optimizer over
-        that member's own model (its parameters in the stack's order)."""
+        """Member ``index``'s state as the ``state_dict`` of ``like``, its run alone's optimizer."""
         state = like.state_dict()
         for number in state["param_groups"][0]["params"]:
             state["state"][number] = {
@@ -101,19 +91,9 @@ class StackedAdam(StackedOptimizer):
         for lr, members in self.runs:
             part = self.run_slices(members)
             torch._fused_adam_(
-                part["params"],
-                part["grads"],
-                part["exp_avg"],
-                part["exp_avg_sq"],
-                [],
-                [self.step_count] * len(self.params),
-                lr=lr,
-                beta1=self.betas[0],
-                beta2=self.betas[1],
-                weight_decay=0.0,
-                eps=self.eps,
-                amsgrad=False,
-                maximize=False,
+                part["params"], part["grads"], part["exp_avg"], part["exp_avg_sq"], [],
+                [self.step_count] * len(self.params), lr=lr, beta1=self.betas[0],
+                beta2=self.betas[1], weight_decay=0.0, eps=self.eps, amsgrad=False, maximize=False,
             )
 
 

@@ -1,8 +1,5 @@
-"""Which runs of a grid train together as one stack (:mod:`vaebench.stacking.fit`): the plan
-alone, so that ``--dry-run`` shows it without importing torch.
-
-This module imports neither torch, nor mlflow, nor optuna.
-"""
+"""Which runs of a grid train together as one stack, without torch, so that ``--dry-run``
+shows it at once."""
 
 from __future__ import annotations
 
@@ -32,8 +29,7 @@ STACKED_KWARGS = {"fused", "foreach"}
 
 
 def config_problem(config: RunConfig, on_cpu: bool = False) -> str | None:
-    """Why runs of ``config`` train one by one, or None if they can be stacked; ``on_cpu``:
-    the runs train on the CPU."""
+    """Why runs of ``config`` train one by one (``on_cpu``: there), or None."""
     if config.model.arch not in STACKED_ARCHS:
         return f"model.arch {config.model.arch} is trained one by one"
     if config.train.backend != "torch":
@@ -64,15 +60,16 @@ def plan_stacks(
     max_stack: int,
     on_cpu: Callable[[RunConfig], bool] = lambda config: False,
 ) -> list[list[int]]:
-    """The indices of ``configs`` in groups that train together, in the order of each group's
-    first run: runs of one :func:`stack_key`, at most ``max_stack`` a group. A run given as
-    None (one that must train alone, e.g. continued from its checkpoint) or with a
-    :func:`config_problem` is a group of its own. ``on_cpu(config)`` says whether a run
-    trains on the CPU; it is asked only of runs that stack on CUDA only."""
+    """The indices of ``configs`` in groups of one :func:`stack_key`, at most ``max_stack``
+    each, in the order of each group's first run. A run given as None (it must train alone,
+    e.g. continued) or with a :func:`config_problem` is a group of its own. ``on_cpu(config)``
+    is asked only of runs that stack on CUDA only."""
     groups: list[list[int]] = []
     open_groups: dict[str, list[int]] = {}
     for index, config in enumerate(configs):
-        if config is None or max_stack < 2 or _problem(config, on_cpu) is not None:
+        if config is None or max_stack < 2 or config_problem(
+            config, cpu_problem(config) is not None and on_cpu(config)
+        ):
             groups.append([index])
             continue
         key = stack_key(config)
@@ -84,13 +81,6 @@ def plan_stacks(
     return groups
 
 
-def _problem(config: RunConfig, on_cpu: Callable[[RunConfig], bool]) -> str | None:
-    return config_problem(config, cpu_problem(config) is not None and on_cpu(config))
-
-
 def cpu_problem(config: RunConfig) -> str | None:
-    """Why runs of ``config`` stack on CUDA only (measured slower stacked on the CPU), or
-    None if they stack on any device."""
-    if config.model.arch == "gmvae":
-        return GMVAE_ON_CPU
-    return None
+    """Why runs of ``config`` stack on CUDA only (measured slower stacked on the CPU), or None."""
+    return GMVAE_ON_CPU if config.model.arch == "gmvae" else None

@@ -1,18 +1,8 @@
-"""One training step of a stack: each member's inputs drawn as its run alone draws them, the
-members' summed loss, one backward pass and the update; on CUDA, captured once as a graph.
+"""One training step of a stack: each member's inputs drawn as its run alone draws them, one
+backward pass, the update; on CUDA captured once as a graph (docs/scaling.md#cuda-graphs).
 
-On a GPU a step of a stack of small VAEs is launch-bound: measured on an H200, a step took about
-2.5 ms whether the stack held 1 member or 16, for microseconds of arithmetic. A CUDA graph replays
-the step's kernels (forward, backward, optimizer) with one launch. What changes from step to step
-stays outside the graph, in static buffers the graph reads: the batch, gathered with one
-``index_select``, each member's noise, drawn from its own generator into its row as its run alone
-draws it, and the labels of conditional members. The first :data:`WARMUP_STEPS` steps run eagerly
-(on a side stream, as capture asks); the step after them is captured and checked against the same
-step run eagerly on the stack's state as it was: where the two differ beyond rounding, or capture
-fails, the stack goes on eagerly and a warning says why. A step with another shape (the epoch's
-last, smaller batch) runs eagerly. Stacks whose steps draw more than that (binarized pixels, Gumbel
-noise) or follow a schedule (a temperature) always run eagerly, as does every stack on the CPU,
-where a step is not launch-bound. ``$VAEBENCH_CUDA_GRAPHS=0`` turns capture off.
+Measured on an H200, a step of a stack of small VAEs took about 2.5 ms whether it held 1 member
+or 16: launch-bound, which the graph's one launch removes.
 """
 
 from __future__ import annotations
@@ -39,9 +29,6 @@ CUDA_GRAPHS_ENV = "VAEBENCH_CUDA_GRAPHS"
 
 @dataclass
 class StepInputs:
-    """What a step feeds the stack: images ``x`` (K, B, ...), ``noise`` (K, *noise shape), labels
-    ``y`` (K, B) of conditional members, Gumbel noise of joint members, the temperature."""
-
     x: torch.Tensor
     noise: torch.Tensor
     y: torch.Tensor | None = None
@@ -50,7 +37,7 @@ class StepInputs:
 
 
 class Graph(Protocol):
-    """A recorded step: :class:`CudaGraph`, or in tests a stand-in that replays eagerly."""
+    """:class:`CudaGraph`, or in tests a stand-in that replays eagerly."""
 
     def capture(self, step: Callable[[], Any]) -> None: ...
 
@@ -58,10 +45,8 @@ class Graph(Protocol):
 
 
 class CudaGraph:
-    """``torch.cuda.CUDAGraph``: ``capture`` records the kernels ``step`` launches (running
-    none of them) on ``stream``, the one the warm-up ran on (cuBLAS keeps its handles and
-    workspaces per stream); ``replay`` launches them again. Only this thread's work is
-    captured: the others' (a digest's copy, say) go on outside the graph."""
+    """Captured on the warm-up's ``stream`` (cuBLAS keeps its handles and workspaces per
+    stream); only this thread's work is captured (a digest's copy, say, goes on outside)."""
 
     def __init__(self, stream: torch.cuda.Stream) -> None:
         self.graph = torch.cuda.CUDAGraph()
@@ -76,9 +61,8 @@ class CudaGraph:
 
 
 class StackSteps:
-    """The training steps of one stack (made anew when members leave it): the step as
-    :meth:`train`, and on CUDA its graph, captured at the first full batch after the
-    warm-up. ``graph`` makes the graph (None: always eager; :func:`cuda_graph_for` chooses)."""
+    """The steps of one stack (made anew when members leave it). ``graph`` makes the graph,
+    captured at the first full batch after the warm-up (None: always eager)."""
 
     def __init__(
         self,
@@ -101,16 +85,13 @@ class StackSteps:
         train = self.config.train
         self.total_steps = train.epochs * steps_per_epoch(len(splits.train), train.batch_size)
         self.graph = graph
-        # the stream of the warm-up steps and the capture (CUDA only)
-        self.stream = (
-            torch.cuda.Stream(self.device) if graph and self.device.type == "cuda" else None
-        )
+        on_cuda = graph and self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if on_cuda else None  # warm-up, capture
         self.steps_taken = 0
         self.captured: CapturedStep | None = None
 
     def __call__(self, index: torch.Tensor, step: int) -> torch.Tensor:
-        """Training step ``step`` (a schedule follows it), member k's batch rows ``index[k]``
-        (K, B) of the training split: each member's summed objective (K,), on the device."""
+        """Member k's batch rows ``index[k]`` (K, B): each member's summed objective (K,)."""
         self.steps_taken += 1
         full = index.shape[1] == self.config.train.batch_size
         if self.graph is not None and full and self.steps_taken > WARMUP_STEPS:
@@ -130,8 +111,6 @@ class StackSteps:
             return self.train(self.inputs(index, step), index.shape[1], step)
 
     def inputs(self, index: torch.Tensor, step: int, out: StepInputs | None = None) -> StepInputs:
-        """Each member's batch and random draws for the step, from its own generator, into
-        ``out``'s buffers if given."""
         count, batch = index.shape
         flat, rows = index.flatten(), (count * batch, *self.image_shape)
         x = out.x if out is not None else self.images.new_empty(rows)
@@ -159,9 +138,8 @@ class StackSteps:
         return StepInputs(x, noise, y, gumbel, tau)
 
     def train(self, inputs: StepInputs, batch: int, step: int = 0) -> torch.Tensor:
-        """Forward, each member's objective (the runs' own :class:`Objective` at training step
-        ``step``), summed before one backward pass (each member's gradient is its own: no
-        parameter is shared), then the optimizer's step; each member's objective (K,)."""
+        """The members' objectives summed before one backward pass: no parameter is shared,
+        so each member's gradient is its own."""
         stack = self.stack
         out = stack(inputs.x, inputs.noise, inputs.y, inputs.gumbel, inputs.tau)
         terms = terms_of(stack.kl_terms, out, inputs.x, self.kinds, self.first_kind)
@@ -173,7 +151,6 @@ class StackSteps:
 
     @contextlib.contextmanager
     def _side_stream(self, full: bool) -> Iterator[None]:
-        """The warm-up steps before capture run on a side stream, as CUDA graphs ask."""
         side = self.stream
         if side is None or self.graph is None or not full or self.captured is not None:
             yield
@@ -186,7 +163,6 @@ class StackSteps:
 
 
 class CapturedStep:
-    """The stack's step as a graph over static buffers, checked once against the eager step."""
 
     def __init__(self, steps: StackSteps, graph: Graph):
         self.steps, self.graph = steps, graph
@@ -199,8 +175,8 @@ class CapturedStep:
         self.loss = torch.zeros(count, device=steps.device)
 
     def first(self, index: torch.Tensor, step: int) -> torch.Tensor:
-        """Capture the step, then take this step both ways: eagerly on a copy of the state,
-        and by replay; keep the replay where the two agree, else the eager step."""
+        """Capture, then take this step eagerly on a copy of the state and by replay; keep the
+        replay where the two agree, else the eager step."""
         self.steps.inputs(index, step, out=self.static)
         steps, optimizer = self.steps, self.steps.optimizer
         before = _snapshot(steps)
@@ -228,7 +204,7 @@ class CapturedStep:
         return self.loss
 
     def _replay(self) -> None:
-        """One replay, and the optimizer's step count, which the graph cannot advance."""
+        """The graph cannot advance the optimizer's step count."""
         optimizer = self.steps.optimizer
         count = optimizer.steps
         self.graph.replay()
@@ -239,7 +215,6 @@ _Snapshot = tuple[list[torch.Tensor], int]  # the state tensors' copies, the ste
 
 
 def _state_tensors(steps: StackSteps) -> list[torch.Tensor]:
-    """What a step changes: the stack's parameters and buffers and the optimizer's state."""
     optimizer = steps.optimizer
     state = [t for tensors in optimizer.state.values() for t in tensors]
     count = [optimizer.step_count] if hasattr(optimizer, "step_count") else []
@@ -259,7 +234,6 @@ def _restore(steps: StackSteps, snapshot: _Snapshot) -> None:
 
 
 def _difference(got: _Snapshot, expected: _Snapshot) -> str | None:
-    """None where every tensor agrees to float32 rounding (1e-4 relative), else which."""
     (tensors, count), (wanted, wanted_count) = got, expected
     for number, (a, b) in enumerate(zip(tensors, wanted, strict=True)):
         if not torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-12):
@@ -270,14 +244,12 @@ def _difference(got: _Snapshot, expected: _Snapshot) -> str | None:
 def cuda_graph_for(
     stack: StackedGaussianVAE, splits: Splits, objective: str = "elbo"
 ) -> Callable[[torch.cuda.Stream | None], Graph] | None:
-    """What makes the stack's graph: :class:`CudaGraph` where :func:`graphable`, else None."""
     return CudaGraph if graphable(stack, splits, objective) else None
 
 
 def graphable(stack: StackedGaussianVAE, splits: Splits, objective: str = "elbo") -> bool:
-    """Whether the stack's step can be one CUDA graph: on CUDA, its draws only the noise (no
-    binarized pixels, no Gumbel noise), no schedule (a temperature, the capacity objective's
-    targets), no labels (one-hot codes check them on the host), its convolutions grouped."""
+    """Only the noise drawn (no binarized pixels, no Gumbel noise), no schedule (a temperature,
+    capacity targets), no labels (one-hot codes check them on the host), convolutions grouped."""
     if splits.train.images.device.type != "cuda" or os.environ.get(CUDA_GRAPHS_ENV) == "0":
         return False
     per_member = [getattr(net, "per_member", False) for net in (stack.encoder, stack.decoder)]

@@ -1,12 +1,5 @@
-"""Mid-run checkpoints: one file per MLflow run, written atomically, gone once the run ends.
-
-A checkpoint holds what :func:`vaebench.training.loop.fit` needs to continue a run from its last
-complete epoch as if it had never stopped (model, optimizer, every random state, the epochs'
-metrics), plus the run's key and vaebench's code version: a checkpoint of other settings, code or
-device is not continued. Files live in ``checkpoints/`` beside the SQLite store (or under
-``--checkpoint-dir``), named by the run id. Writes go to a temporary file that is renamed over the
-last one, so a process killed in the middle leaves the previous checkpoint whole.
-"""
+"""Mid-run checkpoints: one file per MLflow run, written atomically, gone once the run ends
+(docs/resume.md#checkpoints)."""
 
 from __future__ import annotations
 
@@ -24,7 +17,6 @@ FOLDER = "checkpoints"
 
 
 def default_folder(sqlite_file: Path | None) -> Path:
-    """``checkpoints/`` beside the SQLite store, else (a tracking server) in the working folder."""
     return (sqlite_file.resolve().parent if sqlite_file is not None else Path.cwd()) / FOLDER
 
 
@@ -37,9 +29,7 @@ class CheckpointStore:
         return self.folder / f"{run_id}.pt"
 
     def save(self, run_id: str, state: dict[str, Any]) -> bool:
-        """Write atomically; whether it was written. A checkpoint that cannot be written (disk
-        full, permissions) is a warning, once: the run goes on, it just cannot be continued
-        from this epoch if it stops."""
+        """Whether it was written: one that cannot be is a warning, once, and the run goes on."""
         path = self.path(run_id)
         with deferred_signals():
             try:
@@ -57,7 +47,6 @@ class CheckpointStore:
                 return False
 
     def load(self, run_id: str) -> dict[str, Any] | None:
-        """The run's checkpoint, or None if there is none or it cannot be read."""
         path = self.path(run_id)
         if not path.exists():
             return None

@@ -1,10 +1,5 @@
-"""The one epoch loop, for K >= 1 members trained together, and :func:`fit`, a run alone.
-
-Every epoch's training and validation sums are read back to the host in one transfer. What
-the members are is the :class:`Trainee`'s business: a run alone in its own model
-(:class:`ModelTrainee`), or a stack (:class:`vaebench.stacking.fit.StackTrainee`). This
-module imports neither mlflow nor optuna: callers pass callbacks.
-"""
+"""The one epoch loop, for K >= 1 members trained together (docs/architecture.md), and
+:func:`fit`, a run alone; an epoch's sums are read back to the host in one transfer."""
 
 from __future__ import annotations
 
@@ -33,8 +28,7 @@ from vaebench.training.trainer import (
 
 
 class MemberStopped(Exception):
-    """Raised by ``on_epoch`` to stop that member on purpose (a pruned trial): it leaves like
-    a diverged member, and the others go on. ``reason``: what stopped it, its outcome."""
+    """Raised by ``on_epoch`` to stop that member (a pruned trial); ``reason``: its outcome."""
 
     def __init__(self, reason: BaseException):
         super().__init__(str(reason))
@@ -42,31 +36,26 @@ class MemberStopped(Exception):
 
 
 class Trainee(Protocol):
-    """K >= 1 runs trained together, as :func:`train_members` drives them; a member is named
-    by its position among those still in."""
+    """K >= 1 runs trained together; a member is named by its position among those still in."""
 
     configs: list[RunConfig]  # member i's config, i its position at the start
     results: list[TrainResult]  # member i's, holding its model and a continued run's epochs
     earlier: float  # the seconds a continued run had trained
 
     def epoch(self, first_step: int) -> torch.Tensor:
-        """One pass over the training split, its steps numbered from ``first_step``: each
-        member's summed objective (K,), on the device."""
-        ...
+        ...  # each member's summed objective (K,), on the device
 
     def evaluations(self, split: Split, split_name: str) -> list[Evaluation]: ...
 
     def training_state(
         self, position: int, history: list[EpochMetrics], seconds: float
     ) -> dict[str, Any]:
-        """What the member's run alone would save after this epoch: it continues alone."""
-        ...
+        ...  # what the member's run alone would save: it continues alone
 
     def keep(self, positions: Sequence[int]) -> None:  # only the members at ``positions`` go on
         ...
 
     def final_model(self, position: int) -> torch.nn.Module:
-        """The member's own model, holding its weights, in eval mode."""
         ...
 
 
@@ -79,17 +68,12 @@ def train_members(
     on_failed: Callable[[int, TrainingDiverged], None] | None = None,
     score_clusters: bool = True,
 ) -> list[TrainResult | BaseException]:
-    """Train ``trainee``'s members; for each, in order, its result, the
-    :class:`TrainingDiverged` that ended it (``on_failed`` hears of it at once), or the reason
-    of a :class:`MemberStopped` ``on_epoch`` raised.
+    """For each member, in order, its result, the :class:`TrainingDiverged` that ended it
+    (``on_failed`` hears of it at once), or the reason of a :class:`MemberStopped`.
 
-    Every ``train.checkpoint_every`` epochs (and after the last), ``save_state(i, state)``
-    receives the member's :meth:`Trainee.training_state`, before ``on_epoch`` sees the
-    epoch. A member's time is its share: an epoch's seconds divided by the members the
-    trainee held in it, and its ``seconds`` the sum of such shares while it was in, plus
-    the scoring it does alone. Without ``score_clusters`` the final clustering scores are
-    left out of the summary, and what they are computed from is in ``result.clusters``
-    (:func:`vaebench.scoring.evaluation.scored_clusters` scores it later, on the host)."""
+    ``save_state(i, state)`` comes before ``on_epoch`` sees the epoch. A member's time is its
+    share of the stack's (docs/scaling.md#what-a-member-records). Without ``score_clusters``
+    what the clustering scores are computed from is left in ``result.clusters``."""
     loop = _Loop(trainee, splits, device, on_failed)
     config = trainee.configs[0]
     per_epoch = steps_per_epoch(len(splits.train), config.train.batch_size)
@@ -118,7 +102,6 @@ def train_members(
 
 
 class _Loop:
-    """The state of one :func:`train_members`: who is still in, and each member's share."""
 
     def __init__(self, trainee: Trainee, splits: Splits, device: torch.device, on_failed):
         self.trainee, self.configs, self.splits = trainee, trainee.configs, splits
@@ -145,8 +128,6 @@ class _Loop:
             self.on_failed(index, error)
 
     def train_epoch(self, first_step: int) -> tuple[list[float], list[dict[str, float]]]:
-        """The members' epoch and validation pass: each member's training sum and validation
-        metrics, the sums read back in one transfer."""
         totals = self.trainee.epoch(first_step)
         self.trained_at = self.clock()
         sums = {f"{p}/train": totals[p] for p in range(len(self.active))}
@@ -165,7 +146,7 @@ class _Loop:
         return [read[f"{p}/train"] for p in range(len(self.active))], values
 
     def metrics(self, position, epoch, train, values, times) -> EpochMetrics | None:
-        """The member's epoch, appended to its history; None if its numbers diverged."""
+        """Appended to the member's history; None if its numbers diverged."""
         index, size = self.active[position], len(self.active)
         n_train, (t0, t1, t2) = len(self.splits.train), times
         when = f"after epoch {epoch}"
@@ -188,7 +169,6 @@ class _Loop:
         return metrics
 
     def keep_going(self) -> bool:
-        """Failed or stopped members leave (no more work for them); whether any is left."""
         kept = [p for p, i in enumerate(self.active) if isinstance(self.outcomes[i], TrainResult)]
         if len(kept) < len(self.active):
             self.active = [self.active[p] for p in kept]
@@ -197,7 +177,6 @@ class _Loop:
         return bool(self.active)
 
     def score(self, score_clusters: bool) -> None:
-        """The test split scored once, and each member's final scores and summary."""
         tested = self.clock()
         tests = self.trainee.evaluations(self.splits.test, "test") if self.active else []
         self.share_since(tested)
@@ -230,14 +209,8 @@ def fit(
     save_state: Callable[[dict[str, Any]], None] | None = None,
     score_clusters: bool = True,
 ) -> TrainResult:
-    """Train one run from its config; same config and seed on CPU give the same numbers.
-
-    Every epoch scores the validation split; the test split is scored once, after
-    the last epoch, into ``result.summary`` (with the clustering scores, the
-    likelihood estimate where ``eval.iwae_samples`` asks for it, and the timing).
-    A run started with ``resume`` (a :func:`~vaebench.training.trainer.training_state`)
-    continues after its epoch and ends with the numbers of a run that never stopped.
-    A diverged run raises :class:`TrainingDiverged`. The rest as :func:`train_members`."""
+    """One run; same config and seed on CPU give the same numbers, ``resume`` (a
+    :func:`~vaebench.training.trainer.training_state`) too. Diverged: :class:`TrainingDiverged`."""
     [outcome] = train_members(
         ModelTrainee(config, splits, device, resume), splits, device,
         on_epoch=None if on_epoch is None else (lambda index, metrics: on_epoch(metrics)),

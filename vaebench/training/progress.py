@@ -11,8 +11,7 @@ _prefix = ""  # set in a worker process: its lines say which worker they come fr
 
 
 def set_line_prefix(prefix: str) -> None:
-    """Plain lines from now on in this process (no bars: several processes share one
-    terminal), each starting with ``prefix``."""
+    """Plain lines from now on (no bars: several processes share one terminal)."""
     global _prefix
     _prefix = prefix
 
@@ -22,7 +21,6 @@ def line_prefix() -> str:
 
 
 class RunProgress:
-    """Shows "run k of N", the epoch and the latest losses of one run."""
 
     def __init__(
         self,
@@ -33,7 +31,6 @@ class RunProgress:
         stream: TextIO | None = None,
         start: int = 0,
     ):
-        """``start``: epochs already done (a run continued from its checkpoint)."""
         self.stream = stream or sys.stderr
         self.label = f"{_prefix}[{index}/{total}] {name}"
         self.epochs = epochs
@@ -53,9 +50,8 @@ class RunProgress:
             self.bar.set_postfix_str(summary, refresh=False)
             self.bar.update(1)
         else:
-            print(
-                f"{self.label} epoch {epoch}/{self.epochs} {summary}", file=self.stream, flush=True
-            )
+            line = f"{self.label} epoch {epoch}/{self.epochs} {summary}"
+            print(line, file=self.stream, flush=True)
 
     def close(self, status: str) -> None:
         if self.bar is not None:

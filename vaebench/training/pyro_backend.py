@@ -1,16 +1,5 @@
-"""``train.backend: pyro``: a Gaussian family's own modules as a Pyro model and guide.
-
-The model: z ~ N(0, I) and x ~ Bernoulli(decoder(z)) over the pixels, in a ``pyro.plate`` over the
-batch, beta as ``poutine.scale`` on the latent site; the guide: z ~ N(mu, sigma) from the encoder.
-The loss of a batch is Pyro's ELBO of it (``TraceMeanField_ELBO``: the KL analytic; ``Trace_ELBO``:
-the KL sampled), summed over the batch like the torch backend's, and its gradient is taken by
-``differentiable_loss``. The run's own torch optimizer steps the parameters (Pyro's documented way
-to use a torch optimizer), so a pyro run differs from a torch run only in how the loss is computed;
-evaluation, scores, checkpoints and tracking are the shared ones. Pixels that are not binary (grey
-levels) are scored by the same formula as BCE (Bernoulli's log-probability, not a likelihood).
-
-Pyro is an optional extra, imported only here (``pip install -e ".[pyro]"``).
-"""
+"""``train.backend: pyro``: a Gaussian family's own modules as a Pyro model and guide, stepped by
+the run's own torch optimizer (docs/pyro.md). Pyro is imported only here."""
 
 from __future__ import annotations
 
@@ -45,6 +34,7 @@ def model_and_guide(
             with poutine.scale(scale=beta):
                 z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
             logits = model.decode(z).flatten(1)
+            # grey levels are scored by BCE's formula (not a likelihood)
             pixels = dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
             pyro.sample("x", pixels, obs=x.flatten(1))
 
@@ -57,7 +47,6 @@ def model_and_guide(
 
 
 def pyro_loss(model: torch.nn.Module, config: RunConfig) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The pyro backend's loss of a batch ``x`` (summed over it), for ``model``'s modules."""
     pyro = import_pyro()
     pyro.clear_param_store()  # nothing of an earlier run's (the modules are not registered)
     generative, guide = model_and_guide(model, config.loss.beta)

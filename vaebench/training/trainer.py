@@ -1,11 +1,5 @@
-"""One run's training: its optimizer, its epoch over the training split, its checkpoint
-state, the metrics an epoch records and the scores after the last one, and the run alone as
-the epoch loop (:mod:`vaebench.training.loop`) drives it (:class:`ModelTrainee`).
-
-The whole split is on the device; a batch is an index slice of a per-epoch permutation; losses
-accumulate in device tensors and are read back once per epoch, together with the validation split's
-sums.
-"""
+"""One run's optimizer, epoch, checkpoint state and scores, and the run alone as the epoch loop
+drives it (:class:`ModelTrainee`); how an epoch avoids host syncs: docs/performance.md."""
 
 from __future__ import annotations
 
@@ -51,12 +45,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(config: OptimConfig, params) -> torch.optim.Optimizer:
-    """The configured torch optimizer; Adam uses torch's fused kernel unless kwargs choose.
-
-    Fused Adam does the same arithmetic as the default per-parameter loop in one
-    kernel over all parameters (on CPU it cut an MLP epoch from about 2.2 s to
-    1.8 s); ``optim.kwargs: {fused: false}`` restores the default.
-    """
+    """Adam uses torch's fused kernel unless kwargs choose: the same arithmetic as the default
+    loop in one kernel (on CPU it cut an MLP epoch from about 2.2 s to 1.8 s)."""
     kwargs = dict(config.kwargs)
     if config.name == "adam" and "fused" not in kwargs and "foreach" not in kwargs:
         kwargs["fused"] = True
@@ -68,9 +58,6 @@ def build_optimizer(config: OptimConfig, params) -> torch.optim.Optimizer:
 
 @dataclass
 class EpochMetrics:
-    """What one epoch measured: training loss and timing, validation metrics if there is a
-    validation split (``val_elbo``, ``val_recon``, ``val_kl``, KL parts, ``val_nmi``, ``tau``)."""
-
     epoch: int
     train_loss: float  # the training objective per image, averaged over the epoch
     epoch_seconds: float  # training time of the epoch
@@ -99,8 +86,7 @@ class TrainResult:
 
 def timing_summary(history: list[EpochMetrics], images: int) -> dict[str, float]:
     """The first epoch (warm-up: allocations, kernel choices) apart, and the mean over the
-    others, on one basis: ``mean_images_per_second`` is images / ``mean_epoch_seconds``.
-    A single epoch gives only ``first_epoch_seconds``."""
+    others; ``mean_images_per_second`` is images / ``mean_epoch_seconds``."""
     seconds = [m.epoch_seconds for m in history]
     summary = {"first_epoch_seconds": seconds[0]}
     if len(seconds) > 1:
@@ -110,8 +96,7 @@ def timing_summary(history: list[EpochMetrics], images: int) -> dict[str, float]
 
 
 def check_finite(values: dict[str, float], when: str) -> None:
-    """TrainingDiverged naming every NaN or infinite value (a standard error of one image's
-    estimate is NaN by definition, not a failure)."""
+    """A standard error of one image's estimate is NaN by definition, not a failure."""
     bad = {k: v for k, v in values.items() if not math.isfinite(v) and not k.endswith("_se")}
     if bad:
         listed = ", ".join(f"{name} is {value}" for name, value in bad.items())
@@ -132,9 +117,7 @@ def train_epoch(
     first_step: int = 0,
     batch_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One pass over the training split; returns the summed objective as a device tensor.
-    ``batch_loss``: another backend's loss of a batch (summed over it), instead of the
-    objective's."""
+    """The summed objective, on the device; ``batch_loss``: another backend's loss of a batch."""
     images, labels = splits.train.images, splits.train.labels
     n, batch_size = images.shape[0], config.train.batch_size
     total_steps = config.train.epochs * steps_per_epoch(n, batch_size)
@@ -165,10 +148,8 @@ def training_state(
     history: list[EpochMetrics],
     seconds: float,
 ) -> dict[str, Any]:
-    """Everything that continues a run from the end of its last epoch as if it never stopped:
-    weights, optimizer, the batch-order generator, torch's global random state (draws of z,
-    c and binarized pixels) and the metrics of the epochs so far. The tensors are the live
-    ones, not copies: write the state out before training goes on."""
+    """What continues a run as if it never stopped (docs/resume.md#checkpoints). The tensors are
+    the live ones, not copies: write the state out before training goes on."""
     state: dict[str, Any] = {
         "epoch": history[-1].epoch,
         "model": model.state_dict(),
@@ -189,7 +170,6 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> tuple[list[EpochMetrics], float]:
-    """Load a :func:`training_state` into a freshly built run; returns (history, seconds)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     match_parameter_layouts(optimizer)
@@ -201,12 +181,9 @@ def restore_training_state(
 
 
 def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Give each loaded optimizer state tensor its parameter's memory layout.
-
-    ``load_state_dict`` keeps the layout a tensor was saved in, and torch's fused Adam steps
-    state and parameter as if they shared one: a contiguous ``exp_avg`` beside a
-    channels-last weight (:func:`vaebench.models.place_model`) corrupts the step. A state
-    saved contiguous (by a stack, or on another device) is copied into the parameter's."""
+    """``load_state_dict`` keeps the layout a tensor was saved in, and fused Adam steps state
+    and parameter as if they shared one: a contiguous ``exp_avg`` beside a channels-last weight
+    corrupts the step. A state saved contiguous (by a stack, on another device) is copied."""
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             for name, value in optimizer.state.get(parameter, {}).items():
@@ -216,23 +193,18 @@ def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
 
 
 def checkpoint_due(epoch: int, train: TrainConfig) -> bool:
-    """Whether a run saves its training state after ``epoch`` (``train.checkpoint_every``
-    epochs, and the last)."""
     every = train.checkpoint_every
     return bool(every) and (epoch % every == 0 or epoch == train.epochs)
 
 
 def not_logged(scores: dict[str, float], last: dict[str, float]) -> dict[str, float]:
-    """``scores`` but those the last epoch logged already (``last``: its values)."""
     return {name: value for name, value in scores.items() if name not in last}
 
 
 def validation_values(
     evaluation: Evaluation | None, read: dict[str, float], validation: Split | None
 ) -> dict[str, float]:
-    """An epoch's validation metrics from its evaluation and the sums read back (``read``):
-    the ELBO and its parts, and ``val_nmi`` where the model has a categorical latent (k-means
-    for the others waits for the end: it is slow)."""
+    """``val_nmi`` only where the model has a categorical latent: k-means waits for the end."""
     if evaluation is None or validation is None:
         return {}
     values = evaluation.metrics(read)
@@ -242,9 +214,7 @@ def validation_values(
 
 
 class ModelTrainee:
-    """A run alone as the epoch loop (:func:`vaebench.training.loop.train_members`) drives it:
-    its own model, optimizer, batch order and random stream (the CPU's fast path), continued
-    from a :func:`training_state` where ``resume`` gives one."""
+    """A run alone in its own model (the CPU's fast path), continued from ``resume``."""
 
     def __init__(
         self,
@@ -290,7 +260,7 @@ class ModelTrainee:
         return training_state(self.model, self.optimizer, self.generator, history, seconds)
 
     def keep(self, positions: Sequence[int]) -> None:
-        """A run alone leaves the loop when it stops: nothing to keep."""
+        pass  # a run alone leaves the loop when it stops
 
     def final_model(self, position: int) -> torch.nn.Module:
         return self.model.eval()
@@ -304,22 +274,18 @@ def final_scores(
     test: Evaluation | None = None,
     clusters: list[ClusterInput] | None = None,
 ) -> dict[str, float]:
-    """The test split's metrics, scored once (from ``test`` where the caller evaluated it);
-    the clustering scores of validation (from the last epoch's evaluation, ``validation``)
-    and test (not for conditional models, whose encoder or decoder sees the label), or,
-    given a ``clusters`` list, what they are computed from, appended to it; the test NLL."""
+    """The test metrics, clustering scores (not for conditional models, which see the label;
+    given ``clusters``, what they are computed from is appended to it) and the test NLL."""
     test = test or evaluate(model, splits.test, "test", config)
     values = test.metrics(read_scalars(test.sums()))
     values[f"{test.prefix}_active_units"] = active_units(test.mu.cpu().numpy())
-    if not model.uses_labels:
-        for evaluation, split in [(test, splits.test), (validation, splits.validation)]:
-            if evaluation is None:
-                continue
-            found = cluster_input(evaluation, split.labels)
-            if clusters is None:
-                values.update(scored_clusters(found))
-            else:
-                clusters.append(found)
+    pairs = [] if model.uses_labels else [(test, splits.test), (validation, splits.validation)]
+    found = [cluster_input(e, split.labels) for e, split in pairs if e is not None]
+    if clusters is not None:
+        clusters.extend(found)
+    else:
+        for one in found:
+            values.update(scored_clusters(one))
     if config.eval.iwae_samples:
         values.update(likelihood_metrics(model, splits.test, "test", config))
     check_finite(values, "after training")
