@@ -1,13 +1,6 @@
-"""Who owns a RUNNING run, and what a rerun does with the runs a grid already has.
-
-A run in progress carries a lease: the tags ``vaebench.lease_owner`` (host, pid and the
-process's start time, so a reused pid is not mistaken for the owner) and
-``vaebench.lease_expires`` (unix seconds), refreshed with every epoch's metrics. A RUNNING run
-is *abandoned* when its owner is on this host and that process is gone, or, for an owner on
-another host, when its lease expired. A rerun marks abandoned runs KILLED and continues them
-from their checkpoint. A claim (:mod:`vaebench.lifecycle.exactly_once`) made to continue a
-stopped run is a run of its own, tagged :data:`CLAIM_TAG`.
-"""
+"""Who owns a RUNNING run (its lease), and what a rerun does with the runs a grid already has:
+see docs/resume.md#abandoned-runs. A claim made to continue a stopped run is a run of its own,
+tagged :data:`CLAIM_TAG`."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""The life of tracked runs, one alone or K trained together as a stack, for ``run`` and ``tune``.
-
-start (or continue a stopped run in its own MLflow run) -> train (:func:`fit_members`) with a
-checkpoint and each run's metrics and lease after every epoch -> what finishing a run needs of
-its model (:func:`finish_job`) -> the workspace's finisher (:mod:`vaebench.lifecycle.post_run`)
-scores it, writes its artifacts and ends it FINISHED; or fail, or kill. Nothing else starts or
-ends a run, nor knows whether a grid or an Optuna study asked for it (a trial brings its pruning
-and objectives as :class:`RunHooks`). A run alone is a stack of one: every member is its own
-MLflow run, and its checkpoint the one its run alone would write.
+"""The life of tracked runs, one alone or K trained together as a stack, for ``run`` and ``tune``
+(see docs/architecture.md): nothing else starts or ends a run. A run alone is a stack of one.
 
 How an ending is recorded, for each member:
 - finished: FINISHED, the checkpoint removed (the final state_dict is an artifact);
@@ -32,7 +25,7 @@ from functools import partial
 from typing import Any
 
 from vaebench.lifecycle.artifacts import picture_arrays, weights_bytes
-from vaebench.lifecycle.claims import lease_tags
+from vaebench.lifecycle.claims import OWNER_TAG, lease_tags, owner
 from vaebench.lifecycle.post_run import (
     ExtraMetrics,
     FinishJob,
@@ -41,14 +34,8 @@ from vaebench.lifecycle.post_run import (
     end_quietly,
     finished,
 )
-from vaebench.lifecycle.provenance import run_tags
-from vaebench.lifecycle.resume import (
-    ClaimLost,
-    check_continuation,
-    checkpoint_identity,
-    log_missing_epochs,
-    resumable_state,
-)
+from vaebench.lifecycle.provenance import code_version, run_tags
+from vaebench.lifecycle.resume import ClaimLost
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import deferred_signals
 from vaebench.spec.config import first_line
@@ -145,7 +132,8 @@ def execute(
         life.fail(exc)
         raise
     finally:
-        life.close()
+        if life.progress is not None:
+            life.progress.close(life.status)
 
 
 class _Life:
@@ -155,7 +143,7 @@ class _Life:
         self, members: list[Member], tracker: Tracker, workspace: Workspace, context: RunContext
     ):
         self.members, self.tracker, self.workspace = members, tracker, workspace
-        self.context = context
+        self.context, self.count = context, len(members)
         self.device = resolve_device(members[0].run.config.train.device)
         # from here on, this object ends the claimed runs
         self.run_ids: list[str | None] = [member.claimed_id for member in members]
@@ -167,10 +155,6 @@ class _Life:
         self.longest = 0.0  # the whole's longest epoch, for the leases
         self.shown = 0  # the last epoch shown
         self.status = "FAILED"
-
-    @property
-    def count(self) -> int:
-        return len(self.members)
 
     def start(self) -> None:
         """Each member's run tracked (started, claimed or reopened) and its data logged."""
@@ -230,7 +214,6 @@ class _Life:
             )
 
     def save_state(self, index: int, snapshot: dict[str, Any]) -> None:
-        """Member ``index``'s checkpoint, with what it continues only with."""
         snapshot.update(checkpoint_identity(self.members[index].run))
         with deferred_signals():  # the epoch on disk is known before a signal is raised
             if self.workspace.checkpoints.save(self.run_ids[index], snapshot):
@@ -340,19 +323,12 @@ class _Life:
             parts.append(f"{stopped} stopped")
         return ", ".join(parts)
 
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.close(self.status)
-
 
 def stack_epoch(metrics: EpochMetrics, members: int) -> EpochMetrics:
     """A member's epoch as the stack's: its seconds (a share of the stack's) times the
     ``members`` the stack started with, at most the stack's own."""
-    return replace(
-        metrics,
-        epoch_seconds=metrics.epoch_seconds * members,
-        eval_seconds=metrics.eval_seconds * members,
-    )
+    epoch, evaluation = metrics.epoch_seconds * members, metrics.eval_seconds * members
+    return replace(metrics, epoch_seconds=epoch, eval_seconds=evaluation)
 
 
 def finish_job(
@@ -392,3 +368,46 @@ def record_invalid(
     run_id = tracker.start_run(name, params, tags)
     tracker.end_run(run_id, "FAILED", error)
     return run_id
+
+
+def check_continuation(tracker: Tracker, run_id: str | None, claim_id: str | None) -> None:
+    """:class:`ClaimLost` unless this process may continue the stopped run ``run_id`` under its
+    claim run ``claim_id`` (if it continues one under a claim) now: the run must still be
+    KILLED and the claim RUNNING under this process's lease, read just before it is reopened."""
+    if run_id is None or claim_id is None:
+        return
+    run = tracker.run_record(run_id)
+    if run is None or run.status != "KILLED":
+        status = "deleted" if run is None else run.status
+        raise ClaimLost(f"run {run_id} is {status} (another process continued it)")
+    claim = tracker.run_record(claim_id)
+    if claim is None or claim.status != "RUNNING" or claim.tags.get(OWNER_TAG) != owner():
+        raise ClaimLost(f"its claim {claim_id} was taken away (recovered as abandoned)")
+
+
+def checkpoint_identity(run: RunSpec) -> dict[str, str]:
+    """What a checkpoint of ``run`` continues only with: its settings, this code, its device."""
+    device = str(resolve_device(run.config.train.device))
+    return {"run_key": run.key, "code": code_version(), "device": device}
+
+
+def resumable_state(
+    workspace: Workspace, run: RunSpec, run_id: str | None
+) -> dict[str, Any] | None:
+    """The checkpoint of ``run_id`` if it continues exactly this run with this code."""
+    if run_id is None or workspace.checkpoints is None:
+        return None
+    state = workspace.checkpoints.load(run_id)
+    if state is not None and any(state.get(k) != v for k, v in checkpoint_identity(run).items()):
+        workspace.checkpoints.remove(run_id)  # other settings, code or device: start over
+        return None
+    return state
+
+
+def log_missing_epochs(tracker: Tracker, run_id: str, state: dict[str, Any]) -> None:
+    """Epochs the checkpoint holds that the store missed (the process stopped between
+    writing the checkpoint and logging the epoch): logged now, so the series has no gap."""
+    logged = tracker.logged_steps(run_id, "train_loss")
+    for metrics in (EpochMetrics(**record) for record in state["history"]):
+        if metrics.epoch not in logged:
+            tracker.log_metrics(run_id, metrics.as_dict(), step=metrics.epoch)
