@@ -1,6 +1,5 @@
-"""The files a finished run leaves in MLflow: its config, weights and pictures, made in two
-steps, so that the second can run in a background process while the next run trains: what
-needs the model (on its device, at once) and the files made from those bytes and arrays."""
+"""A finished run's files, made in two steps so that the second can run in a background process:
+what needs the model (on its device, at once), then the files made from its bytes and arrays."""
 
 from __future__ import annotations
 
@@ -50,8 +49,6 @@ def write_weights(folder: Path, run: RunSpec, weights: bytes) -> None:
 
 
 def picture_arrays(model: torch.nn.Module, splits: Splits) -> RunPictures:
-    """Reconstructions, prior samples, the latent means of a fixed sample of test images and
-    the pictures the model family adds (a conditional model's row of samples per digit)."""
     model.eval()
     test = splits.test
 

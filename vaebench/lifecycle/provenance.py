@@ -67,24 +67,15 @@ def base_tags(**extra: str) -> dict[str, str]:
 def run_tags(run: RunSpec) -> dict[str, str]:
     """What identifies one run's sample: its config key, seed, device and processor."""
     device = resolve_device(run.config.train.device)
-    return {
+    tags = {
         "vaebench.run_key": run.key,
         "vaebench.seed": str(run.config.seed),
         "vaebench.backend": run.config.train.backend,
         "vaebench.device": str(device),
         "vaebench.device_name": device_name(device),
-        **nll_images_tag(run),
     }
-
-
-NLL_IMAGES_TAG = "vaebench.nll_images"
-
-
-def nll_images_tag(run: RunSpec) -> dict[str, str]:
-    """Which test images a run's likelihood estimate scores, where it makes one."""
     evaluation = run.config.eval
-    if not evaluation.iwae_samples:
-        return {}
-    if evaluation.iwae_images is None:
-        return {NLL_IMAGES_TAG: "all"}
-    return {NLL_IMAGES_TAG: f"{evaluation.iwae_images} drawn with seed {LIKELIHOOD_SUBSET_SEED}"}
+    if evaluation.iwae_samples:  # which test images its likelihood estimate scores
+        drawn = f"{evaluation.iwae_images} drawn with seed {LIKELIHOOD_SUBSET_SEED}"
+        tags["vaebench.nll_images"] = "all" if evaluation.iwae_images is None else drawn
+    return tags

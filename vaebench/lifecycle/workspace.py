@@ -1,5 +1,3 @@
-"""What the runs of one invocation share in this process (:class:`Workspace`)."""
-
 from __future__ import annotations
 
 import functools

@@ -1,14 +1,7 @@
-"""A new SQLite MLflow store starts as a copy of an empty schema that MLflow made once.
-
-MLflow creates a schema by running its Alembic migrations, about 1.5 s of Python here: a tenth
-of a 2-epoch run's process, paid by every fresh folder (and every test's temporary store). The
-schema depends only on the versions of MLflow, SQLAlchemy and Alembic, so MLflow creates it
-once per set of versions into a template in ``$VAEBENCH_CACHE`` (else ``~/.cache/vaebench``),
-without its Default experiment (whose artifact location is one store's folder), and each new
-store is a copy, to which MLflow adds its own Default experiment. A copy MLflow refuses to open
-is an error that removes the copy and the template, so the next attempt starts afresh (MLflow
-keeps a connection pool per store URI: this process cannot safely try again at once).
-"""
+"""A new SQLite MLflow store starts as a copy of an empty schema that MLflow made once (its
+migrations take 1.5 s per fresh store; see docs/performance.md). The template has no Default
+experiment, whose artifact location is one store's folder. A copy MLflow refuses to open is an
+error, not retried here: MLflow keeps a connection pool per store URI."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""A trained run's model as MLflow serves it: one tensor in, one tensor out.
-
-MLflow's PyTorch flavor calls ``module(batch)`` with a single float32 tensor (a pyfunc or
-``mlflow models serve`` gets a numpy array or a DataFrame, one row an image) and wants a single
-tensor back. :class:`ServedVAE` gives every model family that shape: a row is an image's
-``C*H*W`` pixels in [0, 1], prepared as the run's data was (binarized where ``data.binarize``
-says so), and for a conditional family (``cvae``) one more column, the digit label; the output
-is the reconstruction's pixel probabilities at the posterior mean, as the run's
-``reconstructions.png`` shows. ``encode`` and ``decode`` work as the trained module's do.
-"""
+"""A trained run's model as MLflow serves it: one tensor in (a row an image, and the label for a
+conditional family), one tensor out (see docs/tracking.md#registered-models)."""
 
 from __future__ import annotations
 
@@ -50,7 +42,7 @@ class ServedVAE(nn.Module):
         return images, labels
 
     def rows(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The inverse of :meth:`split`: images (and labels) as input rows."""
+        """The inverse of :meth:`split`."""
         flat = images.reshape(images.shape[0], -1).float()
         if not self.conditional:
             return flat
@@ -78,7 +70,6 @@ class ServedVAE(nn.Module):
 
 
 def run_config(text: str) -> RunConfig:
-    """A run's ``config.yaml`` artifact as its config."""
     return RunConfig.model_validate(yaml.safe_load(text))
 
 
