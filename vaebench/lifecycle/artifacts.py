@@ -41,8 +41,7 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
 
 
 def write_weights(folder: Path, run: RunSpec, weights: bytes) -> None:
-    """``config.yaml`` (the resolved config) and ``state_dict.pt``: what trains the run again,
-    or rebuilds the trained model (a registered model is made from them)."""
+    """What trains the run again, or rebuilds the trained model (a registered model's source)."""
     config = yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
     (folder / "config.yaml").write_text(config)
     (folder / "state_dict.pt").write_bytes(weights)
@@ -78,11 +77,8 @@ def draw_pictures(folder: Path, pictures: RunPictures, title: str) -> None:
     """``reconstructions.png``, ``samples.png``, ``latent.npz`` and its picture
     ``latent.png`` (PCA: a t-SNE of 2,000 points takes seconds, so ``report --tsne`` draws it
     for the runs a report shows), and the model family's own pictures."""
-    save_reconstructions(
-        folder / "reconstructions.png",
-        torch.from_numpy(pictures.originals),
-        torch.from_numpy(pictures.reconstructions),
-    )
+    pairs = [torch.from_numpy(images) for images in (pictures.originals, pictures.reconstructions)]
+    save_reconstructions(folder / "reconstructions.png", *pairs)
     save_grid(folder / "samples.png", torch.from_numpy(pictures.samples), columns=8)
     means, labels = pictures.latent_means, pictures.latent_labels
     np.savez_compressed(folder / LATENT_FILE, means=means, labels=labels)

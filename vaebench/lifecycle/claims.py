@@ -94,10 +94,8 @@ def recover_abandoned(
             continue
         if reason is not None:
             tracker.end_run(record.run_id, "KILLED", f"abandoned: {reason}")
-            print(
-                f"run {record.name} ({record.run_id}) was left RUNNING ({reason}): marked KILLED",
-                file=stream,
-            )
+            line = f"run {record.name} ({record.run_id}) was left RUNNING ({reason}): marked KILLED"
+            print(line, file=stream)
             record = replace(record, status="KILLED")
         now.append(record)
     return now
@@ -105,8 +103,6 @@ def recover_abandoned(
 
 @dataclass(frozen=True)
 class Planned:
-    """What this invocation does with one run of the grid."""
-
     run: RunSpec
     # "train", "continue" (a KILLED run of this key), "skip" (FINISHED), "elsewhere" (RUNNING
     # in another process), "failed" (FAILED during this invocation: not trained again by it)

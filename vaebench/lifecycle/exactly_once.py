@@ -104,12 +104,10 @@ def claim_run(
     since_ms: int = 0, rerun: bool = False, continues: str | None = None,
     on_created: Callable[[str], None] | None = None,
 ) -> Claim | None:
-    """Claim ``run``: the RUNNING run created for it, or None if another claimant holds it
-    (the claim run is then deleted). ``continues``: the stopped run this claim is for (the
-    claim run is only a claim; the caller deletes it once that run is reopened).
-    ``on_created`` learns the claim run's id as soon as it exists, before a signal can stop
-    this process, so that the caller can release it if the claim is never decided.
-    """
+    """None if another claimant holds ``run``. ``continues``: the stopped run this claim is for
+    (the caller deletes the claim run once that run is reopened). ``on_created`` learns the
+    claim run's id before a signal can stop this process, so that the caller can release it
+    if the claim is never decided."""
     claim_tags = {**tags, RUN_KEY_TAG: run.key, **lease_tags()}
     if continues is not None:
         claim_tags[CLAIM_TAG] = continues

@@ -94,10 +94,8 @@ class Member:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What the invocation adds to every member: its ``tags``, the members' place in it (the
-    first is run ``number`` of ``total``), ``epoch_hook`` once per epoch of the whole (its
-    seconds the stack's), the exceptions a member's hook raises to stop it on purpose, and
-    whether the runs draw their pictures."""
+    """What the invocation adds to every member: the first is run ``number`` of ``total``;
+    ``epoch_hook`` sees each epoch of the whole once (its seconds the stack's)."""
 
     tags: Mapping[str, str]
     number: int
@@ -110,9 +108,8 @@ class RunContext:
 def execute(
     members: Sequence[Member], tracker: Tracker, workspace: Workspace, context: RunContext
 ) -> list[Outcome]:
-    """Train and track ``members`` (one stack key; a member continued from its checkpoint
-    comes alone) together; for each, in order, its :data:`Outcome`. Raises what stops them as
-    a whole, every member's run ended first as the module's docstring says."""
+    """Each member's :data:`Outcome` (one stack key; a member continued comes alone), or what
+    stops them as a whole, raised once every member's run ended as the module's docstring says."""
     life = _Life(list(members), tracker, workspace, context)
     try:
         life.start()
@@ -137,8 +134,6 @@ def execute(
 
 
 class _Life:
-    """The state of one :func:`execute`: the members' run ids, what ended, what was saved."""
-
     def __init__(
         self, members: list[Member], tracker: Tracker, workspace: Workspace, context: RunContext
     ):
@@ -202,7 +197,6 @@ class _Life:
         return self.tracker.start_run(run.name, run.params, tags)
 
     def train(self) -> list[TrainResult | BaseException]:
-        """Every member trained (each run records the machine while it trains)."""
         keep = self.save_state if self.workspace.checkpoints is not None else None
         with contextlib.ExitStack() as monitors:
             for run_id in self.run_ids:
@@ -255,16 +249,14 @@ class _Life:
                 on_end(None if isinstance(outcome, Future) else outcome)
 
     def finish(self, results: Sequence[TrainResult | BaseException]) -> None:
-        """Each trained member handed to the workspace's finisher; a member whose scores or
-        pictures fail ends FAILED and the others go on."""
+        """Each trained member handed to the finisher; one whose scores fail ends FAILED alone."""
         for index, result in enumerate(results):
             if index in self.ended:  # diverged or stopped: ended already
                 continue
             member = self.members[index]
             try:
                 self.jobs[index] = finish_job(
-                    member.run, self.run_ids[index], result, self.workspace,
-                    self.context.pictures,
+                    member.run, self.run_ids[index], result, self.workspace, self.context.pictures
                 )
                 with self.workspace.finisher.handing_over():
                     finishing = self.workspace.finisher.finish(
@@ -282,9 +274,8 @@ class _Life:
                 self.end(index, exc)
                 continue
             if not finishing.done():
-                label = self.progress.label if self.count == 1 else (
-                    f"{line_prefix()}{member.run.name}"
-                )
+                own = f"{line_prefix()}{member.run.name}"  # a member's own line
+                label = self.progress.label if self.count == 1 else own
                 finishing.add_done_callback(partial(say_finished, label))
 
     def _unended(self, index: int) -> bool:
@@ -334,16 +325,11 @@ def stack_epoch(metrics: EpochMetrics, members: int) -> EpochMetrics:
 def finish_job(
     run: RunSpec, run_id: str, result: TrainResult, workspace: Workspace, pictures: bool = True
 ) -> FinishJob:
-    """What finishing a trained run (:mod:`vaebench.lifecycle.post_run`) needs of its model,
-    taken now on its device: the scores the model family adds, the parameter count, its
-    weights and, with ``pictures``, its pictures' arrays."""
+    """What finishing a trained run needs of its model, taken now on its device."""
     model = result.model
     classifier = partial(workspace.classifiers.get, run.config.data.dataset, model.device)
-    summary = {
-        **result.summary,
-        **model.extra_scores(classifier),
-        "parameters": float(sum(p.numel() for p in model.parameters())),
-    }
+    parameters = float(sum(p.numel() for p in model.parameters()))
+    summary = {**result.summary, **model.extra_scores(classifier), "parameters": parameters}
     return FinishJob(
         run=run, run_id=run_id, summary=summary, last=result.final.as_dict(),
         seconds=result.seconds, clusters=result.clusters, weights=weights_bytes(model),
@@ -353,7 +339,6 @@ def finish_job(
 
 
 def say_finished(label: str, finishing: Future[RunOutcome]) -> None:
-    """The line of a run finished in the background, once it is."""
     error = finishing.exception()
     status = "FINISHED" if error is None else f"FAILED after training: {first_line(error)}"
     if isinstance(error, TrackingError):  # the run keeps its lease: a rerun finishes it
@@ -371,9 +356,8 @@ def record_invalid(
 
 
 def check_continuation(tracker: Tracker, run_id: str | None, claim_id: str | None) -> None:
-    """:class:`ClaimLost` unless this process may continue the stopped run ``run_id`` under its
-    claim run ``claim_id`` (if it continues one under a claim) now: the run must still be
-    KILLED and the claim RUNNING under this process's lease, read just before it is reopened."""
+    """:class:`ClaimLost` unless the stopped run is still KILLED and this process's claim to it
+    RUNNING under its lease, read just before the run is reopened."""
     if run_id is None or claim_id is None:
         return
     run = tracker.run_record(run_id)

@@ -65,11 +65,8 @@ def finish_run(
     started = time.perf_counter()
     clusters = {name: v for scored in job.clusters for name, v in scored_clusters(scored).items()}
     check_finite(clusters, "after training")
-    summary = {
-        **job.summary,
-        **not_logged(clusters, job.last),
-        "seconds": job.seconds + time.perf_counter() - started,
-    }
+    seconds = job.seconds + time.perf_counter() - started
+    summary = {**job.summary, **not_logged(clusters, job.last), "seconds": seconds}
     final = {**job.last, **summary}
     if extra_metrics is not None:
         summary.update(extra_metrics(final))

@@ -39,8 +39,7 @@ def check_before_tracking(runs: Sequence[RunSpec], data_root: Path) -> None:
 def preflight(
     runs: Sequence[RunSpec], data_root: Path, loaded: Mapping[SplitsKey, Splits] | None = None
 ) -> dict[SplitsKey, Splits]:
-    """Load every split the runs need (beyond those ``loaded``) and build each model and
-    optimizer once; returns the device-resident splits keyed by (data config, device)."""
+    """Every split the runs need loaded on its device, and each model and optimizer built once."""
     splits: dict[SplitsKey, Splits] = dict(loaded or {})
     checked: set[str] = set()
     check_before_tracking(runs, data_root)

@@ -23,9 +23,8 @@ CODE_TAG = "vaebench.code"
 
 @functools.cache
 def code_version() -> str:
-    """A hash of vaebench's own source files (``src-<12 hex>``): equal exactly when the code
-    that trains and scores is equal, whatever the repository's commit, working-tree edits
-    or install location."""
+    """A hash of vaebench's own source files: equal exactly when the code that trains and
+    scores is equal, whatever the repository's commit, working-tree edits or location."""
     digest = hashlib.sha256()
     for path in sorted(PACKAGE.rglob("*.py")):
         digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes())
@@ -46,8 +45,7 @@ def device_name(device: torch.device) -> str:
 
 
 def base_tags(**extra: str) -> dict[str, str]:
-    """Tags every run of an invocation carries: MLflow's source (vaebench and, in a git
-    checkout, its commit), versions and vaebench's code version."""
+    """Tags every run of an invocation carries."""
     tags = {
         **extra,
         "mlflow.source.name": "vaebench",  # the runs table's Source column

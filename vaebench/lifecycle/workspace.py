@@ -47,7 +47,6 @@ class Workspace:
         check_before_tracking(runs, self.data_root)
 
     def prepare(self, runs: Sequence[RunSpec]) -> None:
-        """Preflight ``runs``, keep their splits and start hashing them."""
         self._splits.update(preflight(runs, self.data_root, self._splits))
         for run in runs:
             key = splits_key(run)
@@ -68,7 +67,6 @@ class Workspace:
         return self._splits[splits_key(run)]
 
     def test_images(self, config: RunConfig, count: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``count`` test images and labels of a run's data, on the CPU (a
-        registered model's input example)."""
+        """A registered model's input example: the first test images and labels, on the CPU."""
         test = self.load_splits(RunSpec("example", "", config, ())).test
         return test.images[:count].cpu(), test.labels[:count].cpu()

@@ -38,8 +38,7 @@ def logged_model_of(client: Any, run_id: str) -> str | None:
 
 
 def log_model(client: Any, uri: str, run_id: str, module: Any, example: Any, step: int) -> str:
-    """Log ``module`` (a ServedVAE) as a PyTorch-flavor model of ``run_id``, with the run's
-    params and its metrics at ``step`` (its last epoch: the scores); the model's id."""
+    """The id of ``module`` logged as a model of ``run_id``, with its metrics at ``step``."""
     import mlflow
     import mlflow.pytorch
     import torch

@@ -44,9 +44,8 @@ def template_name() -> str:
 
 
 def template() -> Path:
-    """The template for the installed versions, made first if missing: MLflow creates a store
-    at a temporary name, its Default experiment is dropped, and the file is renamed to the
-    template's only when complete."""
+    """The template for the installed versions, made first if missing: renamed into place only
+    when complete."""
     folder = cache_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / template_name()
@@ -99,9 +98,8 @@ def seed_store(db: Path) -> bool:
 
 
 def open_store(uri: str, db: Path | None) -> MlflowClient:
-    """MLflow's client of the store at ``uri`` (``db``: its SQLite file, if it is one), the
-    store created first if new: seeded from the template, under the creation lock. A seeded
-    store that MLflow cannot open is removed with its template, and the error says so."""
+    """MLflow's client of the store at ``uri`` (``db``: its SQLite file, if it is one), created
+    first if new, seeded from the template under the creation lock."""
     from mlflow.tracking import MlflowClient
 
     seeded = False

@@ -64,7 +64,6 @@ class ServedVAE(nn.Module):
         return torch.sigmoid(self.model.decode_sample(z, c, y)).flatten(1)
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
-        """Pixel probabilities of ``n`` draws from the prior."""
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
         return torch.sigmoid(self.model.sample_prior(n, generator=generator)).flatten(1)
 
@@ -74,8 +73,7 @@ def run_config(text: str) -> RunConfig:
 
 
 def served_model(config: RunConfig, state_dict: bytes) -> ServedVAE:
-    """The run's trained model, on the CPU in eval mode, from its config and the bytes of its
-    ``state_dict.pt`` artifact."""
+    """The run's trained model, on the CPU in eval mode, from its ``state_dict.pt``'s bytes."""
     model = build_model(config.model, IMAGE_SHAPE)
     weights = torch.load(io.BytesIO(state_dict), map_location="cpu", weights_only=True)
     model.load_state_dict(weights)

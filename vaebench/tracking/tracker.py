@@ -40,8 +40,7 @@ SYSTEM_METRICS_SECONDS = 10.0  # MLflow's default interval: a sample costs milli
 class TrackingError(VaebenchError):
     """The tracking store failed in the middle of the work (a server gone, a disk full)."""
 
-    # the grid stops, and its rerun continues it (sysexits' EX_TEMPFAIL: a temporary failure,
-    # the user is invited to retry)
+    # the grid stops, and its rerun continues it (sysexits' EX_TEMPFAIL: retry later)
     exit_status = 75
 
 
@@ -63,9 +62,8 @@ class RunRecord:
 
 
 class Tracker(Protocol):
-    """How runs are recorded; the execution layer and the invocations use nothing else. A store
-    that fails (server gone, disk full, database locked too long) raises :class:`TrackingError`
-    from any call."""
+    """How runs are recorded; the execution layer and the invocations use nothing else. Any call
+    may raise :class:`TrackingError`."""
 
     uri: str  # the store's, for another process (a background finisher) or a report to open
     experiment_id: str | None  # set by start_grid or join_grid
@@ -108,9 +106,8 @@ def _store_call(method: Callable[..., T]) -> Callable[..., T]:
             except TrackingError:
                 raise
             except Exception as exc:  # noqa: BLE001 - MlflowException, requests, OSError, ...
-                raise TrackingError(
-                    f"tracking store {self.uri} failed ({first_line(exc)})"
-                ) from exc
+                text = f"tracking store {self.uri} failed ({first_line(exc)})"
+                raise TrackingError(text) from exc
 
     return call
 
@@ -149,10 +146,8 @@ class MLflowTracker:
         folder = None if db is None else (db.resolve().parent / "mlartifacts" / name).as_uri()
         if existing is None:
             try:
-                return self.client.create_experiment(
-                    name,
-                    artifact_location=folder,  # None: a tracking server chooses
-                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+                return self.client.create_experiment(  # folder None: a tracking server chooses
+                    name, artifact_location=folder, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
                 )
             except MlflowException:  # another process created it meanwhile
                 existing = self.client.get_experiment_by_name(name)
@@ -212,9 +207,8 @@ class MLflowTracker:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(
-            run_id, metrics=batch, tags=[RunTag(k, v) for k, v in (tags or {}).items()]
-        )
+        texts = [RunTag(k, v) for k, v in (tags or {}).items()]
+        self.client.log_batch(run_id, metrics=batch, tags=texts)
 
     @_store_call
     def logged_steps(self, run_id: str, metric: str) -> set[int]:
