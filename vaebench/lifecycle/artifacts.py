@@ -22,9 +22,8 @@ LATENT_FILE = "latent.npz"  # their E[z|x] and labels, from which `report --tsne
 
 @dataclass
 class RunPictures:
-    """A run's pictures as host arrays of images in [0, 1] (``(N, 1, H, W)``): 16 test images
-    and their reconstructions, 64 prior samples, the latent means of a fixed sample of test
-    images with their labels, and the pictures the model family adds (name: images, columns)."""
+    """A run's pictures as host arrays of images in [0, 1] (``(N, 1, H, W)``), and the latent
+    means of a fixed sample of test images; ``extra``: the family's own (name: images, columns)."""
 
     originals: np.ndarray
     reconstructions: np.ndarray
@@ -67,9 +66,8 @@ def picture_arrays(model: torch.nn.Module, splits: Splits) -> RunPictures:
             for name, (logits, columns) in model.extra_pictures(generator).items()
         }
     return RunPictures(
-        originals=host(originals), reconstructions=host(recon), samples=host(samples),
+        originals=host(originals), reconstructions=host(recon), samples=host(samples), extra=extra,
         latent_means=mu.cpu().numpy(), latent_labels=test.labels[chosen].cpu().numpy(),
-        extra=extra,
     )
 
 

@@ -1,6 +1,5 @@
-"""Who owns a RUNNING run (its lease), and what a rerun does with the runs a grid already has:
-see docs/resume.md#abandoned-runs. A claim made to continue a stopped run is a run of its own,
-tagged :data:`CLAIM_TAG`."""
+"""Who owns a RUNNING run, and what a rerun does with a grid's runs (docs/resume.md#abandoned-runs);
+a claim made to continue a stopped run is a run of its own, tagged :data:`CLAIM_TAG`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Claims: every run of a grid trains once, however many processes and machines share it. The
-protocol (create the claim run, stamp it, wait ``settle``, read every run of the key) and its
-rules are in docs/scaling.md#exactly-once-claims.
+"""Claims: every run of a grid trains once, however many processes and machines share it (the
+protocol and its rules: docs/scaling.md#exactly-once-claims).
 
 Why at most one claimant wins: the stamp is taken after the claim run is in the store, and
 the reading after the stamp plus ``settle``. Of two claimants A and B, if A's reading did

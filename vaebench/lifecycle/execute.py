@@ -5,10 +5,9 @@ How an ending is recorded, for each member:
 - finished: FINISHED, the checkpoint removed (the final state_dict is an artifact);
 - a signal (:class:`~vaebench.signals.Interrupted`, Ctrl-C): KILLED with the reason, the
   checkpoint kept, so that the next invocation continues the run;
-- stopped on purpose (one of ``RunContext.stopped_early``, e.g. a pruned trial): KILLED, no
-  checkpoint; the other members go on;
-- an error of the run (diverged, its scoring failed): FAILED with the error, no checkpoint;
-  the other members go on;
+- stopped on purpose (``RunContext.stopped_early``, e.g. a pruned trial) or by an error of the
+  run (diverged, its scoring failed): KILLED, or FAILED with the error; no checkpoint, and the
+  other members go on;
 - an error of the whole (out of memory): every member not ended yet FAILED, and raised;
 - the store failing (:class:`TrackingError`): nothing more is written; the runs stay RUNNING
   with a lease that the next invocation recognises as abandoned.
@@ -63,11 +62,10 @@ FINISHING = "trained: its scores, pictures and artifacts follow in the backgroun
 
 @dataclass
 class RunHooks:
-    """What a caller adds to one run's life (``tune``: its trial): ``tags``, ``on_start(run_id)``
-    once the run is tracked, ``epoch_hook`` after each epoch is logged (raising one of
-    ``RunContext.stopped_early`` stops the run on purpose, as a pruner does), ``extra_metrics``
-    of the final values, logged with the summary, and ``on_end(error)`` as soon as the run's
-    ending is recorded (None: handed to the finisher), while other members may still train."""
+    """What a caller adds to one run's life (``tune``: its trial). ``epoch_hook`` runs after each
+    epoch is logged (raising one of ``RunContext.stopped_early`` stops the run on purpose, as a
+    pruner does); ``on_end(error)`` as soon as the run's ending is recorded (None: handed to the
+    finisher), while other members may still train."""
 
     tags: Mapping[str, str] = field(default_factory=dict)
     on_start: Callable[[str], None] | None = None
@@ -80,9 +78,8 @@ class RunHooks:
 class Member:
     """One run to execute and where it is recorded: ``claimed_id``, the RUNNING run a claim
     created for it, trained in instead of starting one; or ``continue_id``, a stopped (KILLED)
-    run of the same key: with a checkpoint of this code, the run goes on in that MLflow run
-    after its last saved epoch (a member alone only); without one, a new run starts and the old
-    one stays KILLED. ``continue_claim``: the claim run under which this process continues it,
+    run of the same key, continued with a checkpoint of this code (a member alone only), else
+    left KILLED. ``continue_claim``: the claim run under which this process continues it,
     checked just before (:class:`ClaimLost` if it no longer stands)."""
 
     run: RunSpec
@@ -155,9 +152,14 @@ class _Life:
         """Each member's run tracked (started, claimed or reopened) and its data logged."""
         first = self.members[0]
         self.workspace.load_splits(first.run)
-        if self.count == 1:
-            self.resume = resumable_state(self.workspace, first.run, first.continue_id)
-            self.saved = {0: self.resume["epoch"]} if self.resume is not None else {}
+        checkpoints = self.workspace.checkpoints
+        if self.count == 1 and first.continue_id is not None and checkpoints is not None:
+            state = checkpoints.load(first.continue_id)
+            identity = checkpoint_identity(first.run)
+            if state is not None and any(state.get(k) != v for k, v in identity.items()):
+                checkpoints.remove(first.continue_id)  # other settings, code or device: start over
+            elif state is not None:  # it continues exactly this run with this code
+                self.resume, self.saved = state, {0: state["epoch"]}
         names = ", ".join(member.run.name for member in self.members)
         label = first.run.name if self.count == 1 else f"stack of {self.count} ({names})"
         self.progress = RunProgress(
@@ -172,13 +174,16 @@ class _Life:
                 if member.hooks.on_start is not None:
                     member.hooks.on_start(self.run_ids[index])
         for member, run_id in zip(self.members, self.run_ids, strict=True):
-            if self.resume is not None:  # a continued run has its data logged already
-                log_missing_epochs(self.tracker, run_id, self.resume)
-            else:
+            if self.resume is None:
                 self.tracker.log_inputs(run_id, self.workspace.split_records_for(member.run))
+                continue
+            # continued: its data is logged; the epochs the store missed are logged now (no gap)
+            logged = self.tracker.logged_steps(run_id, "train_loss")
+            for metrics in (EpochMetrics(**record) for record in self.resume["history"]):
+                if metrics.epoch not in logged:
+                    self.tracker.log_metrics(run_id, metrics.as_dict(), step=metrics.epoch)
 
     def _open(self, member: Member) -> str:
-        """The member's run, RUNNING under this process's lease."""
         if self.resume is not None:
             self.tracker.reopen_run(member.continue_id, lease_tags())
             return member.continue_id
@@ -374,24 +379,3 @@ def checkpoint_identity(run: RunSpec) -> dict[str, str]:
     device = str(resolve_device(run.config.train.device))
     return {"run_key": run.key, "code": code_version(), "device": device}
 
-
-def resumable_state(
-    workspace: Workspace, run: RunSpec, run_id: str | None
-) -> dict[str, Any] | None:
-    """The checkpoint of ``run_id`` if it continues exactly this run with this code."""
-    if run_id is None or workspace.checkpoints is None:
-        return None
-    state = workspace.checkpoints.load(run_id)
-    if state is not None and any(state.get(k) != v for k, v in checkpoint_identity(run).items()):
-        workspace.checkpoints.remove(run_id)  # other settings, code or device: start over
-        return None
-    return state
-
-
-def log_missing_epochs(tracker: Tracker, run_id: str, state: dict[str, Any]) -> None:
-    """Epochs the checkpoint holds that the store missed (the process stopped between
-    writing the checkpoint and logging the epoch): logged now, so the series has no gap."""
-    logged = tracker.logged_steps(run_id, "train_loss")
-    for metrics in (EpochMetrics(**record) for record in state["history"]):
-        if metrics.epoch not in logged:
-            tracker.log_metrics(run_id, metrics.as_dict(), step=metrics.epoch)

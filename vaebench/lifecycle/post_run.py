@@ -25,7 +25,7 @@ from vaebench.scoring.evaluation import ClusterInput, scored_clusters
 from vaebench.signals import deferred_signals, forget_child, register_child
 from vaebench.spec.config import first_line
 from vaebench.spec.grid import RunSpec
-from vaebench.tracking.tracker import Tracker, TrackingError
+from vaebench.tracking.tracker import MLflowTracker, Tracker, TrackingError
 from vaebench.training.checkpoint import CheckpointStore
 from vaebench.training.trainer import check_finite, not_logged
 
@@ -134,15 +134,13 @@ class InlineFinisher:
 
 
 class BackgroundFinisher(InlineFinisher):
-    """One spawned process that finishes runs, in the order they come, while this process
-    trains the next ones, started at once so that its imports overlap the data loading.
-
-    It ignores SIGINT and SIGTERM: after a first signal this process waits (:meth:`close`) for
-    the runs it handed over, which end FINISHED, as a run alone does once trained; a second
-    signal kills it with this process (``PR_SET_PDEATHSIG``), leaving its runs RUNNING under
-    this process's lease, which the next invocation recovers (KILLED, the checkpoint kept). A
-    run it cannot finish ends FAILED, as it would here. If the process dies, its runs end
-    KILLED (their checkpoints continue them) and the runs that follow are finished here."""
+    """One spawned process that finishes runs in order while this process trains the next ones,
+    started at once so that its imports overlap the data loading. It ignores SIGINT and SIGTERM:
+    after a first signal this process waits (:meth:`close`) for the runs it handed over, which
+    end FINISHED; a second signal kills it with this process (``PR_SET_PDEATHSIG``), leaving its
+    runs RUNNING under this process's lease, for the next invocation to recover. A run it cannot
+    finish ends FAILED; if the process dies, its runs end KILLED (their checkpoints continue
+    them) and the runs that follow are finished here."""
 
     def __init__(self, uri: str):
         self._pool = ProcessPoolExecutor(
@@ -204,8 +202,6 @@ def _start_worker(uri: str) -> None:
     import scipy.optimize  # noqa: F401
     import sklearn.cluster  # noqa: F401
     import sklearn.metrics  # noqa: F401
-
-    from vaebench.tracking.tracker import MLflowTracker
 
     _tracker = MLflowTracker(uri)
 

@@ -25,8 +25,7 @@ def check_before_tracking(runs: Sequence[RunSpec], data_root: Path) -> None:
     where missing). They run before the tracking store is opened, so that such an error
     leaves no store behind; :func:`preflight` then loads the data while the store opens."""
     for run in runs:
-        problems = cross_section_problems(run.config)
-        if problems:
+        if problems := cross_section_problems(run.config):
             raise VaebenchError("; ".join(f"{run.name}: {key}: {msg}" for key, msg in problems))
     for dataset in sorted({run.config.data.dataset for run in runs}):
         ensure_dataset(dataset, data_root)
@@ -60,8 +59,7 @@ def preflight(
 
 
 def check_output_folder(folder: Path, option: str = "--results-dir") -> None:
-    """Fail before training, without creating anything, if results could not be written to
-    ``folder``: a file where a folder should be, or no write permission."""
+    """Fail before training, creating nothing, if results could not be written to ``folder``."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -1,6 +1,5 @@
-"""What a run's numbers depend on beyond its config: code, versions, device, processor. A report
-treats runs of one config and seed as reruns (one sample) only when their device, processor and
-``vaebench.code`` agree too; a checkpoint is continued only by the code that wrote it."""
+"""What a run's numbers depend on beyond its config: a report treats runs of one config and seed
+as reruns only when their device, processor and code agree too (docs/metrics.md#statistics)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Continuing a stopped run in its own MLflow run: what makes this process let go of it (the
-rest of continuing one is :mod:`vaebench.lifecycle.execute`'s)."""
+"""What makes a process let go of a stopped run it claimed (execute.py continues it)."""
 
 
 class ClaimLost(Exception):

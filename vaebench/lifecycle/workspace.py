@@ -27,10 +27,9 @@ os.register_at_fork(after_in_child=_digest_thread.cache_clear)  # a child has no
 
 
 class Workspace:
-    """What the runs of one invocation share in this process: the device-resident splits
-    (loaded once per data config and device), the classifiers, the checkpoint store (None: runs
-    are not checkpointed, as a study's trials, which are never continued), and who finishes the
-    trained runs (here, unless the caller hands them to a background process)."""
+    """What the runs of one invocation share in this process. ``checkpoints`` None: runs are not
+    checkpointed (a study's trials, which are never continued); ``finisher``: here, unless the
+    caller hands the trained runs to a background process."""
 
     def __init__(self, data_root: Path, checkpoints: CheckpointStore | None):
         self.data_root = data_root

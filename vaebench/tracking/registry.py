@@ -72,10 +72,9 @@ def log_model(client: Any, uri: str, run_id: str, module: Any, example: Any, ste
 
 @contextlib.contextmanager
 def fluent_api_on(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (``mlflow.search_runs``, ``mlflow.pytorch.log_model``) on ``uri``
-    for the block, and what pointing it there changes put back after: the tracking URI, and
-    ``$MLFLOW_TRACKING_URI``, which setting it writes and later subprocesses would inherit.
-    ``sys.path`` too: checking a logged model's input example loads it with its code folder."""
+    """MLflow's fluent API on ``uri`` for the block, and what that changes put back after: the
+    tracking URI, ``$MLFLOW_TRACKING_URI`` (later subprocesses would inherit it) and
+    ``sys.path`` (checking a logged model's input example loads it with its code folder)."""
     import mlflow
 
     saved_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None

@@ -64,17 +64,6 @@ def template() -> Path:
     return path
 
 
-def _sound(db: Path) -> bool:
-    """SQLite's own check of a copied file, and the schema's revision is there."""
-    try:
-        with contextlib.closing(sqlite3.connect(db)) as connection:
-            checked = connection.execute("PRAGMA quick_check").fetchall()
-            revisions = connection.execute("SELECT version_num FROM alembic_version").fetchall()
-    except sqlite3.DatabaseError:  # not a database, or no schema in it
-        return False
-    return checked == [("ok",)] and len(revisions) == 1
-
-
 def seed_store(db: Path) -> bool:
     """Copy the template to ``db`` (under the store's creation lock) if no store is there yet;
     True when it did. Any failure leaves ``db`` absent, for MLflow to create; a damaged template
@@ -85,7 +74,13 @@ def seed_store(db: Path) -> bool:
     try:
         source = template()
         shutil.copyfile(source, partial)
-        if not _sound(partial):
+        try:  # SQLite's own check of the copy, and the schema's revision is there
+            with contextlib.closing(sqlite3.connect(partial)) as connection:
+                checked = connection.execute("PRAGMA quick_check").fetchall()
+                revisions = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+        except sqlite3.DatabaseError:  # not a database, or no schema in it
+            checked = revisions = []
+        if checked != [("ok",)] or len(revisions) != 1:
             source.unlink()
             return False
         os.link(partial, db)  # never replaces a store that appeared meanwhile

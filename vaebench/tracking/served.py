@@ -16,8 +16,6 @@ IMAGE_SHAPE = (1, 28, 28)  # every MNIST-family dataset's images
 
 
 class ServedVAE(nn.Module):
-    """``forward(rows) -> reconstruction probabilities``; ``encode``, ``decode``, ``sample``."""
-
     def __init__(self, model: nn.Module, image_shape: tuple[int, int, int] = IMAGE_SHAPE):
         super().__init__()
         self.model = model
@@ -27,7 +25,6 @@ class ServedVAE(nn.Module):
 
     @property
     def columns(self) -> int:
-        """Values per input row: the pixels, and the label for a conditional family."""
         return self.pixels + int(self.conditional)
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -51,8 +51,7 @@ SERVER_PROBE_SECONDS = 5.0
 
 
 def check_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
-    """A tracking server must answer its ``/health`` within seconds; MLflow's own client
-    retries for minutes before it reports one that is not running."""
+    """A tracking server must answer its ``/health`` within seconds (MLflow retries for minutes)."""
     import urllib.error
     import urllib.request
 

@@ -190,10 +190,9 @@ class MLflowTracker:
         again, under this invocation's parent run."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        self.set_tags(run_id, tags)
+        parent = {MLFLOW_PARENT_RUN_ID: self.parent_id} if self.parent_id else {}
+        self.set_tags(run_id, {**tags, **parent})
         self.client.update_run(run_id, status="RUNNING")
-        if self.parent_id:
-            self.client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, self.parent_id)
         if ERROR_TAG in self.client.get_run(run_id).data.tags:  # the reason it was stopped
             self.client.delete_tag(run_id, ERROR_TAG)
 
