@@ -1,6 +1,5 @@
-"""The files a finished run leaves in MLflow: its config, weights and pictures, made in two
-steps, so that the second can run in a background process while the next run trains: what
-needs the model (on its device, at once) and the files made from those bytes and arrays."""
+"""A finished run's files, made in two steps so that the second can run in a background process:
+what needs the model (on its device, at once), then the files made from its bytes and arrays."""
 
 from __future__ import annotations
 
@@ -23,9 +22,8 @@ LATENT_FILE = "latent.npz"  # their E[z|x] and labels, from which `report --tsne
 
 @dataclass
 class RunPictures:
-    """A run's pictures as host arrays of images in [0, 1] (``(N, 1, H, W)``): 16 test images
-    and their reconstructions, 64 prior samples, the latent means of a fixed sample of test
-    images with their labels, and the pictures the model family adds (name: images, columns)."""
+    """A run's pictures as host arrays of images in [0, 1] (``(N, 1, H, W)``), and the latent
+    means of a fixed sample of test images; ``extra``: the family's own (name: images, columns)."""
 
     originals: np.ndarray
     reconstructions: np.ndarray
@@ -42,16 +40,13 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
 
 
 def write_weights(folder: Path, run: RunSpec, weights: bytes) -> None:
-    """``config.yaml`` (the resolved config) and ``state_dict.pt``: what trains the run again,
-    or rebuilds the trained model (a registered model is made from them)."""
+    """What trains the run again, or rebuilds the trained model (a registered model's source)."""
     config = yaml.safe_dump(run.config.model_dump(mode="json"), sort_keys=False)
     (folder / "config.yaml").write_text(config)
     (folder / "state_dict.pt").write_bytes(weights)
 
 
 def picture_arrays(model: torch.nn.Module, splits: Splits) -> RunPictures:
-    """Reconstructions, prior samples, the latent means of a fixed sample of test images and
-    the pictures the model family adds (a conditional model's row of samples per digit)."""
     model.eval()
     test = splits.test
 
@@ -71,9 +66,8 @@ def picture_arrays(model: torch.nn.Module, splits: Splits) -> RunPictures:
             for name, (logits, columns) in model.extra_pictures(generator).items()
         }
     return RunPictures(
-        originals=host(originals), reconstructions=host(recon), samples=host(samples),
+        originals=host(originals), reconstructions=host(recon), samples=host(samples), extra=extra,
         latent_means=mu.cpu().numpy(), latent_labels=test.labels[chosen].cpu().numpy(),
-        extra=extra,
     )
 
 
@@ -81,11 +75,8 @@ def draw_pictures(folder: Path, pictures: RunPictures, title: str) -> None:
     """``reconstructions.png``, ``samples.png``, ``latent.npz`` and its picture
     ``latent.png`` (PCA: a t-SNE of 2,000 points takes seconds, so ``report --tsne`` draws it
     for the runs a report shows), and the model family's own pictures."""
-    save_reconstructions(
-        folder / "reconstructions.png",
-        torch.from_numpy(pictures.originals),
-        torch.from_numpy(pictures.reconstructions),
-    )
+    pairs = [torch.from_numpy(images) for images in (pictures.originals, pictures.reconstructions)]
+    save_reconstructions(folder / "reconstructions.png", *pairs)
     save_grid(folder / "samples.png", torch.from_numpy(pictures.samples), columns=8)
     means, labels = pictures.latent_means, pictures.latent_labels
     np.savez_compressed(folder / LATENT_FILE, means=means, labels=labels)

@@ -1,13 +1,5 @@
-"""Who owns a RUNNING run, and what a rerun does with the runs a grid already has.
-
-A run in progress carries a lease: the tags ``vaebench.lease_owner`` (host, pid and the
-process's start time, so a reused pid is not mistaken for the owner) and
-``vaebench.lease_expires`` (unix seconds), refreshed with every epoch's metrics. A RUNNING run
-is *abandoned* when its owner is on this host and that process is gone, or, for an owner on
-another host, when its lease expired. A rerun marks abandoned runs KILLED and continues them
-from their checkpoint. A claim (:mod:`vaebench.lifecycle.exactly_once`) made to continue a
-stopped run is a run of its own, tagged :data:`CLAIM_TAG`.
-"""
+"""Who owns a RUNNING run, and what a rerun does with a grid's runs (docs/resume.md#abandoned-runs);
+a claim made to continue a stopped run is a run of its own, tagged :data:`CLAIM_TAG`."""
 
 from __future__ import annotations
 
@@ -101,10 +93,8 @@ def recover_abandoned(
             continue
         if reason is not None:
             tracker.end_run(record.run_id, "KILLED", f"abandoned: {reason}")
-            print(
-                f"run {record.name} ({record.run_id}) was left RUNNING ({reason}): marked KILLED",
-                file=stream,
-            )
+            line = f"run {record.name} ({record.run_id}) was left RUNNING ({reason}): marked KILLED"
+            print(line, file=stream)
             record = replace(record, status="KILLED")
         now.append(record)
     return now
@@ -112,8 +102,6 @@ def recover_abandoned(
 
 @dataclass(frozen=True)
 class Planned:
-    """What this invocation does with one run of the grid."""
-
     run: RunSpec
     # "train", "continue" (a KILLED run of this key), "skip" (FINISHED), "elsewhere" (RUNNING
     # in another process), "failed" (FAILED during this invocation: not trained again by it)

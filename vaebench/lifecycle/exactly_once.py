@@ -1,26 +1,11 @@
-"""Claims: every run of a grid trains once, however many processes and machines share it.
-
-Before a run trains, its process claims it:
-
-1. it creates the run's MLflow run (RUNNING, the run key, its lease): the *claim run*;
-2. once the store has it, it stamps the claim with the time, ``vaebench.claimed_at``
-   (microseconds, this machine's clock), waits ``settle`` and reads every run of the key;
-3. the claim stands unless a FINISHED run of the key exists (with ``--rerun``: one begun
-   since the invocation), a run FAILED since the invocation began, or another live
-   RUNNING run was stamped earlier (stamp, then run id). A live RUNNING run not stamped
-   yet (a claimant between steps 1 and 2) is waited for; one that stays unstamped for
-   :data:`UNSTAMPED_SECONDS` (left by an older vaebench) counts as earlier. A claim that
-   loses deletes its run.
+"""Claims: every run of a grid trains once, however many processes and machines share it (the
+protocol and its rules: docs/scaling.md#exactly-once-claims).
 
 Why at most one claimant wins: the stamp is taken after the claim run is in the store, and
 the reading after the stamp plus ``settle``. Of two claimants A and B, if A's reading did
 not show B's run, B's run reached the store after A read, so B's stamp is later than A's
 (given clocks that differ by less than ``settle``), and B, whose reading shows A's run and
 stamp, loses; if A's reading shows B's run, both compare the same two stamps.
-
-A KILLED run to continue is claimed the same way through a claim run tagged
-:data:`vaebench.lifecycle.claims.CLAIM_TAG`; the winner reopens the stopped run, gives it the
-claim's stamp and deletes the claim run.
 """
 
 from __future__ import annotations
@@ -118,12 +103,10 @@ def claim_run(
     since_ms: int = 0, rerun: bool = False, continues: str | None = None,
     on_created: Callable[[str], None] | None = None,
 ) -> Claim | None:
-    """Claim ``run``: the RUNNING run created for it, or None if another claimant holds it
-    (the claim run is then deleted). ``continues``: the stopped run this claim is for (the
-    claim run is only a claim; the caller deletes it once that run is reopened).
-    ``on_created`` learns the claim run's id as soon as it exists, before a signal can stop
-    this process, so that the caller can release it if the claim is never decided.
-    """
+    """None if another claimant holds ``run``. ``continues``: the stopped run this claim is for
+    (the caller deletes the claim run once that run is reopened). ``on_created`` learns the
+    claim run's id before a signal can stop this process, so that the caller can release it
+    if the claim is never decided."""
     claim_tags = {**tags, RUN_KEY_TAG: run.key, **lease_tags()}
     if continues is not None:
         claim_tags[CLAIM_TAG] = continues

@@ -1,21 +1,13 @@
-"""The life of tracked runs, one alone or K trained together as a stack, for ``run`` and ``tune``.
-
-start (or continue a stopped run in its own MLflow run) -> train (:func:`fit_members`) with a
-checkpoint and each run's metrics and lease after every epoch -> what finishing a run needs of
-its model (:func:`finish_job`) -> the workspace's finisher (:mod:`vaebench.lifecycle.post_run`)
-scores it, writes its artifacts and ends it FINISHED; or fail, or kill. Nothing else starts or
-ends a run, nor knows whether a grid or an Optuna study asked for it (a trial brings its pruning
-and objectives as :class:`RunHooks`). A run alone is a stack of one: every member is its own
-MLflow run, and its checkpoint the one its run alone would write.
+"""The life of tracked runs, one alone or K trained together as a stack, for ``run`` and ``tune``
+(see docs/architecture.md): nothing else starts or ends a run. A run alone is a stack of one.
 
 How an ending is recorded, for each member:
 - finished: FINISHED, the checkpoint removed (the final state_dict is an artifact);
 - a signal (:class:`~vaebench.signals.Interrupted`, Ctrl-C): KILLED with the reason, the
   checkpoint kept, so that the next invocation continues the run;
-- stopped on purpose (one of ``RunContext.stopped_early``, e.g. a pruned trial): KILLED, no
-  checkpoint; the other members go on;
-- an error of the run (diverged, its scoring failed): FAILED with the error, no checkpoint;
-  the other members go on;
+- stopped on purpose (``RunContext.stopped_early``, e.g. a pruned trial) or by an error of the
+  run (diverged, its scoring failed): KILLED, or FAILED with the error; no checkpoint, and the
+  other members go on;
 - an error of the whole (out of memory): every member not ended yet FAILED, and raised;
 - the store failing (:class:`TrackingError`): nothing more is written; the runs stay RUNNING
   with a lease that the next invocation recognises as abandoned.
@@ -32,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from vaebench.lifecycle.artifacts import picture_arrays, weights_bytes
-from vaebench.lifecycle.claims import lease_tags
+from vaebench.lifecycle.claims import OWNER_TAG, lease_tags, owner
 from vaebench.lifecycle.post_run import (
     ExtraMetrics,
     FinishJob,
@@ -41,14 +33,8 @@ from vaebench.lifecycle.post_run import (
     end_quietly,
     finished,
 )
-from vaebench.lifecycle.provenance import run_tags
-from vaebench.lifecycle.resume import (
-    ClaimLost,
-    check_continuation,
-    checkpoint_identity,
-    log_missing_epochs,
-    resumable_state,
-)
+from vaebench.lifecycle.provenance import code_version, run_tags
+from vaebench.lifecycle.resume import ClaimLost
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import deferred_signals
 from vaebench.spec.config import first_line
@@ -76,11 +62,10 @@ FINISHING = "trained: its scores, pictures and artifacts follow in the backgroun
 
 @dataclass
 class RunHooks:
-    """What a caller adds to one run's life (``tune``: its trial): ``tags``, ``on_start(run_id)``
-    once the run is tracked, ``epoch_hook`` after each epoch is logged (raising one of
-    ``RunContext.stopped_early`` stops the run on purpose, as a pruner does), ``extra_metrics``
-    of the final values, logged with the summary, and ``on_end(error)`` as soon as the run's
-    ending is recorded (None: handed to the finisher), while other members may still train."""
+    """What a caller adds to one run's life (``tune``: its trial). ``epoch_hook`` runs after each
+    epoch is logged (raising one of ``RunContext.stopped_early`` stops the run on purpose, as a
+    pruner does); ``on_end(error)`` as soon as the run's ending is recorded (None: handed to the
+    finisher), while other members may still train."""
 
     tags: Mapping[str, str] = field(default_factory=dict)
     on_start: Callable[[str], None] | None = None
@@ -93,9 +78,8 @@ class RunHooks:
 class Member:
     """One run to execute and where it is recorded: ``claimed_id``, the RUNNING run a claim
     created for it, trained in instead of starting one; or ``continue_id``, a stopped (KILLED)
-    run of the same key: with a checkpoint of this code, the run goes on in that MLflow run
-    after its last saved epoch (a member alone only); without one, a new run starts and the old
-    one stays KILLED. ``continue_claim``: the claim run under which this process continues it,
+    run of the same key, continued with a checkpoint of this code (a member alone only), else
+    left KILLED. ``continue_claim``: the claim run under which this process continues it,
     checked just before (:class:`ClaimLost` if it no longer stands)."""
 
     run: RunSpec
@@ -107,10 +91,8 @@ class Member:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What the invocation adds to every member: its ``tags``, the members' place in it (the
-    first is run ``number`` of ``total``), ``epoch_hook`` once per epoch of the whole (its
-    seconds the stack's), the exceptions a member's hook raises to stop it on purpose, and
-    whether the runs draw their pictures."""
+    """What the invocation adds to every member: the first is run ``number`` of ``total``;
+    ``epoch_hook`` sees each epoch of the whole once (its seconds the stack's)."""
 
     tags: Mapping[str, str]
     number: int
@@ -123,9 +105,8 @@ class RunContext:
 def execute(
     members: Sequence[Member], tracker: Tracker, workspace: Workspace, context: RunContext
 ) -> list[Outcome]:
-    """Train and track ``members`` (one stack key; a member continued from its checkpoint
-    comes alone) together; for each, in order, its :data:`Outcome`. Raises what stops them as
-    a whole, every member's run ended first as the module's docstring says."""
+    """Each member's :data:`Outcome` (one stack key; a member continued comes alone), or what
+    stops them as a whole, raised once every member's run ended as the module's docstring says."""
     life = _Life(list(members), tracker, workspace, context)
     try:
         life.start()
@@ -145,17 +126,16 @@ def execute(
         life.fail(exc)
         raise
     finally:
-        life.close()
+        if life.progress is not None:
+            life.progress.close(life.status)
 
 
 class _Life:
-    """The state of one :func:`execute`: the members' run ids, what ended, what was saved."""
-
     def __init__(
         self, members: list[Member], tracker: Tracker, workspace: Workspace, context: RunContext
     ):
         self.members, self.tracker, self.workspace = members, tracker, workspace
-        self.context = context
+        self.context, self.count = context, len(members)
         self.device = resolve_device(members[0].run.config.train.device)
         # from here on, this object ends the claimed runs
         self.run_ids: list[str | None] = [member.claimed_id for member in members]
@@ -168,17 +148,18 @@ class _Life:
         self.shown = 0  # the last epoch shown
         self.status = "FAILED"
 
-    @property
-    def count(self) -> int:
-        return len(self.members)
-
     def start(self) -> None:
         """Each member's run tracked (started, claimed or reopened) and its data logged."""
         first = self.members[0]
         self.workspace.load_splits(first.run)
-        if self.count == 1:
-            self.resume = resumable_state(self.workspace, first.run, first.continue_id)
-            self.saved = {0: self.resume["epoch"]} if self.resume is not None else {}
+        checkpoints = self.workspace.checkpoints
+        if self.count == 1 and first.continue_id is not None and checkpoints is not None:
+            state = checkpoints.load(first.continue_id)
+            identity = checkpoint_identity(first.run)
+            if state is not None and any(state.get(k) != v for k, v in identity.items()):
+                checkpoints.remove(first.continue_id)  # other settings, code or device: start over
+            elif state is not None:  # it continues exactly this run with this code
+                self.resume, self.saved = state, {0: state["epoch"]}
         names = ", ".join(member.run.name for member in self.members)
         label = first.run.name if self.count == 1 else f"stack of {self.count} ({names})"
         self.progress = RunProgress(
@@ -193,13 +174,16 @@ class _Life:
                 if member.hooks.on_start is not None:
                     member.hooks.on_start(self.run_ids[index])
         for member, run_id in zip(self.members, self.run_ids, strict=True):
-            if self.resume is not None:  # a continued run has its data logged already
-                log_missing_epochs(self.tracker, run_id, self.resume)
-            else:
+            if self.resume is None:
                 self.tracker.log_inputs(run_id, self.workspace.split_records_for(member.run))
+                continue
+            # continued: its data is logged; the epochs the store missed are logged now (no gap)
+            logged = self.tracker.logged_steps(run_id, "train_loss")
+            for metrics in (EpochMetrics(**record) for record in self.resume["history"]):
+                if metrics.epoch not in logged:
+                    self.tracker.log_metrics(run_id, metrics.as_dict(), step=metrics.epoch)
 
     def _open(self, member: Member) -> str:
-        """The member's run, RUNNING under this process's lease."""
         if self.resume is not None:
             self.tracker.reopen_run(member.continue_id, lease_tags())
             return member.continue_id
@@ -218,7 +202,6 @@ class _Life:
         return self.tracker.start_run(run.name, run.params, tags)
 
     def train(self) -> list[TrainResult | BaseException]:
-        """Every member trained (each run records the machine while it trains)."""
         keep = self.save_state if self.workspace.checkpoints is not None else None
         with contextlib.ExitStack() as monitors:
             for run_id in self.run_ids:
@@ -230,7 +213,6 @@ class _Life:
             )
 
     def save_state(self, index: int, snapshot: dict[str, Any]) -> None:
-        """Member ``index``'s checkpoint, with what it continues only with."""
         snapshot.update(checkpoint_identity(self.members[index].run))
         with deferred_signals():  # the epoch on disk is known before a signal is raised
             if self.workspace.checkpoints.save(self.run_ids[index], snapshot):
@@ -272,16 +254,14 @@ class _Life:
                 on_end(None if isinstance(outcome, Future) else outcome)
 
     def finish(self, results: Sequence[TrainResult | BaseException]) -> None:
-        """Each trained member handed to the workspace's finisher; a member whose scores or
-        pictures fail ends FAILED and the others go on."""
+        """Each trained member handed to the finisher; one whose scores fail ends FAILED alone."""
         for index, result in enumerate(results):
             if index in self.ended:  # diverged or stopped: ended already
                 continue
             member = self.members[index]
             try:
                 self.jobs[index] = finish_job(
-                    member.run, self.run_ids[index], result, self.workspace,
-                    self.context.pictures,
+                    member.run, self.run_ids[index], result, self.workspace, self.context.pictures
                 )
                 with self.workspace.finisher.handing_over():
                     finishing = self.workspace.finisher.finish(
@@ -299,9 +279,8 @@ class _Life:
                 self.end(index, exc)
                 continue
             if not finishing.done():
-                label = self.progress.label if self.count == 1 else (
-                    f"{line_prefix()}{member.run.name}"
-                )
+                own = f"{line_prefix()}{member.run.name}"  # a member's own line
+                label = self.progress.label if self.count == 1 else own
                 finishing.add_done_callback(partial(say_finished, label))
 
     def _unended(self, index: int) -> bool:
@@ -340,34 +319,22 @@ class _Life:
             parts.append(f"{stopped} stopped")
         return ", ".join(parts)
 
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.close(self.status)
-
 
 def stack_epoch(metrics: EpochMetrics, members: int) -> EpochMetrics:
     """A member's epoch as the stack's: its seconds (a share of the stack's) times the
     ``members`` the stack started with, at most the stack's own."""
-    return replace(
-        metrics,
-        epoch_seconds=metrics.epoch_seconds * members,
-        eval_seconds=metrics.eval_seconds * members,
-    )
+    epoch, evaluation = metrics.epoch_seconds * members, metrics.eval_seconds * members
+    return replace(metrics, epoch_seconds=epoch, eval_seconds=evaluation)
 
 
 def finish_job(
     run: RunSpec, run_id: str, result: TrainResult, workspace: Workspace, pictures: bool = True
 ) -> FinishJob:
-    """What finishing a trained run (:mod:`vaebench.lifecycle.post_run`) needs of its model,
-    taken now on its device: the scores the model family adds, the parameter count, its
-    weights and, with ``pictures``, its pictures' arrays."""
+    """What finishing a trained run needs of its model, taken now on its device."""
     model = result.model
     classifier = partial(workspace.classifiers.get, run.config.data.dataset, model.device)
-    summary = {
-        **result.summary,
-        **model.extra_scores(classifier),
-        "parameters": float(sum(p.numel() for p in model.parameters())),
-    }
+    parameters = float(sum(p.numel() for p in model.parameters()))
+    summary = {**result.summary, **model.extra_scores(classifier), "parameters": parameters}
     return FinishJob(
         run=run, run_id=run_id, summary=summary, last=result.final.as_dict(),
         seconds=result.seconds, clusters=result.clusters, weights=weights_bytes(model),
@@ -377,7 +344,6 @@ def finish_job(
 
 
 def say_finished(label: str, finishing: Future[RunOutcome]) -> None:
-    """The line of a run finished in the background, once it is."""
     error = finishing.exception()
     status = "FINISHED" if error is None else f"FAILED after training: {first_line(error)}"
     if isinstance(error, TrackingError):  # the run keeps its lease: a rerun finishes it
@@ -392,3 +358,24 @@ def record_invalid(
     run_id = tracker.start_run(name, params, tags)
     tracker.end_run(run_id, "FAILED", error)
     return run_id
+
+
+def check_continuation(tracker: Tracker, run_id: str | None, claim_id: str | None) -> None:
+    """:class:`ClaimLost` unless the stopped run is still KILLED and this process's claim to it
+    RUNNING under its lease, read just before the run is reopened."""
+    if run_id is None or claim_id is None:
+        return
+    run = tracker.run_record(run_id)
+    if run is None or run.status != "KILLED":
+        status = "deleted" if run is None else run.status
+        raise ClaimLost(f"run {run_id} is {status} (another process continued it)")
+    claim = tracker.run_record(claim_id)
+    if claim is None or claim.status != "RUNNING" or claim.tags.get(OWNER_TAG) != owner():
+        raise ClaimLost(f"its claim {claim_id} was taken away (recovered as abandoned)")
+
+
+def checkpoint_identity(run: RunSpec) -> dict[str, str]:
+    """What a checkpoint of ``run`` continues only with: its settings, this code, its device."""
+    device = str(resolve_device(run.config.train.device))
+    return {"run_key": run.key, "code": code_version(), "device": device}
+

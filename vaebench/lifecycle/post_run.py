@@ -1,9 +1,5 @@
-"""What a run does after training that needs no model (:func:`finish_run`), once what needs it
-is done on its device (:func:`vaebench.lifecycle.execute.finish_job` makes a :class:`FinishJob`
-of plain arrays and bytes): in this process (:class:`InlineFinisher`, the default) or in a
-background process while this one trains the next run or stack (:class:`BackgroundFinisher`),
-with the same numbers and files either way.
-"""
+"""What a run does after training that needs no model, here or in a background process (see
+docs/performance.md#finishing-a-run-here-or-in-the-background)."""
 
 from __future__ import annotations
 
@@ -29,7 +25,7 @@ from vaebench.scoring.evaluation import ClusterInput, scored_clusters
 from vaebench.signals import deferred_signals, forget_child, register_child
 from vaebench.spec.config import first_line
 from vaebench.spec.grid import RunSpec
-from vaebench.tracking.tracker import Tracker, TrackingError
+from vaebench.tracking.tracker import MLflowTracker, Tracker, TrackingError
 from vaebench.training.checkpoint import CheckpointStore
 from vaebench.training.trainer import check_finite, not_logged
 
@@ -64,18 +60,13 @@ class FinishJob:
 def finish_run(
     job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
 ) -> RunOutcome:
-    """Score the job's clusters (k-means on its latent means), log its summary (``seconds``: the
-    run's whole time, this scoring included), draw its pictures and log its artifacts, end its
-    run FINISHED and remove its checkpoint. ``extra_metrics`` sees the final values and adds
-    to the summary (a study's objectives)."""
+    """``seconds``: the run's whole time, this scoring included. ``extra_metrics`` sees the
+    final values and adds to the summary (a study's objectives)."""
     started = time.perf_counter()
     clusters = {name: v for scored in job.clusters for name, v in scored_clusters(scored).items()}
     check_finite(clusters, "after training")
-    summary = {
-        **job.summary,
-        **not_logged(clusters, job.last),
-        "seconds": job.seconds + time.perf_counter() - started,
-    }
+    seconds = job.seconds + time.perf_counter() - started
+    summary = {**job.summary, **not_logged(clusters, job.last), "seconds": seconds}
     final = {**job.last, **summary}
     if extra_metrics is not None:
         summary.update(extra_metrics(final))
@@ -88,15 +79,10 @@ def finish_run(
         tracker.log_artifacts(job.run_id, folder)
     with deferred_signals():  # finished is finished: a signal now stops what follows
         tracker.end_run(job.run_id, "FINISHED")
-        forget(job.checkpoints, job.run_id)
+        if job.checkpoints is not None:
+            job.checkpoints.remove(job.run_id)
         job.outcome = RunOutcome(job.run_id, summary, final)
     return job.outcome
-
-
-def forget(checkpoints: CheckpointStore | None, run_id: str | None) -> None:
-    """The run ended for good: its checkpoint will never be continued."""
-    if checkpoints is not None and run_id is not None:
-        checkpoints.remove(run_id)
 
 
 def error_text(exc: BaseException) -> str:
@@ -116,9 +102,9 @@ def end_for_good(
     tracker: Tracker, checkpoints: CheckpointStore | None, run_id: str | None,
     exc: BaseException, status: str = "FAILED",
 ) -> None:
-    """The run ends for good, its checkpoint removed: FAILED with its error, or KILLED, stopped
-    on purpose, with the reason."""
-    forget(checkpoints, run_id)
+    """The run ends for good, its checkpoint removed (KILLED: stopped on purpose)."""
+    if checkpoints is not None and run_id is not None:
+        checkpoints.remove(run_id)
     end_quietly(tracker, run_id, status, error_text(exc) if status == "FAILED" else first_line(exc))
 
 
@@ -136,7 +122,6 @@ class InlineFinisher:
     def finish(
         self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
     ) -> Future[RunOutcome]:
-        """The job's outcome: already there (in this process), or to come."""
         return finished(finish_run(job, tracker, extra_metrics))
 
     def handing_over(self) -> contextlib.AbstractContextManager[None]:
@@ -149,15 +134,13 @@ class InlineFinisher:
 
 
 class BackgroundFinisher(InlineFinisher):
-    """One spawned process that finishes runs, in the order they come, while this process
-    trains the next ones, started at once so that its imports overlap the data loading.
-
-    It ignores SIGINT and SIGTERM: after a first signal this process waits (:meth:`close`) for
-    the runs it handed over, which end FINISHED, as a run alone does once trained; a second
-    signal kills it with this process (``PR_SET_PDEATHSIG``), leaving its runs RUNNING under
-    this process's lease, which the next invocation recovers (KILLED, the checkpoint kept). A
-    run it cannot finish ends FAILED, as it would here. If the process dies, its runs end
-    KILLED (their checkpoints continue them) and the runs that follow are finished here."""
+    """One spawned process that finishes runs in order while this process trains the next ones,
+    started at once so that its imports overlap the data loading. It ignores SIGINT and SIGTERM:
+    after a first signal this process waits (:meth:`close`) for the runs it handed over, which
+    end FINISHED; a second signal kills it with this process (``PR_SET_PDEATHSIG``), leaving its
+    runs RUNNING under this process's lease, for the next invocation to recover. A run it cannot
+    finish ends FAILED; if the process dies, its runs end KILLED (their checkpoints continue
+    them) and the runs that follow are finished here."""
 
     def __init__(self, uri: str):
         self._pool = ProcessPoolExecutor(
@@ -219,8 +202,6 @@ def _start_worker(uri: str) -> None:
     import scipy.optimize  # noqa: F401
     import sklearn.cluster  # noqa: F401
     import sklearn.metrics  # noqa: F401
-
-    from vaebench.tracking.tracker import MLflowTracker
 
     _tracker = MLflowTracker(uri)
 

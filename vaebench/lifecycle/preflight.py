@@ -25,8 +25,7 @@ def check_before_tracking(runs: Sequence[RunSpec], data_root: Path) -> None:
     where missing). They run before the tracking store is opened, so that such an error
     leaves no store behind; :func:`preflight` then loads the data while the store opens."""
     for run in runs:
-        problems = cross_section_problems(run.config)
-        if problems:
+        if problems := cross_section_problems(run.config):
             raise VaebenchError("; ".join(f"{run.name}: {key}: {msg}" for key, msg in problems))
     for dataset in sorted({run.config.data.dataset for run in runs}):
         ensure_dataset(dataset, data_root)
@@ -39,8 +38,7 @@ def check_before_tracking(runs: Sequence[RunSpec], data_root: Path) -> None:
 def preflight(
     runs: Sequence[RunSpec], data_root: Path, loaded: Mapping[SplitsKey, Splits] | None = None
 ) -> dict[SplitsKey, Splits]:
-    """Load every split the runs need (beyond those ``loaded``) and build each model and
-    optimizer once; returns the device-resident splits keyed by (data config, device)."""
+    """Every split the runs need loaded on its device, and each model and optimizer built once."""
     splits: dict[SplitsKey, Splits] = dict(loaded or {})
     checked: set[str] = set()
     check_before_tracking(runs, data_root)
@@ -61,8 +59,7 @@ def preflight(
 
 
 def check_output_folder(folder: Path, option: str = "--results-dir") -> None:
-    """Fail before training, without creating anything, if results could not be written to
-    ``folder``: a file where a folder should be, or no write permission."""
+    """Fail before training, creating nothing, if results could not be written to ``folder``."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

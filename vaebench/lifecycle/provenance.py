@@ -1,6 +1,5 @@
-"""What a run's numbers depend on beyond its config: code, versions, device, processor. A report
-treats runs of one config and seed as reruns (one sample) only when their device, processor and
-``vaebench.code`` agree too; a checkpoint is continued only by the code that wrote it."""
+"""What a run's numbers depend on beyond its config: a report treats runs of one config and seed
+as reruns only when their device, processor and code agree too (docs/metrics.md#statistics)."""
 
 from __future__ import annotations
 
@@ -23,9 +22,8 @@ CODE_TAG = "vaebench.code"
 
 @functools.cache
 def code_version() -> str:
-    """A hash of vaebench's own source files (``src-<12 hex>``): equal exactly when the code
-    that trains and scores is equal, whatever the repository's commit, working-tree edits
-    or install location."""
+    """A hash of vaebench's own source files: equal exactly when the code that trains and
+    scores is equal, whatever the repository's commit, working-tree edits or location."""
     digest = hashlib.sha256()
     for path in sorted(PACKAGE.rglob("*.py")):
         digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes())
@@ -46,8 +44,7 @@ def device_name(device: torch.device) -> str:
 
 
 def base_tags(**extra: str) -> dict[str, str]:
-    """Tags every run of an invocation carries: MLflow's source (vaebench and, in a git
-    checkout, its commit), versions and vaebench's code version."""
+    """Tags every run of an invocation carries."""
     tags = {
         **extra,
         "mlflow.source.name": "vaebench",  # the runs table's Source column
@@ -67,24 +64,15 @@ def base_tags(**extra: str) -> dict[str, str]:
 def run_tags(run: RunSpec) -> dict[str, str]:
     """What identifies one run's sample: its config key, seed, device and processor."""
     device = resolve_device(run.config.train.device)
-    return {
+    tags = {
         "vaebench.run_key": run.key,
         "vaebench.seed": str(run.config.seed),
         "vaebench.backend": run.config.train.backend,
         "vaebench.device": str(device),
         "vaebench.device_name": device_name(device),
-        **nll_images_tag(run),
     }
-
-
-NLL_IMAGES_TAG = "vaebench.nll_images"
-
-
-def nll_images_tag(run: RunSpec) -> dict[str, str]:
-    """Which test images a run's likelihood estimate scores, where it makes one."""
     evaluation = run.config.eval
-    if not evaluation.iwae_samples:
-        return {}
-    if evaluation.iwae_images is None:
-        return {NLL_IMAGES_TAG: "all"}
-    return {NLL_IMAGES_TAG: f"{evaluation.iwae_images} drawn with seed {LIKELIHOOD_SUBSET_SEED}"}
+    if evaluation.iwae_samples:  # which test images its likelihood estimate scores
+        drawn = f"{evaluation.iwae_images} drawn with seed {LIKELIHOOD_SUBSET_SEED}"
+        tags["vaebench.nll_images"] = "all" if evaluation.iwae_images is None else drawn
+    return tags

@@ -1,5 +1,3 @@
-"""What the runs of one invocation share in this process (:class:`Workspace`)."""
-
 from __future__ import annotations
 
 import functools
@@ -29,10 +27,9 @@ os.register_at_fork(after_in_child=_digest_thread.cache_clear)  # a child has no
 
 
 class Workspace:
-    """What the runs of one invocation share in this process: the device-resident splits
-    (loaded once per data config and device), the classifiers, the checkpoint store (None: runs
-    are not checkpointed, as a study's trials, which are never continued), and who finishes the
-    trained runs (here, unless the caller hands them to a background process)."""
+    """What the runs of one invocation share in this process. ``checkpoints`` None: runs are not
+    checkpointed (a study's trials, which are never continued); ``finisher``: here, unless the
+    caller hands the trained runs to a background process."""
 
     def __init__(self, data_root: Path, checkpoints: CheckpointStore | None):
         self.data_root = data_root
@@ -49,7 +46,6 @@ class Workspace:
         check_before_tracking(runs, self.data_root)
 
     def prepare(self, runs: Sequence[RunSpec]) -> None:
-        """Preflight ``runs``, keep their splits and start hashing them."""
         self._splits.update(preflight(runs, self.data_root, self._splits))
         for run in runs:
             key = splits_key(run)
@@ -70,7 +66,6 @@ class Workspace:
         return self._splits[splits_key(run)]
 
     def test_images(self, config: RunConfig, count: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``count`` test images and labels of a run's data, on the CPU (a
-        registered model's input example)."""
+        """A registered model's input example: the first test images and labels, on the CPU."""
         test = self.load_splits(RunSpec("example", "", config, ())).test
         return test.images[:count].cpu(), test.labels[:count].cpu()

@@ -1,22 +1,15 @@
-"""The Tracker's model half: a run's model logged with MLflow's PyTorch flavor, and registered.
-
-A logged model is an MLflow LoggedModel whose source is the run (the runs table's Models
-column), holding the pickled :class:`~vaebench.tracking.served.ServedVAE`, vaebench's own code
-(``code_paths``, so a machine without vaebench can load it), a signature and an input example
-of real test images. It is pickled (not MLflow 3's default ``torch.export`` graph, which keeps
-``forward`` only), so ``mlflow.pytorch.load_model`` gives back the ServedVAE with its
-``encode`` and ``decode``. Its pip requirements are given: inferring them loads the model in a
-subprocess.
-"""
+"""The Tracker's model half: a run's model logged with MLflow's PyTorch flavor, and registered
+(see docs/tracking.md#registered-models). Its pip requirements are given: inferring them loads
+the model in a subprocess."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import os
 import sys
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +19,6 @@ MODEL_NAME = "model"  # the logged model's name, as the run's Models column show
 SERVED_TAG = "vaebench.served"  # on logged models vaebench made: "reconstruction"
 REQUIRED = ("torch", "pydantic", "pyyaml", "numpy")  # what unpickling the model imports
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-
-
-def requirements() -> list[str]:
-    """The installed versions of what the model needs (torch without its local "+cpu")."""
-    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIRED]
 
 
 def logged_model_of(client: Any, run_id: str) -> str | None:
@@ -50,8 +38,7 @@ def logged_model_of(client: Any, run_id: str) -> str | None:
 
 
 def log_model(client: Any, uri: str, run_id: str, module: Any, example: Any, step: int) -> str:
-    """Log ``module`` (a ServedVAE) as a PyTorch-flavor model of ``run_id``, with the run's
-    params and its metrics at ``step`` (its last epoch: the scores); the model's id."""
+    """The id of ``module`` logged as a model of ``run_id``, with its metrics at ``step``."""
     import mlflow
     import mlflow.pytorch
     import torch
@@ -64,23 +51,30 @@ def log_model(client: Any, uri: str, run_id: str, module: Any, example: Any, ste
         experiment_id=run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
         tags={SERVED_TAG: "reconstruction"}, params=dict(run.data.params),
     )
-    # pickling is chosen on purpose (see the module docstring): no warning about it per model
-    with fluent_api_on(uri), _quiet("mlflow.pytorch"):
-        mlflow.pytorch.log_model(
-            module, name=MODEL_NAME, run_id=run_id, model_id=model.model_id, step=step,
-            signature=signature, input_example=example, pip_requirements=requirements(),
-            code_paths=[str(Path(vaebench.__file__).parent)],
-            serialization_format="pickle",  # the module itself, encode and decode with it
-        )
+    # the installed versions (torch without its local "+cpu")
+    required = [f"{name}=={version(name).split('+')[0]}" for name in REQUIRED]
+    # pickling is chosen on purpose (docs/tracking.md): no warning about it per model
+    logger = logging.getLogger("mlflow.pytorch")
+    saved = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with fluent_api_on(uri):
+            mlflow.pytorch.log_model(
+                module, name=MODEL_NAME, run_id=run_id, model_id=model.model_id, step=step,
+                signature=signature, input_example=example, pip_requirements=required,
+                code_paths=[str(Path(vaebench.__file__).parent)],
+                serialization_format="pickle",  # the module itself, encode and decode with it
+            )
+    finally:
+        logger.setLevel(saved)
     return model.model_id
 
 
 @contextlib.contextmanager
 def fluent_api_on(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (``mlflow.search_runs``, ``mlflow.pytorch.log_model``) on ``uri``
-    for the block, and what pointing it there changes put back after: the tracking URI, and
-    ``$MLFLOW_TRACKING_URI``, which setting it writes and later subprocesses would inherit.
-    ``sys.path`` too: checking a logged model's input example loads it with its code folder."""
+    """MLflow's fluent API on ``uri`` for the block, and what that changes put back after: the
+    tracking URI, ``$MLFLOW_TRACKING_URI`` (later subprocesses would inherit it) and
+    ``sys.path`` (checking a logged model's input example loads it with its code folder)."""
     import mlflow
 
     saved_uri = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
@@ -95,17 +89,6 @@ def fluent_api_on(uri: str) -> Iterator[None]:
         os.environ.pop(TRACKING_URI_ENV, None)
         if saved_env is not None:
             os.environ[TRACKING_URI_ENV] = saved_env
-
-
-@contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    logger = logging.getLogger(logger_name)
-    saved = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(saved)
 
 
 def register(

@@ -1,14 +1,7 @@
-"""A new SQLite MLflow store starts as a copy of an empty schema that MLflow made once.
-
-MLflow creates a schema by running its Alembic migrations, about 1.5 s of Python here: a tenth
-of a 2-epoch run's process, paid by every fresh folder (and every test's temporary store). The
-schema depends only on the versions of MLflow, SQLAlchemy and Alembic, so MLflow creates it
-once per set of versions into a template in ``$VAEBENCH_CACHE`` (else ``~/.cache/vaebench``),
-without its Default experiment (whose artifact location is one store's folder), and each new
-store is a copy, to which MLflow adds its own Default experiment. A copy MLflow refuses to open
-is an error that removes the copy and the template, so the next attempt starts afresh (MLflow
-keeps a connection pool per store URI: this process cannot safely try again at once).
-"""
+"""A new SQLite MLflow store starts as a copy of an empty schema that MLflow made once (its
+migrations take 1.5 s per fresh store; see docs/performance.md). The template has no Default
+experiment, whose artifact location is one store's folder. A copy MLflow refuses to open is an
+error, not retried here: MLflow keeps a connection pool per store URI."""
 
 from __future__ import annotations
 
@@ -51,9 +44,8 @@ def template_name() -> str:
 
 
 def template() -> Path:
-    """The template for the installed versions, made first if missing: MLflow creates a store
-    at a temporary name, its Default experiment is dropped, and the file is renamed to the
-    template's only when complete."""
+    """The template for the installed versions, made first if missing: renamed into place only
+    when complete."""
     folder = cache_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / template_name()
@@ -72,17 +64,6 @@ def template() -> Path:
     return path
 
 
-def _sound(db: Path) -> bool:
-    """SQLite's own check of a copied file, and the schema's revision is there."""
-    try:
-        with contextlib.closing(sqlite3.connect(db)) as connection:
-            checked = connection.execute("PRAGMA quick_check").fetchall()
-            revisions = connection.execute("SELECT version_num FROM alembic_version").fetchall()
-    except sqlite3.DatabaseError:  # not a database, or no schema in it
-        return False
-    return checked == [("ok",)] and len(revisions) == 1
-
-
 def seed_store(db: Path) -> bool:
     """Copy the template to ``db`` (under the store's creation lock) if no store is there yet;
     True when it did. Any failure leaves ``db`` absent, for MLflow to create; a damaged template
@@ -93,7 +74,13 @@ def seed_store(db: Path) -> bool:
     try:
         source = template()
         shutil.copyfile(source, partial)
-        if not _sound(partial):
+        try:  # SQLite's own check of the copy, and the schema's revision is there
+            with contextlib.closing(sqlite3.connect(partial)) as connection:
+                checked = connection.execute("PRAGMA quick_check").fetchall()
+                revisions = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+        except sqlite3.DatabaseError:  # not a database, or no schema in it
+            checked = revisions = []
+        if checked != [("ok",)] or len(revisions) != 1:
             source.unlink()
             return False
         os.link(partial, db)  # never replaces a store that appeared meanwhile
@@ -106,9 +93,8 @@ def seed_store(db: Path) -> bool:
 
 
 def open_store(uri: str, db: Path | None) -> MlflowClient:
-    """MLflow's client of the store at ``uri`` (``db``: its SQLite file, if it is one), the
-    store created first if new: seeded from the template, under the creation lock. A seeded
-    store that MLflow cannot open is removed with its template, and the error says so."""
+    """MLflow's client of the store at ``uri`` (``db``: its SQLite file, if it is one), created
+    first if new, seeded from the template under the creation lock."""
     from mlflow.tracking import MlflowClient
 
     seeded = False

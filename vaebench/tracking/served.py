@@ -1,13 +1,5 @@
-"""A trained run's model as MLflow serves it: one tensor in, one tensor out.
-
-MLflow's PyTorch flavor calls ``module(batch)`` with a single float32 tensor (a pyfunc or
-``mlflow models serve`` gets a numpy array or a DataFrame, one row an image) and wants a single
-tensor back. :class:`ServedVAE` gives every model family that shape: a row is an image's
-``C*H*W`` pixels in [0, 1], prepared as the run's data was (binarized where ``data.binarize``
-says so), and for a conditional family (``cvae``) one more column, the digit label; the output
-is the reconstruction's pixel probabilities at the posterior mean, as the run's
-``reconstructions.png`` shows. ``encode`` and ``decode`` work as the trained module's do.
-"""
+"""A trained run's model as MLflow serves it: one tensor in (a row an image, and the label for a
+conditional family), one tensor out (see docs/tracking.md#registered-models)."""
 
 from __future__ import annotations
 
@@ -24,8 +16,6 @@ IMAGE_SHAPE = (1, 28, 28)  # every MNIST-family dataset's images
 
 
 class ServedVAE(nn.Module):
-    """``forward(rows) -> reconstruction probabilities``; ``encode``, ``decode``, ``sample``."""
-
     def __init__(self, model: nn.Module, image_shape: tuple[int, int, int] = IMAGE_SHAPE):
         super().__init__()
         self.model = model
@@ -35,7 +25,6 @@ class ServedVAE(nn.Module):
 
     @property
     def columns(self) -> int:
-        """Values per input row: the pixels, and the label for a conditional family."""
         return self.pixels + int(self.conditional)
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -50,7 +39,7 @@ class ServedVAE(nn.Module):
         return images, labels
 
     def rows(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The inverse of :meth:`split`: images (and labels) as input rows."""
+        """The inverse of :meth:`split`."""
         flat = images.reshape(images.shape[0], -1).float()
         if not self.conditional:
             return flat
@@ -72,19 +61,16 @@ class ServedVAE(nn.Module):
         return torch.sigmoid(self.model.decode_sample(z, c, y)).flatten(1)
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
-        """Pixel probabilities of ``n`` draws from the prior."""
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
         return torch.sigmoid(self.model.sample_prior(n, generator=generator)).flatten(1)
 
 
 def run_config(text: str) -> RunConfig:
-    """A run's ``config.yaml`` artifact as its config."""
     return RunConfig.model_validate(yaml.safe_load(text))
 
 
 def served_model(config: RunConfig, state_dict: bytes) -> ServedVAE:
-    """The run's trained model, on the CPU in eval mode, from its config and the bytes of its
-    ``state_dict.pt`` artifact."""
+    """The run's trained model, on the CPU in eval mode, from its ``state_dict.pt``'s bytes."""
     model = build_model(config.model, IMAGE_SHAPE)
     weights = torch.load(io.BytesIO(state_dict), map_location="cpu", weights_only=True)
     model.load_state_dict(weights)

@@ -23,9 +23,8 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix(prefix)).expanduser() if uri.startswith(prefix) else None
 
 
-# MLflow's HTTP client retries 7 times with a growing back-off (minutes) before it reports a
-# server that went away; these bound a dead server to seconds. Set in the environment, the
-# user's own values win.
+# MLflow's HTTP client retries for minutes before it reports a server that went away; these
+# bound a dead server to seconds (the user's own values win)
 HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -52,8 +51,7 @@ SERVER_PROBE_SECONDS = 5.0
 
 
 def check_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
-    """A tracking server must answer its ``/health`` within seconds; MLflow's own client
-    retries for minutes before it reports one that is not running."""
+    """A tracking server must answer its ``/health`` within seconds (MLflow retries for minutes)."""
     import urllib.error
     import urllib.request
 

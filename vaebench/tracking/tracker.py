@@ -1,14 +1,14 @@
-"""Where runs are recorded: the Tracker interface and MLflow's implementation. Trackers take
-plain dicts and file paths, so the trainer and the grid code stay free of mlflow; ``import
-mlflow`` happens only when an MLflowTracker is made (the GPU machines and benchmarks do without).
-"""
+"""Where runs are recorded: the Tracker interface and MLflow's implementation; ``import mlflow``
+happens only when an MLflowTracker is made (the GPU machines and benchmarks do without)."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from vaebench.signals import deferred_signals
 from vaebench.spec.config import VaebenchError, first_line
+from vaebench.tracking import registry
 from vaebench.tracking.schema import open_store
 from vaebench.tracking.store import HTTP_LIMITS, check_server, sqlite_path
 
@@ -39,8 +40,7 @@ SYSTEM_METRICS_SECONDS = 10.0  # MLflow's default interval: a sample costs milli
 class TrackingError(VaebenchError):
     """The tracking store failed in the middle of the work (a server gone, a disk full)."""
 
-    # the grid stops, and its rerun continues it (sysexits' EX_TEMPFAIL: a temporary failure,
-    # the user is invited to retry)
+    # the grid stops, and its rerun continues it (sysexits' EX_TEMPFAIL: retry later)
     exit_status = 75
 
 
@@ -62,9 +62,8 @@ class RunRecord:
 
 
 class Tracker(Protocol):
-    """How runs are recorded; the execution layer and the invocations use nothing else. A store
-    that fails (server gone, disk full, database locked too long) raises :class:`TrackingError`
-    from any call."""
+    """How runs are recorded; the execution layer and the invocations use nothing else. Any call
+    may raise :class:`TrackingError`."""
 
     uri: str  # the store's, for another process (a background finisher) or a report to open
     experiment_id: str | None  # set by start_grid or join_grid
@@ -107,9 +106,8 @@ def _store_call(method: Callable[..., T]) -> Callable[..., T]:
             except TrackingError:
                 raise
             except Exception as exc:  # noqa: BLE001 - MlflowException, requests, OSError, ...
-                raise TrackingError(
-                    f"tracking store {self.uri} failed ({first_line(exc)})"
-                ) from exc
+                text = f"tracking store {self.uri} failed ({first_line(exc)})"
+                raise TrackingError(text) from exc
 
     return call
 
@@ -148,10 +146,8 @@ class MLflowTracker:
         folder = None if db is None else (db.resolve().parent / "mlartifacts" / name).as_uri()
         if existing is None:
             try:
-                return self.client.create_experiment(
-                    name,
-                    artifact_location=folder,  # None: a tracking server chooses
-                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+                return self.client.create_experiment(  # folder None: a tracking server chooses
+                    name, artifact_location=folder, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
                 )
             except MlflowException:  # another process created it meanwhile
                 existing = self.client.get_experiment_by_name(name)
@@ -194,10 +190,9 @@ class MLflowTracker:
         again, under this invocation's parent run."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-        self.set_tags(run_id, tags)
+        parent = {MLFLOW_PARENT_RUN_ID: self.parent_id} if self.parent_id else {}
+        self.set_tags(run_id, {**tags, **parent})
         self.client.update_run(run_id, status="RUNNING")
-        if self.parent_id:
-            self.client.set_tag(run_id, MLFLOW_PARENT_RUN_ID, self.parent_id)
         if ERROR_TAG in self.client.get_run(run_id).data.tags:  # the reason it was stopped
             self.client.delete_tag(run_id, ERROR_TAG)
 
@@ -211,9 +206,8 @@ class MLflowTracker:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(
-            run_id, metrics=batch, tags=[RunTag(k, v) for k, v in (tags or {}).items()]
-        )
+        texts = [RunTag(k, v) for k, v in (tags or {}).items()]
+        self.client.log_batch(run_id, metrics=batch, tags=texts)
 
     @_store_call
     def logged_steps(self, run_id: str, metric: str) -> set[int]:
@@ -234,11 +228,9 @@ class MLflowTracker:
 
     @contextlib.contextmanager
     def system_metrics(self, run_id: str) -> Iterator[None]:
-        """MLflow's system metrics monitor (CPU, memory, disk, network, GPU with
-        ``nvidia-ml-py``) on ``run_id`` while the block runs, sampling every
-        ``$VAEBENCH_SYSTEM_METRICS_SECONDS``; off with ``$VAEBENCH_SYSTEM_METRICS=0``. It
-        publishes a sample only once its interval has passed and the run is still RUNNING: a
-        run shorter than the interval would have none, so what it sampled is published last."""
+        """MLflow's system metrics monitor on ``run_id`` while the block runs. It publishes a
+        sample only once its interval has passed and the run is still RUNNING: a run shorter
+        than the interval would have none, so what it sampled is published last."""
         if os.environ.get(SYSTEM_METRICS_ENV, "1") == "0":
             yield
             return
@@ -265,10 +257,7 @@ class MLflowTracker:
 
     @_store_call
     def log_inputs(self, run_id: str, splits: Sequence[SplitRecord]) -> None:
-        """The splits as MLflow dataset inputs (the runs table's Dataset column), each with
-        its digest, source folder and context (training, validation, test)."""
-        import json
-
+        """The splits as MLflow dataset inputs (the runs table's Dataset column)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -307,8 +296,6 @@ class MLflowTracker:
     # artifact_bytes and register_model run after the runs are tracked, and their callers
     # report what fails in one line (a missing artifact, an invalid name): not TrackingErrors
     def artifact_bytes(self, run_id: str, path: str) -> bytes:
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="vaebench-artifact-") as scratch:
             return Path(self.client.download_artifacts(run_id, path, scratch)).read_bytes()
 
@@ -316,18 +303,13 @@ class MLflowTracker:
         self, run_id: str, module: Any, example: Any, step: int, name: str,
         tags: Mapping[str, str], description: str,
     ) -> tuple[int, bool]:
-        """A new version of registered model ``name`` from the run's logged model (see
-        :mod:`vaebench.tracking.registry`), logging ``module`` first (with the run's metrics at
-        ``step``) unless an earlier invocation did; (the version, whether the logged model
-        was reused)."""
-        from vaebench.tracking import registry as model_registry
-
-        model_id = model_registry.logged_model_of(self.client, run_id)
+        """A new version of registered model ``name``, logging ``module`` first (with the run's
+        metrics at ``step``) unless an earlier invocation did; (the version, whether reused)."""
+        model_id = registry.logged_model_of(self.client, run_id)
         reused = model_id is not None
-        model_id = model_id or model_registry.log_model(
-            self.client, self.uri, run_id, module, example, step
-        )
-        version = model_registry.register(
+        if not reused:
+            model_id = registry.log_model(self.client, self.uri, run_id, module, example, step)
+        version = registry.register(
             self.client, self.uri, name, model_id, run_id, dict(tags), description
         )
         return version, reused
@@ -363,7 +345,6 @@ def _record(run: Any) -> RunRecord:
         info.run_id, info.run_name, info.status, dict(run.data.tags), info.start_time,
         dict(run.data.metrics), info.end_time,
     )
-
 
 
 def tracker_opened_during(uri: str, work: Callable[[], None]) -> MLflowTracker:
