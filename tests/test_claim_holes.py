@@ -8,8 +8,7 @@ import pytest
 
 from vaebench.cli import main
 from vaebench.lifecycle.claims import CLAIM_TAG, EXPIRES_TAG, OWNER_TAG, lease_tags
-from vaebench.lifecycle.execute import Member, RunContext, execute
-from vaebench.lifecycle.resume import ClaimLost
+from vaebench.lifecycle.execute import ClaimLost, Member, RunContext, execute
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.spec.grid import expand, load_grid
 from vaebench.tracking.tracker import RUN_KEY_TAG, MLflowTracker

@@ -13,10 +13,17 @@ from typing import Any
 
 from vaebench.lifecycle.claims import CLAIM_TAG, OWNER_TAG, Planned, plan, recover_abandoned
 from vaebench.lifecycle.exactly_once import claim_run
-from vaebench.lifecycle.execute import EpochHook, Member, Outcome, RunContext, RunHooks, execute
+from vaebench.lifecycle.execute import (
+    ClaimLost,
+    EpochHook,
+    Member,
+    Outcome,
+    RunContext,
+    RunHooks,
+    execute,
+)
 from vaebench.lifecycle.post_run import RunOutcome, end_quietly, error_text
 from vaebench.lifecycle.provenance import run_tags
-from vaebench.lifecycle.resume import ClaimLost
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.spec.grid import RunSpec
 from vaebench.tracking.tracker import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker, TrackingError

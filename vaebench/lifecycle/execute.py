@@ -34,7 +34,6 @@ from vaebench.lifecycle.post_run import (
     finished,
 )
 from vaebench.lifecycle.provenance import code_version, run_tags
-from vaebench.lifecycle.resume import ClaimLost
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import deferred_signals
 from vaebench.spec.config import first_line
@@ -58,6 +57,12 @@ STACK_TIMING = (
     "scoring the run does alone"
 )
 FINISHING = "trained: its scores, pictures and artifacts follow in the background"
+
+
+class ClaimLost(Exception):
+    """The stopped run this process claimed to continue is no longer its to continue (another
+    process continued it, or the claim was taken away as abandoned): it lets go, writing
+    nothing to that run."""
 
 
 @dataclass
