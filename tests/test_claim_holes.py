@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from vaebench.cli import main
-from vaebench.lifecycle.claims import CLAIM_TAG, EXPIRES_TAG, OWNER_TAG, lease_tags
+from vaebench.lifecycle import claims
+from vaebench.lifecycle.claims import CLAIM_TAG, EXPIRES_TAG, OWNER_TAG, abandoned, lease_tags
+from vaebench.lifecycle.exactly_once import claim_run
 from vaebench.lifecycle.execute import ClaimLost, Member, RunContext, execute
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.spec.grid import expand, load_grid
@@ -80,3 +89,66 @@ def test_a_run_is_reopened_only_while_it_is_killed_and_the_claim_stands(
         execute([member], tracker, workspace, RunContext({}, 1, 1))
     after = tracker.run_record(stopped)
     assert (after.status, after.tags) == (before.status, before.tags)
+
+
+def test_a_claim_waiting_for_its_turn_keeps_its_lease(tmp_path: Path, monkeypatch):
+    """A claimed run that waits (behind its group, or while its members are scored) is
+    renewed without an epoch: its lease has not run out when another host looks."""
+    monkeypatch.setattr(claims, "LEASE_SECONDS", 1.5)  # renewed every 0.5 s
+    (tmp_path / "holes.yaml").write_text(GRID)
+    [run] = expand(load_grid(tmp_path / "holes.yaml"))
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.start_grid("holes", "invocation", {"vaebench.grid": "holes"})
+    claim = claim_run(tracker, "holes", run, {"vaebench.grid": "holes"}, settle=0.01)
+    assert claim is not None
+    time.sleep(3.0)  # two leases' worth of waiting
+    tags = tracker.run_record(claim.run_id).tags
+    assert float(tags[EXPIRES_TAG]) >= time.time()
+    assert abandoned(tags, now=time.time()) is None
+    tracker.end_run(claim.run_id, "FINISHED")
+    time.sleep(1.0)  # the keeper lets go of a run that no longer runs
+    assert claim.run_id not in claims.KEEPER.held
+
+
+def _in_python(prefix: list[str], code: str) -> str:
+    done = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    return done.stdout.strip()
+
+
+HIDDEN_PROC = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none /proc && exec "$0" "$@"']
+NEW_PID_NAMESPACE = ["unshare", "-p", "-f", "--mount-proc"]
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare (util-linux) to hide /proc or start a pid namespace",
+)
+
+
+@needs_root
+def test_liveness_without_proc():
+    """Where /proc cannot be read (macOS; here: a tmpfs mounted over it), a live owner on
+    this host still counts as alive, and a gone one as gone."""
+    code = textwrap.dedent("""
+        import json, subprocess, sys
+        from vaebench.lifecycle.claims import abandoned, lease_tags, OWNER_TAG
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        mine = lease_tags()
+        host, _, rest = mine[OWNER_TAG].partition(":")
+        gone = {**mine, OWNER_TAG: f"{host}:{child.pid}:{rest.split(':', 1)[1]}"}
+        print(json.dumps([abandoned(mine), abandoned(gone)]))
+    """)
+    alive, gone = json.loads(_in_python(HIDDEN_PROC, code))
+    assert alive is None
+    assert "is gone" in gone
+
+
+@needs_root
+def test_an_owner_in_another_container_with_the_same_host_name_is_judged_by_its_lease():
+    """A process in another pid namespace (a container sharing this host name) is not looked
+    up in this process table: its lease decides."""
+    code = "import json; from vaebench.lifecycle.claims import lease_tags; " \
+           "print(json.dumps(lease_tags()))"
+    tags = json.loads(_in_python(NEW_PID_NAMESPACE, code))
+    assert abandoned(tags) is None  # its lease runs: it may still be working
+    assert "lease" in abandoned(tags, now=float(tags[EXPIRES_TAG]) + 1)

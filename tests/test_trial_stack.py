@@ -109,3 +109,14 @@ def test_tune_says_whether_its_trials_stack_and_why_not(tmp_path, capsys):
     assert "up to 4 trials at a time train as one stack" in capsys.readouterr().err
     assert _trials_per_stack(spec, 1, stack_everywhere=True) == 1  # --stack off: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_a_grid_sampled_study_that_stacks_ends_when_its_grid_is_done(tmp_path, mnist_root):
+    """Optuna's grid sampler stops the study once every point is tried, which Optuna allows
+    only inside ``optimize``: the study trains its trials one by one, and ends cleanly."""
+    study = STACKED_STUDY.replace("sampler: random", "sampler: grid").replace(
+        "pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 0}", "pruner: none")
+    path = write(tmp_path / "stacked.yaml", study)
+    assert stack_problem(load_study(path), DEFAULT_MAX_STACK, everywhere=True) is not None
+    assert tune(path, tmp_path, mnist_root, "--stack", "on", "--no-register") == 0
+    assert [t.state for t in load(tmp_path, "stacked").trials] == [TrialState.COMPLETE] * 4

@@ -414,25 +414,28 @@ def test_a_best_trial_whose_run_cannot_be_read_is_one_line_and_the_study_exits_0
     assert client.search_model_versions("name='unread'") == []
 
 
-def test_a_trial_created_moments_ago_without_its_lease_yet_is_not_abandoned():
+@pytest.mark.parametrize("creator_hours", [-12, 0, 12])
+def test_a_trial_without_its_lease_yet_is_failed_only_when_no_invocation_runs(creator_hours):
     """Between Optuna creating a trial and its process setting the lease (its first user
-    attribute) another process must not fail it; an old trial without a lease is failed."""
+    attribute) another process must not fail it: while another invocation of the study runs,
+    a trial without a lease is left alone; with none running, it is failed. Its
+    ``datetime_start``, in its creator's local time (here 12 h off either way, as from a host
+    in another time zone), plays no part."""
     import datetime
     import io
 
-    from vaebench.tuning.trial import LEASELESS_GRACE_SECONDS, fail_abandoned_trials
+    from vaebench.tuning.trial import fail_abandoned_trials
 
+    start = datetime.datetime.now() + datetime.timedelta(hours=creator_hours)
     study = optuna.create_study()
-    fresh = study.ask()  # RUNNING, no user attributes yet
-    old_start = datetime.datetime.now() - datetime.timedelta(seconds=LEASELESS_GRACE_SECONDS + 5)
     study.add_trial(optuna.trial.FrozenTrial(
-        number=1, state=optuna.trial.TrialState.RUNNING, value=None, values=None,
-        datetime_start=old_start, datetime_complete=None, params={}, distributions={},
-        user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=1,
+        number=0, state=optuna.trial.TrialState.RUNNING, value=None, values=None,
+        datetime_start=start, datetime_complete=None, params={}, distributions={},
+        user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=0,
     ))
     stream = io.StringIO()
-    assert fail_abandoned_trials(study, tracker=None, stream=stream) == 1
-    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    assert states == {fresh.number: optuna.trial.TrialState.RUNNING,
-                      1: optuna.trial.TrialState.FAIL}
+    assert fail_abandoned_trials(study, tracker=None, stream=stream, others_live=True) == 0
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING
+    assert fail_abandoned_trials(study, tracker=None, stream=stream, others_live=False) == 1
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
     assert "no lease" in stream.getvalue()

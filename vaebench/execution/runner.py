@@ -38,7 +38,15 @@ from vaebench.execution.worker_plan import (
     visible_gpus,
 )
 from vaebench.execution.worker_processes import GridJob, run_workers
-from vaebench.lifecycle.claims import CLAIM_TAG, Planned, lease_tags, plan, recover_abandoned
+from vaebench.lifecycle.claims import (
+    CLAIM_TAG,
+    KEEPER,
+    Planned,
+    RunLease,
+    lease_tags,
+    plan,
+    recover_abandoned,
+)
 from vaebench.lifecycle.exactly_once import settle_seconds
 from vaebench.lifecycle.post_run import BackgroundFinisher, end_quietly
 from vaebench.lifecycle.preflight import check_output_folder
@@ -141,6 +149,7 @@ class _GridRun:
         self.close()
 
     def close(self) -> None:
+        KEEPER.let_go(self.parent)
         close_results(self.outcome, Path(self.invocation.results_dir), self.name, self.runs)
 
     def work(self) -> GridWork:
@@ -191,10 +200,12 @@ class _GridRun:
                 "vaebench.workers": str(len(self.slots)) if self.slots else "ray tasks",
                 **lease_tags(),
             })
+        KEEPER.hold(RunLease(self.tracker, self.parent))
 
     def renew_parent_lease(self, metrics: EpochMetrics | None = None) -> None:
         seconds = metrics.epoch_seconds + metrics.eval_seconds if metrics else 0.0
-        self.tracker.set_tags(self.parent, lease_tags(seconds))
+        lease = KEEPER.hold(RunLease(self.tracker, self.parent, seconds))
+        self.tracker.set_tags(self.parent, lease)
 
     def stored(self, work: GridWork) -> WorkRecord:
         """The rows of the runs this invocation trained as the store holds them now (each

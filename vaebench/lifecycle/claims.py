@@ -3,32 +3,61 @@ a claim made to continue a stopped run is a run of its own, tagged :data:`CLAIM_
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TextIO
+
+import psutil
 
 from vaebench.spec.grid import RunSpec
 from vaebench.tracking.tracker import RunRecord, Tracker
 
 OWNER_TAG = "vaebench.lease_owner"
 EXPIRES_TAG = "vaebench.lease_expires"
-LEASE_SECONDS = 900.0  # at least; a lease covers three of the run's longest epochs
+# at least; a lease covers three of the run's longest epochs ($VAEBENCH_LEASE_SECONDS: tests)
+LEASE_SECONDS = float(os.environ.get("VAEBENCH_LEASE_SECONDS", 900))
 LEASE_EPOCHS = 3
 CLAIM_TAG = "vaebench.claim_for"  # on a claim run: the id of the stopped run it continues
 
 
-def _process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), None if it is gone."""
+UNKNOWN_START = "?"  # a process that runs, on a platform that does not say since when
+
+
+@functools.cache
+def this_host() -> str:
+    """This host in an owner: its name, and its pid namespace where shown (containers that
+    share a host name but not a process table are different hosts)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        return f"{socket.gethostname()}/{os.readlink('/proc/self/ns/pid').strip('pid:[]')}"
+    except OSError:  # no /proc (macOS), or /proc hidden
+        return socket.gethostname()
+
+
+def _process_start(pid: int) -> str | None:
+    """When ``pid`` started (psutil's creation time), None if no such process runs."""
+    if psutil.pid_exists(os.getpid()):  # psutil reads /proc on Linux: it can see processes
+        try:
+            process = psutil.Process(pid)
+            gone = process.status() == psutil.STATUS_ZOMBIE  # ended, not yet reaped
+            return None if gone else f"{process.create_time():.2f}"
+        except psutil.NoSuchProcess:
+            return None
+        except psutil.Error:  # it runs, and we may not look
+            return UNKNOWN_START
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
         return None
-    return fields[19]  # field 22 of stat; the first two fields are before the split
+    except PermissionError:
+        pass
+    return UNKNOWN_START
 
 
 _task: list[str] = []  # the unit of work this process runs now, if an executor names one
@@ -44,7 +73,7 @@ def set_task(task: str | None) -> None:
 def owner() -> str:
     """This process as a lease owner: ``host:pid:start``, then ``:task`` if one is set."""
     pid = os.getpid()
-    base = f"{socket.gethostname()}:{pid}:{_process_start(pid) or '?'}"
+    base = f"{this_host()}:{pid}:{_process_start(pid) or UNKNOWN_START}"
     return ":".join([base, *_task])
 
 
@@ -52,8 +81,93 @@ def lease_tags(longest_epoch_seconds: float = 0.0, runs_at_once: int = 1) -> dic
     """The lease to write now: this process, for the next few epochs; before an epoch is
     timed, :data:`LEASE_SECONDS` per run trained at once (a stack of K on the CPU takes up to
     K times one run's epoch)."""
-    seconds = max(LEASE_SECONDS * runs_at_once, LEASE_EPOCHS * longest_epoch_seconds)
+    seconds = lease_seconds(longest_epoch_seconds, runs_at_once)
     return {OWNER_TAG: owner(), EXPIRES_TAG: f"{time.time() + seconds:.0f}"}
+
+
+def lease_seconds(longest_epoch_seconds: float = 0.0, runs_at_once: int = 1) -> float:
+    return max(LEASE_SECONDS * runs_at_once, LEASE_EPOCHS * longest_epoch_seconds)
+
+
+@dataclass
+class RunLease:
+    """A run's lease as :data:`KEEPER` renews it, until the run is no longer RUNNING."""
+
+    tracker: Tracker
+    run_id: str
+    longest_epoch_seconds: float = 0.0
+    runs_at_once: int = 1
+
+    def renew(self) -> bool:
+        record = self.tracker.run_record(self.run_id)
+        if record is None or record.status != "RUNNING":
+            return False
+        self.tracker.set_tags(self.run_id, lease_tags(self.longest_epoch_seconds,
+                                                      self.runs_at_once))
+        return True
+
+
+class LeaseKeeper:
+    """Renews, from one daemon thread, every lease this process holds, each every third of its
+    length. Leases written only with an epoch's metrics ran out while a claimed run waited
+    behind its group, during a slow first epoch or the final scoring (IWAE): another host then
+    took the live run for abandoned."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[RunLease, float]] = {}  # run id -> (lease, when it is due)
+        self.lock, self.changed = threading.Lock(), threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def hold(self, lease: RunLease) -> dict[str, str]:
+        """The lease to write now; renewed from now on (holding a run again replaces its
+        lease, e.g. a longer one once an epoch is timed)."""
+        tags = lease_tags(lease.longest_epoch_seconds, lease.runs_at_once)
+        with self.lock:
+            self.held[lease.run_id] = (lease, time.monotonic() + self._period(lease))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._keep, name="leases", daemon=True)
+                self.thread.start()
+        self.changed.set()
+        return tags
+
+    def let_go(self, *run_ids: str | None) -> None:
+        with self.lock:
+            for run_id in run_ids:
+                self.held.pop(run_id, None)
+
+    @staticmethod
+    def _period(lease: RunLease) -> float:
+        return lease_seconds(lease.longest_epoch_seconds, lease.runs_at_once) / 3
+
+    def _keep(self) -> None:
+        while True:
+            self.changed.clear()
+            with self.lock:
+                now, leases = time.monotonic(), list(self.held.values())
+            due = [lease for lease, when in leases if when <= now]
+            if not due:
+                next_due = min((when for _, when in leases), default=None)
+                self.changed.wait(None if next_due is None else next_due - now)
+                continue
+            for lease in due:
+                try:
+                    held = lease.renew()
+                except Exception as exc:  # noqa: BLE001 - the other leases are still renewed
+                    print(f"vaebench: lease of run {lease.run_id} not renewed: {exc}",
+                          file=sys.stderr)
+                    held = True
+                again = time.monotonic() + self._period(lease)
+                with self.lock:
+                    if self.held.get(lease.run_id, (None,))[0] is not lease:
+                        continue  # let go or replaced meanwhile
+                    if held:
+                        self.held[lease.run_id] = (lease, again)
+                    else:
+                        del self.held[lease.run_id]
+
+
+KEEPER = LeaseKeeper()
+os.register_at_fork(after_in_child=KEEPER.__init__)  # a forked child holds none of these
 
 
 def abandoned(tags: Mapping[str, str], now: float | None = None) -> str | None:
@@ -64,11 +178,12 @@ def abandoned(tags: Mapping[str, str], now: float | None = None) -> str | None:
     host, pid_text, started, task = [*held_by.split(":", 3), "", "", ""][:4]  # see owner()
     if task and _task == [task] and held_by.rsplit(":", 1)[0] != owner().rsplit(":", 1)[0]:
         return f"an earlier attempt of task {task} ({host}:{pid_text}) ended"
-    if host == socket.gethostname() and pid_text.isdigit():
+    if host == this_host() and pid_text.isdigit():
         alive = _process_start(int(pid_text))
-        if alive is None or (started != "?" and alive != started):
+        if alive is None or UNKNOWN_START not in (alive, started) and alive != started:
             return f"its process {pid_text} on {host} is gone"
-        return None  # alive on this host: its own (a lease renewed per epoch may be late)
+        if UNKNOWN_START not in (alive, started):
+            return None  # its own process runs (a lease renewed per epoch may be late)
     expires = float(tags.get(EXPIRES_TAG, "0") or 0)
     if (now or time.time()) > expires:
         return f"its lease from {host} expired"

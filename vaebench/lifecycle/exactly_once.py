@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from vaebench.lifecycle.claims import CLAIM_TAG, abandoned, lease_tags
+from vaebench.lifecycle.claims import CLAIM_TAG, KEEPER, RunLease, abandoned, lease_tags
 from vaebench.signals import deferred_signals
 from vaebench.spec.grid import RunSpec
 from vaebench.tracking.store import sqlite_path
@@ -117,6 +117,7 @@ def claim_run(
     stamped = stamp()
     tracker.set_tags(claim_id, stamped)
     if claim_holds(tracker, experiment, run.key, claim_id, settle, since_ms, rerun):
+        KEEPER.hold(RunLease(tracker, claim_id))  # while it waits for its turn
         return Claim(claim_id, stamped)
     tracker.delete_run(claim_id)
     return None

@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any
 
 from vaebench.lifecycle.artifacts import picture_arrays, weights_bytes
-from vaebench.lifecycle.claims import OWNER_TAG, lease_tags, owner
+from vaebench.lifecycle.claims import KEEPER, OWNER_TAG, RunLease, lease_tags, owner
 from vaebench.lifecycle.post_run import (
     ExtraMetrics,
     FinishJob,
@@ -131,6 +131,7 @@ def execute(
         life.fail(exc)
         raise
     finally:
+        KEEPER.let_go(*life.run_ids)
         if life.progress is not None:
             life.progress.close(life.status)
 
@@ -189,6 +190,11 @@ class _Life:
                     self.tracker.log_metrics(run_id, metrics.as_dict(), step=metrics.epoch)
 
     def _open(self, member: Member) -> str:
+        run_id = self._opened(member)
+        KEEPER.hold(RunLease(self.tracker, run_id, runs_at_once=self.count))
+        return run_id
+
+    def _opened(self, member: Member) -> str:
         if self.resume is not None:
             self.tracker.reopen_run(member.continue_id, lease_tags())
             return member.continue_id
@@ -229,7 +235,7 @@ class _Life:
         whole = stack_epoch(metrics, self.count)  # a member's times are its share
         self.longest = max(self.longest, whole.epoch_seconds + whole.eval_seconds)
         values = metrics.as_dict()
-        lease = lease_tags(self.longest)
+        lease = KEEPER.hold(RunLease(self.tracker, self.run_ids[index], self.longest))
         self.tracker.log_metrics(self.run_ids[index], values, step=metrics.epoch, tags=lease)
         if metrics.epoch > self.shown:  # the whole's epoch, once: its first live member's
             self.shown = metrics.epoch

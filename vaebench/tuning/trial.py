@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -247,13 +246,20 @@ def _set_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
             trial.set_user_attr(key, value)
 
 
-def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO) -> int:
+def fail_abandoned_trials(
+    study: optuna.Study, tracker: Tracker, stream: TextIO, others_live: bool
+) -> int:
     """Trials a killed invocation left RUNNING: FAIL in Optuna, marked stopped; their MLflow
-    runs (KILLED by :func:`vaebench.lifecycle.claims.recover_abandoned`) get the tag."""
+    runs (KILLED by :func:`vaebench.lifecycle.claims.recover_abandoned`) get the tag.
+    ``others_live``: another invocation of the study still runs (a RUNNING run of the study
+    is left after recovery); a trial without a lease may then be one it has just created and
+    is about to give its lease, so it is left alone. (Optuna's ``datetime_start``, the only
+    age a trial has, is its creator's naive local time: hosts in other time zones misread it
+    by hours.)"""
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         reason = abandoned(trial.user_attrs)
-        if reason is None or _leaseless_for_now(trial):
+        if reason is None or (others_live and OWNER_TAG not in trial.user_attrs):
             continue
         storage = study._storage  # noqa: SLF001 - Optuna has no public call for another's trial
         storage.set_trial_user_attr(trial._trial_id, STOPPED_ATTR, f"abandoned: {reason}")
@@ -264,19 +270,6 @@ def fail_abandoned_trials(study: optuna.Study, tracker: Tracker, stream: TextIO)
         print(f"trial {trial.number} was left RUNNING ({reason}): marked FAIL", file=stream)
         count += 1
     return count
-
-
-# how long a new trial may have no lease: Optuna creates it, then its process sets the lease as
-# its first user attribute, milliseconds later (a process starting meanwhile saw such a trial
-# as abandoned and failed it under its owner, in CI with two tune processes on PostgreSQL)
-LEASELESS_GRACE_SECONDS = 60.0
-
-
-def _leaseless_for_now(trial: optuna.trial.FrozenTrial) -> bool:
-    if OWNER_TAG in trial.user_attrs or trial.datetime_start is None:
-        return False
-    age = datetime.datetime.now() - trial.datetime_start  # Optuna's naive local time
-    return age.total_seconds() < LEASELESS_GRACE_SECONDS
 
 
 def trials_done(study: optuna.Study) -> int:

@@ -26,6 +26,8 @@ def stack_problem(spec: StudySpec, max_stack: int, everywhere: bool = False) -> 
     where the CPU's measurements say one by one."""
     if max_stack < 2:
         return "--stack off"
+    if spec.sampler == "grid":  # it stops the study when done, which only optimize allows
+        return "its grid sampler stops the study from inside Optuna's optimize"
     varied = sorted(set(spec.space) - set(MEMBER_KEYS))
     if varied:
         return f"its space varies {', '.join(varied)} (stacks vary only {', '.join(MEMBER_KEYS)})"

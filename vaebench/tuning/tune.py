@@ -16,7 +16,7 @@ from vaebench.data import resolve_root
 from vaebench.execution.invocation import StudyInvocation
 from vaebench.execution.worker_plan import cores, run_processes
 from vaebench.execution.worker_processes import worker_process
-from vaebench.lifecycle.claims import lease_tags, recover_abandoned
+from vaebench.lifecycle.claims import KEEPER, RunLease, lease_tags, recover_abandoned
 from vaebench.lifecycle.post_run import end_quietly
 from vaebench.lifecycle.preflight import check_output_folder
 from vaebench.lifecycle.provenance import base_tags
@@ -198,8 +198,9 @@ class _StudyRun:
         storage = open_storage(ref)
         study = _shared_study(spec, ref, storage)
         previous = tracker.previous_runs(spec.name, STUDY_TAG, spec.name)
-        recover_abandoned(tracker, previous, sys.stderr)
-        fail_abandoned_trials(study, tracker, sys.stderr)
+        now = recover_abandoned(tracker, previous, sys.stderr)
+        others_live = any(record.status == "RUNNING" for record in now)
+        fail_abandoned_trials(study, tracker, sys.stderr, others_live)
         return cls(path, spec, invocation, uri, ref, workspace, tracker, storage, study)
 
     def job(self, n_trials: int, workers: int) -> WorkerJob:
@@ -213,6 +214,7 @@ class _StudyRun:
             **tags, "vaebench.trials": str(n_trials), "vaebench.workers": str(workers),
             **lease_tags(),
         })
+        KEEPER.hold(RunLease(tracker, parent))  # let go once it ends (no longer RUNNING)
         existing, told = len(self.study.trials), self.invocation
         timeout = told.timeout if told.timeout is not None else spec.timeout
         return WorkerJob(
