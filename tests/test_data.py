@@ -629,3 +629,21 @@ def test_cli_data_on_empty_root_is_one_error_line(
     assert str(raw_folder(root)) in lines[0]
     assert unreachable in lines[0]
     assert leftovers(root) == []
+
+
+def test_a_data_error_leaves_no_store_behind(tmp_path: Path, mnist_root, capsys) -> None:
+    """A damaged data file stops `run` with one line, exit 2, and no empty mlflow.db (the
+    store used to be created while the data loaded)."""
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for source in (Path(mnist_root) / "MNIST" / "raw").glob("*.gz"):
+        raw.joinpath(source.name).write_bytes(source.read_bytes()[:1000])  # truncated
+    (tmp_path / "t.yaml").write_text(
+        "name: t\nbase:\n  data: {subset: 256, validation: 256}\n  train: {epochs: 1}\n"
+    )
+    status = main(["run", str(tmp_path / "t.yaml"), "--data-root", str(tmp_path / "data"),
+                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                   "--results-dir", str(tmp_path / "results"), "--no-report", "--no-register"])
+    assert status == 2
+    assert "unreadable or truncated file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "t.yaml"]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from vaebench.signals import deferred_signals
 from vaebench.spec.config import VaebenchError, first_line
 from vaebench.tracking import registry
-from vaebench.tracking.schema import open_store
+from vaebench.tracking.schema import open_store, template
 from vaebench.tracking.store import HTTP_LIMITS, check_server, sqlite_path
 
 if TYPE_CHECKING:  # the record's type only: tracking imports no torch
@@ -348,10 +348,15 @@ def _record(run: Any) -> RunRecord:
 
 
 def tracker_opened_during(uri: str, work: Callable[[], None]) -> MLflowTracker:
-    """``MLflowTracker(uri)``, created in a thread while ``work`` (loading the data) runs:
-    importing MLflow and creating a new store's schema take seconds, as long as the data.
-    ``work``'s error is the one raised (the store may then exist, holding no run)."""
+    """``MLflowTracker(uri)``, opened in a thread while ``work`` (loading the data) runs:
+    importing MLflow takes seconds, as long as the data. A new SQLite store is made only once
+    ``work`` succeeded (its error leaves no empty store behind); meanwhile the thread imports
+    MLflow and makes the template the store is copied from."""
+    db = sqlite_path(uri)
+    fresh = db is not None and not db.exists()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaebench-store") as pool:
-        pending = pool.submit(MLflowTracker, uri)
+        pending = pool.submit(template) if fresh else pool.submit(MLflowTracker, uri)
         work()
-        return pending.result()
+        if not fresh:
+            return pending.result()
+    return MLflowTracker(uri)  # a template that failed: MLflow makes the store itself
