@@ -25,6 +25,7 @@ from vaebench.lifecycle.execute import (
 from vaebench.lifecycle.post_run import RunOutcome, end_quietly, error_text
 from vaebench.lifecycle.provenance import run_tags
 from vaebench.lifecycle.workspace import Workspace
+from vaebench.spec.config import DiskFull
 from vaebench.spec.grid import RunSpec
 from vaebench.tracking.tracker import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker, TrackingError
 from vaebench.training.progress import line_prefix
@@ -213,7 +214,7 @@ class _Process:
                     tracker.delete_run(claimed.claim_id)
             return []
         except Exception as exc:
-            if isinstance(exc, TrackingError):
+            if isinstance(exc, TrackingError | DiskFull):
                 raise
             for claimed in claims:
                 if claimed in held:  # failed before the run it continues was reopened: the

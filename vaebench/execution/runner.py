@@ -54,7 +54,7 @@ from vaebench.lifecycle.provenance import base_tags
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.reporting.best_models import register_best
 from vaebench.signals import Interrupted, deferred_signals, interruptible
-from vaebench.spec.config import VaebenchError
+from vaebench.spec.config import DiskFull, VaebenchError
 from vaebench.spec.grid import RunSpec, expand, load_grid
 from vaebench.stacking.plan import plan_stacks
 from vaebench.tracking.store import resolve_tracking_uri, sqlite_path
@@ -179,7 +179,7 @@ class _GridRun:
                     failed = self.outcome.failed or self.outcome.worker_errors
                     self.tracker.end_run(self.parent, "FAILED" if failed else "FINISHED")
                     ended = True
-            except Interrupted as exc:
+            except (Interrupted, DiskFull) as exc:
                 if not ended:
                     end_quietly(self.tracker, self.parent, "KILLED",
                                 f"{exc}; rerun the same command to continue")

@@ -36,7 +36,7 @@ from vaebench.lifecycle.post_run import (
 from vaebench.lifecycle.provenance import code_version, run_tags
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import deferred_signals
-from vaebench.spec.config import first_line
+from vaebench.spec.config import DiskFull, first_line
 from vaebench.spec.grid import RunSpec
 from vaebench.stacking.fit import fit_members
 from vaebench.tracking.tracker import Tracker, TrackingError
@@ -124,7 +124,7 @@ def execute(
     except ClaimLost as exc:  # nothing was written to the run: another process has it
         life.status = f"let go: {exc}"
         raise
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, DiskFull) as exc:  # KILLED: the rerun continues them
         life.kill(exc)
         raise
     except BaseException as exc:
@@ -298,8 +298,8 @@ class _Life:
         job = self.jobs.get(index)
         return index not in self.ended and (job is None or job.outcome is None)
 
-    def kill(self, signal: KeyboardInterrupt) -> None:
-        """A signal: every member not ended yet KILLED, its checkpoint kept."""
+    def kill(self, signal: BaseException) -> None:
+        """A signal or a full disk: every member not ended yet KILLED, its checkpoint kept."""
         for index, run_id in enumerate(self.run_ids):
             if self._unended(index):
                 epoch = self.saved.get(index, 0)

@@ -16,6 +16,17 @@ class VaebenchError(Exception):
     exit_status = 2
 
 
+class DiskFull(VaebenchError):
+    """No space left where a file is written: the runs stop as if interrupted (KILLED,
+    continued by the rerun), exit 75 (EX_TEMPFAIL: it may work once space is freed)."""
+
+    exit_status = 75
+
+    def __init__(self, path: object):
+        super().__init__(f"no space left on the device of {path}; free some space and rerun "
+                         "the same command to continue")
+
+
 def first_line(exc: BaseException) -> str:
     """An exception as one line for a message: its text's first line, else its type."""
     text = str(exc).strip()

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ import torch
 
 from vaebench.atomic import atomic_file
 from vaebench.signals import deferred_signals
+from vaebench.spec.config import DiskFull
 
 FOLDER = "checkpoints"
 
@@ -29,14 +32,19 @@ class CheckpointStore:
         return self.folder / f"{run_id}.pt"
 
     def save(self, run_id: str, state: dict[str, Any]) -> bool:
-        """Whether it was written: one that cannot be is a warning, once, and the run goes on."""
+        """Whether it was written: one that cannot be is a warning, once, and the run goes on;
+        a full disk stops the runs (:class:`DiskFull`)."""
         path = self.path(run_id)
         with deferred_signals():
             try:
+                serialized = io.BytesIO()  # written whole: a full disk is an OSError, not
+                torch.save(state, serialized)  # torch's "unexpected pos" RuntimeError
                 with atomic_file(path) as file:
-                    torch.save(state, file)
+                    file.write(serialized.getbuffer())
                 return True
             except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFull(path) from None
                 if not self._warned:
                     print(
                         f"vaebench: warning: checkpoint {path} not written ({exc.strerror or exc});"

@@ -1,0 +1,76 @@
+"""Faults a user's machine throws, each on a real condition (issue 28): one line naming the
+cause, the exit status that says whether waiting may help, nothing stored damaged, and the
+rerun after the fault is gone completes with every run FINISHED once."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+GRID = """
+name: faults
+base:
+  data: {subset: 512, validation: 256}
+  model: {hidden: [16], z_dim: 2}
+  train: {epochs: 2, batch_size: 128, device: cpu}
+seeds: [0, 1]
+"""
+
+
+def vaebench_run(tmp_path: Path, mnist_root: Path, checkpoints: Path, prefix=()):
+    args = ["run", str(tmp_path / "faults.yaml"), "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}", "--data-root", str(mnist_root),
+            "--results-dir", str(tmp_path / "results"), "--checkpoint-dir", str(checkpoints),
+            "--no-report", "--no-register"]
+    return subprocess.run([*prefix, sys.executable, "-m", "vaebench", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+def runs_by_status(tmp_path: Path) -> dict[str, list[str]]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("faults")
+    found: dict[str, list[str]] = {}
+    for run in client.search_runs([experiment.experiment_id]):
+        if "vaebench.run_key" in run.data.tags:
+            found.setdefault(run.info.status, []).append(run.data.tags["vaebench.run_key"])
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="mounts a small tmpfs in a mount namespace: needs root and unshare")
+def test_a_full_disk_stops_the_grid_in_one_line_and_the_rerun_completes(tmp_path, mnist_root):
+    """The checkpoints' disk is a 64 KiB tmpfs (a checkpoint of these runs is about 300 KiB):
+    the first checkpoint write finds it full."""
+    (tmp_path / "faults.yaml").write_text(GRID)
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    on_small_disk = ["unshare", "-m", "sh", "-c",
+                     f'mount -t tmpfs -o size=64k none {small} && exec "$0" "$@"']
+    started = time.monotonic()
+    full = vaebench_run(tmp_path, mnist_root, small, on_small_disk)
+    assert time.monotonic() - started < 120
+    assert full.returncode == 75, full.stderr
+    errors = [line for line in full.stderr.splitlines() if line.startswith("vaebench: error")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"vaebench: error: no space left on the device of {small}/")
+    assert errors[0].endswith("; free some space and rerun the same command to continue")
+    assert "Traceback" not in full.stderr
+    stopped = runs_by_status(tmp_path)
+    assert "FAILED" not in stopped and len(stopped.get("KILLED", [])) == 2
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+    rerun = vaebench_run(tmp_path, mnist_root, tmp_path / "checkpoints")
+    assert rerun.returncode == 0, rerun.stderr
+    ended = runs_by_status(tmp_path)
+    assert sorted(ended["FINISHED"]) == sorted(stopped["KILLED"])  # each once
+    assert "RUNNING" not in ended and "FAILED" not in ended
