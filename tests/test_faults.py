@@ -74,3 +74,16 @@ def test_a_full_disk_stops_the_grid_in_one_line_and_the_rerun_completes(tmp_path
     ended = runs_by_status(tmp_path)
     assert sorted(ended["FINISHED"]) == sorted(stopped["KILLED"])  # each once
     assert "RUNNING" not in ended and "FAILED" not in ended
+
+
+def test_a_model_too_large_to_allocate_fails_its_run_and_the_grid_goes_on(tmp_path, mnist_root):
+    """A 10^6 x 10^6 layer (4 TB of float32) cannot be allocated: that run ends FAILED with
+    one line giving the size, the other trains, exit 1."""
+    matrix = "seeds: [0]\nmatrix:\n  model.hidden: [[1000000, 1000000], [16]]"
+    (tmp_path / "faults.yaml").write_text(GRID.replace("seeds: [0, 1]", matrix))
+    done = vaebench_run(tmp_path, mnist_root, tmp_path / "checkpoints")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    [failed] = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
+    assert "can't allocate memory" in failed and "4000000000000 bytes" in failed
+    assert [len(keys) for keys in runs_by_status(tmp_path).values()] == [1, 1]

@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
+
 from vaebench.data import Splits, ensure_dataset, load_splits
 from vaebench.models import build_model
 from vaebench.spec.config import VaebenchError, cross_section_problems
@@ -49,11 +51,12 @@ def preflight(
             splits[data_key] = load_splits(run.config.data, data_root, device)
         shape_key = run.config.model_dump_json(include={"model", "optim"})
         if shape_key not in checked:
-            try:
-                model = build_model(run.config.model, splits[data_key].image_shape)
+            try:  # on no memory: a model too large to allocate fails its own run, later
+                with torch.device("meta"):
+                    build_model(run.config.model, splits[data_key].image_shape)
             except ValueError as exc:
                 raise VaebenchError(f"{run.name}: model: {exc}") from None
-            build_optimizer(run.config.optim, model.parameters())
+            build_optimizer(run.config.optim, [torch.nn.Parameter(torch.zeros(1))])
             checked.add(shape_key)
     return splits
 
