@@ -87,3 +87,40 @@ def test_a_model_too_large_to_allocate_fails_its_run_and_the_grid_goes_on(tmp_pa
     [failed] = [line for line in done.stdout.splitlines() if line.startswith("FAILED")]
     assert "can't allocate memory" in failed and "4000000000000 bytes" in failed
     assert [len(keys) for keys in runs_by_status(tmp_path).values()] == [1, 1]
+
+
+def test_a_store_locked_by_another_process_is_waited_for_then_exit_75(
+    tmp_path, mnist_root, monkeypatch
+):
+    """Another process holds ``BEGIN EXCLUSIVE`` on the SQLite store (a backup, an sqlite3
+    shell): vaebench says who holds it, waits $VAEBENCH_STORE_WAIT seconds (plus SQLite's own
+    5 s per try), and exits 75 in one line; once the lock is gone the rerun trains the grid."""
+    (tmp_path / "faults.yaml").write_text(GRID)
+    first = vaebench_run(tmp_path, mnist_root, tmp_path / "checkpoints")  # the store exists
+    assert first.returncode == 0, first.stderr
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"db = sqlite3.connect({str(tmp_path / 'mlflow.db')!r}, isolation_level=None)\n"
+        "db.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(300)\n"
+    )], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setenv("VAEBENCH_STORE_WAIT", "2")
+        started = time.monotonic()
+        locked = vaebench_run(tmp_path, mnist_root, tmp_path / "checkpoints")
+        assert time.monotonic() - started < 90
+    finally:
+        holder.kill()
+        holder.wait()
+    assert locked.returncode == 75, locked.stderr
+    lines = locked.stderr.strip().splitlines()
+    assert f"is locked by pid {holder.pid} (python" in lines[0]
+    assert "waiting up to 2 s ($VAEBENCH_STORE_WAIT)" in lines[0]
+    assert [line for line in lines if line.startswith("vaebench: error")] == [lines[-1]]
+    assert "database is locked" in lines[-1] and "Traceback" not in locked.stderr
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    rerun = vaebench_run(tmp_path, mnist_root, tmp_path / "checkpoints")
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted(runs_by_status(tmp_path)) == ["FINISHED"]
+    assert len(runs_by_status(tmp_path)["FINISHED"]) == 2  # each once

@@ -6,11 +6,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+import psutil
 
 from vaebench.spec.config import VaebenchError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+T = TypeVar("T")
 
 
 def resolve_tracking_uri(cli_uri: str | None = None) -> str:
@@ -68,3 +75,38 @@ def check_server(uri: str, timeout: float = SERVER_PROBE_SECONDS) -> None:
     raise VaebenchError(
         f"tracking URI {uri}: no MLflow server answers at {url} within {timeout:g} s ({reason})"
     )
+
+
+LOCK_WAIT_ENV = "VAEBENCH_STORE_WAIT"  # seconds a locked SQLite store is waited for (60)
+
+
+def while_locked(uri: str, call: Callable[[], T]) -> T:
+    """``call()``, tried again while another process (a backup, an ``sqlite3`` shell) holds
+    the SQLite store locked, for up to ``$VAEBENCH_STORE_WAIT`` seconds, saying once who holds
+    it; then the lock's error is raised. Each try waits SQLite's own 5 s first."""
+    deadline = None
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if "database is locked" not in str(exc):
+                raise
+            if deadline is None:
+                wait = float(os.environ.get(LOCK_WAIT_ENV, 60))
+                deadline = time.monotonic() + wait
+                print(f"vaebench: the MLflow store {uri} is locked by {_holders(uri)}; waiting "
+                      f"up to {wait:.0f} s (${LOCK_WAIT_ENV})", file=sys.stderr, flush=True)
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _holders(uri: str) -> str:
+    """The other processes that have the store's file open, as ``pid N (name)``."""
+    db, found = sqlite_path(uri), []
+    path = str(db.resolve()) if db is not None else None
+    for process in psutil.process_iter(["pid", "name"]) if path else ():
+        with contextlib.suppress(psutil.Error):
+            if process.pid != os.getpid() and any(f.path == path for f in process.open_files()):
+                found.append(f"pid {process.pid} ({process.info['name']})")
+    return ", ".join(found) or "another process"

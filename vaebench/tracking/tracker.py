@@ -20,7 +20,7 @@ from vaebench.signals import deferred_signals
 from vaebench.spec.config import VaebenchError, first_line
 from vaebench.tracking import registry
 from vaebench.tracking.schema import open_store, template
-from vaebench.tracking.store import HTTP_LIMITS, check_server, sqlite_path
+from vaebench.tracking.store import HTTP_LIMITS, check_server, sqlite_path, while_locked
 
 if TYPE_CHECKING:  # the record's type only: tracking imports no torch
     from vaebench.data import SplitRecord
@@ -102,7 +102,7 @@ def _store_call(method: Callable[..., T]) -> Callable[..., T]:
     def call(self: MLflowTracker, *args: Any, **kwargs: Any) -> T:
         with deferred_signals():
             try:
-                return method(self, *args, **kwargs)
+                return while_locked(self.uri, lambda: method(self, *args, **kwargs))
             except TrackingError:
                 raise
             except Exception as exc:  # noqa: BLE001 - MlflowException, requests, OSError, ...
@@ -130,8 +130,12 @@ class MLflowTracker:
                 os.environ.setdefault(name, value)
             check_server(uri)
         try:
-            self.client = open_store(uri, db)
-        except (MlflowException, OSError, ValueError) as exc:
+            self.client = while_locked(uri, lambda: open_store(uri, db))
+        except Exception as exc:
+            if "database is locked" in str(exc):  # it may be unlocked later: exit 75
+                raise TrackingError(f"tracking store {uri} failed ({first_line(exc)})") from None
+            if not isinstance(exc, MlflowException | OSError | ValueError):
+                raise
             raise VaebenchError(f"tracking URI {uri}: {first_line(exc)}") from None
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
