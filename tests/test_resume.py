@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vaebench.data import load_splits
-from vaebench.lifecycle.claims import EXPIRES_TAG, OWNER_TAG, abandoned, lease_tags, owner, plan
+from vaebench.lifecycle.claims import (
+    EXPIRES_TAG,
+    OWNER_TAG,
+    abandoned,
+    lease_tags,
+    owner,
+    plan,
+    this_host,
+)
 from vaebench.models import build_model, place_model
 from vaebench.spec.config import RunConfig
 from vaebench.spec.grid import RunSpec, run_key
@@ -124,8 +131,7 @@ def test_a_finished_process_has_abandoned_its_lease():
 
 
 def test_a_reused_pid_is_not_the_owner():
-    host = socket.gethostname()
-    tags = {OWNER_TAG: f"{host}:{os.getpid()}:1", EXPIRES_TAG: f"{time.time() + 1e6:.0f}"}
+    tags = {OWNER_TAG: f"{this_host()}:{os.getpid()}:1", EXPIRES_TAG: f"{time.time() + 1e6:.0f}"}
     assert "is gone" in abandoned(tags)
 
 
