@@ -30,8 +30,7 @@ def categorical_kl_uniform(logits: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_noise(
-    shape: tuple[int, ...] | torch.Size,
-    like: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size, like: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Standard Gumbel draws, as ``F.gumbel_softmax`` draws them, like ``like``."""

@@ -86,12 +86,8 @@ ObservationModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (deco
 
 
 def log_weights(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor | None,
-    samples: int,
-    generator: torch.Generator,
-    log_likelihood: ObservationModel = bernoulli_log_likelihood,
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, samples: int,
+    generator: torch.Generator, log_likelihood: ObservationModel = bernoulli_log_likelihood,
 ) -> torch.Tensor:
     """log p(x, z_k) - log q(z_k|x) for ``samples`` draws per image: (samples, batch)."""
     posterior = model.posterior(x, y)
@@ -113,12 +109,8 @@ class LikelihoodEstimate:
 
 @torch.no_grad()
 def iwae_log_likelihood(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
-    samples: int,
-    generator: torch.Generator,
-    rows_per_pass: int = 10000,
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None, samples: int,
+    generator: torch.Generator, rows_per_pass: int = 10000,
     log_likelihood: ObservationModel = bernoulli_log_likelihood,
 ) -> torch.Tensor:
     """L_K(x) per image, float64. At most ``rows_per_pass`` decoder rows (images times draws)
@@ -141,12 +133,8 @@ def iwae_log_likelihood(
 
 
 def estimate_nll(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
-    samples: int,
-    generator: torch.Generator,
-    **options,
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None, samples: int,
+    generator: torch.Generator, **options,
 ) -> LikelihoodEstimate:
     """-mean L_K(x), in nats per image; ``options`` go to :func:`iwae_log_likelihood`."""
     per_image = iwae_log_likelihood(model, images, labels, samples, generator, **options)

@@ -64,12 +64,8 @@ class StackedGaussianVAE(nn.Module):
             raise ValueError("the stack's parameters are not the members' in their order")
 
     def forward(
-        self,
-        x: torch.Tensor,
-        noise: torch.Tensor,
-        y: torch.Tensor | None = None,
-        gumbel: torch.Tensor | None = None,
-        tau: float = 1.0,
+        self, x: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None,
+        gumbel: torch.Tensor | None = None, tau: float = 1.0,
     ) -> VAEOutput:
         """Each member's own forward, the member axis first; its draws given: ``noise`` (K,
         *:meth:`noise_shape`), joint members' ``gumbel`` (K, B, categories)."""

@@ -56,8 +56,7 @@ def stack_key(config: RunConfig) -> str:
 
 
 def plan_stacks(
-    configs: Sequence[RunConfig | None],
-    max_stack: int,
+    configs: Sequence[RunConfig | None], max_stack: int,
     on_cpu: Callable[[RunConfig], bool] = lambda config: False,
 ) -> list[list[int]]:
     """The indices of ``configs`` in groups of one :func:`stack_key`, at most ``max_stack``

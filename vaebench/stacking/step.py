@@ -65,12 +65,8 @@ class StackSteps:
     captured at the first full batch after the warm-up (None: always eager)."""
 
     def __init__(
-        self,
-        stack: StackedGaussianVAE,
-        optimizer: StackedOptimizer,
-        members: Sequence[Any],
-        splits: Splits,
-        graph: Callable[[torch.cuda.Stream | None], Graph] | None = None,
+        self, stack: StackedGaussianVAE, optimizer: StackedOptimizer, members: Sequence[Any],
+        splits: Splits, graph: Callable[[torch.cuda.Stream | None], Graph] | None = None,
     ):
         self.stack, self.optimizer, self.members = stack, optimizer, list(members)
         self.config = members[0].config

@@ -60,13 +60,10 @@ class Trainee(Protocol):
 
 
 def train_members(
-    trainee: Trainee,
-    splits: Splits,
-    device: torch.device,
+    trainee: Trainee, splits: Splits, device: torch.device,
     on_epoch: Callable[[int, EpochMetrics], None] | None = None,
     save_state: Callable[[int, dict[str, Any]], None] | None = None,
-    on_failed: Callable[[int, TrainingDiverged], None] | None = None,
-    score_clusters: bool = True,
+    on_failed: Callable[[int, TrainingDiverged], None] | None = None, score_clusters: bool = True,
 ) -> list[TrainResult | BaseException]:
     """For each member, in order, its result, the :class:`TrainingDiverged` that ended it
     (``on_failed`` hears of it at once), or the reason of a :class:`MemberStopped`.
@@ -201,13 +198,9 @@ class _Loop:
 
 
 def fit(
-    config: RunConfig,
-    splits: Splits,
-    device: torch.device,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
-    resume: dict[str, Any] | None = None,
-    save_state: Callable[[dict[str, Any]], None] | None = None,
-    score_clusters: bool = True,
+    config: RunConfig, splits: Splits, device: torch.device,
+    on_epoch: Callable[[EpochMetrics], None] | None = None, resume: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None, score_clusters: bool = True,
 ) -> TrainResult:
     """One run; same config and seed on CPU give the same numbers, ``resume`` (a
     :func:`~vaebench.training.trainer.training_state`) too. Diverged: :class:`TrainingDiverged`."""
