@@ -26,8 +26,7 @@ def reference_configs(
     count: int, subset: int | None = None, arch: str = "mlp", device: str = "cpu"
 ) -> list[RunConfig]:
     base = {
-        **(CONV if arch == "conv" else REFERENCE),
-        "data": {"subset": subset} if subset else {},
+        **(CONV if arch == "conv" else REFERENCE), "data": {"subset": subset} if subset else {},
         "train": {**REFERENCE["train"], "device": device},
     }
     return [RunConfig.model_validate({**base, "seed": seed}) for seed in range(count)]

@@ -32,10 +32,8 @@ from vaebench.training.trainer import (
 CHECKPOINT_WRITE = "checkpoint write"
 # pytorch/examples' VAE: 784-400-20, BCE, Adam 1e-3, batch 128
 REFERENCE = {
-    "model": {"arch": "mlp", "hidden": [400], "z_dim": 20},
-    "loss": {"recon": "bce", "beta": 1.0},
-    "optim": {"name": "adam", "lr": 1e-3},
-    "train": {"batch_size": 128, "device": "cpu"},
+    "model": {"arch": "mlp", "hidden": [400], "z_dim": 20}, "loss": {"recon": "bce", "beta": 1.0},
+    "optim": {"name": "adam", "lr": 1e-3}, "train": {"batch_size": 128, "device": "cpu"},
 }
 # experiments/quick.yaml's conv variant (BCE, Adam 1e-3, batch 128)
 CONV = {**REFERENCE, "model": {"arch": "conv", "channels": [32, 64], "z_dim": 20}}

@@ -18,8 +18,7 @@ from vaebench.reporting.table import (
 
 # each bar figure's metrics (it draws those the runs have)
 BAR_FIGURES = {
-    "clustering.png": ("test_nmi", "test_accuracy"),
-    "epoch_seconds.png": ("mean_epoch_seconds",),
+    "clustering.png": ("test_nmi", "test_accuracy"), "epoch_seconds.png": ("mean_epoch_seconds",),
 }
 FIGURES = ("rate_distortion.png", "elbo_by_epoch.png", *BAR_FIGURES)
 

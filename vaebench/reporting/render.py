@@ -163,11 +163,8 @@ def report_blocks(
         "epoch_seconds.png": "Training seconds per epoch after the first (whiskers: one std).",
     }
     blocks: list[Block] = [
-        ("h1", f"vaebench report: {run_set.experiment}"),
-        ("p", source),
-        ("h2", "Leaderboard"),
-        ("p", verdict(table, metric)),
-        ("p", measurement_notes(run_set, metric)),
+        ("h1", f"vaebench report: {run_set.experiment}"), ("p", source), ("h2", "Leaderboard"),
+        ("p", verdict(table, metric)), ("p", measurement_notes(run_set, metric)),
         ("table", display_table(table, metric)),
     ]
     blocks += [("img", (figure, captions[figure.name])) for figure in figures]
@@ -212,8 +209,7 @@ figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:13px}
 def render_html(blocks: list[Block], title: str) -> str:
     """One self-contained page: the images are embedded as base64 data URIs."""
     out = [
-        "<!doctype html>",
-        f'<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
+        "<!doctype html>", f'<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
         f"<style>{HTML_STYLE}</style></head><body>",
     ]
     for kind, value in blocks:

@@ -204,12 +204,8 @@ class StackedSequential(nn.Sequential):
 # the member layers this module stacks, each with its stacked layer's maker; anything else
 # keeps a run out of a stack
 STACKED_LAYERS: dict[type[nn.Module], Callable[[Sequence[nn.Module]], nn.Module]] = {
-    nn.Linear: StackedLinear,
-    nn.Conv2d: StackedConv,
-    nn.ConvTranspose2d: StackedConv,
-    nn.BatchNorm2d: StackedBatchNorm,
-    nn.Flatten: MemberShape,
-    nn.Unflatten: MemberShape,
+    nn.Linear: StackedLinear, nn.Conv2d: StackedConv, nn.ConvTranspose2d: StackedConv,
+    nn.BatchNorm2d: StackedBatchNorm, nn.Flatten: MemberShape, nn.Unflatten: MemberShape,
     nn.ReLU: lambda parts: nn.ReLU(),
 }
 STACKABLE_LAYERS = tuple(STACKED_LAYERS)

@@ -117,6 +117,5 @@ class StackedRMSprop(StackedOptimizer):
 
 
 STACKED_OPTIMIZERS: dict[str, type[StackedOptimizer]] = {
-    "adam": StackedAdam,
-    "rmsprop": StackedRMSprop,
+    "adam": StackedAdam, "rmsprop": StackedRMSprop,
 }

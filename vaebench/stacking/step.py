@@ -97,8 +97,7 @@ class StackSteps:
                 if self.captured.failed is not None:
                     warnings.warn(
                         f"vaebench: this stack trains without a CUDA graph: {self.captured.failed}",
-                        RuntimeWarning,
-                        stacklevel=2,
+                        RuntimeWarning, stacklevel=2,
                     )
                     self.graph = self.captured = None  # its memory goes back too
                 return loss

@@ -155,11 +155,8 @@ class _Loop:
             self.fail(index, exc)
             return None
         metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=train / n_train,
-            epoch_seconds=(t1 - t0) / size,
-            eval_seconds=(t2 - t1) / size,
-            images_per_second=n_train * size / (t1 - t0),
+            epoch=epoch, train_loss=train / n_train, epoch_seconds=(t1 - t0) / size,
+            eval_seconds=(t2 - t1) / size, images_per_second=n_train * size / (t1 - t0),
             values={**values, **result.model.annealed_values()},
         )
         result.history.append(metrics)

@@ -26,8 +26,7 @@ from vaebench.scoring.evaluation import (
 from vaebench.spec.config import OptimConfig, RunConfig, TrainConfig, VaebenchError
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "rmsprop": torch.optim.RMSprop,
+    "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop,
 }
 
 
@@ -143,12 +142,9 @@ def training_state(
     """What continues a run as if it never stopped (docs/resume.md#checkpoints). The tensors are
     the live ones, not copies: write the state out before training goes on."""
     state: dict[str, Any] = {
-        "epoch": history[-1].epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "batch_order_rng": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "history": [asdict(m) for m in history],
+        "epoch": history[-1].epoch, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "batch_order_rng": generator.get_state(),
+        "torch_rng": torch.get_rng_state(), "history": [asdict(m) for m in history],
         "seconds": seconds,
     }
     if model.device.type == "cuda":
