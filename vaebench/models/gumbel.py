@@ -86,8 +86,7 @@ class JointVAE(GaussianVAE):
         return mu, logvar, self.category_head(features)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        mu, logvar, _ = self.encode_all(x)
-        return mu, logvar
+        return self.encode_all(x)[:2]
 
     def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:
         return Posterior(*self.encode_all(x))

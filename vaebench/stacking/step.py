@@ -120,9 +120,7 @@ class StackSteps:
         noise = out.noise if out is not None else x.new_empty((count, *shape))
         for k, member in enumerate(members):
             torch.randn(shape, generator=member.draw_rng, device=self.device, out=noise[k])
-        y = None
-        if self.stack.conditional:
-            y = self.labels.index_select(0, flat).view(count, batch)
+        y = self.labels.index_select(0, flat).view(count, batch) if self.stack.conditional else None
         for member in members:
             member.model.anneal(step, self.total_steps)  # e.g. its tau
         gumbel = None
