@@ -11,15 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch.autograd import DeviceType
 
-from vaebench.bench.timing import CONV, REFERENCE, fresh_run, time_interleaved
+from vaebench.bench.timing import CONV, REFERENCE, time_interleaved
 from vaebench.data import Split, Splits, load_splits, resolve_root
-from vaebench.models.losses import Objective
 from vaebench.spec.config import RunConfig
 from vaebench.stacking.fit import build_member, stacked_epoch, stacked_optimizer
 from vaebench.stacking.layers import use_layout
 from vaebench.stacking.model import StackedGaussianVAE
 from vaebench.stacking.step import StackSteps, cuda_graph_for
-from vaebench.training.trainer import resolve_device, train_epoch
+from vaebench.training.trainer import ModelTrainee, resolve_device
 
 
 def reference_configs(
@@ -50,11 +49,8 @@ def stacked_loop(
 
 def sequential_loop(configs: Sequence[RunConfig], splits: Splits) -> Callable[[], object]:
     """The K runs one after another, an epoch each, as vaebench trains them unstacked."""
-    runs = [(*fresh_run(config, splits), config) for config in configs]
-    return lambda: [
-        train_epoch(model, optimizer, Objective(config.loss), config, splits, generator).item()
-        for model, optimizer, generator, config in runs
-    ]
+    runs = [ModelTrainee(config, splits, _device(splits)) for config in configs]
+    return lambda: [run.epoch(0).item() for run in runs]
 
 
 def epoch_matmul_flops(config: RunConfig, images: int) -> float:

@@ -21,13 +21,7 @@ from vaebench.models import build_model, place_model
 from vaebench.models.losses import Objective, loss_terms
 from vaebench.spec.config import RunConfig
 from vaebench.training.checkpoint import CheckpointStore
-from vaebench.training.trainer import (
-    EpochMetrics,
-    build_optimizer,
-    resolve_device,
-    train_epoch,
-    training_state,
-)
+from vaebench.training.trainer import EpochMetrics, ModelTrainee, build_optimizer, resolve_device
 
 CHECKPOINT_WRITE = "checkpoint write"
 # pytorch/examples' VAE: 784-400-20, BCE, Adam 1e-3, batch 128
@@ -129,17 +123,16 @@ def run_bench(
 
     def vaebench_loop(run_config: RunConfig, folder: Path | None = None):
         """vaebench's epoch, one host read each; with ``folder``, a timed checkpoint after it."""
-        model, optimizer, generator = fresh_run(run_config, splits)
-        objective = Objective(run_config.loss)
+        trainee = ModelTrainee(run_config, splits, device)
         store = CheckpointStore(folder) if folder is not None else None
         history: list[EpochMetrics] = []
 
         def step() -> float:
-            loss = train_epoch(model, optimizer, objective, run_config, splits, generator).item()
+            loss = trainee.epoch(0).item()
             if store is not None:
                 history.append(EpochMetrics(len(history) + 1, loss, 0.0, 0.0, 0.0))
                 started = time.perf_counter()
-                store.save("bench", training_state(model, optimizer, generator, history, 0.0))
+                store.save("bench", trainee.training_state(0, history, 0.0))
                 writes.seconds.append(time.perf_counter() - started)
             return loss
 
