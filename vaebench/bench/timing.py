@@ -17,11 +17,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vaebench.data import Splits, load_arrays, load_splits, resolve_root
-from vaebench.models import build_model, place_model
 from vaebench.models.losses import Objective, loss_terms
 from vaebench.spec.config import RunConfig
 from vaebench.training.checkpoint import CheckpointStore
-from vaebench.training.trainer import EpochMetrics, ModelTrainee, build_optimizer, resolve_device
+from vaebench.training.trainer import EpochMetrics, ModelTrainee, resolve_device
 
 CHECKPOINT_WRITE = "checkpoint write"
 # pytorch/examples' VAE: 784-400-20, BCE, Adam 1e-3, batch 128
@@ -76,21 +75,6 @@ class Timing:
         return statistics.median(self.seconds)
 
 
-def fresh_run(
-    config: RunConfig, splits: Splits, layout: torch.memory_format | None = None
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Generator]:
-    """A new model of ``config`` (seeded with its seed) placed on the splits' device, or with
-    its weights in ``layout``; its optimizer; and the generator of its batch order."""
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, splits.image_shape)
-    if layout is None:
-        model = place_model(model, splits.train.images.device)
-    else:
-        model = model.to(memory_format=layout)
-    generator = torch.Generator().manual_seed(config.seed)
-    return model, build_optimizer(config.optim, model.parameters()), generator
-
-
 def time_interleaved(steps: dict[str, Callable[[], object]], epochs: int) -> list[Timing]:
     """Seconds per epoch of each loop, after one untimed warm-up epoch each. Epochs run
     round-robin (A, B, C, A, B, C, ...) so that drift in the machine's speed hits every loop
@@ -139,9 +123,9 @@ def run_bench(
         return step
 
     def conventional_loop():
-        model, optimizer, _ = fresh_run(unfused, splits)
+        run = ModelTrainee(unfused, splits, device)
         loader = DataLoader(conventional, batch_size=config.train.batch_size, shuffle=True)
-        return lambda: conventional_epoch(model, optimizer, loader, config, device)
+        return lambda: conventional_epoch(run.model, run.optimizer, loader, config, device)
 
     steps = {
         "vaebench (as shipped: fused Adam)": vaebench_loop(config),

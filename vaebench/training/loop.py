@@ -42,8 +42,7 @@ class Trainee(Protocol):
     results: list[TrainResult]  # member i's, holding its model and a continued run's epochs
     earlier: float  # the seconds a continued run had trained
 
-    def epoch(self, first_step: int) -> torch.Tensor:
-        ...  # each member's summed objective (K,), on the device
+    def epoch(self, first_step: int) -> torch.Tensor: ...  # (K,) summed objectives, on the device
 
     def evaluations(self, split: Split, split_name: str) -> list[Evaluation]: ...
 
@@ -52,11 +51,9 @@ class Trainee(Protocol):
     ) -> dict[str, Any]:
         ...  # what the member's run alone would save: it continues alone
 
-    def keep(self, positions: Sequence[int]) -> None:  # only the members at ``positions`` go on
-        ...
+    def keep(self, positions: Sequence[int]) -> None: ...  # only the members at ``positions`` go on
 
-    def final_model(self, position: int) -> torch.nn.Module:
-        ...
+    def final_model(self, position: int) -> torch.nn.Module: ...
 
 
 def train_members(
