@@ -84,8 +84,7 @@ def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Pa
     for name, names in BAR_FIGURES.items():
         panels = {
             METRICS[n].label: Bars(labels, list(shown[f"{n}_mean"]), list(shown[f"{n}_std"]))
-            for n in names
-            if n in present
+            for n in names if n in present
         }
         if panels:
             figures.append(save_bars(folder / name, panels))
