@@ -108,8 +108,7 @@ class StackTrainee:
 
     def evaluations(self, split: Split, split_name: str) -> list[Evaluation]:
         if self.stacked_evaluation:
-            configs = [member.config for member in self.members]
-            return evaluate_stack(self.stack, split, split_name, configs)
+            return evaluate_stack(self.stack, split, split_name, [m.config for m in self.members])
         alone = [self._own(position) for position in range(len(self.members))]
         return [evaluate(m.model, split, split_name, m.config) for m in alone]
 
