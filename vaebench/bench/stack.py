@@ -166,10 +166,8 @@ def main(
         "interleaved; seconds per model-epoch (median)"
     )
     if arch == "conv" and device.type == "cpu":
-        print(
-            "stacked: each member through its layers in turn (the CPU's way); stacked "
-            "grouped: the members' convolutions as one grouped convolution (CUDA's way)"
-        )
+        print("stacked: each member through its layers in turn (the CPU's way); stacked "
+              "grouped: the members' convolutions as one grouped convolution (CUDA's way)")
     floor = None
     if arch == "mlp":
         floor = epoch_matmul_flops(largest[0], images) / matmul_throughput(device)
@@ -186,10 +184,8 @@ def main(
         print(f"K = {size:3d}: {line}; stacked / one run alone = {timings['stacked'] / alone:.2f}")
     one = dispatched_per_step(largest[:1], splits, stacked=False)
     where = "CUDA's layout" if device.type == "cpu" else "on this GPU"
-    print(
-        f"per training step, one run unstacked: {one}; stacked ({where}: batched, "
-        "convolutions grouped):"
-    )
+    print(f"per training step, one run unstacked: {one}; stacked ({where}: batched, "
+          "convolutions grouped):")
     for size in launch_sizes:
         count = dispatched_per_step(reference_configs(size, subset, arch, device_name), splits)
         line = f"K = {size:3d} stacked: {count}; per model-step "
