@@ -207,7 +207,8 @@ figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:13px}
 def render_html(blocks: list[Block], title: str) -> str:
     """One self-contained page: the images are embedded as base64 data URIs."""
     out = [
-        "<!doctype html>", f'<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
+        "<!doctype html>",
+        f'<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>',
         f"<style>{HTML_STYLE}</style></head><body>",
     ]
     for kind, value in blocks:
