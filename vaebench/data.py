@@ -141,9 +141,7 @@ def read_idx(path: Path) -> np.ndarray:
     another thread (as it is during preflight) that made reading MNIST take about 2 s
     instead of 0.2 s."""
     try:
-        raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: unreadable or truncated file ({exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:

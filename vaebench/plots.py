@@ -155,10 +155,8 @@ def save_bars(path: Path, panels: Mapping[str, Bars]) -> Path:
         ax.barh(rows, values, color=COLOURS[0])
         known = ~np.isnan(errors)  # no whisker where the spread is unknown (one run)
         if known.any():
-            ax.errorbar(
-                values[known], rows[known], xerr=errors[known], fmt="none", ecolor="black",
-                capsize=2,
-            )
+            ax.errorbar(values[known], rows[known], xerr=errors[known], fmt="none",
+                        ecolor="black", capsize=2)
         ax.set_yticks(rows, bars.labels, fontsize=7)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="x", alpha=0.3)

@@ -7,12 +7,13 @@ from collections.abc import Callable
 
 import torch
 
-from vaebench.bench.timing import CONV, fresh_run, time_interleaved
+from vaebench.bench.timing import CONV, time_interleaved
 from vaebench.data import Splits, load_splits, resolve_root
+from vaebench.models import build_model
 from vaebench.models.losses import Objective
 from vaebench.scoring.evaluation import evaluate
 from vaebench.spec.config import RunConfig
-from vaebench.training.trainer import train_epoch
+from vaebench.training.trainer import build_optimizer, train_epoch
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
 
@@ -21,7 +22,10 @@ def layout_loops(
     config: RunConfig, splits: Splits, name: str, layout: torch.memory_format
 ) -> dict[str, Callable[[], object]]:
     """A training epoch and a validation pass of one fresh model whose weights have ``layout``."""
-    model, optimizer, generator = fresh_run(config, splits, layout)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, splits.image_shape).to(memory_format=layout)
+    optimizer = build_optimizer(config.optim, model.parameters())
+    generator = torch.Generator().manual_seed(config.seed)
 
     def epoch() -> float:  # train_epoch puts the model in training mode, evaluate out of it
         return train_epoch(model, optimizer, Objective(config.loss), config, splits, generator)

@@ -11,23 +11,21 @@ from dataclasses import dataclass
 import torch
 from torch.autograd import DeviceType
 
-from vaebench.bench.timing import CONV, REFERENCE, fresh_run, time_interleaved
+from vaebench.bench.timing import CONV, REFERENCE, time_interleaved
 from vaebench.data import Split, Splits, load_splits, resolve_root
-from vaebench.models.losses import Objective
 from vaebench.spec.config import RunConfig
 from vaebench.stacking.fit import build_member, stacked_epoch, stacked_optimizer
 from vaebench.stacking.layers import use_layout
 from vaebench.stacking.model import StackedGaussianVAE
 from vaebench.stacking.step import StackSteps, cuda_graph_for
-from vaebench.training.trainer import resolve_device, train_epoch
+from vaebench.training.trainer import ModelTrainee, resolve_device, train_epoch
 
 
 def reference_configs(
     count: int, subset: int | None = None, arch: str = "mlp", device: str = "cpu"
 ) -> list[RunConfig]:
     base = {
-        **(CONV if arch == "conv" else REFERENCE),
-        "data": {"subset": subset} if subset else {},
+        **(CONV if arch == "conv" else REFERENCE), "data": {"subset": subset} if subset else {},
         "train": {**REFERENCE["train"], "device": device},
     }
     return [RunConfig.model_validate({**base, "seed": seed}) for seed in range(count)]
@@ -51,10 +49,10 @@ def stacked_loop(
 
 def sequential_loop(configs: Sequence[RunConfig], splits: Splits) -> Callable[[], object]:
     """The K runs one after another, an epoch each, as vaebench trains them unstacked."""
-    runs = [(*fresh_run(config, splits), config) for config in configs]
-    return lambda: [
-        train_epoch(model, optimizer, Objective(config.loss), config, splits, generator).item()
-        for model, optimizer, generator, config in runs
+    runs = [ModelTrainee(config, splits, _device(splits)) for config in configs]
+    return lambda: [  # its epoch's sum read as is: ModelTrainee.epoch would add a reshape
+        train_epoch(r.model, r.optimizer, r.objective, r.config, splits, r.generator).item()
+        for r in runs
     ]
 
 
@@ -168,10 +166,8 @@ def main(
         "interleaved; seconds per model-epoch (median)"
     )
     if arch == "conv" and device.type == "cpu":
-        print(
-            "stacked: each member through its layers in turn (the CPU's way); stacked "
-            "grouped: the members' convolutions as one grouped convolution (CUDA's way)"
-        )
+        print("stacked: each member through its layers in turn (the CPU's way); stacked "
+              "grouped: the members' convolutions as one grouped convolution (CUDA's way)")
     floor = None
     if arch == "mlp":
         floor = epoch_matmul_flops(largest[0], images) / matmul_throughput(device)
@@ -188,10 +184,8 @@ def main(
         print(f"K = {size:3d}: {line}; stacked / one run alone = {timings['stacked'] / alone:.2f}")
     one = dispatched_per_step(largest[:1], splits, stacked=False)
     where = "CUDA's layout" if device.type == "cpu" else "on this GPU"
-    print(
-        f"per training step, one run unstacked: {one}; stacked ({where}: batched, "
-        "convolutions grouped):"
-    )
+    print(f"per training step, one run unstacked: {one}; stacked ({where}: batched, "
+          "convolutions grouped):")
     for size in launch_sizes:
         count = dispatched_per_step(reference_configs(size, subset, arch, device_name), splits)
         line = f"K = {size:3d} stacked: {count}; per model-step "

@@ -17,25 +17,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vaebench.data import Splits, load_arrays, load_splits, resolve_root
-from vaebench.models import build_model, place_model
 from vaebench.models.losses import Objective, loss_terms
 from vaebench.spec.config import RunConfig
 from vaebench.training.checkpoint import CheckpointStore
-from vaebench.training.trainer import (
-    EpochMetrics,
-    build_optimizer,
-    resolve_device,
-    train_epoch,
-    training_state,
-)
+from vaebench.training.trainer import EpochMetrics, ModelTrainee, resolve_device
 
 CHECKPOINT_WRITE = "checkpoint write"
 # pytorch/examples' VAE: 784-400-20, BCE, Adam 1e-3, batch 128
 REFERENCE = {
-    "model": {"arch": "mlp", "hidden": [400], "z_dim": 20},
-    "loss": {"recon": "bce", "beta": 1.0},
-    "optim": {"name": "adam", "lr": 1e-3},
-    "train": {"batch_size": 128, "device": "cpu"},
+    "model": {"arch": "mlp", "hidden": [400], "z_dim": 20}, "loss": {"recon": "bce", "beta": 1.0},
+    "optim": {"name": "adam", "lr": 1e-3}, "train": {"batch_size": 128, "device": "cpu"},
 }
 # experiments/quick.yaml's conv variant (BCE, Adam 1e-3, batch 128)
 CONV = {**REFERENCE, "model": {"arch": "conv", "channels": [32, 64], "z_dim": 20}}
@@ -84,21 +75,6 @@ class Timing:
         return statistics.median(self.seconds)
 
 
-def fresh_run(
-    config: RunConfig, splits: Splits, layout: torch.memory_format | None = None
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Generator]:
-    """A new model of ``config`` (seeded with its seed) placed on the splits' device, or with
-    its weights in ``layout``; its optimizer; and the generator of its batch order."""
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, splits.image_shape)
-    if layout is None:
-        model = place_model(model, splits.train.images.device)
-    else:
-        model = model.to(memory_format=layout)
-    generator = torch.Generator().manual_seed(config.seed)
-    return model, build_optimizer(config.optim, model.parameters()), generator
-
-
 def time_interleaved(steps: dict[str, Callable[[], object]], epochs: int) -> list[Timing]:
     """Seconds per epoch of each loop, after one untimed warm-up epoch each. Epochs run
     round-robin (A, B, C, A, B, C, ...) so that drift in the machine's speed hits every loop
@@ -131,26 +107,25 @@ def run_bench(
 
     def vaebench_loop(run_config: RunConfig, folder: Path | None = None):
         """vaebench's epoch, one host read each; with ``folder``, a timed checkpoint after it."""
-        model, optimizer, generator = fresh_run(run_config, splits)
-        objective = Objective(run_config.loss)
+        trainee = ModelTrainee(run_config, splits, device)
         store = CheckpointStore(folder) if folder is not None else None
         history: list[EpochMetrics] = []
 
         def step() -> float:
-            loss = train_epoch(model, optimizer, objective, run_config, splits, generator).item()
+            loss = trainee.epoch(0).item()
             if store is not None:
                 history.append(EpochMetrics(len(history) + 1, loss, 0.0, 0.0, 0.0))
                 started = time.perf_counter()
-                store.save("bench", training_state(model, optimizer, generator, history, 0.0))
+                store.save("bench", trainee.training_state(0, history, 0.0))
                 writes.seconds.append(time.perf_counter() - started)
             return loss
 
         return step
 
     def conventional_loop():
-        model, optimizer, _ = fresh_run(unfused, splits)
+        run = ModelTrainee(unfused, splits, device)
         loader = DataLoader(conventional, batch_size=config.train.batch_size, shuffle=True)
-        return lambda: conventional_epoch(model, optimizer, loader, config, device)
+        return lambda: conventional_epoch(run.model, run.optimizer, loader, config, device)
 
     steps = {
         "vaebench (as shipped: fused Adam)": vaebench_loop(config),

@@ -20,8 +20,7 @@ Shape = tuple[int, int, int]
 ModelBuilder = Callable[[ModelConfig, Shape], nn.Module]
 
 BACKBONES: dict[str, Callable[[ModelConfig, Shape, int], Backbone]] = {
-    "mlp": mlp_backbone,
-    "conv": conv_backbone,
+    "mlp": mlp_backbone, "conv": conv_backbone,
 }
 
 
@@ -45,10 +44,7 @@ def build_cvae(config: ModelConfig, image_shape: Shape) -> ConditionalVAE:
 
 
 MODELS: dict[str, ModelBuilder] = {
-    "mlp": build_gaussian,
-    "conv": build_gaussian,
-    "gumbel": build_gumbel,
-    "cvae": build_cvae,
+    "mlp": build_gaussian, "conv": build_gaussian, "gumbel": build_gumbel, "cvae": build_cvae,
     "gmvae": build_gmvae,
 }
 

@@ -31,8 +31,7 @@ class ConditionalVAE(GaussianVAE):
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
         features = self.encoder(x)
-        if self.condition_encoder:
-            features = with_label(features, y)
+        features = with_label(features, y) if self.condition_encoder else features
         return self.head(features).chunk(2, dim=-1)
 
     def decode_label(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

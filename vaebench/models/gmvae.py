@@ -46,10 +46,8 @@ def decode_components(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 def mixture_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
     mixture = out.mixture
-    per_component = gaussian_kl_between(
-        mixture.mu, mixture.logvar,
-        mixture.prior_mu.unsqueeze(-3), mixture.prior_logvar.unsqueeze(-3),
-    )
+    prior_mu, prior_logvar = mixture.prior_mu.unsqueeze(-3), mixture.prior_logvar.unsqueeze(-3)
+    per_component = gaussian_kl_between(mixture.mu, mixture.logvar, prior_mu, prior_logvar)
     weights = F.softmax(out.category_logits, dim=-1)
     return {
         "kl_z": (weights * per_component).sum((-2, -1)),

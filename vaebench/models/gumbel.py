@@ -30,8 +30,7 @@ def categorical_kl_uniform(logits: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_noise(
-    shape: tuple[int, ...] | torch.Size,
-    like: torch.Tensor,
+    shape: tuple[int, ...] | torch.Size, like: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Standard Gumbel draws, as ``F.gumbel_softmax`` draws them, like ``like``."""
@@ -87,8 +86,7 @@ class JointVAE(GaussianVAE):
         return mu, logvar, self.category_head(features)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        mu, logvar, _ = self.encode_all(x)
-        return mu, logvar
+        return self.encode_all(x)[:2]
 
     def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None) -> Posterior:
         return Posterior(*self.encode_all(x))

@@ -29,11 +29,8 @@ def pixel_costs(logits: torch.Tensor, x: torch.Tensor, kind: str, reduction: str
 
 
 def reconstruction(
-    logits: torch.Tensor,
-    x: torch.Tensor,
-    kind: str | Sequence[str],
-    weights: torch.Tensor | None = None,
-    first_kind: torch.Tensor | None = None,
+    logits: torch.Tensor, x: torch.Tensor, kind: str | Sequence[str],
+    weights: torch.Tensor | None = None, first_kind: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed over the batch: ``bce`` on logits or ``mse`` on sigmoid. A stack's ``kind`` is one
     per member: with both kinds both are computed and each member takes its own (``first_kind``:
@@ -98,11 +95,8 @@ def loss_terms(
 
 
 def terms_of(
-    kl_terms: Callable[..., dict[str, torch.Tensor]],
-    out,
-    x: torch.Tensor,
-    recon: str | Sequence[str],
-    first_kind: torch.Tensor | None = None,
+    kl_terms: Callable[..., dict[str, torch.Tensor]], out, x: torch.Tensor,
+    recon: str | Sequence[str], first_kind: torch.Tensor | None = None,
 ) -> LossTerms:
     weights = F.softmax(out.category_logits, dim=-1) if out.mixture is not None else None
     cost = reconstruction(out.logits, x, recon, weights, first_kind)
@@ -139,9 +133,7 @@ class Objective:
     """
 
     def __init__(
-        self,
-        config: LossConfig,
-        categories: int | None = None,
+        self, config: LossConfig, categories: int | None = None,
         beta: float | torch.Tensor | None = None,
     ):
         """``beta``: a stack's members' KL weights (K,), the one loss setting members may

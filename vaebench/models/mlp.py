@@ -16,8 +16,7 @@ def mlp_backbone(
     pixels = math.prod(image_shape)
     encoder = nn.Sequential(nn.Flatten(), *dense_stack([pixels, *config.hidden]))
     decoder = nn.Sequential(
-        *dense_stack([latent_dim, *reversed(config.hidden)]),
-        nn.Linear(config.hidden[0], pixels),
+        *dense_stack([latent_dim, *reversed(config.hidden)]), nn.Linear(config.hidden[0], pixels),
         nn.Unflatten(1, image_shape),
     )
     return Backbone(encoder, config.hidden[-1], decoder)

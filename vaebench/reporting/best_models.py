@@ -77,19 +77,14 @@ def register_best(
                 "vaebench.compared_within": run.group, "vaebench.selected_on": run.selected_on,
                 "vaebench.value": run.value, "vaebench.invocation": invocation,
             }
-            description = (
-                f"run {run.run_name}: the best of {run.group} on {run.selected_on} "
-                f"({run.value}), from invocation {invocation}"
-            )
+            description = (f"run {run.run_name}: the best of {run.group} on {run.selected_on} "
+                           f"({run.value}), from invocation {invocation}")
             version, reused = tracker.register_model(
                 run.run_id, module, example, config.train.epochs, name, tags, description
             )
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: stop, after saying what is not
-            print(
-                f"vaebench: registering stopped: {name} and the models after it are not "
-                "registered; the runs are all tracked",
-                file=sys.stderr,
-            )
+            print(f"vaebench: registering stopped: {name} and the models after it are not "
+                  "registered; the runs are all tracked", file=sys.stderr)
             exc.nothing_to_continue = True  # type: ignore[attr-defined]  # read by the cli
             raise
         except Exception as exc:  # noqa: BLE001 - see the docstring
@@ -98,10 +93,7 @@ def register_best(
             continue
         done = Registered(name, version, run, time.perf_counter() - started, reused)
         registered.append(done)
-        print(
-            f"registered model {name} version {version}: run {run.run_name} "
-            f"({run.selected_on} {run.value}; {done.seconds:.1f} s) "
-            f"-> mlflow.pytorch.load_model('models:/{name}/{version}')",
-            file=stream,
-        )
+        print(f"registered model {name} version {version}: run {run.run_name} "
+              f"({run.selected_on} {run.value}; {done.seconds:.1f} s) "
+              f"-> mlflow.pytorch.load_model('models:/{name}/{version}')", file=stream)
     return registered

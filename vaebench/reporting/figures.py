@@ -18,8 +18,7 @@ from vaebench.reporting.table import (
 
 # each bar figure's metrics (it draws those the runs have)
 BAR_FIGURES = {
-    "clustering.png": ("test_nmi", "test_accuracy"),
-    "epoch_seconds.png": ("mean_epoch_seconds",),
+    "clustering.png": ("test_nmi", "test_accuracy"), "epoch_seconds.png": ("mean_epoch_seconds",),
 }
 FIGURES = ("rate_distortion.png", "elbo_by_epoch.png", *BAR_FIGURES)
 
@@ -85,8 +84,7 @@ def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Pa
     for name, names in BAR_FIGURES.items():
         panels = {
             METRICS[n].label: Bars(labels, list(shown[f"{n}_mean"]), list(shown[f"{n}_std"]))
-            for n in names
-            if n in present
+            for n in names if n in present
         }
         if panels:
             figures.append(save_bars(folder / name, panels))

@@ -105,13 +105,11 @@ def measurement_notes(run_set: RunSet, metric: MetricInfo) -> str:
         samples = sorted({int(k) for k in column if str(k).isdigit()})
         images = with_nll.get("params.eval.iwae_images", pd.Series(dtype=object))
         subsets = sorted({int(n) for n in images if str(n).isdigit()})
-        over = (
-            f", over {' or '.join(map(str, subsets))} test images for runs that set "
-            "eval.iwae_images (the same seeded random subset for every run; the others: all "
-            "of them)"
-            if subsets
-            else ", over the whole test split"
-        )
+        over = ", over the whole test split"
+        if subsets:
+            over = (f", over {' or '.join(map(str, subsets))} test images for runs that set "
+                    "eval.iwae_images (the same seeded random subset for every run; the others: "
+                    "all of them)")
         notes.append(
             "test NLL: -log p(x) (-log p(x|y) for cvae runs) in nats per image, estimated by "
             "importance sampling (IWAE) with "
@@ -163,11 +161,8 @@ def report_blocks(
         "epoch_seconds.png": "Training seconds per epoch after the first (whiskers: one std).",
     }
     blocks: list[Block] = [
-        ("h1", f"vaebench report: {run_set.experiment}"),
-        ("p", source),
-        ("h2", "Leaderboard"),
-        ("p", verdict(table, metric)),
-        ("p", measurement_notes(run_set, metric)),
+        ("h1", f"vaebench report: {run_set.experiment}"), ("p", source), ("h2", "Leaderboard"),
+        ("p", verdict(table, metric)), ("p", measurement_notes(run_set, metric)),
         ("table", display_table(table, metric)),
     ]
     blocks += [("img", (figure, captions[figure.name])) for figure in figures]

@@ -41,8 +41,7 @@ def comparison_groups(runs: pd.DataFrame, params: list[str]) -> pd.Series:
     if not params:
         return pd.Series(ALL_RUNS, index=runs.index)
     return runs[params].astype(str).apply(
-        lambda row: ", ".join(f"{k.removeprefix('params.')}={v}" for k, v in row.items()),
-        axis=1,
+        lambda row: ", ".join(f"{k.removeprefix('params.')}={v}" for k, v in row.items()), axis=1,
     )
 
 
@@ -79,8 +78,7 @@ def leaderboard(run_set: RunSet, metric: MetricInfo) -> pd.DataFrame:
     counts = [f"{name}_count" for name in metrics]
     table[counts] = table[counts].fillna(0).astype(int)
     table = table.sort_values(
-        ["compared_within", f"{metric.name}_mean"],
-        ascending=[True, not metric.higher_is_better],
+        ["compared_within", f"{metric.name}_mean"], ascending=[True, not metric.higher_is_better],
         na_position="last",
     )
     table = table.rename_axis("variant").reset_index()

@@ -32,8 +32,7 @@ def clustering_scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, flo
     from sklearn.metrics import adjusted_rand_score
 
     return {
-        "nmi": nmi(labels, clusters),
-        "ari": float(adjusted_rand_score(labels, clusters)),
+        "nmi": nmi(labels, clusters), "ari": float(adjusted_rand_score(labels, clusters)),
         "accuracy": cluster_accuracy(labels, clusters),
     }
 

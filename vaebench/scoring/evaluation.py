@@ -57,8 +57,7 @@ class Evaluation:
         kl = {name: sums[name] for name in self.kl}
         total_kl = sum(kl.values())
         values = {
-            f"{p}_elbo": -(sums["recon"] + total_kl) / n,
-            f"{p}_recon": sums["recon"] / n,
+            f"{p}_elbo": -(sums["recon"] + total_kl) / n, f"{p}_recon": sums["recon"] / n,
             f"{p}_kl": total_kl / n,
         }
         if len(kl) > 1:  # the parts of the KL, e.g. kl_z and kl_c

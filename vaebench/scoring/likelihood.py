@@ -44,12 +44,17 @@ def draw_latents(posterior: Posterior, samples: int, generator: torch.Generator)
     log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(dim=-1)
     c = None
     if posterior.category_logits is not None:
-        log_probs = F.log_softmax(posterior.category_logits.repeat(samples, 1), dim=1)
-        index = torch.multinomial(log_probs.exp(), 1, generator=generator)
-        c = F.one_hot(index.squeeze(1), log_probs.shape[1]).to(mu.dtype)
-        log_q = log_q + log_probs.gather(1, index).squeeze(1)
-        log_prior = log_prior - math.log(log_probs.shape[1])
+        _, c, log_q_c, log_p_c = _draw_category(posterior.category_logits, samples, generator)
+        log_q, log_prior = log_q + log_q_c, log_prior + log_p_c
     return LatentDraws(z=z, c=c, log_q=log_q, log_prior=log_prior)
+
+
+def _draw_category(logits: torch.Tensor, samples: int, generator: torch.Generator):
+    """An exact draw c ~ q(c|x) per row: its index, one-hot, log q(c|x) and log p(c), uniform."""
+    log_probs = F.log_softmax(logits.repeat(samples, 1), dim=1)
+    index = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+    c = F.one_hot(index, log_probs.shape[1]).to(logits.dtype)
+    return index, c, log_probs.gather(1, index[:, None]).squeeze(1), -math.log(log_probs.shape[1])
 
 
 def _gaussian_log_density(z, mu, logvar) -> torch.Tensor:
@@ -61,19 +66,15 @@ def _draw_from_mixture(
 ) -> LatentDraws:
     """c ~ q(c|x), then z ~ q(z|x, c); the prior is p(c) p(z|c), p(c) uniform."""
     mixture = posterior.mixture
-    log_probs = F.log_softmax(posterior.category_logits.repeat(samples, 1), dim=1)
-    index = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+    index, c, log_q_c, log_p_c = _draw_category(posterior.category_logits, samples, generator)
     rows = torch.arange(index.shape[0], device=index.device)
     mu = mixture.mu.repeat(samples, 1, 1)[rows, index]
     logvar = mixture.logvar.repeat(samples, 1, 1)[rows, index]
     noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + noise * torch.exp(0.5 * logvar)
-    categories = log_probs.shape[1]
-    log_q = log_probs.gather(1, index[:, None]).squeeze(1) + _gaussian_log_density(z, mu, logvar)
-    log_prior = _gaussian_log_density(
-        z, mixture.prior_mu[index], mixture.prior_logvar[index]
-    ) - math.log(categories)
-    c = F.one_hot(index, categories).to(mu.dtype)
+    log_q = log_q_c + _gaussian_log_density(z, mu, logvar)
+    log_prior = _gaussian_log_density(z, mixture.prior_mu[index], mixture.prior_logvar[index])
+    log_prior = log_prior + log_p_c
     return LatentDraws(z=z, c=c, log_q=log_q, log_prior=log_prior)
 
 
@@ -86,12 +87,8 @@ ObservationModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (deco
 
 
 def log_weights(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor | None,
-    samples: int,
-    generator: torch.Generator,
-    log_likelihood: ObservationModel = bernoulli_log_likelihood,
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, samples: int,
+    generator: torch.Generator, log_likelihood: ObservationModel = bernoulli_log_likelihood,
 ) -> torch.Tensor:
     """log p(x, z_k) - log q(z_k|x) for ``samples`` draws per image: (samples, batch)."""
     posterior = model.posterior(x, y)
@@ -113,12 +110,8 @@ class LikelihoodEstimate:
 
 @torch.no_grad()
 def iwae_log_likelihood(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
-    samples: int,
-    generator: torch.Generator,
-    rows_per_pass: int = 10000,
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None, samples: int,
+    generator: torch.Generator, rows_per_pass: int = 10000,
     log_likelihood: ObservationModel = bernoulli_log_likelihood,
 ) -> torch.Tensor:
     """L_K(x) per image, float64. At most ``rows_per_pass`` decoder rows (images times draws)
@@ -141,12 +134,8 @@ def iwae_log_likelihood(
 
 
 def estimate_nll(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor | None,
-    samples: int,
-    generator: torch.Generator,
-    **options,
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None, samples: int,
+    generator: torch.Generator, **options,
 ) -> LikelihoodEstimate:
     """-mean L_K(x), in nats per image; ``options`` go to :func:`iwae_log_likelihood`."""
     per_image = iwae_log_likelihood(model, images, labels, samples, generator, **options)

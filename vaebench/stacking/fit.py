@@ -82,10 +82,7 @@ class StackTrainee:
     earlier = 0.0  # a stack starts afresh
 
     def __init__(
-        self,
-        configs: Sequence[RunConfig],
-        splits: Splits,
-        device: torch.device,
+        self, configs: Sequence[RunConfig], splits: Splits, device: torch.device,
         stacked_evaluation: bool | None = None,
     ):
         if len({stack_key(c) for c in configs}) != 1:
@@ -111,8 +108,7 @@ class StackTrainee:
 
     def evaluations(self, split: Split, split_name: str) -> list[Evaluation]:
         if self.stacked_evaluation:
-            configs = [member.config for member in self.members]
-            return evaluate_stack(self.stack, split, split_name, configs)
+            return evaluate_stack(self.stack, split, split_name, [m.config for m in self.members])
         alone = [self._own(position) for position in range(len(self.members))]
         return [evaluate(m.model, split, split_name, m.config) for m in alone]
 
@@ -143,23 +139,18 @@ class StackTrainee:
 
 
 def fit_stack(
-    configs: Sequence[RunConfig],
-    splits: Splits,
-    device: torch.device,
+    configs: Sequence[RunConfig], splits: Splits, device: torch.device,
     on_epoch: Callable[[int, EpochMetrics], None] | None = None,
     save_state: Callable[[int, dict[str, Any]], None] | None = None,
     on_failed: Callable[[int, TrainingDiverged], None] | None = None,
-    stacked_evaluation: bool | None = None,
-    score_clusters: bool = True,
+    stacked_evaluation: bool | None = None, score_clusters: bool = True,
 ) -> list[TrainResult | BaseException]:
     trainee = StackTrainee(configs, splits, device, stacked_evaluation)
     return train_members(trainee, splits, device, on_epoch, save_state, on_failed, score_clusters)
 
 
 def fit_members(
-    configs: Sequence[RunConfig],
-    splits: Splits,
-    device: torch.device,
+    configs: Sequence[RunConfig], splits: Splits, device: torch.device,
     on_epoch: Callable[[int, EpochMetrics], None],
     save_state: Callable[[int, dict[str, Any]], None] | None = None,
     on_failed: Callable[[int, TrainingDiverged], None] | None = None,

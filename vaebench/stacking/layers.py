@@ -51,10 +51,8 @@ class StackedLinear(nn.Module):
         return BatchedLinear.apply(x, self.weight, self.bias)
 
     def member_layers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        return [
-            partial(F.linear, weight=w, bias=b)
-            for w, b in zip(self.weight.unbind(0), self.bias.unbind(0), strict=True)
-        ]
+        pairs = zip(self.weight.unbind(0), self.bias.unbind(0), strict=True)
+        return [partial(F.linear, weight=w, bias=b) for w, b in pairs]
 
 
 class StackedConv(nn.Module):
@@ -77,10 +75,8 @@ class StackedConv(nn.Module):
         return self._convolve(x, weight, self.bias.flatten(), members)
 
     def member_layers(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        return [
-            partial(self._convolve, weight=w, bias=b, groups=1)
-            for w, b in zip(self.weight.unbind(0), self.bias.unbind(0), strict=True)
-        ]
+        pairs = zip(self.weight.unbind(0), self.bias.unbind(0), strict=True)
+        return [partial(self._convolve, weight=w, bias=b, groups=1) for w, b in pairs]
 
     def _convolve(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int
@@ -204,12 +200,8 @@ class StackedSequential(nn.Sequential):
 # the member layers this module stacks, each with its stacked layer's maker; anything else
 # keeps a run out of a stack
 STACKED_LAYERS: dict[type[nn.Module], Callable[[Sequence[nn.Module]], nn.Module]] = {
-    nn.Linear: StackedLinear,
-    nn.Conv2d: StackedConv,
-    nn.ConvTranspose2d: StackedConv,
-    nn.BatchNorm2d: StackedBatchNorm,
-    nn.Flatten: MemberShape,
-    nn.Unflatten: MemberShape,
+    nn.Linear: StackedLinear, nn.Conv2d: StackedConv, nn.ConvTranspose2d: StackedConv,
+    nn.BatchNorm2d: StackedBatchNorm, nn.Flatten: MemberShape, nn.Unflatten: MemberShape,
     nn.ReLU: lambda parts: nn.ReLU(),
 }
 STACKABLE_LAYERS = tuple(STACKED_LAYERS)

@@ -35,10 +35,8 @@ class StackedGaussianVAE(nn.Module):
 
     def __init__(self, members: Sequence[GaussianVAE]):
         super().__init__()
-        for member in members:
-            problem = stack_problem(member)
-            if problem:
-                raise ValueError(problem)
+        if problem := next(filter(None, map(stack_problem, members)), None):
+            raise ValueError(problem)
         self.members = len(members)
         self.z_dim = members[0].z_dim
         self.conditional = isinstance(members[0], ConditionalVAE)
@@ -64,19 +62,14 @@ class StackedGaussianVAE(nn.Module):
             raise ValueError("the stack's parameters are not the members' in their order")
 
     def forward(
-        self,
-        x: torch.Tensor,
-        noise: torch.Tensor,
-        y: torch.Tensor | None = None,
-        gumbel: torch.Tensor | None = None,
-        tau: float = 1.0,
+        self, x: torch.Tensor, noise: torch.Tensor, y: torch.Tensor | None = None,
+        gumbel: torch.Tensor | None = None, tau: float = 1.0,
     ) -> VAEOutput:
         """Each member's own forward, the member axis first; its draws given: ``noise`` (K,
         *:meth:`noise_shape`), joint members' ``gumbel`` (K, B, categories)."""
         features = self._features(x, y)
         head = self.head(features)
-        if self.mixture:
-            head = mixture_components(head, self.component_offset)
+        head = mixture_components(head, self.component_offset) if self.mixture else head
         mu, logvar = head.chunk(2, dim=-1)
         z = reparameterize(mu, logvar, noise)
         if self.mixture:

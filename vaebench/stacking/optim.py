@@ -47,15 +47,10 @@ class StackedOptimizer:
 
     def keeping(self, kept: Sequence[int], params: Sequence[torch.nn.Parameter]):
         """This optimizer over the members at positions ``kept`` (``params``: their stack's)."""
-        smaller = copy.copy(self)
-        rows = list(kept)
-        smaller.params = list(params)
-        smaller.lrs = [self.lrs[k] for k in rows]
+        smaller, rows = copy.copy(self), list(kept)
+        smaller.params, smaller.lrs = list(params), [self.lrs[k] for k in rows]
         smaller.runs = learning_rate_runs(smaller.lrs)
-        smaller.state = {
-            name: [tensor[rows].clone() for tensor in tensors]
-            for name, tensors in self.state.items()
-        }
+        smaller.state = {name: [t[rows].clone() for t in ts] for name, ts in self.state.items()}
         return smaller
 
     def zero_grad(self) -> None:
@@ -117,6 +112,5 @@ class StackedRMSprop(StackedOptimizer):
 
 
 STACKED_OPTIMIZERS: dict[str, type[StackedOptimizer]] = {
-    "adam": StackedAdam,
-    "rmsprop": StackedRMSprop,
+    "adam": StackedAdam, "rmsprop": StackedRMSprop,
 }

@@ -44,20 +44,17 @@ def config_problem(config: RunConfig, on_cpu: bool = False) -> str | None:
 
 def stack_key(config: RunConfig) -> str:
     """Equal for configs that can share a stack: all settings but :data:`MEMBER_KEYS`."""
-    shared = {
-        key: value
-        for key, value in flatten(config.model_dump(mode="json")).items()
-        if key not in MEMBER_KEYS
-        and key != "train.checkpoint_every"
-        and not key.startswith("optim.kwargs")  # fused or not: the same arithmetic
+    flat = flatten(config.model_dump(mode="json"))
+    shared = {  # optim.kwargs apart: fused or not, the same arithmetic
+        key: value for key, value in flat.items() if key not in MEMBER_KEYS
+        and key != "train.checkpoint_every" and not key.startswith("optim.kwargs")
     }
     canonical = json.dumps(shared, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def plan_stacks(
-    configs: Sequence[RunConfig | None],
-    max_stack: int,
+    configs: Sequence[RunConfig | None], max_stack: int,
     on_cpu: Callable[[RunConfig], bool] = lambda config: False,
 ) -> list[list[int]]:
     """The indices of ``configs`` in groups of one :func:`stack_key`, at most ``max_stack``

@@ -65,12 +65,8 @@ class StackSteps:
     captured at the first full batch after the warm-up (None: always eager)."""
 
     def __init__(
-        self,
-        stack: StackedGaussianVAE,
-        optimizer: StackedOptimizer,
-        members: Sequence[Any],
-        splits: Splits,
-        graph: Callable[[torch.cuda.Stream | None], Graph] | None = None,
+        self, stack: StackedGaussianVAE, optimizer: StackedOptimizer, members: Sequence[Any],
+        splits: Splits, graph: Callable[[torch.cuda.Stream | None], Graph] | None = None,
     ):
         self.stack, self.optimizer, self.members = stack, optimizer, list(members)
         self.config = members[0].config
@@ -101,8 +97,7 @@ class StackSteps:
                 if self.captured.failed is not None:
                     warnings.warn(
                         f"vaebench: this stack trains without a CUDA graph: {self.captured.failed}",
-                        RuntimeWarning,
-                        stacklevel=2,
+                        RuntimeWarning, stacklevel=2,
                     )
                     self.graph = self.captured = None  # its memory goes back too
                 return loss
@@ -125,9 +120,7 @@ class StackSteps:
         noise = out.noise if out is not None else x.new_empty((count, *shape))
         for k, member in enumerate(members):
             torch.randn(shape, generator=member.draw_rng, device=self.device, out=noise[k])
-        y = None
-        if self.stack.conditional:
-            y = self.labels.index_select(0, flat).view(count, batch)
+        y = self.labels.index_select(0, flat).view(count, batch) if self.stack.conditional else None
         for member in members:
             member.model.anneal(step, self.total_steps)  # e.g. its tau
         gumbel = None

@@ -42,8 +42,7 @@ class Trainee(Protocol):
     results: list[TrainResult]  # member i's, holding its model and a continued run's epochs
     earlier: float  # the seconds a continued run had trained
 
-    def epoch(self, first_step: int) -> torch.Tensor:
-        ...  # each member's summed objective (K,), on the device
+    def epoch(self, first_step: int) -> torch.Tensor: ...  # (K,) summed objectives, on the device
 
     def evaluations(self, split: Split, split_name: str) -> list[Evaluation]: ...
 
@@ -52,21 +51,16 @@ class Trainee(Protocol):
     ) -> dict[str, Any]:
         ...  # what the member's run alone would save: it continues alone
 
-    def keep(self, positions: Sequence[int]) -> None:  # only the members at ``positions`` go on
-        ...
+    def keep(self, positions: Sequence[int]) -> None: ...  # only the members at ``positions`` go on
 
-    def final_model(self, position: int) -> torch.nn.Module:
-        ...
+    def final_model(self, position: int) -> torch.nn.Module: ...
 
 
 def train_members(
-    trainee: Trainee,
-    splits: Splits,
-    device: torch.device,
+    trainee: Trainee, splits: Splits, device: torch.device,
     on_epoch: Callable[[int, EpochMetrics], None] | None = None,
     save_state: Callable[[int, dict[str, Any]], None] | None = None,
-    on_failed: Callable[[int, TrainingDiverged], None] | None = None,
-    score_clusters: bool = True,
+    on_failed: Callable[[int, TrainingDiverged], None] | None = None, score_clusters: bool = True,
 ) -> list[TrainResult | BaseException]:
     """For each member, in order, its result, the :class:`TrainingDiverged` that ended it
     (``on_failed`` hears of it at once), or the reason of a :class:`MemberStopped`.
@@ -158,11 +152,8 @@ class _Loop:
             self.fail(index, exc)
             return None
         metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=train / n_train,
-            epoch_seconds=(t1 - t0) / size,
-            eval_seconds=(t2 - t1) / size,
-            images_per_second=n_train * size / (t1 - t0),
+            epoch=epoch, train_loss=train / n_train, epoch_seconds=(t1 - t0) / size,
+            eval_seconds=(t2 - t1) / size, images_per_second=n_train * size / (t1 - t0),
             values={**values, **result.model.annealed_values()},
         )
         result.history.append(metrics)
@@ -201,13 +192,9 @@ class _Loop:
 
 
 def fit(
-    config: RunConfig,
-    splits: Splits,
-    device: torch.device,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
-    resume: dict[str, Any] | None = None,
-    save_state: Callable[[dict[str, Any]], None] | None = None,
-    score_clusters: bool = True,
+    config: RunConfig, splits: Splits, device: torch.device,
+    on_epoch: Callable[[EpochMetrics], None] | None = None, resume: dict[str, Any] | None = None,
+    save_state: Callable[[dict[str, Any]], None] | None = None, score_clusters: bool = True,
 ) -> TrainResult:
     """One run; same config and seed on CPU give the same numbers, ``resume`` (a
     :func:`~vaebench.training.trainer.training_state`) too. Diverged: :class:`TrainingDiverged`."""

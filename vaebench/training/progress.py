@@ -23,12 +23,7 @@ def line_prefix() -> str:
 class RunProgress:
 
     def __init__(
-        self,
-        index: int,
-        total: int,
-        name: str,
-        epochs: int,
-        stream: TextIO | None = None,
+        self, index: int, total: int, name: str, epochs: int, stream: TextIO | None = None,
         start: int = 0,
     ):
         self.stream = stream or sys.stderr

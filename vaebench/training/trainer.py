@@ -26,8 +26,7 @@ from vaebench.scoring.evaluation import (
 from vaebench.spec.config import OptimConfig, RunConfig, TrainConfig, VaebenchError
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam,
-    "rmsprop": torch.optim.RMSprop,
+    "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop,
 }
 
 
@@ -108,13 +107,8 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def train_epoch(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    objective: Objective,
-    config: RunConfig,
-    splits: Splits,
-    generator: torch.Generator,
-    first_step: int = 0,
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective: Objective,
+    config: RunConfig, splits: Splits, generator: torch.Generator, first_step: int = 0,
     batch_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The summed objective, on the device; ``batch_loss``: another backend's loss of a batch."""
@@ -142,21 +136,15 @@ def train_epoch(
 
 
 def training_state(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    history: list[EpochMetrics],
-    seconds: float,
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+    history: list[EpochMetrics], seconds: float,
 ) -> dict[str, Any]:
     """What continues a run as if it never stopped (docs/resume.md#checkpoints). The tensors are
     the live ones, not copies: write the state out before training goes on."""
     state: dict[str, Any] = {
-        "epoch": history[-1].epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "batch_order_rng": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "history": [asdict(m) for m in history],
+        "epoch": history[-1].epoch, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "batch_order_rng": generator.get_state(),
+        "torch_rng": torch.get_rng_state(), "history": [asdict(m) for m in history],
         "seconds": seconds,
     }
     if model.device.type == "cuda":
@@ -165,9 +153,7 @@ def training_state(
 
 
 def restore_training_state(
-    state: dict[str, Any],
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
 ) -> tuple[list[EpochMetrics], float]:
     model.load_state_dict(state["model"])
@@ -217,10 +203,7 @@ class ModelTrainee:
     """A run alone in its own model (the CPU's fast path), continued from ``resume``."""
 
     def __init__(
-        self,
-        config: RunConfig,
-        splits: Splits,
-        device: torch.device,
+        self, config: RunConfig, splits: Splits, device: torch.device,
         resume: dict[str, Any] | None = None,
     ):
         torch.manual_seed(config.seed)
@@ -267,12 +250,8 @@ class ModelTrainee:
 
 
 def final_scores(
-    model: torch.nn.Module,
-    splits: Splits,
-    config: RunConfig,
-    validation: Evaluation | None,
-    test: Evaluation | None = None,
-    clusters: list[ClusterInput] | None = None,
+    model: torch.nn.Module, splits: Splits, config: RunConfig, validation: Evaluation | None,
+    test: Evaluation | None = None, clusters: list[ClusterInput] | None = None,
 ) -> dict[str, float]:
     """The test metrics, clustering scores (not for conditional models, which see the label;
     given ``clusters``, what they are computed from is appended to it) and the test NLL."""
