@@ -40,9 +40,14 @@ def this_host() -> str:
         return socket.gethostname()
 
 
+@functools.cache
+def _process_table_readable() -> bool:
+    return psutil.pid_exists(os.getpid())  # psutil reads /proc on Linux: it can see processes
+
+
 def _process_start(pid: int) -> str | None:
     """When ``pid`` started (psutil's creation time), None if no such process runs."""
-    if psutil.pid_exists(os.getpid()):  # psutil reads /proc on Linux: it can see processes
+    if _process_table_readable():
         try:
             process = psutil.Process(pid)
             gone = process.status() == psutil.STATUS_ZOMBIE  # ended, not yet reaped
