@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -11,7 +12,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 from vaebench.cli import main
 from vaebench.lifecycle import claims
@@ -22,6 +25,8 @@ from vaebench.lifecycle.workspace import Workspace
 from vaebench.spec.grid import expand, load_grid
 from vaebench.tracking.tracker import RUN_KEY_TAG, MLflowTracker
 from vaebench.training.checkpoint import CheckpointStore, default_folder
+from vaebench.tuning import storage
+from vaebench.tuning.trial import StaleTrials, TrialLease, fail_abandoned_trials, trials_done
 
 GRID = """
 name: holes
@@ -152,3 +157,54 @@ def test_an_owner_in_another_container_with_the_same_host_name_is_judged_by_its_
     tags = json.loads(_in_python(NEW_PID_NAMESPACE, code))
     assert abandoned(tags) is None  # its lease runs: it may still be working
     assert "lease" in abandoned(tags, now=float(tags[EXPIRES_TAG]) + 1)
+
+
+def _heartbeat_study(tmp_path: Path, monkeypatch) -> optuna.Study:
+    """A study on a real RDB storage (SQLite) whose trials beat every second, stale after 3."""
+    monkeypatch.setattr(storage, "HEARTBEAT_SECONDS", 1)
+    tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    opened = storage.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", StaleTrials(tracker))
+    return optuna.create_study(study_name="beats", storage=opened)
+
+
+def test_a_stacked_trial_beats_while_held_and_goes_stale_when_let_go(tmp_path, monkeypatch):
+    """Trials of a stack are asked and told (no Optuna heartbeat thread): the lease keeper
+    beats for them, through waits and scoring; a trial nobody beats for is failed by Optuna's
+    stale-trial handling and its values are tried again."""
+    study = _heartbeat_study(tmp_path, monkeypatch)
+    trial = study.ask()
+    trial.suggest_float("loss.beta", 0.5, 4.0)
+    lease = TrialLease(trial.storage, trial._trial_id)
+    claims.KEEPER.hold(lease)
+    trial.storage.record_heartbeat(trial._trial_id)
+    time.sleep(4.5)  # longer than the grace period: alive only by the keeper's beats
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[0].state == TrialState.RUNNING
+    claims.KEEPER.let_go(lease.key)
+    time.sleep(4.5)
+    stream = io.StringIO()
+    fail_abandoned_trials(study, StaleTrials(None, stream), others_live=False)
+    first, retry = study.trials
+    assert first.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert retry.params == first.params
+    assert trials_done(study) == 0  # a lost trial is not done: its retry is still to do
+
+
+def test_a_trial_of_a_process_known_gone_fails_at_once_and_others_wait_for_optuna(
+    tmp_path, monkeypatch
+):
+    """On an RDB storage the trial's owner is kept beside Optuna's heartbeat: a process gone
+    on this host fails its trial without waiting out the grace period; a trial owned on
+    another host is left to the heartbeat."""
+    study = _heartbeat_study(tmp_path, monkeypatch)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for owner in (f"{claims.this_host()}:{gone.pid}:1.00", "elsewhere/1:4242:1.00"):
+        trial = study.ask()
+        trial.set_user_attr(OWNER_TAG, owner)
+        trial.storage.record_heartbeat(trial._trial_id)
+    stream = io.StringIO()
+    assert fail_abandoned_trials(study, StaleTrials(None, stream), others_live=False) == 1
+    assert [t.state.name for t in study.trials] == ["FAIL", "RUNNING", "WAITING"]
+    assert f"its process {gone.pid}" in stream.getvalue()
+    assert EXPIRES_TAG not in study.trials[1].user_attrs  # no lease of ours: Optuna's beat

@@ -22,6 +22,7 @@ from commands import (
 )
 from conftest import start_mlflow_server, stop_server
 from mlflow.tracking import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 pytestmark = pytest.mark.slow
 
@@ -238,8 +239,10 @@ def test_sigkill_of_a_study_fails_its_trial_on_the_rerun(tmp_path, mnist_root):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     trials = optuna.load_study(study_name="survive-study", storage=storage).trials
     assert trials[0].state == optuna.trial.TrialState.FAIL
-    assert trials[0].user_attrs["stopped"].startswith("abandoned: its process")
+    assert "trial 0 was left RUNNING (its process" in rerun.stderr
     assert [t.state for t in trials[1:]] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(trials[1]) == 0  # tried again
+    assert trials[1].params == trials[0].params
     statuses = {r.info.run_name: r.info.status for r in all_runs(uri, "survive-study")}
     assert statuses["trial-0000"] == "KILLED" and "RUNNING" not in statuses.values()
 
@@ -271,7 +274,7 @@ def test_a_signal_stops_a_stack_of_trials_and_a_sigkill_leaves_them_to_the_rerun
     assert "trial 3 was left RUNNING" in rerun.stderr
     trials = optuna.load_study(study_name="survive-study", storage=storage).trials
     assert [t.state.name for t in trials] == ["FAIL"] * 4 + ["COMPLETE"] * 2
-    assert all(t.user_attrs["stopped"].startswith("abandoned") for t in trials[2:4])
+    assert [RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials[4:]] == [2, 3]
     statuses = {r.info.run_name: r.info.status for r in all_runs(uri, "survive-study")}
     assert "RUNNING" not in statuses.values()
     assert [statuses[f"trial-{n:04d}"] for n in range(6)] == ["KILLED"] * 4 + ["FINISHED"] * 2

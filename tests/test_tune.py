@@ -424,7 +424,7 @@ def test_a_trial_without_its_lease_yet_is_failed_only_when_no_invocation_runs(cr
     import datetime
     import io
 
-    from vaebench.tuning.trial import fail_abandoned_trials
+    from vaebench.tuning.trial import StaleTrials, fail_abandoned_trials
 
     start = datetime.datetime.now() + datetime.timedelta(hours=creator_hours)
     study = optuna.create_study()
@@ -434,8 +434,10 @@ def test_a_trial_without_its_lease_yet_is_failed_only_when_no_invocation_runs(cr
         user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=0,
     ))
     stream = io.StringIO()
-    assert fail_abandoned_trials(study, tracker=None, stream=stream, others_live=True) == 0
+    stale = StaleTrials(tracker=None, stream=stream)
+    assert fail_abandoned_trials(study, stale, others_live=True) == 0
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING
-    assert fail_abandoned_trials(study, tracker=None, stream=stream, others_live=False) == 1
+    assert fail_abandoned_trials(study, stale, others_live=False) == 1
     assert study.trials[0].state == optuna.trial.TrialState.FAIL
     assert "no lease" in stream.getvalue()
+    assert study.trials[1].state == optuna.trial.TrialState.WAITING  # its values again

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import psutil
 
@@ -103,13 +103,35 @@ class RunLease:
     longest_epoch_seconds: float = 0.0
     runs_at_once: int = 1
 
+    @property
+    def key(self) -> str:
+        return self.run_id
+
+    def tags(self) -> dict[str, str]:
+        return lease_tags(self.longest_epoch_seconds, self.runs_at_once)
+
+    def period(self) -> float:
+        return lease_seconds(self.longest_epoch_seconds, self.runs_at_once) / 3
+
     def renew(self) -> bool:
         record = self.tracker.run_record(self.run_id)
         if record is None or record.status != "RUNNING":
             return False
-        self.tracker.set_tags(self.run_id, lease_tags(self.longest_epoch_seconds,
-                                                      self.runs_at_once))
+        self.tracker.set_tags(self.run_id, self.tags())
         return True
+
+
+class Lease(Protocol):
+    """What :data:`KEEPER` renews: a run's lease, an Optuna trial's heartbeat."""
+
+    @property
+    def key(self) -> str: ...
+
+    def tags(self) -> dict[str, str]: ...  # the lease to write now
+
+    def period(self) -> float: ...  # seconds between renewals
+
+    def renew(self) -> bool: ...  # False: the run or trial ended, let go
 
 
 class LeaseKeeper:
@@ -119,30 +141,26 @@ class LeaseKeeper:
     took the live run for abandoned."""
 
     def __init__(self) -> None:
-        self.held: dict[str, tuple[RunLease, float]] = {}  # run id -> (lease, when it is due)
+        self.held: dict[str, tuple[Lease, float]] = {}  # key -> (lease, when it is due)
         self.lock, self.changed = threading.Lock(), threading.Event()
         self.thread: threading.Thread | None = None
 
-    def hold(self, lease: RunLease) -> dict[str, str]:
+    def hold(self, lease: Lease) -> dict[str, str]:
         """The lease to write now; renewed from now on (holding a run again replaces its
         lease, e.g. a longer one once an epoch is timed)."""
-        tags = lease_tags(lease.longest_epoch_seconds, lease.runs_at_once)
+        tags = lease.tags()
         with self.lock:
-            self.held[lease.run_id] = (lease, time.monotonic() + self._period(lease))
+            self.held[lease.key] = (lease, time.monotonic() + lease.period())
             if self.thread is None:
                 self.thread = threading.Thread(target=self._keep, name="leases", daemon=True)
                 self.thread.start()
         self.changed.set()
         return tags
 
-    def let_go(self, *run_ids: str | None) -> None:
+    def let_go(self, *keys: str | None) -> None:
         with self.lock:
-            for run_id in run_ids:
-                self.held.pop(run_id, None)
-
-    @staticmethod
-    def _period(lease: RunLease) -> float:
-        return lease_seconds(lease.longest_epoch_seconds, lease.runs_at_once) / 3
+            for key in keys:
+                self.held.pop(key, None)
 
     def _keep(self) -> None:
         while True:
@@ -158,17 +176,16 @@ class LeaseKeeper:
                 try:
                     held = lease.renew()
                 except Exception as exc:  # noqa: BLE001 - the other leases are still renewed
-                    print(f"vaebench: lease of run {lease.run_id} not renewed: {exc}",
-                          file=sys.stderr)
+                    print(f"vaebench: lease {lease.key} not renewed: {exc}", file=sys.stderr)
                     held = True
-                again = time.monotonic() + self._period(lease)
+                again = time.monotonic() + lease.period()
                 with self.lock:
-                    if self.held.get(lease.run_id, (None,))[0] is not lease:
+                    if self.held.get(lease.key, (None,))[0] is not lease:
                         continue  # let go or replaced meanwhile
                     if held:
-                        self.held[lease.run_id] = (lease, again)
+                        self.held[lease.key] = (lease, again)
                     else:
-                        del self.held[lease.run_id]
+                        del self.held[lease.key]
 
 
 KEEPER = LeaseKeeper()
@@ -189,7 +206,9 @@ def abandoned(tags: Mapping[str, str], now: float | None = None) -> str | None:
             return f"its process {pid_text} on {host} is gone"
         if UNKNOWN_START not in (alive, started):
             return None  # its own process runs (a lease renewed per epoch may be late)
-    expires = float(tags.get(EXPIRES_TAG, "0") or 0)
+    if EXPIRES_TAG not in tags:  # an owner without a lease: a heartbeat decides (Optuna's)
+        return None
+    expires = float(tags[EXPIRES_TAG] or 0)
     if (now or time.time()) > expires:
         return f"its lease from {host} expired"
     return None

@@ -3,10 +3,13 @@ is created."""
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from vaebench.spec.config import VaebenchError, first_line
 from vaebench.tracking.store import sqlite_path
@@ -14,6 +17,11 @@ from vaebench.tracking.store import sqlite_path
 MEMORY = "memory"
 JOURNAL = "journal:"
 SQLITE_TIMEOUT_S = 60  # several processes share one SQLite file; wait for the lock
+# Optuna's heartbeat on RDB storages: a trial that has not beaten for GRACE seconds is stale
+# ($VAEBENCH_HEARTBEAT_SECONDS: tests)
+HEARTBEAT_SECONDS = int(os.environ.get("VAEBENCH_HEARTBEAT_SECONDS", 60))
+GRACE_BEATS = 3
+StaleCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 
 def resolve_storage(chosen: str | None, tracking_uri: str) -> str:
@@ -63,7 +71,15 @@ def check_storage(ref: str) -> None:
         raise VaebenchError(f"storage {display_storage(ref)}: {first_line(exc)}") from None
 
 
-def open_storage(ref: str) -> optuna.storages.BaseStorage:
+def heartbeat_seconds(storage: optuna.storages.BaseStorage) -> int | None:
+    """How often a trial on ``storage`` beats, None where it has no heartbeat (journal files,
+    memory: there vaebench's own lease in the trial's user attributes stands in)."""
+    interval = getattr(storage, "get_heartbeat_interval", None)  # RDB, and Optuna's cache of it
+    return interval() if interval is not None else None
+
+
+def open_storage(ref: str, on_stale: StaleCallback | None = None) -> optuna.storages.BaseStorage:
+    """``on_stale``: Optuna's callback for each trial it fails for a stopped heartbeat."""
     if ref == MEMORY:
         return optuna.storages.InMemoryStorage()
     if ref.startswith(JOURNAL):
@@ -74,7 +90,10 @@ def open_storage(ref: str) -> optuna.storages.BaseStorage:
     engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if local else None
     for attempt in range(2):
         try:
-            return optuna.storages.RDBStorage(ref, engine_kwargs=engine)
+            return optuna.storages.RDBStorage(
+                ref, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_BEATS * HEARTBEAT_SECONDS,
+                heartbeat_stale_trial_callback=on_stale)
         except Exception as exc:  # noqa: BLE001 - unreachable server, bad credentials, ...
             if attempt == 0 and not local:  # another process creating the tables just now
                 time.sleep(1.0)

@@ -8,14 +8,15 @@ import copy
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TextIO
 
 import optuna
-from optuna.trial import TrialState
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
-from vaebench.lifecycle.claims import OWNER_TAG, abandoned, lease_tags
+from vaebench.lifecycle.claims import KEEPER, OWNER_TAG, abandoned, lease_seconds, lease_tags, owner
 from vaebench.lifecycle.execute import (
     EpochHook,
     Member,
@@ -35,8 +36,9 @@ from vaebench.stacking.plan import plan_stacks
 from vaebench.tracking.tracker import Tracker, TrackingError
 from vaebench.training.trainer import EpochMetrics
 from vaebench.tuning.outputs import PARENT_ATTR, RUN_ID_ATTR
+from vaebench.tuning.storage import GRACE_BEATS, heartbeat_seconds
 
-STOPPED_ATTR = "stopped"  # why a trial FAILED without being at fault: a signal, a lost owner
+STOPPED_ATTR = "stopped"  # why a trial FAILED without being at fault: a signal, the store
 
 
 def suggest(trial: optuna.Trial, key: str, param: Param) -> Any:
@@ -80,6 +82,42 @@ def objective_values(spec: StudySpec, final: dict[str, float]) -> list[float]:
     return values
 
 
+@dataclass(frozen=True)
+class TrialLease:
+    """A trial's liveness as :data:`vaebench.lifecycle.claims.KEEPER` renews it: Optuna's
+    heartbeat where the storage has one (RDB), with the owner in the user attributes (a trial
+    whose process is known gone fails at once); elsewhere (journal file, memory) vaebench's
+    expiring lease in the user attributes."""
+
+    storage: optuna.storages.BaseStorage
+    trial_id: int
+    longest_epoch_seconds: float = 0.0
+    runs_at_once: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"optuna-trial:{id(self.storage)}:{self.trial_id}"
+
+    def tags(self) -> dict[str, str]:
+        if heartbeat_seconds(self.storage) is not None:
+            return {OWNER_TAG: owner()}
+        return lease_tags(self.longest_epoch_seconds, self.runs_at_once)
+
+    def period(self) -> float:
+        beat = heartbeat_seconds(self.storage)
+        return beat or lease_seconds(self.longest_epoch_seconds, self.runs_at_once) / 3
+
+    def renew(self) -> bool:
+        if self.storage.get_trial(self.trial_id).state.is_finished():
+            return False
+        if heartbeat_seconds(self.storage) is not None:
+            self.storage.record_heartbeat(self.trial_id)
+        else:
+            for key, value in self.tags().items():
+                self.storage.set_trial_user_attr(self.trial_id, key, value)
+        return True
+
+
 @dataclass
 class TrialWork:
     """One trial's run as it goes (``run``: None until sampled, or if its values made no
@@ -94,6 +132,7 @@ class TrialWork:
     hooks: RunHooks = field(default_factory=RunHooks)
     told: bool = False  # its ending is settled (a stack's trial: and told to Optuna)
     ending: BaseException | None = None  # what ended its run early, once told
+    lease: TrialLease | None = None  # once owned
 
     def on_start(self, run_id: str) -> None:
         self.run_id = run_id
@@ -144,9 +183,13 @@ class TrialObjective:
         return TrialWork(trial, f"trial-{trial.number:04d}", own_tags)
 
     def own(self, work: TrialWork, runs_at_once: int = 1) -> None:
-        """The lease first, for ``runs_at_once`` trials trained together."""
-        lease = lease_tags(runs_at_once=runs_at_once)
-        _set_attrs(work.trial, {**lease, PARENT_ATTR: self.tracker.parent_id})
+        """The lease first, for ``runs_at_once`` trials trained together, and the first beat."""
+        trial = work.trial
+        trial_id = trial._trial_id  # noqa: SLF001 - Optuna's storage calls take the id
+        work.lease = TrialLease(trial.storage, trial_id, runs_at_once=runs_at_once)
+        _set_attrs(trial, {**KEEPER.hold(work.lease), PARENT_ATTR: self.tracker.parent_id})
+        if heartbeat_seconds(trial.storage) is not None:
+            trial.storage.record_heartbeat(trial_id)
 
     def sample(self, work: TrialWork) -> None:
         """Values that make no valid config are recorded as a FAILED run and raised."""
@@ -185,7 +228,7 @@ class TrialObjective:
             members = [sampled[index] for index in group]
             for member in members:  # told as its run ends; its lease spans the stack's epoch
                 member.hooks.on_end = partial(tell, member)
-                member.hooks.epoch_hook = self.epoch_hook(member.trial, len(members))
+                member.hooks.epoch_hook = self.epoch_hook(member, len(members))
             context = RunContext(self.tags, members[0].trial.number + 1, self.total,
                                  stopped_early=(optuna.TrialPruned,), pictures=self.spec.artifacts)
             try:
@@ -200,6 +243,8 @@ class TrialObjective:
 
     def settle(self, work: TrialWork, error: BaseException | None) -> TrialState:
         """A signal or a failing store marks the trial stopped (not the trial's fault)."""
+        if work.lease is not None:
+            KEEPER.let_go(work.lease.key)
         state = TrialState.COMPLETE
         if isinstance(error, optuna.TrialPruned):
             state = TrialState.PRUNED
@@ -215,15 +260,18 @@ class TrialObjective:
                 self.tracker.set_tags(work.run_id, {"optuna.state": state.name})
         return state
 
-    def epoch_hook(self, trial: optuna.Trial, stack_size: int) -> EpochHook:
+    def epoch_hook(self, work: TrialWork, stack_size: int) -> EpochHook:
         """Renew the lease; report to the pruner, which may stop the trial (a metric known only
         after the last epoch is never reported). In a stack of ``stack_size`` an epoch takes
         up to that many times a member's share of it, and the lease lasts accordingly."""
         pruned_on = None if self.spec.multi_objective else self.spec.metrics[0]
+        trial = work.trial
 
         def hook(metrics: EpochMetrics) -> None:
             longest = (metrics.epoch_seconds + metrics.eval_seconds) * stack_size
-            _set_attrs(trial, lease_tags(longest))
+            if work.lease is not None:
+                work.lease = replace(work.lease, longest_epoch_seconds=longest)
+                _set_attrs(trial, KEEPER.hold(work.lease))
             self.tracker.set_tags(self.tracker.parent_id, lease_tags(longest))
             values = metrics.as_dict()
             if pruned_on in values:
@@ -246,35 +294,56 @@ def _set_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
             trial.set_user_attr(key, value)
 
 
-def fail_abandoned_trials(
-    study: optuna.Study, tracker: Tracker, stream: TextIO, others_live: bool
-) -> int:
-    """Trials a killed invocation left RUNNING: FAIL in Optuna, marked stopped; their MLflow
-    runs (KILLED by :func:`vaebench.lifecycle.claims.recover_abandoned`) get the tag.
-    ``others_live``: another invocation of the study still runs (a RUNNING run of the study
-    is left after recovery); a trial without a lease may then be one it has just created and
-    is about to give its lease, so it is left alone. (Optuna's ``datetime_start``, the only
-    age a trial has, is its creator's naive local time: hosts in other time zones misread it
-    by hours.)"""
+@dataclass
+class StaleTrials:
+    """Optuna's callback for a trial it failed for a stopped heartbeat, and ours for a trial
+    whose owner is known gone: its values are tried again as a new trial (Optuna's
+    ``RetryHeartbeatStaleTrialCallback``), its MLflow run tagged, one line said."""
+
+    tracker: Tracker
+    stream: TextIO = sys.stderr
+    reason: str = ""  # why, when vaebench failed it
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        RetryHeartbeatStaleTrialCallback()(study, trial)
+        run_id = trial.user_attrs.get(RUN_ID_ATTR)
+        if run_id:
+            self.tracker.set_tags(run_id, {"optuna.state": "FAIL"})
+        beat = heartbeat_seconds(study._storage)  # noqa: SLF001 - the study's own storage
+        reason = self.reason or f"no heartbeat for {GRACE_BEATS * (beat or 0)} s"
+        print(f"trial {trial.number} was left RUNNING ({reason}): marked FAIL; its values are "
+              "tried again as a new trial", file=self.stream)
+
+
+def fail_abandoned_trials(study: optuna.Study, stale: StaleTrials, others_live: bool) -> int:
+    """Trials a killed invocation left RUNNING: FAIL, their values tried again. On an RDB
+    storage Optuna's heartbeat finds them (after its grace period), and vaebench at once
+    where the owner's process is known gone; elsewhere vaebench's lease decides. Their MLflow
+    runs are KILLED by :func:`vaebench.lifecycle.claims.recover_abandoned`. ``others_live``:
+    another invocation of the study still runs (a RUNNING run of the study is left after
+    recovery); a trial without an owner may then be one it has just created, so it is left
+    alone. (Optuna's ``datetime_start`` is its creator's naive local time: never an age.)"""
+    storage = study._storage  # noqa: SLF001 - Optuna has no public call for another's trial
+    if heartbeat_seconds(storage) is not None:
+        optuna.storages.fail_stale_trials(study)
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         reason = abandoned(trial.user_attrs)
         if reason is None or (others_live and OWNER_TAG not in trial.user_attrs):
             continue
-        storage = study._storage  # noqa: SLF001 - Optuna has no public call for another's trial
-        storage.set_trial_user_attr(trial._trial_id, STOPPED_ATTR, f"abandoned: {reason}")
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        run_id = trial.user_attrs.get(RUN_ID_ATTR)
-        if run_id:
-            tracker.set_tags(run_id, {"optuna.state": "FAIL"})
-        print(f"trial {trial.number} was left RUNNING ({reason}): marked FAIL", file=stream)
-        count += 1
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed by another
+            if storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                replace(stale, reason=reason)(study, storage.get_trial(trial._trial_id))
+                count += 1
     return count
 
 
 def trials_done(study: optuna.Study) -> int:
-    """Failed trials count only where by their own fault (not stopped by a signal or a lost
-    process)."""
+    """Failed trials count only where by their own fault (not stopped by a signal, nor lost
+    with their process and tried again)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-               or (t.state == TrialState.FAIL and STOPPED_ATTR not in t.user_attrs)
-               for t in study.get_trials(deepcopy=False))
+               or (t.state == TrialState.FAIL and STOPPED_ATTR not in t.user_attrs
+                   and t.number not in retried)
+               for t in trials)

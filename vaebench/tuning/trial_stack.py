@@ -62,6 +62,7 @@ def optimize_in_stacks(
         if timeout is not None and time.monotonic() - started >= timeout:
             return
         works: list[TrialWork] = []
+        optuna.storages.fail_stale_trials(study)  # as Optuna's optimize does before each ask
         try:
             for _ in range(min(max_stack, n_trials - done)):
                 works.append(objective.work_for(study.ask()))

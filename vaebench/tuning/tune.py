@@ -42,7 +42,13 @@ from vaebench.tuning.storage import (
     open_storage,
     resolve_storage,
 )
-from vaebench.tuning.trial import TrialObjective, fail_abandoned_trials, trial_run, trials_done
+from vaebench.tuning.trial import (
+    StaleTrials,
+    TrialObjective,
+    fail_abandoned_trials,
+    trial_run,
+    trials_done,
+)
 from vaebench.tuning.trial_stack import optimize_in_stacks, stack_problem
 
 STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}  # Optuna -> MLflow
@@ -72,6 +78,8 @@ def _quiet_optuna() -> None:
     instead of a traceback in Optuna's log."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # stacked trials are asked and told: the lease keeper beats for them (TrialLease)
+    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with")
 
 
 def optimize(
@@ -82,7 +90,7 @@ def optimize(
     _quiet_optuna()
     # a distinct stream per worker and per continuation, reproducible from the study seed
     seed = None if job.spec.seed is None else job.spec.seed + job.seed_offset + 1000 * worker
-    storage = storage or open_storage(job.storage)
+    storage = storage or open_storage(job.storage, StaleTrials(tracker))
     study = optuna.load_study(study_name=job.spec.name, storage=storage,
                               sampler=make_sampler(job.spec, seed), pruner=make_pruner(job.spec))
     workspace = workspace or Workspace(job.data_root, checkpoints=None)
@@ -103,7 +111,6 @@ def worker_main(job: WorkerJob, n_trials: int, worker: int) -> None:
 
 
 def _shared_study(spec: StudySpec, ref: str, storage) -> optuna.Study:
-    _quiet_optuna()
     try:
         existing = optuna.load_study(study_name=spec.name, storage=storage)
     except KeyError:
@@ -177,6 +184,7 @@ class _StudyRun:
     @classmethod
     def open(cls, path: Path, invocation: StudyInvocation) -> _StudyRun:
         """Every error a user can cause is raised before either store is created."""
+        _quiet_optuna()
         spec = load_study(path)
         if invocation.n_trials is not None and invocation.n_trials < 1:
             raise VaebenchError("--n-trials: must be >= 1")
@@ -195,12 +203,12 @@ class _StudyRun:
         base = [trial_run(spec, "base", {})]
         workspace.check(base)
         tracker = tracker_opened_during(uri, lambda: workspace.prepare(base))
-        storage = open_storage(ref)
+        storage = open_storage(ref, StaleTrials(tracker))
         study = _shared_study(spec, ref, storage)
         previous = tracker.previous_runs(spec.name, STUDY_TAG, spec.name)
         now = recover_abandoned(tracker, previous, sys.stderr)
         others_live = any(record.status == "RUNNING" for record in now)
-        fail_abandoned_trials(study, tracker, sys.stderr, others_live)
+        fail_abandoned_trials(study, StaleTrials(tracker), others_live)
         return cls(path, spec, invocation, uri, ref, workspace, tracker, storage, study)
 
     def job(self, n_trials: int, workers: int) -> WorkerJob:
