@@ -22,14 +22,15 @@ class Command:
     """``python -m vaebench ...`` in a subprocess; stderr read line by line as it comes."""
 
     def __init__(
-        self, args: list[str], cwd: Path, loopback_only: bool = False, own_group: bool = False
+        self, args: list[str], cwd: Path, loopback_only: bool = False, own_group: bool = False,
+        prefix: tuple[str, ...] = (),
     ):
         """``loopback_only``: in a network namespace of its own that has only loopback
         (``unshare -n``), for servers that listen beyond 127.0.0.1 whatever they are told.
         ``own_group``: in a session (and process group) of its own, which :meth:`ctrl_c`
-        signals as a terminal's Ctrl-C does."""
+        signals as a terminal's Ctrl-C does. ``prefix``: a command that runs it (``unshare``)."""
         self.out = cwd / f"stdout-{time.monotonic_ns()}.txt"
-        command = [sys.executable, "-m", "vaebench", *args]
+        command = [*prefix, sys.executable, "-m", "vaebench", *args]
         if loopback_only:
             command = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
                        *command]

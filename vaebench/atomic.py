@@ -1,6 +1,7 @@
 """Files another process may read, written whole or not at all: a temporary file in the
 target's folder, ``fsync``'d, then renamed over it (``os.replace``, atomic on POSIX). A reader
-sees the old file or the new one; a failed or interrupted write leaves the old file only."""
+sees the old file or the new one; a failed or interrupted write leaves the old file only, and
+a full disk is one :class:`~vaebench.spec.config.DiskFull` naming the file."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from vaebench.spec.config import DiskFull
 
 
 @contextlib.contextmanager
@@ -24,6 +27,10 @@ def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             file.flush()
             os.fsync(file.fileno())
         os.replace(name, path)
+    except OSError as exc:
+        if DiskFull.behind(exc):
+            raise DiskFull(path) from None
+        raise
     finally:
         Path(name).unlink(missing_ok=True)
 

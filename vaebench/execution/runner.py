@@ -164,7 +164,7 @@ class _GridRun:
                         settle_seconds(self.uri))
 
     def train(self) -> None:
-        ended = False
+        ended = stopped = False
         with interruptible():
             try:
                 work = self.work()
@@ -180,16 +180,22 @@ class _GridRun:
                     self.tracker.end_run(self.parent, "FAILED" if failed else "FINISHED")
                     ended = True
             except (Interrupted, DiskFull) as exc:
+                stopped = True
                 if not ended:
                     end_quietly(self.tracker, self.parent, "KILLED",
                                 f"{exc}; rerun the same command to continue")
                 raise
             except TrackingError as exc:
+                stopped = True
                 raise TrackingError(f"{exc}; the grid stopped. Rerun the same command once the "
                                     "store answers: finished runs are skipped, stopped ones "
                                     "continue from their checkpoint") from None
             finally:
-                self.close()
+                try:
+                    self.close()
+                except DiskFull:  # the results table: the error that stopped the grid is shown
+                    if not stopped:
+                        raise
 
     def start_parent(self, tags: dict[str, str]) -> None:
         executor = self.invocation.execution.executor

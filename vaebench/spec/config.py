@@ -4,6 +4,7 @@ torch here, so the model families are named in :data:`ARCHS`."""
 from __future__ import annotations
 
 import copy
+import errno
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
@@ -25,6 +26,21 @@ class DiskFull(VaebenchError):
     def __init__(self, path: object):
         super().__init__(f"no space left on the device of {path}; free some space and rerun "
                          "the same command to continue")
+
+    @staticmethod
+    def behind(exc: BaseException | None) -> BaseException | None:
+        """The full disk that ``exc`` was raised from, if any: an OSError ENOSPC or EDQUOT, or
+        SQLite's SQLITE_FULL ("database or disk is full")."""
+        while exc is not None:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return exc
+            if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:
+                return exc
+            exc = exc.__cause__ or exc.__context__
+        return None
+
+
+SQLITE_FULL = 13  # sqlite3's result code for a full disk
 
 
 def first_line(exc: BaseException) -> str:

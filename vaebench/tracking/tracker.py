@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from vaebench.signals import deferred_signals
-from vaebench.spec.config import VaebenchError, first_line
+from vaebench.spec.config import DiskFull, VaebenchError, first_line
 from vaebench.tracking import registry
 from vaebench.tracking.schema import open_store, template
 from vaebench.tracking.store import HTTP_LIMITS, check_server, sqlite_path, while_locked
@@ -93,6 +93,19 @@ class Tracker(Protocol):
     ) -> tuple[int, bool]: ...
 
 
+class StoreDiskFull(TrackingError, DiskFull):
+    """The store's disk is full: a failing store (nothing more is written to it) whose runs
+    stop as on any full disk (KILLED once space is freed and the rerun recovers them)."""
+
+
+def _store_error(uri: str, exc: BaseException) -> TrackingError:
+    """One error for a failing store: a full disk names the file it could not write."""
+    full = DiskFull.behind(exc)
+    if full is not None:
+        return StoreDiskFull(getattr(full, "filename", None) or sqlite_path(uri) or uri)
+    return TrackingError(f"tracking store {uri} failed ({first_line(exc)})")
+
+
 def _store_call(method: Callable[..., T]) -> Callable[..., T]:
     """Turn a failing store (MLflow's errors, a refused connection, a full disk) into one
     TrackingError naming the store; a signal that arrives during the call waits for its end,
@@ -103,11 +116,10 @@ def _store_call(method: Callable[..., T]) -> Callable[..., T]:
         with deferred_signals():
             try:
                 return while_locked(self.uri, lambda: method(self, *args, **kwargs))
-            except TrackingError:
+            except (TrackingError, DiskFull):  # DiskFull: a checkpoint or a file written here
                 raise
             except Exception as exc:  # noqa: BLE001 - MlflowException, requests, OSError, ...
-                text = f"tracking store {self.uri} failed ({first_line(exc)})"
-                raise TrackingError(text) from exc
+                raise _store_error(self.uri, exc) from exc
 
     return call
 
@@ -120,8 +132,10 @@ class MLflowTracker:
         from mlflow.exceptions import MlflowException
 
         self.uri = uri
-        # MLflow's download bars would interleave with vaebench's own lines
+        # MLflow's download bars would interleave with vaebench's own lines, and a failing
+        # SQLite store is one line of vaebench's, not MLflow's logged traceback as well
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         db = sqlite_path(uri)
         if db is not None and db.parent and not db.parent.exists():
             raise VaebenchError(f"tracking URI {uri}: folder {db.parent} does not exist")
@@ -132,8 +146,8 @@ class MLflowTracker:
         try:
             self.client = while_locked(uri, lambda: open_store(uri, db))
         except Exception as exc:
-            if "database is locked" in str(exc):  # it may be unlocked later: exit 75
-                raise TrackingError(f"tracking store {uri} failed ({first_line(exc)})") from None
+            if "database is locked" in str(exc) or DiskFull.behind(exc):  # may pass: exit 75
+                raise _store_error(uri, exc) from None
             if not isinstance(exc, MlflowException | OSError | ValueError):
                 raise
             raise VaebenchError(f"tracking URI {uri}: {first_line(exc)}") from None

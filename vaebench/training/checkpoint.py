@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ import torch
 
 from vaebench.atomic import atomic_file
 from vaebench.signals import deferred_signals
-from vaebench.spec.config import DiskFull
 
 FOLDER = "checkpoints"
 
@@ -33,7 +31,7 @@ class CheckpointStore:
 
     def save(self, run_id: str, state: dict[str, Any]) -> bool:
         """Whether it was written: one that cannot be is a warning, once, and the run goes on;
-        a full disk stops the runs (:class:`DiskFull`)."""
+        a full disk stops the runs (``DiskFull``, from ``atomic_file``)."""
         path = self.path(run_id)
         with deferred_signals():
             try:
@@ -42,9 +40,7 @@ class CheckpointStore:
                 with atomic_file(path) as file:
                     file.write(serialized.getbuffer())
                 return True
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFull(path) from None
+            except OSError as exc:  # a full disk is DiskFull: the runs stop
                 if not self._warned:
                     print(
                         f"vaebench: warning: checkpoint {path} not written ({exc.strerror or exc});"
