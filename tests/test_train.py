@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import math
 import re
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -342,3 +344,23 @@ def test_bench_stack_on_cuda_without_a_gpu_is_a_one_line_error(mnist_root, capsy
 
     assert main(["bench", "--stack", "1", "--device", "cuda", "--data-root", str(mnist_root)]) == 2
     assert "cuda was asked for but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_building_an_optimizer_and_its_state_do_not_import_torch_dynamo():
+    """torch.optim imports torch._dynamo (seconds of every process's start) on an optimizer's
+    first add_param_group, zero_grad or state_dict unless vaebench.eager has run. (vaebench
+    steps with its own fused kernels, stacking.optim: torch's ``Optimizer.step`` imports it on
+    every call, and only the cvae classifier and the bench's reference loop call it.)"""
+    code = textwrap.dedent("""
+        import sys, torch
+        from vaebench.spec.config import OptimConfig
+        from vaebench.training.trainer import build_optimizer
+        for name in ("adam", "rmsprop"):
+            optimizer = build_optimizer(OptimConfig(name=name), torch.nn.Linear(3, 2).parameters())
+            optimizer.zero_grad()
+            optimizer.load_state_dict(optimizer.state_dict())
+        print("torch._dynamo" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "False"

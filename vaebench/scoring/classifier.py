@@ -14,6 +14,7 @@ from torch import nn
 
 from vaebench.atomic import atomic_file, write_text
 from vaebench.data import Split, load_splits
+from vaebench.eager import optimizers_without_dynamo
 from vaebench.spec.config import DataConfig
 
 CACHE_ENV = "VAEBENCH_CACHE"
@@ -43,6 +44,7 @@ def train_classifier(train: Split, epochs: int = EPOCHS) -> nn.Module:
     torch.manual_seed(CLASSIFIER_SEED)
     generator = torch.Generator().manual_seed(CLASSIFIER_SEED)
     model = build_classifier().to(train.images.device)
+    optimizers_without_dynamo()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(epochs):
         order = torch.randperm(len(train), generator=generator).to(train.images.device)

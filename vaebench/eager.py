@@ -1,0 +1,23 @@
+"""torch.optim without torch._dynamo: vaebench trains eagerly (CUDA graphs, never
+``torch.compile``).
+
+``Optimizer.add_param_group``, ``zero_grad``, ``state_dict`` and ``load_state_dict`` are
+wrapped by ``torch._disable_dynamo``, which imports ``torch._dynamo`` on the first call (about
+2.5 s of a process's start on a 2-core CPU, measured) only to mark them as not to be
+compiled. The wrapper caches what it calls in the method's ``__dynamo_disable`` attribute;
+set to the method itself, it calls the method directly, which is what dynamo's ``disable``
+does outside compilation. Where torch names these differently, nothing changes but the
+import's cost."""
+
+from __future__ import annotations
+
+import torch
+
+WRAPPED = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+
+
+def optimizers_without_dynamo() -> None:
+    for name in WRAPPED:
+        method = getattr(getattr(torch.optim.Optimizer, name), "__wrapped__", None)
+        if method is not None and not hasattr(method, "__dynamo_disable"):
+            method.__dynamo_disable = method
