@@ -41,6 +41,8 @@ GUMBEL_HARD = {**FAMILIES["gumbel"], "tau": 0.67, "hard": True}
 # JointVAE's capacity objective, its targets rising over the four steps of a test's training
 CAPACITY = {"objective": "capacity", "gamma": 30.0, "capacity_z": 5.0, "capacity_c": 1.0,
             "capacity_steps": 3}
+# the importance-weighted bound, five draws per image (its KL weight is no member setting)
+IWAE = {"objective": "iwae", "iwae_k": 5, "beta": 1.0}
 # K = 4 members differing in seed, beta and learning rate
 MEMBERS = [(0, 1.0, 1e-3), (1, 4.0, 3e-3), (2, 0.5, 5e-4), (3, 1.0, 2e-3)]
 
@@ -114,10 +116,12 @@ def conv_layout(request, monkeypatch):
      (FAMILIES["gmvae"], "dynamic", "mixed", "adam", {"beta_c": 2.0}, None),  # batch-marginal
      (FAMILIES["gmvae"], "none", "bce", "rmsprop", {"kl_c": "per_image"}, None),
      (FAMILIES["gumbel"], "dynamic", "mixed", "adam", CAPACITY, None),
-     (FAMILIES["mlp"], "none", "mixed", "rmsprop", CAPACITY, None)],
+     (FAMILIES["mlp"], "none", "mixed", "rmsprop", CAPACITY, None),
+     (FAMILIES["mlp"], "dynamic", "bce", "adam", IWAE, None),
+     (FAMILIES["conv"], "dynamic", "bce", "rmsprop", IWAE, True)],
     ids=["mlp", "mlp-dynamic", "conv-per-member", "conv-dynamic-per-member", "conv-grouped",
          "conv-dynamic-grouped", "cvae", "gumbel", "gumbel-hard", "gmvae", "gmvae-per-image",
-         "gumbel-capacity", "mlp-capacity"],
+         "gumbel-capacity", "mlp-capacity", "mlp-iwae", "conv-iwae"],
 )
 def test_a_stacks_steps_are_each_members_own_steps(
     model, binarize, recon, optimizer, loss, layout, mnist_root, float64, monkeypatch

@@ -3,11 +3,14 @@ Families differ through :class:`GaussianVAE`'s hooks, never by tests of a model'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+LOG_2PI = math.log(2 * math.pi)
 
 
 @dataclass
@@ -64,11 +67,25 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum((-2, -1))
 
 
+def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))), summed over the last (latent) axis."""
+    return -0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + LOG_2PI).sum(dim=-1)
+
+
+def per_draw(t: torch.Tensor, samples: int) -> torch.Tensor:
+    """(..., B, D) repeated for ``samples`` draws per image, sample-major: row s * B + i."""
+    return t.repeat(*([1] * (t.dim() - 2)), samples, 1)
+
+
 def reparameterize(
     mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``noise``: a stack's members draw theirs from their own generators."""
+    """``noise``: a stack's members draw theirs from their own generators; with S times the
+    images' rows, S draws per image (sample-major)."""
     noise = torch.randn_like(mu) if noise is None else noise
+    samples = noise.shape[-2] // mu.shape[-2]
+    if samples > 1:
+        mu, logvar = per_draw(mu, samples), per_draw(logvar, samples)
     return mu + noise * torch.exp(0.5 * logvar)
 
 
@@ -104,9 +121,14 @@ class GaussianVAE(nn.Module):
     ) -> torch.Tensor:
         return self.decode(z)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> VAEOutput:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, samples: int = 1
+    ) -> VAEOutput:
+        """``samples`` draws of z per image (the iwae objective), decoded sample-major."""
         mu, logvar = self.encode(x, y)
-        z = reparameterize(mu, logvar)
+        rows = (samples * mu.shape[0], mu.shape[1])
+        noise = mu.new_empty(rows).normal_() if samples > 1 else None
+        z = reparameterize(mu, logvar, noise)
         return VAEOutput(logits=self.decode_sample(z, None, y), mu=mu, logvar=logvar, z=z)
 
     @staticmethod

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vaebench.models.base import gaussian_log_density, per_draw
 from vaebench.spec.config import LossConfig
 
 IMAGE_DIMS = 3  # (C, H, W): what a batch sum adds up beside the batch axis
@@ -59,11 +60,14 @@ def first_kind_members(kinds: Sequence[str], device: torch.device) -> torch.Tens
 
 @dataclass
 class LossTerms:
-    """Batch sums of the parts of the objective, and the category logits (B, K) if any."""
+    """Batch sums of the parts of the objective, the category logits (B, K) if any, and with S
+    draws of z per image (the iwae objective) the log-weights log p(x, z_s) - log q(z_s|x),
+    (..., S, B); ``recon`` is then the draws' mean."""
 
     recon: torch.Tensor
     kl: dict[str, torch.Tensor]
     category_logits: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
 
     @property
     def negative_elbo(self) -> torch.Tensor:
@@ -89,18 +93,49 @@ def expected_reconstruction(
 
 
 def loss_terms(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, recon: str
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, recon: str,
+    samples: int = 1,
 ) -> LossTerms:
-    return terms_of(model.kl_terms, model(x, y), x, recon)
+    out = model(x, y, samples=samples) if samples > 1 else model(x, y)
+    return terms_of(model.kl_terms, out, x, recon)
 
 
 def terms_of(
     kl_terms: Callable[..., dict[str, torch.Tensor]], out, x: torch.Tensor,
     recon: str | Sequence[str], first_kind: torch.Tensor | None = None,
 ) -> LossTerms:
+    samples = out.z.shape[-2] // out.mu.shape[-2]
+    if samples > 1:
+        return importance_terms(kl_terms, out, x, samples)
     weights = F.softmax(out.category_logits, dim=-1) if out.mixture is not None else None
     cost = reconstruction(out.logits, x, recon, weights, first_kind)
     return LossTerms(recon=cost, kl=kl_terms(out), category_logits=out.category_logits)
+
+
+def importance_terms(
+    kl_terms: Callable[..., dict[str, torch.Tensor]], out, x: torch.Tensor, samples: int
+) -> LossTerms:
+    """A Gaussian z drawn ``samples`` times per image (sample-major rows), Bernoulli pixels."""
+    lead = x.shape[: x.dim() - IMAGE_DIMS - 1]  # a stack's member axis, or none
+    repeated = x.unsqueeze(len(lead)).expand(*lead, samples, *x.shape[len(lead):])
+    log_px = -pixel_costs(out.logits, repeated.reshape(out.logits.shape), "bce", "none")
+    log_px = log_px.flatten(-IMAGE_DIMS).sum(-1)
+    log_q = gaussian_log_density(out.z, per_draw(out.mu, samples), per_draw(out.logvar, samples))
+    log_prior = gaussian_log_density(out.z, torch.zeros_like(out.z), torch.zeros_like(out.z))
+    draws = (*lead, samples, x.shape[len(lead)])
+    log_weights = (log_px + log_prior - log_q).view(draws)
+    recon = -log_px.view(draws).mean(-2).sum(-1)
+    return LossTerms(recon=recon, kl=kl_terms(out), log_weights=log_weights)
+
+
+def draws_per_image(config: LossConfig) -> int:
+    """How many z a training step draws per image: ``iwae_k`` for the iwae objective."""
+    return config.iwae_k if config.objective == "iwae" else 1
+
+
+def importance_weighted_bound(log_weights: torch.Tensor) -> torch.Tensor:
+    """L_S per image from log-weights (..., S, B): log (1/S) sum_s exp(log_weights)."""
+    return torch.logsumexp(log_weights, dim=-2) - math.log(log_weights.shape[-2])
 
 
 def batch_marginal_kl(logits: torch.Tensor) -> torch.Tensor:
@@ -151,6 +186,10 @@ class Objective:
         return min(ramp, self.ceiling[name])
 
     def __call__(self, terms: LossTerms, batch_size: int, step: int) -> torch.Tensor:
+        if self.config.objective == "iwae":
+            if terms.log_weights is None:  # one draw per image: its log-weight is its ELBO
+                return terms.negative_elbo
+            return -importance_weighted_bound(terms.log_weights).sum(-1)
         loss = terms.recon
         if self.config.objective == "elbo":
             kls = terms.kl  # the ELBO's, or with loss.kl_c: batch_marginal the batch's KL of c

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vaebench.models.base import Posterior
-
-LOG_2PI = math.log(2 * math.pi)
+from vaebench.models.base import LOG_2PI, Posterior, gaussian_log_density
 
 
 @dataclass
@@ -57,10 +55,6 @@ def _draw_category(logits: torch.Tensor, samples: int, generator: torch.Generato
     return index, c, log_probs.gather(1, index[:, None]).squeeze(1), -math.log(log_probs.shape[1])
 
 
-def _gaussian_log_density(z, mu, logvar) -> torch.Tensor:
-    return -0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + LOG_2PI).sum(dim=1)
-
-
 def _draw_from_mixture(
     posterior: Posterior, samples: int, generator: torch.Generator
 ) -> LatentDraws:
@@ -72,8 +66,8 @@ def _draw_from_mixture(
     logvar = mixture.logvar.repeat(samples, 1, 1)[rows, index]
     noise = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + noise * torch.exp(0.5 * logvar)
-    log_q = log_q_c + _gaussian_log_density(z, mu, logvar)
-    log_prior = _gaussian_log_density(z, mixture.prior_mu[index], mixture.prior_logvar[index])
+    log_q = log_q_c + gaussian_log_density(z, mu, logvar)
+    log_prior = gaussian_log_density(z, mixture.prior_mu[index], mixture.prior_logvar[index])
     log_prior = log_prior + log_p_c
     return LatentDraws(z=z, c=c, log_q=log_q, log_prior=log_prior)
 

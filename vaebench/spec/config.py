@@ -133,9 +133,11 @@ class ModelConfig(_Section):
 
 class LossConfig(_Section):
     recon: Literal["bce", "mse"] = "bce"
-    objective: Literal["elbo", "capacity"] = Field(
-        "elbo", description="elbo: recon + beta*KL_z + beta_c*KL_c; capacity: JointVAE"
+    objective: Literal["elbo", "capacity", "iwae"] = Field(
+        "elbo", description="elbo: recon + beta*KL_z + beta_c*KL_c; capacity: JointVAE; iwae: "
+        "the importance-weighted bound of iwae_k draws per image (Burda et al.)"
     )
+    iwae_k: int = Field(1, ge=1, description="iwae: draws per image (1: a sampled ELBO)")
     beta: float = Field(1.0, ge=0, description="weight of KL(q(z|x) || N(0, I))")
     beta_c: float = Field(1.0, ge=0, description="weight of KL(q(c|x) || Uniform(K))")
     kl_c: Literal["per_image", "batch_marginal"] = Field(
@@ -269,6 +271,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 PYRO_ARCHS = ("mlp", "conv")  # the Gaussian families the pyro backend expresses
+IWAE_ARCHS = ("mlp", "conv")  # the families whose only latent is a Gaussian z
 
 
 def cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
@@ -283,7 +286,16 @@ def cross_section_problems(config: RunConfig) -> list[tuple[str, str]]:
         (pyro and loss.recon != "bce", "train.backend",
          "pyro's decoder is a Bernoulli likelihood: loss.recon must be bce"),
         (pyro and loss.objective != "elbo", "train.backend",
-         "pyro trains the elbo objective (loss.beta on the latent site), not capacity"),
+         f"pyro trains the elbo objective (loss.beta on the latent site), not {loss.objective}"),
+        (loss.objective == "iwae" and config.model.arch not in IWAE_ARCHS, "loss.objective",
+         f"iwae trains model.arch {' or '.join(IWAE_ARCHS)} (a Gaussian z alone), "
+         f"not {config.model.arch}"),
+        (loss.objective == "iwae" and loss.recon != "bce", "loss.objective",
+         "iwae bounds a Bernoulli likelihood: loss.recon must be bce"),
+        (loss.objective != "iwae" and loss.iwae_k != 1, "loss.iwae_k",
+         "applies to loss.objective: iwae only"),
+        (loss.objective == "iwae" and loss.beta != 1, "loss.beta",
+         "iwae weighs no term: its bound is of log p(x); loss.beta must be 1"),
         (config.eval.iwae_samples and (config.data.binarize == "none" or loss.recon != "bce"),
          "eval.iwae_samples",
          "a log-likelihood needs binary pixels and a Bernoulli decoder (data.binarize: dynamic "

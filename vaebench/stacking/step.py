@@ -18,7 +18,7 @@ import torch
 
 from vaebench.data import Splits
 from vaebench.models.gumbel import gumbel_noise
-from vaebench.models.losses import Objective, first_kind_members, terms_of
+from vaebench.models.losses import Objective, draws_per_image, first_kind_members, terms_of
 from vaebench.stacking.model import StackedGaussianVAE
 from vaebench.stacking.optim import StackedOptimizer
 from vaebench.training.trainer import steps_per_epoch
@@ -73,6 +73,7 @@ class StackSteps:
         self.device = splits.train.images.device
         betas = torch.tensor([m.config.loss.beta for m in members], device=self.device)
         self.objective = Objective(self.config.loss, stack.categories or None, beta=betas)
+        self.samples = draws_per_image(self.config.loss)  # z per image: iwae_k, else 1
         self.kinds = [m.config.loss.recon for m in members]
         self.first_kind = first_kind_members(self.kinds, self.device)  # made once, not per step
         self.images, self.labels = splits.train.images, splits.train.labels
@@ -116,7 +117,7 @@ class StackSteps:
             x = torch.stack(
                 [torch.bernoulli(x[k], generator=m.draw_rng) for k, m in enumerate(members)]
             )
-        shape = self.stack.noise_shape(batch)
+        shape = self.stack.noise_shape(self.samples * batch)
         noise = out.noise if out is not None else x.new_empty((count, *shape))
         for k, member in enumerate(members):
             torch.randn(shape, generator=member.draw_rng, device=self.device, out=noise[k])
@@ -163,7 +164,8 @@ class CapturedStep:
         count, batch = len(steps.members), steps.config.train.batch_size
         self.static = StepInputs(
             x=torch.empty((count, batch, *steps.image_shape), device=steps.device),
-            noise=torch.empty((count, *steps.stack.noise_shape(batch)), device=steps.device),
+            noise=torch.empty((count, *steps.stack.noise_shape(steps.samples * batch)),
+                              device=steps.device),
         )
         self.loss = torch.zeros(count, device=steps.device)
 

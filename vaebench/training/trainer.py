@@ -13,7 +13,7 @@ import torch
 from vaebench.data import Split, Splits
 from vaebench.eager import optimizers_without_dynamo
 from vaebench.models import build_model, place_model
-from vaebench.models.losses import Objective, loss_terms
+from vaebench.models.losses import Objective, draws_per_image, loss_terms
 from vaebench.scoring.clustering import active_units, nmi
 from vaebench.scoring.evaluation import (
     ClusterInput,
@@ -129,7 +129,8 @@ def train_epoch(
         if batch_loss is not None:
             loss = batch_loss(x)
         else:
-            loss = objective(loss_terms(model, x, y, config.loss.recon), x.shape[0], step)
+            terms = loss_terms(model, x, y, config.loss.recon, draws_per_image(config.loss))
+            loss = objective(terms, x.shape[0], step)
         optimizer.zero_grad(set_to_none=True)
         (loss / x.shape[0]).backward()
         optimizer.step()
