@@ -6,12 +6,14 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from vaebench.bench import cli as bench_cli
 from vaebench.execution.worker_plan import AUTO, POST_RUN_CHOICES
 from vaebench.fast_exit import exit_after_handlers, exit_now
 from vaebench.spec.catalogue import DEFAULT_RANKING, RANKABLE
 from vaebench.spec.config import ConfigError, VaebenchError
+from vaebench.timeline import TIMELINE
 
 # from the catalogue, which imports nothing heavy: --help does not import mlflow
 DEFAULT_METRIC = DEFAULT_RANKING
@@ -131,6 +133,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where running runs keep their checkpoints (default: checkpoints/ beside the "
         "SQLite store, else in the working folder)",
     )
+    run.add_argument(
+        "--profile", metavar="FILE",
+        help="write where this invocation's seconds went (imports, store, data, each stack's "
+        "epochs and validation, test, scoring, pictures, artifacts, report, registration) to "
+        "FILE as a Chrome trace (chrome://tracing, ui.perfetto.dev), and a table to stderr",
+    )
 
     tune = commands.add_parser(
         "tune", help="tune runs with Optuna (pruning, several objectives), every trial in MLflow"
@@ -221,10 +229,18 @@ def _run(args: argparse.Namespace) -> int:
     from vaebench.execution.invocation import GridInvocation
     from vaebench.execution.runner import run_grid
 
-    outcome = run_grid(args.grid, GridInvocation(
-        **shared, report=not args.no_report, rerun=args.rerun,
-        checkpoint_dir=args.checkpoint_dir, execution=execution,
-    ))
+    if args.profile:
+        TIMELINE.start()
+    try:
+        outcome = run_grid(args.grid, GridInvocation(
+            **shared, report=not args.no_report, rerun=args.rerun,
+            checkpoint_dir=args.checkpoint_dir, execution=execution,
+        ))
+    finally:
+        if args.profile:
+            TIMELINE.write(Path(args.profile))
+            TIMELINE.table(sys.stderr)
+            print(f"profile: {args.profile}", file=sys.stderr)
     for line in outcome.worker_errors:
         print(f"vaebench: {line}", file=sys.stderr)
     if outcome.failed or outcome.worker_errors:

@@ -57,6 +57,7 @@ from vaebench.signals import Interrupted, deferred_signals, interruptible
 from vaebench.spec.config import DiskFull, VaebenchError
 from vaebench.spec.grid import RunSpec, expand, load_grid
 from vaebench.stacking.plan import plan_stacks
+from vaebench.timeline import phase
 from vaebench.tracking.store import resolve_tracking_uri, sqlite_path
 from vaebench.tracking.tracker import Tracker, TrackingError, tracker_opened_during
 from vaebench.training.checkpoint import CheckpointStore, default_folder
@@ -97,23 +98,27 @@ class _GridRun:
     @classmethod
     def open(cls, path: Path, invocation: GridInvocation, tracker: Tracker | None) -> _GridRun:
         """Every error a user can cause is raised before anything is tracked."""
-        grid = load_grid(path)
-        runs = expand(grid)
-        slots = _worker_slots(invocation.execution, runs)
-        background = background_finishing(invocation.execution.post_run, runs)
-        check_output_folder(Path(invocation.results_dir))
-        uri = resolve_tracking_uri(invocation.tracking_uri)
-        folder = invocation.checkpoint_dir
-        checkpoints = Path(folder) if folder else default_folder(sqlite_path(uri))
-        check_output_folder(checkpoints, "--checkpoint-dir")
-        workspace = Workspace(resolve_root(invocation.data_root), CheckpointStore(checkpoints))
-        if tracker is None:
-            workspace.check(runs)
-            tracker = tracker_opened_during(uri, lambda: workspace.prepare(runs))
-        else:
-            workspace.prepare(runs)
+        with phase("preflight"):
+            grid = load_grid(path)
+            runs = expand(grid)
+            slots = _worker_slots(invocation.execution, runs)
+            background = background_finishing(invocation.execution.post_run, runs)
+            check_output_folder(Path(invocation.results_dir))
+            uri = resolve_tracking_uri(invocation.tracking_uri)
+            folder = invocation.checkpoint_dir
+            checkpoints = Path(folder) if folder else default_folder(sqlite_path(uri))
+            check_output_folder(checkpoints, "--checkpoint-dir")
+            workspace = Workspace(resolve_root(invocation.data_root), CheckpointStore(checkpoints))
+            if tracker is None:
+                workspace.check(runs)
+        with phase("data and store"):
+            if tracker is None:
+                tracker = tracker_opened_during(uri, lambda: workspace.prepare(runs))
+            else:
+                workspace.prepare(runs)
         made = cls(path, grid.name, runs, invocation, uri, slots, workspace, tracker, background)
-        made.plan()
+        with phase("store", "plan against the store"):
+            made.plan()
         return made
 
     def plan(self) -> None:
@@ -150,7 +155,8 @@ class _GridRun:
 
     def close(self) -> None:
         KEEPER.let_go(self.parent)
-        close_results(self.outcome, Path(self.invocation.results_dir), self.name, self.runs)
+        with phase("results table"):
+            close_results(self.outcome, Path(self.invocation.results_dir), self.name, self.runs)
 
     def work(self) -> GridWork:
         """A continued run trains alone."""
@@ -168,7 +174,8 @@ class _GridRun:
         with interruptible():
             try:
                 work = self.work()
-                self.start_parent(work.tags)
+                with phase("store", "parent run"):
+                    self.start_parent(work.tags)
                 execution = self.invocation.execution
                 here = execution.executor == "local" and len(self.slots) == 1
                 if here and self.slots[0].gpu is None:  # one local worker, no GPU to pin
@@ -269,17 +276,19 @@ class _GridRun:
         from vaebench.reporting.report import best_of_invocation, make_report
 
         if self.invocation.report:  # of every invocation, when this one continued a grid
-            made = _or_line("no report", None, lambda: make_report(
-                self.name, uri, self.invocation.results_dir, parent_id=chosen,
-                all_invocations=resumed))
+            with phase("report"):
+                made = _or_line("no report", None, lambda: make_report(
+                    self.name, uri, self.invocation.results_dir, parent_id=chosen,
+                    all_invocations=resumed))
             self.outcome.report_folder = made.folder if made else None
         if self.invocation.register:
-            best = made.best_runs if made else _or_line(
-                "nothing registered", [], lambda: best_of_invocation(uri, self.name, chosen)
-            )
-            self.outcome.registered = register_best(
-                self.tracker, self.name, best, self.workspace.test_images, self.parent
-            )
+            with phase("registration"):
+                best = made.best_runs if made else _or_line(
+                    "nothing registered", [], lambda: best_of_invocation(uri, self.name, chosen)
+                )
+                self.outcome.registered = register_best(
+                    self.tracker, self.name, best, self.workspace.test_images, self.parent
+                )
 
 
 def background_finishing(post_run: str, runs: Sequence[RunSpec]) -> bool:

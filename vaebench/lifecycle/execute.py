@@ -39,6 +39,7 @@ from vaebench.signals import deferred_signals
 from vaebench.spec.config import DiskFull, first_line
 from vaebench.spec.grid import RunSpec
 from vaebench.stacking.fit import fit_members
+from vaebench.timeline import TIMELINE, phase
 from vaebench.tracking.tracker import Tracker, TrackingError
 from vaebench.training.loop import MemberStopped
 from vaebench.training.progress import RunProgress, line_prefix
@@ -114,7 +115,8 @@ def execute(
     stops them as a whole, raised once every member's run ended as the module's docstring says."""
     life = _Life(list(members), tracker, workspace, context)
     try:
-        life.start()
+        with phase("store", "runs started"):
+            life.start()
         life.finish(life.train())
         life.status = life.status_line()
         return [life.ended[index] for index in range(len(life.members))]
@@ -132,6 +134,7 @@ def execute(
         raise
     finally:
         KEEPER.let_go(*life.run_ids)
+        TIMELINE.group = ""
         if life.progress is not None:
             life.progress.close(life.status)
 
@@ -168,6 +171,7 @@ class _Life:
                 self.resume, self.saved = state, {0: state["epoch"]}
         names = ", ".join(member.run.name for member in self.members)
         label = first.run.name if self.count == 1 else f"stack of {self.count} ({names})"
+        TIMELINE.group = label
         self.progress = RunProgress(
             self.context.number, self.context.total, label, first.run.config.train.epochs,
             start=self.saved.get(0, 0),
@@ -225,7 +229,7 @@ class _Life:
 
     def save_state(self, index: int, snapshot: dict[str, Any]) -> None:
         snapshot.update(checkpoint_identity(self.members[index].run))
-        with deferred_signals():  # the epoch on disk is known before a signal is raised
+        with deferred_signals(), phase("checkpoint"):  # known on disk before a signal acts
             if self.workspace.checkpoints.save(self.run_ids[index], snapshot):
                 self.saved[index] = snapshot["epoch"]
 
@@ -236,7 +240,8 @@ class _Life:
         self.longest = max(self.longest, whole.epoch_seconds + whole.eval_seconds)
         values = metrics.as_dict()
         lease = KEEPER.hold(RunLease(self.tracker, self.run_ids[index], self.longest))
-        self.tracker.log_metrics(self.run_ids[index], values, step=metrics.epoch, tags=lease)
+        with phase("store", "epoch metrics"):
+            self.tracker.log_metrics(self.run_ids[index], values, step=metrics.epoch, tags=lease)
         if metrics.epoch > self.shown:  # the whole's epoch, once: its first live member's
             self.shown = metrics.epoch
             self.progress.epoch(metrics.epoch, values)
@@ -271,9 +276,11 @@ class _Life:
                 continue
             member = self.members[index]
             try:
-                self.jobs[index] = finish_job(
-                    member.run, self.run_ids[index], result, self.workspace, self.context.pictures
-                )
+                with phase("scoring", "device scores and picture arrays"):
+                    self.jobs[index] = finish_job(
+                        member.run, self.run_ids[index], result, self.workspace,
+                        self.context.pictures,
+                    )
                 with self.workspace.finisher.handing_over():
                     finishing = self.workspace.finisher.finish(
                         self.jobs[index], self.tracker, member.hooks.extra_metrics

@@ -25,6 +25,7 @@ from vaebench.scoring.evaluation import ClusterInput, scored_clusters
 from vaebench.signals import deferred_signals, forget_child, register_child
 from vaebench.spec.config import first_line
 from vaebench.spec.grid import RunSpec
+from vaebench.timeline import phase
 from vaebench.tracking.tracker import MLflowTracker, Tracker, TrackingError
 from vaebench.training.checkpoint import CheckpointStore
 from vaebench.training.trainer import check_finite, not_logged
@@ -63,21 +64,26 @@ def finish_run(
     """``seconds``: the run's whole time, this scoring included. ``extra_metrics`` sees the
     final values and adds to the summary (a study's objectives)."""
     started = time.perf_counter()
-    clusters = {name: v for scored in job.clusters for name, v in scored_clusters(scored).items()}
+    with phase("clustering"):
+        scored = [scored_clusters(one) for one in job.clusters]
+    clusters = {name: value for one in scored for name, value in one.items()}
     check_finite(clusters, "after training")
     seconds = job.seconds + time.perf_counter() - started
     summary = {**job.summary, **not_logged(clusters, job.last), "seconds": seconds}
     final = {**job.last, **summary}
     if extra_metrics is not None:
         summary.update(extra_metrics(final))
-    tracker.log_metrics(job.run_id, summary, step=job.run.config.train.epochs)
+    with phase("store", "final metrics"):
+        tracker.log_metrics(job.run_id, summary, step=job.run.config.train.epochs)
     with tempfile.TemporaryDirectory(prefix="vaebench-") as scratch:
         folder = Path(scratch)
-        write_weights(folder, job.run, job.weights)
         if job.pictures is not None:
-            draw_pictures(folder, job.pictures, job.run.name)
-        tracker.log_artifacts(job.run_id, folder)
-    with deferred_signals():  # finished is finished: a signal now stops what follows
+            with phase("pictures"):
+                draw_pictures(folder, job.pictures, job.run.name)
+        with phase("artifacts", "weights and pictures to the store"):
+            write_weights(folder, job.run, job.weights)
+            tracker.log_artifacts(job.run_id, folder)
+    with deferred_signals(), phase("store", "run ended"):  # a signal now stops what follows
         tracker.end_run(job.run_id, "FINISHED")
         if job.checkpoints is not None:
             job.checkpoints.remove(job.run_id)

@@ -12,6 +12,7 @@ import torch
 from vaebench.data import Split, Splits
 from vaebench.scoring.evaluation import Evaluation, evaluate, read_scalars
 from vaebench.spec.config import RunConfig
+from vaebench.timeline import TIMELINE, phase
 from vaebench.training.trainer import (
     EpochMetrics,
     ModelTrainee,
@@ -75,6 +76,8 @@ def train_members(
         t0 = loop.clock()
         trains, values = loop.train_epoch((epoch - 1) * per_epoch)
         times = (t0, loop.trained_at, loop.clock())
+        TIMELINE.add("epoch", f"epoch {epoch}", t0, times[1] - t0)
+        TIMELINE.add("validation", f"validation {epoch}", times[1], times[2] - times[1])
         for position, index in enumerate(list(loop.active)):
             metrics = loop.metrics(position, epoch, trains[position], values[position], times)
             if metrics is None:
@@ -171,6 +174,7 @@ class _Loop:
         tested = self.clock()
         tests = self.trainee.evaluations(self.splits.test, "test") if self.active else []
         self.share_since(tested)
+        TIMELINE.add("test", "test pass", tested, self.clock() - tested)
         for position, index in enumerate(self.active):
             scoring, result, config = time.perf_counter(), self.outcomes[index], self.configs[index]
             model = self.trainee.final_model(position)
@@ -179,9 +183,10 @@ class _Loop:
                 validation = evaluate(model, self.splits.validation, "validation", config)
             pending = None if score_clusters else result.clusters
             try:
-                scores = final_scores(
-                    model, self.splits, config, validation, tests[position], pending
-                )
+                with phase("scoring", "final scores"):
+                    scores = final_scores(
+                        model, self.splits, config, validation, tests[position], pending
+                    )
             except TrainingDiverged as exc:
                 self.fail(index, exc)
                 continue
