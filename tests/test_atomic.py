@@ -42,3 +42,15 @@ def test_the_classifier_cache_appears_whole(tmp_path: Path, mnist_root, monkeypa
     load_classifier("mnist", mnist_root, torch.device("cpu"))
     assert sorted(renamed) == ["mnist-classifier-v2.json", "mnist-classifier-v2.pt"]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(renamed)
+
+
+def test_removing_a_checkpoint_removes_a_write_a_sigkill_cut_short(tmp_path):
+    """A process killed inside atomic_file leaves its temporary file: the run's end takes it."""
+    from vaebench.training.checkpoint import CheckpointStore
+
+    store = CheckpointStore(tmp_path)
+    assert store.save("run1", {"epoch": 1})
+    (tmp_path / ".run1.pt.abc123.part").write_bytes(b"half")
+    (tmp_path / ".run2.pt.abc123.part").write_bytes(b"another run's")
+    store.remove("run1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run2.pt.abc123.part"]

@@ -139,6 +139,9 @@ def test_settings_added_later_keep_the_keys_of_runs_stored_before_them() -> None
     assert run_key(RunConfig.model_validate({"loss": {"kl_c": "batch_marginal"}})) != (
         "00f0e8baf9a926e3"
     )
+    iwae = {"loss": {"objective": "iwae", "iwae_k": 5}}
+    assert run_key(RunConfig.model_validate(iwae)) != run_key(
+        RunConfig.model_validate({"loss": {"objective": "iwae"}}))
 
 
 def test_grid_without_matrix_is_one_run_per_seed(tmp_path: Path) -> None:

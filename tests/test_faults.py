@@ -78,11 +78,11 @@ def test_a_full_disk_stops_the_grid_in_one_line_and_the_rerun_completes(tmp_path
     small.mkdir()
     on_small_disk = ("unshare", "-m", "sh", "-c",
                      f'mount -t tmpfs -o size=64k none {small} && exec "$0" "$@"')
+    before_fault = time.monotonic()  # the first checkpoint, after epoch 1, finds it full
     full = Command(run_args(tmp_path, mnist_root, small), tmp_path, prefix=on_small_disk)
-    full.wait_for(r"Creating initial MLflow database tables")  # the store, then data, epoch 1
-    before_fault = time.monotonic()
     assert full.finish(timeout=120) == 75, full.stderr
-    assert time.monotonic() - before_fault < 10
+    # the whole command, start-up included (the mid-grid test below times the fault itself)
+    assert time.monotonic() - before_fault < 30
     one_disk_full_line(full.stderr, small)
     stopped = runs_by_status(tmp_path)
     assert "FAILED" not in stopped and len(stopped.get("KILLED", [])) == 2

@@ -127,7 +127,7 @@ NOT_IN_KEY = {"train": {"checkpoint_every"}}
 # settings added after runs were stored, each with the value that computes what runs did before:
 # at that value they stay out of the key, so those runs keep their keys (skipped, not retrained)
 KEY_SINCE = {"model.dense": [], "loss.kl_c": "per_image", "train.backend": "torch",
-             "train.pyro_elbo": "meanfield"}
+             "train.pyro_elbo": "meanfield", "loss.iwae_k": 1}
 
 
 def run_key(config: RunConfig) -> str:

@@ -64,3 +64,5 @@ class CheckpointStore:
     def remove(self, run_id: str) -> None:
         with contextlib.suppress(OSError):
             self.path(run_id).unlink(missing_ok=True)
+            for part in self.folder.glob(f".{run_id}.pt.*.part"):  # a write a SIGKILL cut short
+                part.unlink(missing_ok=True)
