@@ -11,13 +11,24 @@ from pathlib import Path
 from vaebench.bench import cli as bench_cli
 from vaebench.execution.worker_plan import AUTO, POST_RUN_CHOICES
 from vaebench.fast_exit import exit_after_handlers, exit_now
-from vaebench.spec.catalogue import DEFAULT_RANKING, RANKABLE
+from vaebench.spec.catalogue import DEFAULT_RANKING, RANKABLE, REPORTED
 from vaebench.spec.config import ConfigError, VaebenchError
 from vaebench.timeline import TIMELINE
 
 # from the catalogue, which imports nothing heavy: --help does not import mlflow
 DEFAULT_METRIC = DEFAULT_RANKING
 METRIC_NAMES = RANKABLE
+TABLE_FORMATS = ("latex", "markdown", "csv")  # the keys of vaebench.reporting.formats.FORMATS
+
+
+def _metric_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in REPORTED]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown) or repr(text)}: choose from {', '.join(REPORTED)}"
+        )
+    return names
 
 
 def _positive(text: str) -> int:
@@ -187,6 +198,23 @@ def _parser() -> argparse.ArgumentParser:
         help="add a t-SNE picture of each best run's latent means (seconds per picture; the "
         "runs' own latent pictures are PCA)",
     )
+    report.add_argument(
+        "--format", choices=TABLE_FORMATS, dest="table_format",
+        help="also write the leaderboard as a table for a paper, mean ± std over seeds and "
+        "their count per comparison group, with published figures beside where the runs' "
+        "metrics have them: <name>/table.tex (booktabs), table.md or table.csv; printed on "
+        "stdout in place of the text leaderboard (the paths go to stderr)",
+    )
+    report.add_argument(
+        "--columns", type=_metric_list, default=(), metavar="METRIC[,METRIC...]",
+        help="with --format: the metrics to show, in order (default: the ranking metric, then "
+        "test_elbo, test_nll, test_accuracy, test_nmi and conditional_accuracy where the runs "
+        "have them)",
+    )
+    report.add_argument(
+        "--no-literature", action="store_true",
+        help="with --format: leave the published figures out",
+    )
     _shared(report, "--tracking-uri")
     _shared(report, "--results-dir", what="the report <name>/")
 
@@ -265,11 +293,17 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from vaebench.reporting.report import make_report
+    from vaebench.reporting.report import TableRequest, make_report
 
+    if (args.columns or args.no_literature) and not args.table_format:
+        raise VaebenchError("--columns and --no-literature shape the table of --format")
+    table = None
+    if args.table_format:
+        table = TableRequest(args.table_format, args.columns, not args.no_literature)
     make_report(
         args.name, tracking_uri=args.tracking_uri, results_dir=args.results_dir,
         metric=args.metric, all_invocations=args.all_invocations, tsne=args.tsne,
+        table_request=table,
     )
     return 0
 

@@ -25,18 +25,25 @@ def display_table(table: pd.DataFrame, metric: MetricInfo) -> pd.DataFrame:
         shown["ranked within"] = table["compared_within"]
     shown["runs"] = table["runs"].astype(str)
     for m in (m for m in METRICS.values() if f"{m.name}_mean" in table):
-        columns = table[[f"{m.name}_mean", f"{m.name}_std", f"{m.name}_count", "runs"]]
-        shown[m.label] = [
-            _mean_std(mean, std, m.digits) + (f" (n={n})" if 0 < n < runs else "")
-            for mean, std, n, runs in columns.itertuples(index=False)
-        ]
+        shown[m.label] = metric_cells(table, m)
     shown[f"ties best ({metric.name})"] = table["ties_best"]
     if table["not_finished"].any():
         shown["not finished"] = table["not_finished"].astype(str)
     return shown
 
 
-def _mean_std(mean: float, std: float, digits: int) -> str:
+def metric_cells(table: pd.DataFrame, metric: MetricInfo) -> list[str]:
+    """A leaderboard's ``metric`` per variant as "mean ± std", with "(n=k)" where only k of
+    the variant's runs have it."""
+    columns = table[[f"{metric.name}_mean", f"{metric.name}_std", f"{metric.name}_count", "runs"]]
+    return [
+        mean_std(mean, std, metric.digits) + (f" (n={n})" if 0 < n < runs else "")
+        for mean, std, n, runs in columns.itertuples(index=False)
+    ]
+
+
+def mean_std(mean: float, std: float, digits: int) -> str:
+    """"mean ± std"; the mean alone where the spread is unknown (NaN), "–" without a mean."""
     if np.isnan(mean):
         return "–"
     return f"{mean:.{digits}f}" if np.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -55,7 +62,7 @@ def verdict(table: pd.DataFrame, metric: MetricInfo) -> str:
         )
     for group, rows in ranked.groupby("compared_within", sort=False):
         best = rows.iloc[0]
-        value = _mean_std(best[f"{metric.name}_mean"], best[f"{metric.name}_std"], metric.digits)
+        value = mean_std(best[f"{metric.name}_mean"], best[f"{metric.name}_std"], metric.digits)
         among = f" among {group}" if several else ""
         text = f"Best{among}: **{best['variant']}**, {value} over {count(best['runs'], 'run')}."
         ties = list(rows.loc[rows["ties_best"] == "yes", "variant"])

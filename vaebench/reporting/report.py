@@ -11,8 +11,11 @@ import pandas as pd
 from vaebench.atomic import write_text
 from vaebench.reporting.best_models import BestRun
 from vaebench.reporting.figures import FIGURES, write_figures
+from vaebench.reporting.formats import FORMATS
+from vaebench.reporting.literature import load_literature
+from vaebench.reporting.paper_table import paper_table
 from vaebench.reporting.render import display_table, render_html, render_markdown, report_blocks
-from vaebench.reporting.runs import METRICS, fetch_best_pictures, select_runs
+from vaebench.reporting.runs import METRICS, RunSet, fetch_best_pictures, select_runs
 from vaebench.reporting.table import best_runs, leaderboard
 from vaebench.spec.catalogue import DEFAULT_RANKING, RANKABLE, MetricInfo, selection_problem
 from vaebench.spec.catalogue import METRICS as CATALOGUE
@@ -21,7 +24,18 @@ from vaebench.tracking.store import resolve_tracking_uri
 
 DEFAULT_METRIC = DEFAULT_RANKING
 DOCUMENTS = ("leaderboard.csv", "report.md", "report.html")
+TABLES = tuple(file for file, _ in FORMATS.values())
 REPORT_ARTIFACT_PATH = "report"
+
+
+@dataclass(frozen=True)
+class TableRequest:
+    """``report --format``: the leaderboard as a table for a paper (docs/metrics.md,
+    "Tables for a paper")."""
+
+    format: str  # a key of vaebench.reporting.formats.FORMATS
+    columns: tuple[str, ...] = ()  # metrics to show (default: paper_table.table_metrics')
+    literature: bool = True  # published figures beside the grid's rows
 
 
 @dataclass
@@ -31,25 +45,30 @@ class Report:
     metric: MetricInfo
     files: list[Path] = field(default_factory=list)
     best_runs: list[BestRun] = field(default_factory=list)  # one per comparison group
+    table: str | None = None  # the formatted table, with --format
 
 
 def make_report(
     name: str, tracking_uri: str | None = None, results_dir: str | Path = "results",
     metric: str = DEFAULT_METRIC, all_invocations: bool = False, parent_id: str | None = None,
-    stream=None, tsne: bool = False,
+    stream=None, tsne: bool = False, table_request: TableRequest | None = None,
 ) -> Report:
     """Write ``results/<name>/``: leaderboard.csv, report.md, report.html and the figures,
     and log them as artifacts (under ``report/``) of the covered invocation's parent run.
-    With ``tsne``, the best runs' pictures add a t-SNE of their latent means."""
+    With ``tsne``, the best runs' pictures add a t-SNE of their latent means; with
+    ``table_request``, the table it asks for is written too (table.tex, .md or .csv) and
+    printed in place of the text leaderboard."""
     if metric not in RANKABLE:
         why = selection_problem(metric) if metric in CATALOGUE else None
         raise VaebenchError(f"--metric {metric!r}: {why or 'choose one of ' + ', '.join(RANKABLE)}")
     chosen = METRICS[metric]
     run_set = select_runs(resolve_tracking_uri(tracking_uri), name, all_invocations, parent_id)
     table = leaderboard(run_set, chosen)
+    text = None if table_request is None else formatted_table(run_set, table, chosen, table_request)
     folder = Path(results_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in [*DOCUMENTS, *FIGURES, *(p.name for p in folder.glob("best_*.png"))]:
+    stale_files = [*DOCUMENTS, *TABLES, *FIGURES, *(p.name for p in folder.glob("best_*.png"))]
+    for stale in stale_files:
         (folder / stale).unlink(missing_ok=True)  # an earlier report's, e.g. another group's
     write_text(folder / "leaderboard.csv", table.to_csv(index=False))
     figures = write_figures(run_set, table, folder)
@@ -59,12 +78,24 @@ def make_report(
     write_text(folder / "report.md", render_markdown(blocks))
     write_text(folder / "report.html", render_html(blocks, f"vaebench report: {name}"))
     files = [folder / document for document in DOCUMENTS]
+    if table_request is not None:
+        files.append(folder / FORMATS[table_request.format][0])
+        write_text(files[-1], text)
     files += figures + [picture for _, pictures in bests for picture in pictures]
     for path in files:
         run_set.client.log_artifact(run_set.report_parent, str(path), REPORT_ARTIFACT_PATH)
-    report = Report(folder, table, chosen, files, [as_best_run(run, chosen) for run, _ in bests])
+    best = [as_best_run(run, chosen) for run, _ in bests]
+    report = Report(folder, table, chosen, files, best, text)
     print_report(report, stream or sys.stdout)
     return report
+
+
+def formatted_table(
+    run_set: RunSet, table: pd.DataFrame, metric: MetricInfo, request: TableRequest
+) -> str:
+    literature = load_literature() if request.literature else None
+    render = FORMATS[request.format][1]
+    return render(paper_table(run_set, table, metric, request.columns, literature))
 
 
 def as_best_run(run: pd.Series, metric: MetricInfo) -> BestRun:
@@ -83,6 +114,13 @@ def best_of_invocation(uri: str, name: str, parent_id: str | None) -> list[BestR
 
 
 def print_report(report: Report, stream) -> None:
+    """The text leaderboard, or the formatted table alone (``> table.tex`` keeps just it,
+    the paths go to stderr)."""
+    if report.table is not None:
+        stream.write(report.table)
+        table_file = next(path for path in report.files if path.name in TABLES)
+        print(f"report: {report.folder / 'report.html'}\ntable: {table_file}", file=sys.stderr)
+        return
     shown = display_table(report.leaderboard.head(10), report.metric)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(shown.to_string(index=False), file=stream)

@@ -7,6 +7,7 @@ import numpy as np
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 KMEANS_SEED = 0
+KMEANS_CLUSTERS = 10  # the protocol's K: MNIST's digits
 
 
 def cluster_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
@@ -37,7 +38,9 @@ def clustering_scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, flo
     }
 
 
-def kmeans_clusters(points: np.ndarray, k: int = 10, seed: int = KMEANS_SEED) -> np.ndarray:
+def kmeans_clusters(
+    points: np.ndarray, k: int = KMEANS_CLUSTERS, seed: int = KMEANS_SEED
+) -> np.ndarray:
     from sklearn.cluster import KMeans
 
     k = min(k, len(points))  # a split of fewer images than clusters
