@@ -254,6 +254,11 @@ def _run(args: argparse.Namespace) -> int:
 
         dry_run(args.grid, shared["max_stack"], stack_everywhere=shared["stack_everywhere"])
         return 0
+    from vaebench.lifecycle.finishing_helper import FinishingHelper
+
+    # started first: the helper process starts and imports beside this one's imports
+    here = FinishingHelper.worth_starting(args.executor, execution.workers, args.post_run)
+    helper = FinishingHelper() if here else None
     from vaebench.execution.invocation import GridInvocation
     from vaebench.execution.runner import run_grid
 
@@ -262,7 +267,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         outcome = run_grid(args.grid, GridInvocation(
             **shared, report=not args.no_report, rerun=args.rerun,
-            checkpoint_dir=args.checkpoint_dir, execution=execution,
+            checkpoint_dir=args.checkpoint_dir, execution=execution, finishing_helper=helper,
         ))
     finally:
         if args.profile:

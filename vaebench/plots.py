@@ -1,7 +1,9 @@
-"""Pictures: image grids, the latent scatter and the report's charts. Matplotlib, Agg backend."""
+"""Pictures drawn with Matplotlib (Agg backend): the latent scatter and the report's charts.
+Image grids need no Matplotlib: :mod:`vaebench.image_grids`."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,35 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-
-def tile(images: torch.Tensor, columns: int, pad: int = 2) -> np.ndarray:
-    """``(N, 1, H, W)`` images in [0, 1] -> one grey ``(rows*(H+pad)+pad, ...)`` array."""
-    images = images.detach().float().cpu().clamp(0, 1)
-    n, _, height, width = images.shape
-    rows = -(-n // columns)
-    canvas = np.ones((rows * (height + pad) + pad, columns * (width + pad) + pad), dtype=np.float32)
-    for index in range(n):
-        r, c = divmod(index, columns)
-        top, left = pad + r * (height + pad), pad + c * (width + pad)
-        canvas[top : top + height, left : left + width] = images[index, 0].numpy()
-    return canvas
-
-
-def save_grid(path: Path, images: torch.Tensor, columns: int, scale: int = 3) -> Path:
-    """Write a tiled PNG, each pixel enlarged ``scale`` times so it is legible in the UI."""
-    canvas = tile(images, columns).repeat(scale, axis=0).repeat(scale, axis=1)
-    plt.imsave(path, canvas, cmap="gray", vmin=0.0, vmax=1.0)
-    return path
-
-
-def save_reconstructions(
-    path: Path, originals: torch.Tensor, reconstructions: torch.Tensor
-) -> Path:
-    """Originals in the top row, their reconstructions in the row below."""
-    return save_grid(path, torch.cat([originals, reconstructions]), columns=len(originals))
 
 
 def principal_components(points: np.ndarray) -> np.ndarray:
@@ -68,16 +42,26 @@ def embed_2d(points: np.ndarray, method: str = "pca", seed: int = 0) -> tuple[np
 def save_latent_scatter(
     path: Path, points: np.ndarray, labels: np.ndarray, title: str, method: str = "pca"
 ) -> Path:
+    path.write_bytes(latent_scatter_png(points, labels, title, method))
+    return path
+
+
+def latent_scatter_png(
+    points: np.ndarray, labels: np.ndarray, title: str, method: str = "pca"
+) -> bytes:
+    """The latent scatter's PNG file, as bytes (a helper process draws it for the invocation)."""
     coords, name = embed_2d(points, method)
     fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
     scatter = ax.scatter(*coords.T, c=labels, cmap="tab10", s=4, vmin=-0.5, vmax=9.5)
     fig.colorbar(scatter, ax=ax, ticks=range(10), label="label")
     ax.set_title(f"{title}\n{name} of E[z|x], {len(points)} test images", fontsize=10)
     ax.set(xticks=[], yticks=[])
-    return _save(fig, path)
+    buffer = io.BytesIO()
+    _save(fig, buffer, format="png")
+    return buffer.getvalue()
 
 
-def _save(fig, path: Path, **options) -> Path:
+def _save(fig, path: Path | io.BytesIO, **options) -> Path | io.BytesIO:
     fig.tight_layout()
     fig.savefig(path, **options)
     plt.close(fig)

@@ -88,3 +88,20 @@ def register_child(pid: int) -> None:
 
 def forget_child(pid: int) -> None:
     _State.children.discard(pid)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def become_helper_process() -> None:
+    """In a helper process this one started: a process group of its own (a terminal's Ctrl-C
+    reaches the invocation's process alone), deaf to SIGINT and SIGTERM (its parent decides
+    when it stops), and killed when its parent dies (Linux)."""
+    import ctypes
+
+    os.setpgrp()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

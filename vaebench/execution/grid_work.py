@@ -27,6 +27,7 @@ from vaebench.lifecycle.provenance import run_tags
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.spec.config import DiskFull
 from vaebench.spec.grid import RunSpec
+from vaebench.timeline import phase
 from vaebench.tracking.tracker import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker, TrackingError
 from vaebench.training.progress import line_prefix
 
@@ -122,8 +123,9 @@ def work_through(
         held = process.held = []  # claims of this group not yet handed over for training
         try:
             record.settle(wait=False)
-            for index in group:
-                process.claim_or_skip(index + 1, planned[index])
+            with phase("store", "claims"):
+                for index in group:
+                    process.claim_or_skip(index + 1, planned[index])
             fresh = [c for c in held if c.step.action == "train"]
             together = [fresh] if len(fresh) > 1 else []  # a continued run trains alone
             while together or held:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vaebench.execution.worker_plan import Execution
+
+if TYPE_CHECKING:
+    from vaebench.lifecycle.finishing_helper import FinishingHelper
 
 
 @dataclass(frozen=True)
@@ -22,12 +26,14 @@ class Invocation:
 @dataclass(frozen=True)
 class GridInvocation(Invocation):
     """``run``: the report, whether FINISHED runs train again, the checkpoints' folder (None:
-    beside the SQLite store) and who trains."""
+    beside the SQLite store) and who trains; ``finishing_helper``: a helper process started with
+    the invocation, for the runs finished here (:func:`run_grid` closes it)."""
 
     report: bool = True
     rerun: bool = False
     checkpoint_dir: str | Path | None = None
     execution: Execution = field(default_factory=Execution)
+    finishing_helper: FinishingHelper | None = None
 
 
 @dataclass(frozen=True)

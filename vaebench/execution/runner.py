@@ -48,7 +48,7 @@ from vaebench.lifecycle.claims import (
     recover_abandoned,
 )
 from vaebench.lifecycle.exactly_once import settle_seconds
-from vaebench.lifecycle.post_run import BackgroundFinisher, end_quietly
+from vaebench.lifecycle.post_run import BackgroundFinisher, InlineFinisher, end_quietly
 from vaebench.lifecycle.preflight import check_output_folder
 from vaebench.lifecycle.provenance import base_tags
 from vaebench.lifecycle.workspace import Workspace
@@ -71,11 +71,16 @@ def run_grid(
 ) -> GridOutcome:
     """Check, expand and train a grid file as ``invocation`` says; ``tracker``: an open one
     (else the store is opened while the data loads)."""
-    grid_run = _GridRun.open(Path(grid_path), invocation or GridInvocation(), tracker)
-    if not grid_run.todo:
-        grid_run.nothing_to_train()
-        return grid_run.outcome
-    grid_run.train()
+    invocation = invocation or GridInvocation()
+    try:
+        grid_run = _GridRun.open(Path(grid_path), invocation, tracker)
+        if not grid_run.todo:
+            grid_run.nothing_to_train()
+            return grid_run.outcome
+        grid_run.train()
+    finally:
+        if invocation.finishing_helper is not None:
+            invocation.finishing_helper.close()
     grid_run.report_and_register()
     return grid_run.outcome
 
@@ -242,6 +247,8 @@ class _GridRun:
         workspace = self.workspace
         if self.background:
             workspace.finisher = BackgroundFinisher(self.tracker.uri)
+        else:
+            workspace.finisher = InlineFinisher(self.invocation.finishing_helper)
         try:
             work_through(work, self.runs, self.planned, self.tracker, workspace, record,
                          self.renew_parent_lease)

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from vaebench.data import Splits
-from vaebench.plots import save_grid, save_latent_scatter, save_reconstructions
+from vaebench.image_grids import save_grid, save_reconstructions
 from vaebench.spec.grid import RunSpec
 
 LATENT_SAMPLE = 2000  # test images in the latent picture
@@ -71,15 +71,22 @@ def picture_arrays(model: torch.nn.Module, splits: Splits) -> RunPictures:
     )
 
 
-def draw_pictures(folder: Path, pictures: RunPictures, title: str) -> None:
+def draw_pictures(
+    folder: Path, pictures: RunPictures, title: str, latent_png: bytes | None = None
+) -> None:
     """``reconstructions.png``, ``samples.png``, ``latent.npz`` and its picture
     ``latent.png`` (PCA: a t-SNE of 2,000 points takes seconds, so ``report --tsne`` draws it
-    for the runs a report shows), and the model family's own pictures."""
-    pairs = [torch.from_numpy(images) for images in (pictures.originals, pictures.reconstructions)]
-    save_reconstructions(folder / "reconstructions.png", *pairs)
-    save_grid(folder / "samples.png", torch.from_numpy(pictures.samples), columns=8)
+    for the runs a report shows; ``latent_png``: drawn already, by a helper process), and the
+    model family's own pictures."""
+    originals, reconstructions = pictures.originals, pictures.reconstructions
+    save_reconstructions(folder / "reconstructions.png", originals, reconstructions)
+    save_grid(folder / "samples.png", pictures.samples, columns=8)
     means, labels = pictures.latent_means, pictures.latent_labels
     np.savez_compressed(folder / LATENT_FILE, means=means, labels=labels)
-    save_latent_scatter(folder / "latent.png", means, labels, title)
+    if latent_png is None:
+        from vaebench.plots import latent_scatter_png  # Matplotlib: imported when first drawn
+
+        latent_png = latent_scatter_png(means, labels, title)
+    (folder / "latent.png").write_bytes(latent_png)
     for name, (images, columns) in pictures.extra.items():
-        save_grid(folder / name, torch.from_numpy(images), columns=columns)
+        save_grid(folder / name, images, columns=columns)

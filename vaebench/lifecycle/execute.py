@@ -270,7 +270,10 @@ class _Life:
                 on_end(None if isinstance(outcome, Future) else outcome)
 
     def finish(self, results: Sequence[TrainResult | BaseException]) -> None:
-        """Each trained member handed to the finisher; one whose scores fail ends FAILED alone."""
+        """Each trained member handed to the finisher; one whose scores fail ends FAILED alone.
+        The members' device scores come first, so that the finisher can start their
+        clustering (:meth:`InlineFinisher.prepare`) before it finishes the first."""
+        scored = []
         for index, result in enumerate(results):
             if index in self.ended:  # diverged or stopped: ended already
                 continue
@@ -281,25 +284,38 @@ class _Life:
                         member.run, self.run_ids[index], result, self.workspace,
                         self.context.pictures,
                     )
-                with self.workspace.finisher.handing_over():
-                    finishing = self.workspace.finisher.finish(
-                        self.jobs[index], self.tracker, member.hooks.extra_metrics
-                    )
-                    self.end(index, finishing)
-            except TrackingError:
-                raise
-            except KeyboardInterrupt:
-                outcome = self.jobs[index].outcome if index in self.jobs else None
-                if outcome is not None and index not in self.ended:  # FINISHED just before
-                    self.end(index, finished(outcome))
+            except (TrackingError, KeyboardInterrupt):
                 raise
             except Exception as exc:
                 self.end(index, exc)
                 continue
-            if not finishing.done():
-                own = f"{line_prefix()}{member.run.name}"  # a member's own line
-                label = self.progress.label if self.count == 1 else own
-                finishing.add_done_callback(partial(say_finished, label))
+            scored.append(index)
+        self.workspace.finisher.prepare([self.jobs[index] for index in scored])
+        for index in scored:
+            self.hand_over(index)
+
+    def hand_over(self, index: int) -> None:
+        member = self.members[index]
+        try:
+            with self.workspace.finisher.handing_over():
+                finishing = self.workspace.finisher.finish(
+                    self.jobs[index], self.tracker, member.hooks.extra_metrics
+                )
+                self.end(index, finishing)
+        except TrackingError:
+            raise
+        except KeyboardInterrupt:
+            outcome = self.jobs[index].outcome
+            if outcome is not None and index not in self.ended:  # FINISHED just before
+                self.end(index, finished(outcome))
+            raise
+        except Exception as exc:
+            self.end(index, exc)
+            return
+        if not finishing.done():
+            own = f"{line_prefix()}{member.run.name}"  # a member's own line
+            label = self.progress.label if self.count == 1 else own
+            finishing.add_done_callback(partial(say_finished, label))
 
     def _unended(self, index: int) -> bool:
         job = self.jobs.get(index)

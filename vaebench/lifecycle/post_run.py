@@ -4,16 +4,13 @@ docs/performance.md#finishing-a-run-here-or-in-the-background)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
-import signal
-import sys
 import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -21,8 +18,14 @@ from functools import partial
 from pathlib import Path
 
 from vaebench.lifecycle.artifacts import RunPictures, draw_pictures, write_weights
-from vaebench.scoring.evaluation import ClusterInput, scored_clusters
-from vaebench.signals import deferred_signals, forget_child, register_child
+from vaebench.lifecycle.finishing_helper import FinishingHelper, Pending
+from vaebench.scoring.clustering import ClusterInput
+from vaebench.signals import (
+    become_helper_process,
+    deferred_signals,
+    forget_child,
+    register_child,
+)
 from vaebench.spec.config import first_line
 from vaebench.spec.grid import RunSpec
 from vaebench.timeline import phase
@@ -59,27 +62,29 @@ class FinishJob:
 
 
 def finish_run(
-    job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
+    job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None,
+    pending: Pending | None = None,
 ) -> RunOutcome:
     """``seconds``: the run's whole time, this scoring included. ``extra_metrics`` sees the
-    final values and adds to the summary (a study's objectives)."""
+    final values and adds to the summary (a study's objectives). ``pending``: its clustering
+    scores and latent picture, being made by a helper process (else made here)."""
+    pending = pending or Pending()
     started = time.perf_counter()
-    with phase("clustering"):
-        scored = [scored_clusters(one) for one in job.clusters]
-    clusters = {name: value for one in scored for name, value in one.items()}
-    check_finite(clusters, "after training")
-    seconds = job.seconds + time.perf_counter() - started
-    summary = {**job.summary, **not_logged(clusters, job.last), "seconds": seconds}
-    final = {**job.last, **summary}
-    if extra_metrics is not None:
-        summary.update(extra_metrics(final))
-    with phase("store", "final metrics"):
-        tracker.log_metrics(job.run_id, summary, step=job.run.config.train.epochs)
     with tempfile.TemporaryDirectory(prefix="vaebench-") as scratch:
         folder = Path(scratch)
         if job.pictures is not None:
             with phase("pictures"):
-                draw_pictures(folder, job.pictures, job.run.name)
+                draw_pictures(folder, job.pictures, job.run.name, pending.picture())
+        with phase("clustering"):
+            clusters = pending.scores_of(job.clusters)
+        check_finite(clusters, "after training")
+        seconds = job.seconds + time.perf_counter() - started
+        summary = {**job.summary, **not_logged(clusters, job.last), "seconds": seconds}
+        final = {**job.last, **summary}
+        if extra_metrics is not None:
+            summary.update(extra_metrics(final))
+        with phase("store", "final metrics"):
+            tracker.log_metrics(job.run_id, summary, step=job.run.config.train.epochs)
         with phase("artifacts", "weights and pictures to the store"):
             write_weights(folder, job.run, job.weights)
             tracker.log_artifacts(job.run_id, folder)
@@ -123,12 +128,30 @@ def finished(outcome: RunOutcome) -> Future[RunOutcome]:
 
 class InlineFinisher:
     """Finishes each run in this process, before the next one starts; what goes wrong is
-    raised at once, to the caller that ends the run."""
+    raised at once, to the caller that ends the run. ``helper``: a process that makes the
+    clustering scores and latent pictures of the runs handed to :meth:`prepare`."""
+
+    def __init__(self, helper: FinishingHelper | None = None):
+        self._helper = helper
+        self._pending: dict[str, Pending] = {}
+
+    def prepare(self, jobs: Sequence[FinishJob]) -> None:
+        """The runs about to be finished, in order (a stack's members): the helper starts."""
+        if self._helper is None:
+            return
+        for job in jobs:
+            self._pending[job.run_id] = Pending(self._helper.submit_scores(job.clusters))
+        for job in jobs:
+            if job.pictures is not None:
+                self._pending[job.run_id].latent_png = self._helper.submit_picture(
+                    job.pictures.latent_means, job.pictures.latent_labels, job.run.name
+                )
 
     def finish(
         self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
     ) -> Future[RunOutcome]:
-        return finished(finish_run(job, tracker, extra_metrics))
+        pending = self._pending.pop(job.run_id, None)
+        return finished(finish_run(job, tracker, extra_metrics, pending))
 
     def handing_over(self) -> contextlib.AbstractContextManager[None]:
         """Around handing a run over and noting it: inline, the finishing is the caller's
@@ -137,6 +160,9 @@ class InlineFinisher:
 
     def close(self) -> None:
         """Wait for every job handed over, then stop (again: nothing more)."""
+        self._pending.clear()
+        if self._helper is not None:
+            self._helper.close()
 
 
 class BackgroundFinisher(InlineFinisher):
@@ -149,6 +175,7 @@ class BackgroundFinisher(InlineFinisher):
     them) and the runs that follow are finished here."""
 
     def __init__(self, uri: str):
+        super().__init__()  # its process makes the scores and pictures itself
         self._pool = ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker, initargs=(uri,),
@@ -189,21 +216,14 @@ class BackgroundFinisher(InlineFinisher):
             forget_child(self._pid)
 
 
-PR_SET_PDEATHSIG = 1
 _tracker: Tracker | None = None  # the background process's connection to the store
 
 
 def _start_worker(uri: str) -> None:
-    """The background process's start: in a process group of its own (a terminal's Ctrl-C
-    reaches the invocation's process alone), deaf to SIGINT and SIGTERM, dying with its
-    parent, with its own tracker."""
+    """The background process's start: a helper process (see :func:`become_helper_process`)
+    with its own tracker."""
     global _tracker
-    os.setpgrp()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    become_helper_process()
     # what finishing a run imports on first use, imported while this process waits for one
     import scipy.optimize  # noqa: F401
     import sklearn.cluster  # noqa: F401

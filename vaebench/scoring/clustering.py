@@ -3,6 +3,8 @@ models with a categorical latent, else k-means (K = 10, fixed seed) on the poste
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -41,12 +43,37 @@ def clustering_scores(labels: np.ndarray, clusters: np.ndarray) -> dict[str, flo
 def kmeans_clusters(
     points: np.ndarray, k: int = KMEANS_CLUSTERS, seed: int = KMEANS_SEED
 ) -> np.ndarray:
+    """scikit-learn's k-means on one OpenMP thread: its partial sums are then added in one
+    order on every machine (with several threads the order, and so the last bits, follow the
+    core count), and on a few thousand points of 10 to 100 dimensions one thread is as fast
+    (threads' synchronisation costs what they share). The caller may run it beside other work."""
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     k = min(k, len(points))  # a split of fewer images than clusters
-    return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(points)
+    with threadpool_limits(limits=1, user_api="openmp"):  # this thread's OpenMP setting
+        return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(points)
 
 
 def active_units(mu: np.ndarray, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
     """Latent dimensions whose variance of E[z|x] over the data exceeds ``threshold``."""
     return int((np.var(mu, axis=0) > threshold).sum())
+
+
+@dataclass(frozen=True)
+class ClusterInput:
+    """What a split's clustering scores are computed from, on the host (k-means is slow: done
+    after training, in a background process where asked)."""
+
+    prefix: str
+    labels: np.ndarray
+    means: np.ndarray | None
+    categories: np.ndarray | None
+
+    def clusters(self) -> np.ndarray:
+        return self.categories if self.means is None else kmeans_clusters(self.means)
+
+
+def scored_clusters(clusters: ClusterInput) -> dict[str, float]:
+    scores = clustering_scores(clusters.labels, clusters.clusters())
+    return {f"{clusters.prefix}_{name}": value for name, value in scores.items()}

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from vaebench.data import Split
 from vaebench.models.losses import reconstruction
-from vaebench.scoring.clustering import clustering_scores, kmeans_clusters
+from vaebench.scoring.clustering import ClusterInput
 from vaebench.scoring.likelihood import draw_latents, estimate_nll
 from vaebench.spec.config import RunConfig
 
@@ -109,30 +108,11 @@ def evaluate_members(
     ]
 
 
-@dataclass(frozen=True)
-class ClusterInput:
-    """What a split's clustering scores are computed from, on the host (k-means is slow: done
-    after training, in a background process where asked)."""
-
-    prefix: str
-    labels: np.ndarray
-    means: np.ndarray | None
-    categories: np.ndarray | None
-
-    def clusters(self) -> np.ndarray:
-        return self.categories if self.means is None else kmeans_clusters(self.means)
-
-
 def cluster_input(evaluation: Evaluation, labels: torch.Tensor) -> ClusterInput:
     categories = evaluation.categories
     means = evaluation.mu.cpu().numpy() if categories is None else None
     found = categories.cpu().numpy() if categories is not None else None
     return ClusterInput(evaluation.prefix, labels.cpu().numpy(), means, found)
-
-
-def scored_clusters(clusters: ClusterInput) -> dict[str, float]:
-    scores = clustering_scores(clusters.labels, clusters.clusters())
-    return {f"{clusters.prefix}_{name}": value for name, value in scores.items()}
 
 
 def likelihood_subset(images: int, count: int | None) -> torch.Tensor | None:

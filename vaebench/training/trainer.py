@@ -14,15 +14,13 @@ from vaebench.data import Split, Splits
 from vaebench.eager import optimizers_without_dynamo
 from vaebench.models import build_model, place_model
 from vaebench.models.losses import Objective, draws_per_image, loss_terms
-from vaebench.scoring.clustering import active_units, nmi
+from vaebench.scoring.clustering import ClusterInput, active_units, nmi, scored_clusters
 from vaebench.scoring.evaluation import (
-    ClusterInput,
     Evaluation,
     cluster_input,
     evaluate,
     likelihood_metrics,
     read_scalars,
-    scored_clusters,
 )
 from vaebench.spec.config import OptimConfig, RunConfig, TrainConfig, VaebenchError
 

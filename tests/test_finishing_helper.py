@@ -1,0 +1,103 @@
+"""The helper process that makes clustering scores and latent pictures beside this process's
+work: the same scores and bytes as this process's, and a helper that dies or is signalled costs
+no run its scores."""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+import pytest
+
+from vaebench.lifecycle.finishing_helper import FinishingHelper, Pending
+from vaebench.plots import latent_scatter_png
+from vaebench.scoring.clustering import ClusterInput, scored_clusters
+
+
+def _inputs(seed: int = 0) -> list[ClusterInput]:
+    """Two splits of points around ten centres, their labels the centres (k-means' case), and
+    a split with categories (argmax q(c|x): no k-means)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=4.0, size=(10, 6))
+    made = []
+    for prefix in ("test", "val"):
+        labels = rng.integers(0, 10, size=800)
+        means = (centres[labels] + rng.normal(size=(800, 6))).astype(np.float32)
+        made.append(ClusterInput(prefix, labels, means, None))
+    labels = rng.integers(0, 10, size=300)
+    made.append(ClusterInput("other", labels, None, (labels + 1) % 10))
+    return made
+
+
+def _expected(inputs: list[ClusterInput]) -> dict[str, float]:
+    return {name: value for one in inputs for name, value in scored_clusters(one).items()}
+
+
+@pytest.fixture
+def helper():
+    made = FinishingHelper()
+    yield made
+    made.close()
+
+
+def test_the_helper_process_scores_and_draws_what_this_process_does(helper):
+    inputs = _inputs()
+    latent = (inputs[0].means[:500], inputs[0].labels[:500], "a run")
+    pending = Pending(helper.submit_scores(inputs), helper.submit_picture(*latent))
+    scores = pending.scores_of(inputs)
+    assert scores == _expected(inputs)
+    pending.latent_png.result()  # drawn there, not taken back
+    assert pending.picture() == latent_scatter_png(*latent)  # the same file, byte for byte
+    assert scores["other_accuracy"] == 1.0 and scores["other_nmi"] == pytest.approx(1.0)
+    assert scores["test_nmi"] > 0.8  # well-separated centres: k-means finds them
+    assert helper.pid != os.getpid()
+
+
+def test_a_helper_process_that_died_leaves_the_scores_to_this_process(helper):
+    inputs = _inputs(1)
+    os.kill(helper.pid, signal.SIGKILL)
+    pending = Pending(
+        helper.submit_scores(inputs), helper.submit_picture(inputs[0].means, inputs[0].labels, "")
+    )
+    if pending.scores is not None:  # submitted before the pool knew: the futures fail
+        assert all(isinstance(f.exception(timeout=30), BrokenProcessPool) for f in pending.scores)
+    assert pending.scores_of(inputs) == _expected(inputs)  # scored here instead
+    assert pending.picture() is None  # to be drawn here
+
+
+def test_ctrl_c_and_sigterm_are_the_invocations_to_act_on_not_the_helpers(helper):
+    """A terminal's Ctrl-C reaches the process group: the helper has its own, and ignores
+    SIGINT and SIGTERM sent to it (the invocation closes it)."""
+    assert os.getpgid(helper.pid) != os.getpgid(0)
+    os.kill(helper.pid, signal.SIGINT)
+    os.kill(helper.pid, signal.SIGTERM)
+    inputs = _inputs(2)
+    assert Pending(helper.submit_scores(inputs)).scores_of(inputs) == _expected(inputs)
+    helper.close()
+    assert helper.submit_scores(inputs) is None
+    assert helper.submit_picture(inputs[0].means, inputs[0].labels, "") is None
+    helper.close()  # again: nothing more
+
+
+def test_the_helper_is_started_where_runs_are_finished_here_on_more_than_one_core():
+    many = len(os.sched_getaffinity(0)) > 1
+    assert FinishingHelper.worth_starting("local", 1, "auto") is many
+    assert FinishingHelper.worth_starting("local", 1, "inline") is many
+    assert not FinishingHelper.worth_starting("local", 1, "background")
+    assert not FinishingHelper.worth_starting("local", 2, "auto")
+    assert not FinishingHelper.worth_starting("local", "auto", "auto")
+    assert not FinishingHelper.worth_starting("ray", 1, "auto")
+
+
+def test_a_picture_the_helper_has_not_started_is_drawn_here(helper):
+    """Behind a queue of k-means, the last picture asked for is taken back (cancelled) and
+    left to this process; one the helper finished is returned."""
+    inputs = _inputs(3)
+    queue = [helper.submit_scores(inputs) for _ in range(4)]
+    latent = (inputs[0].means[:300], inputs[0].labels[:300], "queued")
+    waiting = Pending(None, helper.submit_picture(*latent))
+    assert waiting.picture() is None and waiting.latent_png.cancelled()
+    for futures in queue:
+        Pending(futures).scores_of(inputs)

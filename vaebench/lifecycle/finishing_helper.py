@@ -1,0 +1,139 @@
+"""A helper process for the host's share of finishing runs: k-means with the clustering scores,
+and the latent picture, while this process draws the image grids and writes the store
+(docs/performance.md#finishing-beside-a-helper-process).
+
+A stack's members are finished on the host after training. Each of the parts is one core's
+work; in a thread they would take turns for the interpreter, in a process of their own they run
+side by side, and the helper's start and its imports (scikit-learn, Matplotlib) happen while
+this process imports torch and MLflow. What it returns is what this process would compute (the
+same functions on the same arrays); if it dies, this process computes the rest itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import numpy as np
+
+from vaebench.scoring.clustering import ClusterInput, scored_clusters
+from vaebench.signals import become_helper_process
+
+Scores = dict[str, float]
+_limits: object = None  # the helper's thread limits, kept for its life
+
+
+def _start() -> None:
+    """One thread for every library's pool (BLAS too, in k-means' initialisation): the
+    helper takes one core, the invocation's process the other."""
+    global _limits
+    become_helper_process()
+    # imported now, beside the invocation's own imports, not when the first stack finishes
+    import scipy.optimize  # noqa: F401
+    import sklearn.cluster  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    from threadpoolctl import threadpool_limits
+
+    import vaebench.plots  # noqa: F401
+
+    _limits = threadpool_limits(limits=1)
+
+
+def _latent_png(points: np.ndarray, labels: np.ndarray, title: str) -> bytes:
+    from vaebench.plots import latent_scatter_png
+
+    return latent_scatter_png(points, labels, title)
+
+
+@dataclass
+class Pending:
+    """One run's work in the helper: its clustering scores (an input each) and its latent
+    picture (None: not asked, or the helper was gone). The pictures are asked for after every
+    score of a stack: the helper draws those of the last members while this process finishes
+    the first ones, and this process draws those the helper has not reached."""
+
+    scores: list[Future[Scores]] | None = None
+    latent_png: Future[bytes] | None = None
+
+    def scores_of(self, clusters: Sequence[ClusterInput]) -> Scores:
+        """Every input's scores, from the helper where it computed them, else computed here."""
+        scores: Scores = {}
+        for index, one in enumerate(clusters):
+            try:
+                if self.scores is None:
+                    raise BrokenProcessPool
+                scores.update(self.scores[index].result())
+            except BrokenProcessPool:
+                scores.update(scored_clusters(one))
+        return scores
+
+    def picture(self) -> bytes | None:
+        """The latent picture's bytes; None: to be drawn here, because the helper has not
+        started it (it is behind: the caller, who would wait, draws it instead) or is gone."""
+        if self.latent_png is None or self.latent_png.cancel():
+            return None
+        try:
+            return self.latent_png.result()
+        except BrokenProcessPool:
+            return None
+
+
+class FinishingHelper:
+    """One spawned process that computes what it is asked, in the order asked."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_start
+        )
+        self._started = self._pool.submit(os.getpid)  # starts the process now
+
+    @property
+    def pid(self) -> int:
+        """The process's id, once it has started."""
+        return self._started.result()
+
+    @staticmethod
+    def worth_starting(executor: str, workers: str | int, post_run: str) -> bool:
+        """Where runs are finished in the invoking process (one local worker, not in the
+        background) and a second core is there to use."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        here = executor == "local" and workers == 1 and post_run != "background"
+        return here and cores > 1
+
+    def submit_scores(self, clusters: Sequence[ClusterInput]) -> list[Future[Scores]] | None:
+        """Futures of each input's clustering scores (None: the helper is gone)."""
+        try:
+            return [self._submit(scored_clusters, one) for one in clusters]
+        except (BrokenProcessPool, RuntimeError):  # died, or shut down
+            return None
+
+    def submit_picture(
+        self, points: np.ndarray, labels: np.ndarray, title: str
+    ) -> Future[bytes] | None:
+        """The latent picture's bytes, to come (None: the helper is gone)."""
+        try:
+            return self._submit(_latent_png, points, labels, title)
+        except (BrokenProcessPool, RuntimeError):
+            return None
+
+    def _submit(self, function, *arguments) -> Future:
+        if self._pool is None:
+            raise RuntimeError("closed")
+        return self._pool.submit(function, *arguments)
+
+    def close(self) -> None:
+        """Stop the process (again: nothing more). It is killed: it holds nothing to save, and
+        its interpreter's teardown of scikit-learn would cost the invocation half a second."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        pool.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(Exception):  # never started, or gone already
+            os.kill(self._started.result(timeout=0), signal.SIGKILL)
+        pool.shutdown(wait=True)
