@@ -90,8 +90,9 @@ SELECTABLE = tuple(m.name for m in _ALL
                    if m.split in (VALIDATION, NO_SPLIT) and m.higher_is_better is not None)
 # a report's leaderboard columns, in order (selection metrics on validation, test beside them),
 # the ones it may rank on, and the default
-REPORTED = ("val_elbo", "test_elbo", "test_nll", "test_recon", "test_kl", "val_nmi", "test_nmi",
-            "test_accuracy", "test_ari", "conditional_accuracy", "mean_epoch_seconds")
+REPORTED = ("val_elbo", "test_elbo", "test_nll", "test_recon", "test_kl", "val_active_units",
+            "val_mi", "val_nmi", "test_nmi", "test_accuracy", "test_ari", "conditional_accuracy",
+            "mean_epoch_seconds")
 RANKABLE = tuple(name for name in REPORTED if name in SELECTABLE)
 DEFAULT_RANKING = "val_elbo"
 
