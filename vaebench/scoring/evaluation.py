@@ -8,6 +8,7 @@ as exact one-hot samples from q(c|x): a relaxed sample with the discrete KL woul
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -153,11 +154,18 @@ def subset_mutual_information(posterior: Posterior, firsts: list[torch.Tensor]) 
     """I(x; z) on the ``MI_IMAGES`` of a fixed permutation of the split (all, if fewer), from
     the split's posteriors and each pass's first draws."""
     draws = torch.cat(firsts, dim=-2)
-    chosen = fixed_subset(draws.shape[-2], MI_IMAGES, MI_SUBSET_SEED)
+    chosen = mi_subset(draws.shape[-2], draws.device)
     if chosen is not None:
-        chosen = chosen.to(draws.device)
         posterior, draws = take_images(posterior, chosen), draws.index_select(-2, chosen)
     return mutual_information(draws, posterior)
+
+
+@functools.lru_cache(maxsize=16)
+def mi_subset(images: int, device: torch.device) -> torch.Tensor | None:
+    """The mutual information's images, copied to the device once: a copy to a GPU waits for
+    the work queued before it, a host sync the validation pass would make every epoch."""
+    chosen = fixed_subset(images, MI_IMAGES, MI_SUBSET_SEED)
+    return None if chosen is None else chosen.to(device)
 
 
 def cluster_input(evaluation: Evaluation, labels: torch.Tensor) -> ClusterInput:
