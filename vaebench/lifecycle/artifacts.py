@@ -14,7 +14,7 @@ import yaml
 
 from vaebench.data import Splits
 from vaebench.image_grids import save_grid, save_reconstructions
-from vaebench.scoring.evaluation import KLPerDimension
+from vaebench.scoring.collapse import KLPerDimension
 from vaebench.spec.grid import RunSpec
 
 LATENT_SAMPLE = 2000  # test images in the latent picture

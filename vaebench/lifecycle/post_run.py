@@ -25,7 +25,7 @@ from vaebench.lifecycle.artifacts import (
 )
 from vaebench.lifecycle.finishing_helper import FinishingHelper, Pending
 from vaebench.scoring.clustering import ClusterInput
-from vaebench.scoring.evaluation import KLPerDimension
+from vaebench.scoring.collapse import KLPerDimension
 from vaebench.signals import (
     become_helper_process,
     deferred_signals,

@@ -10,6 +10,7 @@ device: the validation pass reads them back with its sums, in one transfer.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,16 @@ from vaebench.models.gmvae import component_kl_parts
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 MI_DRAWS_PER_PASS = 16  # draws scored against every image's posterior at once (memory-bound)
+
+
+@dataclass(frozen=True)
+class KLPerDimension:
+    """The KL of each latent dimension in nats per image, as a pass over ``split`` measured
+    it (plain data: it crosses to the process that finishes the run); their sum is the split's
+    ``kl_z`` (``kl`` where z is the only latent)."""
+
+    split: str
+    nats: tuple[float, ...]
 
 
 def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> torch.Tensor:

@@ -19,6 +19,7 @@ from vaebench.models.base import Posterior
 from vaebench.models.losses import reconstruction
 from vaebench.scoring.clustering import ClusterInput
 from vaebench.scoring.collapse import (
+    KLPerDimension,
     active_units,
     cat_posteriors,
     kl_per_dimension,
@@ -43,15 +44,6 @@ def eval_generator(split_name: str, device: torch.device) -> torch.Generator:
 def read_scalars(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     """Device scalars read back to the host in one transfer."""
     return dict(zip(tensors, torch.stack(list(tensors.values())).tolist(), strict=True))
-
-
-@dataclass(frozen=True)
-class KLPerDimension:
-    """The KL of each latent dimension in nats per image, as a pass over ``split`` measured
-    it; their sum is the split's ``kl_z`` (``kl`` where z is the only latent)."""
-
-    split: str
-    nats: tuple[float, ...]
 
 
 @dataclass

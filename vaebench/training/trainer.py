@@ -15,9 +15,9 @@ from vaebench.eager import optimizers_without_dynamo
 from vaebench.models import build_model, place_model
 from vaebench.models.losses import Objective, draws_per_image, loss_terms
 from vaebench.scoring.clustering import ClusterInput, nmi, scored_clusters
+from vaebench.scoring.collapse import KLPerDimension
 from vaebench.scoring.evaluation import (
     Evaluation,
-    KLPerDimension,
     cluster_input,
     evaluate,
     likelihood_metrics,
