@@ -23,7 +23,7 @@ from vaebench.data import load_splits
 from vaebench.models import build_model
 from vaebench.models.gumbel import TemperatureSchedule, categorical_kl_uniform
 from vaebench.models.losses import LossTerms, Objective, batch_marginal_kl, capacity
-from vaebench.scoring.clustering import active_units, cluster_accuracy, clustering_scores
+from vaebench.scoring.clustering import cluster_accuracy, clustering_scores
 from vaebench.spec.config import FAMILY_DEFAULTS, LossConfig, ModelConfig, RunConfig, flatten
 from vaebench.spec.grid import GridSpec, expand
 from vaebench.training.loop import fit
@@ -66,12 +66,6 @@ def test_nmi_matches_its_definition_on_a_small_case():
     entropy = lambda p: -sum(v * math.log(v) for v in p if v > 0)  # noqa: E731
     expected = mi / ((entropy(pl) + entropy(pc)) / 2)
     assert clustering_scores(labels, clusters)["nmi"] == pytest.approx(expected)
-
-
-def test_active_units_counts_dimensions_with_variance_above_threshold():
-    rng = np.random.default_rng(0)
-    mu = np.column_stack([rng.normal(0, 1, 500), rng.normal(0, 0.01, 500), rng.normal(3, 0.5, 500)])
-    assert active_units(mu) == 2
 
 
 # --- the categorical KL, the capacity schedule, the temperature -----------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -40,14 +41,16 @@ seeds: [0]
 
 ARTIFACTS = {
     "config.yaml", "reconstructions.png", "samples.png", "state_dict.pt", "latent.png",
-    "latent.npz",
+    "latent.npz", "kl_per_dimension.json", "kl_per_dimension.png",
 }
 FINAL_SCORES = {
     "test_elbo", "test_recon", "test_kl", "test_nmi", "test_ari", "test_accuracy",
-    "test_active_units", "val_nmi", "val_ari", "val_accuracy", "first_epoch_seconds",
+    "test_active_units", "test_mi", "val_nmi", "val_ari", "val_accuracy", "first_epoch_seconds",
     "mean_epoch_seconds", "mean_images_per_second",
 }
-EPOCH_METRICS = {"train_loss", "val_elbo", "val_recon", "val_kl", "epoch_seconds"}
+EPOCH_METRICS = {
+    "train_loss", "val_elbo", "val_recon", "val_kl", "val_mi", "val_active_units", "epoch_seconds",
+}
 
 
 def write(path: Path, text: str) -> Path:
@@ -305,6 +308,13 @@ def test_tiny_grid_logs_every_epoch_and_artifacts(tiny_grid_result):
         assert 0 < final["test_nmi"] <= 1 and 0.1 <= final["test_accuracy"] <= 1
         assert 1 <= final["test_active_units"] <= 4
         assert final["test_elbo"] == pytest.approx(-(final["test_recon"] + final["test_kl"]))
+        # the collapse diagnostics: the last validation pass's KL of each of the 4 dimensions
+        assert final["val_active_units"] in range(5) and np.isfinite(final["val_mi"])
+        path = Path(client.download_artifacts(run_id, "kl_per_dimension.json"))
+        profile = json.loads(path.read_text())
+        assert profile["split"] == "validation" and len(profile["nats"]) == 4
+        last = max(kl, key=lambda m: m.step).value
+        assert sum(profile["nats"]) == pytest.approx(last, rel=1e-5)
 
 
 def test_tiny_grid_state_dict_loads_into_model(tiny_grid_result):

@@ -3,7 +3,9 @@ ELBO and the likelihood estimate against quadrature over a 1-D z, its clusters."
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,7 +213,14 @@ def test_a_gmvae_grid_is_tracked_scored_and_pictured(tmp_path, mnist_root):
     history = client.get_metric_history(run.info.run_id, "val_nmi")
     assert sorted(m.step for m in history) == [1, 2]  # every epoch, once
     files = {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert {"components.png", "samples.png", "latent.png", "state_dict.pt"} <= files
+    assert {"components.png", "samples.png", "latent.png", "state_dict.pt",
+            "kl_per_dimension.png"} <= files
+    # the KL of each dimension of z under the mixture prior: the parts of the last val_kl_z
+    history = client.get_metric_history(run.info.run_id, "val_mi")
+    assert sorted(m.step for m in history) == [1, 2]
+    path = client.download_artifacts(run.info.run_id, "kl_per_dimension.json", str(tmp_path))
+    nats = json.loads(Path(path).read_text())["nats"]
+    assert sum(nats) == pytest.approx(metrics["val_kl_z"], rel=1e-5)
 
 
 TINY_STUDY = """

@@ -55,7 +55,8 @@ include:
 seeds: [0]
 """
 FIGURES = {"rate_distortion.png", "elbo_by_epoch.png", "clustering.png", "epoch_seconds.png"}
-PICTURES = {"best_samples.png", "best_reconstructions.png", "best_latent.png"}
+PICTURES = {"best_samples.png", "best_reconstructions.png", "best_latent.png",
+            "best_kl_per_dimension.png"}
 REPORT_FILES = {"leaderboard.csv", "report.md", "report.html"} | FIGURES | PICTURES
 SCREENSHOTS = REPO / "results" / "browser"
 
@@ -398,8 +399,8 @@ def test_run_writes_the_report_and_logs_it_on_the_parent(store):
 
 
 # the leaderboard columns seeds3's runs have: <name>_mean/_std/_count from metrics.<name>
-SEEDS3_METRICS = ("val_elbo", "test_elbo", "test_recon", "test_kl", "val_nmi", "test_nmi",
-                  "test_accuracy", "test_ari", "mean_epoch_seconds")
+SEEDS3_METRICS = ("val_elbo", "test_elbo", "test_recon", "test_kl", "val_active_units", "val_mi",
+                  "val_nmi", "test_nmi", "test_accuracy", "test_ari", "mean_epoch_seconds")
 
 
 def test_three_seeds_match_a_direct_pandas_computation(store):
@@ -430,6 +431,11 @@ def test_three_seeds_match_a_direct_pandas_computation(store):
     assert f"{row['val_elbo_mean']:.2f} ± {row['val_elbo_std']:.2f}" in shown
     assert f"{row['test_elbo_mean']:.2f} ± {row['test_elbo_std']:.2f}" in shown  # beside
     assert f"{row['test_nmi_mean']:.3f} ± {row['test_nmi_std']:.3f}" in shown
+    # the collapse diagnostics beside them, with what they are
+    assert f"{row['val_mi_mean']:.2f} ± {row['val_mi_std']:.2f}" in shown
+    assert "val MI (I(x; z), estimated on 128 validation images" in shown
+    assert "![best_kl_per_dimension](best_kl_per_dimension.png)" in shown
+    assert ": kl_per_dimension*" in shown  # its caption: the run, the picture
 
 
 def test_a_grey_level_bce_report_ranks_on_validation_with_test_beside(store):
@@ -445,7 +451,8 @@ def test_a_grey_level_bce_report_ranks_on_validation_with_test_beside(store):
     header = next(line for line in markdown.splitlines() if line.startswith("| rank |"))
     labels = [cell.strip() for cell in header.strip("|").split("|")]
     for label in ("val ELBO", "test ELBO", "test reconstruction", "test KL (nats)",
-                  "val NMI", "test NMI", "ties best (val_elbo)"):
+                  "val active units", "val MI (nats)", "val NMI", "test NMI",
+                  "ties best (val_elbo)"):
         assert label in labels, label
     assert labels.index("val ELBO") < labels.index("test ELBO")
     assert "test NLL (nats)" not in labels  # no estimate on grey-level pixels

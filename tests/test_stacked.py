@@ -150,6 +150,10 @@ def test_a_stacks_steps_are_each_members_own_steps(
         for mine_epoch, their_epoch in zip(member.history, alone.history, strict=True):
             assert mine_epoch.train_loss == pytest.approx(their_epoch.train_loss, rel=1e-10)
             assert mine_epoch.values == pytest.approx(their_epoch.values, rel=1e-10)
+            assert {"val_mi", "val_active_units"} <= their_epoch.values.keys()  # collapse too
+        assert member.kl_per_dimension.split == alone.kl_per_dimension.split == "validation"
+        assert member.kl_per_dimension.nats == pytest.approx(alone.kl_per_dimension.nats,
+                                                             rel=1e-10)
         scores = {k: v for k, v in alone.summary.items() if "second" not in k}  # not timing
         assert {k: member.summary[k] for k in scores} == pytest.approx(scores, rel=1e-9)
 
@@ -226,6 +230,12 @@ def test_a_stacked_evaluation_is_each_members_own(family, mnist_root, float64):
             assert float(mine.recon) == pytest.approx(float(alone.recon), rel=1e-12)
             assert float(mine.kl["kl_z"]) == pytest.approx(float(alone.kl["kl_z"]), rel=1e-12)
             assert relative_difference(mine.mu, alone.mu) < 1e-12
+            # the collapse diagnostics: one member's draws serve all, as for the ELBO
+            assert float(mine.mi) == pytest.approx(float(alone.mi), rel=1e-12, abs=1e-12)
+            assert int(mine.active_units) == int(alone.active_units)
+            mine_kl, their_kl = mine.kl_per_dimension(), alone.kl_per_dimension()
+            assert mine_kl.split == their_kl.split == split_name
+            assert mine_kl.nats == pytest.approx(their_kl.nats, rel=1e-12)
 
 
 def test_a_members_checkpoint_continues_alone_as_if_it_never_stopped(mnist_root, float64):

@@ -146,3 +146,22 @@ def save_bars(path: Path, panels: Mapping[str, Bars]) -> Path:
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].invert_yaxis()  # the axes share y: inverting once puts the first label on top
     return _save(fig, path)
+
+
+def save_dimension_bars(path: Path, values: Sequence[float], title: str, ylabel: str) -> Path:
+    """A bar per latent dimension, drawn cheaply: a small figure made without pyplot's figure
+    manager, fixed margins in place of a layout pass (each run draws one)."""
+    from matplotlib.figure import Figure
+
+    width = min(8.0, 2.5 + 0.12 * len(values))
+    fig = Figure(figsize=(width, 2.6), dpi=80)
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.2, top=0.84)
+    ax = fig.add_subplot()
+    ax.bar(np.arange(len(values)), values, width=0.8, color=COLOURS[0])
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("latent dimension", fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=7)
+    ax.tick_params(labelsize=6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.savefig(path)
+    return path

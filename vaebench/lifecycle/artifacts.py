@@ -4,7 +4,8 @@ what needs the model (on its device, at once), then the files made from its byte
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,13 @@ import yaml
 
 from vaebench.data import Splits
 from vaebench.image_grids import save_grid, save_reconstructions
+from vaebench.scoring.collapse import KLPerDimension
 from vaebench.spec.grid import RunSpec
 
 LATENT_SAMPLE = 2000  # test images in the latent picture
 LATENT_SAMPLE_SEED = 0
 LATENT_FILE = "latent.npz"  # their E[z|x] and labels, from which `report --tsne` draws
+KL_FILE, KL_PICTURE = "kl_per_dimension.json", "kl_per_dimension.png"
 
 
 @dataclass
@@ -90,3 +93,16 @@ def draw_pictures(
     (folder / "latent.png").write_bytes(latent_png)
     for name, (images, columns) in pictures.extra.items():
         save_grid(folder / name, images, columns=columns)
+
+
+def write_kl_per_dimension(
+    folder: Path, profile: KLPerDimension, title: str, picture: bool = True
+) -> None:
+    """``kl_per_dimension.json`` (the split and the nats per image of each latent dimension)
+    and, with ``picture``, its bars ``kl_per_dimension.png``: a collapsed dimension's KL is 0."""
+    (folder / KL_FILE).write_text(json.dumps(asdict(profile)) + "\n")
+    if picture:
+        from vaebench.plots import save_dimension_bars  # Matplotlib: imported when first drawn
+
+        heading = f"{title}: KL per latent dimension, {profile.split} split"
+        save_dimension_bars(folder / KL_PICTURE, profile.nats, heading, "nats per image")

@@ -373,7 +373,7 @@ def finish_job(
         run=run, run_id=run_id, summary=summary, last=result.final.as_dict(),
         seconds=result.seconds, clusters=result.clusters, weights=weights_bytes(model),
         pictures=picture_arrays(model, workspace.load_splits(run)) if pictures else None,
-        checkpoints=workspace.checkpoints,
+        checkpoints=workspace.checkpoints, kl_per_dimension=result.kl_per_dimension,
     )
 
 

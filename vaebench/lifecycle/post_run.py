@@ -17,9 +17,15 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from vaebench.lifecycle.artifacts import RunPictures, draw_pictures, write_weights
+from vaebench.lifecycle.artifacts import (
+    RunPictures,
+    draw_pictures,
+    write_kl_per_dimension,
+    write_weights,
+)
 from vaebench.lifecycle.finishing_helper import FinishingHelper, Pending
 from vaebench.scoring.clustering import ClusterInput
+from vaebench.scoring.collapse import KLPerDimension
 from vaebench.signals import (
     become_helper_process,
     deferred_signals,
@@ -56,6 +62,7 @@ class FinishJob:
     weights: bytes  # its state_dict, as torch.save writes it
     pictures: RunPictures | None  # None: weights only (a study that keeps no pictures)
     checkpoints: CheckpointStore | None
+    kl_per_dimension: KLPerDimension | None = None  # its file, and picture with the pictures
     # set once the run is ended FINISHED (in the process that ended it): a signal raised as
     # that ending's deferred block closes must not mark the run KILLED
     outcome: RunOutcome | None = None
@@ -75,6 +82,10 @@ def finish_run(
         if job.pictures is not None:
             with phase("pictures"):
                 draw_pictures(folder, job.pictures, job.run.name, pending.picture())
+        if job.kl_per_dimension is not None:
+            with phase("pictures", "KL per dimension"):
+                drawn = job.pictures is not None
+                write_kl_per_dimension(folder, job.kl_per_dimension, job.run.name, drawn)
         with phase("clustering"):
             clusters = pending.scores_of(job.clusters)
         check_finite(clusters, "after training")

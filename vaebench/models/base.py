@@ -61,10 +61,15 @@ def dense_stack(widths: list[int]) -> list[nn.Module]:
     return [layer for a, b in pairs for layer in (nn.Linear(a, b), nn.ReLU())]
 
 
+def gaussian_kl_parts(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) of each image and latent dimension, in nats."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) summed over the batch and dimensions, in nats: of
     (B, D) a number, of a stack's (K, B, D) one per member."""
-    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum((-2, -1))
+    return gaussian_kl_parts(mu, logvar).sum((-2, -1))
 
 
 def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

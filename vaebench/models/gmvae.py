@@ -25,13 +25,20 @@ from vaebench.models.gumbel import categorical_kl_uniform
 PRIOR_SPREAD = 1.0  # sd of the random initial component means: apart from the start
 
 
-def gaussian_kl_between(
+def gaussian_kl_between_parts(
     mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor, prior_logvar: torch.Tensor
 ) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) of each latent dimension."""
     ratio = (logvar - prior_logvar).exp()
-    return 0.5 * (
-        ratio + (mu - prior_mu).pow(2) / prior_logvar.exp() - 1 - logvar + prior_logvar
-    ).sum(dim=-1)
+    return 0.5 * (ratio + (mu - prior_mu).pow(2) / prior_logvar.exp() - 1 - logvar + prior_logvar)
+
+
+def component_kl_parts(out: Posterior) -> torch.Tensor:
+    """KL(q(z|x, c) || p(z|c)) of each image, component c and latent dimension (B, K, D); the
+    halving inside the sum over dimensions is exact (a power of 2)."""
+    mixture = out.mixture
+    prior_mu, prior_logvar = mixture.prior_mu.unsqueeze(-3), mixture.prior_logvar.unsqueeze(-3)
+    return gaussian_kl_between_parts(mixture.mu, mixture.logvar, prior_mu, prior_logvar)
 
 
 def mixture_components(head: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -45,9 +52,7 @@ def decode_components(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 def mixture_kl_terms(out: Posterior) -> dict[str, torch.Tensor]:
-    mixture = out.mixture
-    prior_mu, prior_logvar = mixture.prior_mu.unsqueeze(-3), mixture.prior_logvar.unsqueeze(-3)
-    per_component = gaussian_kl_between(mixture.mu, mixture.logvar, prior_mu, prior_logvar)
+    per_component = component_kl_parts(out).sum(dim=-1)
     weights = F.softmax(out.category_logits, dim=-1)
     return {
         "kl_z": (weights * per_component).sum((-2, -1)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 import time
 from pathlib import Path
@@ -13,7 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vaebench.reporting.runs import BOUND_COLUMN, METRICS, RunSet
+from vaebench.reporting.runs import BOUND_COLUMN, METRICS, RunSet, picture_prefix
+from vaebench.scoring.collapse import ACTIVE_UNIT_THRESHOLD
+from vaebench.scoring.evaluation import MI_IMAGES
 from vaebench.spec.catalogue import MetricInfo
 
 
@@ -106,6 +109,14 @@ def measurement_notes(run_set: RunSet, metric: MetricInfo) -> str:
             "cvae runs are given the label: their ELBO bounds log p(x|y), not log p(x), and "
             "their clusters are not scored."
         )
+    if finished["val_mi"].notna().any():
+        notes.append(
+            "val active units (latent dimensions whose E[z|x] varies over the validation split, "
+            f"variance above {ACTIVE_UNIT_THRESHOLD}) and val MI (I(x; z), estimated on "
+            f"{MI_IMAGES} validation images, at most log {MI_IMAGES} = "
+            f"{math.log(MI_IMAGES):.2f} nats) are the last epoch's: near 0, the posterior "
+            "collapsed."
+        )
     with_nll = finished[finished["test_nll"].notna()]
     if not with_nll.empty:
         column = with_nll.get("params.eval.iwae_samples", pd.Series(dtype=object))
@@ -176,8 +187,9 @@ def report_blocks(
     for best, pictures in bests:
         among = f", among {best['compared_within']}" if len(bests) > 1 else ""
         blocks.append(("h2", f"Best variant{among}: {best['variant']} (run {best['name']})"))
+        prefix = picture_prefix(best["compared_within"], len(bests))
         blocks += [
-            ("img", (picture, f"{best['name']}: {picture.stem.rsplit('_', 1)[-1]}"))
+            ("img", (picture, f"{best['name']}: {picture.stem.removeprefix(prefix)}"))
             for picture in pictures
         ]
     return blocks

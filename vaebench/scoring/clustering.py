@@ -1,5 +1,5 @@
-"""Clustering scores (NMI, ARI, accuracy) and active units. Clusters are argmax q(c|x) for
-models with a categorical latent, else k-means (K = 10, fixed seed) on the posterior means."""
+"""Clustering scores (NMI, ARI, accuracy). Clusters are argmax q(c|x) for models with a
+categorical latent, else k-means (K = 10, fixed seed) on the posterior means."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ACTIVE_UNIT_THRESHOLD = 0.01
 KMEANS_SEED = 0
 KMEANS_CLUSTERS = 10  # the protocol's K: MNIST's digits
 
@@ -53,11 +52,6 @@ def kmeans_clusters(
     k = min(k, len(points))  # a split of fewer images than clusters
     with threadpool_limits(limits=1, user_api="openmp"):  # this thread's OpenMP setting
         return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(points)
-
-
-def active_units(mu: np.ndarray, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
-    """Latent dimensions whose variance of E[z|x] over the data exceeds ``threshold``."""
-    return int((np.var(mu, axis=0) > threshold).sum())
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,9 @@ class MetricInfo:
 
 
 def _split_metrics(prefix: str) -> list[MetricInfo]:
-    """A split's ELBO (beta = 1), reconstruction and KL, with the KL parts of joint models (every
-    epoch on validation, after the last on test), and its clustering scores."""
+    """A split's ELBO (beta = 1), reconstruction and KL, with the KL parts of joint models, and
+    its posterior-collapse diagnostics (every epoch on validation, after the last on test), and
+    its clustering scores."""
     val = prefix == "val"
     split, kwargs = (VALIDATION if val else TEST), dict(needs_validation=val)
     every, joint = ((None, ()), (CATEGORICAL, ())) if val else (((), None), ((), CATEGORICAL))
@@ -52,6 +53,9 @@ def _split_metrics(prefix: str) -> list[MetricInfo]:
         MetricInfo(f"{prefix}_kl", split, False, f"{prefix} KL (nats)", *every, **kwargs),
         MetricInfo(f"{prefix}_kl_z", split, False, f"{prefix} KL_z", *joint, **kwargs),
         MetricInfo(f"{prefix}_kl_c", split, False, f"{prefix} KL_c", *joint, **kwargs),
+        MetricInfo(f"{prefix}_active_units", split, None, f"{prefix} active units", *every,
+                   digits=1, **kwargs),
+        MetricInfo(f"{prefix}_mi", split, None, f"{prefix} MI (nats)", *every, **kwargs),
         MetricInfo(f"{prefix}_nmi", split, True, f"{prefix} NMI", CATEGORICAL if val else (),
                    UNCONDITIONAL, **cluster),
         MetricInfo(f"{prefix}_ari", split, True, f"{prefix} ARI", (), UNCONDITIONAL, **cluster),
@@ -64,7 +68,6 @@ _ALL = [
     MetricInfo("train_loss", TRAIN, False, "training loss", None),
     *_split_metrics("val"),
     *_split_metrics("test"),
-    MetricInfo("test_active_units", TEST, None, "active units", (), None, digits=1),
     MetricInfo("test_nll", TEST, False, "test NLL (nats)", (), None),
     MetricInfo("test_nll_se", TEST, None, "test NLL standard error", (), None),
     MetricInfo("conditional_accuracy", NO_SPLIT, True, "conditional accuracy", (),
@@ -87,8 +90,9 @@ SELECTABLE = tuple(m.name for m in _ALL
                    if m.split in (VALIDATION, NO_SPLIT) and m.higher_is_better is not None)
 # a report's leaderboard columns, in order (selection metrics on validation, test beside them),
 # the ones it may rank on, and the default
-REPORTED = ("val_elbo", "test_elbo", "test_nll", "test_recon", "test_kl", "val_nmi", "test_nmi",
-            "test_accuracy", "test_ari", "conditional_accuracy", "mean_epoch_seconds")
+REPORTED = ("val_elbo", "test_elbo", "test_nll", "test_recon", "test_kl", "val_active_units",
+            "val_mi", "val_nmi", "test_nmi", "test_accuracy", "test_ari", "conditional_accuracy",
+            "mean_epoch_seconds")
 RANKABLE = tuple(name for name in REPORTED if name in SELECTABLE)
 DEFAULT_RANKING = "val_elbo"
 

@@ -133,12 +133,13 @@ class _Loop:
             evaluations = list(self.trainee.evaluations(self.splits.validation, "validation"))
         for position, evaluation in enumerate(evaluations):
             self.validations[self.active[position]] = evaluation
-            for name, tensor in (evaluation.sums() if evaluation else {}).items():
+            for name, tensor in (evaluation.scalars() if evaluation else {}).items():
                 sums[f"{position}/{name}"] = tensor
         read = read_scalars(sums)
         values = []
         for p, evaluation in enumerate(evaluations):
-            mine = {name: read[f"{p}/{name}"] for name in evaluation.sums()} if evaluation else {}
+            names = evaluation.scalars() if evaluation else {}
+            mine = {name: read[f"{p}/{name}"] for name in names}
             values.append(validation_values(evaluation, mine, self.splits.validation))
         return [read[f"{p}/train"] for p in range(len(self.active))], values
 
@@ -193,6 +194,8 @@ class _Loop:
             # logged after the last epoch: the scores it did not log (val_nmi), the timing
             timing = timing_summary(result.history, len(self.splits.train))
             result.summary = {**not_logged(scores, result.final.values), **timing}
+            measured = validation if validation is not None else tests[position]
+            result.kl_per_dimension = measured.kl_per_dimension()
             result.seconds = self.shares[index] + time.perf_counter() - scoring
 
 

@@ -14,7 +14,8 @@ from vaebench.data import Split, Splits
 from vaebench.eager import optimizers_without_dynamo
 from vaebench.models import build_model, place_model
 from vaebench.models.losses import Objective, draws_per_image, loss_terms
-from vaebench.scoring.clustering import ClusterInput, active_units, nmi, scored_clusters
+from vaebench.scoring.clustering import ClusterInput, nmi, scored_clusters
+from vaebench.scoring.collapse import KLPerDimension
 from vaebench.scoring.evaluation import (
     Evaluation,
     cluster_input,
@@ -77,6 +78,7 @@ class TrainResult:
     seconds: float = 0.0
     # what the clustering scores are computed from, where ``fit`` was asked to leave them
     clusters: list[ClusterInput] = field(default_factory=list)
+    kl_per_dimension: KLPerDimension | None = None  # the last validation pass's (else test's)
 
     @property
     def final(self) -> EpochMetrics:
@@ -257,8 +259,7 @@ def final_scores(
     """The test metrics, clustering scores (not for conditional models, which see the label;
     given ``clusters``, what they are computed from is appended to it) and the test NLL."""
     test = test or evaluate(model, splits.test, "test", config)
-    values = test.metrics(read_scalars(test.sums()))
-    values[f"{test.prefix}_active_units"] = active_units(test.mu.cpu().numpy())
+    values = test.metrics(read_scalars(test.scalars()))
     pairs = [] if model.uses_labels else [(test, splits.test), (validation, splits.validation)]
     found = [cluster_input(e, split.labels) for e, split in pairs if e is not None]
     if clusters is not None:
