@@ -27,6 +27,13 @@ seeds: [0, 1]
 """
 
 
+@pytest.fixture(autouse=True)
+def every_task_line_printed(monkeypatch):
+    """Ray folds lines that differ only in their numbers ("[repeated 7x across cluster]"): the
+    tests wait for one task's own epoch line, which may be folded away."""
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "0")
+
+
 def test_ray_tasks_train_every_run_once_though_a_worker_dies(tmp_path, mnist_root):
     (tmp_path / "grid.yaml").write_text(GRID)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
