@@ -54,7 +54,8 @@ include:
   - {model.arch: cvae}
 seeds: [0]
 """
-FIGURES = {"rate_distortion.png", "elbo_by_epoch.png", "clustering.png", "epoch_seconds.png"}
+FIGURES = {"rate_distortion.png", "elbo_by_epoch.png", "nmi_by_epoch.png", "clustering.png",
+           "epoch_seconds.png"}
 PICTURES = {"best_samples.png", "best_reconstructions.png", "best_latent.png",
             "best_kl_per_dimension.png"}
 REPORT_FILES = {"leaderboard.csv", "report.md", "report.html"} | FIGURES | PICTURES

@@ -1,5 +1,5 @@
-"""Report figures: the matplotlib figures of a report (rate-distortion, validation ELBO by
-epoch, clustering and epoch-time bars), drawn through plots.py."""
+"""Report figures: the matplotlib figures of a report (rate-distortion, validation ELBO and
+NMI by epoch, clustering and epoch-time bars), drawn through plots.py."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from vaebench.reporting.table import (
 BAR_FIGURES = {
     "clustering.png": ("test_nmi", "test_accuracy"), "epoch_seconds.png": ("mean_epoch_seconds",),
 }
-FIGURES = ("rate_distortion.png", "elbo_by_epoch.png", *BAR_FIGURES)
+# each curve figure's metric, against epoch (drawn where the runs logged it per epoch)
+EPOCH_FIGURES = {"elbo_by_epoch.png": "val_elbo", "nmi_by_epoch.png": "val_nmi"}
+FIGURES = ("rate_distortion.png", *EPOCH_FIGURES, *BAR_FIGURES)
 
 
 def rate_distortion_figure(run_set: RunSet, path: Path) -> Path | None:
@@ -50,27 +52,36 @@ def rate_distortion_figure(run_set: RunSet, path: Path) -> Path | None:
     return save_curves(path, panels, "KL (rate, nats)", "reconstruction (distortion)", points)
 
 
-def elbo_curve_figure(run_set: RunSet, order: list[str], path: Path) -> Path | None:
-    """Validation ELBO against epoch per variant (MLflow metric history): the mean over seeds
-    with a band of one standard deviation when there are several."""
+def epoch_curve_figure(
+    run_set: RunSet, order: list[str], metric: str, path: Path
+) -> Path | None:
+    """A validation metric against epoch per variant (MLflow metric history): the mean over
+    seeds with a band of one standard deviation when there are several, and each seed's
+    values as dots, so that a reader sees where every seed is heading."""
     finished = run_set.finished
-    groups = comparison_groups(finished, comparison_params(run_set, METRICS["val_elbo"]))
+    groups = comparison_groups(finished, comparison_params(run_set, METRICS[metric]))
     group_of = dict(zip(finished["variant"], groups, strict=True))
     panels: dict[str, list[Curve]] = {}
+    seeds: dict[str, list[Curve]] = {}
     for variant in order:
         runs = finished.loc[finished["variant"] == variant, "run_id"]
-        histories = {run: run_set.client.get_metric_history(run, "val_elbo") for run in runs}
+        histories = {run: run_set.client.get_metric_history(run, metric) for run in runs}
         if not any(histories.values()):
-            continue  # no validation split (data.validation: 0): no history to draw
+            continue  # not logged per epoch (no validation split, or no clusters)
         series = {run: pd.Series({m.step: m.value for m in h}) for run, h in histories.items()}
         by_epoch = pd.DataFrame(series).sort_index()
         mean, std = by_epoch.mean(axis=1), by_epoch.std(axis=1)
         band = (list(mean - std), list(mean + std)) if by_epoch.shape[1] > 1 else (None, None)
-        curve = Curve(variant, list(by_epoch.index), list(mean), *band)
-        panels.setdefault(group_of[variant], []).append(curve)
+        group = group_of[variant]
+        panels.setdefault(group, []).append(Curve(variant, list(by_epoch.index), list(mean), *band))
+        if by_epoch.shape[1] > 1:
+            stacked = by_epoch.stack()  # (epoch, run) -> value, each seed's every epoch
+            dots = Curve(variant, list(stacked.index.get_level_values(0)), list(stacked))
+            seeds.setdefault(group, []).append(dots)
     if not panels:
         return None
-    return save_curves(path, panels, "epoch", "validation ELBO", integer_x=True)
+    label = "validation " + METRICS[metric].label.removeprefix("val ")
+    return save_curves(path, panels, "epoch", label, seeds, integer_x=True)
 
 
 def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Path]:
@@ -79,7 +90,8 @@ def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Pa
     labels = list(shown["variant"])
     figures = [
         rate_distortion_figure(run_set, folder / "rate_distortion.png"),
-        elbo_curve_figure(run_set, labels, folder / "elbo_by_epoch.png"),
+        *(epoch_curve_figure(run_set, labels, metric, folder / name)
+          for name, metric in EPOCH_FIGURES.items()),
     ]
     for name, names in BAR_FIGURES.items():
         panels = {

@@ -173,7 +173,9 @@ def report_blocks(
         "rate_distortion.png": "Rate and distortion: KL against reconstruction, a dot per run; "
         "lines join the per-β means of one setting.",
         "elbo_by_epoch.png": "Validation ELBO by epoch: the mean over seeds, with a band of one "
-        "standard deviation where a variant has several.",
+        "standard deviation and a dot per seed where a variant has several.",
+        "nmi_by_epoch.png": "Validation NMI of the clusters by epoch: the mean over seeds, with a "
+        "band of one standard deviation and a dot per seed where a variant has several.",
         "clustering.png": "Clustering on the test split: NMI and accuracy of the clusters "
         "(whiskers: one std).",
         "epoch_seconds.png": "Training seconds per epoch after the first (whiskers: one std).",
