@@ -1,4 +1,4 @@
-"""The helper process that makes clustering scores and latent pictures beside this process's
+"""The helper process that makes clustering scores and figures beside this process's
 work: the same scores and bytes as this process's, and a helper that dies or is signalled costs
 no run its scores."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from vaebench.lifecycle.finishing_helper import FinishingHelper, Pending
-from vaebench.plots import latent_scatter_png
+from vaebench.lifecycle.run_figures import KL_PICTURE, LATENT_PICTURE, run_figures
 from vaebench.scoring.clustering import ClusterInput, scored_clusters
 
 
@@ -44,12 +44,14 @@ def helper():
 
 def test_the_helper_process_scores_and_draws_what_this_process_does(helper):
     inputs = _inputs()
-    latent = (inputs[0].means[:500], inputs[0].labels[:500], "a run")
-    pending = Pending(helper.submit_scores(inputs), helper.submit_picture(*latent))
+    drawn = (inputs[0].means[:500], inputs[0].labels[:500], "a run", (0.0, 1.5, 2.25), "val")
+    pending = Pending(helper.submit_scores(inputs), helper.submit_figures(*drawn))
     scores = pending.scores_of(inputs)
     assert scores == _expected(inputs)
-    pending.latent_png.result()  # drawn there, not taken back
-    assert pending.picture() == latent_scatter_png(*latent)  # the same file, byte for byte
+    pending.figures.result()  # drawn there, not taken back
+    figures = pending.figures_drawn()
+    assert set(figures) == {LATENT_PICTURE, KL_PICTURE}
+    assert figures == run_figures(*drawn)  # the same files, byte for byte
     assert scores["other_accuracy"] == 1.0 and scores["other_nmi"] == pytest.approx(1.0)
     assert scores["test_nmi"] > 0.8  # well-separated centres: k-means finds them
     assert helper.pid != os.getpid()
@@ -59,12 +61,12 @@ def test_a_helper_process_that_died_leaves_the_scores_to_this_process(helper):
     inputs = _inputs(1)
     os.kill(helper.pid, signal.SIGKILL)
     pending = Pending(
-        helper.submit_scores(inputs), helper.submit_picture(inputs[0].means, inputs[0].labels, "")
+        helper.submit_scores(inputs), helper.submit_figures(inputs[0].means, inputs[0].labels, "")
     )
     if pending.scores is not None:  # submitted before the pool knew: the futures fail
         assert all(isinstance(f.exception(timeout=30), BrokenProcessPool) for f in pending.scores)
     assert pending.scores_of(inputs) == _expected(inputs)  # scored here instead
-    assert pending.picture() is None  # to be drawn here
+    assert pending.figures_drawn() is None  # to be drawn here
 
 
 def test_ctrl_c_and_sigterm_are_the_invocations_to_act_on_not_the_helpers(helper):
@@ -77,7 +79,7 @@ def test_ctrl_c_and_sigterm_are_the_invocations_to_act_on_not_the_helpers(helper
     assert Pending(helper.submit_scores(inputs)).scores_of(inputs) == _expected(inputs)
     helper.close()
     assert helper.submit_scores(inputs) is None
-    assert helper.submit_picture(inputs[0].means, inputs[0].labels, "") is None
+    assert helper.submit_figures(inputs[0].means, inputs[0].labels, "") is None
     helper.close()  # again: nothing more
 
 
@@ -91,13 +93,15 @@ def test_the_helper_is_started_where_runs_are_finished_here_on_more_than_one_cor
     assert not FinishingHelper.worth_starting("ray", 1, "auto")
 
 
-def test_a_picture_the_helper_has_not_started_is_drawn_here(helper):
-    """Behind a queue of k-means, the last picture asked for is taken back (cancelled) and
-    left to this process; one the helper finished is returned."""
+def test_work_the_helper_has_not_started_is_done_here(helper):
+    """Behind a queue of k-means, the last scores and figures asked for are taken back
+    (cancelled) and made here, the same as the helper's; what it finished is returned."""
     inputs = _inputs(3)
     queue = [helper.submit_scores(inputs) for _ in range(4)]
     latent = (inputs[0].means[:300], inputs[0].labels[:300], "queued")
-    waiting = Pending(None, helper.submit_picture(*latent))
-    assert waiting.picture() is None and waiting.latent_png.cancelled()
+    waiting = Pending(helper.submit_scores(inputs), helper.submit_figures(*latent))
+    assert waiting.scores_of(inputs) == _expected(inputs)
+    assert all(future.cancelled() for future in waiting.scores)
+    assert waiting.figures_drawn() is None and waiting.figures.cancelled()
     for futures in queue:
-        Pending(futures).scores_of(inputs)
+        assert Pending(futures).scores_of(inputs) == _expected(inputs)

@@ -148,7 +148,7 @@ def save_bars(path: Path, panels: Mapping[str, Bars]) -> Path:
     return _save(fig, path)
 
 
-def save_dimension_bars(path: Path, values: Sequence[float], title: str, ylabel: str) -> Path:
+def dimension_bars_png(values: Sequence[float], title: str, ylabel: str) -> bytes:
     """A bar per latent dimension, drawn cheaply: a small figure made without pyplot's figure
     manager, fixed margins in place of a layout pass (each run draws one)."""
     from matplotlib.figure import Figure
@@ -163,5 +163,6 @@ def save_dimension_bars(path: Path, values: Sequence[float], title: str, ylabel:
     ax.set_ylabel(ylabel, fontsize=7)
     ax.tick_params(labelsize=6)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.savefig(path)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()

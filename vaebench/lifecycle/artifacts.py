@@ -20,7 +20,7 @@ from vaebench.spec.grid import RunSpec
 LATENT_SAMPLE = 2000  # test images in the latent picture
 LATENT_SAMPLE_SEED = 0
 LATENT_FILE = "latent.npz"  # their E[z|x] and labels, from which `report --tsne` draws
-KL_FILE, KL_PICTURE = "kl_per_dimension.json", "kl_per_dimension.png"
+KL_FILE = "kl_per_dimension.json"
 
 
 @dataclass
@@ -74,35 +74,23 @@ def picture_arrays(model: torch.nn.Module, splits: Splits) -> RunPictures:
     )
 
 
-def draw_pictures(
-    folder: Path, pictures: RunPictures, title: str, latent_png: bytes | None = None
-) -> None:
-    """``reconstructions.png``, ``samples.png``, ``latent.npz`` and its picture
-    ``latent.png`` (PCA: a t-SNE of 2,000 points takes seconds, so ``report --tsne`` draws it
-    for the runs a report shows; ``latent_png``: drawn already, by a helper process), and the
-    model family's own pictures."""
+def draw_pictures(folder: Path, pictures: RunPictures, figures: dict[str, bytes]) -> None:
+    """``reconstructions.png``, ``samples.png``, ``latent.npz``, the model family's own
+    pictures, and ``figures`` (:func:`~vaebench.lifecycle.run_figures.run_figures`: the latent
+    picture, a PCA, as a t-SNE of 2,000 points takes seconds: ``report --tsne`` draws it for
+    the runs a report shows)."""
     originals, reconstructions = pictures.originals, pictures.reconstructions
     save_reconstructions(folder / "reconstructions.png", originals, reconstructions)
     save_grid(folder / "samples.png", pictures.samples, columns=8)
     means, labels = pictures.latent_means, pictures.latent_labels
     np.savez_compressed(folder / LATENT_FILE, means=means, labels=labels)
-    if latent_png is None:
-        from vaebench.plots import latent_scatter_png  # Matplotlib: imported when first drawn
-
-        latent_png = latent_scatter_png(means, labels, title)
-    (folder / "latent.png").write_bytes(latent_png)
+    for name, png in figures.items():
+        (folder / name).write_bytes(png)
     for name, (images, columns) in pictures.extra.items():
         save_grid(folder / name, images, columns=columns)
 
 
-def write_kl_per_dimension(
-    folder: Path, profile: KLPerDimension, title: str, picture: bool = True
-) -> None:
-    """``kl_per_dimension.json`` (the split and the nats per image of each latent dimension)
-    and, with ``picture``, its bars ``kl_per_dimension.png``: a collapsed dimension's KL is 0."""
+def write_kl_per_dimension(folder: Path, profile: KLPerDimension) -> None:
+    """``kl_per_dimension.json``: the split and the nats per image of each latent dimension (a
+    collapsed dimension's KL is 0); its bars are one of the run's figures."""
     (folder / KL_FILE).write_text(json.dumps(asdict(profile)) + "\n")
-    if picture:
-        from vaebench.plots import save_dimension_bars  # Matplotlib: imported when first drawn
-
-        heading = f"{title}: KL per latent dimension, {profile.split} split"
-        save_dimension_bars(folder / KL_PICTURE, profile.nats, heading, "nats per image")

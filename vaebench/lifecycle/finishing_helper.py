@@ -1,5 +1,5 @@
 """A helper process for the host's share of finishing runs: k-means with the clustering scores,
-and the latent picture, while this process draws the image grids and writes the store
+and the Matplotlib figures, while this process draws the image grids and writes the store
 (docs/performance.md#finishing-beside-a-helper-process).
 
 A stack's members are finished on the host after training. Each of the parts is one core's
@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vaebench.lifecycle.run_figures import run_figures
 from vaebench.scoring.clustering import ClusterInput, scored_clusters
 from vaebench.signals import become_helper_process
 
 Scores = dict[str, float]
+Figures = dict[str, bytes]  # file name: PNG bytes
 _limits: object = None  # the helper's thread limits, kept for its life
 
 
@@ -45,41 +47,38 @@ def _start() -> None:
     _limits = threadpool_limits(limits=1)
 
 
-def _latent_png(points: np.ndarray, labels: np.ndarray, title: str) -> bytes:
-    from vaebench.plots import latent_scatter_png
-
-    return latent_scatter_png(points, labels, title)
-
-
 @dataclass
 class Pending:
-    """One run's work in the helper: its clustering scores (an input each) and its latent
-    picture (None: not asked, or the helper was gone). The pictures are asked for after every
-    score of a stack: the helper draws those of the last members while this process finishes
-    the first ones, and this process draws those the helper has not reached."""
+    """One run's work in the helper: its clustering scores (an input each) and its figures
+    (None: not asked, or the helper was gone). A stack's members are handed to the helper last
+    member first while this process finishes them first to last: what the helper has not
+    started when this process comes to it is taken back (cancelled) and done here, so the two
+    work from the two ends of the stack and meet in its middle."""
 
     scores: list[Future[Scores]] | None = None
-    latent_png: Future[bytes] | None = None
+    figures: Future[Figures] | None = None
 
     def scores_of(self, clusters: Sequence[ClusterInput]) -> Scores:
-        """Every input's scores, from the helper where it computed them, else computed here."""
+        """Every input's scores, from the helper where it computed them (or is computing them),
+        else computed here."""
         scores: Scores = {}
         for index, one in enumerate(clusters):
+            future = None if self.scores is None else self.scores[index]
             try:
-                if self.scores is None:
+                if future is None or future.cancel():
                     raise BrokenProcessPool
-                scores.update(self.scores[index].result())
+                scores.update(future.result())
             except BrokenProcessPool:
                 scores.update(scored_clusters(one))
         return scores
 
-    def picture(self) -> bytes | None:
-        """The latent picture's bytes; None: to be drawn here, because the helper has not
-        started it (it is behind: the caller, who would wait, draws it instead) or is gone."""
-        if self.latent_png is None or self.latent_png.cancel():
+    def figures_drawn(self) -> Figures | None:
+        """The figures' bytes; None: to be drawn here, because the helper has not started them
+        (it is behind: the caller, who would wait, draws them instead) or is gone."""
+        if self.figures is None or self.figures.cancel():
             return None
         try:
-            return self.latent_png.result()
+            return self.figures.result()
         except BrokenProcessPool:
             return None
 
@@ -113,12 +112,14 @@ class FinishingHelper:
         except (BrokenProcessPool, RuntimeError):  # died, or shut down
             return None
 
-    def submit_picture(
-        self, points: np.ndarray, labels: np.ndarray, title: str
-    ) -> Future[bytes] | None:
-        """The latent picture's bytes, to come (None: the helper is gone)."""
+    def submit_figures(
+        self, points: np.ndarray, labels: np.ndarray, title: str,
+        kl_nats: Sequence[float] | None = None, kl_split: str = "",
+    ) -> Future[Figures] | None:
+        """:func:`~vaebench.lifecycle.run_figures.run_figures`, to come (None: the helper is
+        gone)."""
         try:
-            return self._submit(_latent_png, points, labels, title)
+            return self._submit(run_figures, points, labels, title, kl_nats, kl_split)
         except (BrokenProcessPool, RuntimeError):
             return None
 

@@ -24,6 +24,7 @@ from vaebench.lifecycle.artifacts import (
     write_weights,
 )
 from vaebench.lifecycle.finishing_helper import FinishingHelper, Pending
+from vaebench.lifecycle.run_figures import run_figures
 from vaebench.scoring.clustering import ClusterInput
 from vaebench.scoring.collapse import KLPerDimension
 from vaebench.signals import (
@@ -74,18 +75,17 @@ def finish_run(
 ) -> RunOutcome:
     """``seconds``: the run's whole time, this scoring included. ``extra_metrics`` sees the
     final values and adds to the summary (a study's objectives). ``pending``: its clustering
-    scores and latent picture, being made by a helper process (else made here)."""
+    scores and figures, being made by a helper process (else made here)."""
     pending = pending or Pending()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vaebench-") as scratch:
         folder = Path(scratch)
         if job.pictures is not None:
             with phase("pictures"):
-                draw_pictures(folder, job.pictures, job.run.name, pending.picture())
+                figures = pending.figures_drawn() or run_figures(*figure_arguments(job))
+                draw_pictures(folder, job.pictures, figures)
         if job.kl_per_dimension is not None:
-            with phase("pictures", "KL per dimension"):
-                drawn = job.pictures is not None
-                write_kl_per_dimension(folder, job.kl_per_dimension, job.run.name, drawn)
+            write_kl_per_dimension(folder, job.kl_per_dimension)
         with phase("clustering"):
             clusters = pending.scores_of(job.clusters)
         check_finite(clusters, "after training")
@@ -105,6 +105,16 @@ def finish_run(
             job.checkpoints.remove(job.run_id)
         job.outcome = RunOutcome(job.run_id, summary, final)
     return job.outcome
+
+
+def figure_arguments(job: FinishJob) -> tuple:
+    """What :func:`~vaebench.lifecycle.run_figures.run_figures` draws a run's figures from."""
+    assert job.pictures is not None
+    kl = job.kl_per_dimension
+    return (
+        job.pictures.latent_means, job.pictures.latent_labels, job.run.name,
+        None if kl is None else kl.nats, "" if kl is None else kl.split,
+    )
 
 
 def error_text(exc: BaseException) -> str:
@@ -140,23 +150,21 @@ def finished(outcome: RunOutcome) -> Future[RunOutcome]:
 class InlineFinisher:
     """Finishes each run in this process, before the next one starts; what goes wrong is
     raised at once, to the caller that ends the run. ``helper``: a process that makes the
-    clustering scores and latent pictures of the runs handed to :meth:`prepare`."""
+    clustering scores and figures of the runs handed to :meth:`prepare`."""
 
     def __init__(self, helper: FinishingHelper | None = None):
         self._helper = helper
         self._pending: dict[str, Pending] = {}
 
     def prepare(self, jobs: Sequence[FinishJob]) -> None:
-        """The runs about to be finished, in order (a stack's members): the helper starts."""
+        """The runs about to be finished, in order (a stack's members): the helper starts on
+        them from the last (:class:`~vaebench.lifecycle.finishing_helper.Pending`)."""
         if self._helper is None:
             return
-        for job in jobs:
-            self._pending[job.run_id] = Pending(self._helper.submit_scores(job.clusters))
-        for job in jobs:
+        for job in reversed(jobs):
+            pending = self._pending[job.run_id] = Pending(self._helper.submit_scores(job.clusters))
             if job.pictures is not None:
-                self._pending[job.run_id].latent_png = self._helper.submit_picture(
-                    job.pictures.latent_means, job.pictures.latent_labels, job.run.name
-                )
+                pending.figures = self._helper.submit_figures(*figure_arguments(job))
 
     def finish(
         self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None

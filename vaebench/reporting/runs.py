@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vaebench.lifecycle.artifacts import KL_PICTURE, LATENT_FILE
+from vaebench.lifecycle.artifacts import LATENT_FILE
+from vaebench.lifecycle.run_figures import KL_PICTURE, LATENT_PICTURE
 from vaebench.plots import save_latent_scatter
 from vaebench.spec.catalogue import CONDITIONAL, REPORTED
 from vaebench.spec.catalogue import METRICS as CATALOGUE
@@ -23,7 +24,9 @@ from vaebench.tracking.registry import fluent_api_on
 from vaebench.tracking.store import sqlite_path
 
 METRICS = {name: CATALOGUE[name] for name in REPORTED}
-BEST_PICTURES = ("samples.png", "reconstructions.png", "latent.png", "digits.png", KL_PICTURE)
+BEST_PICTURES = (
+    "samples.png", "reconstructions.png", LATENT_PICTURE, "digits.png", KL_PICTURE
+)
 TSNE_PICTURE = "latent_tsne.png"  # drawn by the report on request (--tsne)
 # a cvae's ELBO bounds log p(x|y): the label is given, worth up to ln 10 nats, so it is
 # ranked apart from models that bound log p(x)
