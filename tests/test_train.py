@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import re
@@ -346,21 +347,54 @@ def test_bench_stack_on_cuda_without_a_gpu_is_a_one_line_error(mnist_root, capsy
     assert "cuda was asked for but torch sees no CUDA device" in capsys.readouterr().err
 
 
-def test_building_an_optimizer_and_its_state_do_not_import_torch_dynamo():
+def test_building_and_stepping_an_optimizer_do_not_import_torch_dynamo():
     """torch.optim imports torch._dynamo (seconds of every process's start) on an optimizer's
-    first add_param_group, zero_grad or state_dict unless vaebench.eager has run. (vaebench
-    steps with its own fused kernels, stacking.optim: torch's ``Optimizer.step`` imports it on
-    every call, and only the cvae classifier and the bench's reference loop call it.)"""
+    first add_param_group, zero_grad or state_dict unless vaebench.eager has run, and on every
+    ``Optimizer.step``: vaebench steps a run trained alone with ``eager.optimizer_step`` (a
+    stack with its own fused kernels, stacking.optim)."""
     code = textwrap.dedent("""
         import sys, torch
+        from vaebench.eager import optimizer_step
         from vaebench.spec.config import OptimConfig
         from vaebench.training.trainer import build_optimizer
         for name in ("adam", "rmsprop"):
-            optimizer = build_optimizer(OptimConfig(name=name), torch.nn.Linear(3, 2).parameters())
+            layer = torch.nn.Linear(3, 2)
+            optimizer = build_optimizer(OptimConfig(name=name), layer.parameters())
             optimizer.zero_grad()
+            layer(torch.ones(4, 3)).sum().backward()
+            optimizer_step(optimizer)
             optimizer.load_state_dict(optimizer.state_dict())
         print("torch._dynamo" in sys.modules)
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=True)
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop"])
+def test_the_eager_step_is_torchs_step_to_the_bit(name):
+    """Two copies of a model, one stepped by ``Optimizer.step``, the other by
+    ``eager.optimizer_step``: the same parameters and optimizer state after every step."""
+    from vaebench.eager import optimizer_step
+    from vaebench.spec.config import OptimConfig
+    from vaebench.training.trainer import build_optimizer
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))]
+    models.append(copy.deepcopy(models[0]))
+    optimizers = [build_optimizer(OptimConfig(name=name, lr=0.01), m.parameters()) for m in models]
+    for batch in torch.randn(6, 16, 5):
+        for model, optimizer, stepped in zip(models, optimizers, (True, False), strict=True):
+            optimizer.zero_grad(set_to_none=True)
+            model(batch).pow(2).mean().backward()
+            if stepped:
+                optimizer.step()
+            else:
+                optimizer_step(optimizer)
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert torch.equal(a, b)
+        first, second = (o.state_dict()["state"] for o in optimizers)
+        for index, state in first.items():
+            for key, value in state.items():
+                assert torch.equal(value, second[index][key]), (index, key)
+        assert torch.is_grad_enabled()  # back on after the step

@@ -14,7 +14,7 @@ from torch import nn
 
 from vaebench.atomic import atomic_file, write_text
 from vaebench.data import Split, load_splits
-from vaebench.eager import optimizers_without_dynamo
+from vaebench.eager import optimizer_step, optimizers_without_dynamo
 from vaebench.spec.config import DataConfig
 
 CACHE_ENV = "VAEBENCH_CACHE"
@@ -53,7 +53,7 @@ def train_classifier(train: Split, epochs: int = EPOCHS) -> nn.Module:
             loss = F.cross_entropy(model(train.images[index]), train.labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer)
     return model.eval()
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from vaebench.data import Split, Splits
-from vaebench.eager import optimizers_without_dynamo
+from vaebench.eager import optimizer_step, optimizers_without_dynamo
 from vaebench.models import build_model, place_model
 from vaebench.models.losses import Objective, draws_per_image, loss_terms
 from vaebench.scoring.clustering import ClusterInput, nmi, scored_clusters
@@ -133,7 +133,7 @@ def train_epoch(
             loss = objective(terms, x.shape[0], step)
         optimizer.zero_grad(set_to_none=True)
         (loss / x.shape[0]).backward()
-        optimizer.step()
+        optimizer_step(optimizer)
         total += loss.detach()
     return total
 
