@@ -93,15 +93,13 @@ def test_the_helper_is_started_where_runs_are_finished_here_on_more_than_one_cor
     assert not FinishingHelper.worth_starting("ray", 1, "auto")
 
 
-def test_work_the_helper_has_not_started_is_done_here(helper):
-    """Behind a queue of k-means, the last scores and figures asked for are taken back
-    (cancelled) and made here, the same as the helper's; what it finished is returned."""
+def test_figures_the_helper_has_not_started_are_drawn_here(helper):
+    """Behind a queue of k-means, the last figures asked for are taken back (cancelled) and
+    left to this process; scores are waited for, and the same as this process's."""
     inputs = _inputs(3)
     queue = [helper.submit_scores(inputs) for _ in range(4)]
     latent = (inputs[0].means[:300], inputs[0].labels[:300], "queued")
-    waiting = Pending(helper.submit_scores(inputs), helper.submit_figures(*latent))
-    assert waiting.scores_of(inputs) == _expected(inputs)
-    assert all(future.cancelled() for future in waiting.scores)
+    waiting = Pending(None, helper.submit_figures(*latent))
     assert waiting.figures_drawn() is None and waiting.figures.cancelled()
     for futures in queue:
         assert Pending(futures).scores_of(inputs) == _expected(inputs)

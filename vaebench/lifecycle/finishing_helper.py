@@ -50,24 +50,24 @@ def _start() -> None:
 @dataclass
 class Pending:
     """One run's work in the helper: its clustering scores (an input each) and its figures
-    (None: not asked, or the helper was gone). A stack's members are handed to the helper last
-    member first while this process finishes them first to last: what the helper has not
-    started when this process comes to it is taken back (cancelled) and done here, so the two
-    work from the two ends of the stack and meet in its middle."""
+    (None: not asked, or the helper was gone). A stack's scores are asked for first, in the
+    order this process finishes its members, then its figures last member first: the helper
+    draws those of the last members while this process finishes the first ones, and this
+    process draws those the helper has not started when it comes to them (taken back,
+    cancelled). Scores are always the helper's: k-means here would first import scikit-learn
+    (most of a second), measured slower than waiting for the helper."""
 
     scores: list[Future[Scores]] | None = None
     figures: Future[Figures] | None = None
 
     def scores_of(self, clusters: Sequence[ClusterInput]) -> Scores:
-        """Every input's scores, from the helper where it computed them (or is computing them),
-        else computed here."""
+        """Every input's scores, from the helper where it computed them, else computed here."""
         scores: Scores = {}
         for index, one in enumerate(clusters):
-            future = None if self.scores is None else self.scores[index]
             try:
-                if future is None or future.cancel():
+                if self.scores is None:
                     raise BrokenProcessPool
-                scores.update(future.result())
+                scores.update(self.scores[index].result())
             except BrokenProcessPool:
                 scores.update(scored_clusters(one))
         return scores

@@ -158,13 +158,16 @@ class InlineFinisher:
 
     def prepare(self, jobs: Sequence[FinishJob]) -> None:
         """The runs about to be finished, in order (a stack's members): the helper starts on
-        them from the last (:class:`~vaebench.lifecycle.finishing_helper.Pending`)."""
+        their scores, then their figures from the last
+        (:class:`~vaebench.lifecycle.finishing_helper.Pending`)."""
         if self._helper is None:
             return
-        for job in reversed(jobs):
-            pending = self._pending[job.run_id] = Pending(self._helper.submit_scores(job.clusters))
+        for job in jobs:
+            self._pending[job.run_id] = Pending(self._helper.submit_scores(job.clusters))
+        for job in reversed(jobs):  # this process finishes them first to last
             if job.pictures is not None:
-                pending.figures = self._helper.submit_figures(*figure_arguments(job))
+                figures = self._helper.submit_figures(*figure_arguments(job))
+                self._pending[job.run_id].figures = figures
 
     def finish(
         self, job: FinishJob, tracker: Tracker, extra_metrics: ExtraMetrics | None = None
