@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from vaebench.lifecycle.artifacts import (
     RunPictures,
     draw_pictures,
@@ -82,7 +84,8 @@ def finish_run(
         folder = Path(scratch)
         if job.pictures is not None:
             with phase("pictures"):
-                figures = pending.figures_drawn() or run_figures(*figure_arguments(job))
+                drawn = pending.figures_drawn()
+                figures = drawn or run_figures(*figure_arguments(job, job.pictures))
                 draw_pictures(folder, job.pictures, figures)
         if job.kl_per_dimension is not None:
             write_kl_per_dimension(folder, job.kl_per_dimension)
@@ -107,12 +110,14 @@ def finish_run(
     return job.outcome
 
 
-def figure_arguments(job: FinishJob) -> tuple:
-    """What :func:`~vaebench.lifecycle.run_figures.run_figures` draws a run's figures from."""
-    assert job.pictures is not None
+def figure_arguments(
+    job: FinishJob, pictures: RunPictures
+) -> tuple[np.ndarray, np.ndarray, str, tuple[float, ...] | None, str]:
+    """What :func:`~vaebench.lifecycle.run_figures.run_figures` draws a run's figures from:
+    its latent means and labels, its name, and its KL per dimension where it has one."""
     kl = job.kl_per_dimension
     return (
-        job.pictures.latent_means, job.pictures.latent_labels, job.run.name,
+        pictures.latent_means, pictures.latent_labels, job.run.name,
         None if kl is None else kl.nats, "" if kl is None else kl.split,
     )
 
@@ -166,7 +171,7 @@ class InlineFinisher:
             self._pending[job.run_id] = Pending(self._helper.submit_scores(job.clusters))
         for job in reversed(jobs):  # this process finishes them first to last
             if job.pictures is not None:
-                figures = self._helper.submit_figures(*figure_arguments(job))
+                figures = self._helper.submit_figures(*figure_arguments(job, job.pictures))
                 self._pending[job.run_id].figures = figures
 
     def finish(
