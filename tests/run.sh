@@ -4,7 +4,9 @@
 # After the set-up line (pip install torch==2.13.0 && pip install -e ".[dev,postgres,ray,pyro]"),
 # on a fresh Debian or Ubuntu machine:
 # 1. what pip cannot install: Chromium and ChromeDriver (browser tests), PostgreSQL's server
-#    binaries (a throw-away server), iproute2's ss and util-linux's unshare (network tests);
+#    binaries (a throw-away server), iproute2's ss and util-linux's unshare (network tests),
+#    pdflatex with booktabs (texlive-latex-base and -recommended, without their recommends:
+#    report --format latex compiled);
 #    installed with apt-get as root or with password-less sudo, otherwise named with the
 #    command that installs them, and the script stops;
 # 2. MNIST: $VAEBENCH_DATA if set, else the shared copy ../shared/data beside the repository
@@ -23,20 +25,23 @@ if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev
 fi
 command -v ss >/dev/null || missing+=(iproute2)
 command -v unshare >/dev/null || missing+=(util-linux)
-if [ ${#missing[@]} -gt 0 ]; then
-    install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}")
+lean=()  # installed without their recommended packages (much more of TeX Live)
+command -v pdflatex >/dev/null || lean+=(texlive-latex-base texlive-latex-recommended)
+if [ $((${#missing[@]} + ${#lean[@]})) -gt 0 ]; then
+    apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq)
     if [ "$(id -u)" = 0 ]; then
         sudo=()
     elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
         sudo=(sudo)
     else
-        echo "tests/run.sh: the tests need ${missing[*]}; install them, e.g." >&2
-        echo "    sudo apt-get install ${missing[*]}" >&2
+        echo "tests/run.sh: the tests need ${missing[*]} ${lean[*]}; install them, e.g." >&2
+        echo "    sudo apt-get install ${missing[*]} ${lean[*]}" >&2
         exit 2
     fi
-    echo "tests/run.sh: installing ${missing[*]}"
+    echo "tests/run.sh: installing ${missing[*]} ${lean[*]}"
     "${sudo[@]}" apt-get update -qq
-    "${sudo[@]}" "${install[@]}" >/dev/null
+    [ ${#missing[@]} -eq 0 ] || "${sudo[@]}" "${apt[@]}" "${missing[@]}" >/dev/null
+    [ ${#lean[@]} -eq 0 ] || "${sudo[@]}" "${apt[@]}" --no-install-recommends "${lean[@]}" >/dev/null
 fi
 
 # --- the Python side: the set-up line's packages -------------------------------------------

@@ -1,9 +1,10 @@
 """``report --format latex|markdown|csv``: the leaderboard as a table for a paper, with the
 published figures of vaebench/reporting/literature.csv beside a grid's rows.
 
-No LaTeX engine is installed here, so the LaTeX table's structure is checked instead of
-compiling it: one tabular with booktabs rules, balanced braces, no unescaped special
-character, the same number of cells in every row and one row per variant.
+The LaTeX table's structure is checked (one tabular with booktabs rules, balanced braces, no
+unescaped special character, the same number of cells in every row and one row per variant),
+and where a LaTeX engine is installed (tests/run.sh installs Debian's texlive-latex-base and
+texlive-latex-recommended) pdflatex compiles it in a minimal document.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import REPO
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_report import search_frame
 
@@ -84,6 +88,35 @@ def check_latex(text: str, width: int) -> list[list[str]]:
     rows = latex_rows(text)
     assert [row_width(cells) for cells in rows] == [width] * len(rows)
     return rows
+
+
+PDFLATEX = shutil.which("pdflatex")
+needs_latex = pytest.mark.skipif(
+    PDFLATEX is None, reason="no pdflatex (tests/run.sh installs texlive-latex-base)")
+MINIMAL_DOCUMENT = r"""\documentclass{article}
+\usepackage{booktabs}
+\begin{document}
+\input{table}
+\end{document}
+"""
+
+
+def compile_latex(table: str, folder: Path) -> subprocess.CompletedProcess:
+    """pdflatex on a minimal document that inputs ``table`` (what the table's first line says
+    it needs: booktabs), stopping at the first error."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "table.tex").write_text(table)
+    (folder / "paper.tex").write_text(MINIMAL_DOCUMENT)
+    return subprocess.run(
+        [PDFLATEX, "-interaction=nonstopmode", "-halt-on-error", "paper.tex"],
+        cwd=folder, capture_output=True, text=True, timeout=60,
+    )
+
+
+def assert_compiles(table: str, folder: Path) -> None:
+    done = compile_latex(table, folder)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert (folder / "paper.pdf").stat().st_size > 1000
 
 
 # --- a likelihood grid, read back from a hand-made search_runs table ---------------------
@@ -203,6 +236,33 @@ def test_comparison_groups_are_labelled_and_each_has_its_best():
     assert "binarization" not in static_notes[3].split("Not the same")[-1]  # pythae: static
 
 
+@needs_latex
+def test_pdflatex_compiles_the_tables_and_refuses_a_broken_one(tmp_path):
+    likelihood = render_latex(likelihood_table())
+    assert_compiles(likelihood, tmp_path / "likelihood")
+    rows = [nll_run(f"{b}-mlp_x", 0, -99.0, 90.0, binarize=b) for b in ("dynamic", "static")]
+    assert_compiles(render_latex(likelihood_table(rows)), tmp_path / "groups")
+    broken = likelihood.replace(r"mlp\_e50", "mlp_e50")  # an unescaped _: what escaping is for
+    assert compile_latex(broken, tmp_path / "broken").returncode != 0
+
+
+@needs_latex
+def test_pdflatex_compiles_the_published_tables(tmp_path):
+    published = sorted((REPO / "results" / "published").glob("*/table.tex"))
+    assert len(published) >= 3  # jointvae, gmvae, iwae
+    for table in published:
+        assert_compiles(table.read_text(), tmp_path / table.parent.name)
+
+
+@needs_latex
+@settings(max_examples=12, deadline=None)
+@given(st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1, max_size=30))
+def test_pdflatex_compiles_any_printable_variant_name(tmp_path_factory, name):
+    table = PaperTable(["variant", "runs", "val ELBO"],
+                       [Group(name, [Row([name, "2", "-99.0"], bold=2)])], [])
+    assert_compiles(render_latex(table), tmp_path_factory.mktemp("name"))
+
+
 def test_markdown_and_csv_carry_the_same_rows():
     table = likelihood_table(literature=False)
     assert not any(row.published for row in table.groups[0].rows)
@@ -317,6 +377,8 @@ def test_report_format_latex_on_a_trained_grid(tmp_path, mnist_root, capsys):
     assert [cells[1].strip() for cells in rows[1:3]] == ["2", "2"]
     assert "Burda et al. 2016" in text and "K (importance samples): 5000 there; 4 for" in text
     assert "test images: all there; 50 for" in text
+    if PDFLATEX is not None:  # the structure above is checked either way
+        assert_compiles(text, tmp_path / "paper")
     pd.testing.assert_frame_equal(pd.read_csv(folder / "leaderboard.csv"), before)
     assert main(["report", "tinylik", *common, "--format", "csv", "--no-literature"]) == 0
     parsed = list(csv.DictReader(io.StringIO((folder / "table.csv").read_text())))
