@@ -13,6 +13,8 @@ import pytest
 
 from vaebench.lifecycle.finishing_helper import FinishingHelper, Pending
 from vaebench.lifecycle.run_figures import KL_PICTURE, LATENT_PICTURE, run_figures
+from vaebench.plots import Curve, save_curves
+from vaebench.reporting.figures import Drawings
 from vaebench.scoring.clustering import ClusterInput, scored_clusters
 
 
@@ -45,11 +47,11 @@ def helper():
 def test_the_helper_process_scores_and_draws_what_this_process_does(helper):
     inputs = _inputs()
     drawn = (inputs[0].means[:500], inputs[0].labels[:500], "a run", (0.0, 1.5, 2.25), "val")
-    pending = Pending(helper.submit_scores(inputs), helper.submit_figures(*drawn))
+    pending = Pending(helper.submit_scores(inputs), helper.draw(run_figures, *drawn))
     scores = pending.scores_of(inputs)
     assert scores == _expected(inputs)
-    pending.figures.result()  # drawn there, not taken back
-    figures = pending.figures_drawn()
+    pending.figures.future.result()  # drawn there, not taken back
+    figures = pending.figures.result()
     assert set(figures) == {LATENT_PICTURE, KL_PICTURE}
     assert figures == run_figures(*drawn)  # the same files, byte for byte
     assert scores["other_accuracy"] == 1.0 and scores["other_nmi"] == pytest.approx(1.0)
@@ -60,13 +62,12 @@ def test_the_helper_process_scores_and_draws_what_this_process_does(helper):
 def test_a_helper_process_that_died_leaves_the_scores_to_this_process(helper):
     inputs = _inputs(1)
     os.kill(helper.pid, signal.SIGKILL)
-    pending = Pending(
-        helper.submit_scores(inputs), helper.submit_figures(inputs[0].means, inputs[0].labels, "")
-    )
+    latent = (inputs[0].means, inputs[0].labels, "")
+    pending = Pending(helper.submit_scores(inputs), helper.draw(run_figures, *latent))
     if pending.scores is not None:  # submitted before the pool knew: the futures fail
         assert all(isinstance(f.exception(timeout=30), BrokenProcessPool) for f in pending.scores)
     assert pending.scores_of(inputs) == _expected(inputs)  # scored here instead
-    assert pending.figures_drawn() is None  # to be drawn here
+    assert pending.figures.result() == run_figures(*latent)  # drawn here instead
 
 
 def test_ctrl_c_and_sigterm_are_the_invocations_to_act_on_not_the_helpers(helper):
@@ -79,7 +80,7 @@ def test_ctrl_c_and_sigterm_are_the_invocations_to_act_on_not_the_helpers(helper
     assert Pending(helper.submit_scores(inputs)).scores_of(inputs) == _expected(inputs)
     helper.close()
     assert helper.submit_scores(inputs) is None
-    assert helper.submit_figures(inputs[0].means, inputs[0].labels, "") is None
+    assert helper.draw(run_figures, inputs[0].means, inputs[0].labels, "").future is None
     helper.close()  # again: nothing more
 
 
@@ -99,7 +100,27 @@ def test_figures_the_helper_has_not_started_are_drawn_here(helper):
     inputs = _inputs(3)
     queue = [helper.submit_scores(inputs) for _ in range(4)]
     latent = (inputs[0].means[:300], inputs[0].labels[:300], "queued")
-    waiting = Pending(None, helper.submit_figures(*latent))
-    assert waiting.figures_drawn() is None and waiting.figures.cancelled()
+    waiting = Pending(None, helper.draw(run_figures, *latent))
+    assert waiting.figures.result() == run_figures(*latent)  # drawn here
+    assert waiting.figures.future.cancelled()  # taken back from the helper
     for futures in queue:
         assert Pending(futures).scores_of(inputs) == _expected(inputs)
+
+
+def test_report_figures_drawn_by_the_helper_are_the_files_drawn_here(helper, tmp_path):
+    """A report's figures (plots.save_* functions, their file first) handed to the helper:
+    the path at once, the file written by the helper, byte for byte this process's."""
+    panels = {"panel": [Curve("a", [1, 2, 3], [0.5, 0.7, 0.6], [0.4, 0.6, 0.5], [0.6, 0.8, 0.7])]}
+    arguments = (panels, "epoch", "validation ELBO", None, True)
+    drawings = Drawings(helper.draw)
+    there = drawings(save_curves, tmp_path / "there.png", *arguments)
+    assert there == tmp_path / "there.png"
+    drawings.wait()
+    here = save_curves(tmp_path / "here.png", *arguments)
+    assert there.read_bytes() == here.read_bytes()
+    os.kill(helper.pid, signal.SIGKILL)  # gone: drawn here when waited for
+    gone = Drawings(helper.draw)
+    late = gone(save_curves, tmp_path / "late.png", *arguments)
+    assert not late.exists()
+    gone.wait()
+    assert late.read_bytes() == here.read_bytes()

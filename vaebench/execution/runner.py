@@ -78,10 +78,10 @@ def run_grid(
             grid_run.nothing_to_train()
             return grid_run.outcome
         grid_run.train()
+        grid_run.report_and_register()
     finally:
         if invocation.finishing_helper is not None:
             invocation.finishing_helper.close()
-    grid_run.report_and_register()
     return grid_run.outcome
 
 
@@ -276,26 +276,37 @@ class _GridRun:
             take_work(self.outcome, self.stored(work))
 
     def report_and_register(self) -> None:
+        """The report, its figures drawn by the helper process (where there is one) while
+        this process registers the best models."""
         todo = self.todo
         resumed = len(todo) < len(self.planned) or any(s.action == "continue" for _, s in todo)
-        uri, made, chosen = self.tracker.uri, None, None if resumed else self.parent
+        uri, started, chosen = self.tracker.uri, None, None if resumed else self.parent
         # matplotlib and pandas' styling: imported when needed
-        from vaebench.reporting.report import best_of_invocation, make_report
+        from vaebench.reporting.figures import Drawings
+        from vaebench.reporting.report import best_of_invocation, start_report
 
+        helper = self.invocation.finishing_helper
+        figures = Drawings(helper.draw) if helper is not None else Drawings()
         if self.invocation.report:  # of every invocation, when this one continued a grid
             with phase("report"):
-                made = _or_line("no report", None, lambda: make_report(
+                started = _or_line("no report", None, lambda: start_report(
                     self.name, uri, self.invocation.results_dir, parent_id=chosen,
-                    all_invocations=resumed))
-            self.outcome.report_folder = made.folder if made else None
-        if self.invocation.register:
-            with phase("registration"):
-                best = made.best_runs if made else _or_line(
-                    "nothing registered", [], lambda: best_of_invocation(uri, self.name, chosen)
-                )
-                self.outcome.registered = register_best(
-                    self.tracker, self.name, best, self.workspace.test_images, self.parent
-                )
+                    all_invocations=resumed, figures=figures))
+        try:
+            if self.invocation.register:
+                with phase("registration"):
+                    best = started.report.best_runs if started else _or_line(
+                        "nothing registered", [],
+                        lambda: best_of_invocation(uri, self.name, chosen),
+                    )
+                    self.outcome.registered = register_best(
+                        self.tracker, self.name, best, self.workspace.test_images, self.parent
+                    )
+        finally:
+            if started is not None:
+                with phase("report", "its figures and files to the store"):
+                    made = _or_line("no report", None, started.finish)
+                self.outcome.report_folder = made.folder if made else None
 
 
 def background_finishing(post_run: str, runs: Sequence[RunSpec]) -> bool:

@@ -1,5 +1,6 @@
 """A helper process for the host's share of finishing runs: k-means with the clustering scores,
-and the Matplotlib figures, while this process draws the image grids and writes the store
+and the Matplotlib figures, while this process draws the image grids and writes the store; at
+the invocation's end, the report's figures while this process registers the best models
 (docs/performance.md#finishing-beside-a-helper-process).
 
 A stack's members are finished on the host after training. Each of the parts is one core's
@@ -15,19 +16,18 @@ import contextlib
 import multiprocessing
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-import numpy as np
-
-from vaebench.lifecycle.run_figures import run_figures
 from vaebench.scoring.clustering import ClusterInput, scored_clusters
 from vaebench.signals import become_helper_process
 
 Scores = dict[str, float]
 Figures = dict[str, bytes]  # file name: PNG bytes
+T = TypeVar("T")
 _limits: object = None  # the helper's thread limits, kept for its life
 
 
@@ -48,17 +48,43 @@ def _start() -> None:
 
 
 @dataclass
+class Drawing(Generic[T]):
+    """A figure's drawing, handed to the helper (``future``) or to be drawn here (None: no
+    helper, or it was gone). :meth:`result` is what the helper returned, or what the call
+    returns here where the helper has not started it by then (it is behind: the caller, who
+    would wait, draws it instead) or died: the same function on the same arguments, so the
+    same bytes."""
+
+    function: Callable[..., T]
+    arguments: tuple[Any, ...]
+    future: Future[T] | None = None
+
+    def result(self) -> T:
+        if self.future is not None and not self.future.cancel():
+            try:
+                return self.future.result()
+            except BrokenProcessPool:
+                pass
+        return self.function(*self.arguments)
+
+
+def draw_here(function: Callable[..., T], *arguments: Any) -> Drawing[T]:
+    """:meth:`FinishingHelper.draw` where there is no helper: drawn when asked for."""
+    return Drawing(function, arguments)
+
+
+@dataclass
 class Pending:
-    """One run's work in the helper: its clustering scores (an input each) and its figures
-    (None: not asked, or the helper was gone). A stack's scores are asked for first, in the
+    """One run's work in the helper: its clustering scores (an input each; None: the helper
+    was gone) and its figures (None: not asked). A stack's scores are asked for first, in the
     order this process finishes its members, then its figures last member first: the helper
     draws those of the last members while this process finishes the first ones, and this
-    process draws those the helper has not started when it comes to them (taken back,
-    cancelled). Scores are always the helper's: k-means here would first import scikit-learn
-    (most of a second), measured slower than waiting for the helper."""
+    process draws those the helper has not started when it comes to them
+    (:meth:`Drawing.result`). Scores are always the helper's: k-means here would first
+    import scikit-learn (most of a second), measured slower than waiting for the helper."""
 
     scores: list[Future[Scores]] | None = None
-    figures: Future[Figures] | None = None
+    figures: Drawing[Figures] | None = None
 
     def scores_of(self, clusters: Sequence[ClusterInput]) -> Scores:
         """Every input's scores, from the helper where it computed them, else computed here."""
@@ -71,16 +97,6 @@ class Pending:
             except BrokenProcessPool:
                 scores.update(scored_clusters(one))
         return scores
-
-    def figures_drawn(self) -> Figures | None:
-        """The figures' bytes; None: to be drawn here, because the helper has not started them
-        (it is behind: the caller, who would wait, draws them instead) or is gone."""
-        if self.figures is None or self.figures.cancel():
-            return None
-        try:
-            return self.figures.result()
-        except BrokenProcessPool:
-            return None
 
 
 class FinishingHelper:
@@ -112,16 +128,13 @@ class FinishingHelper:
         except (BrokenProcessPool, RuntimeError):  # died, or shut down
             return None
 
-    def submit_figures(
-        self, points: np.ndarray, labels: np.ndarray, title: str,
-        kl_nats: Sequence[float] | None = None, kl_split: str = "",
-    ) -> Future[Figures] | None:
-        """:func:`~vaebench.lifecycle.run_figures.run_figures`, to come (None: the helper is
-        gone)."""
+    def draw(self, function: Callable[..., T], *arguments: Any) -> Drawing[T]:
+        """``function(*arguments)`` in the helper, in turn (a module-level function; what it
+        takes and returns crosses by pickle)."""
         try:
-            return self._submit(run_figures, points, labels, title, kl_nats, kl_split)
-        except (BrokenProcessPool, RuntimeError):
-            return None
+            return Drawing(function, arguments, self._submit(function, *arguments))
+        except (BrokenProcessPool, RuntimeError):  # died, or shut down
+            return Drawing(function, arguments)
 
     def _submit(self, function, *arguments) -> Future:
         if self._pool is None:

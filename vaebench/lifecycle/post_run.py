@@ -25,7 +25,7 @@ from vaebench.lifecycle.artifacts import (
     write_kl_per_dimension,
     write_weights,
 )
-from vaebench.lifecycle.finishing_helper import FinishingHelper, Pending
+from vaebench.lifecycle.finishing_helper import FinishingHelper, Pending, draw_here
 from vaebench.lifecycle.run_figures import run_figures
 from vaebench.scoring.clustering import ClusterInput
 from vaebench.scoring.collapse import KLPerDimension
@@ -84,9 +84,9 @@ def finish_run(
         folder = Path(scratch)
         if job.pictures is not None:
             with phase("pictures"):
-                drawn = pending.figures_drawn()
-                figures = drawn or run_figures(*figure_arguments(job, job.pictures))
-                draw_pictures(folder, job.pictures, figures)
+                figures = pending.figures or draw_here(
+                    run_figures, *figure_arguments(job, job.pictures))
+                draw_pictures(folder, job.pictures, figures.result())
         if job.kl_per_dimension is not None:
             write_kl_per_dimension(folder, job.kl_per_dimension)
         with phase("clustering"):
@@ -171,7 +171,8 @@ class InlineFinisher:
             self._pending[job.run_id] = Pending(self._helper.submit_scores(job.clusters))
         for job in reversed(jobs):  # this process finishes them first to last
             if job.pictures is not None:
-                figures = self._helper.submit_figures(*figure_arguments(job, job.pictures))
+                figures = self._helper.draw(
+                    run_figures, *figure_arguments(job, job.pictures))
                 self._pending[job.run_id].figures = figures
 
     def finish(
@@ -186,10 +187,8 @@ class InlineFinisher:
         return contextlib.nullcontext()
 
     def close(self) -> None:
-        """Wait for every job handed over, then stop (again: nothing more)."""
+        """Forget the jobs handed over (the helper is the invocation's: it closes it)."""
         self._pending.clear()
-        if self._helper is not None:
-            self._helper.close()
 
 
 class BackgroundFinisher(InlineFinisher):

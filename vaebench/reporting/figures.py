@@ -1,12 +1,17 @@
 """Report figures: the matplotlib figures of a report (rate-distortion, validation ELBO and
-NMI by epoch, clustering and epoch-time bars), drawn through plots.py."""
+NMI by epoch, clustering and epoch-time bars), drawn through plots.py, here or by the
+invocation's helper process (:class:`Drawings`) while this process registers the best
+models."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from vaebench.lifecycle.finishing_helper import Drawing, draw_here
 from vaebench.plots import Bars, Curve, save_bars, save_curves
 from vaebench.reporting.runs import METRICS, RunSet
 from vaebench.reporting.table import (
@@ -23,9 +28,34 @@ BAR_FIGURES = {
 # each curve figure's metric, against epoch (drawn where the runs logged it per epoch)
 EPOCH_FIGURES = {"elbo_by_epoch.png": "val_elbo", "nmi_by_epoch.png": "val_nmi"}
 FIGURES = ("rate_distortion.png", *EPOCH_FIGURES, *BAR_FIGURES)
+SaveFigure = Callable[..., Path]  # a plots.save_* function: its file first, then what it draws
+Draw = Callable[..., Path]  # draw(save, path, *arguments): the file, drawn or being drawn
 
 
-def rate_distortion_figure(run_set: RunSet, path: Path) -> Path | None:
+def draw_now(save: SaveFigure, path: Path, *arguments: Any) -> Path:
+    return save(path, *arguments)
+
+
+class Drawings:
+    """A :data:`Draw` that hands each figure to ``hand_over`` (the invocation's helper process:
+    :meth:`~vaebench.lifecycle.finishing_helper.FinishingHelper.draw`; default: drawn by
+    :meth:`wait`) and gives its path at once; :meth:`wait` returns once every file is written
+    (drawn here where the helper had not started it)."""
+
+    def __init__(self, hand_over: Callable[..., Drawing[Path]] = draw_here):
+        self._hand_over = hand_over
+        self._drawings: list[Drawing[Path]] = []
+
+    def __call__(self, save: SaveFigure, path: Path, *arguments: Any) -> Path:
+        self._drawings.append(self._hand_over(save, path, *arguments))
+        return path
+
+    def wait(self) -> None:
+        for drawing in self._drawings:
+            drawing.result()
+
+
+def rate_distortion_figure(run_set: RunSet, path: Path, draw: Draw = draw_now) -> Path | None:
     """KL against reconstruction, a point per run; a line joins the per-beta means of one
     architecture/loss/optimizer (every varied param but beta). A panel per reconstruction
     loss when the grid varies it, as BCE and MSE are in different units."""
@@ -49,11 +79,11 @@ def rate_distortion_figure(run_set: RunSet, path: Path) -> Path | None:
             lines.append(Curve(label, [m[1] for m in means], [m[2] for m in means], notes=notes))
             dots.append(Curve(label, list(line["test_kl"]), list(line["test_recon"])))
         panels[title], points[title] = lines, dots
-    return save_curves(path, panels, "KL (rate, nats)", "reconstruction (distortion)", points)
+    return draw(save_curves, path, panels, "KL (rate, nats)", "reconstruction (distortion)", points)
 
 
 def epoch_curve_figure(
-    run_set: RunSet, order: list[str], metric: str, path: Path
+    run_set: RunSet, order: list[str], metric: str, path: Path, draw: Draw = draw_now
 ) -> Path | None:
     """A validation metric against epoch per variant (MLflow metric history): the mean over
     seeds with a band of one standard deviation when there are several, and each seed's
@@ -81,16 +111,19 @@ def epoch_curve_figure(
     if not panels:
         return None
     label = "validation " + METRICS[metric].label.removeprefix("val ")
-    return save_curves(path, panels, "epoch", label, seeds, integer_x=True)
+    return draw(save_curves, path, panels, "epoch", label, seeds, True)
 
 
-def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Path]:
+def write_figures(
+    run_set: RunSet, table: pd.DataFrame, folder: Path, draw: Draw = draw_now
+) -> list[Path]:
+    """The report's figures that the runs have data for, drawn by ``draw``."""
     present = {m.name for m in present_metrics(run_set.finished)}
     shown = table[table["runs"] > 0]
     labels = list(shown["variant"])
     figures = [
-        rate_distortion_figure(run_set, folder / "rate_distortion.png"),
-        *(epoch_curve_figure(run_set, labels, metric, folder / name)
+        rate_distortion_figure(run_set, folder / "rate_distortion.png", draw),
+        *(epoch_curve_figure(run_set, labels, metric, folder / name, draw)
           for name, metric in EPOCH_FIGURES.items()),
     ]
     for name, names in BAR_FIGURES.items():
@@ -99,5 +132,5 @@ def write_figures(run_set: RunSet, table: pd.DataFrame, folder: Path) -> list[Pa
             for n in names if n in present
         }
         if panels:
-            figures.append(save_bars(folder / name, panels))
+            figures.append(draw(save_bars, folder / name, panels))
     return [f for f in figures if f is not None]

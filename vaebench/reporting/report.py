@@ -10,11 +10,17 @@ import pandas as pd
 
 from vaebench.atomic import write_text
 from vaebench.reporting.best_models import BestRun
-from vaebench.reporting.figures import FIGURES, write_figures
+from vaebench.reporting.figures import FIGURES, Drawings, write_figures
 from vaebench.reporting.formats import FORMATS
 from vaebench.reporting.literature import load_literature
 from vaebench.reporting.paper_table import paper_table
-from vaebench.reporting.render import display_table, render_html, render_markdown, report_blocks
+from vaebench.reporting.render import (
+    Block,
+    display_table,
+    render_html,
+    render_markdown,
+    report_blocks,
+)
 from vaebench.reporting.runs import METRICS, RunSet, fetch_best_pictures, select_runs
 from vaebench.reporting.table import best_runs, leaderboard
 from vaebench.spec.catalogue import DEFAULT_RANKING, RANKABLE, MetricInfo, selection_problem
@@ -58,6 +64,43 @@ def make_report(
     With ``tsne``, the best runs' pictures add a t-SNE of their latent means; with
     ``table_request``, the table it asks for is written too (table.tex, .md or .csv) and
     printed in place of the text leaderboard."""
+    return start_report(
+        name, tracking_uri, results_dir, metric, all_invocations, parent_id, stream, tsne,
+        table_request,
+    ).finish()
+
+
+@dataclass
+class StartedReport:
+    """A report written and printed but for its figures, being drawn: :meth:`finish` waits
+    for them, writes report.html (which embeds them) and logs the report's files to the
+    store."""
+
+    report: Report
+    run_set: RunSet
+    figures: Drawings
+    blocks: list[Block]
+    title: str
+
+    def finish(self) -> Report:
+        self.figures.wait()
+        write_text(self.report.folder / "report.html", render_html(self.blocks, self.title))
+        for path in self.report.files:
+            self.run_set.client.log_artifact(
+                self.run_set.report_parent, str(path), REPORT_ARTIFACT_PATH)
+        return self.report
+
+
+def start_report(
+    name: str, tracking_uri: str | None = None, results_dir: str | Path = "results",
+    metric: str = DEFAULT_METRIC, all_invocations: bool = False, parent_id: str | None = None,
+    stream=None, tsne: bool = False, table_request: TableRequest | None = None,
+    figures: Drawings | None = None,
+) -> StartedReport:
+    """:func:`make_report` but for the figures' pixels and the store: ``figures`` draws them
+    (in the invocation's helper process, while this process registers models; default: when
+    :meth:`StartedReport.finish` waits for them)."""
+    figures = figures or Drawings()
     if metric not in RANKABLE:
         why = selection_problem(metric) if metric in CATALOGUE else None
         raise VaebenchError(f"--metric {metric!r}: {why or 'choose one of ' + ', '.join(RANKABLE)}")
@@ -71,23 +114,20 @@ def make_report(
     for stale in stale_files:
         (folder / stale).unlink(missing_ok=True)  # an earlier report's, e.g. another group's
     write_text(folder / "leaderboard.csv", table.to_csv(index=False))
-    figures = write_figures(run_set, table, folder)
+    drawn = write_figures(run_set, table, folder, figures)
     runs = best_runs(run_set, table, chosen)
     bests = [(run, fetch_best_pictures(run_set, run, folder, len(runs), tsne)) for run in runs]
-    blocks = report_blocks(run_set, table, chosen, figures, bests)
+    blocks = report_blocks(run_set, table, chosen, drawn, bests)
     write_text(folder / "report.md", render_markdown(blocks))
-    write_text(folder / "report.html", render_html(blocks, f"vaebench report: {name}"))
     files = [folder / document for document in DOCUMENTS]
     if table_request is not None:
         files.append(folder / FORMATS[table_request.format][0])
         write_text(files[-1], text)
-    files += figures + [picture for _, pictures in bests for picture in pictures]
-    for path in files:
-        run_set.client.log_artifact(run_set.report_parent, str(path), REPORT_ARTIFACT_PATH)
+    files += drawn + [picture for _, pictures in bests for picture in pictures]
     best = [as_best_run(run, chosen) for run, _ in bests]
     report = Report(folder, table, chosen, files, best, text)
     print_report(report, stream or sys.stdout)
-    return report
+    return StartedReport(report, run_set, figures, blocks, f"vaebench report: {name}")
 
 
 def formatted_table(
