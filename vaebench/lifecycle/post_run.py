@@ -88,7 +88,8 @@ def finish_run(
                     run_figures, *figure_arguments(job, job.pictures))
                 draw_pictures(folder, job.pictures, figures.result())
         if job.kl_per_dimension is not None:
-            write_kl_per_dimension(folder, job.kl_per_dimension)
+            with phase("artifacts", "kl_per_dimension.json"):
+                write_kl_per_dimension(folder, job.kl_per_dimension)
         with phase("clustering"):
             clusters = pending.scores_of(job.clusters)
         check_finite(clusters, "after training")
