@@ -26,7 +26,9 @@ fi
 command -v ss >/dev/null || missing+=(iproute2)
 command -v unshare >/dev/null || missing+=(util-linux)
 lean=()  # installed without their recommended packages (much more of TeX Live)
-command -v pdflatex >/dev/null || lean+=(texlive-latex-base texlive-latex-recommended)
+if ! command -v pdflatex >/dev/null || ! kpsewhich booktabs.sty >/dev/null 2>&1; then
+    lean+=(texlive-latex-base texlive-latex-recommended)
+fi
 if [ $((${#missing[@]} + ${#lean[@]})) -gt 0 ]; then
     apt=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq)
     if [ "$(id -u)" = 0 ]; then
@@ -35,7 +37,8 @@ if [ $((${#missing[@]} + ${#lean[@]})) -gt 0 ]; then
         sudo=(sudo)
     else
         echo "tests/run.sh: the tests need ${missing[*]} ${lean[*]}; install them, e.g." >&2
-        echo "    sudo apt-get install ${missing[*]} ${lean[*]}" >&2
+        [ ${#missing[@]} -eq 0 ] || echo "    sudo apt-get install ${missing[*]}" >&2
+        [ ${#lean[@]} -eq 0 ] || echo "    sudo apt-get install --no-install-recommends ${lean[*]}" >&2
         exit 2
     fi
     echo "tests/run.sh: installing ${missing[*]} ${lean[*]}"

@@ -10,9 +10,11 @@ from collections.abc import Callable
 
 from vaebench.reporting.paper_table import PaperTable, Row
 
-# the characters LaTeX reads as commands, and the non-ASCII ones vaebench writes itself
+# the characters LaTeX reads as commands, and the non-ASCII ones vaebench writes itself; [ ] and *
+# in braces, as \\ and \midrule read a [ or * that follows them as their own optional argument
 LATEX_ESCAPES = {
     "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#",
+    "[": "{[}", "]": "{]}", "*": "{*}",
     "%": r"\%", "_": r"\_", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}",
     "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
     "±": r"\ensuremath{\pm}", "−": r"\ensuremath{-}", "×": r"\ensuremath{\times}",
