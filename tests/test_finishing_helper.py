@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import signal
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vaebench.lifecycle.finishing_helper import FinishingHelper, Pending
+from vaebench.lifecycle.finishing_helper import FinishingHelper, Pending, draw_here
 from vaebench.lifecycle.run_figures import KL_PICTURE, LATENT_PICTURE, run_figures
 from vaebench.plots import Curve, save_curves
 from vaebench.reporting.figures import Drawings
@@ -124,3 +125,31 @@ def test_report_figures_drawn_by_the_helper_are_the_files_drawn_here(helper, tmp
     assert not late.exists()
     gone.wait()
     assert late.read_bytes() == here.read_bytes()
+
+
+def _cannot_draw(path):
+    raise ValueError(f"cannot draw {path.name}")
+
+
+def test_a_drawing_is_made_once_and_the_helpers_error_reaches_the_caller(helper, tmp_path):
+    calls: list[int] = []
+    here = draw_here(calls.append, 1)
+    assert here.result() is None and here.result() is None
+    assert calls == [1]  # asked twice, made once
+    failing = Drawings(helper.draw)
+    failing(_cannot_draw, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="cannot draw x.png"):
+        failing.wait()
+
+
+def test_a_relative_path_is_this_processs_not_the_helpers(helper, tmp_path, monkeypatch):
+    """The helper keeps the working folder it started in: a relative path is made absolute
+    here before it is handed over."""
+    assert helper.pid != os.getpid()  # started, in the test's first folder
+    monkeypatch.chdir(tmp_path)
+    panels = {"panel": [Curve("a", [1, 2], [0.5, 0.7])]}
+    drawings = Drawings(helper.draw)
+    relative = drawings(save_curves, Path("figure.png"), panels, "epoch", "value")
+    helper.draw(os.getpid).future.result()  # in turn: the figure was drawn there, not here
+    drawings.wait()
+    assert relative == Path("figure.png") and (tmp_path / "figure.png").stat().st_size > 1000

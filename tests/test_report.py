@@ -9,6 +9,8 @@ split's beside.
 from __future__ import annotations
 
 import base64
+import multiprocessing
+import time
 from pathlib import Path
 
 import mlflow
@@ -363,6 +365,15 @@ def test_report_errors_are_one_line_and_create_no_store(tmp_path, capsys):
 # --- end to end: a 3-seed grid in a real store ---------------------------------------------
 
 
+def helper_processes_left_within(seconds: float) -> list:
+    """This process's live multiprocessing children after up to ``seconds`` (a killed one is
+    reaped by the asking)."""
+    deadline = time.monotonic() + seconds
+    while (left := multiprocessing.active_children()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, mnist_root):
     """seeds3 (grey-level BCE) run twice: 2 variants x 3 seeds (reported automatically into
@@ -373,6 +384,9 @@ def store(tmp_path_factory, mnist_root):
     first = tmp / "seeds3.yaml"
     first.write_text(GRID.format(betas="1, 4", seeds="0, 1, 2"))
     assert main(["run", str(first), *common, "--results-dir", str(tmp / "results1")]) == 0
+    # the finishing helper (started on a machine of 2 cores or more) drew the report's figures
+    # during registration; the run closed it after the report
+    assert helper_processes_left_within(5.0) == []
     second = tmp / "again.yaml"
     second.write_text(GRID.format(betas="1", seeds="7"))
     assert main(

@@ -16,6 +16,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from vaebench.atomic import atomic_file  # noqa: E402
+
 COLOURS = plt.get_cmap("tab10").colors  # a digit's colour in every picture
 
 
@@ -55,7 +57,7 @@ def latent_scatter_png(
     """The latent scatter's PNG file, as bytes (each run draws one, so drawn cheaply: a figure
     made without pyplot's figure manager, fixed margins in place of a layout pass, and a line
     of markers per label, for which Agg stamps one marker image, where a scatter draws every
-    point's path)."""
+    point's path; so where clusters overlap, later digits are drawn over earlier ones)."""
     coords, name = embed_2d(points, method)
     fig = Figure(figsize=(6.6, 6), dpi=100)
     fig.subplots_adjust(left=0.02, right=0.87, bottom=0.02, top=0.91)
@@ -78,9 +80,11 @@ def png_bytes(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _save(fig, path: Path | io.BytesIO, **options) -> Path | io.BytesIO:
+def _save(fig, path: Path, **options) -> Path:
+    """A PNG file written whole or not at all (the helper process drawing it may be killed)."""
     fig.tight_layout()
-    fig.savefig(path, **options)
+    with atomic_file(path) as file:
+        fig.savefig(file, format="png", **options)
     plt.close(fig)
     return path
 

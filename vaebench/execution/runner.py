@@ -292,21 +292,18 @@ class _GridRun:
                 started = _or_line("no report", None, lambda: start_report(
                     self.name, uri, self.invocation.results_dir, parent_id=chosen,
                     all_invocations=resumed, figures=figures))
-        try:
-            if self.invocation.register:
-                with phase("registration"):
-                    best = started.report.best_runs if started else _or_line(
-                        "nothing registered", [],
-                        lambda: best_of_invocation(uri, self.name, chosen),
-                    )
-                    self.outcome.registered = register_best(
-                        self.tracker, self.name, best, self.workspace.test_images, self.parent
-                    )
-        finally:
-            if started is not None:
-                with phase("report", "its figures and files to the store"):
-                    made = _or_line("no report", None, started.finish)
-                self.outcome.report_folder = made.folder if made else None
+        if self.invocation.register:  # an error here (the store, a signal) ends the report
+            with phase("registration"):
+                best = started.report.best_runs if started else _or_line(
+                    "nothing registered", [], lambda: best_of_invocation(uri, self.name, chosen)
+                )
+                self.outcome.registered = register_best(
+                    self.tracker, self.name, best, self.workspace.test_images, self.parent
+                )
+        if started is not None:
+            with phase("report", "its figures, files and artifacts"):
+                made = _or_line("no report", None, started.finish)
+            self.outcome.report_folder = made.folder if made else None
 
 
 def background_finishing(post_run: str, runs: Sequence[RunSpec]) -> bool:

@@ -19,7 +19,7 @@ import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from vaebench.scoring.clustering import ClusterInput, scored_clusters
@@ -47,30 +47,40 @@ def _start() -> None:
     _limits = threadpool_limits(limits=1)
 
 
+_NOT_YET = object()
+
+
 @dataclass
 class Drawing(Generic[T]):
     """A figure's drawing, handed to the helper (``future``) or to be drawn here (None: no
     helper, or it was gone). :meth:`result` is what the helper returned, or what the call
     returns here where the helper has not started it by then (it is behind: the caller, who
     would wait, draws it instead) or died: the same function on the same arguments, so the
-    same bytes."""
+    same bytes. It is made once: asking again returns the same result."""
 
     function: Callable[..., T]
     arguments: tuple[Any, ...]
     future: Future[T] | None = None
+    keywords: dict[str, Any] = field(default_factory=dict)
+    _result: Any = field(default=_NOT_YET, repr=False)
 
     def result(self) -> T:
+        if self._result is _NOT_YET:
+            self._result = self._made()
+        return self._result
+
+    def _made(self) -> T:
         if self.future is not None and not self.future.cancel():
             try:
                 return self.future.result()
             except BrokenProcessPool:
                 pass
-        return self.function(*self.arguments)
+        return self.function(*self.arguments, **self.keywords)
 
 
-def draw_here(function: Callable[..., T], *arguments: Any) -> Drawing[T]:
+def draw_here(function: Callable[..., T], *arguments: Any, **keywords: Any) -> Drawing[T]:
     """:meth:`FinishingHelper.draw` where there is no helper: drawn when asked for."""
-    return Drawing(function, arguments)
+    return Drawing(function, arguments, keywords=keywords)
 
 
 @dataclass
@@ -128,18 +138,19 @@ class FinishingHelper:
         except (BrokenProcessPool, RuntimeError):  # died, or shut down
             return None
 
-    def draw(self, function: Callable[..., T], *arguments: Any) -> Drawing[T]:
-        """``function(*arguments)`` in the helper, in turn (a module-level function; what it
-        takes and returns crosses by pickle)."""
+    def draw(self, function: Callable[..., T], *arguments: Any, **keywords: Any) -> Drawing[T]:
+        """``function(*arguments, **keywords)`` in the helper, in turn (a module-level
+        function; what it takes and returns crosses by pickle)."""
         try:
-            return Drawing(function, arguments, self._submit(function, *arguments))
+            future = self._submit(function, *arguments, **keywords)
         except (BrokenProcessPool, RuntimeError):  # died, or shut down
-            return Drawing(function, arguments)
+            future = None
+        return Drawing(function, arguments, future, keywords)
 
-    def _submit(self, function, *arguments) -> Future:
+    def _submit(self, function, *arguments, **keywords) -> Future:
         if self._pool is None:
             raise RuntimeError("closed")
-        return self._pool.submit(function, *arguments)
+        return self._pool.submit(function, *arguments, **keywords)
 
     def close(self) -> None:
         """Stop the process (again: nothing more). It is killed: it holds nothing to save, and

@@ -29,25 +29,21 @@ BAR_FIGURES = {
 EPOCH_FIGURES = {"elbo_by_epoch.png": "val_elbo", "nmi_by_epoch.png": "val_nmi"}
 FIGURES = ("rate_distortion.png", *EPOCH_FIGURES, *BAR_FIGURES)
 SaveFigure = Callable[..., Path]  # a plots.save_* function: its file first, then what it draws
-Draw = Callable[..., Path]  # draw(save, path, *arguments): the file, drawn or being drawn
-
-
-def draw_now(save: SaveFigure, path: Path, *arguments: Any) -> Path:
-    return save(path, *arguments)
 
 
 class Drawings:
-    """A :data:`Draw` that hands each figure to ``hand_over`` (the invocation's helper process:
-    :meth:`~vaebench.lifecycle.finishing_helper.FinishingHelper.draw`; default: drawn by
-    :meth:`wait`) and gives its path at once; :meth:`wait` returns once every file is written
-    (drawn here where the helper had not started it)."""
+    """The report's figures being drawn: each handed to ``hand_over`` (the invocation's helper
+    process, :meth:`~vaebench.lifecycle.finishing_helper.FinishingHelper.draw`; default: drawn
+    here by :meth:`wait`) with its file's absolute path (the helper's working folder is this
+    process's when it started), the path given back at once; :meth:`wait` returns once every
+    file is written (drawn here where the helper had not started it)."""
 
-    def __init__(self, hand_over: Callable[..., Drawing[Path]] = draw_here):
+    def __init__(self, hand_over: Callable[..., Drawing[Path]] = draw_here) -> None:
         self._hand_over = hand_over
         self._drawings: list[Drawing[Path]] = []
 
-    def __call__(self, save: SaveFigure, path: Path, *arguments: Any) -> Path:
-        self._drawings.append(self._hand_over(save, path, *arguments))
+    def __call__(self, save: SaveFigure, path: Path, *arguments: Any, **keywords: Any) -> Path:
+        self._drawings.append(self._hand_over(save, path.absolute(), *arguments, **keywords))
         return path
 
     def wait(self) -> None:
@@ -55,7 +51,7 @@ class Drawings:
             drawing.result()
 
 
-def rate_distortion_figure(run_set: RunSet, path: Path, draw: Draw = draw_now) -> Path | None:
+def rate_distortion_figure(run_set: RunSet, path: Path, draw: Drawings) -> Path | None:
     """KL against reconstruction, a point per run; a line joins the per-beta means of one
     architecture/loss/optimizer (every varied param but beta). A panel per reconstruction
     loss when the grid varies it, as BCE and MSE are in different units."""
@@ -83,7 +79,7 @@ def rate_distortion_figure(run_set: RunSet, path: Path, draw: Draw = draw_now) -
 
 
 def epoch_curve_figure(
-    run_set: RunSet, order: list[str], metric: str, path: Path, draw: Draw = draw_now
+    run_set: RunSet, order: list[str], metric: str, path: Path, draw: Drawings
 ) -> Path | None:
     """A validation metric against epoch per variant (MLflow metric history): the mean over
     seeds with a band of one standard deviation when there are several, and each seed's
@@ -111,11 +107,11 @@ def epoch_curve_figure(
     if not panels:
         return None
     label = "validation " + METRICS[metric].label.removeprefix("val ")
-    return draw(save_curves, path, panels, "epoch", label, seeds, True)
+    return draw(save_curves, path, panels, "epoch", label, seeds, integer_x=True)
 
 
 def write_figures(
-    run_set: RunSet, table: pd.DataFrame, folder: Path, draw: Draw = draw_now
+    run_set: RunSet, table: pd.DataFrame, folder: Path, draw: Drawings
 ) -> list[Path]:
     """The report's figures that the runs have data for, drawn by ``draw``."""
     present = {m.name for m in present_metrics(run_set.finished)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -72,22 +73,26 @@ def make_report(
 
 @dataclass
 class StartedReport:
-    """A report written and printed but for its figures, being drawn: :meth:`finish` waits
-    for them, writes report.html (which embeds them) and logs the report's files to the
-    store."""
+    """A report chosen and tabled, its figures being drawn: :meth:`finish` waits for them,
+    then writes report.md and report.html (which embeds them), logs the report's files to the
+    store and prints it. A report that fails on the way leaves no report.md or .html."""
 
     report: Report
     run_set: RunSet
     figures: Drawings
     blocks: list[Block]
     title: str
+    stream: Any
 
     def finish(self) -> Report:
         self.figures.wait()
-        write_text(self.report.folder / "report.html", render_html(self.blocks, self.title))
+        folder = self.report.folder
+        write_text(folder / "report.md", render_markdown(self.blocks))
+        write_text(folder / "report.html", render_html(self.blocks, self.title))
         for path in self.report.files:
             self.run_set.client.log_artifact(
                 self.run_set.report_parent, str(path), REPORT_ARTIFACT_PATH)
+        print_report(self.report, self.stream or sys.stdout)
         return self.report
 
 
@@ -97,10 +102,11 @@ def start_report(
     stream=None, tsne: bool = False, table_request: TableRequest | None = None,
     figures: Drawings | None = None,
 ) -> StartedReport:
-    """:func:`make_report` but for the figures' pixels and the store: ``figures`` draws them
-    (in the invocation's helper process, while this process registers models; default: when
+    """:func:`make_report` up to its figures, which ``figures`` draws (the invocation's helper
+    process, while this process registers models; default: drawn here when
     :meth:`StartedReport.finish` waits for them)."""
-    figures = figures or Drawings()
+    if figures is None:
+        figures = Drawings()
     if metric not in RANKABLE:
         why = selection_problem(metric) if metric in CATALOGUE else None
         raise VaebenchError(f"--metric {metric!r}: {why or 'choose one of ' + ', '.join(RANKABLE)}")
@@ -118,7 +124,6 @@ def start_report(
     runs = best_runs(run_set, table, chosen)
     bests = [(run, fetch_best_pictures(run_set, run, folder, len(runs), tsne)) for run in runs]
     blocks = report_blocks(run_set, table, chosen, drawn, bests)
-    write_text(folder / "report.md", render_markdown(blocks))
     files = [folder / document for document in DOCUMENTS]
     if table_request is not None:
         files.append(folder / FORMATS[table_request.format][0])
@@ -126,8 +131,7 @@ def start_report(
     files += drawn + [picture for _, pictures in bests for picture in pictures]
     best = [as_best_run(run, chosen) for run, _ in bests]
     report = Report(folder, table, chosen, files, best, text)
-    print_report(report, stream or sys.stdout)
-    return StartedReport(report, run_set, figures, blocks, f"vaebench report: {name}")
+    return StartedReport(report, run_set, figures, blocks, f"vaebench report: {name}", stream)
 
 
 def formatted_table(
