@@ -28,6 +28,7 @@ from vaebench.signals import become_helper_process
 Scores = dict[str, float]
 Figures = dict[str, bytes]  # file name: PNG bytes
 T = TypeVar("T")
+STARTING_SECONDS = 30.0  # the longest close waits for a helper still starting, to kill it
 _limits: object = None  # the helper's thread limits, kept for its life
 
 
@@ -154,11 +155,13 @@ class FinishingHelper:
 
     def close(self) -> None:
         """Stop the process (again: nothing more). It is killed: it holds nothing to save, and
-        its interpreter's teardown of scikit-learn would cost the invocation half a second."""
+        its interpreter's teardown of scikit-learn would cost the invocation half a second.
+        Then the pool is shut down waiting for its manager thread, which lets go of the pool's
+        queues: a process that exits at once after a signal leaves their semaphores to
+        multiprocessing's resource tracker, which warns of them as leaked."""
         if self._pool is None:
             return
         pool, self._pool = self._pool, None
-        pool.shutdown(wait=False, cancel_futures=True)
-        with contextlib.suppress(Exception):  # never started, or gone already
-            os.kill(self._started.result(timeout=0), signal.SIGKILL)
-        pool.shutdown(wait=True)
+        with contextlib.suppress(Exception):  # failed to start, or gone already
+            os.kill(self._started.result(timeout=STARTING_SECONDS), signal.SIGKILL)
+        pool.shutdown(wait=True, cancel_futures=True)
