@@ -281,6 +281,7 @@ def test_tiny_grid_tracks_parent_and_finished_children(tiny_grid_result):
     assert set(children["tags.vaebench.code"]) == {code_version()}
     assert set(children["tags.mlflow.source.git.commit"]) == {head}
     assert children["tags.vaebench.device_name"].str.len().gt(0).all()
+    assert set(children["tags.vaebench.subnormals"]) == {"flushed"}  # x86's FTZ and DAZ
 
 
 def test_tiny_grid_logs_every_epoch_and_artifacts(tiny_grid_result):

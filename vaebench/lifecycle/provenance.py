@@ -14,6 +14,7 @@ import torch
 
 from vaebench.scoring.evaluation import LIKELIHOOD_SUBSET_SEED
 from vaebench.spec.grid import RunSpec
+from vaebench.subnormals import subnormals_mode
 from vaebench.training.trainer import resolve_device
 
 PACKAGE = Path(__file__).resolve().parents[1]  # vaebench's source folder
@@ -71,6 +72,8 @@ def run_tags(run: RunSpec) -> dict[str, str]:
         "vaebench.device": str(device),
         "vaebench.device_name": device_name(device),
     }
+    if device.type == "cpu":  # flushed or kept (vaebench.subnormals); a GPU's kernels choose
+        tags["vaebench.subnormals"] = subnormals_mode()
     evaluation = run.config.eval
     if evaluation.iwae_samples:  # which test images its likelihood estimate scores
         drawn = f"{evaluation.iwae_images} drawn with seed {LIKELIHOOD_SUBSET_SEED}"

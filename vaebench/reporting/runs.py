@@ -122,13 +122,16 @@ def run_set_from_frame(
 
 CLAIM_COLUMN = "tags.vaebench.claim_for"  # vaebench.lifecycle.claims.CLAIM_TAG
 
-RERUN_TAGS = [f"tags.vaebench.{tag}" for tag in ("run_key", "device", "device_name", "code")]
+RERUN_TAGS = [
+    f"tags.vaebench.{tag}" for tag in ("run_key", "device", "device_name", "code", "subnormals")
+]
 
 
 def drop_repeats(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Keep the latest finished run of each config, seed, device, processor and code version: a
-    deterministic rerun there is not a new sample, and counted twice would shrink the spread
-    (``--all`` over a grid run twice); on another device or code floating-point paths differ."""
+    """Keep the latest finished run of each config, seed, device, processor, code version and
+    handling of subnormal floats: a deterministic rerun there is not a new sample, and counted
+    twice would shrink the spread (``--all`` over a grid run twice); on another device or code
+    floating-point paths differ."""
     if RERUN_TAGS[0] not in runs:
         return runs, 0
     keys = runs.reindex(columns=RERUN_TAGS).astype(object).fillna("").agg("|".join, axis=1)

@@ -1,0 +1,51 @@
+"""Subnormal floats (below 1.2e-38 in float32) flushed to zero on the CPU, by default.
+
+An x86 core computes with a subnormal operand tens of times slower than with a normal one. A
+trained mixture model's q(c|x) puts subnormal weights on the components an image does not
+belong to, and every component is decoded: the backward pass multiplies the decoder's weights by
+them. Epochs of experiments/gmvae.yaml grew from 12 to 58 s over 50 epochs on this project's
+CPU, and one such model's epoch was 7 times faster with them flushed
+(docs/performance.md#subnormal-floats). Flushing (x86's FTZ and DAZ modes, through
+:func:`torch.set_flush_denormal`) changes only values below that bound, which no score reads.
+
+The mode is a thread's own. A thread inherits it from the thread that starts it, so it must be
+set before torch starts the threads of its intra-op pool (at its first parallel operation):
+vaebench sets it where an invocation's runs begin (:class:`~vaebench.lifecycle.workspace.
+Workspace`), before their data is loaded. ``$VAEBENCH_SUBNORMALS=keep`` computes with them (IEEE
+gradual underflow); each run's ``vaebench.subnormals`` tag says which way it computed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vaebench.spec.config import VaebenchError
+
+SUBNORMALS_ENV = "VAEBENCH_SUBNORMALS"
+CHOICES = ("flush", "keep")
+SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+
+
+def wanted() -> str:
+    """``$VAEBENCH_SUBNORMALS``: flush (the default) or keep."""
+    choice = os.environ.get(SUBNORMALS_ENV, "").strip().lower() or "flush"
+    if choice not in CHOICES:
+        raise VaebenchError(
+            f"${SUBNORMALS_ENV} is {os.environ[SUBNORMALS_ENV]!r}: choose flush or keep"
+        )
+    return choice
+
+
+def set_subnormals() -> None:
+    """This thread's mode, and that of the threads it starts later, as ``$VAEBENCH_SUBNORMALS``
+    asks (on a processor without the modes, flushing is not possible: nothing changes)."""
+    torch.set_flush_denormal(wanted() == "flush")
+
+
+def subnormals_mode() -> str:
+    """How this thread computes: "flushed" when a subnormal operand reads as zero, else
+    "kept" (a multiplication by one, the test)."""
+    operand = torch.tensor(SMALLEST_NORMAL / 4, dtype=torch.float32)
+    return "flushed" if float(operand * 1.0) == 0.0 else "kept"
