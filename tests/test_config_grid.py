@@ -367,14 +367,31 @@ def test_several_problems_are_reported_at_once(tmp_path: Path) -> None:
           loss.beta: [1, -1]
           model.depth: [2]
         seeds: [1, 1]
+        select: test_nmi
         """,
     )
     problems = problems_of(path)
     assert len(problems) >= 3
     for key in ("colour", "base.train.epochs", "base.optim.name", "matrix.loss.beta[1]",
-                "matrix.model.depth", "seeds"):
+                "matrix.model.depth", "seeds", "select"):
         assert matching(problems, path, key), (key, problems)
     assert len(problems) == len(set(problems))
+
+
+@pytest.mark.parametrize(("select", "fragment"), [
+    ("test_nmi", "scored on the test split"),
+    ("bogus", "'bogus': choose one of val_elbo, val_nmi"),
+    ("val_mi", "'val_mi': choose one of val_elbo"),  # logged, but not what a report ranks on
+    ("[val_nmi]", "['val_nmi']: choose one of val_elbo"),
+])
+def test_select_must_be_a_metric_a_report_ranks_on(tmp_path: Path, select: str, fragment: str):
+    path = write_grid(tmp_path, f"name: g\nselect: {select}\n")
+    assert matching(problems_of(path), path, "select", fragment)
+
+
+def test_select_defaults_to_the_validation_elbo(tmp_path: Path) -> None:
+    assert load_grid(write_grid(tmp_path, "name: g\n")).select == "val_elbo"
+    assert load_grid(write_grid(tmp_path, "name: g\nselect: val_nmi\n")).select == "val_nmi"
 
 
 # ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from vaebench.reporting.render import (
 from vaebench.reporting.report import make_report
 from vaebench.reporting.runs import METRICS, drop_repeats, picture_prefix, run_set_from_frame
 from vaebench.reporting.table import leaderboard
+from vaebench.spec.catalogue import RANKABLE
 from vaebench.spec.config import VaebenchError
 
 GRID = """
@@ -223,9 +224,10 @@ def test_unfinished_runs_are_counted_but_not_aggregated():
 
 
 def rerun(name: str, seed: int, elbo: float, key: str, device: str = "cpu",
-          code: str = "c1") -> dict:
+          code: str = "c1", subnormals: str = "flushed") -> dict:
     return {**child(name, 1, seed, elbo), "tags.vaebench.run_key": key,
-            "tags.vaebench.device": device, "tags.vaebench.code": code}
+            "tags.vaebench.device": device, "tags.vaebench.code": code,
+            "tags.vaebench.subnormals": subnormals}
 
 
 def test_a_rerun_of_the_same_seed_is_not_a_second_sample():
@@ -237,6 +239,13 @@ def test_a_rerun_of_the_same_seed_is_not_a_second_sample():
     assert table["runs"].tolist() == [2] and table["val_elbo_std"].item() == pytest.approx(
         np.std([-100.0, -110.0], ddof=1)
     )
+
+
+def test_a_rerun_with_subnormals_kept_is_a_new_sample():
+    rows = [rerun("a-s0", 0, -100.0, "k0"), rerun("a-s0", 0, -100.5, "k0", subnormals="kept"),
+            rerun("a-s0", 0, -100.7, "k0", subnormals="kept")]  # a repeat of the second
+    kept, repeats = drop_repeats(search_frame(rows).iloc[1:])  # the children
+    assert repeats == 1 and list(kept["run_id"]) == ["r0", "r2"]
 
 
 def test_a_rerun_on_another_device_or_code_version_is_a_new_sample():
@@ -323,11 +332,11 @@ def report_metric_option() -> tuple[tuple[str, ...], str]:
 
 def test_cli_metric_choices_are_the_reports():
     assert report.DEFAULT_METRIC == "val_elbo" == cli.DEFAULT_METRIC
-    assert cli.METRIC_NAMES == report.RANKABLE
-    assert report_metric_option() == (report.RANKABLE, report.DEFAULT_METRIC)
-    assert set(report.RANKABLE) <= set(METRICS)
-    assert not any(name.startswith("test_") for name in report.RANKABLE)
-    assert {"val_elbo", "val_nmi", "mean_epoch_seconds"} <= set(report.RANKABLE)
+    assert cli.METRIC_NAMES == RANKABLE
+    assert report_metric_option() == (RANKABLE, None)  # None: the grid file's select
+    assert set(RANKABLE) <= set(METRICS)
+    assert not any(name.startswith("test_") for name in RANKABLE)
+    assert {"val_elbo", "val_nmi", "mean_epoch_seconds"} <= set(RANKABLE)
 
 
 def test_documents_escape_text_and_embed_images(tmp_path):
@@ -499,13 +508,20 @@ def test_report_covers_the_latest_invocation_unless_all(store, capsys):
 # --- end to end: a cvae beside an mlp ------------------------------------------------------
 
 
-def test_a_cvae_and_an_mlp_are_ranked_in_different_groups(tmp_path, mnist_root):
-    grid = tmp_path / "bounds.yaml"
-    grid.write_text(CONDITIONAL_GRID)
+def run_grid_text(tmp_path: Path, text: str, mnist_root: Path) -> tuple[str, Path]:
+    """``vaebench run`` of a grid file with ``text`` into a new store: (its URI, results)."""
+    name = text.split("name: ", 1)[1].split()[0]
+    grid = tmp_path / f"{name}.yaml"
+    grid.write_text(text)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     results = tmp_path / "results"
     assert main(["run", str(grid), "--tracking-uri", uri, "--data-root", str(mnist_root),
                  "--results-dir", str(results)]) == 0
+    return uri, results
+
+
+def test_a_cvae_and_an_mlp_are_ranked_in_different_groups(tmp_path, mnist_root):
+    uri, results = run_grid_text(tmp_path, CONDITIONAL_GRID, mnist_root)
     folder = results / "bounds"
     table = pd.read_csv(folder / "leaderboard.csv").set_index("model.arch")
     assert sorted(table.index) == ["cvae", "mlp"]
@@ -524,6 +540,33 @@ def test_a_cvae_and_an_mlp_are_ranked_in_different_groups(tmp_path, mnist_root):
     assert "## Best variant, among likelihood_of=p(x):" in markdown
     assert "## Best variant, among likelihood_of=p(x|y):" in markdown
     assert any(p.name.startswith("best_p-x-y-_") for p in folder.iterdir())
+
+
+# CONDITIONAL_GRID's runs as two MLP variants, one epoch, chosen on validation NMI
+SELECTING_GRID = CONDITIONAL_GRID.replace("name: bounds", "name: selecting").replace(
+    "epochs: 2", "epochs: 1").split("include:")[0] + (
+    "matrix:\n  loss.beta: [1, 8]\nseeds: [0]\nselect: val_nmi\n")
+
+
+def test_a_grid_file_selects_what_its_report_ranks_and_registers_on(tmp_path, mnist_root):
+    """``select: val_nmi``: the run's report ranks on it, the registered model is the run with
+    the best val_nmi (whichever has the better ELBO), and ``report`` ranks on it unless told."""
+    uri, results = run_grid_text(tmp_path, SELECTING_GRID, mnist_root)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["selecting"])
+    parent = runs[runs["tags.mlflow.parentRunId"].isna()].iloc[0]
+    assert parent["tags.vaebench.select"] == "val_nmi"
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    best = children.loc[children["metrics.val_nmi"].idxmax()]
+    (version,) = MlflowClient(uri).search_model_versions("name='selecting'")
+    assert version.run_id == best["run_id"]
+    assert version.tags["vaebench.selected_on"] == "val_nmi"
+    table = pd.read_csv(results / "selecting" / "leaderboard.csv")
+    assert table.loc[table["rank"] == 1, "loss.beta"].item() == float(best["params.loss.beta"])
+    again = make_report("selecting", uri, tmp_path / "again")
+    assert again.metric.name == "val_nmi" and again.best_runs[0].run_id == best["run_id"]
+    assert make_report("selecting", uri, tmp_path / "told", metric="val_elbo").metric.name == (
+        "val_elbo")
 
 
 # --- real browser --------------------------------------------------------------------------

@@ -189,9 +189,9 @@ def _parser() -> argparse.ArgumentParser:
         help="cover every invocation of the experiment (default: the latest)",
     )
     report.add_argument(
-        "--metric", default=DEFAULT_METRIC, choices=METRIC_NAMES,
+        "--metric", default=None, choices=METRIC_NAMES,
         help=f"what decides the best variant, a validation metric or seconds: test metrics are "
-        f"shown beside, never ranked on (default: {DEFAULT_METRIC})",
+        f"shown beside, never ranked on (default: the grid file's select, else {DEFAULT_METRIC})",
     )
     report.add_argument(
         "--tsne", action="store_true",

@@ -55,7 +55,7 @@ from vaebench.lifecycle.workspace import Workspace
 from vaebench.reporting.best_models import register_best
 from vaebench.signals import Interrupted, deferred_signals, interruptible
 from vaebench.spec.config import DiskFull, VaebenchError
-from vaebench.spec.grid import RunSpec, expand, load_grid
+from vaebench.spec.grid import SELECT_TAG, RunSpec, expand, load_grid
 from vaebench.stacking.plan import plan_stacks
 from vaebench.timeline import phase
 from vaebench.tracking.store import resolve_tracking_uri, sqlite_path
@@ -96,6 +96,7 @@ class _GridRun:
     workspace: Workspace
     tracker: Tracker
     background: bool  # a background process finishes the runs trained here
+    select: str  # the grid file's: what its report ranks on and its registered models are
     planned: list[Planned] = field(default_factory=list)
     outcome: GridOutcome = field(default_factory=GridOutcome)
     parent: str | None = None
@@ -121,7 +122,8 @@ class _GridRun:
                 tracker = tracker_opened_during(uri, lambda: workspace.prepare(runs))
             else:
                 workspace.prepare(runs)
-        made = cls(path, grid.name, runs, invocation, uri, slots, workspace, tracker, background)
+        made = cls(path, grid.name, runs, invocation, uri, slots, workspace, tracker, background,
+                   grid.select)
         with phase("store", "plan against the store"):
             made.plan()
         return made
@@ -215,6 +217,7 @@ class _GridRun:
         with deferred_signals():  # a signal waits until the parent run is recorded
             self.parent = self.tracker.start_grid(self.name, f"{self.name}-{started}", {
                 **tags, "vaebench.runs": str(len(self.runs)), "vaebench.executor": executor,
+                SELECT_TAG: self.select,
                 "vaebench.workers": str(len(self.slots)) if self.slots else "ray tasks",
                 **lease_tags(),
             })
@@ -290,12 +293,13 @@ class _GridRun:
         if self.invocation.report:  # of every invocation, when this one continued a grid
             with phase("report"):
                 started = _or_line("no report", None, lambda: start_report(
-                    self.name, uri, self.invocation.results_dir, parent_id=chosen,
-                    all_invocations=resumed, figures=figures))
+                    self.name, uri, self.invocation.results_dir, metric=self.select,
+                    parent_id=chosen, all_invocations=resumed, figures=figures))
         if self.invocation.register:  # an error here (the store, a signal) ends the report
             with phase("registration"):
                 best = started.report.best_runs if started else _or_line(
-                    "nothing registered", [], lambda: best_of_invocation(uri, self.name, chosen)
+                    "nothing registered", [],
+                    lambda: best_of_invocation(uri, self.name, chosen, self.select),
                 )
                 self.outcome.registered = register_best(
                     self.tracker, self.name, best, self.workspace.test_images, self.parent

@@ -24,9 +24,9 @@ from vaebench.reporting.render import (
 )
 from vaebench.reporting.runs import METRICS, RunSet, fetch_best_pictures, select_runs
 from vaebench.reporting.table import best_runs, leaderboard
-from vaebench.spec.catalogue import DEFAULT_RANKING, RANKABLE, MetricInfo, selection_problem
-from vaebench.spec.catalogue import METRICS as CATALOGUE
+from vaebench.spec.catalogue import DEFAULT_RANKING, MetricInfo, ranking_problem
 from vaebench.spec.config import VaebenchError
+from vaebench.spec.grid import SELECT_TAG
 from vaebench.tracking.store import resolve_tracking_uri
 
 DEFAULT_METRIC = DEFAULT_RANKING
@@ -57,14 +57,15 @@ class Report:
 
 def make_report(
     name: str, tracking_uri: str | None = None, results_dir: str | Path = "results",
-    metric: str = DEFAULT_METRIC, all_invocations: bool = False, parent_id: str | None = None,
+    metric: str | None = None, all_invocations: bool = False, parent_id: str | None = None,
     stream=None, tsne: bool = False, table_request: TableRequest | None = None,
 ) -> Report:
     """Write ``results/<name>/``: leaderboard.csv, report.md, report.html and the figures,
     and log them as artifacts (under ``report/``) of the covered invocation's parent run.
     With ``tsne``, the best runs' pictures add a t-SNE of their latent means; with
     ``table_request``, the table it asks for is written too (table.tex, .md or .csv) and
-    printed in place of the text leaderboard."""
+    printed in place of the text leaderboard. ``metric`` None: the one the grid file selects
+    on (:func:`chosen_metric`)."""
     return start_report(
         name, tracking_uri, results_dir, metric, all_invocations, parent_id, stream, tsne,
         table_request,
@@ -98,7 +99,7 @@ class StartedReport:
 
 def start_report(
     name: str, tracking_uri: str | None = None, results_dir: str | Path = "results",
-    metric: str = DEFAULT_METRIC, all_invocations: bool = False, parent_id: str | None = None,
+    metric: str | None = None, all_invocations: bool = False, parent_id: str | None = None,
     stream=None, tsne: bool = False, table_request: TableRequest | None = None,
     figures: Drawings | None = None,
 ) -> StartedReport:
@@ -107,11 +108,10 @@ def start_report(
     :meth:`StartedReport.finish` waits for them)."""
     if figures is None:
         figures = Drawings()
-    if metric not in RANKABLE:
-        why = selection_problem(metric) if metric in CATALOGUE else None
-        raise VaebenchError(f"--metric {metric!r}: {why or 'choose one of ' + ', '.join(RANKABLE)}")
-    chosen = METRICS[metric]
+    if metric is not None and (why := ranking_problem(metric)) is not None:
+        raise VaebenchError(f"--metric {metric!r}: {why}")
     run_set = select_runs(resolve_tracking_uri(tracking_uri), name, all_invocations, parent_id)
+    chosen = METRICS[metric or chosen_metric(run_set)]
     table = leaderboard(run_set, chosen)
     text = None if table_request is None else formatted_table(run_set, table, chosen, table_request)
     folder = Path(results_dir) / name
@@ -148,13 +148,23 @@ def as_best_run(run: pd.Series, metric: MetricInfo) -> BestRun:
     return BestRun(run_id, name, group, metric.name, f"{run[metric.name]:.6g}")
 
 
-def best_of_invocation(uri: str, name: str, parent_id: str | None) -> list[BestRun]:
-    """Each comparison group's best run, as a report would choose it (on :data:`DEFAULT_METRIC`),
-    without writing the report; ``parent_id`` None: of every invocation."""
+def chosen_metric(run_set: RunSet) -> str:
+    """What a report ranks on unless told: the ``select`` of the grid file of the latest
+    invocation it covers (a tag of its parent run), else :data:`DEFAULT_METRIC`."""
+    tags = run_set.parents.get(f"tags.{SELECT_TAG}")
+    latest = tags.iloc[-1] if tags is not None and len(tags) else None
+    return latest if ranking_problem(latest) is None else DEFAULT_METRIC
+
+
+def best_of_invocation(
+    uri: str, name: str, parent_id: str | None, metric: str | None = None
+) -> list[BestRun]:
+    """Each comparison group's best run on ``metric`` (None: :func:`chosen_metric`), as a report
+    would choose it, without writing the report; ``parent_id`` None: of every invocation."""
     run_set = select_runs(uri, name, parent_id is None, parent_id)
-    metric = METRICS[DEFAULT_METRIC]
-    table = leaderboard(run_set, metric)
-    return [as_best_run(run, metric) for run in best_runs(run_set, table, metric)]
+    chosen = METRICS[metric or chosen_metric(run_set)]
+    table = leaderboard(run_set, chosen)
+    return [as_best_run(run, chosen) for run in best_runs(run_set, table, chosen)]
 
 
 def print_report(report: Report, stream) -> None:

@@ -110,3 +110,13 @@ def selection_problem(name: str) -> str | None:
     if info.split == TRAIN or info.higher_is_better is None:
         return f"{name} does not rank runs; valid: {', '.join(SELECTABLE)}"
     return None
+
+
+def ranking_problem(metric: object) -> str | None:
+    """Why ``metric`` cannot rank the variants of a report (``report --metric``, a grid file's
+    ``select``), or None if it can."""
+    if isinstance(metric, str) and metric in RANKABLE:
+        return None
+    if isinstance(metric, str) and metric in METRICS and METRICS[metric].split == TEST:
+        return selection_problem(metric)  # why not, and what to select on instead
+    return f"{metric!r}: choose one of {', '.join(RANKABLE)}"

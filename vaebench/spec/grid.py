@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vaebench.spec.catalogue import DEFAULT_RANKING, ranking_problem
 from vaebench.spec.config import (
     ConfigError,
     RunConfig,
@@ -24,7 +25,8 @@ from vaebench.spec.config import (
 )
 from vaebench.spec.yaml_file import is_int, is_str_keyed, read_spec_header
 
-GRID_KEYS = ("name", "base", "matrix", "exclude", "include", "seeds")
+GRID_KEYS = ("name", "base", "matrix", "exclude", "include", "seeds", "select")
+SELECT_TAG = "vaebench.select"  # a grid invocation's parent run's tag: its file's ``select``
 
 
 @dataclass
@@ -35,6 +37,7 @@ class GridSpec:
     exclude: list[dict[str, Any]] = field(default_factory=list)
     include: list[dict[str, Any]] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
+    select: str = DEFAULT_RANKING  # the validation metric its report ranks and registers on
     source: str = "<grid>"
 
 
@@ -76,7 +79,12 @@ def load_grid(path: str | Path) -> GridSpec:
         problems.append(f"{where}: seeds: must be a non-empty list of integers")
     elif len(set(seeds)) != len(seeds):
         problems.append(f"{where}: seeds: repeated seed")
-    return header.build(GridSpec, matrix=matrix, exclude=exclude, include=include, seeds=seeds)
+    select = raw.get("select", DEFAULT_RANKING)
+    if (why := ranking_problem(select)) is not None:
+        problems.append(f"{where}: select: {why}")
+    return header.build(GridSpec, matrix=matrix, exclude=exclude, include=include, seeds=seeds,
+                        select=select)
+
 
 
 def _overrides_list(
