@@ -1,12 +1,13 @@
 """Subnormal floats (below 1.2e-38 in float32) flushed to zero on the CPU, by default.
 
-An x86 core computes with a subnormal operand tens of times slower than with a normal one. A
-trained mixture model's q(c|x) puts subnormal weights on the components an image does not
-belong to, and every component is decoded: the backward pass multiplies the decoder's weights by
-them. Epochs of experiments/gmvae.yaml grew from 12 to 58 s over 50 epochs on this project's
-CPU, and one such model's epoch was 7 times faster with them flushed
+An x86 core computes with a subnormal operand tens of times slower than with a normal one. Every
+component of a mixture model is decoded, each decoding's gradient scaled by its weight q(c|x),
+and a trained model gives the components an image does not belong to tiny weights (some
+already subnormal): the backward pass through the decoder computes with subnormal gradients.
+The published GMVAE runs' epochs grew from 12 to 58 s over 50 epochs on this project's CPU;
+flushed, the same run's stayed near 9 s and it logged the same numbers to the last digit
 (docs/performance.md#subnormal-floats). Flushing (x86's FTZ and DAZ modes, through
-:func:`torch.set_flush_denormal`) changes only values below that bound, which no score reads.
+:func:`torch.set_flush_denormal`) changes a value only where it is below that bound.
 
 The mode is a thread's own. A thread inherits it from the thread that starts it, so it must be
 set before torch starts the threads of its intra-op pool (at its first parallel operation):
