@@ -13,37 +13,38 @@ import pytest
 from vaebench.spec.config import VaebenchError
 from vaebench.subnormals import SUBNORMALS_ENV, wanted
 
-# a fresh process, two intra-op threads: the workspace is made as an invocation makes it, then
-# an operation large enough for torch to split over both threads multiplies subnormals by one
+# a fresh process, two intra-op threads: inside the block `run` and `tune` work in, an operation
+# large enough for torch to split over both threads (whose pool starts in it) multiplies
+# subnormals by one; after the block, this thread's mode is as it was
 PROBE = """
 import torch
 torch.set_num_threads(2)
-from vaebench.lifecycle.workspace import Workspace
-from vaebench.subnormals import SMALLEST_NORMAL, subnormals_mode
-Workspace(__import__("pathlib").Path("."), None)
-x = torch.full((1 << 22,), SMALLEST_NORMAL / 4)
-product = x * 1.0
-print(int((product == 0).sum()), product.numel(), subnormals_mode())
+from vaebench.subnormals import SMALLEST_NORMAL, subnormals_mode, subnormals_set
+with subnormals_set():
+    x = torch.full((1 << 22,), SMALLEST_NORMAL / 4)
+    product = x * 1.0
+    inside = subnormals_mode()
+print(int((product == 0).sum()), product.numel(), inside, subnormals_mode())
 """
 
 
-def probe(env_value: str | None) -> tuple[int, int, str]:
+def probe(env_value: str | None) -> tuple[int, int, str, str]:
     env = {k: v for k, v in os.environ.items() if k != SUBNORMALS_ENV}
     if env_value is not None:
         env[SUBNORMALS_ENV] = env_value
     env["PYTHONPATH"] = str(Path(__file__).parents[1])
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
                          text=True, check=True, timeout=120)
-    zeros, size, mode = out.stdout.split()
-    return int(zeros), int(size), mode
+    zeros, size, inside, after = out.stdout.split()
+    return int(zeros), int(size), inside, after
 
 
 @pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="x86's FTZ/DAZ")
 def test_every_thread_flushes_by_default_and_keeps_when_asked():
-    zeros, size, mode = probe(None)
-    assert (zeros, mode) == (size, "flushed")  # both threads' halves are zero
-    zeros, size, mode = probe("keep")
-    assert (zeros, mode) == (0, "kept")
+    zeros, size, inside, after = probe(None)
+    assert (zeros, inside, after) == (size, "flushed", "kept")  # both threads' halves are zero
+    zeros, size, inside, after = probe("keep")
+    assert (zeros, inside, after) == (0, "kept", "kept")
 
 
 def test_an_unknown_choice_is_a_clear_error(monkeypatch):

@@ -261,14 +261,16 @@ def _run(args: argparse.Namespace) -> int:
     helper = FinishingHelper() if here else None
     from vaebench.execution.invocation import GridInvocation
     from vaebench.execution.runner import run_grid
+    from vaebench.subnormals import subnormals_set
 
     if args.profile:
         TIMELINE.start()
     try:
-        outcome = run_grid(args.grid, GridInvocation(
-            **shared, report=not args.no_report, rerun=args.rerun,
-            checkpoint_dir=args.checkpoint_dir, execution=execution, finishing_helper=helper,
-        ))
+        with subnormals_set():  # before torch's threads start: they inherit it
+            outcome = run_grid(args.grid, GridInvocation(
+                **shared, report=not args.no_report, rerun=args.rerun,
+                checkpoint_dir=args.checkpoint_dir, execution=execution, finishing_helper=helper,
+            ))
     finally:
         if args.profile:
             TIMELINE.write(Path(args.profile))
@@ -285,12 +287,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from vaebench.execution.invocation import StudyInvocation
+    from vaebench.subnormals import subnormals_set
     from vaebench.tuning.tune import run_study
 
-    outcome = run_study(args.study, StudyInvocation(
-        **_invocation(args), n_trials=args.n_trials, timeout=args.timeout,
-        workers=args.workers, storage=args.storage,
-    ))
+    with subnormals_set():  # before torch's threads start: they inherit it
+        outcome = run_study(args.study, StudyInvocation(
+            **_invocation(args), n_trials=args.n_trials, timeout=args.timeout,
+            workers=args.workers, storage=args.storage,
+        ))
     if outcome.failed:
         failed = f"{len(outcome.failed)} of {len(outcome.trials)} trials failed"
         print(f"vaebench: {failed}", file=sys.stderr)

@@ -9,16 +9,21 @@ flushed, the same run's stayed near 9 s and it logged the same numbers to the la
 (docs/performance.md#subnormal-floats). Flushing (x86's FTZ and DAZ modes, through
 :func:`torch.set_flush_denormal`) changes a value only where it is below that bound.
 
-The mode is a thread's own. A thread inherits it from the thread that starts it, so it must be
-set before torch starts the threads of its intra-op pool (at its first parallel operation):
-vaebench sets it where an invocation's runs begin (:class:`~vaebench.lifecycle.workspace.
-Workspace`), before their data is loaded. ``$VAEBENCH_SUBNORMALS=keep`` computes with them (IEEE
-gradual underflow); each run's ``vaebench.subnormals`` tag says which way it computed.
+The mode is a thread's own, and a thread starts with the mode of the thread that starts it.
+vaebench sets it for the work of ``run`` and ``tune`` (:func:`subnormals_set`) before torch
+starts the threads of its intra-op pool at its first parallel operation, so that they flush too
+(set later, only the calling thread would), and in each worker process and Ray task it starts.
+After the work the calling thread's mode is put back, so that calling the command line from
+Python (a notebook, a test) leaves that thread as it was. ``$VAEBENCH_SUBNORMALS=keep``
+computes with them (IEEE gradual underflow); each CPU run's ``vaebench.subnormals`` tag says
+which way it computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -39,10 +44,17 @@ def wanted() -> str:
     return choice
 
 
-def set_subnormals() -> None:
-    """This thread's mode, and that of the threads it starts later, as ``$VAEBENCH_SUBNORMALS``
-    asks (on a processor without the modes, flushing is not possible: nothing changes)."""
+@contextlib.contextmanager
+def subnormals_set() -> Iterator[None]:
+    """This thread's mode, and that of the threads it starts meanwhile, as
+    ``$VAEBENCH_SUBNORMALS`` asks, for the block (on a processor without the modes nothing
+    changes); then this thread's mode as it was."""
+    before = subnormals_mode()
     torch.set_flush_denormal(wanted() == "flush")
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before == "flushed")
 
 
 def subnormals_mode() -> str:

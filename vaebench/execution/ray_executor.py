@@ -12,6 +12,7 @@ from vaebench.execution.worker_processes import GridJob, RunCount, work_on
 from vaebench.lifecycle.claims import set_task
 from vaebench.signals import interruptible
 from vaebench.spec.config import VaebenchError
+from vaebench.subnormals import subnormals_set
 from vaebench.training.progress import set_line_prefix
 
 TASK_RETRIES = 3  # a task whose process died runs again, at most this often
@@ -40,7 +41,8 @@ def grid_task(job: GridJob, group: int, threads: int) -> list[tuple[str, str]]:
     set_task(f"{job.parent_id}-{group}")
     ended: list[tuple[str, str]] = []
     work = dataclasses.replace(job.work, groups=[job.work.groups[group]])
-    with interruptible():  # ray.cancel's interrupt waits for store writes, as a signal does
+    # ray.cancel's interrupt waits for store writes, as a signal does
+    with interruptible(), subnormals_set():
         work_on(job, work, lambda name, status: ended.append((name, status)))
     return ended
 

@@ -22,6 +22,7 @@ from vaebench.lifecycle.workspace import Workspace
 from vaebench.signals import Interrupted, interruptible
 from vaebench.spec.config import VaebenchError
 from vaebench.spec.grid import expand, load_grid
+from vaebench.subnormals import subnormals_set
 from vaebench.tracking.tracker import MLflowTracker
 from vaebench.training.checkpoint import CheckpointStore
 from vaebench.training.progress import set_line_prefix
@@ -59,7 +60,7 @@ def worker_process(index: int, threads: int | None, gpu: str | None = None) -> I
 
     if threads:
         torch.set_num_threads(threads)
-    with interruptible():
+    with interruptible(), subnormals_set():
         try:
             yield
         except Interrupted as exc:

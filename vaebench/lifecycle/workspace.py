@@ -14,7 +14,6 @@ from vaebench.lifecycle.preflight import check_before_tracking, preflight, split
 from vaebench.scoring.classifier import ClassifierCache
 from vaebench.spec.config import RunConfig
 from vaebench.spec.grid import RunSpec
-from vaebench.subnormals import set_subnormals
 from vaebench.training.checkpoint import CheckpointStore
 
 
@@ -30,12 +29,9 @@ os.register_at_fork(after_in_child=_digest_thread.cache_clear)  # a child has no
 class Workspace:
     """What the runs of one invocation share in this process. ``checkpoints`` None: runs are not
     checkpointed (a study's trials, which are never continued); ``finisher``: here, unless the
-    caller hands the trained runs to a background process. Made before the runs' data is
-    loaded: it sets how this process computes with subnormal floats (:mod:`vaebench.subnormals`),
-    which threads started later inherit."""
+    caller hands the trained runs to a background process."""
 
     def __init__(self, data_root: Path, checkpoints: CheckpointStore | None):
-        set_subnormals()
         self.data_root = data_root
         self.checkpoints = checkpoints
         self.finisher = InlineFinisher()
