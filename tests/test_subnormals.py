@@ -20,8 +20,13 @@ PROBE = """
 import torch
 torch.set_num_threads(2)
 from vaebench.subnormals import SMALLEST_NORMAL, subnormals_mode, subnormals_set
+import numpy as np
+# subnormal bit patterns (exponent 0), made by numpy: no float conversion flushes them and no
+# torch operation starts torch's threads before the block (as in the command line's process)
+bits = np.full(1 << 22, 1 << 21, dtype=np.int32).view(np.float32)
+assert (bits != 0).all() and bits.max() < SMALLEST_NORMAL  # subnormal
+x = torch.from_numpy(bits)
 with subnormals_set():
-    x = torch.full((1 << 22,), SMALLEST_NORMAL / 4)
     product = x * 1.0
     inside = subnormals_mode()
 print(int((product == 0).sum()), product.numel(), inside, subnormals_mode())

@@ -13,9 +13,9 @@ set -uo pipefail
 part=${1:?part 1 or 2}
 root=$PWD
 OUT=${OUT:-/tmp/gpu-check}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(realpath "$OUT")
 log="$OUT/log-$part.txt"
-grid_file=${GRID:-$root/experiments/mlp16.yaml}
+grid_file=$(realpath "${GRID:-$root/experiments/mlp16.yaml}")
 if [ "${KIT:-}" != none ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     .whl/*.whl >>"$log" 2>&1 || { echo "the kit did not install" >>"$log"; exit 1; }
@@ -32,7 +32,7 @@ grid() {  # grid NAME [options]: mlp16 from an empty folder, its wall from the s
   local folder=/tmp/mlp16-$name
   rm -rf "$folder" && mkdir "$folder" && cd "$folder" || return 1
   local started; started=$(date +%s%N)
-  timeout 280 python3 -m vaebench run "$grid_file" --no-system-metrics \
+  timeout 220 python3 -m vaebench run "$grid_file" --no-system-metrics \
     --profile "$OUT/mlp16-$name.json" "$@" >>"$log" 2>&1
   local status=$? ended; ended=$(date +%s%N)
   echo "mlp16 $name: exit $status, wall $(( (ended - started) / 1000000 )) ms" >>"$log"
@@ -43,7 +43,7 @@ grid() {  # grid NAME [options]: mlp16 from an empty folder, its wall from the s
 if [ "$part" = 1 ]; then
   grid stacked --stack auto
   VAEBENCH_CUDA_GRAPHS=0 grid stacked-eager --stack auto
-  timeout 150 python3 -m vaebench bench --stack 1,4,8,16 --device cuda --epochs 3 \
+  timeout 120 python3 -m vaebench bench --stack 1,4,8,16 --device cuda --epochs 3 \
     >>"$log" 2>&1
   echo "bench: exit $?" >>"$log"
 else

@@ -7,6 +7,7 @@
 #   .gpu-data/  MNIST in torchvision's layout, from $VAEBENCH_DATA or ../shared/data; 11 MB
 # Both are ignored by git; the device call names them in `carry`.
 set -euo pipefail
+data=$(realpath "${VAEBENCH_DATA:-$(dirname "$0")/../../shared/data}")
 cd "$(dirname "$0")/.."
 WHEELS=(
   mlflow==3.17.2 mlflow-skinny==3.17.2 mlflow-tracing==3.17.2 pydantic==2.13.4
@@ -21,7 +22,6 @@ rm -rf .whl && mkdir .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
-data=${VAEBENCH_DATA:-../shared/data}
 rm -rf .gpu-data && mkdir -p .gpu-data/MNIST/raw
 cp "$data"/MNIST/raw/*-ubyte.gz .gpu-data/MNIST/raw/
 du -sh .whl .gpu-data
