@@ -14,6 +14,7 @@ from vaebench.fast_exit import exit_after_handlers, exit_now
 from vaebench.spec.catalogue import DEFAULT_RANKING, RANKABLE, REPORTED
 from vaebench.spec.config import ConfigError, VaebenchError
 from vaebench.timeline import TIMELINE
+from vaebench.whole_lines import write_whole_lines
 
 # from the catalogue, which imports nothing heavy: --help does not import mlflow
 DEFAULT_METRIC = DEFAULT_RANKING
@@ -359,6 +360,7 @@ def entry() -> None:
     """:func:`main`, then exit without the module teardown (:mod:`vaebench.fast_exit`); at once
     after a signal. Under a profiler, a tracer or ``python -i`` the interpreter exits as usual,
     so that they see the end (a profile written at exit)."""
+    write_whole_lines()
     status = main()
     if status in (130, 143):  # SIGINT, SIGTERM
         exit_now(status)

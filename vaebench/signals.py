@@ -12,6 +12,8 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from vaebench.whole_lines import write_whole_lines
+
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
@@ -100,6 +102,7 @@ def become_helper_process() -> None:
     import ctypes
 
     os.setpgrp()
+    write_whole_lines()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     if sys.platform.startswith("linux"):

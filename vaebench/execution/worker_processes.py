@@ -26,6 +26,7 @@ from vaebench.subnormals import subnormals_set
 from vaebench.tracking.tracker import MLflowTracker
 from vaebench.training.checkpoint import CheckpointStore
 from vaebench.training.progress import set_line_prefix
+from vaebench.whole_lines import write_whole_lines
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ def worker_process(index: int, threads: int | None, gpu: str | None = None) -> I
     """A process group of its own, so that a terminal's Ctrl-C reaches the invocation's process
     alone, which passes it on; pinned to ``gpu`` before torch touches CUDA."""
     os.setpgrp()
+    write_whole_lines()
     if gpu is not None:
         os.environ[CUDA_VISIBLE] = gpu
     import torch
