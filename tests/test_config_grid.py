@@ -383,10 +383,40 @@ def test_several_problems_are_reported_at_once(tmp_path: Path) -> None:
     ("bogus", "'bogus': choose one of val_elbo, val_nmi"),
     ("val_mi", "'val_mi': choose one of val_elbo"),  # logged, but not what a report ranks on
     ("[val_nmi]", "['val_nmi']: choose one of val_elbo"),
+    # a test metric whose validation twin a report does not rank on: what it does rank on
+    ("test_accuracy", "select on one of val_elbo, val_nmi"),
 ])
 def test_select_must_be_a_metric_a_report_ranks_on(tmp_path: Path, select: str, fragment: str):
     path = write_grid(tmp_path, f"name: g\nselect: {select}\n")
     assert matching(problems_of(path), path, "select", fragment)
+
+
+@pytest.mark.parametrize(("axis", "why"), [
+    ("model.arch: [mlp, cvae]", "cvae models do not report it"),
+    ("data.validation: [0, 1000]", "data.validation is 0 (no validation split)"),
+])
+def test_select_must_be_logged_by_every_run(tmp_path: Path, axis: str, why: str) -> None:
+    """A metric some runs do not log would fail their report only after the training."""
+    path = write_grid(tmp_path, f"""\
+        name: g
+        base: {{train: {{epochs: 1}}}}
+        matrix:
+          {axis}
+          loss.beta: [1, 4]
+        select: val_nmi
+        """)
+    with pytest.raises(ConfigError) as info:
+        expand(load_grid(path))
+    assert len(info.value.problems) == 1
+    assert matching(info.value.problems, path, "select", "val_nmi is not logged by 2 of 4 runs")
+    assert info.value.problems[0].endswith(why)
+
+
+def test_select_of_a_metric_every_run_logs(tmp_path: Path) -> None:
+    path = write_grid(tmp_path, "name: g\nmatrix:\n  model.arch: [mlp, conv]\nselect: val_nmi\n")
+    assert len(expand(load_grid(path))) == 2
+    path = write_grid(tmp_path, "name: g\nmatrix:\n  model.arch: [mlp, cvae]\n")  # val_elbo
+    assert len(expand(load_grid(path))) == 2
 
 
 def test_select_defaults_to_the_validation_elbo(tmp_path: Path) -> None:

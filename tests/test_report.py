@@ -31,10 +31,17 @@ from vaebench.reporting.render import (
     verdict,
 )
 from vaebench.reporting.report import make_report
-from vaebench.reporting.runs import METRICS, drop_repeats, picture_prefix, run_set_from_frame
+from vaebench.reporting.runs import (
+    METRICS,
+    RunSet,
+    drop_repeats,
+    picture_prefix,
+    run_set_from_frame,
+)
 from vaebench.reporting.table import leaderboard
 from vaebench.spec.catalogue import RANKABLE
 from vaebench.spec.config import VaebenchError
+from vaebench.spec.grid import SELECT_TAG
 
 GRID = """
 name: seeds3
@@ -700,3 +707,45 @@ def test_latent_pictures_pca_matches_scikit_learn_and_tsne_is_on_request():
     assert name == "t-SNE" and coords.shape == (300, 2)
     line, name = embed_2d(points[:, :1], "tsne")  # one latent dimension: on a line
     assert name == "PCA" and np.all(line[:, 1] == 0)
+
+
+@pytest.mark.parametrize(("selects", "expected"), [
+    (["val_nmi"], "val_nmi"),
+    (["val_nmi", "val_elbo"], "val_elbo"),  # the latest invocation's file decides
+    (["val_elbo", "val_nmi"], "val_nmi"),
+    (["val_nmi", None], "val_elbo"),  # an invocation from before select: the default
+    (["val_nmi", "test_nmi"], "val_elbo"),  # a tag a report cannot rank on: the default
+    (None, "val_elbo"),  # no parent run carries the tag
+])
+def test_a_report_ranks_on_the_select_of_the_latest_invocation(selects, expected):
+    """``parents`` are sorted by start time (``run_set_from_frame``)."""
+    parents = pd.DataFrame({"run_id": ["p1", "p2"][: len(selects or [0])]})
+    if selects is not None:
+        parents[f"tags.{SELECT_TAG}"] = selects
+    run_set = RunSet("g", "1", "sqlite://", parents, pd.DataFrame(), [])
+    assert report.chosen_metric(run_set) == expected
+
+
+def test_the_best_of_an_invocation_is_chosen_on_its_grids_select(tmp_path):
+    """What registration takes without a report (``run --no-report``): two finished runs of a
+    real store, one better on val_elbo, the other on val_nmi; the parent run's select decides
+    unless a metric is named."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("picked")
+    parent = client.create_run(experiment, tags={SELECT_TAG: "val_nmi"}).info.run_id
+    ids = {}
+    for beta, elbo, nmi in ((1, -100.0, 0.30), (4, -120.0, 0.45)):
+        run = client.create_run(experiment, run_name=f"b{beta}",
+                                tags={"mlflow.parentRunId": parent})
+        ids[beta] = run.info.run_id
+        client.log_param(ids[beta], "loss.beta", beta)
+        client.log_param(ids[beta], "seed", 0)
+        for name, value in (("val_elbo", elbo), ("val_nmi", nmi), ("test_elbo", elbo)):
+            client.log_metric(ids[beta], name, value)
+        client.set_terminated(ids[beta], "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    (chosen,) = report.best_of_invocation(uri, "picked", parent)
+    assert (chosen.run_id, chosen.selected_on) == (ids[4], "val_nmi")
+    (told,) = report.best_of_invocation(uri, "picked", parent, "val_elbo")
+    assert (told.run_id, told.selected_on) == (ids[1], "val_elbo")

@@ -97,13 +97,15 @@ RANKABLE = tuple(name for name in REPORTED if name in SELECTABLE)
 DEFAULT_RANKING = "val_elbo"
 
 
-def selection_problem(name: str) -> str | None:
-    """Why ``name`` cannot choose between runs (tune, prune, rank), or None if it can."""
+def selection_problem(name: str, valid: tuple[str, ...] = SELECTABLE) -> str | None:
+    """Why ``name`` cannot choose between runs (tune, prune, rank), or None if it can;
+    ``valid``: what may choose instead."""
     info = METRICS.get(name)
     if info is None:
-        return f"unknown metric {name!r}; valid: {', '.join(SELECTABLE)}"
+        return f"unknown metric {name!r}; valid: {', '.join(valid)}"
     if info.split == TEST:
         instead = info.counterpart or "val_elbo"
+        instead = instead if instead in valid else f"one of {', '.join(valid)}"
         return (f"{name} is scored on the test split, which must not choose what it then reports "
                 f"(that is selecting on the test set); select on {instead}, and the test score "
                 "of what was chosen is reported beside it")
@@ -118,5 +120,22 @@ def ranking_problem(metric: object) -> str | None:
     if isinstance(metric, str) and metric in RANKABLE:
         return None
     if isinstance(metric, str) and metric in METRICS and METRICS[metric].split == TEST:
-        return selection_problem(metric)  # why not, and what to select on instead
+        return selection_problem(metric, RANKABLE)  # why not, and what to rank on instead
     return f"{metric!r}: choose one of {', '.join(RANKABLE)}"
+
+
+# metrics missing from one-epoch runs: the first epoch is reported apart
+AFTER_WARM_UP = ("mean_epoch_seconds", "mean_images_per_second")
+
+
+def unlogged_because(name: str, arch: str, validation: int, epochs: int) -> str | None:
+    """Why a run of model family ``arch``, with a validation split of ``validation`` images,
+    trained ``epochs`` epochs, does not log metric ``name``; None if it does."""
+    info = METRICS[name]
+    if not info.reported_by(arch):
+        return f"{arch} models do not report it"
+    if info.needs_validation and validation == 0:
+        return "data.validation is 0 (no validation split)"
+    if name in AFTER_WARM_UP and epochs == 1:
+        return "it is the mean over the epochs after the first, and train.epochs is 1"
+    return None

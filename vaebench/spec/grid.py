@@ -9,11 +9,12 @@ import itertools
 import json
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vaebench.spec.catalogue import DEFAULT_RANKING, ranking_problem
+from vaebench.spec.catalogue import DEFAULT_RANKING, ranking_problem, unlogged_because
 from vaebench.spec.config import (
     ConfigError,
     RunConfig,
@@ -100,6 +101,21 @@ def _overrides_list(
             problems.append(f"{where}: {section}[{index}]: empty mapping")
         problems += override_problems(base, item, where, f"{section}[{index}].")
     return value
+
+
+def unselectable_runs(grid: GridSpec, runs: Sequence[RunSpec]) -> list[str]:
+    """A line per reason some of ``runs`` would not log the metric the grid selects on (its
+    report ranks on it and its registered models are chosen on it: every run must have it)."""
+    unlogged: dict[str, list[str]] = {}
+    for run in runs:
+        config = run.config
+        why = unlogged_because(grid.select, config.model.arch, config.data.validation,
+                               config.train.epochs)
+        if why is not None:
+            unlogged.setdefault(why, []).append(run.name)
+    return [f"{grid.source}: select: {grid.select} is not logged by {len(names)} of {len(runs)} "
+            f"runs ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {why}"
+            for why, names in unlogged.items()]
 
 
 # how a varied setting reads in a run name: by its value alone, or "<prefix><value>" with the
@@ -192,6 +208,7 @@ def expand(grid: GridSpec) -> list[RunSpec]:
     first = {run.key: run for run in reversed(runs)}  # the first run of each key
     problems = [f"{grid.source}: duplicate run: {run.name} has the same config and seed as "
                 f"{first[run.key].name}" for run in runs if first[run.key] is not run]
+    problems += unselectable_runs(grid, runs)
     if problems:
         raise ConfigError(problems)
     # distinct configs that read the same (e.g. an include repeating no axis) get the key appended

@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vaebench.spec.catalogue import CONDITIONAL, METRICS, SELECTABLE, selection_problem
+from vaebench.spec.catalogue import (
+    AFTER_WARM_UP,
+    CONDITIONAL,
+    METRICS,
+    SELECTABLE,
+    selection_problem,
+)
 from vaebench.spec.space import Param, read_space, yaml_number
 from vaebench.spec.yaml_file import SpecHeader, is_int, is_str_keyed, read_spec_header
 
@@ -148,8 +154,6 @@ def _objective_problems(
     return problems + [f"{where}: {message}" for failed, message in checks if failed]
 
 
-# metrics missing from one-epoch runs: the first epoch is reported apart
-AFTER_WARM_UP = ("mean_epoch_seconds", "mean_images_per_second")
 # settings across which a loss-unit metric (ELBO, reconstruction) means different things
 INCOMPARABLE = ("loss.recon", "data.dataset", "data.binarize", "data.validation")
 
