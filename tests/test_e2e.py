@@ -26,7 +26,7 @@ from vaebench.lifecycle.provenance import code_version
 from vaebench.models import MODELS, build_model
 from vaebench.models.base import GaussianVAE
 from vaebench.spec.config import ModelConfig
-from vaebench.subnormals import subnormals_mode
+from vaebench.subnormals import this_thread_flushes
 
 TINY_GRID = """
 name: tiny
@@ -282,8 +282,10 @@ def test_tiny_grid_tracks_parent_and_finished_children(tiny_grid_result):
     assert set(children["tags.vaebench.code"]) == {code_version()}
     assert set(children["tags.mlflow.source.git.commit"]) == {head}
     assert children["tags.vaebench.device_name"].str.len().gt(0).all()
-    assert set(children["tags.vaebench.subnormals"]) == {"flushed"}  # x86's FTZ and DAZ
-    assert subnormals_mode() == "kept"  # the command put this thread's mode back
+    # x86's FTZ and DAZ; in this test process torch's pool may have started before the command,
+    # and then keeps computing with subnormals (test_subnormals runs the command's own case)
+    assert set(children["tags.vaebench.subnormals"]) <= {"flushed", "mixed"}
+    assert not this_thread_flushes()  # the command put this thread's mode back
 
 
 def test_tiny_grid_logs_every_epoch_and_artifacts(tiny_grid_result):

@@ -49,16 +49,35 @@ def subnormals_set() -> Iterator[None]:
     """This thread's mode, and that of the threads it starts meanwhile, as
     ``$VAEBENCH_SUBNORMALS`` asks, for the block (on a processor without the modes nothing
     changes); then this thread's mode as it was."""
-    before = subnormals_mode()
+    before = this_thread_flushes()
     torch.set_flush_denormal(wanted() == "flush")
     try:
         yield
     finally:
-        torch.set_flush_denormal(before == "flushed")
+        torch.set_flush_denormal(before)
+
+
+# subnormal operands enough for torch to split a multiplication over every intra-op thread
+# (its grain is 32,768 elements), made from their bits: no float conversion flushes them
+PROBE_SIZE = 1 << 18
+
+
+def _subnormal_products(size: int) -> torch.Tensor:
+    """``size`` subnormals times one, as the products' bits (0: flushed)."""
+    operands = torch.full((size,), 1 << 21, dtype=torch.int32).view(torch.float32)
+    return (operands * 1.0).view(torch.int32)
+
+
+def this_thread_flushes() -> bool:
+    """One element: computed on this thread alone, so torch's pool does not start here."""
+    return int(_subnormal_products(1)) == 0
 
 
 def subnormals_mode() -> str:
-    """How this thread computes: "flushed" when a subnormal operand reads as zero, else
-    "kept" (a multiplication by one, the test)."""
-    operand = torch.tensor(SMALLEST_NORMAL / 4, dtype=torch.float32)
-    return "flushed" if float(operand * 1.0) == 0.0 else "kept"
+    """How this thread and torch's intra-op threads compute: "flushed" where each reads a
+    subnormal operand as zero, "kept" where none does, "mixed" where some do (a pool started
+    before the mode was set: a thread takes its mode from the thread that starts it). The test
+    multiplies subnormals by one and reads the products' bits (a comparison would read them
+    as zero on a flushing thread)."""
+    zeros = int(_subnormal_products(PROBE_SIZE).eq(0).sum())
+    return "flushed" if zeros == PROBE_SIZE else "kept" if zeros == 0 else "mixed"
