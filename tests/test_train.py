@@ -13,10 +13,11 @@ import textwrap
 import pytest
 import torch
 
-from vaebench.data import load_splits
-from vaebench.models import build_model
+from vaebench.data import Split, load_splits
+from vaebench.models import build_model, place_model
 from vaebench.models.losses import LossTerms, Objective, reconstruction
-from vaebench.scoring.evaluation import evaluate
+from vaebench.scoring import evaluation
+from vaebench.scoring.evaluation import Evaluation, evaluate
 from vaebench.spec.config import (
     LossConfig,
     ModelConfig,
@@ -233,6 +234,67 @@ def test_evaluation_draws_are_the_same_for_every_run_of_a_split(small_splits):
                         tiny_config(eval={"samples": 8}))
     assert not torch.equal(first.recon, averaged.recon)  # 8 draws per image, another estimate
     assert averaged.recon.item() == pytest.approx(first.recon.item(), rel=0.01)
+
+
+def evaluated_with_pieces(monkeypatch, model, split, config, rows: int | None) -> Evaluation:
+    monkeypatch.setattr(evaluation, "CPU_CONVOLUTION_ROWS", rows)
+    return evaluate(model, split, "validation", config)
+
+
+def same_evaluation(first: Evaluation, second: Evaluation) -> bool:
+    tensors = ("recon", "mu", "mi", "active_units")
+    return all(torch.equal(getattr(first, name), getattr(second, name)) for name in tensors) and (
+        first.kl.keys() == second.kl.keys()
+        and all(torch.equal(first.kl[k], second.kl[k]) for k in first.kl)
+        and (first.categories is None) == (second.categories is None)
+        and (first.categories is None or torch.equal(first.categories, second.categories))
+    )
+
+
+@pytest.mark.parametrize("arch", ["conv", "gumbel", "gmvae"])
+def test_a_cpu_evaluation_of_convolutions_in_pieces_is_the_whole_batchs(
+    monkeypatch, small_splits, arch
+):
+    """Pieces of rows through the network (oneDNN's cache-sized calls on the CPU); the draws
+    stay the pass's. In float64 every image's arithmetic is its own: the bits must match."""
+    config = tiny_config(model={"arch": arch, "backbone": "conv", "categories": 4},
+                         train={"eval_batch_size": 300})
+    assert evaluation.rows_per_call(build_model(config.model, (1, 28, 28)),
+                                    torch.device("cpu")) == evaluation.CPU_CONVOLUTION_ROWS
+    torch.manual_seed(0)
+    model = build_model(config.model, small_splits.image_shape).double()
+    split = Split(small_splits.validation.images.double(), small_splits.validation.labels)
+    whole = evaluated_with_pieces(monkeypatch, model, split, config, None)
+    pieces = evaluated_with_pieces(monkeypatch, model, split, config, 128)  # 128, 128, 44
+    assert same_evaluation(whole, pieces)
+
+
+def test_the_cpus_pieces_of_a_conv_evaluation_give_its_float32_bits(monkeypatch, mnist_root):
+    """What vaebench runs: the conv VAE (channels 32, 64) in float32, channels-last, a pass's
+    1,000 images handed over 500 at a time, against all 1,000 at once."""
+    config = RunConfig.model_validate({"data": {"subset": 256, "validation": 2000},
+                                       "model": {"arch": "conv", "channels": [32, 64]}})
+    splits = load_splits(config.data, mnist_root, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = place_model(build_model(config.model, splits.image_shape), torch.device("cpu"))
+    whole = evaluated_with_pieces(monkeypatch, model, splits.validation, config, None)
+    pieces = evaluated_with_pieces(monkeypatch, model, splits.validation, config, 500)
+    assert same_evaluation(whole, pieces)
+
+
+def test_pieces_of_rows_cover_every_row_once_in_order():
+    calls = []
+
+    def call(x, c):
+        calls.append((len(x), c))
+        return x * 2
+
+    rows = torch.arange(7.0)
+    assert torch.equal(evaluation.in_pieces(call, torch.cat, 3, rows, None), rows * 2)
+    assert calls == [(3, None), (3, None), (1, None)]
+    assert torch.equal(evaluation.in_pieces(call, torch.cat, None, rows, None), rows * 2)
+    assert torch.equal(evaluation.in_pieces(call, torch.cat, 7, rows, None), rows * 2)
+    assert calls[3:] == [(7, None), (7, None)]  # whole: one call
 
 
 def test_a_likelihood_needs_binary_pixels_and_bce():

@@ -58,7 +58,11 @@ def place_model(model: nn.Module, device: torch.device) -> nn.Module:
     ``python -m vaebench bench --layout`` measured the ``conv`` VAE's validation pass at 0.63
     of its time with contiguous weights and a training epoch at 0.99 (2-core CPU). The
     arithmetic is the same up to float rounding (the sums inside run in another order)."""
-    convolutional = any(isinstance(m, nn.Conv2d | nn.ConvTranspose2d) for m in model.modules())
-    if device.type == "cpu" and convolutional:
+    if device.type == "cpu" and convolutional(model):
         return model.to(device, memory_format=torch.channels_last)
     return model.to(device)
+
+
+def convolutional(model: nn.Module) -> bool:
+    """Whether ``model`` has convolutions of its own (a stack's are grouped, not these)."""
+    return any(isinstance(m, nn.Conv2d | nn.ConvTranspose2d) for m in model.modules())
