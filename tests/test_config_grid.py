@@ -409,7 +409,17 @@ def test_select_must_be_logged_by_every_run(tmp_path: Path, axis: str, why: str)
         expand(load_grid(path))
     assert len(info.value.problems) == 1
     assert matching(info.value.problems, path, "select", "val_nmi is not logged by 2 of 4 runs")
-    assert info.value.problems[0].endswith(why)
+    assert f"{why}; select what every run logs" in info.value.problems[0]
+
+
+def test_a_grid_without_validation_trains_where_its_file_leaves_select_unset(tmp_path: Path):
+    """Its report and registration then say why they have nothing to rank (docs/tracking.md)."""
+    path = write_grid(tmp_path, "name: g\nbase: {data: {validation: 0}}\nmatrix:\n"
+                                "  loss.beta: [1, 4]\n")
+    assert len(expand(load_grid(path))) == 2
+    named = write_grid(tmp_path, "name: g\nbase: {data: {validation: 0}}\nselect: val_elbo\n")
+    with pytest.raises(ConfigError, match="select: val_elbo is not logged by 1 of 1 runs"):
+        expand(load_grid(named))
 
 
 def test_select_of_a_metric_every_run_logs(tmp_path: Path) -> None:

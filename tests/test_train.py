@@ -242,13 +242,19 @@ def evaluated_with_pieces(monkeypatch, model, split, config, rows: int | None) -
 
 
 def same_evaluation(first: Evaluation, second: Evaluation) -> bool:
-    tensors = ("recon", "mu", "mi", "active_units")
-    return all(torch.equal(getattr(first, name), getattr(second, name)) for name in tensors) and (
-        first.kl.keys() == second.kl.keys()
-        and all(torch.equal(first.kl[k], second.kl[k]) for k in first.kl)
-        and (first.categories is None) == (second.categories is None)
-        and (first.categories is None or torch.equal(first.categories, second.categories))
-    )
+    """Every tensor of the two, the posteriors' too (a mixture's components), bit for bit."""
+
+    def tensors(evaluated: Evaluation) -> list[torch.Tensor | None]:
+        posterior, mixture = evaluated.posterior, evaluated.posterior.mixture
+        return [evaluated.recon, evaluated.mi, evaluated.active_units, evaluated.categories,
+                posterior.mu, posterior.logvar, posterior.category_logits,
+                *(() if mixture is None else (mixture.mu, mixture.logvar)),
+                *(evaluated.kl[name] for name in sorted(evaluated.kl))]
+
+    pairs = list(zip(tensors(first), tensors(second), strict=True))
+    assert first.kl.keys() == second.kl.keys()
+    return all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+               for a, b in pairs)
 
 
 @pytest.mark.parametrize("arch", ["conv", "gumbel", "gmvae"])
@@ -265,8 +271,13 @@ def test_a_cpu_evaluation_of_convolutions_in_pieces_is_the_whole_batchs(
     model = build_model(config.model, small_splits.image_shape).double()
     split = Split(small_splits.validation.images.double(), small_splits.validation.labels)
     whole = evaluated_with_pieces(monkeypatch, model, split, config, None)
-    pieces = evaluated_with_pieces(monkeypatch, model, split, config, 128)  # 128, 128, 44
+    pieces = evaluated_with_pieces(monkeypatch, model, split, config, 100)  # 3 x 100, 2 x 100
     assert same_evaluation(whole, pieces)
+    calls = []
+    monkeypatch.setattr(model, "posterior", lambda x, y, call=model.posterior: (
+        calls.append(len(x)), call(x, y))[1])
+    evaluated_with_pieces(monkeypatch, model, split, config, 100)
+    assert calls == [100] * 5  # the passes' batches of 300 and 200, in pieces
 
 
 def test_the_cpus_pieces_of_a_conv_evaluation_give_its_float32_bits(monkeypatch, mnist_root):
@@ -289,12 +300,12 @@ def test_pieces_of_rows_cover_every_row_once_in_order():
         calls.append((len(x), c))
         return x * 2
 
-    rows = torch.arange(7.0)
+    rows = torch.arange(9.0)
     assert torch.equal(evaluation.in_pieces(call, torch.cat, 3, rows, None), rows * 2)
-    assert calls == [(3, None), (3, None), (1, None)]
-    assert torch.equal(evaluation.in_pieces(call, torch.cat, None, rows, None), rows * 2)
-    assert torch.equal(evaluation.in_pieces(call, torch.cat, 7, rows, None), rows * 2)
-    assert calls[3:] == [(7, None), (7, None)]  # whole: one call
+    assert calls == [(3, None), (3, None), (3, None)]
+    for whole in (None, 9, 4):  # no pieces asked, one piece, or pieces of unequal sizes
+        assert torch.equal(evaluation.in_pieces(call, torch.cat, whole, rows, None), rows * 2)
+    assert calls[3:] == [(9, None)] * 3
 
 
 def test_a_likelihood_needs_binary_pixels_and_bce():

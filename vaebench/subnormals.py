@@ -57,9 +57,9 @@ def subnormals_set() -> Iterator[None]:
         torch.set_flush_denormal(before)
 
 
-# subnormal operands enough for torch to split a multiplication over every intra-op thread
-# (its grain is 32,768 elements), made from their bits: no float conversion flushes them
-PROBE_SIZE = 1 << 18
+# torch splits an elementwise operation into pieces of at least this many elements, one per
+# intra-op thread at most
+GRAIN = 1 << 15
 
 
 def _subnormal_products(size: int) -> torch.Tensor:
@@ -75,9 +75,11 @@ def this_thread_flushes() -> bool:
 
 def subnormals_mode() -> str:
     """How this thread and torch's intra-op threads compute: "flushed" where each reads a
-    subnormal operand as zero, "kept" where none does, "mixed" where some do (a pool started
-    before the mode was set: a thread takes its mode from the thread that starts it). The test
-    multiplies subnormals by one and reads the products' bits (a comparison would read them
-    as zero on a flushing thread)."""
-    zeros = int(_subnormal_products(PROBE_SIZE).eq(0).sum())
-    return "flushed" if zeros == PROBE_SIZE else "kept" if zeros == 0 else "mixed"
+    subnormal operand as zero, "kept" where none does, "mixed" where some do (a thread takes
+    its mode from the thread that starts it: the pool started before the mode was set, or a
+    call from Python with the other mode after one that started it). The test multiplies
+    enough subnormals by one for every thread to take a piece, and reads the products' bits
+    (a comparison would read them as zero on a flushing thread)."""
+    size = GRAIN * max(8, torch.get_num_threads())
+    zeros = int(_subnormal_products(size).eq(0).sum())
+    return "flushed" if zeros == size else "kept" if zeros == 0 else "mixed"

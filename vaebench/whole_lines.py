@@ -15,5 +15,5 @@ import sys
 
 def write_whole_lines() -> None:
     """From now on this process's stderr writes each line in one call."""
-    if isinstance(sys.stderr, io.TextIOWrapper):  # not a test's capture, not a notebook's
+    if isinstance(sys.stderr, io.TextIOWrapper):  # a notebook's stream is left as it is
         sys.stderr.reconfigure(line_buffering=True, write_through=False)

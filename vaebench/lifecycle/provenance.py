@@ -72,7 +72,7 @@ def run_tags(run: RunSpec) -> dict[str, str]:
         "vaebench.device": str(device),
         "vaebench.device_name": device_name(device),
     }
-    if device.type == "cpu":  # flushed or kept (vaebench.subnormals); a GPU's kernels choose
+    if device.type == "cpu":  # flushed, kept or mixed (vaebench.subnormals); GPU kernels choose
         tags["vaebench.subnormals"] = subnormals_mode()
     evaluation = run.config.eval
     if evaluation.iwae_samples:  # which test images its likelihood estimate scores

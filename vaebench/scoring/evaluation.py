@@ -117,7 +117,7 @@ def evaluate_members(
     kl: dict[str, torch.Tensor] = {}
     posteriors, categories, firsts = [], [], []
     size = max(1, config.train.eval_batch_size // samples)  # decoder rows per pass, draws included
-    rows = rows_per_call(model, device)
+    rows = rows_per_call(model, device) if len(configs) == 1 else None  # a stack: whole
     for start in range(0, len(split), size):
         x, y = split.images[start : start + size], split.labels[start : start + size]
         posterior = in_pieces(model.posterior, cat_posteriors, rows, x, y)
@@ -154,19 +154,22 @@ CPU_CONVOLUTION_ROWS = 500
 
 
 def rows_per_call(model: torch.nn.Module, device: torch.device) -> int | None:
-    """How many rows an evaluation hands the network at once (None: a pass's batch whole).
+    """How many rows an evaluation hands a model alone at once (None: a pass's batch whole).
     The pass's batch, and so its draws, stay ``train.eval_batch_size``."""
     return CPU_CONVOLUTION_ROWS if device.type == "cpu" and convolutional(model) else None
 
 
 def in_pieces(
     call: Callable[..., T], join: Callable[[list[T]], T], rows: int | None,
-    *inputs: torch.Tensor | None,
+    first: torch.Tensor, *others: torch.Tensor | None,
 ) -> T:
-    """``call`` on its inputs whole, or on consecutive pieces of ``rows`` rows of each (None
-    stays None), the pieces' results joined in order."""
-    count = inputs[0].shape[0]
-    if rows is None or count <= rows:
+    """``call`` on its inputs (rows first: a model alone's) in consecutive pieces of ``rows``
+    rows of each (None stays None), the pieces' results joined in order; whole where
+    ``rows`` does not divide them into equal pieces (other piece sizes are not known to give
+    the bits the whole gives)."""
+    count = first.shape[0]
+    inputs = (first, *others)
+    if rows is None or count <= rows or count % rows:
         return call(*inputs)
     return join([call(*(t if t is None else t[start : start + rows] for t in inputs))
                  for start in range(0, count, rows)])

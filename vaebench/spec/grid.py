@@ -40,6 +40,9 @@ class GridSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     select: str = DEFAULT_RANKING  # the validation metric its report ranks and registers on
     source: str = "<grid>"
+    # whether the file names ``select`` (left to the default, runs without it still train,
+    # and their report and registration say in a line each why they have nothing to rank)
+    select_named: bool = False
 
 
 MAX_GRID_RUNS = 10_000  # more: split the grid, or search the space with a study
@@ -84,7 +87,7 @@ def load_grid(path: str | Path) -> GridSpec:
     if (why := ranking_problem(select)) is not None:
         problems.append(f"{where}: select: {why}")
     return header.build(GridSpec, matrix=matrix, exclude=exclude, include=include, seeds=seeds,
-                        select=select)
+                        select=select, select_named="select" in raw)
 
 
 
@@ -104,8 +107,12 @@ def _overrides_list(
 
 
 def unselectable_runs(grid: GridSpec, runs: Sequence[RunSpec]) -> list[str]:
-    """A line per reason some of ``runs`` would not log the metric the grid selects on (its
-    report ranks on it and its registered models are chosen on it: every run must have it)."""
+    """A line per reason some of ``runs`` would not log the metric the grid file names as its
+    ``select`` (its report ranks on it and its registered models are chosen on it: every run
+    must have it). Where the file leaves ``select`` to the default, a grid without a
+    validation split still trains, as it always did."""
+    if not grid.select_named:
+        return []
     unlogged: dict[str, list[str]] = {}
     for run in runs:
         config = run.config
@@ -114,7 +121,8 @@ def unselectable_runs(grid: GridSpec, runs: Sequence[RunSpec]) -> list[str]:
         if why is not None:
             unlogged.setdefault(why, []).append(run.name)
     return [f"{grid.source}: select: {grid.select} is not logged by {len(names)} of {len(runs)} "
-            f"runs ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {why}"
+            f"runs ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): {why}; select "
+            "what every run logs, or split the grid"
             for why, names in unlogged.items()]
 
 
