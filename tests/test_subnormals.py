@@ -21,12 +21,12 @@ PROBE = """
 import sys
 import torch
 torch.set_num_threads(2)
-from vaebench.subnormals import SMALLEST_NORMAL, subnormals_mode, subnormals_set
+from vaebench.subnormals import SMALLEST_NORMAL, SUBNORMAL_BITS, subnormals_mode, subnormals_set
 from vaebench.subnormals import this_thread_flushes
 import numpy as np
 # subnormal bit patterns (exponent 0), made by numpy: no float conversion flushes them and no
 # torch operation starts torch's threads before the block (as in the command line's process)
-bits = np.full(1 << 22, 1 << 21, dtype=np.int32).view(np.float32)
+bits = np.full(1 << 22, SUBNORMAL_BITS, dtype=np.int32).view(np.float32)
 assert (bits != 0).all() and bits.max() < SMALLEST_NORMAL  # subnormal
 x = torch.from_numpy(bits)
 if sys.argv[1] == "started":

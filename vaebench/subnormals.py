@@ -62,9 +62,14 @@ def subnormals_set() -> Iterator[None]:
 GRAIN = 1 << 15
 
 
+# a float32's bits with exponent 0 and a fraction: a subnormal (2^-128), made from its bits so
+# that no float conversion on a flushing thread zeroes it first
+SUBNORMAL_BITS = 1 << 21
+
+
 def _subnormal_products(size: int) -> torch.Tensor:
     """``size`` subnormals times one, as the products' bits (0: flushed)."""
-    operands = torch.full((size,), 1 << 21, dtype=torch.int32).view(torch.float32)
+    operands = torch.full((size,), SUBNORMAL_BITS, dtype=torch.int32).view(torch.float32)
     return (operands * 1.0).view(torch.int32)
 
 
