@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from vaebench.lifecycle.claims import CLAIM_TAG, OWNER_TAG, Planned, plan, recover_abandoned
-from vaebench.lifecycle.exactly_once import ClaimLost, claim_run
+from vaebench.lifecycle.exactly_once import ClaimLost, claim_run, counted_since
 from vaebench.lifecycle.execute import (
     EpochHook,
     Member,
@@ -185,9 +185,13 @@ class _Process:
     def as_stored_now(self, step: Planned) -> Planned:
         """The step planned again from the store just before its run trains: another process
         working on the same grid may have finished, failed or taken the run."""
-        records = self.tracker.previous_runs(self.work.experiment, RUN_KEY_TAG, step.run.key)
+        work = self.work
+        records = self.tracker.previous_runs(
+            work.experiment, RUN_KEY_TAG, step.run.key,
+            begun_since_ms=counted_since(work.since_ms, work.rerun),
+        )
         records = recover_abandoned(self.tracker, records, sys.stderr)  # a worker that died
-        return plan([step.run], records, self.work.rerun, self.work.since_ms)[0]
+        return plan([step.run], records, work.rerun, work.since_ms)[0]
 
     def train(
         self, claims: Sequence[Claimed], context: RunContext

@@ -130,10 +130,14 @@ class _GridRun:
 
     def plan(self) -> None:
         """Plan each run against the store, skipped runs' rows into the outcome; drop
-        checkpoints nothing will continue."""
-        stored_runs = self.tracker.previous_runs(self.name, GRID_TAG, self.name)
+        checkpoints nothing will continue. A rerun's plan counts no stored run (every run
+        trains again): it reads only the unfinished ones, to recover the abandoned and drop
+        the checkpoints of the stopped."""
+        rerun = self.invocation.rerun
+        stored_runs = self.tracker.previous_runs(self.name, GRID_TAG, self.name,
+                                                 unfinished_only=rerun)
         previous = recover_abandoned(self.tracker, stored_runs, sys.stderr)
-        planned = self.planned = plan(self.runs, previous, self.invocation.rerun)
+        planned = self.planned = plan(self.runs, previous, rerun)
         record = WorkRecord()
         for number, step in enumerate(planned, start=1):
             if step.action in ("skip", "elsewhere"):

@@ -38,6 +38,9 @@ REMOTE_SETTLE_SECONDS = 0.5
 LOCAL_SETTLE_SECONDS = 0.01
 UNSTAMPED_SECONDS = 60.0  # a claim run stays unstamped for milliseconds; older: not a claim
 POLL_SECONDS = 0.05
+# a rerun's claims read only the runs begun since the invocation, less this margin for the
+# clocks of other machines that share the grid (the settle time assumes far closer clocks)
+CLOCK_MARGIN_MS = 60_000
 
 
 def settle_seconds(tracking_uri: str) -> float:
@@ -46,6 +49,14 @@ def settle_seconds(tracking_uri: str) -> float:
     if os.environ.get(SETTLE_ENV):
         return float(os.environ[SETTLE_ENV])
     return LOCAL_SETTLE_SECONDS if sqlite_path(tracking_uri) else REMOTE_SETTLE_SECONDS
+
+
+def counted_since(since_ms: int, rerun: bool) -> int:
+    """The earliest start of the runs a claim's decision counts (0: all of them): a rerun
+    counts only those begun since the invocation (:func:`_verdict`,
+    :func:`~vaebench.lifecycle.claims.plan`), so that its reads stay as short as the
+    invocation however many runs of the grid the store holds."""
+    return max(0, since_ms - CLOCK_MARGIN_MS) if rerun and since_ms > 0 else 0
 
 
 def stamp() -> dict[str, str]:
@@ -86,7 +97,9 @@ def claim_holds(
     time.sleep(settle)
     deadline = time.monotonic() + UNSTAMPED_SECONDS
     while True:
-        records = tracker.previous_runs(experiment, RUN_KEY_TAG, key)
+        records = tracker.previous_runs(
+            experiment, RUN_KEY_TAG, key, begun_since_ms=counted_since(since_ms, rerun)
+        )
         mine = next((r for r in records if r.run_id == claim_id), None)
         if mine is None or CLAIMED_AT_TAG not in mine.tags:
             raise RuntimeError(f"claim {claim_id} of {key} is not in the store it was written to")

@@ -81,11 +81,32 @@ def select_runs(
         known = ", ".join(names) if names else "none"
         raise VaebenchError(f"no experiment named {name!r} in {uri}; experiments: {known}")
     with fluent_api_on(uri):
-        frame = mlflow.search_runs(experiment_ids=[experiment.experiment_id])
+        frame = stored_frame(mlflow.search_runs, experiment.experiment_id,
+                             None if all_invocations else parent_id)
     run_set = run_set_from_frame(
         frame, name, experiment.experiment_id, uri, all_invocations, parent_id
     )
     return replace(run_set, client=client)
+
+
+def stored_frame(search: Any, experiment_id: str, parent_id: str | None) -> pd.DataFrame:
+    """``mlflow.search_runs``' table of the experiment, or of the invocation ``parent_id``
+    alone (its parent run and its children): read by those two filters, so that one
+    invocation's report takes as long however many invocations the experiment holds. Rows
+    in MLflow's own order (the latest started first)."""
+    if parent_id is None:
+        return search(experiment_ids=[experiment_id])
+    frames = [
+        search(experiment_ids=[experiment_id], filter_string=text) for text in (
+            f"attributes.run_id IN ('{parent_id}')", f"tags.mlflow.parentRunId = '{parent_id}'"
+        )
+    ]
+    frames = [frame for frame in frames if not frame.empty]
+    if not frames:
+        return pd.DataFrame()
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(["start_time", "run_id"], ascending=[False, True],
+                             ignore_index=True)
 
 
 def run_set_from_frame(
