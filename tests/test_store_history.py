@@ -199,3 +199,14 @@ def test_a_rerun_and_its_report_read_the_invocation_not_the_history(
     )
     versions = tracker.client.search_model_versions("name='history'")
     assert max(versions, key=lambda v: int(v.version)).run_id in set(children["run_id"])
+
+    # two worker processes: the rows this process reads back at the end are the rerun's
+    reads.clear()
+    assert main([*arguments, "--rerun", "--workers", "2", "--no-report", "--no-register"]) == 0
+    read_back = [records for tag, records in reads if tag == GRID_TAG][-1]
+    assert read_back and not history & {r.run_id for r in read_back}
+    table = pd.read_csv(tmp_path / "results" / "history.csv")
+    assert list(table["status"]) == ["FINISHED"] * len(keys)
+    parent = max((r for r in read_back if r.key is None), key=lambda r: r.start_time)
+    under = [r for r in read_back if r.tags.get("mlflow.parentRunId") == parent.run_id]
+    assert sorted(r.key for r in under) == sorted(keys)

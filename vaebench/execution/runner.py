@@ -47,7 +47,7 @@ from vaebench.lifecycle.claims import (
     plan,
     recover_abandoned,
 )
-from vaebench.lifecycle.exactly_once import settle_seconds
+from vaebench.lifecycle.exactly_once import counted_since, settle_seconds
 from vaebench.lifecycle.post_run import BackgroundFinisher, InlineFinisher, end_quietly
 from vaebench.lifecycle.preflight import check_output_folder
 from vaebench.lifecycle.provenance import base_tags
@@ -235,8 +235,11 @@ class _GridRun:
     def stored(self, work: GridWork) -> WorkRecord:
         """The rows of the runs this invocation trained as the store holds them now (each
         key's run under the invocation's parent, else its latest), after marking runs that a
-        dead worker left RUNNING as KILLED."""
-        stored_runs = self.tracker.previous_runs(self.name, GRID_TAG, self.name)
+        dead worker left RUNNING as KILLED. A rerun reads only the runs begun since it
+        began: it reports only those under its parent."""
+        stored_runs = self.tracker.previous_runs(
+            self.name, GRID_TAG, self.name, begun_since_ms=counted_since(work.since_ms, work.rerun)
+        )
         records = recover_abandoned(self.tracker, stored_runs, sys.stderr)
         latest = latest_by_key(records, self.parent, only_under_parent=work.rerun)
         record = WorkRecord()
