@@ -210,3 +210,10 @@ def test_a_rerun_and_its_report_read_the_invocation_not_the_history(
     parent = max((r for r in read_back if r.key is None), key=lambda r: r.start_time)
     under = [r for r in read_back if r.tags.get("mlflow.parentRunId") == parent.run_id]
     assert sorted(r.key for r in under) == sorted(keys)
+
+    # `vaebench report history`: the latest invocation, found reading the newest runs first
+    frames.clear()
+    assert main(["report", "history", "--tracking-uri", uri,
+                 "--results-dir", str(tmp_path / "report")]) == 0
+    [frame] = frames
+    assert sorted(frame["run_id"]) == sorted([parent.run_id, *(r.run_id for r in under)])

@@ -33,6 +33,8 @@ TSNE_PICTURE = "latent_tsne.png"  # drawn by the report on request (--tsne)
 BOUND_COLUMN = "likelihood_of"
 # a run name's seed token, with the "-<key>" a grid adds to names that would repeat
 SEED_SUFFIX = re.compile(r"(^|-)s-?\d+(-[0-9a-f]{6})?$")
+PARENT_TAG = "mlflow.parentRunId"  # a child run's; an invocation's parent run has none
+LATEST_PAGE = 100  # runs read at once, newest first, looking for the latest invocation
 
 
 @dataclass
@@ -80,6 +82,8 @@ def select_runs(
         names = sorted(e.name for e in client.search_experiments() if e.name != "Default")
         known = ", ".join(names) if names else "none"
         raise VaebenchError(f"no experiment named {name!r} in {uri}; experiments: {known}")
+    if not all_invocations and parent_id is None:
+        parent_id = latest_parent(client, experiment.experiment_id)
     with fluent_api_on(uri):
         frame = stored_frame(mlflow.search_runs, experiment.experiment_id,
                              None if all_invocations else parent_id)
@@ -87,6 +91,22 @@ def select_runs(
         frame, name, experiment.experiment_id, uri, all_invocations, parent_id
     )
     return replace(run_set, client=client)
+
+
+def latest_parent(client: Any, experiment_id: str) -> str | None:
+    """The id of the experiment's latest invocation, its latest started run without a parent:
+    read newest first, so that it takes as many runs as began since (its children). None: no
+    such run."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"],
+                                  max_results=LATEST_PAGE, page_token=token)
+        for run in page:
+            if PARENT_TAG not in run.data.tags:
+                return run.info.run_id
+        token = page.token
+        if not token:
+            return None
 
 
 def stored_frame(search: Any, experiment_id: str, parent_id: str | None) -> pd.DataFrame:
@@ -98,7 +118,7 @@ def stored_frame(search: Any, experiment_id: str, parent_id: str | None) -> pd.D
         return search(experiment_ids=[experiment_id])
     frames = [
         search(experiment_ids=[experiment_id], filter_string=text) for text in (
-            f"attributes.run_id IN ('{parent_id}')", f"tags.mlflow.parentRunId = '{parent_id}'"
+            f"attributes.run_id IN ('{parent_id}')", f"tags.{PARENT_TAG} = '{parent_id}'"
         )
     ]
     frames = [frame for frame in frames if not frame.empty]
@@ -115,7 +135,7 @@ def run_set_from_frame(
 ) -> RunSet:
     """``mlflow.search_runs``' table -> the covered parents and their children, each child with
     its short metric columns and its variant label."""
-    parent_column = "tags.mlflow.parentRunId"
+    parent_column = f"tags.{PARENT_TAG}"
     if frame.empty or parent_column not in frame:
         raise VaebenchError(f"experiment {name!r} has no runs of a vaebench invocation")
     parents = frame[frame[parent_column].isna()].sort_values("start_time")
