@@ -22,6 +22,7 @@ from vaebench.lifecycle.exactly_once import (
 )
 from vaebench.reporting import runs as report_runs
 from vaebench.spec.grid import expand, load_grid
+from vaebench.tracking import tracker as tracker_module
 from vaebench.tracking.tracker import RUN_KEY_TAG, MLflowTracker, RunRecord
 
 GRID = """
@@ -134,7 +135,7 @@ def test_a_claim_decides_as_it_would_on_the_whole_history(history, rerun, tmp_pa
 
 
 def test_a_rerun_and_its_report_read_the_invocation_not_the_history(
-    tmp_path: Path, mnist_root, monkeypatch
+    tmp_path: Path, mnist_root, monkeypatch, capsys
 ):
     """A grid with a long history (30 earlier runs of each key, all FINISHED): a rerun trains
     every run again, its plan reads no finished run, its claims only runs of the invocation,
@@ -217,3 +218,23 @@ def test_a_rerun_and_its_report_read_the_invocation_not_the_history(
                  "--results-dir", str(tmp_path / "report")]) == 0
     [frame] = frames
     assert sorted(frame["run_id"]) == sorted([parent.run_id, *(r.run_id for r in under)])
+
+    # the grid again without --rerun: nothing to train, learnt from each key's latest
+    # FINISHED run, read newest first; the results table holds those runs
+    built: list[str] = []
+    runs_found = tracker_module.runs_found
+
+    def counted(*args):
+        for run in runs_found(*args):
+            built.append(run.info.run_id)
+            yield run
+
+    monkeypatch.setattr(tracker_module, "runs_found", counted)
+    capsys.readouterr()
+    assert main(arguments) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert built and not history & set(built)
+    table = pd.read_csv(tmp_path / "results" / "history.csv")
+    latest = {r.key: r for r in under}
+    assert [latest[key].name for key in keys] == list(table["name"])
+    assert list(table["status"]) == ["FINISHED"] * len(keys)

@@ -59,7 +59,7 @@ from vaebench.spec.grid import SELECT_TAG, RunSpec, expand, load_grid
 from vaebench.stacking.plan import plan_stacks
 from vaebench.timeline import phase
 from vaebench.tracking.store import resolve_tracking_uri, sqlite_path
-from vaebench.tracking.tracker import Tracker, TrackingError, tracker_opened_during
+from vaebench.tracking.tracker import RunRecord, Tracker, TrackingError, tracker_opened_during
 from vaebench.training.checkpoint import CheckpointStore, default_folder
 from vaebench.training.trainer import EpochMetrics, resolve_device
 
@@ -130,13 +130,9 @@ class _GridRun:
 
     def plan(self) -> None:
         """Plan each run against the store, skipped runs' rows into the outcome; drop
-        checkpoints nothing will continue. A rerun's plan counts no stored run (every run
-        trains again): it reads only the unfinished ones, to recover the abandoned and drop
-        the checkpoints of the stopped."""
+        checkpoints nothing will continue."""
         rerun = self.invocation.rerun
-        stored_runs = self.tracker.previous_runs(self.name, GRID_TAG, self.name,
-                                                 unfinished_only=rerun)
-        previous = recover_abandoned(self.tracker, stored_runs, sys.stderr)
+        previous = recover_abandoned(self.tracker, self.counted_runs(rerun), sys.stderr)
         planned = self.planned = plan(self.runs, previous, rerun)
         record = WorkRecord()
         for number, step in enumerate(planned, start=1):
@@ -151,6 +147,17 @@ class _GridRun:
         for stored in previous:
             if stored.status == "KILLED" and stored.key in keys and stored.run_id not in continued:
                 self.workspace.checkpoints.remove(stored.run_id)  # superseded: finished or rerun
+
+    def counted_runs(self, rerun: bool) -> list[RunRecord]:
+        """The grid's stored runs that its plan counts, oldest first: the unfinished ones
+        (abandoned to recover, stopped to continue, or their checkpoints to drop) and, unless
+        it is a rerun (which counts none), each run's latest FINISHED one. Not the whole
+        history a grid rerun many times leaves."""
+        stored = self.tracker.previous_runs(self.name, GRID_TAG, self.name, unfinished_only=True)
+        if not rerun:
+            keys = [run.key for run in self.runs]
+            stored += self.tracker.latest_finished(self.name, GRID_TAG, self.name, keys)
+        return sorted(stored, key=lambda record: (record.start_time, record.run_id))
 
     @property
     def todo(self) -> list[tuple[int, Planned]]:

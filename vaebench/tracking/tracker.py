@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from vaebench.signals import deferred_signals
 from vaebench.spec.config import DiskFull, VaebenchError, first_line
 from vaebench.tracking import registry
 from vaebench.tracking.schema import open_store, template
+from vaebench.tracking.searches import NEWEST_FIRST, OLDEST_FIRST, PAGE, runs_found, tagged
 from vaebench.tracking.store import HTTP_LIMITS, check_server, sqlite_path, while_locked
 
 if TYPE_CHECKING:  # the record's type only: tracking imports no torch
@@ -87,6 +88,9 @@ class Tracker(Protocol):
     def previous_runs(
         self, name: str, tag: str, value: str, *, begun_since_ms: int = 0,
         unfinished_only: bool = False,
+    ) -> list[RunRecord]: ...
+    def latest_finished(
+        self, name: str, tag: str, value: str, keys: Collection[str]
     ) -> list[RunRecord]: ...
     def run_record(self, run_id: str) -> RunRecord | None: ...
     def artifact_bytes(self, run_id: str, path: str) -> bytes: ...
@@ -342,27 +346,37 @@ class MLflowTracker:
     ) -> list[RunRecord]:
         """Every run of experiment ``name`` whose tag ``tag`` is ``value``, oldest first;
         only those begun at ``begun_since_ms`` or later (0: all), only those not FINISHED
-        (``unfinished_only``). The store applies the filters: a grid's history read whole
-        costs about 2 ms a run (MLflow builds each run's tags, params and metrics)."""
+        (``unfinished_only``), as the store filters them."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             return []
-        conditions = [f"tags.`{tag}` = '{value}'"]
-        if begun_since_ms:
-            conditions.append(f"attributes.start_time >= {int(begun_since_ms)}")
-        if unfinished_only:
-            conditions.append("attributes.status != 'FINISHED'")
-        records: list[RunRecord] = []
-        token = None
-        while True:
-            page = self.client.search_runs(
-                [experiment.experiment_id], filter_string=" and ".join(conditions),
-                max_results=1000, order_by=["attributes.start_time ASC"], page_token=token,
-            )
-            records += [_record(run) for run in page]
-            token = page.token
-            if not token:
-                return records
+        condition = tagged(tag, value, begun_since_ms=begun_since_ms,
+                           unfinished_only=unfinished_only)
+        found = runs_found(self.client, experiment.experiment_id, condition, OLDEST_FIRST)
+        return [_record(run) for run in found]
+
+    @_store_call
+    def latest_finished(
+        self, name: str, tag: str, value: str, keys: Collection[str]
+    ) -> list[RunRecord]:
+        """Each of ``keys``' latest FINISHED run (by its start) among the runs of experiment
+        ``name`` whose tag ``tag`` is ``value``; none for a key never finished. Read newest
+        first until every key has one: a grid rerun many times is not read whole to learn
+        that its runs are done."""
+        experiment = self.client.get_experiment_by_name(name)
+        wanted, latest = set(keys), {}
+        if experiment is None or not wanted:
+            return []
+        condition = tagged(tag, value, status="FINISHED")
+        page = min(PAGE, 2 * len(wanted))  # the latest invocation's, mostly, and as many more
+        found = runs_found(self.client, experiment.experiment_id, condition, NEWEST_FIRST, page)
+        for run in found:
+            record = _record(run)
+            if record.key in wanted:
+                latest.setdefault(record.key, record)
+                if len(latest) == len(wanted):
+                    break
+        return list(latest.values())
 
 
 # MLflow's SQL store looks a dataset up, then inserts it: two processes logging the same
