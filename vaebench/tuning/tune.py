@@ -205,7 +205,9 @@ class _StudyRun:
         tracker = tracker_opened_during(uri, lambda: workspace.prepare(base))
         storage = open_storage(ref, StaleTrials(tracker))
         study = _shared_study(spec, ref, storage)
-        previous = tracker.previous_runs(spec.name, STUDY_TAG, spec.name)
+        # the runs still RUNNING count (abandoned ones recovered, live ones left): the
+        # store filters out the study's finished trials, however many there are
+        previous = tracker.previous_runs(spec.name, STUDY_TAG, spec.name, unfinished_only=True)
         now = recover_abandoned(tracker, previous, sys.stderr)
         others_live = any(record.status == "RUNNING" for record in now)
         fail_abandoned_trials(study, StaleTrials(tracker), others_live)
