@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from vaebench.cli import main
-from vaebench.lifecycle.claims import KEEPER, lease_tags
+from vaebench.lifecycle.claims import KEEPER, lease_tags, plan
 from vaebench.lifecycle.exactly_once import (
     CLAIMED_AT_TAG,
     CLOCK_MARGIN_MS,
@@ -22,7 +22,8 @@ from vaebench.lifecycle.exactly_once import (
 )
 from vaebench.reporting import runs as report_runs
 from vaebench.spec.grid import expand, load_grid
-from vaebench.tracking import tracker as tracker_module
+from vaebench.tracking import searches
+from vaebench.tracking.searches import PARENT_TAG
 from vaebench.tracking.tracker import RUN_KEY_TAG, MLflowTracker, RunRecord
 
 GRID = """
@@ -110,10 +111,14 @@ def claim_decided(tmp_path: Path, history: str, rerun: bool, filtered: bool, mon
         return records
 
     monkeypatch.setattr(tracker, "previous_runs", reading)
+    # as a worker plans the run again just before claiming it (grid_work.as_stored_now)
+    counted = reading("history", RUN_KEY_TAG, run.key,
+                      begun_since_ms=counted_since(since_ms, rerun))
+    action = plan([run], counted, rerun, since_ms)[0].action
     claim = claim_run(tracker, "history", run, {GRID_TAG: "history"}, 0.0, since_ms, rerun)
     if claim is not None:
         KEEPER.let_go(claim.run_id)
-    return claim is not None, read
+    return (action, claim is not None), read
 
 
 @pytest.mark.parametrize("rerun", [True, False])
@@ -127,11 +132,57 @@ def test_a_claim_decides_as_it_would_on_the_whole_history(history, rerun, tmp_pa
     assert wins == wins_whole
     long_ago = sum(before > CLOCK_MARGIN_MS for _, before in HISTORIES[history])
     assert read == [n - (long_ago if rerun else 0) for n in read_whole]
+    action, wins = wins
     assert wins == {  # the verdicts themselves, as the protocol states them
         "finished long ago": rerun, "finished within the margin": rerun,
         "finished during the invocation": False, "failed long ago and during it": False,
         "a live claim stamped during it": False, "killed and finished long ago": rerun,
     }[history]
+
+
+def test_a_claim_begun_by_a_clock_behind_the_invocation_still_decides(store, tmp_path):
+    """A worker whose clock runs behind the invocation's by more than the margin: its claim
+    begins, by its clock, before the runs the rerun reads; it still finds itself and wins."""
+    (tmp_path / "history.yaml").write_text(GRID)
+    run = expand(load_grid(tmp_path / "history.yaml"))[0]
+    ahead = int(time.time() * 1000) + 2 * CLOCK_MARGIN_MS  # the invocation's clock
+    claim = claim_run(store, "history", run, {GRID_TAG: "history"}, 0.0, ahead, rerun=True)
+    assert claim is not None
+    KEEPER.let_go(claim.run_id)
+
+
+def test_latest_finished_is_the_latest_the_whole_history_holds(store, monkeypatch):
+    """Each key's latest FINISHED run, as the plan takes it from every run read oldest first
+    (the last: latest start, then greatest run id), read without the whole history: a key
+    finished long ago behind another's long history, one never finished, one whose latest
+    runs began in the same millisecond, one finished during the last invocation."""
+    now = int(time.time() * 1000)
+    for number in range(40):
+        stored(store, "often", "FINISHED", now - HOUR_MS + number)
+    stored(store, "often", "FINISHED", now - 10)
+    stored(store, "long ago", "FINISHED", now - 5 * HOUR_MS)
+    stored(store, "long ago", "KILLED", now - 20)
+    stored(store, "never", "KILLED", now - 30)
+    for _ in range(3):
+        stored(store, "same moment", "FINISHED", now - 40)
+    stored(store, "same moment", "FINISHED", now - 2 * HOUR_MS)
+    keys = ["often", "long ago", "never", "same moment"]
+    every = store.previous_runs("history", GRID_TAG, "history")
+    expected = {r.key: r.run_id for r in every if r.status == "FINISHED" and r.key in keys}
+
+    built: list[str] = []
+    runs_found = searches.runs_found
+
+    def counted(*args):
+        for run in runs_found(*args):
+            built.append(run.info.run_id)
+            yield run
+
+    monkeypatch.setattr(searches, "runs_found", counted)
+    latest = store.latest_finished("history", GRID_TAG, "history", keys)
+    assert {r.key: r.run_id for r in latest} == expected
+    assert set(expected) == {"often", "long ago", "same moment"}
+    assert len(built) < len(every) // 2  # not the 40 runs of "often" before its latest
 
 
 def test_a_rerun_and_its_report_read_the_invocation_not_the_history(
@@ -168,9 +219,19 @@ def test_a_rerun_and_its_report_read_the_invocation_not_the_history(
         frames.append(stored_frame(*args))
         return frames[-1]
 
+    built: list[str] = []  # every run MLflow built for vaebench's reads from here on
+    runs_found = searches.runs_found
+
+    def counted(*args):
+        for run in runs_found(*args):
+            built.append(run.info.run_id)
+            yield run
+
     monkeypatch.setattr(MLflowTracker, "previous_runs", counting)
     monkeypatch.setattr(report_runs, "stored_frame", kept)
+    monkeypatch.setattr(searches, "runs_found", counted)
     assert main([*arguments, "--rerun"]) == 0
+    assert built and not history & set(built)
 
     [(_, planned_from)] = [(tag, records) for tag, records in reads if tag == GRID_TAG]
     assert planned_from == []  # the first invocation's parent and runs all FINISHED
@@ -190,8 +251,10 @@ def test_a_rerun_and_its_report_read_the_invocation_not_the_history(
     children = every[every["tags.mlflow.parentRunId"] == latest]
     assert sorted(frame["run_id"]) == sorted([latest, *children["run_id"]])
     assert len(children) == len(keys) and (children["status"] == "FINISHED").all()
-    whole = report_runs.run_set_from_frame(every, "history", "1", uri, parent_id=latest)
+    whole = report_runs.run_set_from_frame(every, "history", "1", uri)  # the latest, by then
     alone = report_runs.run_set_from_frame(frame, "history", "1", uri, parent_id=latest)
+    assert list(whole.parents["run_id"]) == list(alone.parents["run_id"]) == [latest]
+    assert whole.repeats == alone.repeats == 0
     columns = [c for c in alone.runs.columns if c in whole.runs.columns]
     pd.testing.assert_frame_equal(
         alone.runs[columns].sort_values("run_id").reset_index(drop=True),
@@ -201,40 +264,34 @@ def test_a_rerun_and_its_report_read_the_invocation_not_the_history(
     versions = tracker.client.search_model_versions("name='history'")
     assert max(versions, key=lambda v: int(v.version)).run_id in set(children["run_id"])
 
-    # two worker processes: the rows this process reads back at the end are the rerun's
+    # two worker processes: the rows this process reads back at the end are the rerun's,
+    # read as the runs under its parent
     reads.clear()
+    built.clear()
     assert main([*arguments, "--rerun", "--workers", "2", "--no-report", "--no-register"]) == 0
-    read_back = [records for tag, records in reads if tag == GRID_TAG][-1]
-    assert read_back and not history & {r.run_id for r in read_back}
+    [under] = [records for tag, records in reads if tag == PARENT_TAG]
+    assert not history & set(built)
+    assert sorted(r.key for r in under) == sorted(keys)
+    [parent_id] = {r.tags[PARENT_TAG] for r in under}
     table = pd.read_csv(tmp_path / "results" / "history.csv")
     assert list(table["status"]) == ["FINISHED"] * len(keys)
-    parent = max((r for r in read_back if r.key is None), key=lambda r: r.start_time)
-    under = [r for r in read_back if r.tags.get("mlflow.parentRunId") == parent.run_id]
-    assert sorted(r.key for r in under) == sorted(keys)
+    assert sorted(table["run_id"]) == sorted(r.run_id for r in under)
 
     # `vaebench report history`: the latest invocation, found reading the newest runs first
     frames.clear()
     assert main(["report", "history", "--tracking-uri", uri,
                  "--results-dir", str(tmp_path / "report")]) == 0
     [frame] = frames
-    assert sorted(frame["run_id"]) == sorted([parent.run_id, *(r.run_id for r in under)])
+    assert sorted(frame["run_id"]) == sorted([parent_id, *(r.run_id for r in under)])
 
     # the grid again without --rerun: nothing to train, learnt from each key's latest
     # FINISHED run, read newest first; the results table holds those runs
-    built: list[str] = []
-    runs_found = tracker_module.runs_found
-
-    def counted(*args):
-        for run in runs_found(*args):
-            built.append(run.info.run_id)
-            yield run
-
-    monkeypatch.setattr(tracker_module, "runs_found", counted)
+    built.clear()
     capsys.readouterr()
     assert main(arguments) == 0
     assert "nothing to train" in capsys.readouterr().out
     assert built and not history & set(built)
     table = pd.read_csv(tmp_path / "results" / "history.csv")
     latest = {r.key: r for r in under}
-    assert [latest[key].name for key in keys] == list(table["name"])
+    assert [latest[key].run_id for key in keys] == list(table["run_id"])
     assert list(table["status"]) == ["FINISHED"] * len(keys)

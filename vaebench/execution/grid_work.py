@@ -27,10 +27,10 @@ from vaebench.lifecycle.workspace import Workspace
 from vaebench.spec.config import DiskFull
 from vaebench.spec.grid import RunSpec
 from vaebench.timeline import phase
+from vaebench.tracking.searches import PARENT_TAG
 from vaebench.tracking.tracker import ERROR_TAG, RUN_KEY_TAG, RunRecord, Tracker, TrackingError
 from vaebench.training.progress import line_prefix
 
-PARENT_TAG = "mlflow.parentRunId"
 GRID_TAG = "vaebench.grid"  # on every run of a grid: its name
 # (run name, status) of each run this process trained, as it ends
 RunEnded = Callable[[str, str], None]

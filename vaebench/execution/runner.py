@@ -47,7 +47,7 @@ from vaebench.lifecycle.claims import (
     plan,
     recover_abandoned,
 )
-from vaebench.lifecycle.exactly_once import counted_since, settle_seconds
+from vaebench.lifecycle.exactly_once import settle_seconds
 from vaebench.lifecycle.post_run import BackgroundFinisher, InlineFinisher, end_quietly
 from vaebench.lifecycle.preflight import check_output_folder
 from vaebench.lifecycle.provenance import base_tags
@@ -58,6 +58,7 @@ from vaebench.spec.config import DiskFull, VaebenchError
 from vaebench.spec.grid import SELECT_TAG, RunSpec, expand, load_grid
 from vaebench.stacking.plan import plan_stacks
 from vaebench.timeline import phase
+from vaebench.tracking.searches import PARENT_TAG
 from vaebench.tracking.store import resolve_tracking_uri, sqlite_path
 from vaebench.tracking.tracker import RunRecord, Tracker, TrackingError, tracker_opened_during
 from vaebench.training.checkpoint import CheckpointStore, default_folder
@@ -242,11 +243,10 @@ class _GridRun:
     def stored(self, work: GridWork) -> WorkRecord:
         """The rows of the runs this invocation trained as the store holds them now (each
         key's run under the invocation's parent, else its latest), after marking runs that a
-        dead worker left RUNNING as KILLED. A rerun reads only the runs begun since it
-        began: it reports only those under its parent."""
-        stored_runs = self.tracker.previous_runs(
-            self.name, GRID_TAG, self.name, begun_since_ms=counted_since(work.since_ms, work.rerun)
-        )
+        dead worker left RUNNING as KILLED. A rerun reads only the runs under its parent,
+        the only ones it reports."""
+        tag, value = (PARENT_TAG, self.parent) if work.rerun else (GRID_TAG, self.name)
+        stored_runs = self.tracker.previous_runs(self.name, tag, value)
         records = recover_abandoned(self.tracker, stored_runs, sys.stderr)
         latest = latest_by_key(records, self.parent, only_under_parent=work.rerun)
         record = WorkRecord()

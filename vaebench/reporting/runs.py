@@ -21,6 +21,7 @@ from vaebench.spec.catalogue import CONDITIONAL, REPORTED
 from vaebench.spec.catalogue import METRICS as CATALOGUE
 from vaebench.spec.config import VaebenchError
 from vaebench.tracking.registry import fluent_api_on
+from vaebench.tracking.searches import PARENT_TAG
 from vaebench.tracking.store import sqlite_path
 
 METRICS = {name: CATALOGUE[name] for name in REPORTED}
@@ -33,7 +34,6 @@ TSNE_PICTURE = "latent_tsne.png"  # drawn by the report on request (--tsne)
 BOUND_COLUMN = "likelihood_of"
 # a run name's seed token, with the "-<key>" a grid adds to names that would repeat
 SEED_SUFFIX = re.compile(r"(^|-)s-?\d+(-[0-9a-f]{6})?$")
-PARENT_TAG = "mlflow.parentRunId"  # a child run's; an invocation's parent run has none
 LATEST_PAGE = 100  # runs read at once, newest first, looking for the latest invocation
 
 
@@ -125,6 +125,8 @@ def stored_frame(search: Any, experiment_id: str, parent_id: str | None) -> pd.D
     if not frames:
         return pd.DataFrame()
     frame = pd.concat(frames, ignore_index=True)
+    if f"tags.{PARENT_TAG}" not in frame:  # the parent alone: an invocation without runs
+        frame[f"tags.{PARENT_TAG}"] = None
     return frame.sort_values(["start_time", "run_id"], ascending=[False, True],
                              ignore_index=True)
 

@@ -12,15 +12,20 @@ import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from vaebench.signals import deferred_signals
 from vaebench.spec.config import DiskFull, VaebenchError, first_line
-from vaebench.tracking import registry
+from vaebench.tracking import registry, searches
 from vaebench.tracking.schema import open_store, template
-from vaebench.tracking.searches import NEWEST_FIRST, OLDEST_FIRST, PAGE, runs_found, tagged
+from vaebench.tracking.searches import (  # noqa: F401 - RunRecord, RUN_KEY_TAG: the Tracker's
+    OLDEST_FIRST,
+    RUN_KEY_TAG,
+    RunRecord,
+    record_of,
+    tagged,
+)
 from vaebench.tracking.store import HTTP_LIMITS, check_server, sqlite_path, while_locked
 
 if TYPE_CHECKING:  # the record's type only: tracking imports no torch
@@ -31,7 +36,6 @@ T = TypeVar("T")
 MAX_TAG_LENGTH = 5000
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI
 MODEL_TRAINING_KIND = "custom_model_development"
-RUN_KEY_TAG = "vaebench.run_key"
 ERROR_TAG = "vaebench.error"
 SYSTEM_METRICS_ENV = "VAEBENCH_SYSTEM_METRICS"  # "0": no system metrics
 SYSTEM_METRICS_SECONDS_ENV = "VAEBENCH_SYSTEM_METRICS_SECONDS"
@@ -43,23 +47,6 @@ class TrackingError(VaebenchError):
 
     # the grid stops, and its rerun continues it (sysexits' EX_TEMPFAIL: retry later)
     exit_status = 75
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """A run already in the store: what a rerun needs to skip, recover or continue it."""
-
-    run_id: str
-    name: str
-    status: str  # RUNNING, FINISHED, FAILED, KILLED, SCHEDULED
-    tags: dict[str, str]
-    start_time: int  # ms since the epoch
-    metrics: dict[str, float]  # each metric's latest value
-    end_time: int | None = None  # ms since the epoch; None while it runs
-
-    @property
-    def key(self) -> str | None:
-        return self.tags.get(RUN_KEY_TAG)
 
 
 class Tracker(Protocol):
@@ -316,7 +303,7 @@ class MLflowTracker:
     def run_record(self, run_id: str) -> RunRecord | None:
         """The run as the store holds it now (None if deleted)."""
         run = self.client.get_run(run_id)
-        return None if run.info.lifecycle_stage == "deleted" else _record(run)
+        return None if run.info.lifecycle_stage == "deleted" else record_of(run)
 
     # artifact_bytes and register_model run after the runs are tracked, and their callers
     # report what fails in one line (a missing artifact, an invalid name): not TrackingErrors
@@ -352,45 +339,27 @@ class MLflowTracker:
             return []
         condition = tagged(tag, value, begun_since_ms=begun_since_ms,
                            unfinished_only=unfinished_only)
-        found = runs_found(self.client, experiment.experiment_id, condition, OLDEST_FIRST)
-        return [_record(run) for run in found]
+        found = searches.runs_found(self.client, experiment.experiment_id, condition,
+                                    OLDEST_FIRST)
+        return [record_of(run) for run in found]
 
     @_store_call
     def latest_finished(
         self, name: str, tag: str, value: str, keys: Collection[str]
     ) -> list[RunRecord]:
-        """Each of ``keys``' latest FINISHED run (by its start) among the runs of experiment
-        ``name`` whose tag ``tag`` is ``value``; none for a key never finished. Read newest
-        first until every key has one: a grid rerun many times is not read whole to learn
-        that its runs are done."""
+        """Each of ``keys``' latest FINISHED run among the runs of experiment ``name`` whose
+        tag ``tag`` is ``value``; none for a key never finished. Not the whole history of a
+        grid rerun many times (:func:`~vaebench.tracking.searches.latest_finished`)."""
         experiment = self.client.get_experiment_by_name(name)
-        wanted, latest = set(keys), {}
-        if experiment is None or not wanted:
+        if experiment is None:
             return []
-        condition = tagged(tag, value, status="FINISHED")
-        page = min(PAGE, 2 * len(wanted))  # the latest invocation's, mostly, and as many more
-        found = runs_found(self.client, experiment.experiment_id, condition, NEWEST_FIRST, page)
-        for run in found:
-            record = _record(run)
-            if record.key in wanted:
-                latest.setdefault(record.key, record)
-                if len(latest) == len(wanted):
-                    break
-        return list(latest.values())
+        return searches.latest_finished(self.client, experiment.experiment_id, tag, value, keys)
 
 
 # MLflow's SQL store looks a dataset up, then inserts it: two processes logging the same
 # split into one experiment at once (workers of a grid) can both miss it, and the second
 # insert breaks the table's key (seen on PostgreSQL). Its next try finds the dataset.
 DATASET_ATTEMPTS = 3
-
-
-def _record(run: Any) -> RunRecord:
-    info = run.info
-    return RunRecord(
-        info.run_id, info.run_name, info.status, dict(run.data.tags), info.start_time,
-        dict(run.data.metrics), info.end_time,
-    )
 
 
 def tracker_opened_during(uri: str, work: Callable[[], None]) -> MLflowTracker:
