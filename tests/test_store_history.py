@@ -51,6 +51,20 @@ def stored(
     return run.info.run_id
 
 
+def runs_built(monkeypatch) -> list[str]:
+    """The ids of the runs vaebench's searches take from MLflow from now on, as read."""
+    built: list[str] = []
+    runs_found = searches.runs_found
+
+    def counted(*args):
+        for run in runs_found(*args):
+            built.append(run.info.run_id)
+            yield run
+
+    monkeypatch.setattr(searches, "runs_found", counted)
+    return built
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> MLflowTracker:
     tracker = MLflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -170,15 +184,7 @@ def test_latest_finished_is_the_latest_the_whole_history_holds(store, monkeypatc
     every = store.previous_runs("history", GRID_TAG, "history")
     expected = {r.key: r.run_id for r in every if r.status == "FINISHED" and r.key in keys}
 
-    built: list[str] = []
-    runs_found = searches.runs_found
-
-    def counted(*args):
-        for run in runs_found(*args):
-            built.append(run.info.run_id)
-            yield run
-
-    monkeypatch.setattr(searches, "runs_found", counted)
+    built = runs_built(monkeypatch)
     latest = store.latest_finished("history", GRID_TAG, "history", keys)
     assert {r.key: r.run_id for r in latest} == expected
     assert set(expected) == {"often", "long ago", "same moment"}
@@ -219,17 +225,9 @@ def test_a_rerun_and_its_report_read_the_invocation_not_the_history(
         frames.append(stored_frame(*args))
         return frames[-1]
 
-    built: list[str] = []  # every run MLflow built for vaebench's reads from here on
-    runs_found = searches.runs_found
-
-    def counted(*args):
-        for run in runs_found(*args):
-            built.append(run.info.run_id)
-            yield run
-
     monkeypatch.setattr(MLflowTracker, "previous_runs", counting)
     monkeypatch.setattr(report_runs, "stored_frame", kept)
-    monkeypatch.setattr(searches, "runs_found", counted)
+    built = runs_built(monkeypatch)  # every run MLflow builds for vaebench's reads from now
     assert main([*arguments, "--rerun"]) == 0
     assert built and not history & set(built)
 
