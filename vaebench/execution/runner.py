@@ -158,7 +158,7 @@ class _GridRun:
         if not rerun:
             keys = [run.key for run in self.runs]
             stored += self.tracker.latest_finished(self.name, GRID_TAG, self.name, keys)
-        return sorted(stored, key=lambda record: (record.start_time, record.run_id))
+        return sorted(stored, key=lambda record: record.order)
 
     @property
     def todo(self) -> list[tuple[int, Planned]]:

@@ -20,8 +20,9 @@ from vaebench.plots import save_latent_scatter
 from vaebench.spec.catalogue import CONDITIONAL, REPORTED
 from vaebench.spec.catalogue import METRICS as CATALOGUE
 from vaebench.spec.config import VaebenchError
+from vaebench.tracking import searches
 from vaebench.tracking.registry import fluent_api_on
-from vaebench.tracking.searches import PARENT_TAG
+from vaebench.tracking.searches import NEWEST_FIRST, PARENT_TAG
 from vaebench.tracking.store import sqlite_path
 
 METRICS = {name: CATALOGUE[name] for name in REPORTED}
@@ -97,16 +98,10 @@ def latest_parent(client: Any, experiment_id: str) -> str | None:
     """The id of the experiment's latest invocation, its latest started run without a parent:
     read newest first, so that it takes as many runs as began since (its children). None: no
     such run."""
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"],
-                                  max_results=LATEST_PAGE, page_token=token)
-        for run in page:
-            if PARENT_TAG not in run.data.tags:
-                return run.info.run_id
-        token = page.token
-        if not token:
-            return None
+    for run in searches.runs_found(client, experiment_id, "", NEWEST_FIRST, LATEST_PAGE):
+        if PARENT_TAG not in run.data.tags:
+            return run.info.run_id
+    return None
 
 
 def stored_frame(search: Any, experiment_id: str, parent_id: str | None) -> pd.DataFrame:

@@ -88,8 +88,10 @@ def latest_of_each(records: Iterable[RunRecord], keys: Collection[str]) -> dict[
             kept.start_time for kept in latest.values()
         ):
             break
-        kept = latest.get(record.key) if record.key in keys else None
-        if record.key in keys and (kept is None or record.order > kept.order):
+        if record.key not in keys:
+            continue
+        kept = latest.get(record.key)
+        if kept is None or record.order > kept.order:
             latest[record.key] = record
     return latest
 
