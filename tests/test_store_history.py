@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from vaebench.cli import main
+from vaebench.execution.grid_work import GRID_TAG
 from vaebench.lifecycle.claims import KEEPER, lease_tags, plan
 from vaebench.lifecycle.exactly_once import (
     CLAIMED_AT_TAG,
@@ -34,7 +35,6 @@ base:
   train: {epochs: 1, batch_size: 128, device: cpu}
 seeds: [0, 1]
 """
-GRID_TAG = "vaebench.grid"
 HOUR_MS = 3_600_000
 
 

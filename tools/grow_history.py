@@ -1,7 +1,8 @@
 """Grows a grid's history in an MLflow store, to time an invocation against a long one
 (docs/performance.md, "Reads that do not grow with the store"): copies of the grid's child
 runs (their tags but MLflow's own, params and latest metrics), FINISHED, begun a day ago
-(a millisecond apart), with no parent run. Usage, in the folder of the store (sqlite:///mlflow.db):
+(a millisecond apart), with no parent run. Usage, in the folder of the store
+(sqlite:///mlflow.db), with vaebench importable:
     python tools/grow_history.py GRID_NAME COPIES
 """
 
@@ -11,7 +12,9 @@ import time
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-RUN_KEY_TAG = "vaebench.run_key"
+from vaebench.execution.grid_work import GRID_TAG
+from vaebench.tracking.searches import RUN_KEY_TAG
+
 DAY_MS = 86_400_000
 
 
@@ -20,7 +23,7 @@ def main(name: str, copies: int) -> None:
     experiment = client.get_experiment_by_name(name).experiment_id
     children = [
         run for run in client.search_runs(
-            [experiment], filter_string=f"tags.`vaebench.grid` = '{name}'", max_results=1000
+            [experiment], filter_string=f"tags.`{GRID_TAG}` = '{name}'", max_results=1000
         ) if RUN_KEY_TAG in run.data.tags and run.info.status == "FINISHED"
     ]
     keys = {run.data.tags[RUN_KEY_TAG]: run for run in children}  # one run per key
