@@ -72,6 +72,7 @@ def test_a_registered_name_is_uri_safe(values):
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
+LAST_BITS = {"rtol": 1e-6, "atol": 1e-7}  # a few float32 units in the last place
 
 
 def test_a_model_logged_before_the_move_to_packages_loads_and_gives_its_numbers(
@@ -82,7 +83,10 @@ def test_a_model_logged_before_the_move_to_packages_loads_and_gives_its_numbers(
     lived in the flat module ``vaebench.served``: the folder MLflow wrote, packed as it was
     (its copy of that commit's code included); the .npz holds its outputs on four rows of its
     input example, computed then. With today's vaebench imported, unpickling finds the class
-    through the alias module and the model gives the same numbers."""
+    through the alias module and the model gives the same numbers: to float32's last bits, which
+    follow the CPU's matrix kernels (computed on a Xeon; an AMD EPYC differs in 11 of 3,136
+    outputs by one unit in the last place). A weight of another model or a layer missed would
+    differ in the first digits."""
     import mlflow.pytorch
 
     with tarfile.open(FIXTURES / "model-before-move.tar.gz") as packed:
@@ -95,5 +99,5 @@ def test_a_model_logged_before_the_move_to_packages_loads_and_gives_its_numbers(
     expected = np.load(FIXTURES / "model-before-move-expected.npz")
     rows = torch.from_numpy(expected["rows"])
     with torch.no_grad():
-        np.testing.assert_array_equal(model(rows).numpy(), expected["reconstruction"])
-        np.testing.assert_array_equal(model.encode(rows).numpy(), expected["z"])
+        np.testing.assert_allclose(model(rows).numpy(), expected["reconstruction"], **LAST_BITS)
+        np.testing.assert_allclose(model.encode(rows).numpy(), expected["z"], **LAST_BITS)
