@@ -3,6 +3,7 @@ models report it. Selection (tune, prune, rank) reads validation; test is report
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 TRAIN, VALIDATION, TEST, NO_SPLIT = "train", "validation", "test", "none"
@@ -128,14 +129,34 @@ def ranking_problem(metric: object) -> str | None:
 AFTER_WARM_UP = ("mean_epoch_seconds", "mean_images_per_second")
 
 
-def unlogged_because(name: str, arch: str, validation: int, epochs: int) -> str | None:
+class Unlogged(enum.Enum):
+    """Why a run does not log a metric: one reason, phrased by each file that checks for it."""
+
+    FAMILY = "its model family does not report it"
+    NO_VALIDATION = "it needs a validation split"
+    ONE_EPOCH = "it is the mean over the epochs after the first"
+
+
+def unlogged_reason(name: str, arch: str, validation: int, epochs: int) -> Unlogged | None:
     """Why a run of model family ``arch``, with a validation split of ``validation`` images,
     trained ``epochs`` epochs, does not log metric ``name``; None if it does."""
     info = METRICS[name]
     if not info.reported_by(arch):
-        return f"{arch} models do not report it"
+        return Unlogged.FAMILY
     if info.needs_validation and validation == 0:
-        return "data.validation is 0 (no validation split)"
+        return Unlogged.NO_VALIDATION
     if name in AFTER_WARM_UP and epochs == 1:
-        return "it is the mean over the epochs after the first, and train.epochs is 1"
+        return Unlogged.ONE_EPOCH
     return None
+
+
+def unlogged_because(name: str, arch: str, validation: int, epochs: int) -> str | None:
+    """:func:`unlogged_reason` in a grid file's words, for the one run it is about."""
+    phrases = {
+        Unlogged.FAMILY: f"{arch} models do not report it",
+        Unlogged.NO_VALIDATION: "data.validation is 0 (no validation split)",
+        Unlogged.ONE_EPOCH: "it is the mean over the epochs after the first, and train.epochs "
+                            "is 1",
+    }
+    reason = unlogged_reason(name, arch, validation, epochs)
+    return None if reason is None else phrases[reason]

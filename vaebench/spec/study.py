@@ -3,17 +3,19 @@ metrics, or of no split: selecting on a test metric would leak the test split.""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vaebench.spec.catalogue import (
-    AFTER_WARM_UP,
     CONDITIONAL,
     METRICS,
     SELECTABLE,
+    Unlogged,
     selection_problem,
+    unlogged_reason,
 )
 from vaebench.spec.space import Param, read_space, yaml_number
 from vaebench.spec.yaml_file import SpecHeader, is_int, is_str_keyed, read_spec_header
@@ -114,16 +116,24 @@ def _objective_problems(
     incomparable = [key for key in INCOMPARABLE if key in space]
     if any(a in CONDITIONAL for a in archs) and any(a not in CONDITIONAL for a in archs):
         incomparable.append("model.arch (cvae and unconditional models)")
+    runs = list(itertools.product(
+        archs, _values(base, space, "data.validation"), _values(base, space, "train.epochs")
+    ))
     problems = []
     for index, objective in enumerate(objectives):
         info = METRICS[objective.metric]
-        missing = ", ".join(arch for arch in archs if not info.reported_by(arch))
+        unlogged: dict[Unlogged, list[str]] = {}  # a reason: the model families it holds for
+        for arch, validation, epochs in runs:
+            reason = unlogged_reason(objective.metric, arch, validation, epochs)
+            if reason is not None and arch not in unlogged.setdefault(reason, []):
+                unlogged[reason].append(arch)
+        missing = ", ".join(unlogged.get(Unlogged.FAMILY, []))
         mixed = ", ".join(incomparable) if info.loss_units else ""
         checks = [
             (missing, f"is not reported by {missing} models, and model.arch can be {missing}"),
-            (info.needs_validation and 0 in _values(base, space, "data.validation"),
+            (Unlogged.NO_VALIDATION in unlogged,
              "needs a validation split, and data.validation can be 0"),
-            (objective.metric in AFTER_WARM_UP and 1 in _values(base, space, "train.epochs"),
+            (Unlogged.ONE_EPOCH in unlogged,
              "is the mean over the epochs after the first (the warm-up), and train.epochs can "
              "be 1; use first_epoch_seconds or at least 2 epochs"),
             (mixed, f"is not comparable across {mixed} (another scale, other images or a bound "
